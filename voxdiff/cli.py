@@ -1,0 +1,61 @@
+"""The ``voxdiff`` command: one thin subcommand per pipeline stage."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+from jsonargparse import ArgumentParser
+
+from . import __version__
+from .core.cli import CommandGroup
+from .core.errors import VoxdiffError
+
+# Each module defines register(group). Order = order in --help.
+STAGE_CLIS = [
+    "voxdiff.data.cli",
+    "voxdiff.data.phantom.cli",
+    "voxdiff.bpr.cli",
+    "voxdiff.pretrain.cli",
+    "voxdiff.features.cli",
+    "voxdiff.probe.cli",
+    "voxdiff.evaluate.cli",
+    "voxdiff.segment.cli",
+    "voxdiff.experiments.cli",
+]
+
+
+def build_parser() -> tuple[ArgumentParser, CommandGroup]:
+    parser = ArgumentParser(prog="voxdiff", description=__doc__, version=f"voxdiff {__version__}")
+    root = CommandGroup(parser, dest="command")
+    for mod in STAGE_CLIS:
+        try:
+            m = importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if e.name and (e.name == mod or mod.startswith(e.name + ".")):
+                continue  # stage not present in this build
+            raise
+        m.register(root)
+    return parser, root
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, root = build_parser()
+    try:
+        ns = parser.parse_args(argv)
+        root.dispatch(ns)
+    except VoxdiffError as e:
+        msg = str(e).replace("\n", " ")
+        print(f"voxdiff: error: {msg}", file=sys.stderr)
+        if os.environ.get("VOXDIFF_DEBUG"):
+            raise
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("voxdiff: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

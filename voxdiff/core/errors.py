@@ -1,0 +1,31 @@
+"""Errors that the command line turns into a one-line message and exit code 2."""
+
+from __future__ import annotations
+
+import os
+
+
+class VoxdiffError(Exception):
+    """A user-facing problem: bad input, bad config, incompatible model.
+
+    The CLI prints ``voxdiff: error: <message>`` on one line and exits with code 2.
+    """
+
+    exit_code = 2
+
+
+class InputError(VoxdiffError):
+    """A problem with a specific file or folder; the message names it."""
+
+    def __init__(self, path: str | os.PathLike | None, problem: str):
+        self.path = None if path is None else str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+
+class ModelError(InputError):
+    """A model file or folder that is not what the caller expects (kind, version, missing parts)."""
+
+
+class TrainingError(VoxdiffError):
+    """Training cannot continue (e.g. a NaN loss); the last good checkpoint is kept."""
