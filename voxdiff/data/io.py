@@ -1,0 +1,382 @@
+"""Reading and writing CT volumes: NIfTI files and DICOM series folders.
+
+Everything returns numpy arrays in ``(x, y, z)`` voxel order together with a 4x4 voxel-to-world
+affine in the RAS+ world of nibabel (millimetres). Arrays are in the file's *own* orientation here;
+``voxdiff.data.preprocess`` canonicalises them to RAS.
+
+Problems a user can cause (missing file, truncated file, not 3D, NaN voxels, bad spacing, mixed
+DICOM series, ...) raise :class:`voxdiff.core.errors.InputError` naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from voxdiff.core.errors import InputError
+from voxdiff.core.outputs import atomic_path
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+# files that are never DICOM slices even in a DICOM folder
+_NON_DICOM = {"dicomdir", "readme", "readme.txt", "license", ".ds_store", "thumbs.db"}
+
+
+def is_nifti(path: str | os.PathLike) -> bool:
+    name = Path(path).name.lower()
+    return name.endswith(".nii") or name.endswith(".nii.gz")
+
+
+def nifti_stem(path: str | os.PathLike) -> str:
+    """File name without ``.nii`` / ``.nii.gz``."""
+    name = Path(path).name
+    for suf in (".nii.gz", ".nii"):
+        if name.lower().endswith(suf):
+            return name[: -len(suf)]
+    return Path(path).stem
+
+
+def _require_exists(path: Path) -> None:
+    if not path.exists():
+        raise InputError(path, "no such file or folder")
+
+
+def _check_spacing(path: Path, affine: np.ndarray, zooms=None) -> None:
+    if not np.all(np.isfinite(affine)):
+        raise InputError(path, "affine contains NaN or Inf")
+    norms = np.linalg.norm(affine[:3, :3], axis=0)
+    if np.any(norms <= 1e-6):
+        raise InputError(path, f"zero or negative voxel spacing {tuple(round(float(n), 4) for n in norms)}")
+    if zooms is not None:
+        z = [float(v) for v in zooms[:3]]
+        if any((not np.isfinite(v)) or v <= 0 for v in z):
+            raise InputError(path, f"zero or negative voxel spacing {tuple(z)} in the header")
+    if abs(np.linalg.det(affine[:3, :3])) <= 1e-9:
+        raise InputError(path, "degenerate affine (voxel axes are not independent)")
+
+
+def _as_3d(path: Path, arr: np.ndarray) -> np.ndarray:
+    # trailing singleton dimensions (x, y, z, 1) are harmless; everything else must be 3D
+    while arr.ndim > 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim != 3:
+        raise InputError(path, f"not a 3D image (shape {tuple(int(s) for s in arr.shape)})")
+    if min(arr.shape) < 1:
+        raise InputError(path, f"empty image (shape {tuple(int(s) for s in arr.shape)})")
+    return arr
+
+
+def _check_finite(path: Path, arr: np.ndarray) -> None:
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        n = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        raise InputError(path, f"image contains {n} NaN or Inf voxels")
+
+
+def _read_nifti(path: Path, dtype) -> tuple[np.ndarray, np.ndarray]:
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+    except Exception as e:  # nibabel raises many types for garbage files
+        raise InputError(path, f"unreadable NIfTI file ({_short(e)})") from None
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) < 3 or (len(shape) > 3 and any(s != 1 for s in shape[3:])):
+        raise InputError(path, f"not a 3D image (shape {shape})")
+    affine = np.asarray(img.affine, dtype=np.float64)
+    _check_spacing(path, affine, img.header.get_zooms())
+    try:
+        if np.issubdtype(np.dtype(dtype), np.floating):
+            arr = np.asarray(img.dataobj, dtype=np.float64 if dtype == np.float64 else None)
+            arr = arr.astype(dtype, copy=False)
+        else:
+            arr = np.asanyarray(img.dataobj)
+    except (EOFError, OSError, zlib.error, ValueError) as e:
+        raise InputError(path, f"unreadable or truncated file ({_short(e)})") from None
+    arr = _as_3d(path, np.asarray(arr))
+    return arr, affine
+
+
+def _short(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+    return msg[:160]
+
+
+def load_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read a CT volume (NIfTI file or DICOM series folder) as float32 HU plus its 4x4 affine.
+
+    The array is in the file's own voxel order (no reorientation). NIfTI scaling (scl_slope /
+    scl_inter) and DICOM RescaleSlope/Intercept are applied. Raises :class:`InputError` for
+    missing/unreadable/truncated files, non-3D images, NaN/Inf voxels and bad spacing.
+    """
+    p = Path(path)
+    _require_exists(p)
+    if p.is_dir():
+        arr, affine, _ = load_dicom_series(p)
+        return arr, affine
+    if not is_nifti(p):
+        if _looks_like_dicom(p):
+            raise InputError(p, "a single DICOM file; pass the folder that holds the whole series")
+        raise InputError(p, "unsupported file type (expected .nii, .nii.gz or a DICOM series folder)")
+    arr, affine = _read_nifti(p, np.float32)
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    _check_finite(p, arr)
+    return arr, affine
+
+
+def load_label(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read a label map (NIfTI) as an integer array (int32) plus its affine.
+
+    Float-stored labels are accepted when all values are whole numbers; otherwise an error.
+    """
+    p = Path(path)
+    _require_exists(p)
+    if p.is_dir() or not is_nifti(p):
+        raise InputError(p, "label maps must be NIfTI files (.nii or .nii.gz)")
+    arr, affine = _read_nifti(p, None)
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all():
+            raise InputError(p, "label map contains NaN or Inf")
+        r = np.rint(arr)
+        if np.any(np.abs(arr - r) > 1e-3):
+            raise InputError(p, "label map has non-integer values")
+        arr = r
+    elif arr.dtype.kind not in "iub":
+        raise InputError(p, f"label map has unsupported data type {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=np.int32), affine
+
+
+def save_nifti(
+    path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, dtype=None
+) -> Path:
+    """Write ``array`` with ``affine`` as NIfTI atomically (temp file + rename, suffix kept).
+
+    ``dtype`` (e.g. ``np.int16`` for HU, ``np.uint8`` for labels) casts with rounding for integer
+    types; qform and sform are both set (scanner-aligned, code 1), units mm.
+    """
+    import nibabel as nib
+
+    p = Path(path)
+    arr = np.asarray(array)
+    if dtype is not None:
+        dt = np.dtype(dtype)
+        if dt.kind in "iu" and arr.dtype.kind == "f":
+            info = np.iinfo(dt)
+            arr = np.clip(np.rint(arr), info.min, info.max)
+        arr = arr.astype(dt, copy=False)
+    elif arr.dtype == np.float64:
+        arr = arr.astype(np.float32)
+    elif arr.dtype == bool:
+        arr = arr.astype(np.uint8)
+    img = nib.Nifti1Image(arr, np.asarray(affine, dtype=np.float64))
+    img.header.set_xyzt_units("mm", "sec")
+    img.set_qform(np.asarray(affine, dtype=np.float64), code=1)
+    img.set_sform(np.asarray(affine, dtype=np.float64), code=1)
+    with atomic_path(p) as tmp:
+        nib.save(img, str(tmp))
+    return p
+
+
+# --------------------------------------------------------------------------------------- DICOM
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) >= 132 and head[128:132] == b"DICM" or path.suffix.lower() in (".dcm", ".ima")
+
+
+def is_dicom_dir(path: str | os.PathLike) -> bool:
+    """A folder that directly holds at least one DICOM file (checked by preamble or extension)."""
+    p = Path(path)
+    if not p.is_dir():
+        return False
+    for f in sorted(p.iterdir()):
+        if f.is_file() and f.name.lower() not in _NON_DICOM and not f.name.startswith("."):
+            if _looks_like_dicom(f):
+                return True
+    return False
+
+
+def _number_in_name(name: str) -> int | None:
+    nums = re.findall(r"\d+", name)
+    return int(nums[-1]) if nums else None
+
+
+def _floats(v, n: int) -> np.ndarray | None:
+    if v is None:
+        return None
+    try:
+        a = np.array([float(x) for x in v], dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    return a if a.shape == (n,) and np.all(np.isfinite(a)) else None
+
+
+def load_dicom_series(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Read a folder holding one DICOM CT series -> ``(hu float32 (x,y,z), affine RAS, info)``.
+
+    Slices are ordered by the projection of ImagePositionPatient on the slice normal
+    (row x column direction of ImageOrientationPatient). When positions are missing or
+    degenerate (all equal) the order falls back to InstanceNumber, then to the number in the file
+    name, with a warning. The affine maps DICOM's LPS world to nibabel's RAS (x and y negated).
+    ``info`` says how the slices were ordered and holds a few header fields.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    folder = Path(path)
+    _require_exists(folder)
+    files = [
+        f
+        for f in sorted(folder.iterdir())
+        if f.is_file() and not f.name.startswith(".") and f.name.lower() not in _NON_DICOM
+    ]
+    if not files:
+        raise InputError(folder, "empty folder (no DICOM files)")
+    slices = []
+    for f in files:
+        try:
+            ds = pydicom.dcmread(str(f), force=False)
+        except InvalidDicomError:
+            if f.suffix.lower() in (".dcm", ".ima"):
+                raise InputError(f, "unreadable DICOM file") from None
+            continue  # not a DICOM file: ignore (notes, thumbnails)
+        except Exception as e:
+            raise InputError(f, f"unreadable or truncated DICOM file ({_short(e)})") from None
+        if "PixelData" not in ds:
+            continue  # e.g. a structured report or presentation state
+        slices.append((f, ds))
+    if not slices:
+        raise InputError(folder, "no DICOM image files in the folder")
+
+    uids = {str(ds.get("SeriesInstanceUID", "") or "") for _, ds in slices}
+    uids.discard("")
+    if len(uids) > 1:
+        raise InputError(folder, f"mixed DICOM series ({len(uids)} different SeriesInstanceUIDs); put each series in its own folder")
+    for f, ds in slices:
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            raise InputError(f, "multi-frame DICOM is not supported (expected one file per slice)")
+    shapes = {(int(ds.Rows), int(ds.Columns)) for _, ds in slices}
+    if len(shapes) > 1:
+        raise InputError(folder, f"DICOM slices have different sizes {sorted(shapes)} (mixed series?)")
+
+    f0, ds0 = slices[0]
+    iop = _floats(ds0.get("ImageOrientationPatient"), 6)
+    warn_msgs = []
+    if iop is None:
+        warn_msgs.append("ImageOrientationPatient missing; assuming axial [1,0,0,0,1,0]")
+        iop = np.array([1, 0, 0, 0, 1, 0], dtype=np.float64)
+    for f, ds in slices[1:]:
+        o = _floats(ds.get("ImageOrientationPatient"), 6)
+        if o is not None and np.max(np.abs(o - iop)) > 1e-3:
+            raise InputError(folder, "DICOM slices have different orientations (mixed series?)")
+    row = iop[:3] / np.linalg.norm(iop[:3])
+    col = iop[3:] / np.linalg.norm(iop[3:])
+    normal = np.cross(row, col)
+    ps = _floats(ds0.get("PixelSpacing"), 2)
+    if ps is None:
+        warn_msgs.append("PixelSpacing missing; assuming 1 mm")
+        ps = np.array([1.0, 1.0])
+    if np.any(ps <= 0):
+        raise InputError(f0, f"zero or negative pixel spacing {tuple(ps)}")
+
+    positions = [_floats(ds.get("ImagePositionPatient"), 3) for _, ds in slices]
+    n = len(slices)
+    order_by = "position"
+    proj = None
+    if all(p is not None for p in positions):
+        proj = np.array([float(np.dot(p, normal)) for p in positions])
+        if n > 1 and (np.ptp(proj) < 1e-4 or len(np.unique(np.round(proj, 4))) < n):
+            order_by = None
+            reason = "degenerate (all equal)" if np.ptp(proj) < 1e-4 else "duplicated"
+    else:
+        order_by = None
+        reason = "missing"
+    if order_by is None:
+        inst = [ds.get("InstanceNumber") for _, ds in slices]
+        try:
+            inst_num = [int(v) for v in inst]
+        except (TypeError, ValueError):
+            inst_num = None
+        if inst_num is not None and len(set(inst_num)) == n:
+            order_by = "InstanceNumber"
+            keys = inst_num
+        else:
+            name_num = [_number_in_name(f.name) for f, _ in slices]
+            if all(v is not None for v in name_num) and len(set(name_num)) == n:
+                order_by = "file name"
+                keys = name_num
+            else:
+                raise InputError(folder, f"cannot order DICOM slices: positions {reason}, no unique InstanceNumber or numbered file names")
+        warn_msgs.append(f"slice positions are {reason}; ordering slices by {order_by}")
+        idx = np.argsort(np.asarray(keys), kind="stable")
+    else:
+        idx = np.argsort(proj, kind="stable")
+    slices = [slices[i] for i in idx]
+
+    # slice step vector (LPS)
+    if order_by == "position" and n > 1:
+        pos = np.stack([positions[i] for i in idx])
+        gaps = np.diff(proj[idx])
+        step_vec = (pos[-1] - pos[0]) / (n - 1)
+        if np.max(np.abs(gaps - gaps.mean())) > max(0.01, 0.1 * abs(gaps.mean())):
+            warn_msgs.append(
+                f"non-uniform slice spacing ({gaps.min():.3f}..{gaps.max():.3f} mm); using the mean {gaps.mean():.3f} mm"
+            )
+        origin = pos[0]
+    else:
+        dz = None
+        for key in ("SpacingBetweenSlices", "SliceThickness"):
+            try:
+                v = float(ds0.get(key))
+                if v > 0:
+                    dz = v
+                    break
+            except (TypeError, ValueError):
+                pass
+        if dz is None:
+            dz = 1.0
+            if n > 1:
+                warn_msgs.append("slice spacing unknown; assuming 1 mm")
+        step_vec = normal * dz
+        first = positions[idx[0]] if positions[idx[0]] is not None else np.zeros(3)
+        origin = first
+
+    vol = np.empty((int(ds0.Columns), int(ds0.Rows), n), dtype=np.float32)
+    for k, (f, ds) in enumerate(slices):
+        try:
+            px = ds.pixel_array
+        except Exception as e:
+            raise InputError(f, f"unreadable or truncated DICOM pixel data ({_short(e)})") from None
+        if px.ndim != 2:
+            raise InputError(f, f"not a 2D slice (pixel array shape {px.shape})")
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        inter = float(ds.get("RescaleIntercept", 0) or 0)
+        vol[:, :, k] = (px.astype(np.float32) * slope + inter).T  # (rows, cols) -> (x=col, y=row)
+    if not np.isfinite(vol).all():
+        raise InputError(folder, "DICOM series contains NaN or Inf voxels")
+
+    lps = np.eye(4)
+    lps[:3, 0] = row * ps[1]  # along a row: column index, spacing between columns
+    lps[:3, 1] = col * ps[0]  # down a column: row index, spacing between rows
+    lps[:3, 2] = step_vec
+    lps[:3, 3] = origin
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+    _check_spacing(folder, affine)
+    for m in warn_msgs:
+        warnings.warn(f"{folder}: {m}", stacklevel=2)
+    info = {
+        "order_by": order_by,
+        "n_slices": n,
+        "series_uid": next(iter(uids), ""),
+        "files": [str(f) for f, _ in slices],
+        "warnings": warn_msgs,
+    }
+    return vol, affine, info
