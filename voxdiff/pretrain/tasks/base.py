@@ -13,10 +13,41 @@ DDP, checkpoints, logging. A task owns what differs between methods:
 
 Tasks are registered by name (``@register_task("restorative")``) so ``voxdiff pretrain --method
 NAME`` and ``load_pretrained`` can find them.
+
+Contract details (engine side, added compatibly; nothing above changed)
+-----------------------------------------------------------------------
+* ``Config``: a task may declare a dataclass ``Config`` (class attribute). The engine builds it
+  with :func:`make_task_config` from ``PretrainConfig.task_options`` (a dict) plus any
+  ``PretrainConfig`` field of the same name (e.g. ``condition``, ``bpr_path``), and constructs the
+  task as ``TaskClass(config)``. The config is saved in the backbone's ``model.json`` and the task is
+  rebuilt from it by ``load_pretrained``. ``Config = None`` means the task gets ``None``.
+* Order of calls: ``task = Cls(config)`` -> ``backbone = Backbone(in_channels=task.in_channels,
+  out_channels=task.out_channels, time_embedding=task.uses_timestep, ...)`` -> ``task.build(backbone)``
+  (create modules that depend on ``backbone.levels``, e.g. a projector) -> training.
+* ``sample_batch(cases, ...)``: ``cases`` are :class:`voxdiff.data.types.Case` whose ``image`` the
+  engine has ALREADY mapped to [0, 1] float32 (``hu_to_unit`` with the model's HU window; padding
+  value 0.0); ``label`` may be None. The engine moves every tensor of the returned dict to the
+  device. The base class implements random patches (``random_patches``).
+* ``loss(backbone, batch, generator)``: ``backbone`` is the plain :class:`Backbone` (the engine
+  wraps task + backbone together for DDP, so calling ``backbone(x, t)`` or
+  ``backbone.features(...)`` both work). ``generator`` is a seeded torch.Generator on the batch's
+  device: use it for every random draw so runs are reproducible and resumable. Return the scalar
+  loss and a dict of python floats to log (averaged over the log interval by the engine).
+* ``trains``: ``False`` for methods without training steps (``random``): the engine writes the
+  initial weights.
+* ``feature_passes(image, voxel_index=None)``: a list of ``(input, t)`` pairs, one backbone pass
+  each; the pyramids of the passes are concatenated level by level (channels). The default is
+  ``[self.feature_inputs(image)]``. ``voxel_index`` (B, 3, X, Y, Z) int64, optional: the absolute
+  voxel index of every input voxel in the whole volume, so that position-dependent inputs (the
+  diffusion task's fixed noise) are identical for overlapping sliding windows.
+* A task holding a frozen helper network (the BPR) must keep it out of ``state_dict`` (it is saved
+  separately as ``bpr/`` beside the backbone).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 from typing import Any, ClassVar
 
 import numpy as np
@@ -24,6 +55,8 @@ import torch
 from torch import nn
 
 TASKS: dict[str, type["PretextTask"]] = {}
+
+_TASK_MODULES = ("diffusion", "restorative", "contrastive", "random_init")
 
 
 def register_task(name: str):
@@ -35,17 +68,52 @@ def register_task(name: str):
     return deco
 
 
+def _import_task_modules() -> None:
+    for mod in _TASK_MODULES:
+        full = f"{__package__}.{mod}"
+        try:
+            importlib.import_module(full)
+        except ModuleNotFoundError as e:  # a method not present in this build
+            if e.name != full:
+                raise
+
+
 def get_task_class(name: str) -> type["PretextTask"]:
     # importing the modules fills the registry
-    from . import diffusion, restorative, contrastive, random_init  # noqa: F401
-
+    _import_task_modules()
     if name not in TASKS:
         raise KeyError(f"unknown pretraining method {name!r}; known: {sorted(TASKS)}")
     return TASKS[name]
 
 
+def available_methods() -> list[str]:
+    _import_task_modules()
+    return sorted(TASKS)
+
+
+def make_task_config(cls: type["PretextTask"], options: dict[str, Any] | None = None, defaults: Any = None) -> Any:
+    """Build ``cls.Config`` from ``defaults`` (an object whose same-named attributes are used, e.g.
+    the PretrainConfig) overridden by ``options`` (a dict; unknown keys raise ValueError)."""
+    from voxdiff.core.config import from_dict
+
+    if cls.Config is None:
+        if options:
+            raise ValueError(f"method {cls.name!r} takes no task options, got {sorted(options)}")
+        return None
+    values: dict[str, Any] = {}
+    names = [f.name for f in dataclasses.fields(cls.Config)]
+    if defaults is not None:
+        for n in names:
+            if hasattr(defaults, n):
+                values[n] = getattr(defaults, n)
+    values.update(options or {})
+    return from_dict(cls.Config, values, strict=True)
+
+
 class PretextTask(nn.Module):
     name: ClassVar[str] = "base"
+    Config: ClassVar[type | None] = None
+    trains: ClassVar[bool] = True
 
     def __init__(self, config: Any):
         super().__init__()
@@ -58,15 +126,23 @@ class PretextTask(nn.Module):
         return 1
 
     @property
+    def out_channels(self) -> int:
+        """Channels of the backbone's 1x1x1 output conv (noise / reconstruction)."""
+        return 1
+
+    @property
     def uses_timestep(self) -> bool:
         return False
+
+    def build(self, backbone: nn.Module) -> None:
+        """Called once after the backbone is built (before training or loading weights)."""
 
     # --- training -----------------------------------------------------------------------------
     def sample_batch(self, cases: list, batch_size: int, patch_size: tuple[int, int, int],
                      rng: np.random.Generator) -> dict[str, torch.Tensor]:
         """Default: independent random patches. Returns at least ``image`` (B,1,X,Y,Z) in [0,1]
         and ``coords_mm`` (B,3,X,Y,Z)."""
-        raise NotImplementedError
+        return random_patches(cases, batch_size, patch_size, rng)
 
     def loss(self, backbone: nn.Module, batch: dict[str, torch.Tensor],
              generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
@@ -77,3 +153,76 @@ class PretextTask(nn.Module):
     def feature_inputs(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(backbone input, timestep or None) for extracting features of ``image`` in [0,1]."""
         return image, None
+
+    def feature_passes(self, image: torch.Tensor,
+                       voxel_index: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Backbone passes whose pyramids are concatenated into the features (default: one)."""
+        return [self.feature_inputs(image)]
+
+
+# --------------------------------------------------------------------------------- patch sampling
+
+
+def crop_or_pad(arr: np.ndarray, origin: tuple[int, int, int], size: tuple[int, int, int], fill: float) -> np.ndarray:
+    """``arr[origin : origin + size]`` where parts outside ``arr`` are ``fill`` (origin may be < 0)."""
+    out = np.full(size, fill, dtype=arr.dtype)
+    src, dst = [], []
+    for o, s, n in zip(origin, size, arr.shape):
+        lo, hi = max(o, 0), min(o + s, n)
+        if hi <= lo:
+            return out
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - o, hi - o))
+    out[tuple(dst)] = arr[tuple(src)]
+    return out
+
+
+def random_origin(shape: tuple[int, ...], size: tuple[int, int, int], rng: np.random.Generator) -> tuple[int, int, int]:
+    """Uniform patch origin; a volume smaller than the patch is centred (padded on both sides)."""
+    o = []
+    for n, s in zip(shape, size):
+        if n >= s:
+            o.append(int(rng.integers(0, n - s + 1)))
+        else:
+            o.append(-((s - n) // 2))
+    return tuple(o)  # type: ignore[return-value]
+
+
+def coords_mm_for(affine: np.ndarray, origin: tuple[int, int, int], size: tuple[int, int, int]) -> np.ndarray:
+    """(3, X, Y, Z) float32 world mm of each voxel of the patch (extrapolated outside the volume)."""
+    idx = np.stack(np.meshgrid(*[np.arange(o, o + s, dtype=np.float64) for o, s in zip(origin, size)],
+                               indexing="ij"), 0)
+    a = np.asarray(affine, dtype=np.float64)
+    world = np.einsum("ij,jxyz->ixyz", a[:3, :3], idx) + a[:3, 3, None, None, None]
+    return world.astype(np.float32)
+
+
+def random_patches(cases: list, batch_size: int, patch_size: tuple[int, int, int],
+                   rng: np.random.Generator, with_labels: bool = False) -> dict[str, torch.Tensor]:
+    """Independent random patches of randomly chosen cases (images already in [0, 1]).
+
+    Returns ``image`` (B,1,X,Y,Z) float32, ``coords_mm`` (B,3,X,Y,Z), ``origin`` (B,3) int64 voxel
+    index of the patch corner, ``case_index`` (B,), and ``label`` (B,1,X,Y,Z) uint8 when
+    ``with_labels`` and every case has one.
+    """
+    size = tuple(int(s) for s in patch_size)
+    imgs, coords, origins, cids, labels = [], [], [], [], []
+    for _ in range(batch_size):
+        ci = int(rng.integers(0, len(cases)))
+        case = cases[ci]
+        o = random_origin(case.image.shape, size, rng)
+        imgs.append(crop_or_pad(np.asarray(case.image, dtype=np.float32), o, size, 0.0))
+        coords.append(coords_mm_for(case.meta.affine, o, size))
+        origins.append(o)
+        cids.append(ci)
+        if with_labels and case.label is not None:
+            labels.append(crop_or_pad(case.label, o, size, 0))
+    out = {
+        "image": torch.from_numpy(np.stack(imgs)[:, None]),
+        "coords_mm": torch.from_numpy(np.stack(coords)),
+        "origin": torch.tensor(origins, dtype=torch.int64),
+        "case_index": torch.tensor(cids, dtype=torch.int64),
+    }
+    if with_labels and len(labels) == batch_size:
+        out["label"] = torch.from_numpy(np.stack(labels)[:, None])
+    return out
