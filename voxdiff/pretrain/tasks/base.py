@@ -16,18 +16,21 @@ NAME`` and ``load_pretrained`` can find them.
 
 Contract details (engine side, added compatibly; nothing above changed)
 -----------------------------------------------------------------------
-* ``Config``: a task may declare a dataclass ``Config`` (class attribute). The engine builds it
-  with :func:`make_task_config` from ``PretrainConfig.task_options`` (a dict) plus any
-  ``PretrainConfig`` field of the same name (e.g. ``condition``, ``bpr_path``), and constructs the
-  task as ``TaskClass(config)``. The config is saved in the backbone's ``model.json`` and the task is
-  rebuilt from it by ``load_pretrained``. ``Config = None`` means the task gets ``None``.
+* ``config`` given to the constructor is a JSON-able ``dict``: ``{"preprocess": {...the model's
+  PreprocessConfig as a dict, incl. "hu_window"...}, **method options}``. The method options come
+  from ``PretrainConfig.task_options`` (a dict, e.g. ``{"temperature": 0.1}`` or
+  ``{"contrastive": {...}}``) plus, when the task class declares a dataclass ``Config``, every
+  ``PretrainConfig`` field with the same name as a ``Config`` field (e.g. the diffusion task's
+  ``condition``/``bpr_path``). The dict is saved in the backbone's ``model.json`` and the task is
+  rebuilt from it by ``load_pretrained``. ``self.hu_window`` gives the window.
 * Order of calls: ``task = Cls(config)`` -> ``backbone = Backbone(in_channels=task.in_channels,
-  out_channels=task.out_channels, time_embedding=task.uses_timestep, ...)`` -> ``task.build(backbone)``
-  (create modules that depend on ``backbone.levels``, e.g. a projector) -> training.
-* ``sample_batch(cases, ...)``: ``cases`` are :class:`voxdiff.data.types.Case` whose ``image`` the
-  engine has ALREADY mapped to [0, 1] float32 (``hu_to_unit`` with the model's HU window; padding
-  value 0.0); ``label`` may be None. The engine moves every tensor of the returned dict to the
-  device. The base class implements random patches (``random_patches``).
+  out_channels=task.out_channels, time_embedding=task.uses_timestep, ...)`` ->
+  ``task.setup(backbone)`` (create modules that depend on ``backbone.levels``, e.g. a projector;
+  called before the optimiser is built and before weights are loaded) -> training.
+* ``sample_batch(cases, ...)``: ``cases`` are preprocessed :class:`voxdiff.data.types.Case` with
+  ``image`` in float32 HU (the task maps patches to [0, 1] with ``hu_to_unit(.., self.hu_window)``;
+  outside the volume: 0.0); ``label`` may be None. The engine moves every tensor of the returned
+  dict to the device. The base class implements random patches (``random_patches``).
 * ``loss(backbone, batch, generator)``: ``backbone`` is the plain :class:`Backbone` (the engine
   wraps task + backbone together for DDP, so calling ``backbone(x, t)`` or
   ``backbone.features(...)`` both work). ``generator`` is a seeded torch.Generator on the batch's
@@ -91,23 +94,21 @@ def available_methods() -> list[str]:
     return sorted(TASKS)
 
 
-def make_task_config(cls: type["PretextTask"], options: dict[str, Any] | None = None, defaults: Any = None) -> Any:
-    """Build ``cls.Config`` from ``defaults`` (an object whose same-named attributes are used, e.g.
-    the PretrainConfig) overridden by ``options`` (a dict; unknown keys raise ValueError)."""
-    from voxdiff.core.config import from_dict
+def make_task_config(cls: type["PretextTask"], options: dict[str, Any] | None = None, defaults: Any = None,
+                     preprocess: Any = None) -> dict[str, Any]:
+    """The task's config dict: ``{"preprocess": preprocess, **fields, **options}`` where ``fields``
+    are the attributes of ``defaults`` (e.g. the PretrainConfig) named like ``cls.Config`` fields."""
+    from voxdiff.core.config import to_dict
 
-    if cls.Config is None:
-        if options:
-            raise ValueError(f"method {cls.name!r} takes no task options, got {sorted(options)}")
-        return None
-    values: dict[str, Any] = {}
-    names = [f.name for f in dataclasses.fields(cls.Config)]
-    if defaults is not None:
-        for n in names:
-            if hasattr(defaults, n):
-                values[n] = getattr(defaults, n)
-    values.update(options or {})
-    return from_dict(cls.Config, values, strict=True)
+    out: dict[str, Any] = {}
+    if preprocess is not None:
+        out["preprocess"] = to_dict(preprocess)
+    if cls.Config is not None and defaults is not None:
+        for f in dataclasses.fields(cls.Config):
+            if hasattr(defaults, f.name):
+                out[f.name] = to_dict(getattr(defaults, f.name))
+    out.update(to_dict(options or {}))
+    return out
 
 
 class PretextTask(nn.Module):
@@ -134,15 +135,21 @@ class PretextTask(nn.Module):
     def uses_timestep(self) -> bool:
         return False
 
-    def build(self, backbone: nn.Module) -> None:
-        """Called once after the backbone is built (before training or loading weights)."""
+    @property
+    def hu_window(self) -> tuple[float, float]:
+        pre = self.config.get("preprocess") if isinstance(self.config, dict) else getattr(self.config, "preprocess", None)
+        w = (pre.get("hu_window") if isinstance(pre, dict) else getattr(pre, "hu_window", None)) if pre else None
+        return (-1350.0, 1000.0) if w is None else (float(w[0]), float(w[1]))
+
+    def setup(self, backbone: nn.Module) -> None:
+        """Called once after the backbone is built (before the optimiser and before loading weights)."""
 
     # --- training -----------------------------------------------------------------------------
     def sample_batch(self, cases: list, batch_size: int, patch_size: tuple[int, int, int],
                      rng: np.random.Generator) -> dict[str, torch.Tensor]:
         """Default: independent random patches. Returns at least ``image`` (B,1,X,Y,Z) in [0,1]
         and ``coords_mm`` (B,3,X,Y,Z)."""
-        return random_patches(cases, batch_size, patch_size, rng)
+        return random_patches(cases, batch_size, patch_size, rng, window=self.hu_window)
 
     def loss(self, backbone: nn.Module, batch: dict[str, torch.Tensor],
              generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
@@ -177,6 +184,15 @@ def crop_or_pad(arr: np.ndarray, origin: tuple[int, int, int], size: tuple[int, 
     return out
 
 
+def _unit_patch(hu: np.ndarray, origin, size, window) -> np.ndarray:
+    from voxdiff.data.preprocess import hu_to_unit
+
+    src = tuple(slice(max(o, 0), max(max(o, 0), min(o + s, n))) for o, s, n in zip(origin, size, hu.shape))
+    sub = hu_to_unit(np.asarray(hu[src], dtype=np.float32), window)
+    # the sub-volume starts at max(o, 0); the patch origin relative to it is min(o, 0)
+    return crop_or_pad(sub, tuple(min(o, 0) for o in origin), size, 0.0)
+
+
 def random_origin(shape: tuple[int, ...], size: tuple[int, int, int], rng: np.random.Generator) -> tuple[int, int, int]:
     """Uniform patch origin; a volume smaller than the patch is centred (padded on both sides)."""
     o = []
@@ -198,8 +214,9 @@ def coords_mm_for(affine: np.ndarray, origin: tuple[int, int, int], size: tuple[
 
 
 def random_patches(cases: list, batch_size: int, patch_size: tuple[int, int, int],
-                   rng: np.random.Generator, with_labels: bool = False) -> dict[str, torch.Tensor]:
-    """Independent random patches of randomly chosen cases (images already in [0, 1]).
+                   rng: np.random.Generator, window: tuple[float, float] = (-1350.0, 1000.0),
+                   with_labels: bool = False) -> dict[str, torch.Tensor]:
+    """Independent random patches of randomly chosen cases (HU images, mapped to [0, 1] with ``window``).
 
     Returns ``image`` (B,1,X,Y,Z) float32, ``coords_mm`` (B,3,X,Y,Z), ``origin`` (B,3) int64 voxel
     index of the patch corner, ``case_index`` (B,), and ``label`` (B,1,X,Y,Z) uint8 when
@@ -211,7 +228,7 @@ def random_patches(cases: list, batch_size: int, patch_size: tuple[int, int, int
         ci = int(rng.integers(0, len(cases)))
         case = cases[ci]
         o = random_origin(case.image.shape, size, rng)
-        imgs.append(crop_or_pad(np.asarray(case.image, dtype=np.float32), o, size, 0.0))
+        imgs.append(_unit_patch(case.image, o, size, window))
         coords.append(coords_mm_for(case.meta.affine, o, size))
         origins.append(o)
         cids.append(ci)
