@@ -38,7 +38,7 @@ Contract details (engine side, added compatibly; nothing above changed)
   loss and a dict of python floats to log (averaged over the log interval by the engine).
 * ``trains``: ``False`` for methods without training steps (``random``): the engine writes the
   initial weights.
-* ``feature_passes(image, voxel_index=None)``: a list of ``(input, t)`` pairs, one backbone pass
+* ``feature_passes(image, voxel_index=None, coords=None)``: a list of ``(input, t)`` pairs, one backbone pass
   each; the pyramids of the passes are concatenated level by level (channels). The default is
   ``[self.feature_inputs(image)]``. ``voxel_index`` (B, 3, X, Y, Z) int64, optional: the absolute
   voxel index of every input voxel in the whole volume, so that position-dependent inputs (the
@@ -161,9 +161,11 @@ class PretextTask(nn.Module):
         """(backbone input, timestep or None) for extracting features of ``image`` in [0,1]."""
         return image, None
 
-    def feature_passes(self, image: torch.Tensor,
-                       voxel_index: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """Backbone passes whose pyramids are concatenated into the features (default: one)."""
+    def feature_passes(self, image: torch.Tensor, voxel_index: torch.Tensor | None = None,
+                       coords: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Backbone passes whose pyramids are concatenated into the features (default: one).
+        ``coords``: a precomputed condition map (e.g. the BPR of the whole volume, cropped to the
+        window) used instead of computing it from ``image``; ignored by unconditioned tasks."""
         return [self.feature_inputs(image)]
 
 

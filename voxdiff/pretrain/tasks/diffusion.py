@@ -1,0 +1,239 @@
+"""Anatomy-guided diffusion pretraining (Li et al. 2025) and its ablations.
+
+Training: a clean patch x0 (in [0, 1], mapped to [-1, 1]) is noised to x_t with t uniform in
+{0..T-1}; the frozen Body Part Regressor (BPR) turns the *clean* patch into a coordinate map
+(no gradient), which is concatenated to x_t; the backbone predicts the noise (or v / x0) and the
+loss is the MSE. ``condition``:
+
+* ``none``: no BPR, the backbone sees x_t only (the "diffusion without BPR" ablation; same code);
+* ``slice``: a slice-score BPR (1 channel, Yan et al. / Schuhegger et al.);
+* ``ape``: a 3D anatomical positional embedding BPR (3 channels, Goncharov et al.).
+
+The kind of the BPR file must match ``condition``. ``bpr_sincos`` > 0 appends a sin/cos encoding
+of the coordinates (``voxdiff.bpr.coords_for_patches``).
+
+Features: the clean image is noised to each of ``feature_timesteps`` with a FIXED noise that is a
+pure function of (``noise_seed``, absolute voxel index) (:func:`~voxdiff.pretrain.diffusion.positional_noise`),
+so every call, every volume and every overlapping sliding window sees the same noise at the same
+voxel. Pass ``voxel_index`` (the window's absolute voxel indices) for sliding windows; without it the
+window is taken to start at voxel (0, 0, 0). Several feature timesteps give one pass each and the
+pyramids are concatenated level by level.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...core.errors import InputError
+from ..diffusion import GaussianDiffusion, index_grid, positional_noise, to_model_range
+from .base import PretextTask, register_task
+
+CONDITIONS = ("none", "slice", "ape")
+
+
+@dataclass
+class DiffusionConfig:
+    """Options of the diffusion task.
+
+    condition: none | slice | ape (BPR concatenated to x_t).
+    bpr_path: body part regressor folder (required unless condition is none).
+    bpr_sincos: sin/cos frequencies appended to the BPR coordinates (0 = raw coordinates).
+    diffusion_steps: number of diffusion steps T.
+    beta_schedule: linear | cosine.
+    prediction: epsilon | v | sample (training target).
+    feature_timesteps: timestep(s) t at which frozen features are taken (several: concatenated).
+    noise_seed: seed of the fixed feature noise.
+    """
+
+    condition: str = "none"
+    bpr_path: str | None = None
+    bpr_sincos: int = 0
+    diffusion_steps: int = 1000
+    beta_schedule: str = "linear"
+    prediction: str = "epsilon"
+    feature_timesteps: tuple[int, ...] = (10,)
+    noise_seed: int = 0
+
+
+def _bpr_api():
+    try:
+        from voxdiff.bpr import coords_for_patches, load_bpr  # type: ignore[attr-defined]
+    except ImportError:
+        from voxdiff.bpr.models import coords_for_patches, load_bpr
+    return load_bpr, coords_for_patches
+
+
+def options_of(config: Any) -> DiffusionConfig:
+    """DiffusionConfig from the task config dict (flat keys or a ``diffusion`` section)."""
+    from voxdiff.core.config import from_dict
+
+    if isinstance(config, DiffusionConfig):
+        return config
+    d = dict(config or {})
+    sec = d.get("diffusion") if isinstance(d.get("diffusion"), dict) else {}
+    names = DiffusionConfig.__dataclass_fields__.keys()
+    vals = {k: d[k] for k in names if k in d}
+    vals.update({k: v for k, v in sec.items() if k in names})
+    opts = from_dict(DiffusionConfig, vals, strict=False)
+    if isinstance(opts.feature_timesteps, int):
+        opts.feature_timesteps = (opts.feature_timesteps,)
+    opts.feature_timesteps = tuple(int(t) for t in opts.feature_timesteps)
+    return opts
+
+
+@register_task("diffusion")
+class DiffusionTask(PretextTask):
+    """DDPM denoising of x_t with the BPR map of x0 concatenated."""
+
+    Config = DiffusionConfig
+
+    def __init__(self, config: Any = None, bpr: nn.Module | None = None):
+        super().__init__(config)
+        o = options_of(config)
+        if o.condition not in CONDITIONS:
+            raise InputError(None, f"unknown condition {o.condition!r}; choose from {', '.join(CONDITIONS)}")
+        self.opts = o
+        self.process = GaussianDiffusion(o.diffusion_steps, o.beta_schedule, o.prediction)
+        bad = [t for t in o.feature_timesteps if not 0 <= t < o.diffusion_steps]
+        if bad or not o.feature_timesteps:
+            raise InputError(None, f"feature_timesteps {list(o.feature_timesteps)} must lie in 0..{o.diffusion_steps - 1}")
+        # the frozen BPR is kept out of state_dict (saved as bpr/ beside the backbone)
+        self.__dict__["bpr"] = None
+        self._cond_channels = 0
+        if o.condition != "none":
+            if bpr is None:
+                if not o.bpr_path:
+                    raise InputError(None, f"condition {o.condition!r} needs a body part regressor (--bpr_path)")
+                if not os.path.exists(o.bpr_path):
+                    raise InputError(o.bpr_path, "body part regressor not found")
+                load_bpr, _ = _bpr_api()
+                bpr = load_bpr(o.bpr_path, kind=o.condition)
+            self.set_bpr(bpr)
+
+    # ------------------------------------------------------------------------------------------
+    def set_bpr(self, bpr: nn.Module) -> None:
+        kind = getattr(bpr, "kind", None)
+        if kind is not None and kind != self.opts.condition:
+            raise InputError(self.opts.bpr_path, f"this is a '{kind}' body part regressor, but condition is '{self.opts.condition}'")
+        bpr.eval()
+        for p in bpr.parameters():
+            p.requires_grad_(False)
+        self.__dict__["bpr"] = bpr
+        try:
+            from voxdiff.bpr.models import coords_channels
+
+            self._cond_channels = int(coords_channels(bpr, self.opts.bpr_sincos))
+        except (ImportError, AttributeError, TypeError):
+            self._cond_channels = int(getattr(bpr, "out_channels", 1)) * (1 + 2 * self.opts.bpr_sincos)
+
+    @property
+    def condition(self) -> str:
+        return self.opts.condition
+
+    @property
+    def in_channels(self) -> int:
+        return 1 + self._cond_channels
+
+    @property
+    def out_channels(self) -> int:
+        return 1
+
+    @property
+    def uses_timestep(self) -> bool:
+        return True
+
+    def _bpr_input(self, image: torch.Tensor) -> torch.Tensor:
+        """Map [0,1] under our HU window to the BPR's own window when they differ."""
+        pre = getattr(self.bpr, "preprocess", None) or {}
+        w = pre.get("hu_window") if isinstance(pre, dict) else None
+        if w is None:
+            return image
+        lo, hi = self.hu_window
+        blo, bhi = float(w[0]), float(w[1])
+        if (lo, hi) == (blo, bhi):
+            return image
+        hu = image * (hi - lo) + lo
+        return ((hu - blo) / (bhi - blo)).clamp(0, 1)
+
+    def _spacing(self) -> tuple[float, float, float] | None:
+        pre = self.config.get("preprocess") if isinstance(self.config, dict) else None
+        sp = (pre or {}).get("spacing")
+        return None if sp is None else tuple(float(s) for s in sp)  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def condition_map(self, image: torch.Tensor) -> torch.Tensor | None:
+        """The BPR map (B, C, X, Y, Z) of clean ``image`` in [0, 1]; None when unconditioned."""
+        if self.bpr is None:
+            return None
+        _, coords_for_patches = _bpr_api()
+        bpr_dev = next(self.bpr.parameters()).device
+        if bpr_dev != image.device:
+            self.bpr.to(image.device)
+        x = self._bpr_input(image.float())
+        sp = self._spacing()
+        bsp = tuple(float(s) for s in getattr(self.bpr, "preprocess", {}).get("spacing", sp or (1, 1, 1))) \
+            if isinstance(getattr(self.bpr, "preprocess", None), dict) else sp
+        kwargs = {"spacing": sp} if sp is not None and bsp is not None and tuple(sp) != tuple(bsp) else {}
+        try:
+            out = coords_for_patches(self.bpr, x, sincos=self.opts.bpr_sincos, **kwargs)
+        except TypeError:  # a stand-in without the spacing argument
+            out = coords_for_patches(self.bpr, x, sincos=self.opts.bpr_sincos)
+        return out.float()
+
+    def _join(self, x_t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        return x_t if cond is None else torch.cat([x_t, cond.to(x_t.dtype)], 1)
+
+    # ------------------------------------------------------------------------------------------
+    def loss(self, backbone: nn.Module, batch: dict[str, torch.Tensor],
+             generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        image = batch["image"].float()
+        b = image.shape[0]
+        x0 = to_model_range(image)
+        t = self.process.sample_timesteps(b, generator, image.device)
+        noise = torch.randn(x0.shape, generator=generator, device=image.device, dtype=x0.dtype)
+        x_t = self.process.add_noise(x0, noise, t)
+        cond = self.condition_map(image)
+        pred, _ = backbone(self._join(x_t, cond), t)
+        target = self.process.target(x0, noise, t)
+        per = F.mse_loss(pred.float(), target, reduction="none").flatten(1).mean(1)
+        loss = per.mean()
+        metrics: dict[str, Any] = {}
+        # loss per t-bucket (quarters of the chain); the engine averages over the log interval
+        T = self.process.num_steps
+        nb = min(4, T)
+        bucket = (t * nb) // T
+        for k in range(nb):
+            m = bucket == k
+            if bool(m.any()):
+                lo, hi = (k * T + nb - 1) // nb, ((k + 1) * T + nb - 1) // nb - 1
+                metrics[f"loss_t{lo}-{hi}"] = [float(v) for v in per[m].detach()]
+        return loss, metrics
+
+    # ------------------------------------------------------------------------------------------
+    def feature_noise(self, image: torch.Tensor, voxel_index: torch.Tensor | None = None) -> torch.Tensor:
+        if voxel_index is None:
+            voxel_index = index_grid(tuple(image.shape[2:]), (0, 0, 0), image.shape[0], image.device)
+        return positional_noise(voxel_index.to(image.device), self.opts.noise_seed).to(image.dtype)
+
+    def feature_inputs(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.feature_passes(image)[0]
+
+    def feature_passes(self, image: torch.Tensor, voxel_index: torch.Tensor | None = None,
+                       coords: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        image = image.float()
+        x0 = to_model_range(image)
+        noise = self.feature_noise(image, voxel_index)
+        cond = None
+        if self.condition != "none":
+            cond = coords.float() if coords is not None else self.condition_map(image)
+        out = []
+        for t in self.opts.feature_timesteps:
+            tt = torch.full((image.shape[0],), int(t), dtype=torch.long, device=image.device)
+            out.append((self._join(self.process.add_noise(x0, noise, tt), cond), tt))
+        return out
