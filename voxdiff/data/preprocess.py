@@ -27,11 +27,12 @@ from .types import Case, CaseMeta
 class PreprocessConfig:
     """How CT volumes are brought to the common training grid.
 
-    spacing: target voxel spacing in mm (x, y, z) in RAS; null keeps the native spacing.
-    hu_window: HU range mapped to [0, 1] for model inputs (values outside are clipped).
-    crop_to_body: crop each volume to the bounding box of the body mask.
-    body_threshold_hu: voxels at or above this HU are candidate body voxels.
-    body_margin_mm: margin kept around the body bounding box.
+    Args:
+        spacing: target voxel spacing in mm (x, y, z) in RAS; null keeps the native spacing.
+        hu_window: HU range mapped to [0, 1] for model inputs (values outside are clipped).
+        crop_to_body: crop each volume to the bounding box of the body mask.
+        body_threshold_hu: voxels at or above this HU are candidate body voxels.
+        body_margin_mm: margin kept around the body bounding box (mm).
     """
 
     spacing: tuple[float, float, float] | None = (1.0, 1.0, 2.0)
@@ -283,7 +284,7 @@ def body_bbox(hu: np.ndarray, affine: np.ndarray, threshold_hu: float, margin_mm
         lo = int(nz[0]) * step[ax]
         hi = min(hu.shape[ax], (int(nz[-1]) + 1) * step[ax])
         margin = int(np.ceil(margin_mm / sp[ax])) + step[ax]
-        box.append((max(0, lo - margin), min(hu.shape[ax], hi + margin)))
+        box.append((int(max(0, lo - margin)), int(min(hu.shape[ax], hi + margin))))
     return tuple(box)
 
 
