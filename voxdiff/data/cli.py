@@ -63,11 +63,15 @@ def run_prepare(ns) -> None:
     cfg = from_namespace(PreprocessConfig, ns)
     rep = prepare_cache(ns.data, ns.cache, cfg, workers=ns.workers, kind=ns.kind, split=ns.split, force=ns.force)
     n_ok = len(rep.done) + len(rep.cached)
+    if n_ok == 0:
+        if len(rep.failed) == 1:
+            raise InputError(None, rep.failed[0][1])
+        for cid, msg in rep.failed:
+            print(f"failed {cid}: {msg}")
+        raise InputError(ns.data, f"all {rep.n_cases} cases failed (first: {rep.failed[0][1]})")
     print(f"prepared {len(rep.done)} new, {len(rep.cached)} already cached, {len(rep.failed)} failed -> {rep.cache_dir}")
     for cid, msg in rep.failed:
-        print(f"  failed {cid}: {msg}", file=sys.stderr)
-    if n_ok == 0:
-        raise InputError(ns.data, f"all {rep.n_cases} cases failed")
+        print(f"failed (skipped) {cid}: {msg}")
 
 
 def run_check(ns) -> None:

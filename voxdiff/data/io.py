@@ -86,8 +86,18 @@ def _read_nifti(path: Path, dtype) -> tuple[np.ndarray, np.ndarray]:
     shape = tuple(int(s) for s in img.shape)
     if len(shape) < 3 or (len(shape) > 3 and any(s != 1 for s in shape[3:])):
         raise InputError(path, f"not a 3D image (shape {shape})")
-    affine = np.asarray(img.affine, dtype=np.float64)
-    _check_spacing(path, affine, img.header.get_zooms())
+    hdr = img.header
+    try:
+        raw = [float(v) for v in hdr["pixdim"][1:4]]
+        uses_pixdim = int(hdr["qform_code"]) > 0 or int(hdr["sform_code"]) == 0
+    except (KeyError, ValueError, TypeError):  # not a NIfTI-1/2 header
+        raw, uses_pixdim = [], False
+    if any((not np.isfinite(v)) or v < 0 or (v == 0 and uses_pixdim) for v in raw):
+        raise InputError(path, f"zero or negative voxel spacing {tuple(raw)} in the header")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        affine = np.asarray(img.affine, dtype=np.float64)
+    _check_spacing(path, affine)
     try:
         if np.issubdtype(np.dtype(dtype), np.floating):
             arr = np.asarray(img.dataobj, dtype=np.float64 if dtype == np.float64 else None)
