@@ -1,0 +1,660 @@
+"""The pretraining engine behind ``voxdiff pretrain``: one loop for every method.
+
+``pretrain(cfg, out_dir)`` loads the preprocessed cases into memory, builds the task (the method)
+and the :class:`~voxdiff.pretrain.backbone.Backbone`, and trains with AdamW, linear warm-up + cosine
+decay, gradient clipping, an EMA of the backbone weights and (optionally) bf16 autocast. Every
+``checkpoint_every`` steps the full train state is written atomically (``voxdiff.pretrain.state``);
+``resume=True`` continues exactly where the last checkpoint left off (same batches, same noise).
+
+Under ``torchrun --nproc_per_node=N`` the same call runs DDP (gloo on CPU, nccl on GPU): every rank
+draws its own patches (its RNGs are seeded with its rank), gradients are averaged, only rank 0 writes.
+
+Output folder::
+
+    out/
+      backbone/            model.safetensors (EMA weights) + model.json (kind "backbone")
+      bpr/                 copy of the body part regressor used (conditioned diffusion only)
+      train_state/         step_XXXXXXXX/ (+ latest): weights, EMA, optimiser, RNG states
+      metrics.jsonl        one JSON line per log interval
+      config.yaml          the resolved PretrainConfig + versions
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..core.checkpoint import prefixed, save_checkpoint, unprefixed
+from ..core.config import from_dict, to_dict, write_config
+from ..core.errors import InputError, ModelError, TrainingError
+from ..core.outputs import atomic_write, check_output_path, staged_dir
+from ..data.preprocess import PreprocessConfig
+from .backbone import Backbone, count_parameters
+from .state import (flatten_optimizer, latest_train_state, python_rng_from_json, python_rng_to_json,
+                    read_train_state, unflatten_optimizer, write_train_state)
+from .tasks.base import available_methods, get_task_class, make_task_config
+
+BACKBONE_KIND = "backbone"
+BACKBONE_FORMAT_VERSION = 1
+
+
+@dataclass
+class PretrainConfig:
+    """Pretraining of a backbone by one method.
+
+    method: diffusion | restorative | contrastive | random.
+    data: data folders (any layout voxdiff.data reads; labels are not used).
+    data_kind: data set layout (auto, btcv, nnunet, flare, amos, folder).
+    cache_dir: preprocessing cache folder (optional).
+    preprocess: how volumes are brought to the training grid (saved with the model).
+    patch_size: training patch size in voxels (multiple of 2**(num_levels-1)).
+    batch_size: patches per step and per process.
+    steps: optimiser steps.
+    lr: peak learning rate (AdamW).
+    warmup_steps: linear warm-up steps; then cosine decay to min_lr_ratio * lr.
+    min_lr_ratio: final learning rate as a fraction of lr.
+    weight_decay: AdamW weight decay (conv/linear weights only).
+    grad_clip: max gradient norm (0 = off).
+    ema_decay: EMA decay of the backbone weights saved as the final model.
+    bf16: bf16 autocast (about 2x faster on CPUs with native bf16, same loss curve).
+    seed: seed of weights, patches and noise.
+    checkpoint_every: steps between train-state checkpoints (the last step is always saved).
+    keep_checkpoints: how many train-state checkpoints to keep.
+    log_every: steps between metric lines.
+    probe_every: steps between online probes (0 = off; needs probe_data).
+    probe_data: labelled data folder for the online probe.
+    probe_cases: number of labelled cases used by the online probe.
+    tensorboard: also write tensorboard logs (if tensorboard is installed).
+    device: auto | cpu | cuda.
+    base_channels: backbone width of the finest level.
+    num_levels: backbone resolutions (pyramid levels).
+    blocks_per_level: residual blocks per level (encoder and decoder).
+    norm_groups: maximum GroupNorm groups.
+    condition: diffusion: none | slice | ape.
+    bpr_path: diffusion: body part regressor folder (condition slice/ape).
+    bpr_sincos: diffusion: sin/cos frequencies appended to the BPR coordinates.
+    diffusion_steps: diffusion: number of diffusion steps T.
+    beta_schedule: diffusion: linear | cosine.
+    prediction: diffusion: epsilon | v | sample.
+    feature_timesteps: diffusion: timestep(s) of the frozen features.
+    noise_seed: diffusion: seed of the fixed feature noise.
+    task_options: other method options as a dict (e.g. {"temperature": 0.1} for contrastive).
+    """
+
+    method: str = "diffusion"
+    data: list[str] = field(default_factory=list)
+    data_kind: str = "auto"
+    cache_dir: str | None = None
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    patch_size: tuple[int, int, int] = (32, 32, 32)
+    batch_size: int = 2
+    steps: int = 1000
+    lr: float = 2e-4
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    bf16: bool = True
+    seed: int = 0
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    probe_every: int = 0
+    probe_data: str | None = None
+    probe_cases: int = 2
+    tensorboard: bool = False
+    device: str = "auto"
+    base_channels: int = 16
+    num_levels: int = 4
+    blocks_per_level: int = 1
+    norm_groups: int = 8
+    condition: str = "none"
+    bpr_path: str | None = None
+    bpr_sincos: int = 0
+    diffusion_steps: int = 1000
+    beta_schedule: str = "linear"
+    prediction: str = "epsilon"
+    feature_timesteps: tuple[int, ...] = (10,)
+    noise_seed: int = 0
+    task_options: dict[str, Any] = field(default_factory=dict)
+
+
+# fields that may change between a checkpoint and --resume
+_RESUME_FREE = {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "probe_every", "probe_data",
+                "probe_cases", "tensorboard", "device", "data", "data_kind", "cache_dir", "bpr_path"}
+
+BACKBONE_FIELDS = ("base_channels", "num_levels", "blocks_per_level", "norm_groups")
+
+
+# --------------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def init_distributed(device_pref: str) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    owns = False
+    if not dist.is_initialized():
+        use_cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
+        if use_cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        owns = True
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local, owns_group=owns)
+
+
+def pick_device(pref: str, d: Dist) -> torch.device:
+    if pref == "cpu":
+        return torch.device("cpu")
+    if pref in ("auto", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", d.local_rank if d.world > 1 else torch.cuda.current_device())
+    if pref == "cuda":
+        raise InputError(None, "--device cuda requested but no CUDA device is available")
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------- pieces
+
+
+class _Joint(nn.Module):
+    """Backbone + task as one module so that DDP sees one forward (the task's loss)."""
+
+    def __init__(self, backbone: Backbone, task: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.task = task
+
+    def forward(self, batch: dict[str, torch.Tensor], generator: torch.Generator):
+        return self.task.loss(self.backbone, batch, generator)
+
+
+def lr_at(step: int, cfg: PretrainConfig) -> float:
+    """Linear warm-up to ``lr`` then cosine decay to ``min_lr_ratio * lr`` at ``steps``."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    prog = min(1.0, (step - cfg.warmup_steps) / span)
+    lo = cfg.lr * cfg.min_lr_ratio
+    return lo + (cfg.lr - lo) * 0.5 * (1 + math.cos(math.pi * prog))
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.ndim > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class EMA:
+    """Exponential moving average of a module's parameters and buffers (float32 copies)."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module: nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in module.state_dict().items():
+            s = self.shadow[k]
+            if v.dtype.is_floating_point:
+                s.mul_(d).add_(v.detach().float(), alpha=1 - d)
+            else:
+                s.copy_(v)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        missing = set(self.shadow) - set(tensors)
+        if missing:
+            raise ModelError(None, f"train state EMA lacks {sorted(missing)[:3]}")
+        for k in self.shadow:
+            self.shadow[k] = tensors[k].float().clone()
+
+
+class MetricLog:
+    """Averages metrics over a log interval; floats or lists of per-sample floats."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, d: dict[str, Any]) -> None:
+        for k, v in d.items():
+            vals = v if isinstance(v, (list, tuple)) else [v]
+            for x in vals:
+                x = float(x)
+                self.sums[k] = self.sums.get(k, 0.0) + x
+                self.counts[k] = self.counts.get(k, 0) + 1
+
+    def reduce(self, d: Dist, device: torch.device) -> dict[str, float]:
+        keys = sorted(self.sums)
+        if d.world > 1:
+            # ranks may see different keys (t-buckets): gather names, then sum
+            all_keys: list[list[str]] = [None] * d.world  # type: ignore[list-item]
+            dist.all_gather_object(all_keys, keys)
+            keys = sorted({k for ks in all_keys for k in ks})
+            t = torch.tensor([[self.sums.get(k, 0.0), float(self.counts.get(k, 0))] for k in keys] or [[0.0, 0.0]],
+                             dtype=torch.float64, device=device)
+            dist.all_reduce(t)
+            t = t.cpu()
+            out = {k: float(t[i, 0] / t[i, 1]) for i, k in enumerate(keys) if t[i, 1] > 0}
+        else:
+            out = {k: self.sums[k] / self.counts[k] for k in keys}
+        self.sums.clear()
+        self.counts.clear()
+        return out
+
+
+# --------------------------------------------------------------------------------- setup
+
+
+def validate_config(cfg: PretrainConfig) -> None:
+    methods = available_methods()
+    if cfg.method not in methods:
+        raise InputError(None, f"unknown method {cfg.method!r}; choose from {', '.join(methods)}")
+    if len(cfg.patch_size) != 3 or any(int(s) < 1 for s in cfg.patch_size):
+        raise InputError(None, f"patch_size must be three positive integers, got {cfg.patch_size}")
+    div = 2 ** (cfg.num_levels - 1)
+    if any(int(s) % div for s in cfg.patch_size):
+        raise InputError(None, f"patch_size {tuple(cfg.patch_size)} must be a multiple of {div} (2**(num_levels-1))")
+    for name in ("batch_size", "base_channels", "num_levels", "blocks_per_level", "log_every", "checkpoint_every"):
+        if int(getattr(cfg, name)) < 1:
+            raise InputError(None, f"{name} must be >= 1")
+    if cfg.steps < 0:
+        raise InputError(None, "steps must be >= 0")
+    if cfg.lr <= 0:
+        raise InputError(None, "lr must be > 0")
+    if not 0 <= cfg.ema_decay < 1:
+        raise InputError(None, "ema_decay must lie in [0, 1)")
+
+
+def build_task_and_backbone(cfg: PretrainConfig, bpr: nn.Module | None = None) -> tuple[nn.Module, Backbone, dict]:
+    cls = get_task_class(cfg.method)
+    try:
+        task_cfg = make_task_config(cls, cfg.task_options, defaults=cfg, preprocess=cfg.preprocess)
+    except ValueError as e:
+        raise InputError(None, str(e)) from None
+    try:
+        task = cls(task_cfg, bpr=bpr) if bpr is not None else cls(task_cfg)
+    except (ValueError, TypeError) as e:
+        raise InputError(None, f"invalid options for method {cfg.method!r}: {e}") from None
+    backbone = Backbone(in_channels=task.in_channels, out_channels=task.out_channels,
+                        base_channels=cfg.base_channels, num_levels=cfg.num_levels,
+                        blocks_per_level=cfg.blocks_per_level, time_embedding=bool(task.uses_timestep),
+                        norm_groups=cfg.norm_groups, coord_channels=task.in_channels - 1)
+    task.setup(backbone)
+    return task, backbone, task_cfg
+
+
+def load_cases(cfg: PretrainConfig, progress: bool = False) -> list:
+    from ..data.cache import load_preprocessed
+
+    if not cfg.data:
+        raise InputError(None, "no training data given (--data FOLDER)")
+    cases = []
+    for p in cfg.data:
+        if not Path(p).exists():
+            raise InputError(p, "data folder not found")
+        cases.extend(load_preprocessed(p, cfg.preprocess, cache_dir=cfg.cache_dir, kind=cfg.data_kind,
+                                       progress=progress))
+    if not cases:
+        raise InputError(cfg.data[0], "no cases found")
+    return cases
+
+
+def _bpr_source(path: str) -> list[Path]:
+    p = Path(path)
+    if p.is_dir():
+        return [p]
+    if p.suffix in (".safetensors", ".json"):
+        return [p.with_suffix(".safetensors"), p.with_suffix(".json")]
+    return [p]
+
+
+def copy_bpr(path: str, dest: Path) -> None:
+    """Copy a BPR (folder or file pair) to ``dest`` (a folder with model.safetensors/json)."""
+    src = _bpr_source(path)
+    if len(src) == 1 and src[0].is_dir():
+        shutil.copytree(src[0], dest)
+    else:
+        dest.mkdir(parents=True)
+        shutil.copy2(src[0], dest / "model.safetensors")
+        shutil.copy2(src[1], dest / "model.json")
+
+
+def backbone_document(cfg: PretrainConfig, backbone: Backbone, task_cfg: dict, has_bpr: bool) -> dict[str, Any]:
+    """The ``config`` written in backbone/model.json."""
+    return {
+        "backbone": backbone.config(),
+        "levels": [dataclasses.asdict(lv) for lv in backbone.levels],
+        "method": cfg.method,
+        "task": to_dict(task_cfg),
+        "preprocess": to_dict(cfg.preprocess),
+        "bpr": "../bpr" if has_bpr else None,
+        "patch_size": list(cfg.patch_size),
+    }
+
+
+def save_backbone(path: Path, cfg: PretrainConfig, backbone: Backbone, weights: dict[str, torch.Tensor],
+                  task: nn.Module, task_cfg: dict, has_bpr: bool, meta: dict[str, Any] | None = None) -> Path:
+    tensors = dict(weights)
+    tensors.update(prefixed(task.state_dict(), "task."))
+    return save_checkpoint(path, tensors, BACKBONE_KIND, backbone_document(cfg, backbone, task_cfg, has_bpr),
+                           meta=meta, format_version=BACKBONE_FORMAT_VERSION)
+
+
+# --------------------------------------------------------------------------------- main entry
+
+
+def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, resume: bool = False, progress: bool = True,
+             force: bool = False, cases: list | None = None, bpr: nn.Module | None = None,
+             stop_after: int | None = None) -> Path:
+    """Pretrain a backbone; returns ``out_dir``.
+
+    ``cases``: preprocessed cases to use instead of reading ``cfg.data`` (Python API / tests).
+    ``bpr``: a BPR module to use instead of loading ``cfg.bpr_path`` (then no ``bpr/`` copy is made).
+    ``stop_after``: stop after this many steps (a checkpoint is written there) without finishing,
+    e.g. to split a long run into jobs; continue with ``resume=True``.
+    """
+    d = init_distributed(cfg.device)
+    try:
+        return _pretrain(cfg, Path(out_dir), resume, progress, force, cases, bpr, stop_after, d)
+    finally:
+        if d.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _check_resume_config(saved: dict[str, Any], cfg: PretrainConfig, path: Path) -> None:
+    now = to_dict(cfg)
+    diff = [k for k in now if k not in _RESUME_FREE and k in saved and saved[k] != now[k]]
+    if diff:
+        raise InputError(path, f"--resume with a different configuration ({', '.join(sorted(diff))}); "
+                               "use the same options as the interrupted run")
+
+
+def _pretrain(cfg: PretrainConfig, out: Path, resume: bool, progress: bool, force: bool, cases: list | None,
+              bpr: nn.Module | None, stop_after: int | None, d: Dist) -> Path:
+    validate_config(cfg)
+    state_root = out / "train_state"
+    ckpt = None
+    if resume:
+        ckpt = latest_train_state(state_root)
+        if ckpt is None:
+            raise InputError(out, "nothing to resume: no train_state/latest checkpoint in this folder")
+    device = pick_device(cfg.device, d)
+
+    # build everything before touching the output folder (bad input leaves no output)
+    torch.manual_seed(cfg.seed)
+    task, backbone, task_cfg = build_task_and_backbone(cfg, bpr)
+    has_bpr = getattr(task, "bpr", None) is not None and bpr is None and bool(getattr(cfg, "bpr_path", None))
+    if cases is None:
+        cases = load_cases(cfg, progress=progress and d.main)
+    if not cases:
+        raise InputError(None, "no training cases")
+
+    if d.main and not resume:
+        check_output_path(out, force=force)
+        if force and out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+    d.barrier()
+
+    joint = _Joint(backbone, task).to(device)
+    ema = EMA(backbone, cfg.ema_decay)
+    opt = torch.optim.AdamW(param_groups(joint, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
+    rng = np.random.default_rng([cfg.seed, d.rank])
+    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000003 + d.rank)
+    random.seed(cfg.seed * 1000003 + d.rank)
+    start = 0
+
+    if ckpt is not None:
+        tensors, info = read_train_state(ckpt)
+        _check_resume_config(info.get("config") or {}, cfg, ckpt)
+        meta = info["meta"]
+        start = int(meta["step"])
+        try:
+            joint.load_state_dict({k: v.to(device) for k, v in unprefixed(tensors, "model.").items()}, strict=True)
+            ema.load(unprefixed(tensors, "ema."))
+            opt.load_state_dict(unflatten_optimizer(tensors, meta["optimizer"]))
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise ModelError(ckpt, f"train state does not match this model ({str(e).splitlines()[0]})") from None
+        rstates = meta.get("rng") or []
+        if d.rank < len(rstates):
+            r = rstates[d.rank]
+            rng.bit_generator.state = r["numpy"]
+            random.setstate(python_rng_from_json(r["python"]))
+            torch.set_rng_state(tensors[f"rng.torch.{d.rank}"])
+            gen.set_state(tensors[f"rng.gen.{d.rank}"])
+            if device.type == "cuda" and f"rng.cuda.{d.rank}" in tensors:
+                torch.cuda.set_rng_state(tensors[f"rng.cuda.{d.rank}"], device)
+        if d.main:
+            _truncate_metrics(out / "metrics.jsonl", start)
+
+    model: nn.Module = joint
+    if d.world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            joint, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+
+    if d.main:
+        write_config(out, cfg, extra={"method": cfg.method, "parameters": count_parameters(backbone),
+                                      "world_size": d.world})
+
+    writer = _tensorboard(out) if (cfg.tensorboard and d.main) else None
+    end = cfg.steps if stop_after is None else min(cfg.steps, max(start, int(stop_after)))
+    trains = bool(getattr(task, "trains", True))
+    last_saved = start if ckpt is not None else None
+
+    def save_state(step: int) -> None:
+        nonlocal last_saved
+        rng_doc, rng_t = _rng_states(rng, gen, d, device)
+        if d.main:
+            tensors = prefixed(joint.state_dict(), "model.")
+            tensors.update(prefixed(ema.state(), "ema."))
+            ot, odoc = flatten_optimizer(opt.state_dict())
+            tensors.update(ot)
+            tensors.update(rng_t)
+            write_train_state(state_root, step, tensors, cfg,
+                              {"optimizer": odoc, "rng": rng_doc, "world_size": d.world, "method": cfg.method},
+                              keep=cfg.keep_checkpoints)
+        last_saved = step
+        d.barrier()
+
+    if trains and start < end:
+        _loop(cfg, model, joint, task, cases, opt, ema, rng, gen, device, d, out, start, end, progress,
+              writer, save_state, lambda: last_saved)
+    if writer is not None:
+        writer.close()
+
+    if end < cfg.steps:  # stopped early on request: the checkpoint is the result
+        if last_saved != end:
+            save_state(end)
+        return out
+
+    if trains and last_saved != cfg.steps and cfg.steps > 0:
+        save_state(cfg.steps)
+
+    if d.main:
+        ema_backbone = {k: v for k, v in ema.state().items()}
+        if not trains:  # random init: the initial weights
+            ema_backbone = {k: v.detach().float() for k, v in backbone.state_dict().items()}
+        if has_bpr:
+            bdest = out / "bpr"
+            if bdest.exists():
+                shutil.rmtree(bdest)
+            with staged_dir(bdest, force=True) as tmp:
+                shutil.rmtree(tmp)
+                copy_bpr(cfg.bpr_path, tmp)  # type: ignore[arg-type]
+        with staged_dir(out / "backbone", force=True) as tmp:
+            save_backbone(tmp, cfg, backbone, ema_backbone, task, task_cfg, has_bpr,
+                          meta={"steps": cfg.steps, "parameters": count_parameters(backbone),
+                                "seed": cfg.seed, "world_size": d.world})
+    d.barrier()
+    return out
+
+
+def _loop(cfg, model, joint, task, cases, opt, ema, rng, gen, device, d: Dist, out: Path, start: int, end: int,
+          progress: bool, writer, save_state, last_saved) -> None:
+    from tqdm import tqdm
+
+    use_bf16 = bool(cfg.bf16)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+    log = MetricLog()
+    bar = tqdm(total=end, initial=start, desc=f"pretrain {cfg.method}", unit="step",
+               disable=not (progress and d.main), dynamic_ncols=True)
+    t0 = time.perf_counter()
+    n_since = 0
+    model.train()
+    try:
+        for step in range(start, end):
+            lr = lr_at(step, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            batch = task.sample_batch(cases, cfg.batch_size, tuple(cfg.patch_size), rng)
+            batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            with autocast():
+                loss, metrics = model(batch, gen)
+            bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=device)
+            if d.world > 1:
+                dist.all_reduce(bad)
+            if bad.item() > 0:
+                ls = last_saved()
+                where = (f"the last good checkpoint (step {ls}) is kept in {out / 'train_state'}; "
+                         "continue from it with --resume (e.g. with a lower --lr)") if ls else \
+                    "no checkpoint had been written yet"
+                raise TrainingError(f"loss is {float(loss.detach())} at step {step + 1}: training stopped; {where}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = None
+            if cfg.grad_clip > 0:
+                gnorm = float(torch.nn.utils.clip_grad_norm_(joint.parameters(), cfg.grad_clip))
+            opt.step()
+            ema.update(joint.backbone, step)
+            log.add({"loss": float(loss.detach())})
+            log.add(metrics)
+            if gnorm is not None:
+                log.add({"grad_norm": gnorm})
+            n_since += 1
+            done = step + 1
+            bar.update(1)
+            if done % cfg.log_every == 0 or done == end:
+                dt = time.perf_counter() - t0
+                row = log.reduce(d, device)
+                pps = n_since * cfg.batch_size * d.world / max(dt, 1e-9)
+                row = {"step": done, **row, "lr": lr, "patches_per_s": pps,
+                       "voxels_per_s": pps * int(np.prod(cfg.patch_size))}
+                if d.main:
+                    with open(out / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", patches_s=f"{pps:.1f}")
+                    if writer is not None:
+                        for k, v in row.items():
+                            if k != "step":
+                                writer.add_scalar(k, v, done)
+                t0 = time.perf_counter()
+                n_since = 0
+            if cfg.probe_every and done % cfg.probe_every == 0 and cfg.probe_data:
+                _online_probe(cfg, joint, ema, device, d, out, done, writer)
+            if done % cfg.checkpoint_every == 0 and done < end:
+                save_state(done)
+            elif done == end:
+                save_state(done)
+    finally:
+        bar.close()
+
+
+def _rng_states(rng: np.random.Generator, gen: torch.Generator, d: Dist, device: torch.device):
+    mine = {"numpy": rng.bit_generator.state, "python": python_rng_to_json(random.getstate())}
+    t = {"torch": torch.get_rng_state(), "gen": gen.get_state().cpu()}
+    if device.type == "cuda":
+        t["cuda"] = torch.cuda.get_rng_state(device)
+    if d.world > 1:
+        docs: list = [None] * d.world
+        tens: list = [None] * d.world
+        dist.all_gather_object(docs, mine)
+        dist.all_gather_object(tens, {k: v.numpy().tolist() for k, v in t.items()})
+        tensors = {f"rng.{k}.{r}": torch.tensor(v, dtype=torch.uint8) for r, tt in enumerate(tens) for k, v in tt.items()}
+        return docs, tensors
+    return [mine], {f"rng.{k}.0": v for k, v in t.items()}
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line).get("step", 0)) <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, AttributeError, ValueError):
+            continue
+    atomic_write(path, "".join(x + "\n" for x in keep))
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        import warnings
+
+        warnings.warn("tensorboard is not installed: --tensorboard ignored (pip install tensorboard)")
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def _online_probe(cfg, joint, ema, device, d: Dist, out: Path, step: int, writer) -> None:
+    """Fit a linear head on frozen EMA features of a few labelled cases; log Dice (rank 0)."""
+    if not d.main:
+        return
+    from .probe_online import online_probe
+
+    res = online_probe(cfg, joint, ema.state(), device)
+    row = {"step": step, **{f"probe_{k}": v for k, v in res.items()}}
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(row) + "\n")
+    if writer is not None:
+        for k, v in row.items():
+            if k != "step":
+                writer.add_scalar(k, v, step)
+
+
+def read_pretrain_config(path: str | os.PathLike) -> PretrainConfig:
+    from ..core.config import read_config
+
+    return from_dict(PretrainConfig, read_config(path), strict=False)
