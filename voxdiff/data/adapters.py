@@ -164,18 +164,23 @@ def _strip_channel(stem: str) -> tuple[str, int | None]:
     return stem, None
 
 
-def _paired(images_dir: Path, labels_dir: Path | None, require_label: bool = False, path_for_errors: Path | None = None) -> list[CaseRef]:
+def _paired(images_dir: Path, labels_dir: Path | None) -> list[CaseRef]:
+    """Images of a folder paired with same-named labels.
+
+    nnU-Net naming (``<case>_0000.nii.gz``, other channels ``_0001``... ignored) is used when any
+    image ends in ``_0000``; otherwise (MSD, AMOS: ``amos_0001.nii.gz``) each file is one case.
+    """
     refs = []
     label_files = {nifti_stem(f): f for f in _nii_files(labels_dir)} if labels_dir is not None else {}
-    for f in _nii_files(images_dir):
-        cid, ch = _strip_channel(nifti_stem(f))
-        if ch not in (None, 0):
-            continue  # other channels of multi-modal data
+    files = _nii_files(images_dir)
+    channels = any(_strip_channel(nifti_stem(f))[1] == 0 for f in files)
+    for f in files:
+        cid = nifti_stem(f)
+        if channels:
+            cid, ch = _strip_channel(cid)
+            if ch not in (None, 0):
+                continue  # other channels of multi-modal data
         lab = label_files.get(cid)
-        if lab is None and ch is None:
-            lab = None
-        if require_label and lab is None:
-            raise InputError(f, "no matching label file")
         refs.append(CaseRef(cid, str(f), None if lab is None else str(lab)))
     return refs
 

@@ -53,7 +53,9 @@ def hu_to_unit(hu, window=(-1350.0, 1000.0)):
     if hasattr(hu, "clamp"):  # torch tensor
         return ((hu.float() - lo) / (hi - lo)).clamp_(0.0, 1.0)
     out = (np.asarray(hu, dtype=np.float32) - np.float32(lo)) / np.float32(hi - lo)
-    return np.clip(out, 0.0, 1.0, out=out)
+    if isinstance(out, np.ndarray) and out.ndim > 0:
+        return np.clip(out, 0.0, 1.0, out=out)
+    return np.float32(np.clip(out, 0.0, 1.0))
 
 
 def unit_to_hu(unit, window=(-1350.0, 1000.0)):
