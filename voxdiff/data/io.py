@@ -79,14 +79,24 @@ def _check_finite(path: Path, arr: np.ndarray) -> None:
 def _read_nifti(path: Path, dtype) -> tuple[np.ndarray, np.ndarray]:
     import nibabel as nib
 
+    import logging
+
+    log = logging.getLogger("nibabel.global")
+    level = log.level
+    log.setLevel(logging.CRITICAL)  # nibabel "fixes" bad headers with a message on stderr; we judge them
     try:
         img = nib.load(str(path))
+        raw_hdr = _raw_header(path, type(img.header))
+    except InputError:
+        raise
     except Exception as e:  # nibabel raises many types for garbage files
         raise InputError(path, f"unreadable NIfTI file ({_short(e)})") from None
+    finally:
+        log.setLevel(level)
     shape = tuple(int(s) for s in img.shape)
     if len(shape) < 3 or (len(shape) > 3 and any(s != 1 for s in shape[3:])):
         raise InputError(path, f"not a 3D image (shape {shape})")
-    hdr = img.header
+    hdr = raw_hdr if raw_hdr is not None else img.header
     try:
         raw = [float(v) for v in hdr["pixdim"][1:4]]
         uses_pixdim = int(hdr["qform_code"]) > 0 or int(hdr["sform_code"]) == 0
@@ -108,6 +118,19 @@ def _read_nifti(path: Path, dtype) -> tuple[np.ndarray, np.ndarray]:
         raise InputError(path, f"unreadable or truncated file ({_short(e)})") from None
     arr = _as_3d(path, np.asarray(arr))
     return arr, affine
+
+
+def _raw_header(path: Path, cls):
+    """The header as stored in the file (nibabel's loader silently fixes pixdim), or None."""
+    from nibabel.openers import ImageOpener
+
+    if not hasattr(cls, "from_fileobj"):
+        return None
+    try:
+        with ImageOpener(str(path)) as f:
+            return cls.from_fileobj(f, check=False)
+    except Exception:
+        return None
 
 
 def _short(e: BaseException) -> str:
