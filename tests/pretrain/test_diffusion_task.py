@@ -1,0 +1,111 @@
+"""The diffusion task: BPR conditioning, ``none`` ignoring coordinates, fixed feature noise."""
+
+import numpy as np
+import pytest
+import torch
+
+from pretrain_synth import StandInBPR, synthetic_cases
+from voxdiff.core.errors import InputError
+from voxdiff.pretrain.backbone import Backbone
+from voxdiff.pretrain.diffusion import index_grid
+from voxdiff.pretrain.tasks import get_task_class
+from voxdiff.pretrain.tasks.diffusion import DiffusionTask
+
+PRE = {"preprocess": {"hu_window": [-1350.0, 1000.0], "spacing": [1.0, 1.0, 2.0]}}
+
+
+def _task(condition="ape", **kw):
+    bpr = StandInBPR(condition) if condition != "none" else None
+    return DiffusionTask(dict(PRE, condition=condition, diffusion_steps=100, **kw), bpr=bpr)
+
+
+def test_registered_and_channels():
+    assert get_task_class("diffusion") is DiffusionTask
+    assert _task("none").in_channels == 1
+    assert _task("slice").in_channels == 2
+    assert _task("ape").in_channels == 4
+    assert _task("ape", bpr_sincos=2).in_channels == 1 + 3 * (1 + 2 * 2)
+    assert _task("ape").state_dict() == {}  # the frozen BPR stays out of the weights
+
+
+def test_condition_needs_a_matching_bpr(tmp_path):
+    with pytest.raises(InputError, match="body part regressor"):
+        DiffusionTask(dict(PRE, condition="slice"))
+    with pytest.raises(InputError, match="not found"):
+        DiffusionTask(dict(PRE, condition="slice", bpr_path=str(tmp_path / "nope")))
+    with pytest.raises(InputError, match="'ape' body part regressor"):
+        DiffusionTask(dict(PRE, condition="slice"), bpr=StandInBPR("ape"))
+    with pytest.raises(InputError, match="unknown condition"):
+        DiffusionTask(dict(PRE, condition="xyz"))
+    with pytest.raises(InputError, match="feature_timesteps"):
+        DiffusionTask(dict(PRE, diffusion_steps=10, feature_timesteps=[10]))
+
+
+def test_conditioning_changes_the_prediction():
+    torch.manual_seed(0)
+    task = _task("ape")
+    net = Backbone(task.in_channels, 1, 8, 3)
+    task.setup(net)
+    img = torch.rand(2, 1, 16, 16, 16)
+    (x, t), = task.feature_passes(img)
+    assert x.shape[1] == 4
+    cond = task.condition_map(img)
+    assert torch.equal(x[:, 1:], cond)
+    with torch.no_grad():
+        p1 = net(x, t)[0]
+        p2 = net(torch.cat([x[:, :1], torch.rand_like(cond)], 1), t)[0]
+        # passing a precomputed map is the same as computing it on the window
+        (x3, _), = task.feature_passes(img, coords=cond)
+    assert not torch.allclose(p1, p2, atol=1e-4)
+    assert torch.equal(x3, x)
+
+
+def test_none_ignores_coordinates():
+    task = _task("none")
+    img = torch.rand(2, 1, 16, 16, 16)
+    (a, ta), = task.feature_passes(img)
+    (b, tb), = task.feature_passes(img, coords=torch.rand(2, 3, 16, 16, 16))
+    assert a.shape[1] == 1 and torch.equal(a, b) and torch.equal(ta, tb)
+    # the training path is the same code: a batch with coordinates trains the 1-channel net
+    net = Backbone(1, 1, 4, 2)
+    batch = {"image": img, "coords_mm": torch.rand(2, 3, 16, 16, 16)}
+    loss, _ = task.loss(net, batch, torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
+
+
+def test_feature_noise_is_fixed_and_window_consistent():
+    task = _task("none", feature_timesteps=[20])
+    img = torch.rand(1, 1, 24, 24, 16)
+    (full, t), = task.feature_passes(img)
+    (again, _), = task.feature_passes(img)
+    assert torch.equal(full, again)
+    o = (8, 4, 8)
+    win = img[:, :, 8:24, 4:20, 8:16]
+    (wx, _), = task.feature_passes(win, voxel_index=index_grid((16, 16, 8), o))
+    assert torch.equal(wx, full[:, :, 8:24, 4:20, 8:16])
+    # x_t really is noised: it differs from the clean image mapped to [-1, 1]
+    assert (full - (img * 2 - 1)).abs().mean() > 0.01
+    # other seed, other noise
+    (other, _), = _task("none", feature_timesteps=[20], noise_seed=1).feature_passes(img)
+    assert not torch.equal(other, full)
+
+
+def test_several_feature_timesteps_give_several_passes():
+    task = _task("slice", feature_timesteps=[5, 50])
+    passes = task.feature_passes(torch.rand(2, 1, 8, 8, 8))
+    assert [int(t[0]) for _, t in passes] == [5, 50]
+    assert torch.equal(passes[0][0][:, 1:], passes[1][0][:, 1:])  # same condition
+    assert not torch.equal(passes[0][0][:, :1], passes[1][0][:, :1])
+
+
+def test_loss_reports_t_buckets_and_uses_the_generator():
+    task = _task("ape")
+    net = Backbone(task.in_channels, 1, 4, 2)
+    batch = task.sample_batch(synthetic_cases(2), 4, (16, 16, 16), np.random.default_rng(0))
+    assert batch["image"].shape == (4, 1, 16, 16, 16) and 0 <= float(batch["image"].min()) <= float(batch["image"].max()) <= 1
+    l1, m1 = task.loss(net, batch, torch.Generator().manual_seed(3))
+    l2, m2 = task.loss(net, batch, torch.Generator().manual_seed(3))
+    l3, _ = task.loss(net, batch, torch.Generator().manual_seed(4))
+    assert float(l1.detach()) == float(l2.detach()) != float(l3.detach())
+    assert m1 == m2 and all(k.startswith("loss_t") for k in m1)
+    assert sum(len(v) for v in m1.values()) == 4
