@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from voxdiff.pretrain.tasks import genesis_transforms as gt
 from voxdiff.pretrain.tasks.restorative import RestorativeConfig, RestorativeTask
@@ -131,21 +130,16 @@ def test_outpaint_branch_probability():
 # ------------------------------------------------------------------------------ task + loss
 
 
-class TinyBackbone(nn.Module):
-    """Stand-in with the Backbone contract: forward(x, t) -> (prediction, pyramid)."""
+def tiny_backbone(task):
+    from voxdiff.pretrain.backbone import Backbone
 
-    def __init__(self, in_channels=1, out_channels=1, width=8):
-        super().__init__()
-        self.enc0 = nn.Sequential(nn.Conv3d(in_channels, width, 3, padding=1), nn.GroupNorm(4, width), nn.SiLU())
-        self.enc1 = nn.Sequential(nn.Conv3d(width, 2 * width, 3, stride=2, padding=1), nn.GroupNorm(4, 2 * width), nn.SiLU())
-        self.dec0 = nn.Sequential(nn.Conv3d(3 * width, width, 3, padding=1), nn.GroupNorm(4, width), nn.SiLU())
-        self.out = nn.Conv3d(width, out_channels, 1)
+    net = Backbone(in_channels=task.in_channels, out_channels=task.out_channels, base_channels=8, num_levels=2,
+                   time_embedding=task.uses_timestep)
+    task.setup(net)
+    return net
 
-    def forward(self, x, t=None):
-        e0 = self.enc0(x)
-        e1 = self.enc1(e0)
-        d0 = self.dec0(torch.cat([e0, nn.functional.interpolate(e1, size=e0.shape[2:])], 1))
-        return self.out(d0), [d0, e1]
+
+UNIT = {"preprocess": {"hu_window": [0.0, 1.0]}}  # test volumes are already in [0, 1]
 
 
 class FakeMeta:
@@ -160,7 +154,7 @@ class FakeCase:
 
 
 def test_sample_batch_shapes_and_seed():
-    task = RestorativeTask(RestorativeConfig())
+    task = RestorativeTask(UNIT)
     cases = [FakeCase(smooth_volume((30, 28, 20), s)) for s in range(2)]
     b1 = task.sample_batch(cases, 3, (16, 16, 8), np.random.default_rng(0))
     b2 = task.sample_batch(cases, 3, (16, 16, 8), np.random.default_rng(0))
@@ -172,8 +166,8 @@ def test_sample_batch_shapes_and_seed():
 
 def test_restorative_loss_decreases():
     torch.manual_seed(0)
-    task = RestorativeTask(RestorativeConfig())
-    net = TinyBackbone(task.in_channels, task.out_channels)
+    task = RestorativeTask(UNIT)
+    net = tiny_backbone(task)
     cases = [FakeCase(smooth_volume((32, 32, 24), s)) for s in range(3)]
     rng = np.random.default_rng(0)
     gen = torch.Generator().manual_seed(0)
@@ -193,8 +187,23 @@ def test_restorative_loss_decreases():
 
 
 def test_loss_distorts_when_batch_has_no_input():
-    task = RestorativeTask(RestorativeConfig(paint_prob=1.0))
-    net = TinyBackbone()
+    task = RestorativeTask({"restorative": {"paint_prob": 1.0}})
+    assert task.opts.paint_prob == 1.0
+    net = tiny_backbone(task)
     batch = {"image": torch.from_numpy(smooth_volume((16, 16, 8)))[None, None]}
     loss, logs = task.loss(net, batch, torch.Generator().manual_seed(0))
     assert torch.isfinite(loss) and logs["mse_identity"] > 0
+
+
+def test_config_dict_flat_and_unknown_keys():
+    task = RestorativeTask({"preprocess": {"hu_window": [-1000, 400]}, "shuffle_prob": 0.25})
+    assert task.opts.shuffle_prob == 0.25 and task.hu_window == (-1000.0, 400.0)
+    with pytest.raises(ValueError, match="unknown"):
+        RestorativeTask({"shuffle_probability": 0.1})
+
+
+def test_hu_cases_are_windowed():
+    task = RestorativeTask({"preprocess": {"hu_window": [-1000, 1000]}})
+    hu = np.full((20, 20, 20), 0.0, dtype=np.float32)
+    b = task.sample_batch([FakeCase(hu)], 1, (16, 16, 16), np.random.default_rng(0))
+    assert torch.allclose(b["image"], torch.full_like(b["image"], 0.5))

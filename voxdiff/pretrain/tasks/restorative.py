@@ -8,6 +8,7 @@ taken from the undistorted image, without a timestep.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from voxdiff.core.config import from_dict
 
 from .base import PretextTask, random_patches, register_task
 from .genesis_transforms import GenesisConfig, genesis_distort
@@ -25,21 +28,43 @@ class RestorativeConfig(GenesisConfig):
     """Options of the restorative task (the Models Genesis distortion probabilities and sizes)."""
 
 
+def options_from_config(cls: type, config: Any, section: str) -> Any:
+    """The task's options dataclass ``cls`` from the engine's config dict (see ``base``): fields may
+    be given flat (``{"n_pairs": 512}``) or in a section named after the method
+    (``{"restorative": {...}}``); ``preprocess`` is the model's preprocessing. Unknown keys raise."""
+    if config is None:
+        return cls()
+    if isinstance(config, cls):
+        return config
+    if dataclasses.is_dataclass(config):
+        config = dataclasses.asdict(config)
+    if not isinstance(config, dict):
+        raise TypeError(f"task config must be a dict, got {type(config).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in config.items() if k not in ("preprocess", section)}
+    sec = config.get(section) or {}
+    values.update(sec if isinstance(sec, dict) else dataclasses.asdict(sec))
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown {section} options {unknown}; known: {sorted(names)}")
+    return from_dict(cls, values)
+
+
 @register_task("restorative")
 class RestorativeTask(PretextTask):
     """Models Genesis: L2 reconstruction of the clean patch from a distorted one."""
 
     Config = RestorativeConfig
 
-    def __init__(self, config: RestorativeConfig | None = None):
-        super().__init__(config)
-        self.opts: RestorativeConfig = config if config is not None else RestorativeConfig()
+    def __init__(self, config: dict | None = None):
+        super().__init__(config if config is not None else {})
+        self.opts: RestorativeConfig = options_from_config(RestorativeConfig, config, "restorative")
 
     def sample_batch(self, cases: list, batch_size: int, patch_size: tuple[int, int, int],
                      rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        """Random patches (cases already in [0, 1]); ``image`` = clean (the target), ``input`` =
-        distorted, plus ``coords_mm`` and ``origin`` as in :func:`random_patches`."""
-        batch = random_patches(cases, batch_size, patch_size, rng)
+        """Random patches of HU cases mapped to [0, 1] with the model's window; ``image`` = clean (the
+        target), ``input`` = distorted, plus ``coords_mm`` and ``origin`` as in :func:`random_patches`."""
+        batch = random_patches(cases, batch_size, patch_size, rng, window=self.hu_window)
         batch["input"] = torch.from_numpy(np.stack([self.distort(x[0].numpy(), rng) for x in batch["image"]]))[:, None]
         return batch
 

@@ -1,0 +1,161 @@
+"""Contrastive (vox2vec) pretext task: crops, positives, pyramid gathering, InfoNCE, training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from voxdiff.pretrain.tasks import contrastive as ct
+from voxdiff.pretrain.tasks.contrastive import ContrastiveTask
+
+NO_AUG = {"window_prob": 0.0, "blur_prob": 0.0, "sharpen_prob": 0.0, "noise_prob": 0.0}
+
+
+class FakeMeta:
+    def __init__(self, affine):
+        self.affine = affine
+
+
+class FakeCase:
+    def __init__(self, image, affine=None):
+        self.image = image
+        self.label = None
+        self.meta = FakeMeta(np.diag([0.8, 0.8, 2.0, 1.0]) if affine is None else affine)
+
+
+def index_volume(shape):
+    """HU values = linear voxel index, so a crop's values say exactly where it came from."""
+    return np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+
+
+def test_positives_of_known_crops_are_the_same_voxel():
+    oa, ob, size = (0, 0, 0), (4, 2, -1), (8, 8, 4)
+    ia, ib = ct.sample_positives(oa, ob, size, 1000, np.random.default_rng(0))
+    assert len(ia) == 4 * 6 * 3  # the whole shared region when fewer voxels than asked
+    np.testing.assert_array_equal(ia + np.array(oa), ib + np.array(ob))
+    assert ia.min() >= 0 and ib.min() >= 0 and np.all(ia < size) and np.all(ib < size)
+    assert len({tuple(v) for v in ia}) == len(ia)  # distinct voxels
+    # with the volume shape the positives stay inside the real volume
+    ia2, ib2 = ct.sample_positives(oa, ob, size, 1000, np.random.default_rng(0), shape=(20, 20, 20))
+    assert (ia2 + np.array(oa))[:, 2].min() >= 0 and len(ia2) == 4 * 6 * 3
+    with pytest.raises(ValueError):
+        ct.sample_positives((0, 0, 0), (8, 0, 0), size, 10, np.random.default_rng(0))
+
+
+def test_view_pairs_overlap_and_stay_in_volume():
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        oa, ob = ct.sample_view_pair((40, 30, 20), (16, 16, 8), rng, max_shift=0.5)
+        for a, b, s, n in zip(oa, ob, (16, 16, 8), (40, 30, 20)):
+            assert abs(a - b) <= s // 2
+            assert 0 <= a <= n - s and 0 <= b <= n - s
+
+
+def test_batch_positives_are_the_same_physical_voxel():
+    shape = (30, 26, 18)
+    vol = index_volume(shape)
+    affine = np.array([[0.0, -0.7, 0.0, 10.0], [0.9, 0.0, 0.0, -5.0], [0.0, 0.0, 2.5, 30.0], [0, 0, 0, 1]])
+    cfg = {"preprocess": {"hu_window": [0.0, float(vol.size)]}, "n_pairs": 64, **NO_AUG}
+    task = ContrastiveTask(cfg)
+    b = task.sample_batch([FakeCase(vol, affine)], 3, (16, 16, 8), np.random.default_rng(2))
+    assert b["image"].shape == b["image_b"].shape == (3, 1, 16, 16, 8)
+    assert b["pos_a"].shape == b["pos_b"].shape == (3, 64, 3)
+    assert not torch.equal(b["origin"], b["origin_b"])  # shifted crops (with this seed)
+    for i in range(3):
+        pa, pb = b["pos_a"][i], b["pos_b"][i]
+        va = b["image"][i, 0][pa[:, 0], pa[:, 1], pa[:, 2]]
+        vb = b["image_b"][i, 0][pb[:, 0], pb[:, 1], pb[:, 2]]
+        torch.testing.assert_close(va, vb, rtol=0, atol=1e-6)  # same voxel value...
+        ca = b["coords_mm"][i][:, pa[:, 0], pa[:, 1], pa[:, 2]]
+        cb = b["coords_mm_b"][i][:, pb[:, 0], pb[:, 1], pb[:, 2]]
+        torch.testing.assert_close(ca, cb, rtol=0, atol=1e-4)  # ...at the same point in mm
+        # and it is the voxel of the volume the origins say
+        vox = (pa + b["origin"][i]).numpy()
+        expect = vol[vox[:, 0], vox[:, 1], vox[:, 2]] / vol.size
+        np.testing.assert_allclose(va.numpy(), expect, atol=1e-6)
+        # non-positive pairs (a voxel with another's partner) are different points
+        assert not torch.allclose(ca, cb.roll(1, dims=1))
+
+
+def test_augmentation_changes_views_but_is_seeded():
+    vol = np.random.default_rng(0).normal(0, 300, (24, 24, 16)).astype(np.float32)
+    task = ContrastiveTask({"n_pairs": 32})
+    b1 = task.sample_batch([FakeCase(vol)], 2, (16, 16, 8), np.random.default_rng(5))
+    b2 = task.sample_batch([FakeCase(vol)], 2, (16, 16, 8), np.random.default_rng(5))
+    for k in b1:
+        assert torch.equal(b1[k], b2[k]), k
+    pa, pb = b1["pos_a"][0], b1["pos_b"][0]
+    va = b1["image"][0, 0][pa[:, 0], pa[:, 1], pa[:, 2]]
+    vb = b1["image_b"][0, 0][pb[:, 0], pb[:, 1], pb[:, 2]]
+    assert not torch.allclose(va, vb)  # different augmentations of the same voxels
+
+
+def test_gather_pyramid_reads_each_level_at_voxel_div_stride():
+    g = torch.Generator().manual_seed(0)
+    full = (8, 8, 4)
+    pyr = [torch.randn(2, 3, 8, 8, 4, generator=g), torch.randn(2, 5, 4, 4, 2, generator=g),
+           torch.randn(2, 2, 2, 2, 1, generator=g)]
+    idx = torch.tensor([[[0, 0, 0], [7, 7, 3], [3, 5, 2]], [[1, 2, 3], [6, 1, 0], [4, 4, 1]]])
+    out = ct.gather_pyramid(pyr, idx, full)
+    assert out.shape == (2, 3, 10)
+    for bi in range(2):
+        for n in range(3):
+            x, y, z = idx[bi, n].tolist()
+            expect = torch.cat([pyr[0][bi, :, x, y, z], pyr[1][bi, :, x // 2, y // 2, z // 2],
+                                pyr[2][bi, :, x // 4, y // 4, z // 4]])
+            torch.testing.assert_close(out[bi, n], expect)
+
+
+def test_info_nce_prefers_matching_pairs():
+    g = torch.Generator().manual_seed(0)
+    z = torch.nn.functional.normalize(torch.randn(64, 16, generator=g), dim=1)
+    good, acc = ct.info_nce(z, z, 0.1)
+    bad, _ = ct.info_nce(z, z.roll(1, 0), 0.1)
+    assert acc == 1.0 and good < bad
+    assert good.item() >= 0
+
+
+def _backbone(task, width=8, levels=2):
+    from voxdiff.pretrain.backbone import Backbone
+
+    net = Backbone(in_channels=task.in_channels, out_channels=task.out_channels, base_channels=width,
+                   num_levels=levels, time_embedding=task.uses_timestep)
+    task.setup(net)
+    return net
+
+
+def test_setup_sizes_projector_from_backbone_levels():
+    task = ContrastiveTask({"proj_dim": 32})
+    net = _backbone(task, width=4, levels=3)
+    assert task.projector[0].in_features == 4 + 8 + 16
+    assert task.projector[-1].out_features == 32
+    assert any(k.startswith("projector.") for k in task.state_dict())  # saved with the task
+
+
+def test_contrastive_loss_decreases():
+    from scipy import ndimage
+
+    torch.manual_seed(0)
+    rng0 = np.random.default_rng(0)
+    cases = [FakeCase((ndimage.gaussian_filter(rng0.random((28, 28, 20)), 1.5) * 2000 - 1000).astype(np.float32))
+             for _ in range(2)]
+    task = ContrastiveTask({"n_pairs": 128, "preprocess": {"hu_window": [-400.0, 400.0]}})
+    net = _backbone(task)
+    params = list(net.parameters()) + list(task.parameters())
+    opt = torch.optim.Adam(params, lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    fixed = task.sample_batch(cases, 2, (16, 16, 8), np.random.default_rng(99))
+    with torch.no_grad():
+        before, logs0 = task.loss(net, fixed, gen)
+    assert 0 <= logs0["pos_acc"] <= 1 and logs0["pairs"] == 2 * 128
+    rng = np.random.default_rng(1)
+    for _ in range(40):
+        loss, _ = task.loss(net, task.sample_batch(cases, 2, (16, 16, 8), rng), gen)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        after, logs1 = task.loss(net, fixed, gen)
+    assert after.item() < 0.9 * before.item(), (before.item(), after.item())
+    assert logs1["pos_acc"] > logs0["pos_acc"], (logs0, logs1)
