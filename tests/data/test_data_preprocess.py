@@ -94,6 +94,8 @@ def test_round_trip_with_resampling(codes):
     pb = restore_to_original(probs, p.meta, is_label=False, fill=0.0)
     assert pb.shape == (2, *img.shape)
     assert ((pb[0] > 0.5) == (lab == 6)).mean() > 0.98
+    with pytest.raises(ValueError, match="does not match"):
+        restore_to_original(p.label[:-1], p.meta, is_label=True)
 
 
 def test_resample_keeps_extent_and_is_linear():

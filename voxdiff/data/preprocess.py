@@ -323,6 +323,7 @@ def preprocess_arrays(
                 lab, _ = crop(lab, aff, box)
             aff = new_aff
             steps["crop"] = [list(b) for b in box]
+    steps["shape"] = list(img.shape)
     return img, lab, aff, steps
 
 
@@ -352,6 +353,9 @@ def restore_to_original(
     otherwise.
     """
     arr = np.asarray(array)
+    done = meta.extra.get("preprocess", {}).get("shape") if isinstance(meta.extra, dict) else None
+    if arr.ndim < 3 or (done is not None and list(arr.shape[-3:]) != list(done)):
+        raise ValueError(f"array of shape {arr.shape} does not match the preprocessed grid {done} of case {meta.case_id}")
     if fill is None:
         fill = 0.0 if is_label else float(arr.min()) if arr.size else 0.0
     out = resample_to_grid(
