@@ -1,0 +1,37 @@
+"""Body part regressors: self-supervised anatomical coordinates for every voxel of a CT.
+
+* ``slice``: one score per axial slice growing from feet to head (Yan et al. 2018; Schuhegger et
+  al. 2021), broadcast over the slice (1 channel).
+* ``ape``: three anatomical coordinates per voxel (in the spirit of Goncharov et al. 2024's
+  Anatomical Positional Embeddings), trained so that embedding distances match physical distances
+  and the same voxel agrees across overlapping crops.
+
+Public API::
+
+    model = load_bpr(path, kind=None)               # frozen, eval mode
+    coords = coords_for_patches(model, x, sincos=0, spacing=None)   # (B,1,X,Y,Z) -> (B,C',X,Y,Z)
+    train_bpr(BPRTrainConfig(kind="slice", data=DIR), out_dir)
+    predict_volume(model_path, ct_path, out_path, plot=None)
+"""
+
+from .models import (
+    BPR_KINDS,
+    BPR_VERSION,
+    APERegressor,
+    BodyPartRegressor,
+    SliceRegressor,
+    build_bpr,
+    coords_channels,
+    coords_for_patches,
+    load_bpr,
+    save_bpr,
+    sincos_encode,
+)
+from .predict import predict_volume
+from .train import BPRTrainConfig, train_bpr
+
+__all__ = [
+    "BPR_KINDS", "BPR_VERSION", "BodyPartRegressor", "SliceRegressor", "APERegressor", "build_bpr",
+    "coords_channels", "coords_for_patches", "load_bpr", "save_bpr", "sincos_encode", "predict_volume",
+    "BPRTrainConfig", "train_bpr",
+]

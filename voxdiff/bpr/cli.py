@@ -1,0 +1,44 @@
+"""``voxdiff bpr ...``: train a body part regressor, map a CT with one."""
+
+from __future__ import annotations
+
+import json
+
+from voxdiff.core.cli import CommandGroup, add_config
+from voxdiff.core.config import from_namespace
+
+from .train import BPRTrainConfig
+
+
+def register(root: CommandGroup) -> None:
+    g = root.group("bpr", help="Body part regressors: self-supervised anatomical coordinates (slice | ape)")
+
+    t = g.command("train", run_train, help="Train a body part regressor on unlabelled CT (phantoms or real)")
+    t.add_argument("--out", type=str, required=True, help="output model folder (model.safetensors + model.json)")
+    t.add_argument("--resume", action="store_true", help="continue an interrupted run from --out/train_state")
+    t.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config(t, BPRTrainConfig)
+
+    p = g.command("predict", run_predict, help="Write the coordinate map of a CT on its own grid (NIfTI)")
+    p.add_argument("model", type=str, help="body part regressor folder (from 'voxdiff bpr train')")
+    p.add_argument("ct", type=str, help="CT: NIfTI file or DICOM series folder")
+    p.add_argument("-o", "--out", type=str, required=True, help="output map (.nii.gz); ape maps are 4D (X, Y, Z, 3)")
+    p.add_argument("--plot", type=str, default=None, help="also write a PNG: score against z and a coronal view")
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window / tile overlap")
+    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+
+
+def run_train(ns) -> None:
+    from .train import train_bpr
+
+    cfg = from_namespace(BPRTrainConfig, ns)
+    out = train_bpr(cfg, ns.out, resume=bool(ns.resume), force=bool(ns.force), progress=not ns.quiet)
+    print(f"body part regressor ({cfg.kind}) written to {out}")
+
+
+def run_predict(ns) -> None:
+    from .predict import predict_volume
+
+    s = predict_volume(ns.model, ns.ct, ns.out, plot=ns.plot, overlap=ns.overlap, force=bool(ns.force), progress=True)
+    print(json.dumps({"out": s["out"], "kind": s["kind"], "shape": s["shape"], "seconds": round(s["seconds"]["total"], 2)}))

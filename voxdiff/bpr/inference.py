@@ -1,0 +1,113 @@
+"""Whole-volume inference of a body part regressor (in memory, no file IO).
+
+* slice model: each axial slice is scored on in-plane tiles of the training size (the scores of
+  the tiles of a slice are averaged, weighted by how much body they contain), which is what the
+  model saw in training and keeps whole-volume scores consistent with patch scores;
+* ape model: MONAI sliding-window inference with the training patch as ROI and Gaussian blending.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .models import APERegressor, BodyPartRegressor, SliceRegressor
+
+BODY_UNIT_THRESHOLD = (-500.0 + 1350.0) / 2350.0  # -500 HU in the default window
+
+
+def _tile_starts(n: int, t: int, overlap: float) -> list[int]:
+    if n <= t:
+        return [0]
+    step = max(1, int(round(t * (1.0 - overlap))))
+    k = math.ceil((n - t) / step) + 1
+    return sorted({int(round(v)) for v in np.linspace(0, n - t, k)})
+
+
+def _body_threshold(model: BodyPartRegressor) -> float:
+    lo, hi = (float(v) for v in model.preprocess.get("hu_window", (-1350.0, 1000.0)))
+    return (-500.0 - lo) / (hi - lo)
+
+
+@torch.no_grad()
+def slice_scores_volume(
+    model: SliceRegressor, unit: torch.Tensor | np.ndarray, overlap: float = 0.5, z_chunk: int = 32,
+    raw: bool = False, progress: bool = False,
+) -> np.ndarray:
+    """Per-slice scores ``(Z,)`` of a volume ``(X, Y, Z)`` in [0, 1] (calibrated unless ``raw``)."""
+    vol = torch.as_tensor(np.asarray(unit, dtype=np.float32)) if not torch.is_tensor(unit) else unit.float()
+    nx, ny, nz = vol.shape
+    tx, ty = model.patch_size[0], model.patch_size[1]
+    xs, ys = _tile_starts(nx, tx, overlap), _tile_starts(ny, ty, overlap)
+    thr = _body_threshold(model)
+    was = model.training
+    model.eval()
+    out = np.zeros(nz, dtype=np.float64)
+    from tqdm import tqdm
+
+    try:
+        for z0 in tqdm(range(0, nz, z_chunk), desc="slices", disable=not progress, leave=False):
+            z1 = min(nz, z0 + z_chunk)
+            tiles = [vol[x0:x0 + tx, y0:y0 + ty, z0:z1] for x0 in xs for y0 in ys]
+            batch = torch.stack(tiles)[:, None]  # (T, 1, tx, ty, zc)
+            s = model.slice_scores_raw(batch)  # (T, zc)
+            w = (batch > thr).float().mean(dim=(1, 2, 3)) + 0.02  # (T, zc)
+            out[z0:z1] = ((s * w).sum(0) / w.sum(0)).double().numpy()
+    finally:
+        model.train(was)
+    if not raw:
+        out = out * float(model.calib_scale[0]) + float(model.calib_offset[0])
+    return out.astype(np.float32)
+
+
+@torch.no_grad()
+def ape_volume(
+    model: APERegressor, unit: torch.Tensor | np.ndarray, overlap: float = 0.5, sw_batch_size: int = 2,
+    raw: bool = False, progress: bool = False,
+) -> np.ndarray:
+    """``(3, X, Y, Z)`` coordinates of a volume ``(X, Y, Z)`` in [0, 1] (calibrated unless ``raw``)."""
+    from monai.inferers import sliding_window_inference
+
+    vol = torch.as_tensor(np.asarray(unit, dtype=np.float32)) if not torch.is_tensor(unit) else unit.float()
+    was = model.training
+    model.eval()
+    predictor = model.raw if raw else model
+    try:
+        out = sliding_window_inference(
+            vol[None, None], roi_size=model.patch_size, sw_batch_size=sw_batch_size, predictor=predictor,
+            overlap=overlap, mode="gaussian", padding_mode="constant", cval=0.0, progress=progress,
+        )
+    finally:
+        model.train(was)
+    return out[0].numpy().astype(np.float32)
+
+
+def infer_volume(model: BodyPartRegressor, unit, overlap: float = 0.5, raw: bool = False, progress: bool = False) -> np.ndarray:
+    """The dense map ``(C, X, Y, Z)`` of a preprocessed volume in [0, 1]."""
+    if model.kind == "slice":
+        s = slice_scores_volume(model, unit, overlap=overlap, raw=raw, progress=progress)  # type: ignore[arg-type]
+        shape = np.asarray(unit).shape if not torch.is_tensor(unit) else tuple(unit.shape)
+        return np.broadcast_to(s[None, None, None, :], (1,) + tuple(shape)).copy()
+    return ape_volume(model, unit, overlap=overlap, raw=raw, progress=progress)  # type: ignore[arg-type]
+
+
+def ct_problem(hu: np.ndarray) -> str | None:
+    """Why an array does not look like a CT volume in HU (None when it does)."""
+    a = np.asarray(hu)
+    if a.ndim != 3:
+        return f"expected a 3D volume, got shape {a.shape}"
+    if min(a.shape) < 1 or a.shape[2] < 2:
+        return f"a single axial slice (shape {a.shape}) has no z extent; a body part regressor needs a 3D CT"
+    finite = np.isfinite(a)
+    if not finite.all():
+        return "contains NaN or infinite values"
+    lo, hi = float(a.min()), float(a.max())
+    if hi - lo < 1e-6:
+        return f"constant image (all voxels {lo:g}); not a CT"
+    if lo >= 0.0 and hi <= 1.0:
+        return "all values lie in 0..1: this looks like a normalised image or a mask, not CT in Hounsfield units"
+    if hi - lo < 100.0:
+        return f"value range {lo:g}..{hi:g} is too narrow for CT in Hounsfield units"
+    return None

@@ -1,0 +1,150 @@
+"""Quality measures of body part regressors (used by tests and ``benchmarks/bench_bpr.py``).
+
+* slice: Spearman correlation between slice score and physical z per volume; the spread across
+  subjects of the score at organ landmarks (from label maps), as a percentage of the calibrated
+  score range (0..1 = the training set's 1st..99th percentile) and in mm;
+* ape: Pearson correlation between embedding distances and physical distances of body voxels per
+  volume, and the ratio of the two in mm;
+* both: mean disagreement (mm) for the same voxels seen in two overlapping patches.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .inference import ape_volume, slice_scores_volume
+from .models import BodyPartRegressor, coords_for_patches
+
+# BTCV ids: 2 right kidney, 3 left kidney, 6 liver
+LANDMARKS = {
+    "liver_centre": (6, "com"),
+    "right_kidney_centre": (2, "com"),
+    "left_kidney_centre": (3, "com"),
+    "liver_dome_top": (6, "top"),
+}
+
+
+def _unit(case, model: BodyPartRegressor) -> np.ndarray:
+    from ..data.preprocess import hu_to_unit
+
+    return hu_to_unit(case.image, tuple(model.preprocess.get("hu_window", (-1350.0, 1000.0))))
+
+
+def slice_z_mm(affine: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """World z (mm) of every axial slice (at the volume's in-plane centre)."""
+    a = np.asarray(affine, dtype=np.float64)
+    k = np.arange(shape[2])
+    idx = np.stack([np.full_like(k, (shape[0] - 1) / 2.0, dtype=np.float64),
+                    np.full_like(k, (shape[1] - 1) / 2.0, dtype=np.float64), k.astype(np.float64)])
+    return (a[:3, :3] @ idx + a[:3, 3:4])[2]
+
+
+def landmark_z(label: np.ndarray, affine: np.ndarray) -> dict[str, float]:
+    """World z (mm) of the landmarks present in a BTCV label map."""
+    out = {}
+    zmm = slice_z_mm(affine, label.shape)
+    for name, (lab, how) in LANDMARKS.items():
+        per_slice = (label == lab).sum(axis=(0, 1))
+        if per_slice.sum() < 5:
+            continue
+        ks = np.nonzero(per_slice)[0]
+        if how == "com":
+            k = float((per_slice * np.arange(len(per_slice))).sum() / per_slice.sum())
+        else:
+            k = float(ks.max())
+        out[name] = float(np.interp(k, np.arange(len(zmm)), zmm))
+    return out
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return 0.0
+    return float(spearmanr(a, b).statistic)
+
+
+def slice_quality(model: BodyPartRegressor, cases: list) -> dict[str, Any]:
+    per_case = []
+    marks: dict[str, list[float]] = {k: [] for k in LANDMARKS}
+    for c in cases:
+        s = slice_scores_volume(model, _unit(c, model))
+        z = slice_z_mm(c.meta.affine, c.image.shape)
+        rec = {"case_id": c.meta.case_id, "spearman": _spearman(s, z), "n_slices": int(len(s)),
+               "score_range": [float(s.min()), float(s.max())]}
+        if c.label is not None:
+            order = np.argsort(z)
+            for name, zl in landmark_z(c.label, c.meta.affine).items():
+                v = float(np.interp(zl, z[order], s[order]))
+                marks[name].append(v)
+                rec[name] = v
+        per_case.append(rec)
+    mm = model.mm_per_unit
+    lm = {}
+    for name, vals in marks.items():
+        if len(vals) >= 2:
+            sd = float(np.std(vals, ddof=1))
+            lm[name] = {"n": len(vals), "mean": float(np.mean(vals)), "std": sd, "std_pct_range": 100.0 * sd, "std_mm": sd * mm}
+    sp = [r["spearman"] for r in per_case]
+    return {"kind": "slice", "per_case": per_case, "spearman_mean": float(np.mean(sp)) if sp else float("nan"),
+            "spearman_min": float(np.min(sp)) if sp else float("nan"), "landmarks": lm, "mm_per_unit": mm}
+
+
+def ape_quality(model: BodyPartRegressor, cases: list, n_points: int = 600, seed: int = 0) -> dict[str, Any]:
+    from scipy.spatial.distance import pdist
+    from scipy.stats import pearsonr
+
+    rng = np.random.default_rng(seed)
+    per_case = []
+    for c in cases:
+        u = _unit(c, model)
+        m = ape_volume(model, u)
+        body = u > 0.36  # about -500 HU in the default window
+        idx = np.argwhere(body) if body.sum() >= 10 else np.argwhere(np.ones_like(body))
+        sel = idx[rng.choice(len(idx), size=min(n_points, len(idx)), replace=False)]
+        e = m[:, sel[:, 0], sel[:, 1], sel[:, 2]].T.astype(np.float64)
+        a = np.asarray(c.meta.affine, dtype=np.float64)
+        p = sel @ a[:3, :3].T + a[:3, 3]
+        de, dp = pdist(e) * model.mm_per_unit, pdist(p)
+        r = float(pearsonr(de, dp).statistic) if np.ptp(de) > 0 else 0.0
+        keep = dp > 20
+        ratio = float(np.median(de[keep] / dp[keep])) if keep.any() else float("nan")
+        per_case.append({"case_id": c.meta.case_id, "pearson": r, "mm_ratio": ratio})
+    pr = [r["pearson"] for r in per_case]
+    return {"kind": "ape", "per_case": per_case, "pearson_mean": float(np.mean(pr)) if pr else float("nan"),
+            "pearson_min": float(np.min(pr)) if pr else float("nan"), "mm_per_unit": model.mm_per_unit}
+
+
+def _crop(unit: np.ndarray, start: tuple[int, ...], size: tuple[int, ...]) -> np.ndarray:
+    out = np.zeros(size, dtype=np.float32)
+    src = tuple(slice(max(s, 0), min(s + n, d)) for s, n, d in zip(start, size, unit.shape))
+    dst = tuple(slice(sl.start - s, sl.stop - s) for sl, s in zip(src, start))
+    out[dst] = unit[src]
+    return out
+
+
+def patch_disagreement(model: BodyPartRegressor, cases: list, n_pairs: int = 4, seed: int = 0,
+                       size: tuple[int, int, int] | None = None) -> dict[str, float]:
+    """Mean absolute disagreement (mm) between two overlapping patches (shifted by a random
+    25-50% of the patch per axis) over their shared voxels; Euclidean over channels for ape."""
+    rng = np.random.default_rng(seed)
+    size = tuple(size or (model.patch_size if model.kind == "ape" else (model.patch_size[0], model.patch_size[1], 32)))
+    vals = []
+    for c in cases:
+        u = _unit(c, model)
+        for _ in range(n_pairs):
+            shift = [int(rng.integers(max(1, n // 4), max(2, n // 2 + 1))) * int(rng.choice([-1, 1])) for n in size]
+            a0 = [int(rng.integers(0, max(1, d - n + 1))) for d, n in zip(u.shape, size)]
+            b0 = [a + s for a, s in zip(a0, shift)]
+            pa = torch.from_numpy(_crop(u, tuple(a0), size))[None, None]
+            pb = torch.from_numpy(_crop(u, tuple(b0), size))[None, None]
+            ya, yb = coords_for_patches(model, torch.cat([pa, pb]))
+            # shared voxels: a-index i <-> b-index i - shift
+            sa = tuple(slice(max(0, s), n + min(0, s)) for s, n in zip(shift, size))
+            sb = tuple(slice(max(0, -s), n - max(0, s)) for s, n in zip(shift, size))
+            d = (ya[(slice(None),) + sa] - yb[(slice(None),) + sb]).pow(2).sum(0).sqrt()
+            vals.append(float(d.mean()) * model.mm_per_unit)
+    return {"mean_mm": float(np.mean(vals)), "max_pair_mm": float(np.max(vals)), "pairs": len(vals)}

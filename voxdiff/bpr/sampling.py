@@ -1,0 +1,166 @@
+"""Training views for the body part regressors: crops of a volume at a random zoom, with the
+physical position of every sampled point, and intensity augmentation. Pure tensor code, seeded.
+
+A crop is described per axis by ``start`` (source voxel index of its first voxel) and ``step``
+(source voxels per crop voxel), so crop voxel ``i`` lies at source index ``start + i * step`` and the
+world position follows from the volume's affine. Points outside the volume read 0 (the window
+minimum, i.e. air), like padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Volume:
+    """A preprocessed training volume in memory: intensities in [0, 1], RAS affine (mm)."""
+
+    image: torch.Tensor  # (1, 1, X, Y, Z) float32
+    affine: np.ndarray  # 4x4
+    case_id: str = ""
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(s) for s in self.image.shape[2:])  # type: ignore[return-value]
+
+
+def _norm(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """Source voxel index -> grid_sample coordinate (align_corners=True)."""
+    return 2.0 * idx / max(n - 1, 1) - 1.0
+
+
+def sample_axes(vol: Volume, axes: list[torch.Tensor]) -> torch.Tensor:
+    """Trilinear samples of the volume on the outer product of per-axis source indices -> (1,1,a,b,c)."""
+    nx, ny, nz = vol.shape
+    gx, gy, gz = torch.meshgrid(_norm(axes[0], nx), _norm(axes[1], ny), _norm(axes[2], nz), indexing="ij")
+    # grid_sample's last grid dim is (W, H, D) = (z, y, x) for an input (N, C, D=X, H=Y, W=Z)
+    grid = torch.stack([gz, gy, gx], -1)[None].float()
+    return F.grid_sample(vol.image, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+
+
+def sample_points(img: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Sample a map ``(1, C, X, Y, Z)`` at fractional voxel indices ``idx`` ``(N, 3)`` -> ``(N, C)``."""
+    n = img.shape[2:]
+    g = torch.stack([_norm(idx[:, 2], n[2]), _norm(idx[:, 1], n[1]), _norm(idx[:, 0], n[0])], -1)
+    out = F.grid_sample(img, g.view(1, -1, 1, 1, 3).to(img.dtype), mode="bilinear", padding_mode="border", align_corners=True)
+    return out.view(img.shape[1], -1).t()
+
+
+def world(affine: np.ndarray, idx: torch.Tensor) -> torch.Tensor:
+    """Source voxel indices (N, 3) -> world mm (N, 3)."""
+    a = torch.as_tensor(affine, dtype=torch.float64)
+    return (idx.double() @ a[:3, :3].t() + a[:3, 3]).float()
+
+
+def augment_intensity(x: torch.Tensor, rng: np.random.Generator, strength: float = 1.0) -> torch.Tensor:
+    """Random contrast, brightness, gamma and Gaussian noise on [0, 1] intensities (per sample)."""
+    if strength <= 0:
+        return x
+    c = 1.0 + strength * rng.uniform(-0.15, 0.15)
+    b = strength * rng.uniform(-0.04, 0.04)
+    gamma = float(np.exp(strength * rng.uniform(-0.2, 0.2)))
+    sigma = strength * rng.uniform(0.0, 0.02)
+    y = x.clamp(0, 1).pow(gamma)
+    y = (y - 0.5) * c + 0.5 + b
+    if sigma > 0:
+        g = torch.Generator().manual_seed(int(rng.integers(2**31)))
+        y = y + sigma * torch.randn(y.shape, generator=g)
+    return y.clamp_(0.0, 1.0)
+
+
+def _start(n: int, extent: float, rng: np.random.Generator, overhang: float = 0.1) -> float:
+    """A random start index so a crop covering ``extent`` source voxels lies mostly inside [0, n-1]."""
+    lo = min(0.0, (n - 1) - extent) - overhang * extent
+    hi = max(0.0, (n - 1) - extent) + overhang * extent
+    return float(rng.uniform(lo, hi))
+
+
+def _zoom(rng: np.random.Generator, zoom: float) -> float:
+    z = max(float(zoom), 1.0)
+    return float(np.exp(rng.uniform(-np.log(z), np.log(z))))
+
+
+# ---------------------------------------------------------------------------------------- slice
+
+def slice_views(
+    vol: Volume, size_xy: int, n_slices: int, rng: np.random.Generator, zoom: float = 1.25, aug: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two in-plane crops (different position/zoom/intensity) of the same K axial slices.
+
+    Returns ``view_a, view_b`` of shape ``(1, 1, size_xy, size_xy, K)`` and the slices' world z (K,)
+    in mm; slices are drawn at random heights (sorted).
+    """
+    nx, ny, nz = vol.shape
+    z_idx = np.sort(rng.uniform(0, nz - 1, size=n_slices))
+    az = torch.as_tensor(z_idx, dtype=torch.float32)
+    views = []
+    for _ in range(2):
+        axes = []
+        for n in (nx, ny):
+            step = _zoom(rng, zoom)
+            ext = (size_xy - 1) * step
+            axes.append(_start(n, ext, rng) + step * torch.arange(size_xy, dtype=torch.float32))
+        v = sample_axes(vol, axes + [az])
+        views.append(augment_intensity(v, rng, aug))
+    centre = torch.tensor([[(nx - 1) / 2, (ny - 1) / 2, float(k)] for k in z_idx])
+    z_mm = world(vol.affine, centre)[:, 2]
+    return views[0], views[1], z_mm
+
+
+# ------------------------------------------------------------------------------------------ ape
+
+@dataclass
+class APEViews:
+    view_a: torch.Tensor  # (1, 1, P, P, P)
+    view_b: torch.Tensor
+    pts_a: torch.Tensor  # (N, 3) fractional voxel indices in view a
+    pts_b: torch.Tensor  # (N, 3) in view b
+    pos_a: torch.Tensor  # (N, 3) world mm
+    pos_b: torch.Tensor
+    common_a: torch.Tensor  # (M, 3) the same physical points, in view a's and view b's voxel indices
+    common_b: torch.Tensor
+
+
+def ape_views(
+    vol: Volume, size: int, n_points: int, rng: np.random.Generator, zoom: float = 1.25, aug: float = 1.0,
+    max_shift: float = 0.5,
+) -> APEViews:
+    """Two overlapping crops of ``size``^3 at independent random zooms, shifted by up to
+    ``max_shift`` of the crop extent per axis, plus random points in each and in their overlap."""
+    shape = vol.shape
+    starts_a, steps_a, starts_b, steps_b = [], [], [], []
+    for n in shape:
+        sa, sb = _zoom(rng, zoom), _zoom(rng, zoom)
+        ea, eb = (size - 1) * sa, (size - 1) * sb
+        a0 = _start(n, ea, rng)
+        # b starts so that the two extents overlap by at least (1 - max_shift) of the smaller one
+        shift = rng.uniform(-max_shift, max_shift) * min(ea, eb)
+        b0 = a0 + (ea - eb) / 2 + shift
+        starts_a.append(a0); steps_a.append(sa); starts_b.append(b0); steps_b.append(sb)
+    ar = torch.arange(size, dtype=torch.float32)
+    va = sample_axes(vol, [s + d * ar for s, d in zip(starts_a, steps_a)])
+    vb = sample_axes(vol, [s + d * ar for s, d in zip(starts_b, steps_b)])
+    va, vb = augment_intensity(va, rng, aug), augment_intensity(vb, rng, aug)
+
+    t = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    pa = torch.rand(n_points, 3, generator=t) * (size - 1)
+    pb = torch.rand(n_points, 3, generator=t) * (size - 1)
+    sa_t, da_t = torch.tensor(starts_a), torch.tensor(steps_a)
+    sb_t, db_t = torch.tensor(starts_b), torch.tensor(steps_b)
+    src_a = sa_t + pa * da_t
+    src_b = sb_t + pb * db_t
+    # overlap box in source voxel indices
+    lo = torch.maximum(sa_t, sb_t)
+    hi = torch.minimum(sa_t + (size - 1) * da_t, sb_t + (size - 1) * db_t)
+    hi = torch.maximum(hi, lo)
+    src_c = lo + torch.rand(n_points, 3, generator=t) * (hi - lo)
+    return APEViews(
+        view_a=va, view_b=vb, pts_a=pa, pts_b=pb,
+        pos_a=world(vol.affine, src_a), pos_b=world(vol.affine, src_b),
+        common_a=(src_c - sa_t) / da_t, common_b=(src_c - sb_t) / db_t,
+    )

@@ -1,0 +1,379 @@
+"""Self-supervised training of the body part regressors on unlabelled CT.
+
+``train_bpr(cfg, out_dir)`` writes into ``out_dir``::
+
+    model.safetensors, model.json   # the calibrated, frozen-ready model (load_bpr(out_dir))
+    train_state.safetensors/.json   # weights + optimiser state for --resume (kind "train-state")
+    config.yaml                     # the resolved BPRTrainConfig
+    log.csv                         # step, lr, loss and its parts
+    metrics.json                    # final loss, calibration, timing
+
+Every step draws its randomness from ``numpy.random.default_rng([seed, step])``, so a resumed run
+draws the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..core.checkpoint import load_checkpoint, prefixed, save_checkpoint, unprefixed
+from ..core.config import to_dict, write_config
+from ..core.errors import InputError, ModelError, TrainingError
+from ..core.outputs import atomic_write, atomic_write_json, check_output_path
+from . import losses
+from .inference import ape_volume, ct_problem, slice_scores_volume
+from .models import BPR_KINDS, BodyPartRegressor, build_bpr, save_bpr
+from .sampling import Volume, ape_views, sample_points, slice_views
+
+
+@dataclass
+class BPRTrainConfig:
+    """Training of a body part regressor (self-supervised, no labels needed).
+
+    Args:
+        kind: "slice" (one score per axial slice) or "ape" (3 anatomical coordinates per voxel).
+        data: data folder (any layout voxdiff.data reads: nnU-Net, BTCV, a folder of CTs...).
+        extra_data: more data folders whose images are added to the training set.
+        cache_dir: where preprocessed volumes are cached (default: the data layer's default).
+        spacing: voxel spacing (mm) the model works at; coarse spacing keeps CPU training fast.
+        hu_window: HU window mapped to [0, 1] (stored in the model; predict/pretraining use it).
+        crop_to_body: crop volumes to the body before training.
+        channels: feature channels per level of the network.
+        steps: optimisation steps.
+        batch_size: volumes per step (each gives two augmented views).
+        lr: peak AdamW learning rate (warm-up then cosine decay).
+        weight_decay: AdamW weight decay.
+        slice_patch: in-plane crop size (voxels) for the slice model.
+        slices_per_sample: axial slices drawn per volume for the slice model.
+        ape_patch: cube crop size (voxels) for the ape model.
+        ape_points: voxels sampled per crop for the ape distance losses.
+        zoom: crops are resampled at a random zoom in [1/zoom, zoom] (scale augmentation).
+        intensity_aug: strength of contrast/brightness/gamma/noise augmentation (0 = off).
+        heuristic_b: slice loss: target score step per mm (one score unit per 1/b mm).
+        w_order: weight of the order (slice: Schuhegger heuristic) / displacement (ape) loss (null: 1).
+        w_distance: weight of the distance loss (slice: linearity in z; ape: pairwise distances)
+            (null: slice 0.1, ape 1).
+        w_consistency: weight of the same-voxel/same-slice agreement between the two views
+            (null: slice 0.05, ape 1).
+        calib_range_mm: ape: mm per calibrated unit (the training median maps to 0.5).
+        checkpoint_every: steps between train-state checkpoints.
+        seed: random seed (initialisation and sampling).
+        threads: torch CPU threads (0 = torch's default).
+    """
+
+    kind: str = "slice"
+    data: str = ""
+    extra_data: tuple[str, ...] = ()
+    cache_dir: str | None = None
+    spacing: tuple[float, float, float] = (3.0, 3.0, 3.0)
+    hu_window: tuple[float, float] = (-1350.0, 1000.0)
+    crop_to_body: bool = True
+    channels: tuple[int, ...] = (16, 32, 48, 64)
+    steps: int = 600
+    batch_size: int = 8
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    slice_patch: int = 48
+    slices_per_sample: int = 8
+    ape_patch: int = 40
+    ape_points: int = 256
+    zoom: float = 1.25
+    intensity_aug: float = 1.0
+    heuristic_b: float = 0.01
+    w_order: float | None = None
+    w_distance: float | None = None
+    w_consistency: float | None = None
+    calib_range_mm: float = 300.0
+    checkpoint_every: int = 100
+    seed: int = 0
+    threads: int = 0
+
+
+DEFAULT_WEIGHTS = {"slice": (1.0, 0.1, 0.05), "ape": (1.0, 1.0, 1.0)}
+
+
+def loss_weights(cfg: BPRTrainConfig) -> tuple[float, float, float]:
+    """(order/displacement, distance, consistency) weights with the kind's defaults filled in."""
+    d = DEFAULT_WEIGHTS.get(cfg.kind, (1.0, 1.0, 1.0))
+    got = (cfg.w_order, cfg.w_distance, cfg.w_consistency)
+    return tuple(float(g if g is not None else v) for g, v in zip(got, d))  # type: ignore[return-value]
+
+
+def _validate(cfg: BPRTrainConfig) -> None:
+    if cfg.kind not in BPR_KINDS:
+        raise InputError(None, f"--kind must be one of {list(BPR_KINDS)}, got {cfg.kind!r}")
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise InputError(None, "steps and batch_size must be >= 1")
+    if cfg.slices_per_sample < 3 and cfg.kind == "slice":
+        raise InputError(None, "slices_per_sample must be >= 3")
+    if min(cfg.slice_patch, cfg.ape_patch) < 8:
+        raise InputError(None, "slice_patch and ape_patch must be >= 8 voxels")
+    if cfg.heuristic_b <= 0 or any(s <= 0 for s in cfg.spacing):
+        raise InputError(None, "heuristic_b and spacing must be positive")
+
+
+def preprocess_config(cfg: BPRTrainConfig):
+    from ..data.preprocess import PreprocessConfig
+
+    return PreprocessConfig(spacing=tuple(cfg.spacing), hu_window=tuple(cfg.hu_window), crop_to_body=cfg.crop_to_body)
+
+
+def load_training_cases(cfg: BPRTrainConfig) -> list:
+    """Preprocessed cases of ``cfg.data`` and ``cfg.extra_data`` (through the data layer's cache)."""
+    from ..data.cache import load_preprocessed
+
+    pp = preprocess_config(cfg)
+    folders = [f for f in (cfg.data, *cfg.extra_data) if f]
+    if not folders:
+        raise InputError(None, "no training data: pass --data DIR")
+    cases = []
+    for f in folders:
+        if not Path(f).exists():
+            raise InputError(f, "data folder not found")
+        cases += load_preprocessed(f, pp, cache_dir=cfg.cache_dir)
+    return cases
+
+
+def cases_to_volumes(cases: list, hu_window, min_size: tuple[int, int, int] = (8, 8, 4), where: str | None = None) -> list[Volume]:
+    """Preprocessed cases (HU) -> in-memory volumes in [0, 1]; unusable ones are skipped with a warning."""
+    from ..data.preprocess import hu_to_unit
+
+    vols = []
+    for c in cases:
+        cid = getattr(c.meta, "case_id", "?")
+        problem = ct_problem(c.image)
+        if problem is None and any(s < m for s, m in zip(c.image.shape, min_size)):
+            problem = f"volume {tuple(c.image.shape)} is smaller than {min_size} voxels at the model spacing"
+        if problem:
+            warnings.warn(f"skipping case {cid}: {problem}", stacklevel=2)
+            continue
+        unit = torch.from_numpy(hu_to_unit(c.image, hu_window))[None, None].contiguous()
+        vols.append(Volume(unit, np.asarray(c.meta.affine, dtype=np.float64), cid))
+    if not vols:
+        raise InputError(where, "no usable CT volumes for training (see the warnings above)")
+    return vols
+
+
+# ------------------------------------------------------------------------------------------ steps
+
+def slice_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    idx = rng.integers(len(vols), size=cfg.batch_size)
+    va, vb, zs = [], [], []
+    for i in idx:
+        a, b, z = slice_views(vols[i], cfg.slice_patch, cfg.slices_per_sample, rng, cfg.zoom, cfg.intensity_aug)
+        va.append(a); vb.append(b); zs.append(z)
+    x = torch.cat(va + vb)
+    s = model.slice_scores_raw(x)
+    sa, sb = s[: len(idx)], s[len(idx):]
+    z = torch.stack(zs)
+    l_order = 0.5 * (losses.slice_heuristic_loss(sa, z, b=cfg.heuristic_b) + losses.slice_heuristic_loss(sb, z, b=cfg.heuristic_b))
+    l_dist = 0.5 * (losses.slice_distance_loss(sa, z) + losses.slice_distance_loss(sb, z))
+    l_cons = losses.consistency_loss(sa, sb)
+    wo, wd, wc = loss_weights(cfg)
+    loss = wo * l_order + wd * l_dist + wc * l_cons
+    return loss, {"order": l_order.item(), "distance": l_dist.item(), "consistency": l_cons.item()}
+
+
+def ape_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    idx = rng.integers(len(vols), size=cfg.batch_size)
+    views = [ape_views(vols[i], cfg.ape_patch, cfg.ape_points, rng, cfg.zoom, cfg.intensity_aug) for i in idx]
+    b = len(views)
+    out = model.raw(torch.cat([v.view_a for v in views] + [v.view_b for v in views]))
+    unit_mm = model.raw_unit_mm
+    emb, pos, ca, cb = [], [], [], []
+    for k, v in enumerate(views):
+        oa, ob = out[k:k + 1], out[b + k:b + k + 1]
+        emb.append(torch.cat([sample_points(oa, v.pts_a), sample_points(ob, v.pts_b)]))
+        pos.append(torch.cat([v.pos_a, v.pos_b]))
+        ca.append(sample_points(oa, v.common_a)); cb.append(sample_points(ob, v.common_b))
+    emb_t, pos_t = torch.stack(emb), torch.stack(pos)
+    l_disp = losses.ape_displacement_loss(emb_t, pos_t, unit_mm)
+    l_dist = losses.ape_distance_loss(emb_t, pos_t, unit_mm)
+    l_cons = losses.consistency_loss(torch.stack(ca), torch.stack(cb))
+    wo, wd, wc = loss_weights(cfg)
+    loss = wo * l_disp + wd * l_dist + wc * l_cons
+    return loss, {"displacement": l_disp.item(), "distance": l_dist.item(), "consistency": l_cons.item()}
+
+
+def _lr(cfg: BPRTrainConfig, step: int) -> float:
+    warm = max(1, int(0.05 * cfg.steps))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    t = (step - warm) / max(1, cfg.steps - warm)
+    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+# ------------------------------------------------------------------------------------ train state
+
+def _save_state(path: Path, model: BodyPartRegressor, opt: torch.optim.Optimizer, step: int, cfg: BPRTrainConfig) -> None:
+    tensors = prefixed(model.state_dict(), "model.")
+    for pid, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            tensors[f"opt.{pid}.{k}"] = torch.as_tensor(v).clone()
+    save_checkpoint(path, tensors, "train-state", cfg, meta={"step": step, "bpr_kind": model.kind})
+
+
+def _load_state(path: Path, model: BodyPartRegressor, opt: torch.optim.Optimizer, cfg: BPRTrainConfig) -> int:
+    tensors, info = load_checkpoint(path, kind="train-state")
+    old = info.get("config") or {}
+    for key in ("kind", "channels", "spacing", "hu_window", "slice_patch", "ape_patch"):
+        if key in old and to_dict(getattr(cfg, key)) != old[key]:
+            raise ModelError(path, f"cannot resume: {key} was {old[key]!r} in the interrupted run, now {to_dict(getattr(cfg, key))!r}")
+    try:
+        model.load_state_dict(unprefixed(tensors, "model."), strict=True)
+    except RuntimeError as e:
+        raise ModelError(path, f"cannot resume: weights do not match ({str(e).splitlines()[0]})") from None
+    sd = opt.state_dict()
+    state: dict[int, dict[str, Any]] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, pid, name = k.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    sd["state"] = state
+    opt.load_state_dict(sd)
+    return int((info.get("meta") or {}).get("step", 0))
+
+
+# ------------------------------------------------------------------------------------ calibration
+
+@torch.no_grad()
+def calibrate(model: BodyPartRegressor, vols: list[Volume], cfg: BPRTrainConfig, max_volumes: int = 24) -> dict[str, Any]:
+    """Fix the output scale/offset from the training volumes and store it in the model.
+
+    slice: pooled 1st/99th percentiles of the raw slice scores -> 0 / 1.
+    ape: per-channel median of the raw coordinates over body voxels -> 0.5, ``calib_range_mm`` mm per unit.
+    """
+    model.eval()
+    use = vols[:max_volumes]
+    if model.kind == "slice":
+        raw = np.concatenate([slice_scores_volume(model, v.image[0, 0], raw=True) for v in use])
+        p1, p99 = (float(v) for v in np.percentile(raw, [1, 99]))
+        span = p99 - p1
+        if not span > 1e-6:
+            warnings.warn("slice scores do not vary over the training data; calibration left at identity", stacklevel=2)
+            scale, offset = 1.0, 0.0
+        else:
+            scale, offset = 1.0 / span, -p1 / span
+        model.calib_scale.fill_(scale)
+        model.calib_offset.fill_(offset)
+        info = {"method": "percentiles", "raw_p1": p1, "raw_p99": p99, "scale": scale, "offset": offset,
+                "mm_per_unit": model.raw_unit_mm * abs(1.0 / scale), "volumes": len(use)}
+    else:
+        thr_maps = []
+        for v in use:
+            m = ape_volume(model, v.image[0, 0], raw=True)
+            body = (v.image[0, 0] > 0.36).numpy()
+            thr_maps.append(m[:, body] if body.any() else m.reshape(3, -1))
+        allv = np.concatenate(thr_maps, axis=1)
+        med = np.median(allv, axis=1)
+        scale = model.raw_unit_mm / float(cfg.calib_range_mm)
+        model.calib_scale.fill_(scale)
+        model.calib_offset.copy_(torch.as_tensor(0.5 - med * scale, dtype=model.calib_offset.dtype))
+        info = {"method": "median", "raw_median": med.tolist(), "scale": scale,
+                "offset": model.calib_offset.tolist(), "mm_per_unit": float(cfg.calib_range_mm), "volumes": len(use)}
+    model.calibration_info = info
+    return info
+
+
+# ------------------------------------------------------------------------------------------ train
+
+def train_bpr(
+    cfg: BPRTrainConfig,
+    out_dir: str | Path,
+    cases: list | None = None,
+    resume: bool = False,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Train a body part regressor; returns ``out_dir`` (a model folder for :func:`load_bpr`).
+
+    ``cases`` (preprocessed :class:`~voxdiff.data.types.Case` objects at ``cfg.spacing``) replaces
+    reading ``cfg.data``; otherwise the data folders go through the data layer's cache.
+    """
+    _validate(cfg)
+    out = Path(out_dir)
+    state_path = out / "train_state.safetensors"
+    resuming = resume and state_path.is_file() and (out / "train_state.json").is_file()
+    if resume and not resuming and out.exists() and any(out.iterdir()):
+        raise InputError(out, "--resume: no train_state checkpoint in this folder")
+    if not resuming:
+        check_output_path(out, force=force)
+    if cases is None:
+        cases = load_training_cases(cfg)
+    vols = cases_to_volumes(cases, cfg.hu_window, where=cfg.data or None)
+
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    pp = to_dict(preprocess_config(cfg))
+    patch = (cfg.slice_patch, cfg.slice_patch, cfg.slices_per_sample) if cfg.kind == "slice" else (cfg.ape_patch,) * 3
+    model = build_bpr(cfg.kind, {"channels": cfg.channels, "unit_mm": 1.0 / cfg.heuristic_b if cfg.kind == "slice" else 100.0,
+                                 "patch_size": patch}, preprocess=pp)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = 0
+    out.mkdir(parents=True, exist_ok=True)
+    if resuming:
+        start = _load_state(state_path, model, opt, cfg)
+    else:
+        for name in ("log.csv", "metrics.json", "model.safetensors", "model.json"):
+            (out / name).unlink(missing_ok=True)
+    write_config(out, cfg, extra={"cases": [v.case_id for v in vols]})
+
+    step_fn = slice_step if cfg.kind == "slice" else ape_step
+    from tqdm import tqdm
+
+    log_lines: list[str] = []
+    t0 = time.time()
+    model.train()
+    last: dict[str, float] = {}
+    bar = tqdm(range(start, cfg.steps), desc=f"bpr {cfg.kind}", disable=not progress or None, initial=start, total=cfg.steps)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = _lr(cfg, step)
+        rng = np.random.default_rng([cfg.seed, step])
+        loss, parts = step_fn(model, vols, cfg, rng)
+        if not torch.isfinite(loss):
+            raise TrainingError(f"loss became {float(loss)} at step {step}; the last checkpoint in {out} is kept")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+        last = {"loss": float(loss), **parts}
+        log_lines.append(",".join([str(step), f"{_lr(cfg, step):.6g}"] + [f"{last[k]:.6g}" for k in last]))
+        bar.set_postfix(loss=f"{float(loss):.4f}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            _append_log(out / "log.csv", log_lines, ["step", "lr"] + list(last))
+            log_lines = []
+            _save_state(state_path, model, opt, step + 1, cfg)
+    if log_lines:
+        _append_log(out / "log.csv", log_lines, ["step", "lr"] + list(last))
+    train_s = time.time() - t0
+
+    calib = calibrate(model, vols, cfg)
+    save_bpr(out, model, meta={"steps": cfg.steps, "cases": [v.case_id for v in vols], "final": last})
+    atomic_write_json(out / "metrics.json", {"final": last, "calibration": calib, "train_seconds": train_s,
+                                             "steps": cfg.steps, "resumed_from": start, "n_volumes": len(vols)})
+    return out
+
+
+def _append_log(path: Path, lines: list[str], header: list[str]) -> None:
+    prev = path.read_text() if path.is_file() else ",".join(header) + "\n"
+    atomic_write(path, prev + "".join(l + "\n" for l in lines))
+
+
+def read_log(path: str | Path) -> list[dict[str, float]]:
+    rows = Path(path).read_text().strip().splitlines()
+    head = rows[0].split(",")
+    return [dict(zip(head, map(float, r.split(",")))) for r in rows[1:]]
+
+
+__all__ = ["BPRTrainConfig", "train_bpr", "calibrate", "load_training_cases", "cases_to_volumes", "read_log"]
