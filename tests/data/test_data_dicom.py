@@ -123,3 +123,22 @@ def test_feet_first_descending_positions(tmp_path):
     np.testing.assert_array_equal(arr, vol)
     assert aff[2, 2] == pytest.approx(2.0)
     assert aff[2, 3] == pytest.approx(100 - 2.0 * 3)
+
+
+def test_files_without_preamble_or_extension(tmp_path):
+    import pydicom
+
+    vol = _volume((6, 5, 4))
+    paths = write_dicom_series(tmp_path / "s", vol, names=lambda k: f"IM{int(k):04d}", shuffle_seed=4)
+    for p in paths:  # rewrite as old-style files: no preamble, no file meta
+        ds = pydicom.dcmread(p)
+        ds.preamble = None
+        del ds.file_meta
+        pydicom.dcmwrite(p, ds, enforce_file_format=False, implicit_vr=True, little_endian=True)
+        assert p.read_bytes()[128:132] != b"DICM"
+    (tmp_path / "s" / "notes").write_text("scanner notes, not DICOM")
+    from voxdiff.data.io import is_dicom_dir
+
+    assert is_dicom_dir(tmp_path / "s")
+    arr, _ = load_image(tmp_path / "s")
+    np.testing.assert_array_equal(arr, vol)

@@ -225,16 +225,50 @@ def _looks_like_dicom(path: Path) -> bool:
     return len(head) >= 132 and head[128:132] == b"DICM" or path.suffix.lower() in (".dcm", ".ima")
 
 
+def _read_raw_dicom(path: Path, stop_before_pixels: bool = False):
+    """pydicom dataset of ``path``; also old files without the 128-byte preamble ("DICM") when they
+    parse to an image. None when the file is not DICOM."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return pydicom.dcmread(str(path), force=False, stop_before_pixels=stop_before_pixels)
+    except InvalidDicomError:
+        pass
+    if is_nifti(path) or path.suffix.lower() in (".txt", ".json", ".md", ".png", ".jpg", ".xml", ".csv"):
+        return None
+    try:
+        ds = pydicom.dcmread(str(path), force=True, stop_before_pixels=stop_before_pixels)
+    except Exception:
+        return None
+    if not ("Rows" in ds and "Columns" in ds):
+        return None
+    meta = getattr(ds, "file_meta", None)
+    if meta is None or "TransferSyntaxUID" not in meta:
+        # no file meta: tell the pixel decoder the encoding the file was read with
+        from pydicom.dataset import FileMetaDataset
+        from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+        implicit, little = getattr(ds, "original_encoding", (True, True))
+        fm = meta if meta is not None else FileMetaDataset()
+        fm.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+        )
+        ds.file_meta = fm
+    return ds
+
+
 def is_dicom_dir(path: str | os.PathLike) -> bool:
-    """A folder that directly holds at least one DICOM file (checked by preamble or extension)."""
+    """A folder that directly holds at least one DICOM file (preamble, extension, or a file that
+    parses as a DICOM image)."""
     p = Path(path)
     if not p.is_dir():
         return False
-    for f in sorted(p.iterdir()):
-        if f.is_file() and f.name.lower() not in _NON_DICOM and not f.name.startswith("."):
-            if _looks_like_dicom(f):
-                return True
-    return False
+    files = [f for f in sorted(p.iterdir())
+             if f.is_file() and f.name.lower() not in _NON_DICOM and not f.name.startswith(".")]
+    if any(_looks_like_dicom(f) for f in files):
+        return True
+    return any(_read_raw_dicom(f, stop_before_pixels=True) is not None for f in files[:3] if not is_nifti(f))
 
 
 def _number_in_name(name: str) -> int | None:
@@ -278,9 +312,11 @@ def load_dicom_series(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, 
         try:
             ds = pydicom.dcmread(str(f), force=False)
         except InvalidDicomError:
-            if f.suffix.lower() in (".dcm", ".ima"):
-                raise InputError(f, "unreadable DICOM file") from None
-            continue  # not a DICOM file: ignore (notes, thumbnails)
+            ds = _read_raw_dicom(f)  # a DICOM file without preamble?
+            if ds is None:
+                if f.suffix.lower() in (".dcm", ".ima"):
+                    raise InputError(f, "unreadable DICOM file") from None
+                continue  # not a DICOM file: ignore (notes, thumbnails)
         except Exception as e:
             raise InputError(f, f"unreadable or truncated DICOM file ({_short(e)})") from None
         if "PixelData" not in ds:
