@@ -208,13 +208,14 @@ def resample_to_grid(
     out_shape,
     out_affine: np.ndarray,
     order: int = 1,
-    fill: float = 0.0,
+    fill: float | None = 0.0,
 ) -> np.ndarray:
     """Resample ``array`` (last three axes on ``affine``) onto the grid ``(out_shape, out_affine)``.
 
     When the grids are related by axis permutations, flips, scaling and shifts (always true between
     a file and its RAS/resampled/cropped versions) this is separable and fast; otherwise it falls
-    back to ``scipy.ndimage.map_coordinates``. Voxels outside the source grid get ``fill``.
+    back to ``scipy.ndimage.map_coordinates``. Voxels outside the source grid get ``fill`` (None:
+    the nearest edge value).
     """
     out_shape = tuple(int(s) for s in out_shape)
     m = _grid_map(affine, out_affine)
@@ -234,7 +235,9 @@ def resample_to_grid(
     src_idx = a @ grid + m[:3, 3:4]
     flat = array.reshape((-1,) + array.shape[-3:])
     res = [
-        ndimage.map_coordinates(v, src_idx, order=order, mode="constant", cval=fill).reshape(out_shape)
+        ndimage.map_coordinates(
+            v, src_idx, order=order, mode="nearest" if fill is None else "constant", cval=0.0 if fill is None else fill
+        ).reshape(out_shape)
         for v in flat
     ]
     return np.stack(res).reshape(array.shape[:-3] + out_shape).astype(
