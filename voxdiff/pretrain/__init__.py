@@ -1,0 +1,10 @@
+"""Self-supervised pretraining of a 3D backbone: diffusion (with/without BPR) and baselines.
+
+Public API::
+
+    from voxdiff.pretrain import Backbone, LevelInfo, PretrainConfig, pretrain, load_pretrained
+"""
+
+from .backbone import Backbone, LevelInfo  # noqa: F401
+from .load import FeatureExtractor, load_backbone, load_pretrained  # noqa: F401
+from .train import PretrainConfig, pretrain  # noqa: F401

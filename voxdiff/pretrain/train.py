@@ -56,43 +56,44 @@ BACKBONE_FORMAT_VERSION = 1
 class PretrainConfig:
     """Pretraining of a backbone by one method.
 
-    method: diffusion | restorative | contrastive | random.
-    data: data folders (any layout voxdiff.data reads; labels are not used).
-    data_kind: data set layout (auto, btcv, nnunet, flare, amos, folder).
-    cache_dir: preprocessing cache folder (optional).
-    preprocess: how volumes are brought to the training grid (saved with the model).
-    patch_size: training patch size in voxels (multiple of 2**(num_levels-1)).
-    batch_size: patches per step and per process.
-    steps: optimiser steps.
-    lr: peak learning rate (AdamW).
-    warmup_steps: linear warm-up steps; then cosine decay to min_lr_ratio * lr.
-    min_lr_ratio: final learning rate as a fraction of lr.
-    weight_decay: AdamW weight decay (conv/linear weights only).
-    grad_clip: max gradient norm (0 = off).
-    ema_decay: EMA decay of the backbone weights saved as the final model.
-    bf16: bf16 autocast (about 2x faster on CPUs with native bf16, same loss curve).
-    seed: seed of weights, patches and noise.
-    checkpoint_every: steps between train-state checkpoints (the last step is always saved).
-    keep_checkpoints: how many train-state checkpoints to keep.
-    log_every: steps between metric lines.
-    probe_every: steps between online probes (0 = off; needs probe_data).
-    probe_data: labelled data folder for the online probe.
-    probe_cases: number of labelled cases used by the online probe.
-    tensorboard: also write tensorboard logs (if tensorboard is installed).
-    device: auto | cpu | cuda.
-    base_channels: backbone width of the finest level.
-    num_levels: backbone resolutions (pyramid levels).
-    blocks_per_level: residual blocks per level (encoder and decoder).
-    norm_groups: maximum GroupNorm groups.
-    condition: diffusion: none | slice | ape.
-    bpr_path: diffusion: body part regressor folder (condition slice/ape).
-    bpr_sincos: diffusion: sin/cos frequencies appended to the BPR coordinates.
-    diffusion_steps: diffusion: number of diffusion steps T.
-    beta_schedule: diffusion: linear | cosine.
-    prediction: diffusion: epsilon | v | sample.
-    feature_timesteps: diffusion: timestep(s) of the frozen features.
-    noise_seed: diffusion: seed of the fixed feature noise.
-    task_options: other method options as a dict (e.g. {"temperature": 0.1} for contrastive).
+    Args:
+        method: diffusion | restorative | contrastive | random.
+        data: data folders (any layout voxdiff.data reads; labels are not used).
+        data_kind: data set layout (auto, btcv, nnunet, flare, amos, folder).
+        cache_dir: preprocessing cache folder (optional).
+        preprocess: how volumes are brought to the training grid (saved with the model).
+        patch_size: training patch size in voxels (multiple of 2**(num_levels-1)).
+        batch_size: patches per step and per process.
+        steps: optimiser steps.
+        lr: peak learning rate (AdamW).
+        warmup_steps: linear warm-up steps; then cosine decay to min_lr_ratio * lr.
+        min_lr_ratio: final learning rate as a fraction of lr.
+        weight_decay: AdamW weight decay (conv/linear weights only).
+        grad_clip: max gradient norm (0 = off).
+        ema_decay: EMA decay of the backbone weights saved as the final model.
+        bf16: bf16 autocast (about 2x faster on CPUs with native bf16, same loss curve).
+        seed: seed of weights, patches and noise.
+        checkpoint_every: steps between train-state checkpoints (the last step is always saved).
+        keep_checkpoints: how many train-state checkpoints to keep.
+        log_every: steps between metric lines.
+        probe_every: steps between online probes (0 = off; needs probe_data).
+        probe_data: labelled data folder for the online probe.
+        probe_cases: number of labelled cases used by the online probe.
+        tensorboard: also write tensorboard logs (if tensorboard is installed).
+        device: auto | cpu | cuda.
+        base_channels: backbone width of the finest level.
+        num_levels: backbone resolutions (pyramid levels).
+        blocks_per_level: residual blocks per level (encoder and decoder).
+        norm_groups: maximum GroupNorm groups.
+        condition: diffusion: none | slice | ape.
+        bpr_path: diffusion: body part regressor folder (condition slice/ape).
+        bpr_sincos: diffusion: sin/cos frequencies appended to the BPR coordinates.
+        diffusion_steps: diffusion: number of diffusion steps T.
+        beta_schedule: diffusion: linear | cosine.
+        prediction: diffusion: epsilon | v | sample.
+        feature_timesteps: diffusion: timestep(s) of the frozen features.
+        noise_seed: diffusion: seed of the fixed feature noise.
+        task_options: other method options as a dict (e.g. {"temperature": 0.1} for contrastive).
     """
 
     method: str = "diffusion"

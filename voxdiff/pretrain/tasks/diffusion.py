@@ -41,14 +41,15 @@ CONDITIONS = ("none", "slice", "ape")
 class DiffusionConfig:
     """Options of the diffusion task.
 
-    condition: none | slice | ape (BPR concatenated to x_t).
-    bpr_path: body part regressor folder (required unless condition is none).
-    bpr_sincos: sin/cos frequencies appended to the BPR coordinates (0 = raw coordinates).
-    diffusion_steps: number of diffusion steps T.
-    beta_schedule: linear | cosine.
-    prediction: epsilon | v | sample (training target).
-    feature_timesteps: timestep(s) t at which frozen features are taken (several: concatenated).
-    noise_seed: seed of the fixed feature noise.
+    Args:
+        condition: none | slice | ape (BPR concatenated to x_t).
+        bpr_path: body part regressor folder (required unless condition is none).
+        bpr_sincos: sin/cos frequencies appended to the BPR coordinates (0 = raw coordinates).
+        diffusion_steps: number of diffusion steps T.
+        beta_schedule: linear | cosine.
+        prediction: epsilon | v | sample (training target).
+        feature_timesteps: timestep(s) t at which frozen features are taken (several: concatenated).
+        noise_seed: seed of the fixed feature noise.
     """
 
     condition: str = "none"
