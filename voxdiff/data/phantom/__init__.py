@@ -1,0 +1,14 @@
+"""Synthetic abdominal CT phantoms: the embedded default data set of voxdiff.
+
+* :func:`generate_phantom` (seed, :class:`PhantomConfig`) -> :class:`~voxdiff.data.types.Case`
+* :func:`make_phantom_dataset` writes an nnU-Net folder (+ ``unlabelled/``)
+* :func:`preview_png` draws axial/coronal/sagittal views with a label overlay
+
+See docs/PHANTOMS.md for the anatomy, the sources of variation and the organ volume ranges.
+"""
+
+from .dataset import case_plan, case_seed, make_phantom_dataset
+from .generator import PHASES, Z_MODES, PhantomConfig, generate_phantom
+from .preview import preview_png
+
+__all__ = ["PHASES", "Z_MODES", "PhantomConfig", "case_plan", "case_seed", "generate_phantom", "make_phantom_dataset", "preview_png"]

@@ -1,0 +1,50 @@
+"""``voxdiff phantom OUT``: write a synthetic CT data set (nnU-Net layout + unlabelled images)."""
+
+from __future__ import annotations
+
+from voxdiff.core.cli import CommandGroup, add_config
+from voxdiff.core.config import from_namespace
+
+from .generator import PhantomConfig
+
+
+def register(root: CommandGroup) -> None:
+    p = root.command(
+        "phantom",
+        run_phantom,
+        help="Generate synthetic abdominal CT phantoms with 13-organ BTCV labels (nnU-Net layout)",
+        description=(
+            "Generate synthetic abdominal CT phantoms: OUT/imagesTr + labelsTr (training), imagesTs + labelsTs "
+            "(held-out test), unlabelled/ (images for pretraining), dataset.json, phantoms.json (subject "
+            "parameters, landmarks), config.yaml and, with --preview, preview.png."
+        ),
+    )
+    p.add_argument("out", type=str, help="output folder (refused when it exists and is not empty, unless --force)")
+    p.add_argument("--n-train", "--n_train", dest="n_train", type=int, default=10, help="labelled training cases")
+    p.add_argument("--n-test", "--n_test", dest="n_test", type=int, default=5, help="labelled held-out test cases")
+    p.add_argument("--n-unlabelled", "--n_unlabelled", dest="n_unlabelled", type=int, default=20, help="unlabelled cases (pretraining)")
+    p.add_argument("--seed", type=int, default=0, help="data set seed (case seeds are derived from it)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--preview", action="store_true", help="also write OUT/preview.png (3 views + labels)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config(p, PhantomConfig)
+
+
+def run_phantom(ns) -> None:
+    from .dataset import make_phantom_dataset
+
+    cfg = from_namespace(PhantomConfig, ns)
+    out = make_phantom_dataset(
+        ns.out,
+        n_train=ns.n_train,
+        n_test=ns.n_test,
+        n_unlabelled=ns.n_unlabelled,
+        seed=ns.seed,
+        cfg=cfg,
+        force=bool(ns.force),
+        workers=ns.workers,
+        preview=bool(ns.preview),
+        progress=not ns.quiet,
+    )
+    print(f"wrote {ns.n_train} training, {ns.n_test} test and {ns.n_unlabelled} unlabelled phantoms to {out}")
