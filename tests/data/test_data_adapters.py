@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import affine_for, synthetic_ct, write_dicom_series, write_nifti
+from data_helpers import affine_for, synthetic_ct, write_dicom_series, write_nifti
 
 from voxdiff.core.errors import InputError
 from voxdiff.data.adapters import open_dataset

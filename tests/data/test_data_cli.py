@@ -9,7 +9,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import affine_for, patch_pixdim, synthetic_ct, write_dicom_series, write_nifti
+from data_helpers import affine_for, patch_pixdim, synthetic_ct, write_dicom_series, write_nifti
 
 from voxdiff.cli import main
 

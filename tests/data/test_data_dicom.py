@@ -6,7 +6,7 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import write_dicom_series
+from data_helpers import write_dicom_series
 
 from voxdiff.core.errors import InputError
 from voxdiff.data.io import load_dicom_series, load_image

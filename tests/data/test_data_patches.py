@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from conftest import affine_for
+from data_helpers import affine_for
 
 from voxdiff.data.patches import class_locations, sample_batch, sample_patch
 from voxdiff.data.preprocess import hu_to_unit

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import affine_for, synthetic_ct
+from data_helpers import affine_for, synthetic_ct
 
 from voxdiff.data.preprocess import (
     PreprocessConfig,
