@@ -168,3 +168,14 @@ def test_unknown_kind_and_split(tmp_path):
         open_dataset(tmp_path, split="nope")
     with pytest.raises(InputError, match="dataset.json"):
         open_dataset(tmp_path, kind="nnunet")
+
+
+def test_folder_skips_label_dirs_and_imagesTr_needs_dataset_json(tmp_path):
+    img, lab = _pair()
+    write_nifti(tmp_path / "u" / "scans" / "a.nii.gz", img, AFF)
+    write_nifti(tmp_path / "u" / "labels" / "a.nii.gz", lab, AFF)
+    ds = open_dataset(tmp_path / "u")
+    assert ds.case_ids == ["scans_a"]
+    write_nifti(tmp_path / "n" / "imagesTr" / "x_0000.nii.gz", img, AFF)
+    with pytest.raises(InputError, match="dataset.json"):
+        open_dataset(tmp_path / "n")

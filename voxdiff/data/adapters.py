@@ -11,7 +11,8 @@ Layouts (``kind``):
 * ``nnunet`` any nnU-Net v1/v2 or MSD folder with ``dataset.json``; label names are matched to BTCV
   names (unmatched organs -> background); when no name matches, ids are taken as given.
 * ``folder`` unlabelled CTs: NIfTI files and/or DICOM series folders anywhere below the folder (or a
-  single file / DICOM folder).
+  single file / DICOM folder); sub-folders named like label folders (``labels``, ``labelsTr``, ...)
+  are skipped.
 
 ``open_dataset(path, kind="auto")`` detects the layout. Label values outside the source schema are an
 :class:`InputError` naming the label file.
@@ -329,6 +330,9 @@ def open_amos(root: Path, split: str = "all") -> Dataset:
     return Dataset(root, "amos", refs, dict(L.AMOS_TO_BTCV), {}, name="AMOS")
 
 
+_LABEL_DIRS = {"label", "labels", "labelstr", "labelsts", "labelsva", "segmentations"}
+
+
 def open_folder(root: Path) -> Dataset:
     """Unlabelled CTs: a single file / DICOM folder, or everything below a folder."""
     if root.is_file() or is_dicom_dir(root):
@@ -337,7 +341,8 @@ def open_folder(root: Path) -> Dataset:
     refs = []
     used: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        # label folders of the usual layouts hold label maps, not CTs
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d.lower() not in _LABEL_DIRS)
         d = Path(dirpath)
         cands = [d / f for f in sorted(filenames) if is_nifti(f) and not f.startswith(".")]
         if d != root and is_dicom_dir(d):
@@ -373,8 +378,10 @@ def detect_kind(root: Path) -> str:
         if "flare" in root.name.lower() or any("flare" in f.name.lower() for f in _nii_files(root / "images")[:5]):
             return "flare"
         raise InputError(root, "images/ + labels/ folder without dataset.json: say which label ids it uses with --kind flare|amos|nnunet")
-    if (root / "imagesTr").is_dir() and any(f.name.lower().startswith("amos") for f in _nii_files(root / "imagesTr")[:5]):
-        return "amos"
+    if (root / "imagesTr").is_dir():
+        if any(f.name.lower().startswith("amos") for f in _nii_files(root / "imagesTr")[:5]):
+            return "amos"
+        raise InputError(root, "imagesTr/ folder without dataset.json: add one (labels by name) or give --kind flare|amos")
     return "folder"
 
 
