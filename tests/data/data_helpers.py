@@ -97,7 +97,6 @@ def write_dicom_series(
     "missing" (no ImagePositionPatient). names: callable k -> file name (default random-ish names
     so that file order says nothing). Returns the list of paths.
     """
-    import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import json
 
-import nibabel as nib
 import numpy as np
 import pytest
 from data_helpers import affine_for, patch_pixdim, synthetic_ct, write_dicom_series, write_nifti

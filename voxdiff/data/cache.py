@@ -21,7 +21,6 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence

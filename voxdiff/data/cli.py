@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 
 from voxdiff.core.cli import CommandGroup, add_config
-from voxdiff.core.config import from_namespace, to_dict, write_config
+from voxdiff.core.config import from_namespace, write_config
 from voxdiff.core.errors import InputError
 from voxdiff.core.outputs import atomic_write_json, check_output_path
 
