@@ -1,0 +1,175 @@
+"""Sliding-window feature extraction: alignment, equality with patch passes, levels, memory."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from voxdiff.data.preprocess import PreprocessConfig
+from voxdiff.features import estimate_memory, extract_volume, features_at, plan_windows
+from voxdiff.pretrain.backbone import Backbone, LevelInfo
+from voxdiff.pretrain.diffusion import index_grid, positional_noise
+from voxdiff.pretrain.load import FeatureExtractor
+from voxdiff.pretrain.tasks.base import get_task_class
+
+
+class PointwisePyramid:
+    """A stand-in extractor without window effects: level s = average pool (s) of the image plus
+    position-dependent noise, scaled per channel. Sliding windows must reproduce it exactly."""
+
+    def __init__(self, strides=(1, 2, 4), channels=(2, 3, 4)):
+        self.levels = [LevelInfo(f"level{i}", c, s) for i, (c, s) in enumerate(zip(channels, strides))]
+        self.divisor = max(strides)
+        self.calls = 0
+
+    def __call__(self, x, voxel_index=None, coords=None):
+        self.calls += 1
+        assert voxel_index is not None, "extract_volume must pass the voxel index"
+        y = x + 0.1 * positional_noise(voxel_index, seed=3)
+        out = []
+        for lv in self.levels:
+            p = F.avg_pool3d(y, lv.stride) if lv.stride > 1 else y
+            scale = torch.arange(1, lv.channels + 1, dtype=x.dtype).view(1, -1, 1, 1, 1)
+            out.append(p * scale)
+        return out
+
+
+def whole_pass(ex, vol, divisor):
+    """One pass over the volume padded at its end to a multiple of ``divisor``; cropped like extract_volume."""
+    shape = vol.shape[2:]
+    pad = [(-n) % divisor for n in shape]
+    xp = F.pad(vol, (0, pad[2], 0, pad[1], 0, pad[0]))
+    pyr = ex(xp, voxel_index=index_grid(tuple(xp.shape[2:])))
+    out = []
+    for f, lv in zip(pyr, ex.levels):
+        s = lv.stride
+        out.append(f[:, :, : -(-shape[0] // s), : -(-shape[1] // s), : -(-shape[2] // s)])
+    return out
+
+
+def test_plan_windows_aligns_everything_to_the_divisor():
+    padded, win, step = plan_windows((37, 30, 21), (16, 16, 8), 0.5, 4)
+    assert padded == (40, 32, 24) and win == (16, 16, 8) and step == (8, 8, 4)
+    padded, win, step = plan_windows((10, 64, 20), (96, 96, 64), 0.5, 8)
+    assert padded == (16, 64, 24) and win == (16, 64, 24)  # window shrinks to the (padded) volume
+    _, win, step = plan_windows((200, 200, 200), (90, 90, 60), 0.3, 16)
+    assert win == (96, 96, 64) and all(s % 16 == 0 and 0 < s <= w for s, w in zip(step, win))
+    with pytest.raises(ValueError):
+        plan_windows((10, 10, 10), (8, 8, 8), 1.0, 2)
+
+
+@pytest.mark.parametrize("mode", ["gaussian", "constant"])
+def test_sliding_window_is_exact_for_a_window_independent_extractor(mode):
+    g = torch.Generator().manual_seed(0)
+    vol = torch.rand(1, 1, 37, 30, 21, generator=g)
+    ex = PointwisePyramid()
+    got = extract_volume(ex, vol, roi=(16, 16, 8), overlap=0.5, out_dtype=torch.float32, progress=False,
+                         mode=mode, sw_batch_size=3)
+    assert ex.calls > 1
+    ref = whole_pass(ex, vol, 4)
+    assert [tuple(f.shape) for f in got] == [(1, 2, 37, 30, 21), (1, 3, 19, 15, 11), (1, 4, 10, 8, 6)]
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_levels_upsample_dtype_and_numpy_input():
+    vol = np.random.default_rng(1).random((20, 18, 12)).astype(np.float32)
+    ex = PointwisePyramid()
+    f16 = extract_volume(ex, vol, roi=(16, 16, 8), overlap=0.25, levels=[2, 0], progress=False)
+    assert [f.dtype for f in f16] == [torch.float16, torch.float16]
+    assert [tuple(f.shape) for f in f16] == [(1, 4, 5, 5, 3), (1, 2, 20, 18, 12)]
+    up = extract_volume(ex, vol, roi=(16, 16, 8), overlap=0.25, levels=[2], upsample=True, progress=False,
+                        out_dtype=torch.float32)[0]
+    assert up.shape == (1, 4, 20, 18, 12)
+    coarse = extract_volume(ex, vol, roi=(16, 16, 8), overlap=0.25, levels=[2], progress=False,
+                            out_dtype=torch.float32)[0]
+    # upsampled voxel v equals coarse voxel v // 4; features_at reads the same without upsampling
+    torch.testing.assert_close(up[0, :, 13, 2, 11], coarse[0, :, 3, 0, 2])
+    vox = torch.tensor([[13, 2, 11], [0, 17, 5]])
+    torch.testing.assert_close(features_at([coarse], [4], vox), up[0][:, vox[:, 0], vox[:, 1], vox[:, 2]].t())
+    with pytest.raises(ValueError, match="level 3"):
+        extract_volume(ex, vol, roi=(16, 16, 8), levels=[3], progress=False)
+
+
+def _extractor(method: str, base=4, num_levels=3):
+    torch.manual_seed(0)
+    cfg = {"condition": "none", "diffusion_steps": 100, "feature_timesteps": [10, 30]} if method == "diffusion" else {}
+    task = get_task_class(method)(cfg)
+    bb = Backbone(task.in_channels, task.out_channels, base_channels=base, num_levels=num_levels,
+                  time_embedding=task.uses_timestep)
+    task.setup(bb)
+    with torch.no_grad():  # non-trivial GroupNorm affine and time MLP
+        for p in bb.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return FeatureExtractor(bb, task, PreprocessConfig(), method, {})
+
+
+@pytest.mark.parametrize("method", ["random", "diffusion"])
+def test_sliding_features_equal_patch_features(method):
+    """Windows that tile the volume (overlap 0): each region's features are those of a single pass
+    over that patch, with the diffusion noise of the patch's absolute position."""
+    ex = _extractor(method)
+    vol = torch.rand(1, 1, 32, 16, 32, generator=torch.Generator().manual_seed(1))
+    got = extract_volume(ex, vol, roi=(16, 16, 16), overlap=0.0, mode="constant", out_dtype=torch.float32,
+                         progress=False)
+    for ox in (0, 16):
+        for oz in (0, 16):
+            patch = vol[:, :, ox:ox + 16, :, oz:oz + 16]
+            ref = ex(patch, voxel_index=index_grid((16, 16, 16), (ox, 0, oz)))
+            for f, r, lv in zip(got, ref, ex.levels):
+                s = lv.stride
+                torch.testing.assert_close(f[:, :, ox // s:(ox + 16) // s, :, oz // s:(oz + 16) // s], r,
+                                           rtol=1e-4, atol=1e-4)
+    if method == "diffusion":
+        # the fixed noise really depends on the position: the patch pass with the wrong origin differs
+        wrong = ex(vol[:, :, 16:, :, :16])
+        assert not torch.allclose(got[0][:, :, 16:, :, :16], wrong[0], atol=1e-3)
+        assert got[0].shape[1] == 2 * 4  # two timesteps concatenated
+
+
+def test_overlapping_windows_blend_patch_features():
+    """With overlap, every voxel is the mean (constant blending) of the patch passes covering it."""
+    ex = _extractor("random")
+    vol = torch.rand(1, 1, 24, 16, 24, generator=torch.Generator().manual_seed(2))
+    got = extract_volume(ex, vol, roi=(16, 16, 16), overlap=0.5, mode="constant", out_dtype=torch.float32,
+                         progress=False)
+    acc = [torch.zeros_like(f) for f in got]
+    cnt = [torch.zeros(1, 1, *f.shape[2:]) for f in got]
+    for ox in (0, 8):
+        for oz in (0, 8):
+            ref = ex(vol[:, :, ox:ox + 16, :, oz:oz + 16])
+            for k, (r, lv) in enumerate(zip(ref, ex.levels)):
+                s = lv.stride
+                sl = (slice(None), slice(None), slice(ox // s, (ox + 16) // s), slice(None), slice(oz // s, (oz + 16) // s))
+                acc[k][sl] += r
+                cnt[k][sl] += 1
+    for f, a, c in zip(got, acc, cnt):
+        torch.testing.assert_close(f, a / c, rtol=1e-4, atol=1e-4)
+    # the interior of the volume, covered by all four windows, is not simply the first window's
+    first = ex(vol[:, :, :16, :, :16])[0]
+    assert not torch.allclose(got[0][:, :, 8:16, :, 8:16], first[:, :, 8:16, :, 8:16], atol=1e-4)
+
+
+def test_gaussian_interior_close_to_single_pass_for_a_large_window():
+    """A volume a bit larger than the window: in the interior the blended features follow a single
+    pass over the whole volume (GroupNorm statistics and the windows' borders make them differ
+    somewhat), much closer than the same pass shifted by one voxel."""
+    ex = _extractor("random", base=4, num_levels=2)
+    g = torch.Generator().manual_seed(3)
+    vol = F.avg_pool3d(torch.rand(1, 1, 40, 40, 24, generator=g), 3, stride=1, padding=1)
+    got = extract_volume(ex, vol, roi=(32, 32, 16), overlap=0.5, out_dtype=torch.float32, progress=False)[0]
+    ref = ex(vol)[0]
+    err = (got - ref)[:, :, 12:28, 12:28, 8:16].abs().mean() / ref.std()
+    shifted = (got[:, :, 12:28, 12:28, 8:16] - ref[:, :, 13:29, 12:28, 8:16]).abs().mean() / ref.std()
+    assert err < 0.3 and err < 0.5 * shifted, (float(err), float(shifted))
+
+
+def test_memory_formula_for_the_reference_volume():
+    # base-16, 4-level backbone at the defaults: far below 8 GiB; upsampled float16 too
+    est = estimate_memory((256, 256, 128), [16, 32, 64, 128], [1, 2, 4, 8])
+    assert est["peak"] < 2 * 2**30
+    up = estimate_memory((256, 256, 128), [16, 32, 64, 128], [1, 2, 4, 8], upsample=True)
+    assert up["result"] == pytest.approx(240 * 256 * 256 * 128 * 2)
+    assert up["peak"] < 8 * 2**30

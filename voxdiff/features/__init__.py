@@ -1,0 +1,26 @@
+"""Frozen features of whole volumes: sliding-window extraction, caching, the ``voxdiff features`` command.
+
+Public API::
+
+    from voxdiff.features import extract_volume, extract_case, FeatureCache, case_features
+"""
+
+from .extract import (  # noqa: F401
+    DEFAULT_ROI,
+    ExtractConfig,
+    estimate_memory,
+    extract_volume,
+    features_at,
+    plan_windows,
+    select_levels,
+    with_timesteps,
+)
+from .cache import (  # noqa: F401
+    FeatureCache,
+    case_features,
+    extract_case,
+    feature_key,
+    load_features,
+    model_fingerprint,
+    save_features,
+)

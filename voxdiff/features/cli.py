@@ -1,0 +1,37 @@
+"""``voxdiff features MODEL DATA -o OUT``: whole-volume frozen features of every case, as files."""
+
+from __future__ import annotations
+
+from voxdiff.core.cli import CommandGroup, add_config
+from voxdiff.core.config import from_namespace
+
+from .extract import ExtractConfig
+
+HELP = """Extract frozen feature pyramids of every case of a data set with a pretrained backbone
+(sliding windows, Gaussian blending). Writes OUT/<case_id>.safetensors (float16, one tensor per
+level at its own stride unless --upsample) with OUT/<case_id>.json metadata, OUT/features.json and
+OUT/config.yaml."""
+
+
+def register(root: CommandGroup) -> None:
+    p = root.command("features", run_features, help="Extract frozen features of whole volumes", description=HELP)
+    p.add_argument("model", type=str, help="pretraining output folder (or its backbone/ folder)")
+    p.add_argument("data", type=str, help="data folder (any layout voxdiff.data reads)")
+    p.add_argument("-o", "--out", type=str, required=True, help="output folder")
+    p.add_argument("--data_kind", type=str, default="auto", help="data layout: auto|btcv|flare|amos|nnunet|folder")
+    p.add_argument("--split", type=str, default="all", help="which cases of a labelled data set: all|train|test")
+    p.add_argument("--cases", type=str, nargs="+", default=None, help="only these case ids")
+    p.add_argument("--cache_dir", type=str, default=None, help="preprocessing cache folder (voxdiff data prepare)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--progress", type=bool, default=True, help="show progress bars")
+    add_config(p, ExtractConfig)
+
+
+def run_features(ns) -> None:
+    from .run import features_command
+
+    cfg = from_namespace(ExtractConfig, ns)
+    out = features_command(ns.model, ns.data, ns.out, cfg, data_kind=ns.data_kind, split=ns.split,
+                           case_ids=ns.cases, cache_dir=ns.cache_dir, force=bool(ns.force),
+                           progress=bool(ns.progress))
+    print(f"features: {out}")

@@ -1,0 +1,97 @@
+"""The ``voxdiff features`` stage function: a data set in, a folder of per-case feature files out."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from tqdm import tqdm
+
+from ..core.config import to_dict, write_config
+from ..core.errors import InputError
+from ..core.outputs import atomic_write_json, check_output_path, staged_dir
+from .cache import case_meta, extract_case, feature_key, model_fingerprint, save_features
+from .extract import ExtractConfig, with_timesteps
+
+_MODES = ("gaussian", "constant")
+_CONDITIONS = ("window", "volume")
+
+
+def validate(cfg: ExtractConfig, extractor: Any) -> None:
+    """Refuse bad settings with a one-line message before anything is written."""
+    if not 0 <= cfg.overlap < 1:
+        raise InputError(None, f"overlap must lie in [0, 1), got {cfg.overlap}")
+    if cfg.mode not in _MODES:
+        raise InputError(None, f"mode must be one of {', '.join(_MODES)}, got {cfg.mode!r}")
+    if cfg.condition not in _CONDITIONS:
+        raise InputError(None, f"condition must be one of {', '.join(_CONDITIONS)}, got {cfg.condition!r}")
+    if cfg.dtype not in ("float16", "float32", "bfloat16"):
+        raise InputError(None, f"dtype must be float16, float32 or bfloat16, got {cfg.dtype!r}")
+    if len(cfg.roi) != 3 or any(int(r) < 1 for r in cfg.roi):
+        raise InputError(None, f"roi must be 3 positive sizes, got {cfg.roi}")
+    if cfg.sw_batch_size < 1:
+        raise InputError(None, "sw_batch_size must be >= 1")
+    n = len(extractor.levels)
+    if cfg.levels is not None:
+        bad = [i for i in cfg.levels if not -n <= int(i) < n]
+        if bad or not cfg.levels:
+            raise InputError(getattr(extractor, "path", None), f"levels {list(cfg.levels)} do not exist (the model has levels 0..{n - 1})")
+
+
+def _device(pref: str):
+    import torch
+
+    if pref == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if pref.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(None, "device cuda requested but no GPU is available")
+    return pref
+
+
+def features_command(model: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike,
+                     cfg: ExtractConfig | None = None, data_kind: str = "auto", split: str = "all",
+                     case_ids: Sequence[str] | None = None, cache_dir: str | os.PathLike | None = None,
+                     force: bool = False, progress: bool = True) -> Path:
+    """Features of every case of ``data`` with ``model`` into folder ``out`` (atomic: all or nothing)."""
+    from ..data.adapters import open_dataset
+    from ..data.cache import load_preprocessed
+    from ..pretrain.load import load_pretrained
+
+    cfg = cfg or ExtractConfig()
+    check_output_path(out, force=force)
+    extractor = load_pretrained(model, device=_device(cfg.device))
+    with_timesteps(extractor, cfg.t)
+    validate(cfg, extractor)
+    ds = open_dataset(data, kind=data_kind, split=split)
+    refs = ds.refs
+    if case_ids:
+        known = {r.case_id for r in refs}
+        missing = [c for c in case_ids if c not in known]
+        if missing:
+            raise InputError(data, f"case ids not in the data set: {', '.join(missing[:5])}")
+        refs = [r for r in refs if r.case_id in set(case_ids)]
+    if not refs:
+        raise InputError(data, "no cases found")
+    fingerprint = model_fingerprint(extractor)
+    key = feature_key(extractor, cfg, fingerprint)
+    index: dict[str, Any] = {"format": "voxdiff-features", "key": key, "model": str(model), "model_sha256": fingerprint,
+                             "method": extractor.method, "settings": to_dict(cfg), "cases": []}
+    with staged_dir(out, force=force) as tmp:
+        bar = tqdm(refs, desc="features", unit="case", disable=not progress)
+        for ref in bar:
+            bar.set_postfix_str(ref.case_id)
+            case = load_preprocessed(ds, extractor.preprocess, cache_dir=cache_dir, case_ids=[ref.case_id])[0]
+            t0 = time.perf_counter()
+            pyr = extract_case(extractor, case, cfg, progress=False)
+            meta = case_meta(extractor, case, cfg, pyr, key, fingerprint)
+            meta["seconds"] = round(time.perf_counter() - t0, 3)
+            save_features(tmp / f"{case.case_id}.safetensors", pyr, meta, [lv["index"] for lv in meta["levels"]])
+            index["cases"].append({"case_id": case.case_id, "file": f"{case.case_id}.safetensors",
+                                   "shape": meta["shape"], "levels": meta["levels"]})
+            del pyr, case
+        atomic_write_json(tmp / "features.json", index)
+        write_config(tmp / "config.yaml", cfg, extra={"model": str(model), "data": str(data), "data_kind": data_kind,
+                                                      "split": split, "key": key})
+    return Path(out)
