@@ -408,7 +408,7 @@ def _organs(cv: Canvas, S: Subject, f: dict[str, np.ndarray], lm: dict[str, floa
 
     # ---- liver ----------------------------------------------------------------------------------
     o = S.organ["liver"]
-    s = o["s"] * (0.5 * sw + 0.5 * sd) ** 1.0
+    s = float(np.clip(o["s"], 0.86, 1.14)) * (0.5 * sw + 0.5 * sd) ** 0.5
     zR = S.dome_r
     Rl = rot(0, -12, o["rz"])
     cR = _jit(S, "liver", (68 * sw, 2 * sd, zR - 68 * hs * s))
@@ -518,7 +518,7 @@ def _organs(cv: Canvas, S: Subject, f: dict[str, np.ndarray], lm: dict[str, floa
     if tb is not None:
         sdf = sdf + 2.5 * f["lobule"][tb]
         m = (sdf < 0) & (cv.region[tb] == 2)
-        cv.paint(tb, m, T.PANCREAS, onto=soft)
+        cv.paint(tb, m, T.PANCREAS, onto=soft + (T.STOM_WALL,))
         cv.paint(tb, m & (f["lobule"][tb] > 1.3), T.FAT_VISC, onto=(T.PANCREAS,))  # fatty clefts
         lm["pancreas"] = float(zp)
     S._panc = ppts

@@ -1,0 +1,308 @@
+"""Synthetic CT phantoms: determinism, anatomy (presence, volumes, left/right, up/down), intensity
+overlap between organs, the nnU-Net writer, the CLI and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from voxdiff.core.errors import InputError
+from voxdiff.data.labels import ORGAN_IDS, ORGAN_NAMES, dataset_json_labels
+from voxdiff.data.phantom import PhantomConfig, case_plan, generate_phantom, make_phantom_dataset, preview_png
+
+# small grid for speed (about 0.2 s per case); realism checks use the default 128x128x96 grid
+SMALL = dict(shape=(56, 56, 40), spacing_xy=(6.0, 7.0), spacing_z=(5.0, 12.0))
+
+# plausible organ volumes (mL) at the default grid; documented in docs/PHANTOMS.md
+VOLUME_RANGES = {
+    "spleen": (70, 450),
+    "right_kidney": (70, 300),
+    "left_kidney": (60, 300),
+    "gallbladder": (8, 120),
+    "esophagus": (3, 60),
+    "liver": (800, 2600),
+    "stomach": (100, 900),
+    "aorta": (20, 250),
+    "inferior_vena_cava": (20, 200),
+    "portal_and_splenic_vein": (5, 60),
+    "pancreas": (25, 160),
+    "right_adrenal_gland": (1, 20),
+    "left_adrenal_gland": (1, 20),
+}
+
+
+@pytest.fixture(scope="module")
+def abdomen_cases():
+    cfg = PhantomConfig(z_modes=("abdomen",))
+    return [generate_phantom(s, cfg) for s in (11, 12, 13)]
+
+
+def _centroid_world(case, organ: int) -> np.ndarray:
+    idx = np.argwhere(case.label == organ)
+    c = idx.mean(axis=0)
+    return (case.meta.affine @ np.r_[c, 1.0])[:3]
+
+
+def test_deterministic_and_seed_dependent():
+    cfg = PhantomConfig(**SMALL)
+    a, b, c = generate_phantom(3, cfg), generate_phantom(3, cfg), generate_phantom(4, cfg)
+    assert a.image.dtype == np.float32 and a.label.dtype == np.uint8
+    assert a.image.shape == a.label.shape == cfg.shape
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.label, b.label)
+    np.testing.assert_array_equal(a.meta.affine, b.meta.affine)
+    assert a.meta.extra == b.meta.extra
+    assert not np.array_equal(a.label, c.label)
+    assert np.abs(a.image - c.image).mean() > 10
+
+
+def test_affine_is_ras_with_sampled_spacing():
+    cfg = PhantomConfig(**SMALL)
+    case = generate_phantom(5, cfg)
+    assert nib.aff2axcodes(case.meta.affine) == ("R", "A", "S")
+    sp = np.linalg.norm(case.meta.affine[:3, :3], axis=0)
+    np.testing.assert_allclose(sp, case.meta.spacing)
+    assert cfg.spacing_xy[0] <= sp[0] and sp[0] == sp[1]
+    assert cfg.spacing_z[0] - 1e-6 <= sp[2] <= cfg.spacing_z[1] + 1e-6
+    ex = case.meta.extra
+    assert ex["z_mode"] in cfg.z_modes and ex["phase"] in cfg.phases
+    lo, hi = ex["scan_z_mm"]
+    z_first = case.meta.affine[2, 3]
+    assert abs(lo - z_first) < 0.1 and hi > lo
+
+
+def test_every_organ_present_with_plausible_volume(abdomen_cases):
+    for case in abdomen_cases:
+        vox_ml = float(np.prod(case.meta.spacing)) / 1000.0
+        counts = np.bincount(case.label.ravel(), minlength=14)
+        assert set(np.unique(case.label)) <= set(range(14))
+        for oid in ORGAN_IDS:
+            lo, hi = VOLUME_RANGES[ORGAN_NAMES[oid]]
+            vol = counts[oid] * vox_ml
+            assert lo <= vol <= hi, f"{case.case_id} {ORGAN_NAMES[oid]}: {vol:.1f} mL not in [{lo}, {hi}]"
+            assert case.meta.extra["organ_volumes_ml"][oid] == pytest.approx(vol, abs=0.2)
+
+
+def test_left_right_in_world_coordinates(abdomen_cases):
+    # RAS+: world x grows toward the patient's right
+    for case in abdomen_cases:
+        liver, spleen = _centroid_world(case, 6), _centroid_world(case, 1)
+        rk, lk = _centroid_world(case, 2), _centroid_world(case, 3)
+        aorta, ivc = _centroid_world(case, 8), _centroid_world(case, 9)
+        radr, ladr = _centroid_world(case, 12), _centroid_world(case, 13)
+        assert liver[0] > spleen[0] + 50
+        assert rk[0] > lk[0] + 80
+        assert ivc[0] > aorta[0] + 15
+        assert radr[0] > ladr[0]
+        # gallbladder on the right, stomach on the left, aorta/IVC anterior to the kidneys
+        assert _centroid_world(case, 4)[0] > 0 + case.meta.extra["subject_to_world_mm"][0]
+        assert _centroid_world(case, 7)[0] < liver[0]
+        assert aorta[1] > (rk[1] + lk[1]) / 2
+
+
+def test_superior_inferior_order():
+    cfg = PhantomConfig(z_modes=("chest_abdomen",), **{k: v for k, v in SMALL.items() if k != "spacing_z"}, spacing_z=(3.0, 12.0))
+    case = generate_phantom(21, cfg)
+    aff = case.meta.affine
+    zw = lambda k: aff[2, 3] + aff[2, 2] * k  # noqa: E731
+    body = case.image > -500
+    lung = (case.image < -600) & (case.label == 0)
+    # lungs: inside the body outline (exclude outside air by a per-slice convex-ish test: rows between body voxels)
+    inner = np.zeros_like(lung)
+    for k in range(case.image.shape[2]):
+        xs = np.nonzero(body[:, :, k].any(axis=1))[0]
+        ys = np.nonzero(body[:, :, k].any(axis=0))[0]
+        if xs.size and ys.size:
+            inner[xs.min() + 5 : xs.max() - 5, ys.min() + 5 : ys.max() - 5, k] = True
+    lung &= inner
+    z_lung = zw(np.argwhere(lung)[:, 2].mean())
+    z_liver = zw(np.argwhere(case.label == 6)[:, 2].mean())
+    z_kid = zw(np.argwhere(np.isin(case.label, (2, 3)))[:, 2].mean())
+    assert z_lung > z_liver > z_kid
+    # the right kidney sits lower than the left one; adrenals above the kidneys
+    assert _centroid_world(case, 2)[2] < _centroid_world(case, 3)[2]
+    assert _centroid_world(case, 12)[2] > _centroid_world(case, 2)[2]
+    lm = case.meta.extra["landmarks_z_mm"]
+    order = ["pubic_symphysis", "iliac_crest", "aortic_bifurcation", "kidney_right_center", "pancreas", "liver_top", "heart_top", "lung_apex"]
+    zs = [lm[k] for k in order]
+    assert zs == sorted(zs), dict(zip(order, zs))
+
+
+def test_pelvis_is_low_and_z_range_varies():
+    cfg = PhantomConfig(z_modes=("abdomen_pelvis",), **SMALL)
+    case = generate_phantom(31, cfg)
+    bone = case.image > 350
+    k = np.argwhere(bone)[:, 2]
+    # lowest slices hold the femoral heads: bone lateral to the midline on both sides
+    low = bone[:, :, : max(2, case.image.shape[2] // 8)]
+    xs = np.argwhere(low)[:, 0]
+    assert xs.size and xs.min() < case.image.shape[0] * 0.35 and xs.max() > case.image.shape[0] * 0.65
+    assert k.min() == 0
+    # different seeds scan different z-ranges relative to the anatomy
+    spans = set()
+    for s in range(6):
+        c = generate_phantom(s, PhantomConfig(**SMALL))
+        lm = c.meta.extra["landmarks_z_mm"]
+        lo, hi = c.meta.extra["scan_z_mm"]
+        spans.add((c.meta.extra["z_mode"], round(lo - lm["pubic_symphysis"], -1)))
+    assert len(spans) >= 4
+
+
+def _dice_per_organ(pred: np.ndarray, gt: np.ndarray) -> list[float]:
+    out = []
+    for o in ORGAN_IDS:
+        p, g = pred == o, gt == o
+        den = p.sum() + g.sum()
+        out.append(2 * (p & g).sum() / den if den else np.nan)
+    return out
+
+
+def test_organs_not_identifiable_from_intensity_alone():
+    """A Bayes classifier on HU alone (per-class HU histograms fitted on some phantoms, with and
+    without class priors) gives low Dice on other phantoms: shape, texture and context matter."""
+    cfg = PhantomConfig(z_modes=("abdomen",), **SMALL)
+    cases = [generate_phantom(s, cfg) for s in range(40, 47)]
+    bins = np.arange(-1100, 3200, 5)
+
+    def fit(cs):
+        h = np.zeros((14, len(bins) + 1))
+        for c in cs:
+            np.add.at(h, (c.label.ravel().astype(int), np.digitize(c.image.ravel(), bins)), 1)
+        return h
+
+    h = fit(cases[:5])
+    rules = {"bayes": h.argmax(0), "balanced": (h / np.maximum(h.sum(1, keepdims=True), 1)).argmax(0)}
+    for name, rule in rules.items():
+        scores = []
+        for c in cases[5:]:
+            pred = rule[np.digitize(c.image.ravel(), bins)]
+            scores.append(_dice_per_organ(pred, c.label.ravel()))
+        per_organ = np.nanmean(np.array(scores, float), axis=0)
+        assert np.nanmean(per_organ) < 0.2, (name, per_organ.round(2))
+        assert (per_organ > 0.5).sum() <= 1, (name, per_organ.round(2))
+    # the metric itself can detect separable intensities (positive control)
+    c = cases[5]
+    fake = c.label.astype(np.float32) * 100.0
+    hf = np.zeros((14, len(bins) + 1))
+    np.add.at(hf, (c.label.ravel().astype(int), np.digitize(fake.ravel(), bins)), 1)
+    d = _dice_per_organ(hf.argmax(0)[np.digitize(fake.ravel(), bins)], c.label.ravel())
+    assert np.nanmean(d) > 0.99
+
+
+def test_soft_tissue_hu_ranges_overlap(abdomen_cases):
+    case = abdomen_cases[0]
+    med = {o: float(np.median(case.image[case.label == o])) for o in (1, 3, 6, 11)}
+    muscle_like = case.image[(case.label == 0) & (case.image > 0) & (case.image < 250)]
+    assert muscle_like.size > 1000
+    for o, m in med.items():
+        assert -20 < m < 260, (ORGAN_NAMES[o], m)
+
+
+def test_dataset_layout_and_json(tmp_path: Path):
+    out = tmp_path / "ph"
+    cfg = PhantomConfig(**SMALL)
+    make_phantom_dataset(out, n_train=2, n_test=1, n_unlabelled=2, seed=7, cfg=cfg, progress=False, preview=True)
+    dj = json.loads((out / "dataset.json").read_text())
+    assert dj["channel_names"] == {"0": "CT"}
+    assert dj["labels"] == dataset_json_labels()
+    assert dj["numTraining"] == 2 and dj["file_ending"] == ".nii.gz"
+    assert dj["voxdiff_phantom"]["config"]["shape"] == list(cfg.shape)
+    assert sorted(p.name for p in (out / "imagesTr").iterdir()) == ["phantom_000_0000.nii.gz", "phantom_001_0000.nii.gz"]
+    assert sorted(p.name for p in (out / "labelsTr").iterdir()) == ["phantom_000.nii.gz", "phantom_001.nii.gz"]
+    assert [p.name for p in (out / "imagesTs").iterdir()] == ["phantom_002_0000.nii.gz"]
+    assert [p.name for p in (out / "labelsTs").iterdir()] == ["phantom_002.nii.gz"]
+    assert len(list((out / "unlabelled").glob("*.nii.gz"))) == 2
+    assert (out / "config.yaml").is_file() and (out / "phantoms.json").is_file()
+    png = out / "preview.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 300_000
+    img = nib.load(out / "imagesTr" / "phantom_000_0000.nii.gz")
+    lab = nib.load(out / "labelsTr" / "phantom_000.nii.gz")
+    assert img.get_data_dtype() == np.int16 and lab.get_data_dtype() == np.uint8
+    assert nib.aff2axcodes(img.affine) == ("R", "A", "S")
+    np.testing.assert_allclose(img.affine, lab.affine)
+    # the stored case equals a fresh generation from its seed
+    seed0 = dj["voxdiff_phantom"]["cases"]["phantom_000"]["seed"]
+    ref = generate_phantom(seed0, cfg)
+    np.testing.assert_array_equal(np.asarray(lab.dataobj), ref.label)
+    np.testing.assert_allclose(np.asarray(img.dataobj), np.rint(ref.image), atol=0.5)
+    # no leftovers of the staging folder
+    assert [p.name for p in tmp_path.iterdir()] == ["ph"]
+
+
+def test_sets_use_disjoint_seeds_and_are_stable():
+    plan = case_plan(30, 10, 50, seed=0)
+    by_set = {}
+    for p in plan:
+        by_set.setdefault(p["set"], set()).add(p["seed"])
+    assert all(len(v) == n for v, n in zip(by_set.values(), (30, 10, 50)))
+    assert not (by_set["train"] & by_set["test"]) and not (by_set["train"] & by_set["unlabelled"]) and not (by_set["test"] & by_set["unlabelled"])
+    # growing one set does not change the seeds of the others
+    plan2 = case_plan(31, 10, 5, seed=0)
+    assert [p["seed"] for p in plan2 if p["set"] == "test"] == [p["seed"] for p in plan if p["set"] == "test"]
+    assert case_plan(2, 1, 1, seed=1)[0]["seed"] != plan[0]["seed"]
+
+
+def test_existing_output_refused_without_force(tmp_path: Path):
+    out = tmp_path / "ph"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(InputError, match="not empty"):
+        make_phantom_dataset(out, 1, 0, 0, cfg=PhantomConfig(**SMALL), progress=False, preview=False)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    make_phantom_dataset(out, 1, 0, 0, cfg=PhantomConfig(**SMALL), progress=False, preview=False, force=True)
+    assert not (out / "keep.txt").exists() and (out / "dataset.json").is_file()
+
+
+def test_failure_leaves_nothing_behind(tmp_path: Path, monkeypatch):
+    import voxdiff.data.phantom.dataset as ds
+
+    calls = {"n": 0}
+    real = ds.generate_phantom
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("boom")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ds, "generate_phantom", flaky)
+    with pytest.raises(RuntimeError):
+        make_phantom_dataset(tmp_path / "ph", 2, 0, 0, cfg=PhantomConfig(**SMALL), progress=False, preview=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli(tmp_path: Path, capsys):
+    from voxdiff.cli import main
+
+    out = tmp_path / "cli"
+    args = ["phantom", str(out), "--n-train", "1", "--n-test", "1", "--n-unlabelled", "1", "--seed", "3", "--quiet", "--preview",
+            "--shape", "[48,48,32]", "--spacing_xy", "[7.0,8.0]", "--spacing_z", "[6.0,14.0]", "--phases", "[arterial]"]
+    assert main(args) == 0
+    assert (out / "preview.png").is_file()
+    meta = json.loads((out / "phantoms.json").read_text())
+    assert {m["phase"] for m in meta.values()} == {"arterial"}
+    assert nib.load(out / "imagesTr" / "phantom_000_0000.nii.gz").shape == (48, 48, 32)
+    capsys.readouterr()
+    # existing output: one-line error, exit 2, untouched
+    before = sorted(p.name for p in out.rglob("*"))
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "not empty" in err and str(out) in err
+    assert sorted(p.name for p in out.rglob("*")) == before
+    # bad config values
+    assert main(["phantom", str(tmp_path / "bad"), "--spacing_xy", "[0.0,1.0]", "--quiet"]) == 2
+    assert main(["phantom", str(tmp_path / "bad"), "--z_modes", "[head]", "--quiet"]) == 2
+    assert main(["phantom", str(tmp_path / "bad"), "--n-train", "0", "--n-test", "0", "--n-unlabelled", "0", "--quiet"]) == 2
+    assert not (tmp_path / "bad").exists()
+
+
+def test_preview_png_function(tmp_path: Path):
+    case = generate_phantom(2, PhantomConfig(**SMALL))
+    p = preview_png(case, tmp_path / "v.png")
+    assert p.read_bytes()[:4] == b"\x89PNG"
+    case.label = None  # unlabelled case: image-only views
+    assert preview_png(case, tmp_path / "u.png").stat().st_size > 1000
