@@ -1,0 +1,156 @@
+"""Feature files, the cache keyed by model and settings, streaming, and ``voxdiff features``."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from voxdiff.cli import main
+from voxdiff.core.errors import InputError
+from voxdiff.data.types import Case, CaseMeta
+from voxdiff.features import ExtractConfig, FeatureCache, case_features, extract_case, load_features, save_features
+from voxdiff.features import cache as cache_mod
+from voxdiff.pretrain.load import load_pretrained
+from voxdiff.pretrain.train import PretrainConfig, pretrain
+
+
+def body_volume(seed: int, shape=(36, 32, 20)) -> np.ndarray:
+    r = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+    img = np.where(x**2 / 0.8 + y**2 / 0.6 < 1, 40.0, -1000.0)
+    img = np.where((x - 0.3) ** 2 + y**2 + (z * 0.6) ** 2 < 0.1, 160.0, img)
+    return (img + r.normal(0, 10, shape)).astype(np.float32)
+
+
+def make_case(seed: int, shape=(36, 32, 20)) -> Case:
+    aff = np.diag([1.0, 1.0, 2.0, 1.0])
+    meta = CaseMeta(f"c{seed}", None, None, shape, aff, aff, (1.0, 1.0, 2.0))
+    return Case(body_volume(seed, shape), None, meta)
+
+
+def small_cfg(**kw) -> PretrainConfig:
+    base = dict(method="random", patch_size=(16, 16, 16), batch_size=2, steps=1, base_channels=4, num_levels=3)
+    base.update(kw)
+    return PretrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("model") / "rnd"
+    return pretrain(small_cfg(), out, cases=[make_case(0)], progress=False)
+
+
+@pytest.fixture(scope="module")
+def diffusion_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("model") / "diff"
+    cfg = small_cfg(method="diffusion", steps=2, diffusion_steps=100, feature_timesteps=(10,), bf16=False)
+    return pretrain(cfg, out, cases=[make_case(0)], progress=False)
+
+
+FAST = ExtractConfig(roi=(16, 16, 16), overlap=0.25)
+
+
+def test_save_and_load_roundtrip(tmp_path):
+    pyr = [torch.randn(1, 3, 8, 6, 4), torch.randn(1, 5, 4, 3, 2)]
+    meta = {"levels": [{"index": 0}, {"index": 2}], "case_id": "x"}
+    save_features(tmp_path / "x.safetensors", [p.half() for p in pyr], meta, [0, 2])
+    got, m = load_features(tmp_path / "x.safetensors")
+    assert m["case_id"] == "x" and m["format"] == "voxdiff-features"
+    assert [g.dtype for g in got] == [torch.float16] * 2
+    for g, p in zip(got, pyr):
+        torch.testing.assert_close(g.float(), p.half().float())
+    (tmp_path / "bad.json").write_text("{}")
+    (tmp_path / "bad.safetensors").write_bytes(b"junk")
+    with pytest.raises(InputError, match="not a voxdiff feature"):
+        load_features(tmp_path / "bad.safetensors")
+
+
+def test_cache_reuses_and_invalidates(tmp_path, model_dir, monkeypatch):
+    ex = load_pretrained(model_dir)
+    case = make_case(1)
+    cache = FeatureCache(tmp_path / "fc", ex, FAST)
+    first = cache.get(case)
+    assert [f.dtype for f in first] == [torch.float16] * 3
+    assert [tuple(f.shape[2:]) for f in first] == [(36, 32, 20), (18, 16, 10), (9, 8, 5)]
+    meta = json.loads(cache.path("c1").with_suffix(".json").read_text())
+    assert meta["model"]["method"] == "random" and meta["levels"][2]["stride"] == 4
+    assert meta["preprocess"]["hu_window"] == [-1350.0, 1000.0] and meta["shape"] == [36, 32, 20]
+    assert meta["settings"]["dtype"] == "float16" and meta["t"] is None
+
+    calls = []
+    real = cache_mod.extract_case
+    monkeypatch.setattr(cache_mod, "extract_case", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = cache.get(case)  # from disk
+    assert calls == []
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    # a changed image is recomputed
+    changed = make_case(1)
+    changed.image[0, 0, 0] += 100
+    cache.get(changed)
+    assert calls == [1]
+    # other settings or other weights: another key
+    assert FeatureCache(tmp_path / "fc", ex, ExtractConfig(roi=(16, 16, 16), levels=(0,))).key != cache.key
+    with torch.no_grad():
+        ex.backbone.stem.weight.add_(0.01)
+    ex.path = None  # fingerprint from the (changed) parameters
+    assert FeatureCache(tmp_path / "fc", ex, FAST).key != cache.key
+
+
+def test_diffusion_timesteps_change_key_and_channels(tmp_path, diffusion_dir):
+    ex = load_pretrained(diffusion_dir)
+    c10 = FeatureCache(tmp_path, ex, ExtractConfig(roi=(36, 32, 20), t=(10,)))
+    f10 = c10.get(make_case(2))
+    c1050 = FeatureCache(tmp_path, ex, ExtractConfig(roi=(36, 32, 20), t=(10, 50)))
+    assert c1050.key != c10.key
+    f1050 = c1050.get(make_case(2))
+    assert f1050[0].shape[1] == 2 * f10[0].shape[1]
+    torch.testing.assert_close(f1050[0][:, : f10[0].shape[1]], f10[0])  # the t=10 channels come first
+    meta = json.loads(c1050.path("c2").with_suffix(".json").read_text())
+    assert meta["t"] == [10, 50]
+
+
+def test_streaming_without_cache(model_dir):
+    ex = load_pretrained(model_dir)
+    cases = [make_case(3, (20, 20, 12)), make_case(4, (24, 20, 16))]
+    got = list(case_features(ex, cases, ExtractConfig(roi=(16, 16, 16), levels=(1,))))
+    assert [c.case_id for c, _ in got] == ["c3", "c4"]
+    assert got[1][1][0].shape == (1, 8, 12, 10, 8)
+    torch.testing.assert_close(got[0][1][0], extract_case(ex, cases[0], ExtractConfig(roi=(16, 16, 16), levels=(1,)))[0])
+
+
+def _write_folder(root, n=2):
+    root.mkdir()
+    for i in range(n):
+        nib.save(nib.Nifti1Image(body_volume(10 + i, (40, 36, 20)).astype(np.int16), np.diag([1.0, 1.0, 2.0, 1.0])),
+                 str(root / f"ct{i}.nii.gz"))
+    return root
+
+
+def test_cli_writes_features_and_refuses_bad_input(tmp_path, model_dir, capsys):
+    data = _write_folder(tmp_path / "data")
+    out = tmp_path / "feats"
+    rc = main(["features", str(model_dir), str(data), "-o", str(out), "--roi", "[32,32,20]", "--levels", "[0,2]",
+               "--progress", "false"])
+    assert rc == 0
+    index = json.loads((out / "features.json").read_text())
+    assert len(index["cases"]) == 2 and (out / "config.yaml").is_file()
+    pyr, meta = load_features(out / f"{index['cases'][0]['case_id']}.safetensors")
+    assert [m["index"] for m in meta["levels"]] == [0, 2] and len(pyr) == 2
+    assert pyr[0].dtype == torch.float16 and pyr[1].shape[2:] == tuple(-(-n // 4) for n in meta["shape"])
+    # refused: existing output, missing model, bad level, t on a non-diffusion model; no partial output
+    assert main(["features", str(model_dir), str(data), "-o", str(out), "--progress", "false"]) == 2
+    for args, msg in [([str(tmp_path / "nope"), str(data)], "not found"),
+                      ([str(model_dir), str(data), "--levels", "[5]"], "levels"),
+                      ([str(model_dir), str(data), "--t", "[10]"], "diffusion models only"),
+                      ([str(model_dir), str(tmp_path / "nodata")], "")]:
+        capsys.readouterr()
+        bad = tmp_path / "bad_out"
+        assert main(["features", *args, "-o", str(bad), "--progress", "false"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("voxdiff: error:") and msg in err and len(err.strip().splitlines()) == 1
+        assert not bad.exists()
