@@ -252,3 +252,16 @@ def test_incompatible_checkpoints_are_refused(tmp_path, cases):
     (tmp_path / "garbage" / "model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ModelError, match="unreadable"):
         load_pretrained(tmp_path / "garbage")
+
+
+def test_online_probe_logs_dice(tmp_path, cases):
+    labelled = synthetic_cases(2)
+    for c in labelled:  # label = the bright organ and the dark blob
+        c.label = ((c.image > 120).astype(np.uint8) + 2 * (c.image < -700).astype(np.uint8) * (c.image > -900)).astype(np.uint8)
+    cfg = tiny(steps=4, probe_every=2, log_every=2)
+    out = pretrain(cfg, tmp_path / "p", cases=cases, probe_set=labelled, progress=False)
+    rows = [r for r in _metrics(out) if "probe_dice" in r]
+    assert [r["step"] for r in rows] == [2, 4]
+    assert all(0 <= r["probe_dice"] <= 1 and r["probe_classes"] >= 1 for r in rows)
+    with pytest.raises(InputError, match="probe_data"):
+        pretrain(tiny(steps=2, probe_every=1), tmp_path / "q", cases=cases, progress=False)

@@ -386,17 +386,18 @@ def save_backbone(path: Path, cfg: PretrainConfig, backbone: Backbone, weights: 
 
 def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, resume: bool = False, progress: bool = True,
              force: bool = False, cases: list | None = None, bpr: nn.Module | None = None,
-             stop_after: int | None = None) -> Path:
+             stop_after: int | None = None, probe_set: list | None = None) -> Path:
     """Pretrain a backbone; returns ``out_dir``.
 
     ``cases``: preprocessed cases to use instead of reading ``cfg.data`` (Python API / tests).
     ``bpr``: a BPR module to use instead of loading ``cfg.bpr_path`` (then no ``bpr/`` copy is made).
     ``stop_after``: stop after this many steps (a checkpoint is written there) without finishing,
     e.g. to split a long run into jobs; continue with ``resume=True``.
+    ``probe_set``: labelled preprocessed cases for the online probe instead of ``cfg.probe_data``.
     """
     d = init_distributed(cfg.device)
     try:
-        return _pretrain(cfg, Path(out_dir), resume, progress, force, cases, bpr, stop_after, d)
+        return _pretrain(cfg, Path(out_dir), resume, progress, force, cases, bpr, stop_after, d, probe_set)
     finally:
         if d.owns_group and dist.is_initialized():
             dist.destroy_process_group()
@@ -411,8 +412,13 @@ def _check_resume_config(saved: dict[str, Any], cfg: PretrainConfig, path: Path)
 
 
 def _pretrain(cfg: PretrainConfig, out: Path, resume: bool, progress: bool, force: bool, cases: list | None,
-              bpr: nn.Module | None, stop_after: int | None, d: Dist) -> Path:
+              bpr: nn.Module | None, stop_after: int | None, d: Dist, probe_set: list | None = None) -> Path:
     validate_config(cfg)
+    if cfg.probe_every and probe_set is None:
+        if not cfg.probe_data:
+            raise InputError(None, "--probe_every needs --probe_data (a labelled data folder)")
+        if not Path(cfg.probe_data).exists():
+            raise InputError(cfg.probe_data, "probe data folder not found")
     state_root = out / "train_state"
     ckpt = None
     if resume:
@@ -497,9 +503,12 @@ def _pretrain(cfg: PretrainConfig, out: Path, resume: bool, progress: bool, forc
         last_saved = step
         d.barrier()
 
+    def probe(step: int) -> None:
+        _online_probe(cfg, joint, ema, device, d, out, step, writer, probe_set)
+
     if trains and start < end:
         _loop(cfg, model, joint, task, cases, opt, ema, rng, gen, device, d, out, start, end, progress,
-              writer, save_state, lambda: last_saved)
+              writer, save_state, lambda: last_saved, probe)
     if writer is not None:
         writer.close()
 
@@ -531,7 +540,7 @@ def _pretrain(cfg: PretrainConfig, out: Path, resume: bool, progress: bool, forc
 
 
 def _loop(cfg, model, joint, task, cases, opt, ema, rng, gen, device, d: Dist, out: Path, start: int, end: int,
-          progress: bool, writer, save_state, last_saved) -> None:
+          progress: bool, writer, save_state, last_saved, probe) -> None:
     from tqdm import tqdm
 
     use_bf16 = bool(cfg.bf16)
@@ -590,8 +599,8 @@ def _loop(cfg, model, joint, task, cases, opt, ema, rng, gen, device, d: Dist, o
                                 writer.add_scalar(k, v, done)
                 t0 = time.perf_counter()
                 n_since = 0
-            if cfg.probe_every and done % cfg.probe_every == 0 and cfg.probe_data:
-                _online_probe(cfg, joint, ema, device, d, out, done, writer)
+            if cfg.probe_every and done % cfg.probe_every == 0:
+                probe(done)
             if done % cfg.checkpoint_every == 0 and done < end:
                 save_state(done)
             elif done == end:
@@ -639,13 +648,15 @@ def _tensorboard(out: Path):
     return SummaryWriter(str(out / "tensorboard"))
 
 
-def _online_probe(cfg, joint, ema, device, d: Dist, out: Path, step: int, writer) -> None:
+def _online_probe(cfg, joint, ema, device, d: Dist, out: Path, step: int, writer, probe_set=None) -> None:
     """Fit a linear head on frozen EMA features of a few labelled cases; log Dice (rank 0)."""
     if not d.main:
         return
     from .probe_online import online_probe
 
-    res = online_probe(cfg, joint, ema.state(), device)
+    was = joint.training
+    res = online_probe(cfg, joint, ema.state(), device, cases=probe_set)
+    joint.train(was)
     row = {"step": step, **{f"probe_{k}": v for k, v in res.items()}}
     with open(out / "metrics.jsonl", "a") as f:
         f.write(json.dumps(row) + "\n")
