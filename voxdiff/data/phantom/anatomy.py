@@ -67,14 +67,14 @@ class Subject:
             }
         self.stomach_fill = _u(rng, 0.75, 1.25)
         self.stomach_air = _u(rng, 0.0, 1.0)
-        self.gb_fill = _u(rng, 0.7, 1.35)
+        self.gb_fill = _u(rng, 0.75, 1.2)
         self.bladder_fill = _u(rng, 0.4, 1.2)
         self.bowel_density = _u(rng, 1.0, 2.0)
         self.bowel_air = _u(rng, 0.0, 1.0)
         self.oral_contrast = False
         self.eso_air = bool(rng.random() < 0.5)
         self.colon_sag = _u(rng, 0, 60)
-        self.table_y = _u(rng, 2, 12)
+        self.table_y = _u(rng, 0.5, 4)
         self.aorta_r = float(np.clip(rng.normal(1.0, 0.08), 0.8, 1.25))
 
     # -- skeleton ---------------------------------------------------------------------------------
@@ -209,7 +209,7 @@ def _diaphragm_regions(cv: Canvas, S: Subject) -> None:
 def _table(cv: Canvas, S: Subject) -> None:
     X, Y, Z = cv.X, cv.Y, cv.Z
     yb = -(S.b_post(Z) + S.f_post) - S.table_y
-    curve = yb - 0.0012 * X * X + 0.0
+    curve = yb + 0.0006 * X * X
     d = Y - curve  # positive above the table top
     outside = cv.region == 0
     core = outside & (d < -3.5) & (d > -16) & (np.abs(X) < 230)
@@ -240,7 +240,7 @@ def _thorax(cv: Canvas, S: Subject, f: dict[str, np.ndarray], lm: dict[str, floa
     zc = S.dome_r + 24 * S.hs
     c = _jit(S, "heart", (-22 * S.sw, 38 * S.sd, zc))
     R = rot(0, 20, -35 + o["rz"])
-    hb, hs_, q = cv.ellipsoid(c, np.array([72, 52, 56]) * sc, R, pad=6)
+    hb, hs_, q = cv.ellipsoid(c, np.array([64, 50, 54]) * sc, R, pad=6)
     if hb is not None:
         r3 = cv.region[hb]
         allowed = (r3 == 3)
@@ -258,7 +258,7 @@ def _thorax(cv: Canvas, S: Subject, f: dict[str, np.ndarray], lm: dict[str, floa
     lungm = cv.tissue[bl] == T.LUNG
     nv = f["fine"][bl]
     med_w = np.exp(-np.abs(cv.X[bl]) / 90.0)
-    cv.paint(bl, lungm & (nv > 1.55 - 0.7 * med_w), T.LUNG_VESSEL)
+    cv.paint(bl, lungm & (nv > 1.35 - 0.8 * med_w), T.LUNG_VESSEL)
     lm["lung_apex"] = S.lev("T1", 0.8)
 
 
@@ -275,7 +275,7 @@ def _muscles(cv: Canvas, S: Subject) -> None:
     # erector spinae: from the laminae back to the posterior wall
     cy = sy - ry - 45 * S.sd
     es = ((np.abs(u) - 28 * S.sw) / (24 * S.sw)) ** 2 + ((Y - cy) / (30 * S.sd)) ** 2 < 1
-    cv.paint(b, es, T.MUSCLE, region=(1, 2, 3))
+    cv.paint(b, es, T.MUSCLE, onto=(T.MUSCLE, T.FAT_VISC, T.LUNG), region=(1, 2, 3))
     # psoas: grows from T12 to L5, moves lateral-anterior into the pelvis
     zz = np.array([S.lev("T12", 0.5), S.lev("L2"), S.lev("L4"), S.lev("S", 0.9), S.lev("S", 0.3), -20.0])
     pr = np.array([4, 12, 20, 22, 18, 16]) * S.sw
@@ -408,7 +408,7 @@ def _organs(cv: Canvas, S: Subject, f: dict[str, np.ndarray], lm: dict[str, floa
 
     # ---- liver ----------------------------------------------------------------------------------
     o = S.organ["liver"]
-    s = float(np.clip(o["s"], 0.86, 1.14)) * (0.5 * sw + 0.5 * sd) ** 0.5
+    s = 0.96 * float(np.clip(o["s"], 0.88, 1.12)) * (0.5 * sw + 0.5 * sd) ** 0.3
     zR = S.dome_r
     Rl = rot(0, -12, o["rz"])
     cR = _jit(S, "liver", (68 * sw, 2 * sd, zR - 68 * hs * s))

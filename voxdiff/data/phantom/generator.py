@@ -27,8 +27,30 @@ class PhantomConfig:
 
     Defaults give CPU-friendly volumes (128x128x96 at ~3 mm in-plane, 2.5-5 mm slices). For
     realistic resolution use e.g. ``shape=(384, 384, 160)``, ``spacing_xy=(0.8, 1.2)``,
-    ``spacing_z=(1.5, 3.0)`` (the in-plane spacing is raised when the body would not fit the field
-    of view; the slice spacing follows the scanned z-range, clipped to ``spacing_z``).
+    ``spacing_z=(1.5, 3.0)``: the in-plane spacing is raised when the body would not fit the field
+    of view, and the slice spacing follows the scanned z-range, clipped to ``spacing_z``.
+
+    Args:
+        shape: voxels (x, y, z) of every phantom.
+        spacing_xy: range of the in-plane spacing (mm); raised when the body would not fit.
+        spacing_z: range of the slice spacing (mm); the z field of view follows the z-range mode.
+        z_modes: scanned z-ranges of labelled/test cases (chest, chest_abdomen, abdomen, abdomen_pelvis, pelvis).
+        z_mode_weights: sampling weights of z_modes.
+        unlabelled_z_modes: scanned z-ranges of unlabelled (pretraining) cases, drawn uniformly.
+        phases: contrast phases to draw from (native, arterial, portal_venous).
+        phase_weights: sampling weights of phases.
+        enhancement: range of the per-subject scale of contrast enhancement.
+        organ_hu_sd: scale of the per-subject random HU offset of every tissue.
+        noise_hu: range of the quantum noise standard deviation (HU, before body-size scaling).
+        blur_mm: range of the Gaussian point-spread sigma (mm).
+        texture: scale of the correlated texture inside tissues.
+        deformation_mm: standard deviation of the smooth random displacement field (mm).
+        deformation_spacing_mm: control-point spacing of the displacement field (mm).
+        body_size: range of the overall body size scale.
+        organ_jitter: scale of per-organ position, size and orientation variation.
+        oral_contrast_prob: probability of positive oral contrast in the small bowel.
+        table: draw the scanner table under the patient.
+        fov_circle: set voxels outside the reconstruction circle to -1024 HU.
     """
 
     shape: tuple[int, int, int] = (128, 128, 96)
