@@ -81,6 +81,7 @@ class PretrainConfig:
         probe_cases: number of labelled cases used by the online probe.
         tensorboard: also write tensorboard logs (if tensorboard is installed).
         device: auto | cpu | cuda.
+        threads: intra-op CPU threads (0 = torch's default; 1 is faster on a busy shared machine).
         base_channels: backbone width of the finest level.
         num_levels: backbone resolutions (pyramid levels).
         blocks_per_level: residual blocks per level (encoder and decoder).
@@ -120,6 +121,7 @@ class PretrainConfig:
     probe_cases: int = 2
     tensorboard: bool = False
     device: str = "auto"
+    threads: int = 0
     base_channels: int = 16
     num_levels: int = 4
     blocks_per_level: int = 1
@@ -137,7 +139,7 @@ class PretrainConfig:
 
 # fields that may change between a checkpoint and --resume
 _RESUME_FREE = {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "probe_every", "probe_data",
-                "probe_cases", "tensorboard", "device", "data", "data_kind", "cache_dir", "bpr_path"}
+                "probe_cases", "tensorboard", "device", "threads", "data", "data_kind", "cache_dir", "bpr_path"}
 
 BACKBONE_FIELDS = ("base_channels", "num_levels", "blocks_per_level", "norm_groups")
 
@@ -396,9 +398,13 @@ def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, resume: bool = Fal
     ``probe_set``: labelled preprocessed cases for the online probe instead of ``cfg.probe_data``.
     """
     d = init_distributed(cfg.device)
+    threads = torch.get_num_threads()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     try:
         return _pretrain(cfg, Path(out_dir), resume, progress, force, cases, bpr, stop_after, d, probe_set)
     finally:
+        torch.set_num_threads(threads)
         if d.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
