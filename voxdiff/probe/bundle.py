@@ -1,0 +1,189 @@
+"""The segmenter bundle: everything ``voxdiff segment`` needs, in one folder.
+
+::
+
+    model/
+      segmenter.json    # {"format": "voxdiff", "kind": "segmenter", "format_version": 1, "mode",
+                        #  "method", "preprocess", "labels", "roi", "overlap", "versions", "meta"}
+      backbone/         # backbone checkpoint (as written by voxdiff pretrain; tuned weights after
+                        # fine-tuning / from-scratch training)
+      bpr/              # body part regressor, when the backbone is conditioned on one
+      head/             # head checkpoint: model.safetensors + model.json (kind "head")
+
+``save_segmenter`` writes it (into a folder the caller stages), ``load_segmenter`` checks every part
+and version and raises :class:`~voxdiff.core.errors.ModelError` with a one-line message otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from voxdiff.core.checkpoint import load_checkpoint, prefixed, read_checkpoint_info, save_checkpoint
+from voxdiff.core.config import from_dict, to_dict, versions
+from voxdiff.core.errors import ModelError
+from voxdiff.core.outputs import atomic_write_json
+from voxdiff.data.labels import BTCV_LABELS
+from voxdiff.data.preprocess import PreprocessConfig
+
+from .heads import build_head, count_parameters
+
+SEGMENTER_KIND = "segmenter"
+SEGMENTER_FORMAT_VERSION = 1
+HEAD_FORMAT_VERSION = 1
+
+
+def _source_dirs(pretrained_dir: str | os.PathLike) -> tuple[Path, Path | None]:
+    """(backbone folder, bpr folder or None) of a pretrain output folder (or its backbone/)."""
+    from voxdiff.pretrain.load import resolve_backbone_dir
+
+    bdir = resolve_backbone_dir(pretrained_dir)
+    info = read_checkpoint_info(bdir, kind="backbone")
+    ref = (info.get("config") or {}).get("bpr")
+    bpr = None
+    if ref:
+        for cand in ((bdir / ref).resolve(), bdir.parent / "bpr"):
+            if (cand / "model.json").is_file():
+                bpr = cand
+                break
+        if bpr is None:
+            raise ModelError(bdir, "the body part regressor of this backbone is missing")
+    return bdir, bpr
+
+
+def save_segmenter(
+    out_dir: str | os.PathLike,
+    pretrained_dir: str | os.PathLike,
+    head: nn.Module,
+    mode: str,
+    preprocess: PreprocessConfig,
+    roi: Sequence[int],
+    overlap: float,
+    tuned_extractor=None,
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write a segmenter bundle into ``out_dir`` (an empty / staged folder).
+
+    ``tuned_extractor``: for fine-tuned / from-scratch models, the extractor whose backbone weights
+    replace the pretrained ones in ``backbone/``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    bdir, bpr = _source_dirs(pretrained_dir)
+    if tuned_extractor is None:
+        shutil.copytree(bdir, out / "backbone", dirs_exist_ok=True)
+    else:
+        _, info = load_checkpoint(bdir, kind="backbone")
+        tensors = dict(tuned_extractor.backbone.state_dict())
+        task = getattr(tuned_extractor, "task", None)
+        if isinstance(task, nn.Module):
+            tensors.update(prefixed(task.state_dict(), "task."))
+        save_checkpoint(out / "backbone", tensors, "backbone", info.get("config") or {},
+                        meta=dict(info.get("meta") or {}, tuned=mode), format_version=int(info.get("format_version", 1)))
+    if bpr is not None:
+        shutil.copytree(bpr, out / "bpr", dirs_exist_ok=True)
+    save_checkpoint(out / "head", head.state_dict(), "head", head.config(),
+                    meta={"mode": mode, "parameters": count_parameters(head)}, format_version=HEAD_FORMAT_VERSION)
+    doc = {
+        "format": "voxdiff",
+        "kind": SEGMENTER_KIND,
+        "format_version": SEGMENTER_FORMAT_VERSION,
+        "mode": mode,
+        "method": (read_checkpoint_info(bdir, kind="backbone").get("config") or {}).get("method"),
+        "bpr": bpr is not None,
+        "preprocess": to_dict(preprocess),
+        "labels": {str(k): v for k, v in BTCV_LABELS.items()},
+        "roi": [int(r) for r in roi],
+        "overlap": float(overlap),
+        "versions": versions(),
+        "meta": to_dict(meta or {}),
+    }
+    atomic_write_json(out / "segmenter.json", doc)
+    return out
+
+
+@dataclass
+class Segmenter:
+    """A loaded bundle: frozen (or tuned) extractor + head + how to preprocess and window."""
+
+    path: Path
+    extractor: Any
+    head: nn.Module
+    preprocess: PreprocessConfig
+    roi: tuple[int, int, int]
+    overlap: float
+    labels: dict[int, str]
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def predict(self, raw_case, device: str = "cpu", amp: bool = False, sw_batch_size: int = 2,
+                progress: bool = False) -> np.ndarray:
+        """uint8 label map of a raw case (file grid) on that same grid."""
+        from .predict import predict_original
+
+        lab, _ = predict_original(self.extractor, self.head, raw_case, self.preprocess, self.roi, self.overlap,
+                                  device=device, amp=amp, sw_batch_size=sw_batch_size, progress=progress)
+        return lab
+
+
+def read_segmenter_info(model_dir: str | os.PathLike) -> dict[str, Any]:
+    """Validate the bundle's parts and ``segmenter.json``; return the document."""
+    p = Path(model_dir)
+    if not p.exists():
+        raise ModelError(p, "model folder not found")
+    if not p.is_dir():
+        raise ModelError(p, "not a segmenter model folder (expected a folder with segmenter.json)")
+    js = p / "segmenter.json"
+    if not js.is_file():
+        raise ModelError(p, "not a voxdiff segmenter: segmenter.json is missing")
+    try:
+        doc = json.loads(js.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        raise ModelError(js, "unreadable segmenter description (invalid JSON)") from None
+    if not isinstance(doc, dict) or doc.get("format") != "voxdiff" or doc.get("kind") != SEGMENTER_KIND:
+        raise ModelError(js, "not a voxdiff segmenter description")
+    ver = doc.get("format_version")
+    if ver != SEGMENTER_FORMAT_VERSION:
+        made = (doc.get("versions") or {}).get("voxdiff", "unknown")
+        raise ModelError(p, f"segmenter format version {ver} (made by voxdiff {made}) is not supported by this "
+                            f"voxdiff (expects version {SEGMENTER_FORMAT_VERSION})")
+    for part in ("backbone", "head") + (("bpr",) if doc.get("bpr") else ()):
+        d = p / part
+        if not (d / "model.json").is_file() or not (d / "model.safetensors").is_file():
+            raise ModelError(p, f"incomplete segmenter: the {part}/ part is missing or incomplete")
+    for k in ("preprocess", "roi", "overlap"):
+        if k not in doc:
+            raise ModelError(js, f"incomplete segmenter description ('{k}' missing)")
+    return doc
+
+
+def load_segmenter(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Segmenter:
+    """Load and check a segmenter bundle (every part present, versions understood)."""
+    p = Path(model_dir)
+    doc = read_segmenter_info(p)
+    from voxdiff.pretrain.load import load_pretrained
+
+    extractor = load_pretrained(p, device=device)
+    tensors, hinfo = load_checkpoint(p / "head", kind="head", max_version=HEAD_FORMAT_VERSION)
+    try:
+        head = build_head(hinfo.get("config") or {})
+        head.load_state_dict(tensors, strict=True)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ModelError(p / "head", f"head weights do not match its configuration ({str(e).splitlines()[0]})") from None
+    chans = [int(lv.channels) for lv in extractor.levels]
+    if list(getattr(head, "level_channels", chans)) != chans:
+        raise ModelError(p, f"head expects pyramid channels {head.level_channels}, backbone gives {chans}")
+    head.to(device).eval()
+    try:
+        pre = from_dict(PreprocessConfig, doc["preprocess"], strict=False)
+    except (TypeError, ValueError) as e:
+        raise ModelError(p / "segmenter.json", f"invalid preprocessing config ({e})") from None
+    labels = {int(k): str(v) for k, v in (doc.get("labels") or {str(k): v for k, v in BTCV_LABELS.items()}).items()}
+    return Segmenter(p, extractor, head, pre, tuple(int(r) for r in doc["roi"]), float(doc["overlap"]), labels, doc)

@@ -1,0 +1,145 @@
+"""Segmentation heads over a frozen feature pyramid (finest level first, stride 1 first).
+
+* :class:`LinearHead`: a 1x1x1 convolution per pyramid level, each upsampled to full resolution
+  and summed. Every operation is linear (conv, nearest/trilinear upsampling, sum), so the logits are
+  an affine function of the concatenated per-voxel feature vector: the vox2vec linear probe.
+* :class:`NonLinearHead`: a light decoder. Each level is projected to ``hidden`` channels by a 1x1x1
+  conv; starting from the coarsest level, the running map is upsampled to the next finer level,
+  added to that level's projection and refined by kernel-1 residual blocks. A final 1x1x1 conv gives
+  the logits. All convolutions have kernel 1, so at inference (BatchNorm in eval mode) the head is
+  a per-voxel function of the (upsampled) pyramid: it adds no spatial context of its own.
+
+Both take ``list[Tensor]`` shaped ``(B, C_i, X/s_i, Y/s_i, Z/s_i)`` and return logits
+``(B, n_classes, X, Y, Z)`` at the size of the first (finest) level, or ``out_size`` when given.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HEAD_TYPES = ("linear", "nonlinear")
+
+
+def _upsample(x: torch.Tensor, size: Sequence[int], mode: str) -> torch.Tensor:
+    if tuple(x.shape[2:]) == tuple(size):
+        return x
+    if mode == "nearest":
+        return F.interpolate(x, size=tuple(size), mode="nearest")
+    return F.interpolate(x, size=tuple(size), mode="trilinear", align_corners=False)
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    return int(sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only))
+
+
+class LinearHead(nn.Module):
+    """Strictly linear probe: ``sum_i up(conv1x1_i(f_i))``.
+
+    level_channels: channels of each pyramid level, finest first.
+    n_classes: output channels (14 for BTCV incl. background).
+    upsample: "nearest" (vox2vec) or "trilinear"; both are linear maps.
+    """
+
+    def __init__(self, level_channels: Sequence[int], n_classes: int, upsample: str = "trilinear"):
+        super().__init__()
+        if upsample not in ("nearest", "trilinear"):
+            raise ValueError(f"upsample must be 'nearest' or 'trilinear', not {upsample!r}")
+        self.level_channels = [int(c) for c in level_channels]
+        self.n_classes = int(n_classes)
+        self.upsample = upsample
+        self.convs = nn.ModuleList(nn.Conv3d(c, n_classes, kernel_size=1) for c in self.level_channels)
+
+    def config(self) -> dict:
+        return {"type": "linear", "level_channels": self.level_channels, "n_classes": self.n_classes,
+                "upsample": self.upsample}
+
+    def forward(self, pyramid: Sequence[torch.Tensor], out_size: Sequence[int] | None = None) -> torch.Tensor:
+        if len(pyramid) != len(self.convs):
+            raise ValueError(f"head expects {len(self.convs)} pyramid levels, got {len(pyramid)}")
+        size = tuple(out_size) if out_size is not None else tuple(pyramid[0].shape[2:])
+        out = None
+        for conv, f in zip(self.convs, pyramid):
+            y = _upsample(conv(f), size, self.upsample)
+            out = y if out is None else out + y
+        return out
+
+
+class _ResBlock1(nn.Module):
+    """Pre-activation residual block with kernel-1 convolutions."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.norm1 = nn.BatchNorm3d(ch)
+        self.conv1 = nn.Conv3d(ch, ch, kernel_size=1)
+        self.norm2 = nn.BatchNorm3d(ch)
+        self.conv2 = nn.Conv3d(ch, ch, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return x + h
+
+
+class NonLinearHead(nn.Module):
+    """Light FPN-style decoder of kernel-1 convolutions over the frozen pyramid.
+
+    level_channels: channels of each pyramid level, finest first.
+    n_classes: output channels.
+    hidden: width of the decoder (same at every level).
+    blocks: kernel-1 residual blocks after each skip sum.
+    """
+
+    def __init__(self, level_channels: Sequence[int], n_classes: int, hidden: int = 64, blocks: int = 1,
+                 upsample: str = "trilinear"):
+        super().__init__()
+        self.level_channels = [int(c) for c in level_channels]
+        self.n_classes = int(n_classes)
+        self.hidden = int(hidden)
+        self.blocks = int(blocks)
+        self.upsample = upsample
+        self.proj = nn.ModuleList(nn.Conv3d(c, hidden, kernel_size=1) for c in self.level_channels)
+        self.refine = nn.ModuleList(
+            nn.Sequential(*[_ResBlock1(hidden) for _ in range(self.blocks)]) for _ in self.level_channels
+        )
+        self.out_norm = nn.BatchNorm3d(hidden)
+        self.out = nn.Conv3d(hidden, n_classes, kernel_size=1)
+
+    def config(self) -> dict:
+        return {"type": "nonlinear", "level_channels": self.level_channels, "n_classes": self.n_classes,
+                "hidden": self.hidden, "blocks": self.blocks, "upsample": self.upsample}
+
+    def forward(self, pyramid: Sequence[torch.Tensor], out_size: Sequence[int] | None = None) -> torch.Tensor:
+        if len(pyramid) != len(self.proj):
+            raise ValueError(f"head expects {len(self.proj)} pyramid levels, got {len(pyramid)}")
+        x = None
+        for i in range(len(pyramid) - 1, -1, -1):  # coarsest -> finest
+            p = self.proj[i](pyramid[i])
+            x = p if x is None else _upsample(x, p.shape[2:], self.upsample) + p
+            x = self.refine[i](x)
+        x = self.out(F.silu(self.out_norm(x)))
+        size = tuple(out_size) if out_size is not None else tuple(pyramid[0].shape[2:])
+        return _upsample(x, size, self.upsample)
+
+
+def build_head(config: dict) -> nn.Module:
+    """Rebuild a head from its ``config()`` dict (as stored in a head checkpoint)."""
+    cfg = dict(config)
+    kind = cfg.pop("type", None)
+    if kind == "linear":
+        return LinearHead(**cfg)
+    if kind == "nonlinear":
+        return NonLinearHead(**cfg)
+    raise ValueError(f"unknown head type {kind!r}; known: {HEAD_TYPES}")
+
+
+def make_head(name: str, level_channels: Sequence[int], n_classes: int, hidden: int = 64, blocks: int = 1) -> nn.Module:
+    """Head by name: ``linear`` or ``nonlinear`` (fine-tune / scratch modes use the non-linear head)."""
+    if name == "linear":
+        return LinearHead(level_channels, n_classes)
+    if name in ("nonlinear", "finetune", "scratch"):
+        return NonLinearHead(level_channels, n_classes, hidden=hidden, blocks=blocks)
+    raise ValueError(f"unknown head {name!r}; known: linear, nonlinear, finetune, scratch")

@@ -1,0 +1,189 @@
+"""Whole-volume prediction: sliding windows over a predictor that runs extractor + head(s).
+
+MONAI's ``sliding_window_inference`` cuts the volume into ``roi`` windows overlapping by
+``overlap``, runs the frozen extractor and the head(s) on each window, and blends the window logits
+with gaussian weights. One pass can serve several heads at once (features are computed once per
+window). ``predict_case`` works on a preprocessed case, ``predict_original`` maps the label map back
+to the source file's grid with :func:`voxdiff.data.preprocess.restore_to_original`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def extractor_window(extractor) -> int:
+    """Largest stride of the pyramid: window sizes must be multiples of it."""
+    levels = getattr(extractor, "levels", None)
+    if not levels:
+        return 1
+    return int(max(int(getattr(lv, "stride", 1)) for lv in levels))
+
+
+def round_roi(roi: Sequence[int], divisor: int) -> tuple[int, int, int]:
+    return tuple(max(divisor, int(np.ceil(int(r) / divisor) * divisor)) for r in roi)  # type: ignore[return-value]
+
+
+def autocast_ctx(device: torch.device | str, amp: bool):
+    device = torch.device(device)
+    if not amp:
+        return contextlib.nullcontext()
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def set_frozen(extractor) -> None:
+    """Eval mode and no gradients for everything the extractor holds (norm statistics never move)."""
+    for obj in (extractor, getattr(extractor, "backbone", None), getattr(extractor, "bpr", None)):
+        if isinstance(obj, nn.Module):
+            obj.eval()
+            for p in obj.parameters():
+                p.requires_grad_(False)
+
+
+def _accepts(fn, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def features(extractor, x: torch.Tensor, amp: bool = False, voxel_index: torch.Tensor | None = None,
+             coords: torch.Tensor | None = None, grad: bool = False) -> list[torch.Tensor]:
+    """Pyramid of ``x`` in float32 (the extractor may run under bf16 autocast).
+
+    ``voxel_index``/``coords`` (absolute voxel indices and condition map of a window) are passed to
+    extractors that take them (diffusion: same fixed noise and BPR map in overlapping windows).
+    ``grad=True`` builds the pyramid with gradients to the backbone (fine-tuning): for a
+    :class:`voxdiff.pretrain.load.FeatureExtractor` (whose call is always no-grad) the task's
+    feature passes are run through ``extractor.backbone.pyramid`` directly.
+    """
+    kw = {}
+    call = extractor.forward if isinstance(extractor, nn.Module) else extractor.__call__
+    if voxel_index is not None and _accepts(call, "voxel_index"):
+        kw["voxel_index"] = voxel_index
+    if coords is not None and _accepts(call, "coords"):
+        kw["coords"] = coords
+    with autocast_ctx(x.device, amp):
+        task = getattr(extractor, "task", None)
+        if grad and task is not None and hasattr(task, "feature_passes") and hasattr(extractor.backbone, "pyramid"):
+            with torch.no_grad():
+                passes = task.feature_passes(x, **kw)
+            outs = [extractor.backbone.pyramid(xi, t) for xi, t in passes]
+            pyr = outs[0] if len(outs) == 1 else [torch.cat([o[i] for o in outs], 1) for i in range(len(outs[0]))]
+        else:
+            pyr = extractor(x, **kw)
+    return [f.float() for f in pyr]
+
+
+def condition_map(extractor, x: torch.Tensor, amp: bool = False) -> torch.Tensor | None:
+    """Whole-volume condition (BPR) map when the extractor has one, so windows share it."""
+    fn = getattr(extractor, "condition_map", None)
+    if fn is None or int(getattr(extractor, "condition_channels", 0) or 0) <= 0:
+        return None
+    with torch.no_grad(), autocast_ctx(x.device, amp):
+        c = fn(x)
+    return None if c is None else c.float()
+
+
+def to_unit_tensor(image_unit, device="cpu") -> torch.Tensor:
+    """(X,Y,Z) array/tensor in [0,1] -> (1,1,X,Y,Z) float32 tensor."""
+    t = torch.as_tensor(np.asarray(image_unit, dtype=np.float32) if not torch.is_tensor(image_unit) else image_unit)
+    t = t.float()
+    while t.ndim < 5:
+        t = t[None]
+    return t.to(device)
+
+
+@torch.no_grad()
+def predict_logits(
+    extractor,
+    heads: nn.Module | Mapping[str, nn.Module],
+    image_unit,
+    roi: Sequence[int] = (96, 96, 64),
+    overlap: float = 0.5,
+    sw_batch_size: int = 2,
+    mode: str = "gaussian",
+    device: str | torch.device = "cpu",
+    amp: bool = False,
+    progress: bool = False,
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """Logits ``(C, X, Y, Z)`` (float32, CPU) of a whole volume in [0, 1]; a dict for several heads.
+
+    The extractor and heads must already be in eval mode (heads are switched here).
+    """
+    from monai.inferers import sliding_window_inference
+
+    single = isinstance(heads, nn.Module)
+    head_map = {"_": heads} if single else dict(heads)
+    names = list(head_map)
+    for h in head_map.values():
+        h.eval()
+    x = to_unit_tensor(image_unit, device)
+    roi = round_roi(roi, extractor_window(extractor))
+
+    cond = condition_map(extractor, x, amp=amp)
+
+    def predictor(win: torch.Tensor, location, condition: torch.Tensor | None = None):
+        origins = torch.tensor([[int(s.start or 0) for s in loc[2:]] for loc in location], dtype=torch.long)
+        vi = _index_grid(tuple(win.shape[2:]), origins, win.device)
+        pyr = features(extractor, win, amp=amp, voxel_index=vi, coords=condition)
+        outs = tuple(head_map[n](pyr, out_size=win.shape[2:]).float() for n in names)
+        return outs if len(outs) > 1 else outs[0]
+
+    kw = {"condition": cond} if cond is not None else {}
+    out = sliding_window_inference(
+        x, roi_size=roi, sw_batch_size=sw_batch_size, predictor=predictor, overlap=overlap, mode=mode,
+        padding_mode="replicate", progress=progress, with_coord=True, **kw,
+    )
+    if not isinstance(out, (tuple, list)):
+        out = (out,)
+    res = {n: o[0].detach().float().cpu() for n, o in zip(names, out)}
+    return res["_"] if single else res
+
+
+def _index_grid(shape: tuple[int, int, int], origins: torch.Tensor, device) -> torch.Tensor:
+    """(B, 3, X, Y, Z) absolute voxel indices of windows starting at ``origins`` (B, 3)."""
+    axes = [torch.arange(s, device=device) for s in shape]
+    g = torch.stack(torch.meshgrid(*axes, indexing="ij"), 0)[None]
+    return g + origins.to(device)[:, :, None, None, None]
+
+
+def logits_to_labels(logits: torch.Tensor) -> np.ndarray:
+    return logits.argmax(0).numpy().astype(np.uint8)
+
+
+def unit_image(case, window: Sequence[float]) -> np.ndarray:
+    from voxdiff.data.preprocess import hu_to_unit
+
+    return hu_to_unit(case.image, tuple(window))
+
+
+def predict_case(extractor, head: nn.Module, case, roi: Sequence[int] = (96, 96, 64), overlap: float = 0.5,
+                 window: Sequence[float] | None = None, **kw) -> np.ndarray:
+    """uint8 label map on the grid of a *preprocessed* case (HU image)."""
+    if window is None:
+        window = extractor.preprocess.hu_window
+    return logits_to_labels(predict_logits(extractor, head, unit_image(case, window), roi, overlap, **kw))
+
+
+def predict_original(extractor, head: nn.Module, raw_case, preprocess_cfg=None, roi: Sequence[int] = (96, 96, 64),
+                     overlap: float = 0.5, **kw) -> tuple[np.ndarray, object]:
+    """Preprocess a raw case, predict, and map the labels back to the source grid.
+
+    Returns ``(labels on the original grid, preprocessed case)``.
+    """
+    from voxdiff.data.preprocess import preprocess, restore_to_original
+
+    cfg = preprocess_cfg if preprocess_cfg is not None else extractor.preprocess
+    pre = preprocess(raw_case, cfg)
+    lab = predict_case(extractor, head, pre, roi, overlap, window=cfg.hu_window, **kw)
+    return restore_to_original(lab, pre.meta, is_label=True).astype(np.uint8), pre

@@ -1,0 +1,542 @@
+"""Training segmentation heads on frozen features, fine-tuning, and from-scratch training.
+
+Loss: softmax cross-entropy + soft Dice (batch Dice over the foreground classes), the nnU-Net
+choice. The BTCV labels are mutually exclusive, so a softmax over 14 classes and an argmax give the
+label map directly; vox2vec's per-class sigmoid + BCE needs a threshold and a tie rule instead.
+
+Patches: with probability ``fg_prob`` a patch is centred (with jitter) on a voxel of an organ drawn
+uniformly among the organs present in the training cases (class-uniform), so small organs
+(adrenals, esophagus) are seen as often as the liver; the rest are uniformly random.
+
+Modes (``ProbeConfig.heads``):
+
+* ``linear`` / ``nonlinear``: heads on the frozen extractor (eval mode, no gradients: norm statistics
+  and weights never change). All frozen heads are trained in one pass: each batch's features are
+  computed once and fed to every head.
+* ``finetune``: a copy of the extractor's backbone with the non-linear head; the backbone stays
+  frozen for ``warmup_steps`` and is then trained with ``backbone_lr``.
+* ``scratch``: the same backbone architecture, randomly re-initialised, trained end to end.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from voxdiff.core.errors import InputError, TrainingError
+
+from .heads import count_parameters, make_head
+from .predict import features, logits_to_labels, predict_logits, set_frozen, unit_image
+
+FROZEN_MODES = ("linear", "nonlinear")
+TUNED_MODES = ("finetune", "scratch")
+ALL_MODES = FROZEN_MODES + TUNED_MODES
+
+
+@dataclass
+class ProbeConfig:
+    """Probing / fine-tuning options (defaults sized for a CPU).
+
+    heads: what to train: linear, nonlinear (frozen features, one shared pass), finetune, scratch.
+    patch_size: training patch (x, y, z) in voxels; multiples of the backbone's largest stride.
+    batch_size: patches per step.
+    steps: optimisation steps per head / network.
+    lr: learning rate of the heads (Adam).
+    backbone_lr: learning rate of the backbone when fine-tuning.
+    scratch_lr: learning rate of the from-scratch network (backbone and head).
+    weight_decay: AdamW weight decay.
+    warmup_steps: fine-tuning only: steps with the backbone frozen before it is unfrozen.
+    fg_prob: fraction of patches centred on an organ voxel (organ drawn uniformly).
+    hidden: width of the non-linear head.
+    blocks: kernel-1 residual blocks per level in the non-linear head.
+    train_cases: use only the first N labelled training cases (label-efficiency studies); null = all.
+    val_from_train: training cases held out for checkpoint selection; 0 = select on the fold's
+      validation cases (nnU-Net style; then the fold's score is optimistic).
+    val_every: validate (whole volumes, sliding window) every this many steps and at the end.
+    roi: sliding-window size for validation and for the saved segmenter.
+    overlap: sliding-window overlap.
+    n_classes: output classes incl. background (14 = BTCV).
+    amp: bf16 autocast for the feature extractor.
+    device: auto, cpu or cuda.
+    seed: seed of patch sampling and head initialisation.
+    """
+
+    heads: tuple[str, ...] = ("linear", "nonlinear")
+    patch_size: tuple[int, int, int] = (64, 64, 32)
+    batch_size: int = 2
+    steps: int = 300
+    lr: float = 3e-3
+    backbone_lr: float = 3e-4
+    scratch_lr: float = 1e-3
+    weight_decay: float = 1e-5
+    warmup_steps: int = 100
+    fg_prob: float = 0.67
+    hidden: int = 32
+    blocks: int = 1
+    train_cases: int | None = None
+    val_from_train: int = 1
+    val_every: int = 100
+    roi: tuple[int, int, int] = (96, 96, 64)
+    overlap: float = 0.5
+    n_classes: int = 14
+    amp: bool = True
+    device: str = "auto"
+    seed: int = 0
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _to_device(extractor, device: torch.device) -> None:
+    if hasattr(extractor, "to") and callable(extractor.to):
+        extractor.to(device)
+    else:
+        for name in ("backbone", "bpr"):
+            m = getattr(extractor, name, None)
+            if isinstance(m, nn.Module):
+                m.to(device)
+
+
+# ------------------------------------------------------------------------------------ sampling
+
+
+class PatchSampler:
+    """Random training patches with class-uniform organ centring.
+
+    cases: preprocessed cases (HU image, uint8 label).
+    window: HU window mapped to [0, 1].
+    """
+
+    def __init__(self, cases: Sequence, window: Sequence[float], patch_size: Sequence[int], fg_prob: float,
+                 rng: np.random.Generator, max_voxels_per_class: int = 20000):
+        if not cases:
+            raise InputError(None, "no labelled training cases")
+        self.images = [unit_image(c, window) for c in cases]
+        self.labels = [np.asarray(c.label, dtype=np.uint8) for c in cases]
+        self.size = tuple(int(s) for s in patch_size)
+        self.fg_prob = float(fg_prob)
+        self.rng = rng
+        # class -> list of (case index, flat voxel indices)
+        self.where: dict[int, list[tuple[int, np.ndarray]]] = {}
+        for i, lab in enumerate(self.labels):
+            flat = lab.ravel()
+            for c in np.unique(flat):
+                if c == 0:
+                    continue
+                idx = np.flatnonzero(flat == c)
+                if idx.size > max_voxels_per_class:
+                    idx = rng.choice(idx, max_voxels_per_class, replace=False)
+                self.where.setdefault(int(c), []).append((i, idx))
+        self.classes = sorted(self.where)
+
+    def _crop(self, arr: np.ndarray, start: Sequence[int], fill: float) -> np.ndarray:
+        out = np.full(self.size, fill, dtype=arr.dtype)
+        src, dst = [], []
+        for s, n, sh in zip(start, self.size, arr.shape):
+            a, b = max(s, 0), min(s + n, sh)
+            src.append(slice(a, b))
+            dst.append(slice(a - s, b - s))
+        out[tuple(dst)] = arr[tuple(src)]
+        return out
+
+    def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        for _ in range(batch_size):
+            if self.classes and self.rng.random() < self.fg_prob:
+                c = self.classes[int(self.rng.integers(len(self.classes)))]
+                i, idx = self.where[c][int(self.rng.integers(len(self.where[c])))]
+                centre = np.unravel_index(int(idx[int(self.rng.integers(idx.size))]), self.labels[i].shape)
+                jitter = [int(self.rng.integers(-(n // 4), n // 4 + 1)) for n in self.size]
+                start = [int(cc) - n // 2 + j for cc, n, j in zip(centre, self.size, jitter)]
+            else:
+                i = int(self.rng.integers(len(self.images)))
+                start = [int(self.rng.integers(min(0, sh - n), max(0, sh - n) + 1))
+                         for sh, n in zip(self.images[i].shape, self.size)]
+            xs.append(self._crop(self.images[i], start, 0.0))
+            ys.append(self._crop(self.labels[i], start, 0))
+        x = torch.from_numpy(np.stack(xs)[:, None].astype(np.float32))
+        y = torch.from_numpy(np.stack(ys).astype(np.int64))
+        return x, y
+
+
+# ------------------------------------------------------------------------------------ loss / metrics
+
+
+def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Cross-entropy + (1 - soft batch Dice over the foreground classes)."""
+    n = logits.shape[1]
+    ce = F.cross_entropy(logits, target)
+    p = torch.softmax(logits, 1)
+    onehot = F.one_hot(target, n).movedim(-1, 1).to(p.dtype)
+    dims = (0,) + tuple(range(2, logits.ndim))
+    inter = (p * onehot).sum(dims)
+    denom = p.sum(dims) + onehot.sum(dims)
+    dice = (2 * inter + eps) / (denom + eps)
+    return ce + (1.0 - dice[1:].mean())
+
+
+def mean_dice(pred: np.ndarray, gt: np.ndarray, n_classes: int) -> float:
+    """Mean Dice over the organs present in ``gt`` or ``pred`` (validation score)."""
+    scores = []
+    for c in range(1, n_classes):
+        p, g = pred == c, gt == c
+        s = int(p.sum()) + int(g.sum())
+        if s == 0:
+            continue
+        scores.append(2.0 * int(np.logical_and(p, g).sum()) / s)
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def validate(extractor, heads: dict[str, nn.Module], cases: Sequence, cfg: ProbeConfig, device: torch.device,
+             window: Sequence[float]) -> dict[str, float]:
+    """Mean Dice of every head over whole validation volumes (one feature pass per window)."""
+    if not cases:
+        return {}
+    scores: dict[str, list[float]] = {n: [] for n in heads}
+    for case in cases:
+        out = predict_logits(extractor, heads, unit_image(case, window), cfg.roi, cfg.overlap,
+                             device=device, amp=cfg.amp)
+        for n, lg in out.items():
+            scores[n].append(mean_dice(logits_to_labels(lg), np.asarray(case.label), cfg.n_classes))
+    return {n: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for n, v in scores.items()}
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=None if enabled else True, leave=False)
+
+
+def _check_loss(loss: torch.Tensor, name: str, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise TrainingError(f"{name}: loss became {loss.item()} at step {step}")
+
+
+def fit_heads(
+    extractor,
+    train_cases: Sequence,
+    val_cases: Sequence = (),
+    heads: Sequence[str] = ("linear", "nonlinear"),
+    cfg: ProbeConfig | None = None,
+    progress: bool = True,
+    history: list | None = None,
+) -> dict[str, nn.Module]:
+    """Train several heads on the frozen extractor in one pass; return ``{name: best head}`` (eval mode).
+
+    Every batch goes through the extractor once (no grad, eval mode) and feeds all heads. With
+    validation cases the head state with the best validation Dice is returned, else the last one.
+    ``history`` (a list) receives ``{"step", "loss": {...}, "val": {...}}`` records.
+    """
+    cfg = cfg or ProbeConfig()
+    names = list(heads)
+    bad = [n for n in names if n not in FROZEN_MODES]
+    if bad:
+        raise ValueError(f"fit_heads trains frozen heads only ({FROZEN_MODES}); use fit_network for {bad}")
+    device = resolve_device(cfg.device)
+    set_frozen(extractor)
+    _to_device(extractor, device)
+    window = extractor.preprocess.hu_window
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    sampler = PatchSampler(train_cases, window, cfg.patch_size, cfg.fg_prob, rng)
+    chans = [int(lv.channels) for lv in extractor.levels]
+    models = {n: make_head(n, chans, cfg.n_classes, cfg.hidden, cfg.blocks).to(device) for n in names}
+    opts = {n: torch.optim.AdamW(m.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay) for n, m in models.items()}
+    scheds = {n: torch.optim.lr_scheduler.LambdaLR(o, _cosine(cfg.steps)) for n, o in opts.items()}
+    best = {n: (-math.inf, copy.deepcopy(m.state_dict())) for n, m in models.items()}
+    bar = _progress(cfg.steps, "probe " + "+".join(names), progress)
+    running = {n: 0.0 for n in names}
+    for step in range(1, cfg.steps + 1):
+        x, y = sampler.sample(cfg.batch_size)
+        x, y = x.to(device), y.to(device)
+        with torch.no_grad():
+            pyr = features(extractor, x, amp=cfg.amp)
+        for n, m in models.items():
+            m.train()
+            loss = dice_ce_loss(m(pyr, out_size=x.shape[2:]), y)
+            _check_loss(loss, n, step)
+            opts[n].zero_grad(set_to_none=True)
+            loss.backward()
+            opts[n].step()
+            scheds[n].step()
+            running[n] = 0.9 * running[n] + 0.1 * loss.item() if step > 1 else loss.item()
+        bar.update(1)
+        bar.set_postfix({n: f"{v:.3f}" for n, v in running.items()})
+        if step % cfg.val_every == 0 or step == cfg.steps:
+            val = validate(extractor, models, val_cases, cfg, device, window)
+            for n, m in models.items():
+                score = val.get(n, float("nan"))
+                if not val or (np.isfinite(score) and score > best[n][0]) or step == cfg.steps and best[n][0] == -math.inf:
+                    best[n] = (score if np.isfinite(score) else best[n][0], copy.deepcopy(m.state_dict()))
+            if history is not None:
+                history.append({"step": step, "loss": dict(running), "val_dice": val})
+    bar.close()
+    for n, m in models.items():
+        m.load_state_dict(best[n][1])
+        m.eval()
+        m.best_val_dice = None if best[n][0] == -math.inf else float(best[n][0])  # type: ignore[attr-defined]
+    return models
+
+
+def _cosine(steps: int):
+    def f(i: int) -> float:
+        return 0.5 * (1 + math.cos(math.pi * min(i, steps) / max(1, steps))) * 0.95 + 0.05
+
+    return f
+
+
+def reinit_(module: nn.Module, seed: int) -> nn.Module:
+    """Random re-initialisation of every sub-module that can reset itself (same architecture)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for m in module.modules():
+            if hasattr(m, "reset_running_stats"):
+                m.reset_running_stats()
+            if hasattr(m, "reset_parameters") and callable(m.reset_parameters):
+                m.reset_parameters()
+    return module
+
+
+def fit_network(
+    extractor,
+    train_cases: Sequence,
+    val_cases: Sequence = (),
+    mode: str = "finetune",
+    cfg: ProbeConfig | None = None,
+    progress: bool = True,
+    history: list | None = None,
+):
+    """Fine-tune (``finetune``) or train from scratch (``scratch``) backbone + non-linear head.
+
+    Works on a deep copy of ``extractor``; returns ``(tuned_extractor, head)`` in eval mode with the
+    best validation state. Only ``extractor.backbone`` is trained (a BPR inside stays frozen).
+    """
+    if mode not in TUNED_MODES:
+        raise ValueError(f"mode must be one of {TUNED_MODES}")
+    cfg = cfg or ProbeConfig()
+    device = resolve_device(cfg.device)
+    ext = copy.deepcopy(extractor)
+    set_frozen(ext)
+    backbone = getattr(ext, "backbone", None)
+    if not isinstance(backbone, nn.Module):
+        raise TrainingError("this feature extractor exposes no backbone module to fine-tune")
+    if mode == "scratch":
+        reinit_(backbone, cfg.seed + 1)
+    _to_device(ext, device)
+    window = ext.preprocess.hu_window
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    sampler = PatchSampler(train_cases, window, cfg.patch_size, cfg.fg_prob, rng)
+    chans = [int(lv.channels) for lv in ext.levels]
+    head = make_head("nonlinear", chans, cfg.n_classes, cfg.hidden, cfg.blocks).to(device)
+    head_lr = cfg.scratch_lr if mode == "scratch" else cfg.lr
+    opt = torch.optim.AdamW(head.parameters(), lr=head_lr, weight_decay=cfg.weight_decay)
+    warm = 0 if mode == "scratch" else min(cfg.warmup_steps, cfg.steps)
+    unfrozen = False
+    best = (-math.inf, None)
+    bar = _progress(cfg.steps, mode, progress)
+    running = 0.0
+
+    def snapshot():
+        return copy.deepcopy(backbone.state_dict()), copy.deepcopy(head.state_dict())
+
+    for step in range(1, cfg.steps + 1):
+        if not unfrozen and step > warm:
+            backbone.train()
+            params = []
+            for p in backbone.parameters():
+                p.requires_grad_(True)
+                params.append(p)
+            lr = cfg.scratch_lr if mode == "scratch" else cfg.backbone_lr
+            opt.add_param_group({"params": params, "lr": lr, "weight_decay": cfg.weight_decay})
+            unfrozen = True
+        x, y = sampler.sample(cfg.batch_size)
+        x, y = x.to(device), y.to(device)
+        head.train()
+        if unfrozen:
+            pyr = features(ext, x, amp=cfg.amp, grad=True)
+            if not any(f.requires_grad for f in pyr):
+                raise TrainingError("the feature extractor returns no gradients; it cannot be fine-tuned")
+        else:
+            with torch.no_grad():
+                pyr = features(ext, x, amp=cfg.amp)
+        loss = dice_ce_loss(head(pyr, out_size=x.shape[2:]), y)
+        _check_loss(loss, mode, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        running = 0.9 * running + 0.1 * loss.item() if step > 1 else loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{running:.3f}")
+        if step % cfg.val_every == 0 or step == cfg.steps:
+            backbone.eval()
+            val = validate(ext, {mode: head}, val_cases, cfg, device, window)
+            score = val.get(mode, float("nan"))
+            if not val or (np.isfinite(score) and score > best[0]) or (step == cfg.steps and best[1] is None):
+                best = (score if np.isfinite(score) else best[0], snapshot())
+            if unfrozen:
+                backbone.train()
+            if history is not None:
+                history.append({"step": step, "loss": {mode: running}, "val_dice": val})
+    bar.close()
+    bstate, hstate = best[1]
+    backbone.load_state_dict(bstate)
+    head.load_state_dict(hstate)
+    set_frozen(ext)
+    head.eval()
+    head.best_val_dice = None if best[0] == -math.inf else float(best[0])  # type: ignore[attr-defined]
+    return ext, head
+
+
+# ------------------------------------------------------------------------------------ end to end
+
+
+def select_cases(ids: Sequence[str], splits: list[dict] | None, fold: int | None, cfg: ProbeConfig
+                 ) -> tuple[list[str], list[str], list[str]]:
+    """(train ids, validation ids for checkpoint selection, test ids) of a fold.
+
+    ``fold=None``: all labelled cases are training cases. Otherwise the fold's ``train`` list trains
+    and its ``val`` list (or ``test``, when the splits carry one) is the test set. ``val_from_train``
+    cases are held out of training for checkpoint selection (a seeded choice); with 0, the fold's
+    validation cases select the checkpoint. ``train_cases`` keeps the first N remaining (seeded order).
+    """
+    if fold is None:
+        train, test = sorted(ids), []
+        fold_val: list[str] = []
+    else:
+        if splits is None or not (0 <= fold < len(splits)):
+            raise InputError(None, f"fold {fold} not in the splits ({0 if splits is None else len(splits)} folds)")
+        f = splits[fold]
+        train = list(f["train"])
+        fold_val = list(f.get("val", []))
+        test = list(f["test"]) if "test" in f else fold_val
+        known = set(ids)
+        missing = [c for c in train + test if c not in known]
+        if missing:
+            raise InputError(None, f"split case ids not in the data set: {', '.join(missing[:5])}")
+    rng = np.random.default_rng(cfg.seed)
+    order = [train[i] for i in rng.permutation(len(train))]
+    if cfg.val_from_train > 0:
+        if len(order) <= cfg.val_from_train:
+            raise InputError(None, f"{len(order)} training case(s) cannot spare {cfg.val_from_train} for validation")
+        val, order = order[: cfg.val_from_train], order[cfg.val_from_train:]
+    else:
+        val = [c for c in fold_val if c not in test] if "test" in (splits[fold] if fold is not None and splits else {}) else fold_val
+    if cfg.train_cases is not None:
+        if cfg.train_cases < 1:
+            raise InputError(None, "train_cases must be >= 1")
+        order = order[: cfg.train_cases]
+    return sorted(order), sorted(val), sorted(test)
+
+
+def train_probe(
+    cfg: ProbeConfig,
+    pretrained_dir: str | os.PathLike,
+    data_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    fold: int | None = 0,
+    splits: str | os.PathLike | list | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Load a pretrained model and a labelled data set, train ``cfg.heads`` and write one segmenter
+    bundle per head under ``out_dir/<head>/`` plus ``probe.json`` (case ids, parameter counts,
+    validation history) and ``config.yaml``.
+
+    ``splits``: an nnU-Net ``splits_final.json`` (or the folds as a list); default: the data set's
+    ``splits_final.json`` when present, else 5-fold splits of its labelled cases.
+    """
+    from voxdiff.core.config import write_config
+    from voxdiff.core.outputs import check_output_path, staged_dir
+    from voxdiff.data.adapters import open_dataset
+    from voxdiff.data.cache import load_preprocessed
+    from voxdiff.data.splits import make_splits, read_splits
+    from voxdiff.pretrain.load import load_pretrained
+
+    from .bundle import save_segmenter
+
+    bad = [h for h in cfg.heads if h not in ALL_MODES]
+    if bad or not cfg.heads:
+        raise InputError(None, f"unknown head/mode {bad or '(none)'}; choose from {', '.join(ALL_MODES)}")
+    check_output_path(out_dir, force=force)
+    device = resolve_device(cfg.device)
+    extractor = load_pretrained(pretrained_dir, device=device)
+    ds = open_dataset(data_dir, split="train")
+    labelled = [r.case_id for r in ds.labelled]
+    if not labelled:
+        raise InputError(data_dir, "no labelled training cases")
+    ds.refs = [r for r in ds.refs if r.label_path is not None]
+    if isinstance(splits, list):
+        folds = splits
+    elif splits is not None:
+        folds = read_splits(splits)
+    elif (Path(data_dir) / "splits_final.json").is_file():
+        folds = read_splits(Path(data_dir) / "splits_final.json")
+    elif fold is not None:
+        folds = make_splits(labelled, "kfold", k=min(5, len(labelled)))
+    else:
+        folds = None
+    train_ids, val_ids, test_ids = select_cases(labelled, folds, fold, cfg)
+    pre = extractor.preprocess
+    train = load_preprocessed(ds, pre, cache_dir=cache_dir, case_ids=train_ids, progress=progress)
+    val = load_preprocessed(ds, pre, cache_dir=cache_dir, case_ids=val_ids, progress=progress) if val_ids else []
+    history: dict[str, list] = {}
+    results: dict[str, tuple[Any, nn.Module]] = {}
+    t0 = time.time()
+    frozen = [h for h in cfg.heads if h in FROZEN_MODES]
+    if frozen:
+        hist: list = []
+        heads = fit_heads(extractor, train, val, frozen, cfg, progress=progress, history=hist)
+        for n, h in heads.items():
+            results[n] = (None, h)
+            history[n] = hist
+    for mode in [h for h in cfg.heads if h in TUNED_MODES]:
+        hist = []
+        ext, h = fit_network(extractor, train, val, mode, cfg, progress=progress, history=hist)
+        results[mode] = (ext, h)
+        history[mode] = hist
+    backbone_params = count_parameters(extractor.backbone)
+    summary = {
+        "fold": fold,
+        "train_cases": train_ids,
+        "val_cases": val_ids,
+        "test_cases": test_ids,
+        "pretrained": str(Path(pretrained_dir).resolve()),
+        "data": str(Path(data_dir).resolve()),
+        "method": getattr(extractor, "method", None),
+        "backbone_parameters": backbone_params,
+        "heads": {n: {"parameters": count_parameters(h), "best_val_dice": getattr(h, "best_val_dice", None),
+                      "ratio_to_backbone": count_parameters(h) / max(1, backbone_params)}
+                  for n, (_, h) in results.items()},
+        "history": history,
+        "seconds": round(time.time() - t0, 1),
+    }
+    with staged_dir(out_dir, force=force) as tmp:
+        for n, (ext, h) in results.items():
+            save_segmenter(tmp / n, pretrained_dir, h, n, pre, cfg.roi, cfg.overlap, tuned_extractor=ext,
+                           meta={k: summary[k] for k in ("fold", "train_cases", "val_cases", "test_cases", "data")}
+                           | {"best_val_dice": summary["heads"][n]["best_val_dice"]})
+        from voxdiff.core.outputs import atomic_write_json
+
+        atomic_write_json(tmp / "probe.json", summary)
+        write_config(tmp, cfg, extra={"pretrained": summary["pretrained"], "data": summary["data"], "fold": fold})
+    return Path(out_dir)
