@@ -62,7 +62,7 @@ class Subject:
         for name in ("liver", "spleen", "kid_r", "kid_l", "stomach", "pancreas", "gb", "heart", "adr_r", "adr_l", "bladder", "colon"):
             self.organ[name] = {
                 "d": rng.normal(0, 6 * j, 3),
-                "s": float(np.clip(rng.normal(1.0, 0.09 * j), 0.78, 1.25)),
+                "s": float(np.clip(rng.normal(1.0, 0.07 * j), 0.85, 1.18)),
                 "rz": float(rng.normal(0, 6 * j)),
             }
         self.stomach_fill = _u(rng, 0.75, 1.25)
@@ -207,13 +207,15 @@ def _diaphragm_regions(cv: Canvas, S: Subject) -> None:
 
 
 def _table(cv: Canvas, S: Subject) -> None:
-    X, Y, Z = cv.X, cv.Y, cv.Z
-    yb = -(S.b_post(Z) + S.f_post) - S.table_y
+    # the table is rigid: undeformed grid coordinates, flat along z
+    X = cv.xs[:, None, None]
+    Y = cv.ys[None, :, None]
+    yb = -float(np.max(S.b_post(cv.zs))) - S.f_post - S.table_y - 2.0
     curve = yb + 0.0006 * X * X
     d = Y - curve  # positive above the table top
     outside = cv.region == 0
-    core = outside & (d < -3.5) & (d > -16) & (np.abs(X) < 230)
-    skin = outside & (((d <= 0.0) & (d >= -3.5)) | ((d <= -16) & (d >= -19))) & (np.abs(X) < 232)
+    core = outside & ((d < -3.5) & (d > -16) & (np.abs(X) < 230))
+    skin = outside & ((((d <= 0.0) & (d >= -3.5)) | ((d <= -16) & (d >= -19))) & (np.abs(X) < 232))
     cv.tissue[core] = T.TABLE_CORE
     cv.tissue[skin] = T.TABLE_SKIN
 
@@ -767,15 +769,21 @@ def _skeleton(cv: Canvas, S: Subject, lm: dict[str, float]) -> None:
         t = np.clip((Z - zac) / (zcrest - zac), 0, 1)
         sy_ = S.spine_y(Z)
         # wing curve in the axial plane: from the SI joint (posterior-medial) to the ASIS (anterior-lateral)
-        p0x, p0y = 38 * sw + 0 * t, sy_ - 5
-        p1x, p1y = (95 + 35 * t) * sw, sy_ - 25 + 10 * (1 - t)
-        p2x, p2y = (88 + 45 * t) * sw, sy_ + 55 * sd + 10 * t
+        p0x, p0y = 40 * sw + 0 * t, sy_ - 8
+        p1x, p1y = (85 + 25 * t) * sw, sy_ - 8 + 6 * (1 - t)
+        p2x, p2y = (92 + 38 * t) * sw, sy_ + 55 * sd + 10 * t
         best = np.full(X.shape, np.inf, np.float32)
         xs_ = side * X
-        for tt in np.linspace(0, 1, 9):
+        prev = None
+        for tt in np.linspace(0, 1, 13):
             qx = (1 - tt) ** 2 * p0x + 2 * (1 - tt) * tt * p1x + tt**2 * p2x
             qy = (1 - tt) ** 2 * p0y + 2 * (1 - tt) * tt * p1y + tt**2 * p2y
-            best = np.minimum(best, np.sqrt((xs_ - qx) ** 2 + (Y - qy) ** 2))
+            if prev is not None:  # distance to the segment prev -> q (per voxel, since the curve moves with z)
+                ax_, ay_ = prev
+                ex, ey = qx - ax_, qy - ay_
+                tseg = np.clip(((xs_ - ax_) * ex + (Y - ay_) * ey) / np.maximum(ex * ex + ey * ey, 1e-6), 0, 1)
+                best = np.minimum(best, np.sqrt((xs_ - ax_ - tseg * ex) ** 2 + (Y - ay_ - tseg * ey) ** 2))
+            prev = (qx, qy)
         top = zcrest - 25 * ((xs_ - 95 * sw) / (60 * sw)) ** 2
         wing = (best < 6.5 - 2.5 * (t < 0.2)) & (Z < top) & (Z > zac - 5)
         cv.paint(b, wing, T.MARROW)

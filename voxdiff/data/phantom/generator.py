@@ -161,6 +161,7 @@ def generate_phantom(seed: int, cfg: PhantomConfig | None = None, *, unlabelled:
     }
     fields["bowel2"] = LatticeBasis(axes, 15.0).draw(r_field)
     cv = Canvas(xs, ys, zs, disp if cfg.deformation_mm > 0 else None)
+    del disp
 
     # ---- anatomy -------------------------------------------------------------------------------------
     lm = build(cv, S, fields)

@@ -35,7 +35,7 @@ def _views(vol: np.ndarray, i: int, j: int, k: int) -> list[np.ndarray]:
 
 
 def pick_slices(label: np.ndarray | None, shape: tuple[int, int, int]) -> tuple[int, int, int]:
-    """Slices through the most organs (axial, coronal) and through the right kidney/liver (sagittal)."""
+    """Axial slice through the most organs, coronal through the kidneys, sagittal through the aorta."""
     if label is None or not label.any():
         return shape[0] // 2, shape[1] // 2, shape[2] // 2
     def best(axis: int) -> int:
@@ -47,7 +47,9 @@ def pick_slices(label: np.ndarray | None, shape: tuple[int, int, int]) -> tuple[
         score = n_org * 1e6 + fg
         return int(np.argmax(score))
     k = best(2)
-    j = best(1)
+    # coronal through the kidneys (shows both kidneys, spleen, liver, spine), else the most organs
+    kid = np.nonzero(np.isin(label, (2, 3)))
+    j = int(np.median(kid[1])) if kid[1].size else best(1)
     # sagittal through the aorta if present, else through the most organs
     aorta = np.nonzero(label == 8)
     i = int(np.median(aorta[0])) if aorta[0].size else best(0)
