@@ -67,7 +67,8 @@ class BPRTrainConfig:
         calib_range_mm: ape: mm per calibrated unit (the training median maps to 0.5).
         checkpoint_every: steps between train-state checkpoints.
         seed: random seed (initialisation and sampling).
-        threads: torch CPU threads (0 = torch's default).
+        threads: torch CPU threads during training (0 = leave torch's setting). Small networks
+            train fastest on one thread, and many times faster than on two when the CPU is shared.
     """
 
     kind: str = "slice"
@@ -95,7 +96,7 @@ class BPRTrainConfig:
     calib_range_mm: float = 300.0
     checkpoint_every: int = 100
     seed: int = 0
-    threads: int = 0
+    threads: int = 1
 
 
 DEFAULT_WEIGHTS = {"slice": (1.0, 0.1, 0.05), "ape": (1.0, 1.0, 1.0)}
@@ -311,8 +312,16 @@ def train_bpr(
         cases = load_training_cases(cfg)
     vols = cases_to_volumes(cases, cfg.hu_window, where=cfg.data or None)
 
+    prev_threads = torch.get_num_threads()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, out, vols, resuming, state_path, progress)
+    finally:
+        torch.set_num_threads(prev_threads)
+
+
+def _train(cfg: BPRTrainConfig, out: Path, vols: list[Volume], resuming: bool, state_path: Path, progress: bool) -> Path:
     torch.manual_seed(cfg.seed)
     pp = to_dict(preprocess_config(cfg))
     patch = (cfg.slice_patch, cfg.slice_patch, cfg.slices_per_sample) if cfg.kind == "slice" else (cfg.ape_patch,) * 3
@@ -347,9 +356,9 @@ def train_bpr(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         opt.step()
-        last = {"loss": float(loss), **parts}
+        last = {"loss": loss.item(), **parts}
         log_lines.append(",".join([str(step), f"{_lr(cfg, step):.6g}"] + [f"{last[k]:.6g}" for k in last]))
-        bar.set_postfix(loss=f"{float(loss):.4f}")
+        bar.set_postfix(loss=f"{last['loss']:.4f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             _append_log(out / "log.csv", log_lines, ["step", "lr"] + list(last))
             log_lines = []

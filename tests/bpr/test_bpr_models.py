@@ -1,0 +1,143 @@
+"""Networks, the pretraining entry point and model files."""
+
+import json
+
+import pytest
+import torch
+
+from voxdiff.bpr import (
+    BodyPartRegressor,
+    build_bpr,
+    coords_channels,
+    coords_for_patches,
+    load_bpr,
+    save_bpr,
+    sincos_encode,
+)
+from voxdiff.core.checkpoint import save_checkpoint
+from voxdiff.core.errors import ModelError
+
+
+def _model(kind, seed=0):
+    torch.manual_seed(seed)
+    m = build_bpr(kind, {"channels": (8, 8, 16, 16), "patch_size": (32, 32, 32)})
+    # non-trivial BatchNorm statistics and calibration so that round trips are meaningful
+    m.train()
+    with torch.no_grad():
+        m(torch.rand(4, 1, 32, 32, 16))
+    m.calib_scale.fill_(2.5)
+    m.calib_offset.fill_(-0.3)
+    return m.eval()
+
+
+@pytest.mark.parametrize("kind,channels", [("slice", 1), ("ape", 3)])
+def test_forward_shape_any_patch_size(kind, channels):
+    m = _model(kind)
+    assert isinstance(m, BodyPartRegressor) and m.kind == kind and m.out_channels == channels
+    for shape in [(2, 1, 32, 32, 32), (1, 1, 37, 29, 21)]:
+        y = m(torch.rand(*shape))
+        assert y.shape == (shape[0], channels) + shape[2:]
+
+
+def test_slice_scores_are_constant_per_slice_and_independent_of_other_slices():
+    m = _model("slice")
+    x = torch.rand(1, 1, 32, 32, 24)
+    y = m(x)
+    assert torch.allclose(y, y[:, :, :1, :1, :].expand_as(y))
+    # the same slices in a patch with other z neighbours get exactly the same scores
+    y2 = m(x[..., 5:17])
+    assert torch.allclose(y2[0, 0, 0, 0], y[0, 0, 0, 0, 5:17], atol=1e-5)
+    # and the same in another batch composition (BatchNorm in eval mode)
+    y3 = m(torch.cat([torch.rand(1, 1, 32, 32, 12), x[..., 5:17]]))
+    assert torch.allclose(y3[1, 0, 0, 0], y2[0, 0, 0, 0], atol=1e-5)
+
+
+def test_ape_patch_consistency_on_stride_aligned_overlap():
+    """Away from the borders, a voxel's value does not depend on which patch it was cut from
+    when the shift is a multiple of the network stride (what remains is the border effect)."""
+    m = _model("ape")
+    vol = torch.rand(1, 1, 96, 48, 48)
+    a = m(vol[:, :, :64])
+    b = m(vol[:, :, 32:96])
+    # shared x range 32..64; compare its central part (far from both patch borders)
+    da = a[:, :, 40:56, 16:32, 16:32]
+    db = b[:, :, 8:24, 16:32, 16:32]
+    spread = a.std()
+    assert (da - db).abs().mean() < 0.5 * spread
+
+
+def test_coords_for_patches_no_grad_sincos_spacing_and_dtype():
+    m = _model("ape")
+    for p in m.parameters():
+        p.requires_grad_(True)
+    x = torch.rand(2, 1, 24, 24, 16, dtype=torch.float64)
+    y = coords_for_patches(m, x)
+    assert y.shape == (2, 3, 24, 24, 16) and y.dtype == torch.float64 and not y.requires_grad
+    assert torch.allclose(y.float(), m(x.float()), atol=1e-5)
+    y2 = coords_for_patches(m, x, sincos=2)
+    assert y2.shape[1] == coords_channels(m, 2) == 15
+    assert torch.allclose(y2[:, :3], y)
+    assert torch.allclose(y2[:, 3:9], torch.sin(sincos_encode(y, 2)[:, 3:9].asin()), atol=1e-6)
+    # patches at 1.5 mm for a model trained at 3 mm are resampled; output keeps the input size
+    y3 = coords_for_patches(m, x, spacing=(1.5, 1.5, 1.5))
+    assert y3.shape == y.shape and not torch.allclose(y3, y)
+    with pytest.raises(ValueError):
+        coords_for_patches(m, torch.rand(2, 3, 8, 8, 8))
+    with pytest.raises(ValueError, match="smaller"):
+        coords_for_patches(m, torch.rand(1, 1, 2, 8, 8))
+    assert m.training is False
+
+
+def test_sincos_values():
+    c = torch.tensor([0.25]).view(1, 1, 1, 1, 1)
+    e = sincos_encode(c, 2).flatten()
+    import math
+
+    expect = [0.25, math.sin(math.pi * 0.25), math.sin(2 * math.pi * 0.25), math.cos(math.pi * 0.25), math.cos(2 * math.pi * 0.25)]
+    assert torch.allclose(e, torch.tensor(expect), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["slice", "ape"])
+def test_save_load_round_trip(tmp_path, kind):
+    m = _model(kind)
+    save_bpr(tmp_path / "m", m)
+    assert (tmp_path / "m" / "model.safetensors").is_file() and (tmp_path / "m" / "model.json").is_file()
+    m2 = load_bpr(tmp_path / "m")
+    assert type(m2) is type(m) and not m2.training
+    assert all(not p.requires_grad for p in m2.parameters())
+    x = torch.rand(2, 1, 32, 32, 20)
+    assert torch.allclose(m(x), m2(x), atol=1e-6)
+    assert m2.preprocess == m.preprocess and m2.mm_per_unit == pytest.approx(m.mm_per_unit)
+    assert load_bpr(tmp_path / "m", kind=kind).kind == kind
+    # file-pair form
+    save_bpr(tmp_path / "x.safetensors", m)
+    assert torch.allclose(load_bpr(tmp_path / "x.safetensors")(x), m(x), atol=1e-6)
+
+
+def test_load_refuses_other_kind_version_and_foreign_files(tmp_path):
+    m = _model("slice")
+    save_bpr(tmp_path / "m", m)
+    with pytest.raises(ModelError, match="'slice' body part regressor, expected 'ape'"):
+        load_bpr(tmp_path / "m", kind="ape")
+    # newer BPR version
+    doc = json.loads((tmp_path / "m" / "model.json").read_text())
+    doc["config"]["bpr_version"] = 99
+    (tmp_path / "m" / "model.json").write_text(json.dumps(doc))
+    with pytest.raises(ModelError, match="version"):
+        load_bpr(tmp_path / "m")
+    # another voxdiff model kind
+    save_checkpoint(tmp_path / "bb", {"w": torch.zeros(2)}, "backbone", {"a": 1})
+    with pytest.raises(ModelError, match="'backbone' model, expected 'bpr'"):
+        load_bpr(tmp_path / "bb")
+    # a bpr JSON whose weights do not match the architecture
+    save_checkpoint(tmp_path / "bad", {"w": torch.zeros(2)}, "bpr", m.model_config())
+    with pytest.raises(ModelError, match="do not match"):
+        load_bpr(tmp_path / "bad")
+    # not a voxdiff model at all
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "model.json").write_text("{not json")
+    (tmp_path / "junk" / "model.safetensors").write_bytes(b"xx")
+    with pytest.raises(ModelError, match="not a voxdiff model"):
+        load_bpr(tmp_path / "junk")
+    with pytest.raises(ModelError, match="not found"):
+        load_bpr(tmp_path / "nothing")

@@ -1,0 +1,141 @@
+"""Training: a tiny run on phantoms improves the quality measures; resume; bad data; CLI."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import voxdiff.bpr.train as train_mod
+from voxdiff.bpr import BPRTrainConfig, build_bpr, load_bpr, train_bpr
+from voxdiff.bpr.quality import ape_quality, landmark_z, patch_disagreement, slice_quality
+from voxdiff.cli import main
+from voxdiff.core.errors import InputError, ModelError
+
+from bpr_helpers import z_textured_case
+
+TINY = dict(spacing=(6.0, 6.0, 6.0), channels=(8, 16, 16, 16), batch_size=4, checkpoint_every=1000, seed=0)
+
+
+def _untrained(cfg):
+    torch.manual_seed(cfg.seed)
+    patch = (cfg.slice_patch, cfg.slice_patch, cfg.slices_per_sample) if cfg.kind == "slice" else (cfg.ape_patch,) * 3
+    m = build_bpr(cfg.kind, {"channels": cfg.channels, "patch_size": patch},
+                  preprocess={"spacing": list(cfg.spacing), "hu_window": list(cfg.hu_window)})
+    return m.eval()
+
+
+def test_tiny_slice_training_improves_spearman(tmp_path, tiny_phantoms):
+    train, test = tiny_phantoms
+    cfg = BPRTrainConfig(kind="slice", steps=120, slice_patch=24, slices_per_sample=8, lr=3e-3, **TINY)
+    before = slice_quality(_untrained(cfg), test)["spearman_mean"]
+    train_bpr(cfg, tmp_path / "m", cases=train, progress=False)
+    m = load_bpr(tmp_path / "m", kind="slice")
+    q = slice_quality(m, test)
+    assert q["spearman_mean"] > before + 0.1, (before, q["spearman_mean"])
+    assert q["spearman_mean"] > 0.5
+    # calibration: training scores span about 0..1, and the score grows toward the head
+    cal = m.calibration_info
+    assert cal["method"] == "percentiles" and cal["scale"] > 0
+    assert set(q["landmarks"]) >= {"liver_centre", "liver_dome_top"}
+    assert q["landmarks"]["liver_dome_top"]["mean"] > q["landmarks"]["liver_centre"]["mean"]
+    for f in ("model.safetensors", "model.json", "config.yaml", "log.csv", "metrics.json", "train_state.json"):
+        assert (tmp_path / "m" / f).is_file()
+
+
+def test_tiny_ape_training_improves_pearson_and_consistency(tmp_path, tiny_phantoms):
+    train, test = tiny_phantoms
+    cfg = BPRTrainConfig(kind="ape", steps=60, ape_patch=16, ape_points=96, lr=3e-3, **TINY)
+    untrained = _untrained(cfg)
+    before = ape_quality(untrained, test, n_points=300)["pearson_mean"]
+    train_bpr(cfg, tmp_path / "m", cases=train, progress=False)
+    m = load_bpr(tmp_path / "m", kind="ape")
+    q = ape_quality(m, test, n_points=300)
+    assert q["pearson_mean"] > before + 0.1, (before, q["pearson_mean"])
+    # same voxel in two overlapping patches: disagreement is a fraction of typical distances
+    d = patch_disagreement(m, test[:2], n_pairs=2)
+    assert d["mean_mm"] < 60.0
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
+    cases = [z_textured_case(s, shape=(24, 24, 20)) for s in range(3)]
+    cfg = BPRTrainConfig(kind="slice", steps=6, slice_patch=16, slices_per_sample=4, batch_size=2,
+                         channels=(4, 4, 4), checkpoint_every=2, spacing=(3.0, 3.0, 3.0))
+    train_bpr(cfg, tmp_path / "full", cases=cases, progress=False)
+
+    real_step = train_mod.slice_step
+    calls = {"n": 0}
+
+    def crashing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(train_mod, "slice_step", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        train_bpr(cfg, tmp_path / "cut", cases=cases, progress=False)
+    assert not (tmp_path / "cut" / "model.json").exists()  # no final model from a crashed run
+    monkeypatch.setattr(train_mod, "slice_step", real_step)
+    with pytest.raises(InputError, match="not empty"):
+        train_bpr(cfg, tmp_path / "cut", cases=cases, progress=False)  # neither resume nor force
+    with pytest.raises(ModelError, match="cannot resume"):
+        train_bpr(BPRTrainConfig(**{**cfg.__dict__, "slice_patch": 20}), tmp_path / "cut", cases=cases,
+                  resume=True, progress=False)
+    train_bpr(cfg, tmp_path / "cut", cases=cases, resume=True, progress=False)
+    a, b = load_bpr(tmp_path / "full"), load_bpr(tmp_path / "cut")
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(va.float(), vb.float(), atol=1e-6), k
+    assert len((tmp_path / "cut" / "log.csv").read_text().strip().splitlines()) == 1 + 6
+
+
+def test_unusable_training_data(tmp_path):
+    ok = z_textured_case(0, shape=(24, 24, 20))
+    single = z_textured_case(1, shape=(24, 24, 1))
+    unit = z_textured_case(2, shape=(24, 24, 20))
+    unit.image = np.random.default_rng(0).random(unit.image.shape).astype(np.float32)
+    const = z_textured_case(3, shape=(24, 24, 20))
+    const.image[:] = 40.0
+    cfg = BPRTrainConfig(kind="slice", steps=1, slice_patch=16, slices_per_sample=4, batch_size=2, channels=(4, 4, 4))
+    with pytest.warns(UserWarning) as rec:
+        train_bpr(cfg, tmp_path / "m", cases=[ok, single, unit, const], progress=False)
+    msgs = " ".join(str(w.message) for w in rec)
+    assert "single axial slice" in msgs and "0..1" in msgs and "constant" in msgs
+    assert load_bpr(tmp_path / "m").kind == "slice"
+    with pytest.warns(UserWarning), pytest.raises(InputError, match="no usable CT"):
+        train_bpr(cfg, tmp_path / "none", cases=[single, unit], progress=False)
+    assert not (tmp_path / "none").exists()
+    with pytest.raises(InputError, match="kind"):
+        train_bpr(BPRTrainConfig(kind="banana"), tmp_path / "k", cases=[ok])
+
+
+def test_landmarks_from_labels():
+    lab = np.zeros((10, 10, 20), np.uint8)
+    lab[2:5, 2:5, 4:9] = 6  # liver slices 4..8
+    lab[6:8, 6:8, 2:5] = 2
+    aff = np.diag([1.0, 1.0, 2.0, 1.0])
+    aff[2, 3] = -100.0
+    z = landmark_z(lab, aff)
+    assert z["liver_centre"] == pytest.approx(-100 + 2 * 6)
+    assert z["liver_dome_top"] == pytest.approx(-100 + 2 * 8)
+    assert z["right_kidney_centre"] == pytest.approx(-100 + 2 * 3)
+    assert "left_kidney_centre" not in z
+
+
+def test_cli_train_and_resume(tmp_path, capsys):
+    data = tmp_path / "cts"
+    data.mkdir()
+    for s in range(3):
+        c = z_textured_case(s, shape=(24, 24, 20))
+        nib.save(nib.Nifti1Image(c.image.astype(np.int16), c.meta.affine), str(data / f"ct{s}.nii.gz"))
+    out = tmp_path / "model"
+    args = ["bpr", "train", "--kind", "slice", "--data", str(data), "--out", str(out), "--quiet",
+            "--slice_patch", "16", "--slices_per_sample", "4", "--batch_size", "2", "--channels", "[4,4,4]",
+            "--checkpoint_every", "2"]
+    assert main(args + ["--steps", "2"]) == 0
+    assert load_bpr(out).kind == "slice"
+    assert main(args + ["--steps", "4"]) == 2  # exists, no --resume/--force
+    assert "not empty" in capsys.readouterr().err
+    assert main(args + ["--steps", "4", "--resume"]) == 0
+    assert len((out / "log.csv").read_text().strip().splitlines()) == 1 + 4
+    assert main(["bpr", "train", "--kind", "slice", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "o").exists()
