@@ -159,3 +159,34 @@ def test_contrastive_loss_decreases():
         after, logs1 = task.loss(net, fixed, gen)
     assert after.item() < 0.9 * before.item(), (before.item(), after.item())
     assert logs1["pos_acc"] > logs0["pos_acc"], (logs0, logs1)
+
+
+@pytest.mark.parametrize("method,options", [("contrastive", {"n_pairs": 64}), ("restorative", {"shuffle_blocks": 50})])
+def test_engine_trains_saves_and_reloads(tmp_path, method, options):
+    """Through the real engine: a few steps, a backbone checkpoint that load_pretrained rebuilds
+    (with the contrastive projector saved as part of the task)."""
+    import json
+
+    from pretrain_synth import synthetic_cases
+    from voxdiff.core.checkpoint import load_checkpoint
+    from voxdiff.pretrain.load import load_pretrained
+    from voxdiff.pretrain.train import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(method=method, patch_size=(16, 16, 16), batch_size=2, steps=3, base_channels=4,
+                         num_levels=2, log_every=1, checkpoint_every=3, warmup_steps=1, bf16=False,
+                         task_options=options)
+    out = pretrain(cfg, tmp_path / method, cases=synthetic_cases(2, shape=(24, 24, 16)), progress=False)
+    logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logs and all(np.isfinite(r["loss"]) for r in logs if "loss" in r)
+    ex = load_pretrained(out)
+    assert ex.method == method
+    pyr = ex(torch.rand(1, 1, 16, 16, 16))
+    assert [tuple(f.shape[1:2]) for f in pyr] == [(4,), (8,)]
+    tensors, _ = load_checkpoint(out / "backbone", kind="backbone")
+    if method == "contrastive":
+        w = tensors["task.projector.0.weight"]
+        assert w.shape == (512, 12)
+        torch.testing.assert_close(ex.task.projector[0].weight, w)
+        assert ex.task.opts.n_pairs == 64
+    else:
+        assert ex.task.opts.shuffle_blocks == 50
