@@ -1,0 +1,27 @@
+"""``voxdiff segment MODEL_DIR CT -o seg.nii.gz [--preview out.png]``."""
+
+from __future__ import annotations
+
+from voxdiff.core.cli import CommandGroup, add_config
+from voxdiff.core.config import from_namespace
+
+from .segment import SegmentConfig, format_volumes, segment_ct
+
+
+def register(root: CommandGroup) -> None:
+    p = root.command("segment", run_segment, help="Segment the 13 BTCV organs of a CT (NIfTI file or DICOM folder)")
+    p.add_argument("model", type=str, help="segmenter model folder (from voxdiff probe)")
+    p.add_argument("ct", type=str, help="CT: NIfTI file or DICOM series folder")
+    p.add_argument("-o", "--out", type=str, required=True, help="output label map (.nii.gz), on the input's grid")
+    p.add_argument("--preview", type=str, default=None, help="also write a PNG preview (axial + coronal)")
+    p.add_argument("--force", type=bool, default=False, help="overwrite existing outputs")
+    add_config(p, SegmentConfig)
+
+
+def run_segment(ns) -> None:
+    cfg = from_namespace(SegmentConfig, ns)
+    res = segment_ct(ns.model, ns.ct, ns.out, cfg, preview=ns.preview, force=ns.force)
+    print(f"wrote {res['output']} ({' x '.join(str(s) for s in res['shape'])})")
+    print(format_volumes(res["volumes_ml"]))
+    if res["preview"]:
+        print(f"preview: {res['preview']}")
