@@ -183,7 +183,7 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path, cases, nan_task):
 
 
 def test_random_method_writes_initial_weights(tmp_path, cases):
-    out = pretrain(tiny(method="random", steps=100), tmp_path / "rnd", cases=cases, progress=False)
+    out = pretrain(tiny(method="random", steps=100), tmp_path / "rnd", progress=False)  # no data needed
     assert not (out / "metrics.jsonl").exists()
     ex = load_pretrained(out)
     assert ex.method == "random" and ex.backbone.in_channels == 1 and not ex.backbone.time_embedding

@@ -437,9 +437,10 @@ def _pretrain(cfg: PretrainConfig, out: Path, resume: bool, progress: bool, forc
     torch.manual_seed(cfg.seed)
     task, backbone, task_cfg = build_task_and_backbone(cfg, bpr)
     has_bpr = getattr(task, "bpr", None) is not None and bpr is None and bool(getattr(cfg, "bpr_path", None))
-    if cases is None:
+    trains = bool(getattr(task, "trains", True))
+    if cases is None and (trains or cfg.data):  # the random baseline needs no data
         cases = load_cases(cfg, progress=progress and d.main)
-    if not cases:
+    if trains and not cases:
         raise InputError(None, "no training cases")
 
     if d.main and not resume:
@@ -491,7 +492,6 @@ def _pretrain(cfg: PretrainConfig, out: Path, resume: bool, progress: bool, forc
 
     writer = _tensorboard(out) if (cfg.tensorboard and d.main) else None
     end = cfg.steps if stop_after is None else min(cfg.steps, max(start, int(stop_after)))
-    trains = bool(getattr(task, "trains", True))
     last_saved = start if ckpt is not None else None
 
     def save_state(step: int) -> None:
