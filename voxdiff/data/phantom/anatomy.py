@@ -51,7 +51,7 @@ class Subject:
         self.f_lat = 5 + 30 * self.adip * _u(rng, 0.7, 1.2)
         self.f_post = 5 + 22 * self.adip * _u(rng, 0.7, 1.2)
         self.visc = 25 * self.adip * _u(rng, 0.5, 1.3)  # visceral fat: belly grows anteriorly
-        self.n_sup = _u(rng, 2.2, 2.8)
+        self.n_sup = _u(rng, 2.0, 2.5)
         self.m_wall = _u(rng, 8, 15)  # abdominal wall muscle thickness
         self.breath = _u(rng, -14, 14) * j  # diaphragm shift (+ = expiration, up)
         self.levels = np.array(LEVEL_Z, float) * self.hs
@@ -150,7 +150,7 @@ def _torso(cv: Canvas, S: Subject) -> None:
     belly = S.visc * np.interp(Z, [S.lev("S", 0.5), S.lev("L4"), S.lev("L1"), S.lev("T11")], [0.3, 1, 1, 0.2]).astype(np.float32)
     a = a0 + f_lat
     b = np.where(Y > 0, S.b_ant(Z) + belly + f_ant, S.b_post(Z) + f_post)
-    n = np.where(Y > 0, S.n_sup, S.n_sup + 0.8)  # flatter back (supine on the table)
+    n = np.where(Y > 0, S.n_sup, S.n_sup + 0.6)  # flatter back (supine on the table)
     xa = np.abs(X) / a
     yb = np.abs(Y) / b
     rho = (xa**n + yb**n) ** (1.0 / n)
@@ -170,6 +170,8 @@ def _torso(cv: Canvas, S: Subject) -> None:
     tis[body & (depth < 2.0)] = T.SKIN
     wall = body & (depth >= fat) & (depth < fat + m)
     tis[wall] = T.MUSCLE
+    # linea alba: a thin fatty seam between the two rectus muscles
+    tis[wall & (np.abs(X) < 3.0) & (s > 0.85) & (Z < S.lev("T9"))] = T.FAT_SC
     cav = body & (depth >= fat + m)
     tis[cav] = T.FAT_VISC
     cv.region[body] = 1
@@ -248,11 +250,18 @@ def _thorax(cv: Canvas, S: Subject, f: dict[str, np.ndarray], lm: dict[str, floa
         allowed = (r3 == 3)
         cv.paint(hb, (hs_ < 4) & allowed, T.FAT_VISC)  # pericardial fat
         cv.paint(hb, (hs_ < 0) & allowed, T.MYOCARDIUM)
-        inner = (hs_ < -9) & allowed
-        # septum: plane through the centre; left chambers posterior-left, right anterior-right
-        sep = q[0] * 0.8 + q[1] * 0.6
-        cv.paint(hb, inner & (sep > 4), T.BLOOD_R)
-        cv.paint(hb, inner & (sep < -4), T.BLOOD_L)
+        inner = (hs_ < -3) & allowed
+        X, Y, Z = cv.coords(hb)
+        k = sc
+        # chambers (world offsets from the heart centre): RV anterior-right, RA right, LA posterior-superior,
+        # LV left-inferior toward the apex with a thick wall (the septum separates it from the RV)
+        for off, rad, tid in (((14, 26, -4), (38, 20, 34), T.BLOOD_R), ((42, -6, 12), (24, 24, 28), T.BLOOD_R),
+                              ((2, -32, 24), (30, 18, 20), T.BLOOD_L)):
+            e = _ell(X, Y, Z, c + np.array(off) * k, np.array(rad) * k, None)
+            cv.paint(hb, inner & (e < 0), tid)
+        lv = _ell(X, Y, Z, c + np.array([-24, 4, -12]) * k, np.array([34, 30, 36]) * k, rot(0, 20, -35))
+        cv.paint(hb, inner & (lv < 0), T.MYOCARDIUM)
+        cv.paint(hb, inner & (lv < -10 * k), T.BLOOD_L)
     lm["heart_top"] = float(c[2] + 56 * sc)
     lm["heart_bottom"] = float(S.dome_r - 5)
     # lung vessel markings: thresholded band-pass noise, denser medially
@@ -350,6 +359,10 @@ def _bowel(cv: Canvas, S: Subject, f: dict[str, np.ndarray], lm: dict[str, float
         cv.paint(b, lumen, content, onto=(T.BOWEL_WALL,))
         air = lumen & (f["fine"][b] > 2.2 - S.bowel_air)
         cv.paint(b, air, T.BOWEL_AIR, onto=(content,))
+        # mesenteric vessels: small dots in the fat between the loops (unlabelled, blood HU)
+        mes = inside & (f["lobule"][b] > 2.1)
+        cv.paint(b, mes & (f["fine"][b] > 0), T.VEIN, onto=(T.FAT_VISC,))
+        cv.paint(b, mes & (f["fine"][b] <= 0), T.ARTERY, onto=(T.FAT_VISC,))
     lm["colon_transverse"] = float(zl("L3") - sag)
 
 
@@ -743,10 +756,11 @@ def _skeleton(cv: Canvas, S: Subject, lm: dict[str, float]) -> None:
         dc = np.sqrt(u**2 + (v - cyc) ** 2)
         canal = (dc < rc) & (Z > S.lev("S", 0.3))
         arch_z = (frac > 0.35) & (frac < 0.95) | sacral
-        ring = (dc >= rc) & (dc < rc + 5.5) & (v < cyc + 2) & arch_z & (Z > S.lev("S", 0.3))
+        ring = (dc >= rc) & (dc < rc + 5.5) & arch_z & (Z > S.lev("S", 0.3))
+        ring |= (dc >= rc) & (dc < rc + 4.0) & (v > cyc) & (Z > S.lev("S", 0.3))  # posterior wall of the body
         pedicle = (np.abs(np.abs(u) - rc - 2) < 4) & (v < -ry + 2) & (v > cyc) & arch_z
         lumbar = Z < S.lev("T12", 0.5)
-        lsp = np.where(lumbar, 32.0, 28.0) * sd
+        lsp = np.where(lumbar, 32.0, 24.0) * sd
         sp_back = cyc - rc - (v - (cyc - rc))  # distance behind the lamina (positive backwards)
         back = (cyc - rc) - v
         slope = np.where(lumbar, 0.004, 0.012)
@@ -755,7 +769,7 @@ def _skeleton(cv: Canvas, S: Subject, lm: dict[str, float]) -> None:
         tp_y = cyc + np.where(lumbar, 2.0, -6.0) - np.where(lumbar, 0.0, 0.25) * (np.abs(u) - rc)
         tproc = (np.abs(u) < tp_len) & (np.abs(v - tp_y) < 4.5) & (np.abs(frac - 0.62) < 0.16) & (Z > S.lev("L5"))
         post = (ring | pedicle | spin | tproc) & ~canal
-        cv.paint(b, post, T.BONE_POST)
+        cv.paint(b, post, T.BONE_POST, onto=[t for t in range(256) if t not in (T.SKIN, T.FAT_SC, T.AIR)])
         cv.paint(b, canal, T.CSF)
         del sp_back
     # ---- sacral alae + iliac wings ----------------------------------------------------------
