@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 demo: venv
-	$(VENV)/bin/voxdiff demo --out $(DEMO_OUT) --force
+	$(VENV)/bin/voxdiff demo --out $(DEMO_OUT)
 
 test: venv
 	@# pytest exits 5 when it collected nothing: treat that as a failure too.

@@ -1,0 +1,70 @@
+"""Budget presets: one name fixes the size of every stage of an experiment.
+
+* ``tiny``: seconds; for tests of the experiment machinery only (numbers mean nothing).
+* ``cpu-small``: runs here (2 CPU cores): what ``voxdiff demo`` uses; minutes per experiment.
+* ``paper``: the paper-scale settings for a GPU (vox2vec's 1 x 1 x 2 mm grid, 128 x 128 x 32
+  patches, base width 16 with 6 levels, long schedules). Untested at full length on this machine.
+
+A preset is a dict of overrides per stage; anything can still be overridden from the command line
+through the experiment config (``--pretrain-steps`` etc.) or a YAML file.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from voxdiff.core.errors import VoxdiffError
+
+BUDGETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "phantoms": {"n_train": 3, "n_test": 1, "n_unlabelled": 2, "shape": (64, 64, 48)},
+        "spacing": (6.0, 6.0, 6.0),
+        "bpr": {"steps": 6, "batch_size": 2, "channels": (8, 8, 8, 8), "slice_patch": 24, "ape_patch": 16,
+                "ape_points": 32, "checkpoint_every": 1000},
+        "pretrain": {"steps": 4, "patch_size": (16, 16, 16), "batch_size": 2, "base_channels": 4, "num_levels": 3,
+                     "warmup_steps": 1, "checkpoint_every": 1000, "log_every": 2, "ema_decay": 0.5,
+                     "diffusion_steps": 100, "feature_timesteps": (1,)},
+        "probe": {"steps": 4, "patch_size": (16, 16, 16), "batch_size": 2, "val_every": 1000, "roi": (32, 32, 32),
+                  "overlap": 0.25, "hidden": 8, "val_from_train": 1},
+        "timesteps": (0, 5, 50),
+        "train_T": (10, 100),
+        "label_counts": (1, None),
+    },
+    "cpu-small": {
+        "phantoms": {"n_train": 8, "n_test": 4, "n_unlabelled": 12},
+        "spacing": (3.0, 3.0, 3.0),
+        "bpr": {"steps": 250, "batch_size": 4, "channels": (8, 16, 24, 32), "checkpoint_every": 1000},
+        "pretrain": {"steps": 300, "patch_size": (32, 32, 32), "batch_size": 4, "base_channels": 8,
+                     "num_levels": 4, "warmup_steps": 30, "checkpoint_every": 100, "log_every": 25,
+                     "ema_decay": 0.99, "lr": 1e-3, "diffusion_steps": 1000, "feature_timesteps": (10,)},
+        "probe": {"steps": 250, "patch_size": (48, 48, 32), "batch_size": 2, "val_every": 125, "roi": (64, 64, 64),
+                  "overlap": 0.25, "hidden": 32, "val_from_train": 1, "lr": 3e-3, "scratch_lr": 2e-3},
+        "timesteps": (1, 10, 50, 200, 500),
+        "train_T": (10, 100, 1000),
+        "label_counts": (1, 2, 4, None),
+    },
+    "paper": {
+        "phantoms": {"n_train": 30, "n_test": 10, "n_unlabelled": 200,
+                     "shape": (384, 384, 160), "spacing_xy": (0.8, 1.2), "spacing_z": (1.5, 3.0)},
+        "spacing": (1.0, 1.0, 2.0),
+        "bpr": {"steps": 20000, "batch_size": 16, "channels": (16, 32, 64, 128), "ape_patch": 64,
+                "checkpoint_every": 1000},
+        "pretrain": {"steps": 100000, "patch_size": (128, 128, 32), "batch_size": 8, "base_channels": 16,
+                     "num_levels": 6, "warmup_steps": 1000, "checkpoint_every": 2000, "log_every": 100,
+                     "ema_decay": 0.999, "lr": 2e-4, "diffusion_steps": 1000, "feature_timesteps": (10,),
+                     "device": "auto"},
+        "probe": {"steps": 45000, "patch_size": (128, 128, 32), "batch_size": 7, "val_every": 3000,
+                  "roi": (128, 128, 32), "overlap": 0.5, "hidden": 128, "val_from_train": 1, "lr": 3e-4,
+                  "device": "auto"},
+        "timesteps": (1, 5, 10, 25, 50, 100, 250, 500),
+        "train_T": (10, 50, 100, 1000),
+        "label_counts": (1, 2, 5, 10, None),
+    },
+}
+
+
+def get_budget(name: str) -> dict[str, Any]:
+    if name not in BUDGETS:
+        raise VoxdiffError(f"unknown budget {name!r}; choose from {', '.join(BUDGETS)}")
+    return copy.deepcopy(BUDGETS[name])

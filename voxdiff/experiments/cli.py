@@ -1,0 +1,44 @@
+"""``voxdiff experiment compare|timesteps|label-efficiency`` and ``voxdiff demo``."""
+
+from __future__ import annotations
+
+from voxdiff.core.cli import CommandGroup, add_config
+from voxdiff.core.config import from_namespace
+
+from .core import ExperimentConfig
+
+
+def register(root: CommandGroup) -> None:
+    g = root.group("experiment", help="The paper's experiments (resumable; results JSON, markdown report, PNG figures)")
+    for name, fn, help_ in (
+        ("compare", "compare", "method x {linear, non-linear} probing, mean ± std Dice per organ and size group"),
+        ("timesteps", "timesteps", "Dice against the feature timestep t and the diffusion steps T in training"),
+        ("label-efficiency", "label_efficiency", "Dice against the number of labelled cases, pretrained vs scratch"),
+    ):
+        p = g.command(name, _runner(fn), help=help_)
+        p.add_argument("--out", type=str, required=True, help="experiment folder (an existing one is resumed)")
+        p.add_argument("--force", action="store_true", help="use an existing non-empty folder that is not an experiment")
+        add_config(p, ExperimentConfig)
+
+    p = root.command("demo", _run_demo, help="the whole pipeline on synthetic phantoms at the cpu-small budget")
+    p.add_argument("--out", type=str, default="demo_out", help="output folder")
+    p.add_argument("--force", action="store_true", help="replace an existing demo folder instead of resuming it")
+    p.add_argument("--budget", type=str, default="cpu-small", help="budget preset (tiny, cpu-small, paper)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _runner(fn_name: str):
+    def run(ns) -> None:
+        from . import experiments
+
+        cfg = from_namespace(ExperimentConfig, ns)
+        res = getattr(experiments, fn_name)(cfg, ns.out, force=ns.force)
+        print(f"\nreport: {ns.out}/report.md  ({res['seconds']:.0f} s)")
+
+    return run
+
+
+def _run_demo(ns) -> None:
+    from .demo import run_demo
+
+    run_demo(ns.out, budget=ns.budget, seed=ns.seed, force=ns.force)

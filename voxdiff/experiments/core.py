@@ -1,0 +1,374 @@
+"""The paper's experiments as resumable step sequences over the pipeline's functions.
+
+Every experiment writes one folder::
+
+    OUT/
+      config.yaml                resolved ExperimentConfig (+ versions)
+      phantoms/                  generated data when no --data was given
+      cache/                     preprocessed volumes (int16 + JSON)
+      bpr-ape/ bpr-slice/        body part regressors (each with result.json)
+      pretrain-<method>/         pretrained backbones (each with result.json)
+      probe-<method>-f<k>/...    probing runs: per-case x per-organ Dice of every head
+      results.json, report.md, *.png
+
+Each step finishes by writing ``result.json``; a step with one is skipped when the experiment is
+run again, so an interrupted run resumes where it stopped.
+
+Protocol: pretraining uses only the unlabelled set; probes train on the labelled training cases
+(one of them held out to pick the best checkpoint) and are scored on the test cases. With
+``folds=0`` the data set's own train/test split is used (nnU-Net ``imagesTr`` / ``imagesTs``);
+with ``folds=k`` a seeded k-fold cross-validation over the labelled training cases is run and
+results are given as mean +- std over folds. Dice is computed on the preprocessing grid (labels
+resampled with nearest neighbour), per case and organ, NaN where an organ is absent from both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from voxdiff.core.config import from_dict, to_dict, write_config
+from voxdiff.core.errors import InputError
+from voxdiff.core.outputs import check_output_path
+
+from .budgets import get_budget
+from .runner import StepRunner
+
+METHODS = ("diffusion-ape", "diffusion-slice", "diffusion-none", "restorative", "contrastive", "random")
+HEADS = ("linear", "nonlinear")
+
+
+@dataclass
+class ExperimentConfig:
+    """Settings shared by ``voxdiff experiment compare|timesteps|label-efficiency`` and ``voxdiff demo``.
+
+    Args:
+        budget: preset sizes of every stage: tiny | cpu-small | paper.
+        data: labelled data set (nnU-Net layout with imagesTr/labelsTr, and imagesTs/labelsTs when
+            folds=0; or any layout voxdiff reads). Empty: phantoms are generated into OUT/phantoms.
+        pretrain_data: unlabelled data folders for BPR training and pretraining. Empty: DATA/unlabelled
+            when it exists (phantoms), else the images of DATA's training cases.
+        methods: pretraining methods (diffusion-ape, diffusion-slice, diffusion-none, restorative,
+            contrastive, random).
+        heads: probing heads trained on the frozen features (linear, nonlinear).
+        scratch: also train the same network from scratch on the labelled cases (reference).
+        folds: 0 = the data set's train/test split; k > 0 = k-fold cross-validation over DATA's
+            training cases.
+        seed: seed of the phantoms, splits and every training run.
+        phantom_seed: seed of the generated phantoms.
+        pretrain_steps: override the budget's pretraining steps.
+        probe_steps: override the budget's probing steps.
+        bpr_steps: override the budget's BPR steps.
+        timesteps: timesteps experiment: feature timesteps t (default from the budget).
+        train_T: timesteps experiment: numbers of diffusion steps T used in training (default from the budget).
+        timestep_method: timesteps experiment: the diffusion method whose features are swept.
+        label_counts: label-efficiency experiment: numbers of labelled training cases (0 = all).
+        label_method: label-efficiency experiment: the pretrained method compared with from-scratch.
+        workers: worker processes for phantom generation / preprocessing.
+        progress: show progress bars.
+    """
+
+    budget: str = "cpu-small"
+    data: str = ""
+    pretrain_data: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ("diffusion-ape", "diffusion-none", "restorative", "contrastive", "random")
+    heads: tuple[str, ...] = HEADS
+    scratch: bool = True
+    folds: int = 0
+    seed: int = 0
+    phantom_seed: int = 0
+    pretrain_steps: int | None = None
+    probe_steps: int | None = None
+    bpr_steps: int | None = None
+    timesteps: tuple[int, ...] = ()
+    train_T: tuple[int, ...] = ()
+    timestep_method: str = "diffusion-ape"
+    label_counts: tuple[int, ...] = ()
+    label_method: str = "diffusion-ape"
+    workers: int = 2
+    progress: bool = True
+
+
+def method_parts(method: str) -> tuple[str, str | None]:
+    """'diffusion-ape' -> ('diffusion', 'ape'); 'restorative' -> ('restorative', None)."""
+    if method.startswith("diffusion"):
+        cond = method.split("-", 1)[1] if "-" in method else "none"
+        if cond not in ("none", "slice", "ape"):
+            raise InputError(None, f"unknown diffusion condition in method {method!r} (none, slice, ape)")
+        return "diffusion", cond
+    if method not in ("restorative", "contrastive", "random"):
+        raise InputError(None, f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    return method, None
+
+
+class Experiment:
+    """Shared machinery: data, cached preprocessing, BPR / pretraining / probing steps."""
+
+    def __init__(self, cfg: ExperimentConfig, out: str | Path, force: bool = False, log: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.out = Path(out)
+        self.log = log
+        self.budget = get_budget(cfg.budget)
+        for m in cfg.methods:
+            method_parts(m)
+        self._claim_folder(force)
+        self.runner = StepRunner(self.out, log=log)
+        write_config(self.out / "config.yaml", cfg, extra={"budget_settings": self.budget})
+        self._cases: dict[str, list] = {}
+        self.keep_bundles = True  # write a segmenter bundle per probe (voxdiff segment can use it)
+        self.t0 = time.perf_counter()
+
+    def _claim_folder(self, force: bool) -> None:
+        """Resume an experiment folder made with the same config; refuse anything else unless forced."""
+        import shutil
+
+        from voxdiff.core.config import read_config
+
+        saved = self.out / "config.yaml"
+        if self.out.exists() and any(self.out.iterdir()):
+            if not saved.is_file():
+                # not one of our experiment folders: never mix with a user's files
+                check_output_path(self.out, force=force)
+            elif read_config(saved) != to_dict(self.cfg) and not force:
+                raise InputError(self.out, "experiment folder was made with other settings; "
+                                           "use another --out, or --force to start it over")
+            if force and (not saved.is_file() or read_config(saved) != to_dict(self.cfg)):
+                shutil.rmtree(self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------------------- data
+    def data_dir(self) -> Path:
+        if self.cfg.data:
+            p = Path(self.cfg.data)
+            if not p.exists():
+                raise InputError(p, "data folder not found")
+            return p
+
+        def make(tmp: Path) -> dict[str, Any]:
+            from voxdiff.data.phantom import PhantomConfig, make_phantom_dataset
+
+            ph = dict(self.budget["phantoms"])
+            counts = {k: ph.pop(k) for k in ("n_train", "n_test", "n_unlabelled")}
+            pcfg = from_dict(PhantomConfig, ph)
+            make_phantom_dataset(tmp / "data", seed=self.cfg.phantom_seed, cfg=pcfg, force=True,
+                                 workers=self.cfg.workers, preview=True, progress=self.cfg.progress, **counts)
+            return {"counts": counts}
+
+        self.runner.run("phantoms", make)
+        return self.out / "phantoms" / "data"
+
+    @property
+    def preprocess(self):
+        from voxdiff.data.preprocess import PreprocessConfig
+
+        return PreprocessConfig(spacing=tuple(self.budget["spacing"]))
+
+    def cases(self, which: str) -> list:
+        """Preprocessed cases: 'train' / 'test' (labelled) or 'unlabelled'."""
+        if which in self._cases:
+            return self._cases[which]
+        from voxdiff.data.adapters import open_dataset
+        from voxdiff.data.cache import load_preprocessed
+
+        data = self.data_dir()
+        cache = self.out / "cache"
+        if which == "unlabelled":
+            srcs = [Path(p) for p in self.cfg.pretrain_data] or (
+                [data / "unlabelled"] if (data / "unlabelled").is_dir() else [data])
+            out = []
+            for s in srcs:
+                if s == data:
+                    ds = open_dataset(s, split="train")
+                    ds.refs = [dataclasses.replace(r, label_path=None) for r in ds.refs]
+                else:
+                    ds = open_dataset(s)
+                out += load_preprocessed(ds, self.preprocess, cache_dir=cache, progress=self.cfg.progress)
+            for c in out:
+                c.label = None
+        else:
+            ds = open_dataset(data, split=which)
+            ds.refs = [r for r in ds.refs if r.label_path is not None]
+            if not ds.refs:
+                raise InputError(data, f"no labelled {which} cases (folds=0 needs imagesTs/labelsTs)")
+            out = load_preprocessed(ds, self.preprocess, cache_dir=cache, progress=self.cfg.progress)
+        self._cases[which] = out
+        return out
+
+    def folds(self) -> list[tuple[list, list, list]]:
+        """(train, val, test) preprocessed cases per fold."""
+        from voxdiff.data.splits import make_splits
+
+        train = self.cases("train")
+        n_val = int(self.budget["probe"].get("val_from_train", 1))
+        if self.cfg.folds == 0:
+            folds_ids = [{"train": [c.case_id for c in train], "test": [c.case_id for c in self.cases("test")]}]
+            pool = {c.case_id: c for c in train + self.cases("test")}
+        else:
+            ids = sorted(c.case_id for c in train)
+            folds_ids = [{"train": f["train"], "test": f["val"]} for f in make_splits(ids, "kfold", k=self.cfg.folds, seed=self.cfg.seed)]
+            pool = {c.case_id: c for c in train}
+        out = []
+        for k, f in enumerate(folds_ids):
+            rng = np.random.default_rng(self.cfg.seed + k)
+            tr = [f["train"][i] for i in rng.permutation(len(f["train"]))]
+            if len(tr) <= n_val:
+                raise InputError(None, f"fold {k}: {len(tr)} training case(s) cannot spare {n_val} for validation")
+            val, tr = tr[:n_val], tr[n_val:]
+            out.append(([pool[i] for i in sorted(tr)], [pool[i] for i in val], [pool[i] for i in f["test"]]))
+        return out
+
+    # ------------------------------------------------------------------------------- BPR
+    def bpr(self, kind: str) -> Path:
+        def run(tmp: Path) -> dict[str, Any]:
+            from voxdiff.bpr.train import BPRTrainConfig, train_bpr
+
+            opts = dict(self.budget["bpr"])
+            if self.cfg.bpr_steps is not None:
+                opts["steps"] = int(self.cfg.bpr_steps)
+            bcfg = from_dict(BPRTrainConfig, {**opts, "kind": kind, "spacing": tuple(self.budget["spacing"]),
+                                               "seed": self.cfg.seed})
+            train_bpr(bcfg, tmp / "model", cases=self.cases("unlabelled"), force=True, progress=self.cfg.progress)
+            res: dict[str, Any] = {"kind": kind, "steps": bcfg.steps}
+            try:  # quality on the labelled test cases (landmarks from labels), when available
+                from voxdiff.bpr import load_bpr
+                from voxdiff.bpr.quality import ape_quality, slice_quality
+
+                model = load_bpr(tmp / "model")
+                test = self.cases("test") if self.cfg.folds == 0 else self.cases("train")
+                res["quality"] = slice_quality(model, test) if kind == "slice" else ape_quality(model, test)
+            except Exception as e:  # quality is informative only; never fail the experiment on it
+                res["quality_error"] = f"{type(e).__name__}: {e}"
+            return res
+
+        self.runner.run(f"bpr-{kind}", run)
+        return self.out / f"bpr-{kind}" / "model"
+
+    # ------------------------------------------------------------------------------- pretraining
+    def pretrained(self, method: str, diffusion_steps: int | None = None) -> Path:
+        base, cond = method_parts(method)
+        name = f"pretrain-{method}" + (f"-T{diffusion_steps}" if diffusion_steps else "")
+
+        def run(tmp: Path) -> dict[str, Any]:
+            from voxdiff.pretrain.train import PretrainConfig, pretrain
+
+            opts = dict(self.budget["pretrain"])
+            if self.cfg.pretrain_steps is not None:
+                opts["steps"] = int(self.cfg.pretrain_steps)
+            opts.update(method=base, seed=self.cfg.seed, preprocess=to_dict(self.preprocess))
+            if base == "diffusion":
+                opts["condition"] = cond
+                if cond != "none":
+                    opts["bpr_path"] = str(self.bpr(cond))
+                if diffusion_steps:
+                    T = int(diffusion_steps)
+                    opts["diffusion_steps"] = T
+                    # keep the noise level of the features comparable: t / T as at the budget's T
+                    ref_T = int(self.budget["pretrain"].get("diffusion_steps", 1000))
+                    opts["feature_timesteps"] = tuple(min(T - 1, max(0, round(t * T / ref_T)))
+                                                      for t in self.budget["pretrain"]["feature_timesteps"])
+            else:
+                for k in ("diffusion_steps", "feature_timesteps"):
+                    opts.pop(k, None)
+            pcfg = from_dict(PretrainConfig, opts)
+            pretrain(pcfg, tmp / "model", progress=self.cfg.progress, force=True, cases=self.cases("unlabelled"))
+            res = {"method": method, "steps": pcfg.steps if base != "random" else 0}
+            log = tmp / "model" / "metrics.jsonl"
+            if log.is_file():
+                import json
+
+                lines = [json.loads(x) for x in log.read_text().splitlines() if x.strip()]
+                if lines:
+                    res["first_loss"] = lines[0].get("loss")
+                    res["last_loss"] = lines[-1].get("loss")
+            return res
+
+        self.runner.run(name, run)
+        return self.out / name / "model"
+
+    # ------------------------------------------------------------------------------- probing
+    def probe_cfg(self, **over: Any):
+        from voxdiff.probe.train import ProbeConfig
+
+        opts = dict(self.budget["probe"])
+        if self.cfg.probe_steps is not None:
+            opts["steps"] = int(self.cfg.probe_steps)
+        opts["seed"] = self.cfg.seed
+        opts.update(over)
+        return from_dict(ProbeConfig, opts)
+
+    def probe(self, name: str, model_dir: Path, fold: int, heads: tuple[str, ...], timesteps: tuple[int, ...] | None = None,
+              n_train: int | None = None) -> dict[str, Any]:
+        """Fit frozen heads on one fold and score them on its test cases."""
+
+        def run(tmp: Path) -> dict[str, Any]:
+            from voxdiff.features.extract import with_timesteps
+            from voxdiff.pretrain.load import load_pretrained
+            from voxdiff.probe.heads import count_parameters
+            from voxdiff.probe.train import fit_heads
+
+            train, val, test = self.folds()[fold]
+            if n_train:
+                train = train[:n_train]
+            ext = load_pretrained(model_dir)
+            if timesteps is not None:
+                with_timesteps(ext, timesteps)
+            pcfg = self.probe_cfg()
+            hist: list = []
+            fitted = fit_heads(ext, train, val, heads, pcfg, progress=self.cfg.progress, history=hist)
+            scores = self._score(ext, fitted, test, pcfg)
+            if self.keep_bundles:
+                from voxdiff.probe.bundle import save_segmenter
+
+                for h, m in fitted.items():
+                    save_segmenter(tmp / f"segmenter-{h}", model_dir, m, h, ext.preprocess, pcfg.roi, pcfg.overlap,
+                                   meta={"experiment_step": name})
+            return {"fold": fold, "train_cases": [c.case_id for c in train], "val_cases": [c.case_id for c in val],
+                    "test_cases": [c.case_id for c in test], "timesteps": None if timesteps is None else list(timesteps),
+                    "head_parameters": {h: count_parameters(m) for h, m in fitted.items()},
+                    "backbone_parameters": count_parameters(ext.backbone), "scores": scores,
+                    "history": hist}
+
+        return self.runner.run(name, run)
+
+    def scratch(self, name: str, fold: int, n_train: int | None = None) -> dict[str, Any]:
+        """The same backbone + non-linear head trained end to end from random init."""
+
+        def run(tmp: Path) -> dict[str, Any]:
+            from voxdiff.pretrain.load import load_pretrained
+            from voxdiff.probe.train import fit_network
+
+            train, val, test = self.folds()[fold]
+            if n_train:
+                train = train[:n_train]
+            ext = load_pretrained(self.pretrained("random"))
+            pcfg = self.probe_cfg()
+            tuned, head = fit_network(ext, train, val, "scratch", pcfg, progress=self.cfg.progress)
+            scores = self._score(tuned, {"scratch": head}, test, pcfg)
+            return {"fold": fold, "train_cases": [c.case_id for c in train], "test_cases": [c.case_id for c in test],
+                    "scores": scores}
+
+        return self.runner.run(name, run)
+
+    def _score(self, ext, heads: dict, test: list, pcfg) -> dict[str, dict[str, dict[str, float]]]:
+        from voxdiff.evaluate.metrics import dice_per_class
+        from voxdiff.probe.predict import logits_to_labels, predict_logits, unit_image
+
+        out: dict[str, dict[str, dict[str, float]]] = {h: {} for h in heads}
+        for case in test:
+            logits = predict_logits(ext, dict(heads), unit_image(case, ext.preprocess.hu_window), pcfg.roi, pcfg.overlap)
+            for h, lg in logits.items():
+                pred = logits_to_labels(lg)
+                out[h][case.case_id] = {str(k): v for k, v in dice_per_class(pred, case.label, pcfg.n_classes).items()}
+        return out
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def scores_to_per_case(scores: dict[str, dict[str, float]]) -> dict[str, dict[int, float]]:
+    return {cid: {int(k): (float("nan") if v is None else float(v)) for k, v in d.items()} for cid, d in scores.items()}

@@ -1,0 +1,117 @@
+"""``compare``, ``timesteps`` and ``label-efficiency``: the paper's table and figure on any data set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from voxdiff.core.outputs import atomic_write, atomic_write_json
+from voxdiff.evaluate.metrics import aggregate_cases, aggregate_folds
+
+from .core import Experiment, ExperimentConfig, method_parts, scores_to_per_case
+from . import report
+
+
+def _aggregate(fold_results: list[dict[str, Any]], head: str) -> dict[str, Any]:
+    per_fold = [aggregate_cases(scores_to_per_case(r["scores"][head])) for r in fold_results]
+    return {"folds": per_fold, "summary": aggregate_folds(per_fold),
+            "per_case": {k: v for r in fold_results for k, v in r["scores"][head].items()}}
+
+
+def _n_folds(exp: Experiment) -> int:
+    return 1 if exp.cfg.folds == 0 else exp.cfg.folds
+
+
+def compare(cfg: ExperimentConfig, out: str | Path, force: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Method x {linear, non-linear} probing (and from-scratch): the paper's main table."""
+    exp = Experiment(cfg, out, force=force, log=log)
+    rows: list[dict[str, Any]] = []
+    for method in cfg.methods:
+        model = exp.pretrained(method)
+        folds = [exp.probe(f"probe-{method}-f{k}", model, k, tuple(cfg.heads)) for k in range(_n_folds(exp))]
+        for head in cfg.heads:
+            rows.append({"method": method, "head": head, **_aggregate(folds, head),
+                         "head_parameters": folds[0]["head_parameters"][head],
+                         "backbone_parameters": folds[0]["backbone_parameters"]})
+    if cfg.scratch:
+        folds = [exp.scratch(f"scratch-f{k}", k) for k in range(_n_folds(exp))]
+        rows.append({"method": "from-scratch", "head": "end-to-end", **_aggregate(folds, "scratch")})
+    pre = {m: exp.runner.result(f"pretrain-{m}") for m in cfg.methods}
+    bprs = {k: exp.runner.result(f"bpr-{k}") for k in ("ape", "slice") if exp.runner.done(f"bpr-{k}")}
+    results = {"experiment": "compare", "config": cfg, "budget": exp.budget, "rows": rows, "pretraining": pre,
+               "bpr": bprs, "seconds": round(exp.elapsed(), 1)}
+    atomic_write_json(exp.out / "results.json", _plain(results))
+    figs = report.compare_figures(rows, exp.out)
+    atomic_write(exp.out / "report.md", report.compare_markdown(results, figs))
+    return results
+
+
+def timesteps(cfg: ExperimentConfig, out: str | Path, force: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Dice against the feature timestep t, and against the number of training steps T (paper Fig. 2)."""
+    exp = Experiment(cfg, out, force=force, log=log)
+    method = cfg.timestep_method
+    if method_parts(method)[0] != "diffusion":
+        raise ValueError(f"timesteps needs a diffusion method, got {method!r}")
+    ts = tuple(cfg.timesteps) or tuple(exp.budget["timesteps"])
+    Ts = tuple(cfg.train_T) or tuple(exp.budget["train_T"])
+    heads = tuple(cfg.heads)
+    model = exp.pretrained(method)
+    by_t = []
+    for t in ts:
+        folds = [exp.probe(f"t-sweep/{method}-t{t}-f{k}", model, k, heads, timesteps=(t,)) for k in range(_n_folds(exp))]
+        by_t.append({"t": t, **{h: _aggregate(folds, h)["summary"] for h in heads}})
+    by_T = []
+    for T in Ts:
+        m = exp.pretrained(method, diffusion_steps=T)
+        folds = [exp.probe(f"T-sweep/{method}-T{T}-f{k}", m, k, heads) for k in range(_n_folds(exp))]
+        by_T.append({"T": T, "feature_t": exp.runner.result(f"T-sweep/{method}-T{T}-f0").get("timesteps"),
+                     **{h: _aggregate(folds, h)["summary"] for h in heads}})
+    results = {"experiment": "timesteps", "config": cfg, "budget": exp.budget, "method": method,
+               "by_t": by_t, "by_T": by_T, "seconds": round(exp.elapsed(), 1)}
+    atomic_write_json(exp.out / "results.json", _plain(results))
+    figs = report.timestep_figures(by_t, by_T, heads, exp.out)
+    atomic_write(exp.out / "report.md", report.timesteps_markdown(results, figs))
+    return results
+
+
+def label_efficiency(cfg: ExperimentConfig, out: str | Path, force: bool = False,
+                     log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Dice against the number of labelled training cases: a pretrained method vs from scratch."""
+    exp = Experiment(cfg, out, force=force, log=log)
+    counts = tuple(cfg.label_counts) or tuple(exp.budget["label_counts"])
+    method = cfg.label_method
+    model = exp.pretrained(method)
+    n_all = len(exp.folds()[0][0])
+    rows = []
+    for n in counts:
+        n_eff = n_all if not n else min(int(n), n_all)
+        tag = "all" if not n else str(n_eff)
+        folds = [exp.probe(f"labels/{method}-n{tag}-f{k}", model, k, ("nonlinear",), n_train=n_eff)
+                 for k in range(_n_folds(exp))]
+        scratch = [exp.scratch(f"labels/scratch-n{tag}-f{k}", k, n_train=n_eff) for k in range(_n_folds(exp))]
+        rows.append({"n_train": n_eff, "pretrained": _aggregate(folds, "nonlinear")["summary"],
+                     "scratch": _aggregate(scratch, "scratch")["summary"]})
+    results = {"experiment": "label-efficiency", "config": cfg, "budget": exp.budget, "method": method,
+               "rows": rows, "seconds": round(exp.elapsed(), 1)}
+    atomic_write_json(exp.out / "results.json", _plain(results))
+    figs = report.label_figures(rows, method, exp.out)
+    atomic_write(exp.out / "report.md", report.label_markdown(results, figs))
+    return results
+
+
+def _plain(obj: Any) -> Any:
+    """JSON-safe: dataclasses to dicts, NaN to null (strict JSON readers choke on NaN)."""
+    import dataclasses
+    import math
+
+    from voxdiff.core.config import to_dict
+
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _plain(to_dict(obj))
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
