@@ -15,6 +15,15 @@ from voxdiff.pretrain.load import FeatureExtractor
 from voxdiff.pretrain.tasks.base import get_task_class
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny nets: one thread is faster than two, and much faster on a shared, busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class PointwisePyramid:
     """A stand-in extractor without window effects: level s = average pool (s) of the image plus
     position-dependent noise, scaled per channel. Sliding windows must reproduce it exactly."""
