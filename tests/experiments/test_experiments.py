@@ -1,0 +1,118 @@
+"""The experiment machinery at the tiny budget: complete reports, and resuming after an interruption."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from voxdiff.experiments import experiments as ex
+from voxdiff.experiments.core import ExperimentConfig, method_parts
+from voxdiff.experiments.runner import StepRunner
+
+
+def test_step_runner_skips_finished_and_discards_interrupted(tmp_path):
+    r = StepRunner(tmp_path, log=lambda s: None)
+    calls = []
+
+    def ok(d):
+        (d / "file.txt").write_text("x")
+        calls.append(1)
+        return {"value": 3}
+
+    assert r.run("a", ok)["value"] == 3
+    assert r.run("a", ok)["value"] == 3
+    assert len(calls) == 1 and r.skipped == ["a"]
+
+    def boom(d):
+        (d / "half.txt").write_text("partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        r.run("b", boom)
+    assert not (tmp_path / "b").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".b.")]  # no partial folder left
+
+
+def test_method_names():
+    assert method_parts("diffusion-ape") == ("diffusion", "ape")
+    assert method_parts("diffusion-none") == ("diffusion", "none")
+    assert method_parts("contrastive") == ("contrastive", None)
+    from voxdiff.core.errors import InputError
+
+    with pytest.raises(InputError):
+        method_parts("diffusion-foo")
+    with pytest.raises(InputError):
+        method_parts("simclr")
+
+
+@pytest.mark.slow
+def test_compare_tiny_report_and_resume(tmp_path, monkeypatch):
+    cfg = ExperimentConfig(budget="tiny", methods=("diffusion-none", "restorative"), heads=("linear", "nonlinear"),
+                           scratch=False, workers=1, progress=False)
+    out = tmp_path / "exp"
+    logs: list[str] = []
+
+    # interrupt the second pretraining: the first method's finished steps must survive
+    import voxdiff.pretrain.train as pt
+
+    real = pt.pretrain
+
+    def flaky(pcfg, *a, **k):
+        if pcfg.method == "restorative":
+            raise KeyboardInterrupt("simulated Ctrl-C")
+        return real(pcfg, *a, **k)
+
+    monkeypatch.setattr(pt, "pretrain", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        ex.compare(cfg, out, log=logs.append)
+    assert (out / "pretrain-diffusion-none" / "result.json").is_file()
+    assert (out / "probe-diffusion-none-f0" / "result.json").is_file()
+    assert not (out / "pretrain-restorative").exists()
+    monkeypatch.setattr(pt, "pretrain", real)
+
+    logs.clear()
+    res = ex.compare(cfg, out, log=logs.append)
+    skipped = [line for line in logs if line.startswith("[skip]")]
+    ran = [line for line in logs if line.startswith("[run ]")]
+    assert any("pretrain-diffusion-none" in s for s in skipped)
+    assert any("probe-diffusion-none-f0" in s for s in skipped)
+    assert not any("diffusion-none" in s for s in ran)
+    assert any("pretrain-restorative" in s for s in ran)
+
+    # complete report: a row per method x head, with finite Dice in [0, 1] and the per-case scores
+    assert [(r["method"], r["head"]) for r in res["rows"]] == [
+        ("diffusion-none", "linear"), ("diffusion-none", "nonlinear"), ("restorative", "linear"), ("restorative", "nonlinear")]
+    for r in res["rows"]:
+        m = r["summary"]["mean"]["mean"]
+        assert 0.0 <= m <= 1.0 and not math.isnan(m)
+        assert r["per_case"]
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["experiment"] == "compare" and len(doc["rows"]) == 4
+    md = (out / "report.md").read_text()
+    assert "| diffusion-none | nonlinear |" in md and "per_organ.png" in md
+    for f in ("per_organ.png", "size_groups.png", "config.yaml"):
+        assert (out / f).stat().st_size > 0
+    # each probe step left a segmenter bundle that voxdiff segment accepts
+    assert (out / "probe-restorative-f0" / "segmenter-nonlinear" / "segmenter.json").is_file()
+
+    # a third run redoes nothing
+    logs.clear()
+    ex.compare(cfg, out, log=logs.append)
+    assert not [line for line in logs if line.startswith("[run ]")]
+
+
+def test_other_settings_are_refused(tmp_path):
+    from voxdiff.core.errors import InputError
+    from voxdiff.experiments.core import Experiment
+
+    out = tmp_path / "e"
+    Experiment(ExperimentConfig(budget="tiny", methods=("random",)), out, log=lambda s: None)
+    with pytest.raises(InputError, match="other settings"):
+        Experiment(ExperimentConfig(budget="tiny", methods=("restorative",)), out, log=lambda s: None)
+    (tmp_path / "user").mkdir()
+    (tmp_path / "user" / "precious.txt").write_text("data")
+    with pytest.raises(InputError, match="not empty"):
+        Experiment(ExperimentConfig(budget="tiny"), tmp_path / "user", log=lambda s: None)
+    assert (tmp_path / "user" / "precious.txt").read_text() == "data"
