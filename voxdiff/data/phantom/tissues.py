@@ -114,4 +114,4 @@ HU_TABLE: dict[int, tuple[float, float, float, float, float]] = {
 }
 
 # tissues whose offset is shared (one blood pool, one bone type) -> group key
-SHARED_OFFSET = {ARTERY: AORTA, BLOOD_L: AORTA, PORTAL_UNL: PORTAL, HEP_PORTAL: PORTAL, VEIN: IVC, DIAPHRAGM: MUSCLE, ESO_AIR: AIR}
+SHARED_OFFSET = {KID_MEDULLA: KID_CORTEX, ARTERY: AORTA, BLOOD_L: AORTA, PORTAL_UNL: PORTAL, HEP_PORTAL: PORTAL, VEIN: IVC, DIAPHRAGM: MUSCLE, ESO_AIR: AIR}
