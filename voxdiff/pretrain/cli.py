@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from voxdiff.core.cli import CommandGroup, add_config
 from voxdiff.core.config import from_namespace
 
@@ -38,7 +40,8 @@ def run_pretrain(ns) -> None:
     data = ns.get("data") if hasattr(ns, "get") else getattr(ns, "data", None)
     cfg.data = [data] if isinstance(data, str) else list(data or [])
     out = pretrain(cfg, ns.out, resume=bool(ns.resume), progress=bool(ns.progress), force=bool(ns.force))
-    print(f"pretrained backbone: {out / 'backbone'}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"pretrained backbone: {out / 'backbone'}")
 
 
 def run_sample(ns) -> None:

@@ -36,6 +36,7 @@ class SampleConfig:
         data_kind: layout of the data folder (auto, btcv, nnunet, folder, ...).
         patch_size: patch size (default: the training patch size).
         seed: seed of the noise and of the real patches.
+        threads: intra-op CPU threads (0 = torch's default).
     """
 
     n: int = 4
@@ -46,6 +47,7 @@ class SampleConfig:
     data_kind: str = "auto"
     patch_size: tuple[int, int, int] | None = None
     seed: int = 0
+    threads: int = 0
 
 
 def sample_patches(model_path: str | os.PathLike, cfg: SampleConfig, progress: bool = True,
@@ -143,6 +145,12 @@ def sample_to_png(model_path: str | os.PathLike, out_png: str | os.PathLike, cfg
     if out.suffix.lower() != ".png":
         raise InputError(out, "the output must be a .png file")
     check_output_path(out, force=force)
-    samples, reals = sample_patches(model_path, cfg, progress=progress)
+    threads = torch.get_num_threads()
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    try:
+        samples, reals = sample_patches(model_path, cfg, progress=progress)
+    finally:
+        torch.set_num_threads(threads)
     title = f"{Path(model_path).name}: {cfg.n} samples, {cfg.sampler} {cfg.steps} steps"
     return write_grid(out, samples, reals, title=title)
