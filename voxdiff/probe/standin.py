@@ -74,3 +74,35 @@ class StandinExtractor:
 
     def __call__(self, image_unit: torch.Tensor) -> list[torch.Tensor]:
         return self.backbone(image_unit)
+
+
+def tiny_segmenter(out_dir, cases=None, preprocess=None, head: str = "linear", seed: int = 0, roi=(32, 32, 32)):
+    """A small random-backbone segmenter bundle (``method="random"``, base 4, 3 levels, untrained
+    head) for tests and smoke runs of ``voxdiff segment`` / ``evaluate``. Returns the bundle path."""
+    import tempfile
+    from pathlib import Path
+
+    from voxdiff.data.preprocess import PreprocessConfig
+    from voxdiff.pretrain.train import PretrainConfig, pretrain
+
+    from .bundle import save_segmenter
+    from .heads import make_head
+
+    pre = preprocess or PreprocessConfig(spacing=(4.0, 4.0, 4.0))
+    if cases is None:
+        from voxdiff.data.phantom import PhantomConfig, generate_phantom
+        from voxdiff.data.preprocess import preprocess as prep
+
+        cases = [prep(generate_phantom(seed, PhantomConfig(shape=(48, 48, 32))), pre)]
+    with tempfile.TemporaryDirectory() as tmp:
+        pt = Path(tmp) / "pretrained"
+        pretrain(PretrainConfig(method="random", preprocess=pre, steps=1, base_channels=4, num_levels=3,
+                                patch_size=(16, 16, 16), bf16=False, device="cpu", seed=seed),
+                 pt, cases=cases, progress=False)
+        from voxdiff.pretrain.load import load_pretrained
+
+        ext = load_pretrained(pt)
+        torch.manual_seed(seed)
+        h = make_head(head, [lv.channels for lv in ext.levels], 14).eval()
+        save_segmenter(out_dir, pt, h, head, pre, roi, 0.25)
+    return Path(out_dir)

@@ -178,7 +178,7 @@ class PatchSampler:
 
 
 def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Cross-entropy + (1 - soft batch Dice over the foreground classes)."""
+    """Cross-entropy + (1 - soft batch Dice averaged over the foreground classes present in ``target``)."""
     n = logits.shape[1]
     ce = F.cross_entropy(logits, target)
     p = torch.softmax(logits, 1)
@@ -187,7 +187,10 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) 
     inter = (p * onehot).sum(dims)
     denom = p.sum(dims) + onehot.sum(dims)
     dice = (2 * inter + eps) / (denom + eps)
-    return ce + (1.0 - dice[1:].mean())
+    present = onehot.sum(dims)[1:] > 0  # foreground classes in this batch (absent ones: CE only)
+    if not bool(present.any()):
+        return ce
+    return ce + (1.0 - dice[1:][present].mean())
 
 
 def mean_dice(pred: np.ndarray, gt: np.ndarray, n_classes: int) -> float:

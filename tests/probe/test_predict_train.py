@@ -1,0 +1,129 @@
+"""Sliding-window prediction vs direct prediction; frozen probing; a short probe run learns."""
+
+import numpy as np
+import pytest
+import torch
+
+from voxdiff.data.preprocess import PreprocessConfig, preprocess
+from voxdiff.probe.heads import LinearHead, NonLinearHead
+from voxdiff.probe.predict import predict_case, predict_logits
+from voxdiff.probe.standin import StandinExtractor
+from voxdiff.probe.train import PatchSampler, ProbeConfig, dice_ce_loss, fit_heads, fit_network, mean_dice
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_sliding_window_equals_direct_prediction():
+    # pointwise extractor + nearest-upsampling linear head: every logit depends on one voxel, so
+    # overlapping, blended windows must reproduce the whole-volume result exactly
+    ext = StandinExtractor((4, 8, 16), pointwise=True)
+    torch.manual_seed(0)
+    head = LinearHead([4, 8, 16], 5, upsample="nearest").eval()
+    vol = np.random.default_rng(0).random((40, 40, 24)).astype(np.float32)
+    direct = head(ext(torch.from_numpy(vol)[None, None]))[0]
+    sw = predict_logits(ext, head, vol, roi=(16, 16, 8), overlap=0.5)
+    assert sw.shape == direct.shape
+    torch.testing.assert_close(sw, direct.detach(), atol=1e-4, rtol=1e-4)
+
+
+def test_single_window_equals_direct_with_real_backbone():
+    from voxdiff.pretrain.backbone import Backbone
+
+    class Ext:
+        def __init__(self):
+            torch.manual_seed(0)
+            self.backbone = Backbone(in_channels=1, base_channels=4, num_levels=3).eval()
+            self.levels = self.backbone.levels
+            self.preprocess = PreprocessConfig()
+
+        def __call__(self, x):
+            return self.backbone.pyramid(x)
+
+    ext = Ext()
+    head = NonLinearHead([lv.channels for lv in ext.levels], 4, hidden=8).eval()
+    vol = np.random.default_rng(1).random((16, 16, 8)).astype(np.float32)
+    with torch.no_grad():
+        direct = head(ext(torch.from_numpy(vol)[None, None]))[0]
+    sw = predict_logits(ext, head, vol, roi=(16, 16, 8), overlap=0.5)
+    torch.testing.assert_close(sw, direct, atol=1e-4, rtol=1e-4)
+
+
+def test_sampler_centres_on_every_organ():
+    lab = np.zeros((40, 40, 20), np.uint8)
+    lab[2:4, 2:4, 2:4] = 12  # a tiny "adrenal" in a corner
+    lab[20:36, 5:35, 3:18] = 6  # a big "liver"
+    from voxdiff.data.types import Case, CaseMeta
+
+    meta = CaseMeta("c", None, None, lab.shape, np.eye(4), np.eye(4), (1.0, 1.0, 1.0))
+    case = Case(np.zeros(lab.shape, np.float32), lab, meta)
+    s = PatchSampler([case], (-1000, 1000), (8, 8, 8), fg_prob=1.0, rng=np.random.default_rng(0))
+    _, y = s.sample(40)
+    has_small = sum(int((yi == 12).any()) for yi in y)
+    assert has_small >= 10  # class-uniform: about half of the patches see the tiny organ
+    assert y.shape == (40, 8, 8, 8)
+
+
+def test_dice_ce_loss_prefers_the_right_answer():
+    y = torch.zeros(1, 4, 4, 4, dtype=torch.long)
+    y[0, :2] = 3
+    good = torch.nn.functional.one_hot(y, 5).movedim(-1, 1).float() * 10
+    bad = torch.zeros_like(good)
+    assert dice_ce_loss(good, y) < 0.1 < dice_ce_loss(bad, y)
+
+
+@pytest.fixture(scope="module")
+def phantom_cases():
+    from voxdiff.data.phantom import PhantomConfig, generate_phantom
+
+    pre = PreprocessConfig(spacing=(4.0, 4.0, 4.0))
+    cfg = PhantomConfig(shape=(48, 48, 32))
+    return [preprocess(generate_phantom(s, cfg), pre) for s in (11, 12, 13)], pre
+
+
+def test_short_probe_run_beats_untrained_head_and_keeps_backbone_frozen(phantom_cases):
+    cases, pre = phantom_cases
+    ext = StandinExtractor((8, 16, 32), seed=0, preprocess=pre)
+    before = {k: v.clone() for k, v in ext.backbone.state_dict().items()}
+    cfg = ProbeConfig(patch_size=(32, 32, 16), batch_size=2, steps=60, val_every=30, roi=(32, 32, 32), lr=1e-2,
+                      amp=False, device="cpu", hidden=16, fg_prob=0.5)
+    history = []
+    heads = fit_heads(ext, cases[:2], cases[2:], ["linear", "nonlinear"], cfg, progress=False, history=history)
+    after = ext.backbone.state_dict()
+    for k, v in before.items():  # weights and BatchNorm running statistics untouched
+        torch.testing.assert_close(after[k], v, rtol=0, atol=0)
+    assert not ext.backbone.training
+    assert [h["step"] for h in history] == [30, 60]
+    assert all(not h.training for h in heads.values())
+    test = cases[2]
+    torch.manual_seed(123)
+    untrained = NonLinearHead([8, 16, 32], 14, hidden=16).eval()
+    pred0 = predict_case(ext, untrained, test, roi=(32, 32, 32))
+    pred = predict_case(ext, heads["nonlinear"], test, roi=(32, 32, 32))
+    # the best validation checkpoint was kept: its score is the one recorded
+    assert heads["nonlinear"].best_val_dice == pytest.approx(max(h["val_dice"]["nonlinear"] for h in history))
+    assert mean_dice(pred, test.label, 14) > mean_dice(pred0, test.label, 14) + 0.02
+    liver = lambda p: 2 * ((p == 6) & (test.label == 6)).sum() / ((p == 6).sum() + (test.label == 6).sum())
+    assert liver(pred) > 0.3 > liver(pred0)
+
+
+def test_finetune_and_scratch_change_the_backbone_copy_only(phantom_cases):
+    cases, pre = phantom_cases
+    ext = StandinExtractor((4, 8, 8), seed=0, preprocess=pre)
+    for p in ext.backbone.parameters():  # the stand-in freezes itself; fit_network must unfreeze the copy
+        assert not p.requires_grad
+    before = {k: v.clone() for k, v in ext.backbone.state_dict().items()}
+    cfg = ProbeConfig(patch_size=(16, 16, 16), steps=4, warmup_steps=2, val_every=4, roi=(16, 16, 16), amp=False,
+                      device="cpu", hidden=8)
+    tuned, head = fit_network(ext, cases[:1], [], "finetune", cfg, progress=False)
+    changed = any(not torch.equal(before[k], v) for k, v in tuned.backbone.state_dict().items())
+    assert changed
+    for k, v in ext.backbone.state_dict().items():
+        assert torch.equal(before[k], v)
+    scratch, _ = fit_network(ext, cases[:1], [], "scratch", ProbeConfig(**{**cfg.__dict__, "steps": 1}), progress=False)
+    assert not torch.equal(scratch.backbone.stem.weight, ext.backbone.stem.weight)
