@@ -124,8 +124,14 @@ def test_real_dicom_series_matches_pseudo_label_grid(model, tmp_path):
     out = tmp_path / "b.nii.gz"
     segment_ct(model, d, out, progress=False)
     o, ref = nib.load(str(out)), nib.load(str(REAL / "ts_b_upper_abdomen_btcv13_pseudo.nii.gz"))
-    assert o.shape == ref.shape
-    np.testing.assert_allclose(o.affine, ref.affine, atol=1e-3)
+    hu, aff = load_image(d)
+    assert o.shape == hu.shape == ref.shape
+    np.testing.assert_allclose(o.affine, aff, atol=1e-4)  # the series' own grid (LPS storage)
+    # the same physical grid as the pseudo-labels (stored LAS): equal once both are in RAS
+    lab = np.asarray(o.dataobj)
+    _, a1 = to_ras(lab, o.affine)
+    _, a2 = to_ras(np.asarray(ref.dataobj), ref.affine)
+    np.testing.assert_allclose(a1, a2, atol=1e-3)
 
 
 def test_cli_prints_volumes_and_writes_preview(model, ras_ct, tmp_path, capsys):
