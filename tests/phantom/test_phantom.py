@@ -24,7 +24,7 @@ VOLUME_RANGES = {
     "left_kidney": (60, 300),
     "gallbladder": (8, 120),
     "esophagus": (3, 60),
-    "liver": (800, 2600),
+    "liver": (800, 2800),
     "stomach": (100, 900),
     "aorta": (20, 250),
     "inferior_vena_cava": (20, 200),

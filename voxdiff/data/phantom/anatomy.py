@@ -74,6 +74,10 @@ class Subject:
         self.oral_contrast = False
         self.eso_air = bool(rng.random() < 0.5)
         self.colon_sag = _u(rng, 0, 60)
+        self.liver_left = _u(rng, 0.7, 1.3)  # size of the left lobe relative to the right
+        self.liver_tip = _u(rng, 0.0, 1.0)  # how far the right lobe reaches down (Riedel-like tongue)
+        self.shape_amp = _u(rng, 2.0, 5.0)  # amplitude (mm) of organ surface irregularity
+        self.vessel_dirs = rng.normal(0, 1, (12, 3))  # directions of random intrahepatic branches
         self.table_y = _u(rng, 0.5, 4)
         self.aorta_r = float(np.clip(rng.normal(1.0, 0.08), 0.8, 1.25))
 
@@ -423,11 +427,12 @@ def _organs(cv: Canvas, S: Subject, f: dict[str, np.ndarray], lm: dict[str, floa
 
     # ---- liver ----------------------------------------------------------------------------------
     o = S.organ["liver"]
-    s = 0.96 * float(np.clip(o["s"], 0.88, 1.12)) * (0.5 * sw + 0.5 * sd) ** 0.3
+    s = 0.94 * float(np.clip(o["s"], 0.88, 1.12)) * (0.5 * sw + 0.5 * sd) ** 0.3
     zR = S.dome_r
     Rl = rot(0, -12, o["rz"])
     cR = _jit(S, "liver", (68 * sw, 2 * sd, zR - 68 * hs * s))
-    cL = cR + np.array([-95 * sw, 40 * sd, 22 * hs])
+    ll = S.liver_left
+    cL = cR + np.array([-(75 + 20 * ll) * sw, 40 * sd, 22 * hs])
     cC = cR + np.array([-45 * sw, -20 * sd, -5])
     lo = np.minimum(cR, cL) - 120
     hi = np.maximum(cR, cL) + 120
@@ -435,13 +440,17 @@ def _organs(cv: Canvas, S: Subject, f: dict[str, np.ndarray], lm: dict[str, floa
     if b is not None:
         X, Y, Z = cv.coords(b)
         d1 = _ell(X, Y, Z, cR, np.array([70, 88, 90]) * s, Rl)
-        d2 = _ell(X, Y, Z, cL, np.array([62, 40, 42]) * s, rot(0, 0, -15 + o["rz"]))
+        d2 = _ell(X, Y, Z, cL, np.array([62 * ll, 40 * ll**0.5, 42]) * s, rot(0, 0, -15 + o["rz"]))
+        # inferior tongue of the right lobe (variable)
+        tip = cR + np.array([18 * sw, -5 * sd, -(60 + 40 * S.liver_tip) * hs * s])
+        d4 = _ell(X, Y, Z, tip, np.array([26, 34, 30 + 15 * S.liver_tip]) * s, None)
         d3 = _ell(X, Y, Z, cC, np.array([24, 22, 40]) * s, None)
         sdf = smooth_union(smooth_union(d1, d2, 25.0), d3, 12.0)
         # inferior surface: flatten the anterior-inferior edge (plane rising anteriorly)
         plane = (cR[2] - 58 * hs * s) + 0.35 * (Y - cR[1]) - 0.25 * (X - cR[0])
         sdf = np.maximum(sdf, (plane - Z) * 0.7)
-        sdf = sdf + 2.5 * f["shape"][b]
+        sdf = smooth_union(sdf, d4, 15.0)
+        sdf = sdf + S.shape_amp * f["shape"][b]
         cv.paint(b, sdf < 0, T.LIVER, onto=soft + (T.STOM_WALL, T.STOM_FLUID, T.STOM_AIR), region=abd)
         zz = Z[(sdf < 0) & (cv.region[b] == 2)]
         lm["liver_bottom"] = float(zz.min()) if zz.size else float(cR[2] - 90 * s)
@@ -470,7 +479,7 @@ def _organs(cv: Canvas, S: Subject, f: dict[str, np.ndarray], lm: dict[str, floa
         # concave hilum: remove a sphere on the anteromedial side
         hc = c + np.array([45 * s, 35 * s, 0])
         cut = 38 * s - np.sqrt((X - hc[0]) ** 2 + (Y - hc[1]) ** 2 + (Z - hc[2]) ** 2)
-        sdf = np.maximum(ssdf, cut) + 2.0 * f["shape"][sb]
+        sdf = np.maximum(ssdf, cut) + 0.8 * S.shape_amp * f["shape"][sb]
         cv.paint(sb, sdf < 0, T.SPLEEN, onto=soft + (T.STOM_WALL, T.STOM_FLUID, T.STOM_AIR), region=abd)
         lm["spleen_center"] = float(c[2])
 
@@ -644,6 +653,20 @@ def _vessels(cv: Canvas, S: Subject, lm: dict[str, float]) -> None:
     tb, sdf, _ = cv.tube(sv, [6, 5, 4.8, 4.5, 4.5])
     if tb is not None:
         cv.paint(tb, sdf < 0, T.PORTAL, onto=abd_soft + (T.SPLEEN,))
+    # random peripheral intrahepatic branches (liver label): portal from the hilum, hepatic toward the IVC
+    for n, dvec in enumerate(S.vessel_dirs):
+        base = hil if n < 6 else hv0
+        dvec = dvec / max(np.linalg.norm(dvec), 1e-6)
+        if n < 6:
+            dvec[0] = abs(dvec[0]) if n % 2 == 0 else dvec[0]
+        else:
+            dvec[2] = -abs(dvec[2])
+            dvec[1] = abs(dvec[1]) * 0.7 if n % 2 else dvec[1]
+        length = 55 + 8 * (n % 4)
+        mid = base + dvec * length * 0.5 + np.array([0, 0, 4])
+        tb, sdf, _ = cv.tube([base + dvec * 12, mid, base + dvec * length], [3.2, 2.4, 1.4])
+        if tb is not None:
+            cv.paint(tb, sdf < 0, T.HEP_PORTAL if n < 6 else T.HEP_VEIN, onto=(T.LIVER,))
     # SMV (unlabelled) and SMA, celiac + splenic artery, renal vessels
     tb, sdf, _ = cv.tube([conf, conf + np.array([6, 8, -35]), conf + np.array([8, 15, -85])], [6, 5.5, 5])
     if tb is not None:
