@@ -266,3 +266,14 @@ def test_online_probe_logs_dice(tmp_path, cases):
     assert all(0 <= r["probe_dice"] <= 1 and r["probe_classes"] >= 1 for r in rows)
     with pytest.raises(InputError, match="probe_data"):
         pretrain(tiny(steps=2, probe_every=1), tmp_path / "q", cases=cases, progress=False)
+
+
+def test_loss_decreases_on_phantoms(tmp_path):
+    gen = pytest.importorskip("voxdiff.data.phantom.generator")
+    pcfg = gen.PhantomConfig(shape=(48, 48, 32))
+    phantoms = [gen.generate_phantom(s, pcfg, unlabelled=True) for s in (100, 101)]
+    cfg = tiny(steps=40, log_every=10, checkpoint_every=100, base_channels=8, lr=3e-3, warmup_steps=5,
+               batch_size=4)
+    out = pretrain(cfg, tmp_path / "ph", cases=phantoms, progress=False)
+    rows = _metrics(out)
+    assert rows[-1]["loss"] < 0.6 * rows[0]["loss"]
