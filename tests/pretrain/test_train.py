@@ -277,3 +277,13 @@ def test_loss_decreases_on_phantoms(tmp_path):
     out = pretrain(cfg, tmp_path / "ph", cases=phantoms, progress=False)
     rows = _metrics(out)
     assert rows[-1]["loss"] < 0.6 * rows[0]["loss"]
+
+
+@pytest.mark.parametrize("prediction,schedule", [("v", "cosine"), ("sample", "linear")])
+def test_bf16_and_other_targets_train(tmp_path, cases, prediction, schedule):
+    cfg = tiny(steps=3, bf16=True, prediction=prediction, beta_schedule=schedule, log_every=1)
+    out = pretrain(cfg, tmp_path / prediction, cases=cases, progress=False)
+    rows = _metrics(out)
+    assert len(rows) == 3 and all(np.isfinite(r["loss"]) for r in rows)
+    ex = load_pretrained(out)
+    assert ex.task.process.prediction == prediction and ex.task.process.schedule == schedule
