@@ -98,6 +98,8 @@ def test_resume_refuses_other_config_and_missing_state(tmp_path, cases):
     out = pretrain(cfg, tmp_path / "r", cases=cases, progress=False, stop_after=2)
     with pytest.raises(InputError, match="different configuration.*base_channels"):
         pretrain(tiny(steps=4, checkpoint_every=2, base_channels=8), out, cases=cases, progress=False, resume=True)
+    with pytest.raises(InputError, match="beyond --steps 1"):
+        pretrain(tiny(steps=1, checkpoint_every=2), out, cases=cases, progress=False, resume=True)
     with pytest.raises(InputError, match="nothing to resume"):
         pretrain(cfg, tmp_path / "empty", cases=cases, progress=False, resume=True)
 

@@ -463,6 +463,8 @@ def _pretrain(cfg: PretrainConfig, out: Path, resume: bool, progress: bool, forc
         _check_resume_config(info.get("config") or {}, cfg, ckpt)
         meta = info["meta"]
         start = int(meta["step"])
+        if start > cfg.steps:
+            raise InputError(ckpt, f"the checkpoint is at step {start}, beyond --steps {cfg.steps}")
         try:
             joint.load_state_dict({k: v.to(device) for k, v in unprefixed(tensors, "model.").items()}, strict=True)
             ema.load(unprefixed(tensors, "ema."))
