@@ -452,8 +452,7 @@ def _organs(cv: Canvas, S: Subject, f: dict[str, np.ndarray], lm: dict[str, floa
         sdf = smooth_union(sdf, d4, 15.0)
         sdf = sdf + S.shape_amp * f["shape"][b]
         cv.paint(b, sdf < 0, T.LIVER, onto=soft + (T.STOM_WALL, T.STOM_FLUID, T.STOM_AIR), region=abd)
-        zz = Z[(sdf < 0) & (cv.region[b] == 2)]
-        lm["liver_bottom"] = float(zz.min()) if zz.size else float(cR[2] - 90 * s)
+        lm["liver_bottom"] = float(min(cR[2] - 90 * s, tip[2] - (30 + 15 * S.liver_tip) * s))
         lm["liver_top"] = float(zR)
     liver_c = cR
 

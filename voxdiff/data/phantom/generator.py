@@ -46,6 +46,7 @@ class PhantomConfig:
         texture: scale of the correlated texture inside tissues.
         deformation_mm: standard deviation of the smooth random displacement field (mm).
         deformation_spacing_mm: control-point spacing of the displacement field (mm).
+        rotation_deg: standard deviation of the patient's in-plane rotation on the table (degrees).
         body_size: range of the overall body size scale.
         organ_jitter: scale of per-organ position, size and orientation variation.
         oral_contrast_prob: probability of positive oral contrast in the small bowel.
@@ -68,6 +69,7 @@ class PhantomConfig:
     texture: float = 1.0  # scale of the correlated texture inside tissues
     deformation_mm: float = 7.0  # std of the smooth random displacement field
     deformation_spacing_mm: float = 80.0  # control-point spacing of that field
+    rotation_deg: float = 3.0  # sd of the patient's rotation about the table axis (yaw in the axial plane)
     body_size: tuple[float, float] = (0.88, 1.12)
     organ_jitter: float = 1.0  # scale of per-organ position/size/orientation variation
     oral_contrast_prob: float = 0.15  # positive oral contrast in the small bowel
@@ -162,6 +164,18 @@ def generate_phantom(seed: int, cfg: PhantomConfig | None = None, *, unlabelled:
     fields["bowel2"] = LatticeBasis(axes, 15.0).draw(r_field)
     cv = Canvas(xs, ys, zs, disp if cfg.deformation_mm > 0 else None)
     del disp
+    yaw = float(np.clip(r_scan.normal(0.0, 1.0), -2.5, 2.5)) * cfg.rotation_deg
+    if yaw:
+        ca, sa = np.float32(np.cos(np.deg2rad(yaw))), np.float32(np.sin(np.deg2rad(yaw)))
+        X, Y = cv.X.copy(), cv.Y
+        cv.X = ca * X + sa * Y
+        cv.Y = -sa * X + ca * Y
+        del X, Y
+        cv.margin = (
+            float(np.abs(cv.X - cv.xs[:, None, None]).max()) + cv.spacing[0],
+            float(np.abs(cv.Y - cv.ys[None, :, None]).max()) + cv.spacing[1],
+            cv.margin[2],
+        )
 
     # ---- anatomy -------------------------------------------------------------------------------------
     lm = build(cv, S, fields)
@@ -237,6 +251,7 @@ def generate_phantom(seed: int, cfg: PhantomConfig | None = None, *, unlabelled:
         "noise_hu": round(noise_sd, 2),
         "psf_sigma_mm": round(psf, 3),
         "deformation_std_mm": round(dstd, 2),
+        "rotation_deg": round(yaw, 2),
         "oral_contrast": S.oral_contrast,
         "body": {
             "height_scale": round(S.hs, 3),
