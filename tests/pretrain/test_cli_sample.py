@@ -6,7 +6,6 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 
 from pretrain_synth import StandInBPR, synthetic_case, synthetic_cases
 from voxdiff.cli import main
