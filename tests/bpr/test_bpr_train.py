@@ -26,7 +26,7 @@ def _untrained(cfg):
 
 def test_tiny_slice_training_improves_spearman(tmp_path, tiny_phantoms):
     train, test = tiny_phantoms
-    cfg = BPRTrainConfig(kind="slice", steps=120, slice_patch=24, slices_per_sample=8, lr=3e-3, **TINY)
+    cfg = BPRTrainConfig(kind="slice", steps=300, slice_patch=24, slices_per_sample=8, lr=3e-3, **TINY)
     before = slice_quality(_untrained(cfg), test)["spearman_mean"]
     train_bpr(cfg, tmp_path / "m", cases=train, progress=False)
     m = load_bpr(tmp_path / "m", kind="slice")

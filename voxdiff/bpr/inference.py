@@ -65,9 +65,12 @@ def slice_scores_volume(
 @torch.no_grad()
 def ape_volume(
     model: APERegressor, unit: torch.Tensor | np.ndarray, overlap: float = 0.5, sw_batch_size: int = 2,
-    raw: bool = False, progress: bool = False,
+    raw: bool = False, progress: bool = False, min_roi: int = 64,
 ) -> np.ndarray:
-    """``(3, X, Y, Z)`` coordinates of a volume ``(X, Y, Z)`` in [0, 1] (calibrated unless ``raw``)."""
+    """``(3, X, Y, Z)`` coordinates of a volume ``(X, Y, Z)`` in [0, 1] (calibrated unless ``raw``).
+
+    Windows are the training patch size, enlarged to at least ``min_roi`` voxels per axis (the
+    network is fully convolutional; bigger windows mean fewer borders and fewer windows)."""
     from monai.inferers import sliding_window_inference
 
     vol = torch.as_tensor(np.asarray(unit, dtype=np.float32)) if not torch.is_tensor(unit) else unit.float()
@@ -76,7 +79,7 @@ def ape_volume(
     predictor = model.raw if raw else model
     try:
         out = sliding_window_inference(
-            vol[None, None], roi_size=model.patch_size, sw_batch_size=sw_batch_size, predictor=predictor,
+            vol[None, None], roi_size=tuple(max(int(p), int(min_roi)) for p in model.patch_size), sw_batch_size=sw_batch_size, predictor=predictor,
             overlap=overlap, mode="gaussian", padding_mode="constant", cval=0.0, progress=progress,
         )
     finally:

@@ -61,9 +61,9 @@ class BPRTrainConfig:
         heuristic_b: slice loss: target score step per mm (one score unit per 1/b mm).
         w_order: weight of the order (slice: Schuhegger heuristic) / displacement (ape) loss (null: 1).
         w_distance: weight of the distance loss (slice: linearity in z; ape: pairwise distances)
-            (null: slice 0.1, ape 1).
-        w_consistency: weight of the same-voxel/same-slice agreement between the two views
             (null: slice 0.05, ape 1).
+        w_consistency: weight of the same-voxel/same-slice agreement between the two views
+            (null: slice 0.03, ape 1).
         calib_range_mm: ape: mm per calibrated unit (the training median maps to 0.5).
         checkpoint_every: steps between train-state checkpoints.
         seed: random seed (initialisation and sampling).
@@ -87,8 +87,8 @@ class BPRTrainConfig:
     slices_per_sample: int = 8
     ape_patch: int = 40
     ape_points: int = 256
-    zoom: float = 1.25
-    intensity_aug: float = 1.0
+    zoom: float = 1.15
+    intensity_aug: float = 0.5
     heuristic_b: float = 0.01
     w_order: float | None = None
     w_distance: float | None = None
@@ -99,7 +99,7 @@ class BPRTrainConfig:
     threads: int = 1
 
 
-DEFAULT_WEIGHTS = {"slice": (1.0, 0.1, 0.05), "ape": (1.0, 1.0, 1.0)}
+DEFAULT_WEIGHTS = {"slice": (1.0, 0.05, 0.03), "ape": (1.0, 1.0, 1.0)}
 
 
 def loss_weights(cfg: BPRTrainConfig) -> tuple[float, float, float]:
