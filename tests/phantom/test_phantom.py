@@ -87,6 +87,18 @@ def test_every_organ_present_with_plausible_volume(abdomen_cases):
             assert case.meta.extra["organ_volumes_ml"][oid] == pytest.approx(vol, abs=0.2)
 
 
+def test_landmarks_match_the_labels(abdomen_cases):
+    """Landmark heights (world mm, same frame as the affine) agree with the painted organs."""
+    for case in abdomen_cases:
+        lm = case.meta.extra["landmarks_z_mm"]
+        for key, organ in (("kidney_right_center", 2), ("kidney_left_center", 3)):
+            assert abs(_centroid_world(case, organ)[2] - lm[key]) < 15, key
+        aff = case.meta.affine
+        zmax = aff[2, 3] + aff[2, 2] * np.argwhere(case.label == 6)[:, 2].max()
+        assert abs(zmax - lm["liver_top"]) < 15
+        assert lm["kidney_right_center"] < lm["kidney_left_center"]
+
+
 def test_left_right_in_world_coordinates(abdomen_cases):
     # RAS+: world x grows toward the patient's right
     for case in abdomen_cases:
@@ -231,6 +243,11 @@ def test_dataset_layout_and_json(tmp_path: Path):
     np.testing.assert_allclose(np.asarray(img.dataobj), np.rint(ref.image), atol=0.5)
     # no leftovers of the staging folder
     assert [p.name for p in tmp_path.iterdir()] == ["ph"]
+    # parallel workers write identical files
+    out2 = tmp_path / "ph2"
+    make_phantom_dataset(out2, n_train=2, n_test=1, n_unlabelled=2, seed=7, cfg=cfg, progress=False, preview=False, workers=2)
+    for f in sorted(out.rglob("*.nii.gz")):
+        assert f.read_bytes() == (out2 / f.relative_to(out)).read_bytes(), f.name
 
 
 def test_sets_use_disjoint_seeds_and_are_stable():
