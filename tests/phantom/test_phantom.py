@@ -314,6 +314,7 @@ def test_cli(tmp_path: Path, capsys):
     assert main(["phantom", str(tmp_path / "bad"), "--spacing_xy", "[0.0,1.0]", "--quiet"]) == 2
     assert main(["phantom", str(tmp_path / "bad"), "--z_modes", "[head]", "--quiet"]) == 2
     assert main(["phantom", str(tmp_path / "bad"), "--n-train", "0", "--n-test", "0", "--n-unlabelled", "0", "--quiet"]) == 2
+    assert main(["phantom", str(tmp_path / "bad"), "--seed", "-1", "--quiet"]) == 2
     assert not (tmp_path / "bad").exists()
 
 

@@ -85,6 +85,8 @@ def make_phantom_dataset(
     for name, n in (("n_train", n_train), ("n_test", n_test), ("n_unlabelled", n_unlabelled)):
         if int(n) < 0:
             raise InputError(None, f"{name} must be >= 0, got {n}")
+    if int(seed) < 0:
+        raise InputError(None, f"seed must be >= 0, got {seed}")
     if n_train + n_test + n_unlabelled == 0:
         raise InputError(out, "nothing to generate (n_train + n_test + n_unlabelled = 0)")
     plan = case_plan(n_train, n_test, n_unlabelled, seed)

@@ -81,9 +81,14 @@ class PhantomConfig:
 
         if len(self.shape) != 3 or min(self.shape) < 8:
             raise InputError(None, f"phantom shape must be 3 sizes >= 8, got {self.shape}")
-        for name in ("spacing_xy", "spacing_z"):
-            lo, hi = getattr(self, name)
-            if not (0 < lo <= hi):
+        for name in ("spacing_xy", "spacing_z", "enhancement", "noise_hu", "blur_mm", "body_size"):
+            v = tuple(getattr(self, name))
+            if len(v) != 2:
+                raise InputError(None, f"phantom {name} must be a (min, max) pair, got {v}")
+            lo, hi = v
+            if name in ("noise_hu", "blur_mm") and not (0 <= lo <= hi):
+                raise InputError(None, f"phantom {name} must be 0 <= min <= max, got {(lo, hi)}")
+            if name not in ("noise_hu", "blur_mm") and not (0 < lo <= hi):
                 raise InputError(None, f"phantom {name} must be 0 < min <= max, got {(lo, hi)}")
         for modes, what in ((self.z_modes, "z_modes"), (self.unlabelled_z_modes, "unlabelled_z_modes")):
             bad = [m for m in modes if m not in Z_MODES]
@@ -123,6 +128,10 @@ def generate_phantom(seed: int, cfg: PhantomConfig | None = None, *, unlabelled:
     e.g. chest or pelvis only) - the label is still returned.
     """
     cfg = cfg or PhantomConfig()
+    if int(seed) < 0:
+        from ...core.errors import InputError
+
+        raise InputError(None, f"phantom seed must be >= 0, got {seed}")
     ss = np.random.SeedSequence(int(seed))
     r_subj, r_scan, r_field, r_hu, r_noise = (np.random.default_rng(s) for s in ss.spawn(5))
     S = Subject(r_subj, size_range=cfg.body_size, jitter=cfg.organ_jitter)
