@@ -143,7 +143,7 @@ def _write_folder(root, n=2):
 def test_cli_writes_features_and_refuses_bad_input(tmp_path, model_dir, capsys):
     data = _write_folder(tmp_path / "data")
     out = tmp_path / "feats"
-    rc = main(["features", str(model_dir), str(data), "-o", str(out), "--roi", "[32,32,20]", "--levels", "[0,2]",
+    rc = main(["features", str(model_dir), str(data), "-o", str(out), "--roi", "[32,32,20]", "--levels", "0", "2",
                "--progress", "false"])
     assert rc == 0
     index = json.loads((out / "features.json").read_text())
@@ -154,8 +154,8 @@ def test_cli_writes_features_and_refuses_bad_input(tmp_path, model_dir, capsys):
     # refused: existing output, missing model, bad level, t on a non-diffusion model; no partial output
     assert main(["features", str(model_dir), str(data), "-o", str(out), "--progress", "false"]) == 2
     for args, msg in [([str(tmp_path / "nope"), str(data)], "not found"),
-                      ([str(model_dir), str(data), "--levels", "[5]"], "levels"),
-                      ([str(model_dir), str(data), "--t", "[10]"], "diffusion models only"),
+                      ([str(model_dir), str(data), "--levels", "5"], "levels"),
+                      ([str(model_dir), str(data), "--t", "10"], "diffusion models only"),
                       ([str(model_dir), str(tmp_path / "nodata")], "")]:
         capsys.readouterr()
         bad = tmp_path / "bad_out"
@@ -163,3 +163,14 @@ def test_cli_writes_features_and_refuses_bad_input(tmp_path, model_dir, capsys):
         err = capsys.readouterr().err
         assert err.startswith("voxdiff: error:") and msg in err and len(err.strip().splitlines()) == 1
         assert not bad.exists()
+
+
+def test_cli_diffusion_timesteps(tmp_path, diffusion_dir):
+    data = _write_folder(tmp_path / "data", n=1)
+    out = tmp_path / "feats"
+    assert main(["features", str(diffusion_dir), str(data), "-o", str(out), "--t", "10", "50", "--levels", "1",
+                 "--roi", "[40,36,20]", "--progress", "false"]) == 0
+    index = json.loads((out / "features.json").read_text())
+    pyr, meta = load_features(out / index["cases"][0]["file"])
+    assert meta["t"] == [10, 50] and meta["model"]["method"] == "diffusion"
+    assert len(pyr) == 1 and pyr[0].shape[1] == 2 * 8  # level 1 of a base-4 net, two timesteps

@@ -24,13 +24,20 @@ def register(root: CommandGroup) -> None:
     p.add_argument("--cache_dir", type=str, default=None, help="preprocessing cache folder (voxdiff data prepare)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--progress", type=bool, default=True, help="show progress bars")
-    add_config(p, ExtractConfig)
+    p.add_argument("--t", type=int, nargs="+", default=None,
+                   help="diffusion feature timestep(s), e.g. --t 10 or --t 10 50 (several: concatenated channels); "
+                        "default: the model's. Diffusion models only")
+    p.add_argument("--levels", type=int, nargs="+", default=None,
+                   help="pyramid levels to keep, e.g. --levels 0 1 2 (0 = finest, stride 1); default: all")
+    add_config(p, ExtractConfig, skip={"t", "levels"})
 
 
 def run_features(ns) -> None:
     from .run import features_command
 
     cfg = from_namespace(ExtractConfig, ns)
+    cfg.t = None if ns.t is None else tuple(int(v) for v in ns.t)
+    cfg.levels = None if ns.levels is None else tuple(int(v) for v in ns.levels)
     out = features_command(ns.model, ns.data, ns.out, cfg, data_kind=ns.data_kind, split=ns.split,
                            case_ids=ns.cases, cache_dir=ns.cache_dir, force=bool(ns.force),
                            progress=bool(ns.progress))

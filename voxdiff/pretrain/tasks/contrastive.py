@@ -7,7 +7,7 @@ Up to ``n_pairs`` voxels of the shared region are drawn; the same physical voxel
 a positive pair (its index in each view follows from the crop origins). A voxel's representation is
 the concatenated feature pyramid at that voxel: each level is indexed at ``voxel // stride`` (no
 upsampling of whole maps). A projector MLP (inside the task, so the engine trains and saves it) maps
-it to ``proj_dim`` values, L2-normalised; the loss is the symmetric InfoNCE with temperature ``tau``
+it to ``proj_dim`` values, L2-normalised; the loss is the symmetric InfoNCE with ``temperature``
 where every other sampled voxel of the batch is a negative.
 """
 
