@@ -78,6 +78,7 @@ class Subject:
         self.liver_tip = _u(rng, 0.0, 1.0)  # how far the right lobe reaches down (Riedel-like tongue)
         self.shape_amp = _u(rng, 2.0, 5.0)  # amplitude (mm) of organ surface irregularity
         self.vessel_dirs = rng.normal(0, 1, (12, 3))  # directions of random intrahepatic branches
+        self.female = bool(rng.random() < 0.5)
         self.table_y = _u(rng, 0.5, 4)
         self.aorta_r = float(np.clip(rng.normal(1.0, 0.08), 0.8, 1.25))
 
@@ -557,6 +558,15 @@ def _organs(cv: Canvas, S: Subject, f: dict[str, np.ndarray], lm: dict[str, floa
         cv.paint(bb, m, T.BOWEL_WALL, onto=soft)
         cv.paint(bb, m & (bsdf < -3), T.BLADDER)
     lm["bladder"] = float(cb[2])
+    # uterus (above and behind the bladder) or prostate (below it)
+    if S.female:
+        cu = cb + np.array([0, -35 * sd, 40 * bf ** 0.5 + 10])
+        ub, usdf, _ = cv.ellipsoid(cu, np.array([32, 22, 38]) * o["s"], rot(-35, 0, 0))
+    else:
+        cu = np.array([0, 40 * sd, -8.0]) + o["d"] * 0.3
+        ub, usdf, _ = cv.ellipsoid(cu, np.array([21, 16, 17]) * o["s"], None)
+    if ub is not None:
+        cv.paint(ub, usdf < 0, T.PELVIC_ORGAN, onto=soft, region=(1, 2))
 
 
 def _ell(X, Y, Z, c, r, R):
@@ -765,7 +775,7 @@ def _skeleton(cv: Canvas, S: Subject, lm: dict[str, float]) -> None:
         in_disc = (~sacral) & (frac * pitch < disc_h)
         rho = np.sqrt((u / rx) ** 2 + (v / ry) ** 2)
         # slight waist of the vertebral body and bulging disc
-        body = (rho < 1.0) & (Z > -40)
+        body = (rho < 1.0) & (Z > S.lev("S", 0.0) - 12)
         depth_xy = (1 - rho) * np.minimum(rx, ry)
         endplate = np.minimum(frac * pitch - disc_h, (1 - frac) * pitch)
         cortex = body & ~in_disc & ((depth_xy < 2.2) | (endplate < 1.8))
