@@ -902,6 +902,13 @@ def _ribs(cv: Canvas, S: Subject) -> None:
         out[e & (ps >= cart)] = T.CARTILAGE
         inner = ((z - zr) / 3.5) ** 2 + ((wd - rd) / 2.0) ** 2 < 1
         out[e & inner & (ps < cart)] = T.MARROW
+    # scapulae: thin triangular blades on the posterolateral chest wall, outside the ribs
+    z_top = S.lev("T1", 0.5)
+    z_bot = S.lev("T7", 0.5) + 90.0 * np.clip((ps - 0.55) / 0.7, 0, 1)
+    blade = (ps > 0.55) & (ps < 1.3) & (z < z_top) & (z > z_bot) & (wd > 1.5) & (wd < 5.0)
+    rim = blade & ((ps < 0.62) | (ps > 1.22) | (z > z_top - 6))
+    out[blade & (out == 0)] = T.BONE_POST
+    out[rim & (out == T.BONE_POST)] = T.CORTEX
     t = cv.tissue[b]
     sel = out > 0
     t[idx[0][sel], idx[1][sel], idx[2][sel]] = out[sel]
