@@ -192,7 +192,7 @@ def evaluate_models(
     from voxdiff.core.config import write_config
     from voxdiff.core.outputs import atomic_write, atomic_write_json, check_output_path, staged_dir
     from voxdiff.probe.train import resolve_device
-    from voxdiff.segment.bundle import load_segmenter
+    from voxdiff.probe.bundle import load_segmenter
 
     cfg = cfg or EvaluateConfig()
     data = Path(data_dir)
