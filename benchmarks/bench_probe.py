@@ -151,6 +151,44 @@ def main() -> None:
     r = summary["nonlinear_over_scratch"]
     print(f"non-linear probe / from scratch: {'n/a' if r is None else f'{r:.2f}'} (target >= 0.90)")
     print(json.dumps(times))
+    real_ct(out / "probe" / "nonlinear", out)
+
+
+def real_ct(model: Path, out: Path) -> None:
+    """Segment the real CT samples (../shared/data/real_ct) with the phantom-trained model and score
+    against their pseudo-labels (agreement with another model, not a benchmark)."""
+    from voxdiff.data.io import load_label
+    from voxdiff.evaluate.metrics import dice_per_class, mean_over_organs
+    from voxdiff.data.labels import ORGAN_NAMES
+    from voxdiff.segment import load_segmenter, segment_ct
+
+    root = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real_ct"
+    if not root.is_dir():
+        log(f"real CT samples not found at {root}: skipped")
+        return
+    seg = load_segmenter(model)
+    rows = {}
+    for ct, lab in (("ts_a_abdomen_ct.nii.gz", "ts_a_abdomen_btcv13_pseudo.nii.gz"),
+                    ("ts_b_upper_abdomen_dicom", "ts_b_upper_abdomen_btcv13_pseudo.nii.gz"),
+                    ("ts_c_thorax_cta_ct.nii.gz", None)):
+        t = time.time()
+        o = out / "real_ct" / (ct.split(".")[0] + "_seg.nii.gz")
+        res = segment_ct(seg, root / ct, o, preview=o.with_suffix("").with_suffix(".png"), force=True, progress=False)
+        row = {"seconds": round(time.time() - t, 1), "volumes_ml": res["volumes_ml"]}
+        if lab:
+            import nibabel as nib
+
+            pred = np.asarray(nib.load(str(o)).dataobj)
+            gt, _ = load_label(root / lab)
+            d = dice_per_class(pred, gt, 14)
+            row["dice"] = {ORGAN_NAMES[k]: (None if v != v else round(v, 3)) for k, v in d.items()}
+            row["mean"] = mean_over_organs(d)
+        rows[ct] = row
+        log(f"real CT {ct}: mean Dice vs pseudo-labels {row.get('mean', float('nan')):.3f} ({row['seconds']} s)")
+    (out / "real_ct.json").write_text(json.dumps(rows, indent=2))
+    for ct, row in rows.items():
+        if "dice" in row:
+            print(ct, json.dumps(row["dice"]))
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ class ProbeConfig:
     roi: tuple[int, int, int] = (96, 96, 64)
     overlap: float = 0.5
     n_classes: int = 14
-    amp: bool = True
+    amp: bool = False
     device: str = "auto"
     seed: int = 0
 
