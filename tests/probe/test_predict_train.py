@@ -127,3 +127,25 @@ def test_finetune_and_scratch_change_the_backbone_copy_only(phantom_cases):
         assert torch.equal(before[k], v)
     scratch, _ = fit_network(ext, cases[:1], [], "scratch", ProbeConfig(**{**cfg.__dict__, "steps": 1}), progress=False)
     assert not torch.equal(scratch.backbone.stem.weight, ext.backbone.stem.weight)
+
+
+def test_finetune_real_feature_extractor_and_bundle(phantom_cases, tmp_path):
+    """Gradients reach a voxdiff FeatureExtractor's backbone (whose call is no-grad) and the tuned
+    weights land in the bundle's backbone/."""
+    from voxdiff.pretrain.load import load_pretrained
+    from voxdiff.pretrain.train import PretrainConfig, pretrain
+    from voxdiff.probe.bundle import load_segmenter, save_segmenter
+
+    cases, pre = phantom_cases
+    pretrain(PretrainConfig(method="random", preprocess=pre, steps=1, base_channels=4, num_levels=3,
+                            patch_size=(16, 16, 16), bf16=False, device="cpu"), tmp_path / "pt", cases=cases[:1],
+             progress=False)
+    ext = load_pretrained(tmp_path / "pt")
+    cfg = ProbeConfig(patch_size=(16, 16, 16), steps=3, warmup_steps=1, val_every=3, roi=(16, 16, 16), device="cpu",
+                      hidden=8, backbone_lr=1e-2)
+    tuned, head = fit_network(ext, cases[:1], [], "finetune", cfg, progress=False)
+    w0, w1 = ext.backbone.stem.weight, tuned.backbone.stem.weight
+    assert not torch.equal(w0, w1)
+    save_segmenter(tmp_path / "m", tmp_path / "pt", head, "finetune", pre, (16, 16, 16), 0.5, tuned_extractor=tuned)
+    seg = load_segmenter(tmp_path / "m")
+    torch.testing.assert_close(seg.extractor.backbone.stem.weight, w1)
