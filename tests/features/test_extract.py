@@ -182,3 +182,40 @@ def test_memory_formula_for_the_reference_volume():
     up = estimate_memory((256, 256, 128), [16, 32, 64, 128], [1, 2, 4, 8], upsample=True)
     assert up["result"] == pytest.approx(240 * 256 * 256 * 128 * 2)
     assert up["peak"] < 8 * 2**30
+
+
+class StandInBPR(torch.nn.Module):
+    """A body part regressor stand-in (3 'APE' coordinates from a 3x3x3 conv)."""
+
+    kind = "ape"
+    out_channels = 3
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 3, 3, padding=1)
+        torch.nn.init.normal_(self.conv.weight, 0, 0.5)
+
+    def forward(self, x):
+        return torch.sigmoid(self.conv(x))
+
+
+@pytest.mark.parametrize("condition", ["window", "volume"])
+def test_bpr_condition_per_window_or_per_volume(condition):
+    from voxdiff.pretrain.tasks.diffusion import DiffusionTask
+
+    torch.manual_seed(0)
+    task = DiffusionTask({"condition": "ape", "diffusion_steps": 100, "feature_timesteps": [10]}, bpr=StandInBPR())
+    bb = Backbone(task.in_channels, 1, base_channels=4, num_levels=2, time_embedding=True)
+    ex = FeatureExtractor(bb, task, PreprocessConfig(), "diffusion", {})
+    vol = torch.rand(1, 1, 32, 16, 16, generator=torch.Generator().manual_seed(4))
+    got = extract_volume(ex, vol, roi=(16, 16, 16), overlap=0.0, mode="constant", out_dtype=torch.float32,
+                         progress=False, condition=condition, levels=[0])[0]
+    whole_bpr = ex.condition_map(vol)
+    for ox in (0, 16):
+        patch = vol[:, :, ox:ox + 16]
+        idx = index_grid((16, 16, 16), (ox, 0, 0))
+        per_volume = ex(patch, voxel_index=idx, coords=whole_bpr[:, :, ox:ox + 16])[0]
+        per_window = ex(patch, voxel_index=idx)[0]
+        expect, other = (per_volume, per_window) if condition == "volume" else (per_window, per_volume)
+        torch.testing.assert_close(got[:, :, ox:ox + 16], expect, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(got[:, :, ox:ox + 16], other, atol=1e-4)
