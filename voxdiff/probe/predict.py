@@ -89,8 +89,11 @@ def condition_map(extractor, x: torch.Tensor, amp: bool = False) -> torch.Tensor
     fn = getattr(extractor, "condition_map", None)
     if fn is None or int(getattr(extractor, "condition_channels", 0) or 0) <= 0:
         return None
-    with torch.no_grad(), autocast_ctx(x.device, amp):
-        c = fn(x)
+    try:
+        with torch.no_grad(), autocast_ctx(x.device, amp):
+            c = fn(x)
+    except (RuntimeError, MemoryError):  # too large at once: each window computes its own map
+        return None
     return None if c is None else c.float()
 
 
