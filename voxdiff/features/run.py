@@ -84,7 +84,7 @@ def features_command(model: str | os.PathLike, data: str | os.PathLike, out: str
             bar.set_postfix_str(ref.case_id)
             case = load_preprocessed(ds, extractor.preprocess, cache_dir=cache_dir, case_ids=[ref.case_id])[0]
             t0 = time.perf_counter()
-            pyr = extract_case(extractor, case, cfg, progress=False)
+            pyr = extract_case(extractor, case, cfg, progress=progress)  # window bar: a case can take minutes
             meta = case_meta(extractor, case, cfg, pyr, key, fingerprint)
             meta["seconds"] = round(time.perf_counter() - t0, 3)
             save_features(tmp / f"{case.case_id}.safetensors", pyr, meta, [lv["index"] for lv in meta["levels"]])
