@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--spacing", type=float, default=4.0, help="isotropic preprocessing spacing (mm)")
     ap.add_argument("--bpr-steps", type=int, default=100)
     ap.add_argument("--pretrain-steps", type=int, default=300)
-    ap.add_argument("--probe-steps", type=int, default=150)
+    ap.add_argument("--probe-steps", type=int, default=200)
     ap.add_argument("--scratch-steps", type=int, default=None, help="default: same as --probe-steps")
     ap.add_argument("--base-channels", type=int, default=8)
     ap.add_argument("--patch", type=int, nargs=3, default=(32, 32, 32), help="probe / scratch training patch")

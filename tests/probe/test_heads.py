@@ -18,6 +18,9 @@ def pyramid(seed, b=2, size=(8, 8, 8), ch=CH):
 def test_linear_head_superposition(upsample):
     torch.manual_seed(0)
     h = LinearHead(CH, 5, upsample=upsample).eval()
+    for conv in h.convs:  # weights start at zero: make them random so the check means something
+        torch.nn.init.normal_(conv.weight)
+    h.set_feature_stats([(torch.randn(c), torch.rand(c) + 0.5) for c in CH])  # fixed standardisation is affine too
     a, b = pyramid(1), pyramid(2)
     zero = [torch.zeros_like(t) for t in a]
     alpha, beta = 0.7, -1.9
@@ -33,6 +36,7 @@ def test_linear_head_superposition(upsample):
 def test_nonlinear_head_is_not_linear():
     torch.manual_seed(0)
     h = NonLinearHead(CH, 5, hidden=8).eval()
+    torch.nn.init.normal_(h.out.weight)
     a, b = pyramid(1), pyramid(2)
     zero = [torch.zeros_like(t) for t in a]
     with torch.no_grad():
@@ -58,6 +62,9 @@ def test_parameter_counts():
 
 def test_build_head_round_trip_and_output_size():
     for h in (LinearHead(CH, 3), NonLinearHead(CH, 3, hidden=8, blocks=2)):
+        for p in h.parameters():
+            torch.nn.init.normal_(p)
+        h.set_feature_stats([(torch.randn(c), torch.rand(c) + 0.5) for c in CH])
         h2 = build_head(h.config())
         h2.load_state_dict(h.state_dict())
         h.eval(), h2.eval()

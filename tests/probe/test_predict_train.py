@@ -109,7 +109,7 @@ def test_short_probe_run_beats_untrained_head_and_keeps_backbone_frozen(phantom_
     assert heads["nonlinear"].best_val_dice == pytest.approx(max(h["val_dice"]["nonlinear"] for h in history))
     assert mean_dice(pred, test.label, 14) > mean_dice(pred0, test.label, 14) + 0.02
     liver = lambda p: 2 * ((p == 6) & (test.label == 6)).sum() / ((p == 6).sum() + (test.label == 6).sum())
-    assert liver(pred) > 0.3 > liver(pred0)
+    assert liver(pred) > 0.2 > liver(pred0)
 
 
 def test_finetune_and_scratch_change_the_backbone_copy_only(phantom_cases):

@@ -1,6 +1,6 @@
 """Segmentation heads over a frozen feature pyramid (finest level first, stride 1 first).
 
-* :class:`LinearHead`: a 1x1x1 convolution per pyramid level, each upsampled to full resolution
+* :class:`LinearHead`: a (fixed standardisation and a) 1x1x1 convolution per pyramid level, each upsampled to full resolution
   and summed. Every operation is linear (conv, nearest/trilinear upsampling, sum), so the logits are
   an affine function of the concatenated per-voxel feature vector: the vox2vec linear probe.
 * :class:`NonLinearHead`: a light decoder. Each level is projected to ``hidden`` channels by a 1x1x1
@@ -36,7 +36,46 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     return int(sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only))
 
 
-class LinearHead(nn.Module):
+class FeatureScale(nn.Module):
+    """Fixed per-channel standardisation ``(f - mean) / std`` (buffers, not trained).
+
+    The statistics are measured once on training features before the head is trained
+    (:meth:`set_stats`); identity until then. An affine map with constant coefficients, so a head
+    that starts with it stays linear: it only conditions the optimisation (pyramid levels of a
+    frozen backbone can differ in scale by orders of magnitude).
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("inv_std", torch.ones(channels))
+
+    def set_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.mean.copy_(mean.to(self.mean))
+        self.inv_std.copy_(1.0 / std.to(self.inv_std).clamp_min(1e-4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean[None, :, None, None, None].to(x.dtype)) * self.inv_std[None, :, None, None, None].to(x.dtype)
+
+
+def feature_stats(pyramids: Sequence[Sequence[torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-level, per-channel (mean, std) over several pyramids (batches)."""
+    out = []
+    for lv in range(len(pyramids[0])):
+        flat = torch.cat([p[lv].detach().float().transpose(0, 1).reshape(p[lv].shape[1], -1) for p in pyramids], 1)
+        out.append((flat.mean(1), flat.std(1)))
+    return out
+
+
+class _Scaled:
+    """Mixin: per-level FeatureScale modules in ``self.scales``."""
+
+    def set_feature_stats(self, stats: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for sc, (m, s) in zip(self.scales, stats):
+            sc.set_stats(m, s)
+
+
+class LinearHead(_Scaled, nn.Module):
     """Strictly linear probe: ``sum_i up(conv1x1_i(f_i))``.
 
     level_channels: channels of each pyramid level, finest first.
@@ -51,7 +90,10 @@ class LinearHead(nn.Module):
         self.level_channels = [int(c) for c in level_channels]
         self.n_classes = int(n_classes)
         self.upsample = upsample
+        self.scales = nn.ModuleList(FeatureScale(c) for c in self.level_channels)
         self.convs = nn.ModuleList(nn.Conv3d(c, n_classes, kernel_size=1) for c in self.level_channels)
+        for conv in self.convs:  # start from constant logits (the bias): no random class noise
+            nn.init.zeros_(conv.weight)
 
     def config(self) -> dict:
         return {"type": "linear", "level_channels": self.level_channels, "n_classes": self.n_classes,
@@ -62,8 +104,8 @@ class LinearHead(nn.Module):
             raise ValueError(f"head expects {len(self.convs)} pyramid levels, got {len(pyramid)}")
         size = tuple(out_size) if out_size is not None else tuple(pyramid[0].shape[2:])
         out = None
-        for conv, f in zip(self.convs, pyramid):
-            y = _upsample(conv(f), size, self.upsample)
+        for sc, conv, f in zip(self.scales, self.convs, pyramid):
+            y = _upsample(conv(sc(f)), size, self.upsample)
             out = y if out is None else out + y
         return out
 
@@ -84,7 +126,7 @@ class _ResBlock1(nn.Module):
         return x + h
 
 
-class NonLinearHead(nn.Module):
+class NonLinearHead(_Scaled, nn.Module):
     """Light FPN-style decoder of kernel-1 convolutions over the frozen pyramid.
 
     level_channels: channels of each pyramid level, finest first.
@@ -101,12 +143,14 @@ class NonLinearHead(nn.Module):
         self.hidden = int(hidden)
         self.blocks = int(blocks)
         self.upsample = upsample
+        self.scales = nn.ModuleList(FeatureScale(c) for c in self.level_channels)
         self.proj = nn.ModuleList(nn.Conv3d(c, hidden, kernel_size=1) for c in self.level_channels)
         self.refine = nn.ModuleList(
             nn.Sequential(*[_ResBlock1(hidden) for _ in range(self.blocks)]) for _ in self.level_channels
         )
         self.out_norm = nn.BatchNorm3d(hidden)
         self.out = nn.Conv3d(hidden, n_classes, kernel_size=1)
+        nn.init.zeros_(self.out.weight)
 
     def config(self) -> dict:
         return {"type": "nonlinear", "level_channels": self.level_channels, "n_classes": self.n_classes,
@@ -117,7 +161,7 @@ class NonLinearHead(nn.Module):
             raise ValueError(f"head expects {len(self.proj)} pyramid levels, got {len(pyramid)}")
         x = None
         for i in range(len(pyramid) - 1, -1, -1):  # coarsest -> finest
-            p = self.proj[i](pyramid[i])
+            p = self.proj[i](self.scales[i](pyramid[i]))
             x = p if x is None else _upsample(x, p.shape[2:], self.upsample) + p
             x = self.refine[i](x)
         x = self.out(F.silu(self.out_norm(x)))

@@ -37,7 +37,7 @@ from torch import nn
 
 from voxdiff.core.errors import InputError, TrainingError
 
-from .heads import count_parameters, make_head
+from .heads import count_parameters, feature_stats, make_head
 from .predict import features, logits_to_labels, predict_logits, set_frozen, unit_image
 
 FROZEN_MODES = ("linear", "nonlinear")
@@ -262,6 +262,9 @@ def fit_heads(
     sampler = PatchSampler(train_cases, window, cfg.patch_size, cfg.fg_prob, rng)
     chans = [int(lv.channels) for lv in extractor.levels]
     models = {n: make_head(n, chans, cfg.n_classes, cfg.hidden, cfg.blocks).to(device) for n in names}
+    stats = _measure_stats(extractor, sampler, cfg, device)
+    for m in models.values():
+        m.set_feature_stats(stats)
     opts = {n: torch.optim.AdamW(m.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay) for n, m in models.items()}
     scheds = {n: torch.optim.lr_scheduler.LambdaLR(o, _cosine(cfg.steps)) for n, o in opts.items()}
     best = {n: (-math.inf, copy.deepcopy(m.state_dict())) for n, m in models.items()}
@@ -297,6 +300,22 @@ def fit_heads(
         m.eval()
         m.best_val_dice = None if best[n][0] == -math.inf else float(best[n][0])  # type: ignore[attr-defined]
     return models
+
+
+def _measure_stats(extractor, sampler: PatchSampler, cfg: ProbeConfig, device, batches: int = 4):
+    """Per-channel feature statistics on a few training batches (drawn from a copy of the sampler's
+    generator so the training patches do not change)."""
+    rng = sampler.rng
+    sampler.rng = np.random.default_rng(cfg.seed + 7919)
+    try:
+        pyrs = []
+        with torch.no_grad():
+            for _ in range(batches):
+                x, _ = sampler.sample(cfg.batch_size)
+                pyrs.append(features(extractor, x.to(device), amp=cfg.amp))
+    finally:
+        sampler.rng = rng
+    return feature_stats(pyrs)
 
 
 def _cosine(steps: int):
@@ -350,6 +369,7 @@ def fit_network(
     sampler = PatchSampler(train_cases, window, cfg.patch_size, cfg.fg_prob, rng)
     chans = [int(lv.channels) for lv in ext.levels]
     head = make_head("nonlinear", chans, cfg.n_classes, cfg.hidden, cfg.blocks).to(device)
+    head.set_feature_stats(_measure_stats(ext, sampler, cfg, device))
     head_lr = cfg.scratch_lr if mode == "scratch" else cfg.lr
     opt = torch.optim.AdamW(head.parameters(), lr=head_lr, weight_decay=cfg.weight_decay)
     warm = 0 if mode == "scratch" else min(cfg.warmup_steps, cfg.steps)
