@@ -125,7 +125,8 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=16)
     ap.add_argument("--n-test", type=int, default=6)
     ap.add_argument("--slice-steps", type=int, default=800)
-    ap.add_argument("--ape-steps", type=int, default=400)
+    ap.add_argument("--ape-steps", type=int, default=300)
+    ap.add_argument("--ape-batch", type=int, default=4)
     ap.add_argument("--retrain", action="store_true")
     ap.add_argument("--no-real-train", action="store_true", help="skip the models trained with the real CTs added")
     ap.add_argument("--no-timing", action="store_true")
@@ -136,7 +137,7 @@ def main() -> None:
 
     from voxdiff.data.preprocess import PreprocessConfig
 
-    cfg_kw = {"slice": {"steps": args.slice_steps}, "ape": {"steps": args.ape_steps}}
+    cfg_kw = {"slice": {"steps": args.slice_steps}, "ape": {"steps": args.ape_steps, "batch_size": args.ape_batch}}
     pp = PreprocessConfig(spacing=BPRTrainConfig.spacing, hu_window=BPRTrainConfig.hu_window)
     t = time.time()
     train = phantom_cases(range(1000, 1000 + args.n_train), True, pp)
