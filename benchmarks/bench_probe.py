@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--bpr-steps", type=int, default=100)
     ap.add_argument("--pretrain-steps", type=int, default=300)
     ap.add_argument("--probe-steps", type=int, default=200)
+    ap.add_argument("--probe-lr", type=float, default=3e-3, help="learning rate of the frozen-feature heads")
     ap.add_argument("--scratch-steps", type=int, default=None, help="default: same as --probe-steps")
     ap.add_argument("--base-channels", type=int, default=8)
     ap.add_argument("--patch", type=int, nargs=3, default=(32, 32, 32), help="probe / scratch training patch")
@@ -98,7 +99,7 @@ def main() -> None:
 
     runs = out / "probe"
     scratch_steps = a.scratch_steps or a.probe_steps
-    cfg = ProbeConfig(heads=("linear", "nonlinear"), patch_size=tuple(a.patch), batch_size=2, steps=a.probe_steps,
+    cfg = ProbeConfig(heads=("linear", "nonlinear"), patch_size=tuple(a.patch), batch_size=2, steps=a.probe_steps, lr=a.probe_lr,
                       val_every=max(1, a.probe_steps // 3), roi=(64, 64, 64), overlap=0.25, amp=False, device="cpu",
                       seed=a.seed, val_from_train=1)
     t = time.time()
