@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .inference import ape_volume, slice_scores_volume
+from .inference import _body_threshold, ape_volume, slice_scores_volume
 from .models import BodyPartRegressor, coords_for_patches
 
 # BTCV ids: 2 right kidney, 3 left kidney, 6 liver
@@ -102,7 +102,7 @@ def ape_quality(model: BodyPartRegressor, cases: list, n_points: int = 600, seed
     for c in cases:
         u = _unit(c, model)
         m = ape_volume(model, u)
-        body = u > 0.36  # about -500 HU in the default window
+        body = u > _body_threshold(model)  # -500 HU
         idx = np.argwhere(body) if body.sum() >= 10 else np.argwhere(np.ones_like(body))
         sel = idx[rng.choice(len(idx), size=min(n_points, len(idx)), replace=False)]
         e = m[:, sel[:, 0], sel[:, 1], sel[:, 2]].T.astype(np.float64)
