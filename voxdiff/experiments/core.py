@@ -319,14 +319,20 @@ class Experiment:
                 with_timesteps(ext, timesteps)
             pcfg = self.probe_cfg()
             hist: list = []
-            fitted = fit_heads(ext, train, val, heads, pcfg, progress=self.cfg.progress, history=hist)
-            scores = self._score(ext, fitted, test, pcfg)
+            if self.voxel_mode:
+                from voxdiff.probe.voxel import fit_heads_voxels
+
+                fitted = fit_heads_voxels(ext, train, val, heads, pcfg, progress=self.cfg.progress, history=hist,
+                                          voxels_per_step=int(self.budget.get("probe_voxels", 8192)))
+            else:
+                fitted = fit_heads(ext, train, val, heads, pcfg, progress=self.cfg.progress, history=hist)
+            scores = self._score(ext, fitted, test, pcfg, volume=self.voxel_mode)
             if self.keep_bundles:
                 from voxdiff.probe.bundle import save_segmenter
 
                 for h, m in fitted.items():
                     save_segmenter(tmp / f"segmenter-{h}", model_dir, m, h, ext.preprocess, pcfg.roi, pcfg.overlap,
-                                   meta={"experiment_step": name})
+                                   meta={"experiment_step": name}, inference="volume" if self.voxel_mode else "window")
             return {"fold": fold, "train_cases": [c.case_id for c in train], "val_cases": [c.case_id for c in val],
                     "test_cases": [c.case_id for c in test], "timesteps": None if timesteps is None else list(timesteps),
                     "head_parameters": {h: count_parameters(m) for h, m in fitted.items()},
@@ -346,7 +352,7 @@ class Experiment:
             if n_train:
                 train = train[:n_train]
             ext = load_pretrained(self.pretrained("random"))
-            pcfg = self.probe_cfg()
+            pcfg = self.probe_cfg(**({"steps": int(self.budget["scratch_steps"])} if "scratch_steps" in self.budget else {}))
             tuned, head = fit_network(ext, train, val, "scratch", pcfg, progress=self.cfg.progress)
             scores = self._score(tuned, {"scratch": head}, test, pcfg)
             return {"fold": fold, "train_cases": [c.case_id for c in train], "test_cases": [c.case_id for c in test],
@@ -354,13 +360,23 @@ class Experiment:
 
         return self.runner.run(name, run)
 
-    def _score(self, ext, heads: dict, test: list, pcfg) -> dict[str, dict[str, dict[str, float]]]:
+    @property
+    def voxel_mode(self) -> bool:
+        """Frozen heads trained on voxel samples of whole-volume features (default) or on patches."""
+        return self.budget.get("probe_mode", "voxels") == "voxels"
+
+    def _score(self, ext, heads: dict, test: list, pcfg, volume: bool = False) -> dict[str, dict[str, dict[str, float]]]:
         from voxdiff.evaluate.metrics import dice_per_class
         from voxdiff.probe.predict import logits_to_labels, predict_logits, unit_image
+        from voxdiff.probe.voxel import predict_logits_volume
 
         out: dict[str, dict[str, dict[str, float]]] = {h: {} for h in heads}
         for case in test:
-            logits = predict_logits(ext, dict(heads), unit_image(case, ext.preprocess.hu_window), pcfg.roi, pcfg.overlap)
+            unit = unit_image(case, ext.preprocess.hu_window)
+            if volume:
+                logits = predict_logits_volume(ext, dict(heads), unit, pcfg)
+            else:
+                logits = predict_logits(ext, dict(heads), unit, pcfg.roi, pcfg.overlap)
             for h, lg in logits.items():
                 pred = logits_to_labels(lg)
                 out[h][case.case_id] = {str(k): v for k, v in dice_per_class(pred, case.label, pcfg.n_classes).items()}

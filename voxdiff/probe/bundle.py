@@ -69,11 +69,13 @@ def save_segmenter(
     overlap: float,
     tuned_extractor=None,
     meta: dict[str, Any] | None = None,
+    inference: str = "window",
 ) -> Path:
     """Write a segmenter bundle into ``out_dir`` (an empty / staged folder).
 
     ``tuned_extractor``: for fine-tuned / from-scratch models, the extractor whose backbone weights
-    replace the pretrained ones in ``backbone/``.
+    replace the pretrained ones in ``backbone/``. ``inference``: ``window`` (sliding-window logits,
+    heads trained on patches) or ``volume`` (one whole-volume feature pass, heads trained on voxels).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -103,6 +105,7 @@ def save_segmenter(
         "labels": {str(k): v for k, v in BTCV_LABELS.items()},
         "roi": [int(r) for r in roi],
         "overlap": float(overlap),
+        "inference": inference,  # window: sliding-window logits; volume: whole-volume features (voxel probes)
         "versions": versions(),
         "meta": to_dict(meta or {}),
     }
@@ -126,11 +129,28 @@ class Segmenter:
     def predict(self, raw_case, device: str = "cpu", amp: bool = False, sw_batch_size: int = 2,
                 progress: bool = False) -> np.ndarray:
         """uint8 label map of a raw case (file grid) on that same grid."""
+        if self.info.get("inference") == "volume":
+            return self._predict_volume(raw_case, amp=amp, progress=progress)
         from .predict import predict_original
 
         lab, _ = predict_original(self.extractor, self.head, raw_case, self.preprocess, self.roi, self.overlap,
                                   device=device, amp=amp, sw_batch_size=sw_batch_size, progress=progress)
         return lab
+
+
+    def _predict_volume(self, raw_case, amp: bool = False, progress: bool = False) -> np.ndarray:
+        """Heads trained on whole-volume features (voxel probing) predict from one whole-volume
+        feature pass, the features they were trained on (see :mod:`voxdiff.probe.voxel`)."""
+        from voxdiff.data.preprocess import preprocess, restore_to_original
+
+        from .predict import logits_to_labels, unit_image
+        from .train import ProbeConfig
+        from .voxel import predict_logits_volume
+
+        pre = preprocess(raw_case, self.preprocess)
+        cfg = ProbeConfig(roi=self.roi, overlap=self.overlap, amp=amp)
+        lg = predict_logits_volume(self.extractor, {"h": self.head}, unit_image(pre, self.preprocess.hu_window), cfg)["h"]
+        return restore_to_original(logits_to_labels(lg), pre.meta, is_label=True).astype(np.uint8)
 
 
 def read_segmenter_info(model_dir: str | os.PathLike) -> dict[str, Any]:

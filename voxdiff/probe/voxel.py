@@ -1,0 +1,250 @@
+"""Probing on cached whole-volume features with voxel sampling (the fast path for frozen heads).
+
+Both vox2vec heads are per-voxel functions of the frozen pyramid: every convolution has kernel 1
+and the levels are upsampled with nearest neighbour, so the logits at a voxel depend only on the
+feature vectors of that voxel at every level (level ``l`` read at ``voxel // stride_l``). Training
+them therefore does not need patches: the pyramid of every training volume is computed once by
+sliding window (:func:`voxdiff.features.extract_volume`, float16, each level at its own stride),
+and each optimisation step draws a batch of voxels (half of them on organ voxels, organ drawn
+uniformly so that small organs are seen) and feeds their gathered feature vectors to the heads as
+``(N, C_l, 1, 1, 1)`` pyramids. The heads are the same modules used at inference (built with
+``upsample="nearest"``, which makes the two computations identical), so a head trained here plugs
+into :func:`voxdiff.probe.predict.predict_logits` and the segmenter bundle unchanged.
+
+Features of the training volumes come from the same sliding-window pass that inference uses, which
+also removes the train/test mismatch of patch-wise features near window borders. This is the
+DDPM-seg recipe (per-pixel MLPs on frozen diffusion features) applied to vox2vec's heads, and it
+sees orders of magnitude more labelled voxels per second on a CPU than patch training.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from voxdiff.core.errors import InputError
+
+from .heads import LinearHead, NonLinearHead
+from .predict import set_frozen, unit_image
+from .train import FROZEN_MODES, ProbeConfig, _check_loss, _cosine, _progress, resolve_device
+
+
+def _divisor(extractor) -> int:
+    return max(int(lv.stride) for lv in extractor.levels)
+
+
+def volume_pyramid(extractor, image_unit: np.ndarray, cfg: ProbeConfig) -> list[torch.Tensor]:
+    """Float16 pyramid ``[(C_l, X'/s_l, Y'/s_l, Z'/s_l)]`` of a [0,1] volume padded (at its far end,
+    with 0 = below the window) to ``X'``, a multiple of the largest stride, so that every level is an
+    exact subsampling of the full grid and nearest upsampling is exact."""
+    from voxdiff.features.extract import extract_volume
+
+    d = _divisor(extractor)
+    pad = [(0, (-n) % d) for n in image_unit.shape]
+    vol = np.pad(image_unit, pad, constant_values=0.0) if any(p[1] for p in pad) else image_unit
+    pyr = extract_volume(extractor, vol, roi=cfg.roi, overlap=cfg.overlap, progress=False, bf16=cfg.amp)
+    return [p[0] for p in pyr]  # drop the batch axis
+
+
+def case_pyramids(extractor, cases: Sequence, cfg: ProbeConfig, progress: bool = False) -> list[list[torch.Tensor]]:
+    """Whole-volume pyramids (see :func:`volume_pyramid`) of preprocessed HU cases."""
+    from tqdm import tqdm
+
+    window = extractor.preprocess.hu_window
+    return [volume_pyramid(extractor, unit_image(c, window), cfg)
+            for c in tqdm(cases, desc="features", unit="case", disable=None if progress else True, leave=False)]
+
+
+@torch.no_grad()
+def predict_logits_volume(extractor, heads: dict[str, nn.Module], image_unit: np.ndarray, cfg: ProbeConfig,
+                          pyramid: list[torch.Tensor] | None = None, chunk: int = 32) -> dict[str, torch.Tensor]:
+    """Logits ``(C, X, Y, Z)`` of every head from one whole-volume feature pass (the features the
+    heads were trained on); heads run slab by slab along z to bound memory."""
+    pyr = pyramid if pyramid is not None else volume_pyramid(extractor, image_unit, cfg)
+    strides = [int(lv.stride) for lv in extractor.levels]
+    d = max(strides)
+    X, Y, Z = image_unit.shape
+    full = [p.shape[1] * s for p, s in zip(pyr, strides)]
+    out: dict[str, torch.Tensor] = {}
+    step = max(d, (chunk // d) * d)
+    for n, h in heads.items():
+        h.eval()
+        parts = []
+        for z0 in range(0, pyr[0].shape[3], step):
+            sub = [p[None, :, :, :, z0 // s:(z0 + step) // s].float() for p, s in zip(pyr, strides)]
+            size = (full[0], pyr[0].shape[2], sub[0].shape[4])
+            parts.append(h(sub, out_size=size)[0])
+        out[n] = torch.cat(parts, 3)[:, :X, :Y, :Z].contiguous()
+    return out
+
+
+def validate_volume(extractor, heads: dict[str, nn.Module], cases: Sequence, cfg: ProbeConfig) -> dict[str, float]:
+    """Mean Dice of every head over whole validation volumes (whole-volume features)."""
+    from .predict import logits_to_labels
+    from .train import mean_dice
+
+    if not cases:
+        return {}
+    scores: dict[str, list[float]] = {n: [] for n in heads}
+    window = extractor.preprocess.hu_window
+    for case in cases:
+        for n, lg in predict_logits_volume(extractor, heads, unit_image(case, window), cfg).items():
+            scores[n].append(mean_dice(logits_to_labels(lg), np.asarray(case.label), cfg.n_classes))
+    return {n: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for n, v in scores.items()}
+
+
+class VoxelSampler:
+    """Class-balanced voxel batches: ``fg_prob`` of them on organ voxels (organ drawn uniformly)."""
+
+    def __init__(self, labels: Sequence[np.ndarray], fg_prob: float, rng: np.random.Generator):
+        self.labels = [np.asarray(lab, dtype=np.uint8) for lab in labels]
+        self.shapes = [lab.shape for lab in self.labels]
+        self.fg_prob = float(fg_prob)
+        self.rng = rng
+        self.where: dict[int, list[tuple[int, np.ndarray]]] = {}
+        for i, lab in enumerate(self.labels):
+            flat = lab.ravel()
+            for c in np.unique(flat):
+                if c:
+                    self.where.setdefault(int(c), []).append((i, np.flatnonzero(flat == c)))
+        self.classes = sorted(self.where)
+        if not self.classes:
+            raise InputError(None, "the training cases contain no organ voxels")
+
+    def sample(self, n: int) -> list[tuple[int, np.ndarray]]:
+        """``[(case index, flat voxel indices)]`` for a batch of ``n`` voxels."""
+        n_fg = int(round(n * self.fg_prob))
+        picks: dict[int, list[np.ndarray]] = {}
+        cls = self.rng.integers(len(self.classes), size=n_fg)
+        for c_idx, k in zip(*np.unique(cls, return_counts=True)):
+            lists = self.where[self.classes[int(c_idx)]]
+            which = self.rng.integers(len(lists), size=int(k))
+            for j, kk in zip(*np.unique(which, return_counts=True)):
+                i, idx = lists[int(j)]
+                picks.setdefault(i, []).append(idx[self.rng.integers(idx.size, size=int(kk))])
+        cases = self.rng.integers(len(self.labels), size=n - n_fg)
+        for i, kk in zip(*np.unique(cases, return_counts=True)):
+            size = int(np.prod(self.shapes[int(i)]))
+            picks.setdefault(int(i), []).append(self.rng.integers(size, size=int(kk)))
+        return [(i, np.concatenate(v)) for i, v in picks.items()]
+
+
+def gather(pyramids: list[list[torch.Tensor]], labels: list[np.ndarray], strides: Sequence[int],
+           batch: list[tuple[int, np.ndarray]]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Feature vectors of the sampled voxels as a pyramid of ``(N, C_l, 1, 1, 1)`` and their labels."""
+    levels: list[list[torch.Tensor]] = [[] for _ in strides]
+    ys = []
+    for i, flat in batch:
+        xyz = np.stack(np.unravel_index(flat, labels[i].shape), 1)
+        ys.append(torch.from_numpy(labels[i].ravel()[flat].astype(np.int64)))
+        for lv, s in enumerate(strides):
+            f = pyramids[i][lv]
+            v = torch.from_numpy(xyz // int(s))
+            levels[lv].append(f[:, v[:, 0], v[:, 1], v[:, 2]].t().float())
+    pyr = [torch.cat(lv, 0)[:, :, None, None, None] for lv in levels]
+    return pyr, torch.cat(ys)
+
+
+def make_voxel_head(name: str, level_channels: Sequence[int], cfg: ProbeConfig) -> nn.Module:
+    if name == "linear":
+        return LinearHead(level_channels, cfg.n_classes, upsample="nearest")
+    if name == "nonlinear":
+        return NonLinearHead(level_channels, cfg.n_classes, cfg.hidden, cfg.blocks, upsample="nearest")
+    raise ValueError(f"voxel probing trains frozen heads only ({FROZEN_MODES}), not {name!r}")
+
+
+def prior_log_ratio(labels: Sequence[np.ndarray], sampler: VoxelSampler, n_classes: int) -> torch.Tensor:
+    """``log p_volume(c) - log p_sampled(c)`` per class: the logit shift that turns a classifier
+    trained on class-balanced voxels into one calibrated for whole volumes (prior correction)."""
+    counts = np.zeros(n_classes, dtype=np.float64)
+    for lab in labels:
+        counts += np.bincount(lab.ravel(), minlength=n_classes)[:n_classes]
+    p_vol = counts / counts.sum()
+    p_fg = np.zeros(n_classes)
+    for c in sampler.classes:
+        if c < n_classes:
+            p_fg[c] = 1.0 / len(sampler.classes)
+    p_s = sampler.fg_prob * p_fg + (1.0 - sampler.fg_prob) * p_vol
+    eps = 1e-8
+    ratio = np.where(p_s > 0, np.log(p_vol + eps) - np.log(p_s + eps), 0.0)
+    return torch.tensor(ratio, dtype=torch.float32)
+
+
+def prior_corrected(head: nn.Module, log_ratio: torch.Tensor) -> nn.Module:
+    """A copy of ``head`` (eval mode) whose output bias includes the prior correction."""
+    h = copy.deepcopy(head).eval()
+    last = h.out if isinstance(h, NonLinearHead) else h.convs[0]
+    with torch.no_grad():
+        last.bias.add_(log_ratio.to(last.bias))
+    return h
+
+
+def fit_heads_voxels(extractor, train_cases: Sequence, val_cases: Sequence = (),
+                     heads: Sequence[str] = ("linear", "nonlinear"), cfg: ProbeConfig | None = None,
+                     voxels_per_step: int = 8192, progress: bool = True, history: list | None = None
+                     ) -> dict[str, nn.Module]:
+    """Train frozen heads on voxel samples of cached whole-volume features; ``{name: best head}``.
+
+    ``cfg.steps`` optimisation steps of ``voxels_per_step`` voxels; cross-entropy (voxels are
+    class-balanced by the sampler, which is what the soft Dice term does for patches); validation
+    on whole volumes every ``cfg.val_every`` steps keeps the best state per head.
+    """
+    cfg = cfg or ProbeConfig()
+    device = resolve_device(cfg.device)
+    set_frozen(extractor)
+    if not train_cases:
+        raise InputError(None, "no labelled training cases")
+    rng = np.random.default_rng(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    pyrs = case_pyramids(extractor, train_cases, cfg, progress=progress)
+    labels = [np.asarray(c.label, dtype=np.uint8) for c in train_cases]
+    strides = [int(lv.stride) for lv in extractor.levels]
+    chans = [int(p.shape[0]) for p in pyrs[0]]
+    sampler = VoxelSampler(labels, cfg.fg_prob, rng)
+    models = {n: make_voxel_head(n, chans, cfg).to(device) for n in heads}
+    # fixed per-channel standardisation from a large voxel sample (keeps the linear head linear)
+    stat_pyr, _ = gather(pyrs, labels, strides, sampler.sample(min(65536, 8 * voxels_per_step)))
+    stats = [(f[:, :, 0, 0, 0].mean(0), f[:, :, 0, 0, 0].std(0)) for f in stat_pyr]
+    for m in models.values():
+        m.set_feature_stats(stats)
+    log_ratio = prior_log_ratio(labels, sampler, cfg.n_classes).to(device)
+    opts = {n: torch.optim.AdamW(m.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay) for n, m in models.items()}
+    scheds = {n: torch.optim.lr_scheduler.LambdaLR(o, _cosine(cfg.steps)) for n, o in opts.items()}
+    best = {n: (-math.inf, copy.deepcopy(m.state_dict())) for n, m in models.items()}
+    running = {n: 0.0 for n in models}
+    bar = _progress(cfg.steps, "probe(voxels) " + "+".join(models), progress)
+    for step in range(1, cfg.steps + 1):
+        pyr, y = gather(pyrs, labels, strides, sampler.sample(voxels_per_step))
+        pyr, y = [p.to(device) for p in pyr], y.to(device)
+        for n, m in models.items():
+            m.train()
+            loss = F.cross_entropy(m(pyr, out_size=(1, 1, 1))[:, :, 0, 0, 0], y)
+            _check_loss(loss, n, step)
+            opts[n].zero_grad(set_to_none=True)
+            loss.backward()
+            opts[n].step()
+            scheds[n].step()
+            running[n] = 0.9 * running[n] + 0.1 * loss.item() if step > 1 else loss.item()
+        bar.update(1)
+        bar.set_postfix({n: f"{v:.3f}" for n, v in running.items()})
+        if step % cfg.val_every == 0 or step == cfg.steps:
+            corrected = {n: prior_corrected(m, log_ratio) for n, m in models.items()}
+            val = validate_volume(extractor, corrected, val_cases, cfg)
+            for n, m in corrected.items():
+                score = val.get(n, float("nan"))
+                if not val or (np.isfinite(score) and score > best[n][0]) or (step == cfg.steps and best[n][0] == -math.inf):
+                    best[n] = (score if np.isfinite(score) else best[n][0], copy.deepcopy(m.state_dict()))
+            if history is not None:
+                history.append({"step": step, "loss": dict(running), "val_dice": val})
+    bar.close()
+    for n, m in models.items():
+        m.load_state_dict(best[n][1])
+        m.eval()
+        m.best_val_dice = None if best[n][0] == -math.inf else float(best[n][0])  # type: ignore[attr-defined]
+    return models
