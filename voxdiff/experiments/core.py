@@ -127,17 +127,23 @@ class Experiment:
         """Resume an experiment folder made with the same config; refuse anything else unless forced."""
         import shutil
 
-        from voxdiff.core.config import read_config
+        import yaml
 
         saved = self.out / "config.yaml"
+        mine = {"config": to_dict(self.cfg), "budget_settings": to_dict(self.budget)}
+
+        def same() -> bool:
+            doc = yaml.safe_load(saved.read_text()) or {}
+            return {"config": doc.get("config"), "budget_settings": doc.get("budget_settings")} == mine
+
         if self.out.exists() and any(self.out.iterdir()):
             if not saved.is_file():
                 # not one of our experiment folders: never mix with a user's files
                 check_output_path(self.out, force=force)
-            elif read_config(saved) != to_dict(self.cfg) and not force:
+            elif not same() and not force:
                 raise InputError(self.out, "experiment folder was made with other settings; "
                                            "use another --out, or --force to start it over")
-            if force and (not saved.is_file() or read_config(saved) != to_dict(self.cfg)):
+            if force and (not saved.is_file() or not same()):
                 shutil.rmtree(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
 
@@ -259,6 +265,7 @@ class Experiment:
             opts = dict(self.budget["pretrain"])
             if self.cfg.pretrain_steps is not None:
                 opts["steps"] = int(self.cfg.pretrain_steps)
+            opts.update(self.budget.get("pretrain_method", {}).get(base, {}))
             opts.update(method=base, seed=self.cfg.seed, preprocess=to_dict(self.preprocess))
             if base == "diffusion":
                 opts["condition"] = cond
@@ -334,7 +341,7 @@ class Experiment:
                     save_segmenter(tmp / f"segmenter-{h}", model_dir, m, h, ext.preprocess, pcfg.roi, pcfg.overlap,
                                    meta={"experiment_step": name}, inference="volume" if self.voxel_mode else "window")
             return {"fold": fold, "train_cases": [c.case_id for c in train], "val_cases": [c.case_id for c in val],
-                    "test_cases": [c.case_id for c in test], "timesteps": None if timesteps is None else list(timesteps),
+                    "test_cases": [c.case_id for c in test], "timesteps": _feature_timesteps(ext),
                     "head_parameters": {h: count_parameters(m) for h, m in fitted.items()},
                     "backbone_parameters": count_parameters(ext.backbone), "scores": scores,
                     "history": hist}
@@ -388,3 +395,9 @@ class Experiment:
 
 def scores_to_per_case(scores: dict[str, dict[str, float]]) -> dict[str, dict[int, float]]:
     return {cid: {int(k): (float("nan") if v is None else float(v)) for k, v in d.items()} for cid, d in scores.items()}
+
+
+def _feature_timesteps(ext) -> list[int] | None:
+    """The feature timesteps a diffusion extractor uses (None for the other methods)."""
+    ts = getattr(getattr(getattr(ext, "task", None), "opts", None), "feature_timesteps", None)
+    return None if ts is None else [int(t) for t in ts]

@@ -61,11 +61,17 @@ def timesteps(cfg: ExperimentConfig, out: str | Path, force: bool = False, log: 
         folds = [exp.probe(f"t-sweep/{method}-t{t}-f{k}", model, k, heads, timesteps=(t,)) for k in range(_n_folds(exp))]
         by_t.append({"t": t, **{h: _aggregate(folds, h)["summary"] for h in heads}})
     by_T = []
+    ref_T = int(exp.budget["pretrain"].get("diffusion_steps", 1000))
+    ref_t = tuple(exp.budget["pretrain"]["feature_timesteps"])
     for T in Ts:
-        m = exp.pretrained(method, diffusion_steps=T)
-        folds = [exp.probe(f"T-sweep/{method}-T{T}-f{k}", m, k, heads) for k in range(_n_folds(exp))]
-        by_T.append({"T": T, "feature_t": exp.runner.result(f"T-sweep/{method}-T{T}-f0").get("timesteps"),
-                     **{h: _aggregate(folds, h)["summary"] for h in heads}})
+        if T == ref_T and len(ref_t) == 1 and ref_t[0] in ts:  # the model and probe of the t sweep
+            folds = [exp.runner.result(f"t-sweep/{method}-t{ref_t[0]}-f{k}") for k in range(_n_folds(exp))]
+            feature_t = list(ref_t)
+        else:
+            m = exp.pretrained(method) if T == ref_T else exp.pretrained(method, diffusion_steps=T)
+            folds = [exp.probe(f"T-sweep/{method}-T{T}-f{k}", m, k, heads) for k in range(_n_folds(exp))]
+            feature_t = exp.runner.result(f"T-sweep/{method}-T{T}-f0").get("timesteps")
+        by_T.append({"T": T, "feature_t": feature_t, **{h: _aggregate(folds, h)["summary"] for h in heads}})
     results = {"experiment": "timesteps", "config": cfg, "budget": exp.budget, "method": method,
                "by_t": by_t, "by_T": by_T, "seconds": round(exp.elapsed(), 1)}
     atomic_write_json(exp.out / "results.json", _plain(results))
