@@ -116,3 +116,28 @@ def test_other_settings_are_refused(tmp_path):
     with pytest.raises(InputError, match="not empty"):
         Experiment(ExperimentConfig(budget="tiny"), tmp_path / "user", log=lambda s: None)
     assert (tmp_path / "user" / "precious.txt").read_text() == "data"
+
+
+@pytest.mark.slow
+def test_timesteps_and_label_efficiency_tiny(tmp_path):
+    data = tmp_path / "ph"
+    cfg = ExperimentConfig(budget="tiny", workers=1, progress=False, heads=("nonlinear",), timesteps=(0, 5),
+                           train_T=(10, 100), timestep_method="diffusion-none", label_counts=(1, 0),
+                           label_method="diffusion-none")
+    res = ex.timesteps(cfg, tmp_path / "ts", log=lambda s: None)
+    assert [r["t"] for r in res["by_t"]] == [0, 5]
+    assert [r["T"] for r in res["by_T"]] == [10, 100]
+    # the T=100 point reuses the budget's model; T=10 features sit at the same noise level t/T
+    assert res["by_T"][0]["feature_t"] == [0]
+    for r in res["by_t"] + res["by_T"]:
+        assert 0.0 <= r["nonlinear"]["mean"]["mean"] <= 1.0
+    md = (tmp_path / "ts" / "report.md").read_text()
+    assert "Feature timestep t" in md and (tmp_path / "ts" / "dice_vs_t.png").is_file()
+    assert (tmp_path / "ts" / "dice_vs_T.png").is_file()
+
+    res = ex.label_efficiency(cfg, tmp_path / "le", log=lambda s: None)
+    counts = [r["n_train"] for r in res["rows"]]
+    assert counts[0] == 1 and counts[1] >= 1
+    for r in res["rows"]:
+        assert 0.0 <= r["pretrained"]["mean"]["mean"] <= 1.0 and 0.0 <= r["scratch"]["mean"]["mean"] <= 1.0
+    assert (tmp_path / "le" / "label_efficiency.png").is_file()
