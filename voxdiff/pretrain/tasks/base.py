@@ -111,6 +111,30 @@ def make_task_config(cls: type["PretextTask"], options: dict[str, Any] | None = 
     return out
 
 
+def options_from_config(cls: type, config: Any, section: str) -> Any:
+    """The task's options dataclass ``cls`` from the engine's config dict (see ``base``): fields may
+    be given flat (``{"n_pairs": 512}``) or in a section named after the method
+    (``{"contrastive": {...}}``); ``preprocess`` is the model's preprocessing. Unknown keys raise."""
+    if config is None:
+        return cls()
+    if isinstance(config, cls):
+        return config
+    if dataclasses.is_dataclass(config):
+        config = dataclasses.asdict(config)
+    if not isinstance(config, dict):
+        raise TypeError(f"task config must be a dict, got {type(config).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in config.items() if k not in ("preprocess", section)}
+    sec = config.get(section) or {}
+    values.update(sec if isinstance(sec, dict) else dataclasses.asdict(sec))
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown {section} options {unknown}; known: {sorted(names)}")
+    from voxdiff.core.config import from_dict
+
+    return from_dict(cls, values)
+
+
 class PretextTask(nn.Module):
     name: ClassVar[str] = "base"
     Config: ClassVar[type | None] = None

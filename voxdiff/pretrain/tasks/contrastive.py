@@ -23,10 +23,9 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
-from voxdiff.core.config import from_dict
 from voxdiff.data.preprocess import hu_to_unit
 
-from .base import PretextTask, coords_mm_for, crop_or_pad, random_origin, register_task
+from .base import PretextTask, coords_mm_for, crop_or_pad, options_from_config, random_origin, register_task
 
 
 @dataclass
@@ -148,28 +147,6 @@ def info_nce(za: torch.Tensor, zb: torch.Tensor, temperature: float) -> tuple[to
     with torch.no_grad():
         acc = (logits.argmax(1) == target).float().mean().item()
     return loss, acc
-
-
-def options_from_config(cls: type, config: Any, section: str) -> Any:
-    """The task's options dataclass ``cls`` from the engine's config dict (see ``base``): fields may
-    be given flat (``{"n_pairs": 512}``) or in a section named after the method
-    (``{"contrastive": {...}}``); ``preprocess`` is the model's preprocessing. Unknown keys raise."""
-    if config is None:
-        return cls()
-    if isinstance(config, cls):
-        return config
-    if dataclasses.is_dataclass(config):
-        config = dataclasses.asdict(config)
-    if not isinstance(config, dict):
-        raise TypeError(f"task config must be a dict, got {type(config).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in config.items() if k not in ("preprocess", section)}
-    sec = config.get(section) or {}
-    values.update(sec if isinstance(sec, dict) else dataclasses.asdict(sec))
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"unknown {section} options {unknown}; known: {sorted(names)}")
-    return from_dict(cls, values)
 
 
 @register_task("contrastive")

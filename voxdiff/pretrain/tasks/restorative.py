@@ -17,37 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from voxdiff.core.config import from_dict
 
-from .base import PretextTask, random_patches, register_task
+from .base import PretextTask, options_from_config, random_patches, register_task
 from .genesis_transforms import GenesisConfig, genesis_distort
 
 
 @dataclass
 class RestorativeConfig(GenesisConfig):
     """Options of the restorative task (the Models Genesis distortion probabilities and sizes)."""
-
-
-def options_from_config(cls: type, config: Any, section: str) -> Any:
-    """The task's options dataclass ``cls`` from the engine's config dict (see ``base``): fields may
-    be given flat (``{"n_pairs": 512}``) or in a section named after the method
-    (``{"restorative": {...}}``); ``preprocess`` is the model's preprocessing. Unknown keys raise."""
-    if config is None:
-        return cls()
-    if isinstance(config, cls):
-        return config
-    if dataclasses.is_dataclass(config):
-        config = dataclasses.asdict(config)
-    if not isinstance(config, dict):
-        raise TypeError(f"task config must be a dict, got {type(config).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in config.items() if k not in ("preprocess", section)}
-    sec = config.get(section) or {}
-    values.update(sec if isinstance(sec, dict) else dataclasses.asdict(sec))
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"unknown {section} options {unknown}; known: {sorted(names)}")
-    return from_dict(cls, values)
 
 
 @register_task("restorative")
