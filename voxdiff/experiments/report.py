@@ -66,7 +66,7 @@ def compare_figures(rows: list[dict[str, Any]], out: Path) -> list[str]:
     for i, r in enumerate(sel):
         po = r["summary"].get("per_organ", {})
         vals = [((po.get(o) or po.get(str(o)) or {}).get("mean") or 0.0) for o in organs]
-        ax.bar(np.arange(len(organs)) + i * w, vals, w, label=f"{r['method']} ({r['head']})")
+        ax.bar(np.arange(len(organs)) + i * w, vals, w, label=f"{r['method']} ({r['head']})", color=plt.cm.tab20(i % 20))
     ax.set_xticks(np.arange(len(organs)) + 0.4 - w / 2)
     ax.set_xticklabels([ORGAN_NAMES[o].replace("_", "\n") for o in organs], fontsize=7)
     ax.set_ylabel("Dice")
@@ -85,7 +85,8 @@ def compare_figures(rows: list[dict[str, Any]], out: Path) -> list[str]:
         s = r["summary"]
         vals = [(s.get("mean") or {}).get("mean") or 0.0] + [(_g(s, g) or {}).get("mean") or 0.0 for g in GROUPS]
         errs = [(s.get("mean") or {}).get("std") or 0.0] + [(_g(s, g) or {}).get("std") or 0.0 for g in GROUPS]
-        ax.bar(np.arange(4) + i * w, vals, w, yerr=errs, label=f"{r['method']} / {r['head']}", capsize=2)
+        ax.bar(np.arange(4) + i * w, vals, w, yerr=errs, label=f"{r['method']} / {r['head']}", capsize=2,
+               color=plt.cm.tab20(i % 20))
     ax.set_xticks(np.arange(4) + 0.4 - w / 2)
     ax.set_xticklabels(["mean", *GROUPS])
     ax.set_ylabel("Dice")
