@@ -42,6 +42,7 @@ def atomic_path(path: str | os.PathLike, force: bool = True) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=f".tmp{suffix}", dir=p.parent)
     os.close(fd)
     tmp_p = Path(tmp)
+    os.chmod(tmp_p, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
     try:
         yield tmp_p
         os.replace(tmp_p, p)
@@ -49,6 +50,12 @@ def atomic_path(path: str | os.PathLike, force: bool = True) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp_p.unlink()
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
@@ -92,6 +99,7 @@ def staged_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     check_output_path(p, force=force)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{p.name}.", suffix=".partial", dir=p.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:
         yield tmp
     except BaseException:
