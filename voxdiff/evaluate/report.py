@@ -90,8 +90,12 @@ def evaluate_cases(
     figures_dir: str | os.PathLike | None = None,
     n_figures: int = 0,
     progress: bool = True,
+    predict=None,
 ) -> dict[str, Any]:
     """Predict every raw labelled case (file grid) and score it on that grid.
+
+    ``predict``: optional ``f(raw_case) -> labels on the file grid`` used instead of sliding-window
+    prediction with ``extractor`` + ``head`` (e.g. ``Segmenter.predict`` of a whole-volume bundle).
 
     Returns ``{"cases": {case_id: {"dice": {organ_id: v}, ["hd95", "surface_dice"]}},
     "aggregate": aggregate_cases(dice)}`` (plus ``aggregate_hd95`` / ``aggregate_surface_dice``).
@@ -105,8 +109,11 @@ def evaluate_cases(
     for case in tqdm(cases, desc="evaluate", unit="case", disable=None if progress else True):
         if case.label is None:
             raise InputError(case.meta.image_path, "case has no label map to evaluate against")
-        pred, _ = predict_original(extractor, head, case, preprocess, roi, overlap, device=device, amp=amp,
-                                   sw_batch_size=sw_batch_size)
+        if predict is not None:
+            pred = predict(case)
+        else:
+            pred, _ = predict_original(extractor, head, case, preprocess, roi, overlap, device=device, amp=amp,
+                                       sw_batch_size=sw_batch_size)
         sp = tuple(float(s) for s in case.meta.spacing)
         per_case[case.case_id] = M.case_metrics(pred, np.asarray(case.label), n_classes, sp, surface, tau_mm)
         if figures_dir is not None and figs < n_figures:
@@ -212,6 +219,8 @@ def evaluate_models(
                 seg.extractor, seg.head, (ds.load(r) for r in refs), seg.preprocess, seg.roi,
                 seg.overlap if cfg.overlap is None else cfg.overlap, cfg.n_classes, cfg.surface, cfg.tau_mm,
                 device, cfg.amp, cfg.sw_batch_size, figdir, cfg.figures if i == 0 else 0, progress,
+                predict=(lambda c, seg=seg: seg.predict(c, device=device, amp=cfg.amp))
+                if seg.info.get("inference") == "volume" else None,
             )
             folds.append({"fold": fold if fold is not None else i, "model": str(Path(mdir).resolve()), "cases_from": choice,
                           "mode": seg.info.get("mode"), "method": seg.info.get("method"), **res})

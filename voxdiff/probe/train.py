@@ -71,6 +71,10 @@ class ProbeConfig:
     amp: bf16 autocast for the feature extractor.
     device: auto, cpu or cuda.
     seed: seed of patch sampling and head initialisation.
+    frozen_training: how linear/non-linear heads are trained: ``voxels`` (voxel samples of cached
+      whole-volume features, exact for these per-voxel heads and much faster; see
+      :mod:`voxdiff.probe.voxel`) or ``patches`` (vox2vec's patch training, :func:`fit_heads`).
+    voxels_per_step: voxels per optimisation step with ``frozen_training=voxels``.
     """
 
     heads: tuple[str, ...] = ("linear", "nonlinear")
@@ -94,6 +98,8 @@ class ProbeConfig:
     amp: bool = False
     device: str = "auto"
     seed: int = 0
+    frozen_training: str = "voxels"
+    voxels_per_step: int = 8192
 
 
 def resolve_device(name: str) -> torch.device:
@@ -497,6 +503,8 @@ def train_probe(
 
     from .bundle import save_segmenter
 
+    if cfg.frozen_training not in ("voxels", "patches"):
+        raise InputError(None, f"frozen_training must be voxels or patches, not {cfg.frozen_training!r}")
     bad = [h for h in cfg.heads if h not in ALL_MODES]
     if bad or not cfg.heads:
         raise InputError(None, f"unknown head/mode {bad or '(none)'}; choose from {', '.join(ALL_MODES)}")
@@ -528,7 +536,13 @@ def train_probe(
     frozen = [h for h in cfg.heads if h in FROZEN_MODES]
     if frozen:
         hist: list = []
-        heads = fit_heads(extractor, train, val, frozen, cfg, progress=progress, history=hist)
+        if cfg.frozen_training == "voxels":
+            from .voxel import fit_heads_voxels
+
+            heads = fit_heads_voxels(extractor, train, val, frozen, cfg, voxels_per_step=cfg.voxels_per_step,
+                                     progress=progress, history=hist)
+        else:
+            heads = fit_heads(extractor, train, val, frozen, cfg, progress=progress, history=hist)
         for n, h in heads.items():
             results[n] = (None, h)
             history[n] = hist
@@ -555,7 +569,9 @@ def train_probe(
     }
     with staged_dir(out_dir, force=force) as tmp:
         for n, (ext, h) in results.items():
+            volume = n in FROZEN_MODES and cfg.frozen_training == "voxels"
             save_segmenter(tmp / n, pretrained_dir, h, n, pre, cfg.roi, cfg.overlap, tuned_extractor=ext,
+                           inference="volume" if volume else "window",
                            meta={k: summary[k] for k in ("fold", "train_cases", "val_cases", "test_cases", "data")}
                            | {"best_val_dice": summary["heads"][n]["best_val_dice"]})
         from voxdiff.core.outputs import atomic_write_json
