@@ -5,7 +5,7 @@ A stage's ``cli.py`` defines ``register(group: CommandGroup)`` and adds commands
     def register(group):
         p = group.command("phantom", run_phantom, help="Generate synthetic abdominal CT phantoms")
         p.add_argument("out", type=str, help="output folder")
-        p.add_argument("--force", type=bool, default=False)
+        p.add_argument("--force", action="store_true")
         add_config(p, PhantomConfig)          # every dataclass field becomes --field
 
     def run_phantom(ns):

@@ -16,7 +16,7 @@ def register(root: CommandGroup) -> None:
     p.add_argument("model", type=str, help="segmenter folder, probe run folder, or CV root with fold_*/ runs")
     p.add_argument("data", type=str, help="labelled data set folder (BTCV, nnU-Net, FLARE, AMOS, phantoms)")
     p.add_argument("-o", "--out", type=str, required=True, help="output folder (summary.json, summary.md, figures/)")
-    p.add_argument("--force", type=bool, default=False, help="replace an existing output folder")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
     add_config(p, EvaluateConfig)
 
 

@@ -19,7 +19,7 @@ def register(root: CommandGroup) -> None:
     p.add_argument("--fold", type=int, default=0, help="fold of the splits file to train on (-1: all labelled cases)")
     p.add_argument("--splits", type=str, default=None, help="nnU-Net splits_final.json (default: DATA/splits_final.json or 5-fold)")
     p.add_argument("--cache_dir", type=str, default=None, help="preprocessing cache folder")
-    p.add_argument("--force", type=bool, default=False, help="replace an existing output folder")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
     add_config(p, ProbeConfig)
 
 

@@ -14,7 +14,7 @@ def register(root: CommandGroup) -> None:
     p.add_argument("ct", type=str, help="CT: NIfTI file or DICOM series folder")
     p.add_argument("-o", "--out", type=str, required=True, help="output label map (.nii.gz), on the input's grid")
     p.add_argument("--preview", type=str, default=None, help="also write a PNG preview (axial + coronal)")
-    p.add_argument("--force", type=bool, default=False, help="overwrite existing outputs")
+    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     add_config(p, SegmentConfig)
 
 
