@@ -239,6 +239,29 @@ def _check_loss(loss: torch.Tensor, name: str, step: int) -> None:
         raise TrainingError(f"{name}: loss became {loss.item()} at step {step}")
 
 
+def head_step(models: dict[str, nn.Module], opts: dict, scheds: dict, running: dict[str, float], step: int,
+              loss_of) -> None:
+    """One optimisation step of every head (``loss_of(head) -> loss``); ``running`` holds smoothed losses."""
+    for n, m in models.items():
+        m.train()
+        loss = loss_of(m)
+        _check_loss(loss, n, step)
+        opts[n].zero_grad(set_to_none=True)
+        loss.backward()
+        opts[n].step()
+        scheds[n].step()
+        running[n] = 0.9 * running[n] + 0.1 * loss.item() if step > 1 else loss.item()
+
+
+def keep_best(best: dict[str, tuple[float, dict]], models: dict[str, nn.Module], val: dict[str, float],
+              last: bool) -> None:
+    """Keep each head's state with the best validation Dice (the last state when nothing validates)."""
+    for n, m in models.items():
+        score = val.get(n, float("nan"))
+        if not val or (np.isfinite(score) and score > best[n][0]) or (last and best[n][0] == -math.inf):
+            best[n] = (score if np.isfinite(score) else best[n][0], copy.deepcopy(m.state_dict()))
+
+
 def fit_heads(
     extractor,
     train_cases: Sequence,
@@ -281,23 +304,12 @@ def fit_heads(
         x, y = x.to(device), y.to(device)
         with torch.no_grad():
             pyr = features(extractor, x, amp=cfg.amp)
-        for n, m in models.items():
-            m.train()
-            loss = dice_ce_loss(m(pyr, out_size=x.shape[2:]), y)
-            _check_loss(loss, n, step)
-            opts[n].zero_grad(set_to_none=True)
-            loss.backward()
-            opts[n].step()
-            scheds[n].step()
-            running[n] = 0.9 * running[n] + 0.1 * loss.item() if step > 1 else loss.item()
+        head_step(models, opts, scheds, running, step, lambda m: dice_ce_loss(m(pyr, out_size=x.shape[2:]), y))
         bar.update(1)
         bar.set_postfix({n: f"{v:.3f}" for n, v in running.items()})
         if step % cfg.val_every == 0 or step == cfg.steps:
             val = validate(extractor, models, val_cases, cfg, device, window)
-            for n, m in models.items():
-                score = val.get(n, float("nan"))
-                if not val or (np.isfinite(score) and score > best[n][0]) or step == cfg.steps and best[n][0] == -math.inf:
-                    best[n] = (score if np.isfinite(score) else best[n][0], copy.deepcopy(m.state_dict()))
+            keep_best(best, models, val, last=step == cfg.steps)
             if history is not None:
                 history.append({"step": step, "loss": dict(running), "val_dice": val})
     bar.close()

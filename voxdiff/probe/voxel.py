@@ -32,7 +32,7 @@ from voxdiff.core.errors import InputError
 
 from .heads import LinearHead, NonLinearHead
 from .predict import set_frozen, unit_image
-from .train import FROZEN_MODES, ProbeConfig, _check_loss, _cosine, _progress, resolve_device
+from .train import FROZEN_MODES, ProbeConfig, _cosine, _progress, head_step, keep_best, resolve_device
 
 
 def _divisor(extractor) -> int:
@@ -222,24 +222,14 @@ def fit_heads_voxels(extractor, train_cases: Sequence, val_cases: Sequence = (),
     for step in range(1, cfg.steps + 1):
         pyr, y = gather(pyrs, labels, strides, sampler.sample(voxels_per_step))
         pyr, y = [p.to(device) for p in pyr], y.to(device)
-        for n, m in models.items():
-            m.train()
-            loss = F.cross_entropy(m(pyr, out_size=(1, 1, 1))[:, :, 0, 0, 0], y)
-            _check_loss(loss, n, step)
-            opts[n].zero_grad(set_to_none=True)
-            loss.backward()
-            opts[n].step()
-            scheds[n].step()
-            running[n] = 0.9 * running[n] + 0.1 * loss.item() if step > 1 else loss.item()
+        head_step(models, opts, scheds, running, step,
+                  lambda m: F.cross_entropy(m(pyr, out_size=(1, 1, 1))[:, :, 0, 0, 0], y))
         bar.update(1)
         bar.set_postfix({n: f"{v:.3f}" for n, v in running.items()})
         if step % cfg.val_every == 0 or step == cfg.steps:
             corrected = {n: prior_corrected(m, log_ratio) for n, m in models.items()}
             val = validate_volume(extractor, corrected, val_cases, cfg)
-            for n, m in corrected.items():
-                score = val.get(n, float("nan"))
-                if not val or (np.isfinite(score) and score > best[n][0]) or (step == cfg.steps and best[n][0] == -math.inf):
-                    best[n] = (score if np.isfinite(score) else best[n][0], copy.deepcopy(m.state_dict()))
+            keep_best(best, corrected, val, last=step == cfg.steps)
             if history is not None:
                 history.append({"step": step, "loss": dict(running), "val_dice": val})
     bar.close()
