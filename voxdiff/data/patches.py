@@ -55,17 +55,23 @@ def class_locations(label: np.ndarray, max_per_class: int = 20000, seed: int = 0
     return out
 
 
-def _extract(vol: np.ndarray, origin, size, pad_value) -> np.ndarray:
-    out = np.full(size, pad_value, dtype=np.float32 if vol.dtype.kind == "f" or vol.dtype == np.int16 else vol.dtype)
+def crop_or_pad(arr: np.ndarray, origin, size, fill: float, dtype=None) -> np.ndarray:
+    """``arr[origin : origin + size]`` where parts outside ``arr`` are ``fill`` (origin may be < 0)."""
+    out = np.full(tuple(size), fill, dtype=dtype or arr.dtype)
     src, dst = [], []
-    for o, s, n in zip(origin, size, vol.shape):
+    for o, s, n in zip(origin, size, arr.shape):
         lo, hi = max(o, 0), min(o + s, n)
         if hi <= lo:
             return out
         src.append(slice(lo, hi))
         dst.append(slice(lo - o, hi - o))
-    out[tuple(dst)] = vol[tuple(src)]
+    out[tuple(dst)] = arr[tuple(src)]
     return out
+
+
+def _extract(vol: np.ndarray, origin, size, pad_value) -> np.ndarray:
+    dtype = np.float32 if vol.dtype.kind == "f" or vol.dtype == np.int16 else vol.dtype
+    return crop_or_pad(vol, origin, size, pad_value, dtype=dtype)
 
 
 def sample_patch(

@@ -151,14 +151,9 @@ class PatchSampler:
         self.classes = sorted(self.where)
 
     def _crop(self, arr: np.ndarray, start: Sequence[int], fill: float) -> np.ndarray:
-        out = np.full(self.size, fill, dtype=arr.dtype)
-        src, dst = [], []
-        for s, n, sh in zip(start, self.size, arr.shape):
-            a, b = max(s, 0), min(s + n, sh)
-            src.append(slice(a, b))
-            dst.append(slice(a - s, b - s))
-        out[tuple(dst)] = arr[tuple(src)]
-        return out
+        from voxdiff.data.patches import crop_or_pad
+
+        return crop_or_pad(arr, start, self.size, fill)
 
     def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = [], []
@@ -262,6 +257,15 @@ def keep_best(best: dict[str, tuple[float, dict]], models: dict[str, nn.Module],
             best[n] = (score if np.isfinite(score) else best[n][0], copy.deepcopy(m.state_dict()))
 
 
+def restore_best(models: dict[str, nn.Module], best: dict[str, tuple[float, dict]]) -> dict[str, nn.Module]:
+    """Load each head's best state, switch to eval and record ``best_val_dice``."""
+    for n, m in models.items():
+        m.load_state_dict(best[n][1])
+        m.eval()
+        m.best_val_dice = None if best[n][0] == -math.inf else float(best[n][0])  # type: ignore[attr-defined]
+    return models
+
+
 def fit_heads(
     extractor,
     train_cases: Sequence,
@@ -313,11 +317,7 @@ def fit_heads(
             if history is not None:
                 history.append({"step": step, "loss": dict(running), "val_dice": val})
     bar.close()
-    for n, m in models.items():
-        m.load_state_dict(best[n][1])
-        m.eval()
-        m.best_val_dice = None if best[n][0] == -math.inf else float(best[n][0])  # type: ignore[attr-defined]
-    return models
+    return restore_best(models, best)
 
 
 def _measure_stats(extractor, sampler: PatchSampler, cfg: ProbeConfig, device, batches: int = 4):

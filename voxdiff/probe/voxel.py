@@ -32,7 +32,7 @@ from voxdiff.core.errors import InputError
 
 from .heads import LinearHead, NonLinearHead
 from .predict import set_frozen, unit_image
-from .train import FROZEN_MODES, ProbeConfig, _cosine, _progress, head_step, keep_best, resolve_device
+from .train import FROZEN_MODES, ProbeConfig, _cosine, _progress, head_step, keep_best, resolve_device, restore_best
 
 
 def _divisor(extractor) -> int:
@@ -233,8 +233,4 @@ def fit_heads_voxels(extractor, train_cases: Sequence, val_cases: Sequence = (),
             if history is not None:
                 history.append({"step": step, "loss": dict(running), "val_dice": val})
     bar.close()
-    for n, m in models.items():
-        m.load_state_dict(best[n][1])
-        m.eval()
-        m.best_val_dice = None if best[n][0] == -math.inf else float(best[n][0])  # type: ignore[attr-defined]
-    return models
+    return restore_best(models, best)

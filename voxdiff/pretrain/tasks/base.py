@@ -57,6 +57,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from voxdiff.data.patches import crop_or_pad  # noqa: F401  (also used by the tasks)
+
 TASKS: dict[str, type["PretextTask"]] = {}
 
 _TASK_MODULES = ("diffusion", "restorative", "contrastive", "random_init")
@@ -194,20 +196,6 @@ class PretextTask(nn.Module):
 
 
 # --------------------------------------------------------------------------------- patch sampling
-
-
-def crop_or_pad(arr: np.ndarray, origin: tuple[int, int, int], size: tuple[int, int, int], fill: float) -> np.ndarray:
-    """``arr[origin : origin + size]`` where parts outside ``arr`` are ``fill`` (origin may be < 0)."""
-    out = np.full(size, fill, dtype=arr.dtype)
-    src, dst = [], []
-    for o, s, n in zip(origin, size, arr.shape):
-        lo, hi = max(o, 0), min(o + s, n)
-        if hi <= lo:
-            return out
-        src.append(slice(lo, hi))
-        dst.append(slice(lo - o, hi - o))
-    out[tuple(dst)] = arr[tuple(src)]
-    return out
 
 
 def _unit_patch(hu: np.ndarray, origin, size, window) -> np.ndarray:
