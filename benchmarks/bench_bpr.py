@@ -6,7 +6,11 @@ phantoms), then measures:
 * slice: Spearman(score, z) per held-out volume; the spread of the score at organ landmarks across
   subjects (liver centre of mass, each kidney's centre, top of the liver dome; from the labels) as a
   percentage of the calibrated range and in mm;
-* ape: Pearson(embedding distance, physical distance) of body voxels within each volume;
+* ape: Pearson(embedding distance, physical distance) of body voxels within each volume (1 by
+  construction for the anchor head's whole-volume map), the same with every voxel placed by one
+  random patch alone (at the training size and at half of it), the RMS error of where patches put
+  their centres, and the spread across subjects of the coordinates at organ centres (liver, spleen,
+  kidneys) beside the spread of those centres measured from the volume centre;
 * both: mean disagreement (mm) for the same voxels in two overlapping patches;
 * the same on the real CTs in ../shared/data/real_ct (pseudo labels give the landmarks), for models
   trained on phantoms only and on phantoms + the real CTs (in-sample for the real CTs: there are three);
@@ -29,7 +33,7 @@ import numpy as np
 import torch
 
 from voxdiff.bpr import BPRTrainConfig, load_bpr, predict_volume, train_bpr
-from voxdiff.bpr.quality import ape_quality, patch_disagreement, slice_quality
+from voxdiff.bpr.quality import ape_patch_quality, ape_quality, patch_disagreement, slice_quality
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real_ct"
 REAL_CASES = [  # (image, pseudo label or None)
@@ -82,7 +86,16 @@ def summarise(model, cases, tag):
         q = ape_quality(model, cases)
         res = {"pearson_per_case": {r["case_id"]: round(r["pearson"], 4) for r in q["per_case"]},
                "pearson_mean": round(q["pearson_mean"], 4), "pearson_min": round(q["pearson_min"], 4),
-               "distance_ratio_per_case": {r["case_id"]: round(r["mm_ratio"], 3) for r in q["per_case"]}}
+               "distance_ratio_per_case": {r["case_id"]: round(r["mm_ratio"], 3) for r in q["per_case"]},
+               "landmark_std_mm_RAS": {k: [round(x, 1) for x in v["std_mm"]] for k, v in q["landmarks"].items()},
+               "landmark_std_mm_RAS_from_volume_centre": {k: [round(x, 1) for x in v["std_mm_from_volume_centre"]]
+                                                          for k, v in q["landmarks"].items()}}
+        full = model.patch_size[0]
+        for size in (full, full // 2):
+            pq = ape_patch_quality(model, cases, size=size)
+            res[f"patch{size}"] = {"pearson_per_case": {r["case_id"]: round(r["pearson"], 4) for r in pq["per_case"]},
+                                   "pearson_mean": round(pq["pearson_mean"], 4), "pearson_min": round(pq["pearson_min"], 4),
+                                   "position_rms_mm_RAS": [round(x, 1) for x in pq["position_rms_mm"]]}
     d = patch_disagreement(model, cases, n_pairs=3)
     res["overlap_disagreement_mm"] = round(d["mean_mm"], 2)
     print(f"[{tag}] {json.dumps(res)}", flush=True)
@@ -127,6 +140,7 @@ def main() -> None:
     ap.add_argument("--slice-steps", type=int, default=800)
     ap.add_argument("--ape-steps", type=int, default=300)
     ap.add_argument("--ape-batch", type=int, default=4)
+    ap.add_argument("--kinds", default="slice,ape", help="comma-separated model kinds to run")
     ap.add_argument("--retrain", action="store_true")
     ap.add_argument("--no-real-train", action="store_true", help="skip the models trained with the real CTs added")
     ap.add_argument("--no-timing", action="store_true")
@@ -147,7 +161,7 @@ def main() -> None:
           f"({time.time() - t:.0f} s)", flush=True)
     report = {"args": vars(args), "threads": torch.get_num_threads()}
     dirs = {}
-    for kind in ("slice", "ape"):
+    for kind in args.kinds.split(","):
         m, secs = get_model(kind, work / f"{kind}_phantoms", train, cfg_kw[kind], args.retrain)
         dirs[kind] = work / f"{kind}_phantoms"
         print(f"[{kind} phantoms-only] trained in {secs:.0f} s", flush=True)

@@ -18,9 +18,9 @@ from voxdiff.core.checkpoint import save_checkpoint
 from voxdiff.core.errors import ModelError
 
 
-def _model(kind, seed=0):
+def _model(kind, seed=0, **arch):
     torch.manual_seed(seed)
-    m = build_bpr(kind, {"channels": (8, 8, 16, 16), "patch_size": (32, 32, 32)})
+    m = build_bpr(kind, {"channels": (8, 8, 16, 16), "patch_size": (32, 32, 32), **arch})
     # non-trivial BatchNorm statistics and calibration so that round trips are meaningful
     m.train()
     with torch.no_grad():
@@ -53,9 +53,9 @@ def test_slice_scores_are_constant_per_slice_and_independent_of_other_slices():
 
 
 def test_ape_patch_consistency_on_stride_aligned_overlap():
-    """Away from the borders, a voxel's value does not depend on which patch it was cut from
-    when the shift is a multiple of the network stride (what remains is the border effect)."""
-    m = _model("ape")
+    """Dense head: away from the borders, a voxel's value does not depend on which patch it was cut
+    from when the shift is a multiple of the network stride (what remains is the border effect)."""
+    m = _model("ape", head="dense")
     vol = torch.rand(1, 1, 96, 48, 48)
     a = m(vol[:, :, :64])
     b = m(vol[:, :, 32:96])
@@ -141,3 +141,37 @@ def test_load_refuses_other_kind_version_and_foreign_files(tmp_path):
         load_bpr(tmp_path / "junk")
     with pytest.raises(ModelError, match="not found"):
         load_bpr(tmp_path / "nothing")
+
+
+@pytest.mark.parametrize("pool", [1, 2])
+def test_ape_anchor_distances_inside_a_patch_are_physical(pool):
+    """Anchor head: inside one patch, output differences are the voxel displacements in mm (model
+    spacing, R/A/S axes) divided by the calibrated unit, whatever the weights; patches of any size
+    (smaller than the encoder's stride too) keep the input's shape."""
+    m = _model("ape", seed=3, head="anchor", input_pool=pool)
+    m.preprocess["spacing"] = [2.0, 3.0, 4.0]
+    for shape in [(2, 1, 40, 36, 20), (1, 1, 9, 7, 5)]:
+        y = m(torch.rand(*shape)).double()
+        assert y.shape == (shape[0], 3) + shape[2:]
+        mm = m.mm_per_unit
+        assert torch.allclose((y[:, 0, 1:] - y[:, 0, :-1]) * mm, torch.full_like(y[:, 0, 1:], 2.0), atol=1e-3)
+        assert torch.allclose((y[:, 1, :, 1:] - y[:, 1, :, :-1]) * mm, torch.full_like(y[:, 1, :, 1:], 3.0), atol=1e-3)
+        assert torch.allclose((y[:, 2, ..., 1:] - y[:, 2, ..., :-1]) * mm, torch.full_like(y[:, 2, ..., 1:], 4.0), atol=1e-3)
+        # channels do not mix: channel 0 is constant across A and S
+        assert torch.allclose(y[:, 0, :, 1:], y[:, 0, :, :-1], atol=1e-5)
+    # the patch position comes from the content: two different patches get different offsets
+    a, b = m(torch.rand(1, 1, 32, 32, 32)), m(torch.zeros(1, 1, 32, 32, 32))
+    assert not torch.allclose(a, b)
+
+
+def test_ape_model_saved_without_head_loads_as_dense(tmp_path):
+    """Models saved before the anchor head existed (no "head" in their arch) still load."""
+    m = _model("ape", head="dense")
+    save_bpr(tmp_path / "old", m)
+    doc = json.loads((tmp_path / "old" / "model.json").read_text())
+    doc["config"]["arch"].pop("head")
+    (tmp_path / "old" / "model.json").write_text(json.dumps(doc))
+    back = load_bpr(tmp_path / "old", kind="ape")
+    assert back.head_kind == "dense"
+    x = torch.rand(1, 1, 32, 32, 32)
+    assert torch.allclose(back(x), m(x), atol=1e-6)

@@ -3,32 +3,22 @@
 * slice model: each axial slice is scored on in-plane tiles of the training size (the scores of
   the tiles of a slice are averaged, weighted by how much body they contain), which is what the
   model saw in training and keeps whole-volume scores consistent with patch scores;
-* ape model: MONAI sliding-window inference with the training patch as ROI and Gaussian blending.
+* ape model, anchor head: every training-size window of the volume (50 % overlap) says where the
+  volume lies (its own position estimate minus its known displacement inside the volume); the
+  body-weighted mean of these estimates places one rigid map (physical positions at the model
+  spacing plus that offset), so distances inside a volume are physical by construction and the
+  windows only vote on the offset;
+* ape model, dense head (v1): MONAI sliding-window inference with Gaussian blending.
 """
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
 
-from .models import APERegressor, BodyPartRegressor, SliceRegressor
+from .models import APERegressor, BodyPartRegressor, SliceRegressor, body_threshold as _body_threshold, tile_starts as _tile_starts
 
-BODY_UNIT_THRESHOLD = (-500.0 + 1350.0) / 2350.0  # -500 HU in the default window
-
-
-def _tile_starts(n: int, t: int, overlap: float) -> list[int]:
-    if n <= t:
-        return [0]
-    step = max(1, int(round(t * (1.0 - overlap))))
-    k = math.ceil((n - t) / step) + 1
-    return sorted({int(round(v)) for v in np.linspace(0, n - t, k)})
-
-
-def _body_threshold(model: BodyPartRegressor) -> float:
-    lo, hi = (float(v) for v in model.preprocess.get("hu_window", (-1350.0, 1000.0)))
-    return (-500.0 - lo) / (hi - lo)
 
 
 @torch.no_grad()
@@ -64,24 +54,32 @@ def slice_scores_volume(
 
 @torch.no_grad()
 def ape_volume(
-    model: APERegressor, unit: torch.Tensor | np.ndarray, overlap: float = 0.5, sw_batch_size: int = 2,
+    model: APERegressor, unit: torch.Tensor | np.ndarray, overlap: float = 0.5, sw_batch_size: int = 4,
     raw: bool = False, progress: bool = False, min_roi: int = 64,
 ) -> np.ndarray:
     """``(3, X, Y, Z)`` coordinates of a volume ``(X, Y, Z)`` in [0, 1] (calibrated unless ``raw``).
 
-    Windows are the training patch size, enlarged to at least ``min_roi`` voxels per axis (the
-    network is fully convolutional; bigger windows mean fewer borders and fewer windows)."""
-    from monai.inferers import sliding_window_inference
-
+    Windows are the training patch size, enlarged to at least ``min_roi`` voxels per axis for the
+    dense head (it is fully convolutional: bigger windows mean fewer borders). The anchor head
+    votes with windows of the training size on one offset for the whole volume (module docstring).
+    """
     vol = torch.as_tensor(np.asarray(unit, dtype=np.float32)) if not torch.is_tensor(unit) else unit.float()
     was = model.training
     model.eval()
-    predictor = model.raw if raw else model
     try:
-        out = sliding_window_inference(
-            vol[None, None], roi_size=tuple(max(int(p), int(min_roi)) for p in model.patch_size), sw_batch_size=sw_batch_size, predictor=predictor,
-            overlap=overlap, mode="gaussian", padding_mode="constant", cval=0.0, progress=progress,
-        )
+        if getattr(model, "head_kind", "dense") == "anchor":
+            off = model.volume_offset(vol, overlap, sw_batch_size, progress)
+            out = off.view(1, 3, 1, 1, 1) + model.displacement_grid(tuple(vol.shape), like=off)
+            if not raw:
+                out = model.calibrate(out)
+        else:
+            from monai.inferers import sliding_window_inference
+
+            out = sliding_window_inference(
+                vol[None, None], roi_size=tuple(max(int(p), int(min_roi)) for p in model.patch_size),
+                sw_batch_size=sw_batch_size, predictor=model.raw if raw else model,
+                overlap=overlap, mode="gaussian", padding_mode="constant", cval=0.0, progress=progress,
+            )
     finally:
         model.train(was)
     return out[0].numpy().astype(np.float32)

@@ -7,9 +7,10 @@ preprocessing window, at the model's spacing) and return ``(B, C, X, Y, Z)`` map
   slice's score never depends on the other slices of the patch); the score is the mean of local
   scores over the slice and is broadcast over it. Calibrated so that the training set's 1st..99th
   percentile of scores maps to 0..1 (``mm_per_unit`` mm per unit).
-* ``ape`` (C = 3): a small 3D encoder-decoder; features at stride 4 are mapped to 3 coordinates and
-  upsampled trilinearly to full size. Channel 0/1/2 follow the R/A/S axes; calibrated so that one
-  unit is ``mm_per_unit`` mm and the training set's median maps to 0.5.
+* ``ape`` (C = 3): a 3D encoder estimates where the patch lies in the body; every voxel gets that
+  position plus its known physical displacement from the patch centre (``head="anchor"``; the v1
+  ``"dense"`` encoder-decoder regresses every voxel freely). Channel 0/1/2 follow the R/A/S axes;
+  calibrated so that one unit is ``mm_per_unit`` mm and the training set's median maps to 0.5.
 
 Normalisation layers are BatchNorm (a fixed affine map at inference), so the output at a voxel does
 not depend on the rest of the batch and, away from patch borders, not on the rest of the patch.
@@ -22,6 +23,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -105,6 +107,21 @@ class BodyPartRegressor(nn.Module):
         }
 
 
+def tile_starts(n: int, t: int, overlap: float) -> list[int]:
+    """Start indices of tiles of size ``t`` covering ``n`` with at least ``overlap`` between neighbours."""
+    if n <= t:
+        return [0]
+    step = max(1, int(round(t * (1.0 - overlap))))
+    k = math.ceil((n - t) / step) + 1
+    return sorted({int(round(v)) for v in np.linspace(0, n - t, k)})
+
+
+def body_threshold(model: "BodyPartRegressor") -> float:
+    """-500 HU in the model's [0, 1] intensity window (body vs air)."""
+    lo, hi = (float(v) for v in model.preprocess.get("hu_window", (-1350.0, 1000.0)))
+    return (-500.0 - lo) / (hi - lo)
+
+
 def _pad_to_multiple(x: torch.Tensor, mult: tuple[int, ...]) -> tuple[torch.Tensor, tuple[int, ...]]:
     size = x.shape[2:]
     pads: list[int] = []
@@ -166,33 +183,76 @@ def _block3d(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv3d(cin, cout, 3, padding=1), nn.BatchNorm3d(cout), nn.ReLU(inplace=True)]
 
 
+APE_HEADS = ("anchor", "dense")
+
+
 class APERegressor(BodyPartRegressor):
+    """3D anatomical coordinates (3 channels, R/A/S) for every voxel of a patch.
+
+    ``head="anchor"`` (default): within one patch the ideal coordinates are the physical positions
+    (mm / ``unit_mm``, RAS voxel axes at the model spacing) plus one unknown offset per patch, so the
+    network only estimates that offset. An encoder (stride 2 ** levels) gives every coarse cell an
+    estimate of its own coordinates and a confidence (seeing the cell and, through a pooled global
+    feature, the whole patch); the patch offset is the confidence-weighted mean of "cell estimate
+    minus the cell's known displacement from the patch centre", and every voxel's output is that
+    offset plus its own known displacement. Distances inside a patch are therefore exact; what is
+    learnt is where the patch lies in the body, and overlapping patches agree to the extent that
+    their two estimates do. An input larger than the training patch is placed by the votes of its
+    training-size windows (50 % overlap, weighted by how much body they hold): each window's
+    estimate, multiplied by the calibrated per-axis ``anchor_gain`` that undoes the estimates'
+    regression to the mean, minus its known displacement, is one vote for the offset of the whole
+    input. A patch up to the training size keeps its own (uncorrected, least-squares) estimate.
+
+    ``head="dense"`` (BPR v1 models): an encoder-decoder that regresses every voxel's coordinates
+    freely at stride 4 (upsampled trilinearly).
+    """
+
     kind = "ape"
     out_channels = 3
 
-    def __init__(self, channels: tuple[int, ...] = (16, 32, 48, 64), unit_mm: float = 100.0, **kw: Any):
+    def __init__(self, channels: tuple[int, ...] = (16, 32, 48, 64), unit_mm: float = 100.0, head: str = "anchor",
+                 input_pool: int = 1, **kw: Any):
         super().__init__(**kw)
+        if head == "dense" and input_pool != 1:
+            raise ValueError("input_pool is only for the anchor head")
+        self.input_pool = int(input_pool)
         if len(channels) < 3:
             raise ValueError("APERegressor needs at least 3 levels of channels")
+        if head not in APE_HEADS:
+            raise ValueError(f"unknown ape head {head!r}; known: {list(APE_HEADS)}")
         self.channels = tuple(int(c) for c in channels)
         self.unit_mm = float(unit_mm)
+        self.head_kind = head
         self.down = nn.ModuleList()
         cin = 1
         for c in self.channels:
             self.down.append(nn.Sequential(nn.Conv3d(cin, c, 2, stride=2), nn.BatchNorm3d(c), nn.ReLU(inplace=True),
                                            *_block3d(c, c)))
             cin = c
-        # decoder back to stride 4 (level index 1)
-        self.up = nn.ModuleList()
-        for lvl in range(len(self.channels) - 1, 1, -1):
-            self.up.append(nn.Sequential(*_block3d(self.channels[lvl] + self.channels[lvl - 1], self.channels[lvl - 1])))
-        self.head = nn.Conv3d(self.channels[1], 3, 1)
-        s = 2 ** len(self.channels)
+        s = 2 ** len(self.channels) * self.input_pool
         self.stride = (s, s, s)
+        if head == "dense":
+            # decoder back to stride 4 (level index 1)
+            self.up = nn.ModuleList()
+            for lvl in range(len(self.channels) - 1, 1, -1):
+                self.up.append(nn.Sequential(*_block3d(self.channels[lvl] + self.channels[lvl - 1], self.channels[lvl - 1])))
+            self.head = nn.Conv3d(self.channels[1], 3, 1)
+        else:
+            c = self.channels[-1]
+            # per coarse cell: 3 coordinate estimates + 1 confidence logit, from (cell, global) features
+            self.head = nn.Sequential(nn.Conv3d(2 * c, c, 1), nn.ReLU(inplace=True), nn.Conv3d(c, 4, 1))
+            # per-axis gain on the patch position estimate, set by calibration (undoes regression to
+            # the mean: see voxdiff.bpr.train.calibrate)
+            self.register_buffer("anchor_gain", torch.ones(3))
 
     def arch(self) -> dict[str, Any]:
-        return {"channels": list(self.channels), "unit_mm": self.unit_mm, "patch_size": list(self.patch_size)}
+        out = {"channels": list(self.channels), "unit_mm": self.unit_mm, "patch_size": list(self.patch_size),
+               "head": self.head_kind}
+        if self.head_kind == "anchor":
+            out["input_pool"] = self.input_pool
+        return out
 
+    # -- dense (v1) ----------------------------------------------------------------------------
     def raw_stride4(self, x: torch.Tensor) -> torch.Tensor:
         feats = []
         h = x
@@ -206,12 +266,87 @@ class APERegressor(BodyPartRegressor):
             h = up(torch.cat([h, skip], 1))
         return self.head(h)
 
+    # -- anchor --------------------------------------------------------------------------------
+    def displacement_grid(self, size: tuple[int, ...], step: float = 1.0, first: float = 0.0,
+                          extent: tuple[int, ...] | None = None, like: torch.Tensor | None = None) -> torch.Tensor:
+        """``(1, 3, *size)`` physical displacement (raw units) of grid points ``first + step * i``
+        (input voxel indices) from the centre of an input of ``extent`` voxels per axis."""
+        extent = tuple(extent or size)
+        dev = like.device if like is not None else None
+        dt = like.dtype if like is not None else torch.float32
+        axes = [((first + step * torch.arange(n, device=dev, dtype=torch.float32)) - (e - 1) / 2.0) * (sp / self.unit_mm)
+                for n, e, sp in zip(size, extent, self.spacing)]
+        g = torch.meshgrid(*axes, indexing="ij")
+        return torch.stack(g)[None].to(dt)
+
+    def patch_offset(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3)`` raw coordinates of the centre of each patch ``x`` (its own estimate)."""
+        h = F.avg_pool3d(x, self.input_pool) if self.input_pool > 1 else x
+        for d in self.down:
+            h = d(h)
+        g = h.mean(dim=(2, 3, 4), keepdim=True).expand_as(h)
+        o = self.head(torch.cat([h, g], 1))
+        est, logit = o[:, :3], o[:, 3:]
+        s = float(self.stride[0])
+        cells = self.displacement_grid(tuple(h.shape[2:]), step=s, first=(s - 1) / 2.0, extent=tuple(x.shape[2:]), like=o)
+        w = torch.softmax(logit.flatten(2), dim=-1)  # (B, 1, cells)
+        return ((est - cells).flatten(2) * w).sum(-1)
+
+    def _padded_offset(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`patch_offset` of patches of any size (small ones padded with air on both sides;
+        symmetric padding keeps the centre)."""
+        size = tuple(x.shape[2:])
+        lo = [max(0, self.stride[a] - size[a]) // 2 for a in range(3)]
+        hi = [max(0, self.stride[a] - size[a]) - lo[a] for a in range(3)]
+        if any(lo + hi):
+            x = F.pad(x, [lo[2], hi[2], lo[1], hi[1], lo[0], hi[0]])
+            # an odd total padding moves the padded centre by half a voxel towards the high side
+            shift = torch.tensor([(hi[a] - lo[a]) / 2.0 * self.spacing[a] / self.unit_mm for a in range(3)],
+                                 device=x.device, dtype=x.dtype)
+            return self.patch_offset(x) - shift
+        return self.patch_offset(x)
+
+    def window_estimates(self, vol: torch.Tensor, overlap: float = 0.5, batch: int = 4, progress: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training-size windows of one volume ``(X, Y, Z)``: each window's estimate of its centre
+        ``(n, 3)`` (raw, no gain), the known displacement of its centre from the volume centre
+        ``(n, 3)`` (raw units) and its body fraction ``(n,)``."""
+        from tqdm import tqdm
+
+        shape = tuple(int(n) for n in vol.shape)
+        win = tuple(min(n, int(p)) for n, p in zip(shape, self.patch_size))
+        starts = [tile_starts(n, w, overlap) for n, w in zip(shape, win)]
+        origins = [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
+        thr = body_threshold(self)
+        est, pos, body = [], [], []
+        for k in tqdm(range(0, len(origins), batch), desc="ape windows", disable=not progress, leave=False):
+            chunk = origins[k:k + batch]
+            x = torch.stack([vol[o[0]:o[0] + win[0], o[1]:o[1] + win[1], o[2]:o[2] + win[2]] for o in chunk])[:, None]
+            est.append(self._padded_offset(x))
+            pos.append(torch.tensor([[(o[a] + (win[a] - 1) / 2.0 - (shape[a] - 1) / 2.0) * self.spacing[a] / self.unit_mm
+                                      for a in range(3)] for o in chunk], device=x.device, dtype=x.dtype))
+            body.append((x > thr).to(x.dtype).mean(dim=(1, 2, 3, 4)))
+        return torch.cat(est), torch.cat(pos), torch.cat(body)
+
+    def volume_offset(self, vol: torch.Tensor, overlap: float = 0.5, batch: int = 4, progress: bool = False) -> torch.Tensor:
+        """``(3,)`` raw coordinates of the centre of a volume ``(X, Y, Z)`` from its windows' votes."""
+        est, pos, body = self.window_estimates(vol, overlap, batch, progress)
+        w = body + 1e-3
+        return ((est * self.anchor_gain - pos) * w[:, None]).sum(0) / w.sum()
+
     def raw(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self)
-        xp, size = _pad_to_multiple(x, self.stride)
-        low = self.raw_stride4(xp)
-        full = F.interpolate(low, size=xp.shape[2:], mode="trilinear", align_corners=False)
-        return full[:, :, : size[0], : size[1], : size[2]]
+        if self.head_kind == "dense":
+            xp, size = _pad_to_multiple(x, self.stride)
+            low = self.raw_stride4(xp)
+            full = F.interpolate(low, size=xp.shape[2:], mode="trilinear", align_corners=False)
+            return full[:, :, : size[0], : size[1], : size[2]]
+        size = tuple(int(n) for n in x.shape[2:])
+        if any(n > p for n, p in zip(size, self.patch_size)):
+            off = torch.stack([self.volume_offset(v[0]) for v in x])
+        else:
+            off = self._padded_offset(x)
+        return off.view(-1, 3, 1, 1, 1) + self.displacement_grid(size, like=off)
 
 
 MODEL_CLASSES: dict[str, type[BodyPartRegressor]] = {"slice": SliceRegressor, "ape": APERegressor}
@@ -258,8 +393,11 @@ def load_bpr(path: str | os.PathLike, kind: str | None = None) -> BodyPartRegres
     ver = cfg.get("bpr_version")
     if not isinstance(ver, int) or ver > BPR_VERSION or ver < 1:
         raise ModelError(path, f"body part regressor version {ver!r} is not supported by this voxdiff (supports 1..{BPR_VERSION})")
+    arch = dict(cfg.get("arch") or {})
+    if bkind == "ape":
+        arch.setdefault("head", "dense")  # ape models saved before the anchor head existed
     try:
-        model = build_bpr(bkind, cfg.get("arch"), cfg.get("preprocess"))
+        model = build_bpr(bkind, arch, cfg.get("preprocess"))
         model.load_state_dict(tensors, strict=True)
     except (RuntimeError, TypeError, ValueError) as e:
         raise ModelError(path, f"weights do not match the {bkind} architecture ({str(e).splitlines()[0]})") from None

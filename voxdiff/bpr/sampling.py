@@ -164,3 +164,24 @@ def ape_views(
         pos_a=world(vol.affine, src_a), pos_b=world(vol.affine, src_b),
         common_a=(src_c - sa_t) / da_t, common_b=(src_c - sb_t) / db_t,
     )
+
+
+def random_crop(
+    vol: Volume, size: int, n_points: int, rng: np.random.Generator, zoom: float = 1.0, aug: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One crop of ``size``^3 anywhere in the volume (mostly inside it) and ``n_points`` random
+    points in it: ``(view (1,1,P,P,P), voxel indices in the view (N,3), world mm (N,3))``.
+
+    Extra crops of the same volume teach the ape model long-range positions: two overlapping views
+    (:func:`ape_views`) only relate points a fraction of a crop apart."""
+    starts, steps = [], []
+    for n in vol.shape:
+        st = _zoom(rng, zoom)
+        starts.append(_start(n, (size - 1) * st, rng))
+        steps.append(st)
+    ar = torch.arange(size, dtype=torch.float32)
+    v = augment_intensity(sample_axes(vol, [s + d * ar for s, d in zip(starts, steps)]), rng, aug)
+    t = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    pts = torch.rand(n_points, 3, generator=t) * (size - 1)
+    src = torch.tensor(starts) + pts * torch.tensor(steps)
+    return v, pts, world(vol.affine, src)

@@ -32,7 +32,7 @@ from ..core.outputs import atomic_write, atomic_write_json, check_output_path
 from . import losses
 from .inference import _body_threshold, ape_volume, ct_problem, slice_scores_volume
 from .models import BPR_KINDS, BodyPartRegressor, build_bpr, save_bpr
-from .sampling import Volume, ape_views, sample_points, slice_views
+from .sampling import Volume, ape_views, random_crop, sample_points, slice_views
 
 
 @dataclass
@@ -48,6 +48,8 @@ class BPRTrainConfig:
         hu_window: HU window mapped to [0, 1] (stored in the model; predict/pretraining use it).
         crop_to_body: crop volumes to the body before training.
         channels: feature channels per level of the network.
+        ape_input_pool: ape: the encoder sees the crop average-pooled by this factor (more context
+            for the same cost: where a patch lies needs no fine detail).
         steps: optimisation steps (null: slice 2400, ape 1200; a few minutes each on one CPU thread at
             the default sizes on 3 mm phantoms).
         batch_size: volumes per step (each gives two augmented views).
@@ -55,9 +57,15 @@ class BPRTrainConfig:
         weight_decay: AdamW weight decay.
         slice_patch: in-plane crop size (voxels) for the slice model.
         slices_per_sample: axial slices drawn per volume for the slice model.
-        ape_patch: cube crop size (voxels) for the ape model.
+        ape_patch: largest cube crop size (voxels) for the ape model (also its sliding-window size).
+        ape_patch_min: smallest crop size: each step draws its crop size from [ape_patch_min,
+            ape_patch] so the model places small patches too (the diffusion stage calls it on its own
+            patches) (null: ape_patch // 2).
         ape_points: voxels sampled per crop for the ape distance losses.
-        zoom: crops are resampled at a random zoom in [1/zoom, zoom] (scale augmentation).
+        ape_crops: crops per volume and step for the ape model: two overlapping views (same-voxel
+            agreement) and ``ape_crops - 2`` more anywhere in the volume (long-range distances).
+        zoom: crops are resampled at a random zoom in [1/zoom, zoom] (scale augmentation) (null: slice
+            1.15, ape 1 - the ape model's in-patch distances are the model spacing by construction).
         intensity_aug: strength of contrast/brightness/gamma/noise augmentation (0 = off).
         heuristic_b: slice loss: target score step per mm (one score unit per 1/b mm).
         w_order: weight of the order (slice: Schuhegger heuristic) / displacement (ape) loss (null: 1).
@@ -80,15 +88,18 @@ class BPRTrainConfig:
     hu_window: tuple[float, float] = (-1350.0, 1000.0)
     crop_to_body: bool = True
     channels: tuple[int, ...] = (16, 32, 48, 64)
+    ape_input_pool: int = 2
     steps: int | None = None
     batch_size: int = 8
     lr: float = 2e-3
     weight_decay: float = 1e-4
     slice_patch: int = 48
     slices_per_sample: int = 8
-    ape_patch: int = 40
+    ape_patch: int = 64
+    ape_patch_min: int | None = None
     ape_points: int = 256
-    zoom: float = 1.15
+    ape_crops: int = 4
+    zoom: float | None = None
     intensity_aug: float = 0.5
     heuristic_b: float = 0.01
     w_order: float | None = None
@@ -106,13 +117,17 @@ DEFAULT_WEIGHTS = {"slice": (1.0, 0.05, 0.03), "ape": (1.0, 1.0, 1.0)}
 DEFAULT_STEPS = {"slice": 2400, "ape": 1200}
 
 
+DEFAULT_ZOOM = {"slice": 1.15, "ape": 1.0}
+
+
 def resolved(cfg: BPRTrainConfig) -> BPRTrainConfig:
     """The config with the kind's defaults filled in (what is written to config.yaml)."""
     from dataclasses import replace
 
     wo, wd, wc = loss_weights(cfg)
     steps = cfg.steps if cfg.steps is not None else DEFAULT_STEPS.get(cfg.kind, 1000)
-    return replace(cfg, steps=int(steps), w_order=wo, w_distance=wd, w_consistency=wc)
+    zoom = cfg.zoom if cfg.zoom is not None else DEFAULT_ZOOM.get(cfg.kind, 1.0)
+    return replace(cfg, steps=int(steps), w_order=wo, w_distance=wd, w_consistency=wc, zoom=float(zoom))
 
 
 def loss_weights(cfg: BPRTrainConfig) -> tuple[float, float, float]:
@@ -129,8 +144,10 @@ def _validate(cfg: BPRTrainConfig) -> None:
         raise InputError(None, "steps and batch_size must be >= 1")
     if cfg.slices_per_sample < 3 and cfg.kind == "slice":
         raise InputError(None, "slices_per_sample must be >= 3")
-    if min(cfg.slice_patch, cfg.ape_patch) < 8:
-        raise InputError(None, "slice_patch and ape_patch must be >= 8 voxels")
+    if cfg.ape_crops < 2:
+        raise InputError(None, f"ape_crops must be >= 2 (two overlapping views), got {cfg.ape_crops}")
+    if min(cfg.slice_patch, cfg.ape_patch, cfg.ape_patch_min or 8) < 8:
+        raise InputError(None, "slice_patch, ape_patch and ape_patch_min must be >= 8 voxels")
     if cfg.heuristic_b <= 0 or any(s <= 0 for s in cfg.spacing):
         raise InputError(None, "heuristic_b and spacing must be positive")
 
@@ -199,15 +216,26 @@ def slice_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Ge
 
 def ape_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Generator) -> tuple[torch.Tensor, dict[str, float]]:
     idx = rng.integers(len(vols), size=cfg.batch_size)
-    views = [ape_views(vols[i], cfg.ape_patch, cfg.ape_points, rng, cfg.zoom, cfg.intensity_aug) for i in idx]
+    extra = max(0, int(cfg.ape_crops) - 2)
+    lo = int(cfg.ape_patch_min if cfg.ape_patch_min is not None else cfg.ape_patch // 2)
+    size = int(rng.integers(min(lo, cfg.ape_patch), cfg.ape_patch + 1))
+    views = [ape_views(vols[i], size, cfg.ape_points, rng, cfg.zoom, cfg.intensity_aug) for i in idx]
+    others = [[random_crop(vols[i], size, cfg.ape_points, rng, cfg.zoom, cfg.intensity_aug) for _ in range(extra)]
+              for i in idx]
     b = len(views)
-    out = model.raw(torch.cat([v.view_a for v in views] + [v.view_b for v in views]))
+    crops = [v.view_a for v in views] + [v.view_b for v in views] + [o[0] for row in others for o in row]
+    out = model.raw(torch.cat(crops))
     unit_mm = model.raw_unit_mm
     emb, pos, ca, cb = [], [], [], []
     for k, v in enumerate(views):
         oa, ob = out[k:k + 1], out[b + k:b + k + 1]
-        emb.append(torch.cat([sample_points(oa, v.pts_a), sample_points(ob, v.pts_b)]))
-        pos.append(torch.cat([v.pos_a, v.pos_b]))
+        e = [sample_points(oa, v.pts_a), sample_points(ob, v.pts_b)]
+        p = [v.pos_a, v.pos_b]
+        for j, (_, pts, wpos) in enumerate(others[k]):
+            e.append(sample_points(out[2 * b + k * extra + j: 2 * b + k * extra + j + 1], pts))
+            p.append(wpos)
+        emb.append(torch.cat(e))
+        pos.append(torch.cat(p))
         ca.append(sample_points(oa, v.common_a)); cb.append(sample_points(ob, v.common_b))
     emb_t, pos_t = torch.stack(emb), torch.stack(pos)
     l_disp = losses.ape_displacement_loss(emb_t, pos_t, unit_mm)
@@ -239,7 +267,7 @@ def _save_state(path: Path, model: BodyPartRegressor, opt: torch.optim.Optimizer
 def _load_state(path: Path, model: BodyPartRegressor, opt: torch.optim.Optimizer, cfg: BPRTrainConfig) -> int:
     tensors, info = load_checkpoint(path, kind="train-state")
     old = info.get("config") or {}
-    for key in ("kind", "channels", "spacing", "hu_window", "slice_patch", "ape_patch"):
+    for key in ("kind", "channels", "spacing", "hu_window", "slice_patch", "ape_patch", "ape_input_pool"):
         if key in old and to_dict(getattr(cfg, key)) != old[key]:
             raise ModelError(path, f"cannot resume: {key} was {old[key]!r} in the interrupted run, now {to_dict(getattr(cfg, key))!r}")
     try:
@@ -264,7 +292,8 @@ def calibrate(model: BodyPartRegressor, vols: list[Volume], cfg: BPRTrainConfig,
     """Fix the output scale/offset from the training volumes and store it in the model.
 
     slice: pooled 1st/99th percentiles of the raw slice scores -> 0 / 1.
-    ape: per-channel median of the raw coordinates over body voxels -> 0.5, ``calib_range_mm`` mm per unit.
+    ape: per-channel median of the raw coordinates over body voxels -> 0.5, ``calib_range_mm`` mm per unit;
+    anchor head first: the per-axis gain of its patch position estimates (:func:`_calibrate_anchor_gain`).
     """
     model.eval()
     use = vols[:max_volumes]
@@ -282,6 +311,7 @@ def calibrate(model: BodyPartRegressor, vols: list[Volume], cfg: BPRTrainConfig,
         info = {"method": "percentiles", "raw_p1": p1, "raw_p99": p99, "scale": scale, "offset": offset,
                 "mm_per_unit": model.raw_unit_mm * abs(1.0 / scale), "volumes": len(use)}
     else:
+        gain_info = _calibrate_anchor_gain(model, use) if getattr(model, "head_kind", "") == "anchor" else {}
         thr_maps = []
         for v in use:
             m = ape_volume(model, v.image[0, 0], raw=True)
@@ -293,7 +323,8 @@ def calibrate(model: BodyPartRegressor, vols: list[Volume], cfg: BPRTrainConfig,
         model.calib_scale.fill_(scale)
         model.calib_offset.copy_(torch.as_tensor(0.5 - med * scale, dtype=model.calib_offset.dtype))
         info = {"method": "median", "raw_median": med.tolist(), "scale": scale,
-                "offset": model.calib_offset.tolist(), "mm_per_unit": float(cfg.calib_range_mm), "volumes": len(use)}
+                "offset": model.calib_offset.tolist(), "mm_per_unit": float(cfg.calib_range_mm), "volumes": len(use),
+                **gain_info}
     model.calibration_info = info
     return info
 
@@ -339,8 +370,11 @@ def _train(cfg: BPRTrainConfig, out: Path, vols: list[Volume], resuming: bool, s
     torch.manual_seed(cfg.seed)
     pp = to_dict(preprocess_config(cfg))
     patch = (cfg.slice_patch, cfg.slice_patch, cfg.slices_per_sample) if cfg.kind == "slice" else (cfg.ape_patch,) * 3
-    model = build_bpr(cfg.kind, {"channels": cfg.channels, "unit_mm": 1.0 / cfg.heuristic_b if cfg.kind == "slice" else 100.0,
-                                 "patch_size": patch}, preprocess=pp)
+    arch: dict[str, Any] = {"channels": cfg.channels, "unit_mm": 1.0 / cfg.heuristic_b if cfg.kind == "slice" else 100.0,
+                            "patch_size": patch}
+    if cfg.kind == "ape":
+        arch.update(head="anchor", input_pool=cfg.ape_input_pool)
+    model = build_bpr(cfg.kind, arch, preprocess=pp)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
     out.mkdir(parents=True, exist_ok=True)
@@ -386,6 +420,27 @@ def _train(cfg: BPRTrainConfig, out: Path, vols: list[Volume], resuming: bool, s
     atomic_write_json(out / "metrics.json", {"final": last, "calibration": calib, "train_seconds": train_s,
                                              "steps": cfg.steps, "resumed_from": start, "n_volumes": len(vols)})
     return out
+
+
+@torch.no_grad()
+def _calibrate_anchor_gain(model: BodyPartRegressor, vols: list[Volume]) -> dict[str, Any]:
+    """Anchor head: regress its window position estimates on their known positions within each
+    training volume (pooled, per axis). A slope below 1 is regression to the mean: windows far from
+    a volume's middle are placed too close to it, so the whole-volume vote would depend on the field
+    of view. The gain ``1 / slope`` (clipped to 0.5..3) is stored in the model."""
+    model.anchor_gain.fill_(1.0)
+    num, den = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+    for v in vols:
+        est, pos, _ = model.window_estimates(v.image[0, 0])
+        if len(est) < 2:
+            continue
+        e, p = (est - est.mean(0)).double(), (pos - pos.mean(0)).double()
+        num += (e * p).sum(0)
+        den += (p * p).sum(0)
+    slope = torch.where(den > 0, num / den.clamp_min(1e-12), torch.ones(3, dtype=torch.float64))
+    gain = (1.0 / slope.clamp(1 / 3, 2.0)).float()
+    model.anchor_gain.copy_(gain)
+    return {"anchor_slope": slope.tolist(), "anchor_gain": gain.tolist()}
 
 
 def _append_log(path: Path, lines: list[str], header: list[str]) -> None:

@@ -64,6 +64,7 @@ class ExperimentConfig:
         pretrain_steps: override the budget's pretraining steps.
         probe_steps: override the budget's probing steps.
         bpr_steps: override the budget's BPR steps.
+        scratch_steps: override the budget's steps of the from-scratch reference.
         timesteps: timesteps experiment: feature timesteps t (default from the budget).
         train_T: timesteps experiment: numbers of diffusion steps T used in training (default from the budget).
         timestep_method: timesteps experiment: the diffusion method whose features are swept.
@@ -85,6 +86,7 @@ class ExperimentConfig:
     pretrain_steps: int | None = None
     probe_steps: int | None = None
     bpr_steps: int | None = None
+    scratch_steps: int | None = None
     timesteps: tuple[int, ...] = ()
     train_T: tuple[int, ...] = ()
     timestep_method: str = "diffusion-ape"
@@ -359,7 +361,8 @@ class Experiment:
             if n_train:
                 train = train[:n_train]
             ext = load_pretrained(self.pretrained("random"))
-            pcfg = self.probe_cfg(**({"steps": int(self.budget["scratch_steps"])} if "scratch_steps" in self.budget else {}))
+            steps = self.cfg.scratch_steps if self.cfg.scratch_steps is not None else self.budget.get("scratch_steps")
+            pcfg = self.probe_cfg(**({"steps": int(steps)} if steps is not None else {}))
             tuned, head = fit_network(ext, train, val, "scratch", pcfg, progress=self.cfg.progress)
             scores = self._score(tuned, {"scratch": head}, test, pcfg)
             return {"fold": fold, "train_cases": [c.case_id for c in train], "test_cases": [c.case_id for c in test],
