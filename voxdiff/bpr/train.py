@@ -47,12 +47,13 @@ class BPRTrainConfig:
         spacing: voxel spacing (mm) the model works at; coarse spacing keeps CPU training fast.
         hu_window: HU window mapped to [0, 1] (stored in the model; predict/pretraining use it).
         crop_to_body: crop volumes to the body before training.
-        channels: feature channels per level of the network.
+        channels: feature channels per level of the network (null: slice (16, 32, 48, 64), ape (16, 32, 64)).
         ape_input_pool: ape: the encoder sees the crop average-pooled by this factor (more context
             for the same cost: where a patch lies needs no fine detail).
-        steps: optimisation steps (null: slice 2400, ape 1200; a few minutes each on one CPU thread at
-            the default sizes on 3 mm phantoms).
-        batch_size: volumes per step (each gives two augmented views).
+        steps: optimisation steps (null: slice 2400, ape 1200; about 3 and 15 minutes on one CPU
+            thread at the default sizes on 3 mm phantoms).
+        batch_size: volumes per step (each gives two augmented views; ape: ``ape_crops`` crops)
+            (null: slice 8, ape 4).
         lr: peak AdamW learning rate (warm-up then cosine decay).
         weight_decay: AdamW weight decay.
         slice_patch: in-plane crop size (voxels) for the slice model.
@@ -87,10 +88,10 @@ class BPRTrainConfig:
     spacing: tuple[float, float, float] = (3.0, 3.0, 3.0)
     hu_window: tuple[float, float] = (-1350.0, 1000.0)
     crop_to_body: bool = True
-    channels: tuple[int, ...] = (16, 32, 48, 64)
+    channels: tuple[int, ...] | None = None
     ape_input_pool: int = 2
     steps: int | None = None
-    batch_size: int = 8
+    batch_size: int | None = None
     lr: float = 2e-3
     weight_decay: float = 1e-4
     slice_patch: int = 48
@@ -120,6 +121,13 @@ DEFAULT_STEPS = {"slice": 2400, "ape": 1200}
 DEFAULT_ZOOM = {"slice": 1.15, "ape": 1.0}
 
 
+DEFAULT_BATCH = {"slice": 8, "ape": 4}
+
+
+# ape: 3 levels after 2x pooling = cells of 16 voxels, so 32..64 voxel crops hold 2..4 cells per axis
+DEFAULT_CHANNELS = {"slice": (16, 32, 48, 64), "ape": (16, 32, 64)}
+
+
 def resolved(cfg: BPRTrainConfig) -> BPRTrainConfig:
     """The config with the kind's defaults filled in (what is written to config.yaml)."""
     from dataclasses import replace
@@ -127,7 +135,10 @@ def resolved(cfg: BPRTrainConfig) -> BPRTrainConfig:
     wo, wd, wc = loss_weights(cfg)
     steps = cfg.steps if cfg.steps is not None else DEFAULT_STEPS.get(cfg.kind, 1000)
     zoom = cfg.zoom if cfg.zoom is not None else DEFAULT_ZOOM.get(cfg.kind, 1.0)
-    return replace(cfg, steps=int(steps), w_order=wo, w_distance=wd, w_consistency=wc, zoom=float(zoom))
+    channels = tuple(cfg.channels) if cfg.channels is not None else DEFAULT_CHANNELS.get(cfg.kind, (16, 32, 48, 64))
+    batch = cfg.batch_size if cfg.batch_size is not None else DEFAULT_BATCH.get(cfg.kind, 8)
+    return replace(cfg, steps=int(steps), w_order=wo, w_distance=wd, w_consistency=wc, zoom=float(zoom), channels=channels,
+                   batch_size=int(batch))
 
 
 def loss_weights(cfg: BPRTrainConfig) -> tuple[float, float, float]:
@@ -140,7 +151,7 @@ def loss_weights(cfg: BPRTrainConfig) -> tuple[float, float, float]:
 def _validate(cfg: BPRTrainConfig) -> None:
     if cfg.kind not in BPR_KINDS:
         raise InputError(None, f"--kind must be one of {list(BPR_KINDS)}, got {cfg.kind!r}")
-    if (cfg.steps is not None and cfg.steps < 1) or cfg.batch_size < 1:
+    if (cfg.steps is not None and cfg.steps < 1) or (cfg.batch_size is not None and cfg.batch_size < 1):
         raise InputError(None, "steps and batch_size must be >= 1")
     if cfg.slices_per_sample < 3 and cfg.kind == "slice":
         raise InputError(None, "slices_per_sample must be >= 3")
@@ -214,11 +225,23 @@ def slice_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Ge
     return loss, {"order": l_order.item(), "distance": l_dist.item(), "consistency": l_cons.item()}
 
 
+def ape_crop_size(cfg: BPRTrainConfig, cell: int, rng: np.random.Generator) -> int:
+    """A crop size in [ape_patch_min, ape_patch]: first a number of encoder cells per axis (uniform
+    over those that fit, so every count the sliding window meets is trained as often), then an
+    offset within one cell."""
+    hi = int(cfg.ape_patch)
+    lo = min(int(cfg.ape_patch_min if cfg.ape_patch_min is not None else hi // 2), hi)
+    counts = list(range(max(1, -(-lo // cell)), hi // cell + 1))
+    if not counts:
+        return int(rng.integers(lo, hi + 1))
+    k = int(rng.choice(counts))
+    return int(k * cell + rng.integers(0, min(cell, hi - k * cell + 1)))
+
+
 def ape_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Generator) -> tuple[torch.Tensor, dict[str, float]]:
     idx = rng.integers(len(vols), size=cfg.batch_size)
     extra = max(0, int(cfg.ape_crops) - 2)
-    lo = int(cfg.ape_patch_min if cfg.ape_patch_min is not None else cfg.ape_patch // 2)
-    size = int(rng.integers(min(lo, cfg.ape_patch), cfg.ape_patch + 1))
+    size = ape_crop_size(cfg, int(model.stride[0]), rng)
     views = [ape_views(vols[i], size, cfg.ape_points, rng, cfg.zoom, cfg.intensity_aug) for i in idx]
     others = [[random_crop(vols[i], size, cfg.ape_points, rng, cfg.zoom, cfg.intensity_aug) for _ in range(extra)]
               for i in idx]

@@ -235,7 +235,7 @@ class Experiment:
         def run(tmp: Path) -> dict[str, Any]:
             from voxdiff.bpr.train import BPRTrainConfig, train_bpr
 
-            opts = dict(self.budget["bpr"])
+            opts = {**self.budget["bpr"], **self.budget.get("bpr_kind", {}).get(kind, {})}
             if self.cfg.bpr_steps is not None:
                 opts["steps"] = int(self.cfg.bpr_steps)
             bcfg = from_dict(BPRTrainConfig, {**opts, "kind": kind, "spacing": tuple(self.budget["spacing"]),
