@@ -138,7 +138,7 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=16)
     ap.add_argument("--n-test", type=int, default=6)
     ap.add_argument("--slice-steps", type=int, default=800)
-    ap.add_argument("--ape-steps", type=int, default=300)
+    ap.add_argument("--ape-steps", type=int, default=1200)
     ap.add_argument("--ape-batch", type=int, default=4)
     ap.add_argument("--kinds", default="slice,ape", help="comma-separated model kinds to run")
     ap.add_argument("--retrain", action="store_true")

@@ -146,3 +146,15 @@ def test_cli_train_and_resume(tmp_path, capsys):
     assert len((out / "log.csv").read_text().strip().splitlines()) == 1 + 4
     assert main(["bpr", "train", "--kind", "slice", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_ape_crop_sizes_cover_every_cell_count():
+    """Crop sizes stay in [ape_patch_min, ape_patch] and every number of encoder cells per axis that
+    fits (2, 3, 4 for 32..64 voxels and 16-voxel cells) is drawn about equally often."""
+    cfg = BPRTrainConfig(kind="ape", ape_patch=64, ape_patch_min=32)
+    rng = np.random.default_rng(0)
+    sizes = np.array([train_mod.ape_crop_size(cfg, 16, rng) for _ in range(3000)])
+    assert sizes.min() >= 32 and sizes.max() <= 64
+    counts = np.bincount(sizes // 16, minlength=5)[2:5]
+    assert (counts > 800).all(), counts
+    assert (sizes == 64).sum() > 800  # the sliding-window size itself is trained often
