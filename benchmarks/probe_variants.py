@@ -1,0 +1,64 @@
+"""Non-linear probe variants on one pretrained backbone of a finished experiment folder.
+
+Refits the frozen non-linear head (voxel sampling, as `voxdiff experiment compare` does) with
+changed probe settings and prints the mean test Dice of each, to tell whether the probe or the
+features limit a result:
+
+    .venv/bin/python benchmarks/probe_variants.py runs/cmp_long --method diffusion-ape \
+        --variants '[{"steps": 300}, {"steps": 1000}, {"steps": 1000, "hidden": 64}, {"timesteps": [1]}]'
+
+A variant is a dict of ProbeConfig overrides, plus "timesteps" (feature timesteps) and "voxels"
+(voxels per step). Runs on one CPU thread unless --threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from voxdiff.core.config import from_dict
+from voxdiff.experiments.core import Experiment, ExperimentConfig
+from voxdiff.features.extract import with_timesteps
+from voxdiff.pretrain.load import load_pretrained
+from voxdiff.probe.voxel import fit_heads_voxels
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("experiment", help="a finished `voxdiff experiment compare` folder")
+    ap.add_argument("--method", default="diffusion-ape")
+    ap.add_argument("--variants", default='[{}]', help="JSON list of override dicts")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    warnings.simplefilter("ignore", UserWarning)
+    torch.set_num_threads(args.threads)
+    out = Path(args.experiment)
+    cfg = from_dict(ExperimentConfig, yaml.safe_load((out / "config.yaml").read_text())["config"])
+    exp = Experiment(cfg, out, log=lambda *a: None)
+    train, val, test = exp.folds()[0]
+    model_dir = out / f"pretrain-{args.method}" / "model"
+    for var in json.loads(args.variants):
+        var = dict(var)
+        t = time.time()
+        ext = load_pretrained(model_dir)
+        ts = var.pop("timesteps", None)
+        vox = int(var.pop("voxels", exp.budget.get("probe_voxels", 8192)))
+        if ts:
+            with_timesteps(ext, tuple(ts))
+        pcfg = exp.probe_cfg(**var)
+        fitted = fit_heads_voxels(ext, train, val, ("nonlinear",), pcfg, progress=False, voxels_per_step=vox)
+        scores = exp._score(ext, fitted, test, pcfg, volume=True)["nonlinear"]
+        mean = float(np.mean([np.nanmean(list(organs.values())) for organs in scores.values()]))
+        print(json.dumps({"overrides": var, "timesteps": ts, "voxels": vox, "mean_dice": round(100 * mean, 1),
+                          "seconds": round(time.time() - t)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
