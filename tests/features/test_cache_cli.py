@@ -18,13 +18,7 @@ from voxdiff.pretrain.load import load_pretrained
 from voxdiff.pretrain.train import PretrainConfig, pretrain
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny nets: one thread is faster than two, and much faster on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def body_volume(seed: int, shape=(36, 32, 20)) -> np.ndarray:

@@ -15,13 +15,7 @@ from voxdiff.pretrain.load import FeatureExtractor
 from voxdiff.pretrain.tasks.base import get_task_class
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny nets: one thread is faster than two, and much faster on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class PointwisePyramid:

@@ -1,6 +1,5 @@
 """Backbone: pyramid contract, timestep embedding, coordinate concatenation."""
 
-from pretrain_synth import one_thread  # noqa: F401  (autouse)
 import pytest
 import torch
 

@@ -1,6 +1,5 @@
 """``voxdiff pretrain`` and ``voxdiff sample`` end to end on a tiny NIfTI folder."""
 
-from pretrain_synth import one_thread  # noqa: F401  (autouse)
 import json
 
 import nibabel as nib

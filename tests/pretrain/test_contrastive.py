@@ -10,14 +10,6 @@ from voxdiff.pretrain.tasks import contrastive as ct
 from voxdiff.pretrain.tasks.contrastive import ContrastiveTask
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny nets: one thread is faster than two, and much faster on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 NO_AUG = {"window_prob": 0.0, "blur_prob": 0.0, "sharpen_prob": 0.0, "noise_prob": 0.0}
 
 

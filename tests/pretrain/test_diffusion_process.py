@@ -1,6 +1,5 @@
 """The DDPM forward process against its closed form, targets, samplers and the fixed feature noise."""
 
-from pretrain_synth import one_thread  # noqa: F401  (autouse)
 import math
 
 import pytest

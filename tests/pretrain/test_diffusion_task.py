@@ -1,6 +1,5 @@
 """The diffusion task: BPR conditioning, ``none`` ignoring coordinates, fixed feature noise."""
 
-from pretrain_synth import one_thread  # noqa: F401  (autouse)
 import numpy as np
 import pytest
 import torch

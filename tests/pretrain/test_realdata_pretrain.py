@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain_synth import one_thread  # noqa: F401  (autouse)
 from voxdiff.data.types import Case, CaseMeta
 
 REAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "real_ct"

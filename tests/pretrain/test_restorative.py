@@ -10,15 +10,6 @@ from voxdiff.pretrain.tasks import genesis_transforms as gt
 from voxdiff.pretrain.tasks.restorative import RestorativeConfig, RestorativeTask
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny nets: one thread is faster than two, and much faster on a shared, busy CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def smooth_volume(shape=(24, 24, 16), seed=0) -> np.ndarray:
     """A smooth random volume in [0, 1] with distinct values."""
     from scipy import ndimage

@@ -1,6 +1,5 @@
 """The pretraining engine: learning, resume, atomic checkpoints, NaN handling, outputs, loading."""
 
-from pretrain_synth import one_thread  # noqa: F401  (autouse)
 import json
 import shutil
 

@@ -11,12 +11,7 @@ from voxdiff.probe.standin import StandinExtractor
 from voxdiff.probe.train import PatchSampler, ProbeConfig, dice_ce_loss, fit_heads, fit_network, mean_dice
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_sliding_window_equals_direct_prediction():

@@ -13,12 +13,7 @@ from voxdiff.probe.train import ProbeConfig, mean_dice
 from voxdiff.probe.voxel import VoxelSampler, fit_heads_voxels, gather, make_voxel_head, predict_logits_volume
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Ext:

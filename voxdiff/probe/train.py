@@ -121,6 +121,23 @@ def _to_device(extractor, device: torch.device) -> None:
 # ------------------------------------------------------------------------------------ sampling
 
 
+def class_voxel_index(labels: Sequence[np.ndarray], rng: np.random.Generator | None = None,
+                      max_per_class: int | None = None) -> dict[int, list[tuple[int, np.ndarray]]]:
+    """Organ class -> ``[(case index, flat voxel indices of that class in the case)]`` (background
+    left out); with ``max_per_class`` a random subset of at most that many voxels per case and class."""
+    where: dict[int, list[tuple[int, np.ndarray]]] = {}
+    for i, lab in enumerate(labels):
+        flat = np.asarray(lab).ravel()
+        for c in np.unique(flat):
+            if c == 0:
+                continue
+            idx = np.flatnonzero(flat == c)
+            if max_per_class is not None and idx.size > max_per_class:
+                idx = (rng or np.random.default_rng(0)).choice(idx, max_per_class, replace=False)
+            where.setdefault(int(c), []).append((i, idx))
+    return where
+
+
 class PatchSampler:
     """Random training patches with class-uniform organ centring.
 
@@ -137,17 +154,7 @@ class PatchSampler:
         self.size = tuple(int(s) for s in patch_size)
         self.fg_prob = float(fg_prob)
         self.rng = rng
-        # class -> list of (case index, flat voxel indices)
-        self.where: dict[int, list[tuple[int, np.ndarray]]] = {}
-        for i, lab in enumerate(self.labels):
-            flat = lab.ravel()
-            for c in np.unique(flat):
-                if c == 0:
-                    continue
-                idx = np.flatnonzero(flat == c)
-                if idx.size > max_voxels_per_class:
-                    idx = rng.choice(idx, max_voxels_per_class, replace=False)
-                self.where.setdefault(int(c), []).append((i, idx))
+        self.where = class_voxel_index(self.labels, rng, max_voxels_per_class)
         self.classes = sorted(self.where)
 
     def _crop(self, arr: np.ndarray, start: Sequence[int], fill: float) -> np.ndarray:

@@ -32,7 +32,8 @@ from voxdiff.core.errors import InputError
 
 from .heads import LinearHead, NonLinearHead
 from .predict import set_frozen, unit_image
-from .train import FROZEN_MODES, ProbeConfig, _cosine, _progress, head_step, keep_best, resolve_device, restore_best
+from .train import (FROZEN_MODES, ProbeConfig, _cosine, _progress, class_voxel_index, head_step, keep_best,
+                    resolve_device, restore_best)
 
 
 def _divisor(extractor) -> int:
@@ -107,12 +108,7 @@ class VoxelSampler:
         self.shapes = [lab.shape for lab in self.labels]
         self.fg_prob = float(fg_prob)
         self.rng = rng
-        self.where: dict[int, list[tuple[int, np.ndarray]]] = {}
-        for i, lab in enumerate(self.labels):
-            flat = lab.ravel()
-            for c in np.unique(flat):
-                if c:
-                    self.where.setdefault(int(c), []).append((i, np.flatnonzero(flat == c)))
+        self.where = class_voxel_index(self.labels)
         self.classes = sorted(self.where)
         if not self.classes:
             raise InputError(None, "the training cases contain no organ voxels")
