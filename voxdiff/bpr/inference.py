@@ -13,12 +13,10 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 
-from .models import APERegressor, BodyPartRegressor, SliceRegressor, body_threshold as _body_threshold, tile_starts as _tile_starts
-
+from .models import APERegressor, BodyPartRegressor, SliceRegressor, body_threshold, tile_starts
 
 
 @torch.no_grad()
@@ -30,8 +28,8 @@ def slice_scores_volume(
     vol = torch.as_tensor(np.asarray(unit, dtype=np.float32)) if not torch.is_tensor(unit) else unit.float()
     nx, ny, nz = vol.shape
     tx, ty = model.patch_size[0], model.patch_size[1]
-    xs, ys = _tile_starts(nx, tx, overlap), _tile_starts(ny, ty, overlap)
-    thr = _body_threshold(model)
+    xs, ys = tile_starts(nx, tx, overlap), tile_starts(ny, ty, overlap)
+    thr = body_threshold(model)
     was = model.training
     model.eval()
     out = np.zeros(nz, dtype=np.float64)

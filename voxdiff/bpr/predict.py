@@ -19,8 +19,8 @@ import numpy as np
 from ..core.config import write_config
 from ..core.errors import InputError
 from ..core.outputs import atomic_path, check_output_path
-from .inference import _body_threshold, ct_problem, infer_volume, slice_scores_volume
-from .models import BodyPartRegressor, load_bpr
+from .inference import ct_problem, infer_volume, slice_scores_volume
+from .models import BodyPartRegressor, body_threshold, load_bpr
 
 
 def _sidecar(out: Path) -> Path:
@@ -124,7 +124,7 @@ def write_plot(path: str | os.PathLike, model: BodyPartRegressor, case, unit: np
     if model.kind == "slice":
         curve, ylabel = cmap[0, 0, 0, :], "slice score (calibrated)"
     else:
-        body = unit > _body_threshold(model)
+        body = unit > body_threshold(model)
         w = body.sum(axis=(0, 1)) + 1e-6
         curve = (cmap[2] * body).sum(axis=(0, 1)) / w
         ylabel = "mean S coordinate (ape channel 2)"

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .inference import _body_threshold, infer_volume, slice_scores_volume
-from .models import BodyPartRegressor, coords_for_patches
+from .inference import infer_volume, slice_scores_volume
+from .models import BodyPartRegressor, body_threshold, coords_for_patches
 
 # BTCV ids: 2 right kidney, 3 left kidney, 6 liver
 LANDMARKS = {
@@ -125,7 +125,7 @@ def ape_quality(model: BodyPartRegressor, cases: list, n_points: int = 600, seed
     for c in cases:
         u = _unit(c, model)
         m = infer_volume(model, u)
-        body = u > _body_threshold(model)  # -500 HU
+        body = u > body_threshold(model)  # -500 HU
         idx = np.argwhere(body) if body.sum() >= 10 else np.argwhere(np.ones_like(body))
         sel = idx[rng.choice(len(idx), size=min(n_points, len(idx)), replace=False)]
         e = m[:, sel[:, 0], sel[:, 1], sel[:, 2]].T.astype(np.float64)
@@ -168,7 +168,7 @@ def ape_patch_quality(model: BodyPartRegressor, cases: list, size: int | None = 
     for c in cases:
         u = _unit(c, model)
         a = np.asarray(c.meta.affine, dtype=np.float64)
-        body = u > _body_threshold(model)
+        body = u > body_threshold(model)
         emb, pos, centre_err = [], [], []
         for _ in range(n_crops):
             s0 = tuple(int(rng.integers(0, max(1, d - size + 1))) for d in u.shape)

@@ -30,8 +30,8 @@ from ..core.config import to_dict, write_config
 from ..core.errors import InputError, ModelError, TrainingError
 from ..core.outputs import atomic_write, atomic_write_json, check_output_path
 from . import losses
-from .inference import _body_threshold, ape_volume, ct_problem, slice_scores_volume
-from .models import BPR_KINDS, BodyPartRegressor, build_bpr, save_bpr
+from .inference import ape_volume, ct_problem, slice_scores_volume
+from .models import BPR_KINDS, BodyPartRegressor, body_threshold, build_bpr, save_bpr
 from .sampling import Volume, ape_views, random_crop, sample_points, slice_views
 
 
@@ -112,40 +112,28 @@ class BPRTrainConfig:
     threads: int = 1
 
 
-DEFAULT_WEIGHTS = {"slice": (1.0, 0.05, 0.03), "ape": (1.0, 1.0, 1.0)}
-
-
-DEFAULT_STEPS = {"slice": 2400, "ape": 1200}
-
-
-DEFAULT_ZOOM = {"slice": 1.15, "ape": 1.0}
-
-
-DEFAULT_BATCH = {"slice": 8, "ape": 4}
-
-
-# ape: 3 levels after 2x pooling = cells of 16 voxels, so 32..64 voxel crops hold 2..4 cells per axis
-DEFAULT_CHANNELS = {"slice": (16, 32, 48, 64), "ape": (16, 32, 64)}
+# Per-kind values of the config fields left null. ape: 3 levels after 2x pooling = cells of 16
+# voxels, so 32..64 voxel crops hold 2..4 cells per axis.
+KIND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "slice": {"steps": 2400, "batch_size": 8, "zoom": 1.15, "channels": (16, 32, 48, 64),
+              "w_order": 1.0, "w_distance": 0.05, "w_consistency": 0.03},
+    "ape": {"steps": 1200, "batch_size": 4, "zoom": 1.0, "channels": (16, 32, 64),
+            "w_order": 1.0, "w_distance": 1.0, "w_consistency": 1.0},
+}
 
 
 def resolved(cfg: BPRTrainConfig) -> BPRTrainConfig:
-    """The config with the kind's defaults filled in (what is written to config.yaml)."""
+    """The config with the kind's defaults filled in for null fields (what is written to config.yaml)."""
     from dataclasses import replace
 
-    wo, wd, wc = loss_weights(cfg)
-    steps = cfg.steps if cfg.steps is not None else DEFAULT_STEPS.get(cfg.kind, 1000)
-    zoom = cfg.zoom if cfg.zoom is not None else DEFAULT_ZOOM.get(cfg.kind, 1.0)
-    channels = tuple(cfg.channels) if cfg.channels is not None else DEFAULT_CHANNELS.get(cfg.kind, (16, 32, 48, 64))
-    batch = cfg.batch_size if cfg.batch_size is not None else DEFAULT_BATCH.get(cfg.kind, 8)
-    return replace(cfg, steps=int(steps), w_order=wo, w_distance=wd, w_consistency=wc, zoom=float(zoom), channels=channels,
-                   batch_size=int(batch))
+    fill = {k: v for k, v in KIND_DEFAULTS.get(cfg.kind, KIND_DEFAULTS["slice"]).items() if getattr(cfg, k) is None}
+    return replace(cfg, **fill)
 
 
 def loss_weights(cfg: BPRTrainConfig) -> tuple[float, float, float]:
     """(order/displacement, distance, consistency) weights with the kind's defaults filled in."""
-    d = DEFAULT_WEIGHTS.get(cfg.kind, (1.0, 1.0, 1.0))
-    got = (cfg.w_order, cfg.w_distance, cfg.w_consistency)
-    return tuple(float(g if g is not None else v) for g, v in zip(got, d))  # type: ignore[return-value]
+    r = resolved(cfg)
+    return float(r.w_order), float(r.w_distance), float(r.w_consistency)  # type: ignore[arg-type]
 
 
 def _validate(cfg: BPRTrainConfig) -> None:
@@ -338,7 +326,7 @@ def calibrate(model: BodyPartRegressor, vols: list[Volume], cfg: BPRTrainConfig,
         thr_maps = []
         for v in use:
             m = ape_volume(model, v.image[0, 0], raw=True)
-            body = (v.image[0, 0] > _body_threshold(model)).numpy()
+            body = (v.image[0, 0] > body_threshold(model)).numpy()
             thr_maps.append(m[:, body] if body.any() else m.reshape(3, -1))
         allv = np.concatenate(thr_maps, axis=1)
         med = np.median(allv, axis=1)
