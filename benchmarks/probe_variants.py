@@ -1,4 +1,4 @@
-"""Non-linear probe variants on one pretrained backbone of a finished experiment folder.
+"""Non-linear probe variants on the pretrained backbone of a finished experiment folder.
 
 Refits the frozen non-linear head (voxel sampling, as `voxdiff experiment compare` does) with
 changed probe settings and prints the mean test Dice of each, to tell whether the probe or the
@@ -7,13 +7,17 @@ features limit a result:
     .venv/bin/python benchmarks/probe_variants.py runs/cmp_long --method diffusion-ape \
         --variants '[{"steps": 300}, {"steps": 1000}, {"steps": 1000, "hidden": 64}, {"timesteps": [1]}]'
 
-A variant is a dict of ProbeConfig overrides, plus "timesteps" (feature timesteps) and "voxels"
-(voxels per step). Runs on one CPU thread unless --threads.
+A variant is a dict of ProbeConfig overrides, plus "timesteps" (feature timesteps), "voxels"
+(voxels per step) and "pretrain": PretrainConfig overrides, e.g. {"patch_size": [48, 48, 32]}, for
+a backbone pretrained again on the experiment's unlabelled cases and BPR with those changes (kept
+in EXPERIMENT/variants/ and reused by later variants with the same overrides). Runs on one CPU
+thread unless --threads.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 import warnings
@@ -27,6 +31,7 @@ from voxdiff.core.config import from_dict
 from voxdiff.experiments.core import Experiment, ExperimentConfig
 from voxdiff.features.extract import with_timesteps
 from voxdiff.pretrain.load import load_pretrained
+from voxdiff.pretrain.train import pretrain
 from voxdiff.probe.voxel import fit_heads_voxels
 
 
@@ -43,10 +48,20 @@ def main() -> None:
     cfg = from_dict(ExperimentConfig, yaml.safe_load((out / "config.yaml").read_text())["config"])
     exp = Experiment(cfg, out, log=lambda *a: None)
     train, val, test = exp.folds()[0]
-    model_dir = out / f"pretrain-{args.method}" / "model"
     for var in json.loads(args.variants):
         var = dict(var)
         t = time.time()
+        pre = var.pop("pretrain", None)
+        model_dir = out / f"pretrain-{args.method}" / "model"
+        if pre:
+            key = hashlib.sha1(json.dumps(pre, sort_keys=True).encode()).hexdigest()[:10]
+            vdir = out / "variants" / f"pretrain-{args.method}-{key}"
+            model_dir = vdir / "model"
+            if not (vdir / "done.json").is_file():
+                pcfg = exp.pretrain_config(args.method, **pre)
+                t_pre = time.time()
+                pretrain(pcfg, model_dir, progress=False, force=True, cases=exp.cases("unlabelled"))
+                (vdir / "done.json").write_text(json.dumps({"pretrain": pre, "seconds": round(time.time() - t_pre)}))
         ext = load_pretrained(model_dir)
         ts = var.pop("timesteps", None)
         vox = int(var.pop("voxels", exp.budget.get("probe_voxels", 8192)))
@@ -56,7 +71,7 @@ def main() -> None:
         fitted = fit_heads_voxels(ext, train, val, ("nonlinear",), pcfg, progress=False, voxels_per_step=vox)
         scores = exp._score(ext, fitted, test, pcfg, volume=True)["nonlinear"]
         mean = float(np.mean([np.nanmean(list(organs.values())) for organs in scores.values()]))
-        print(json.dumps({"overrides": var, "timesteps": ts, "voxels": vox, "mean_dice": round(100 * mean, 1),
+        print(json.dumps({"overrides": var, "pretrain": pre, "timesteps": ts, "voxels": vox, "mean_dice": round(100 * mean, 1),
                           "seconds": round(time.time() - t)}), flush=True)
 
 

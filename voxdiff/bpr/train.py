@@ -15,7 +15,6 @@ draws the same batches as an uninterrupted one.
 from __future__ import annotations
 
 import json
-import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from ..core.checkpoint import load_checkpoint, prefixed, save_checkpoint, unpref
 from ..core.config import to_dict, write_config
 from ..core.errors import InputError, ModelError, TrainingError
 from ..core.outputs import atomic_write, atomic_write_json, check_output_path
+from ..core.schedule import warmup_cosine
 from . import losses
 from .inference import ape_volume, ct_problem, slice_scores_volume
 from .models import BPR_KINDS, BodyPartRegressor, body_threshold, build_bpr, save_bpr
@@ -258,11 +258,7 @@ def ape_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Gene
 
 
 def _lr(cfg: BPRTrainConfig, step: int) -> float:
-    warm = max(1, int(0.05 * cfg.steps))
-    if step < warm:
-        return cfg.lr * (step + 1) / warm
-    t = (step - warm) / max(1, cfg.steps - warm)
-    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+    return warmup_cosine(step, cfg.steps, cfg.lr, warmup=max(1, int(0.05 * cfg.steps)))
 
 
 # ------------------------------------------------------------------------------------ train state

@@ -257,33 +257,41 @@ class Experiment:
         return self.out / f"bpr-{kind}" / "model"
 
     # ------------------------------------------------------------------------------- pretraining
-    def pretrained(self, method: str, diffusion_steps: int | None = None) -> Path:
+    def pretrain_config(self, method: str, diffusion_steps: int | None = None, **over: Any):
+        """The :class:`PretrainConfig` of ``method`` at this budget (``over``: field overrides)."""
+        from voxdiff.pretrain.train import PretrainConfig
+
         base, cond = method_parts(method)
+        opts = dict(self.budget["pretrain"])
+        if self.cfg.pretrain_steps is not None:
+            opts["steps"] = int(self.cfg.pretrain_steps)
+        opts.update(self.budget.get("pretrain_method", {}).get(base, {}))
+        opts.update(method=base, seed=self.cfg.seed, preprocess=to_dict(self.preprocess))
+        if base == "diffusion":
+            opts["condition"] = cond
+            if cond != "none":
+                opts["bpr_path"] = str(self.bpr(cond))
+            if diffusion_steps:
+                T = int(diffusion_steps)
+                opts["diffusion_steps"] = T
+                # keep the noise level of the features comparable: t / T as at the budget's T
+                ref_T = int(self.budget["pretrain"].get("diffusion_steps", 1000))
+                opts["feature_timesteps"] = tuple(min(T - 1, max(0, round(t * T / ref_T)))
+                                                  for t in self.budget["pretrain"]["feature_timesteps"])
+        else:
+            for k in ("diffusion_steps", "feature_timesteps"):
+                opts.pop(k, None)
+        opts.update(over)
+        return from_dict(PretrainConfig, opts)
+
+    def pretrained(self, method: str, diffusion_steps: int | None = None) -> Path:
+        base, _ = method_parts(method)
         name = f"pretrain-{method}" + (f"-T{diffusion_steps}" if diffusion_steps else "")
 
         def run(tmp: Path) -> dict[str, Any]:
-            from voxdiff.pretrain.train import PretrainConfig, pretrain
+            from voxdiff.pretrain.train import pretrain
 
-            opts = dict(self.budget["pretrain"])
-            if self.cfg.pretrain_steps is not None:
-                opts["steps"] = int(self.cfg.pretrain_steps)
-            opts.update(self.budget.get("pretrain_method", {}).get(base, {}))
-            opts.update(method=base, seed=self.cfg.seed, preprocess=to_dict(self.preprocess))
-            if base == "diffusion":
-                opts["condition"] = cond
-                if cond != "none":
-                    opts["bpr_path"] = str(self.bpr(cond))
-                if diffusion_steps:
-                    T = int(diffusion_steps)
-                    opts["diffusion_steps"] = T
-                    # keep the noise level of the features comparable: t / T as at the budget's T
-                    ref_T = int(self.budget["pretrain"].get("diffusion_steps", 1000))
-                    opts["feature_timesteps"] = tuple(min(T - 1, max(0, round(t * T / ref_T)))
-                                                      for t in self.budget["pretrain"]["feature_timesteps"])
-            else:
-                for k in ("diffusion_steps", "feature_timesteps"):
-                    opts.pop(k, None)
-            pcfg = from_dict(PretrainConfig, opts)
+            pcfg = self.pretrain_config(method, diffusion_steps)
             pretrain(pcfg, tmp / "model", progress=self.cfg.progress, force=True, cases=self.cases("unlabelled"))
             res = {"method": method, "steps": pcfg.steps if base != "random" else 0}
             log = tmp / "model" / "metrics.jsonl"

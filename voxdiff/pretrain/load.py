@@ -21,7 +21,6 @@ window either.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from torch import nn
 from ..core.checkpoint import load_checkpoint, unprefixed
 from ..core.config import from_dict
 from ..core.errors import InputError, ModelError
+from ..core.precision import bf16_autocast
 from ..data.preprocess import PreprocessConfig
 from .backbone import Backbone, LevelInfo
 from .tasks.base import available_methods, get_task_class
@@ -104,7 +104,7 @@ class FeatureExtractor(nn.Module):
         image_unit = image_unit.to(dev)
         passes = self.task.feature_passes(image_unit, voxel_index=voxel_index,
                                           coords=None if coords is None else coords.to(dev))
-        ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        ctx = bf16_autocast(dev, self.bf16)
         outs: list[list[torch.Tensor]] = []
         with ctx:
             for x, t in passes:

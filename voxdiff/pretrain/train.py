@@ -21,10 +21,9 @@ Output folder::
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import dataclasses
 import json
-import math
 import os
 import random
 import shutil
@@ -42,6 +41,8 @@ from ..core.checkpoint import prefixed, save_checkpoint, unprefixed
 from ..core.config import from_dict, to_dict, write_config
 from ..core.errors import InputError, ModelError, TrainingError
 from ..core.outputs import atomic_write, check_output_path, staged_dir
+from ..core.precision import bf16_autocast
+from ..core.schedule import warmup_cosine
 from ..data.preprocess import PreprocessConfig
 from .backbone import Backbone, count_parameters
 from .state import (flatten_optimizer, latest_train_state, python_rng_from_json, python_rng_to_json,
@@ -71,7 +72,8 @@ class PretrainConfig:
         weight_decay: AdamW weight decay (conv/linear weights only).
         grad_clip: max gradient norm (0 = off).
         ema_decay: EMA decay of the backbone weights saved as the final model.
-        bf16: bf16 autocast (about 2x faster on CPUs with native bf16, same loss curve).
+        bf16: bf16 autocast where the device has native bf16 (about 2x faster there, same loss
+            curve); fp32 elsewhere (emulated bf16 is many times slower, see voxdiff.core.precision).
         seed: seed of weights, patches and noise.
         checkpoint_every: steps between train-state checkpoints (the last step is always saved).
         keep_checkpoints: how many train-state checkpoints to keep.
@@ -206,12 +208,7 @@ class _Joint(nn.Module):
 
 def lr_at(step: int, cfg: PretrainConfig) -> float:
     """Linear warm-up to ``lr`` then cosine decay to ``min_lr_ratio * lr`` at ``steps``."""
-    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    prog = min(1.0, (step - cfg.warmup_steps) / span)
-    lo = cfg.lr * cfg.min_lr_ratio
-    return lo + (cfg.lr - lo) * 0.5 * (1 + math.cos(math.pi * prog))
+    return warmup_cosine(step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -551,8 +548,7 @@ def _loop(cfg, model, joint, task, cases, opt, ema, rng, gen, device, d: Dist, o
           progress: bool, writer, save_state, last_saved, probe) -> None:
     from tqdm import tqdm
 
-    use_bf16 = bool(cfg.bf16)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+    autocast = functools.partial(bf16_autocast, device, cfg.bf16)
     log = MetricLog()
     bar = tqdm(total=end, initial=start, desc=f"pretrain {cfg.method}", unit="step",
                disable=not (progress and d.main), dynamic_ncols=True)

@@ -9,12 +9,14 @@ to the source file's grid with :func:`voxdiff.data.preprocess.restore_to_origina
 
 from __future__ import annotations
 
-import contextlib
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+
+from voxdiff.core.precision import bf16_autocast
+from voxdiff.pretrain.diffusion import index_grid
 
 
 def extractor_window(extractor) -> int:
@@ -30,12 +32,8 @@ def round_roi(roi: Sequence[int], divisor: int) -> tuple[int, int, int]:
 
 
 def autocast_ctx(device: torch.device | str, amp: bool):
-    device = torch.device(device)
-    if not amp:
-        return contextlib.nullcontext()
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", dtype=torch.bfloat16)
+    """bf16 autocast when ``amp`` and the device computes bf16 natively (else fp32)."""
+    return bf16_autocast(device, amp)
 
 
 def set_frozen(extractor) -> None:
@@ -137,7 +135,7 @@ def predict_logits(
 
     def predictor(win: torch.Tensor, location, condition: torch.Tensor | None = None):
         origins = torch.tensor([[int(s.start or 0) for s in loc[2:]] for loc in location], dtype=torch.long)
-        vi = _index_grid(tuple(win.shape[2:]), origins, win.device)
+        vi = index_grid(tuple(win.shape[2:]), origins, batch=win.shape[0], device=win.device)
         pyr = features(extractor, win, amp=amp, voxel_index=vi, coords=condition)
         outs = tuple(head_map[n](pyr, out_size=win.shape[2:]).float() for n in names)
         return outs if len(outs) > 1 else outs[0]
@@ -151,13 +149,6 @@ def predict_logits(
         out = (out,)
     res = {n: o[0].detach().float().cpu() for n, o in zip(names, out)}
     return res["_"] if single else res
-
-
-def _index_grid(shape: tuple[int, int, int], origins: torch.Tensor, device) -> torch.Tensor:
-    """(B, 3, X, Y, Z) absolute voxel indices of windows starting at ``origins`` (B, 3)."""
-    axes = [torch.arange(s, device=device) for s in shape]
-    g = torch.stack(torch.meshgrid(*axes, indexing="ij"), 0)[None]
-    return g + origins.to(device)[:, :, None, None, None]
 
 
 def logits_to_labels(logits: torch.Tensor) -> np.ndarray:

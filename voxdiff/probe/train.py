@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from voxdiff.core.errors import InputError, TrainingError
+from voxdiff.core.schedule import warmup_cosine
 
 from .heads import count_parameters, feature_stats, make_head
 from .predict import features, logits_to_labels, predict_logits, set_frozen, unit_image
@@ -344,10 +345,8 @@ def _measure_stats(extractor, sampler: PatchSampler, cfg: ProbeConfig, device, b
 
 
 def _cosine(steps: int):
-    def f(i: int) -> float:
-        return 0.5 * (1 + math.cos(math.pi * min(i, steps) / max(1, steps))) * 0.95 + 0.05
-
-    return f
+    """LambdaLR factor: cosine decay from 1 to 0.05 over ``steps``."""
+    return lambda i: warmup_cosine(i, steps)
 
 
 def reinit_(module: nn.Module, seed: int) -> nn.Module:
