@@ -8,9 +8,10 @@ features limit a result:
         --variants '[{"steps": 300}, {"steps": 1000}, {"steps": 1000, "hidden": 64}, {"timesteps": [1]}]'
 
 A variant is a dict of ProbeConfig overrides, plus "timesteps" (feature timesteps), "voxels"
-(voxels per step) and "pretrain": PretrainConfig overrides, e.g. {"patch_size": [48, 48, 32]}, for
-a backbone pretrained again on the experiment's unlabelled cases and BPR with those changes (kept
-in EXPERIMENT/variants/ and reused by later variants with the same overrides). Runs on one CPU
+(voxels per step), "pretrain": PretrainConfig overrides, e.g. {"patch_size": [48, 48, 32]}, for
+a backbone pretrained again on the experiment's unlabelled cases and BPR with those changes, and
+"bpr": BPRTrainConfig overrides, e.g. {"steps": 1200}, for a BPR trained again before that
+pretraining (both kept in EXPERIMENT/variants/ and reused by later variants with the same overrides). Runs on one CPU
 thread unless --threads.
 """
 
@@ -28,11 +29,16 @@ import torch
 import yaml
 
 from voxdiff.core.config import from_dict
-from voxdiff.experiments.core import Experiment, ExperimentConfig
+from voxdiff.bpr.train import train_bpr
+from voxdiff.experiments.core import Experiment, ExperimentConfig, method_parts
 from voxdiff.features.extract import with_timesteps
 from voxdiff.pretrain.load import load_pretrained
 from voxdiff.pretrain.train import pretrain
 from voxdiff.probe.voxel import fit_heads_voxels
+
+
+def _key(overrides: dict) -> str:
+    return hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def main() -> None:
@@ -45,17 +51,27 @@ def main() -> None:
     warnings.simplefilter("ignore", UserWarning)
     torch.set_num_threads(args.threads)
     out = Path(args.experiment)
-    cfg = from_dict(ExperimentConfig, yaml.safe_load((out / "config.yaml").read_text())["config"])
-    exp = Experiment(cfg, out, log=lambda *a: None)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    cfg = from_dict(ExperimentConfig, saved["config"])
+    exp = Experiment(cfg, out, log=lambda *a: None, budget=saved["budget_settings"])
     train, val, test = exp.folds()[0]
     for var in json.loads(args.variants):
         var = dict(var)
         t = time.time()
         pre = var.pop("pretrain", None)
+        bpr_over = var.pop("bpr", None)
+        if bpr_over:
+            kind = method_parts(args.method)[1]
+            bdir = out / "variants" / f"bpr-{kind}-{_key(bpr_over)}"
+            if not (bdir / "done.json").is_file():
+                t_bpr = time.time()
+                train_bpr(exp.bpr_config(kind, **bpr_over), bdir / "model", cases=exp.cases("unlabelled"),
+                          force=True, progress=False)
+                (bdir / "done.json").write_text(json.dumps({"bpr": bpr_over, "seconds": round(time.time() - t_bpr)}))
+            pre = {**(pre or {}), "bpr_path": str(bdir / "model")}
         model_dir = out / f"pretrain-{args.method}" / "model"
         if pre:
-            key = hashlib.sha1(json.dumps(pre, sort_keys=True).encode()).hexdigest()[:10]
-            vdir = out / "variants" / f"pretrain-{args.method}-{key}"
+            vdir = out / "variants" / f"pretrain-{args.method}-{_key(pre)}"
             model_dir = vdir / "model"
             if not (vdir / "done.json").is_file():
                 pcfg = exp.pretrain_config(args.method, **pre)
@@ -71,7 +87,7 @@ def main() -> None:
         fitted = fit_heads_voxels(ext, train, val, ("nonlinear",), pcfg, progress=False, voxels_per_step=vox)
         scores = exp._score(ext, fitted, test, pcfg, volume=True)["nonlinear"]
         mean = float(np.mean([np.nanmean(list(organs.values())) for organs in scores.values()]))
-        print(json.dumps({"overrides": var, "pretrain": pre, "timesteps": ts, "voxels": vox, "mean_dice": round(100 * mean, 1),
+        print(json.dumps({"overrides": var, "bpr": bpr_over, "pretrain": pre, "timesteps": ts, "voxels": vox, "mean_dice": round(100 * mean, 1),
                           "seconds": round(time.time() - t)}), flush=True)
 
 

@@ -141,3 +141,23 @@ def test_timesteps_and_label_efficiency_tiny(tmp_path):
     for r in res["rows"]:
         assert 0.0 <= r["pretrained"]["mean"]["mean"] <= 1.0 and 0.0 <= r["scratch"]["mean"]["mean"] <= 1.0
     assert (tmp_path / "le" / "label_efficiency.png").is_file()
+
+
+def test_stage_configs_follow_budget_and_overrides(tmp_path):
+    from voxdiff.experiments.budgets import get_budget
+    from voxdiff.experiments.core import Experiment
+
+    budget = get_budget("tiny")
+    budget["pretrain"]["diffusion_steps"] = 1000
+    budget["pretrain"]["feature_timesteps"] = (1, 5, 250)
+    exp = Experiment(ExperimentConfig(budget="tiny", methods=("diffusion-none",), pretrain_steps=7), tmp_path / "e",
+                     log=lambda *a: None, budget=budget)
+    cfg = exp.pretrain_config("diffusion-none")
+    assert cfg.steps == 7 and cfg.condition == "none" and tuple(cfg.feature_timesteps) == (1, 5, 250)
+    # t / T kept at a short chain; timesteps that meet there are kept once, in order
+    short = exp.pretrain_config("diffusion-none", diffusion_steps=10)
+    assert short.diffusion_steps == 10 and tuple(short.feature_timesteps) == (0, 2)
+    assert exp.pretrain_config("diffusion-none", patch_size=(32, 32, 16)).patch_size == (32, 32, 16)
+    b = exp.bpr_config("ape", steps=3)
+    assert b.kind == "ape" and b.steps == 3 and tuple(b.spacing) == tuple(budget["spacing"])
+    assert b.ape_patch == budget["bpr"]["ape_patch"]

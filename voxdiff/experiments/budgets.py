@@ -43,7 +43,10 @@ BUDGETS: dict[str, dict[str, Any]] = {
         "pretrain_method": {"contrastive": {"batch_size": 2}},
         "pretrain": {"steps": 200, "patch_size": (32, 32, 32), "batch_size": 4, "base_channels": 8,
                      "num_levels": 4, "warmup_steps": 30, "checkpoint_every": 100, "log_every": 25,
-                     "ema_decay": 0.99, "lr": 1e-3, "diffusion_steps": 1000, "feature_timesteps": (10,)},
+                     "ema_decay": 0.99, "lr": 1e-3, "diffusion_steps": 1000,
+                     # two passes (nearly clean + SNR ~1), concatenated: +10 Dice over t = 10 alone
+                     # on the phantom benchmark (docs/RESULTS.md, "Multi-timestep features")
+                     "feature_timesteps": (1, 250)},
         "probe": {"steps": 300, "patch_size": (48, 48, 32), "batch_size": 2, "val_every": 300, "roi": (64, 64, 64),
                   "overlap": 0.25, "hidden": 32, "val_from_train": 1, "lr": 1e-2, "scratch_lr": 2e-3, "fg_prob": 0.5},
         "probe_voxels": 8192,

@@ -111,11 +111,14 @@ def method_parts(method: str) -> tuple[str, str | None]:
 class Experiment:
     """Shared machinery: data, cached preprocessing, BPR / pretraining / probing steps."""
 
-    def __init__(self, cfg: ExperimentConfig, out: str | Path, force: bool = False, log: Callable[[str], None] = print):
+    def __init__(self, cfg: ExperimentConfig, out: str | Path, force: bool = False, log: Callable[[str], None] = print,
+                 budget: dict[str, Any] | None = None):
+        """``budget``: the stage settings to use instead of the preset named by ``cfg.budget`` (to
+        reopen a finished folder with the settings saved in its config.yaml after a preset changed)."""
         self.cfg = cfg
         self.out = Path(out)
         self.log = log
-        self.budget = get_budget(cfg.budget)
+        self.budget = get_budget(cfg.budget) if budget is None else budget
         for m in cfg.methods:
             method_parts(m)
         self._claim_folder(force)
@@ -231,15 +234,22 @@ class Experiment:
         return out
 
     # ------------------------------------------------------------------------------- BPR
+    def bpr_config(self, kind: str, **over: Any):
+        """The :class:`BPRTrainConfig` of a ``kind`` BPR at this budget (``over``: field overrides)."""
+        from voxdiff.bpr.train import BPRTrainConfig
+
+        opts = {**self.budget["bpr"], **self.budget.get("bpr_kind", {}).get(kind, {})}
+        if self.cfg.bpr_steps is not None:
+            opts["steps"] = int(self.cfg.bpr_steps)
+        opts.update(kind=kind, spacing=tuple(self.budget["spacing"]), seed=self.cfg.seed)
+        opts.update(over)
+        return from_dict(BPRTrainConfig, opts)
+
     def bpr(self, kind: str) -> Path:
         def run(tmp: Path) -> dict[str, Any]:
-            from voxdiff.bpr.train import BPRTrainConfig, train_bpr
+            from voxdiff.bpr.train import train_bpr
 
-            opts = {**self.budget["bpr"], **self.budget.get("bpr_kind", {}).get(kind, {})}
-            if self.cfg.bpr_steps is not None:
-                opts["steps"] = int(self.cfg.bpr_steps)
-            bcfg = from_dict(BPRTrainConfig, {**opts, "kind": kind, "spacing": tuple(self.budget["spacing"]),
-                                               "seed": self.cfg.seed})
+            bcfg = self.bpr_config(kind)
             train_bpr(bcfg, tmp / "model", cases=self.cases("unlabelled"), force=True, progress=self.cfg.progress)
             res: dict[str, Any] = {"kind": kind, "steps": bcfg.steps}
             try:  # quality on the labelled test cases (landmarks from labels), when available
@@ -276,8 +286,8 @@ class Experiment:
                 opts["diffusion_steps"] = T
                 # keep the noise level of the features comparable: t / T as at the budget's T
                 ref_T = int(self.budget["pretrain"].get("diffusion_steps", 1000))
-                opts["feature_timesteps"] = tuple(min(T - 1, max(0, round(t * T / ref_T)))
-                                                  for t in self.budget["pretrain"]["feature_timesteps"])
+                scaled = (min(T - 1, max(0, round(t * T / ref_T))) for t in self.budget["pretrain"]["feature_timesteps"])
+                opts["feature_timesteps"] = tuple(dict.fromkeys(scaled))  # several t may meet at a short T
         else:
             for k in ("diffusion_steps", "feature_timesteps"):
                 opts.pop(k, None)
