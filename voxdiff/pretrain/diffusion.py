@@ -113,23 +113,15 @@ class GaussianDiffusion:
                     steps: int | None = None, progress: Callable | None = None) -> torch.Tensor:
         """Ancestral sampling. ``model(x_t, t) -> output``; ``steps`` < T skips steps (respaced
         DDPM: the posterior between the kept timesteps). Returns x0 in [-1, 1]."""
-        ts = self._timesteps(steps)
         x = torch.randn(shape, generator=generator, device=device)
-        ab_all = self.alpha_bar.to(device)
-        it = progress(range(len(ts))) if progress else range(len(ts))
-        for i in it:
-            t = ts[i]
-            tt = torch.full((shape[0],), t, device=device, dtype=torch.long)
-            x0, eps = self.split(model(x, tt).float(), x, tt)
-            x0 = x0.clamp(-1, 1)
-            ab_t = ab_all[t].float()
-            ab_prev = ab_all[ts[i + 1]].float() if i + 1 < len(ts) else torch.tensor(1.0, device=device)
+        for t, ab_t, ab_prev, last in self._reverse_schedule(steps, x.device, progress):
+            x0 = self._predict_x0(model, x, t)
             beta = 1 - ab_t / ab_prev
             # posterior q(x_prev | x_t, x0)
             coef0 = ab_prev.sqrt() * beta / (1 - ab_t)
             coeft = (1 - beta).sqrt() * (1 - ab_prev) / (1 - ab_t)
             mean = coef0 * x0 + coeft * x
-            if i + 1 < len(ts):
+            if not last:
                 var = beta * (1 - ab_prev) / (1 - ab_t)
                 x = mean + var.clamp(min=1e-20).sqrt() * torch.randn(shape, generator=generator, device=device)
             else:
@@ -141,24 +133,34 @@ class GaussianDiffusion:
                     generator: torch.Generator | None = None, device: torch.device | str = "cpu",
                     steps: int | None = 50, eta: float = 0.0, progress: Callable | None = None) -> torch.Tensor:
         """DDIM (Song et al. 2021) over ``steps`` evenly spaced timesteps; eta = 0 is deterministic."""
-        ts = self._timesteps(steps)
         x = torch.randn(shape, generator=generator, device=device)
-        ab_all = self.alpha_bar.to(device)
-        it = progress(range(len(ts))) if progress else range(len(ts))
-        for i in it:
-            t = ts[i]
-            tt = torch.full((shape[0],), t, device=device, dtype=torch.long)
-            x0, eps = self.split(model(x, tt).float(), x, tt)
-            x0 = x0.clamp(-1, 1)
-            ab_t = ab_all[t].float()
-            ab_prev = ab_all[ts[i + 1]].float() if i + 1 < len(ts) else torch.tensor(1.0, device=device)
+        for t, ab_t, ab_prev, last in self._reverse_schedule(steps, x.device, progress):
+            x0 = self._predict_x0(model, x, t)
             # recompute eps from the clamped x0 for consistency
             eps = (x - ab_t.sqrt() * x0) / (1 - ab_t).sqrt()
             sigma = eta * ((1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev)).clamp(min=0).sqrt()
             x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * eps
-            if eta > 0 and i + 1 < len(ts):
+            if eta > 0 and not last:
                 x = x + sigma * torch.randn(shape, generator=generator, device=device)
         return x.clamp(-1, 1)
+
+    def _reverse_schedule(self, steps: int | None, device: torch.device, progress: Callable | None):
+        """The samplers' loop: ``(t, alpha_bar_t, alpha_bar_prev, last)`` for each kept timestep,
+        decreasing (``alpha_bar_prev`` = 1 after the last one)."""
+        ts = self._timesteps(steps)
+        ab_all = self.alpha_bar.to(device)
+        one = torch.tensor(1.0, device=device)
+        it = progress(range(len(ts))) if progress else range(len(ts))
+        for i in it:
+            last = i + 1 == len(ts)
+            yield ts[i], ab_all[ts[i]].float(), (one if last else ab_all[ts[i + 1]].float()), last
+
+    def _predict_x0(self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor,
+                    t: int) -> torch.Tensor:
+        """The model's x0 estimate from ``x`` at timestep ``t``, clamped to the data range."""
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        x0, _ = self.split(model(x, tt).float(), x, tt)
+        return x0.clamp(-1, 1)
 
     def _timesteps(self, steps: int | None) -> list[int]:
         n = self.num_steps if steps is None else max(1, min(int(steps), self.num_steps))
