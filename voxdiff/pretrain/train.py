@@ -21,8 +21,8 @@ Output folder::
 
 from __future__ import annotations
 
-import functools
 import dataclasses
+import functools
 import json
 import os
 import random
