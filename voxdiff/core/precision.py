@@ -19,22 +19,19 @@ log = logging.getLogger("voxdiff")
 
 @functools.lru_cache(maxsize=None)
 def _cpu_bf16_native() -> bool:
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    for name in checks:
-        fn = getattr(torch.cpu, name, None)
+    """AVX512-BF16 or AMX: torch's own CPU checks, else (older torch) the kernel's CPU flags."""
+    checks = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if any(fn is not None for fn in checks):
         try:
-            if fn is not None and fn():
-                return True
-        except Exception:  # private API: absent or failing means "not known to be native"
-            pass
-    if not any(hasattr(torch.cpu, n) for n in checks):  # an older torch: read the CPU flags
-        try:
-            with open("/proc/cpuinfo") as f:
-                flags = f.read()
-            return "avx512_bf16" in flags or "amx_bf16" in flags
-        except OSError:
+            return any(fn is not None and fn() for fn in checks)
+        except Exception:  # private API failing: not known to be native
             return False
-    return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def bf16_native(device: torch.device | str) -> bool:

@@ -31,11 +31,6 @@ def round_roi(roi: Sequence[int], divisor: int) -> tuple[int, int, int]:
     return tuple(max(divisor, int(np.ceil(int(r) / divisor) * divisor)) for r in roi)  # type: ignore[return-value]
 
 
-def autocast_ctx(device: torch.device | str, amp: bool):
-    """bf16 autocast when ``amp`` and the device computes bf16 natively (else fp32)."""
-    return bf16_autocast(device, amp)
-
-
 def set_frozen(extractor) -> None:
     """Eval mode and no gradients for everything the extractor holds (norm statistics never move)."""
     for obj in (extractor, getattr(extractor, "backbone", None), getattr(extractor, "bpr", None)):
@@ -70,7 +65,7 @@ def features(extractor, x: torch.Tensor, amp: bool = False, voxel_index: torch.T
         kw["voxel_index"] = voxel_index
     if coords is not None and _accepts(call, "coords"):
         kw["coords"] = coords
-    with autocast_ctx(x.device, amp):
+    with bf16_autocast(x.device, amp):
         task = getattr(extractor, "task", None)
         if grad and task is not None and hasattr(task, "feature_passes") and hasattr(extractor.backbone, "pyramid"):
             with torch.no_grad():
@@ -88,7 +83,7 @@ def condition_map(extractor, x: torch.Tensor, amp: bool = False) -> torch.Tensor
     if fn is None or int(getattr(extractor, "condition_channels", 0) or 0) <= 0:
         return None
     try:
-        with torch.no_grad(), autocast_ctx(x.device, amp):
+        with torch.no_grad(), bf16_autocast(x.device, amp):
             c = fn(x)
     except (RuntimeError, MemoryError):  # too large at once: each window computes its own map
         return None
