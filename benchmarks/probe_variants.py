@@ -11,14 +11,13 @@ A variant is a dict of ProbeConfig overrides, plus "timesteps" (feature timestep
 (voxels per step), "pretrain": PretrainConfig overrides, e.g. {"patch_size": [48, 48, 32]}, for
 a backbone pretrained again on the experiment's unlabelled cases and BPR with those changes, and
 "bpr": BPRTrainConfig overrides, e.g. {"steps": 1200}, for a BPR trained again before that
-pretraining (both kept in EXPERIMENT/variants/ and reused by later variants with the same overrides). Runs on one CPU
-thread unless --threads.
+pretraining. Both are resumable steps of the experiment kept in EXPERIMENT/variants/ and reused by
+later variants with the same overrides. Runs on one CPU thread unless --threads.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 import warnings
@@ -29,16 +28,10 @@ import torch
 import yaml
 
 from voxdiff.core.config import from_dict
-from voxdiff.bpr.train import train_bpr
 from voxdiff.experiments.core import Experiment, ExperimentConfig, method_parts
 from voxdiff.features.extract import with_timesteps
 from voxdiff.pretrain.load import load_pretrained
-from voxdiff.pretrain.train import pretrain
 from voxdiff.probe.voxel import fit_heads_voxels
-
-
-def _key(overrides: dict) -> str:
-    return hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def main() -> None:
@@ -58,26 +51,11 @@ def main() -> None:
     for var in json.loads(args.variants):
         var = dict(var)
         t = time.time()
-        pre = var.pop("pretrain", None)
+        pre = dict(var.pop("pretrain", None) or {})
         bpr_over = var.pop("bpr", None)
         if bpr_over:
-            kind = method_parts(args.method)[1]
-            bdir = out / "variants" / f"bpr-{kind}-{_key(bpr_over)}"
-            if not (bdir / "done.json").is_file():
-                t_bpr = time.time()
-                train_bpr(exp.bpr_config(kind, **bpr_over), bdir / "model", cases=exp.cases("unlabelled"),
-                          force=True, progress=False)
-                (bdir / "done.json").write_text(json.dumps({"bpr": bpr_over, "seconds": round(time.time() - t_bpr)}))
-            pre = {**(pre or {}), "bpr_path": str(bdir / "model")}
-        model_dir = out / f"pretrain-{args.method}" / "model"
-        if pre:
-            vdir = out / "variants" / f"pretrain-{args.method}-{_key(pre)}"
-            model_dir = vdir / "model"
-            if not (vdir / "done.json").is_file():
-                pcfg = exp.pretrain_config(args.method, **pre)
-                t_pre = time.time()
-                pretrain(pcfg, model_dir, progress=False, force=True, cases=exp.cases("unlabelled"))
-                (vdir / "done.json").write_text(json.dumps({"pretrain": pre, "seconds": round(time.time() - t_pre)}))
+            pre["bpr_path"] = str(exp.bpr(method_parts(args.method)[1], **bpr_over))
+        model_dir = exp.pretrained(args.method, **pre)  # the experiment's own backbone without overrides
         ext = load_pretrained(model_dir)
         ts = var.pop("timesteps", None)
         vox = int(var.pop("voxels", exp.budget.get("probe_voxels", 8192)))

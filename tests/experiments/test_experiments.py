@@ -35,6 +35,64 @@ def test_step_runner_skips_finished_and_discards_interrupted(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".b.")]  # no partial folder left
 
 
+def test_step_runner_keeps_and_continues_interrupted_resumable_step(tmp_path):
+    r = StepRunner(tmp_path, log=lambda s: None)
+    seen = []
+
+    def train(d):
+        seen.append(sorted(p.name for p in d.iterdir()))
+        if not (d / "ckpt").exists():
+            (d / "ckpt").write_text("step 3")
+            raise KeyboardInterrupt
+        return {"from": (d / "ckpt").read_text()}
+
+    with pytest.raises(KeyboardInterrupt):
+        r.run("variants/pre", train, resumable=True)
+    assert not (tmp_path / "variants" / "pre").exists()
+    assert (tmp_path / "variants" / ".pre.partial" / "ckpt").is_file()  # the work so far is kept
+    res = r.run("variants/pre", train, resumable=True)
+    assert res["from"] == "step 3" and seen == [[], ["ckpt"]]  # the second run was handed the checkpoint
+    assert (tmp_path / "variants" / "pre" / "result.json").is_file()
+    assert not (tmp_path / "variants" / ".pre.partial").exists()
+
+
+def test_interrupted_pretraining_step_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """Ctrl-C in an experiment's pretraining keeps its checkpoints; the rerun continues from them and
+    ends with the weights of an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    import voxdiff.pretrain.train as pt
+    from voxdiff.experiments.core import Experiment
+
+    def experiment(name):
+        cfg = ExperimentConfig(budget="tiny", methods=("diffusion-none",), scratch=False, workers=1, progress=False,
+                               pretrain_steps=6)
+        return Experiment(cfg, tmp_path / name, log=lambda s: None)
+
+    real = pt.pretrain
+    calls = []
+
+    def interrupted(pcfg, out, resume=False, **k):
+        calls.append(resume)
+        if not resume:
+            real(pcfg, out, resume=False, stop_after=3, **k)  # writes a checkpoint at step 3
+            raise KeyboardInterrupt("simulated Ctrl-C")
+        return real(pcfg, out, resume=resume, **k)
+
+    monkeypatch.setattr(pt, "pretrain", interrupted)
+    exp = experiment("a")
+    with pytest.raises(KeyboardInterrupt):
+        exp.pretrained("diffusion-none")
+    assert (tmp_path / "a" / ".pretrain-diffusion-none.partial" / "model" / "train_state").is_dir()
+    resumed = experiment("a").pretrained("diffusion-none")
+    assert calls == [False, True]
+    monkeypatch.setattr(pt, "pretrain", real)
+    straight = experiment("b").pretrained("diffusion-none")
+    a = load_file(str(next((resumed / "backbone").glob("*.safetensors"))))
+    b = load_file(str(next((straight / "backbone").glob("*.safetensors"))))
+    assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+
+
 def test_method_names():
     assert method_parts("diffusion-ape") == ("diffusion", "ape")
     assert method_parts("diffusion-none") == ("diffusion", "none")

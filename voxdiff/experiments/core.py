@@ -12,7 +12,8 @@ Every experiment writes one folder::
       results.json, report.md, *.png
 
 Each step finishes by writing ``result.json``; a step with one is skipped when the experiment is
-run again, so an interrupted run resumes where it stopped.
+run again, so an interrupted run resumes where it stopped. BPR training and pretraining steps
+stopped half-way keep their checkpoints in ``OUT/.NAME.partial`` and continue from them.
 
 Protocol: pretraining uses only the unlabelled set; probes train on the labelled training cases
 (one of them held out to pick the best checkpoint) and are scored on the test cases. With
@@ -94,6 +95,14 @@ class ExperimentConfig:
     label_method: str = "diffusion-ape"
     workers: int = 2
     progress: bool = True
+
+
+def variant_key(overrides: dict[str, Any]) -> str:
+    """A short stable name for a dict of setting overrides."""
+    import hashlib
+    import json
+
+    return hashlib.sha1(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def method_parts(method: str) -> tuple[str, str | None]:
@@ -245,12 +254,19 @@ class Experiment:
         opts.update(over)
         return from_dict(BPRTrainConfig, opts)
 
-    def bpr(self, kind: str) -> Path:
+    def bpr(self, kind: str, **over: Any) -> Path:
+        """The trained ``kind`` BPR's model folder (trained first unless done); with field overrides
+        ``over``, a variant kept in ``OUT/variants/`` (see ``benchmarks/probe_variants.py``)."""
+        name = f"bpr-{kind}" + (f"-{variant_key(over)}" if over else "")
+        name = f"variants/{name}" if over else name
+
         def run(tmp: Path) -> dict[str, Any]:
             from voxdiff.bpr.train import train_bpr
 
-            bcfg = self.bpr_config(kind)
-            train_bpr(bcfg, tmp / "model", cases=self.cases("unlabelled"), force=True, progress=self.cfg.progress)
+            bcfg = self.bpr_config(kind, **over)
+            resume = (tmp / "model" / "train_state.safetensors").is_file()  # an interrupted run's checkpoint
+            train_bpr(bcfg, tmp / "model", cases=self.cases("unlabelled"), resume=resume, force=not resume,
+                      progress=self.cfg.progress)
             res: dict[str, Any] = {"kind": kind, "steps": bcfg.steps}
             try:  # quality on the labelled test cases (landmarks from labels), when available
                 from voxdiff.bpr import load_bpr
@@ -263,8 +279,8 @@ class Experiment:
                 res["quality_error"] = f"{type(e).__name__}: {e}"
             return res
 
-        self.runner.run(f"bpr-{kind}", run)
-        return self.out / f"bpr-{kind}" / "model"
+        self.runner.run(name, run, resumable=True)
+        return self.out / name / "model"
 
     # ------------------------------------------------------------------------------- pretraining
     def pretrain_config(self, method: str, diffusion_steps: int | None = None, **over: Any):
@@ -294,15 +310,21 @@ class Experiment:
         opts.update(over)
         return from_dict(PretrainConfig, opts)
 
-    def pretrained(self, method: str, diffusion_steps: int | None = None) -> Path:
+    def pretrained(self, method: str, diffusion_steps: int | None = None, **over: Any) -> Path:
+        """The pretrained backbone's model folder (pretrained first unless done); with field
+        overrides ``over``, a variant kept in ``OUT/variants/``."""
         base, _ = method_parts(method)
         name = f"pretrain-{method}" + (f"-T{diffusion_steps}" if diffusion_steps else "")
+        name = f"variants/{name}-{variant_key(over)}" if over else name
 
         def run(tmp: Path) -> dict[str, Any]:
+            from voxdiff.pretrain.state import latest_train_state
             from voxdiff.pretrain.train import pretrain
 
-            pcfg = self.pretrain_config(method, diffusion_steps)
-            pretrain(pcfg, tmp / "model", progress=self.cfg.progress, force=True, cases=self.cases("unlabelled"))
+            pcfg = self.pretrain_config(method, diffusion_steps, **over)
+            resume = latest_train_state(tmp / "model" / "train_state") is not None  # an interrupted run's
+            pretrain(pcfg, tmp / "model", resume=resume, progress=self.cfg.progress, force=not resume,
+                     cases=self.cases("unlabelled"))
             res = {"method": method, "steps": pcfg.steps if base != "random" else 0}
             log = tmp / "model" / "metrics.jsonl"
             if log.is_file():
@@ -314,7 +336,7 @@ class Experiment:
                     res["last_loss"] = lines[-1].get("loss")
             return res
 
-        self.runner.run(name, run)
+        self.runner.run(name, run, resumable=True)
         return self.out / name / "model"
 
     # ------------------------------------------------------------------------------- probing

@@ -2,14 +2,21 @@
 
 An experiment is a sequence of named steps; each step writes into its own folder under the
 experiment's output folder and finishes by writing ``result.json`` there. A step whose
-``result.json`` exists is not run again, so an interrupted experiment resumes where it stopped
-(a step interrupted half-way is redone from scratch: it is built in a temporary folder and moved
-into place only when it succeeds).
+``result.json`` exists is not run again, so an interrupted experiment resumes where it stopped.
+
+A step is built in a work folder and moved into place only when it succeeds, so a step folder is
+always complete. What happens to the work folder of a step that failed or was interrupted depends
+on the step: an ordinary step (minutes of work at most) is discarded and redone from scratch; a
+``resumable`` step (BPR training, pretraining: hours on real budgets) keeps its work folder,
+``.NAME.partial``, with the training state checkpoints in it, and the next run hands that folder
+back to the step, which continues from its last checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -30,25 +37,54 @@ class StepRunner:
     def path(self, name: str) -> Path:
         return self.root / name
 
+    def work_dir(self, name: str) -> Path:
+        """The work folder kept by an interrupted resumable step."""
+        target = self.root / name
+        return target.parent / f".{target.name}.partial"
+
     def done(self, name: str) -> bool:
         return (self.root / name / RESULT).is_file()
 
     def result(self, name: str) -> dict[str, Any]:
         return json.loads((self.root / name / RESULT).read_text())
 
-    def run(self, name: str, fn: Callable[[Path], dict[str, Any] | None]) -> dict[str, Any]:
-        """Run ``fn(step_dir)`` unless the step already finished; return its result dict."""
+    def run(self, name: str, fn: Callable[[Path], dict[str, Any] | None], resumable: bool = False) -> dict[str, Any]:
+        """Run ``fn(step_dir)`` unless the step already finished; return its result dict.
+
+        ``resumable``: keep the work folder when ``fn`` fails or is interrupted, and give it to
+        ``fn`` again on the next run (``fn`` finds its own checkpoints in it).
+        """
         if self.done(name):
             self.skipped.append(name)
             self.log(f"[skip] {name} (finished earlier)")
             return self.result(name)
-        self.log(f"[run ] {name}")
-        t0 = time.perf_counter()
         target = self.root / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        with staged_dir(target, force=True) as tmp:
-            res = fn(tmp) or {}
-            res = {**res, "seconds": round(time.perf_counter() - t0, 2)}
-            atomic_write_json(tmp / RESULT, res)
+        t0 = time.perf_counter()
+        if not resumable:
+            self.log(f"[run ] {name}")
+            with staged_dir(target, force=True) as tmp:
+                res = fn(tmp) or {}
+                res = {**res, "seconds": round(time.perf_counter() - t0, 2)}
+                atomic_write_json(tmp / RESULT, res)
+            self.ran.append(name)
+            return res
+
+        work = self.work_dir(name)
+        if work.is_dir():
+            self.log(f"[run ] {name} (continuing the interrupted run kept in {work})")
+        else:
+            self.log(f"[run ] {name}")
+            work.mkdir()
+        try:
+            res = fn(work) or {}
+        except BaseException:
+            self.log(f"[kept] {name}: its work so far is in {work}; run the experiment again to continue it")
+            raise
+        res = {**res, "seconds": round(time.perf_counter() - t0, 2)}
+        atomic_write_json(work / RESULT, res)
+        if target.exists():  # an unfinished step folder (no result.json) of an older version
+            shutil.rmtree(target)
+        os.replace(work, target)
         self.ran.append(name)
         return res
