@@ -9,7 +9,8 @@ features limit a result:
 
 A variant is a dict of ProbeConfig overrides, plus "timesteps" (feature timesteps), "voxels"
 (voxels per step), "pretrain": PretrainConfig overrides, e.g. {"patch_size": [48, 48, 32]}, for
-a backbone pretrained again on the experiment's unlabelled cases and BPR with those changes, and
+a backbone pretrained again on the experiment's unlabelled cases (or on the "data" folders the
+overrides name, preprocessed as the experiment's) and BPR with those changes, and
 "bpr": BPRTrainConfig overrides, e.g. {"steps": 1200}, for a BPR trained again before that
 pretraining. Both are resumable steps of the experiment kept in EXPERIMENT/variants/ and reused by
 later variants with the same overrides. Runs on one CPU thread unless --threads.

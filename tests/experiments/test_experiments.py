@@ -216,6 +216,10 @@ def test_stage_configs_follow_budget_and_overrides(tmp_path):
     short = exp.pretrain_config("diffusion-none", diffusion_steps=10)
     assert short.diffusion_steps == 10 and tuple(short.feature_timesteps) == (0, 2)
     assert exp.pretrain_config("diffusion-none", patch_size=(32, 32, 16)).patch_size == (32, 32, 16)
+    assert not cfg.data  # pretraining on the experiment's own unlabelled cases
+    other = exp.pretrain_config("diffusion-none", data=["elsewhere/unlabelled"])  # other pretraining data:
+    assert list(other.data) == ["elsewhere/unlabelled"] and other.cache_dir == str(tmp_path / "e" / "cache")
+    assert other.preprocess == cfg.preprocess  # ... on the experiment's grid and through its cache
     b = exp.bpr_config("ape", steps=3)
     assert b.kind == "ape" and b.steps == 3 and tuple(b.spacing) == tuple(budget["spacing"])
     assert b.ape_patch == budget["bpr"]["ape_patch"]

@@ -308,6 +308,8 @@ class Experiment:
             for k in ("diffusion_steps", "feature_timesteps"):
                 opts.pop(k, None)
         opts.update(over)
+        if opts.get("data") and not opts.get("cache_dir"):
+            opts["cache_dir"] = str(self.out / "cache")
         return from_dict(PretrainConfig, opts)
 
     def pretrained(self, method: str, diffusion_steps: int | None = None, **over: Any) -> Path:
@@ -323,8 +325,9 @@ class Experiment:
 
             pcfg = self.pretrain_config(method, diffusion_steps, **over)
             resume = latest_train_state(tmp / "model" / "train_state") is not None  # an interrupted run's
-            pretrain(pcfg, tmp / "model", resume=resume, progress=self.cfg.progress, force=not resume,
-                     cases=self.cases("unlabelled"))
+            # the experiment's unlabelled set, unless the overrides name other pretraining data
+            cases = None if pcfg.data else self.cases("unlabelled")
+            pretrain(pcfg, tmp / "model", resume=resume, progress=self.cfg.progress, force=not resume, cases=cases)
             res = {"method": method, "steps": pcfg.steps if base != "random" else 0}
             log = tmp / "model" / "metrics.jsonl"
             if log.is_file():
