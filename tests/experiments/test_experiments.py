@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 
@@ -40,9 +41,10 @@ def test_step_runner_keeps_and_continues_interrupted_resumable_step(tmp_path):
     seen = []
 
     def train(d):
-        seen.append(sorted(p.name for p in d.iterdir()))
+        seen.append(sorted(p.name for p in d.iterdir() if p.name != ".elapsed"))
         if not (d / "ckpt").exists():
             (d / "ckpt").write_text("step 3")
+            time.sleep(0.2)
             raise KeyboardInterrupt
         return {"from": (d / "ckpt").read_text()}
 
@@ -52,6 +54,7 @@ def test_step_runner_keeps_and_continues_interrupted_resumable_step(tmp_path):
     assert (tmp_path / "variants" / ".pre.partial" / "ckpt").is_file()  # the work so far is kept
     res = r.run("variants/pre", train, resumable=True)
     assert res["from"] == "step 3" and seen == [[], ["ckpt"]]  # the second run was handed the checkpoint
+    assert res["seconds"] >= 0.2  # the interrupted run's time counts
     assert (tmp_path / "variants" / "pre" / "result.json").is_file()
     assert not (tmp_path / "variants" / ".pre.partial").exists()
 

@@ -24,6 +24,7 @@ from typing import Any, Callable
 from voxdiff.core.outputs import atomic_write_json, staged_dir
 
 RESULT = "result.json"
+ELAPSED = ".elapsed"
 
 
 class StepRunner:
@@ -71,17 +72,21 @@ class StepRunner:
             return res
 
         work = self.work_dir(name)
+        spent = work / ELAPSED  # seconds of the earlier, interrupted runs of this step
         if work.is_dir():
             self.log(f"[run ] {name} (continuing the interrupted run kept in {work})")
         else:
             self.log(f"[run ] {name}")
             work.mkdir()
+        before = float(spent.read_text()) if spent.is_file() else 0.0
         try:
             res = fn(work) or {}
         except BaseException:
+            spent.write_text(f"{before + time.perf_counter() - t0:.2f}")
             self.log(f"[kept] {name}: its work so far is in {work}; run the experiment again to continue it")
             raise
-        res = {**res, "seconds": round(time.perf_counter() - t0, 2)}
+        spent.unlink(missing_ok=True)
+        res = {**res, "seconds": round(before + time.perf_counter() - t0, 2)}
         atomic_write_json(work / RESULT, res)
         if target.exists():  # an unfinished step folder (no result.json) of an older version
             shutil.rmtree(target)
