@@ -30,3 +30,19 @@ def test_atomic_write_permissions_and_failure(tmp_path):
         assert (tmp_path / "out" / "f").read_text() == "y"
     finally:
         os.umask(old)
+
+
+def test_staged_dir_keep_hands_back_interrupted_work(tmp_path):
+    from voxdiff.core.outputs import kept_work_dir
+
+    target = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        with staged_dir(target, keep=True) as d:
+            (d / "ckpt").write_text("step 3")
+            raise KeyboardInterrupt
+    assert not target.exists() and (kept_work_dir(target) / "ckpt").read_text() == "step 3"
+    with staged_dir(target, keep=True) as d:
+        assert (d / "ckpt").read_text() == "step 3"  # the same work folder, with what was written
+        (d / "model").write_text("done")
+    assert sorted(f.name for f in target.iterdir()) == ["ckpt", "model"]
+    assert not kept_work_dir(target).exists()

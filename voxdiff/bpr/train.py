@@ -338,6 +338,12 @@ def calibrate(model: BodyPartRegressor, vols: list[Volume], cfg: BPRTrainConfig,
 
 # ------------------------------------------------------------------------------------------ train
 
+def has_train_state(out_dir: str | Path) -> bool:
+    """Whether ``out_dir`` holds a train-state checkpoint that ``train_bpr(resume=True)`` continues."""
+    out = Path(out_dir)
+    return (out / "train_state.safetensors").is_file() and (out / "train_state.json").is_file()
+
+
 def train_bpr(
     cfg: BPRTrainConfig,
     out_dir: str | Path,
@@ -355,7 +361,7 @@ def train_bpr(
     cfg = resolved(cfg)
     out = Path(out_dir)
     state_path = out / "train_state.safetensors"
-    resuming = resume and state_path.is_file() and (out / "train_state.json").is_file()
+    resuming = resume and has_train_state(out)
     if resume and not resuming and out.exists() and any(out.iterdir()):
         raise InputError(out, "--resume: no train_state checkpoint in this folder")
     if not resuming:

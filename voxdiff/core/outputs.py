@@ -88,22 +88,31 @@ def _json_default(o: Any) -> Any:
 
 
 @contextlib.contextmanager
-def staged_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+def staged_dir(path: str | os.PathLike, force: bool = False, keep: bool = False) -> Iterator[Path]:
     """Build an output folder atomically.
 
     Yields a fresh temporary folder next to ``path``. When the block finishes without error the
     folder is moved to ``path`` (an old folder there is removed only then, and only with
     ``force``). On error the temporary folder is removed and ``path`` is untouched.
+
+    ``keep``: for work worth keeping across interruptions (training with checkpoints): the folder
+    is ``.NAME.partial`` beside ``path``, left in place on error, and yielded again, with what the
+    interrupted attempt wrote, by the next ``staged_dir(path, keep=True)``.
     """
     p = Path(path)
     check_output_path(p, force=force)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{p.name}.", suffix=".partial", dir=p.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
+    if keep:
+        tmp = kept_work_dir(p)
+        tmp.mkdir(exist_ok=True)
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{p.name}.", suffix=".partial", dir=p.parent))
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     if p.exists():
         old = p.with_name(f".{p.name}.old-{os.getpid()}")
@@ -112,3 +121,9 @@ def staged_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
     else:
         os.replace(tmp, p)
+
+
+def kept_work_dir(path: str | os.PathLike) -> Path:
+    """The work folder that ``staged_dir(path, keep=True)`` keeps after an interruption."""
+    p = Path(path)
+    return p.parent / f".{p.name}.partial"

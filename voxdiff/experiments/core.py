@@ -261,10 +261,10 @@ class Experiment:
         name = f"variants/{name}" if over else name
 
         def run(tmp: Path) -> dict[str, Any]:
-            from voxdiff.bpr.train import train_bpr
+            from voxdiff.bpr.train import has_train_state, train_bpr
 
             bcfg = self.bpr_config(kind, **over)
-            resume = (tmp / "model" / "train_state.safetensors").is_file()  # an interrupted run's checkpoint
+            resume = has_train_state(tmp / "model")  # an interrupted run's checkpoint
             train_bpr(bcfg, tmp / "model", cases=self.cases("unlabelled"), resume=resume, force=not resume,
                       progress=self.cfg.progress)
             res: dict[str, Any] = {"kind": kind, "steps": bcfg.steps}

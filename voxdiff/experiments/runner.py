@@ -15,13 +15,11 @@ back to the step, which continues from its last checkpoint.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from voxdiff.core.outputs import atomic_write_json, staged_dir
+from voxdiff.core.outputs import atomic_write_json, kept_work_dir, staged_dir
 
 RESULT = "result.json"
 ELAPSED = ".elapsed"
@@ -40,8 +38,7 @@ class StepRunner:
 
     def work_dir(self, name: str) -> Path:
         """The work folder kept by an interrupted resumable step."""
-        target = self.root / name
-        return target.parent / f".{target.name}.partial"
+        return kept_work_dir(self.root / name)
 
     def done(self, name: str) -> bool:
         return (self.root / name / RESULT).is_file()
@@ -60,36 +57,22 @@ class StepRunner:
             self.log(f"[skip] {name} (finished earlier)")
             return self.result(name)
         target = self.root / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        if not resumable:
-            self.log(f"[run ] {name}")
-            with staged_dir(target, force=True) as tmp:
-                res = fn(tmp) or {}
-                res = {**res, "seconds": round(time.perf_counter() - t0, 2)}
-                atomic_write_json(tmp / RESULT, res)
-            self.ran.append(name)
-            return res
-
         work = self.work_dir(name)
-        spent = work / ELAPSED  # seconds of the earlier, interrupted runs of this step
-        if work.is_dir():
-            self.log(f"[run ] {name} (continuing the interrupted run kept in {work})")
-        else:
-            self.log(f"[run ] {name}")
-            work.mkdir()
-        before = float(spent.read_text()) if spent.is_file() else 0.0
-        try:
-            res = fn(work) or {}
-        except BaseException:
-            spent.write_text(f"{before + time.perf_counter() - t0:.2f}")
-            self.log(f"[kept] {name}: its work so far is in {work}; run the experiment again to continue it")
-            raise
-        spent.unlink(missing_ok=True)
-        res = {**res, "seconds": round(before + time.perf_counter() - t0, 2)}
-        atomic_write_json(work / RESULT, res)
-        if target.exists():  # an unfinished step folder (no result.json) of an older version
-            shutil.rmtree(target)
-        os.replace(work, target)
+        spent = work / ELAPSED  # seconds of the earlier, interrupted runs of a resumable step
+        self.log(f"[run ] {name}" + (f" (continuing the interrupted run kept in {work})" if resumable and work.is_dir() else ""))
+        t0 = time.perf_counter()
+        with staged_dir(target, force=True, keep=resumable) as tmp:
+            before = float(spent.read_text()) if resumable and spent.is_file() else 0.0
+            try:
+                res = fn(tmp) or {}
+            except BaseException:
+                if resumable:
+                    spent.write_text(f"{before + time.perf_counter() - t0:.2f}")
+                    self.log(f"[kept] {name}: its work so far is in {work}; run the experiment again to continue it")
+                raise
+            if resumable:
+                spent.unlink(missing_ok=True)
+            res = {**res, "seconds": round(before + time.perf_counter() - t0, 2)}
+            atomic_write_json(tmp / RESULT, res)
         self.ran.append(name)
         return res
