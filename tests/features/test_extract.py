@@ -178,19 +178,14 @@ def test_memory_formula_for_the_reference_volume():
     assert up["peak"] < 8 * 2**30
 
 
-class StandInBPR(torch.nn.Module):
-    """A body part regressor stand-in (3 'APE' coordinates from a 3x3x3 conv)."""
+def StandInBPR():
+    """A real, untrained ape regressor (small, random weights) at 1 mm."""
+    from voxdiff.bpr.models import build_bpr
 
-    kind = "ape"
-    out_channels = 3
-
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv3d(1, 3, 3, padding=1)
-        torch.nn.init.normal_(self.conv.weight, 0, 0.5)
-
-    def forward(self, x):
-        return torch.sigmoid(self.conv(x))
+    torch.manual_seed(0)
+    m = build_bpr("ape", {"channels": (4, 4, 4), "patch_size": (16, 16, 16)},
+                  {"spacing": [1.0, 1.0, 1.0], "hu_window": [-1350.0, 1000.0]})
+    return m.eval()
 
 
 @pytest.mark.parametrize("condition", ["window", "volume"])

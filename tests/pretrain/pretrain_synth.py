@@ -28,16 +28,20 @@ def synthetic_cases(n: int = 3, **kw) -> list[Case]:
     return [synthetic_case(i, **kw) for i in range(n)]
 
 
-class StandInBPR(nn.Module):
-    """Follows the BPR contract (kind, out_channels, forward (B,1,...) -> (B,C,...)), no training."""
+def StandInBPR(kind: str = "ape", seed: int = 0, spacing=(1.0, 1.0, 2.0)) -> nn.Module:
+    """A real, untrained body part regressor of ``kind`` (small, random weights) at ``spacing``."""
+    from voxdiff.bpr.models import build_bpr
 
-    def __init__(self, kind: str = "ape"):
-        super().__init__()
-        self.kind = kind
-        self.out_channels = 3 if kind == "ape" else 1
-        self.conv = nn.Conv3d(1, self.out_channels, 3, padding=1)
-        torch.nn.init.normal_(self.conv.weight, 0, 0.5)
-        self.eval()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.conv(x))
+    torch.manual_seed(seed)
+    pre = {"spacing": list(spacing), "hu_window": [-1350.0, 1000.0], "crop_to_body": False,
+           "body_threshold_hu": -500.0, "body_margin_mm": 10.0}
+    arch = {"channels": (4, 4, 4), "patch_size": (16, 16, 16)}
+    m = build_bpr(kind, arch if kind == "ape" else {"channels": (4, 4), "patch_size": (16, 16, 1)}, pre)
+    # BatchNorm statistics of a random model: spread the outputs so they depend on the input
+    for mod in m.modules():
+        if isinstance(mod, (nn.BatchNorm2d, nn.BatchNorm3d)):
+            mod.running_mean.uniform_(0.0, 0.5)
+    m.eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return m

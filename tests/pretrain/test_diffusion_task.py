@@ -49,7 +49,7 @@ def test_conditioning_changes_the_prediction():
     img = torch.rand(2, 1, 16, 16, 16)
     (x, t), = task.feature_passes(img)
     assert x.shape[1] == 4
-    cond = task.condition_map(img)
+    cond = task.volume_condition(img)  # an image without coords is taken as a whole volume
     assert torch.equal(x[:, 1:], cond)
     with torch.no_grad():
         p1 = net(x, t)[0]
@@ -109,3 +109,49 @@ def test_loss_reports_t_buckets_and_uses_the_generator():
     assert float(l1.detach()) == float(l2.detach()) != float(l3.detach())
     assert m1 == m2 and all(k.startswith("loss_t") for k in m1)
     assert sum(len(v) for v in m1.values()) == 4
+
+
+def test_volume_condition_crops_the_whole_volume_map_at_each_patch(tmp_path):
+    """Every training patch gets its volume's map at exactly its own voxels (padding included)."""
+    import numpy as np
+
+    from voxdiff.bpr.fields import case_fields
+    from voxdiff.data.preprocess import hu_to_unit
+
+    task = _task("ape")
+    assert task.uses_volume_fields
+    cases = synthetic_cases(2, shape=(24, 20, 12))  # z smaller than the patch: padded
+    task.prepare(cases, cache_dir=tmp_path)
+    assert len(list((tmp_path / "conditions").rglob("*.json"))) == 2
+    fields = case_fields(task.bpr, cases)
+    rng = np.random.default_rng(0)
+    batch = task.sample_batch(cases, 6, (16, 16, 16), rng)
+    assert batch["cond"].shape == (6, 3, 16, 16, 16) and "coords_mm" not in batch
+    for b in range(6):
+        ci, o = int(batch["case_index"][b]), [int(v) for v in batch["origin"][b]]
+        assert o[2] < 0  # the patch reaches outside the volume along z
+        np.testing.assert_array_equal(batch["cond"][b].numpy(), fields[ci].crop(o, (16, 16, 16)))
+        # the image voxels at the same indices
+        inside = tuple(slice(max(0, v), v + 16) for v in o)
+        sub = hu_to_unit(cases[ci].image[inside], task.hu_window)
+        got = batch["image"][b, 0].numpy()[tuple(slice(max(0, -v), max(0, -v) + n) for v, n in zip(o, sub.shape))]
+        np.testing.assert_array_equal(got, sub)
+    # the loss uses the cropped maps, not a per-patch BPR pass
+    net = Backbone(task.in_channels, 1, 4, 2, time_embedding=True)
+    task.setup(net)
+    seen = []
+    real = net.forward
+    net.forward = lambda x, t: (seen.append(x[:, 1:].clone()), real(x, t))[1]
+    task.loss(net, batch, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(seen[0], batch["cond"])
+
+
+def test_patch_condition_source_is_kept_as_an_option():
+    import numpy as np
+
+    task = _task("ape", condition_source="patch")
+    assert not task.uses_volume_fields
+    batch = task.sample_batch(synthetic_cases(1, shape=(24, 20, 20)), 2, (16, 16, 16), np.random.default_rng(0))
+    assert "cond" not in batch
+    with pytest.raises(InputError, match="condition_source"):
+        _task("ape", condition_source="window")

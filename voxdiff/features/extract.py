@@ -13,8 +13,10 @@ stride. What makes the stitched result agree with a single pass over the volume:
 * **Position-consistent inputs.** Each window is passed with its absolute voxel indices
   (``voxel_index``), so the diffusion model's fixed feature noise is a function of the voxel, not of
   the window. With ``condition="volume"`` the body part regressor map is computed once on the whole
-  volume and cropped with the windows (MONAI's ``condition=``), so it does not depend on the window
-  either; ``"window"`` (default) computes it per window, as during pretraining.
+  volume (continued over the padding) and cropped with the windows (MONAI's ``condition=``), so it
+  does not depend on the window either; ``"window"`` computes it from each window alone. ``"auto"``
+  (default) does what the model was pretrained with (its ``condition_source``: volume unless the model
+  was trained on per-patch maps).
 
 Output: one tensor per selected level, ``(1, C_l, ceil(X/s_l), ceil(Y/s_l), ceil(Z/s_l))`` in
 ``out_dtype`` on the CPU (coarse levels stay at their stride: a nearest upsampling to voxel ``v`` is
@@ -49,7 +51,8 @@ class ExtractConfig:
         sw_batch_size: windows per forward pass (>= 2 is faster on CPU).
         mode: window blending, gaussian or constant.
         upsample: repeat coarse levels to full resolution (much more memory, see docs/FEATURES.md).
-        condition: window or volume: where the body part regressor map is computed.
+        condition: auto, volume or window: where the body part regressor map is computed (auto: as
+            the model was pretrained).
         bf16: bf16 autocast for the backbone (faster on CPUs with bf16, slightly different features).
         dtype: float16, float32 or bfloat16: the stored feature type.
         device: cpu, cuda or auto: where the backbone runs (features are gathered on the CPU).
@@ -62,7 +65,7 @@ class ExtractConfig:
     sw_batch_size: int = 2
     mode: str = "gaussian"
     upsample: bool = False
-    condition: str = "window"
+    condition: str = "auto"
     bf16: bool = False
     dtype: str = "float16"
     device: str = "cpu"
@@ -70,6 +73,17 @@ class ExtractConfig:
 
 # ------------------------------------------------------------------------------------------------
 # helpers
+
+CONDITION_MODES = ("auto", "volume", "window")
+
+
+def condition_mode(extractor: Any, condition: str = "auto") -> str:
+    """``volume`` or ``window``: ``auto`` follows the ``condition_source`` the model was pretrained with."""
+    if condition != "auto":
+        return condition
+    opts = getattr(getattr(extractor, "task", None), "opts", None)
+    return "window" if getattr(opts, "condition_source", "volume") == "patch" else "volume"
+
 
 
 def _as_volume(image_unit: Any) -> torch.Tensor:
@@ -172,7 +186,7 @@ def _device_of(extractor: Any) -> torch.device:
 def extract_volume(extractor: Any, image_unit: Any, roi: Sequence[int] = DEFAULT_ROI, overlap: float = 0.5,
                    levels: Sequence[int] | None = None, sw_batch_size: int = 2,
                    out_dtype: torch.dtype = torch.float16, upsample: bool = False, progress: bool = True,
-                   mode: str = "gaussian", condition: str = "window", bf16: bool = False) -> list[torch.Tensor]:
+                   mode: str = "gaussian", condition: str = "auto", bf16: bool = False) -> list[torch.Tensor]:
     """Feature pyramid of a whole volume by sliding windows.
 
     Args:
@@ -184,7 +198,8 @@ def extract_volume(extractor: Any, image_unit: Any, roi: Sequence[int] = DEFAULT
         levels: indices of the pyramid levels to return (default all).
         out_dtype: dtype of the returned tensors (float16 halves the memory of float32).
         upsample: repeat coarse levels to full resolution (nearest).
-        condition: ``window`` (BPR map per window, as in training) or ``volume`` (once per volume).
+        condition: ``volume`` (BPR map once per volume, cropped per window), ``window`` (BPR map of
+            each window alone) or ``auto`` (what the model was pretrained with, see :func:`condition_mode`).
         bf16: bf16 autocast for the backbone.
 
     Returns: one tensor per selected level, ``(B, C_l, ceil(X/s_l), ceil(Y/s_l), ceil(Z/s_l))`` on the
@@ -192,8 +207,9 @@ def extract_volume(extractor: Any, image_unit: Any, roi: Sequence[int] = DEFAULT
     """
     if mode not in ("gaussian", "constant"):
         raise ValueError(f"mode must be gaussian or constant, got {mode!r}")
-    if condition not in ("window", "volume"):
-        raise ValueError(f"condition must be window or volume, got {condition!r}")
+    if condition not in CONDITION_MODES:
+        raise ValueError(f"condition must be one of {', '.join(CONDITION_MODES)}, got {condition!r}")
+    condition = condition_mode(extractor, condition)
     x = _as_volume(image_unit)
     bsz, _, *shape = x.shape
     strides = _strides(extractor)
@@ -209,16 +225,16 @@ def extract_volume(extractor: Any, image_unit: Any, roi: Sequence[int] = DEFAULT
     div = _divisor(extractor)
     padded, win, step = plan_windows(shape, roi, overlap, div)
     pad = [p - n for p, n in zip(padded, shape)]
-    if any(pad):
-        x = torch.nn.functional.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]), value=0.0)
     dev = _device_of(extractor)
 
     cond = None
-    if condition == "volume":
+    if condition == "volume":  # the map of the volume itself, continued over the padding
         fn = getattr(extractor, "condition_map", None)
-        cond = fn(x.to(dev)) if fn is not None else None
+        cond = fn(x.to(dev), tuple(padded)) if fn is not None else None
         if cond is not None:
             cond = cond.float().cpu()
+    if any(pad):
+        x = torch.nn.functional.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]), value=0.0)
 
     def predictor(window: torch.Tensor, slices: list, condition: torch.Tensor | None = None) -> tuple:
         origins = torch.tensor([[int(s.start) for s in sl[2:]] for sl in slices], dtype=torch.long)

@@ -13,10 +13,10 @@ from ..core.config import to_dict, write_config
 from ..core.errors import InputError
 from ..core.outputs import atomic_write_json, check_output_path, staged_dir
 from .cache import case_meta, extract_case, feature_key, model_fingerprint, save_features
+from .extract import CONDITION_MODES as _CONDITIONS
 from .extract import ExtractConfig, with_timesteps
 
 _MODES = ("gaussian", "constant")
-_CONDITIONS = ("window", "volume")
 
 
 def validate(cfg: ExtractConfig, extractor: Any) -> None:

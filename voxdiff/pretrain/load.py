@@ -90,10 +90,12 @@ class FeatureExtractor(nn.Module):
         return self.backbone.in_channels - 1
 
     @torch.no_grad()
-    def condition_map(self, image_unit: torch.Tensor) -> torch.Tensor | None:
-        """The BPR map of ``image_unit`` (None for unconditioned methods)."""
-        fn = getattr(self.task, "condition_map", None)
-        return fn(image_unit) if fn is not None else None
+    def condition_map(self, image_unit: torch.Tensor, size: tuple[int, int, int] | None = None) -> torch.Tensor | None:
+        """The BPR map of whole volumes ``image_unit`` (B, 1, X, Y, Z), over voxels ``0..size-1``
+        (default the volume; larger sizes continue the map over padding); None for unconditioned
+        methods. Crop it with the windows and pass it as ``coords``."""
+        fn = getattr(self.task, "volume_condition", None)
+        return fn(image_unit, size) if fn is not None else None
 
     @torch.no_grad()
     def forward(self, image_unit: torch.Tensor, voxel_index: torch.Tensor | None = None,

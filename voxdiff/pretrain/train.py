@@ -96,6 +96,8 @@ class PretrainConfig:
         prediction: diffusion: epsilon | v | sample.
         feature_timesteps: diffusion: timestep(s) of the frozen features.
         noise_seed: diffusion: seed of the fixed feature noise.
+        condition_source: diffusion: volume (the BPR map of each whole volume, computed once and
+            cropped per patch) | patch (the BPR of each patch alone).
         task_options: other method options as a dict (e.g. {"temperature": 0.1} for contrastive).
     """
 
@@ -136,6 +138,7 @@ class PretrainConfig:
     prediction: str = "epsilon"
     feature_timesteps: tuple[int, ...] = (10,)
     noise_seed: int = 0
+    condition_source: str = "volume"
     task_options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -439,6 +442,8 @@ def _pretrain(cfg: PretrainConfig, out: Path, resume: bool, progress: bool, forc
         cases = load_cases(cfg, progress=progress and d.main)
     if trains and not cases:
         raise InputError(None, "no training cases")
+    if trains:
+        task.prepare(cases, cache_dir=cfg.cache_dir, progress=progress and d.main)
 
     if d.main and not resume:
         check_output_path(out, force=force)

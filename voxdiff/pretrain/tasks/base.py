@@ -170,6 +170,10 @@ class PretextTask(nn.Module):
     def setup(self, backbone: nn.Module) -> None:
         """Called once after the backbone is built (before the optimiser and before loading weights)."""
 
+    def prepare(self, cases: list, cache_dir: Any = None, progress: bool = False) -> None:
+        """Called once with the training cases before the first batch (e.g. to map every volume
+        with a frozen helper network); ``cache_dir`` is the preprocessing cache, if any."""
+
     # --- training -----------------------------------------------------------------------------
     def sample_batch(self, cases: list, batch_size: int, patch_size: tuple[int, int, int],
                      rng: np.random.Generator) -> dict[str, torch.Tensor]:
@@ -229,12 +233,13 @@ def coords_mm_for(affine: np.ndarray, origin: tuple[int, int, int], size: tuple[
 
 def random_patches(cases: list, batch_size: int, patch_size: tuple[int, int, int],
                    rng: np.random.Generator, window: tuple[float, float] = (-1350.0, 1000.0),
-                   with_labels: bool = False) -> dict[str, torch.Tensor]:
+                   with_labels: bool = False, with_coords: bool = True) -> dict[str, torch.Tensor]:
     """Independent random patches of randomly chosen cases (HU images, mapped to [0, 1] with ``window``).
 
     Returns ``image`` (B,1,X,Y,Z) float32, ``coords_mm`` (B,3,X,Y,Z), ``origin`` (B,3) int64 voxel
     index of the patch corner, ``case_index`` (B,), and ``label`` (B,1,X,Y,Z) uint8 when
-    ``with_labels`` and every case has one.
+    ``with_labels`` and every case has one. ``with_coords=False`` leaves out ``coords_mm`` (its
+    computation costs more than the patches at large patch sizes).
     """
     size = tuple(int(s) for s in patch_size)
     imgs, coords, origins, cids, labels = [], [], [], [], []
@@ -243,17 +248,19 @@ def random_patches(cases: list, batch_size: int, patch_size: tuple[int, int, int
         case = cases[ci]
         o = random_origin(case.image.shape, size, rng)
         imgs.append(_unit_patch(case.image, o, size, window))
-        coords.append(coords_mm_for(case.meta.affine, o, size))
+        if with_coords:
+            coords.append(coords_mm_for(case.meta.affine, o, size))
         origins.append(o)
         cids.append(ci)
         if with_labels and case.label is not None:
             labels.append(crop_or_pad(case.label, o, size, 0))
     out = {
         "image": torch.from_numpy(np.stack(imgs)[:, None]),
-        "coords_mm": torch.from_numpy(np.stack(coords)),
         "origin": torch.tensor(origins, dtype=torch.int64),
         "case_index": torch.tensor(cids, dtype=torch.int64),
     }
+    if with_coords:
+        out["coords_mm"] = torch.from_numpy(np.stack(coords))
     if with_labels and len(labels) == batch_size:
         out["label"] = torch.from_numpy(np.stack(labels)[:, None])
     return out

@@ -12,6 +12,16 @@ loss is the MSE. ``condition``:
 The kind of the BPR file must match ``condition``. ``bpr_sincos`` > 0 appends a sin/cos encoding
 of the coordinates (``voxdiff.bpr.coords_for_patches``).
 
+Where the condition comes from (``condition_source``):
+
+* ``volume`` (default): the BPR maps every whole preprocessed volume once
+  (:func:`voxdiff.bpr.fields.volume_field`, cached beside the preprocessing cache) and each training
+  patch gets the crop of its volume's map at the patch's voxels (:meth:`prepare` then
+  :meth:`sample_batch`). A voxel has the same coordinates in every patch that contains it, and
+  feature extraction (:meth:`volume_condition`) hands the backbone the same map.
+* ``patch``: the BPR maps each training patch from that patch alone (the first implementation; its
+  coordinates depend on the patch's field of view).
+
 Features: the clean image is noised to each of ``feature_timesteps`` with a FIXED noise that is a
 pure function of (``noise_seed``, absolute voxel index) (:func:`~voxdiff.pretrain.diffusion.positional_noise`),
 so every call, every volume and every overlapping sliding window sees the same noise at the same
@@ -26,13 +36,14 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ...core.errors import InputError
 from ..diffusion import GaussianDiffusion, index_grid, positional_noise, to_model_range
-from .base import PretextTask, register_task
+from .base import PretextTask, random_patches, register_task
 
 CONDITIONS = ("none", "slice", "ape")
 
@@ -50,6 +61,8 @@ class DiffusionConfig:
         prediction: epsilon | v | sample (training target).
         feature_timesteps: timestep(s) t at which frozen features are taken (several: concatenated).
         noise_seed: seed of the fixed feature noise.
+        condition_source: volume (the BPR map of the whole volume, cropped per patch) | patch (the BPR
+            of each patch alone).
     """
 
     condition: str = "none"
@@ -60,6 +73,10 @@ class DiffusionConfig:
     prediction: str = "epsilon"
     feature_timesteps: tuple[int, ...] = (10,)
     noise_seed: int = 0
+    condition_source: str = "volume"
+
+
+CONDITION_SOURCES = ("volume", "patch")
 
 
 def _bpr_api():
@@ -99,7 +116,10 @@ class DiffusionTask(PretextTask):
         o = options_of(config)
         if o.condition not in CONDITIONS:
             raise InputError(None, f"unknown condition {o.condition!r}; choose from {', '.join(CONDITIONS)}")
+        if o.condition_source not in CONDITION_SOURCES:
+            raise InputError(None, f"unknown condition_source {o.condition_source!r}; choose from {', '.join(CONDITION_SOURCES)}")
         self.opts = o
+        self._fields: list | None = None  # whole-volume coordinate fields of the training cases
         self.process = GaussianDiffusion(o.diffusion_steps, o.beta_schedule, o.prediction)
         bad = [t for t in o.feature_timesteps if not 0 <= t < o.diffusion_steps]
         if bad or not o.feature_timesteps:
@@ -187,6 +207,58 @@ class DiffusionTask(PretextTask):
             out = coords_for_patches(self.bpr, x, sincos=self.opts.bpr_sincos)
         return out.float()
 
+    @property
+    def uses_volume_fields(self) -> bool:
+        return self.bpr is not None and self.opts.condition_source == "volume"
+
+    def prepare(self, cases: list, cache_dir: str | os.PathLike | None = None, progress: bool = False) -> None:
+        """Map every training volume once (``condition_source == "volume"``); cached in ``cache_dir``."""
+        if not self.uses_volume_fields:
+            return
+        from voxdiff.bpr.fields import case_fields
+
+        self._fields = case_fields(self.bpr, cases, cache_dir=cache_dir, progress=progress)
+
+    def sample_batch(self, cases: list, batch_size: int, patch_size: tuple[int, int, int],
+                     rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """Random patches; with volume fields also ``cond`` (B, C, X, Y, Z), each patch's crop of its
+        volume's coordinate map."""
+        from voxdiff.bpr.fields import crop_fields
+
+        batch = random_patches(cases, batch_size, patch_size, rng, window=self.hu_window, with_coords=False)
+        if self.uses_volume_fields:
+            if self._fields is None or len(self._fields) != len(cases):
+                self.prepare(cases)
+            batch["cond"] = crop_fields(self._fields, batch["case_index"].tolist(), batch["origin"].tolist(),
+                                        patch_size, self.opts.bpr_sincos)
+        return batch
+
+    @torch.no_grad()
+    def volume_condition(self, image: torch.Tensor, size: tuple[int, int, int] | None = None) -> torch.Tensor | None:
+        """The BPR map of whole volumes ``image`` (B, 1, X, Y, Z) in [0, 1] under this model's window,
+        over voxels 0..size-1 (``size`` >= the volume: the map continues past its end, e.g. over the
+        padding of sliding windows); None when unconditioned. With ``condition_source == "patch"``
+        this is the BPR of the volume as one input (:meth:`condition_map`)."""
+        if self.bpr is None:
+            return None
+        if self.opts.condition_source == "patch":
+            out = self.condition_map(image)
+            if size is not None and tuple(size) != tuple(image.shape[2:]):
+                pads = [s - n for s, n in zip(size, image.shape[2:])]
+                out = F.pad(out, (0, pads[2], 0, pads[1], 0, pads[0]), mode="replicate")
+            return out
+        from voxdiff.bpr.fields import volume_field
+        from voxdiff.bpr.models import sincos_encode
+
+        sp = self._spacing() or tuple(float(s) for s in self.bpr.spacing)
+        lo, hi = self.hu_window
+        size = tuple(int(s) for s in (size or image.shape[2:]))
+        maps = []
+        for b in range(image.shape[0]):
+            hu = image[b, 0].float().cpu() * (hi - lo) + lo
+            maps.append(torch.from_numpy(volume_field(self.bpr, hu, sp).crop((0, 0, 0), size)))
+        return sincos_encode(torch.stack(maps), self.opts.bpr_sincos).to(image.device)
+
     def _join(self, x_t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         return x_t if cond is None else torch.cat([x_t, cond.to(x_t.dtype)], 1)
 
@@ -199,7 +271,9 @@ class DiffusionTask(PretextTask):
         t = self.process.sample_timesteps(b, generator, image.device)
         noise = torch.randn(x0.shape, generator=generator, device=image.device, dtype=x0.dtype)
         x_t = self.process.add_noise(x0, noise, t)
-        cond = self.condition_map(image)
+        cond = batch.get("cond")
+        if cond is None:
+            cond = self.condition_map(image)
         pred, _ = backbone(self._join(x_t, cond), t)
         target = self.process.target(x0, noise, t)
         per = F.mse_loss(pred.float(), target, reduction="none").flatten(1).mean(1)
@@ -232,7 +306,8 @@ class DiffusionTask(PretextTask):
         noise = self.feature_noise(image, voxel_index)
         cond = None
         if self.condition != "none":
-            cond = coords.float() if coords is not None else self.condition_map(image)
+            # without a precomputed map the image is taken as a whole volume
+            cond = coords.float() if coords is not None else self.volume_condition(image)
         out = []
         for t in self.opts.feature_timesteps:
             tt = torch.full((image.shape[0],), int(t), dtype=torch.long, device=image.device)
