@@ -61,6 +61,12 @@ def test_tiny_ape_training_improves_placement_and_consistency(tmp_path, tiny_pha
     assert d < 0.8 * d_before, (d_before, d)
     # the whole-volume map (sliding window) too
     assert ape_quality(m, test, n_points=300)["pearson_mean"] > 0.5
+    # field-of-view consistency: random z-crops of a scan place the same slice alike
+    from voxdiff.bpr.evaluate import crop_consistency
+
+    cc_before = np.mean([crop_consistency(untrained, c, 4, 96.0)["median_abs_ds_mm"] for c in test])
+    cc_after = np.mean([crop_consistency(m, c, 4, 96.0)["median_abs_ds_mm"] for c in test])
+    assert cc_after < 0.7 * cc_before, (cc_before, cc_after)
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
@@ -158,3 +164,19 @@ def test_ape_crop_sizes_cover_every_cell_count():
     counts = np.bincount(sizes // 16, minlength=5)[2:5]
     assert (counts > 800).all(), counts
     assert (sizes == 64).sum() > 800  # the sliding-window size itself is trained often
+
+
+def test_extra_ratio_sets_how_often_extra_data_is_drawn():
+    from voxdiff.bpr.sampling import Volume
+    from voxdiff.bpr.train import draw_volumes
+
+    vols = [Volume(torch.zeros(1, 1, 8, 8, 8), np.eye(4), f"p{i}", 0) for i in range(9)] + \
+        [Volume(torch.zeros(1, 1, 8, 8, 8), np.eye(4), "real", 1)]
+    rng = np.random.default_rng(0)
+    uniform = draw_volumes(vols, 20000, rng)
+    assert abs(np.mean(uniform == 9) - 0.1) < 0.01
+    half = draw_volumes(vols, 20000, rng, extra_ratio=0.5)
+    assert abs(np.mean(half == 9) - 0.5) < 0.02
+    assert set(np.unique(half[half != 9])) == set(range(9))
+    with pytest.raises(InputError, match="extra_ratio"):
+        train_bpr(BPRTrainConfig(kind="slice", extra_ratio=1.5), "/nonexistent", cases=[])

@@ -7,6 +7,7 @@ import json
 from voxdiff.core.cli import CommandGroup, add_config
 from voxdiff.core.config import from_namespace
 
+from .evaluate import BPREvalConfig
 from .train import BPRTrainConfig
 
 
@@ -28,6 +29,15 @@ def register(root: CommandGroup) -> None:
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window / tile overlap")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
 
+    e = g.command("evaluate", run_evaluate,
+                  help="Field-of-view consistency, Spearman and landmark spread of a regressor (JSON + PNG)")
+    e.add_argument("model", type=str, help="body part regressor folder")
+    e.add_argument("data", type=str, help="data set folder (any layout) or one CT (NIfTI file / DICOM folder)")
+    e.add_argument("-o", "--out", type=str, required=True, help="report folder (summary.json, consistency.png)")
+    e.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config(e, BPREvalConfig)
+
 
 def run_train(ns) -> None:
     from .train import train_bpr
@@ -42,3 +52,15 @@ def run_predict(ns) -> None:
 
     s = predict_volume(ns.model, ns.ct, ns.out, plot=ns.plot, overlap=ns.overlap, force=bool(ns.force), progress=True)
     print(json.dumps({"out": s["out"], "kind": s["kind"], "shape": s["shape"], "seconds": round(s["seconds"]["total"], 2)}))
+
+
+def run_evaluate(ns) -> None:
+    from .evaluate import evaluate_bpr
+
+    cfg = from_namespace(BPREvalConfig, ns)
+    s = evaluate_bpr(ns.model, ns.data, ns.out, cfg, force=bool(ns.force), progress=not ns.quiet)
+    o = s["overall"]
+    print(f"{s['kind']} regressor on {o['n_cases']} case(s): crop consistency |dS| median "
+          f"{o['median_abs_ds_mm'].get('mean', float('nan')):.1f} mm (worst case {o['median_abs_ds_mm'].get('max', float('nan')):.1f}), "
+          f"p95 {o['p95_abs_ds_mm'].get('mean', float('nan')):.1f} mm (worst {o['p95_abs_ds_mm'].get('max', float('nan')):.1f}); "
+          f"Spearman min {o['spearman'].get('min', float('nan')):.3f}; report in {ns.out}")

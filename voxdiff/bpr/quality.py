@@ -63,7 +63,7 @@ def landmark_z(label: np.ndarray, affine: np.ndarray) -> dict[str, float]:
     return out
 
 
-def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
     from scipy.stats import spearmanr
 
     if np.ptp(a) == 0 or np.ptp(b) == 0:
@@ -77,7 +77,7 @@ def slice_quality(model: BodyPartRegressor, cases: list) -> dict[str, Any]:
     for c in cases:
         s = slice_scores_volume(model, _unit(c, model))
         z = slice_z_mm(c.meta.affine, c.image.shape)
-        rec = {"case_id": c.meta.case_id, "spearman": _spearman(s, z), "n_slices": int(len(s)),
+        rec = {"case_id": c.meta.case_id, "spearman": spearman(s, z), "n_slices": int(len(s)),
                "score_range": [float(s.min()), float(s.max())]}
         if c.label is not None:
             order = np.argsort(z)

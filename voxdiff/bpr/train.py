@@ -42,7 +42,11 @@ class BPRTrainConfig:
     Args:
         kind: "slice" (one score per axial slice) or "ape" (3 anatomical coordinates per voxel).
         data: data folder (any layout voxdiff.data reads: nnU-Net, BTCV, a folder of CTs...).
-        extra_data: more data folders whose images are added to the training set.
+        extra_data: more data folders whose images are added to the training set (e.g. real CT
+            beside phantoms).
+        extra_ratio: fraction of the volumes drawn at each step that come from ``extra_data`` (null:
+            every volume equally often, whichever folder it is in). E.g. 0.5 with a few real CTs
+            beside many phantoms shows the real ones as often as all the phantoms together.
         cache_dir: where preprocessed volumes are cached (default: the data layer's default).
         spacing: voxel spacing (mm) the model works at; coarse spacing keeps CPU training fast.
         hu_window: HU window mapped to [0, 1] (stored in the model; predict/pretraining use it).
@@ -84,6 +88,7 @@ class BPRTrainConfig:
     kind: str = "slice"
     data: str = ""
     extra_data: tuple[str, ...] = ()
+    extra_ratio: float | None = None
     cache_dir: str | None = None
     spacing: tuple[float, float, float] = (3.0, 3.0, 3.0)
     hu_window: tuple[float, float] = (-1350.0, 1000.0)
@@ -149,6 +154,8 @@ def _validate(cfg: BPRTrainConfig) -> None:
         raise InputError(None, "slice_patch, ape_patch and ape_patch_min must be >= 8 voxels")
     if cfg.heuristic_b <= 0 or any(s <= 0 for s in cfg.spacing):
         raise InputError(None, "heuristic_b and spacing must be positive")
+    if cfg.extra_ratio is not None and not 0.0 <= cfg.extra_ratio <= 1.0:
+        raise InputError(None, f"extra_ratio must lie in [0, 1], got {cfg.extra_ratio}")
 
 
 def preprocess_config(cfg: BPRTrainConfig):
@@ -166,10 +173,13 @@ def load_training_cases(cfg: BPRTrainConfig) -> list:
     if not folders:
         raise InputError(None, "no training data: pass --data DIR")
     cases = []
-    for f in folders:
+    for k, f in enumerate(folders):
         if not Path(f).exists():
             raise InputError(f, "data folder not found")
-        cases += load_preprocessed(f, pp, cache_dir=cfg.cache_dir)
+        got = load_preprocessed(f, pp, cache_dir=cfg.cache_dir)
+        for c in got:
+            c.meta.extra["bpr_group"] = 1 if (k > 0 or not cfg.data) else 0
+        cases += got
     return cases
 
 
@@ -187,7 +197,8 @@ def cases_to_volumes(cases: list, hu_window, min_size: tuple[int, int, int] = (8
             warnings.warn(f"skipping case {cid}: {problem}", stacklevel=2)
             continue
         unit = torch.from_numpy(hu_to_unit(c.image, hu_window))[None, None].contiguous()
-        vols.append(Volume(unit, np.asarray(c.meta.affine, dtype=np.float64), cid))
+        vols.append(Volume(unit, np.asarray(c.meta.affine, dtype=np.float64), cid,
+                           int((getattr(c.meta, "extra", None) or {}).get("bpr_group", 0))))
     if not vols:
         raise InputError(where, "no usable CT volumes for training (see the warnings above)")
     return vols
@@ -195,8 +206,19 @@ def cases_to_volumes(cases: list, hu_window, min_size: tuple[int, int, int] = (8
 
 # ------------------------------------------------------------------------------------------ steps
 
+def draw_volumes(vols: list[Volume], n: int, rng: np.random.Generator, extra_ratio: float | None = None) -> np.ndarray:
+    """Indices of ``n`` training volumes: uniform, or a fraction ``extra_ratio`` from the extra-data
+    group (uniform within each group) when both groups are present."""
+    groups = np.array([v.group for v in vols])
+    extra, main = np.flatnonzero(groups == 1), np.flatnonzero(groups == 0)
+    if extra_ratio is None or not len(extra) or not len(main):
+        return rng.integers(len(vols), size=n)
+    pick_extra = rng.random(n) < float(extra_ratio)
+    return np.where(pick_extra, extra[rng.integers(len(extra), size=n)], main[rng.integers(len(main), size=n)])
+
+
 def slice_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-    idx = rng.integers(len(vols), size=cfg.batch_size)
+    idx = draw_volumes(vols, cfg.batch_size, rng, cfg.extra_ratio)
     va, vb, zs = [], [], []
     for i in idx:
         a, b, z = slice_views(vols[i], cfg.slice_patch, cfg.slices_per_sample, rng, cfg.zoom, cfg.intensity_aug)
@@ -227,7 +249,7 @@ def ape_crop_size(cfg: BPRTrainConfig, cell: int, rng: np.random.Generator) -> i
 
 
 def ape_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-    idx = rng.integers(len(vols), size=cfg.batch_size)
+    idx = draw_volumes(vols, cfg.batch_size, rng, cfg.extra_ratio)
     extra = max(0, int(cfg.ape_crops) - 2)
     size = ape_crop_size(cfg, int(model.stride[0]), rng)
     views = [ape_views(vols[i], size, cfg.ape_points, rng, cfg.zoom, cfg.intensity_aug) for i in idx]

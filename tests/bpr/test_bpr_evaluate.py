@@ -1,0 +1,92 @@
+"""``voxdiff bpr evaluate``: field-of-view consistency, Spearman, landmarks; JSON + PNG; bad input."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from bpr_helpers import z_textured_case
+from voxdiff.bpr.evaluate import BPREvalConfig, crop_consistency, crop_ranges, evaluate_bpr
+from voxdiff.bpr.fields import CoordinateField
+from voxdiff.bpr.models import build_bpr, save_bpr
+from voxdiff.cli import main
+
+PRE = {"spacing": [3.0, 3.0, 3.0], "hu_window": [-1350.0, 1000.0]}
+
+
+def _ape():
+    torch.manual_seed(0)
+    return build_bpr("ape", {"channels": (4, 4, 4), "patch_size": (16, 16, 16)}, PRE).eval()
+
+
+def test_crop_ranges_span_min_to_whole():
+    r = crop_ranges(100, 2.0, 50, 96.0, np.random.default_rng(0))
+    assert r[0] == (0, 100) and len(r) == 51
+    lengths = [b - a for a, b in r]
+    assert min(lengths) >= 48 and max(lengths) <= 100
+    assert all(0 <= a < b <= 100 for a, b in r)
+    assert crop_ranges(20, 3.0, 3, 96.0, np.random.default_rng(0)) == [(0, 20)] * 4  # scan shorter than 96 mm
+
+
+def test_a_rigid_field_is_perfectly_consistent_and_a_shifting_one_is_not(monkeypatch):
+    """The measure itself: zero for a map that ignores the field of view, the shift for one that moves."""
+    import voxdiff.bpr.evaluate as E
+
+    m = _ape()
+    case = z_textured_case(0, shape=(24, 24, 60))
+    mm = m.mm_per_unit
+
+    def fixed(model, hu, spacing, **kw):  # S = physical z (the crop's z0 is unknown to it: use intensities)
+        n = hu.shape[2]
+        z0 = int(np.argmin(np.abs(case.image[12, 12, :] - hu[12, 12, 0])))
+        prof = (z0 + np.arange(n)) * 3.0 / mm
+        return CoordinateField(tuple(hu.shape), (0, 1, 2), (np.zeros(hu.shape[0]), np.zeros(hu.shape[1]), prof))
+
+    monkeypatch.setattr(E, "volume_field", fixed)
+    cc = crop_consistency(m, case, 6, 96.0, seed=1)
+    assert cc["median_abs_ds_mm"] == pytest.approx(0.0, abs=1e-6)
+
+    def moving(model, hu, spacing, **kw):  # S relative to the crop's own first slice
+        prof = np.arange(hu.shape[2]) * 3.0 / mm
+        return CoordinateField(tuple(hu.shape), (0, 1, 2), (np.zeros(hu.shape[0]), np.zeros(hu.shape[1]), prof))
+
+    monkeypatch.setattr(E, "volume_field", moving)
+    cc = crop_consistency(m, case, 6, 96.0, seed=1)
+    starts = [a for a, _ in cc["crops"]]
+    assert cc["max_abs_ds_mm"] == pytest.approx(3.0 * (max(starts) - min(starts)), rel=1e-6)
+    assert cc["median_abs_ds_mm"] > 0
+
+
+def test_cli_writes_json_and_png_and_refuses_bad_input(tmp_path, capsys):
+    model_dir = tmp_path / "bpr"
+    save_bpr(model_dir, _ape())
+    data = tmp_path / "cts"
+    data.mkdir()
+    for s in range(2):
+        c = z_textured_case(s, shape=(32, 28, 48))
+        nib.save(nib.Nifti1Image(c.image.astype(np.int16), c.meta.affine), str(data / f"ct{s}.nii.gz"))
+    out = tmp_path / "ev"
+    args = ["bpr", "evaluate", str(model_dir), str(data), "-o", str(out), "--n_crops", "3", "--quiet"]
+    assert main(args) == 0
+    assert "crop consistency" in capsys.readouterr().out
+    doc = json.loads((out / "summary.json").read_text())
+    assert doc["overall"]["n_cases"] == 2 and len(doc["per_case"]) == 2
+    rec = doc["per_case"][0]
+    for k in ("median_abs_ds_mm", "p95_abs_ds_mm", "spearman", "spearman_superior_half", "crops"):
+        assert k in rec
+    assert len(rec["crops"]) == 4
+    assert (out / "consistency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "config.yaml").is_file()
+    # existing report: refused, untouched
+    before = (out / "summary.json").read_text()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("voxdiff: error:") and err.count("\n") == 1
+    assert (out / "summary.json").read_text() == before
+    # a folder that is not a body part regressor: refused, nothing written
+    assert main(["bpr", "evaluate", str(data), str(data), "-o", str(tmp_path / "ev2")]) == 2
+    assert not (tmp_path / "ev2").exists()
+    with pytest.raises(Exception, match="n_crops"):
+        evaluate_bpr(_ape(), [z_textured_case(0)], cfg=BPREvalConfig(n_crops=0))
