@@ -4,13 +4,14 @@ input's exact grid (same shape and affine), plus per-organ volumes in mL and an 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from voxdiff.core.errors import InputError
+from voxdiff.core.errors import InputError, VoxdiffWarning
 from voxdiff.core.outputs import check_output_path
 
 from .bundle import Segmenter, load_segmenter
@@ -24,12 +25,15 @@ class SegmentConfig:
     amp: bf16 autocast for the feature extractor.
     sw_batch_size: sliding windows per forward pass.
     overlap: sliding-window overlap (null = the model's).
+    allow_non_ct: accept an input that does not look like CT in Hounsfield units (a mask, 0..1 or
+        8-bit values, no negative values, an implausible histogram): for unusual but real CT.
     """
 
     device: str = "auto"
     amp: bool = False
     sw_batch_size: int = 2
     overlap: float | None = None
+    allow_non_ct: bool = False
 
 
 def raw_case(image: np.ndarray, affine: np.ndarray, case_id: str = "input", image_path: str | None = None,
@@ -61,7 +65,8 @@ def segment_ct(
 ) -> dict[str, Any]:
     """Write ``out_path`` (NIfTI uint8 BTCV ids) on the grid of ``ct_path``; return a summary with
     per-organ volumes (mL). The model is checked before the CT is read; nothing is written on error."""
-    from voxdiff.data.io import is_nifti, load_image, save_nifti
+    from voxdiff.data.ctcheck import check_ct
+    from voxdiff.data.io import is_nifti, load_image, save_nifti, source_name
     from voxdiff.probe.train import resolve_device
 
     cfg = cfg or SegmentConfig()
@@ -76,6 +81,8 @@ def segment_ct(
     device = resolve_device(cfg.device)
     seg = model_dir if isinstance(model_dir, Segmenter) else load_segmenter(model_dir, device=device)
     hu, affine = load_image(ct_path)
+    for w in check_ct(hu, ct_path, allow_non_ct=cfg.allow_non_ct):
+        warnings.warn(f"{ct_path}: {w}", VoxdiffWarning, stacklevel=2)
     case = raw_case(hu, affine, case_id=Path(ct_path).name, image_path=str(ct_path))
     if cfg.overlap is not None:
         seg.overlap = float(cfg.overlap)
@@ -87,7 +94,9 @@ def segment_ct(
     if preview is not None:
         from voxdiff.evaluate.figures import overlay_figure
 
-        overlay_figure(hu, labels, preview, affine=affine, title=f"{Path(ct_path).name}: {seg.info.get('mode', '')}")
+        mode = seg.info.get("mode", "")
+        overlay_figure(hu, labels, preview, affine=affine, title=source_name(ct_path) + (f" ({mode})" if mode else ""),
+                       legend={i: n for i, n in seg.labels.items() if i > 0})
     return {"input": str(ct_path), "output": str(out), "shape": list(hu.shape), "volumes_ml": vols,
             "model": str(seg.path), "preview": None if preview is None else str(preview)}
 
