@@ -172,7 +172,7 @@ def write_plot(path: str | os.PathLike, model: BodyPartRegressor, case, unit: np
     fig.tight_layout()
     p = Path(path)
     with atomic_path(p) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
+        fig.savefig(tmp, dpi=90, format="png", metadata={"Title": f"{model.kind} model: {name}"})
     plt.close(fig)
     return p
 

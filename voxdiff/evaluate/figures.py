@@ -34,10 +34,10 @@ def label_colors(n: int = 14) -> np.ndarray:
     return cols
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
+def _save(fig, path: str | os.PathLike, title: str | None = None) -> Path:
     plt = _plt()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
+        fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png", metadata={"Title": title} if title else None)
     plt.close(fig)
     return Path(path)
 
@@ -138,4 +138,4 @@ def overlay_figure(image_hu: np.ndarray, pred: np.ndarray, out_path: str | os.Pa
         if items:
             fig.legend(handles=items, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False,
                        title="labels", title_fontsize=8)
-    return _save(fig, out_path)
+    return _save(fig, out_path, title=title or None)

@@ -25,15 +25,12 @@ class SegmentConfig:
     amp: bf16 autocast for the feature extractor.
     sw_batch_size: sliding windows per forward pass.
     overlap: sliding-window overlap (null = the model's).
-    allow_non_ct: accept an input that does not look like CT in Hounsfield units (a mask, 0..1 or
-        8-bit values, no negative values, an implausible histogram): for unusual but real CT.
     """
 
     device: str = "auto"
     amp: bool = False
     sw_batch_size: int = 2
     overlap: float | None = None
-    allow_non_ct: bool = False
 
 
 def raw_case(image: np.ndarray, affine: np.ndarray, case_id: str = "input", image_path: str | None = None,
@@ -62,9 +59,12 @@ def segment_ct(
     preview: str | os.PathLike | None = None,
     force: bool = False,
     progress: bool = True,
+    allow_non_ct: bool = False,
 ) -> dict[str, Any]:
     """Write ``out_path`` (NIfTI uint8 BTCV ids) on the grid of ``ct_path``; return a summary with
-    per-organ volumes (mL). The model is checked before the CT is read; nothing is written on error."""
+    per-organ volumes (mL). The model is checked before the CT is read; nothing is written on error.
+    A CT that does not look like CT in HU (:mod:`voxdiff.data.ctcheck`: a mask, 0..1 or 8-bit values,
+    ...) is refused unless ``allow_non_ct``."""
     from voxdiff.data.ctcheck import check_ct
     from voxdiff.data.io import is_nifti, load_image, save_nifti, source_name
     from voxdiff.probe.train import resolve_device
@@ -81,7 +81,7 @@ def segment_ct(
     device = resolve_device(cfg.device)
     seg = model_dir if isinstance(model_dir, Segmenter) else load_segmenter(model_dir, device=device)
     hu, affine = load_image(ct_path)
-    for w in check_ct(hu, ct_path, allow_non_ct=cfg.allow_non_ct):
+    for w in check_ct(hu, ct_path, allow_non_ct=allow_non_ct):
         warnings.warn(f"{ct_path}: {w}", VoxdiffWarning, stacklevel=2)
     case = raw_case(hu, affine, case_id=Path(ct_path).name, image_path=str(ct_path))
     if cfg.overlap is not None:
