@@ -1,6 +1,6 @@
 """bpr predict on inputs that are not what they seem: a mask is refused by the shared CT check
 (exit 2, one line, no output) unless --allow_non_ct; an ape volume one slice short of the model
-input gives no warning, one less than half of it does (once, in the CLI's format); the plot names
+input gives no warning, one less than half of it along z does (once, in the CLI's format); the plot names
 the case and keys the map colours."""
 
 import nibabel as nib
@@ -55,4 +55,5 @@ def test_small_volume_warning_only_when_much_is_missing(tmp_path, capsys):
     ct = _ct(tmp_path / "thin.nii.gz", (30, 28, PATCH[2] // 2 - 2))
     assert main(["bpr", "predict", str(model), str(ct), "-o", str(tmp_path / "b.nii.gz")]) == 0
     warn = [l for l in capsys.readouterr().err.splitlines() if "warning" in l]
-    assert len(warn) == 1 and warn[0].startswith(f"voxdiff: warning: {ct}: volume") and "by more than half" in warn[0]
+    assert len(warn) == 1 and warn[0].startswith(f"voxdiff: warning: {ct}: volume") and "smaller than the model input" in warn[0]
+    assert f"along z: {PATCH[2] // 2 - 2} voxels, under 50% of {PATCH[2]}" in warn[0]

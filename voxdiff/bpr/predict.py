@@ -38,9 +38,10 @@ def model_preprocess_config(model: BodyPartRegressor):
     return from_dict(PreprocessConfig, dict(model.preprocess), strict=False)
 
 
-# an ape volume shorter than this fraction of the training patch along some axis gets a warning:
-# below it the map moves measurably against the whole-volume map (docs/BPR.md, "Small volumes")
-SMALL_VOLUME_FRACTION = 0.5
+# a volume that covers less than this fraction of the model input along an axis (x, y, z) gets a
+# warning: below it an ape map drifts measurably from the map of the whole body (docs/BPR.md,
+# "Volumes smaller than the model input")
+SMALL_VOLUME_FRACTION = (0.75, 0.75, 0.5)
 
 
 def prepare_ct(model: BodyPartRegressor, ct_path: str | os.PathLike, allow_non_ct: bool = False):
@@ -65,9 +66,12 @@ def prepare_ct(model: BodyPartRegressor, ct_path: str | os.PathLike, allow_non_c
         raise InputError(ct_path, f"volume is too small for the body part regressor: {case.image.shape} voxels at "
                                   f"{tuple(model.spacing)} mm (need at least {model.min_size} and 2 slices)")
     need = model.patch_size if model.kind == "ape" else model.patch_size[:2] + (1,)
-    if any(s < SMALL_VOLUME_FRACTION * n for s, n in zip(case.image.shape, need)):
-        warnings.warn(f"{ct_path}: volume {case.image.shape} at {tuple(model.spacing)} mm is smaller than the model "
-                      f"input {tuple(need)} by more than half along some axis; the map may be less reliable", VoxdiffWarning, stacklevel=2)
+    short = [a for a in range(3) if case.image.shape[a] < SMALL_VOLUME_FRACTION[a] * need[a]]
+    if short:
+        a = short[0]
+        warnings.warn(f"{ct_path}: volume {case.image.shape} at {tuple(model.spacing)} mm is smaller than the model input "
+                      f"{tuple(need)} along {'xyz'[a]}: {case.image.shape[a]} voxels, under {SMALL_VOLUME_FRACTION[a]:.0%} "
+                      f"of {need[a]}; the map may be less reliable", VoxdiffWarning, stacklevel=2)
     return case, hu_to_unit(case.image, pp.hu_window)
 
 
