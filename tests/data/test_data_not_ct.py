@@ -136,6 +136,21 @@ def _mask_series(folder, vol, **kw):
     return write_dicom_series(folder, np.where(vol > 45, 255.0, 0.0), intercept=0.0, **kw)
 
 
+def _structure_set(path):
+    """A DICOM file without pixel data (an RT structure set)."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    path.parent.mkdir(parents=True)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.481.3"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, "RTSTRUCT"
+    ds.save_as(str(path), enforce_file_format=True)
+
+
 def test_folder_mode_skips_mask_series_and_lists_them(tmp_path, capsys):
     vol = np.rint(_ct())
     root = tmp_path / "3Dircadb1.1"
@@ -144,19 +159,21 @@ def test_folder_mode_skips_mask_series_and_lists_them(tmp_path, capsys):
     _mask_series(root / "MASKS_DICOM" / "portalvein", vol, series_uid="1.2.3.3")
     _mask_series(root / "extra" / "organ", vol, series_uid="1.2.3.4")  # name says nothing: values do
     write_nifti(root / "pseudo.nii.gz", (vol > 45).astype(np.uint8), AFF)  # 8-bit label map
-    with pytest.warns(UserWarning, match="skipped 3 mask or label") as rec:
+    _structure_set(root / "contours" / "rs.dcm")
+    with pytest.warns(UserWarning, match="skipped 4 mask or label") as rec:
         ds = open_dataset(root)
     assert [r.case_id for r in ds.refs] == ["PATIENT_DICOM"]
     skipped = {p.split("3Dircadb1.1/")[1]: why for p, why in ds.skipped}
     assert skipped == {"MASKS_DICOM": "mask or label folder name", "extra/organ": "values 0/255 only: a mask",
-                       "pseudo.nii.gz": "uint8 voxels: a label map"}
+                       "pseudo.nii.gz": "uint8 voxels: a label map",
+                       "contours": "no image pixel data (a structure set or report)"}
     assert len(rec) == 1
     # the check command lists what it skipped, and the CLI prints the warning in its own format
     assert main(["data", "check", str(root)]) == 0
     out, err = capsys.readouterr()
     assert "skipped (not a CT):" in out and "extra/organ" in out
     warn = [l for l in err.splitlines() if "warning" in l]
-    assert len(warn) == 1 and warn[0].startswith(f"voxdiff: warning: {root}: skipped 3 mask or label")
+    assert len(warn) == 1 and warn[0].startswith(f"voxdiff: warning: {root}: skipped 4 mask or label")
 
 
 def test_source_name_uses_series_description(tmp_path):

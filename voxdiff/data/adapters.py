@@ -379,6 +379,9 @@ def _dicom_mask_values(folder: Path) -> str | None:
         seen += 1
         if len(vals) > 32 or min(vals) < 0:
             return None
+    if not seen and picks and all((ds := _read_raw_dicom(f, stop_before_pixels=True)) is not None
+                                  and "Rows" not in ds for f in picks):
+        return "no image pixel data (a structure set or report)"
     if seen and all(float(v).is_integer() for v in vals):
         shown = "/".join(f"{v:g}" for v in sorted(vals)[:4]) + ("/..." if len(vals) > 4 else "")
         return f"values {shown} only: a mask"
