@@ -9,7 +9,7 @@ import sys
 from jsonargparse import ArgumentParser
 
 from . import __version__
-from .core.cli import CommandGroup
+from .core.cli import CommandGroup, WarningPrinter, one_line
 from .core.errors import VoxdiffError
 
 # Each module defines register(group). Order = order in --help.
@@ -28,6 +28,7 @@ STAGE_CLIS = [
 
 def build_parser() -> tuple[ArgumentParser, CommandGroup]:
     parser = ArgumentParser(prog="voxdiff", description=__doc__, version=f"voxdiff {__version__}")
+    parser.add_argument("--quiet", action="store_true", help="no warnings (also accepted after the command)")
     root = CommandGroup(parser, dest="command")
     for mod in STAGE_CLIS:
         try:
@@ -37,6 +38,9 @@ def build_parser() -> tuple[ArgumentParser, CommandGroup]:
                 continue  # stage not present in this build
             raise
         m.register(root)
+    for p in root.command_parsers():  # commands with their own --quiet (no progress bar) keep it
+        if "--quiet" not in getattr(p, "_option_string_actions", {}):
+            p.add_argument("--quiet", action="store_true", help="no warnings")
     return parser, root
 
 
@@ -44,9 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     parser, root = build_parser()
     try:
         ns = parser.parse_args(argv)
-        root.dispatch(ns)
+        quiet = bool(ns.get("quiet")) or bool(getattr(root.leaf(ns), "quiet", False))
+        with WarningPrinter(quiet=quiet):
+            root.dispatch(ns)
     except VoxdiffError as e:
-        msg = str(e).replace("\n", " ")
+        msg = one_line(str(e), limit=1000)
         print(f"voxdiff: error: {msg}", file=sys.stderr)
         if os.environ.get("VOXDIFF_DEBUG"):
             raise

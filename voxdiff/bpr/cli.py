@@ -7,6 +7,7 @@ import json
 from voxdiff.core.cli import CommandGroup, add_config
 from voxdiff.core.config import from_namespace
 
+from ..data.ctcheck import ALLOW_HELP
 from .evaluate import BPREvalConfig
 from .train import BPRTrainConfig
 
@@ -28,6 +29,7 @@ def register(root: CommandGroup) -> None:
     p.add_argument("--plot", type=str, default=None, help="also write a PNG: score against z and a coronal view")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window / tile overlap")
     p.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    p.add_argument("--allow_non_ct", action="store_true", help=ALLOW_HELP)
 
     e = g.command("evaluate", run_evaluate,
                   help="Field-of-view consistency, Spearman and landmark spread of a regressor (JSON + PNG)")
@@ -50,7 +52,8 @@ def run_train(ns) -> None:
 def run_predict(ns) -> None:
     from .predict import predict_volume
 
-    s = predict_volume(ns.model, ns.ct, ns.out, plot=ns.plot, overlap=ns.overlap, force=bool(ns.force), progress=True)
+    s = predict_volume(ns.model, ns.ct, ns.out, plot=ns.plot, overlap=ns.overlap, force=bool(ns.force), progress=True,
+                       allow_non_ct=bool(ns.allow_non_ct))
     print(json.dumps({"out": s["out"], "kind": s["kind"], "shape": s["shape"], "seconds": round(s["seconds"]["total"], 2)}))
 
 

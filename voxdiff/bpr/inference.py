@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..data.ctcheck import ct_problem  # noqa: F401  (the shared CT check; bpr.train imports it from here)
 from .models import APERegressor, BodyPartRegressor, SliceRegressor, body_threshold, tile_starts
 
 
@@ -90,23 +91,3 @@ def infer_volume(model: BodyPartRegressor, unit, overlap: float = 0.5, raw: bool
         shape = np.asarray(unit).shape if not torch.is_tensor(unit) else tuple(unit.shape)
         return np.broadcast_to(s[None, None, None, :], (1,) + tuple(shape)).copy()
     return ape_volume(model, unit, overlap=overlap, raw=raw, progress=progress)  # type: ignore[arg-type]
-
-
-def ct_problem(hu: np.ndarray) -> str | None:
-    """Why an array does not look like a CT volume in HU (None when it does)."""
-    a = np.asarray(hu)
-    if a.ndim != 3:
-        return f"expected a 3D volume, got shape {a.shape}"
-    if min(a.shape) < 1 or a.shape[2] < 2:
-        return f"a single axial slice (shape {a.shape}) has no z extent; a body part regressor needs a 3D CT"
-    finite = np.isfinite(a)
-    if not finite.all():
-        return "contains NaN or infinite values"
-    lo, hi = float(a.min()), float(a.max())
-    if hi - lo < 1e-6:
-        return f"constant image (all voxels {lo:g}); not a CT"
-    if lo >= 0.0 and hi <= 1.0:
-        return "all values lie in 0..1: this looks like a normalised image or a mask, not CT in Hounsfield units"
-    if hi - lo < 100.0:
-        return f"value range {lo:g}..{hi:g} is too narrow for CT in Hounsfield units"
-    return None

@@ -19,7 +19,7 @@ import numpy as np
 from ..core.config import write_config
 from ..core.errors import InputError
 from ..core.outputs import atomic_path, check_output_path
-from .inference import ct_problem, infer_volume, slice_scores_volume
+from .inference import infer_volume, slice_scores_volume
 from .models import BodyPartRegressor, body_threshold, load_bpr
 
 
@@ -38,16 +38,26 @@ def model_preprocess_config(model: BodyPartRegressor):
     return from_dict(PreprocessConfig, dict(model.preprocess), strict=False)
 
 
-def prepare_ct(model: BodyPartRegressor, ct_path: str | os.PathLike):
-    """Read and preprocess a CT for ``model``; returns the preprocessed case and the [0, 1] volume."""
+# a volume that covers less than this fraction of the model input along an axis (x, y, z) gets a
+# warning: below it an ape map drifts measurably from the map of the whole body (docs/BPR.md,
+# "Volumes smaller than the model input")
+SMALL_VOLUME_FRACTION = (0.75, 0.75, 0.5)
+
+
+def prepare_ct(model: BodyPartRegressor, ct_path: str | os.PathLike, allow_non_ct: bool = False):
+    """Read and preprocess a CT for ``model``; returns the preprocessed case and the [0, 1] volume.
+
+    A volume that does not look like CT in HU is refused (:mod:`voxdiff.data.ctcheck`) unless
+    ``allow_non_ct``."""
+    from ..core.errors import VoxdiffWarning
+    from ..data.ctcheck import check_ct
     from ..data.io import load_image
     from ..data.preprocess import hu_to_unit, preprocess, spacing_of
     from ..data.types import Case, CaseMeta
 
     hu, affine = load_image(ct_path)
-    problem = ct_problem(hu)
-    if problem:
-        raise InputError(ct_path, problem)
+    for w in check_ct(hu, ct_path, allow_non_ct=allow_non_ct):
+        warnings.warn(f"{ct_path}: {w}", VoxdiffWarning, stacklevel=2)
     cid = Path(ct_path).name.replace(".nii.gz", "").replace(".nii", "")
     meta = CaseMeta(cid, str(ct_path), None, tuple(int(s) for s in hu.shape), np.asarray(affine), np.asarray(affine), spacing_of(affine))
     pp = model_preprocess_config(model)
@@ -56,9 +66,12 @@ def prepare_ct(model: BodyPartRegressor, ct_path: str | os.PathLike):
         raise InputError(ct_path, f"volume is too small for the body part regressor: {case.image.shape} voxels at "
                                   f"{tuple(model.spacing)} mm (need at least {model.min_size} and 2 slices)")
     need = model.patch_size if model.kind == "ape" else model.patch_size[:2] + (1,)
-    if any(s < n for s, n in zip(case.image.shape, need)):
-        warnings.warn(f"{ct_path}: volume {case.image.shape} at {tuple(model.spacing)} mm is smaller than the model "
-                      f"input {tuple(need)}; it is padded with air and the map may be less reliable", stacklevel=2)
+    short = [a for a in range(3) if case.image.shape[a] < SMALL_VOLUME_FRACTION[a] * need[a]]
+    if short:
+        a = short[0]
+        warnings.warn(f"{ct_path}: volume {case.image.shape} at {tuple(model.spacing)} mm is smaller than the model input "
+                      f"{tuple(need)} along {'xyz'[a]}: {case.image.shape[a]} voxels, under {SMALL_VOLUME_FRACTION[a]:.0%} "
+                      f"of {need[a]}; the map may be less reliable", VoxdiffWarning, stacklevel=2)
     return case, hu_to_unit(case.image, pp.hu_window)
 
 
@@ -70,6 +83,7 @@ def predict_volume(
     overlap: float = 0.5,
     force: bool = True,
     progress: bool = False,
+    allow_non_ct: bool = False,
 ) -> dict[str, Any]:
     """Write the coordinate map of ``ct_path`` on its own grid to ``out_path`` (NIfTI).
 
@@ -86,7 +100,7 @@ def predict_volume(
         check_output_path(out, force=False)
     t0 = time.time()
     model = model_path if isinstance(model_path, BodyPartRegressor) else load_bpr(model_path)
-    case, unit = prepare_ct(model, ct_path)
+    case, unit = prepare_ct(model, ct_path, allow_non_ct=allow_non_ct)
     t1 = time.time()
     cmap = infer_volume(model, unit, overlap=overlap, progress=progress)  # (C, x, y, z)
     t2 = time.time()
@@ -135,7 +149,10 @@ def write_plot(path: str | os.PathLike, model: BodyPartRegressor, case, unit: np
     ax[0].set_xlabel("z (mm, superior +)")
     ax[0].set_ylabel(ylabel)
     ax[0].grid(alpha=0.3)
-    ax[0].set_title(f"{model.kind} model: {case.meta.case_id}")
+    from ..data.io import source_name
+
+    name = source_name(case.meta.image_path) if case.meta.image_path else case.meta.case_id
+    ax[0].set_title(f"{model.kind} model: {name}", fontsize=9)
     ext = (0, unit.shape[0] * sp[0], 0, unit.shape[2] * sp[2])
     ax[1].imshow(unit[:, y, :].T, cmap="gray", origin="lower", extent=ext)
     if model.kind == "slice":
@@ -146,13 +163,20 @@ def write_plot(path: str | os.PathLike, model: BodyPartRegressor, case, unit: np
         lo = rgb.reshape(-1, 3).min(0)
         hi = rgb.reshape(-1, 3).max(0)
         ax[1].imshow((rgb - lo) / np.maximum(hi - lo, 1e-6), origin="lower", extent=ext, alpha=0.55)
+        from matplotlib.patches import Patch
+
+        key = [Patch(facecolor=c, label=t) for c, t in (("red", "R: coordinate 0 (right-left)"),
+                                                          ("green", "G: coordinate 1 (posterior-anterior)"),
+                                                          ("blue", "B: coordinate 2 (inferior-superior)"))]
+        ax[1].legend(handles=key, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False,
+                     title="map colours (low to high)", title_fontsize=7)
     ax[1].set_title("coronal view of the map (R-L horizontal, S up)")
     ax[1].set_xlabel("x (mm)")
     ax[1].set_ylabel("z (mm)")
     fig.tight_layout()
     p = Path(path)
     with atomic_path(p) as tmp:
-        fig.savefig(tmp, dpi=90, format="png")
+        fig.savefig(tmp, dpi=90, format="png", metadata={"Title": f"{model.kind} model: {name}"})
     plt.close(fig)
     return p
 

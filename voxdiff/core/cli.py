@@ -12,8 +12,10 @@ A stage's ``cli.py`` defines ``register(group: CommandGroup)`` and adds commands
         cfg = from_namespace(PhantomConfig, ns)
         make_phantom_dataset(ns.out, cfg, force=ns.force)
 
-Every command accepts ``--config file.yaml`` (values there, overridden by the command line).
-Errors of type :class:`~voxdiff.core.errors.VoxdiffError` become one line on stderr and exit 2.
+Every command accepts ``--config file.yaml`` (values there, overridden by the command line) and
+``--quiet`` (no warnings; commands that show progress bars also hide them). Errors of type
+:class:`~voxdiff.core.errors.VoxdiffError` become one line on stderr and exit 2; warnings become
+one line ``voxdiff: warning: ...`` each, printed once (:class:`WarningPrinter`).
 """
 
 from __future__ import annotations
@@ -31,12 +33,14 @@ class CommandGroup:
         self.dest = dest
         self._sub = parser.add_subcommands(required=True, dest=dest)
         self.runners: dict[str, Callable[[Any], Any] | CommandGroup] = {}
+        self.parsers: dict[str, ArgumentParser] = {}
 
     def command(self, name: str, run: Callable[[Any], Any], help: str, description: str | None = None) -> ArgumentParser:
         p = ArgumentParser(description=description or help, exit_on_error=True)
         p.add_argument("--config", action=ActionConfigFile, help="YAML file with option values (command-line wins)")
         self._sub.add_subcommand(name, p, help=help)
         self.runners[name] = run
+        self.parsers[name] = p
         return p
 
     def group(self, name: str, help: str) -> "CommandGroup":
@@ -45,6 +49,20 @@ class CommandGroup:
         g = CommandGroup(p, dest=f"{self.dest}_{name}")
         self.runners[name] = g
         return g
+
+    def command_parsers(self) -> list[ArgumentParser]:
+        """Every command's parser, this level and below."""
+        out = list(self.parsers.values())
+        for r in self.runners.values():
+            if isinstance(r, CommandGroup):
+                out += r.command_parsers()
+        return out
+
+    def leaf(self, ns: Any) -> Any:
+        """The namespace of the command that ``ns`` selects."""
+        name = ns[self.dest] if self.dest in ns else ns.get(self.dest)
+        runner, sub = self.runners[name], ns[name]
+        return runner.leaf(sub) if isinstance(runner, CommandGroup) else sub
 
     def dispatch(self, ns: Any) -> Any:
         name = ns[self.dest] if self.dest in ns else ns.get(self.dest)
@@ -58,3 +76,48 @@ class CommandGroup:
 def add_config(parser: ArgumentParser, cls: type, skip: set[str] | None = None) -> None:
     """Add every field of dataclass ``cls`` as a flat ``--field`` option."""
     parser.add_class_arguments(cls, None, as_group=True, skip=skip or set())
+
+
+def one_line(text: str, limit: int = 400) -> str:
+    """``text`` on one line (whitespace runs collapsed), cut at a word boundary past ``limit``."""
+    s = " ".join(str(text).split())
+    if len(s) <= limit:
+        return s
+    cut = s[:limit].rsplit(" ", 1)[0].rstrip(",;:(")
+    return cut + " ..."
+
+
+class WarningPrinter:
+    """Show Python warnings the CLI's way: ``voxdiff: warning: <message>`` on one line, each
+    message once, no source file or line; nothing at all when ``quiet``."""
+
+    def __init__(self, quiet: bool = False, stream=None):
+        self.quiet = quiet
+        self.stream = stream
+        self.seen: set[str] = set()
+        self._ctx = None
+
+    def show(self, message, category, filename, lineno, file=None, line=None) -> None:
+        if self.quiet:
+            return
+        text = one_line(str(message))
+        if text in self.seen:
+            return
+        self.seen.add(text)
+        import sys
+
+        print(f"voxdiff: warning: {text}", file=self.stream or sys.stderr)
+
+    def __enter__(self) -> "WarningPrinter":
+        import warnings
+
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.simplefilter("always")  # our own once-per-message rule replaces Python's registry
+        warnings.showwarning = self.show
+        return self
+
+    def __exit__(self, *exc) -> None:
+        assert self._ctx is not None
+        self._ctx.__exit__(*exc)
+        self._ctx = None

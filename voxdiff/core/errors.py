@@ -5,6 +5,12 @@ from __future__ import annotations
 import os
 
 
+class VoxdiffWarning(UserWarning):
+    """Something a user should know about an input that does not stop the command (a DICOM series
+    with missing slices, a case skipped). The message starts with the file it is about; the CLI
+    prints it as ``voxdiff: warning: <message>`` on one line, once, and ``--quiet`` silences it."""
+
+
 class VoxdiffError(Exception):
     """A user-facing problem: bad input, bad config, incompatible model.
 

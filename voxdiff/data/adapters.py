@@ -30,7 +30,7 @@ from typing import Iterator
 
 import numpy as np
 
-from voxdiff.core.errors import InputError
+from voxdiff.core.errors import InputError, VoxdiffWarning
 
 from . import labels as L
 from .io import is_dicom_dir, is_nifti, load_image, load_label, nifti_stem
@@ -51,6 +51,7 @@ class Dataset:
     label_map: dict[int, int] | None = None  # source id -> BTCV id; None = unlabelled
     source_labels: dict[int, str] = field(default_factory=dict)  # source id -> name (for reports)
     name: str = ""
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # folder mode: (path, why) not taken as CTs
 
     def __len__(self) -> int:
         return len(self.refs)
@@ -331,22 +332,102 @@ def open_amos(root: Path, split: str = "all") -> Dataset:
 
 
 _LABEL_DIRS = {"label", "labels", "labelstr", "labelsts", "labelsva", "segmentations"}
+# words in a folder or file name (split at non-alphanumerics) that mark masks and label maps
+_MASK_WORDS = {"mask", "masks", "label", "labels", "labelled", "labeled", "labelstr", "labelsts", "labelsva",
+               "seg", "segs", "segmentation", "segmentations", "roi", "rois", "gt", "groundtruth"}
+
+
+def mask_name(name: str) -> bool:
+    """A folder or file name that says "mask" or "label" (``MASKS_DICOM``, ``liver_seg.nii.gz``)."""
+    stem = nifti_stem(name) if is_nifti(name) else name
+    return any(t in _MASK_WORDS for t in re.split(r"[^a-z0-9]+", stem.lower()) if t)
+
+
+def _nifti_label_dtype(path: Path) -> str | None:
+    """Why a NIfTI file is a label map by its header alone (8-bit integers, no scaling), or None."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        dt = np.dtype(img.get_data_dtype())
+        slope = img.dataobj.slope
+    except Exception:
+        return None  # unreadable files are reported when they are loaded
+    if dt.kind in "iub" and dt.itemsize == 1 and (slope is None or not np.isfinite(slope) or slope in (0, 1)):
+        return f"{dt} voxels: a label map"
+    return None
+
+
+def _dicom_mask_values(folder: Path) -> str | None:
+    """Why a DICOM series folder holds a mask (a few slices show only a handful of whole values
+    >= 0, such as 0/1/255), or None."""
+    from .io import _read_raw_dicom
+
+    files = [f for f in sorted(folder.iterdir()) if f.is_file() and not f.name.startswith(".")]
+    picks = [files[i] for i in sorted({0, len(files) // 2, len(files) - 1})] if files else []
+    vals: set[float] = set()
+    seen = 0
+    for f in picks:
+        ds = _read_raw_dicom(f)
+        if ds is None or "PixelData" not in ds:
+            continue
+        try:
+            px = ds.pixel_array.astype(np.float64) * float(ds.get("RescaleSlope", 1) or 1) + float(ds.get("RescaleIntercept", 0) or 0)
+        except Exception:
+            return None  # unreadable slices are reported when the series is loaded
+        vals.update(np.unique(px).tolist())
+        seen += 1
+        if len(vals) > 32 or min(vals) < 0:
+            return None
+    if not seen and picks and all((ds := _read_raw_dicom(f, stop_before_pixels=True)) is not None
+                                  and "Rows" not in ds for f in picks):
+        return "no image pixel data (a structure set or report)"
+    if seen and all(float(v).is_integer() for v in vals):
+        shown = "/".join(f"{v:g}" for v in sorted(vals)[:4]) + ("/..." if len(vals) > 4 else "")
+        return f"values {shown} only: a mask"
+    return None
 
 
 def open_folder(root: Path) -> Dataset:
-    """Unlabelled CTs: a single file / DICOM folder, or everything below a folder."""
+    """Unlabelled CTs: a single file / DICOM folder, or everything below a folder.
+
+    Below a folder, masks and label maps are not taken for CTs: sub-folders and files whose name
+    says so (``labels``, ``MASKS_DICOM``, ``liver_seg.nii.gz``, ...), 8-bit integer NIfTI files and
+    DICOM series whose slices hold only a few whole values >= 0 (0/1/255). They are listed in
+    :attr:`Dataset.skipped` and in one warning.
+    """
     if root.is_file() or is_dicom_dir(root):
         cid = nifti_stem(root) if root.is_file() else root.name
         return Dataset(root, "folder", [CaseRef(cid, str(root), None)], None, {}, name=root.name)
     refs = []
+    skipped: list[tuple[str, str]] = []
     used: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root):
-        # label folders of the usual layouts hold label maps, not CTs
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d.lower() not in _LABEL_DIRS)
         d = Path(dirpath)
-        cands = [d / f for f in sorted(filenames) if is_nifti(f) and not f.startswith(".")]
+        keep = []
+        for name in sorted(dirnames):
+            if name.startswith("."):
+                continue
+            if name.lower() in _LABEL_DIRS or mask_name(name):
+                skipped.append((str(d / name), "mask or label folder name"))
+                continue
+            keep.append(name)
+        dirnames[:] = keep
+        cands = []
+        for f in sorted(filenames):
+            if not is_nifti(f) or f.startswith("."):
+                continue
+            why = "mask or label file name" if mask_name(f) else _nifti_label_dtype(d / f)
+            if why:
+                skipped.append((str(d / f), why))
+            else:
+                cands.append(d / f)
         if d != root and is_dicom_dir(d):
-            cands.append(d)
+            why = _dicom_mask_values(d)
+            if why:
+                skipped.append((str(d), why))
+            else:
+                cands.append(d)
         for c in cands:
             rel = c.relative_to(root)
             cid = "_".join(list(rel.parts[:-1]) + [nifti_stem(c) if c.is_file() else c.name])
@@ -356,8 +437,14 @@ def open_folder(root: Path) -> Dataset:
                 cid = f"{base}-{k}"
             used.add(cid)
             refs.append(CaseRef(cid, str(c), None))
-    _check_nonempty(root, refs, "no NIfTI files or DICOM series folders")
-    return Dataset(root, "folder", refs, None, {}, name=root.name)
+    if skipped:
+        shown = ", ".join(f"{Path(p).relative_to(root)} ({w})" for p, w in skipped[:6])
+        more = f" and {len(skipped) - 6} more" if len(skipped) > 6 else ""
+        warnings.warn(f"{root}: skipped {len(skipped)} mask or label series/file(s), not CTs: {shown}{more}",
+                      VoxdiffWarning, stacklevel=3)
+    _check_nonempty(root, refs, "no NIfTI files or DICOM series folders" + (
+        f"; skipped as masks or labels: {', '.join(Path(p).name for p, _ in skipped[:4])}" if skipped else ""))
+    return Dataset(root, "folder", refs, None, {}, name=root.name, skipped=skipped)
 
 
 def detect_kind(root: Path) -> str:

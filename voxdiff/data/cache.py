@@ -169,17 +169,27 @@ class PreprocessCache:
             },
         )
 
-    def get(self, ref: CaseRef, dataset: Dataset | None = None, mmap: bool = False) -> Case:
+    def get(self, ref: CaseRef, dataset: Dataset | None = None, mmap: bool = False,
+            check: bool = False, allow_non_ct: bool = False) -> Case:
         """Preprocessed case from the cache, computed (and stored) when missing.
 
         ``mmap=True`` returns the image as the int16 memory map (HU) instead of a float32 copy.
+        ``check``: refuse an image that is not CT (:func:`voxdiff.data.ctcheck.check_ct`; the source
+        when it is read, the cached volume otherwise) unless ``allow_non_ct``.
         """
+        from .ctcheck import check_ct
+
         key = self.key(ref, dataset)
         c = self.read(key, mmap=mmap)
         if c is not None:
+            if check:
+                check_ct(c.image, ref.image_path, allow_non_ct=allow_non_ct)
             return c
         ds = dataset if dataset is not None else _single_ref_dataset(ref)
-        case = preprocess(ds.load(ref), self.cfg)
+        raw = ds.load(ref)
+        if check:
+            check_ct(raw.image, ref.image_path, allow_non_ct=allow_non_ct)
+        case = preprocess(raw, self.cfg)
         self.write(key, case)
         c = self.read(key, mmap=mmap)
         assert c is not None
@@ -209,29 +219,38 @@ class PrepareReport:
         return len(self.done) + len(self.cached) > 0
 
 
-def _prepare_one(args) -> tuple[str, str, str | None]:
-    root, cfg, kind, label_map, ref = args
+def _prepare_one(args) -> tuple[str, str, str | None, list[str]]:
+    """Preprocess one case into the cache: (case id, done|cached|failed, reason, warnings). Warnings
+    are returned, not shown, so that worker processes hand them to the parent."""
+    root, cfg, kind, label_map, ref, allow_non_ct = args
     import warnings as _w
 
-    dataset = Dataset(Path(root), kind, [ref], label_map)
+    from .ctcheck import check_ct
 
+    dataset = Dataset(Path(root), kind, [ref], label_map)
+    caught: list[str] = []
     try:
-        with _w.catch_warnings():
-            _w.simplefilter("ignore")
-            cache = PreprocessCache.__new__(PreprocessCache)
-            cache.root, cache.cfg = Path(root), cfg
-            key = cache.key(ref, dataset)
-            if cache.paths(key)[0].is_file():
-                return ref.case_id, "cached", None
-            case = preprocess(dataset.load(ref), cfg)
-            cache.write(key, case)
-        return ref.case_id, "done", None
+        with _w.catch_warnings(record=True) as rec:
+            _w.simplefilter("always")
+            try:
+                cache = PreprocessCache.__new__(PreprocessCache)
+                cache.root, cache.cfg = Path(root), cfg
+                key = cache.key(ref, dataset)
+                if cache.paths(key)[0].is_file():
+                    return ref.case_id, "cached", None, []
+                raw = dataset.load(ref)
+                check_ct(raw.image, ref.image_path, allow_non_ct=allow_non_ct)
+                case = preprocess(raw, cfg)
+                cache.write(key, case)
+            finally:
+                caught = [str(w.message) for w in rec if issubclass(w.category, UserWarning)]
+        return ref.case_id, "done", None, caught
     except VoxdiffError as e:
-        return ref.case_id, "failed", str(e).replace("\n", " ")
+        return ref.case_id, "failed", str(e).replace("\n", " "), caught
     except MemoryError:
-        return ref.case_id, "failed", f"{ref.image_path}: out of memory"
+        return ref.case_id, "failed", f"{ref.image_path}: out of memory", caught
     except Exception as e:  # an unexpected failure of one case must not stop thousands of others
-        return ref.case_id, "failed", f"{ref.image_path}: {e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return ref.case_id, "failed", f"{ref.image_path}: {e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''}", caught
 
 
 def prepare_cache(
@@ -243,10 +262,13 @@ def prepare_cache(
     split: str = "all",
     force: bool = False,
     progress: bool = True,
+    allow_non_ct: bool = False,
 ) -> PrepareReport:
     """Preprocess every case of a data set into ``cache_dir`` with ``workers`` processes.
 
-    Cases that fail are skipped and listed in the report; nothing is written for them.
+    Cases that fail (unreadable, or not CT by :mod:`voxdiff.data.ctcheck` unless
+    ``allow_non_ct``) are skipped and listed in the report; nothing is written for them. Warnings
+    of the workers are shown (once each) in the calling process.
     """
     from tqdm import tqdm
 
@@ -255,19 +277,18 @@ def prepare_cache(
     root = init_cache_dir(cache_dir, force=force)
     write_config(root / f"prepare-{config_hash(cfg)}.yaml", cfg, extra={"data": str(ds.root), "kind": ds.kind})
     report = PrepareReport(str(root), len(ds.refs))
-    jobs = [(str(root), cfg, ds.kind, ds.label_map, r) for r in ds.refs]
+    jobs = [(str(root), cfg, ds.kind, ds.label_map, r, allow_non_ct) for r in ds.refs]
     bar = tqdm(total=len(jobs), desc="prepare", unit="case", disable=None if progress else True)
     try:
         if workers <= 1 or len(jobs) <= 1:
-            results = map(_prepare_one, jobs)
-            for cid, status, msg in results:
-                _record(report, cid, status, msg)
+            for cid, status, msg, warned in map(_prepare_one, jobs):
+                _record(report, cid, status, msg, warned)
                 bar.update(1)
         else:
             ctx = mp.get_context("spawn")
             with ctx.Pool(processes=min(workers, len(jobs))) as pool:
-                for cid, status, msg in pool.imap_unordered(_prepare_one, jobs):
-                    _record(report, cid, status, msg)
+                for cid, status, msg, warned in pool.imap_unordered(_prepare_one, jobs):
+                    _record(report, cid, status, msg, warned)
                     bar.update(1)
     finally:
         bar.close()
@@ -278,7 +299,13 @@ def prepare_cache(
     return report
 
 
-def _record(report: PrepareReport, cid: str, status: str, msg: str | None) -> None:
+def _record(report: PrepareReport, cid: str, status: str, msg: str | None, warned: Sequence[str] = ()) -> None:
+    import warnings
+
+    from voxdiff.core.errors import VoxdiffWarning
+
+    for w in warned:
+        warnings.warn(w, VoxdiffWarning, stacklevel=3)
     if status == "done":
         report.done.append(cid)
     elif status == "cached":
@@ -296,12 +323,17 @@ def load_preprocessed(
     case_ids: Sequence[str] | None = None,
     mmap: bool = False,
     progress: bool = False,
+    check_ct: bool = False,
+    allow_non_ct: bool = False,
 ) -> list[Case]:
     """Preprocessed cases of a data set (the one call later stages use).
 
     With ``cache_dir`` cases are read from / added to the cache; without, they are preprocessed in
     memory. ``case_ids`` restricts to those cases (in that order); unknown ids are an error.
+    ``check_ct``: an image that does not look like CT in HU (:mod:`voxdiff.data.ctcheck`) is an
+    :class:`InputError` naming it, unless ``allow_non_ct``.
     """
+    from .ctcheck import check_ct as _check
     from tqdm import tqdm
 
     ds = path_or_dataset if isinstance(path_or_dataset, Dataset) else open_dataset(path_or_dataset, kind=kind, split=split)
@@ -316,7 +348,10 @@ def load_preprocessed(
     out = []
     for r in tqdm(refs, desc="load", unit="case", disable=None if progress else True):
         if cache is not None:
-            out.append(cache.get(r, ds, mmap=mmap))
+            out.append(cache.get(r, ds, mmap=mmap, check=check_ct, allow_non_ct=allow_non_ct))
         else:
-            out.append(preprocess(ds.load(r), cfg))
+            raw = ds.load(r)
+            if check_ct:
+                _check(raw.image, r.image_path, allow_non_ct=allow_non_ct)
+            out.append(preprocess(raw, cfg))
     return out

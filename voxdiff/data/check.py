@@ -18,6 +18,7 @@ import numpy as np
 from voxdiff.core.errors import VoxdiffError
 
 from .adapters import Dataset, open_dataset
+from .ctcheck import ALLOW_FLAG, ct_problem, ct_warnings
 from .preprocess import axcodes
 
 
@@ -42,6 +43,7 @@ class CheckReport:
     root: str
     kind: str
     cases: list[CaseCheck]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, why): not taken as CTs
 
     @property
     def ok(self) -> bool:
@@ -55,7 +57,8 @@ class CheckReport:
         from voxdiff.core.config import to_dict
 
         return {"root": self.root, "kind": self.kind, "ok": self.ok, "n_cases": len(self.cases),
-                "n_problems": self.n_problems, "cases": [to_dict(c) for c in self.cases]}
+                "n_problems": self.n_problems, "cases": [to_dict(c) for c in self.cases],
+                "skipped": [{"path": p, "why": w} for p, w in self.skipped]}
 
     def table(self) -> str:
         rows = [("case", "shape", "spacing (mm)", "orient", "HU range", "labels", "status")]
@@ -76,16 +79,23 @@ class CheckReport:
         summary = f"{len(self.cases)} cases ({self.kind}) in {self.root}: " + (
             "all ok" if self.ok else f"{self.n_problems} with problems"
         )
-        return "\n".join(lines + [summary])
+        skipped = [f"skipped (not a CT): {p} ({w})" for p, w in self.skipped]
+        return "\n".join(lines + skipped + [summary])
 
 
-def check_case(ds: Dataset, ref) -> CaseCheck:
+def _without_path(msg: str, path: str) -> str:
+    """A warning about the case's own file, without the file name (the table names the case)."""
+    p = str(path)
+    return msg[len(p) + 2:] if msg.startswith(p + ": ") else msg
+
+
+def check_case(ds: Dataset, ref, allow_non_ct: bool = False) -> CaseCheck:
     c = CaseCheck(ref.case_id, ref.image_path, ref.label_path)
     try:
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
             case = ds.load(ref)
-        c.warnings.extend(str(x.message) for x in w)
+        c.warnings.extend(_without_path(str(x.message), ref.image_path) for x in w)
     except VoxdiffError as e:
         c.ok = False
         c.problems.append(str(e))
@@ -99,10 +109,13 @@ def check_case(ds: Dataset, ref) -> CaseCheck:
     c.spacing = [round(float(s), 4) for s in case.meta.spacing]
     c.axcodes = "".join(axcodes(case.meta.affine))
     c.hu_min, c.hu_max = float(img.min()), float(img.max())
-    if c.hu_min >= -100:
-        c.warnings.append(f"minimum {c.hu_min:.0f} HU: no air in the image (not in HU, or rescale slope/intercept missing?)")
-    if c.hu_max > 10000 or c.hu_min < -5000:
-        c.warnings.append(f"HU range {c.hu_min:.0f}..{c.hu_max:.0f} is implausible for CT")
+    problem = ct_problem(img)
+    if problem and not allow_non_ct:
+        c.ok = False
+        c.problems.append(f"{ref.image_path}: {problem}; if this is CT, pass {ALLOW_FLAG}")
+    elif problem:
+        c.warnings.append(f"{problem} (accepted: {ALLOW_FLAG})")
+    c.warnings.extend(ct_warnings(img))
     if max(c.spacing) > 10:
         c.warnings.append(f"very coarse spacing {c.spacing}")
     if case.label is not None:
@@ -113,10 +126,15 @@ def check_case(ds: Dataset, ref) -> CaseCheck:
     return c
 
 
-def check_dataset(path: str | os.PathLike, kind: str = "auto", split: str = "all", progress: bool = True) -> CheckReport:
-    """Check every case of a data set; the data set must at least open (else InputError)."""
+def check_dataset(path: str | os.PathLike, kind: str = "auto", split: str = "all", progress: bool = True,
+                  allow_non_ct: bool = False) -> CheckReport:
+    """Check every case of a data set; the data set must at least open (else InputError).
+
+    An image that fails the shared CT check (:mod:`voxdiff.data.ctcheck`) is a problem of its case,
+    unless ``allow_non_ct`` (then a warning). Series skipped by ``folder`` mode are listed in
+    :attr:`CheckReport.skipped`."""
     from tqdm import tqdm
 
     ds = open_dataset(path, kind=kind, split=split)
-    cases = [check_case(ds, r) for r in tqdm(ds.refs, desc="check", unit="case", disable=None if progress else True)]
-    return CheckReport(str(Path(path)), ds.kind, cases)
+    cases = [check_case(ds, r, allow_non_ct) for r in tqdm(ds.refs, desc="check", unit="case", disable=None if progress else True)]
+    return CheckReport(str(Path(path)), ds.kind, cases, list(ds.skipped))

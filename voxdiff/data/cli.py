@@ -10,6 +10,7 @@ from voxdiff.core.config import from_namespace, write_config
 from voxdiff.core.errors import InputError
 from voxdiff.core.outputs import atomic_write_json, check_output_path
 
+from .ctcheck import ALLOW_HELP
 from .preprocess import PreprocessConfig
 
 
@@ -38,6 +39,7 @@ def register(root: CommandGroup) -> None:
     p.add_argument("--kind", type=str, default="auto", help="auto|btcv|flare|amos|nnunet|folder")
     p.add_argument("--split", type=str, default="all", help="train|val|test|all (nnU-Net style layouts)")
     p.add_argument("--force", action="store_true", help="use a non-empty folder that is not a voxdiff cache")
+    p.add_argument("--allow_non_ct", action="store_true", help=ALLOW_HELP)
     add_config(p, PreprocessConfig)
 
     c = g.command("check", run_check, help="Integrity report of a data set (exit 2 on problems)")
@@ -46,6 +48,7 @@ def register(root: CommandGroup) -> None:
     c.add_argument("--split", type=str, default="all", help="train|val|test|all")
     c.add_argument("--json", type=str, default=None, help="also write the report as JSON to this file")
     c.add_argument("--force", action="store_true", help="overwrite an existing --json file")
+    c.add_argument("--allow_non_ct", action="store_true", help=ALLOW_HELP)
 
     s = g.command("splits", run_splits, help="Write deterministic cross-validation splits (splits_final.json)")
     s.add_argument("data", type=str, help="data set folder (labelled cases are split)")
@@ -60,7 +63,8 @@ def run_prepare(ns) -> None:
     from .cache import prepare_cache
 
     cfg = from_namespace(PreprocessConfig, ns)
-    rep = prepare_cache(ns.data, ns.cache, cfg, workers=ns.workers, kind=ns.kind, split=ns.split, force=ns.force)
+    rep = prepare_cache(ns.data, ns.cache, cfg, workers=ns.workers, kind=ns.kind, split=ns.split, force=ns.force,
+                        allow_non_ct=bool(ns.allow_non_ct))
     n_ok = len(rep.done) + len(rep.cached)
     if n_ok == 0:
         if len(rep.failed) == 1:
@@ -78,7 +82,7 @@ def run_check(ns) -> None:
 
     if ns.json:
         check_output_path(ns.json, force=ns.force)
-    rep = check_dataset(ns.data, kind=ns.kind, split=ns.split)
+    rep = check_dataset(ns.data, kind=ns.kind, split=ns.split, allow_non_ct=bool(ns.allow_non_ct))
     print(rep.table())
     if ns.json:
         atomic_write_json(ns.json, rep.to_dict())

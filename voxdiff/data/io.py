@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from voxdiff.core.errors import InputError
+from voxdiff.core.errors import InputError, VoxdiffWarning
 from voxdiff.core.outputs import atomic_path
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -133,9 +133,13 @@ def _raw_header(path: Path, cls):
         return None
 
 
-def _short(e: BaseException) -> str:
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-    return msg[:160]
+def _short(e: BaseException, limit: int = 120) -> str:
+    """The first line of an exception's message, cut at a word boundary (never mid-word)."""
+    msg = str(e).strip().splitlines()[0].strip() if str(e).strip() else e.__class__.__name__
+    if len(msg) <= limit:
+        return msg
+    cut = msg[:limit].rsplit(" ", 1)[0].rstrip(" ,;:-(")
+    return cut + " ..."
 
 
 def load_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
@@ -158,6 +162,25 @@ def load_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     arr = np.ascontiguousarray(arr, dtype=np.float32)
     _check_finite(p, arr)
     return arr, affine
+
+
+def source_name(path: str | os.PathLike) -> str:
+    """A readable name of a CT for titles: the file name of a NIfTI file; for a DICOM folder its
+    parent and own folder name with the SeriesDescription (``case7/PATIENT_DICOM: ABDOMEN 2.0 B30f``)."""
+    p = Path(path)
+    if not p.is_dir():
+        return p.name
+    name = f"{p.parent.name}/{p.name}" if p.parent.name else p.name
+    for f in sorted(p.iterdir()):
+        if not f.is_file() or f.name.startswith(".") or f.name.lower() in _NON_DICOM:
+            continue
+        ds = _read_raw_dicom(f, stop_before_pixels=True)
+        if ds is None:
+            continue
+        parts = [str(ds.get(k, "") or "").strip() for k in ("SeriesDescription", "ProtocolName")]
+        desc = next((d for d in parts if d), "")
+        return f"{name}: {desc}" if desc else name
+    return name
 
 
 def load_label(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
@@ -286,6 +309,121 @@ def _floats(v, n: int) -> np.ndarray | None:
     return a if a.shape == (n,) and np.all(np.isfinite(a)) else None
 
 
+# the largest run of consecutive missing slices that is filled by interpolation (more is refused)
+MAX_FILLED_SLICES = 5
+
+
+def _instance(ds) -> int | None:
+    try:
+        return int(ds.get("InstanceNumber"))
+    except (TypeError, ValueError):
+        return None
+
+
+class _SliceGrid:
+    """Acquired slices (sorted coordinates ``t``) placed on a regular grid of ``n`` planes."""
+
+    def __init__(self, t: np.ndarray, n: int, message: str = "", n_missing: int = 0):
+        self.t = np.asarray(t, dtype=np.float64)
+        self.n = int(n)
+        self.message = message
+        self.n_missing = int(n_missing)
+        self.identity = self.n == len(self.t) and not message
+
+    def fill(self, acq: np.ndarray) -> np.ndarray:
+        """Planes of the regular grid: an acquired slice where one sits on the grid point, else
+        linear interpolation between the two acquired neighbours."""
+        t = self.t
+        g = t[0] + (t[-1] - t[0]) * np.arange(self.n) / (self.n - 1)
+        tol = 1e-3 * (t[-1] - t[0]) / (self.n - 1)
+        out = np.empty(acq.shape[:2] + (self.n,), dtype=np.float32)
+        for j, x in enumerate(g):
+            i = int(np.clip(np.searchsorted(t, x), 1, len(t) - 1))
+            if abs(x - t[i - 1]) <= tol:
+                out[:, :, j] = acq[:, :, i - 1]
+            elif abs(x - t[i]) <= tol:
+                out[:, :, j] = acq[:, :, i]
+            else:
+                w = np.float32((x - t[i - 1]) / (t[i] - t[i - 1]))
+                out[:, :, j] = (1 - w) * acq[:, :, i - 1] + w * acq[:, :, i]
+        return out
+
+
+def _slice_grid(folder: Path, t: np.ndarray, inst: list, by: str, dz: float | None = None) -> _SliceGrid:
+    """Regular grid through sorted slice coordinates ``t`` (mm along the normal when ``by`` is
+    "position", InstanceNumbers otherwise): gaps that are whole multiples of the usual step are
+    missing slices, filled by interpolation (refused beyond MAX_FILLED_SLICES in a row); steps that
+    are not multiples (non-uniform spacing) are resampled linearly onto the median step."""
+    d = np.diff(t)
+    step = float(np.median(d))
+    tol = max(0.01 if by == "position" else 0.0, 0.05 * step)
+    k = np.rint(d / step)
+    regular = bool(np.all((k >= 1) & (np.abs(d - k * step) <= tol)))
+    if regular and np.all(k == 1):
+        return _SliceGrid(t, len(t))
+    if not regular:
+        if by != "position":  # irregular InstanceNumbers say nothing about geometry: keep the order
+            return _SliceGrid(t, len(t))
+        n = int(round((t[-1] - t[0]) / step)) + 1
+        msg = (f"non-uniform slice spacing ({d.min():.3f}..{d.max():.3f} mm): resampled linearly onto a regular "
+               f"grid of {n} slices at {(t[-1] - t[0]) / (n - 1):.3f} mm")
+        return _SliceGrid(t, n, msg)
+    gaps = [(i, int(k[i]) - 1) for i in np.flatnonzero(k > 1)]
+    n_missing = sum(m for _, m in gaps)
+    n = len(t) + n_missing
+
+    def where(i: int) -> str:
+        if by == "position":
+            a, b = f"z={t[i]:.1f} mm", f"z={t[i + 1]:.1f} mm"
+            if inst[i] is not None and inst[i + 1] is not None:
+                return f"{a} and {b} (InstanceNumber {inst[i]} and {inst[i + 1]})"
+            return f"{a} and {b}"
+        return f"InstanceNumber {int(t[i])} and {int(t[i + 1])}"
+
+    big = [(i, m) for i, m in gaps if m > MAX_FILLED_SLICES]
+    if big:
+        i, m = big[0]
+        raise InputError(folder, f"{m} slices missing between {where(i)}: too many to fill by interpolation "
+                                 f"(at most {MAX_FILLED_SLICES} in a row); the series is incomplete")
+    mm = step if by == "position" else (dz or 1.0) * step
+    parts = [f"{m} slice(s) missing between {where(i)}" for i, m in gaps[:3]]
+    if len(gaps) > 3:
+        parts.append(f"and {len(gaps) - 3} more gap(s)")
+    msg = "; ".join(parts) + f": filled by linear interpolation on the regular {mm:g} mm grid ({n} slices)"
+    return _SliceGrid(t, n, msg, n_missing)
+
+
+def _pixel_problem(ds) -> str:
+    """The key fact about unreadable pixel data: how many bytes there are against how many the
+    header asks for, when that is the cause."""
+    try:
+        want = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) * (int(ds.BitsAllocated) // 8)
+        have = len(ds.PixelData)
+    except Exception:
+        return ""
+    meta = getattr(ds, "file_meta", None)
+    ts = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
+    if ts is not None and getattr(ts, "is_compressed", False):
+        return ""
+    if have < want:
+        return f"{have} of the {want} bytes of pixel data present: truncated file"
+    return ""
+
+
+def _slice_hu(f: Path, ds) -> np.ndarray:
+    """One slice as float32 HU, (x=column, y=row)."""
+    try:
+        px = ds.pixel_array
+    except Exception as e:
+        fact = _pixel_problem(ds)
+        raise InputError(f, f"unreadable DICOM pixel data ({fact or _short(e)})") from None
+    if px.ndim != 2:
+        raise InputError(f, f"not a 2D slice (pixel array shape {px.shape})")
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    inter = float(ds.get("RescaleIntercept", 0) or 0)
+    return (px.astype(np.float32) * slope + inter).T  # (rows, cols) -> (x=col, y=row)
+
+
 def load_dicom_series(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict]:
     """Read a folder holding one DICOM CT series -> ``(hu float32 (x,y,z), affine RAS, info)``.
 
@@ -390,16 +528,13 @@ def load_dicom_series(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, 
         idx = np.argsort(proj, kind="stable")
     slices = [slices[i] for i in idx]
 
-    # slice step vector (LPS)
+    # where the slices sit: a regular grid, with missing slices (gaps) filled by interpolation
+    gap_text = ""
     if order_by == "position" and n > 1:
         pos = np.stack([positions[i] for i in idx])
-        gaps = np.diff(proj[idx])
-        step_vec = (pos[-1] - pos[0]) / (n - 1)
-        if np.max(np.abs(gaps - gaps.mean())) > max(0.01, 0.1 * abs(gaps.mean())):
-            warn_msgs.append(
-                f"non-uniform slice spacing ({gaps.min():.3f}..{gaps.max():.3f} mm); using the mean {gaps.mean():.3f} mm"
-            )
+        grid = _slice_grid(folder, proj[idx], [_instance(ds) for _, ds in slices], "position")
         origin = pos[0]
+        step_vec = (pos[-1] - pos[0]) / (grid.n - 1)
     else:
         dz = None
         for key in ("SpacingBetweenSlices", "SliceThickness"):
@@ -414,23 +549,23 @@ def load_dicom_series(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, 
             dz = 1.0
             if n > 1:
                 warn_msgs.append("slice spacing unknown; assuming 1 mm")
+        grid = None
+        if order_by == "InstanceNumber" and n > 1:
+            nums = [int(k) for k in np.asarray(keys)[idx]]
+            grid = _slice_grid(folder, np.asarray(nums, dtype=np.float64), nums, "InstanceNumber", dz)
         step_vec = normal * dz
         first = positions[idx[0]] if positions[idx[0]] is not None else np.zeros(3)
         origin = first
+    if grid is not None and grid.message:
+        gap_text = grid.message
+        warn_msgs.append(grid.message)
 
-    vol = np.empty((int(ds0.Columns), int(ds0.Rows), n), dtype=np.float32)
+    acq = np.empty((int(ds0.Columns), int(ds0.Rows), n), dtype=np.float32)
     for k, (f, ds) in enumerate(slices):
-        try:
-            px = ds.pixel_array
-        except Exception as e:
-            raise InputError(f, f"unreadable or truncated DICOM pixel data ({_short(e)})") from None
-        if px.ndim != 2:
-            raise InputError(f, f"not a 2D slice (pixel array shape {px.shape})")
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        inter = float(ds.get("RescaleIntercept", 0) or 0)
-        vol[:, :, k] = (px.astype(np.float32) * slope + inter).T  # (rows, cols) -> (x=col, y=row)
-    if not np.isfinite(vol).all():
+        acq[:, :, k] = _slice_hu(f, ds)
+    if not np.isfinite(acq).all():
         raise InputError(folder, "DICOM series contains NaN or Inf voxels")
+    vol = acq if grid is None or grid.identity else grid.fill(acq)
 
     lps = np.eye(4)
     lps[:3, 0] = row * ps[1]  # along a row: column index, spacing between columns
@@ -440,10 +575,14 @@ def load_dicom_series(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, 
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
     _check_spacing(folder, affine)
     for m in warn_msgs:
-        warnings.warn(f"{folder}: {m}", stacklevel=2)
+        warnings.warn(f"{folder}: {m}", VoxdiffWarning, stacklevel=2)
     info = {
         "order_by": order_by,
-        "n_slices": n,
+        "n_slices": int(vol.shape[2]),
+        "n_files": n,
+        "missing_slices": 0 if grid is None else grid.n_missing,
+        "gaps": gap_text,
+        "series_description": str(ds0.get("SeriesDescription", "") or "").strip(),
         "series_uid": next(iter(uids), ""),
         "files": [str(f) for f, _ in slices],
         "warnings": warn_msgs,

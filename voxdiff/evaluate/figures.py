@@ -34,10 +34,10 @@ def label_colors(n: int = 14) -> np.ndarray:
     return cols
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
+def _save(fig, path: str | os.PathLike, title: str | None = None) -> Path:
     plt = _plt()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png")
+        fig.savefig(tmp, dpi=100, bbox_inches="tight", format="png", metadata={"Title": title} if title else None)
     plt.close(fig)
     return Path(path)
 
@@ -90,11 +90,12 @@ def _aspect(affine: np.ndarray | None) -> tuple[float, float, float]:
 
 def overlay_figure(image_hu: np.ndarray, pred: np.ndarray, out_path: str | os.PathLike, gt: np.ndarray | None = None,
                    affine: np.ndarray | None = None, n_slices: int = 2, title: str = "",
-                   window: Sequence[float] = (-160.0, 240.0)) -> Path:
+                   window: Sequence[float] = (-160.0, 240.0), legend: Mapping[int, str] | None = None) -> Path:
     """Axial and coronal slices (through the labelled region) with label overlays.
 
     Rows: ground truth (when given) and prediction; columns: ``n_slices`` axial then ``n_slices``
-    coronal slices at evenly spaced positions through the union of the label maps.
+    coronal slices at evenly spaced positions through the union of the label maps. ``legend``
+    ({label id: name}) adds a colour key of the labels present.
     """
     plt = _plt()
     img = _ras(np.asarray(image_hu, dtype=np.float32), affine)
@@ -128,4 +129,13 @@ def overlay_figure(image_hu: np.ndarray, pred: np.ndarray, out_path: str | os.Pa
             ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
-    return _save(fig, out_path)
+    if legend:
+        from matplotlib.patches import Patch
+
+        present = set(np.unique(pr).tolist()) | (set(np.unique(g).tolist()) if g is not None else set())
+        items = [Patch(facecolor=cols[i][:3], label=f"{i} {n}") for i, n in sorted(legend.items())
+                 if i in present and 0 < i < len(cols)]
+        if items:
+            fig.legend(handles=items, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False,
+                       title="labels", title_fontsize=8)
+    return _save(fig, out_path, title=title or None)

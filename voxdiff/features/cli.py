@@ -5,6 +5,7 @@ from __future__ import annotations
 from voxdiff.core.cli import CommandGroup, add_config
 from voxdiff.core.config import from_namespace
 
+from ..data.ctcheck import ALLOW_HELP
 from .extract import ExtractConfig
 
 HELP = """Extract frozen feature pyramids of every case of a data set with a pretrained backbone
@@ -24,6 +25,7 @@ def register(root: CommandGroup) -> None:
     p.add_argument("--cache_dir", type=str, default=None, help="preprocessing cache folder (voxdiff data prepare)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--progress", type=bool, default=True, help="show progress bars")
+    p.add_argument("--allow_non_ct", action="store_true", help=ALLOW_HELP)
     p.add_argument("--t", type=int, nargs="+", default=None,
                    help="diffusion feature timestep(s), e.g. --t 10 or --t 10 50 (several: concatenated channels); "
                         "default: the model's. Diffusion models only")
@@ -40,5 +42,5 @@ def run_features(ns) -> None:
     cfg.levels = None if ns.levels is None else tuple(int(v) for v in ns.levels)
     out = features_command(ns.model, ns.data, ns.out, cfg, data_kind=ns.data_kind, split=ns.split,
                            case_ids=ns.cases, cache_dir=ns.cache_dir, force=bool(ns.force),
-                           progress=bool(ns.progress))
+                           progress=bool(ns.progress), allow_non_ct=bool(ns.allow_non_ct))
     print(f"features: {out}")

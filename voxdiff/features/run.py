@@ -53,8 +53,11 @@ def _device(pref: str):
 def features_command(model: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike,
                      cfg: ExtractConfig | None = None, data_kind: str = "auto", split: str = "all",
                      case_ids: Sequence[str] | None = None, cache_dir: str | os.PathLike | None = None,
-                     force: bool = False, progress: bool = True) -> Path:
-    """Features of every case of ``data`` with ``model`` into folder ``out`` (atomic: all or nothing)."""
+                     force: bool = False, progress: bool = True, allow_non_ct: bool = False) -> Path:
+    """Features of every case of ``data`` with ``model`` into folder ``out`` (atomic: all or nothing).
+
+    A case whose image does not look like CT in HU (:mod:`voxdiff.data.ctcheck`) stops the run with
+    an :class:`InputError` naming it (nothing is written), unless ``allow_non_ct``."""
     from ..data.adapters import open_dataset
     from ..data.cache import load_preprocessed
     from ..pretrain.load import load_pretrained
@@ -82,7 +85,8 @@ def features_command(model: str | os.PathLike, data: str | os.PathLike, out: str
         bar = tqdm(refs, desc="features", unit="case", disable=not progress)
         for ref in bar:
             bar.set_postfix_str(ref.case_id)
-            case = load_preprocessed(ds, extractor.preprocess, cache_dir=cache_dir, case_ids=[ref.case_id])[0]
+            case = load_preprocessed(ds, extractor.preprocess, cache_dir=cache_dir, case_ids=[ref.case_id],
+                                     check_ct=True, allow_non_ct=allow_non_ct)[0]
             t0 = time.perf_counter()
             pyr = extract_case(extractor, case, cfg, progress=progress)  # window bar: a case can take minutes
             meta = case_meta(extractor, case, cfg, pyr, key, fingerprint)

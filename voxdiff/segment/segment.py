@@ -4,13 +4,14 @@ input's exact grid (same shape and affine), plus per-organ volumes in mL and an 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from voxdiff.core.errors import InputError
+from voxdiff.core.errors import InputError, VoxdiffWarning
 from voxdiff.core.outputs import check_output_path
 
 from .bundle import Segmenter, load_segmenter
@@ -58,10 +59,14 @@ def segment_ct(
     preview: str | os.PathLike | None = None,
     force: bool = False,
     progress: bool = True,
+    allow_non_ct: bool = False,
 ) -> dict[str, Any]:
     """Write ``out_path`` (NIfTI uint8 BTCV ids) on the grid of ``ct_path``; return a summary with
-    per-organ volumes (mL). The model is checked before the CT is read; nothing is written on error."""
-    from voxdiff.data.io import is_nifti, load_image, save_nifti
+    per-organ volumes (mL). The model is checked before the CT is read; nothing is written on error.
+    A CT that does not look like CT in HU (:mod:`voxdiff.data.ctcheck`: a mask, 0..1 or 8-bit values,
+    ...) is refused unless ``allow_non_ct``."""
+    from voxdiff.data.ctcheck import check_ct
+    from voxdiff.data.io import is_nifti, load_image, save_nifti, source_name
     from voxdiff.probe.train import resolve_device
 
     cfg = cfg or SegmentConfig()
@@ -76,6 +81,8 @@ def segment_ct(
     device = resolve_device(cfg.device)
     seg = model_dir if isinstance(model_dir, Segmenter) else load_segmenter(model_dir, device=device)
     hu, affine = load_image(ct_path)
+    for w in check_ct(hu, ct_path, allow_non_ct=allow_non_ct):
+        warnings.warn(f"{ct_path}: {w}", VoxdiffWarning, stacklevel=2)
     case = raw_case(hu, affine, case_id=Path(ct_path).name, image_path=str(ct_path))
     if cfg.overlap is not None:
         seg.overlap = float(cfg.overlap)
@@ -87,7 +94,9 @@ def segment_ct(
     if preview is not None:
         from voxdiff.evaluate.figures import overlay_figure
 
-        overlay_figure(hu, labels, preview, affine=affine, title=f"{Path(ct_path).name}: {seg.info.get('mode', '')}")
+        mode = seg.info.get("mode", "")
+        overlay_figure(hu, labels, preview, affine=affine, title=source_name(ct_path) + (f" ({mode})" if mode else ""),
+                       legend={i: n for i, n in seg.labels.items() if i > 0})
     return {"input": str(ct_path), "output": str(out), "shape": list(hu.shape), "volumes_ml": vols,
             "model": str(seg.path), "preview": None if preview is None else str(preview)}
 
