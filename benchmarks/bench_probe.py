@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from voxdiff.core.runtime import tune_allocator
+
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -46,6 +48,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=2026)
     a = ap.parse_args()
+    tune_allocator()  # the CLI's allocator setting (VOXDIFF_NO_MALLOPT=1: glibc default)
     if a.quick:
         a.n_train, a.n_test, a.n_unlabelled, a.shape = 3, 1, 3, (48, 48, 32)
         a.bpr_steps, a.pretrain_steps, a.probe_steps, a.patch = 20, 30, 30, (32, 32, 16)
