@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from voxdiff.core.runtime import tune_allocator
 from voxdiff.bpr import BPRTrainConfig, load_bpr, predict_volume, train_bpr
 from voxdiff.bpr.quality import ape_patch_quality, ape_quality, patch_disagreement, slice_quality
+from voxdiff.core.runtime import tune_allocator
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real_ct"
 REAL_CASES = [  # (image, pseudo label or None)

@@ -97,7 +97,6 @@ def main() -> None:
                  pt, progress=False, force=True)
     times["pretrain_s"] = round(time.time() - t, 1)
 
-    from voxdiff.probe.heads import count_parameters
     from voxdiff.probe.train import ProbeConfig, train_probe
 
     runs = out / "probe"
@@ -162,8 +161,8 @@ def real_ct(model: Path, out: Path) -> None:
     """Segment the real CT samples (../shared/data/real_ct) with the phantom-trained model and score
     against their pseudo-labels (agreement with another model, not a benchmark)."""
     from voxdiff.data.io import load_label
-    from voxdiff.evaluate.metrics import dice_per_class, mean_over_organs
     from voxdiff.data.labels import ORGAN_NAMES
+    from voxdiff.evaluate.metrics import dice_per_class, mean_over_organs
     from voxdiff.segment import load_segmenter, segment_ct
 
     root = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real_ct"

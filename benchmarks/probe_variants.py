@@ -28,8 +28,8 @@ import numpy as np
 import torch
 import yaml
 
-from voxdiff.core.runtime import tune_allocator
 from voxdiff.core.config import from_dict
+from voxdiff.core.runtime import tune_allocator
 from voxdiff.experiments.core import Experiment, ExperimentConfig, method_parts
 from voxdiff.features.extract import with_timesteps
 from voxdiff.pretrain.load import load_pretrained

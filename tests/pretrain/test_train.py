@@ -6,8 +6,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from pretrain_synth import synthetic_cases
+
 from voxdiff.core.checkpoint import load_checkpoint, save_checkpoint
 from voxdiff.core.errors import InputError, ModelError, TrainingError
 from voxdiff.pretrain import state as state_mod

@@ -12,7 +12,6 @@ from voxdiff.probe.predict import logits_to_labels, unit_image
 from voxdiff.probe.train import ProbeConfig, mean_dice
 from voxdiff.probe.voxel import VoxelSampler, fit_heads_voxels, gather, make_voxel_head, predict_logits_volume
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -198,8 +198,8 @@ def evaluate_models(
     ``summary.json``, ``summary.md``, ``figures/`` and ``config.yaml`` into ``out_dir``."""
     from voxdiff.core.config import write_config
     from voxdiff.core.outputs import atomic_write, atomic_write_json, check_output_path, staged_dir
-    from voxdiff.probe.train import resolve_device
     from voxdiff.probe.bundle import load_segmenter
+    from voxdiff.probe.train import resolve_device
 
     cfg = cfg or EvaluateConfig()
     data = Path(data_dir)

@@ -73,9 +73,9 @@ def sample_patches(model_path: str | os.PathLike, cfg: SampleConfig, progress: b
                                        "give --data FOLDER to take the conditions from real patches")
             if not Path(cfg.data).exists():
                 raise InputError(cfg.data, "data folder not found")
+            from ..core.config import from_dict
             from ..data.cache import load_preprocessed
             from ..data.preprocess import PreprocessConfig
-            from ..core.config import from_dict
 
             pre = from_dict(PreprocessConfig, mcfg["preprocess"], strict=False)
             cases = load_preprocessed(cfg.data, pre, kind=cfg.data_kind, progress=progress)

@@ -45,8 +45,15 @@ from ..core.precision import bf16_autocast
 from ..core.schedule import warmup_cosine
 from ..data.preprocess import PreprocessConfig
 from .backbone import Backbone, count_parameters
-from .state import (flatten_optimizer, latest_train_state, python_rng_from_json, python_rng_to_json,
-                    read_train_state, unflatten_optimizer, write_train_state)
+from .state import (
+    flatten_optimizer,
+    latest_train_state,
+    python_rng_from_json,
+    python_rng_to_json,
+    read_train_state,
+    unflatten_optimizer,
+    write_train_state,
+)
 from .tasks.base import available_methods, get_task_class, make_task_config
 
 BACKBONE_KIND = "backbone"

@@ -32,8 +32,17 @@ from voxdiff.core.errors import InputError
 
 from .heads import LinearHead, NonLinearHead
 from .predict import set_frozen, unit_image
-from .train import (FROZEN_MODES, ProbeConfig, _cosine, _progress, class_voxel_index, head_step, keep_best,
-                    resolve_device, restore_best)
+from .train import (
+    FROZEN_MODES,
+    ProbeConfig,
+    _cosine,
+    _progress,
+    class_voxel_index,
+    head_step,
+    keep_best,
+    resolve_device,
+    restore_best,
+)
 
 
 def _divisor(extractor) -> int:
