@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from voxdiff.core import runtime
+from voxdiff.core.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 IS_GLIBC = sys.platform.startswith("linux") and bool(os.confstr("CS_GNU_LIBC_VERSION"))
@@ -68,11 +69,15 @@ def test_resolve_device():
     assert runtime.resolve_device("auto").type == expect
     assert runtime.resolve_device(None).type == expect
     assert runtime.resolve_device(" AUTO ").type == expect
-    with pytest.raises(ValueError, match="unknown device"):
+    with pytest.raises(InputError, match="unknown device 'gpu0'"):
         runtime.resolve_device("gpu0")
-    if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="CUDA is not available"):
-            runtime.resolve_device("cuda:0")
+    if torch.cuda.is_available():
+        assert runtime.resolve_device("cuda", local_rank=0) == torch.device("cuda", 0)
+        assert runtime.resolve_device("auto").index is not None
+    else:
+        for name in ("cuda", "cuda:0", "CUDA"):
+            with pytest.raises(InputError, match="no CUDA device is available"):
+                runtime.resolve_device(name)
 
 
 def test_num_threads_restores():

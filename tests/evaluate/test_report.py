@@ -80,8 +80,9 @@ def test_probe_cv_and_evaluate(workspace, capsys):
 
 def test_evaluate_bundle_on_test_set_and_cross_dataset(workspace, tmp_path):
     w, ph = workspace
+    from standin import tiny_segmenter
+
     from voxdiff.data.preprocess import PreprocessConfig
-    from voxdiff.probe.standin import tiny_segmenter
 
     model = tiny_segmenter(tmp_path / "m", preprocess=PreprocessConfig(spacing=(5.0, 5.0, 5.0)))
     # the bundle was not trained on ph: "auto" evaluates every labelled case (cross-dataset use)

@@ -2,7 +2,8 @@
 
 * :func:`tune_allocator` stops glibc from handing every large buffer back to the kernel (the CLI
   calls it first thing; library users call it once at start-up, before big tensors exist).
-* :func:`resolve_device` turns ``"auto"``/``"cpu"``/``"cuda"``/``"cuda:1"`` into a ``torch.device``.
+* :func:`resolve_device` turns ``"auto"``/``"cpu"``/``"cuda"``/``"cuda:1"`` into a ``torch.device``
+  (``auto``: CUDA when available).
 * :func:`num_threads` sets torch's intra-op thread count for a block and restores it afterwards.
 """
 
@@ -14,8 +15,12 @@ import ctypes.util
 import os
 import sys
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-import torch
+from .errors import InputError
+
+if TYPE_CHECKING:  # torch is imported on use: tune_allocator() should run before torch loads
+    import torch
 
 # glibc's mallopt parameter numbers (malloc.h)
 _M_TRIM_THRESHOLD = -1
@@ -74,24 +79,31 @@ def tune_allocator(force: bool = False) -> bool:
     return ok
 
 
-def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"`` (or ``None``): the first CUDA device when one is usable, else the CPU.
+def resolve_device(name: str | torch.device | None = "auto", local_rank: int | None = None) -> torch.device:
+    """The one place a device setting (``device`` of every config) becomes a ``torch.device``.
 
-    ``"cpu"``, ``"cuda"``, ``"cuda:N"`` (and any other name torch accepts) are taken as given, except
-    that asking for CUDA on a machine without it raises a ``ValueError`` naming the problem.
+    ``"auto"`` (or ``None``): CUDA when it is available, else the CPU. ``"cuda"`` and ``"auto"`` on a
+    CUDA machine give ``cuda:<local_rank>`` (one GPU per DDP rank) or, without a rank, the current
+    CUDA device. ``"cpu"``, ``"cuda:N"`` and any other name torch accepts are taken as given. Asking
+    for CUDA on a machine without it, or for an unknown name, raises :class:`InputError`.
     """
+    import torch
+
     if isinstance(name, torch.device):
         dev = name
     else:
         pref = (name or "auto").strip().lower()
         if pref == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            pref = "cuda" if torch.cuda.is_available() else "cpu"
         try:
             dev = torch.device(pref)
-        except RuntimeError as e:
-            raise ValueError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(dev)!r} was requested but CUDA is not available on this machine")
+        except RuntimeError:
+            raise InputError(None, f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(None, f"device {str(name)!r} was requested but no CUDA device is available")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank if local_rank is not None else torch.cuda.current_device())
     return dev
 
 
@@ -101,6 +113,8 @@ def num_threads(n: int | None) -> Iterator[int]:
 
     ``n`` of ``None`` or ``0`` leaves the count as it is. Yields the count in effect inside the block.
     """
+    import torch
+
     prev = torch.get_num_threads()
     if n:
         torch.set_num_threads(int(n))

@@ -210,7 +210,6 @@ def _diaphragm_regions(cv: Canvas, S: Subject) -> None:
     # diaphragm muscle sheet just above the surface
     dia = thor & (Z < zd + 5.0)
     cv.tissue[dia] = T.DIAPHRAGM
-    cv._zd = zd
 
 
 def _table(cv: Canvas, S: Subject) -> None:
@@ -369,10 +368,6 @@ def _bowel(cv: Canvas, S: Subject, f: dict[str, np.ndarray], lm: dict[str, float
         cv.paint(b, mes & (f["fine"][b] > 0), T.VEIN, onto=(T.FAT_VISC,))
         cv.paint(b, mes & (f["fine"][b] <= 0), T.ARTERY, onto=(T.FAT_VISC,))
     lm["colon_transverse"] = float(zl("L3") - sag)
-
-
-def _ycentre(b, cv: Canvas) -> float:
-    return float(cv.ys[b[1]].mean())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -544,7 +539,6 @@ def _organs(cv: Canvas, S: Subject, f: dict[str, np.ndarray], lm: dict[str, floa
         cv.paint(tb, m & (f["lobule"][tb] > 1.3), T.FAT_VISC, onto=(T.PANCREAS,))  # fatty clefts
         lm["pancreas"] = float(zp)
     S._panc = ppts
-    S._kid = {}
 
     # ---- bladder ----------------------------------------------------------------------------------
     o = S.organ["bladder"]
