@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= demo_out
 
-.PHONY: demo test venv clean bench
+.PHONY: demo test lint venv clean bench
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,13 +21,19 @@ venv: $(VENV)/.installed
 demo: venv
 	$(VENV)/bin/voxdiff demo --out $(DEMO_OUT)
 
-test: venv
+test: venv lint
 	@# pytest exits 5 when it collected nothing: treat that as a failure too.
 	$(PY) -m pytest -q -p no:cacheprovider tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
+
+# Static checks, run before the tests (a finding fails `make test`): ruff (config in pyproject.toml)
+# and mypy on voxdiff/core.
+lint: venv
+	$(PY) -m ruff check voxdiff tests benchmarks
+	$(PY) -m mypy voxdiff/core
 
 bench: venv
 	$(PY) benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache .mypy_cache

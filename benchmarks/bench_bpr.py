@@ -34,6 +34,7 @@ import torch
 
 from voxdiff.bpr import BPRTrainConfig, load_bpr, predict_volume, train_bpr
 from voxdiff.bpr.quality import ape_patch_quality, ape_quality, patch_disagreement, slice_quality
+from voxdiff.core.runtime import tune_allocator
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real_ct"
 REAL_CASES = [  # (image, pseudo label or None)
@@ -145,6 +146,7 @@ def main() -> None:
     ap.add_argument("--no-real-train", action="store_true", help="skip the models trained with the real CTs added")
     ap.add_argument("--no-timing", action="store_true")
     args = ap.parse_args()
+    tune_allocator()  # the CLI's allocator setting (VOXDIFF_NO_MALLOPT=1: glibc default)
     warnings.simplefilter("ignore", UserWarning)
     work = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)

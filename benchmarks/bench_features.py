@@ -24,6 +24,9 @@ import time
 
 
 def child(args: argparse.Namespace) -> None:
+    from voxdiff.core.runtime import tune_allocator
+
+    tune_allocator()  # the CLI's allocator setting (VOXDIFF_NO_MALLOPT=1: glibc default)
     import numpy as np
     import torch
 

@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from voxdiff.core.runtime import tune_allocator
 from voxdiff.pretrain.backbone import Backbone, count_parameters
 
 
@@ -68,6 +69,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for both")
     args = ap.parse_args()
+    tune_allocator()  # the CLI's allocator setting (VOXDIFF_NO_MALLOPT=1: glibc default)
     torch.manual_seed(0)
     in_ch = 1 + args.cond
     ours = Backbone(in_channels=in_ch, out_channels=1, base_channels=args.base, num_levels=args.levels)

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from voxdiff.core.runtime import tune_allocator
+
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -46,6 +48,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=2026)
     a = ap.parse_args()
+    tune_allocator()  # the CLI's allocator setting (VOXDIFF_NO_MALLOPT=1: glibc default)
     if a.quick:
         a.n_train, a.n_test, a.n_unlabelled, a.shape = 3, 1, 3, (48, 48, 32)
         a.bpr_steps, a.pretrain_steps, a.probe_steps, a.patch = 20, 30, 30, (32, 32, 16)
@@ -94,7 +97,6 @@ def main() -> None:
                  pt, progress=False, force=True)
     times["pretrain_s"] = round(time.time() - t, 1)
 
-    from voxdiff.probe.heads import count_parameters
     from voxdiff.probe.train import ProbeConfig, train_probe
 
     runs = out / "probe"
@@ -159,8 +161,8 @@ def real_ct(model: Path, out: Path) -> None:
     """Segment the real CT samples (../shared/data/real_ct) with the phantom-trained model and score
     against their pseudo-labels (agreement with another model, not a benchmark)."""
     from voxdiff.data.io import load_label
-    from voxdiff.evaluate.metrics import dice_per_class, mean_over_organs
     from voxdiff.data.labels import ORGAN_NAMES
+    from voxdiff.evaluate.metrics import dice_per_class, mean_over_organs
     from voxdiff.segment import load_segmenter, segment_ct
 
     root = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real_ct"

@@ -29,6 +29,7 @@ import torch
 import yaml
 
 from voxdiff.core.config import from_dict
+from voxdiff.core.runtime import tune_allocator
 from voxdiff.experiments.core import Experiment, ExperimentConfig, method_parts
 from voxdiff.features.extract import with_timesteps
 from voxdiff.pretrain.load import load_pretrained
@@ -42,6 +43,7 @@ def main() -> None:
     ap.add_argument("--variants", default='[{}]', help="JSON list of override dicts")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
+    tune_allocator()  # the CLI's allocator setting (VOXDIFF_NO_MALLOPT=1: glibc default)
     warnings.simplefilter("ignore", UserWarning)
     torch.set_num_threads(args.threads)
     out = Path(args.experiment)

@@ -11,6 +11,7 @@ from jsonargparse import ArgumentParser
 from . import __version__
 from .core.cli import CommandGroup, WarningPrinter, one_line
 from .core.errors import VoxdiffError
+from .core.runtime import tune_allocator
 
 # Each module defines register(group). Order = order in --help.
 STAGE_CLIS = [
@@ -45,6 +46,7 @@ def build_parser() -> tuple[ArgumentParser, CommandGroup]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_allocator()  # before any large allocation; VOXDIFF_NO_MALLOPT=1 turns it off
     parser, root = build_parser()
     try:
         ns = parser.parse_args(argv)

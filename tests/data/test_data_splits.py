@@ -10,7 +10,6 @@ from voxdiff.core.errors import InputError
 from voxdiff.data.splits import btcv_vox2vec_splits, kfold_splits, make_splits, read_splits, write_splits
 
 
-
 def test_kfold_deterministic_partition():
     ids = [f"c{i:03d}" for i in range(23)]
     a = kfold_splits(ids, k=5, seed=7)

@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from voxdiff.evaluate.metrics import (
-    aggregate_cases, aggregate_folds, dice_per_class, hd95, mean_std, size_group_means, surface_dice,
+    aggregate_cases,
+    aggregate_folds,
+    dice_per_class,
+    hd95,
+    mean_std,
+    size_group_means,
+    surface_dice,
 )
 
 

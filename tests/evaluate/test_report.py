@@ -1,8 +1,6 @@
 """voxdiff probe -> voxdiff evaluate end to end on tiny phantoms: bundles, CV summary, report, figures."""
 
 import json
-import math
-import shutil
 
 import numpy as np
 import pytest
@@ -82,7 +80,8 @@ def test_probe_cv_and_evaluate(workspace, capsys):
 
 def test_evaluate_bundle_on_test_set_and_cross_dataset(workspace, tmp_path):
     w, ph = workspace
-    from voxdiff.probe.standin import tiny_segmenter
+    from standin import tiny_segmenter
+
     from voxdiff.data.preprocess import PreprocessConfig
 
     model = tiny_segmenter(tmp_path / "m", preprocess=PreprocessConfig(spacing=(5.0, 5.0, 5.0)))

@@ -17,7 +17,6 @@ from voxdiff.features import cache as cache_mod
 from voxdiff.pretrain.load import load_pretrained
 from voxdiff.pretrain.train import PretrainConfig, pretrain
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -6,12 +6,13 @@ import torch
 from voxdiff.pretrain.backbone import Backbone, LevelInfo, count_parameters
 
 
+@pytest.mark.device
 @pytest.mark.parametrize("levels,base", [(3, 8), (4, 8), (2, 4)])
-def test_pyramid_shapes_and_strides(levels, base):
-    net = Backbone(in_channels=2, out_channels=1, base_channels=base, num_levels=levels)
-    x = torch.randn(2, 2, 16, 24, 32)
-    pred, pyr = net(x, torch.tensor([0, 999]))
-    assert pred.shape == (2, 1, 16, 24, 32)
+def test_pyramid_shapes_and_strides(levels, base, test_device):
+    net = Backbone(in_channels=2, out_channels=1, base_channels=base, num_levels=levels).to(test_device)
+    x = torch.randn(2, 2, 16, 24, 32, device=test_device)
+    pred, pyr = net(x, torch.tensor([0, 999], device=test_device))
+    assert pred.shape == (2, 1, 16, 24, 32) and pred.device.type == test_device.type
     assert len(pyr) == len(net.levels) == levels
     for i, (f, lv) in enumerate(zip(pyr, net.levels)):
         assert isinstance(lv, LevelInfo) and lv.stride == 2 ** i and lv.name == f"level{i}"
@@ -19,7 +20,8 @@ def test_pyramid_shapes_and_strides(levels, base):
     assert [lv.channels for lv in net.levels] == [base * 2 ** i for i in range(levels)]
 
 
-def test_timestep_changes_features_and_null_embedding():
+@pytest.mark.device
+def test_timestep_changes_features_and_null_embedding(test_device):
     torch.manual_seed(0)
     net = Backbone(1, 1, 8, 3)
     with torch.no_grad():  # make the FiLM layers matter
@@ -27,12 +29,13 @@ def test_timestep_changes_features_and_null_embedding():
             if isinstance(m, torch.nn.Linear):
                 torch.nn.init.normal_(m.weight, 0, 0.3)
         net.null_embedding.normal_()
-    x = torch.randn(2, 1, 16, 16, 16)
+    net.to(test_device)
+    x = torch.randn(2, 1, 16, 16, 16).to(test_device)
     with torch.no_grad():
         a = net.features(x, t=5)[0]
-        b = net.features(x, t=torch.tensor([500, 500]))[0]
+        b = net.features(x, t=torch.tensor([500, 500], device=test_device))[0]
         c = net.features(x, t=None)[0]
-        a2 = net.features(x, t=torch.tensor([5, 5]))[0]
+        a2 = net.features(x, t=torch.tensor([5, 5], device=test_device))[0]
     assert torch.allclose(a, a2)
     assert not torch.allclose(a, b, atol=1e-4) and not torch.allclose(a, c, atol=1e-4)
 
@@ -72,9 +75,10 @@ def test_config_rebuilds_the_same_network():
         assert torch.equal(net(x, 3)[0], twin(x, 3)[0])
 
 
-def test_gradients_reach_every_level():
-    net = Backbone(1, 1, 4, 3)
-    pred, pyr = net(torch.randn(2, 1, 8, 8, 8), torch.tensor([1, 2]))
+@pytest.mark.device
+def test_gradients_reach_every_level(test_device):
+    net = Backbone(1, 1, 4, 3).to(test_device)
+    pred, pyr = net(torch.randn(2, 1, 8, 8, 8, device=test_device), torch.tensor([1, 2], device=test_device))
     pred.pow(2).mean().backward()
     assert net.stem.weight.grad is not None and net.stem.weight.grad.abs().sum() > 0
     assert net.enc[2][0].conv1.weight.grad.abs().sum() > 0

@@ -5,8 +5,8 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-
 from pretrain_synth import StandInBPR, synthetic_case, synthetic_cases
+
 from voxdiff.cli import main
 from voxdiff.pretrain.sample import SampleConfig, sample_patches, write_grid
 from voxdiff.pretrain.train import PretrainConfig, pretrain

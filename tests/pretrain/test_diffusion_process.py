@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from voxdiff.pretrain.diffusion import (GaussianDiffusion, index_grid, make_betas, positional_noise,
-                                        to_model_range, to_unit_range)
+from voxdiff.pretrain.diffusion import GaussianDiffusion, index_grid, make_betas, positional_noise, to_model_range, to_unit_range
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])

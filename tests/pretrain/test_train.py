@@ -6,8 +6,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from pretrain_synth import synthetic_cases
+
 from voxdiff.core.checkpoint import load_checkpoint, save_checkpoint
 from voxdiff.core.errors import InputError, ModelError, TrainingError
 from voxdiff.pretrain import state as state_mod
@@ -34,9 +34,10 @@ def _metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_loss_decreases(tmp_path, cases):
+@pytest.mark.device
+def test_loss_decreases(tmp_path, cases, test_device):
     cfg = tiny(steps=60, log_every=10, checkpoint_every=100, base_channels=8, lr=3e-3, warmup_steps=5,
-               prediction="epsilon")
+               prediction="epsilon", device=str(test_device))
     out = pretrain(cfg, tmp_path / "run", cases=cases, progress=False)
     rows = _metrics(out)
     assert [r["step"] for r in rows] == [10, 20, 30, 40, 50, 60]
@@ -50,10 +51,10 @@ def test_loss_decreases(tmp_path, cases):
     assert info["kind"] == "backbone" and info["config"]["method"] == "diffusion"
     assert info["config"]["preprocess"]["hu_window"] == [-1350.0, 1000.0]
     assert info["config"]["task"]["diffusion_steps"] == 100
-    ex = load_pretrained(out)
+    ex = load_pretrained(out, device=test_device)
     assert ex.method == "diffusion" and [lv.stride for lv in ex.levels] == [1, 2, 4]
     assert not any(p.requires_grad for p in ex.parameters())
-    feats = ex(torch.rand(1, 1, 16, 16, 8))
+    feats = ex(torch.rand(1, 1, 16, 16, 8, device=test_device))
     assert [f.shape[1] for f in feats] == [8, 16, 32]
     # the final weights are the EMA, not the online weights
     ts, _ = read_train_state(latest_train_state(out / "train_state"))

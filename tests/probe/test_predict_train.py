@@ -7,7 +7,7 @@ import torch
 from voxdiff.data.preprocess import PreprocessConfig, preprocess
 from voxdiff.probe.heads import LinearHead, NonLinearHead
 from voxdiff.probe.predict import predict_case, predict_logits
-from voxdiff.probe.standin import StandinExtractor
+from standin import StandinExtractor
 from voxdiff.probe.train import PatchSampler, ProbeConfig, dice_ce_loss, fit_heads, fit_network, mean_dice
 
 

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from voxdiff.core.metrics import mean_dice
 from voxdiff.data.preprocess import PreprocessConfig, preprocess
 from voxdiff.probe.heads import NonLinearHead
 from voxdiff.probe.predict import logits_to_labels, unit_image
-from voxdiff.probe.train import ProbeConfig, mean_dice
+from voxdiff.probe.train import ProbeConfig
 from voxdiff.probe.voxel import VoxelSampler, fit_heads_voxels, gather, make_voxel_head, predict_logits_volume
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,12 +9,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from standin import tiny_segmenter
 
 from voxdiff.cli import main
 from voxdiff.core.errors import ModelError
 from voxdiff.data.io import load_image, save_nifti
 from voxdiff.data.preprocess import axcodes, to_ras
-from voxdiff.probe.standin import tiny_segmenter
 from voxdiff.segment import load_segmenter, segment_ct
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real_ct"

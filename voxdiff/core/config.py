@@ -45,7 +45,7 @@ def _coerce(tp: Any, value: Any) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if dataclasses.is_dataclass(tp) and isinstance(value, dict):
-        return from_dict(tp, value)
+        return from_dict(tp, value)  # type: ignore[arg-type]
     if origin in (typing.Union, types.UnionType):
         for a in args:
             if a is type(None):
@@ -73,7 +73,7 @@ def _coerce(tp: Any, value: Any) -> Any:
 def from_dict(cls: type[T], data: dict[str, Any], strict: bool = True) -> T:
     """dict -> dataclass ``cls``; unknown keys raise (``strict``) or are ignored."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = set(data) - names
     if unknown and strict:
         raise ValueError(f"unknown config keys for {cls.__name__}: {sorted(unknown)}")
@@ -84,7 +84,8 @@ def from_dict(cls: type[T], data: dict[str, Any], strict: bool = True) -> T:
 def from_namespace(cls: type[T], ns: Any) -> T:
     """Build a dataclass config from a (jsonargparse) namespace holding its fields flat."""
     d = ns.as_dict() if hasattr(ns, "as_dict") else dict(vars(ns))
-    return from_dict(cls, {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}, strict=False)
+    return from_dict(cls, {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d},  # type: ignore[arg-type]
+                     strict=False)
 
 
 def versions() -> dict[str, str]:

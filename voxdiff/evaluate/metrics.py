@@ -11,7 +11,8 @@ Conventions (per case and organ):
   absent from both, 0 when absent from one.
 
 MONAI's ``DiceMetric(ignore_empty=True)`` gives NaN whenever the ground truth is empty, even when
-the prediction is not; we need 0 there (a false-positive organ must cost), hence this module.
+the prediction is not; we need 0 there (a false-positive organ must cost), hence this module. Dice itself lives in
+``voxdiff.core.metrics`` (every stage scores with it) and is re-exported here.
 """
 
 from __future__ import annotations
@@ -20,35 +21,8 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from voxdiff.data.labels import BTCV_LABELS, SIZE_GROUPS
-
-
-def dice_score(pred_mask: np.ndarray, gt_mask: np.ndarray) -> float:
-    p = np.asarray(pred_mask, dtype=bool)
-    g = np.asarray(gt_mask, dtype=bool)
-    denom = int(p.sum()) + int(g.sum())
-    if denom == 0:
-        return float("nan")
-    return 2.0 * int(np.logical_and(p, g).sum()) / denom
-
-
-def dice_per_class(pred: np.ndarray, gt: np.ndarray, n_classes: int = 14) -> dict[int, float]:
-    """Dice of every organ id ``1 .. n_classes-1`` (background excluded) -> ``{id: dice}``."""
-    pred = np.asarray(pred)
-    gt = np.asarray(gt)
-    if pred.shape != gt.shape:
-        raise ValueError(f"prediction shape {pred.shape} differs from ground truth {gt.shape}")
-    # one pass: joint histogram of (gt, pred) labels
-    n = int(n_classes)
-    p = np.clip(pred.astype(np.int64, copy=False).ravel(), 0, n)  # ids >= n go to an overflow bin
-    g = np.clip(gt.astype(np.int64, copy=False).ravel(), 0, n)
-    joint = np.bincount(g * (n + 1) + p, minlength=(n + 1) ** 2).reshape(n + 1, n + 1)
-    out: dict[int, float] = {}
-    for c in range(1, n):
-        inter = int(joint[c, c])
-        denom = int(joint[c, :].sum()) + int(joint[:, c].sum())
-        out[c] = float("nan") if denom == 0 else 2.0 * inter / denom
-    return out
+from voxdiff.core.metrics import dice_per_class, dice_score  # noqa: F401  (the one Dice; re-exported here)
+from voxdiff.data.labels import SIZE_GROUPS
 
 
 def _nanmean(values: Iterable[float]) -> float:
@@ -159,7 +133,3 @@ def aggregate_folds(fold_aggregates: Sequence[Mapping]) -> dict:
         "groups": {g: mean_std([f["groups"][g] for f in fold_aggregates]) for g in groups},
         "n_folds": len(fold_aggregates),
     }
-
-
-def organ_name(organ_id: int) -> str:
-    return BTCV_LABELS.get(int(organ_id), str(organ_id))

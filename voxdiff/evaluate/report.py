@@ -14,6 +14,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from voxdiff.core.errors import InputError
+from voxdiff.core.runtime import resolve_device
 from voxdiff.data.labels import BTCV_LABELS, SIZE_GROUPS
 
 from . import metrics as M
@@ -198,7 +199,6 @@ def evaluate_models(
     ``summary.json``, ``summary.md``, ``figures/`` and ``config.yaml`` into ``out_dir``."""
     from voxdiff.core.config import write_config
     from voxdiff.core.outputs import atomic_write, atomic_write_json, check_output_path, staged_dir
-    from voxdiff.probe.train import resolve_device
     from voxdiff.probe.bundle import load_segmenter
 
     cfg = cfg or EvaluateConfig()

@@ -5,6 +5,15 @@ Public API::
     from voxdiff.features import extract_volume, extract_case, FeatureCache, case_features
 """
 
+from .cache import (  # noqa: F401
+    FeatureCache,
+    case_features,
+    extract_case,
+    feature_key,
+    load_features,
+    model_fingerprint,
+    save_features,
+)
 from .extract import (  # noqa: F401
     DEFAULT_ROI,
     ExtractConfig,
@@ -14,13 +23,4 @@ from .extract import (  # noqa: F401
     plan_windows,
     select_levels,
     with_timesteps,
-)
-from .cache import (  # noqa: F401
-    FeatureCache,
-    case_features,
-    extract_case,
-    feature_key,
-    load_features,
-    model_fingerprint,
-    save_features,
 )

@@ -12,6 +12,7 @@ from tqdm import tqdm
 from ..core.config import to_dict, write_config
 from ..core.errors import InputError
 from ..core.outputs import atomic_write_json, check_output_path, staged_dir
+from ..core.runtime import resolve_device
 from .cache import case_meta, extract_case, feature_key, model_fingerprint, save_features
 from .extract import CONDITION_MODES as _CONDITIONS
 from .extract import ExtractConfig, with_timesteps
@@ -40,16 +41,6 @@ def validate(cfg: ExtractConfig, extractor: Any) -> None:
             raise InputError(getattr(extractor, "path", None), f"levels {list(cfg.levels)} do not exist (the model has levels 0..{n - 1})")
 
 
-def _device(pref: str):
-    import torch
-
-    if pref == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if pref.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(None, "device cuda requested but no GPU is available")
-    return pref
-
-
 def features_command(model: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike,
                      cfg: ExtractConfig | None = None, data_kind: str = "auto", split: str = "all",
                      case_ids: Sequence[str] | None = None, cache_dir: str | os.PathLike | None = None,
@@ -64,7 +55,7 @@ def features_command(model: str | os.PathLike, data: str | os.PathLike, out: str
 
     cfg = cfg or ExtractConfig()
     check_output_path(out, force=force)
-    extractor = load_pretrained(model, device=_device(cfg.device))
+    extractor = load_pretrained(model, device=resolve_device(cfg.device))
     with_timesteps(extractor, cfg.t)
     validate(cfg, extractor)
     ds = open_dataset(data, kind=data_kind, split=split)

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..core.metrics import dice_per_class
+from ..core.runtime import num_threads
 from .tasks.base import crop_or_pad
 
 _CACHE: dict[Any, list] = {}
@@ -57,16 +59,6 @@ def _features(backbone, task, image: torch.Tensor) -> torch.Tensor:
     return f.flatten(1).T  # (N, C)
 
 
-def dice_scores(pred: torch.Tensor, gt: torch.Tensor, n_classes: int) -> list[float]:
-    out = []
-    for c in range(1, n_classes):
-        p, g = pred == c, gt == c
-        if g.sum() == 0 and p.sum() == 0:
-            continue
-        out.append(float(2 * (p & g).sum() / (p.sum() + g.sum())))
-    return out
-
-
 @torch.no_grad()
 def _extract(cfg, backbone, task, cases, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     d = backbone.divisor
@@ -105,15 +97,11 @@ def online_probe(cfg, joint, ema_state: dict[str, torch.Tensor], device: torch.d
     counts = torch.bincount(y, minlength=n_classes).float()
     weight = (counts.sum() / (counts + 1)).clamp(max=100.0)
     weight = weight / weight.mean()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: threads only add synchronisation cost
-    try:
+    with num_threads(1):  # tiny ops: threads only add synchronisation cost
         _fit(head, opt, x, y, mu, sd, weight)
-    finally:
-        torch.set_num_threads(threads)
     with torch.no_grad():
         pred = head((test[0] - mu) / sd).argmax(1)
-    scores = dice_scores(pred, test[1], n_classes)
+    scores = [v for v in dice_per_class(pred, test[1], n_classes).values() if not np.isnan(v)]
     return {"dice": float(np.mean(scores)) if scores else float("nan"), "classes": float(len(scores))}
 
 

@@ -17,6 +17,7 @@ import torch
 
 from ..core.errors import InputError, ModelError
 from ..core.outputs import atomic_path, check_output_path
+from ..core.runtime import num_threads
 from .diffusion import to_unit_range
 from .load import load_backbone, resolve_backbone_dir
 
@@ -73,9 +74,9 @@ def sample_patches(model_path: str | os.PathLike, cfg: SampleConfig, progress: b
                                        "give --data FOLDER to take the conditions from real patches")
             if not Path(cfg.data).exists():
                 raise InputError(cfg.data, "data folder not found")
+            from ..core.config import from_dict
             from ..data.cache import load_preprocessed
             from ..data.preprocess import PreprocessConfig
-            from ..core.config import from_dict
 
             pre = from_dict(PreprocessConfig, mcfg["preprocess"], strict=False)
             cases = load_preprocessed(cfg.data, pre, kind=cfg.data_kind, progress=progress)
@@ -145,12 +146,7 @@ def sample_to_png(model_path: str | os.PathLike, out_png: str | os.PathLike, cfg
     if out.suffix.lower() != ".png":
         raise InputError(out, "the output must be a .png file")
     check_output_path(out, force=force)
-    threads = torch.get_num_threads()
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    try:
+    with num_threads(cfg.threads):
         samples, reals = sample_patches(model_path, cfg, progress=progress)
-    finally:
-        torch.set_num_threads(threads)
     title = f"{Path(model_path).name}: {cfg.n} samples, {cfg.sampler} {cfg.steps} steps"
     return write_grid(out, samples, reals, title=title)

@@ -38,15 +38,23 @@ import torch.distributed as dist
 from torch import nn
 
 from ..core.checkpoint import prefixed, save_checkpoint, unprefixed
-from ..core.config import from_dict, to_dict, write_config
+from ..core.config import to_dict, write_config
 from ..core.errors import InputError, ModelError, TrainingError
 from ..core.outputs import atomic_write, check_output_path, staged_dir
 from ..core.precision import bf16_autocast
+from ..core.runtime import num_threads, resolve_device
 from ..core.schedule import warmup_cosine
 from ..data.preprocess import PreprocessConfig
 from .backbone import Backbone, count_parameters
-from .state import (flatten_optimizer, latest_train_state, python_rng_from_json, python_rng_to_json,
-                    read_train_state, unflatten_optimizer, write_train_state)
+from .state import (
+    flatten_optimizer,
+    latest_train_state,
+    python_rng_from_json,
+    python_rng_to_json,
+    read_train_state,
+    unflatten_optimizer,
+    write_train_state,
+)
 from .tasks.base import available_methods, get_task_class, make_task_config
 
 BACKBONE_KIND = "backbone"
@@ -146,8 +154,6 @@ class PretrainConfig:
 _RESUME_FREE = {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "probe_every", "probe_data",
                 "probe_cases", "tensorboard", "device", "threads", "data", "data_kind", "cache_dir", "bpr_path"}
 
-BACKBONE_FIELDS = ("base_channels", "num_levels", "blocks_per_level", "norm_groups")
-
 
 # --------------------------------------------------------------------------------- distributed
 
@@ -182,16 +188,6 @@ def init_distributed(device_pref: str) -> Dist:
         dist.init_process_group("nccl" if use_cuda else "gloo")
         owns = True
     return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local, owns_group=owns)
-
-
-def pick_device(pref: str, d: Dist) -> torch.device:
-    if pref == "cpu":
-        return torch.device("cpu")
-    if pref in ("auto", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda", d.local_rank if d.world > 1 else torch.cuda.current_device())
-    if pref == "cuda":
-        raise InputError(None, "--device cuda requested but no CUDA device is available")
-    return torch.device("cpu")
 
 
 # --------------------------------------------------------------------------------- pieces
@@ -398,13 +394,10 @@ def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, resume: bool = Fal
     ``probe_set``: labelled preprocessed cases for the online probe instead of ``cfg.probe_data``.
     """
     d = init_distributed(cfg.device)
-    threads = torch.get_num_threads()
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
     try:
-        return _pretrain(cfg, Path(out_dir), resume, progress, force, cases, bpr, stop_after, d, probe_set)
+        with num_threads(cfg.threads):
+            return _pretrain(cfg, Path(out_dir), resume, progress, force, cases, bpr, stop_after, d, probe_set)
     finally:
-        torch.set_num_threads(threads)
         if d.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -431,7 +424,7 @@ def _pretrain(cfg: PretrainConfig, out: Path, resume: bool, progress: bool, forc
         ckpt = latest_train_state(state_root)
         if ckpt is None:
             raise InputError(out, "nothing to resume: no train_state/latest checkpoint in this folder")
-    device = pick_device(cfg.device, d)
+    device = resolve_device(cfg.device, local_rank=d.local_rank if d.world > 1 else None)
 
     # build everything before touching the output folder (bad input leaves no output)
     torch.manual_seed(cfg.seed)
@@ -673,9 +666,3 @@ def _online_probe(cfg, joint, ema, device, d: Dist, out: Path, step: int, writer
         for k, v in row.items():
             if k != "step":
                 writer.add_scalar(k, v, step)
-
-
-def read_pretrain_config(path: str | os.PathLike) -> PretrainConfig:
-    from ..core.config import read_config
-
-    return from_dict(PretrainConfig, read_config(path), strict=False)

@@ -27,13 +27,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from voxdiff.core.errors import InputError
+from voxdiff.core.metrics import mean_dice
+from voxdiff.core.runtime import resolve_device
+from voxdiff.core.schedule import warmup_cosine
 
 from .heads import LinearHead, NonLinearHead
 from .predict import set_frozen, unit_image
-from .train import (FROZEN_MODES, ProbeConfig, _cosine, _progress, class_voxel_index, head_step, keep_best,
-                    resolve_device, restore_best)
+from .train import (
+    FROZEN_MODES,
+    ProbeConfig,
+    class_voxel_index,
+    head_step,
+    keep_best,
+    restore_best,
+)
 
 
 def _divisor(extractor) -> int:
@@ -88,7 +98,6 @@ def predict_logits_volume(extractor, heads: dict[str, nn.Module], image_unit: np
 def validate_volume(extractor, heads: dict[str, nn.Module], cases: Sequence, cfg: ProbeConfig) -> dict[str, float]:
     """Mean Dice of every head over whole validation volumes (whole-volume features)."""
     from .predict import logits_to_labels
-    from .train import mean_dice
 
     if not cases:
         return {}
@@ -211,10 +220,10 @@ def fit_heads_voxels(extractor, train_cases: Sequence, val_cases: Sequence = (),
         m.set_feature_stats(stats)
     log_ratio = prior_log_ratio(labels, sampler, cfg.n_classes).to(device)
     opts = {n: torch.optim.AdamW(m.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay) for n, m in models.items()}
-    scheds = {n: torch.optim.lr_scheduler.LambdaLR(o, _cosine(cfg.steps)) for n, o in opts.items()}
+    scheds = {n: torch.optim.lr_scheduler.LambdaLR(o, lambda i: warmup_cosine(i, cfg.steps)) for n, o in opts.items()}
     best = {n: (-math.inf, copy.deepcopy(m.state_dict())) for n, m in models.items()}
     running = {n: 0.0 for n in models}
-    bar = _progress(cfg.steps, "probe(voxels) " + "+".join(models), progress)
+    bar = tqdm(total=cfg.steps, desc="probe(voxels) " + "+".join(models), disable=None if progress else True, leave=False)
     for step in range(1, cfg.steps + 1):
         pyr, y = gather(pyrs, labels, strides, sampler.sample(voxels_per_step))
         pyr, y = [p.to(device) for p in pyr], y.to(device)

@@ -210,7 +210,6 @@ def _diaphragm_regions(cv: Canvas, S: Subject) -> None:
     # diaphragm muscle sheet just above the surface
     dia = thor & (Z < zd + 5.0)
     cv.tissue[dia] = T.DIAPHRAGM
-    cv._zd = zd
 
 
 def _table(cv: Canvas, S: Subject) -> None:
@@ -371,10 +370,6 @@ def _bowel(cv: Canvas, S: Subject, f: dict[str, np.ndarray], lm: dict[str, float
     lm["colon_transverse"] = float(zl("L3") - sag)
 
 
-def _ycentre(b, cv: Canvas) -> float:
-    return float(cv.ys[b[1]].mean())
-
-
 # ------------------------------------------------------------------------------------------------
 def _organs(cv: Canvas, S: Subject, f: dict[str, np.ndarray], lm: dict[str, float]) -> None:
     sw, sd, hs = S.sw, S.sd, S.hs
@@ -399,7 +394,6 @@ def _organs(cv: Canvas, S: Subject, f: dict[str, np.ndarray], lm: dict[str, floa
     ]) + d
     rad = np.array([14, 34, 33, 28, 22, 16, 9]) * fs
     tb, sdf, par = cv.tube(pts, rad, scale=(1, 0.85, 1), n_per_seg=5)
-    stomach_box = tb
     if tb is not None:
         ok = cv.region[tb] == 2
         sdf = sdf + 2.0 * f["fine"][tb]  # rugae
@@ -455,7 +449,6 @@ def _organs(cv: Canvas, S: Subject, f: dict[str, np.ndarray], lm: dict[str, floa
         cv.paint(b, sdf < 0, T.LIVER, onto=soft + (T.STOM_WALL, T.STOM_FLUID, T.STOM_AIR), region=abd)
         lm["liver_bottom"] = float(min(cR[2] - 90 * s, tip[2] - (30 + 15 * S.liver_tip) * s))
         lm["liver_top"] = float(zR)
-    liver_c = cR
 
     # ---- gallbladder under the liver ------------------------------------------------------------
     o = S.organ["gb"]
@@ -546,7 +539,6 @@ def _organs(cv: Canvas, S: Subject, f: dict[str, np.ndarray], lm: dict[str, floa
         cv.paint(tb, m & (f["lobule"][tb] > 1.3), T.FAT_VISC, onto=(T.PANCREAS,))  # fatty clefts
         lm["pancreas"] = float(zp)
     S._panc = ppts
-    S._kid = {}
 
     # ---- bladder ----------------------------------------------------------------------------------
     o = S.organ["bladder"]
@@ -758,7 +750,6 @@ def _vessels(cv: Canvas, S: Subject, lm: dict[str, float]) -> None:
 # ------------------------------------------------------------------------------------------------
 def _skeleton(cv: Canvas, S: Subject, lm: dict[str, float]) -> None:
     sw, sd = S.sw, S.sd
-    bone_onto = None  # bones win over everything
     # ---- vertebral column + sacrum (vectorised over all levels) -------------------------------
     b = cv.box((-75 * sw, -200, -60), (75 * sw, 80, S.levels[-1]))
     if b is not None:
@@ -886,7 +877,6 @@ def _ribs(cv: Canvas, S: Subject) -> None:
     x, y, z, wd = X[idx], Y[idx], Z[idx], wall_d[idx]
     # angle from the posterior midline (0) to the anterior midline (pi), per side
     ps = np.arctan2(np.abs(x), -y)
-    side = np.sign(x)
     out = np.zeros(x.shape, np.uint8)
     for i, name in enumerate(["T1", "T2", "T3", "T4", "T5", "T6", "T7", "T8", "T9", "T10", "T11", "T12"]):
         z0 = S.lev(name, 0.6)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -142,7 +141,3 @@ def make_phantom_dataset(
             case = generate_phantom(first["seed"], cfg, unlabelled=first["set"] == "unlabelled", case_id=first["case_id"])
             preview_png(case, tmp / "preview.png")
     return Path(out)
-
-
-def config_with(cfg: PhantomConfig, **kw: Any) -> PhantomConfig:
-    return dataclasses.replace(cfg, **kw)

@@ -36,8 +36,8 @@ class LatticeBasis:
         self.axes = axes
         self.h = float(h)
         self.mats = [spline_matrix(a, h) for a in axes]
-        # variance of a field with unit-variance coefficients (sum of squared weights per axis)
-        self._std = float(np.prod([np.sqrt(np.mean(np.sum(m**2, axis=1))) for m in self.mats]))
+        # standard deviation of a field with unit-variance coefficients (from the squared weights per axis)
+        self.unit_std = float(np.prod([np.sqrt(np.mean(np.sum(m**2, axis=1))) for m in self.mats]))
 
     @property
     def n_nodes(self) -> tuple[int, int, int]:
@@ -46,7 +46,7 @@ class LatticeBasis:
     def draw(self, rng: np.random.Generator, std: float = 1.0) -> np.ndarray:
         """A smooth field with (approximately) standard deviation ``std``."""
         coef = rng.standard_normal(self.n_nodes).astype(np.float32)
-        return self.from_coef(coef) * np.float32(std / self._std)
+        return self.from_coef(coef) * np.float32(std / self.unit_std)
 
     def from_coef(self, coef: np.ndarray) -> np.ndarray:
         mx, my, mz = self.mats

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -163,7 +162,7 @@ def generate_phantom(seed: int, cfg: PhantomConfig | None = None, *, unlabelled:
     dbas = LatticeBasis(axes, cfg.deformation_spacing_mm)
     dstd = cfg.deformation_mm * float(r_field.uniform(0.5, 1.0))
     dcoef = [r_field.standard_normal(dbas.n_nodes).astype(np.float32) for _ in range(3)]
-    disp = tuple(dbas.from_coef(c) * np.float32(dstd / dbas._std) for c in dcoef)
+    disp = tuple(dbas.from_coef(c) * np.float32(dstd / dbas.unit_std) for c in dcoef)
     fields = {
         "shape": LatticeBasis(axes, 25.0).draw(r_field),
         "fine": LatticeBasis(axes, 8.0).draw(r_field),
@@ -244,7 +243,7 @@ def generate_phantom(seed: int, cfg: PhantomConfig | None = None, *, unlabelled:
     affine[:3, 3] = np.array([xs[0], ys[0], zs[0]]) + offset
     # landmark z in world mm (first-order inverse of the displacement at the midline)
     pts = np.array([[0.0, 0.0, z] for z in lm.values()])
-    dzs = dbas.at_points(dcoef[2], pts) * (dstd / dbas._std) if cfg.deformation_mm > 0 else np.zeros(len(pts))
+    dzs = dbas.at_points(dcoef[2], pts) * (dstd / dbas.unit_std) if cfg.deformation_mm > 0 else np.zeros(len(pts))
     landmarks = {k: round(float(z - d + offset[2]), 1) for (k, z), d in zip(lm.items(), dzs)}
     vox_ml = dxy * dxy * dz / 1000.0
     counts = np.bincount(label.ravel(), minlength=14)
@@ -288,10 +287,6 @@ def generate_phantom(seed: int, cfg: PhantomConfig | None = None, *, unlabelled:
         extra=extra,
     )
     return Case(image=img, label=label.astype(np.uint8), meta=meta)
-
-
-def config_replace(cfg: PhantomConfig, **kw) -> PhantomConfig:
-    return dataclasses.replace(cfg, **kw)
 
 
 __all__ = ["PhantomConfig", "generate_phantom", "Z_MODES", "PHASES", "GENERATOR_VERSION", "field"]

@@ -53,11 +53,6 @@ LABEL_OF[ADRENAL] = 12
 LABEL_OF[ADRENAL + KID_L_OFFSET] = 13
 
 
-def base_tissue(t: np.ndarray) -> np.ndarray:
-    """Fold sided copies back onto their tissue id (for HU lookup)."""
-    return np.where(t >= KID_L_OFFSET, t - KID_L_OFFSET, t).astype(np.uint8)
-
-
 # CT numbers: native HU, enhancement in the arterial and portal-venous phase (added on top of the
 # native value, scaled per subject), texture standard deviation (correlated, inside the tissue) and
 # per-subject standard deviation of a random offset.

@@ -1,3 +1,3 @@
 """Pretext tasks behind one interface: diffusion (with/without BPR), restorative, contrastive, random."""
 
-from .base import PretextTask, TASKS, register_task, get_task_class  # noqa: F401
+from .base import TASKS, PretextTask, get_task_class, register_task  # noqa: F401

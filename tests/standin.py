@@ -1,4 +1,6 @@
-"""A tiny stand-in feature extractor that follows the ``FeatureExtractor`` contract.
+"""Test helper: a tiny stand-in feature extractor that follows the ``FeatureExtractor`` contract.
+
+Imported by tests as ``from standin import ...`` (``tests/`` is on ``sys.path`` through its conftest).
 
 ``StandinExtractor(channels=(4, 8, 16))`` is a small random conv pyramid: called on
 ``(B, 1, X, Y, Z)`` images in [0, 1] it returns ``[f_1, f_2, f_4, ...]`` (finest first, strides
@@ -78,15 +80,14 @@ class StandinExtractor:
 
 def tiny_segmenter(out_dir, cases=None, preprocess=None, head: str = "linear", seed: int = 0, roi=(32, 32, 32)):
     """A small random-backbone segmenter bundle (``method="random"``, base 4, 3 levels, untrained
-    head) for tests and smoke runs of ``voxdiff segment`` / ``evaluate``. Returns the bundle path."""
+    head) for tests of ``voxdiff segment`` / ``evaluate``. Returns the bundle path."""
     import tempfile
     from pathlib import Path
 
     from voxdiff.data.preprocess import PreprocessConfig
     from voxdiff.pretrain.train import PretrainConfig, pretrain
-
-    from .bundle import save_segmenter
-    from .heads import make_head
+    from voxdiff.probe.bundle import save_segmenter
+    from voxdiff.probe.heads import make_head
 
     pre = preprocess or PreprocessConfig(spacing=(4.0, 4.0, 4.0))
     if cases is None:
