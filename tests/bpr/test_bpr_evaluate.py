@@ -6,8 +6,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-
 from bpr_helpers import z_textured_case
+
 from voxdiff.bpr.evaluate import BPREvalConfig, crop_consistency, crop_ranges, evaluate_bpr
 from voxdiff.bpr.fields import CoordinateField
 from voxdiff.bpr.models import build_bpr, save_bpr

@@ -6,12 +6,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from bpr_helpers import REAL_CT, z_textured_case
 
 from voxdiff.bpr import build_bpr, predict_volume, save_bpr
 from voxdiff.cli import main
 from voxdiff.core.errors import InputError
-
-from bpr_helpers import REAL_CT, z_textured_case
 
 
 def _saved_model(tmp_path, kind, calib=True):

@@ -6,12 +6,11 @@ the case and keys the map colours."""
 import nibabel as nib
 import numpy as np
 import torch
+from bpr_helpers import z_textured_case
 from PIL import Image
 
 from voxdiff.bpr import build_bpr, save_bpr
 from voxdiff.cli import main
-
-from bpr_helpers import z_textured_case
 
 PATCH = (24, 24, 24)
 

@@ -9,7 +9,7 @@ import warnings
 
 import numpy as np
 import pytest
-from data_helpers import REAL_CT, affine_for, synthetic_ct, write_dicom_series, write_nifti
+from data_helpers import affine_for, synthetic_ct, write_dicom_series, write_nifti
 
 from voxdiff.cli import main
 from voxdiff.core.cli import WarningPrinter, one_line

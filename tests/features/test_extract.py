@@ -14,7 +14,6 @@ from voxdiff.pretrain.diffusion import index_grid, positional_noise
 from voxdiff.pretrain.load import FeatureExtractor
 from voxdiff.pretrain.tasks.base import get_task_class
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

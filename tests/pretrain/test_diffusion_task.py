@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 import torch
-
 from pretrain_synth import StandInBPR, synthetic_cases
+
 from voxdiff.core.errors import InputError
 from voxdiff.pretrain.backbone import Backbone
 from voxdiff.pretrain.diffusion import index_grid

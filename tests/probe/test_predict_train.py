@@ -3,13 +3,12 @@
 import numpy as np
 import pytest
 import torch
+from standin import StandinExtractor
 
 from voxdiff.data.preprocess import PreprocessConfig, preprocess
 from voxdiff.probe.heads import LinearHead, NonLinearHead
 from voxdiff.probe.predict import predict_case, predict_logits
-from standin import StandinExtractor
 from voxdiff.probe.train import PatchSampler, ProbeConfig, dice_ce_loss, fit_heads, fit_network, mean_dice
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -17,6 +17,7 @@ Public API::
     case_fields(model, cases, cache_dir)            # one field per preprocessed case, cached
 """
 
+from .fields import CoordinateField, FieldCache, case_fields, crop_fields, volume_field
 from .models import (
     BPR_KINDS,
     BPR_VERSION,
@@ -30,7 +31,6 @@ from .models import (
     save_bpr,
     sincos_encode,
 )
-from .fields import CoordinateField, FieldCache, case_fields, crop_fields, volume_field
 from .predict import predict_volume
 from .train import BPRTrainConfig, train_bpr
 

@@ -32,7 +32,7 @@ from ..core.errors import InputError
 from ..core.outputs import atomic_write_json, staged_dir
 from .fields import CoordinateField, volume_field
 from .models import BodyPartRegressor, load_bpr
-from .quality import spearman, landmark_z, slice_z_mm
+from .quality import landmark_z, slice_z_mm, spearman
 
 
 @dataclass

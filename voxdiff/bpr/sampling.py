@@ -142,7 +142,10 @@ def ape_views(
         # b starts so that the two extents overlap by at least (1 - max_shift) of the smaller one
         shift = rng.uniform(-max_shift, max_shift) * min(ea, eb)
         b0 = a0 + (ea - eb) / 2 + shift
-        starts_a.append(a0); steps_a.append(sa); starts_b.append(b0); steps_b.append(sb)
+        starts_a.append(a0)
+        steps_a.append(sa)
+        starts_b.append(b0)
+        steps_b.append(sb)
     ar = torch.arange(size, dtype=torch.float32)
     va = sample_axes(vol, [s + d * ar for s, d in zip(starts_a, steps_a)])
     vb = sample_axes(vol, [s + d * ar for s, d in zip(starts_b, steps_b)])

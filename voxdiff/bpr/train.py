@@ -14,7 +14,6 @@ draws the same batches as an uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 from dataclasses import dataclass
@@ -222,7 +221,9 @@ def slice_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Ge
     va, vb, zs = [], [], []
     for i in idx:
         a, b, z = slice_views(vols[i], cfg.slice_patch, cfg.slices_per_sample, rng, cfg.zoom, cfg.intensity_aug)
-        va.append(a); vb.append(b); zs.append(z)
+        va.append(a)
+        vb.append(b)
+        zs.append(z)
     x = torch.cat(va + vb)
     s = model.slice_scores_raw(x)
     sa, sb = s[: len(idx)], s[len(idx):]
@@ -269,7 +270,8 @@ def ape_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Gene
             p.append(wpos)
         emb.append(torch.cat(e))
         pos.append(torch.cat(p))
-        ca.append(sample_points(oa, v.common_a)); cb.append(sample_points(ob, v.common_b))
+        ca.append(sample_points(oa, v.common_a))
+        cb.append(sample_points(ob, v.common_b))
     emb_t, pos_t = torch.stack(emb), torch.stack(pos)
     l_disp = losses.ape_displacement_loss(emb_t, pos_t, unit_mm)
     l_dist = losses.ape_distance_loss(emb_t, pos_t, unit_mm)

@@ -95,7 +95,7 @@ class WarningPrinter:
         self.quiet = quiet
         self.stream = stream
         self.seen: set[str] = set()
-        self._ctx = None
+        self._ctx: Any = None
 
     def show(self, message, category, filename, lineno, file=None, line=None) -> None:
         if self.quiet:

@@ -333,8 +333,9 @@ def load_preprocessed(
     ``check_ct``: an image that does not look like CT in HU (:mod:`voxdiff.data.ctcheck`) is an
     :class:`InputError` naming it, unless ``allow_non_ct``.
     """
-    from .ctcheck import check_ct as _check
     from tqdm import tqdm
+
+    from .ctcheck import check_ct as _check
 
     ds = path_or_dataset if isinstance(path_or_dataset, Dataset) else open_dataset(path_or_dataset, kind=kind, split=split)
     refs = ds.refs

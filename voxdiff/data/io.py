@@ -77,9 +77,9 @@ def _check_finite(path: Path, arr: np.ndarray) -> None:
 
 
 def _read_nifti(path: Path, dtype) -> tuple[np.ndarray, np.ndarray]:
-    import nibabel as nib
-
     import logging
+
+    import nibabel as nib
 
     log = logging.getLogger("nibabel.global")
     level = log.level

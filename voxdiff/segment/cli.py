@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from voxdiff.core.cli import CommandGroup, add_config
 from voxdiff.core.config import from_namespace
-
 from voxdiff.data.ctcheck import ALLOW_HELP
 
 from .segment import SegmentConfig, format_volumes, segment_ct
