@@ -12,8 +12,8 @@
     .venv/bin/python benchmarks/bench_conditions.py [--bpr runs/bpr-ape] [--kind ape]
 
 Without ``--bpr`` an untrained regressor of the default architecture is used (the speed does not
-depend on the weights). Set ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736`` or let the CLI
-do it; the numbers printed say which.
+depend on the weights). The allocator setting of the CLI (``voxdiff.core.runtime.tune_allocator``)
+is applied first.
 """
 
 from __future__ import annotations
@@ -61,8 +61,10 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=10)
     args = ap.parse_args()
     warnings.simplefilter("ignore", UserWarning)
-    fix = os.environ.get("MALLOC_MMAP_MAX_") == "0"
-    print(f"allocator fix (MALLOC_MMAP_MAX_=0) in the environment: {fix}; threads: 1", flush=True)
+    from voxdiff.core.runtime import tune_allocator
+
+    fix = tune_allocator() or os.environ.get("MALLOC_MMAP_MAX_") == "0"
+    print(f"allocator setting in effect: {fix}; threads: 1", flush=True)
     torch.set_num_threads(1)
     from voxdiff.bpr.fields import volume_field
     from voxdiff.pretrain.tasks.diffusion import DiffusionTask

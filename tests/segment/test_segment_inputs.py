@@ -11,10 +11,10 @@ import pydicom
 import pytest
 import torch
 from PIL import Image
+from standin import tiny_segmenter
 
 from voxdiff.cli import main
 from voxdiff.data.io import save_nifti
-from voxdiff.probe.standin import tiny_segmenter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
 from data_helpers import write_dicom_series  # noqa: E402
