@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from voxdiff.core.config import from_dict
-from voxdiff.experiments.core import Experiment, ExperimentConfig, method_parts
+from voxdiff.experiments.base import Experiment, ExperimentConfig, method_parts
 from voxdiff.features.extract import with_timesteps
 from voxdiff.pretrain.load import load_pretrained
 from voxdiff.probe.voxel import fit_heads_voxels

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from voxdiff.experiments import experiments as ex
-from voxdiff.experiments.core import ExperimentConfig, method_parts
+from voxdiff.experiments.base import ExperimentConfig, method_parts
 from voxdiff.experiments.runner import StepRunner
 
 
@@ -65,7 +65,7 @@ def test_interrupted_pretraining_step_resumes_to_the_same_weights(tmp_path, monk
     from safetensors.torch import load_file
 
     import voxdiff.pretrain.train as pt
-    from voxdiff.experiments.core import Experiment
+    from voxdiff.experiments.base import Experiment
 
     def experiment(name):
         cfg = ExperimentConfig(budget="tiny", methods=("diffusion-none",), scratch=False, workers=1, progress=False,
@@ -166,7 +166,7 @@ def test_compare_tiny_report_and_resume(tmp_path, monkeypatch):
 
 def test_other_settings_are_refused(tmp_path):
     from voxdiff.core.errors import InputError
-    from voxdiff.experiments.core import Experiment
+    from voxdiff.experiments.base import Experiment
 
     out = tmp_path / "e"
     Experiment(ExperimentConfig(budget="tiny", methods=("random",)), out, log=lambda s: None)
@@ -206,7 +206,7 @@ def test_timesteps_and_label_efficiency_tiny(tmp_path):
 
 def test_stage_configs_follow_budget_and_overrides(tmp_path):
     from voxdiff.experiments.budgets import get_budget
-    from voxdiff.experiments.core import Experiment
+    from voxdiff.experiments.base import Experiment
 
     budget = get_budget("tiny")
     budget["pretrain"]["diffusion_steps"] = 1000

@@ -5,7 +5,7 @@ from __future__ import annotations
 from voxdiff.core.cli import CommandGroup, add_config
 from voxdiff.core.config import from_namespace
 
-from .core import ExperimentConfig
+from .base import ExperimentConfig
 
 
 def register(root: CommandGroup) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .core import ExperimentConfig
+from .base import ExperimentConfig
 
 DEMO_METHODS = ("diffusion-ape", "diffusion-none", "restorative", "contrastive", "random")
 

@@ -8,7 +8,7 @@ from typing import Any, Callable
 from voxdiff.core.outputs import atomic_write, atomic_write_json
 from voxdiff.evaluate.metrics import aggregate_cases, aggregate_folds
 
-from .core import Experiment, ExperimentConfig, method_parts, scores_to_per_case
+from .base import Experiment, ExperimentConfig, method_parts, scores_to_per_case
 from . import report
 
 
