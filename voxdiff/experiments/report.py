@@ -304,4 +304,4 @@ def contrastive_note(rows: list[dict[str, Any]], ours: str = "diffusion-ape", ot
             ahead.append(f"{name} {100 * a:.1f} vs {100 * b:.1f}")
     if not ahead:
         return None
-    return f"Note: the contrastive baseline ({other}) is ahead of {ours} here: " + "; ".join(ahead) + "."
+    return f"Note: the {other} baseline is ahead of {ours} here (mean Dice): " + "; ".join(ahead) + "."
