@@ -46,7 +46,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.experiment)
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    cfg = from_dict(ExperimentConfig, saved["config"])
+    cfg = from_dict(ExperimentConfig, saved["config"], strict=False)  # fields renamed since (label_method) ignored
     exp = Experiment(cfg, out, log=lambda *a: None, budget=saved["budget_settings"])
     train, val, test = exp.folds()[0]
     for var in json.loads(args.variants):

@@ -276,3 +276,23 @@ def test_demo_prints_the_converged_scratch_reference_only_where_it_was_measured(
     assert {"diffusion-ape", "contrastive"} <= set(cfg.finetune) == set(DEMO_FINETUNE)
     b = get_budget("cpu-small")
     assert b["finetune_steps"] == b["scratch_steps"]  # the demo's fine-tuned rows cost what from scratch does
+
+
+def test_folder_of_an_older_config_resumes(tmp_path):
+    """A folder whose config.yaml predates fields added since (their defaults apply) or renamed
+    (label_method) is resumed; a real change of setting is still refused."""
+    import yaml
+
+    from voxdiff.core.errors import InputError
+    from voxdiff.experiments.base import Experiment
+
+    out = tmp_path / "e"
+    Experiment(ExperimentConfig(budget="tiny", methods=("random",)), out, log=lambda s: None)
+    doc = yaml.safe_load((out / "config.yaml").read_text())
+    for k in ("finetune", "finetune_steps", "label_methods"):
+        doc["config"].pop(k)
+    doc["config"]["label_method"] = "diffusion-ape"
+    (out / "config.yaml").write_text(yaml.safe_dump(doc))
+    Experiment(ExperimentConfig(budget="tiny", methods=("random",)), out, log=lambda s: None)
+    with pytest.raises(InputError, match="other settings"):
+        Experiment(ExperimentConfig(budget="tiny", methods=("random",), seed=3), out, log=lambda s: None)

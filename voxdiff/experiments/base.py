@@ -154,7 +154,13 @@ class Experiment:
 
         def same() -> bool:
             doc = yaml.safe_load(saved.read_text()) or {}
-            return {"config": doc.get("config"), "budget_settings": doc.get("budget_settings")} == mine
+            cfg = doc.get("config")
+            if isinstance(cfg, dict):  # a folder made before fields were added/renamed: compare with their defaults
+                try:
+                    cfg = to_dict(from_dict(ExperimentConfig, cfg, strict=False))
+                except (TypeError, ValueError):
+                    pass
+            return {"config": cfg, "budget_settings": doc.get("budget_settings")} == mine
 
         if self.out.exists() and any(self.out.iterdir()):
             if not saved.is_file():
