@@ -30,7 +30,7 @@ import yaml
 
 from voxdiff.core.config import from_dict
 from voxdiff.core.runtime import tune_allocator
-from voxdiff.experiments.core import Experiment, ExperimentConfig, method_parts
+from voxdiff.experiments.base import Experiment, ExperimentConfig, method_parts
 from voxdiff.features.extract import with_timesteps
 from voxdiff.pretrain.load import load_pretrained
 from voxdiff.probe.voxel import fit_heads_voxels
@@ -48,7 +48,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     out = Path(args.experiment)
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    cfg = from_dict(ExperimentConfig, saved["config"])
+    cfg = from_dict(ExperimentConfig, saved["config"], strict=False)  # fields renamed since (label_method) ignored
     exp = Experiment(cfg, out, log=lambda *a: None, budget=saved["budget_settings"])
     train, val, test = exp.folds()[0]
     for var in json.loads(args.variants):

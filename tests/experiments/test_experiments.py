@@ -9,7 +9,7 @@ import time
 import pytest
 
 from voxdiff.experiments import experiments as ex
-from voxdiff.experiments.core import ExperimentConfig, method_parts
+from voxdiff.experiments.base import ExperimentConfig, method_parts
 from voxdiff.experiments.runner import StepRunner
 
 
@@ -65,7 +65,7 @@ def test_interrupted_pretraining_step_resumes_to_the_same_weights(tmp_path, monk
     from safetensors.torch import load_file
 
     import voxdiff.pretrain.train as pt
-    from voxdiff.experiments.core import Experiment
+    from voxdiff.experiments.base import Experiment
 
     def experiment(name):
         cfg = ExperimentConfig(budget="tiny", methods=("diffusion-none",), scratch=False, workers=1, progress=False,
@@ -111,7 +111,7 @@ def test_method_names():
 @pytest.mark.slow
 def test_compare_tiny_report_and_resume(tmp_path, monkeypatch):
     cfg = ExperimentConfig(budget="tiny", methods=("diffusion-none", "restorative"), heads=("linear", "nonlinear"),
-                           scratch=False, workers=1, progress=False)
+                           scratch=False, finetune=("restorative", "contrastive"), workers=1, progress=False)
     out = tmp_path / "exp"
     logs: list[str] = []
 
@@ -142,17 +142,22 @@ def test_compare_tiny_report_and_resume(tmp_path, monkeypatch):
     assert not any("diffusion-none" in s for s in ran)
     assert any("pretrain-restorative" in s for s in ran)
 
-    # complete report: a row per method x head, with finite Dice in [0, 1] and the per-case scores
+    # complete report: a row per method x head, a fine-tuned row per fine-tuned method that was
+    # compared (contrastive was not), with finite Dice in [0, 1] and the per-case scores
     assert [(r["method"], r["head"]) for r in res["rows"]] == [
-        ("diffusion-none", "linear"), ("diffusion-none", "nonlinear"), ("restorative", "linear"), ("restorative", "nonlinear")]
+        ("diffusion-none", "linear"), ("diffusion-none", "nonlinear"), ("restorative", "linear"),
+        ("restorative", "nonlinear"), ("restorative", "fine-tuned")]
     for r in res["rows"]:
         m = r["summary"]["mean"]["mean"]
         assert 0.0 <= m <= 1.0 and not math.isnan(m)
         assert r["per_case"]
     doc = json.loads((out / "results.json").read_text())
-    assert doc["experiment"] == "compare" and len(doc["rows"]) == 4
+    assert doc["experiment"] == "compare" and len(doc["rows"]) == 5
     md = (out / "report.md").read_text()
     assert "| diffusion-none | nonlinear |" in md and "per_organ.png" in md
+    assert "| restorative | fine-tuned (4 steps) |" in md  # the budget's finetune_steps
+    tuned = json.loads((out / "finetune-restorative-f0" / "result.json").read_text())
+    assert tuned["mode"] == "finetune" and tuned["max_steps"] == 4 and tuned["steps_run"] == 4
     for f in ("per_organ.png", "size_groups.png", "config.yaml"):
         assert (out / f).stat().st_size > 0
     # each probe step left a segmenter bundle that voxdiff segment accepts
@@ -166,7 +171,7 @@ def test_compare_tiny_report_and_resume(tmp_path, monkeypatch):
 
 def test_other_settings_are_refused(tmp_path):
     from voxdiff.core.errors import InputError
-    from voxdiff.experiments.core import Experiment
+    from voxdiff.experiments.base import Experiment
 
     out = tmp_path / "e"
     Experiment(ExperimentConfig(budget="tiny", methods=("random",)), out, log=lambda s: None)
@@ -182,9 +187,9 @@ def test_other_settings_are_refused(tmp_path):
 @pytest.mark.slow
 def test_timesteps_and_label_efficiency_tiny(tmp_path):
     data = tmp_path / "ph"
-    cfg = ExperimentConfig(budget="tiny", workers=1, progress=False, heads=("nonlinear",), timesteps=(0, 5),
+    cfg = ExperimentConfig(budget="tiny", workers=1, progress=False, heads=("linear", "nonlinear"), timesteps=(0, 5),
                            train_T=(10, 100), timestep_method="diffusion-none", label_counts=(1, 0),
-                           label_method="diffusion-none")
+                           label_methods=("diffusion-none",))
     res = ex.timesteps(cfg, tmp_path / "ts", log=lambda s: None)
     assert [r["t"] for r in res["by_t"]] == [0, 5]
     assert [r["T"] for r in res["by_T"]] == [10, 100]
@@ -197,16 +202,30 @@ def test_timesteps_and_label_efficiency_tiny(tmp_path):
     assert (tmp_path / "ts" / "dice_vs_T.png").is_file()
 
     res = ex.label_efficiency(cfg, tmp_path / "le", log=lambda s: None)
-    counts = [r["n_train"] for r in res["rows"]]
-    assert counts[0] == 1 and counts[1] >= 1
+    # for each label count: from scratch, the frozen linear / non-linear probes and the fine-tuned backbone
+    n_all = 2  # tiny: 3 labelled training phantoms, 1 held out for validation
+    expect = [(n, m, k) for n in (1, n_all) for m, k in (("from-scratch", "scratch"), ("diffusion-none", "linear"),
+                                                         ("diffusion-none", "nonlinear"), ("diffusion-none", "fine-tuned"))]
+    assert [(r["n_train"], r["method"], r["mode"]) for r in res["rows"]] == expect
     for r in res["rows"]:
-        assert 0.0 <= r["pretrained"]["mean"]["mean"] <= 1.0 and 0.0 <= r["scratch"]["mean"]["mean"] <= 1.0
-    assert (tmp_path / "le" / "label_efficiency.png").is_file()
+        assert 0.0 <= r["summary"]["mean"]["mean"] <= 1.0
+    # end to end: trained with the budget's early stopping, the kept step is a validated one
+    for r in res["rows"]:
+        if r["mode"] in ("scratch", "fine-tuned"):
+            assert all(2 <= b <= s <= 8 and b % 2 == 0 for b, s in zip(r["best_step"], r["steps_run"]))
+    one = json.loads((tmp_path / "le" / "labels" / "finetune-diffusion-none-n1-f0" / "result.json").read_text())
+    assert len(one["train_cases"]) == 1 and one["val_cases"] and not set(one["val_cases"]) & set(one["test_cases"])
+    assert one["max_steps"] == 8
+    png = (tmp_path / "le" / "label_efficiency.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    md = (tmp_path / "le" / "report.md").read_text()
+    assert "| labelled cases | from scratch | diffusion-none, frozen linear probe |" in md
+    assert "diffusion-none, fine-tuned" in md and "label_efficiency.png" in md
 
 
 def test_stage_configs_follow_budget_and_overrides(tmp_path):
     from voxdiff.experiments.budgets import get_budget
-    from voxdiff.experiments.core import Experiment
+    from voxdiff.experiments.base import Experiment
 
     budget = get_budget("tiny")
     budget["pretrain"]["diffusion_steps"] = 1000
@@ -226,3 +245,54 @@ def test_stage_configs_follow_budget_and_overrides(tmp_path):
     b = exp.bpr_config("ape", steps=3)
     assert b.kind == "ape" and b.steps == 3 and tuple(b.spacing) == tuple(budget["spacing"])
     assert b.ape_patch == budget["bpr"]["ape_patch"]
+
+
+def _row(method, head, mean):
+    return {"method": method, "head": head, "summary": {"mean": {"mean": mean, "std": 0.0, "n": 1}}}
+
+
+def test_contrastive_note_is_computed_from_the_rows():
+    from voxdiff.experiments.report import contrastive_note
+
+    rows = [_row("diffusion-ape", "nonlinear", 0.26), _row("contrastive", "nonlinear", 0.356),
+            _row("diffusion-ape", "fine-tuned", 0.50), _row("contrastive", "fine-tuned", 0.45)]
+    note = contrastive_note(rows)
+    assert note.count("\n") == 0 and "non-linear probe 35.6 vs 26.0" in note and "fine-tuned" not in note
+    rows[1]["summary"]["mean"]["mean"] = 0.2
+    assert contrastive_note(rows) is None  # behind everywhere: no line
+    assert contrastive_note([_row("contrastive", "nonlinear", 0.9)]) is None  # nothing to compare with
+
+
+def test_demo_prints_the_converged_scratch_reference_only_where_it_was_measured():
+    from voxdiff.experiments.budgets import get_budget
+    from voxdiff.experiments.demo import DEMO_FINETUNE, demo_config, scratch_note
+
+    steps = get_budget("cpu-small")["scratch_steps"]
+    note = scratch_note("cpu-small", 0, steps)
+    assert f"trains {steps} steps" in note and "63.3" in note and "label-efficiency" in note
+    assert scratch_note("tiny", 0, 4) is None and scratch_note("cpu-small", 1, steps) is None
+    assert scratch_note("cpu-small", 0, 1200) is None  # trained as long as the reference: no note
+    cfg = demo_config()
+    assert {"diffusion-ape", "contrastive"} <= set(cfg.finetune) == set(DEMO_FINETUNE)
+    b = get_budget("cpu-small")
+    assert b["finetune_steps"] == b["scratch_steps"]  # the demo's fine-tuned rows cost what from scratch does
+
+
+def test_folder_of_an_older_config_resumes(tmp_path):
+    """A folder whose config.yaml predates fields added since (their defaults apply) or renamed
+    (label_method) is resumed; a real change of setting is still refused."""
+    import yaml
+
+    from voxdiff.core.errors import InputError
+    from voxdiff.experiments.base import Experiment
+
+    out = tmp_path / "e"
+    Experiment(ExperimentConfig(budget="tiny", methods=("random",)), out, log=lambda s: None)
+    doc = yaml.safe_load((out / "config.yaml").read_text())
+    for k in ("finetune", "finetune_steps", "label_methods"):
+        doc["config"].pop(k)
+    doc["config"]["label_method"] = "diffusion-ape"
+    (out / "config.yaml").write_text(yaml.safe_dump(doc))
+    Experiment(ExperimentConfig(budget="tiny", methods=("random",)), out, log=lambda s: None)
+    with pytest.raises(InputError, match="other settings"):
+        Experiment(ExperimentConfig(budget="tiny", methods=("random",), seed=3), out, log=lambda s: None)

@@ -129,8 +129,16 @@ def _backbone(task, width=8, levels=2):
 def test_setup_sizes_projector_from_backbone_levels():
     task = ContrastiveTask({"proj_dim": 32})
     net = _backbone(task, width=4, levels=3)
-    assert task.projector[0].in_features == 4 + 8 + 16
-    assert task.projector[-1].out_features == 32
+    c = 4 + 8 + 16
+    lin = [m for m in task.projector if isinstance(m, torch.nn.Linear)]
+    bns = [m for m in task.projector if isinstance(m, torch.nn.BatchNorm1d)]
+    # vox2vec's projector: C -> C -> C -> proj_dim, BatchNorm + ReLU after the first two layers
+    assert [(m.in_features, m.out_features) for m in lin] == [(c, c), (c, c), (c, 32)]
+    assert [m.num_features for m in bns] == [c, c]
+    assert sum(isinstance(m, torch.nn.ReLU) for m in task.projector) == 2
+    z = task.projector(torch.randn(10, c))
+    assert z.shape == (10, 32)
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(10))  # L2-normalised
     assert any(k.startswith("projector.") for k in task.state_dict())  # saved with the task
 
 
@@ -188,7 +196,7 @@ def test_engine_trains_saves_and_reloads(tmp_path, method, options):
     tensors, _ = load_checkpoint(out / "backbone", kind="backbone")
     if method == "contrastive":
         w = tensors["task.projector.0.weight"]
-        assert w.shape == (512, 12)
+        assert w.shape == (12, 12) and "task.projector.1.running_mean" in tensors
         torch.testing.assert_close(ex.task.projector[0].weight, w)
         assert ex.task.opts.n_pairs == 64
     else:
@@ -216,3 +224,133 @@ def test_identical_views_are_learned_quickly():
         loss.backward()
         opt.step()
     assert loss.item() < 0.3 * first, (first, loss.item())
+
+
+# ------------------------------------------------------------------------------ vox2vec's recipe
+
+
+def body_phantom(shape=(40, 36, 20)):
+    """Air around an elliptic body of soft tissue that holds an air pocket (a 'lung')."""
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+    inside = x ** 2 / 0.5 + y ** 2 / 0.4 < 1
+    hu = np.where(inside, 40.0, -1000.0)
+    pocket = (x - 0.1) ** 2 + y ** 2 < 0.04
+    hu = np.where(pocket, -850.0, hu).astype(np.float32)
+    return hu, inside, pocket
+
+
+def test_body_mask_counts_inner_air_as_body_and_outer_air_not():
+    hu, inside, pocket = body_phantom()
+    m = ct.body_mask(hu, -500.0)
+    np.testing.assert_array_equal(m, inside)
+    assert m[pocket].all() and pocket.any()  # the lung-like pocket is body
+    assert not m[0].any() and not m[:, 0].any()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_positives_are_body_voxels_only(seed):
+    hu, inside, _ = body_phantom()
+    task = ContrastiveTask({"n_pairs": 256})
+    b = task.sample_batch([FakeCase(hu, np.eye(4))], 4, (24, 24, 12), np.random.default_rng(seed))
+    assert b["pos_valid"].any(1).all()
+    for i in range(4):
+        v = b["pos_valid"][i]
+        vox = (b["pos_a"][i][v] + b["origin"][i]).numpy()
+        assert inside[vox[:, 0], vox[:, 1], vox[:, 2]].all()
+        np.testing.assert_array_equal(vox, (b["pos_b"][i][v] + b["origin_b"][i]).numpy())
+        assert 0 < v.sum() <= 256
+        # the crops overlapped in air too (the body fills about 60 % of each slice), yet no positive is air
+    assert (~inside).sum() > 0
+
+
+def test_crops_contain_the_anchor_and_stay_inside():
+    rng = np.random.default_rng(0)
+    shape, size = (40, 30, 20), (16, 16, 8)
+    for _ in range(200):
+        anchor = tuple(int(rng.integers(n)) for n in shape)
+        oa, ob = ct.sample_view_pair(shape, size, rng, max_shift=1.0, anchor=anchor)
+        for o in (oa, ob):
+            for d in range(3):
+                assert o[d] <= anchor[d] < o[d] + size[d]
+                assert 0 <= o[d] <= shape[d] - size[d]
+
+
+def test_hu_window_draw_stays_in_vox2vec_ranges():
+    cfg = ct.ContrastiveConfig()
+    lows, highs, default = [], [], 0
+    for seed in range(3000):
+        lo, hi = ct.draw_window(np.random.default_rng(seed), cfg, (-1350.0, 1000.0))
+        if (lo, hi) == (-1350.0, 1000.0):
+            default += 1
+            continue
+        lows.append(lo)
+        highs.append(hi)
+    lows, highs = np.array(lows), np.array(highs)
+    assert lows.min() >= -1350 and lows.max() <= -1000
+    assert highs.min() >= 300 and highs.max() <= 1000  # never down to soft-tissue levels as before
+    assert lows.min() < -1330 and lows.max() > -1020 and highs.min() < 330 and highs.max() > 970  # whole range
+    assert 0.15 < default / 3000 < 0.25  # random with probability 0.8
+
+
+def test_augmented_view_uses_the_drawn_window():
+    hu = np.full((16, 16, 8), 300.0, dtype=np.float32)
+    cfg = ct.ContrastiveConfig(window_prob=1.0, noise_prob=0.0, blur_prob=0.0, sharpen_prob=0.0)
+    for seed in range(20):
+        v, rec = ct.augment_view_hu(hu, np.random.default_rng(seed), cfg)
+        lo, hi = rec["window"]
+        np.testing.assert_allclose(v, (300.0 - lo) / (hi - lo), atol=1e-6)
+
+
+def test_noise_sd_is_at_most_30_hu():
+    cfg = ct.ContrastiveConfig(window_prob=0.0, blur_prob=0.0, sharpen_prob=0.0, noise_prob=1.0)
+    hu = np.zeros((32, 32, 16), dtype=np.float32)
+    sds = []
+    for seed in range(60):
+        v, rec = ct.augment_view_hu(hu, np.random.default_rng(seed), cfg, window=(-1350.0, 1000.0))
+        assert 0.0 <= rec["noise_sd"] <= 30.0
+        sds.append(float((v * 2350.0 - 1350.0).std()))
+    assert max(sds) < 31.0 and max(sds) > 20.0  # measured in HU on the view itself
+
+
+def test_blur_and_sharpen_act_in_plane_only():
+    z = np.arange(8, dtype=np.float32)
+    along_z = np.broadcast_to(z * 100.0, (16, 16, 8)).copy()  # varies only along z
+    along_x = np.broadcast_to((np.arange(16) % 2 * 400.0)[:, None, None], (16, 16, 8)).astype(np.float32)
+    for kind in ("blur", "sharpen"):
+        cfg = ct.ContrastiveConfig(window_prob=0.0, noise_prob=0.0, blur_prob=1.0 if kind == "blur" else 0.0,
+                                   sharpen_prob=1.0 if kind == "sharpen" else 0.0)
+        w = (-1350.0, 1000.0)
+        vz, rz = ct.augment_view_hu(along_z, np.random.default_rng(0), cfg, spacing=(1.0, 1.0, 2.0), window=w)
+        vx, _ = ct.augment_view_hu(along_x, np.random.default_rng(0), cfg, spacing=(1.0, 1.0, 2.0), window=w)
+        assert rz["filter"] == kind
+        np.testing.assert_allclose(vz, (along_z - w[0]) / (w[1] - w[0]), atol=1e-5)  # z untouched
+        assert np.abs(vx - (along_x - w[0]) / (w[1] - w[0])).max() > 0.01  # x changed
+
+
+def test_info_nce_same_view_negatives_match_a_direct_computation():
+    g = torch.Generator().manual_seed(1)
+    za = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=1)
+    zb = torch.nn.functional.normalize(torch.randn(5, 8, generator=g), dim=1)
+    tau = 0.1
+    loss, _ = ct.info_nce(za, zb, tau, same_view=True)
+
+    def one_side(x, y):
+        total = 0.0
+        for i in range(5):
+            cands = [float(x[i] @ y[j]) / tau for j in range(5)] + [float(x[i] @ x[j]) / tau for j in range(5) if j != i]
+            total += -(float(x[i] @ y[i]) / tau) + float(np.log(np.sum(np.exp(cands))))
+        return total / 5
+
+    assert loss.item() == pytest.approx(0.5 * (one_side(za, zb) + one_side(zb, za)), rel=1e-5)
+    other, _ = ct.info_nce(za, zb, tau, same_view=False)
+    assert loss.item() > other.item()  # more negatives, larger loss
+
+
+def test_models_with_the_earlier_projector_still_load():
+    old = ContrastiveTask({"projector": "mlp", "feature_channels": 12})
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in old.projector)
+    new = ContrastiveTask({"feature_channels": 12})
+    new.load_state_dict(old.state_dict())
+    torch.testing.assert_close(new.projector[0].weight, old.projector[0].weight)
+    with pytest.raises(ValueError, match="projector"):
+        ContrastiveTask({"projector": "simclr"})

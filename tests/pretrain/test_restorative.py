@@ -104,7 +104,8 @@ def test_genesis_distort_is_seeded_and_records_what_it_did():
     c, _ = gt.genesis_distort(img, np.random.default_rng(8), cfg)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
-    assert ra["paint"] == "inpaint" and ra["curve"] is not None and len(ra["shuffle_boxes"]) == cfg.shuffle_blocks
+    assert ra["paint"] == "inpaint" and ra["curve"] is not None
+    assert len(ra["shuffle_boxes"]) == gt.genesis_shuffle_count(img.shape)
     # outside the in-painted boxes the result is the intensity curve of the shuffled image: in
     # particular, voxels outside every box (shuffle or paint) equal curve(original)
     touched = gt.box_mask(img.shape, ra["shuffle_boxes"] + ra["paint_boxes"])
@@ -207,3 +208,69 @@ def test_hu_cases_are_windowed():
     hu = np.full((20, 20, 20), 0.0, dtype=np.float32)
     b = task.sample_batch([FakeCase(hu)], 1, (16, 16, 16), np.random.default_rng(0))
     assert torch.allclose(b["image"], torch.full_like(b["image"], 0.5))
+
+
+# ------------------------------------------------------------------------------ Models Genesis' sizes
+
+
+def test_shuffle_windows_follow_models_genesis_and_scale_with_the_patch():
+    # their patch: 10,000 windows of 1..6 x 1..6 x 1..3 voxels (side // 10)
+    assert gt.genesis_shuffle_count((64, 64, 32)) == 10000
+    assert gt.shuffle_window_max((64, 64, 32)) == (6, 6, 3)
+    # ours (cpu-small 32^3): windows of 1..3 per axis, as many as visit each voxel as often on average
+    assert gt.shuffle_window_max((32, 32, 32)) == (3, 3, 3)
+    n = gt.genesis_shuffle_count((32, 32, 32))
+    ref = 10000 * 3.5 * 3.5 * 2.0 / (64 * 64 * 32)
+    assert n * 2.0 ** 3 / 32 ** 3 == pytest.approx(ref, rel=1e-3)
+    rng = np.random.default_rng(0)
+    starts, sizes = gt.sample_shuffle_windows((32, 32, 32), rng, n)
+    assert starts.shape == sizes.shape == (n, 3)
+    assert sizes.min() == 1 and sizes.max() == 3 and set(np.unique(sizes)) == {1, 2, 3}
+    assert (starts >= 0).all() and (starts + sizes <= 32).all()
+    # a distortion with the defaults uses exactly that many windows
+    cfg = RestorativeConfig(shuffle_prob=1.0, nonlinear_prob=0.0, paint_prob=0.0)
+    _, rec = gt.genesis_distort(smooth_volume((32, 32, 32)), np.random.default_rng(1), cfg)
+    assert len(rec["shuffle_boxes"]) == n
+    assert max(b - a for box in rec["shuffle_boxes"] for a, b in box) == 3
+
+
+def test_overlapping_windows_take_original_values_and_the_last_window_wins():
+    img = smooth_volume((20, 20, 12))
+    rng = np.random.default_rng(2)
+    starts, sizes = gt.sample_shuffle_windows(img.shape, rng, 600, 4)
+    out = gt.local_shuffle(img, (starts, sizes), rng)
+    boxes = [tuple((int(a), int(a + s)) for a, s in zip(st, sz)) for st, sz in zip(starts, sizes)]
+    last = np.full(img.shape, -1)
+    for i, box in enumerate(boxes):
+        last[tuple(slice(a, b) for a, b in box)] = i
+    np.testing.assert_array_equal(out[last < 0], img[last < 0])
+    for i in np.unique(last[last >= 0])[::7]:
+        box = boxes[i]
+        sl = tuple(slice(a, b) for a, b in box)
+        won = last[sl] == i
+        # every voxel this window won holds an original value of the window, no value twice
+        vals = out[sl][won]
+        assert np.isin(vals, img[sl]).all()
+        assert len(np.unique(vals)) == len(vals)
+    # a window that no later one overlaps holds exactly its original multiset
+    free = [i for i, box in enumerate(boxes) if (last[tuple(slice(a, b) for a, b in box)] == i).all()]
+    assert free
+    for i in free[:20]:
+        sl = tuple(slice(a, b) for a, b in boxes[i])
+        np.testing.assert_array_equal(np.sort(out[sl], axis=None), np.sort(img[sl], axis=None))
+    # seeded
+    again = gt.local_shuffle(img, (starts, sizes), np.random.default_rng(5))
+    assert np.array_equal(again, gt.local_shuffle(img, (starts, sizes), np.random.default_rng(5)))
+
+
+def test_painting_box_counts_follow_models_genesis():
+    shape = (32, 32, 32)
+    rng = np.random.default_rng(0)
+    n_in = [len(gt.sample_inpaint_boxes(shape, rng)) for _ in range(4000)]
+    n_out = [len(gt.sample_outpaint_boxes(shape, rng)) for _ in range(4000)]
+    assert min(n_in) == 0 and max(n_in) == 5 and 0.02 < np.mean(np.array(n_in) == 0) < 0.08  # 1 - 0.95
+    assert min(n_out) == 1 and max(n_out) == 5
+    assert np.mean(np.array(n_out) == 5) == pytest.approx(0.95 ** 4, abs=0.03)
+    for box in gt.sample_inpaint_boxes(shape, np.random.default_rng(3), continue_prob=1.0):
+        for a, b in box:
+            assert 3 <= a and b <= 29 and 5 <= b - a <= 11  # 3 voxels off the faces; 1/6..1/3 of 32

@@ -29,6 +29,10 @@ BUDGETS: dict[str, dict[str, Any]] = {
                   "overlap": 0.25, "hidden": 8, "val_from_train": 1, "lr": 1e-2},
         "probe_voxels": 1024,
         "scratch_steps": 4,
+        "finetune_steps": 4,
+        "finetune": {"warmup_steps": 1},
+        # label-efficiency: fine-tuning / from scratch to convergence, best-validation checkpoint
+        "early_stopping": {"steps": 8, "val_every": 2, "patience": 1},
         "timesteps": (0, 5, 50),
         "train_T": (10, 100),
         "label_counts": (1, None),
@@ -50,7 +54,13 @@ BUDGETS: dict[str, dict[str, Any]] = {
         "probe": {"steps": 300, "patch_size": (48, 48, 32), "batch_size": 2, "val_every": 300, "roi": (64, 64, 64),
                   "overlap": 0.25, "hidden": 32, "val_from_train": 1, "lr": 1e-2, "scratch_lr": 2e-3, "fg_prob": 0.5},
         "probe_voxels": 8192,
+        # compare / demo: the from-scratch and fine-tuned rows train as many steps (the demo stays
+        # short; from scratch converges near 1,200 steps: docs/RESULTS.md)
         "scratch_steps": 150,
+        "finetune_steps": 150,
+        "finetune": {"warmup_steps": 30},  # head alone first, then backbone + head (backbone_lr)
+        # label-efficiency: up to 1,200 steps, validated every 100, stopped after 3 without progress
+        "early_stopping": {"steps": 1200, "val_every": 100, "patience": 3},
         "timesteps": (1, 10, 50, 200, 500),
         "train_T": (10, 100, 1000),
         "label_counts": (1, 2, 4, None),
@@ -69,6 +79,8 @@ BUDGETS: dict[str, dict[str, Any]] = {
         "probe": {"steps": 45000, "patch_size": (128, 128, 32), "batch_size": 7, "val_every": 3000,
                   "roi": (128, 128, 32), "overlap": 0.5, "hidden": 128, "val_from_train": 1, "lr": 3e-4,
                   "device": "auto"},
+        "finetune": {"warmup_steps": 1000},
+        "early_stopping": {"steps": 45000, "val_every": 3000, "patience": 5},
         "timesteps": (1, 5, 10, 25, 50, 100, 250, 500),
         "train_T": (10, 50, 100, 1000),
         "label_counts": (1, 2, 5, 10, None),

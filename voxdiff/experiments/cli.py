@@ -5,7 +5,7 @@ from __future__ import annotations
 from voxdiff.core.cli import CommandGroup, add_config
 from voxdiff.core.config import from_namespace
 
-from .core import ExperimentConfig
+from .base import ExperimentConfig
 
 
 def register(root: CommandGroup) -> None:
@@ -13,7 +13,7 @@ def register(root: CommandGroup) -> None:
     for name, fn, help_ in (
         ("compare", "compare", "method x {linear, non-linear} probing, mean ± std Dice per organ and size group"),
         ("timesteps", "timesteps", "Dice against the feature timestep t and the diffusion steps T in training"),
-        ("label-efficiency", "label_efficiency", "Dice against the number of labelled cases, pretrained vs scratch"),
+        ("label-efficiency", "label_efficiency", "Dice against the number of labelled cases: frozen probes, fine-tuned, from scratch"),
     ):
         p = g.command(name, _runner(fn), help=help_)
         p.add_argument("--out", type=str, required=True, help="experiment folder (an existing one is resumed)")

@@ -8,7 +8,7 @@ from typing import Any, Callable
 from voxdiff.core.outputs import atomic_write, atomic_write_json
 from voxdiff.evaluate.metrics import aggregate_cases, aggregate_folds
 
-from .core import Experiment, ExperimentConfig, method_parts, scores_to_per_case
+from .base import Experiment, ExperimentConfig, method_parts, scores_to_per_case
 from . import report
 
 
@@ -22,8 +22,10 @@ def _n_folds(exp: Experiment) -> int:
     return 1 if exp.cfg.folds == 0 else exp.cfg.folds
 
 
-def compare(cfg: ExperimentConfig, out: str | Path, force: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Method x {linear, non-linear} probing (and from-scratch): the paper's main table."""
+def compare(cfg: ExperimentConfig, out: str | Path, force: bool = False, log: Callable[[str], None] = print,
+            notes: list[str] | None = None) -> dict[str, Any]:
+    """Method x {linear, non-linear} probing, fine-tuned backbones (``cfg.finetune``) and
+    from-scratch: the paper's main table. ``notes``: paragraphs for the report, under the table."""
     exp = Experiment(cfg, out, force=force, log=log)
     rows: list[dict[str, Any]] = []
     for method in cfg.methods:
@@ -33,16 +35,22 @@ def compare(cfg: ExperimentConfig, out: str | Path, force: bool = False, log: Ca
             rows.append({"method": method, "head": head, **_aggregate(folds, head),
                          "head_parameters": folds[0]["head_parameters"][head],
                          "backbone_parameters": folds[0]["backbone_parameters"]})
+    for method in finetuned_methods(cfg):
+        model = exp.pretrained(method)
+        folds = [exp.tuned(f"finetune-{method}-f{k}", k, "finetune", model) for k in range(_n_folds(exp))]
+        rows.append({"method": method, "head": "fine-tuned", **_aggregate(folds, "finetune"),
+                     "steps": folds[0].get("max_steps")})
     if cfg.scratch:
         folds = [exp.scratch(f"scratch-f{k}", k) for k in range(_n_folds(exp))]
-        rows.append({"method": "from-scratch", "head": "end-to-end", **_aggregate(folds, "scratch")})
+        rows.append({"method": "from-scratch", "head": "end-to-end", **_aggregate(folds, "scratch"),
+                     "steps": folds[0].get("max_steps")})
     pre = {m: exp.runner.result(f"pretrain-{m}") for m in cfg.methods}
     bprs = {k: exp.runner.result(f"bpr-{k}") for k in ("ape", "slice") if exp.runner.done(f"bpr-{k}")}
     results = {"experiment": "compare", "config": cfg, "budget": exp.budget, "rows": rows, "pretraining": pre,
                "bpr": bprs, "seconds": round(exp.elapsed(), 1)}
     atomic_write_json(exp.out / "results.json", _plain(results))
     figs = report.compare_figures(rows, exp.out)
-    atomic_write(exp.out / "report.md", report.compare_markdown(results, figs))
+    atomic_write(exp.out / "report.md", report.compare_markdown(results, figs, notes))
     return results
 
 
@@ -80,29 +88,62 @@ def timesteps(cfg: ExperimentConfig, out: str | Path, force: bool = False, log: 
     return results
 
 
+def finetuned_methods(cfg: ExperimentConfig) -> list[str]:
+    """The compared methods whose backbones are also fine-tuned (a random backbone fine-tuned is the
+    from-scratch row)."""
+    return [m for m in cfg.finetune if m in cfg.methods and m != "random"]
+
+
 def label_efficiency(cfg: ExperimentConfig, out: str | Path, force: bool = False,
                      log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Dice against the number of labelled training cases: a pretrained method vs from scratch."""
+    """Dice against the number of labelled training cases (1, 2, 4, ..., all).
+
+    For every count: the same network trained from scratch; for every method of ``label_methods``
+    its frozen backbone probed with ``heads`` and the backbone fine-tuned. From scratch and
+    fine-tuning train to convergence (the budget's ``early_stopping``: validation every
+    ``val_every`` steps, stopped after ``patience`` validations without a better Dice) and the
+    best-validation state is tested; the frozen heads keep their best-validation state too. The
+    validation case is held out of the labelled training cases (``val_from_train``) and is the same
+    for every count, so every choice is made on it, never on the test cases.
+    """
     exp = Experiment(cfg, out, force=force, log=log)
     counts = tuple(cfg.label_counts) or tuple(exp.budget["label_counts"])
-    method = cfg.label_method
-    model = exp.pretrained(method)
+    methods = [m for m in cfg.label_methods if m != "random"]
+    models = {m: exp.pretrained(m) for m in methods}
     n_all = len(exp.folds()[0][0])
+    nf = _n_folds(exp)
     rows = []
+    seen: set[int] = set()
     for n in counts:
         n_eff = n_all if not n else min(int(n), n_all)
-        tag = "all" if not n else str(n_eff)
-        folds = [exp.probe(f"labels/{method}-n{tag}-f{k}", model, k, ("nonlinear",), n_train=n_eff)
-                 for k in range(_n_folds(exp))]
-        scratch = [exp.scratch(f"labels/scratch-n{tag}-f{k}", k, n_train=n_eff) for k in range(_n_folds(exp))]
-        rows.append({"n_train": n_eff, "pretrained": _aggregate(folds, "nonlinear")["summary"],
-                     "scratch": _aggregate(scratch, "scratch")["summary"]})
-    results = {"experiment": "label-efficiency", "config": cfg, "budget": exp.budget, "method": method,
+        if n_eff in seen:  # e.g. 4 and "all" with 4 training cases
+            continue
+        seen.add(n_eff)
+        tag = "all" if n_eff == n_all else str(n_eff)
+        scratch = [exp.scratch(f"labels/scratch-n{tag}-f{k}", k, n_train=n_eff, early_stopping=True) for k in range(nf)]
+        rows.append(_label_row(n_eff, "from-scratch", "scratch", scratch, "scratch"))
+        for m in methods:
+            frozen = [exp.probe(f"labels/{m}-n{tag}-f{k}", models[m], k, tuple(cfg.heads), n_train=n_eff)
+                      for k in range(nf)]
+            for h in cfg.heads:
+                rows.append(_label_row(n_eff, m, h, frozen, h))
+            tuned = [exp.tuned(f"labels/finetune-{m}-n{tag}-f{k}", k, "finetune", models[m], n_train=n_eff,
+                               early_stopping=True) for k in range(nf)]
+            rows.append(_label_row(n_eff, m, "fine-tuned", tuned, "finetune"))
+    results = {"experiment": "label-efficiency", "config": cfg, "budget": exp.budget, "methods": methods,
                "rows": rows, "seconds": round(exp.elapsed(), 1)}
     atomic_write_json(exp.out / "results.json", _plain(results))
-    figs = report.label_figures(rows, method, exp.out)
+    figs = report.label_figures(rows, exp.out)
     atomic_write(exp.out / "report.md", report.label_markdown(results, figs))
     return results
+
+
+def _label_row(n: int, method: str, mode: str, fold_results: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    row: dict[str, Any] = {"n_train": n, "method": method, "mode": mode, "summary": _aggregate(fold_results, key)["summary"]}
+    if "steps_run" in fold_results[0]:  # trained end to end: where early stopping ended, which step was kept
+        row["steps_run"] = [r.get("steps_run") for r in fold_results]
+        row["best_step"] = [r.get("best_step") for r in fold_results]
+    return row
 
 
 def _plain(obj: Any) -> Any:

@@ -29,7 +29,8 @@ def compare_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| method | head | mean Dice (%) | Big | Medium | Small |", "|---|---|---|---|---|---|"]
     for r in rows:
         s = r["summary"]
-        lines.append(f"| {r['method']} | {r['head']} | {pct(s.get('mean'))} | "
+        head = r["head"] + (f" ({r['steps']} steps)" if r.get("steps") else "")
+        lines.append(f"| {r['method']} | {head} | {pct(s.get('mean'))} | "
                      + " | ".join(pct(_g(s, g)) for g in GROUPS) + " |")
     return "\n".join(lines)
 
@@ -60,7 +61,7 @@ def compare_figures(rows: list[dict[str, Any]], out: Path) -> list[str]:
 
     files = []
     organs = list(ORGAN_NAMES)
-    sel = [r for r in rows if r["head"] in ("nonlinear", "end-to-end")] or rows
+    sel = [r for r in rows if r["head"] in ("nonlinear", "fine-tuned", "end-to-end")] or rows
     fig, ax = plt.subplots(figsize=(12, 4.5))
     w = 0.8 / max(1, len(sel))
     for i, r in enumerate(sel):
@@ -71,7 +72,7 @@ def compare_figures(rows: list[dict[str, Any]], out: Path) -> list[str]:
     ax.set_xticklabels([ORGAN_NAMES[o].replace("_", "\n") for o in organs], fontsize=7)
     ax.set_ylabel("Dice")
     ax.set_ylim(0, 1)
-    ax.set_title("Per-organ Dice (non-linear probes and from-scratch)")
+    ax.set_title("Per-organ Dice (non-linear probes, fine-tuned and from scratch)")
     ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
     with atomic_path(out / "per_organ.png") as tmp:
@@ -101,7 +102,8 @@ def compare_figures(rows: list[dict[str, Any]], out: Path) -> list[str]:
     return files
 
 
-def compare_markdown(results: dict[str, Any], figs: list[str]) -> str:
+def compare_markdown(results: dict[str, Any], figs: list[str], notes: list[str] | None = None) -> str:
+    """The compare report; ``notes``: extra paragraphs placed under the table (each ending a line)."""
     cfg = results["config"]
     cfgd = cfg if isinstance(cfg, dict) else cfg.__dict__
     rows = results["rows"]
@@ -118,6 +120,8 @@ def compare_markdown(results: dict[str, Any], figs: list[str]) -> str:
         "",
         compare_table(rows),
         "",
+        *([note, ""] if (note := contrastive_note(rows)) else []),
+        *[x for n in (notes or []) for x in (n, "")],
         "## Per organ",
         "",
         organ_table(rows),
@@ -199,7 +203,20 @@ def timesteps_markdown(results: dict[str, Any], figs: list[str]) -> str:
     return "\n".join(parts) + "\n"
 
 
-def label_figures(rows: list, method: str, out: Path) -> list[str]:
+def label_series(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The (method, mode) series of label-efficiency rows, in first-seen order."""
+    return list(dict.fromkeys((r["method"], r["mode"]) for r in rows))
+
+
+def _series_label(method: str, mode: str) -> str:
+    if method == "from-scratch":
+        return "from scratch"
+    return f"{method}, {'frozen ' + mode + ' probe' if mode in ('linear', 'nonlinear') else mode}"
+
+
+def label_figures(rows: list, out: Path) -> list[str]:
+    """``label_efficiency.png``: mean Dice against the number of labelled cases, one line per
+    method and mode (frozen probes dashed, fine-tuned solid, from scratch black)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -207,15 +224,30 @@ def label_figures(rows: list, method: str, out: Path) -> list[str]:
 
     from voxdiff.core.outputs import atomic_path
 
-    fig, ax = plt.subplots(figsize=(5, 3.8))
-    xs = [r["n_train"] for r in rows]
-    for key, label in (("pretrained", f"{method} (non-linear probe)"), ("scratch", "from scratch")):
-        ys = [(r[key].get("mean") or {}).get("mean") for r in rows]
-        ax.plot(xs, [float("nan") if y is None else y for y in ys], marker="o", label=label)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "from-scratch"))
+    for method, mode in label_series(rows):
+        pts = sorted((r["n_train"], (r["summary"].get("mean") or {})) for r in rows
+                     if r["method"] == method and r["mode"] == mode)
+        xs = [n for n, _ in pts]
+        ys = [float("nan") if m.get("mean") is None else m["mean"] for _, m in pts]
+        es = [m.get("std") or 0.0 for _, m in pts]
+        if method == "from-scratch":
+            style = {"color": "black", "linestyle": "-", "marker": "s"}
+        else:
+            color = plt.cm.tab10(methods.index(method) % 10)
+            style = {"color": color, "linestyle": {"fine-tuned": "-", "nonlinear": "--"}.get(mode, ":"),
+                     "marker": {"fine-tuned": "o", "nonlinear": "^"}.get(mode, "v")}
+        ax.errorbar(xs, ys, yerr=es if any(es) else None, label=_series_label(method, mode), capsize=2, **style)
+    ax.set_xscale("log", base=2)
+    ns = sorted({r["n_train"] for r in rows})
+    ax.set_xticks(ns)
+    ax.set_xticklabels([str(n) for n in ns])
     ax.set_xlabel("labelled training cases")
-    ax.set_ylabel("mean Dice")
+    ax.set_ylabel("mean Dice (13 organs)")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
+    ax.set_title("Label efficiency")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(out / "label_efficiency.png") as tmp:
         fig.savefig(tmp, dpi=110, format="png")
@@ -224,11 +256,52 @@ def label_figures(rows: list, method: str, out: Path) -> list[str]:
 
 
 def label_markdown(results: dict[str, Any], figs: list[str]) -> str:
+    rows = results["rows"]
+    series = label_series(rows)
+    es = (results.get("budget") or {}).get("early_stopping") or {}
     parts = ["# voxdiff experiment: label efficiency", "",
-             f"Method `{results['method']}` (frozen features, non-linear probe) against the same network "
-             f"trained from scratch; {results['seconds']:.0f} s in all.", "",
-             "| labelled cases | pretrained | from scratch |", "|---|---|---|"]
-    for r in results["rows"]:
-        parts.append(f"| {r['n_train']} | {pct(r['pretrained'].get('mean'))} | {pct(r['scratch'].get('mean'))} |")
+             "Mean Dice (%) on the test cases against the number of labelled training cases. From scratch "
+             "and fine-tuned: backbone + non-linear head trained end to end"
+             + (f" for up to {es.get('steps')} steps, validated every {es.get('val_every')} steps and stopped "
+                f"after {es.get('patience')} validations without a better Dice" if es else "")
+             + "; the best-validation state is tested. Frozen probes: heads on the frozen pretrained "
+             "backbone, best-validation state. Every choice is made on the held-out validation case, "
+             f"never on the test cases. {results['seconds']:.0f} s in all.", "",
+             "| labelled cases | " + " | ".join(_series_label(m, k) for m, k in series) + " |",
+             "|---|" + "---|" * len(series)]
+    for n in sorted({r["n_train"] for r in rows}):
+        cells = []
+        for m, k in series:
+            hit = [r for r in rows if r["n_train"] == n and r["method"] == m and r["mode"] == k]
+            cells.append(pct(hit[0]["summary"].get("mean")) if hit else "")
+        parts.append(f"| {n} | " + " | ".join(cells) + " |")
+    tuned = [r for r in rows if r.get("steps_run")]
+    if tuned:
+        parts += ["", "Steps trained end to end (stopped at / best-validation step kept, per fold):", "",
+                  "| labelled cases | series | stopped at | kept |", "|---|---|---|---|"]
+        for r in tuned:
+            parts.append(f"| {r['n_train']} | {_series_label(r['method'], r['mode'])} | "
+                         f"{', '.join(str(v) for v in r['steps_run'])} | {', '.join(str(v) for v in r['best_step'])} |")
     parts += ["", *[f"![{f}]({f})" for f in figs]]
     return "\n".join(parts) + "\n"
+
+
+def _mean_of(rows: list[dict[str, Any]], method: str, head: str) -> float | None:
+    for r in rows:
+        if r["method"] == method and r["head"] == head:
+            v = (r["summary"].get("mean") or {}).get("mean")
+            return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
+    return None
+
+
+def contrastive_note(rows: list[dict[str, Any]], ours: str = "diffusion-ape", other: str = "contrastive") -> str | None:
+    """One line saying where the contrastive baseline is ahead of diffusion + BPR in a compare table
+    (computed from the rows; None when it is ahead nowhere or a row is missing)."""
+    ahead = []
+    for head, name in (("linear", "linear probe"), ("nonlinear", "non-linear probe"), ("fine-tuned", "fine-tuned")):
+        a, b = _mean_of(rows, other, head), _mean_of(rows, ours, head)
+        if a is not None and b is not None and a > b:
+            ahead.append(f"{name} {100 * a:.1f} vs {100 * b:.1f}")
+    if not ahead:
+        return None
+    return f"Note: the {other} baseline is ahead of {ours} here (mean Dice): " + "; ".join(ahead) + "."

@@ -66,6 +66,8 @@ class ProbeConfig:
     val_from_train: training cases held out for checkpoint selection; 0 = select on the fold's
       validation cases (nnU-Net style; then the fold's score is optimistic).
     val_every: validate (whole volumes, sliding window) every this many steps and at the end.
+    patience: fine-tuning / from scratch: stop early after this many validations in a row without a
+      better validation Dice (0 = run all ``steps``); the best-validation state is returned either way.
     roi: sliding-window size for validation and for the saved segmenter.
     overlap: sliding-window overlap.
     n_classes: output classes incl. background (14 = BTCV).
@@ -93,6 +95,7 @@ class ProbeConfig:
     train_cases: int | None = None
     val_from_train: int = 1
     val_every: int = 100
+    patience: int = 0
     roi: tuple[int, int, int] = (96, 96, 64)
     overlap: float = 0.5
     n_classes: int = 14
@@ -373,7 +376,11 @@ def fit_network(
     """Fine-tune (``finetune``) or train from scratch (``scratch``) backbone + non-linear head.
 
     Works on a deep copy of ``extractor``; returns ``(tuned_extractor, head)`` in eval mode with the
-    best validation state. Only ``extractor.backbone`` is trained (a BPR inside stays frozen).
+    best validation state (backbone and head of the same step). Only ``extractor.backbone`` is
+    trained (a BPR inside stays frozen). With validation cases and ``cfg.patience`` > 0, training
+    stops after ``patience`` validations in a row without a better validation Dice (early
+    stopping). The head records ``best_val_dice``, ``best_step`` (the step of the returned state)
+    and ``steps_run`` (less than ``cfg.steps`` when stopped early).
     """
     if mode not in TUNED_MODES:
         raise ValueError(f"mode must be one of {TUNED_MODES}")
@@ -399,6 +406,7 @@ def fit_network(
     warm = 0 if mode == "scratch" else min(cfg.warmup_steps, cfg.steps)
     unfrozen = False
     best = (-math.inf, None)
+    best_step, since_best, step = 0, 0, 0
     bar = _progress(cfg.steps, mode, progress)
     running = 0.0
 
@@ -437,12 +445,17 @@ def fit_network(
             backbone.eval()
             val = validate(ext, {mode: head}, val_cases, cfg, device, window)
             score = val.get(mode, float("nan"))
-            if not val or (np.isfinite(score) and score > best[0]) or (step == cfg.steps and best[1] is None):
+            improved = bool(val) and np.isfinite(score) and score > best[0]
+            if not val or improved or (step == cfg.steps and best[1] is None):
                 best = (score if np.isfinite(score) else best[0], snapshot())
+                best_step = step
+            since_best = 0 if improved else since_best + 1
             if unfrozen:
                 backbone.train()
             if history is not None:
                 history.append({"step": step, "loss": {mode: running}, "val_dice": val})
+            if cfg.patience > 0 and val and since_best >= cfg.patience and best[1] is not None:
+                break  # early stopping: no better validation Dice for `patience` validations
     bar.close()
     bstate, hstate = best[1]
     backbone.load_state_dict(bstate)
@@ -450,6 +463,8 @@ def fit_network(
     set_frozen(ext)
     head.eval()
     head.best_val_dice = None if best[0] == -math.inf else float(best[0])  # type: ignore[attr-defined]
+    head.best_step = best_step  # type: ignore[attr-defined]
+    head.steps_run = step  # type: ignore[attr-defined]
     return ext, head
 
 

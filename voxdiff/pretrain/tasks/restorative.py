@@ -3,7 +3,9 @@
 Distortions (``genesis_transforms``): local voxel shuffling, a non-linear (Bezier) intensity curve,
 in-painting or out-painting, each with its probability (``RestorativeConfig``). The backbone's output
 convolution (one channel) predicts the original patch; loss = mean squared error. Frozen features are
-taken from the undistorted image, without a timestep.
+taken from the undistorted image, without a timestep. Numbers and sizes follow the Models Genesis code
+scaled to the patch (see ``genesis_transforms``); its random flips of input and target are not applied
+(no other method here flips, and left/right organs need side-specific features; docs/PRETRAIN.md).
 """
 
 from __future__ import annotations

@@ -58,6 +58,8 @@ class ExperimentConfig:
             contrastive, random).
         heads: probing heads trained on the frozen features (linear, nonlinear).
         scratch: also train the same network from scratch on the labelled cases (reference).
+        finetune: methods whose pretrained backbone is also fine-tuned end to end with the non-linear
+            head (compare: one "fine-tuned" row each; only those also in ``methods``).
         folds: 0 = the data set's train/test split; k > 0 = k-fold cross-validation over DATA's
             training cases.
         seed: seed of the phantoms, splits and every training run.
@@ -66,11 +68,13 @@ class ExperimentConfig:
         probe_steps: override the budget's probing steps.
         bpr_steps: override the budget's BPR steps.
         scratch_steps: override the budget's steps of the from-scratch reference.
+        finetune_steps: override the budget's fine-tuning steps (compare).
         timesteps: timesteps experiment: feature timesteps t (default from the budget).
         train_T: timesteps experiment: numbers of diffusion steps T used in training (default from the budget).
         timestep_method: timesteps experiment: the diffusion method whose features are swept.
         label_counts: label-efficiency experiment: numbers of labelled training cases (0 = all).
-        label_method: label-efficiency experiment: the pretrained method compared with from-scratch.
+        label_methods: label-efficiency experiment: the pretrained methods compared with from-scratch
+            (each probed frozen with ``heads`` and fine-tuned).
         workers: worker processes for phantom generation / preprocessing.
         progress: show progress bars.
     """
@@ -81,6 +85,7 @@ class ExperimentConfig:
     methods: tuple[str, ...] = ("diffusion-ape", "diffusion-none", "restorative", "contrastive", "random")
     heads: tuple[str, ...] = HEADS
     scratch: bool = True
+    finetune: tuple[str, ...] = ("diffusion-ape", "contrastive")
     folds: int = 0
     seed: int = 0
     phantom_seed: int = 0
@@ -88,11 +93,12 @@ class ExperimentConfig:
     probe_steps: int | None = None
     bpr_steps: int | None = None
     scratch_steps: int | None = None
+    finetune_steps: int | None = None
     timesteps: tuple[int, ...] = ()
     train_T: tuple[int, ...] = ()
     timestep_method: str = "diffusion-ape"
     label_counts: tuple[int, ...] = ()
-    label_method: str = "diffusion-ape"
+    label_methods: tuple[str, ...] = ("diffusion-ape", "contrastive")
     workers: int = 2
     progress: bool = True
 
@@ -128,7 +134,7 @@ class Experiment:
         self.out = Path(out)
         self.log = log
         self.budget = get_budget(cfg.budget) if budget is None else budget
-        for m in cfg.methods:
+        for m in (*cfg.methods, *cfg.finetune, *cfg.label_methods):
             method_parts(m)
         self._claim_folder(force)
         self.runner = StepRunner(self.out, log=log)
@@ -148,7 +154,13 @@ class Experiment:
 
         def same() -> bool:
             doc = yaml.safe_load(saved.read_text()) or {}
-            return {"config": doc.get("config"), "budget_settings": doc.get("budget_settings")} == mine
+            cfg = doc.get("config")
+            if isinstance(cfg, dict):  # a folder made before fields were added/renamed: compare with their defaults
+                try:
+                    cfg = to_dict(from_dict(ExperimentConfig, cfg, strict=False))
+                except (TypeError, ValueError):
+                    pass
+            return {"config": cfg, "budget_settings": doc.get("budget_settings")} == mine
 
         if self.out.exists() and any(self.out.iterdir()):
             if not saved.is_file():
@@ -393,8 +405,29 @@ class Experiment:
 
         return self.runner.run(name, run)
 
-    def scratch(self, name: str, fold: int, n_train: int | None = None) -> dict[str, Any]:
-        """The same backbone + non-linear head trained end to end from random init."""
+    def tuned_cfg(self, mode: str, early_stopping: bool = False):
+        """The :class:`ProbeConfig` of fine-tuning (``finetune``) or from-scratch training (``scratch``).
+
+        Plain: the budget's ``finetune_steps`` / ``scratch_steps`` (config overrides win) with the
+        budget's ``finetune`` settings. ``early_stopping``: the budget's ``early_stopping`` settings
+        (maximum steps, validation interval, patience), as the label-efficiency experiment trains
+        to convergence with the best-validation checkpoint."""
+        over: dict[str, Any] = dict(self.budget.get("finetune", {})) if mode == "finetune" else {}
+        if early_stopping:
+            over.update(self.budget.get("early_stopping", {}))
+        else:
+            key, cfg_steps = ("scratch_steps", self.cfg.scratch_steps) if mode == "scratch" else (
+                "finetune_steps", self.cfg.finetune_steps)
+            steps = cfg_steps if cfg_steps is not None else self.budget.get(key, self.budget.get("scratch_steps"))
+            if steps is not None:
+                over["steps"] = int(steps)
+        return self.probe_cfg(**over)
+
+    def tuned(self, name: str, fold: int, mode: str, model_dir: Path | None = None, n_train: int | None = None,
+              early_stopping: bool = False) -> dict[str, Any]:
+        """Backbone + non-linear head trained end to end on one fold and scored on its test cases:
+        ``finetune`` starts from the pretrained ``model_dir``; ``scratch`` from random init (the
+        same architecture). The best-validation state is scored."""
 
         def run(tmp: Path) -> dict[str, Any]:
             from voxdiff.pretrain.load import load_pretrained
@@ -403,15 +436,25 @@ class Experiment:
             train, val, test = self.folds()[fold]
             if n_train:
                 train = train[:n_train]
-            ext = load_pretrained(self.pretrained("random"))
-            steps = self.cfg.scratch_steps if self.cfg.scratch_steps is not None else self.budget.get("scratch_steps")
-            pcfg = self.probe_cfg(**({"steps": int(steps)} if steps is not None else {}))
-            tuned, head = fit_network(ext, train, val, "scratch", pcfg, progress=self.cfg.progress)
-            scores = self._score(tuned, {"scratch": head}, test, pcfg)
-            return {"fold": fold, "train_cases": [c.case_id for c in train], "test_cases": [c.case_id for c in test],
-                    "scores": scores}
+            src = self.pretrained("random") if mode == "scratch" else model_dir
+            if src is None:
+                raise ValueError("fine-tuning needs a pretrained model folder")
+            ext = load_pretrained(src)
+            pcfg = self.tuned_cfg(mode, early_stopping)
+            hist: list = []
+            tuned, head = fit_network(ext, train, val, mode, pcfg, progress=self.cfg.progress, history=hist)
+            scores = self._score(tuned, {mode: head}, test, pcfg)
+            return {"fold": fold, "mode": mode, "train_cases": [c.case_id for c in train],
+                    "val_cases": [c.case_id for c in val], "test_cases": [c.case_id for c in test],
+                    "max_steps": pcfg.steps, "steps_run": getattr(head, "steps_run", None),
+                    "best_step": getattr(head, "best_step", None), "best_val_dice": getattr(head, "best_val_dice", None),
+                    "scores": scores, "history": hist}
 
         return self.runner.run(name, run)
+
+    def scratch(self, name: str, fold: int, n_train: int | None = None, early_stopping: bool = False) -> dict[str, Any]:
+        """The same backbone + non-linear head trained end to end from random init (scores under "scratch")."""
+        return self.tuned(name, fold, "scratch", n_train=n_train, early_stopping=early_stopping)
 
     @property
     def voxel_mode(self) -> bool:

@@ -1,0 +1,63 @@
+"""Early stopping of fine-tuning / from-scratch training returns the best-validation state."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import voxdiff.probe.train as pt
+from voxdiff.data.types import Case, CaseMeta
+from voxdiff.probe.standin import StandinExtractor
+from voxdiff.probe.train import ProbeConfig, fit_network
+
+
+def _case(seed: int, shape=(24, 24, 16)) -> Case:
+    r = np.random.default_rng(seed)
+    img = r.normal(0, 50, shape).astype(np.float32)
+    lab = np.zeros(shape, np.uint8)
+    lab[4:12, 4:12, 4:10] = 6
+    img[lab == 6] += 200
+    aff = np.eye(4)
+    return Case(img, lab, CaseMeta(f"c{seed}", None, None, shape, aff, aff, (1.0, 1.0, 1.0)))
+
+
+@pytest.mark.parametrize("mode", ["finetune", "scratch"])
+def test_early_stopping_returns_the_best_validation_state(monkeypatch, mode):
+    """Validation Dice scripted per validation: 0.2, 0.6 (best, step 4), 0.4, 0.3, then patience 2 runs
+    out at step 8 of 40. The returned backbone and head must be the state validated at step 4."""
+    scripted = iter([0.2, 0.6, 0.4, 0.3, 0.9, 0.9, 0.9])
+    seen = []
+
+    def fake_validate(extractor, heads, cases, cfg, device, window):
+        (name, head), = heads.items()
+        seen.append((copy.deepcopy(extractor.backbone.state_dict()), copy.deepcopy(head.state_dict())))
+        return {name: next(scripted)}
+
+    monkeypatch.setattr(pt, "validate", fake_validate)
+    ext = StandinExtractor(channels=(4, 8))
+    cfg = ProbeConfig(steps=40, val_every=2, patience=2, patch_size=(16, 16, 8), batch_size=2, warmup_steps=0,
+                      hidden=8, roi=(24, 24, 16), device="cpu", lr=1e-2, backbone_lr=1e-2, scratch_lr=1e-2)
+    hist: list = []
+    tuned, head = fit_network(ext, [_case(0)], [_case(1)], mode, cfg, progress=False, history=hist)
+    assert [h["step"] for h in hist] == [2, 4, 6, 8]  # stopped early, not at 40
+    assert head.steps_run == 8 and head.best_step == 4 and head.best_val_dice == pytest.approx(0.6)
+    best_bb, best_head = seen[1]
+    last_bb, last_head = seen[3]
+    for k, v in head.state_dict().items():
+        torch.testing.assert_close(v, best_head[k])
+    for k, v in tuned.backbone.state_dict().items():
+        torch.testing.assert_close(v, best_bb[k])
+    # the states of step 4 and step 8 differ (so the check above can fail)
+    assert any(not torch.equal(best_head[k], last_head[k]) for k in best_head)
+    assert any(not torch.equal(best_bb[k], last_bb[k]) for k in best_bb if best_bb[k].is_floating_point())
+
+
+def test_without_patience_all_steps_run(monkeypatch):
+    monkeypatch.setattr(pt, "validate", lambda e, heads, *a: {n: 0.1 for n in heads})
+    cfg = ProbeConfig(steps=6, val_every=2, patience=0, patch_size=(16, 16, 8), batch_size=2, warmup_steps=0,
+                      hidden=8, roi=(24, 24, 16), device="cpu")
+    _, head = fit_network(StandinExtractor(channels=(4, 8)), [_case(0)], [_case(1)], "scratch", cfg, progress=False)
+    assert head.steps_run == 6 and head.best_step == 2
