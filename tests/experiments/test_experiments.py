@@ -186,7 +186,6 @@ def test_other_settings_are_refused(tmp_path):
 
 @pytest.mark.slow
 def test_timesteps_and_label_efficiency_tiny(tmp_path):
-    data = tmp_path / "ph"
     cfg = ExperimentConfig(budget="tiny", workers=1, progress=False, heads=("linear", "nonlinear"), timesteps=(0, 5),
                            train_T=(10, 100), timestep_method="diffusion-none", label_counts=(1, 0),
                            label_methods=("diffusion-none",))
@@ -224,8 +223,8 @@ def test_timesteps_and_label_efficiency_tiny(tmp_path):
 
 
 def test_stage_configs_follow_budget_and_overrides(tmp_path):
-    from voxdiff.experiments.budgets import get_budget
     from voxdiff.experiments.base import Experiment
+    from voxdiff.experiments.budgets import get_budget
 
     budget = get_budget("tiny")
     budget["pretrain"]["diffusion_steps"] = 1000

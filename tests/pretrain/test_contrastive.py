@@ -9,7 +9,6 @@ import torch
 from voxdiff.pretrain.tasks import contrastive as ct
 from voxdiff.pretrain.tasks.contrastive import ContrastiveTask
 
-
 NO_AUG = {"window_prob": 0.0, "blur_prob": 0.0, "sharpen_prob": 0.0, "noise_prob": 0.0}
 
 
@@ -128,7 +127,7 @@ def _backbone(task, width=8, levels=2):
 
 def test_setup_sizes_projector_from_backbone_levels():
     task = ContrastiveTask({"proj_dim": 32})
-    net = _backbone(task, width=4, levels=3)
+    _backbone(task, width=4, levels=3)  # sizes the projector from the backbone's levels
     c = 4 + 8 + 16
     lin = [m for m in task.projector if isinstance(m, torch.nn.Linear)]
     bns = [m for m in task.projector if isinstance(m, torch.nn.BatchNorm1d)]
@@ -179,6 +178,7 @@ def test_engine_trains_saves_and_reloads(tmp_path, method, options):
     import json
 
     from pretrain_synth import synthetic_cases
+
     from voxdiff.core.checkpoint import load_checkpoint
     from voxdiff.pretrain.load import load_pretrained
     from voxdiff.pretrain.train import PretrainConfig, pretrain

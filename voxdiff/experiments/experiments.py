@@ -8,8 +8,8 @@ from typing import Any, Callable
 from voxdiff.core.outputs import atomic_write, atomic_write_json
 from voxdiff.evaluate.metrics import aggregate_cases, aggregate_folds
 
-from .base import Experiment, ExperimentConfig, method_parts, scores_to_per_case
 from . import report
+from .base import Experiment, ExperimentConfig, method_parts, scores_to_per_case
 
 
 def _aggregate(fold_results: list[dict[str, Any]], head: str) -> dict[str, Any]:

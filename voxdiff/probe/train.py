@@ -21,12 +21,10 @@ Modes (``ProbeConfig.heads``):
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
-import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 

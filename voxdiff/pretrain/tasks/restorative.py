@@ -10,7 +10,6 @@ scaled to the patch (see ``genesis_transforms``); its random flips of input and 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +17,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 
 from .base import PretextTask, options_from_config, random_patches, register_task
 from .genesis_transforms import GenesisConfig, genesis_distort
