@@ -7,10 +7,10 @@ import copy
 import numpy as np
 import pytest
 import torch
+from standin import StandinExtractor
 
 import voxdiff.probe.train as pt
 from voxdiff.data.types import Case, CaseMeta
-from voxdiff.probe.standin import StandinExtractor
 from voxdiff.probe.train import ProbeConfig, fit_network
 
 

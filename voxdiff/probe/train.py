@@ -145,12 +145,20 @@ class PatchSampler:
 
     cases: preprocessed cases (HU image, uint8 label).
     window: HU window mapped to [0, 1].
+    fields: whole-volume BPR coordinate fields of the cases (:func:`condition_fields`), or None.
+
+    After :meth:`sample`, :meth:`extractor_inputs` gives what the extractor needs to see the last
+    batch as parts of their volumes: each patch's absolute voxel indices (the diffusion model's fixed
+    feature noise) and the crop of its volume's BPR field (the condition it was pretrained with).
     """
 
     def __init__(self, cases: Sequence, window: Sequence[float], patch_size: Sequence[int], fg_prob: float,
-                 rng: np.random.Generator, max_voxels_per_class: int = 20000):
+                 rng: np.random.Generator, max_voxels_per_class: int = 20000, fields: Sequence | None = None,
+                 sincos: int = 0):
         if not cases:
             raise InputError(None, "no labelled training cases")
+        self.fields, self.sincos = fields, int(sincos)
+        self.last: tuple[list[int], list[list[int]]] = ([], [])
         self.images = [unit_image(c, window) for c in cases]
         self.labels = [np.asarray(c.label, dtype=np.uint8) for c in cases]
         self.size = tuple(int(s) for s in patch_size)
@@ -165,7 +173,7 @@ class PatchSampler:
         return crop_or_pad(arr, start, self.size, fill)
 
     def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        xs, ys = [], []
+        xs, ys, where, starts = [], [], [], []
         for _ in range(batch_size):
             if self.classes and self.rng.random() < self.fg_prob:
                 c = self.classes[int(self.rng.integers(len(self.classes)))]
@@ -179,9 +187,42 @@ class PatchSampler:
                          for sh, n in zip(self.images[i].shape, self.size)]
             xs.append(self._crop(self.images[i], start, 0.0))
             ys.append(self._crop(self.labels[i], start, 0))
+            where.append(i)
+            starts.append(start)
+        self.last = (where, starts)
         x = torch.from_numpy(np.stack(xs)[:, None].astype(np.float32))
         y = torch.from_numpy(np.stack(ys).astype(np.int64))
         return x, y
+
+    def extractor_inputs(self, device: Any = "cpu") -> dict[str, torch.Tensor]:
+        """``voxel_index`` and (with fields) ``coords`` of the last batch, for :func:`features`."""
+        from voxdiff.pretrain.diffusion import index_grid
+
+        where, starts = self.last
+        out = {"voxel_index": torch.cat([index_grid(self.size, tuple(o), 1) for o in starts]).to(device)}
+        if self.fields is not None:
+            from voxdiff.bpr.fields import crop_fields
+
+            out["coords"] = crop_fields(self.fields, where, starts, self.size, self.sincos).to(device)
+        return out
+
+
+def condition_fields(extractor, cases: Sequence) -> list | None:
+    """The whole-volume BPR fields of ``cases`` when the extractor was pretrained on them
+    (``condition_source volume``), else None (the condition is then computed per patch)."""
+    task = getattr(extractor, "task", None)
+    if not getattr(task, "uses_volume_fields", False):
+        return None
+    from voxdiff.bpr.fields import case_fields
+
+    return case_fields(task.bpr, cases)
+
+
+def make_sampler(extractor, cases: Sequence, cfg: "ProbeConfig", rng: np.random.Generator) -> PatchSampler:
+    """The patch sampler of head fitting and fine-tuning for ``extractor``."""
+    sincos = int(getattr(getattr(getattr(extractor, "task", None), "opts", None), "bpr_sincos", 0) or 0)
+    return PatchSampler(cases, extractor.preprocess.hu_window, cfg.patch_size, cfg.fg_prob, rng,
+                        fields=condition_fields(extractor, cases), sincos=sincos)
 
 
 # ------------------------------------------------------------------------------------ loss / metrics
@@ -301,7 +342,7 @@ def fit_heads(
     window = extractor.preprocess.hu_window
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
-    sampler = PatchSampler(train_cases, window, cfg.patch_size, cfg.fg_prob, rng)
+    sampler = make_sampler(extractor, train_cases, cfg, rng)
     chans = [int(lv.channels) for lv in extractor.levels]
     models = {n: make_head(n, chans, cfg.n_classes, cfg.hidden, cfg.blocks).to(device) for n in names}
     stats = _measure_stats(extractor, sampler, cfg, device)
@@ -316,7 +357,7 @@ def fit_heads(
         x, y = sampler.sample(cfg.batch_size)
         x, y = x.to(device), y.to(device)
         with torch.no_grad():
-            pyr = features(extractor, x, amp=cfg.amp)
+            pyr = features(extractor, x, amp=cfg.amp, **sampler.extractor_inputs(device))
         head_step(models, opts, scheds, running, step, lambda m: dice_ce_loss(m(pyr, out_size=x.shape[2:]), y))
         bar.update(1)
         bar.set_postfix({n: f"{v:.3f}" for n, v in running.items()})
@@ -339,7 +380,7 @@ def _measure_stats(extractor, sampler: PatchSampler, cfg: ProbeConfig, device, b
         with torch.no_grad():
             for _ in range(batches):
                 x, _ = sampler.sample(cfg.batch_size)
-                pyrs.append(features(extractor, x.to(device), amp=cfg.amp))
+                pyrs.append(features(extractor, x.to(device), amp=cfg.amp, **sampler.extractor_inputs(device)))
     finally:
         sampler.rng = rng
     return feature_stats(pyrs)
@@ -395,7 +436,7 @@ def fit_network(
     window = ext.preprocess.hu_window
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
-    sampler = PatchSampler(train_cases, window, cfg.patch_size, cfg.fg_prob, rng)
+    sampler = make_sampler(ext, train_cases, cfg, rng)
     chans = [int(lv.channels) for lv in ext.levels]
     head = make_head("nonlinear", chans, cfg.n_classes, cfg.hidden, cfg.blocks).to(device)
     head.set_feature_stats(_measure_stats(ext, sampler, cfg, device))
@@ -425,12 +466,12 @@ def fit_network(
         x, y = x.to(device), y.to(device)
         head.train()
         if unfrozen:
-            pyr = features(ext, x, amp=cfg.amp, grad=True)
+            pyr = features(ext, x, amp=cfg.amp, grad=True, **sampler.extractor_inputs(device))
             if not any(f.requires_grad for f in pyr):
                 raise TrainingError("the feature extractor returns no gradients; it cannot be fine-tuned")
         else:
             with torch.no_grad():
-                pyr = features(ext, x, amp=cfg.amp)
+                pyr = features(ext, x, amp=cfg.amp, **sampler.extractor_inputs(device))
         loss = dice_ce_loss(head(pyr, out_size=x.shape[2:]), y)
         _check_loss(loss, mode, step)
         opt.zero_grad(set_to_none=True)

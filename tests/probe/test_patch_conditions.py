@@ -1,0 +1,61 @@
+"""Probe and fine-tuning patches see the BPR condition and the noise of their own volume."""
+
+import numpy as np
+import torch
+
+from voxdiff.bpr.fields import case_fields
+from voxdiff.bpr.models import build_bpr
+from voxdiff.data.types import Case, CaseMeta
+from voxdiff.pretrain.backbone import Backbone
+from voxdiff.pretrain.load import FeatureExtractor
+from voxdiff.pretrain.tasks.diffusion import DiffusionTask
+from voxdiff.probe.train import ProbeConfig, fit_heads, make_sampler
+
+
+def _case(seed, shape=(28, 24, 20)):
+    rng = np.random.default_rng(seed)
+    img = rng.normal(40, 20, shape).astype(np.float32)
+    img[:3] = -1000
+    lab = np.zeros(shape, np.uint8)
+    lab[8:16, 8:16, 6:14] = 6
+    img[lab == 6] += 80
+    aff = np.diag([3.0, 3.0, 3.0, 1.0])
+    return Case(img, lab, CaseMeta(f"c{seed}", None, None, shape, aff, aff, (3.0, 3.0, 3.0)))
+
+
+def _extractor(source):
+    torch.manual_seed(0)
+    bpr = build_bpr("ape", {"channels": (4, 4, 4), "patch_size": (16, 16, 16)},
+                    {"spacing": [3.0, 3.0, 3.0], "hu_window": [-1350.0, 1000.0]}).eval()
+    task = DiffusionTask({"preprocess": {"spacing": [3.0, 3.0, 3.0], "hu_window": [-1350.0, 1000.0]},
+                          "condition": "ape", "diffusion_steps": 100, "feature_timesteps": [5],
+                          "condition_source": source}, bpr=bpr)
+    bb = Backbone(task.in_channels, 1, base_channels=4, num_levels=2, time_embedding=True)
+    from voxdiff.data.preprocess import PreprocessConfig
+
+    return FeatureExtractor(bb, task, PreprocessConfig(spacing=(3.0, 3.0, 3.0)), "diffusion", {})
+
+
+def test_sampler_hands_each_patch_its_volume_field_and_voxel_indices():
+    ex = _extractor("volume")
+    cases = [_case(0), _case(1)]
+    s = make_sampler(ex, cases, ProbeConfig(patch_size=(16, 16, 16), fg_prob=0.5), np.random.default_rng(0))
+    x, y = s.sample(6)
+    inp = s.extractor_inputs()
+    fields = case_fields(ex.task.bpr, cases)
+    where, starts = s.last
+    assert inp["coords"].shape == (6, 3, 16, 16, 16) and inp["voxel_index"].shape == (6, 3, 16, 16, 16)
+    for b, (i, o) in enumerate(zip(where, starts)):
+        np.testing.assert_array_equal(inp["coords"][b].numpy(), fields[i].crop(o, (16, 16, 16)))
+        assert [int(v) for v in inp["voxel_index"][b, :, 0, 0, 0]] == list(o)
+    # an extractor pretrained on per-patch maps gets no fields (each patch is mapped alone)
+    s2 = make_sampler(_extractor("patch"), cases, ProbeConfig(patch_size=(16, 16, 16)), np.random.default_rng(0))
+    s2.sample(2)
+    assert "coords" not in s2.extractor_inputs()
+
+
+def test_fit_heads_runs_on_a_conditioned_extractor():
+    ex = _extractor("volume")
+    cfg = ProbeConfig(patch_size=(16, 16, 16), steps=3, batch_size=2, val_every=100, hidden=4, roi=(16, 16, 16))
+    heads = fit_heads(ex, [_case(0), _case(1)], heads=("linear",), cfg=cfg, progress=False)
+    assert set(heads) == {"linear"}
