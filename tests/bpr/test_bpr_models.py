@@ -175,3 +175,21 @@ def test_ape_model_saved_without_head_loads_as_dense(tmp_path):
     assert back.head_kind == "dense"
     x = torch.rand(1, 1, 32, 32, 32)
     assert torch.allclose(back(x), m(x), atol=1e-6)
+
+
+def test_texture_augmentation_is_in_plane_and_keeps_the_range():
+    import numpy as np
+
+    from voxdiff.bpr.sampling import _gauss_inplane, augment_texture
+
+    x = torch.zeros(1, 1, 9, 9, 3)
+    x[0, 0, 4, 4, 1] = 1.0
+    b = _gauss_inplane(x, 1.0)
+    assert abs(float(b.sum()) - 1.0) < 1e-5  # mass kept
+    assert float(b[..., 0].abs().sum()) == 0.0 and float(b[..., 2].abs().sum()) == 0.0  # never across slices
+    assert float(b[0, 0, 4, 4, 1]) < 0.5 and float(b[0, 0, 3, 4, 1]) > 0.0
+    v = torch.rand(1, 1, 16, 16, 4)
+    outs = [augment_texture(v, np.random.default_rng(s), 1.0) for s in range(8)]
+    assert all(float(o.min()) >= 0.0 and float(o.max()) <= 1.0 for o in outs)
+    assert any(not torch.equal(o, v) for o in outs)
+    assert torch.equal(augment_texture(v, np.random.default_rng(0), 0.0), v)

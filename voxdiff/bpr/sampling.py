@@ -74,6 +74,38 @@ def augment_intensity(x: torch.Tensor, rng: np.random.Generator, strength: float
     return y.clamp_(0.0, 1.0)
 
 
+def _gauss_inplane(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur of ``(B, 1, X, Y, Z)`` along x and y (``sigma`` in voxels), edges replicated."""
+    r = max(1, int(np.ceil(2.5 * sigma)))
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=x.dtype) / sigma) ** 2)
+    k = k / k.sum()
+    y = torch.nn.functional.pad(x, (0, 0, 0, 0, r, r), mode="replicate")
+    y = torch.nn.functional.conv3d(y, k.view(1, 1, -1, 1, 1))
+    y = torch.nn.functional.pad(y, (0, 0, r, r, 0, 0), mode="replicate")
+    return torch.nn.functional.conv3d(y, k.view(1, 1, 1, -1, 1))
+
+
+def augment_texture(x: torch.Tensor, rng: np.random.Generator, strength: float = 1.0) -> torch.Tensor:
+    """What differs between scanners and phantoms beyond the intensity curve: the reconstruction
+    kernel (in-plane Gaussian blur, or sharpening by unsharp masking) and the noise texture
+    (Gaussian noise smoothed in-plane, i.e. spatially correlated as in filtered back-projection).
+    Each with probability ``0.5 * strength`` (capped at 1); intensities in [0, 1]."""
+    if strength <= 0:
+        return x
+    p = min(1.0, 0.5 * strength)
+    y = x
+    if rng.random() < p:
+        sigma = float(rng.uniform(0.4, 1.2))
+        blurred = _gauss_inplane(y, sigma)
+        y = blurred if rng.random() < 0.6 else y + float(rng.uniform(0.3, 1.0)) * (y - blurred)
+    if rng.random() < p:
+        g = torch.Generator().manual_seed(int(rng.integers(2**31)))
+        n = _gauss_inplane(torch.randn(y.shape, generator=g, dtype=y.dtype), float(rng.uniform(0.5, 1.5)))
+        n = n / n.std().clamp_min(1e-6)
+        y = y + float(rng.uniform(0.005, 0.03)) * n  # 12..70 HU in the [-1350, 1000] window
+    return y.clamp(0.0, 1.0)
+
+
 def _start(n: int, extent: float, rng: np.random.Generator, overhang: float = 0.1) -> float:
     """A random start index so a crop covering ``extent`` source voxels lies mostly inside [0, n-1]."""
     lo = min(0.0, (n - 1) - extent) - overhang * extent
@@ -89,7 +121,8 @@ def _zoom(rng: np.random.Generator, zoom: float) -> float:
 # ---------------------------------------------------------------------------------------- slice
 
 def slice_views(
-    vol: Volume, size_xy: int, n_slices: int, rng: np.random.Generator, zoom: float = 1.25, aug: float = 1.0
+    vol: Volume, size_xy: int, n_slices: int, rng: np.random.Generator, zoom: float = 1.25, aug: float = 1.0,
+    texture: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Two in-plane crops (different position/zoom/intensity) of the same K axial slices.
 
@@ -107,7 +140,8 @@ def slice_views(
             ext = (size_xy - 1) * step
             axes.append(_start(n, ext, rng) + step * torch.arange(size_xy, dtype=torch.float32))
         v = sample_axes(vol, axes + [az])
-        views.append(augment_intensity(v, rng, aug))
+        v = augment_intensity(v, rng, aug)
+        views.append(augment_texture(v, rng, texture) if texture > 0 else v)
     centre = torch.tensor([[(nx - 1) / 2, (ny - 1) / 2, float(k)] for k in z_idx])
     z_mm = world(vol.affine, centre)[:, 2]
     return views[0], views[1], z_mm

@@ -71,6 +71,8 @@ class BPRTrainConfig:
         zoom: crops are resampled at a random zoom in [1/zoom, zoom] (scale augmentation) (null: slice
             1.15, ape 1 - the ape model's in-patch distances are the model spacing by construction).
         intensity_aug: strength of contrast/brightness/gamma/noise augmentation (0 = off).
+        texture_aug: slice model: strength of the reconstruction-kernel (in-plane blur / sharpening)
+            and correlated-noise augmentation (0 = off; 1 = each applied to half of the views).
         heuristic_b: slice loss: target score step per mm (one score unit per 1/b mm).
         w_order: weight of the order (slice: Schuhegger heuristic) / displacement (ape) loss (null: 1).
         w_distance: weight of the distance loss (slice: linearity in z; ape: pairwise distances)
@@ -106,6 +108,7 @@ class BPRTrainConfig:
     ape_crops: int = 4
     zoom: float | None = None
     intensity_aug: float = 0.5
+    texture_aug: float = 0.0
     heuristic_b: float = 0.01
     w_order: float | None = None
     w_distance: float | None = None
@@ -220,7 +223,8 @@ def slice_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Ge
     idx = draw_volumes(vols, cfg.batch_size, rng, cfg.extra_ratio)
     va, vb, zs = [], [], []
     for i in idx:
-        a, b, z = slice_views(vols[i], cfg.slice_patch, cfg.slices_per_sample, rng, cfg.zoom, cfg.intensity_aug)
+        a, b, z = slice_views(vols[i], cfg.slice_patch, cfg.slices_per_sample, rng, cfg.zoom, cfg.intensity_aug,
+                              cfg.texture_aug)
         va.append(a)
         vb.append(b)
         zs.append(z)
