@@ -155,3 +155,14 @@ def test_patch_condition_source_is_kept_as_an_option():
     assert "cond" not in batch
     with pytest.raises(InputError, match="condition_source"):
         _task("ape", condition_source="window")
+
+
+def test_fields_of_other_cases_are_never_used():
+    import numpy as np
+
+    task = _task("ape")
+    task.prepare(synthetic_cases(2, shape=(24, 20, 20)))
+    other = synthetic_cases(2, shape=(28, 20, 20))
+    batch = task.sample_batch(other, 3, (16, 16, 16), np.random.default_rng(0))
+    assert all(f.shape == (28, 20, 20) for f in task._fields)
+    assert batch["cond"].shape == (3, 3, 16, 16, 16)

@@ -227,8 +227,9 @@ class DiffusionTask(PretextTask):
 
         batch = random_patches(cases, batch_size, patch_size, rng, window=self.hu_window, with_coords=False)
         if self.uses_volume_fields:
-            if self._fields is None or len(self._fields) != len(cases):
-                self.prepare(cases)
+            if self._fields is None or len(self._fields) != len(cases) or \
+                    any(f.shape != tuple(c.image.shape) for f, c in zip(self._fields, cases)):
+                self.prepare(cases)  # other cases than the ones prepared: map these
             batch["cond"] = crop_fields(self._fields, batch["case_index"].tolist(), batch["origin"].tolist(),
                                         patch_size, self.opts.bpr_sincos)
         return batch
