@@ -84,7 +84,8 @@ def sample_patches(model_path: str | os.PathLike, cfg: SampleConfig, progress: b
             raise InputError(cfg.data, "no cases found")
         batch = task.sample_batch(cases, cfg.n, size, np.random.default_rng(cfg.seed))
         reals = batch["image"].to(device)
-        cond = task.condition_map(reals)
+        # the crop of each real patch's whole-volume map when the model was pretrained on those
+        cond = batch["cond"].to(device) if "cond" in batch else task.condition_map(reals)
 
     def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return backbone(task._join(x, cond), t)[0]
