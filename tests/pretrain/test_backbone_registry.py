@@ -96,3 +96,13 @@ def test_patch_size_must_fit_the_backbone_divisor():
     with pytest.raises(InputError, match="multiple of 4"):
         build_task_and_backbone(PretrainConfig(backbone="fpn3d", patch_size=(16, 16, 10), base_channels=4,
                                                num_levels=3))
+
+
+def test_batchnorm_backbone_refuses_one_value_per_channel():
+    from voxdiff.pretrain.train import build_task_and_backbone
+
+    cfg = dict(patch_size=(8, 8, 8), base_channels=4, num_levels=4, batch_size=1)
+    with pytest.raises(InputError, match="BatchNorm needs more than one value"):
+        build_task_and_backbone(PretrainConfig(backbone="fpn3d", **cfg))
+    build_task_and_backbone(PretrainConfig(backbone="unet", **cfg))  # GroupNorm: fine
+    build_task_and_backbone(PretrainConfig(backbone="fpn3d", **{**cfg, "batch_size": 2}))

@@ -329,6 +329,10 @@ def build_task_and_backbone(cfg: PretrainConfig, bpr: nn.Module | None = None
     if any(int(s) % backbone.divisor for s in cfg.patch_size):
         raise InputError(None, f"patch_size {tuple(cfg.patch_size)} must be a multiple of {backbone.divisor} "
                                f"(the largest stride of the {cfg.backbone} backbone)")
+    coarsest = int(np.prod([int(s) // backbone.divisor for s in cfg.patch_size]))
+    if cfg.batch_size * coarsest < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in backbone.modules()):
+        raise InputError(None, f"the {cfg.backbone} backbone's BatchNorm needs more than one value per channel at its "
+                               f"coarsest level: use batch_size >= 2 or a larger patch_size")
     task.setup(backbone)
     return task, backbone, task_cfg
 
