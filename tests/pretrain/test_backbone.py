@@ -1,9 +1,12 @@
-"""Backbone: pyramid contract, timestep embedding, coordinate concatenation."""
+"""Backbones: the pyramid contract, timestep embedding, coordinate concatenation, the registry
+(unet, fpn3d) and vox2vec's FPN3d layout."""
 
 import pytest
 import torch
 
+from voxdiff.core.errors import InputError
 from voxdiff.pretrain.backbone import Backbone, LevelInfo, count_parameters
+from voxdiff.pretrain.backbones import BACKBONES, FPN3d, PyramidBackbone, backbone_name, build_backbone
 
 
 @pytest.mark.device
@@ -83,3 +86,98 @@ def test_gradients_reach_every_level(test_device):
     assert net.stem.weight.grad is not None and net.stem.weight.grad.abs().sum() > 0
     assert net.enc[2][0].conv1.weight.grad.abs().sum() > 0
     assert net.time_mlp[0].weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the interface and the registry (unet and vox2vec's fpn3d)
+
+@pytest.mark.parametrize("name", ["unet", "fpn3d"])
+def test_both_backbones_honour_the_interface(name):
+    net = build_backbone(name, in_channels=2, out_channels=3, base_channels=4, num_levels=3, blocks_per_level=2)
+    assert isinstance(net, PyramidBackbone) and type(net) is BACKBONES[name] and backbone_name(net) == name
+    assert net.in_channels == 2 and net.out_channels == 3
+    assert net.strides == [1, 2, 4] and net.divisor == 4
+    assert [lv.channels for lv in net.levels] == [4, 8, 16]
+    x = torch.randn(2, 2, 16, 8, 12)
+    with torch.no_grad():
+        pred, pyr = net(x, torch.tensor([3, 40]))
+        assert all(torch.equal(a, b) for a, b in zip(pyr, net.pyramid(x, torch.tensor([3, 40]))))
+    assert pred.shape == (2, 3, 16, 8, 12)
+    assert [tuple(f.shape) for f in pyr] == [(2, 4, 16, 8, 12), (2, 8, 8, 4, 6), (2, 16, 4, 2, 3)]
+    with pytest.raises(ValueError, match="multiple of 4"):
+        net.pyramid(torch.randn(2, 2, 16, 8, 10))
+    with pytest.raises(ValueError, match="expected input"):
+        net.pyramid(torch.randn(2, 1, 16, 8, 12))
+    # config() + the name rebuild the same network
+    twin = build_backbone(name, **net.config())
+    twin.load_state_dict(net.state_dict())
+    net.eval()
+    twin.eval()
+    with torch.no_grad():
+        assert torch.equal(net(x, 7)[0], twin(x, 7)[0])
+
+
+def test_plain_objects_are_not_backbones():
+    assert not isinstance(torch.nn.Conv3d(1, 1, 1), PyramidBackbone)
+    with pytest.raises(TypeError, match="not a registered backbone"):
+        backbone_name(torch.nn.Conv3d(1, 1, 1))
+
+
+def test_unknown_backbone_is_one_line_input_error():
+    with pytest.raises(InputError) as e:
+        build_backbone("resnet50", in_channels=1)
+    msg = str(e.value)
+    assert "\n" not in msg and "unknown backbone 'resnet50'" in msg and "fpn3d" in msg and "unet" in msg
+
+
+def test_fpn3d_has_vox2vec_size_and_layout():
+    # vox2vec's FPN3d(in_channels=1, base_channels=16, num_scales=6) has 47,624,448 parameters; ours adds
+    # a 49-parameter head (BatchNorm 16 + 1x1x1 conv 16->1) and, optionally, the timestep embedding
+    with torch.device("meta"):
+        net = FPN3d(time_embedding=False)
+        with_t = FPN3d()
+    assert net.config()["num_levels"] == 6 and net.config()["blocks_per_level"] == 2
+    assert [lv.channels for lv in net.levels] == [16, 32, 64, 128, 256, 512]
+    assert sum(lv.channels for lv in net.levels) == 1008
+    assert count_parameters(net) == 47_624_448 + 49
+    assert 0 < count_parameters(with_t) - count_parameters(net) < 0.01 * count_parameters(net)
+    norms = {type(m) for m in net.modules() if "Norm" in type(m).__name__}
+    assert norms == {torch.nn.BatchNorm3d}
+    assert all(len(stack) == 2 for stack in list(net.encoder) + list(net.decoder))
+    # lateral connections are 1x1x1 convs summed with the upsampled coarser level (width kept)
+    assert all(c.kernel_size == (1, 1, 1) and c.in_channels == c.out_channels for c in net.lateral)
+
+
+def test_fpn3d_decoder_sums_upsampled_and_lateral_paths():
+    torch.manual_seed(0)
+    net = FPN3d(base_channels=4, num_levels=2, blocks_per_level=1, time_embedding=False).eval()
+    x = torch.randn(1, 1, 8, 8, 8)
+    with torch.no_grad():
+        fine, coarse = net.pyramid(x)
+        # rebuild level 0 by hand from the coarse level and the encoder output
+        skip = net.encoder[0][0](net.stem(x), None)
+        up = torch.repeat_interleave(torch.repeat_interleave(torch.repeat_interleave(
+            net.up[0](coarse), 2, 2), 2, 3), 2, 4)
+        expect = net.decoder[0][0](up + net.lateral[0](skip), None)
+    assert torch.allclose(fine, expect, atol=1e-6)
+
+
+@pytest.mark.device
+def test_fpn3d_timestep_and_group_norm(test_device):
+    torch.manual_seed(0)
+    net = FPN3d(1, 1, 4, 3, 1, norm="group")
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in net.modules())
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.Linear):
+                torch.nn.init.normal_(m.weight, 0, 0.3)
+        net.null_embedding.normal_()
+    net.to(test_device)
+    x = torch.randn(2, 1, 8, 8, 8, device=test_device)
+    with torch.no_grad():
+        a, b, c = (net.features(x, t=t)[0] for t in (5, 500, None))
+    assert not torch.allclose(a, b, atol=1e-4) and not torch.allclose(a, c, atol=1e-4)
+    plain = FPN3d(1, 1, 4, 3, 1, time_embedding=False)
+    assert not any("time" in n or "temb" in n for n, _ in plain.named_parameters())
+    with pytest.raises(ValueError, match="norm must be one of"):
+        FPN3d(norm="layer")

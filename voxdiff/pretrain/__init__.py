@@ -3,8 +3,9 @@
 Public API::
 
     from voxdiff.pretrain import Backbone, LevelInfo, PretrainConfig, pretrain, load_pretrained
+    from voxdiff.pretrain import FPN3d, PyramidBackbone, BACKBONES, build_backbone
 """
 
-from .backbone import Backbone, LevelInfo  # noqa: F401
+from .backbones import BACKBONES, Backbone, FPN3d, LevelInfo, PyramidBackbone, build_backbone  # noqa: F401
 from .load import FeatureExtractor, load_backbone, load_pretrained  # noqa: F401
 from .train import PretrainConfig, pretrain  # noqa: F401

@@ -3,8 +3,8 @@
 ``load_pretrained(path)`` accepts the ``voxdiff pretrain`` output folder or its ``backbone/``
 subfolder, checks that it is a voxdiff backbone this version understands (``ModelError``
 otherwise), rebuilds the method's task (and its BPR from the ``bpr/`` folder beside ``backbone/``),
-the :class:`Backbone` with its EMA weights, and returns a :class:`FeatureExtractor` in eval mode
-with gradients off::
+the backbone (by its registry name, ``unet`` for checkpoints that predate the name) with its EMA
+weights, and returns a :class:`FeatureExtractor` in eval mode with gradients off::
 
     ex = load_pretrained("runs/diffusion_ape")
     pyramid = ex(image_unit)        # (B, 1, X, Y, Z) in [0, 1] -> list of (B, C_i, X/s_i, Y/s_i, Z/s_i)
@@ -33,7 +33,7 @@ from ..core.config import from_dict
 from ..core.errors import InputError, ModelError
 from ..core.precision import bf16_autocast
 from ..data.preprocess import PreprocessConfig
-from .backbone import Backbone, LevelInfo
+from .backbones import DEFAULT_BACKBONE, LevelInfo, PyramidBackbone, build_backbone
 from .tasks.base import available_methods, get_task_class
 
 BACKBONE_KIND = "backbone"
@@ -50,7 +50,7 @@ def resolve_backbone_dir(path: str | os.PathLike) -> Path:
 class FeatureExtractor(nn.Module):
     """Frozen backbone + the method's input recipe; call it on [0, 1] images."""
 
-    def __init__(self, backbone: Backbone, task: nn.Module, preprocess: PreprocessConfig, method: str,
+    def __init__(self, backbone: PyramidBackbone, task: nn.Module, preprocess: PreprocessConfig, method: str,
                  info: dict[str, Any], path: Path | None = None):
         super().__init__()
         self.backbone = backbone
@@ -132,7 +132,7 @@ def _task_config_for_loading(cfg: dict[str, Any], bdir: Path, bpr: nn.Module | N
 
 
 def load_backbone(path: str | os.PathLike, bpr: nn.Module | None = None, device: str | torch.device = "cpu"
-                  ) -> tuple[Backbone, nn.Module, dict[str, Any]]:
+                  ) -> tuple[PyramidBackbone, nn.Module, dict[str, Any]]:
     """(backbone with EMA weights, task, model.json document); refuses what it cannot load."""
     bdir = resolve_backbone_dir(path)
     tensors, info = load_checkpoint(bdir, kind=BACKBONE_KIND, max_version=SUPPORTED_VERSION)
@@ -150,10 +150,14 @@ def load_backbone(path: str | os.PathLike, bpr: nn.Module | None = None, device:
         task = cls(tcfg, bpr=bpr) if bpr is not None else cls(tcfg)
     except InputError as e:
         raise ModelError(bdir, f"cannot rebuild the {method} task: {e}") from None
+    name = cfg.get("backbone_name") or DEFAULT_BACKBONE  # written since the registry; older models are UNets
     try:
-        backbone = Backbone(**cfg["backbone"])
-    except TypeError as e:
-        raise ModelError(bdir, f"incompatible backbone configuration ({e})") from None
+        backbone = build_backbone(name, **cfg["backbone"])
+    except InputError as e:
+        raise ModelError(bdir, f"this model needs backbone {name!r}, which this voxdiff does not have "
+                               f"({e.problem})") from None
+    except (TypeError, ValueError) as e:
+        raise ModelError(bdir, f"incompatible {name} backbone configuration ({e})") from None
     if backbone.in_channels != task.in_channels:
         raise ModelError(bdir, f"backbone expects {backbone.in_channels} input channels but the {method} task "
                                f"gives {task.in_channels} (wrong body part regressor?)")

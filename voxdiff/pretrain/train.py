@@ -1,7 +1,7 @@
 """The pretraining engine behind ``voxdiff pretrain``: one loop for every method.
 
 ``pretrain(cfg, out_dir)`` loads the preprocessed cases into memory, builds the task (the method)
-and the :class:`~voxdiff.pretrain.backbone.Backbone`, and trains with AdamW, linear warm-up + cosine
+and the backbone named by ``cfg.backbone`` (:mod:`voxdiff.pretrain.backbones`), and trains with AdamW, linear warm-up + cosine
 decay, gradient clipping, an EMA of the backbone weights and (optionally) bf16 autocast. Every
 ``checkpoint_every`` steps the full train state is written atomically (``voxdiff.pretrain.state``);
 ``resume=True`` continues exactly where the last checkpoint left off (same batches, same noise).
@@ -45,7 +45,7 @@ from ..core.precision import bf16_autocast
 from ..core.runtime import num_threads, resolve_device
 from ..core.schedule import warmup_cosine
 from ..data.preprocess import PreprocessConfig
-from .backbone import Backbone, count_parameters
+from .backbones import PyramidBackbone, backbone_name, build_backbone, count_parameters
 from .state import (
     flatten_optimizer,
     latest_train_state,
@@ -92,10 +92,12 @@ class PretrainConfig:
         tensorboard: also write tensorboard logs (if tensorboard is installed).
         device: auto | cpu | cuda.
         threads: intra-op CPU threads (0 = torch's default; 1 is faster on a busy shared machine).
+        backbone: architecture: unet (GroupNorm UNet, the default) | fpn3d (vox2vec's FPN; its recipe
+            is --num_levels 6 --blocks_per_level 2 --base_channels 16). See docs/PRETRAIN.md.
         base_channels: backbone width of the finest level.
         num_levels: backbone resolutions (pyramid levels).
         blocks_per_level: residual blocks per level (encoder and decoder).
-        norm_groups: maximum GroupNorm groups.
+        norm_groups: maximum GroupNorm groups (unet; fpn3d uses BatchNorm unless built with norm="group").
         condition: diffusion: none | slice | ape.
         bpr_path: diffusion: body part regressor folder (condition slice/ape).
         bpr_sincos: diffusion: sin/cos frequencies appended to the BPR coordinates.
@@ -134,6 +136,7 @@ class PretrainConfig:
     tensorboard: bool = False
     device: str = "auto"
     threads: int = 0
+    backbone: str = "unet"
     base_channels: int = 16
     num_levels: int = 4
     blocks_per_level: int = 1
@@ -196,7 +199,7 @@ def init_distributed(device_pref: str) -> Dist:
 class _Joint(nn.Module):
     """Backbone + task as one module so that DDP sees one forward (the task's loss)."""
 
-    def __init__(self, backbone: Backbone, task: nn.Module):
+    def __init__(self, backbone: PyramidBackbone, task: nn.Module):
         super().__init__()
         self.backbone = backbone
         self.task = task
@@ -304,7 +307,8 @@ def validate_config(cfg: PretrainConfig) -> None:
         raise InputError(None, "ema_decay must lie in [0, 1)")
 
 
-def build_task_and_backbone(cfg: PretrainConfig, bpr: nn.Module | None = None) -> tuple[nn.Module, Backbone, dict]:
+def build_task_and_backbone(cfg: PretrainConfig, bpr: nn.Module | None = None
+                            ) -> tuple[nn.Module, PyramidBackbone, dict]:
     cls = get_task_class(cfg.method)
     try:
         task_cfg = make_task_config(cls, cfg.task_options, defaults=cfg, preprocess=cfg.preprocess)
@@ -314,10 +318,21 @@ def build_task_and_backbone(cfg: PretrainConfig, bpr: nn.Module | None = None) -
         task = cls(task_cfg, bpr=bpr) if bpr is not None else cls(task_cfg)
     except (ValueError, TypeError) as e:
         raise InputError(None, f"invalid options for method {cfg.method!r}: {e}") from None
-    backbone = Backbone(in_channels=task.in_channels, out_channels=task.out_channels,
-                        base_channels=cfg.base_channels, num_levels=cfg.num_levels,
-                        blocks_per_level=cfg.blocks_per_level, time_embedding=bool(task.uses_timestep),
-                        norm_groups=cfg.norm_groups, coord_channels=task.in_channels - 1)
+    common: dict[str, Any] = dict(in_channels=task.in_channels, out_channels=task.out_channels,
+                                  base_channels=cfg.base_channels, num_levels=cfg.num_levels,
+                                  blocks_per_level=cfg.blocks_per_level, time_embedding=bool(task.uses_timestep),
+                                  norm_groups=cfg.norm_groups, coord_channels=task.in_channels - 1)
+    try:
+        backbone = build_backbone(cfg.backbone, **common)
+    except (ValueError, TypeError) as e:
+        raise InputError(None, f"invalid options for backbone {cfg.backbone!r}: {e}") from None
+    if any(int(s) % backbone.divisor for s in cfg.patch_size):
+        raise InputError(None, f"patch_size {tuple(cfg.patch_size)} must be a multiple of {backbone.divisor} "
+                               f"(the largest stride of the {cfg.backbone} backbone)")
+    coarsest = int(np.prod([int(s) // backbone.divisor for s in cfg.patch_size]))
+    if cfg.batch_size * coarsest < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in backbone.modules()):
+        raise InputError(None, f"the {cfg.backbone} backbone's BatchNorm needs more than one value per channel at its "
+                               f"coarsest level: use batch_size >= 2 or a larger patch_size")
     task.setup(backbone)
     return task, backbone, task_cfg
 
@@ -358,9 +373,11 @@ def copy_bpr(path: str, dest: Path) -> None:
         shutil.copy2(src[1], dest / "model.json")
 
 
-def backbone_document(cfg: PretrainConfig, backbone: Backbone, task_cfg: dict, has_bpr: bool) -> dict[str, Any]:
-    """The ``config`` written in backbone/model.json."""
+def backbone_document(cfg: PretrainConfig, backbone: PyramidBackbone, task_cfg: dict, has_bpr: bool) -> dict[str, Any]:
+    """The ``config`` written in backbone/model.json: ``backbone_name`` (registry name) and
+    ``backbone`` (its constructor arguments) rebuild the network (``load_backbone``)."""
     return {
+        "backbone_name": backbone_name(backbone),
         "backbone": backbone.config(),
         "levels": [dataclasses.asdict(lv) for lv in backbone.levels],
         "method": cfg.method,
@@ -371,7 +388,7 @@ def backbone_document(cfg: PretrainConfig, backbone: Backbone, task_cfg: dict, h
     }
 
 
-def save_backbone(path: Path, cfg: PretrainConfig, backbone: Backbone, weights: dict[str, torch.Tensor],
+def save_backbone(path: Path, cfg: PretrainConfig, backbone: PyramidBackbone, weights: dict[str, torch.Tensor],
                   task: nn.Module, task_cfg: dict, has_bpr: bool, meta: dict[str, Any] | None = None) -> Path:
     tensors = dict(weights)
     tensors.update(prefixed(task.state_dict(), "task."))

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from voxdiff.core.precision import bf16_autocast
+from voxdiff.pretrain.backbones import PyramidBackbone
 from voxdiff.pretrain.diffusion import index_grid
 
 
@@ -67,7 +68,8 @@ def features(extractor, x: torch.Tensor, amp: bool = False, voxel_index: torch.T
         kw["coords"] = coords
     with bf16_autocast(x.device, amp):
         task = getattr(extractor, "task", None)
-        if grad and task is not None and hasattr(task, "feature_passes") and hasattr(extractor.backbone, "pyramid"):
+        if grad and task is not None and hasattr(task, "feature_passes") \
+                and isinstance(getattr(extractor, "backbone", None), PyramidBackbone):
             with torch.no_grad():
                 passes = task.feature_passes(x, **kw)
             outs = [extractor.backbone.pyramid(xi, t) for xi, t in passes]

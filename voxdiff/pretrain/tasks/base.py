@@ -23,15 +23,16 @@ Contract details (engine side, added compatibly; nothing above changed)
   ``PretrainConfig`` field with the same name as a ``Config`` field (e.g. the diffusion task's
   ``condition``/``bpr_path``). The dict is saved in the backbone's ``model.json`` and the task is
   rebuilt from it by ``load_pretrained``. ``self.hu_window`` gives the window.
-* Order of calls: ``task = Cls(config)`` -> ``backbone = Backbone(in_channels=task.in_channels,
-  out_channels=task.out_channels, time_embedding=task.uses_timestep, ...)`` ->
+* Order of calls: ``task = Cls(config)`` -> ``backbone = build_backbone(cfg.backbone,
+  in_channels=task.in_channels, out_channels=task.out_channels, time_embedding=task.uses_timestep,
+  ...)`` (any :class:`voxdiff.pretrain.backbones.PyramidBackbone`: ``unet`` or ``fpn3d``) ->
   ``task.setup(backbone)`` (create modules that depend on ``backbone.levels``, e.g. a projector;
   called before the optimiser is built and before weights are loaded) -> training.
 * ``sample_batch(cases, ...)``: ``cases`` are preprocessed :class:`voxdiff.data.types.Case` with
   ``image`` in float32 HU (the task maps patches to [0, 1] with ``hu_to_unit(.., self.hu_window)``;
   outside the volume: 0.0); ``label`` may be None. The engine moves every tensor of the returned
   dict to the device. The base class implements random patches (``random_patches``).
-* ``loss(backbone, batch, generator)``: ``backbone`` is the plain :class:`Backbone` (the engine
+* ``loss(backbone, batch, generator)``: ``backbone`` is the plain backbone module (the engine
   wraps task + backbone together for DDP, so calling ``backbone(x, t)`` or
   ``backbone.features(...)`` both work). ``generator`` is a seeded torch.Generator on the batch's
   device: use it for every random draw so runs are reproducible and resumable. Return the scalar

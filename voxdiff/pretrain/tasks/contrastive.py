@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
+from ..backbones import PyramidBackbone
 from .base import PretextTask, coords_mm_for, crop_or_pad, options_from_config, random_origin, register_task
 
 # the ranges vox2vec draws its HU window from (its MIN_WINDOW_HU / MAX_WINDOW_HU)
@@ -274,10 +275,10 @@ class ContrastiveTask(PretextTask):
 
     def setup(self, backbone: nn.Module) -> None:
         """Create the projector for the backbone's concatenated pyramid (sum of level channels)."""
-        levels = getattr(getattr(backbone, "module", backbone), "levels", None)
-        if not levels:
-            raise ValueError("the contrastive task needs a backbone with 'levels' metadata")
-        channels = int(sum(int(lv.channels) for lv in levels))
+        net = getattr(backbone, "module", backbone)  # DDP-wrapped or plain
+        if not isinstance(net, PyramidBackbone):
+            raise ValueError(f"the contrastive task needs a PyramidBackbone (pyramid levels), got {type(net).__name__}")
+        channels = int(sum(int(lv.channels) for lv in net.levels))
         if self.projector is None or self.projector[0].in_features != channels:
             self._make_projector(channels)
 

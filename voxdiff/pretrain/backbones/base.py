@@ -1,0 +1,170 @@
+"""The interface every pretraining backbone implements, and what the implementations share.
+
+A backbone is a 3D network that maps ``x`` ``(B, in_channels, X, Y, Z)`` (the [0, 1] or [-1, 1]
+image, followed by the condition channels, e.g. the BPR map) and an optional timestep ``t`` to a
+feature pyramid, finest level first. The rest of voxdiff only relies on :class:`PyramidBackbone`:
+
+* ``pyramid(x, t=None) -> list[Tensor]``: level ``i`` is ``(B, levels[i].channels, X/s, Y/s, Z/s)``
+  with ``s = levels[i].stride`` (1, 2, 4, ...); the last entry is the coarsest level.
+* ``forward(x, t=None) -> (prediction, pyramid)``: ``prediction`` ``(B, out_channels, X, Y, Z)`` is
+  the pretext output of the 1x1x1 head on the finest level (noise, velocity, reconstruction).
+* ``levels: list[LevelInfo]`` (name, channels, stride); ``strides`` (``[lv.stride ...]``);
+  ``divisor`` (the largest stride: every spatial input size must be a multiple of it).
+* ``in_channels`` / ``out_channels``.
+* ``config() -> dict``: the constructor arguments, saved in ``model.json`` beside the weights
+  together with the registry name, so that ``build_backbone(name, **config)`` rebuilds the network.
+
+``t`` is a scalar, a ``(B,)`` tensor of (possibly fractional) timesteps, or ``None`` (methods
+without a timestep; a backbone built with ``time_embedding=True`` then uses a learned "null"
+embedding). :class:`PyramidBackboneBase` implements everything but ``pyramid`` and ``head``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Timestep = torch.Tensor | float | int | None
+
+
+@dataclass(frozen=True)
+class LevelInfo:
+    name: str
+    channels: int
+    stride: int
+
+
+@runtime_checkable
+class PyramidBackbone(Protocol):
+    """What voxdiff needs from a backbone (see the module docstring)."""
+
+    in_channels: int
+    out_channels: int
+    levels: list[LevelInfo]
+
+    @property
+    def strides(self) -> list[int]: ...
+
+    @property
+    def divisor(self) -> int: ...
+
+    def config(self) -> dict[str, Any]: ...
+
+    def pyramid(self, x: torch.Tensor, t: Timestep = None) -> list[torch.Tensor]: ...
+
+    def forward(self, x: torch.Tensor, t: Timestep = None) -> tuple[torch.Tensor, list[torch.Tensor]]: ...
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps ``t`` (B,) -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def film(h: torch.Tensor, proj: nn.Module | None, temb: torch.Tensor | None) -> torch.Tensor:
+    """``h * (1 + scale) + shift`` with ``(scale, shift) = proj(silu(temb))`` (FiLM, improved DDPM);
+    ``h`` unchanged without a projection or an embedding."""
+    if proj is None or temb is None:
+        return h
+    scale, shift = proj(F.silu(temb)).to(h.dtype)[:, :, None, None, None].chunk(2, dim=1)
+    return h * (1 + scale) + shift
+
+
+class PyramidBackboneBase(nn.Module):
+    """Shared implementation: timestep embedding, input checks, ``forward``, ``features``.
+
+    Subclasses call :meth:`_init_common` in their constructor, set ``self.levels`` and implement
+    ``_pyramid(x, temb)`` and ``head(finest)``.
+    """
+
+    in_channels: int
+    out_channels: int
+    levels: list[LevelInfo]
+    time_embedding: bool
+    temb_dim: int | None
+    name: str = ""  # registry name, set by voxdiff.pretrain.backbones.register
+
+    def _init_common(self, config: dict[str, Any], in_channels: int, out_channels: int, time_embedding: bool,
+                     base_channels: int) -> None:
+        self._config = dict(config)
+        self.in_channels = int(in_channels)
+        self.out_channels = int(out_channels)
+        self.time_embedding = bool(time_embedding)
+        self.temb_dim = 4 * base_channels if time_embedding else None
+        if time_embedding:
+            self.temb_in = base_channels
+            self.time_mlp = nn.Sequential(nn.Linear(base_channels, 4 * base_channels), nn.SiLU(),
+                                          nn.Linear(4 * base_channels, 4 * base_channels))
+            self.null_embedding = nn.Parameter(torch.zeros(4 * base_channels))
+
+    # ------------------------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments (JSON-able): ``type(self)(**config())`` is the same network."""
+        return dict(self._config)
+
+    @property
+    def strides(self) -> list[int]:
+        return [int(lv.stride) for lv in self.levels]
+
+    @property
+    def divisor(self) -> int:
+        """Spatial sizes must be multiples of this (the largest stride)."""
+        return max(self.strides)
+
+    def embed(self, t: Timestep, batch: int, device: torch.device) -> torch.Tensor | None:
+        if not self.time_embedding:
+            return None
+        if t is None:
+            return self.null_embedding[None].expand(batch, -1)
+        t = torch.as_tensor(t, device=device).float()
+        if t.ndim == 0:
+            t = t.expand(batch)
+        return self.time_mlp(timestep_embedding(t, self.temb_in))
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 5 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected input (B, {self.in_channels}, X, Y, Z), got {tuple(x.shape)}")
+        d = self.divisor
+        if any(s % d for s in x.shape[2:]):
+            raise ValueError(f"spatial size {tuple(x.shape[2:])} must be a multiple of {d}")
+
+    def _pyramid(self, x: torch.Tensor, temb: torch.Tensor | None) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def head(self, finest: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def pyramid(self, x: torch.Tensor, t: Timestep = None) -> list[torch.Tensor]:
+        """Feature pyramid of ``x``, finest level first (strides ``self.strides``)."""
+        self.check_input(x)
+        return self._pyramid(x, self.embed(t, x.shape[0], x.device))
+
+    def forward(self, x: torch.Tensor, t: Timestep = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(prediction (B, out_channels, X, Y, Z), pyramid)``."""
+        pyr = self.pyramid(x, t)
+        return self.head(pyr[0]), pyr
+
+    def features(self, image: torch.Tensor, coords: torch.Tensor | None = None, t: Timestep = None) -> list[torch.Tensor]:
+        """The pyramid for ``image`` (B, C, ...); ``coords`` (condition channels) are concatenated
+        when the backbone expects more channels than ``image`` has."""
+        x = image
+        if coords is not None and image.shape[1] < self.in_channels:
+            x = torch.cat([image, coords.to(image.dtype)], dim=1)
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f"backbone expects {self.in_channels} input channels, got {x.shape[1]}"
+                             + (" (missing coordinate channels?)" if coords is None else ""))
+        return self.pyramid(x, t)
