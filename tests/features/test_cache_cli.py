@@ -98,6 +98,10 @@ def test_cache_reuses_and_invalidates(tmp_path, model_dir, monkeypatch):
     assert calls == [1]
     # other settings or other weights: another key
     assert FeatureCache(tmp_path / "fc", ex, ExtractConfig(roi=(16, 16, 16), levels=(0,))).key != cache.key
+    # features of an older window scheme are not reused
+    monkeypatch.setattr(cache_mod, "EXTRACTION_VERSION", cache_mod.EXTRACTION_VERSION - 1)
+    assert FeatureCache(tmp_path / "fc", ex, FAST).key != cache.key
+    monkeypatch.undo()
     with torch.no_grad():
         ex.backbone.stem.weight.add_(0.01)
     ex.path = None  # fingerprint from the (changed) parameters

@@ -35,6 +35,10 @@ from .extract import ExtractConfig, extract_volume, select_levels, window_plan, 
 
 FORMAT = "voxdiff-features"
 FORMAT_VERSION = 1
+# how windows are placed and blended; part of the cache key so that features from an older scheme
+# are recomputed (2: exact overlap with aligned windows, own per-level stitching, default window =
+# the model's training patch)
+EXTRACTION_VERSION = 2
 _DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -91,6 +95,7 @@ def settings_of(cfg: ExtractConfig) -> dict[str, Any]:
 def feature_key(extractor: Any, cfg: ExtractConfig, fingerprint: str | None = None) -> str:
     doc = {
         "format": FORMAT_VERSION,
+        "extraction": EXTRACTION_VERSION,
         "model": fingerprint or model_fingerprint(extractor),
         "method": getattr(extractor, "method", None),
         "task": task_options_of(extractor),
