@@ -42,7 +42,7 @@ from voxdiff.core.runtime import resolve_device, tune_allocator
 from voxdiff.data.preprocess import PreprocessConfig, preprocess
 from voxdiff.data.types import Case, CaseMeta
 from voxdiff.experiments.budgets import get_budget
-from voxdiff.features import ExtractConfig, extract_case
+from voxdiff.features import ExtractConfig, extract_case, window_plan
 from voxdiff.pretrain.load import load_pretrained
 from voxdiff.pretrain.train import (
     EMA,
@@ -189,7 +189,8 @@ def check_features(model: Path, ct_shape: tuple[int, int, int], pre: PreprocessC
     sync(dev)
     t_ex = time.perf_counter() - t0
     return {"ct_shape": list(ct_shape), "grid_shape": list(case.image.shape), "preprocess_s": round(t_pre, 1),
-            "extract_s": round(t_ex, 1), "roi": list(ecfg.roi), "overlap": ecfg.overlap,
+            "extract_s": round(t_ex, 1), "overlap": ecfg.overlap,
+            "windows": window_plan(ex, case.image.shape, ecfg.roi, ecfg.overlap).describe(),
             "feature_shapes": [list(f.shape) for f in feats],
             "feature_MB": round(sum(f.numel() * f.element_size() for f in feats) / 2**20, 1),
             "peak_gpu_GiB": peak_gpu_gib(dev),
@@ -270,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
             row(f"features {'x'.join(map(str, r['ct_shape']))} CT (0.8x0.8x1 mm)",
                 f"preprocess {r['preprocess_s']} s -> {'x'.join(map(str, r['grid_shape']))}, "
                 f"extract {r['extract_s']} s")
-            row("  windows, output", f"roi {r['roi']}, overlap {r['overlap']}, {r['feature_MB']} MB features")
+            w = r["windows"]
+            row("  windows, output", f"{w['count']} windows of {'x'.join(map(str, w['window']))}, overlap "
+                f"{w['effective_overlap']} (requested {r['overlap']}), {r['feature_MB']} MB features")
             row("  peak GPU memory, peak RSS",
                 f"{r['peak_gpu_GiB'] if r['peak_gpu_GiB'] is not None else 'n/a'} GiB, {r['peak_rss_GiB']} GiB")
         report["total_s"] = round(time.perf_counter() - t0, 1)

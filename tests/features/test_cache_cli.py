@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import nibabel as nib
@@ -97,6 +98,10 @@ def test_cache_reuses_and_invalidates(tmp_path, model_dir, monkeypatch):
     assert calls == [1]
     # other settings or other weights: another key
     assert FeatureCache(tmp_path / "fc", ex, ExtractConfig(roi=(16, 16, 16), levels=(0,))).key != cache.key
+    # features of an older window scheme are not reused
+    monkeypatch.setattr(cache_mod, "EXTRACTION_VERSION", cache_mod.EXTRACTION_VERSION - 1)
+    assert FeatureCache(tmp_path / "fc", ex, FAST).key != cache.key
+    monkeypatch.undo()
     with torch.no_grad():
         ex.backbone.stem.weight.add_(0.01)
     ex.path = None  # fingerprint from the (changed) parameters
@@ -144,6 +149,13 @@ def test_cli_writes_features_and_refuses_bad_input(tmp_path, model_dir, capsys):
     pyr, meta = load_features(out / f"{index['cases'][0]['case_id']}.safetensors")
     assert [m["index"] for m in meta["levels"]] == [0, 2] and len(pyr) == 2
     assert pyr[0].dtype == torch.float16 and pyr[1].shape[2:] == tuple(-(-n // 4) for n in meta["shape"])
+    # the windows used: in the metadata, the index and one printed line per case
+    win = meta["windows"]
+    assert win["window"] == [32, 32, 20] and win["requested_overlap"] == 0.5 and win["exact"]
+    assert win["count"] == len(list(itertools.product(*[range(c) for c in win["counts"]])))
+    assert index["cases"][0]["windows"] == win["count"]
+    printed = capsys.readouterr().out
+    assert printed.count("windows of 32x32x20") == 2 and "requested 0.5" in printed
     # refused: existing output, missing model, bad level, t on a non-diffusion model; no partial output
     assert main(["features", str(model_dir), str(data), "-o", str(out), "--progress", "false"]) == 2
     for args, msg in [([str(tmp_path / "nope"), str(data)], "not found"),
@@ -167,3 +179,17 @@ def test_cli_diffusion_timesteps(tmp_path, diffusion_dir):
     pyr, meta = load_features(out / index["cases"][0]["file"])
     assert meta["t"] == [10, 50] and meta["model"]["method"] == "diffusion"
     assert len(pyr) == 1 and pyr[0].shape[1] == 2 * 8  # level 1 of a base-4 net, two timesteps
+
+
+def test_cli_default_window_is_the_training_patch(tmp_path, model_dir, capsys):
+    """Without --roi the windows are the model's training patch (16^3 here, saved in model.json)."""
+    data = _write_folder(tmp_path / "data", n=1)
+    out = tmp_path / "feats"
+    assert main(["features", str(model_dir), str(data), "-o", str(out), "--progress", "false",
+                 "--device", "auto"]) == 0
+    index = json.loads((out / "features.json").read_text())
+    _, meta = load_features(out / index["cases"][0]["file"])
+    assert meta["settings"]["roi"] is None and meta["windows"]["window"] == [16, 16, 16]
+    assert meta["windows"]["step"] == [8, 8, 8] and meta["windows"]["effective_overlap"] == [0.5, 0.5, 0.5]
+    assert meta["device"] in ("cpu", "cuda:0")
+    assert "windows of 16x16x16" in capsys.readouterr().out

@@ -7,8 +7,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from voxdiff.core.errors import VoxdiffWarning
 from voxdiff.data.preprocess import PreprocessConfig
-from voxdiff.features import estimate_memory, extract_volume, features_at, plan_windows
+from voxdiff.features import (
+    DEFAULT_ROI,
+    blend_weights,
+    default_roi,
+    estimate_memory,
+    extract_volume,
+    features_at,
+    plan_windows,
+    window_plan,
+)
 from voxdiff.pretrain.backbone import Backbone, LevelInfo
 from voxdiff.pretrain.diffusion import index_grid, positional_noise
 from voxdiff.pretrain.load import FeatureExtractor
@@ -52,28 +62,142 @@ def whole_pass(ex, vol, divisor):
 
 
 def test_plan_windows_aligns_everything_to_the_divisor():
-    padded, win, step = plan_windows((37, 30, 21), (16, 16, 8), 0.5, 4)
-    assert padded == (40, 32, 24) and win == (16, 16, 8) and step == (8, 8, 4)
-    padded, win, step = plan_windows((10, 64, 20), (96, 96, 64), 0.5, 8)
-    assert padded == (16, 64, 24) and win == (16, 64, 24)  # window shrinks to the (padded) volume
-    _, win, step = plan_windows((200, 200, 200), (90, 90, 60), 0.3, 16)
-    assert win == (96, 96, 64) and all(s % 16 == 0 and 0 < s <= w for s, w in zip(step, win))
+    p = plan_windows((37, 30, 21), (16, 16, 8), 0.5, 4)
+    assert p.padded == (40, 32, 24) and p.window == (16, 16, 8) and p.step == (8, 8, 4)
+    assert p.starts == ((0, 8, 16, 24), (0, 8, 16), (0, 4, 8, 12, 16)) and p.count == 60 and p.exact
+    p = plan_windows((10, 64, 20), (96, 96, 64), 0.5, 8)
+    assert p.padded == (16, 64, 24) and p.window == (16, 64, 24) and p.counts == (1, 1, 1)  # the (padded) volume
+    assert p.effective_overlap == (None, None, None) and p.exact
     with pytest.raises(ValueError):
         plan_windows((10, 10, 10), (8, 8, 8), 1.0, 2)
 
 
+def test_plan_windows_paper_model_honours_overlap_half():
+    """The paper model (divisor 32, training window 128 x 128 x 32) on a 512 x 512 x 300 CT at the
+    1 x 1 x 2 mm grid: the step is exactly half the window on every axis. The window grows to 64 along
+    z (a 32-voxel window cannot overlap aligned neighbours by half); rounding the step down instead
+    (what extraction did before) gave 96^3 windows an overlap of 2/3 and 352 windows."""
+    p = plan_windows((402, 276, 150), (128, 128, 32), 0.5, 32)
+    assert p.window == (128, 128, 64) and p.step == (64, 64, 32) and p.effective_overlap == (0.5, 0.5, 0.5)
+    assert p.starts == ((0, 64, 128, 192, 256, 288), (0, 64, 128, 160), (0, 32, 64, 96)) and p.count == 96
+    d = p.describe()
+    assert d["count"] == 96 and d["requested_overlap"] == 0.5 and d["exact"] and d["window"] == [128, 128, 64]
+    assert "96 windows of 128x128x64" in p.summary()
+    # 96^3 requested: 96 * 0.5 = 48 is not a whole number of 32, 128 is the smallest window that works
+    q = plan_windows((410, 410, 150), (96, 96, 96), 0.5, 32)
+    assert q.window == (128, 128, 128) and q.step == (64, 64, 64) and q.exact
+
+
+def _expected_starts(p_len, w, step):
+    if w >= p_len:
+        return (0,)
+    n = -(-(p_len - w) // step) + 1
+    return tuple(min(i * step, p_len - w) for i in range(n))
+
+
+@pytest.mark.parametrize("divisor", [1, 2, 4, 8, 32])
+@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.5, 0.75, 0.125])
+def test_plan_windows_overlap_exact_for_many_shapes(divisor, overlap):
+    rng = np.random.default_rng(divisor * 1000 + int(overlap * 1000))
+    for _ in range(40):
+        shape = tuple(int(v) for v in rng.integers(1, 12 * divisor + 40, 3))
+        roi = tuple(int(v) for v in rng.integers(1, 4 * divisor + 20, 3))
+        p = plan_windows(shape, roi, overlap, divisor)
+        for n, r, pl, w, st, starts in zip(shape, roi, p.padded, p.window, p.step, p.starts):
+            w0 = min(-(-r // divisor) * divisor, pl)
+            k0 = w0 // divisor
+            exact_ks = [k for k in range(k0, max(2 * k0, 4) + 1)
+                        if k * divisor >= pl or (k * (1 - overlap) % 1 == 0 and k * (1 - overlap) > 0)]
+            assert pl == -(-n // divisor) * divisor
+            assert w % divisor == 0 and st % divisor == 0 and all(s % divisor == 0 for s in starts)
+            assert w0 <= w <= max(2 * w0, 4 * divisor) or w == pl
+            if exact_ks:  # the smallest window (>= roi, aligned) with an exact aligned step
+                assert w == min(exact_ks[0] * divisor, pl), (shape, roi, p.summary())
+            if len(starts) > 1:  # the requested overlap exactly, the count it implies, the last window at the end
+                if exact_ks:
+                    assert st == w * (1 - overlap)
+                else:  # e.g. 1/8 overlap of windows of at most 4 divisors: as close as possible, reported
+                    assert not p.exact and abs((1 - st / w) - overlap) <= 0.5 / (w // divisor) + 1e-9
+                assert starts == _expected_starts(pl, w, st)
+            else:
+                assert starts == (0,) and w == pl
+            covered = np.zeros(pl, bool)
+            for s in starts:
+                covered[s:s + w] = True
+            assert covered.all() and starts[-1] + w == pl
+        assert p.count == int(np.prod([len(s) for s in p.starts])) == len(p.origins())
+
+
+def test_plan_windows_inexact_overlap_is_reported_and_warned():
+    p = plan_windows((200, 200, 200), (32, 32, 32), 0.3, 32)  # 1 - 0.3 = 7/10: needs windows of 10 divisors
+    assert not p.exact and all(abs(e - 0.3) < 0.05 for e in p.effective_overlap)
+    assert "not exactly possible" in p.summary()
+    ex = PointwisePyramid(strides=(1, 2, 4, 8, 16, 32), channels=(1, 1, 1, 1, 1, 1))
+    with pytest.warns(VoxdiffWarning, match="cannot be honoured exactly"):
+        extract_volume(ex, torch.rand(1, 1, 160, 32, 32), roi=(32, 32, 32), overlap=0.3, progress=False)
+
+
+def test_blend_weights_per_level():
+    w = blend_weights((16, 8, 8), 1)
+    assert w.shape == (1, 1, 16, 8, 8) and float(w.min()) > 0
+    assert float(w[0, 0, 8, 4, 4]) > float(w[0, 0, 0, 4, 4])  # centre over border
+    coarse = blend_weights((16, 8, 8), 4)
+    torch.testing.assert_close(coarse, F.avg_pool3d(w, 4))
+    assert torch.equal(blend_weights((16, 8, 8), 2, mode="constant"), torch.ones(1, 1, 8, 4, 4))
+
+
 @pytest.mark.parametrize("mode", ["gaussian", "constant"])
-def test_sliding_window_is_exact_for_a_window_independent_extractor(mode):
+@pytest.mark.parametrize("overlap,strides", [(0.5, (1, 2, 4)), (0.25, (1, 2, 4)), (0.75, (1, 2, 4, 8)),
+                                             (0.5, (1, 2, 4, 8, 16))])
+def test_sliding_window_is_exact_for_a_window_independent_extractor(mode, overlap, strides):
     g = torch.Generator().manual_seed(0)
     vol = torch.rand(1, 1, 37, 30, 21, generator=g)
-    ex = PointwisePyramid()
-    got = extract_volume(ex, vol, roi=(16, 16, 8), overlap=0.5, out_dtype=torch.float32, progress=False,
+    ex = PointwisePyramid(strides=strides, channels=tuple(range(2, 2 + len(strides))))
+    d = max(strides)
+    got = extract_volume(ex, vol, roi=(16, 16, 8), overlap=overlap, out_dtype=torch.float32, progress=False,
                          mode=mode, sw_batch_size=3)
-    assert ex.calls > 1
-    ref = whole_pass(ex, vol, 4)
-    assert [tuple(f.shape) for f in got] == [(1, 2, 37, 30, 21), (1, 3, 19, 15, 11), (1, 4, 10, 8, 6)]
+    plan = window_plan(ex, vol.shape, (16, 16, 8), overlap)
+    assert plan.exact and ex.calls == -(-plan.count // 3)
+    ref = whole_pass(ex, vol, d)
+    assert [tuple(f.shape) for f in got] == [(1, c, -(-37 // s), -(-30 // s), -(-21 // s))
+                                             for c, s in zip(range(2, 2 + len(strides)), strides)]
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+class WindowRecorder(PointwisePyramid):
+    """The stand-in, remembering the window shapes and origins it was called with."""
+
+    def __init__(self, patch_size=None, **kw):
+        super().__init__(**kw)
+        if patch_size is not None:
+            self.patch_size = patch_size
+        self.windows = []
+
+    def __call__(self, x, voxel_index=None, coords=None):
+        for b in range(x.shape[0]):
+            self.windows.append((tuple(x.shape[2:]), tuple(int(v) for v in voxel_index[b, :, 0, 0, 0])))
+        return super().__call__(x, voxel_index, coords)
+
+
+def test_default_window_is_the_model_patch_size():
+    vol = torch.rand(1, 1, 40, 24, 20, generator=torch.Generator().manual_seed(5))
+    ex = WindowRecorder(patch_size=(16, 8, 8))
+    assert default_roi(ex) == (16, 8, 8)
+    got = extract_volume(ex, vol, overlap=0.0, progress=False, out_dtype=torch.float32)
+    plan = window_plan(ex, vol.shape, None, 0.0)
+    assert plan.window == (16, 8, 8) and plan.counts == (3, 3, 3)
+    assert {w for w, _ in ex.windows} == {(16, 8, 8)}
+    assert sorted(o for _, o in ex.windows) == sorted(plan.origins())  # every planned window, once
+    for a, b in zip(got, whole_pass(ex, vol, 4)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # an explicit roi wins; an extractor that does not know its training window gets DEFAULT_ROI
+    assert window_plan(ex, vol.shape, (8, 8, 8), 0.0).window == (8, 8, 8)
+    assert default_roi(PointwisePyramid()) == DEFAULT_ROI
+    # a real extractor: the patch size saved with the model
+    real = FeatureExtractor(Backbone(1, 1, base_channels=4, num_levels=2), get_task_class("random")({}),
+                            PreprocessConfig(), "random", {"config": {"patch_size": [24, 16, 8]}})
+    assert default_roi(real) == (24, 16, 8) and window_plan(real, (64, 64, 64)).window == (24, 16, 8)
 
 
 def test_levels_upsample_dtype_and_numpy_input():

@@ -17,10 +17,14 @@ from .cache import (  # noqa: F401
 from .extract import (  # noqa: F401
     DEFAULT_ROI,
     ExtractConfig,
+    WindowPlan,
+    blend_weights,
+    default_roi,
     estimate_memory,
     extract_volume,
     features_at,
     plan_windows,
     select_levels,
+    window_plan,
     with_timesteps,
 )

@@ -3,8 +3,9 @@
 A feature file ``<case_id>.safetensors`` holds one tensor per pyramid level (``level0``, ``level2``,
 ... named by level index, shape ``(C_l, X_l, Y_l, Z_l)``); ``<case_id>.json`` beside it says what they
 are: the model (folder, SHA-256 of its weights, method, feature timesteps), the levels (channels,
-stride, shape), the extraction settings, the preprocessing, the case's grid (shape, affine, spacing)
-and a digest of the preprocessed image.
+stride, shape), the extraction settings, the windows used (``windows``: window size, step, counts,
+effective overlap, :meth:`~voxdiff.features.extract.WindowPlan.describe`), the preprocessing, the
+case's grid (shape, affine, spacing) and a digest of the preprocessed image.
 
 :class:`FeatureCache` stores such files under ``root/<key>/`` where ``key`` is a digest of the model
 weights, its task configuration (timesteps, noise seed, conditioning), the preprocessing and the
@@ -30,10 +31,14 @@ from safetensors.torch import load_file, save_file
 from ..core.config import to_dict
 from ..core.errors import InputError
 from ..core.outputs import atomic_path, atomic_write_json
-from .extract import ExtractConfig, extract_volume, select_levels, with_timesteps
+from .extract import ExtractConfig, extract_volume, select_levels, window_plan, with_timesteps
 
 FORMAT = "voxdiff-features"
 FORMAT_VERSION = 1
+# how windows are placed and blended; part of the cache key so that features from an older scheme
+# are recomputed (2: exact overlap with aligned windows, own per-level stitching, default window =
+# the model's training patch)
+EXTRACTION_VERSION = 2
 _DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -90,6 +95,7 @@ def settings_of(cfg: ExtractConfig) -> dict[str, Any]:
 def feature_key(extractor: Any, cfg: ExtractConfig, fingerprint: str | None = None) -> str:
     doc = {
         "format": FORMAT_VERSION,
+        "extraction": EXTRACTION_VERSION,
         "model": fingerprint or model_fingerprint(extractor),
         "method": getattr(extractor, "method", None),
         "task": task_options_of(extractor),
@@ -201,6 +207,7 @@ def case_meta(extractor: Any, case: Any, cfg: ExtractConfig, pyramid: list[torch
                     "model_stride": int(lv.stride), "shape": list(f.shape[2:])}
                    for i, lv, f in zip(idx, levels, pyramid)],
         "settings": settings_of(cfg),
+        "windows": window_plan(extractor, np.asarray(case.image).shape, cfg.roi, cfg.overlap).describe(),
         "preprocess": to_dict(getattr(extractor, "preprocess", None)),
         "shape": [int(s) for s in np.asarray(case.image).shape],
         "affine": None if m is None else np.asarray(m.affine, dtype=float).tolist(),

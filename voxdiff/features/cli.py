@@ -9,7 +9,8 @@ from ..data.ctcheck import ALLOW_HELP
 from .extract import ExtractConfig
 
 HELP = """Extract frozen feature pyramids of every case of a data set with a pretrained backbone
-(sliding windows, Gaussian blending). Writes OUT/<case_id>.safetensors (float16, one tensor per
+(sliding windows of the model's training patch size unless --roi, the requested overlap honoured
+exactly, Gaussian blending, on the GPU when there is one). Prints the windows used per case. Writes OUT/<case_id>.safetensors (float16, one tensor per
 level at its own stride unless --upsample) with OUT/<case_id>.json metadata, OUT/features.json and
 OUT/config.yaml."""
 
@@ -40,7 +41,10 @@ def run_features(ns) -> None:
     cfg = from_namespace(ExtractConfig, ns)
     cfg.t = None if ns.t is None else tuple(int(v) for v in ns.t)
     cfg.levels = None if ns.levels is None else tuple(int(v) for v in ns.levels)
+    from tqdm import tqdm
+
     out = features_command(ns.model, ns.data, ns.out, cfg, data_kind=ns.data_kind, split=ns.split,
                            case_ids=ns.cases, cache_dir=ns.cache_dir, force=bool(ns.force),
-                           progress=bool(ns.progress), allow_non_ct=bool(ns.allow_non_ct))
+                           progress=bool(ns.progress), allow_non_ct=bool(ns.allow_non_ct),
+                           log=lambda line: tqdm.write(f"features: {line}"))
     print(f"features: {out}")

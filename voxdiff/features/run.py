@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from tqdm import tqdm
 
@@ -15,7 +15,7 @@ from ..core.outputs import atomic_write_json, check_output_path, staged_dir
 from ..core.runtime import resolve_device
 from .cache import case_meta, extract_case, feature_key, model_fingerprint, save_features
 from .extract import CONDITION_MODES as _CONDITIONS
-from .extract import ExtractConfig, with_timesteps
+from .extract import ExtractConfig, window_plan, with_timesteps
 
 _MODES = ("gaussian", "constant")
 
@@ -30,7 +30,7 @@ def validate(cfg: ExtractConfig, extractor: Any) -> None:
         raise InputError(None, f"condition must be one of {', '.join(_CONDITIONS)}, got {cfg.condition!r}")
     if cfg.dtype not in ("float16", "float32", "bfloat16"):
         raise InputError(None, f"dtype must be float16, float32 or bfloat16, got {cfg.dtype!r}")
-    if len(cfg.roi) != 3 or any(int(r) < 1 for r in cfg.roi):
+    if cfg.roi is not None and (len(cfg.roi) != 3 or any(int(r) < 1 for r in cfg.roi)):
         raise InputError(None, f"roi must be 3 positive sizes, got {cfg.roi}")
     if cfg.sw_batch_size < 1:
         raise InputError(None, "sw_batch_size must be >= 1")
@@ -44,18 +44,22 @@ def validate(cfg: ExtractConfig, extractor: Any) -> None:
 def features_command(model: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike,
                      cfg: ExtractConfig | None = None, data_kind: str = "auto", split: str = "all",
                      case_ids: Sequence[str] | None = None, cache_dir: str | os.PathLike | None = None,
-                     force: bool = False, progress: bool = True, allow_non_ct: bool = False) -> Path:
+                     force: bool = False, progress: bool = True, allow_non_ct: bool = False,
+                     log: Callable[[str], Any] | None = None) -> Path:
     """Features of every case of ``data`` with ``model`` into folder ``out`` (atomic: all or nothing).
 
     A case whose image does not look like CT in HU (:mod:`voxdiff.data.ctcheck`) stops the run with
-    an :class:`InputError` naming it (nothing is written), unless ``allow_non_ct``."""
+    an :class:`InputError` naming it (nothing is written), unless ``allow_non_ct``. ``log`` (the CLI
+    passes a printer) gets one line per case: its grid, the windows (count, size, step, effective
+    overlap, :class:`~voxdiff.features.extract.WindowPlan`) and the seconds it took."""
     from ..data.adapters import open_dataset
     from ..data.cache import load_preprocessed
     from ..pretrain.load import load_pretrained
 
     cfg = cfg or ExtractConfig()
     check_output_path(out, force=force)
-    extractor = load_pretrained(model, device=resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    extractor = load_pretrained(model, device=device)
     with_timesteps(extractor, cfg.t)
     validate(cfg, extractor)
     ds = open_dataset(data, kind=data_kind, split=split)
@@ -82,9 +86,16 @@ def features_command(model: str | os.PathLike, data: str | os.PathLike, out: str
             pyr = extract_case(extractor, case, cfg, progress=progress)  # window bar: a case can take minutes
             meta = case_meta(extractor, case, cfg, pyr, key, fingerprint)
             meta["seconds"] = round(time.perf_counter() - t0, 3)
+            meta["device"] = str(device)
             save_features(tmp / f"{case.case_id}.safetensors", pyr, meta, [lv["index"] for lv in meta["levels"]])
             index["cases"].append({"case_id": case.case_id, "file": f"{case.case_id}.safetensors",
-                                   "shape": meta["shape"], "levels": meta["levels"]})
+                                   "shape": meta["shape"], "levels": meta["levels"],
+                                   "windows": meta["windows"]["count"],
+                                   "effective_overlap": meta["windows"]["effective_overlap"]})
+            if log is not None:
+                plan = window_plan(extractor, meta["shape"], cfg.roi, cfg.overlap)
+                log(f"{case.case_id}: {'x'.join(map(str, meta['shape']))} voxels, {plan.summary()}, "
+                    f"{meta['seconds']:.1f} s on {device}")
             del pyr, case
         atomic_write_json(tmp / "features.json", index)
         write_config(tmp / "config.yaml", cfg, extra={"model": str(model), "data": str(data), "data_kind": data_kind,
