@@ -86,13 +86,13 @@ def step_batches(batches: StepBatches, start: int, end: int, workers: int = 0, p
     """The batches of steps ``start .. end - 1`` in order.
 
     ``workers=0``: each batch is drawn in this process when it is asked for (no DataLoader, no
-    copies). ``workers > 0``: a ``DataLoader`` with that many forked worker processes, each keeping
-    ``prefetch_factor`` batches ready, ``persistent_workers``, and ``pin_memory`` (page-locked host
-    memory, for asynchronous copies to a GPU)."""
+    copies; not pinned either: pinning here would be one more copy on the critical path).
+    ``workers > 0``: a ``DataLoader`` with that many forked worker processes, each keeping
+    ``prefetch_factor`` batches ready, ``persistent_workers``, and ``pin_memory`` (the loader's
+    thread copies each batch into page-locked memory, so the copy to a GPU is asynchronous)."""
     if workers <= 0:
         for k in range(start, end):
-            b = batches[k]
-            yield _pin(b) if pin_memory else b
+            yield batches[k]
         return
     if end <= start:
         return
@@ -108,10 +108,6 @@ def step_batches(batches: StepBatches, start: int, end: int, workers: int = 0, p
         if shutdown is not None:
             shutdown()
         del it, loader
-
-
-def _pin(batch: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v.pin_memory() if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
