@@ -1,13 +1,16 @@
 """The pretraining engine behind ``voxdiff pretrain``: one loop for every method.
 
-``pretrain(cfg, out_dir)`` loads the preprocessed cases into memory, builds the task (the method)
+``pretrain(cfg, out_dir)`` loads the preprocessed cases (int16 memory maps of the cache with
+``cache_dir``, float32 arrays in memory without), builds the task (the method)
 and the :class:`~voxdiff.pretrain.backbone.Backbone`, and trains with AdamW, linear warm-up + cosine
 decay, gradient clipping, an EMA of the backbone weights and (optionally) bf16 autocast. Every
 ``checkpoint_every`` steps the full train state is written atomically (``voxdiff.pretrain.state``);
 ``resume=True`` continues exactly where the last checkpoint left off (same batches, same noise).
+Batches come from ``voxdiff.pretrain.data``: the batch of step k is drawn with a generator derived from
+(seed, rank, k), in the training process or in ``workers`` processes (same batches either way).
 
 Under ``torchrun --nproc_per_node=N`` the same call runs DDP (gloo on CPU, nccl on GPU): every rank
-draws its own patches (its RNGs are seeded with its rank), gradients are averaged, only rank 0 writes.
+draws its own patches (its generators are seeded with its rank), gradients are averaged, only rank 0 writes.
 
 Output folder::
 
@@ -482,10 +485,12 @@ def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, resume: bool = Fal
     ``probe_set``: labelled preprocessed cases for the online probe instead of ``cfg.probe_data``.
     """
     d = init_distributed(cfg.device)
+    cudnn_benchmark = torch.backends.cudnn.benchmark
     try:
         with num_threads(cfg.threads):
             return _pretrain(cfg, Path(out_dir), resume, progress, force, cases, bpr, stop_after, d, probe_set)
     finally:
+        torch.backends.cudnn.benchmark = cudnn_benchmark  # set for the run only (see _pretrain)
         if d.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
