@@ -236,3 +236,14 @@ def test_conditioned_diffusion_on_memory_maps_matches_float_volumes(tmp_path):
     assert a.keys() == b.keys() and "cond" in a
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert float(a["cond"].std()) > 0
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_user_error_while_drawing_batches_keeps_its_message(workers):
+    from voxdiff.core.errors import ModelError
+
+    def bad(cases, batch_size, patch_size, rng):
+        raise ModelError("/data/ct7.npy", "unreadable volume")
+
+    with pytest.raises(ModelError, match=r"^/data/ct7.npy: unreadable volume$"):
+        list(step_batches(StepBatches(bad, [], 1, (4, 4, 4), seed=0), 0, 3, workers=workers))

@@ -28,6 +28,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..core.errors import InputError, VoxdiffError
+
+_ERROR = "__voxdiff_error__"
+
 # tag mixed into every step's seed so that these streams differ from any other use of (seed, rank)
 _STREAM = 0x5EED
 
@@ -52,7 +56,14 @@ class StepBatches(Dataset):
 
     def __getitem__(self, step: int) -> dict[str, Any]:
         rng = step_generator(self.seed, self.rank, step)
-        return self.sample(self.cases, self.batch_size, self.patch_size, rng)
+        try:
+            return self.sample(self.cases, self.batch_size, self.patch_size, rng)
+        except VoxdiffError as e:
+            if torch.utils.data.get_worker_info() is None:
+                raise
+            # a user error in a worker (e.g. an unreadable volume): handed to the training process,
+            # which raises it as it is (the DataLoader would turn it into a RuntimeError + traceback)
+            return {_ERROR: (type(e), getattr(e, "path", None), getattr(e, "problem", str(e)))}
 
 
 class StepRange(Sampler[int]):
@@ -101,7 +112,11 @@ def step_batches(batches: StepBatches, start: int, end: int, workers: int = 0, p
                         persistent_workers=True, worker_init_fn=_worker_init, multiprocessing_context=_context())
     it = iter(loader)
     try:
-        yield from it
+        for batch in it:
+            if _ERROR in batch:
+                cls, path, problem = batch[_ERROR]
+                raise cls(path, problem) if issubclass(cls, InputError) else cls(problem)
+            yield batch
     finally:
         # stop the workers now (a NaN stop or an error must not leave them running)
         shutdown = getattr(it, "_shutdown_workers", None)
