@@ -19,6 +19,8 @@ from pretrain_synth import synthetic_cases
 from voxdiff.pretrain import train as T
 
 rank = int(os.environ["RANK"])
+# one process group for both runs below (pretrain uses a group it finds and leaves it in place)
+torch.distributed.init_process_group("gloo")
 log = open(os.path.join(sys.argv[1] + f".rank{rank}.jsonl"), "w")
 real_forward = T._Joint.forward
 def forward(self, batch, generator):
@@ -27,9 +29,22 @@ def forward(self, batch, generator):
     log.flush()
     return real_forward(self, batch, generator)
 T._Joint.forward = forward
+real_ddp = T.nn.parallel.DistributedDataParallel
+def ddp(*a, **kw):
+    log.write(json.dumps({"find_unused_parameters": kw["find_unused_parameters"]}) + "\n")
+    return real_ddp(*a, **kw)
+T.nn.parallel.DistributedDataParallel = ddp
 cfg = T.PretrainConfig(method="diffusion", patch_size=(16, 16, 16), batch_size=1, steps=4, base_channels=4,
                        num_levels=2, log_every=2, checkpoint_every=2, bf16=False, diffusion_steps=50, device="cpu")
 T.pretrain(cfg, sys.argv[1], cases=synthetic_cases(2), progress=False)
+# restorative uses every parameter: DDP runs with find_unused_parameters=False (it raises at the
+# second step if a parameter got no gradient); batches drawn by a worker process
+T._Joint.forward = real_forward
+cfg2 = T.PretrainConfig(method="restorative", patch_size=(16, 16, 16), batch_size=1, steps=3, base_channels=4,
+                        num_levels=2, log_every=3, checkpoint_every=3, bf16=False, device="cpu", workers=1,
+                        task_options={"shuffle_blocks": 10})
+T.pretrain(cfg2, sys.argv[1] + "_restorative", cases=synthetic_cases(2), progress=False)
+torch.distributed.destroy_process_group()
 '''
 
 
@@ -50,6 +65,14 @@ def test_two_process_ddp_on_cpu(tmp_path):
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=170)
     assert r.returncode == 0, r.stderr[-3000:]
     logs = [[json.loads(x) for x in Path(f"{out}.rank{k}.jsonl").read_text().splitlines()] for k in (0, 1)]
+    # diffusion: its backbone's null time embedding gets no gradient -> find_unused_parameters=True;
+    # restorative uses every parameter -> False
+    assert [x["find_unused_parameters"] for x in logs[0] if "find_unused_parameters" in x] == [True, False]
+    assert (Path(f"{out}_restorative") / "backbone" / "model.safetensors").is_file()
+    logs = [[x for x in lg if "origin" in x] for lg in logs]
+    # the first forward is the one-patch check for unused parameters; it leaves the weights as they were
+    assert all(lg[0]["wsum"] == lg[1]["wsum"] for lg in logs)
+    logs = [lg[1:] for lg in logs]
     assert len(logs[0]) == len(logs[1]) == 4
     # each rank draws its own patches ...
     assert [x["origin"] for x in logs[0]] != [x["origin"] for x in logs[1]]

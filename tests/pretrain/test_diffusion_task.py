@@ -107,8 +107,11 @@ def test_loss_reports_t_buckets_and_uses_the_generator():
     l2, m2 = task.loss(net, batch, torch.Generator().manual_seed(3))
     l3, _ = task.loss(net, batch, torch.Generator().manual_seed(4))
     assert float(l1.detach()) == float(l2.detach()) != float(l3.detach())
-    assert m1 == m2 and all(k.startswith("loss_t") for k in m1)
-    assert sum(len(v) for v in m1.values()) == 4
+    assert m1.keys() == m2.keys() and all(k.startswith("loss_t") for k in m1)
+    assert all(torch.equal(m1[k]["sum"], m2[k]["sum"]) and torch.equal(m1[k]["count"], m2[k]["count"]) for k in m1)
+    assert sum(int(v["count"]) for v in m1.values()) == 4
+    # the bucket sums add up to the batch's loss
+    assert float(sum(v["sum"] for v in m1.values())) / 4 == pytest.approx(float(l1.detach()), rel=1e-5)
 
 
 def test_volume_condition_crops_the_whole_volume_map_at_each_patch(tmp_path):

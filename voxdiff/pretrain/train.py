@@ -1,13 +1,16 @@
 """The pretraining engine behind ``voxdiff pretrain``: one loop for every method.
 
-``pretrain(cfg, out_dir)`` loads the preprocessed cases into memory, builds the task (the method)
-and the backbone named by ``cfg.backbone`` (:mod:`voxdiff.pretrain.backbones`), and trains with AdamW, linear warm-up + cosine
+``pretrain(cfg, out_dir)`` loads the preprocessed cases (int16 memory maps of the cache with
+``cache_dir``, float32 arrays in memory without), builds the task (the method) and the backbone
+named by ``cfg.backbone`` (:mod:`voxdiff.pretrain.backbones`), and trains with AdamW, linear warm-up + cosine
 decay, gradient clipping, an EMA of the backbone weights and (optionally) bf16 autocast. Every
 ``checkpoint_every`` steps the full train state is written atomically (``voxdiff.pretrain.state``);
 ``resume=True`` continues exactly where the last checkpoint left off (same batches, same noise).
+Batches come from ``voxdiff.pretrain.data``: the batch of step k is drawn with a generator derived from
+(seed, rank, k), in the training process or in ``workers`` processes (same batches either way).
 
 Under ``torchrun --nproc_per_node=N`` the same call runs DDP (gloo on CPU, nccl on GPU): every rank
-draws its own patches (its RNGs are seeded with its rank), gradients are averaged, only rank 0 writes.
+draws its own patches (its generators are seeded with its rank), gradients are averaged, only rank 0 writes.
 
 Output folder::
 
@@ -94,6 +97,9 @@ class PretrainConfig:
         threads: intra-op CPU threads (0 = torch's default; 1 is faster on a busy shared machine).
         backbone: architecture: unet (GroupNorm UNet, the default) | fpn3d (vox2vec's FPN; its recipe
             is --num_levels 6 --blocks_per_level 2 --base_channels 16). See docs/PRETRAIN.md.
+        workers: processes drawing batches (0 = in the training process). The batch of step k is a
+            function of (seed, rank, k) only: the same for any number of workers and after --resume.
+        prefetch_factor: batches each worker keeps ready (workers > 0).
         base_channels: backbone width of the finest level.
         num_levels: backbone resolutions (pyramid levels).
         blocks_per_level: residual blocks per level (encoder and decoder).
@@ -137,6 +143,8 @@ class PretrainConfig:
     device: str = "auto"
     threads: int = 0
     backbone: str = "unet"
+    workers: int = 0
+    prefetch_factor: int = 2
     base_channels: int = 16
     num_levels: int = 4
     blocks_per_level: int = 1
@@ -155,7 +163,7 @@ class PretrainConfig:
 
 # fields that may change between a checkpoint and --resume
 _RESUME_FREE = {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "probe_every", "probe_data",
-                "probe_cases", "tensorboard", "device", "threads", "data", "data_kind", "cache_dir", "bpr_path"}
+                "probe_cases", "tensorboard", "device", "threads", "workers", "prefetch_factor", "data", "data_kind", "cache_dir", "bpr_path"}
 
 
 # --------------------------------------------------------------------------------- distributed
@@ -231,13 +239,19 @@ class EMA:
 
     @torch.no_grad()
     def update(self, module: nn.Module, step: int) -> None:
+        """``shadow = d * shadow + (1 - d) * value`` for every floating tensor (one fused ``foreach``
+        lerp, no host synchronisation); other tensors (counters) are copied."""
         d = min(self.decay, (1 + step) / (10 + step))
+        shadows, values = [], []
         for k, v in module.state_dict().items():
             s = self.shadow[k]
             if v.dtype.is_floating_point:
-                s.mul_(d).add_(v.detach().float(), alpha=1 - d)
+                shadows.append(s)
+                values.append(v.detach() if v.dtype == s.dtype else v.detach().to(s.dtype))
             else:
                 s.copy_(v)
+        if shadows:
+            torch._foreach_lerp_(shadows, values, 1.0 - d)
 
     def state(self) -> dict[str, torch.Tensor]:
         return self.shadow
@@ -251,14 +265,33 @@ class EMA:
 
 
 class MetricLog:
-    """Averages metrics over a log interval; floats or lists of per-sample floats."""
+    """Averages metrics over a log interval without a host synchronisation per step.
+
+    A metric value is a python float, a list/tuple of per-sample floats, a tensor (the mean of its
+    elements, weighted by their number) or ``{"sum": tensor, "count": tensor}``. Tensors are summed
+    where they live (on the device); :meth:`reduce` brings everything to the host once."""
 
     def __init__(self):
         self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, float] = {}
+        self.dev: dict[str, torch.Tensor] = {}  # key -> float64 [sum, count] on the device
+
+    def _add_dev(self, k: str, s: torch.Tensor, c: torch.Tensor | int) -> None:
+        s = s.detach().to(torch.float64)
+        acc = self.dev.get(k)
+        if acc is None:
+            acc = self.dev[k] = torch.zeros(2, dtype=torch.float64, device=s.device)
+        acc[0] += s
+        acc[1] += c.detach().to(torch.float64) if torch.is_tensor(c) else float(c)
 
     def add(self, d: dict[str, Any]) -> None:
         for k, v in d.items():
+            if isinstance(v, dict):
+                self._add_dev(k, torch.as_tensor(v["sum"]), v["count"])
+                continue
+            if torch.is_tensor(v):
+                self._add_dev(k, v.detach().float().sum(), v.numel())
+                continue
             vals = v if isinstance(v, (list, tuple)) else [v]
             for x in vals:
                 x = float(x)
@@ -266,22 +299,74 @@ class MetricLog:
                 self.counts[k] = self.counts.get(k, 0) + 1
 
     def reduce(self, d: Dist, device: torch.device) -> dict[str, float]:
-        keys = sorted(self.sums)
+        keys = sorted(set(self.sums) | set(self.dev))
         if d.world > 1:
             # ranks may see different keys (t-buckets): gather names, then sum
             all_keys: list[list[str]] = [None] * d.world  # type: ignore[list-item]
             dist.all_gather_object(all_keys, keys)
             keys = sorted({k for ks in all_keys for k in ks})
-            t = torch.tensor([[self.sums.get(k, 0.0), float(self.counts.get(k, 0))] for k in keys] or [[0.0, 0.0]],
-                             dtype=torch.float64, device=device)
+        rows = []
+        for k in keys:
+            r = torch.tensor([self.sums.get(k, 0.0), float(self.counts.get(k, 0))], dtype=torch.float64, device=device)
+            if k in self.dev:
+                r = r + self.dev[k].to(device)
+            rows.append(r)
+        t = torch.stack(rows) if rows else torch.zeros((1, 2), dtype=torch.float64, device=device)
+        if d.world > 1:
             dist.all_reduce(t)
-            t = t.cpu()
-            out = {k: float(t[i, 0] / t[i, 1]) for i, k in enumerate(keys) if t[i, 1] > 0}
-        else:
-            out = {k: self.sums[k] / self.counts[k] for k in keys}
+        t = t.cpu()  # the one synchronisation of the interval
+        out = {k: float(t[i, 0] / t[i, 1]) for i, k in enumerate(keys) if t[i, 1] > 0}
         self.sums.clear()
         self.counts.clear()
+        self.dev.clear()
         return out
+
+
+def make_optimizer(module: nn.Module, cfg: PretrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over ``param_groups``: the fused kernel on CUDA (one launch for every tensor), torch's
+    default (``foreach``) elsewhere."""
+    kw: dict[str, Any] = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), **kw)
+
+
+def unused_parameter_names(joint: nn.Module, task: nn.Module, cases: list, cfg: PretrainConfig,
+                           device: torch.device) -> list[str]:
+    """Trainable parameters that get no gradient from the task's loss (e.g. the backbone's output
+    convolution under the contrastive loss, which uses the pyramid only, or the null time embedding
+    of a diffusion backbone that always gets a timestep). Found with one real forward/backward on a
+    one-patch batch drawn with its own generators; weights, buffers (BatchNorm statistics), RNG
+    states and gradients are restored afterwards, so training is not affected."""
+    import copy
+
+    from .data import step_generator
+
+    saved = copy.deepcopy(joint.state_dict())
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    try:
+        batch = task.sample_batch(cases, 1, tuple(cfg.patch_size), step_generator(cfg.seed, 0, 2**62))
+        batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        gen = torch.Generator(device=device).manual_seed(12345)
+        was = joint.training
+        joint.train()
+        loss, _ = joint(batch, gen)
+        joint.zero_grad(set_to_none=True)
+        loss.backward()
+        names = [n for n, p in joint.named_parameters() if p.requires_grad and p.grad is None]
+        joint.train(was)
+    finally:
+        joint.zero_grad(set_to_none=True)
+        joint.load_state_dict(saved)
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, device)
+    return names
+
+
+def has_unused_parameters(joint: nn.Module, task: nn.Module, cases: list, cfg: PretrainConfig,
+                          device: torch.device) -> bool:
+    """Whether DDP needs ``find_unused_parameters=True`` for this task and backbone."""
+    return bool(unused_parameter_names(joint, task, cases, cfg, device))
 
 
 # --------------------------------------------------------------------------------- setup
@@ -301,6 +386,10 @@ def validate_config(cfg: PretrainConfig) -> None:
             raise InputError(None, f"{name} must be >= 1")
     if cfg.steps < 0:
         raise InputError(None, "steps must be >= 0")
+    if int(cfg.workers) < 0:
+        raise InputError(None, "workers must be >= 0")
+    if int(cfg.prefetch_factor) < 1:
+        raise InputError(None, "prefetch_factor must be >= 1")
     if cfg.lr <= 0:
         raise InputError(None, "lr must be > 0")
     if not 0 <= cfg.ema_decay < 1:
@@ -346,8 +435,10 @@ def load_cases(cfg: PretrainConfig, progress: bool = False) -> list:
     for p in cfg.data:
         if not Path(p).exists():
             raise InputError(p, "data folder not found")
+        # with a cache: int16 memory maps of the cached volumes (no float32 copy of a whole volume
+        # in memory; the tasks read patches from the maps); without: float32 volumes in memory
         cases.extend(load_preprocessed(p, cfg.preprocess, cache_dir=cfg.cache_dir, kind=cfg.data_kind,
-                                       progress=progress))
+                                       progress=progress, mmap=cfg.cache_dir is not None))
     if not cases:
         raise InputError(cfg.data[0], "no cases found")
     return cases
@@ -411,10 +502,12 @@ def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, resume: bool = Fal
     ``probe_set``: labelled preprocessed cases for the online probe instead of ``cfg.probe_data``.
     """
     d = init_distributed(cfg.device)
+    cudnn_benchmark = torch.backends.cudnn.benchmark
     try:
         with num_threads(cfg.threads):
             return _pretrain(cfg, Path(out_dir), resume, progress, force, cases, bpr, stop_after, d, probe_set)
     finally:
+        torch.backends.cudnn.benchmark = cudnn_benchmark  # set for the run only (see _pretrain)
         if d.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
@@ -464,8 +557,9 @@ def _pretrain(cfg: PretrainConfig, out: Path, resume: bool, progress: bool, forc
 
     joint = _Joint(backbone, task).to(device)
     ema = EMA(backbone, cfg.ema_decay)
-    opt = torch.optim.AdamW(param_groups(joint, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
-    rng = np.random.default_rng([cfg.seed, d.rank])
+    opt = make_optimizer(joint, cfg, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # the patch size is fixed: pick the fastest kernels once
     gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000003 + d.rank)
     random.seed(cfg.seed * 1000003 + d.rank)
     start = 0
@@ -485,8 +579,8 @@ def _pretrain(cfg: PretrainConfig, out: Path, resume: bool, progress: bool, forc
             raise ModelError(ckpt, f"train state does not match this model ({str(e).splitlines()[0]})") from None
         rstates = meta.get("rng") or []
         if d.rank < len(rstates):
+            # (the batches need no state: step k's batch is drawn with step_generator(seed, rank, k))
             r = rstates[d.rank]
-            rng.bit_generator.state = r["numpy"]
             random.setstate(python_rng_from_json(r["python"]))
             torch.set_rng_state(tensors[f"rng.torch.{d.rank}"])
             gen.set_state(tensors[f"rng.gen.{d.rank}"])
@@ -497,8 +591,12 @@ def _pretrain(cfg: PretrainConfig, out: Path, resume: bool, progress: bool, forc
 
     model: nn.Module = joint
     if d.world > 1:
+        unused = bool(trains and cases) and has_unused_parameters(joint, task, cases, cfg, device)
+        flag = torch.tensor([float(unused)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         model = nn.parallel.DistributedDataParallel(
-            joint, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+            joint, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=bool(flag.item() > 0))
 
     if d.main:
         write_config(out, cfg, extra={"method": cfg.method, "parameters": count_parameters(backbone),
@@ -510,7 +608,7 @@ def _pretrain(cfg: PretrainConfig, out: Path, resume: bool, progress: bool, forc
 
     def save_state(step: int) -> None:
         nonlocal last_saved
-        rng_doc, rng_t = _rng_states(rng, gen, d, device)
+        rng_doc, rng_t = _rng_states(gen, d, device)
         if d.main:
             tensors = prefixed(joint.state_dict(), "model.")
             tensors.update(prefixed(ema.state(), "ema."))
@@ -527,7 +625,7 @@ def _pretrain(cfg: PretrainConfig, out: Path, resume: bool, progress: bool, forc
         _online_probe(cfg, joint, ema, device, d, out, step, writer, probe_set)
 
     if trains and start < end:
-        _loop(cfg, model, joint, task, cases, opt, ema, rng, gen, device, d, out, start, end, progress,
+        _loop(cfg, model, joint, task, cases, opt, ema, gen, device, d, out, start, end, progress,
               writer, save_state, lambda: last_saved, probe)
     if writer is not None:
         writer.close()
@@ -559,52 +657,78 @@ def _pretrain(cfg: PretrainConfig, out: Path, resume: bool, progress: bool, forc
     return out
 
 
-def _loop(cfg, model, joint, task, cases, opt, ema, rng, gen, device, d: Dist, out: Path, start: int, end: int,
+def _loop(cfg, model, joint, task, cases, opt, ema, gen, device, d: Dist, out: Path, start: int, end: int,
           progress: bool, writer, save_state, last_saved, probe) -> None:
+    """Steps ``start .. end - 1``. Nothing here waits for the device between log steps: the loss,
+    metrics and gradient norm are summed on the device and the non-finite check is a device flag;
+    both are brought to the host every ``log_every`` steps and before every checkpoint or probe (a
+    NaN is reported with the step it appeared at and never reaches a checkpoint)."""
     from tqdm import tqdm
+
+    from .data import StepBatches, step_batches, to_device
 
     autocast = functools.partial(bf16_autocast, device, cfg.bf16)
     log = MetricLog()
     bar = tqdm(total=end, initial=start, desc=f"pretrain {cfg.method}", unit="step",
                disable=not (progress and d.main), dynamic_ncols=True)
+    batches = step_batches(StepBatches(task.sample_batch, cases, cfg.batch_size, tuple(cfg.patch_size), cfg.seed, d.rank),
+                           start, end, workers=int(cfg.workers), pin_memory=device.type == "cuda",
+                           prefetch_factor=int(cfg.prefetch_factor))
+    never = torch.iinfo(torch.int64).max
+    first_bad = torch.full((), never, dtype=torch.int64, device=device)  # first step with a non-finite loss
+    bad_loss = torch.zeros((), dtype=torch.float32, device=device)  # its loss
+
+    def check_finite() -> None:
+        flag = first_bad.clone()
+        if d.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        at = int(flag.item())
+        if at == never:
+            return
+        value = float(bad_loss.item()) if int(first_bad.item()) == at else float("nan")
+        ls = last_saved()
+        where = (f"the last good checkpoint (step {ls}) is kept in {out / 'train_state'}; "
+                 "continue from it with --resume (e.g. with a lower --lr)") if ls else \
+            "no checkpoint had been written yet"
+        raise TrainingError(f"loss is {value} at step {at}: training stopped; {where}")
+
     t0 = time.perf_counter()
     n_since = 0
     model.train()
     try:
-        for step in range(start, end):
+        for step, batch in zip(range(start, end), batches):
             lr = lr_at(step, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
-            batch = task.sample_batch(cases, cfg.batch_size, tuple(cfg.patch_size), rng)
-            batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            batch = to_device(batch, device)
             with autocast():
                 loss, metrics = model(batch, gen)
-            bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=device)
-            if d.world > 1:
-                dist.all_reduce(bad)
-            if bad.item() > 0:
-                ls = last_saved()
-                where = (f"the last good checkpoint (step {ls}) is kept in {out / 'train_state'}; "
-                         "continue from it with --resume (e.g. with a lower --lr)") if ls else \
-                    "no checkpoint had been written yet"
-                raise TrainingError(f"loss is {float(loss.detach())} at step {step + 1}: training stopped; {where}")
+            lval = loss.detach().float()
+            newly = torch.isfinite(lval).logical_not() & (first_bad == never)
+            first_bad = torch.where(newly, torch.full_like(first_bad, step + 1), first_bad)
+            bad_loss = torch.where(newly, lval, bad_loss)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             gnorm = None
             if cfg.grad_clip > 0:
-                gnorm = float(torch.nn.utils.clip_grad_norm_(joint.parameters(), cfg.grad_clip))
+                gnorm = torch.nn.utils.clip_grad_norm_(joint.parameters(), cfg.grad_clip)
             opt.step()
             ema.update(joint.backbone, step)
-            log.add({"loss": float(loss.detach())})
+            log.add({"loss": lval})
             log.add(metrics)
             if gnorm is not None:
-                log.add({"grad_norm": gnorm})
+                log.add({"grad_norm": gnorm.detach()})
             n_since += 1
             done = step + 1
             bar.update(1)
-            if done % cfg.log_every == 0 or done == end:
-                dt = time.perf_counter() - t0
+            is_log = done % cfg.log_every == 0 or done == end
+            is_ckpt = done == end or done % cfg.checkpoint_every == 0
+            is_probe = bool(cfg.probe_every) and done % cfg.probe_every == 0
+            if is_log or is_ckpt or is_probe:
+                check_finite()
+            if is_log:
                 row = log.reduce(d, device)
+                dt = time.perf_counter() - t0
                 pps = n_since * cfg.batch_size * d.world / max(dt, 1e-9)
                 row = {"step": done, **row, "lr": lr, "patches_per_s": pps,
                        "voxels_per_s": pps * int(np.prod(cfg.patch_size))}
@@ -618,18 +742,17 @@ def _loop(cfg, model, joint, task, cases, opt, ema, rng, gen, device, d: Dist, o
                                 writer.add_scalar(k, v, done)
                 t0 = time.perf_counter()
                 n_since = 0
-            if cfg.probe_every and done % cfg.probe_every == 0:
+            if is_probe:
                 probe(done)
-            if done % cfg.checkpoint_every == 0 and done < end:
-                save_state(done)
-            elif done == end:
+            if is_ckpt:
                 save_state(done)
     finally:
+        batches.close()
         bar.close()
 
 
-def _rng_states(rng: np.random.Generator, gen: torch.Generator, d: Dist, device: torch.device):
-    mine = {"numpy": rng.bit_generator.state, "python": python_rng_to_json(random.getstate())}
+def _rng_states(gen: torch.Generator, d: Dist, device: torch.device):
+    mine = {"python": python_rng_to_json(random.getstate()), "batches": "step_generator(seed, rank, step)"}
     t = {"torch": torch.get_rng_state(), "gen": gen.get_state().cpu()}
     if device.type == "cuda":
         t["cuda"] = torch.cuda.get_rng_state(device)

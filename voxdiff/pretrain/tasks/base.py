@@ -29,14 +29,19 @@ Contract details (engine side, added compatibly; nothing above changed)
   ``task.setup(backbone)`` (create modules that depend on ``backbone.levels``, e.g. a projector;
   called before the optimiser is built and before weights are loaded) -> training.
 * ``sample_batch(cases, ...)``: ``cases`` are preprocessed :class:`voxdiff.data.types.Case` with
-  ``image`` in float32 HU (the task maps patches to [0, 1] with ``hu_to_unit(.., self.hu_window)``;
-  outside the volume: 0.0); ``label`` may be None. The engine moves every tensor of the returned
+  ``image`` in HU: a float32 array, or the int16 memory map of a preprocessing cache (convert only
+  the patches to float, never the whole volume); it may run in a worker process, and must draw every
+  random number from ``rng`` (the engine derives it from the seed, rank and step). The task maps
+  patches to [0, 1] with ``hu_to_unit(.., self.hu_window)`` (outside the volume: 0.0); ``label``
+  may be None. The engine moves every tensor of the returned
   dict to the device. The base class implements random patches (``random_patches``).
 * ``loss(backbone, batch, generator)``: ``backbone`` is the plain backbone module (the engine
   wraps task + backbone together for DDP, so calling ``backbone(x, t)`` or
   ``backbone.features(...)`` both work). ``generator`` is a seeded torch.Generator on the batch's
   device: use it for every random draw so runs are reproducible and resumable. Return the scalar
-  loss and a dict of python floats to log (averaged over the log interval by the engine).
+  loss and a dict of metrics to log (averaged over the log interval by the engine): python floats or
+  lists of them, tensors (mean of the elements) or ``{"sum": tensor, "count": tensor}``; tensors are
+  summed on the device, so returning them avoids a host synchronisation per step.
 * ``trains``: ``False`` for methods without training steps (``random``): the engine writes the
   initial weights.
 * ``feature_passes(image, voxel_index=None, coords=None)``: a list of ``(input, t)`` pairs, one backbone pass

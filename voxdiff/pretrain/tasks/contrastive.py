@@ -328,7 +328,7 @@ class ContrastiveTask(PretextTask):
         views_a, views_b, ca, cb, pos, origins, windows = [], [], [], [], [], [], []
         for _ in range(batch_size):
             case = cases[int(rng.integers(len(cases)))]
-            hu = np.asarray(case.image, dtype=np.float32)
+            hu = case.image  # float32 HU or an int16 memory map: only the crops become float32
             shape = tuple(int(s) for s in hu.shape)
             body = self.body(case)
             where = np.flatnonzero(body)
@@ -336,8 +336,10 @@ class ContrastiveTask(PretextTask):
             oa, ob = sample_view_pair(shape, size, rng, self.opts.max_shift, anchor=tuple(int(v) for v in anchor))
             ia, ib = sample_positives(oa, ob, size, self.opts.n_pairs, rng, shape, mask=body)
             spacing = tuple(float(v) for v in np.linalg.norm(np.asarray(case.meta.affine)[:3, :3], axis=0))
-            va, ra = augment_view_hu(crop_or_pad(hu, oa, size, self.hu_window[0]), rng, self.opts, spacing, self.hu_window)
-            vb, rb = augment_view_hu(crop_or_pad(hu, ob, size, self.hu_window[0]), rng, self.opts, spacing, self.hu_window)
+            va, ra = augment_view_hu(crop_or_pad(hu, oa, size, self.hu_window[0], dtype=np.float32), rng, self.opts,
+                                     spacing, self.hu_window)
+            vb, rb = augment_view_hu(crop_or_pad(hu, ob, size, self.hu_window[0], dtype=np.float32), rng, self.opts,
+                                     spacing, self.hu_window)
             views_a.append(va)
             views_b.append(vb)
             ca.append(coords_mm_for(case.meta.affine, oa, size))

@@ -63,8 +63,9 @@ class RestorativeTask(PretextTask):
             raise RuntimeError(f"restorative task needs a 1-channel full-resolution prediction, got {tuple(pred.shape)}")
         loss = F.mse_loss(pred.float(), target.float())
         with torch.no_grad():
-            identity = F.mse_loss(x.float(), target.float()).item()
-        return loss, {"mse": float(loss.detach()), "mse_identity": identity}
+            identity = F.mse_loss(x.float(), target.float())
+        # 0-d tensors: summed on the device by the engine (no host synchronisation per step)
+        return loss, {"mse": loss.detach(), "mse_identity": identity}
 
 
 def _prediction(out: Any) -> torch.Tensor:
