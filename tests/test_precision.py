@@ -23,3 +23,10 @@ def test_bf16_kept_where_native(monkeypatch):
     with precision.bf16_autocast("cpu", True):
         y = torch.nn.functional.linear(torch.randn(2, 3), torch.randn(4, 3))
     assert y.dtype == torch.bfloat16
+
+
+def test_env_turns_bf16_off(monkeypatch):
+    from voxdiff.core.precision import use_bf16
+
+    monkeypatch.setenv("VOXDIFF_NO_BF16", "1")
+    assert use_bf16("cpu", True) is False

@@ -4,6 +4,8 @@ On CPUs without AVX512-BF16 or AMX (e.g. AVX2-only x86), PyTorch emulates bf16 c
 3D conv under bf16 autocast runs 20-50x *slower* than in fp32 (measured: 8-channel 3x3x3 conv on
 4 x 32^3, 23 ms fp32 against 1.2 s bf16 on an AVX2 EPYC). Asking for bf16 (``--bf16``, ``--amp``)
 therefore means "bf16 where it is fast": elsewhere the run stays in fp32 and says so once.
+``VOXDIFF_NO_BF16=1`` in the environment turns bf16 off everywhere (fp32 timings on a bf16 CPU, as
+with ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`` to time an AVX2-only machine).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 
 import torch
 
@@ -48,8 +51,9 @@ _warned: set[str] = set()
 
 
 def use_bf16(device: torch.device | str, wanted: bool) -> bool:
-    """``wanted`` and native on ``device``; warns once per device type when bf16 is dropped."""
-    if not wanted:
+    """``wanted`` and native on ``device`` (and not ``VOXDIFF_NO_BF16=1``); warns once per device
+    type when bf16 is dropped for want of native support."""
+    if not wanted or os.environ.get("VOXDIFF_NO_BF16") == "1":
         return False
     device = torch.device(device)
     if bf16_native(device):
