@@ -5,10 +5,11 @@ import pytest
 import torch
 from standin import StandinExtractor
 
+from voxdiff.core.metrics import mean_dice
 from voxdiff.data.preprocess import PreprocessConfig, preprocess
 from voxdiff.probe.heads import LinearHead, NonLinearHead
 from voxdiff.probe.predict import predict_case, predict_logits
-from voxdiff.probe.train import PatchSampler, ProbeConfig, dice_ce_loss, fit_heads, fit_network, mean_dice
+from voxdiff.probe.train import PatchSampler, ProbeConfig, dice_ce_loss, fit_heads, fit_network
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

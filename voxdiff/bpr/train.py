@@ -27,6 +27,7 @@ from ..core.checkpoint import load_checkpoint, prefixed, save_checkpoint, unpref
 from ..core.config import to_dict, write_config
 from ..core.errors import InputError, ModelError, TrainingError
 from ..core.outputs import atomic_write, atomic_write_json, check_output_path
+from ..core.runtime import num_threads
 from ..core.schedule import warmup_cosine
 from . import losses
 from .inference import ape_volume, ct_problem, slice_scores_volume
@@ -398,13 +399,8 @@ def train_bpr(
         cases = load_training_cases(cfg)
     vols = cases_to_volumes(cases, cfg.hu_window, where=cfg.data or None)
 
-    prev_threads = torch.get_num_threads()
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
-    try:
+    with num_threads(max(cfg.threads, 0)):
         return _train(cfg, out, vols, resuming, state_path, progress)
-    finally:
-        torch.set_num_threads(prev_threads)
 
 
 def _train(cfg: BPRTrainConfig, out: Path, vols: list[Volume], resuming: bool, state_path: Path, progress: bool) -> Path:

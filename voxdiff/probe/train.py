@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from voxdiff.core.errors import InputError, TrainingError
+from voxdiff.core.metrics import mean_dice
+from voxdiff.core.runtime import resolve_device
 from voxdiff.core.schedule import warmup_cosine
 
 from .heads import count_parameters, feature_stats, make_head
@@ -102,12 +104,6 @@ class ProbeConfig:
     seed: int = 0
     frozen_training: str = "voxels"
     voxels_per_step: int = 8192
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def _to_device(extractor, device: torch.device) -> None:
@@ -242,18 +238,6 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) 
     if not bool(present.any()):
         return ce
     return ce + (1.0 - dice[1:][present].mean())
-
-
-def mean_dice(pred: np.ndarray, gt: np.ndarray, n_classes: int) -> float:
-    """Mean Dice over the organs present in ``gt`` or ``pred`` (validation score)."""
-    scores = []
-    for c in range(1, n_classes):
-        p, g = pred == c, gt == c
-        s = int(p.sum()) + int(g.sum())
-        if s == 0:
-            continue
-        scores.append(2.0 * int(np.logical_and(p, g).sum()) / s)
-    return float(np.mean(scores)) if scores else float("nan")
 
 
 def validate(extractor, heads: dict[str, nn.Module], cases: Sequence, cfg: ProbeConfig, device: torch.device,

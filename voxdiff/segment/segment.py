@@ -65,9 +65,9 @@ def segment_ct(
     per-organ volumes (mL). The model is checked before the CT is read; nothing is written on error.
     A CT that does not look like CT in HU (:mod:`voxdiff.data.ctcheck`: a mask, 0..1 or 8-bit values,
     ...) is refused unless ``allow_non_ct``."""
+    from voxdiff.core.runtime import resolve_device
     from voxdiff.data.ctcheck import check_ct
     from voxdiff.data.io import is_nifti, load_image, save_nifti, source_name
-    from voxdiff.probe.train import resolve_device
 
     cfg = cfg or SegmentConfig()
     out = Path(out_path)
