@@ -45,3 +45,18 @@ def StandInBPR(kind: str = "ape", seed: int = 0, spacing=(1.0, 1.0, 2.0)) -> nn.
     for p in m.parameters():
         p.requires_grad_(False)
     return m
+
+
+def nan_task_class():
+    """A diffusion task whose loss turns NaN from its 5th call on (to test the NaN guard)."""
+    from voxdiff.pretrain.tasks.diffusion import DiffusionTask
+
+    class NanFromFifthCall(DiffusionTask):
+        calls = 0
+
+        def loss(self, backbone, batch, generator):
+            type(self).calls += 1
+            loss, m = super().loss(backbone, batch, generator)
+            return (loss * float("nan") if type(self).calls >= 5 else loss), m
+
+    return NanFromFifthCall

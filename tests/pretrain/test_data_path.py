@@ -12,7 +12,7 @@ from voxdiff.core.errors import InputError, TrainingError
 from voxdiff.data.types import Case
 from voxdiff.pretrain.data import StepBatches, step_batches, step_generator
 from voxdiff.pretrain.state import latest_train_state, read_train_state
-from voxdiff.pretrain.tasks.base import TASKS, get_task_class, make_task_config
+from voxdiff.pretrain.tasks.base import get_task_class, make_task_config
 from voxdiff.pretrain.tasks.diffusion import DiffusionTask
 from voxdiff.pretrain.train import (
     EMA,
@@ -130,33 +130,14 @@ def test_pretrain_from_a_cache_uses_memory_maps(tmp_path):
         pretrain(tiny(workers=-1), tmp_path / "bad", cases=loaded, progress=False)
 
 
-class _NanLater(DiffusionTask):
-    """Diffusion whose loss turns NaN from the 5th call on."""
-
-    calls = 0
-
-    def loss(self, backbone, batch, generator):
-        type(self).calls += 1
-        loss, m = super().loss(backbone, batch, generator)
-        return (loss * float("nan") if type(self).calls >= 5 else loss), m
-
-
-@pytest.fixture
-def nan_later():
-    TASKS["nan_later"] = _NanLater
-    _NanLater.calls = 0
-    yield
-    TASKS.pop("nan_later", None)
-
-
-def test_nan_between_log_steps_is_caught_before_the_next_checkpoint(tmp_path, cases, nan_later):
+def test_nan_between_log_steps_is_caught_before_the_next_checkpoint(tmp_path, cases, nan_task):
     # logged every 4 steps, checkpoints every 3: the NaN of step 5 is found at step 6 (a checkpoint
     # step), reported with its own step, and never written
     out = tmp_path / "n"
     with pytest.raises(TrainingError, match=r"loss is nan at step 5.*last good checkpoint \(step 3\)"):
-        pretrain(tiny(method="nan_later", steps=12, log_every=4, checkpoint_every=3), out, cases=cases,
+        pretrain(tiny(method="nan_after_3", steps=12, log_every=4, checkpoint_every=3), out, cases=cases,
                  progress=False)
-    assert _NanLater.calls == 6
+    assert nan_task.calls == 6
     assert latest_train_state(out / "train_state").name == "step_00000003"
     tensors, _ = _state(out)
     assert all(torch.isfinite(v).all() for v in tensors.values() if v.dtype.is_floating_point)

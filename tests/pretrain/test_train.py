@@ -13,8 +13,6 @@ from voxdiff.core.errors import InputError, ModelError, TrainingError
 from voxdiff.pretrain import state as state_mod
 from voxdiff.pretrain.load import load_pretrained
 from voxdiff.pretrain.state import latest_train_state, read_train_state
-from voxdiff.pretrain.tasks.base import TASKS
-from voxdiff.pretrain.tasks.diffusion import DiffusionTask
 from voxdiff.pretrain.train import PretrainConfig, lr_at, pretrain
 
 
@@ -151,27 +149,6 @@ def test_atomic_checkpoint_survives_a_failed_write(tmp_path, cases, monkeypatch)
     # and it resumes from there
     pretrain(tiny(steps=6, checkpoint_every=3), out, cases=cases, progress=False, resume=True)
     assert (out / "backbone" / "model.json").is_file()
-
-
-class _NanTask(DiffusionTask):
-    """Diffusion whose loss turns NaN at the 5th call (to test the NaN guard)."""
-
-    calls = 0
-
-    name = "nan_after_3"
-
-    def loss(self, backbone, batch, generator):
-        type(self).calls += 1
-        loss, m = super().loss(backbone, batch, generator)
-        return (loss * float("nan") if type(self).calls >= 5 else loss), m
-
-
-@pytest.fixture
-def nan_task():
-    TASKS["nan_after_3"] = _NanTask
-    _NanTask.calls = 0
-    yield
-    TASKS.pop("nan_after_3", None)
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path, cases, nan_task):
