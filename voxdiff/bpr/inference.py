@@ -67,8 +67,8 @@ def ape_volume(
     model.eval()
     try:
         if getattr(model, "head_kind", "dense") == "anchor":
-            off = model.volume_offset(vol, overlap, sw_batch_size, progress)
-            out = off.view(1, 3, 1, 1, 1) + model.displacement_grid(tuple(vol.shape), like=off)
+            off, scale = model.volume_placement(vol, overlap, sw_batch_size, progress)
+            out = off.view(1, 3, 1, 1, 1) + model.displacement_grid(tuple(vol.shape), like=off) * scale.view(1, 3, 1, 1, 1)
             if not raw:
                 out = model.calibrate(out)
         else:

@@ -32,7 +32,9 @@ from ..core.checkpoint import load_checkpoint, save_checkpoint
 from ..core.errors import ModelError
 
 BPR_KINDS = ("slice", "ape")
-BPR_VERSION = 1  # bump when the architecture or the meaning of the outputs changes
+BPR_VERSION = 2  # bump when the architecture or the meaning of the outputs changes
+# v2: the ape anchor head may take its S offset from an embedded slice model (``anchor="slice"``);
+# models without it are still written as v1, so older voxdiff versions keep reading them.
 CHECKPOINT_KIND = "bpr"
 
 
@@ -96,10 +98,15 @@ class BodyPartRegressor(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.calibrate(self.raw(x))
 
+    @property
+    def format_version(self) -> int:
+        """The BPR version this model needs to be read (the lowest that knows everything in it)."""
+        return 1
+
     def model_config(self) -> dict[str, Any]:
         return {
             "bpr_kind": self.kind,
-            "bpr_version": BPR_VERSION,
+            "bpr_version": self.format_version,
             "out_channels": self.out_channels,
             "arch": self.arch(),
             "preprocess": dict(self.preprocess),
@@ -184,6 +191,31 @@ def _block3d(cin: int, cout: int) -> list[nn.Module]:
 
 
 APE_HEADS = ("anchor", "dense")
+APE_ANCHORS = ("window", "slice")
+ANCHOR_FITS = ("offset", "line")
+
+
+def interp_linear(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear interpolation of ``(xp, fp)`` (``xp`` increasing) at ``x``; outside
+    ``[xp[0], xp[-1]]`` the straight line through the two end knots continues."""
+    k = len(xp)
+    if k == 1:
+        return torch.full_like(x, float(fp[0]))
+    i = torch.clamp(torch.searchsorted(xp.contiguous(), x.contiguous()) - 1, 0, k - 2)
+    x0, x1, f0, f1 = xp[i], xp[i + 1], fp[i], fp[i + 1]
+    inside = f0 + (f1 - f0) * (x - x0) / (x1 - x0).clamp_min(1e-12)
+    slope = (fp[-1] - fp[0]) / (xp[-1] - xp[0]).clamp_min(1e-12)
+    lo = fp[0] + slope * (x - xp[0])
+    hi = fp[-1] + slope * (x - xp[-1])
+    return torch.where(x < xp[0], lo, torch.where(x > xp[-1], hi, inside))
+
+
+def weighted_median(v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Median of ``v`` (1D) with non-negative weights ``w`` (the lower one at a tie)."""
+    order = torch.argsort(v)
+    cw = torch.cumsum(w[order].double(), 0)
+    j = int(torch.searchsorted(cw, 0.5 * cw[-1]).clamp(max=len(v) - 1))
+    return v[order][j]
 
 
 class APERegressor(BodyPartRegressor):
@@ -203,6 +235,19 @@ class APERegressor(BodyPartRegressor):
     regression to the mean, minus its known displacement, is one vote for the offset of the whole
     input. A patch up to the training size keeps its own (uncorrected, least-squares) estimate.
 
+    ``anchor="slice"`` (anchor head only, BPR v2): the S offset comes from an embedded, frozen
+    slice model instead of the windows: every axial slice's calibrated score ``s(z)`` is mapped to a
+    raw S coordinate by a calibrated piecewise-linear ``g`` (``s_knots`` -> ``s_values``, fitted on
+    the training volumes so that ``g(s(z)) - z`` is as constant as possible within each volume), and
+    the offset is the median over the body slices of ``g(s(z))`` minus the slice's known displacement
+    (``anchor_fit="offset"``), or, by default (``"line"``), S is a straight line fitted through the
+    slices' ``g(s(z))`` with its slope against physical z clipped to ``anchor_slope_range`` (0.7..1.3):
+    the S map of a scan is then linear with a per-scan slope near 1 instead of exactly physical.
+    A slice's score does not depend on the other slices, so a crop of a scan gets (nearly) the same
+    S offset as the whole scan: many per-slice votes instead of one or two window votes. R and A
+    still come from the windows. In training mode the network's own estimate is used for all three
+    channels (the anchor has no trainable weights).
+
     ``head="dense"`` (BPR v1 models): an encoder-decoder that regresses every voxel's coordinates
     freely at stride 4 (upsampled trilinearly).
     """
@@ -211,10 +256,16 @@ class APERegressor(BodyPartRegressor):
     out_channels = 3
 
     def __init__(self, channels: tuple[int, ...] = (16, 32, 48, 64), unit_mm: float = 100.0, head: str = "anchor",
-                 input_pool: int = 1, **kw: Any):
+                 input_pool: int = 1, anchor: str = "window", anchor_knots: int = 8, anchor_fit: str = "line",
+                 anchor_slope_range: tuple[float, float] = (0.7, 1.3), slice_arch: dict[str, Any] | None = None, slice_preprocess: dict[str, Any] | None = None, **kw: Any):
         super().__init__(**kw)
         if head == "dense" and input_pool != 1:
             raise ValueError("input_pool is only for the anchor head")
+        if anchor not in APE_ANCHORS:
+            raise ValueError(f"unknown ape anchor {anchor!r}; known: {list(APE_ANCHORS)}")
+        if anchor == "slice" and head != "anchor":
+            raise ValueError("anchor 'slice' needs the anchor head")
+        self.anchor = anchor
         self.input_pool = int(input_pool)
         if len(channels) < 3:
             raise ValueError("APERegressor needs at least 3 levels of channels")
@@ -244,12 +295,52 @@ class APERegressor(BodyPartRegressor):
             # per-axis gain on the patch position estimate, set by calibration (undoes regression to
             # the mean: see voxdiff.bpr.train.calibrate)
             self.register_buffer("anchor_gain", torch.ones(3))
+        self.anchor_knots = int(anchor_knots)
+        self.anchor_fit = str(anchor_fit)
+        self.anchor_slope_range = tuple(float(v) for v in anchor_slope_range)
+        if anchor == "slice":
+            if self.anchor_fit not in ANCHOR_FITS:
+                raise ValueError(f"unknown anchor_fit {anchor_fit!r}; known: {list(ANCHOR_FITS)}")
+            lo, hi = self.anchor_slope_range
+            if not 0 < lo <= 1.0 <= hi:
+                raise ValueError(f"anchor_slope_range must contain 1 and be positive, got {list(self.anchor_slope_range)}")
+            if self.anchor_knots < 2:
+                raise ValueError("anchor_knots must be >= 2")
+            sa = dict(slice_arch or {})
+            for k in ("channels", "patch_size"):
+                if k in sa:
+                    sa[k] = tuple(sa[k])
+            self.slice_model = SliceRegressor(preprocess=dict(slice_preprocess or self.preprocess), **sa)
+            for p in self.slice_model.parameters():
+                p.requires_grad_(False)
+            self.slice_model.eval()
+            # g: calibrated slice score -> raw S coordinate, set by calibration (voxdiff.bpr.train)
+            self.register_buffer("s_knots", torch.linspace(0.0, 1.0, self.anchor_knots))
+            self.register_buffer("s_values", torch.zeros(self.anchor_knots))
 
+    @property
+    def format_version(self) -> int:
+        return 2 if self.anchor == "slice" else 1
+
+    def train(self, mode: bool = True) -> "APERegressor":
+        super().train(mode)
+        if self.anchor == "slice":
+            self.slice_model.eval()  # frozen: its BatchNorm statistics never move
+        return self
+
+    @property
+    def uses_slice_anchor(self) -> bool:
+        """Whether the S offset currently comes from the slice model (anchor "slice", eval mode)."""
+        return self.anchor == "slice" and not self.training
     def arch(self) -> dict[str, Any]:
         out = {"channels": list(self.channels), "unit_mm": self.unit_mm, "patch_size": list(self.patch_size),
                "head": self.head_kind}
         if self.head_kind == "anchor":
             out["input_pool"] = self.input_pool
+        if self.anchor == "slice":  # only then, so that window-anchored models keep their v1 config
+            out.update(anchor="slice", anchor_knots=self.anchor_knots, anchor_fit=self.anchor_fit,
+                       anchor_slope_range=list(self.anchor_slope_range), slice_arch=self.slice_model.arch(),
+                       slice_preprocess=dict(self.slice_model.preprocess))
         return out
 
     # -- dense (v1) ----------------------------------------------------------------------------
@@ -328,11 +419,94 @@ class APERegressor(BodyPartRegressor):
             body.append((x > thr).to(x.dtype).mean(dim=(1, 2, 3, 4)))
         return torch.cat(est), torch.cat(pos), torch.cat(body)
 
-    def volume_offset(self, vol: torch.Tensor, overlap: float = 0.5, batch: int = 4, progress: bool = False) -> torch.Tensor:
-        """``(3,)`` raw coordinates of the centre of a volume ``(X, Y, Z)`` from its windows' votes."""
+    def volume_placement(self, vol: torch.Tensor, overlap: float = 0.5, batch: int = 4, progress: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(3,)`` raw coordinates of the centre of a volume ``(X, Y, Z)`` from its windows' votes
+        (S from the slice anchor when there is one, in eval mode) and ``(3,)`` the scale of each
+        axis (1, except S with the slice anchor's per-scan slope)."""
         est, pos, body = self.window_estimates(vol, overlap, batch, progress)
         w = body + 1e-3
-        return ((est * self.anchor_gain - pos) * w[:, None]).sum(0) / w.sum()
+        off = ((est * self.anchor_gain - pos) * w[:, None]).sum(0) / w.sum()
+        scale = torch.ones_like(off)
+        if self.uses_slice_anchor:
+            s_off, slope = self.slice_anchor_volume(vol, overlap)
+            off = torch.cat([off[:2], s_off.to(off).view(1)])
+            scale = torch.cat([scale[:2], slope.to(off).view(1)])
+        return off, scale
+
+    def volume_offset(self, vol: torch.Tensor, overlap: float = 0.5, batch: int = 4, progress: bool = False) -> torch.Tensor:
+        """``(3,)`` raw coordinates of the centre of a volume (:meth:`volume_placement`)."""
+        return self.volume_placement(vol, overlap, batch, progress)[0]
+
+    # -- slice anchor (S) ----------------------------------------------------------------------
+    def s_from_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """Calibrated slice scores -> raw S coordinates (the calibrated map ``g``)."""
+        return interp_linear(scores.to(self.s_knots), self.s_knots, self.s_values)
+
+    def slice_votes(self, scores: torch.Tensor, body: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-slice votes for the S offset of an input of ``Z = len(scores)`` slices: ``g(s(z))``
+        minus the slice's displacement from the input centre (raw units), and their weights (the
+        slices holding at least a quarter of the body-richest slice's body, weighted by body)."""
+        nz = scores.shape[-1]
+        d = (torch.arange(nz, dtype=self.s_knots.dtype, device=self.s_knots.device) - (nz - 1) / 2.0) \
+            * (self.spacing[2] / self.unit_mm)
+        votes = self.s_from_scores(scores) - d
+        b = body.to(votes)
+        w = torch.where(b >= 0.25 * b.max(), b, torch.zeros_like(b)) if float(b.max()) > 0 else torch.ones_like(b)
+        return votes, w
+
+    def slice_fit(self, scores: torch.Tensor, body: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """S placement of an input of ``Z = len(scores)`` slices: raw S of its centre and the slope
+        of S against physical z. ``anchor_fit="offset"``: slope 1 and the weighted median of the
+        per-slice votes (:meth:`slice_votes`). ``"line"``: a straight line through the slices'
+        calibrated S estimates ``g(s(z))`` against their displacement (weighted least squares, refit
+        without the slices further than 2.5 robust SDs from it), slope clipped to
+        ``anchor_slope_range``, and the weighted median of ``g(s(z)) - slope * d(z)``. A scan whose
+        scores climb more slowly than the training scans' (another body size, another scanner) then
+        keeps the same S at the same anatomy in any crop instead of drifting along the scan."""
+        votes, w = self.slice_votes(scores, body)
+        one = torch.ones((), dtype=votes.dtype, device=votes.device)
+        k = w > 0
+        if self.anchor_fit == "offset" or int(k.sum()) < 3:
+            return weighted_median(votes, w), one
+        nz = scores.shape[-1]
+        d = (torch.arange(nz, dtype=votes.dtype, device=votes.device) - (nz - 1) / 2.0) * (self.spacing[2] / self.unit_mm)
+        g = votes + d
+        dk, gk, wk = d[k].double(), g[k].double(), w[k].double()
+
+        def wls(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            ww = wk * m
+            sw = ww.sum().clamp_min(1e-12)
+            md, mg = (ww * dk).sum() / sw, (ww * gk).sum() / sw
+            var = (ww * (dk - md) ** 2).sum()
+            a = (ww * (dk - md) * (gk - mg)).sum() / var if float(var) > 1e-12 else torch.ones((), dtype=torch.float64)
+            return a, mg - a * md
+
+        a, b = wls(torch.ones_like(wk))
+        r = gk - (a * dk + b)
+        mad = 1.4826 * (r - r.median()).abs().median() + 1e-9
+        keep = (r.abs() <= 2.5 * mad).double()
+        if int(keep.sum()) >= 3:
+            a, b = wls(keep)
+        lo, hi = self.anchor_slope_range
+        slope = a.clamp(lo, hi).to(votes)
+        return weighted_median(g - slope * d, w), slope
+
+    def slice_anchor_volume(self, vol: torch.Tensor, overlap: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw S coordinate of the centre of a volume ``(X, Y, Z)`` in [0, 1] from its slices, and
+        the slope of S against z (:meth:`slice_fit`)."""
+        from .inference import slice_scores_volume
+
+        scores = torch.as_tensor(slice_scores_volume(self.slice_model, vol, overlap=overlap))
+        body = (vol > body_threshold(self)).to(torch.float32).mean(dim=(0, 1)).cpu()
+        return self.slice_fit(scores, body)
+
+    def slice_anchor_patches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B,)`` raw S coordinate of the centre of each patch ``(B, 1, X, Y, Z)`` and ``(B,)`` slopes."""
+        scores = self.slice_model.slice_scores(x)  # (B, Z)
+        body = (x > body_threshold(self)).to(x.dtype).mean(dim=(1, 2, 3))  # (B, Z)
+        fits = [self.slice_fit(s, b) for s, b in zip(scores, body)]
+        return torch.stack([f[0] for f in fits]).to(x), torch.stack([f[1] for f in fits]).to(x)
 
     def raw(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self)
@@ -342,11 +516,21 @@ class APERegressor(BodyPartRegressor):
             full = F.interpolate(low, size=xp.shape[2:], mode="trilinear", align_corners=False)
             return full[:, :, : size[0], : size[1], : size[2]]
         size = tuple(int(n) for n in x.shape[2:])
+        scale = None
         if any(n > p for n, p in zip(size, self.patch_size)):
-            off = torch.stack([self.volume_offset(v[0]) for v in x])
+            placed = [self.volume_placement(v[0]) for v in x]
+            off = torch.stack([p[0] for p in placed])
+            scale = torch.stack([p[1] for p in placed])
         else:
             off = self._padded_offset(x)
-        return off.view(-1, 3, 1, 1, 1) + self.displacement_grid(size, like=off)
+            if self.uses_slice_anchor:
+                s_off, slope = self.slice_anchor_patches(x)
+                off = torch.cat([off[:, :2], s_off[:, None]], 1)
+                scale = torch.cat([torch.ones_like(off[:, :2]), slope[:, None]], 1)
+        grid = self.displacement_grid(size, like=off)
+        if scale is not None:
+            grid = grid * scale.view(-1, 3, 1, 1, 1)
+        return off.view(-1, 3, 1, 1, 1) + grid
 
 
 MODEL_CLASSES: dict[str, type[BodyPartRegressor]] = {"slice": SliceRegressor, "ape": APERegressor}
@@ -396,6 +580,8 @@ def load_bpr(path: str | os.PathLike, kind: str | None = None) -> BodyPartRegres
     arch = dict(cfg.get("arch") or {})
     if bkind == "ape":
         arch.setdefault("head", "dense")  # ape models saved before the anchor head existed
+        if arch.get("anchor", "window") != "window" and ver < 2:
+            raise ModelError(path, f"ape anchor {arch.get('anchor')!r} in a version-{ver} body part regressor file")
     try:
         model = build_bpr(bkind, arch, cfg.get("preprocess"))
         model.load_state_dict(tensors, strict=True)

@@ -81,6 +81,18 @@ class BPRTrainConfig:
         w_consistency: weight of the same-voxel/same-slice agreement between the two views
             (null: slice 0.03, ape 1).
         calib_range_mm: ape: mm per calibrated unit (the training median maps to 0.5).
+        anchor: ape: where the S offset of a scan comes from: "window" (the votes of the network's
+            training-size windows, as R and A) or "slice" (per-slice votes of an embedded slice model,
+            ``slice_model``, mapped to mm by a calibrated piecewise-linear curve: field-of-view
+            consistent; see docs/BPR.md).
+        slice_model: ape with anchor "slice": folder of a trained slice model ('voxdiff bpr train
+            --kind slice') at the same spacing and HU window; its weights are copied into the ape model.
+        anchor_knots: ape with anchor "slice": knots of the score -> S curve (calibrated on the
+            training volumes; 2 = a straight line).
+        anchor_fit: ape with anchor "slice": "line" (S of a scan is a straight line through its slices'
+            estimates, slope against physical z clipped to ``anchor_slope_range``) or "offset" (slope
+            1: exactly physical S distances, only the offset from the slices).
+        anchor_slope_range: ape with anchor "slice" and anchor_fit "line": the slopes allowed.
         checkpoint_every: steps between train-state checkpoints.
         seed: random seed (initialisation and sampling).
         threads: torch CPU threads during training (0 = leave torch's setting). Small networks
@@ -115,6 +127,11 @@ class BPRTrainConfig:
     w_distance: float | None = None
     w_consistency: float | None = None
     calib_range_mm: float = 300.0
+    anchor: str = "window"
+    slice_model: str | None = None
+    anchor_knots: int = 8
+    anchor_fit: str = "line"
+    anchor_slope_range: tuple[float, float] = (0.7, 1.3)
     checkpoint_every: int = 100
     seed: int = 0
     threads: int = 1
@@ -159,6 +176,32 @@ def _validate(cfg: BPRTrainConfig) -> None:
         raise InputError(None, "heuristic_b and spacing must be positive")
     if cfg.extra_ratio is not None and not 0.0 <= cfg.extra_ratio <= 1.0:
         raise InputError(None, f"extra_ratio must lie in [0, 1], got {cfg.extra_ratio}")
+    if cfg.anchor not in ("window", "slice"):
+        raise InputError(None, f"--anchor must be 'window' or 'slice', got {cfg.anchor!r}")
+    if cfg.anchor == "slice" and cfg.kind != "ape":
+        raise InputError(None, "--anchor slice is for --kind ape (it anchors the ape S coordinate on a slice model)")
+    if cfg.anchor == "slice" and not cfg.slice_model:
+        raise InputError(None, "--anchor slice needs --slice_model DIR (a model from 'voxdiff bpr train --kind slice')")
+    if cfg.anchor_knots < 2:
+        raise InputError(None, f"anchor_knots must be >= 2, got {cfg.anchor_knots}")
+    if cfg.anchor_fit not in ("line", "offset"):
+        raise InputError(None, f"--anchor_fit must be 'line' or 'offset', got {cfg.anchor_fit!r}")
+    lo, hi = (float(v) for v in cfg.anchor_slope_range)
+    if not 0 < lo <= 1.0 <= hi:
+        raise InputError(None, f"anchor_slope_range must be positive and contain 1, got {list(cfg.anchor_slope_range)}")
+
+
+def load_anchor_slice_model(cfg: BPRTrainConfig):
+    """The slice model that anchors an ape model's S coordinate (checked against ``cfg``'s preprocessing)."""
+    from .models import load_bpr
+
+    sm = load_bpr(cfg.slice_model, kind="slice")  # type: ignore[arg-type]
+    sp, win = tuple(float(v) for v in sm.preprocess["spacing"]), tuple(float(v) for v in sm.preprocess["hu_window"])
+    if sp != tuple(float(v) for v in cfg.spacing) or win != tuple(float(v) for v in cfg.hu_window):
+        raise InputError(cfg.slice_model, f"the slice model works at spacing {list(sp)} and HU window {list(win)}; "
+                                          f"this ape model at {list(cfg.spacing)} and {list(cfg.hu_window)}: train a "
+                                          "slice model with the same --spacing and --hu_window")
+    return sm
 
 
 def preprocess_config(cfg: BPRTrainConfig):
@@ -303,7 +346,8 @@ def _save_state(path: Path, model: BodyPartRegressor, opt: torch.optim.Optimizer
 def _load_state(path: Path, model: BodyPartRegressor, opt: torch.optim.Optimizer, cfg: BPRTrainConfig) -> int:
     tensors, info = load_checkpoint(path, kind="train-state")
     old = info.get("config") or {}
-    for key in ("kind", "channels", "spacing", "hu_window", "slice_patch", "ape_patch", "ape_input_pool"):
+    for key in ("kind", "channels", "spacing", "hu_window", "slice_patch", "ape_patch", "ape_input_pool", "anchor",
+                "slice_model", "anchor_knots", "anchor_fit", "anchor_slope_range"):
         if key in old and to_dict(getattr(cfg, key)) != old[key]:
             raise ModelError(path, f"cannot resume: {key} was {old[key]!r} in the interrupted run, now {to_dict(getattr(cfg, key))!r}")
     try:
@@ -348,6 +392,8 @@ def calibrate(model: BodyPartRegressor, vols: list[Volume], cfg: BPRTrainConfig,
                 "mm_per_unit": model.raw_unit_mm * abs(1.0 / scale), "volumes": len(use)}
     else:
         gain_info = _calibrate_anchor_gain(model, use) if getattr(model, "head_kind", "") == "anchor" else {}
+        if getattr(model, "anchor", "window") == "slice":
+            gain_info.update(_calibrate_slice_anchor(model, use))
         thr_maps = []
         for v in use:
             m = ape_volume(model, v.image[0, 0], raw=True)
@@ -409,10 +455,19 @@ def _train(cfg: BPRTrainConfig, out: Path, vols: list[Volume], resuming: bool, s
     patch = (cfg.slice_patch, cfg.slice_patch, cfg.slices_per_sample) if cfg.kind == "slice" else (cfg.ape_patch,) * 3
     arch: dict[str, Any] = {"channels": cfg.channels, "unit_mm": 1.0 / cfg.heuristic_b if cfg.kind == "slice" else 100.0,
                             "patch_size": patch}
+    slice_model = None
     if cfg.kind == "ape":
         arch.update(head="anchor", input_pool=cfg.ape_input_pool)
+        if cfg.anchor == "slice":
+            slice_model = load_anchor_slice_model(cfg)
+            arch.update(anchor="slice", anchor_knots=cfg.anchor_knots, anchor_fit=cfg.anchor_fit,
+                        anchor_slope_range=tuple(cfg.anchor_slope_range), slice_arch=slice_model.arch(),
+                        slice_preprocess=dict(slice_model.preprocess))
     model = build_bpr(cfg.kind, arch, preprocess=pp)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if slice_model is not None:
+        model.slice_model.load_state_dict(slice_model.state_dict())  # type: ignore[union-attr]
+        model.slice_model.calibration_info = dict(slice_model.calibration_info)  # type: ignore[union-attr]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
     out.mkdir(parents=True, exist_ok=True)
     if resuming:
@@ -478,6 +533,81 @@ def _calibrate_anchor_gain(model: BodyPartRegressor, vols: list[Volume]) -> dict
     gain = (1.0 / slope.clamp(1 / 3, 2.0)).float()
     model.anchor_gain.copy_(gain)
     return {"anchor_slope": slope.tolist(), "anchor_gain": gain.tolist()}
+
+
+@torch.no_grad()
+def _calibrate_slice_anchor(model: BodyPartRegressor, vols: list[Volume], smooth: float = 1e-3) -> dict[str, Any]:
+    """Slice anchor: fit ``g`` (calibrated slice score -> raw S, piecewise linear on
+    ``anchor_knots`` knots at quantiles of the training scores) and one offset per training volume
+    by least squares so that ``g(s(z)) = d(z) + o_v`` on every body slice ``z`` of volume ``v``
+    (``d``: the slice's known displacement from the volume centre). Then ``g(s(z)) - d(z)`` is as
+    constant within each volume as the scores allow, which is what makes the per-slice votes of any
+    crop agree. A small penalty on changes of slope keeps knots with few scores near them straight."""
+    from .inference import slice_scores_volume
+
+    sm = model.slice_model  # type: ignore[attr-defined]
+    k = int(model.anchor_knots)  # type: ignore[attr-defined]
+    thr = body_threshold(model)
+    per_vol = []
+    for v in vols:
+        img = v.image[0, 0]
+        s = np.asarray(slice_scores_volume(sm, img), dtype=np.float64)
+        body = (img > thr).float().mean(dim=(0, 1)).double().numpy()
+        keep = body >= 0.25 * body.max() if body.max() > 0 else np.ones_like(body, dtype=bool)
+        nz = len(s)
+        d = (np.arange(nz) - (nz - 1) / 2.0) * model.spacing[2] / model.unit_mm  # type: ignore[attr-defined]
+        if keep.sum() >= 2:
+            per_vol.append((s[keep], d[keep]))
+    if not per_vol:
+        raise TrainingError("slice anchor: no training volume has two body slices to calibrate on")
+    pooled = np.concatenate([s for s, _ in per_vol])
+    knots = np.quantile(pooled, np.linspace(0.01, 0.99, k))
+    knots = np.maximum.accumulate(knots + np.arange(k) * 1e-6)  # strictly increasing
+    nv = len(per_vol)
+    rows, rhs = [], []
+    for j, (s, d) in enumerate(per_vol):
+        a = np.zeros((len(s), k + nv))
+        a[:, :k] = _hat_basis(s, knots)
+        a[:, k + j] = -1.0
+        rows.append(a)
+        rhs.append(d)
+    a, b = np.concatenate(rows), np.concatenate(rhs)
+    # gauge: the mean volume offset is 0 (the final calibration re-centres anyway)
+    gauge = np.zeros((1, k + nv))
+    gauge[0, k:] = 1.0
+    # change of slope between neighbouring segments (zero for a straight line whatever the knot gaps)
+    h = np.diff(knots)
+    hm = float(np.mean(h))
+    reg = np.zeros((k - 2, k + nv))
+    for i in range(k - 2):
+        reg[i, i:i + 3] = (hm / h[i], -hm / h[i] - hm / h[i + 1], hm / h[i + 1])
+    scale = np.sqrt(len(b) * smooth)
+    sol = np.linalg.lstsq(np.concatenate([a, gauge, reg * scale]), np.concatenate([b, [0.0], np.zeros(k - 2)]),
+                          rcond=None)[0]
+    values = sol[:k]
+    resid = b - a @ sol
+    model.s_knots.copy_(torch.as_tensor(knots, dtype=model.s_knots.dtype))  # type: ignore[union-attr]
+    model.s_values.copy_(torch.as_tensor(values, dtype=model.s_values.dtype))  # type: ignore[union-attr]
+    mm = float(model.unit_mm)  # type: ignore[attr-defined]
+    return {"slice_anchor_knots": knots.tolist(), "slice_anchor_values_mm": (values * mm).tolist(),
+            "slice_anchor_residual_mm": float(np.sqrt(np.mean(resid ** 2)) * mm), "slice_anchor_volumes": nv}
+
+
+def _hat_basis(x: np.ndarray, knots: np.ndarray) -> np.ndarray:
+    """``(len(x), K)`` weights of the piecewise-linear interpolant through ``knots`` at ``x``,
+    continuing the line through the end knots outside (as :func:`voxdiff.bpr.models.interp_linear`)."""
+    k = len(knots)
+    out = np.zeros((len(x), k))
+    i = np.clip(np.searchsorted(knots, x) - 1, 0, k - 2)
+    f = (x - knots[i]) / np.maximum(knots[i + 1] - knots[i], 1e-12)
+    inside = (x >= knots[0]) & (x <= knots[-1])
+    r = np.arange(len(x))
+    out[r[inside], i[inside]] = 1.0 - f[inside]
+    out[r[inside], i[inside] + 1] += f[inside]
+    t = (x[~inside] - knots[0]) / max(knots[-1] - knots[0], 1e-12)
+    out[r[~inside], 0] += 1.0 - t
+    out[r[~inside], k - 1] += t
+    return out
 
 
 def _append_log(path: Path, lines: list[str], header: list[str]) -> None:
