@@ -295,3 +295,26 @@ def test_folder_of_an_older_config_resumes(tmp_path):
     Experiment(ExperimentConfig(budget="tiny", methods=("random",)), out, log=lambda s: None)
     with pytest.raises(InputError, match="other settings"):
         Experiment(ExperimentConfig(budget="tiny", methods=("random",), seed=3), out, log=lambda s: None)
+
+
+def test_ape_bpr_is_anchored_on_the_experiments_slice_model(tmp_path):
+    """The ape BPR of an experiment takes its S coordinate from the experiment's own slice model,
+    trained first (once) when the ape model is asked for."""
+    import torch
+
+    from voxdiff.bpr import load_bpr
+    from voxdiff.experiments.base import Experiment
+
+    logs: list[str] = []
+    exp = Experiment(ExperimentConfig(budget="tiny", methods=("diffusion-ape",), progress=False), tmp_path / "e",
+                     log=logs.append)
+    path = exp.bpr("ape")
+    ape = load_bpr(path, kind="ape")
+    sl = load_bpr(tmp_path / "e" / "bpr-slice" / "model", kind="slice")
+    assert ape.anchor == "slice"
+    for k, v in sl.state_dict().items():
+        torch.testing.assert_close(ape.slice_model.state_dict()[k], v)
+    ran = [line for line in logs if line.startswith("[run ]")]
+    assert [r.split()[-1] for r in ran if "bpr-" in r] == ["bpr-slice", "bpr-ape"]
+    logs.clear()
+    assert exp.bpr("ape") == path and not [line for line in logs if line.startswith("[run ]")]

@@ -271,11 +271,19 @@ class Experiment:
         ``over``, a variant kept in ``OUT/variants/`` (see ``benchmarks/probe_variants.py``)."""
         name = f"bpr-{kind}" + (f"-{variant_key(over)}" if over else "")
         name = f"variants/{name}" if over else name
+        slice_model: str | None = None
+        if not self.runner.done(name):
+            want = self.bpr_config(kind, **over)
+            if want.kind == "ape" and want.anchor == "slice" and not want.slice_model:
+                # the S anchor of the ape model: the experiment's own slice model (trained first unless done)
+                slice_model = str(self.bpr("slice"))
 
         def run(tmp: Path) -> dict[str, Any]:
             from voxdiff.bpr.train import has_train_state, train_bpr
 
             bcfg = self.bpr_config(kind, **over)
+            if slice_model is not None:
+                bcfg.slice_model = slice_model
             resume = has_train_state(tmp / "model")  # an interrupted run's checkpoint
             train_bpr(bcfg, tmp / "model", cases=self.cases("unlabelled"), resume=resume, force=not resume,
                       progress=self.cfg.progress)

@@ -22,6 +22,7 @@ BUDGETS: dict[str, dict[str, Any]] = {
         "spacing": (6.0, 6.0, 6.0),
         "bpr": {"steps": 6, "batch_size": 2, "channels": (8, 8, 8, 8), "slice_patch": 24, "ape_patch": 16,
                 "ape_points": 32, "checkpoint_every": 1000},
+        "bpr_kind": {"ape": {"anchor": "slice"}},
         "pretrain": {"steps": 4, "patch_size": (16, 16, 16), "batch_size": 2, "base_channels": 4, "num_levels": 3,
                      "warmup_steps": 1, "checkpoint_every": 1000, "log_every": 2, "ema_decay": 0.5,
                      "diffusion_steps": 100, "feature_timesteps": (1,)},
@@ -41,8 +42,11 @@ BUDGETS: dict[str, dict[str, Any]] = {
         "phantoms": {"n_train": 7, "n_test": 3, "n_unlabelled": 12},
         "spacing": (3.0, 3.0, 3.0),
         "bpr": {"steps": 150, "batch_size": 4, "channels": (8, 16, 24, 32), "checkpoint_every": 1000},
-        # per-kind overrides of "bpr"; ape: 3 levels after 2x pooling (cells of 16 voxels)
-        "bpr_kind": {"ape": {"channels": (8, 16, 32), "steps": 300}},
+        # per-kind overrides of "bpr"; ape: 3 levels after 2x pooling (cells of 16 voxels), S anchored
+        # on the experiment's slice model (field-of-view consistent: docs/BPR.md); slice: 600 steps
+        # (about 30 s), since 150 steps gave too poor an anchor (crop consistency 33 / 103 mm on
+        # held-out phantoms, against 12 / 37 mm at 600)
+        "bpr_kind": {"ape": {"channels": (8, 16, 32), "steps": 300, "anchor": "slice"}, "slice": {"steps": 600}},
         # contrastive draws two views per item: batch 2 pairs = 4 crops, as many as the others see
         "pretrain_method": {"contrastive": {"batch_size": 2}},
         "pretrain": {"steps": 200, "patch_size": (32, 32, 32), "batch_size": 4, "base_channels": 8,
@@ -71,7 +75,7 @@ BUDGETS: dict[str, dict[str, Any]] = {
         "spacing": (1.0, 1.0, 2.0),
         "bpr": {"steps": 20000, "batch_size": 16, "channels": (16, 32, 64, 128), "ape_patch": 64,
                 "checkpoint_every": 1000},
-        "bpr_kind": {"ape": {"channels": (16, 32, 64, 128), "ape_input_pool": 1, "steps": 10000}},
+        "bpr_kind": {"ape": {"channels": (16, 32, 64, 128), "ape_input_pool": 1, "steps": 10000, "anchor": "slice"}},
         "pretrain": {"steps": 100000, "patch_size": (128, 128, 32), "batch_size": 8, "base_channels": 16,
                      "num_levels": 6, "warmup_steps": 1000, "checkpoint_every": 2000, "log_every": 100,
                      "ema_decay": 0.999, "lr": 2e-4, "diffusion_steps": 1000, "feature_timesteps": (10,),
