@@ -15,7 +15,14 @@ from voxdiff.core.errors import InputError
 
 def _saved_model(tmp_path, kind, calib=True):
     torch.manual_seed(0)
-    m = build_bpr(kind, {"channels": (8, 8, 16, 16), "patch_size": (24, 24, 24) if kind == "ape" else (32, 32, 8)})
+    anchored = kind == "ape-anchored"
+    kind = "ape" if anchored else kind
+    arch = {"channels": (8, 8, 16, 16), "patch_size": (24, 24, 24) if kind == "ape" else (32, 32, 8)}
+    if anchored:  # S from an embedded slice model (an identity score -> S curve)
+        arch.update(anchor="slice", slice_arch={"channels": [8, 8], "patch_size": [16, 16, 1]})
+    m = build_bpr(kind, arch)
+    if anchored:
+        m.s_values.copy_(torch.linspace(-1.0, 1.0, m.anchor_knots))
     m.eval()
     path = tmp_path / f"model_{kind}"
     save_bpr(path, m)
@@ -34,9 +41,10 @@ def _lps_ct(tmp_path, shape=(50, 40, 30)):
     return _write_ct(tmp_path / "ct.nii.gz", c.image[::-1, ::-1, :], aff), aff
 
 
-@pytest.mark.parametrize("kind", ["slice", "ape"])
+@pytest.mark.parametrize("kind", ["slice", "ape", "ape-anchored"])
 def test_predict_writes_map_on_input_grid(tmp_path, kind):
     model = _saved_model(tmp_path, kind)
+    kind = "ape" if kind == "ape-anchored" else kind
     ct, aff = _lps_ct(tmp_path)
     out = tmp_path / "out" / "map.nii.gz"
     s = predict_volume(model, ct, out, plot=tmp_path / "map.png")
