@@ -479,7 +479,7 @@ class APERegressor(BodyPartRegressor):
             sw = ww.sum().clamp_min(1e-12)
             md, mg = (ww * dk).sum() / sw, (ww * gk).sum() / sw
             var = (ww * (dk - md) ** 2).sum()
-            a = (ww * (dk - md) * (gk - mg)).sum() / var if float(var) > 1e-12 else torch.ones((), dtype=torch.float64)
+            a = (ww * (dk - md) * (gk - mg)).sum() / var if float(var) > 1e-12 else torch.ones((), dtype=torch.float64, device=dk.device)
             return a, mg - a * md
 
         a, b = wls(torch.ones_like(wk))
