@@ -49,7 +49,7 @@ class ExperimentConfig:
     """Settings shared by ``voxdiff experiment compare|timesteps|label-efficiency`` and ``voxdiff demo``.
 
     Args:
-        budget: preset sizes of every stage: tiny | cpu-small | paper.
+        budget: preset sizes of every stage: tiny | cpu-small | cpu-bench | paper.
         data: labelled data set (nnU-Net layout with imagesTr/labelsTr, and imagesTs/labelsTs when
             folds=0; or any layout voxdiff reads). Empty: phantoms are generated into OUT/phantoms.
         pretrain_data: unlabelled data folders for BPR training and pretraining. Empty: DATA/unlabelled
@@ -63,6 +63,9 @@ class ExperimentConfig:
         folds: 0 = the data set's train/test split; k > 0 = k-fold cross-validation over DATA's
             training cases.
         seed: seed of the phantoms, splits and every training run.
+        seeds: compare: several training seeds (at least two). Each seed runs into OUT/seed-S on the
+            same data (phantoms generated once, in OUT/phantoms) and the report gives mean ± std over
+            seeds with paired tests between methods; ``seed`` is then unused.
         phantom_seed: seed of the generated phantoms.
         pretrain_steps: override the budget's pretraining steps.
         probe_steps: override the budget's probing steps.
@@ -88,6 +91,7 @@ class ExperimentConfig:
     finetune: tuple[str, ...] = ("diffusion-ape", "contrastive")
     folds: int = 0
     seed: int = 0
+    seeds: tuple[int, ...] = ()
     phantom_seed: int = 0
     pretrain_steps: int | None = None
     probe_steps: int | None = None
