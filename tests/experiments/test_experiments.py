@@ -354,7 +354,7 @@ def test_bench_budget_is_cpu_small_with_the_benchmark_pools():
     from voxdiff.experiments.budgets import get_budget
 
     small, bench = get_budget("cpu-small"), get_budget("cpu-bench")
-    assert bench["pretrain"]["steps"] == 2000 and bench["phantoms"]["n_unlabelled"] >= 48
+    assert bench["pretrain"]["steps"] == 1000 and bench["phantoms"]["n_unlabelled"] >= 48
     assert bench["phantoms"]["n_test"] >= 10 and bench["tuned_early_stopping"] is True
     for stage in ("probe", "bpr", "bpr_kind", "pretrain_method"):
         assert bench[stage] == small[stage]

@@ -3,10 +3,10 @@
 * ``tiny``: seconds; for tests of the experiment machinery only (numbers mean nothing).
 * ``cpu-small``: runs here (2 CPU cores): what ``voxdiff demo`` uses; minutes per experiment.
 * ``cpu-bench``: the matched-compute benchmark (docs/RESULTS.md): ``cpu-small``'s networks, crops
-  and heads with 2,000 pretraining steps for every method, 48 unlabelled phantoms for pretraining,
-  8 labelled (one of them the validation case) and 10 test phantoms; fine-tuned and from-scratch
-  rows train to convergence (early stopping on the validation case). About 30-40 minutes per seed
-  on 2 CPU cores with native bf16.
+  and heads with 1,000 pretraining steps for every method (5x the demo), 48 unlabelled phantoms for
+  pretraining, 8 labelled (one of them the validation case) and 10 test phantoms; fine-tuned and
+  from-scratch rows train to convergence (early stopping on the validation case). About 30 minutes
+  per seed for the frozen rows on one CPU core.
 * ``paper``: the paper-scale settings for a GPU (vox2vec's 1 x 1 x 2 mm grid, 128 x 128 x 32
   patches, base width 16 with 6 levels, long schedules). Untested at full length on this machine.
 
@@ -97,7 +97,7 @@ def _bench_budget() -> dict[str, Any]:
     """``cpu-bench``: ``cpu-small`` with the pretraining budget, pools and test set of the benchmark."""
     b = copy.deepcopy(BUDGETS["cpu-small"])
     b["phantoms"].update(n_train=8, n_test=10, n_unlabelled=48)
-    b["pretrain"].update(steps=2000, checkpoint_every=500, log_every=100)
+    b["pretrain"].update(steps=1000, checkpoint_every=500, log_every=100)
     # compare: fine-tuned and from-scratch rows stop on the validation case, as in label-efficiency
     b["tuned_early_stopping"] = True
     return b
