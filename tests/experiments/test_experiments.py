@@ -360,3 +360,16 @@ def test_bench_budget_is_cpu_small_with_the_benchmark_pools():
         assert bench[stage] == small[stage]
     same = {k: v for k, v in small["pretrain"].items() if k not in ("steps", "checkpoint_every", "log_every")}
     assert {k: bench["pretrain"][k] for k in same} == same
+
+
+def test_shifted_regime_labels_one_site_and_unknown_regimes_are_refused(tmp_path):
+    from voxdiff.core.errors import InputError
+    from voxdiff.experiments.base import TRAIN_SITE, Experiment
+
+    exp = Experiment(ExperimentConfig(budget="tiny", regime="shifted", workers=1, progress=False), tmp_path / "s",
+                     log=lambda s: None)
+    cases = json.loads((exp.data_dir() / "phantoms.json").read_text())
+    train = [c for c in cases.values() if c["set"] == "train"]
+    assert train and all(c["phase"] in TRAIN_SITE["phases"] and c["z_mode"] in TRAIN_SITE["z_modes"] for c in train)
+    with pytest.raises(InputError, match="unknown regime"):
+        Experiment(ExperimentConfig(budget="tiny", regime="ood"), tmp_path / "r", log=lambda s: None)

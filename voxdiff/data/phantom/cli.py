@@ -28,13 +28,28 @@ def register(root: CommandGroup) -> None:
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--preview", action="store_true", help="also write OUT/preview.png (3 views + labels)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--train_site", type=str, default="",
+                   help='JSON dict of settings for the labelled training cases only (a shifted regime), '
+                        'e.g. \'{"phases": ["portal_venous"], "z_modes": ["abdomen"]}\'')
     add_config(p, PhantomConfig)
 
 
 def run_phantom(ns) -> None:
+    import json
+
+    from voxdiff.core.errors import InputError
+
     from .dataset import make_phantom_dataset
 
     cfg = from_namespace(PhantomConfig, ns)
+    site = None
+    if ns.train_site:
+        try:
+            site = json.loads(ns.train_site)
+        except json.JSONDecodeError as e:
+            raise InputError(None, f"--train_site is not valid JSON ({e.msg})") from None
+        if not isinstance(site, dict):
+            raise InputError(None, "--train_site must be a JSON object of phantom settings")
     out = make_phantom_dataset(
         ns.out,
         n_train=ns.n_train,
@@ -46,5 +61,6 @@ def run_phantom(ns) -> None:
         workers=ns.workers,
         preview=bool(ns.preview),
         progress=not ns.quiet,
+        train_site=site,
     )
     print(f"wrote {ns.n_train} training, {ns.n_test} test and {ns.n_unlabelled} unlabelled phantoms to {out}")
