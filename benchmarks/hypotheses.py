@@ -2,8 +2,8 @@
 
 Runs on a finished (or partly finished) ``voxdiff experiment compare --seeds ...`` folder and reuses
 each seed's pretrained backbones, heads and split; nothing is pretrained again. Each test prints
-one JSON line per (test, method, seed, variant) with the mean test Dice (mean over cases of each
-case's organ mean), and a summary over seeds at the end:
+one JSON line per (test, method, seed, variant) with its value (the mean test Dice in %, mean over
+cases of each case's organ mean; or a loss), and a summary over seeds at the end:
 
 * ``shift``: the experiment's fitted non-linear head (its segmenter bundle) scored on the test
   phantoms with every HU value shifted by -30 / 0 / +30, and on its own training phantoms (the
@@ -12,6 +12,9 @@ case's organ mean), and a summary over seeds at the end:
   condition, 3 channels for ape), the floor any BPR-conditioned feature should beat.
 * ``levels``: a non-linear head fitted on one pyramid level at a time (the others set to zero), to
   see which levels carry organ information.
+* ``bottleneck`` (diffusion models): the denoising loss (MSE of the training target) per timestep
+  on 64 test patches, as trained and with the deepest level's path cut (the first upsampling from
+  the bottleneck outputs zeros): how much of the denoising at each t depends on the deepest level.
 
     .venv/bin/python benchmarks/hypotheses.py runs/bench --tests shift,floor,levels \
         --methods diffusion-ape,contrastive --out runs/bench/hypotheses.json
@@ -141,6 +144,45 @@ def test_levels(exp: Experiment, method: str, folds, emit, cache: FeatureCache) 
     cache.transform = None
 
 
+BOTTLENECK_T = (1, 10, 50, 250, 500, 900)
+
+
+@torch.no_grad()
+def test_bottleneck(exp: Experiment, method: str, folds, emit) -> None:
+    from voxdiff.pretrain.diffusion import to_model_range
+
+    _, _, test = folds
+    ext = load_pretrained(exp.out / f"pretrain-{method}" / "model")
+    if ext.method != "diffusion":
+        return
+    task, net = ext.task, ext.backbone
+    if not hasattr(net, "up"):
+        raise RuntimeError("the bottleneck test knows the unet backbone only")
+    task.prepare(test)
+    rng = np.random.default_rng(1234)
+    batch = task.sample_batch(test, 64, tuple(ext.patch_size), rng)
+    x0 = to_model_range(batch["image"].float())
+    g = torch.Generator().manual_seed(5)
+    noise = torch.randn(x0.shape, generator=g)
+    cut = net.up[len(net.up) - 1]  # bottleneck -> next level
+    for t_val in [t for t in BOTTLENECK_T if t < task.process.num_steps]:
+        t = torch.full((x0.shape[0],), t_val, dtype=torch.long)
+        x_t = task.process.add_noise(x0, noise, t)
+        inp = task._join(x_t, batch.get("cond"))
+        target = task.process.target(x0, noise, t)
+        errs = []
+        for zero in (False, True):
+            h = cut.register_forward_hook(lambda m, i, o: torch.zeros_like(o)) if zero else None
+            try:
+                pred = torch.cat([net(inp[i:i + 8], t[i:i + 8])[0] for i in range(0, len(t), 8)])
+            finally:
+                if h is not None:
+                    h.remove()
+            errs.append(float(((pred - target) ** 2).mean()))
+        emit("bottleneck", method, f"t={t_val} as trained", errs[0], "loss")
+        emit("bottleneck", method, f"t={t_val} bottleneck cut", errs[1], "loss")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bench", help="a `voxdiff experiment compare --seeds` folder")
@@ -175,8 +217,10 @@ def main() -> None:
                     continue
                 t0 = time.time()
 
-                def emit(test: str, m: str, variant: str, dice: float) -> None:
-                    r = {"test": test, "method": m, "seed": seed, "variant": variant, "dice": round(100 * dice, 2),
+                def emit(test: str, m: str, variant: str, value: float, metric: str = "dice") -> None:
+                    """``metric`` dice: a fraction, stored in % ; loss: stored as it is."""
+                    v = round(100 * value, 2) if metric == "dice" else round(value, 5)
+                    r = {"test": test, "method": m, "seed": seed, "variant": variant, "metric": metric, "value": v,
                          "seconds": round(time.time() - t0)}
                     print(json.dumps(r), flush=True)
                     results.append(r)
@@ -187,7 +231,8 @@ def main() -> None:
                         continue
                     {"shift": lambda: test_shift(exp, method, folds, emit),
                      "floor": lambda: test_floor(exp, method, folds, emit, cache),
-                     "levels": lambda: test_levels(exp, method, folds, emit, cache)}[test]()
+                     "levels": lambda: test_levels(exp, method, folds, emit, cache),
+                     "bottleneck": lambda: test_bottleneck(exp, method, folds, emit)}[test]()
                 cache.clear()
     finally:
         voxel.volume_pyramid = cache._real  # type: ignore[assignment]
@@ -195,14 +240,15 @@ def main() -> None:
 
 
 def print_summary(results: list[dict[str, Any]]) -> None:
-    groups: dict[tuple[str, str, str], list[float]] = {}
+    groups: dict[tuple[str, str, str, str], list[float]] = {}
     for r in results:
-        groups.setdefault((r["test"], r["method"], r["variant"]), []).append(r["dice"])
-    print("\n| test | method | variant | mean Dice ± std over seeds | seeds |\n|---|---|---|---|---|")
-    for (t, m, v), d in groups.items():
+        groups.setdefault((r["test"], r["method"], r["variant"], r.get("metric", "dice")), []).append(r["value"])
+    print("\n| test | method | variant | metric | mean ± std over seeds | seeds |\n|---|---|---|---|---|---|")
+    for (t, m, v, metric), d in groups.items():
         a = np.asarray(d)
-        sd = f" ± {a.std(ddof=1):.1f}" if a.size > 1 else ""
-        print(f"| {t} | {m} | {v} | {a.mean():.1f}{sd} | {a.size} |")
+        fmt = ".1f" if metric == "dice" else ".4f"
+        sd = f" ± {a.std(ddof=1):{fmt}}" if a.size > 1 else ""
+        print(f"| {t} | {m} | {v} | {'Dice %' if metric == 'dice' else metric} | {a.mean():{fmt}}{sd} | {a.size} |")
 
 
 if __name__ == "__main__":
