@@ -12,6 +12,10 @@ cases of each case's organ mean; or a loss), and a summary over seeds at the end
   condition, 3 channels for ape), the floor any BPR-conditioned feature should beat.
 * ``levels``: a non-linear head fitted on one pyramid level at a time (the others set to zero), to
   see which levels carry organ information.
+* ``window``: features extracted with windows of the training patch, of the budget's probe window
+  (the default), and of the whole volume (one window), each with its own fitted non-linear head:
+  does the window size matter (GroupNorm statistics are per window), and can extraction use one
+  window per volume (several times less compute than overlapping windows)?
 * ``bottleneck`` (diffusion models): the denoising loss (MSE of the training target) per timestep
   on 64 test patches, as trained and with the deepest level's path cut (the first upsampling from
   the bottleneck outputs zeros): how much of the denoising at each t depends on the deepest level.
@@ -144,6 +148,24 @@ def test_levels(exp: Experiment, method: str, folds, emit, cache: FeatureCache) 
     cache.transform = None
 
 
+def test_window(exp: Experiment, method: str, folds, emit, cache: FeatureCache) -> None:
+    train, val, test = folds
+    ext = load_pretrained(exp.out / f"pretrain-{method}" / "model")
+    vox = int(exp.budget.get("probe_voxels", 8192))
+    base = exp.probe_cfg()
+    rois = {"training patch": tuple(ext.patch_size), "probe window (default)": tuple(base.roi),
+            "whole volume": (1024, 1024, 1024)}
+    for name, roi in rois.items():
+        pcfg = exp.probe_cfg(roi=roi)
+        cache.install(f"{exp.out}/{method}/roi{roi}")
+        head = fit_nonlinear(ext, train, val, pcfg, vox)
+        t = time.time()
+        dice = score(ext, head, test, pcfg)
+        pyr_s = time.time() - t
+        emit("window", method, f"{name} {'x'.join(map(str, roi)) if name != 'whole volume' else ''}".strip(), dice)
+        emit("window", method, f"{name}: seconds to score the test cases", pyr_s, "seconds")
+
+
 BOTTLENECK_T = (1, 10, 50, 250, 500, 900)
 
 
@@ -232,6 +254,7 @@ def main() -> None:
                     {"shift": lambda: test_shift(exp, method, folds, emit),
                      "floor": lambda: test_floor(exp, method, folds, emit, cache),
                      "levels": lambda: test_levels(exp, method, folds, emit, cache),
+                     "window": lambda: test_window(exp, method, folds, emit, cache),
                      "bottleneck": lambda: test_bottleneck(exp, method, folds, emit)}[test]()
                 cache.clear()
     finally:
