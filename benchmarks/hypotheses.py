@@ -16,6 +16,9 @@ cases of each case's organ mean; or a loss), and a summary over seeds at the end
   (the default), and of the whole volume (one window), each with its own fitted non-linear head:
   does the window size matter (GroupNorm statistics are per window), and can extraction use one
   window per volume (several times less compute than overlapping windows)?
+* ``passes`` (diffusion models): the feature passes changed at extraction only, each with its own
+  fitted non-linear head: features averaged over 4 fixed noise draws, and the clean image given
+  the t = 250 embedding in place of its noisy pass ("clean image told t = 250").
 * ``bottleneck`` (diffusion models): the denoising loss (MSE of the training target) per timestep
   on 64 test patches, as trained and with the deepest level's path cut (the first upsampling from
   the bottleneck outputs zeros): how much of the denoising at each t depends on the deepest level.
@@ -166,6 +169,53 @@ def test_window(exp: Experiment, method: str, folds, emit, cache: FeatureCache) 
         emit("window", method, f"{name}: seconds to score the test cases", pyr_s, "seconds")
 
 
+def test_passes(exp: Experiment, method: str, folds, emit, cache: FeatureCache) -> None:
+    from voxdiff.pretrain.diffusion import to_model_range
+
+    train, val, test = folds
+    vox = int(exp.budget.get("probe_voxels", 8192))
+    pcfg = exp.probe_cfg()
+
+    ext = load_pretrained(exp.out / f"pretrain-{method}" / "model")
+    if ext.method != "diffusion":
+        return
+    task = ext.task
+    real = type(ext).forward.__get__(ext)
+    opts0 = task.opts
+
+    def averaged(image_unit, voxel_index=None, coords=None, draws=4):
+        pyrs = []
+        for k in range(draws):
+            task.opts = dataclasses.replace(opts0, noise_seed=opts0.noise_seed + k)
+            pyrs.append(real(image_unit, voxel_index=voxel_index, coords=coords))
+        task.opts = opts0
+        return [torch.stack(level).mean(0) for level in zip(*pyrs)]
+
+    ext.forward = averaged  # type: ignore[method-assign]
+    cache.install(f"{exp.out}/{method}/avg4")
+    head = fit_nonlinear(ext, train, val, pcfg, vox)
+    emit("passes", method, "features averaged over 4 noise draws", score(ext, head, test, pcfg))
+
+    ext = load_pretrained(exp.out / f"pretrain-{method}" / "model")
+    task = ext.task
+    real_passes = task.feature_passes
+
+    def clean_late(image, voxel_index=None, coords=None):
+        out = real_passes(image, voxel_index=voxel_index, coords=coords)
+        x0 = to_model_range(image.float())
+        fixed = []
+        for x, t in out:
+            if int(t[0]) >= 100:  # the noisy pass: the clean image with that timestep's embedding
+                x = torch.cat([x0, x[:, 1:]], 1)
+            fixed.append((x, t))
+        return fixed
+
+    task.feature_passes = clean_late  # type: ignore[method-assign]
+    cache.install(f"{exp.out}/{method}/clean250")
+    head = fit_nonlinear(ext, train, val, pcfg, vox)
+    emit("passes", method, "clean image told the noisy pass's t", score(ext, head, test, pcfg))
+
+
 BOTTLENECK_T = (1, 10, 50, 250, 500, 900)
 
 
@@ -255,6 +305,7 @@ def main() -> None:
                      "floor": lambda: test_floor(exp, method, folds, emit, cache),
                      "levels": lambda: test_levels(exp, method, folds, emit, cache),
                      "window": lambda: test_window(exp, method, folds, emit, cache),
+                     "passes": lambda: test_passes(exp, method, folds, emit, cache),
                      "bottleneck": lambda: test_bottleneck(exp, method, folds, emit)}[test]()
                 cache.clear()
     finally:
