@@ -99,6 +99,7 @@ class EngineConfig:
         tensorboard: also write TensorBoard scalars (when ``tensorboard`` is installed).
         progress: show a progress bar (rank 0).
         desc: the progress bar's label.
+        label: what the non-finite loss message starts with (e.g. the head's name; empty: nothing).
         nan_hint: what the non-finite loss message suggests after the checkpoint it names.
     """
 
@@ -123,6 +124,7 @@ class EngineConfig:
     tensorboard: bool = False
     progress: bool = True
     desc: str = "train"
+    label: str = ""
     nan_hint: str = "continue from it with --resume (e.g. with a lower --lr)"
 
 
@@ -564,7 +566,7 @@ class Engine:
             ls = self.last_saved
             where = (f"the last good checkpoint (step {ls}) is kept in {self.state_dir}; {cfg.nan_hint}"
                      if ls and self.state_dir is not None else "no checkpoint had been written yet")
-            raise TrainingError(f"{cfg.desc}: loss is {value} at step {at}: training stopped; {where}")
+            raise TrainingError(f"{cfg.label + ': ' if cfg.label else ''}loss is {value} at step {at}: training stopped; {where}")
 
         t0 = time.perf_counter()
         n_since = 0
