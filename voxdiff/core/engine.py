@@ -366,6 +366,10 @@ class TrainTask:
         then draws its own batch). An iterator with a ``close`` method is closed at the end."""
         return range(start, end)
 
+    def on_fit_start(self, engine: "Engine") -> None:
+        """Before the first step of :meth:`Engine.fit` (default: training mode for the module)."""
+        engine.module.train()
+
     def on_step_start(self, engine: "Engine", step: int) -> None:
         """Before step ``step`` (0-based)."""
 
@@ -571,7 +575,7 @@ class Engine:
         t0 = time.perf_counter()
         n_since = 0
         done = self.start
-        self.module.train()
+        task.on_fit_start(self)
         try:
             for step, batch in zip(range(self.start, end), batches):
                 self.step = step
