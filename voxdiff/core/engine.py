@@ -17,12 +17,13 @@ module pattern: one loop owns training, tasks fill in the steps)::
             x, y = batch
             return F.mse_loss(model(x), y), {}
 
-    engine = Engine(EngineConfig(steps=100, lr=1e-3), MyTask(), state_dir=out / "train_state")
-    engine.fit(resume=True)
+    engine = Engine(EngineConfig(steps=100, lr=1e-3), MyTask(), state_dir=out / "train_state",
+                    metrics_path=out / "metrics.jsonl", resume=False)  # resume=True: continue exactly
+    engine.fit()
 
 Hooks (all optional): ``param_groups`` (custom optimiser groups, e.g. a backbone learning rate),
 ``ema_module`` (what the EMA follows), ``batches`` (an iterator of batches; default: the step
-numbers), ``on_step_start`` (e.g. unfreeze a backbone), ``needs_sync`` + ``after_step`` (validation,
+numbers), ``on_fit_start`` (training mode), ``on_step_start`` (e.g. unfreeze a backbone), ``needs_sync`` + ``after_step`` (validation,
 early stopping, online probes: the engine checks the loss before them), ``log_extras`` and
 ``on_log`` (more metric fields, other log files), ``on_checkpoint`` (before a train state is
 written), ``state``/``load_state`` (task state in the train state: sampler generators, best
@@ -557,7 +558,7 @@ class Engine:
         never = torch.iinfo(torch.int64).max
         first_bad = torch.full((), never, dtype=torch.int64, device=device)  # first step with a non-finite loss
         bad_loss = torch.zeros((), dtype=torch.float32, device=device)  # its loss
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        params = list(self.module.parameters())  # clipped in module order (the norm sums in this order)
 
         def check_finite() -> None:
             flag = first_bad.clone()

@@ -298,7 +298,7 @@ class HeadsTask(TrainTask):
             m.train()
         losses = self.losses_of(dict(self.models.items()), step)
         for n, loss in losses.items():
-            v = loss.detach().float()
+            v = loss.detach().double()  # smoothed in float64, as python floats were
             self.running[n] = 0.9 * self.running[n] + 0.1 * v if step > 0 else v
         total = torch.stack(list(losses.values())).sum()
         return total, {f"loss_{n}": v.detach() for n, v in losses.items()}
@@ -489,7 +489,7 @@ class NetworkTask(TrainTask):
             with torch.no_grad():
                 pyr = features(self.ext, x, amp=self.cfg.amp, **self.sampler.extractor_inputs(self.device))
         loss = dice_ce_loss(self.head(pyr, out_size=x.shape[2:]), y)
-        v = loss.detach().float()
+        v = loss.detach().double()
         self.running = 0.9 * self.running + 0.1 * v if (step > 0 and self.running is not None) else v
         return loss, {}
 
