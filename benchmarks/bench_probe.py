@@ -102,7 +102,7 @@ def main() -> None:
     runs = out / "probe"
     scratch_steps = a.scratch_steps or a.probe_steps
     cfg = ProbeConfig(heads=("linear", "nonlinear"), patch_size=tuple(a.patch), batch_size=2, steps=a.probe_steps, lr=a.probe_lr,
-                      val_every=max(1, a.probe_steps // 3), roi=(64, 64, 64), overlap=0.25, amp=False, device="cpu",
+                      val_every=max(1, a.probe_steps // 3), roi=(64, 64, 64), overlap=0.25, bf16=False, device="cpu",
                       seed=a.seed, val_from_train=1)
     t = time.time()
     if not (runs / "nonlinear" / "segmenter.json").is_file():

@@ -74,8 +74,20 @@ class CommandGroup:
 
 
 def add_config(parser: ArgumentParser, cls: type, skip: set[str] | None = None) -> None:
-    """Add every field of dataclass ``cls`` as a flat ``--field`` option."""
-    parser.add_class_arguments(cls, None, as_group=True, skip=skip or set())
+    """Add every field of dataclass ``cls`` as a flat ``--field`` option; the old names of renamed
+    fields (``cls.RENAMED``) become hidden options of the new one's type (also accepted as keys of
+    ``--config`` YAML files); :func:`~voxdiff.core.config.from_namespace` maps them with a warning."""
+    import argparse
+    import typing
+
+    from .config import renamed_fields
+
+    renamed = renamed_fields(cls)
+    parser.add_class_arguments(cls, None, as_group=True, skip=(skip or set()) | set(renamed))
+    hints = typing.get_type_hints(cls)
+    for old, new in renamed.items():
+        parser.add_argument(f"--{old}", type=typing.Optional[hints.get(new, Any)], default=None,
+                            help=argparse.SUPPRESS)
 
 
 def one_line(text: str, limit: int = 400) -> str:

@@ -148,7 +148,7 @@ class Segmenter:
         from .voxel import predict_logits_volume
 
         pre = preprocess(raw_case, self.preprocess)
-        cfg = ProbeConfig(roi=self.roi, overlap=self.overlap, amp=amp)
+        cfg = ProbeConfig(roi=self.roi, overlap=self.overlap, bf16=amp)
         lg = predict_logits_volume(self.extractor, {"h": self.head}, unit_image(pre, self.preprocess.hu_window), cfg)["h"]
         return restore_to_original(logits_to_labels(lg), pre.meta, is_label=True).astype(np.uint8)
 

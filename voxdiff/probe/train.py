@@ -24,15 +24,16 @@ import copy
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from voxdiff.core.config import warn_renamed
 from voxdiff.core.engine import Engine, EngineConfig, TrainTask
 from voxdiff.core.errors import InputError, TrainingError
 from voxdiff.core.metrics import mean_dice
@@ -71,7 +72,8 @@ class ProbeConfig:
     roi: sliding-window size for validation and for the saved segmenter.
     overlap: sliding-window overlap.
     n_classes: output classes incl. background (14 = BTCV).
-    amp: bf16 autocast for the feature extractor.
+    bf16: bf16 autocast for the feature extractor where the device computes bf16 natively
+      (fp32 elsewhere; ``amp`` is the deprecated old name, still accepted).
     device: auto, cpu or cuda.
     seed: seed of patch sampling and head initialisation.
     frozen_training: how linear/non-linear heads are trained: ``voxels`` (voxel samples of cached
@@ -99,11 +101,19 @@ class ProbeConfig:
     roi: tuple[int, int, int] = (96, 96, 64)
     overlap: float = 0.5
     n_classes: int = 14
-    amp: bool = False
+    bf16: bool = False
     device: str = "auto"
     seed: int = 0
     frozen_training: str = "voxels"
     voxels_per_step: int = 8192
+    amp: InitVar[bool | None] = None  # the old name of bf16 (keyword argument; saved configs: RENAMED)
+
+    RENAMED: ClassVar[dict[str, str]] = {"amp": "bf16"}
+
+    def __post_init__(self, amp: bool | None) -> None:
+        if amp is not None:
+            warn_renamed(type(self), "amp", "bf16")
+            self.bf16 = bool(amp)
 
 
 def _to_device(extractor, device: torch.device) -> None:
@@ -248,7 +258,7 @@ def validate(extractor, heads: dict[str, nn.Module], cases: Sequence, cfg: Probe
     scores: dict[str, list[float]] = {n: [] for n in heads}
     for case in cases:
         out = predict_logits(extractor, heads, unit_image(case, window), cfg.roi, cfg.overlap,
-                             device=device, amp=cfg.amp)
+                             device=device, amp=cfg.bf16)
         for n, lg in out.items():
             scores[n].append(mean_dice(logits_to_labels(lg), np.asarray(case.label), cfg.n_classes))
     return {n: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for n, v in scores.items()}
@@ -341,7 +351,7 @@ def _finite_or_none(x: float) -> float | None:
 
 def heads_engine_config(cfg: ProbeConfig, names: Sequence[str], progress: bool, desc: str) -> EngineConfig:
     """Head fitting on the engine: AdamW (weight decay on every parameter), cosine decay from ``lr``
-    to 5 % of it without warm-up, no clipping, no EMA; the extractor's own autocast (``amp``)."""
+    to 5 % of it without warm-up, no clipping, no EMA; the extractor's own autocast (``bf16``)."""
     return EngineConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=0, min_lr_ratio=0.05, weight_decay=cfg.weight_decay,
                         no_decay_1d=False, device=cfg.device, seed=cfg.seed, log_every=cfg.val_every,
                         checkpoint_every=cfg.val_every, keep_checkpoints=1, progress=progress, desc=desc,
@@ -391,7 +401,7 @@ def fit_heads(
         x, y = sampler.sample(cfg.batch_size)
         x, y = x.to(device), y.to(device)
         with torch.no_grad():
-            pyr = features(extractor, x, amp=cfg.amp, **sampler.extractor_inputs(device))
+            pyr = features(extractor, x, amp=cfg.bf16, **sampler.extractor_inputs(device))
         return {n: dice_ce_loss(m(pyr, out_size=x.shape[2:]), y) for n, m in ms.items()}
 
     def validate_of(ms: dict[str, nn.Module]):
@@ -414,7 +424,7 @@ def _measure_stats(extractor, sampler: PatchSampler, cfg: ProbeConfig, device, b
         with torch.no_grad():
             for _ in range(batches):
                 x, _ = sampler.sample(cfg.batch_size)
-                pyrs.append(features(extractor, x.to(device), amp=cfg.amp, **sampler.extractor_inputs(device)))
+                pyrs.append(features(extractor, x.to(device), amp=cfg.bf16, **sampler.extractor_inputs(device)))
     finally:
         sampler.rng = rng
     return feature_stats(pyrs)
@@ -482,12 +492,12 @@ class NetworkTask(TrainTask):
         x, y = x.to(self.device), y.to(self.device)
         self.head.train()
         if self.unfrozen:
-            pyr = features(self.ext, x, amp=self.cfg.amp, grad=True, **self.sampler.extractor_inputs(self.device))
+            pyr = features(self.ext, x, amp=self.cfg.bf16, grad=True, **self.sampler.extractor_inputs(self.device))
             if not any(f.requires_grad for f in pyr):
                 raise TrainingError("the feature extractor returns no gradients; it cannot be fine-tuned")
         else:
             with torch.no_grad():
-                pyr = features(self.ext, x, amp=self.cfg.amp, **self.sampler.extractor_inputs(self.device))
+                pyr = features(self.ext, x, amp=self.cfg.bf16, **self.sampler.extractor_inputs(self.device))
         loss = dice_ce_loss(self.head(pyr, out_size=x.shape[2:]), y)
         v = loss.detach().double()
         self.running = 0.9 * self.running + 0.1 * v if (step > 0 and self.running is not None) else v

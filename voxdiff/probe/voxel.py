@@ -58,7 +58,7 @@ def volume_pyramid(extractor, image_unit: np.ndarray, cfg: ProbeConfig) -> list[
     d = _divisor(extractor)
     pad = [(0, (-n) % d) for n in image_unit.shape]
     vol = np.pad(image_unit, pad, constant_values=0.0) if any(p[1] for p in pad) else image_unit
-    pyr = extract_volume(extractor, vol, roi=cfg.roi, overlap=cfg.overlap, progress=False, bf16=cfg.amp)
+    pyr = extract_volume(extractor, vol, roi=cfg.roi, overlap=cfg.overlap, progress=False, bf16=cfg.bf16)
     return [p[0] for p in pyr]  # drop the batch axis
 
 
