@@ -1,5 +1,6 @@
 """One name for the precision switch: ``bf16`` everywhere; the old ``amp`` of the probe, evaluate and
-segment configs still works (keyword, saved config, YAML, command line) with a deprecation warning."""
+segment configs still works (keyword, saved config, YAML, command line) with a deprecation warning.
+And ``device`` defaults to ``auto`` in every config and model loader."""
 
 from __future__ import annotations
 
@@ -57,3 +58,19 @@ def test_command_line_and_yaml_accept_amp_as_a_hidden_alias(cls, tmp_path, capsy
     p.print_help()
     shown = capsys.readouterr().out
     assert "--bf16" in shown and "--amp" not in shown
+
+
+def test_every_device_setting_defaults_to_auto():
+    import dataclasses
+    import inspect
+
+    from voxdiff.features.extract import ExtractConfig
+    from voxdiff.pretrain.load import load_backbone, load_pretrained
+    from voxdiff.pretrain.sample import SampleConfig
+    from voxdiff.pretrain.train import PretrainConfig
+    from voxdiff.probe.bundle import load_segmenter
+
+    for cls in (*CONFIGS, ExtractConfig, SampleConfig, PretrainConfig):
+        assert {f.name: f.default for f in dataclasses.fields(cls)}["device"] == "auto", cls
+    for fn in (load_backbone, load_pretrained, load_segmenter):
+        assert inspect.signature(fn).parameters["device"].default == "auto", fn

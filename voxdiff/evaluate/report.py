@@ -95,7 +95,7 @@ def evaluate_cases(
     n_classes: int = 14,
     surface: bool = False,
     tau_mm: float = 2.0,
-    device: str = "cpu",
+    device: str | None = None,
     amp: bool = False,
     sw_batch_size: int = 2,
     figures_dir: str | os.PathLike | None = None,
