@@ -74,3 +74,19 @@ def test_every_device_setting_defaults_to_auto():
         assert {f.name: f.default for f in dataclasses.fields(cls)}["device"] == "auto", cls
     for fn in (load_backbone, load_pretrained, load_segmenter):
         assert inspect.signature(fn).parameters["device"].default == "auto", fn
+
+
+def test_one_option_style_underscores_with_hyphenated_hidden_aliases(capsys):
+    from voxdiff.cli import build_parser, main
+    from voxdiff.core.cli import underscore_options
+
+    assert underscore_options(["phantom", "o", "--n-train", "2", "--spacing-xy=[1,2]", "-o", "x-y", "--", "--a-b"]) == \
+        ["phantom", "o", "--n_train", "2", "--spacing_xy=[1,2]", "-o", "x-y", "--", "--a-b"]
+    parser, root = build_parser()
+    long_options = [o for p in root.command_parsers() for o in getattr(p, "_option_string_actions", {})
+                    if o.startswith("--")]
+    assert long_options and not [o for o in long_options if "-" in o[2:]]
+    with pytest.raises(SystemExit):
+        main(["phantom", "--help"])
+    shown = capsys.readouterr().out
+    assert "--n_train" in shown and "--n-train" not in shown

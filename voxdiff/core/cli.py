@@ -90,6 +90,22 @@ def add_config(parser: ArgumentParser, cls: type, skip: set[str] | None = None) 
                             help=argparse.SUPPRESS)
 
 
+def underscore_options(argv: list[str]) -> list[str]:
+    """Options are spelt with underscores (``--n_train``, ``--spacing_xy``); a hyphenated spelling
+    (``--n_train``) is accepted as a hidden alias: ``--a-b[=v]`` becomes ``--a_b[=v]``. Values (tokens
+    not starting with ``--``) and everything after a bare ``--`` are left alone."""
+    out: list[str] = []
+    rest = False
+    for tok in argv:
+        if rest or not tok.startswith("--") or tok == "--":
+            rest = rest or tok == "--"
+            out.append(tok)
+            continue
+        name, eq, value = tok.partition("=")
+        out.append("--" + name[2:].replace("-", "_") + eq + value)
+    return out
+
+
 def one_line(text: str, limit: int = 400) -> str:
     """``text`` on one line (whitespace runs collapsed), cut at a word boundary past ``limit``."""
     s = " ".join(str(text).split())
