@@ -215,6 +215,9 @@ def test_bpr_resume_with_stop_is_exact_and_old_format_is_refused(tmp_path, bpr_c
     with pytest.raises(InputError, match="older train-state format") as e:
         train_bpr(cfg, old, cases=bpr_cases, progress=False, resume=True)
     assert "\n" not in str(e.value)
+    assert not bt.can_resume(old)  # the experiments runner trains such a model again instead
+    train_bpr(cfg, old, cases=bpr_cases, progress=False, force=True)
+    assert bt.can_resume(old) and not (old / "train_state.safetensors").exists()
 
 
 def test_bpr_nan_stop_keeps_the_last_good_state(tmp_path, bpr_cases, monkeypatch):

@@ -395,6 +395,12 @@ def has_train_state(out_dir: str | Path) -> bool:
     return latest_train_state(out / "train_state") is not None or _has_old_train_state(out)
 
 
+def can_resume(out_dir: str | Path) -> bool:
+    """Whether ``out_dir`` holds a train state in the engine's format (``train_bpr(resume=True)``
+    continues it; a train state of the format before is not resumable: start again)."""
+    return latest_train_state(Path(out_dir) / "train_state") is not None
+
+
 def _has_old_train_state(out: Path) -> bool:
     return (out / "train_state.safetensors").is_file() and (out / "train_state.json").is_file()
 
@@ -441,7 +447,8 @@ def _train(cfg: BPRTrainConfig, out: Path, vols: list[Volume], resuming: bool, p
     model = build_bpr(cfg.kind, arch, preprocess=pp)
     out.mkdir(parents=True, exist_ok=True)
     if not resuming:
-        for name in ("log.csv", "metrics.json", "metrics.jsonl", "model.safetensors", "model.json"):
+        for name in ("log.csv", "metrics.json", "metrics.jsonl", "model.safetensors", "model.json",
+                     "train_state.safetensors", "train_state.json"):  # (the last two: the format before the engine)
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / "train_state", ignore_errors=True)
     task = BPRTask(cfg, model, vols, out)
