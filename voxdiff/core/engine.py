@@ -274,6 +274,16 @@ class MetricLog:
 
     def reduce(self, d: Dist, device: torch.device) -> dict[str, float]:
         keys = sorted(set(self.sums) | set(self.dev))
+        if d.world == 1:  # one process: one transfer of every device sum, no tensors for host sums
+            dev_keys = sorted(self.dev)
+            host = torch.stack([self.dev[k] for k in dev_keys]).cpu().tolist() if dev_keys else []
+            acc = {k: [self.sums.get(k, 0.0), float(self.counts.get(k, 0))] for k in keys}
+            for k, (sm, ct) in zip(dev_keys, host):
+                acc[k] = [acc[k][0] + sm, acc[k][1] + ct]
+            self.sums.clear()
+            self.counts.clear()
+            self.dev.clear()
+            return {k: acc[k][0] / acc[k][1] for k in keys if acc[k][1] > 0}
         if d.world > 1:
             # ranks may see different keys (t-buckets): gather names, then sum
             all_keys: list[list[str]] = [None] * d.world  # type: ignore[list-item]
@@ -556,18 +566,34 @@ class Engine:
                    disable=True if not (cfg.progress and d.main) else None, dynamic_ncols=True)
         batches = task.batches(self.start, end)
         never = torch.iinfo(torch.int64).max
-        first_bad = torch.full((), never, dtype=torch.int64, device=device)  # first step with a non-finite loss
-        bad_loss = torch.zeros((), dtype=torch.float32, device=device)  # its loss
+        pending: list[torch.Tensor] = []  # the losses since the last check (device scalars)
         params = list(self.module.parameters())  # clipped in module order (the norm sums in this order)
+        mfile = open(self.metrics_path, "a") if (d.main and self.metrics_path is not None) else None
 
         def check_finite() -> None:
-            flag = first_bad.clone()
+            """Raise when a loss since the last check was not finite (one host synchronisation)."""
+            if not pending and d.world == 1:
+                return
+            first = done - len(pending)  # step index of pending[0]
+            if pending:
+                vals = torch.stack(pending)
+                bad = torch.isfinite(vals).logical_not()
+                at_t = torch.where(bad.any(), bad.to(torch.int64).argmax() + (first + 1),
+                                   torch.full((), never, dtype=torch.int64, device=vals.device))
+            else:
+                vals = torch.zeros(0, device=device)
+                at_t = torch.full((), never, dtype=torch.int64, device=device)
             if d.world > 1:
+                flag = at_t.clone()
                 dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            else:
+                flag = at_t
             at = int(flag.item())
+            pending.clear()
             if at == never:
                 return
-            value = float(bad_loss.item()) if int(first_bad.item()) == at else float("nan")
+            mine = int(at_t.item())
+            value = float(vals[mine - first - 1].item()) if mine == at else float("nan")
             ls = self.last_saved
             where = (f"the last good checkpoint (step {ls}) is kept in {self.state_dir}; {cfg.nan_hint}"
                      if ls and self.state_dir is not None else "no checkpoint had been written yet")
@@ -585,9 +611,7 @@ class Engine:
                 with self.autocast():
                     loss, metrics = task.step(self.model, batch, step, self.gen)
                 lval = loss.detach().float()
-                newly = torch.isfinite(lval).logical_not() & (first_bad == never)
-                first_bad = torch.where(newly, torch.full_like(first_bad, step + 1), first_bad)
-                bad_loss = torch.where(newly, lval, bad_loss)
+                pending.append(lval)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 gnorm = None
@@ -614,9 +638,9 @@ class Engine:
                     dt = time.perf_counter() - t0
                     row = {"step": done, **row, "lr": lr, **task.log_extras(n_since, dt)}
                     if d.main:
-                        if self.metrics_path is not None:
-                            with open(self.metrics_path, "a") as f:
-                                f.write(json.dumps(row) + "\n")
+                        if mfile is not None:
+                            mfile.write(json.dumps(row) + "\n")
+                            mfile.flush()  # (the online probe appends its own lines)
                         if "loss" in row:
                             bar.set_postfix(loss=f"{row['loss']:.4f}")
                         if writer is not None:
@@ -638,6 +662,8 @@ class Engine:
             close = getattr(batches, "close", None)
             if callable(close):
                 close()
+            if mfile is not None:
+                mfile.close()
             bar.close()
         self.step = done
         return done
