@@ -31,7 +31,7 @@ states), ``check_resume`` (refuse a resume with a different configuration) and
 ``find_unused_parameters`` (DDP).
 
 Nothing in a step waits for the device: the loss and metrics are summed where they live
-(:class:`MetricLog`), the non-finite check is a device flag, and both reach the host every
+(:class:`MetricLog`), the losses await the non-finite check on the device, and both reach the host every
 ``log_every`` steps, before every checkpoint and before every hook that asks for it (a NaN is
 reported with the step it appeared at and never reaches a checkpoint).
 """
