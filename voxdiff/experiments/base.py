@@ -296,10 +296,11 @@ class Experiment:
         name = f"variants/{name}" if over else name
 
         def run(tmp: Path) -> dict[str, Any]:
-            from voxdiff.bpr.train import has_train_state, train_bpr
+            from voxdiff.bpr.train import can_resume, train_bpr
 
             bcfg = self.bpr_config(kind, **over)
-            resume = has_train_state(tmp / "model")  # an interrupted run's checkpoint
+            # an interrupted run's checkpoint (one of the format before the engine: trained again)
+            resume = can_resume(tmp / "model")
             train_bpr(bcfg, tmp / "model", cases=self.cases("unlabelled"), resume=resume, force=not resume,
                       progress=self.cfg.progress)
             res: dict[str, Any] = {"kind": kind, "steps": bcfg.steps}

@@ -11,7 +11,7 @@
   patches, base width 16 with 6 levels, long schedules). Untested at full length on this machine.
 
 A preset is a dict of overrides per stage; anything can still be overridden from the command line
-through the experiment config (``--pretrain-steps`` etc.) or a YAML file.
+through the experiment config (``--pretrain_steps`` etc.) or a YAML file.
 """
 
 from __future__ import annotations

@@ -20,9 +20,10 @@ def register(root: CommandGroup) -> None:
         ),
     )
     p.add_argument("out", type=str, help="output folder (refused when it exists and is not empty, unless --force)")
-    p.add_argument("--n-train", "--n_train", dest="n_train", type=int, default=10, help="labelled training cases")
-    p.add_argument("--n-test", "--n_test", dest="n_test", type=int, default=5, help="labelled held-out test cases")
-    p.add_argument("--n-unlabelled", "--n_unlabelled", dest="n_unlabelled", type=int, default=20, help="unlabelled cases (pretraining)")
+    # (--n_train etc., the hyphenated spellings of before, still work: voxdiff.core.cli.underscore_options)
+    p.add_argument("--n_train", type=int, default=10, help="labelled training cases")
+    p.add_argument("--n_test", type=int, default=5, help="labelled held-out test cases")
+    p.add_argument("--n_unlabelled", type=int, default=20, help="unlabelled cases (pretraining)")
     p.add_argument("--seed", type=int, default=0, help="data set seed (case seeds are derived from it)")
     p.add_argument("--workers", type=int, default=1, help="worker processes")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
