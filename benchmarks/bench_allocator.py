@@ -1,7 +1,7 @@
 """Benchmark: glibc allocator setting (``voxdiff.core.runtime.tune_allocator``) on and off.
 
 Times a Backbone training step (forward, epsilon-MSE loss, backward, AdamW) and a feature window
-(no-grad pyramid of ``--window-batch`` windows of ``--window`` voxels) in fresh subprocesses, one
+(no-grad pyramid of ``--window_batch`` windows of ``--window`` voxels) in fresh subprocesses, one
 with the setting applied before any large allocation and one without (``VOXDIFF_NO_MALLOPT=1`` and
 no ``MALLOC_*`` variables in its environment). Runs alternate (off, on, off, on, ...); it prints the
 median wall and process CPU seconds (user + system, less sensitive to other load on a shared
@@ -106,14 +106,16 @@ def main() -> None:
     ap.add_argument("--levels", type=int, default=4)
     ap.add_argument("--cond", type=int, default=0, help="condition channels (3 = APE BPR)")
     ap.add_argument("--window", type=int, nargs=3, default=[96, 96, 64], help="feature window (features ROI)")
-    ap.add_argument("--window-batch", type=int, default=2, help="windows per pass (sw_batch_size)")
+    ap.add_argument("--window_batch", type=int, default=2, help="windows per pass (sw_batch_size)")
     ap.add_argument("--steps", type=int, default=5, help="timed steps (and windows) per run")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=1, help="alternating off/on process pairs")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--mode", choices=["on", "off"], help=argparse.SUPPRESS)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    from voxdiff.core.cli import underscore_options  # no torch import: the allocator is still untouched
+
+    args = ap.parse_args(underscore_options(sys.argv[1:]))  # --a-b: hidden alias of --a_b
     if args.child:
         child(args)
         return

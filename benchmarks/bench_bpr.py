@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -34,6 +35,7 @@ import torch
 
 from voxdiff.bpr import BPRTrainConfig, load_bpr, predict_volume, train_bpr
 from voxdiff.bpr.quality import ape_patch_quality, ape_quality, patch_disagreement, slice_quality
+from voxdiff.core.cli import underscore_options
 from voxdiff.core.runtime import tune_allocator
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real_ct"
@@ -136,16 +138,16 @@ def time_big_predict(model_dirs, work: Path, template):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="/tmp/bench_bpr")
-    ap.add_argument("--n-train", type=int, default=16)
-    ap.add_argument("--n-test", type=int, default=6)
-    ap.add_argument("--slice-steps", type=int, default=800)
-    ap.add_argument("--ape-steps", type=int, default=1200)
-    ap.add_argument("--ape-batch", type=int, default=4)
+    ap.add_argument("--n_train", type=int, default=16)
+    ap.add_argument("--n_test", type=int, default=6)
+    ap.add_argument("--slice_steps", type=int, default=800)
+    ap.add_argument("--ape_steps", type=int, default=1200)
+    ap.add_argument("--ape_batch", type=int, default=4)
     ap.add_argument("--kinds", default="slice,ape", help="comma-separated model kinds to run")
     ap.add_argument("--retrain", action="store_true")
-    ap.add_argument("--no-real-train", action="store_true", help="skip the models trained with the real CTs added")
-    ap.add_argument("--no-timing", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--no_real_train", action="store_true", help="skip the models trained with the real CTs added")
+    ap.add_argument("--no_timing", action="store_true")
+    args = ap.parse_args(underscore_options(sys.argv[1:]))  # --a-b: hidden alias of --a_b
     tune_allocator()  # the CLI's allocator setting (VOXDIFF_NO_MALLOPT=1: glibc default)
     warnings.simplefilter("ignore", UserWarning)
     work = Path(args.out)

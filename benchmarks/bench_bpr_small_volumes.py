@@ -6,9 +6,9 @@ the model's patch. The error is the mean distance (mm, body voxels) between a cr
 whole volume's map on the same voxels. The table in docs/BPR.md ("Volumes smaller than the model
 input") sets the threshold of the warning in ``voxdiff.bpr.predict``:
 
-    voxdiff phantom /tmp/ph --n-train 10 --n-test 4 --n-unlabelled 0
+    voxdiff phantom /tmp/ph --n_train 10 --n_test 4 --n_unlabelled 0
     voxdiff bpr train --kind ape --data /tmp/ph --steps 300 --out /tmp/ape
-    voxdiff phantom /tmp/ev --n-train 3 --n-test 0 --n-unlabelled 0 --seed 777
+    voxdiff phantom /tmp/ev --n_train 3 --n_test 0 --n_unlabelled 0 --seed 777
     .venv/bin/python benchmarks/bench_bpr_small_volumes.py /tmp/ape /tmp/ev --reps 30
 """
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from voxdiff.core.cli import underscore_options
 from voxdiff.core.runtime import tune_allocator
 
 
@@ -33,21 +35,21 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/bench_probe")
     ap.add_argument("--quick", action="store_true", help="tiny settings (smoke test of the pipeline)")
     ap.add_argument("--bpr", default=None, help="use this trained APE BPR folder instead of training one")
-    ap.add_argument("--n-train", type=int, default=5, help="labelled training cases (one is held out for validation)")
-    ap.add_argument("--n-test", type=int, default=3)
-    ap.add_argument("--n-unlabelled", type=int, default=6)
+    ap.add_argument("--n_train", type=int, default=5, help="labelled training cases (one is held out for validation)")
+    ap.add_argument("--n_test", type=int, default=3)
+    ap.add_argument("--n_unlabelled", type=int, default=6)
     ap.add_argument("--shape", type=int, nargs=3, default=(64, 64, 48), help="phantom array shape")
     ap.add_argument("--spacing", type=float, default=4.0, help="isotropic preprocessing spacing (mm)")
-    ap.add_argument("--bpr-steps", type=int, default=100)
-    ap.add_argument("--pretrain-steps", type=int, default=300)
-    ap.add_argument("--probe-steps", type=int, default=200)
-    ap.add_argument("--probe-lr", type=float, default=3e-3, help="learning rate of the frozen-feature heads")
-    ap.add_argument("--scratch-steps", type=int, default=None, help="default: same as --probe-steps")
-    ap.add_argument("--base-channels", type=int, default=8)
+    ap.add_argument("--bpr_steps", type=int, default=100)
+    ap.add_argument("--pretrain_steps", type=int, default=300)
+    ap.add_argument("--probe_steps", type=int, default=200)
+    ap.add_argument("--probe_lr", type=float, default=3e-3, help="learning rate of the frozen-feature heads")
+    ap.add_argument("--scratch_steps", type=int, default=None, help="default: same as --probe_steps")
+    ap.add_argument("--base_channels", type=int, default=8)
     ap.add_argument("--patch", type=int, nargs=3, default=(32, 32, 32), help="probe / scratch training patch")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=2026)
-    a = ap.parse_args()
+    a = ap.parse_args(underscore_options(sys.argv[1:]))  # --a-b: hidden alias of --a_b
     tune_allocator()  # the CLI's allocator setting (VOXDIFF_NO_MALLOPT=1: glibc default)
     if a.quick:
         a.n_train, a.n_test, a.n_unlabelled, a.shape = 3, 1, 3, (48, 48, 32)
@@ -102,7 +104,7 @@ def main() -> None:
     runs = out / "probe"
     scratch_steps = a.scratch_steps or a.probe_steps
     cfg = ProbeConfig(heads=("linear", "nonlinear"), patch_size=tuple(a.patch), batch_size=2, steps=a.probe_steps, lr=a.probe_lr,
-                      val_every=max(1, a.probe_steps // 3), roi=(64, 64, 64), overlap=0.25, amp=False, device="cpu",
+                      val_every=max(1, a.probe_steps // 3), roi=(64, 64, 64), overlap=0.25, bf16=False, device="cpu",
                       seed=a.seed, val_from_train=1)
     t = time.time()
     if not (runs / "nonlinear" / "segmenter.json").is_file():

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from voxdiff.core.cli import underscore_options
 from voxdiff.core.errors import VoxdiffError
 from voxdiff.core.precision import bf16_autocast, use_bf16
 from voxdiff.core.runtime import resolve_device, tune_allocator
@@ -202,15 +203,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda", help="cuda (default), cuda:N, cpu or auto")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a dry run of the script itself")
     ap.add_argument("--steps", type=int, help="pretraining steps through the engine (100; quick: 3)")
-    ap.add_argument("--split-steps", type=int, help="steps of the batch/step split (30; quick: 2)")
-    ap.add_argument("--ct-shape", type=int, nargs=3, help="synthetic CT for the features (512 512 300)")
+    ap.add_argument("--split_steps", type=int, help="steps of the batch/step split (30; quick: 2)")
+    ap.add_argument("--ct_shape", type=int, nargs=3, help="synthetic CT for the features (512 512 300)")
     ap.add_argument("--bf16", type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
                     help="bf16 autocast (default: the paper preset's, i.e. on where native)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["pretrain", "split", "features"])
     ap.add_argument("--out", help="work folder (default: a temporary folder, removed at the end)")
     ap.add_argument("--json", help="also write the JSON report to this file")
-    args = ap.parse_args(argv)
+    args = ap.parse_args(underscore_options(sys.argv[1:] if argv is None else argv))
 
     tune_allocator()  # as the CLI does (VOXDIFF_NO_MALLOPT=1: glibc default)
     try:

@@ -20,7 +20,7 @@ def test_gpu_check_dry_run(tmp_path):
                OMP_NUM_THREADS="1")
     report = tmp_path / "report.json"
     out = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--quick",
-                          "--ct-shape", "64", "64", "40", "--threads", "1", "--json", str(report)],
+                          "--ct_shape", "64", "64", "40", "--threads", "1", "--json", str(report)],
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert not (tmp_path / "no_wheels" / "site").exists()  # everything importable: nothing installed

@@ -9,7 +9,7 @@ import sys
 from jsonargparse import ArgumentParser
 
 from . import __version__
-from .core.cli import CommandGroup, WarningPrinter, one_line
+from .core.cli import CommandGroup, WarningPrinter, one_line, underscore_options
 from .core.errors import VoxdiffError
 from .core.runtime import tune_allocator
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     tune_allocator()  # before any large allocation; VOXDIFF_NO_MALLOPT=1 turns it off
     parser, root = build_parser()
     try:
-        ns = parser.parse_args(argv)
+        ns = parser.parse_args(underscore_options(list(sys.argv[1:] if argv is None else argv)))
         quiet = bool(ns.get("quiet")) or bool(getattr(root.leaf(ns), "quiet", False))
         with WarningPrinter(quiet=quiet):
             root.dispatch(ns)

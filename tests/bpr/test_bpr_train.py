@@ -38,7 +38,7 @@ def test_tiny_slice_training_improves_spearman(tmp_path, tiny_phantoms):
     assert cal["method"] == "percentiles" and cal["scale"] > 0
     assert set(q["landmarks"]) >= {"liver_centre", "liver_dome_top"}
     assert q["landmarks"]["liver_dome_top"]["mean"] > q["landmarks"]["liver_centre"]["mean"]
-    for f in ("model.safetensors", "model.json", "config.yaml", "log.csv", "metrics.json", "train_state.json"):
+    for f in ("model.safetensors", "model.json", "config.yaml", "log.csv", "metrics.json", "metrics.jsonl", "train_state/latest"):
         assert (tmp_path / "m" / f).is_file()
 
 

@@ -35,7 +35,7 @@ def test_probe_cv_and_evaluate(workspace, capsys):
     for fold in (0, 1):
         args = ["probe", str(w / "pt"), str(ph), "-o", str(cv / f"fold_{fold}"), "--fold", str(fold),
                 "--heads", "[linear, nonlinear]", "--steps", "3", "--val_every", "3", "--patch_size", "[16, 16, 16]",
-                "--roi", "[32, 32, 32]", "--amp", "false", "--device", "cpu", "--hidden", "8"]
+                "--roi", "[32, 32, 32]", "--bf16", "false", "--device", "cpu", "--hidden", "8"]
         assert main(args) == 0
     text = capsys.readouterr().out
     assert "parameters" in text and "nonlinear" in text

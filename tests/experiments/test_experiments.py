@@ -6,6 +6,7 @@ import json
 import math
 import time
 
+import numpy as np
 import pytest
 
 from voxdiff.experiments import experiments as ex
@@ -318,3 +319,89 @@ def test_ape_bpr_is_anchored_on_the_experiments_slice_model(tmp_path):
     assert [r.split()[-1] for r in ran if "bpr-" in r] == ["bpr-slice", "bpr-ape"]
     logs.clear()
     assert exp.bpr("ape") == path and not [line for line in logs if line.startswith("[run ]")]
+
+
+def test_compare_over_seeds_shares_data_and_reports_paired_tests(tmp_path):
+    cfg = ExperimentConfig(budget="tiny", methods=("diffusion-none", "random"), heads=("nonlinear",), scratch=True,
+                           finetune=(), seeds=(0, 1), workers=1, progress=False)
+    out = tmp_path / "seeds"
+    logs: list[str] = []
+    res = ex.compare(cfg, out, log=logs.append)
+    assert res["experiment"] == "compare-seeds" and res["seeds"] == [0, 1]
+    # one phantom set, used by both seeds; each seed's pretraining is its own
+    assert (out / "phantoms" / "data" / "dataset.json").is_file()
+    assert not (out / "seed-0" / "phantoms").exists() and not (out / "seed-1" / "phantoms").exists()
+    w0 = (out / "seed-0" / "pretrain-diffusion-none" / "model")
+    w1 = (out / "seed-1" / "pretrain-diffusion-none" / "model")
+    assert w0.is_dir() and w1.is_dir()
+    from safetensors.numpy import load_file
+
+    f0 = sorted(w0.rglob("*.safetensors"))[0]
+    a, b = load_file(f0), load_file(w1 / f0.relative_to(w0))
+    assert any(not np.array_equal(a[k], b[k]) for k in a)  # different seeds, different weights
+    # breadth first: both seeds' probes ran before any from-scratch row
+    ran = [line for line in logs if line.startswith("[run ]")]
+    first_scratch = min(i for i, line in enumerate(ran) if "scratch" in line)
+    assert max(i for i, line in enumerate(ran) if "probe-" in line) < first_scratch
+    # the summary equals the mean / std of the seeds' own results
+    rows = {(r["method"], r["head"]): r for r in res["rows"]}
+    for key, r in rows.items():
+        seeds = []
+        for s in (0, 1):
+            doc = json.loads((out / f"seed-{s}" / "results.json").read_text())
+            seeds.append(next(x for x in doc["rows"] if (x["method"], x["head"]) == key)["summary"]["mean"]["mean"])
+        assert r["seed_means"] == pytest.approx(seeds)
+        assert r["summary"]["mean"]["mean"] == pytest.approx(np.mean(seeds))
+        assert r["summary"]["mean"]["std"] == pytest.approx(np.std(seeds, ddof=1))
+        assert len(r["cases"]) == 1  # the tiny budget's one test phantom
+    pairs = [(tuple(t["a"]), tuple(t["b"])) for t in res["tests"]]
+    assert (("diffusion-none", "nonlinear"), ("random", "nonlinear")) in pairs
+    assert (("diffusion-none", "nonlinear"), ("from-scratch", "end-to-end")) in pairs
+    md = (out / "report.md").read_text()
+    assert "Paired comparisons" in md and "| diffusion-none | nonlinear |" in md
+    assert (out / "seeds.png").stat().st_size > 0
+    # resumed: nothing reruns
+    logs.clear()
+    ex.compare(cfg, out, log=logs.append)
+    assert not [line for line in logs if line.startswith("[run ]")]
+
+
+def test_compare_over_seeds_needs_two_seeds(tmp_path):
+    from voxdiff.core.errors import VoxdiffError
+
+    with pytest.raises(VoxdiffError, match="at least two"):
+        ex.compare(ExperimentConfig(budget="tiny", seeds=(3, 3)), tmp_path / "x", log=lambda s: None)
+
+
+def test_bench_budget_is_cpu_small_with_the_benchmark_pools():
+    from voxdiff.experiments.budgets import get_budget
+
+    small, bench = get_budget("cpu-small"), get_budget("cpu-bench")
+    assert bench["pretrain"]["steps"] == 1000 and bench["phantoms"]["n_unlabelled"] >= 48
+    assert bench["phantoms"]["n_test"] >= 10 and bench["tuned_early_stopping"] is True
+    # the BPR the benchmark was measured with (docs/RESULTS.md): the window-anchored ape, no slice override
+    assert bench["bpr_kind"] == {"ape": {"channels": (8, 16, 32), "steps": 300}}
+    assert small["bpr_kind"]["ape"]["anchor"] == "slice"
+    for stage in ("probe", "bpr", "pretrain_method"):
+        assert bench[stage] == small[stage]
+    same = {k: v for k, v in small["pretrain"].items() if k not in ("steps", "checkpoint_every", "log_every")}
+    assert {k: bench["pretrain"][k] for k in same} == same
+    assert {k: v for k, v in small["phantoms"].items() if k not in ("n_train", "n_test", "n_unlabelled")} == \
+        {k: v for k, v in bench["phantoms"].items() if k not in ("n_train", "n_test", "n_unlabelled")}
+    # everything else is cpu-small's
+    changed = {"phantoms", "pretrain", "bpr_kind", "tuned_early_stopping"}
+    assert set(bench) == set(small) | {"tuned_early_stopping"}
+    assert {k: bench[k] for k in small if k not in changed} == {k: small[k] for k in small if k not in changed}
+
+
+def test_shifted_regime_labels_one_site_and_unknown_regimes_are_refused(tmp_path):
+    from voxdiff.core.errors import InputError
+    from voxdiff.experiments.base import TRAIN_SITE, Experiment
+
+    exp = Experiment(ExperimentConfig(budget="tiny", regime="shifted", workers=1, progress=False), tmp_path / "s",
+                     log=lambda s: None)
+    cases = json.loads((exp.data_dir() / "phantoms.json").read_text())
+    train = [c for c in cases.values() if c["set"] == "train"]
+    assert train and all(c["phase"] in TRAIN_SITE["phases"] and c["z_mode"] in TRAIN_SITE["z_modes"] for c in train)
+    with pytest.raises(InputError, match="unknown regime"):
+        Experiment(ExperimentConfig(budget="tiny", regime="ood"), tmp_path / "r", log=lambda s: None)

@@ -296,7 +296,7 @@ def test_cli(tmp_path: Path, capsys):
     from voxdiff.cli import main
 
     out = tmp_path / "cli"
-    args = ["phantom", str(out), "--n-train", "1", "--n-test", "1", "--n-unlabelled", "1", "--seed", "3", "--quiet", "--preview",
+    args = ["phantom", str(out), "--n_train", "1", "--n_test", "1", "--n_unlabelled", "1", "--seed", "3", "--quiet", "--preview",
             "--shape", "[48,48,32]", "--spacing_xy", "[7.0,8.0]", "--spacing_z", "[6.0,14.0]", "--phases", "[arterial]"]
     assert main(args) == 0
     assert (out / "preview.png").is_file()
@@ -313,7 +313,8 @@ def test_cli(tmp_path: Path, capsys):
     # bad config values
     assert main(["phantom", str(tmp_path / "bad"), "--spacing_xy", "[0.0,1.0]", "--quiet"]) == 2
     assert main(["phantom", str(tmp_path / "bad"), "--z_modes", "[head]", "--quiet"]) == 2
-    assert main(["phantom", str(tmp_path / "bad"), "--n-train", "0", "--n-test", "0", "--n-unlabelled", "0", "--quiet"]) == 2
+    # (the hyphenated spellings of before are hidden aliases)
+    assert main(["phantom", str(tmp_path / "bad"), "--n-train", "0", "--n-test", "0", "--n-unlabelled=0", "--quiet"]) == 2
     assert main(["phantom", str(tmp_path / "bad"), "--seed", "-1", "--quiet"]) == 2
     assert not (tmp_path / "bad").exists()
 

@@ -116,3 +116,22 @@ def test_positional_noise_is_a_function_of_the_voxel():
     n = full[0, 0]
     corr = torch.corrcoef(torch.stack([n[:-1].flatten(), n[1:].flatten()]))[0, 1]
     assert abs(float(corr)) < 0.05
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v", "sample"])
+def test_min_snr_weight_is_the_clipped_x0_loss_for_every_target(prediction):
+    # weight(t) * |output error|^2 == min(SNR, gamma) * |x0 error|^2, whatever the target
+    proc = GaussianDiffusion(1000, "linear", prediction)
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.rand(4, 1, 4, 4, 4, generator=g) * 2 - 1
+    eps = torch.randn(x0.shape, generator=g)
+    t = torch.tensor([0, 30, 300, 900])
+    xt = proc.add_noise(x0, eps, t)
+    target = proc.target(x0, eps, t)
+    out = target + 0.1 * torch.randn(x0.shape, generator=g)
+    x0_hat, _ = proc.split(out, xt, t)
+    w = proc.min_snr_weight(t, 5.0)
+    lhs = w * ((out - target) ** 2).flatten(1).mean(1)
+    rhs = proc.snr(t).clamp(max=5.0) * ((x0_hat - x0) ** 2).flatten(1).mean(1)
+    assert torch.allclose(lhs, rhs, rtol=1e-3, atol=1e-7)
+    assert proc.snr(t)[0] > 5.0 > proc.snr(t)[-1]  # both sides of the clip are exercised

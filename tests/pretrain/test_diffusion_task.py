@@ -169,3 +169,52 @@ def test_fields_of_other_cases_are_never_used():
     batch = task.sample_batch(other, 3, (16, 16, 16), np.random.default_rng(0))
     assert all(f.shape == (28, 20, 20) for f in task._fields)
     assert batch["cond"].shape == (3, 3, 16, 16, 16)
+
+
+class _Recorder(torch.nn.Module):
+    """A backbone that records its input and predicts zeros (with a parameter for the loss)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x, t):
+        self.seen.append(x.detach().clone())
+        return x[:, :1] * self.w, None
+
+
+def test_condition_dropout_zeroes_the_condition_of_some_samples_only():
+    img = torch.rand(64, 1, 8, 8, 8)
+    cond = torch.rand(64, 3, 8, 8, 8) + 0.5
+    net = _Recorder()
+    _task("ape", condition_dropout=0.5).loss(net, {"image": img, "cond": cond}, torch.Generator().manual_seed(0))
+    seen = net.seen[-1][:, 1:]
+    dropped = (seen.flatten(1) == 0).all(1)
+    kept = torch.isclose(seen, cond).flatten(1).all(1)
+    assert bool((dropped | kept).all()) and 16 < int(dropped.sum()) < 48
+    # off (the default): the condition reaches the network untouched, and the random stream is unchanged
+    net0, net1 = _Recorder(), _Recorder()
+    l0, _ = _task("ape").loss(net0, {"image": img, "cond": cond}, torch.Generator().manual_seed(0))
+    l1, _ = _task("ape", condition_dropout=0.0).loss(net1, {"image": img, "cond": cond}, torch.Generator().manual_seed(0))
+    assert torch.equal(net0.seen[-1][:, 1:], cond) and torch.equal(l0, l1)
+    with pytest.raises(InputError, match="condition_dropout"):
+        _task("ape", condition_dropout=1.0)
+
+
+def test_min_snr_gamma_reweights_the_loss_by_timestep():
+    img = torch.rand(64, 1, 8, 8, 8)
+    plain, _ = _task("none").loss(_Recorder(), {"image": img}, torch.Generator().manual_seed(1))
+    task = _task("none", min_snr_gamma=5.0)
+    weighted, _ = task.loss(_Recorder(), {"image": img}, torch.Generator().manual_seed(1))
+    # the same t and noise were drawn: recompute the weighted mean from the per-sample errors
+    g = torch.Generator().manual_seed(1)
+    t = task.process.sample_timesteps(64, g)
+    noise = torch.randn(img.shape, generator=g)
+    per = (noise ** 2).flatten(1).mean(1)  # the recorder predicts 0 for epsilon
+    assert torch.allclose(plain, per.mean())
+    assert torch.allclose(weighted, (per * task.process.min_snr_weight(t, 5.0)).mean())
+    assert (task.process.min_snr_weight(t, 5.0) < 1).any()  # low-noise samples were weighted down
+    assert not torch.allclose(plain, weighted)
+    with pytest.raises(InputError, match="min_snr_gamma"):
+        _task("none", min_snr_gamma=-1)

@@ -86,7 +86,7 @@ def test_short_probe_run_beats_untrained_head_and_keeps_backbone_frozen(phantom_
     ext = StandinExtractor((8, 16, 32), seed=0, preprocess=pre)
     before = {k: v.clone() for k, v in ext.backbone.state_dict().items()}
     cfg = ProbeConfig(patch_size=(32, 32, 16), batch_size=2, steps=60, val_every=30, roi=(32, 32, 32), lr=1e-2,
-                      amp=False, device="cpu", hidden=16, fg_prob=0.5)
+                      bf16=False, device="cpu", hidden=16, fg_prob=0.5)
     history = []
     heads = fit_heads(ext, cases[:2], cases[2:], ["linear", "nonlinear"], cfg, progress=False, history=history)
     after = ext.backbone.state_dict()
@@ -113,7 +113,7 @@ def test_finetune_and_scratch_change_the_backbone_copy_only(phantom_cases):
     for p in ext.backbone.parameters():  # the stand-in freezes itself; fit_network must unfreeze the copy
         assert not p.requires_grad
     before = {k: v.clone() for k, v in ext.backbone.state_dict().items()}
-    cfg = ProbeConfig(patch_size=(16, 16, 16), steps=4, warmup_steps=2, val_every=4, roi=(16, 16, 16), amp=False,
+    cfg = ProbeConfig(patch_size=(16, 16, 16), steps=4, warmup_steps=2, val_every=4, roi=(16, 16, 16), bf16=False,
                       device="cpu", hidden=8)
     tuned, head = fit_network(ext, cases[:1], [], "finetune", cfg, progress=False)
     changed = any(not torch.equal(before[k], v) for k, v in tuned.backbone.state_dict().items())

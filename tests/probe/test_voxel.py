@@ -75,7 +75,7 @@ def test_voxel_probe_beats_untrained_head_on_phantoms():
     cases = [preprocess(generate_phantom(s, PhantomConfig(shape=(48, 48, 32))), pre) for s in (21, 22, 23, 24)]
     ext = _Ext(pre)
     before = {k: v.clone() for k, v in ext.backbone.state_dict().items()}
-    cfg = ProbeConfig(steps=500, val_every=250, roi=(32, 32, 32), overlap=0.25, lr=1e-2, amp=False, device="cpu",
+    cfg = ProbeConfig(steps=500, val_every=250, roi=(32, 32, 32), overlap=0.25, lr=1e-2, bf16=False, device="cpu",
                       hidden=16, fg_prob=0.5)
     hist: list = []
     heads = fit_heads_voxels(ext, cases[:2], cases[2:3], ["linear", "nonlinear"], cfg, voxels_per_step=2048,

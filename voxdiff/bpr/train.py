@@ -3,17 +3,21 @@
 ``train_bpr(cfg, out_dir)`` writes into ``out_dir``::
 
     model.safetensors, model.json   # the calibrated, frozen-ready model (load_bpr(out_dir))
-    train_state.safetensors/.json   # weights + optimiser state for --resume (kind "train-state")
+    train_state/                    # the training engine's train state for --resume (voxdiff.core.trainstate)
     config.yaml                     # the resolved BPRTrainConfig
     log.csv                         # step, lr, loss and its parts
+    metrics.jsonl                   # the same, one JSON line per step (the engine's metric lines)
     metrics.json                    # final loss, calibration, timing
 
-Every step draws its randomness from ``numpy.random.default_rng([seed, step])``, so a resumed run
-draws the same batches as an uninterrupted one.
+Training runs on the engine (:mod:`voxdiff.core.engine`): AdamW with weight decay on every
+parameter, 5 % linear warm-up then cosine decay, gradient norms clipped at 5, no EMA. Every step
+draws its randomness from ``numpy.random.default_rng([seed, step])``, so a resumed run draws the
+same batches as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -22,13 +26,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from ..core.checkpoint import load_checkpoint, prefixed, save_checkpoint, unprefixed
 from ..core.config import to_dict, write_config
+from ..core.engine import Engine, EngineConfig, TrainTask, old_train_state_error
 from ..core.errors import InputError, ModelError, TrainingError
 from ..core.outputs import atomic_write, atomic_write_json, check_output_path
 from ..core.runtime import num_threads
-from ..core.schedule import warmup_cosine
+from ..core.trainstate import latest_train_state
 from . import losses
 from .inference import ape_volume, ct_problem, slice_scores_volume
 from .models import BPR_KINDS, BodyPartRegressor, body_threshold, build_bpr, save_bpr
@@ -329,40 +334,56 @@ def ape_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Gene
     return loss, {"displacement": l_disp.item(), "distance": l_dist.item(), "consistency": l_cons.item()}
 
 
-def _lr(cfg: BPRTrainConfig, step: int) -> float:
-    return warmup_cosine(step, cfg.steps, cfg.lr, warmup=max(1, int(0.05 * cfg.steps)))
+# ------------------------------------------------------------------------------------ engine task
+
+_RESUME_FIXED = ("kind", "channels", "spacing", "hu_window", "slice_patch", "ape_patch", "ape_input_pool", "anchor",
+                 "slice_model", "anchor_knots", "anchor_fit", "anchor_slope_range")
 
 
-# ------------------------------------------------------------------------------------ train state
+class BPRTask(TrainTask):
+    """BPR training as an engine task: step k draws its volumes, crops and augmentations with
+    ``default_rng([seed, k])``; ``log.csv`` gets one line per step, written at each checkpoint."""
 
-def _save_state(path: Path, model: BodyPartRegressor, opt: torch.optim.Optimizer, step: int, cfg: BPRTrainConfig) -> None:
-    tensors = prefixed(model.state_dict(), "model.")
-    for pid, st in opt.state_dict()["state"].items():
-        for k, v in st.items():
-            tensors[f"opt.{pid}.{k}"] = torch.as_tensor(v).clone()
-    save_checkpoint(path, tensors, "train-state", cfg, meta={"step": step, "bpr_kind": model.kind})
+    def __init__(self, cfg: BPRTrainConfig, model: BodyPartRegressor, vols: list[Volume], out: Path):
+        self.cfg, self.model, self.vols, self.out = cfg, model, vols, out
+        self.lines: list[str] = []
+        self.header: list[str] = []
+        self.last: dict[str, float] = {}
+
+    def module(self) -> nn.Module:
+        return self.model
+
+    def step(self, model, batch, step: int, gen: torch.Generator):
+        step_fn = slice_step if self.cfg.kind == "slice" else ape_step  # looked up per call (tests replace them)
+        loss, parts = step_fn(model, self.vols, self.cfg, np.random.default_rng([self.cfg.seed, step]))
+        self.parts = list(parts)
+        return loss, parts
+
+    def on_log(self, engine: Engine, row: dict[str, Any]) -> None:
+        self.last = {"loss": row["loss"], **{k: row[k] for k in self.parts if k in row}}
+        self.header = ["step", "lr"] + list(self.last)
+        self.lines.append(",".join([str(row["step"] - 1), f"{row['lr']:.6g}"] + [f"{v:.6g}" for v in self.last.values()]))
+
+    def on_checkpoint(self, engine: Engine, step: int) -> None:
+        if self.lines:
+            _append_log(self.out / "log.csv", self.lines, self.header)
+            self.lines = []
+
+    def check_resume(self, saved_config: dict[str, Any], path: Path) -> None:
+        for key in _RESUME_FIXED:
+            if key in saved_config and to_dict(getattr(self.cfg, key)) != saved_config[key]:
+                raise ModelError(path, f"cannot resume: {key} was {saved_config[key]!r} in the interrupted run, "
+                                       f"now {to_dict(getattr(self.cfg, key))!r}")
 
 
-def _load_state(path: Path, model: BodyPartRegressor, opt: torch.optim.Optimizer, cfg: BPRTrainConfig) -> int:
-    tensors, info = load_checkpoint(path, kind="train-state")
-    old = info.get("config") or {}
-    for key in ("kind", "channels", "spacing", "hu_window", "slice_patch", "ape_patch", "ape_input_pool", "anchor",
-                "slice_model", "anchor_knots", "anchor_fit", "anchor_slope_range"):
-        if key in old and to_dict(getattr(cfg, key)) != old[key]:
-            raise ModelError(path, f"cannot resume: {key} was {old[key]!r} in the interrupted run, now {to_dict(getattr(cfg, key))!r}")
-    try:
-        model.load_state_dict(unprefixed(tensors, "model."), strict=True)
-    except RuntimeError as e:
-        raise ModelError(path, f"cannot resume: weights do not match ({str(e).splitlines()[0]})") from None
-    sd = opt.state_dict()
-    state: dict[int, dict[str, Any]] = {}
-    for k, v in tensors.items():
-        if k.startswith("opt."):
-            _, pid, name = k.split(".", 2)
-            state.setdefault(int(pid), {})[name] = v
-    sd["state"] = state
-    opt.load_state_dict(sd)
-    return int((info.get("meta") or {}).get("step", 0))
+def engine_config(cfg: BPRTrainConfig, progress: bool = True) -> EngineConfig:
+    """The engine settings of BPR training (``cfg`` resolved)."""
+    steps = int(cfg.steps)  # type: ignore[arg-type]
+    return EngineConfig(steps=steps, lr=cfg.lr, warmup_steps=max(1, int(0.05 * steps)), min_lr_ratio=0.05,
+                        weight_decay=cfg.weight_decay, no_decay_1d=False, grad_clip=5.0, ema_decay=None,
+                        bf16=False, device="cpu", threads=max(cfg.threads, 0), seed=cfg.seed, log_every=1,
+                        checkpoint_every=cfg.checkpoint_every, keep_checkpoints=1, progress=progress,
+                        desc=f"bpr {cfg.kind}", nan_hint="continue from it with --resume (e.g. with a lower --lr)")
 
 
 # ------------------------------------------------------------------------------------ calibration
@@ -414,8 +435,19 @@ def calibrate(model: BodyPartRegressor, vols: list[Volume], cfg: BPRTrainConfig,
 # ------------------------------------------------------------------------------------------ train
 
 def has_train_state(out_dir: str | Path) -> bool:
-    """Whether ``out_dir`` holds a train-state checkpoint that ``train_bpr(resume=True)`` continues."""
+    """Whether ``out_dir`` holds a train state that ``train_bpr(resume=True)`` continues (or one of
+    the format before the engine, which it refuses with a clear message)."""
     out = Path(out_dir)
+    return latest_train_state(out / "train_state") is not None or _has_old_train_state(out)
+
+
+def can_resume(out_dir: str | Path) -> bool:
+    """Whether ``out_dir`` holds a train state in the engine's format (``train_bpr(resume=True)``
+    continues it; a train state of the format before is not resumable: start again)."""
+    return latest_train_state(Path(out_dir) / "train_state") is not None
+
+
+def _has_old_train_state(out: Path) -> bool:
     return (out / "train_state.safetensors").is_file() and (out / "train_state.json").is_file()
 
 
@@ -435,10 +467,11 @@ def train_bpr(
     _validate(cfg)
     cfg = resolved(cfg)
     out = Path(out_dir)
-    state_path = out / "train_state.safetensors"
     resuming = resume and has_train_state(out)
     if resume and not resuming and out.exists() and any(out.iterdir()):
         raise InputError(out, "--resume: no train_state checkpoint in this folder")
+    if resuming and latest_train_state(out / "train_state") is None:
+        raise old_train_state_error(out, "BPR training")
     if not resuming:
         check_output_path(out, force=force)
     if cases is None:
@@ -446,10 +479,10 @@ def train_bpr(
     vols = cases_to_volumes(cases, cfg.hu_window, where=cfg.data or None)
 
     with num_threads(max(cfg.threads, 0)):
-        return _train(cfg, out, vols, resuming, state_path, progress)
+        return _train(cfg, out, vols, resuming, progress)
 
 
-def _train(cfg: BPRTrainConfig, out: Path, vols: list[Volume], resuming: bool, state_path: Path, progress: bool) -> Path:
+def _train(cfg: BPRTrainConfig, out: Path, vols: list[Volume], resuming: bool, progress: bool) -> Path:
     torch.manual_seed(cfg.seed)
     pp = to_dict(preprocess_config(cfg))
     patch = (cfg.slice_patch, cfg.slice_patch, cfg.slices_per_sample) if cfg.kind == "slice" else (cfg.ape_patch,) * 3
@@ -467,45 +500,22 @@ def _train(cfg: BPRTrainConfig, out: Path, vols: list[Volume], resuming: bool, s
     if slice_model is not None:
         model.slice_model.load_state_dict(slice_model.state_dict())  # type: ignore[union-attr]
         model.slice_model.calibration_info = dict(slice_model.calibration_info)  # type: ignore[union-attr]
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start = 0
     out.mkdir(parents=True, exist_ok=True)
-    if resuming:
-        start = _load_state(state_path, model, opt, cfg)
-    else:
-        for name in ("log.csv", "metrics.json", "model.safetensors", "model.json"):
+    if not resuming:
+        for name in ("log.csv", "metrics.json", "metrics.jsonl", "model.safetensors", "model.json",
+                     "train_state.safetensors", "train_state.json"):  # (the last two: the format before the engine)
             (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "train_state", ignore_errors=True)
+    task = BPRTask(cfg, model, vols, out)
+    engine = Engine(engine_config(cfg, progress), task, state_dir=out / "train_state",
+                    metrics_path=out / "metrics.jsonl", config=cfg, resume=resuming, meta={"bpr_kind": cfg.kind})
+    start = engine.start
     write_config(out, cfg, extra={"cases": [v.case_id for v in vols]})
 
-    step_fn = slice_step if cfg.kind == "slice" else ape_step
-    from tqdm import tqdm
-
-    log_lines: list[str] = []
     t0 = time.time()
-    model.train()
-    last: dict[str, float] = {}
-    bar = tqdm(range(start, cfg.steps), desc=f"bpr {cfg.kind}", disable=not progress or None, initial=start, total=cfg.steps)
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = _lr(cfg, step)
-        rng = np.random.default_rng([cfg.seed, step])
-        loss, parts = step_fn(model, vols, cfg, rng)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"loss became {float(loss)} at step {step}; the last checkpoint in {out} is kept")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        opt.step()
-        last = {"loss": loss.item(), **parts}
-        log_lines.append(",".join([str(step), f"{_lr(cfg, step):.6g}"] + [f"{last[k]:.6g}" for k in last]))
-        bar.set_postfix(loss=f"{last['loss']:.4f}")
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            _append_log(out / "log.csv", log_lines, ["step", "lr"] + list(last))
-            log_lines = []
-            _save_state(state_path, model, opt, step + 1, cfg)
-    if log_lines:
-        _append_log(out / "log.csv", log_lines, ["step", "lr"] + list(last))
+    engine.fit()
     train_s = time.time() - t0
+    last = task.last
 
     calib = calibrate(model, vols, cfg)
     save_bpr(out, model, meta={"steps": cfg.steps, "cases": [v.case_id for v in vols], "final": last})

@@ -74,8 +74,36 @@ class CommandGroup:
 
 
 def add_config(parser: ArgumentParser, cls: type, skip: set[str] | None = None) -> None:
-    """Add every field of dataclass ``cls`` as a flat ``--field`` option."""
-    parser.add_class_arguments(cls, None, as_group=True, skip=skip or set())
+    """Add every field of dataclass ``cls`` as a flat ``--field`` option; the old names of renamed
+    fields (``cls.RENAMED``) become hidden options of the new one's type (also accepted as keys of
+    ``--config`` YAML files); :func:`~voxdiff.core.config.from_namespace` maps them with a warning."""
+    import argparse
+    import typing
+
+    from .config import renamed_fields
+
+    renamed = renamed_fields(cls)
+    parser.add_class_arguments(cls, None, as_group=True, skip=(skip or set()) | set(renamed))
+    hints = typing.get_type_hints(cls)
+    for old, new in renamed.items():
+        parser.add_argument(f"--{old}", type=typing.Optional[hints.get(new, Any)], default=None,
+                            help=argparse.SUPPRESS)
+
+
+def underscore_options(argv: list[str]) -> list[str]:
+    """Options are spelt with underscores (``--n_train``, ``--spacing_xy``); a hyphenated spelling
+    (``--n_train``) is accepted as a hidden alias: ``--a-b[=v]`` becomes ``--a_b[=v]``. Values (tokens
+    not starting with ``--``) and everything after a bare ``--`` are left alone."""
+    out: list[str] = []
+    rest = False
+    for tok in argv:
+        if rest or not tok.startswith("--") or tok == "--":
+            rest = rest or tok == "--"
+            out.append(tok)
+            continue
+        name, eq, value = tok.partition("=")
+        out.append("--" + name[2:].replace("-", "_") + eq + value)
+    return out
 
 
 def one_line(text: str, limit: int = 400) -> str:

@@ -70,8 +70,48 @@ def _coerce(tp: Any, value: Any) -> Any:
     return value
 
 
+def renamed_fields(cls: Any) -> dict[str, str]:
+    """``{old name: new name}`` of a config class's renamed fields (its ``RENAMED`` class variable).
+    Old names keep working in saved configs, YAML files, on the command line (hidden options) and as
+    keyword arguments (an ``InitVar`` of the old name), with a :class:`VoxdiffDeprecationWarning`."""
+    return dict(getattr(cls, "RENAMED", None) or {})
+
+
+def warn_renamed(cls: Any, old: str, new: str) -> None:
+    import warnings
+
+    from .errors import VoxdiffDeprecationWarning
+
+    warnings.warn(f"{getattr(cls, '__name__', cls)}: '{old}' is deprecated, use '{new}' (same meaning)",
+                  VoxdiffDeprecationWarning, stacklevel=3)
+
+
+def apply_renamed(cls: Any, data: dict[str, Any], old_wins: bool = False) -> dict[str, Any]:
+    """``data`` with the old names of renamed fields moved to the new ones (a warning each; when
+    both are given the new name wins, or the old one with ``old_wins``: a parsed command line holds
+    every new name's default; an old name set to null is dropped)."""
+    ren = renamed_fields(cls)
+    if not any(k in data for k in ren):
+        return data
+    out = dict(data)
+    for old, new in ren.items():
+        if old not in out:
+            continue
+        value = out.pop(old)
+        if value is None:
+            continue
+        warn_renamed(cls, old, new)
+        if old_wins:
+            out[new] = value
+        else:
+            out.setdefault(new, value)
+    return out
+
+
 def from_dict(cls: type[T], data: dict[str, Any], strict: bool = True) -> T:
-    """dict -> dataclass ``cls``; unknown keys raise (``strict``) or are ignored."""
+    """dict -> dataclass ``cls``; unknown keys raise (``strict``) or are ignored; old names of
+    renamed fields are accepted (:func:`renamed_fields`)."""
+    data = apply_renamed(cls, data)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = set(data) - names
@@ -84,8 +124,9 @@ def from_dict(cls: type[T], data: dict[str, Any], strict: bool = True) -> T:
 def from_namespace(cls: type[T], ns: Any) -> T:
     """Build a dataclass config from a (jsonargparse) namespace holding its fields flat."""
     d = ns.as_dict() if hasattr(ns, "as_dict") else dict(vars(ns))
-    return from_dict(cls, {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d},  # type: ignore[arg-type]
-                     strict=False)
+    names = [f.name for f in dataclasses.fields(cls)] + list(renamed_fields(cls))  # type: ignore[arg-type]
+    data = apply_renamed(cls, {n: d[n] for n in names if n in d}, old_wins=True)
+    return from_dict(cls, data, strict=False)
 
 
 def versions() -> dict[str, str]:

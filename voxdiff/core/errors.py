@@ -11,6 +11,11 @@ class VoxdiffWarning(UserWarning):
     prints it as ``voxdiff: warning: <message>`` on one line, once, and ``--quiet`` silences it."""
 
 
+class VoxdiffDeprecationWarning(VoxdiffWarning):
+    """An old spelling (a renamed config key or option) that still works but will go away; shown
+    like every :class:`VoxdiffWarning`."""
+
+
 class VoxdiffError(Exception):
     """A user-facing problem: bad input, bad config, incompatible model.
 

@@ -2,7 +2,7 @@
 
 On CPUs without AVX512-BF16 or AMX (e.g. AVX2-only x86), PyTorch emulates bf16 convolutions and a
 3D conv under bf16 autocast runs 20-50x *slower* than in fp32 (measured: 8-channel 3x3x3 conv on
-4 x 32^3, 23 ms fp32 against 1.2 s bf16 on an AVX2 EPYC). Asking for bf16 (``--bf16``, ``--amp``)
+4 x 32^3, 23 ms fp32 against 1.2 s bf16 on an AVX2 EPYC). Asking for bf16 (``--bf16``; ``--amp`` is its deprecated old name)
 therefore means "bf16 where it is fast": elsewhere the run stays in fp32 and says so once.
 ``VOXDIFF_NO_BF16=1`` in the environment turns bf16 off everywhere (fp32 timings on a bf16 CPU, as
 with ``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2`` to time an AVX2-only machine).

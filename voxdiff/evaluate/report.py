@@ -7,12 +7,13 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, ClassVar, Iterable, Sequence
 
 import numpy as np
 
+from voxdiff.core.config import warn_renamed
 from voxdiff.core.errors import InputError
 from voxdiff.core.runtime import resolve_device
 from voxdiff.data.labels import BTCV_LABELS, SIZE_GROUPS
@@ -35,7 +36,8 @@ class EvaluateConfig:
     sw_batch_size: windows per forward pass.
     figures: number of cases with axial/coronal overlay figures.
     device: auto, cpu or cuda.
-    amp: bf16 autocast for the feature extractor.
+    bf16: bf16 autocast for the feature extractor where the device computes bf16 natively
+      (fp32 elsewhere; ``amp`` is the deprecated old name, still accepted).
     n_classes: label classes incl. background.
     """
 
@@ -47,8 +49,16 @@ class EvaluateConfig:
     sw_batch_size: int = 2
     figures: int = 2
     device: str = "auto"
-    amp: bool = False
+    bf16: bool = False
     n_classes: int = 14
+    amp: InitVar[bool | None] = None  # the old name of bf16 (keyword argument; saved configs: RENAMED)
+
+    RENAMED: ClassVar[dict[str, str]] = {"amp": "bf16"}
+
+    def __post_init__(self, amp: bool | None) -> None:
+        if amp is not None:
+            warn_renamed(type(self), "amp", "bf16")
+            self.bf16 = bool(amp)
 
 
 def _named(scores: dict[int, float]) -> dict[str, float | None]:
@@ -85,7 +95,7 @@ def evaluate_cases(
     n_classes: int = 14,
     surface: bool = False,
     tau_mm: float = 2.0,
-    device: str = "cpu",
+    device: str | None = None,
     amp: bool = False,
     sw_batch_size: int = 2,
     figures_dir: str | os.PathLike | None = None,
@@ -218,8 +228,8 @@ def evaluate_models(
             res = evaluate_cases(
                 seg.extractor, seg.head, (ds.load(r) for r in refs), seg.preprocess, seg.roi,
                 seg.overlap if cfg.overlap is None else cfg.overlap, cfg.n_classes, cfg.surface, cfg.tau_mm,
-                device, cfg.amp, cfg.sw_batch_size, figdir, cfg.figures if i == 0 else 0, progress,
-                predict=(lambda c, seg=seg: seg.predict(c, device=device, amp=cfg.amp))
+                device, cfg.bf16, cfg.sw_batch_size, figdir, cfg.figures if i == 0 else 0, progress,
+                predict=(lambda c, seg=seg: seg.predict(c, device=device, amp=cfg.bf16))
                 if seg.info.get("inference") == "volume" else None,
             )
             folds.append({"fold": fold if fold is not None else i, "model": str(Path(mdir).resolve()), "cases_from": choice,

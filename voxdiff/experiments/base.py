@@ -49,7 +49,7 @@ class ExperimentConfig:
     """Settings shared by ``voxdiff experiment compare|timesteps|label-efficiency`` and ``voxdiff demo``.
 
     Args:
-        budget: preset sizes of every stage: tiny | cpu-small | paper.
+        budget: preset sizes of every stage: tiny | cpu-small | cpu-bench | paper.
         data: labelled data set (nnU-Net layout with imagesTr/labelsTr, and imagesTs/labelsTs when
             folds=0; or any layout voxdiff reads). Empty: phantoms are generated into OUT/phantoms.
         pretrain_data: unlabelled data folders for BPR training and pretraining. Empty: DATA/unlabelled
@@ -63,7 +63,14 @@ class ExperimentConfig:
         folds: 0 = the data set's train/test split; k > 0 = k-fold cross-validation over DATA's
             training cases.
         seed: seed of the phantoms, splits and every training run.
+        seeds: compare: several training seeds (at least two). Each seed runs into OUT/seed-S on the
+            same data (phantoms generated once, in OUT/phantoms) and the report gives mean ± std over
+            seeds with paired tests between methods; ``seed`` is then unused.
         phantom_seed: seed of the generated phantoms.
+        regime: generated phantoms only. iid: labelled, test and unlabelled phantoms from the same
+            distribution; shifted: the labelled training phantoms from one acquisition setting (the
+            budget's ``train_site``: one contrast phase, noise level, slice spacing and z-range, as
+            when a user labels a few scans of one site), test and unlabelled ones across all.
         pretrain_steps: override the budget's pretraining steps.
         probe_steps: override the budget's probing steps.
         bpr_steps: override the budget's BPR steps.
@@ -88,7 +95,9 @@ class ExperimentConfig:
     finetune: tuple[str, ...] = ("diffusion-ape", "contrastive")
     folds: int = 0
     seed: int = 0
+    seeds: tuple[int, ...] = ()
     phantom_seed: int = 0
+    regime: str = "iid"
     pretrain_steps: int | None = None
     probe_steps: int | None = None
     bpr_steps: int | None = None
@@ -123,6 +132,16 @@ def method_parts(method: str) -> tuple[str, str | None]:
     return method, None
 
 
+REGIMES = ("iid", "shifted")
+
+# the shifted regime's labelled site (phantom settings; test and unlabelled phantoms keep the
+# generator's full ranges): portal venous phase at a typical enhancement, one noise level and
+# reconstruction, 5 mm slices, abdomen-only scans
+TRAIN_SITE: dict[str, Any] = {"phases": ["portal_venous"], "phase_weights": [1.0], "enhancement": [0.95, 1.05],
+                              "noise_hu": [10.0, 11.0], "blur_mm": [0.8, 0.9], "spacing_z": [5.0, 5.0],
+                              "z_modes": ["abdomen"], "z_mode_weights": [1.0]}
+
+
 class Experiment:
     """Shared machinery: data, cached preprocessing, BPR / pretraining / probing steps."""
 
@@ -136,6 +155,8 @@ class Experiment:
         self.budget = get_budget(cfg.budget) if budget is None else budget
         for m in (*cfg.methods, *cfg.finetune, *cfg.label_methods):
             method_parts(m)
+        if cfg.regime not in REGIMES:
+            raise InputError(None, f"unknown regime {cfg.regime!r}; choose from {', '.join(REGIMES)}")
         self._claim_folder(force)
         self.runner = StepRunner(self.out, log=log)
         write_config(self.out / "config.yaml", cfg, extra={"budget_settings": self.budget})
@@ -186,10 +207,12 @@ class Experiment:
 
             ph = dict(self.budget["phantoms"])
             counts = {k: ph.pop(k) for k in ("n_train", "n_test", "n_unlabelled")}
+            site = dict(self.budget.get("train_site") or TRAIN_SITE) if self.cfg.regime == "shifted" else None
             pcfg = from_dict(PhantomConfig, ph)
             make_phantom_dataset(tmp / "data", seed=self.cfg.phantom_seed, cfg=pcfg, force=True,
-                                 workers=self.cfg.workers, preview=True, progress=self.cfg.progress, **counts)
-            return {"counts": counts}
+                                 workers=self.cfg.workers, preview=True, progress=self.cfg.progress,
+                                 train_site=site, **counts)
+            return {"counts": counts, "train_site": site}
 
         self.runner.run("phantoms", make)
         return self.out / "phantoms" / "data"
@@ -279,12 +302,13 @@ class Experiment:
                 slice_model = str(self.bpr("slice"))
 
         def run(tmp: Path) -> dict[str, Any]:
-            from voxdiff.bpr.train import has_train_state, train_bpr
+            from voxdiff.bpr.train import can_resume, train_bpr
 
             bcfg = self.bpr_config(kind, **over)
             if slice_model is not None:
                 bcfg.slice_model = slice_model
-            resume = has_train_state(tmp / "model")  # an interrupted run's checkpoint
+            # an interrupted run's checkpoint (one of the format before the engine: trained again)
+            resume = can_resume(tmp / "model")
             train_bpr(bcfg, tmp / "model", cases=self.cases("unlabelled"), resume=resume, force=not resume,
                       progress=self.cfg.progress)
             res: dict[str, Any] = {"kind": kind, "steps": bcfg.steps}

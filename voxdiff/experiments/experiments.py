@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+from voxdiff.core.errors import VoxdiffError
 from voxdiff.core.outputs import atomic_write, atomic_write_json
 from voxdiff.evaluate.metrics import aggregate_cases, aggregate_folds
 
@@ -25,25 +26,12 @@ def _n_folds(exp: Experiment) -> int:
 def compare(cfg: ExperimentConfig, out: str | Path, force: bool = False, log: Callable[[str], None] = print,
             notes: list[str] | None = None) -> dict[str, Any]:
     """Method x {linear, non-linear} probing, fine-tuned backbones (``cfg.finetune``) and
-    from-scratch: the paper's main table. ``notes``: paragraphs for the report, under the table."""
+    from-scratch: the paper's main table. ``notes``: paragraphs for the report, under the table.
+    With ``cfg.seeds``: the same over several seeds (:func:`compare_seeds`)."""
+    if cfg.seeds:
+        return compare_seeds(cfg, out, force=force, log=log, notes=notes)
     exp = Experiment(cfg, out, force=force, log=log)
-    rows: list[dict[str, Any]] = []
-    for method in cfg.methods:
-        model = exp.pretrained(method)
-        folds = [exp.probe(f"probe-{method}-f{k}", model, k, tuple(cfg.heads)) for k in range(_n_folds(exp))]
-        for head in cfg.heads:
-            rows.append({"method": method, "head": head, **_aggregate(folds, head),
-                         "head_parameters": folds[0]["head_parameters"][head],
-                         "backbone_parameters": folds[0]["backbone_parameters"]})
-    for method in finetuned_methods(cfg):
-        model = exp.pretrained(method)
-        folds = [exp.tuned(f"finetune-{method}-f{k}", k, "finetune", model) for k in range(_n_folds(exp))]
-        rows.append({"method": method, "head": "fine-tuned", **_aggregate(folds, "finetune"),
-                     "steps": folds[0].get("max_steps")})
-    if cfg.scratch:
-        folds = [exp.scratch(f"scratch-f{k}", k) for k in range(_n_folds(exp))]
-        rows.append({"method": "from-scratch", "head": "end-to-end", **_aggregate(folds, "scratch"),
-                     "steps": folds[0].get("max_steps")})
+    rows = _frozen_rows(exp) + _tuned_rows(exp)
     pre = {m: exp.runner.result(f"pretrain-{m}") for m in cfg.methods}
     bprs = {k: exp.runner.result(f"bpr-{k}") for k in ("ape", "slice") if exp.runner.done(f"bpr-{k}")}
     results = {"experiment": "compare", "config": cfg, "budget": exp.budget, "rows": rows, "pretraining": pre,
@@ -52,6 +40,133 @@ def compare(cfg: ExperimentConfig, out: str | Path, force: bool = False, log: Ca
     figs = report.compare_figures(rows, exp.out)
     atomic_write(exp.out / "report.md", report.compare_markdown(results, figs, notes))
     return results
+
+
+def _frozen_rows(exp: Experiment) -> list[dict[str, Any]]:
+    """Every method's backbone, pretrained and probed frozen with every head (one row per head)."""
+    cfg = exp.cfg
+    rows: list[dict[str, Any]] = []
+    for method in cfg.methods:
+        model = exp.pretrained(method)
+        folds = [exp.probe(f"probe-{method}-f{k}", model, k, tuple(cfg.heads)) for k in range(_n_folds(exp))]
+        for head in cfg.heads:
+            rows.append({"method": method, "head": head, **_aggregate(folds, head),
+                         "head_parameters": folds[0]["head_parameters"][head],
+                         "backbone_parameters": folds[0]["backbone_parameters"]})
+    return rows
+
+
+def _tuned_rows(exp: Experiment) -> list[dict[str, Any]]:
+    """Fine-tuned backbones and the from-scratch reference (to convergence when the budget says
+    ``tuned_early_stopping``)."""
+    cfg = exp.cfg
+    stop = bool(exp.budget.get("tuned_early_stopping", False))
+    rows: list[dict[str, Any]] = []
+    for method in finetuned_methods(cfg):
+        model = exp.pretrained(method)
+        folds = [exp.tuned(f"finetune-{method}-f{k}", k, "finetune", model, early_stopping=stop)
+                 for k in range(_n_folds(exp))]
+        rows.append({"method": method, "head": "fine-tuned", **_aggregate(folds, "finetune"),
+                     "steps": folds[0].get("max_steps"), **_stopped(folds)})
+    if cfg.scratch:
+        folds = [exp.scratch(f"scratch-f{k}", k, early_stopping=stop) for k in range(_n_folds(exp))]
+        rows.append({"method": "from-scratch", "head": "end-to-end", **_aggregate(folds, "scratch"),
+                     "steps": folds[0].get("max_steps"), **_stopped(folds)})
+    return rows
+
+
+def _stopped(folds: list[dict[str, Any]]) -> dict[str, Any]:
+    if folds[0].get("steps_run") is None:
+        return {}
+    return {"steps_run": [f.get("steps_run") for f in folds], "best_step": [f.get("best_step") for f in folds]}
+
+
+def compare_seeds(cfg: ExperimentConfig, out: str | Path, force: bool = False, log: Callable[[str], None] = print,
+                  notes: list[str] | None = None) -> dict[str, Any]:
+    """``compare`` over several training seeds on one data set, with paired tests.
+
+    The data (phantoms generated once into OUT/phantoms, or ``cfg.data``) and its split are shared;
+    each seed runs BPR, pretraining, probes and end-to-end rows into OUT/seed-S. The work goes
+    breadth first: every seed's frozen probes before any seed's fine-tuned and from-scratch rows,
+    so an interrupted run already holds the main comparison for all seeds (rerun to resume).
+    """
+    import dataclasses
+
+    seeds = list(dict.fromkeys(int(s) for s in cfg.seeds))
+    if len(seeds) < 2:
+        raise VoxdiffError(f"--seeds needs at least two different seeds, got {list(cfg.seeds)}")
+    top = Experiment(cfg, out, force=force, log=log)
+    data = str(top.data_dir().resolve())
+    sub_cfgs = {s: dataclasses.replace(cfg, seed=s, seeds=(), data=data) for s in seeds}
+    exps = {s: Experiment(c, top.out / f"seed-{s}", force=force, log=log, budget=top.budget)
+            for s, c in sub_cfgs.items()}
+    for s in seeds:
+        log(f"seed {s}: pretraining and frozen probes")
+        _frozen_rows(exps[s])
+    per_seed = {}
+    for s in seeds:
+        log(f"seed {s}: fine-tuned and from-scratch rows")
+        per_seed[s] = compare(sub_cfgs[s], top.out / f"seed-{s}", log=log)
+    rows, tests = seeds_summary(cfg, [per_seed[s]["rows"] for s in seeds])
+    results = {"experiment": "compare-seeds", "config": cfg, "budget": top.budget, "seeds": seeds,
+               "rows": rows, "tests": tests, "seconds": round(top.elapsed(), 1),
+               "seed_seconds": {str(s): per_seed[s]["seconds"] for s in seeds}}
+    atomic_write_json(top.out / "results.json", _plain(results))
+    figs = report.seeds_figures(rows, top.out)
+    atomic_write(top.out / "report.md", report.seeds_markdown(results, figs, notes))
+    return results
+
+
+def seeds_summary(cfg: ExperimentConfig, seed_rows: list[list[dict[str, Any]]]
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Rows with mean ± std over seeds, and the paired tests of the methods' comparisons.
+
+    Each row: ``summary`` (mean ± std over seeds of the seeds' mean Dice, per organ and group),
+    ``seed_means`` and ``cases`` (each test case's Dice, mean over organs, averaged over seeds).
+    Tests: the first method against each other one with the same head; each fine-tuned backbone
+    against from scratch and the first fine-tuned against the other ones; the first method's
+    non-linear probe against from scratch."""
+    from voxdiff.evaluate.metrics import mean_std
+    from voxdiff.evaluate.stats import case_means, paired_comparison, seed_average, verdict
+
+    keys = [(r["method"], r["head"]) for r in seed_rows[0]]
+    rows = []
+    for key in keys:
+        per = [next(r for r in rs if (r["method"], r["head"]) == key) for rs in seed_rows]
+        means = [float(p["summary"]["mean"]["mean"]) for p in per]
+        organs = list(per[0]["summary"]["per_organ"])
+        groups = list(per[0]["summary"]["groups"])
+        summary = {"mean": mean_std(means),
+                   "per_organ": {o: mean_std([p["summary"]["per_organ"][o]["mean"] for p in per]) for o in organs},
+                   "groups": {g: mean_std([p["summary"]["groups"][g]["mean"] for p in per]) for g in groups},
+                   "n_seeds": len(per)}
+        cases = seed_average([case_means(scores_to_per_case(p["per_case"])) for p in per])
+        row = {"method": key[0], "head": key[1], "summary": summary, "seed_means": means, "cases": cases}
+        for k in ("steps", "steps_run", "best_step"):
+            if k in per[0]:
+                row[k] = [p.get(k) for p in per] if k != "steps" else per[0][k]
+        rows.append(row)
+    by_key = {(r["method"], r["head"]): r for r in rows}
+
+    pairs: list[tuple[tuple[str, str], tuple[str, str]]] = []
+    ours = cfg.methods[0] if cfg.methods else None
+    for head in cfg.heads:
+        for m in cfg.methods[1:]:
+            pairs.append(((ours, head), (m, head)))
+    tuned = [m for m in finetuned_methods(cfg)]
+    if cfg.scratch:
+        pairs += [((m, "fine-tuned"), ("from-scratch", "end-to-end")) for m in tuned]
+        if ours is not None:
+            pairs.append(((ours, "nonlinear"), ("from-scratch", "end-to-end")))
+    pairs += [((tuned[0], "fine-tuned"), (m, "fine-tuned")) for m in tuned[1:]]
+    tests = []
+    for a, b in pairs:
+        if a not in by_key or b not in by_key:
+            continue
+        ra, rb = by_key[a], by_key[b]
+        cmp = paired_comparison(ra["seed_means"], rb["seed_means"], ra["cases"], rb["cases"])
+        tests.append({"a": list(a), "b": list(b), **cmp, "verdict": verdict(cmp)})
+    return rows, tests
 
 
 def timesteps(cfg: ExperimentConfig, out: str | Path, force: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:

@@ -305,3 +305,84 @@ def contrastive_note(rows: list[dict[str, Any]], ours: str = "diffusion-ape", ot
     if not ahead:
         return None
     return f"Note: the {other} baseline is ahead of {ours} here (mean Dice): " + "; ".join(ahead) + "."
+
+
+def seeds_figures(rows: list[dict[str, Any]], out: Path) -> list[str]:
+    """Mean Dice per row, mean ± std over seeds, with each seed's value as a dot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from voxdiff.core.outputs import atomic_path
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.7 * len(rows) + 2), 4.2))
+    x = np.arange(len(rows))
+    means = [(r["summary"]["mean"].get("mean") or 0.0) for r in rows]
+    stds = [(r["summary"]["mean"].get("std") or 0.0) for r in rows]
+    ax.bar(x, means, 0.6, yerr=stds, capsize=3, color=[plt.cm.tab20(i % 20) for i in range(len(rows))])
+    for i, r in enumerate(rows):
+        v = [s for s in r["seed_means"] if s is not None]
+        ax.scatter(np.full(len(v), i) + np.linspace(-0.12, 0.12, len(v)), v, s=10, color="k", zorder=3)
+    ax.set_xticks(x)
+    ax.set_xticklabels([f"{r['method']}\n{r['head']}" for r in rows], fontsize=7, rotation=30, ha="right")
+    ax.set_ylabel("mean Dice")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"Mean Dice over {rows[0]['summary']['n_seeds'] if rows else 0} seeds (bars: mean ± std; dots: seeds)")
+    fig.tight_layout()
+    with atomic_path(out / "seeds.png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return ["seeds.png"]
+
+
+def _p(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return f"{v:.3f}" if v >= 0.001 else f"{v:.1e}"
+
+
+def seeds_markdown(results: dict[str, Any], figs: list[str], notes: list[str] | None = None) -> str:
+    cfg = results["config"]
+    cfgd = cfg if isinstance(cfg, dict) else cfg.__dict__
+    rows, tests, seeds = results["rows"], results["tests"], results["seeds"]
+    n_cases = max((len(r["cases"]) for r in rows), default=0)
+    lines = [
+        "# voxdiff experiment: compare over seeds",
+        "",
+        f"Budget `{cfgd['budget']}`; data `{cfgd['data'] or 'generated phantoms'}` (phantom seed "
+        f"{cfgd['phantom_seed']}); seeds {', '.join(map(str, seeds))}; {n_cases} test cases; "
+        f"{results['seconds']:.0f} s in all. Each seed's own report: `seed-S/report.md`.",
+        "",
+        "Mean Dice (%) on the test cases (mean over the 13 organs), mean ± std over seeds, then each seed.",
+        "",
+        "| method | head | mean Dice (%) | seeds | Big | Medium | Small |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        s = r["summary"]
+        head = r["head"]
+        if r.get("steps_run"):
+            head += f" (stopped at {', '.join(str(v[0] if isinstance(v, list) else v) for v in r['steps_run'])})"
+        lines.append(f"| {r['method']} | {head} | {pct(s['mean'])} | "
+                     + ", ".join(f"{100 * v:.1f}" for v in r["seed_means"]) + " | "
+                     + " | ".join(pct(_g(s, g)) for g in GROUPS) + " |")
+    lines += ["", *[x for n in (notes or []) for x in (n, "")]]
+    lines += [
+        "## Paired comparisons (A - B)",
+        "",
+        "Over seeds: the difference of the seeds' mean Dice, mean ± std. Over cases: each test case's "
+        "Dice (mean over its organs) averaged over seeds; the paired differences across cases, "
+        "two-sided Wilcoxon signed-rank and paired t-test. The verdict uses Wilcoxon at 0.05.",
+        "",
+        "| A | B | A - B over seeds (points) | A - B over cases | cases A / B better | Wilcoxon p | t-test p | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for t in tests:
+        lines.append(
+            f"| {' / '.join(t['a'])} | {' / '.join(t['b'])} | {100 * t['diff_mean']:+.1f} ± {100 * t['diff_std_seeds']:.1f} | "
+            f"{100 * t['case_diff_mean']:+.1f} | {t['cases_a_better']} / {t['cases_b_better']} | {_p(t['wilcoxon_p'])} | "
+            f"{_p(t['ttest_p'])} | {t['verdict']} |")
+    lines += ["", *[f"![{f}]({f})" for f in figs], ""]
+    return "\n".join(lines)

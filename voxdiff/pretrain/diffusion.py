@@ -91,6 +91,22 @@ class GaussianDiffusion:
         ab = self._ab(t, x0)
         return ab.sqrt() * noise - (1 - ab).sqrt() * x0
 
+    def snr(self, t: torch.Tensor) -> torch.Tensor:
+        """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at timesteps ``t`` (float32, shape of t)."""
+        ab = self.alpha_bar.to(t.device)[t.long()]
+        return (ab / (1 - ab).clamp_min(1e-12)).to(torch.float32)
+
+    def min_snr_weight(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Per-sample loss weight of Min-SNR-gamma (Hang et al. 2023): the x0-loss weight
+        min(SNR, gamma) expressed for this process's target (epsilon: / SNR; v: / (SNR + 1))."""
+        snr = self.snr(t)
+        w = snr.clamp(max=float(gamma))
+        if self.prediction == "epsilon":
+            return w / snr.clamp_min(1e-12)
+        if self.prediction == "v":
+            return w / (snr + 1)
+        return w
+
     def split(self, model_out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Model output -> (predicted x0, predicted eps)."""
         ab = self._ab(t, x_t)

@@ -32,6 +32,7 @@ from ..core.checkpoint import load_checkpoint, unprefixed
 from ..core.config import from_dict
 from ..core.errors import InputError, ModelError
 from ..core.precision import bf16_autocast
+from ..core.runtime import resolve_device
 from ..data.preprocess import PreprocessConfig
 from .backbones import DEFAULT_BACKBONE, LevelInfo, PyramidBackbone, build_backbone
 from .tasks.base import available_methods, get_task_class
@@ -131,9 +132,11 @@ def _task_config_for_loading(cfg: dict[str, Any], bdir: Path, bpr: nn.Module | N
     return tcfg
 
 
-def load_backbone(path: str | os.PathLike, bpr: nn.Module | None = None, device: str | torch.device = "cpu"
+def load_backbone(path: str | os.PathLike, bpr: nn.Module | None = None, device: str | torch.device = "auto"
                   ) -> tuple[PyramidBackbone, nn.Module, dict[str, Any]]:
-    """(backbone with EMA weights, task, model.json document); refuses what it cannot load."""
+    """(backbone with EMA weights, task, model.json document) on ``device`` (auto: CUDA when
+    available); refuses what it cannot load."""
+    device = resolve_device(device)
     bdir = resolve_backbone_dir(path)
     tensors, info = load_checkpoint(bdir, kind=BACKBONE_KIND, max_version=SUPPORTED_VERSION)
     cfg = info.get("config") or {}
@@ -173,8 +176,9 @@ def load_backbone(path: str | os.PathLike, bpr: nn.Module | None = None, device:
 
 
 def load_pretrained(path: str | os.PathLike, bpr: nn.Module | None = None,
-                    device: str | torch.device = "cpu") -> FeatureExtractor:
-    """The frozen feature extractor of a pretrained backbone folder (any method)."""
+                    device: str | torch.device = "auto") -> FeatureExtractor:
+    """The frozen feature extractor of a pretrained backbone folder (any method), on ``device``
+    (auto: CUDA when available)."""
     bdir = resolve_backbone_dir(path)
     backbone, task, info = load_backbone(bdir, bpr=bpr, device=device)
     cfg = info["config"]

@@ -17,7 +17,7 @@ import torch
 
 from ..core.errors import InputError, ModelError
 from ..core.outputs import atomic_path, check_output_path
-from ..core.runtime import num_threads
+from ..core.runtime import num_threads, resolve_device
 from .diffusion import to_unit_range
 from .load import load_backbone, resolve_backbone_dir
 
@@ -38,6 +38,7 @@ class SampleConfig:
         patch_size: patch size (default: the training patch size).
         seed: seed of the noise and of the real patches.
         threads: intra-op CPU threads (0 = torch's default).
+        device: auto | cpu | cuda | cuda:N (auto: CUDA when available).
     """
 
     n: int = 4
@@ -49,16 +50,20 @@ class SampleConfig:
     patch_size: tuple[int, int, int] | None = None
     seed: int = 0
     threads: int = 0
+    device: str = "auto"
 
 
 def sample_patches(model_path: str | os.PathLike, cfg: SampleConfig, progress: bool = True,
-                   cases: list | None = None, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(samples, reals)``: (n, 1, X, Y, Z) in [0, 1]; ``reals`` are the patches whose BPR maps
-    conditioned the samples (None for unconditioned models)."""
+                   cases: list | None = None, device: str | torch.device | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(samples, reals)``: (n, 1, X, Y, Z) in [0, 1] on the CPU; ``reals`` are the patches whose BPR
+    maps conditioned the samples (None for unconditioned models). ``device``: where to sample
+    (default ``cfg.device``)."""
     if cfg.sampler not in SAMPLERS:
         raise InputError(None, f"unknown sampler {cfg.sampler!r}; choose from {', '.join(SAMPLERS)}")
     if cfg.n < 1 or cfg.steps < 1:
         raise InputError(None, "--n and --steps must be >= 1")
+    device = resolve_device(device if device is not None else cfg.device)
     backbone, task, info = load_backbone(model_path, device=device)
     mcfg = info["config"]
     if mcfg["method"] != "diffusion" or not hasattr(task, "process"):

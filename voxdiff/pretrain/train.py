@@ -1,10 +1,11 @@
-"""The pretraining engine behind ``voxdiff pretrain``: one loop for every method.
+"""Pretraining behind ``voxdiff pretrain``: one task of the training engine for every method.
 
 ``pretrain(cfg, out_dir)`` loads the preprocessed cases (int16 memory maps of the cache with
 ``cache_dir``, float32 arrays in memory without), builds the task (the method) and the backbone
-named by ``cfg.backbone`` (:mod:`voxdiff.pretrain.backbones`), and trains with AdamW, linear warm-up + cosine
-decay, gradient clipping, an EMA of the backbone weights and (optionally) bf16 autocast. Every
-``checkpoint_every`` steps the full train state is written atomically (``voxdiff.pretrain.state``);
+named by ``cfg.backbone`` (:mod:`voxdiff.pretrain.backbones`), and trains them with the engine
+(:mod:`voxdiff.core.engine`): AdamW, linear warm-up + cosine decay, gradient clipping, an EMA of the
+backbone weights and (optionally) bf16 autocast. Every ``checkpoint_every`` steps the full train
+state is written atomically (:mod:`voxdiff.core.trainstate`);
 ``resume=True`` continues exactly where the last checkpoint left off (same batches, same noise).
 Batches come from ``voxdiff.pretrain.data``: the batch of step k is drawn with a generator derived from
 (seed, rank, k), in the training process or in ``workers`` processes (same batches either way).
@@ -25,39 +26,37 @@ Output folder::
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
-import random
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from ..core.checkpoint import prefixed, save_checkpoint, unprefixed
+from ..core.checkpoint import prefixed, save_checkpoint
 from ..core.config import to_dict, write_config
-from ..core.errors import InputError, ModelError, TrainingError
-from ..core.outputs import atomic_write, check_output_path, staged_dir
-from ..core.precision import bf16_autocast
+from ..core.engine import (  # noqa: F401  (EMA, MetricLog, Dist: re-exported for callers of this module)
+    EMA,
+    Dist,
+    Engine,
+    EngineConfig,
+    MetricLog,
+    TrainTask,
+    close_distributed,
+    init_distributed,
+)
+from ..core.engine import param_groups as _param_groups
+from ..core.errors import InputError
+from ..core.outputs import check_output_path, staged_dir
 from ..core.runtime import num_threads, resolve_device
 from ..core.schedule import warmup_cosine
+from ..core.trainstate import latest_train_state
 from ..data.preprocess import PreprocessConfig
 from .backbones import PyramidBackbone, backbone_name, build_backbone, count_parameters
-from .state import (
-    flatten_optimizer,
-    latest_train_state,
-    python_rng_from_json,
-    python_rng_to_json,
-    read_train_state,
-    unflatten_optimizer,
-    write_train_state,
-)
 from .tasks.base import available_methods, get_task_class, make_task_config
 
 BACKBONE_KIND = "backbone"
@@ -115,6 +114,8 @@ class PretrainConfig:
         condition_source: diffusion: volume (the BPR map of each whole volume, computed once and
             cropped per patch) | patch (the BPR of each patch alone).
         task_options: other method options as a dict (e.g. {"temperature": 0.1} for contrastive).
+        compile: ``torch.compile`` the backbone + method before training (off by default: compiling
+            takes minutes on a CPU and pays off on long GPU runs).
     """
 
     method: str = "diffusion"
@@ -159,46 +160,12 @@ class PretrainConfig:
     noise_seed: int = 0
     condition_source: str = "volume"
     task_options: dict[str, Any] = field(default_factory=dict)
+    compile: bool = False
 
 
 # fields that may change between a checkpoint and --resume
 _RESUME_FREE = {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "probe_every", "probe_data",
-                "probe_cases", "tensorboard", "device", "threads", "workers", "prefetch_factor", "data", "data_kind", "cache_dir", "bpr_path"}
-
-
-# --------------------------------------------------------------------------------- distributed
-
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    owns_group: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-
-def init_distributed(device_pref: str) -> Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    owns = False
-    if not dist.is_initialized():
-        use_cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
-        if use_cuda:
-            torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-        owns = True
-    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local, owns_group=owns)
+                "probe_cases", "tensorboard", "device", "threads", "compile", "workers", "prefetch_factor", "data", "data_kind", "cache_dir", "bpr_path"}
 
 
 # --------------------------------------------------------------------------------- pieces
@@ -222,111 +189,18 @@ def lr_at(step: int, cfg: PretrainConfig) -> float:
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.ndim > 1 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """AdamW groups of pretraining: no weight decay on biases and norm weights."""
+    return _param_groups(module, weight_decay, no_decay_1d=True)
 
 
-class EMA:
-    """Exponential moving average of a module's parameters and buffers (float32 copies)."""
-
-    def __init__(self, module: nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().clone().float() for k, v in module.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, module: nn.Module, step: int) -> None:
-        """``shadow = d * shadow + (1 - d) * value`` for every floating tensor (one fused ``foreach``
-        lerp, no host synchronisation); other tensors (counters) are copied."""
-        d = min(self.decay, (1 + step) / (10 + step))
-        shadows, values = [], []
-        for k, v in module.state_dict().items():
-            s = self.shadow[k]
-            if v.dtype.is_floating_point:
-                shadows.append(s)
-                values.append(v.detach() if v.dtype == s.dtype else v.detach().to(s.dtype))
-            else:
-                s.copy_(v)
-        if shadows:
-            torch._foreach_lerp_(shadows, values, 1.0 - d)
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return self.shadow
-
-    def load(self, tensors: dict[str, torch.Tensor]) -> None:
-        missing = set(self.shadow) - set(tensors)
-        if missing:
-            raise ModelError(None, f"train state EMA lacks {sorted(missing)[:3]}")
-        for k in self.shadow:
-            self.shadow[k] = tensors[k].float().clone()
-
-
-class MetricLog:
-    """Averages metrics over a log interval without a host synchronisation per step.
-
-    A metric value is a python float, a list/tuple of per-sample floats, a tensor (the mean of its
-    elements, weighted by their number) or ``{"sum": tensor, "count": tensor}``. Tensors are summed
-    where they live (on the device); :meth:`reduce` brings everything to the host once."""
-
-    def __init__(self):
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, float] = {}
-        self.dev: dict[str, torch.Tensor] = {}  # key -> float64 [sum, count] on the device
-
-    def _add_dev(self, k: str, s: torch.Tensor, c: torch.Tensor | int) -> None:
-        s = s.detach().to(torch.float64)
-        acc = self.dev.get(k)
-        if acc is None:
-            acc = self.dev[k] = torch.zeros(2, dtype=torch.float64, device=s.device)
-        acc[0] += s
-        acc[1] += c.detach().to(torch.float64) if torch.is_tensor(c) else float(c)
-
-    def add(self, d: dict[str, Any]) -> None:
-        for k, v in d.items():
-            if isinstance(v, dict):
-                self._add_dev(k, torch.as_tensor(v["sum"]), v["count"])
-                continue
-            if torch.is_tensor(v):
-                self._add_dev(k, v.detach().float().sum(), v.numel())
-                continue
-            vals = v if isinstance(v, (list, tuple)) else [v]
-            for x in vals:
-                x = float(x)
-                self.sums[k] = self.sums.get(k, 0.0) + x
-                self.counts[k] = self.counts.get(k, 0) + 1
-
-    def reduce(self, d: Dist, device: torch.device) -> dict[str, float]:
-        keys = sorted(set(self.sums) | set(self.dev))
-        if d.world > 1:
-            # ranks may see different keys (t-buckets): gather names, then sum
-            all_keys: list[list[str]] = [None] * d.world  # type: ignore[list-item]
-            dist.all_gather_object(all_keys, keys)
-            keys = sorted({k for ks in all_keys for k in ks})
-        rows = []
-        for k in keys:
-            r = torch.tensor([self.sums.get(k, 0.0), float(self.counts.get(k, 0))], dtype=torch.float64, device=device)
-            if k in self.dev:
-                r = r + self.dev[k].to(device)
-            rows.append(r)
-        t = torch.stack(rows) if rows else torch.zeros((1, 2), dtype=torch.float64, device=device)
-        if d.world > 1:
-            dist.all_reduce(t)
-        t = t.cpu()  # the one synchronisation of the interval
-        out = {k: float(t[i, 0] / t[i, 1]) for i, k in enumerate(keys) if t[i, 1] > 0}
-        self.sums.clear()
-        self.counts.clear()
-        self.dev.clear()
-        return out
-
-
-def make_optimizer(module: nn.Module, cfg: PretrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over ``param_groups``: the fused kernel on CUDA (one launch for every tensor), torch's
-    default (``foreach``) elsewhere."""
-    kw: dict[str, Any] = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(param_groups(module, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999), **kw)
+def engine_config(cfg: PretrainConfig, progress: bool = True, main: bool = True) -> EngineConfig:
+    """The engine settings of a pretraining run."""
+    return EngineConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio,
+                        weight_decay=cfg.weight_decay, no_decay_1d=True, grad_clip=cfg.grad_clip,
+                        ema_decay=cfg.ema_decay, bf16=cfg.bf16, device=cfg.device, threads=cfg.threads,
+                        compile=bool(cfg.compile), seed=cfg.seed, log_every=cfg.log_every,
+                        checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
+                        tensorboard=cfg.tensorboard, progress=progress and main, desc=f"pretrain {cfg.method}")
 
 
 def unused_parameter_names(joint: nn.Module, task: nn.Module, cases: list, cfg: PretrainConfig,
@@ -508,8 +382,7 @@ def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, resume: bool = Fal
             return _pretrain(cfg, Path(out_dir), resume, progress, force, cases, bpr, stop_after, d, probe_set)
     finally:
         torch.backends.cudnn.benchmark = cudnn_benchmark  # set for the run only (see _pretrain)
-        if d.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+        close_distributed(d)
 
 
 def _check_resume_config(saved: dict[str, Any], cfg: PretrainConfig, path: Path) -> None:
@@ -518,6 +391,72 @@ def _check_resume_config(saved: dict[str, Any], cfg: PretrainConfig, path: Path)
     if diff:
         raise InputError(path, f"--resume with a different configuration ({', '.join(sorted(diff))}); "
                                "use the same options as the interrupted run")
+
+
+class PretrainTask(TrainTask):
+    """Pretraining as an engine task: the joint module (backbone + method), batches from
+    :mod:`voxdiff.pretrain.data` (step k's batch is a function of (seed, rank, k)), an EMA of the
+    backbone, throughput in the metric lines and the online probe."""
+
+    def __init__(self, cfg: PretrainConfig, joint: _Joint, cases: list | None, d: Dist, out: Path,
+                 probe_set: list | None = None):
+        self.cfg, self.joint, self.cases, self.d, self.out, self.probe_set = cfg, joint, cases, d, out, probe_set
+        self.engine: Engine | None = None
+
+    def module(self) -> nn.Module:
+        return self.joint
+
+    def ema_module(self, module: nn.Module) -> nn.Module:
+        return module.backbone  # type: ignore[return-value]
+
+    def batches(self, start: int, end: int):
+        from .data import StepBatches, step_batches, to_device
+
+        cfg = self.cfg
+        device = self.engine.device if self.engine is not None else torch.device("cpu")
+        it = step_batches(StepBatches(self.joint.task.sample_batch, self.cases, cfg.batch_size, tuple(cfg.patch_size),
+                                      cfg.seed, self.d.rank),
+                          start, end, workers=int(cfg.workers), pin_memory=device.type == "cuda",
+                          prefetch_factor=int(cfg.prefetch_factor))
+        return _DeviceBatches(it, device, to_device)
+
+    def step(self, model: nn.Module, batch: Any, step: int, gen: torch.Generator):
+        return model(batch, gen)
+
+    def log_extras(self, steps: int, seconds: float) -> dict[str, Any]:
+        pps = steps * self.cfg.batch_size * self.d.world / max(seconds, 1e-9)
+        return {"patches_per_s": pps, "voxels_per_s": pps * int(np.prod(self.cfg.patch_size))}
+
+    def needs_sync(self, done: int) -> bool:
+        return bool(self.cfg.probe_every) and done % self.cfg.probe_every == 0
+
+    def after_step(self, engine: Engine, done: int) -> bool:
+        if self.needs_sync(done):
+            _online_probe(self.cfg, self.joint, engine.ema, engine.device, self.d, self.out, done, engine.writer,
+                          self.probe_set)
+        return False
+
+    def check_resume(self, saved_config: dict[str, Any], path: Path) -> None:
+        _check_resume_config(saved_config, self.cfg, path)
+
+    def find_unused_parameters(self, engine: Engine) -> bool:
+        trains = bool(getattr(self.joint.task, "trains", True))
+        return bool(trains and self.cases) and has_unused_parameters(self.joint, self.joint.task, self.cases or [],
+                                                                      self.cfg, engine.device)
+
+
+class _DeviceBatches:
+    """The batches of ``it`` moved to ``device`` (and ``it`` closed by :meth:`close`)."""
+
+    def __init__(self, it, device: torch.device, to_device):
+        self.it, self.device, self.to_device = it, device, to_device
+
+    def __iter__(self):
+        for b in self.it:
+            yield self.to_device(b, self.device)
+
+    def close(self) -> None:
+        self.it.close()
 
 
 def _pretrain(cfg: PretrainConfig, out: Path, resume: bool, progress: bool, force: bool, cases: list | None,
@@ -529,11 +468,8 @@ def _pretrain(cfg: PretrainConfig, out: Path, resume: bool, progress: bool, forc
         if not Path(cfg.probe_data).exists():
             raise InputError(cfg.probe_data, "probe data folder not found")
     state_root = out / "train_state"
-    ckpt = None
-    if resume:
-        ckpt = latest_train_state(state_root)
-        if ckpt is None:
-            raise InputError(out, "nothing to resume: no train_state/latest checkpoint in this folder")
+    if resume and latest_train_state(state_root) is None:
+        raise InputError(out, "nothing to resume: no train_state/latest checkpoint in this folder")
     device = resolve_device(cfg.device, local_rank=d.local_rank if d.world > 1 else None)
 
     # build everything before touching the output folder (bad input leaves no output)
@@ -555,91 +491,34 @@ def _pretrain(cfg: PretrainConfig, out: Path, resume: bool, progress: bool, forc
         out.mkdir(parents=True, exist_ok=True)
     d.barrier()
 
-    joint = _Joint(backbone, task).to(device)
-    ema = EMA(backbone, cfg.ema_decay)
-    opt = make_optimizer(joint, cfg, device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # the patch size is fixed: pick the fastest kernels once
-    gen = torch.Generator(device=device).manual_seed(cfg.seed * 1000003 + d.rank)
-    random.seed(cfg.seed * 1000003 + d.rank)
-    start = 0
-
-    if ckpt is not None:
-        tensors, info = read_train_state(ckpt)
-        _check_resume_config(info.get("config") or {}, cfg, ckpt)
-        meta = info["meta"]
-        start = int(meta["step"])
-        if start > cfg.steps:
-            raise InputError(ckpt, f"the checkpoint is at step {start}, beyond --steps {cfg.steps}")
-        try:
-            joint.load_state_dict({k: v.to(device) for k, v in unprefixed(tensors, "model.").items()}, strict=True)
-            ema.load(unprefixed(tensors, "ema."))
-            opt.load_state_dict(unflatten_optimizer(tensors, meta["optimizer"]))
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise ModelError(ckpt, f"train state does not match this model ({str(e).splitlines()[0]})") from None
-        rstates = meta.get("rng") or []
-        if d.rank < len(rstates):
-            # (the batches need no state: step k's batch is drawn with step_generator(seed, rank, k))
-            r = rstates[d.rank]
-            random.setstate(python_rng_from_json(r["python"]))
-            torch.set_rng_state(tensors[f"rng.torch.{d.rank}"])
-            gen.set_state(tensors[f"rng.gen.{d.rank}"])
-            if device.type == "cuda" and f"rng.cuda.{d.rank}" in tensors:
-                torch.cuda.set_rng_state(tensors[f"rng.cuda.{d.rank}"], device)
-        if d.main:
-            _truncate_metrics(out / "metrics.jsonl", start)
-
-    model: nn.Module = joint
-    if d.world > 1:
-        unused = bool(trains and cases) and has_unused_parameters(joint, task, cases, cfg, device)
-        flag = torch.tensor([float(unused)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        model = nn.parallel.DistributedDataParallel(
-            joint, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=bool(flag.item() > 0))
+    ptask = PretrainTask(cfg, _Joint(backbone, task), cases, d, out, probe_set)
+    engine = Engine(engine_config(cfg, progress, d.main), ptask, state_dir=state_root,
+                    metrics_path=out / "metrics.jsonl", dist_info=d, config=cfg, resume=resume,
+                    meta={"method": cfg.method})
+    ptask.engine = engine
+    assert engine.ema is not None
+    start = engine.start
 
     if d.main:
         write_config(out, cfg, extra={"method": cfg.method, "parameters": count_parameters(backbone),
                                       "world_size": d.world})
 
-    writer = _tensorboard(out) if (cfg.tensorboard and d.main) else None
     end = cfg.steps if stop_after is None else min(cfg.steps, max(start, int(stop_after)))
-    last_saved = start if ckpt is not None else None
-
-    def save_state(step: int) -> None:
-        nonlocal last_saved
-        rng_doc, rng_t = _rng_states(gen, d, device)
-        if d.main:
-            tensors = prefixed(joint.state_dict(), "model.")
-            tensors.update(prefixed(ema.state(), "ema."))
-            ot, odoc = flatten_optimizer(opt.state_dict())
-            tensors.update(ot)
-            tensors.update(rng_t)
-            write_train_state(state_root, step, tensors, cfg,
-                              {"optimizer": odoc, "rng": rng_doc, "world_size": d.world, "method": cfg.method},
-                              keep=cfg.keep_checkpoints)
-        last_saved = step
-        d.barrier()
-
-    def probe(step: int) -> None:
-        _online_probe(cfg, joint, ema, device, d, out, step, writer, probe_set)
-
     if trains and start < end:
-        _loop(cfg, model, joint, task, cases, opt, ema, gen, device, d, out, start, end, progress,
-              writer, save_state, lambda: last_saved, probe)
-    if writer is not None:
-        writer.close()
+        engine.fit(end)
 
     if end < cfg.steps:  # stopped early on request: the checkpoint is the result
-        if last_saved != end:
-            save_state(end)
+        if engine.last_saved != end:
+            engine.save(end)
         return out
 
-    if trains and last_saved != cfg.steps and cfg.steps > 0:
-        save_state(cfg.steps)
+    if trains and engine.last_saved != cfg.steps and cfg.steps > 0:
+        engine.save(cfg.steps)
 
     if d.main:
-        ema_backbone = {k: v for k, v in ema.state().items()}
+        ema_backbone = {k: v for k, v in engine.ema.state().items()}
         if not trains:  # random init: the initial weights
             ema_backbone = {k: v.detach().float() for k, v in backbone.state_dict().items()}
         if has_bpr:
@@ -655,139 +534,6 @@ def _pretrain(cfg: PretrainConfig, out: Path, resume: bool, progress: bool, forc
                                 "seed": cfg.seed, "world_size": d.world})
     d.barrier()
     return out
-
-
-def _loop(cfg, model, joint, task, cases, opt, ema, gen, device, d: Dist, out: Path, start: int, end: int,
-          progress: bool, writer, save_state, last_saved, probe) -> None:
-    """Steps ``start .. end - 1``. Nothing here waits for the device between log steps: the loss,
-    metrics and gradient norm are summed on the device and the non-finite check is a device flag;
-    both are brought to the host every ``log_every`` steps and before every checkpoint or probe (a
-    NaN is reported with the step it appeared at and never reaches a checkpoint)."""
-    from tqdm import tqdm
-
-    from .data import StepBatches, step_batches, to_device
-
-    autocast = functools.partial(bf16_autocast, device, cfg.bf16)
-    log = MetricLog()
-    bar = tqdm(total=end, initial=start, desc=f"pretrain {cfg.method}", unit="step",
-               disable=not (progress and d.main), dynamic_ncols=True)
-    batches = step_batches(StepBatches(task.sample_batch, cases, cfg.batch_size, tuple(cfg.patch_size), cfg.seed, d.rank),
-                           start, end, workers=int(cfg.workers), pin_memory=device.type == "cuda",
-                           prefetch_factor=int(cfg.prefetch_factor))
-    never = torch.iinfo(torch.int64).max
-    first_bad = torch.full((), never, dtype=torch.int64, device=device)  # first step with a non-finite loss
-    bad_loss = torch.zeros((), dtype=torch.float32, device=device)  # its loss
-
-    def check_finite() -> None:
-        flag = first_bad.clone()
-        if d.world > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        at = int(flag.item())
-        if at == never:
-            return
-        value = float(bad_loss.item()) if int(first_bad.item()) == at else float("nan")
-        ls = last_saved()
-        where = (f"the last good checkpoint (step {ls}) is kept in {out / 'train_state'}; "
-                 "continue from it with --resume (e.g. with a lower --lr)") if ls else \
-            "no checkpoint had been written yet"
-        raise TrainingError(f"loss is {value} at step {at}: training stopped; {where}")
-
-    t0 = time.perf_counter()
-    n_since = 0
-    model.train()
-    try:
-        for step, batch in zip(range(start, end), batches):
-            lr = lr_at(step, cfg)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            batch = to_device(batch, device)
-            with autocast():
-                loss, metrics = model(batch, gen)
-            lval = loss.detach().float()
-            newly = torch.isfinite(lval).logical_not() & (first_bad == never)
-            first_bad = torch.where(newly, torch.full_like(first_bad, step + 1), first_bad)
-            bad_loss = torch.where(newly, lval, bad_loss)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            gnorm = None
-            if cfg.grad_clip > 0:
-                gnorm = torch.nn.utils.clip_grad_norm_(joint.parameters(), cfg.grad_clip)
-            opt.step()
-            ema.update(joint.backbone, step)
-            log.add({"loss": lval})
-            log.add(metrics)
-            if gnorm is not None:
-                log.add({"grad_norm": gnorm.detach()})
-            n_since += 1
-            done = step + 1
-            bar.update(1)
-            is_log = done % cfg.log_every == 0 or done == end
-            is_ckpt = done == end or done % cfg.checkpoint_every == 0
-            is_probe = bool(cfg.probe_every) and done % cfg.probe_every == 0
-            if is_log or is_ckpt or is_probe:
-                check_finite()
-            if is_log:
-                row = log.reduce(d, device)
-                dt = time.perf_counter() - t0
-                pps = n_since * cfg.batch_size * d.world / max(dt, 1e-9)
-                row = {"step": done, **row, "lr": lr, "patches_per_s": pps,
-                       "voxels_per_s": pps * int(np.prod(cfg.patch_size))}
-                if d.main:
-                    with open(out / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                    bar.set_postfix(loss=f"{row['loss']:.4f}", patches_s=f"{pps:.1f}")
-                    if writer is not None:
-                        for k, v in row.items():
-                            if k != "step":
-                                writer.add_scalar(k, v, done)
-                t0 = time.perf_counter()
-                n_since = 0
-            if is_probe:
-                probe(done)
-            if is_ckpt:
-                save_state(done)
-    finally:
-        batches.close()
-        bar.close()
-
-
-def _rng_states(gen: torch.Generator, d: Dist, device: torch.device):
-    mine = {"python": python_rng_to_json(random.getstate()), "batches": "step_generator(seed, rank, step)"}
-    t = {"torch": torch.get_rng_state(), "gen": gen.get_state().cpu()}
-    if device.type == "cuda":
-        t["cuda"] = torch.cuda.get_rng_state(device)
-    if d.world > 1:
-        docs: list = [None] * d.world
-        tens: list = [None] * d.world
-        dist.all_gather_object(docs, mine)
-        dist.all_gather_object(tens, {k: v.numpy().tolist() for k, v in t.items()})
-        tensors = {f"rng.{k}.{r}": torch.tensor(v, dtype=torch.uint8) for r, tt in enumerate(tens) for k, v in tt.items()}
-        return docs, tensors
-    return [mine], {f"rng.{k}.0": v for k, v in t.items()}
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if int(json.loads(line).get("step", 0)) <= step:
-                keep.append(line)
-        except (json.JSONDecodeError, AttributeError, ValueError):
-            continue
-    atomic_write(path, "".join(x + "\n" for x in keep))
-
-
-def _tensorboard(out: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        import warnings
-
-        warnings.warn("tensorboard is not installed: --tensorboard ignored (pip install tensorboard)")
-        return None
-    return SummaryWriter(str(out / "tensorboard"))
 
 
 def _online_probe(cfg, joint, ema, device, d: Dist, out: Path, step: int, writer, probe_set=None) -> None:

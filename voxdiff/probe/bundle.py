@@ -31,6 +31,7 @@ from voxdiff.core.checkpoint import load_checkpoint, prefixed, read_checkpoint_i
 from voxdiff.core.config import from_dict, to_dict, versions
 from voxdiff.core.errors import ModelError
 from voxdiff.core.outputs import atomic_write_json
+from voxdiff.core.runtime import resolve_device
 from voxdiff.data.labels import BTCV_LABELS
 from voxdiff.data.preprocess import PreprocessConfig
 
@@ -126,9 +127,10 @@ class Segmenter:
     labels: dict[int, str]
     info: dict[str, Any] = field(default_factory=dict)
 
-    def predict(self, raw_case, device: str = "cpu", amp: bool = False, sw_batch_size: int = 2,
+    def predict(self, raw_case, device: str | torch.device | None = None, amp: bool = False, sw_batch_size: int = 2,
                 progress: bool = False) -> np.ndarray:
-        """uint8 label map of a raw case (file grid) on that same grid."""
+        """uint8 label map of a raw case (file grid) on that same grid; computed on ``device``
+        (default: where the model was loaded, see :func:`load_segmenter`)."""
         if self.info.get("inference") == "volume":
             return self._predict_volume(raw_case, amp=amp, progress=progress)
         from .predict import predict_original
@@ -148,7 +150,7 @@ class Segmenter:
         from .voxel import predict_logits_volume
 
         pre = preprocess(raw_case, self.preprocess)
-        cfg = ProbeConfig(roi=self.roi, overlap=self.overlap, amp=amp)
+        cfg = ProbeConfig(roi=self.roi, overlap=self.overlap, bf16=amp)
         lg = predict_logits_volume(self.extractor, {"h": self.head}, unit_image(pre, self.preprocess.hu_window), cfg)["h"]
         return restore_to_original(logits_to_labels(lg), pre.meta, is_label=True).astype(np.uint8)
 
@@ -184,12 +186,14 @@ def read_segmenter_info(model_dir: str | os.PathLike) -> dict[str, Any]:
     return doc
 
 
-def load_segmenter(model_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Segmenter:
-    """Load and check a segmenter bundle (every part present, versions understood)."""
+def load_segmenter(model_dir: str | os.PathLike, device: str | torch.device = "auto") -> Segmenter:
+    """Load and check a segmenter bundle (every part present, versions understood) onto ``device``
+    (auto: CUDA when available)."""
     p = Path(model_dir)
     doc = read_segmenter_info(p)
     from voxdiff.pretrain.load import load_pretrained
 
+    device = resolve_device(device)
     extractor = load_pretrained(p, device=device)
     tensors, hinfo = load_checkpoint(p / "head", kind="head", max_version=HEAD_FORMAT_VERSION)
     try:

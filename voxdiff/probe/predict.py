@@ -92,6 +92,15 @@ def condition_map(extractor, x: torch.Tensor, amp: bool = False) -> torch.Tensor
     return None if c is None else c.float()
 
 
+def model_device(extractor) -> torch.device:
+    """Where an extractor's (or module's) weights are; the CPU when it has none."""
+    for obj in (getattr(extractor, "backbone", None), extractor):
+        if isinstance(obj, nn.Module):
+            for p in obj.parameters():
+                return p.device
+    return torch.device("cpu")
+
+
 def to_unit_tensor(image_unit, device="cpu") -> torch.Tensor:
     """(X,Y,Z) array/tensor in [0,1] -> (1,1,X,Y,Z) float32 tensor."""
     t = torch.as_tensor(np.asarray(image_unit, dtype=np.float32) if not torch.is_tensor(image_unit) else image_unit)
@@ -110,13 +119,14 @@ def predict_logits(
     overlap: float = 0.5,
     sw_batch_size: int = 2,
     mode: str = "gaussian",
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     amp: bool = False,
     progress: bool = False,
 ) -> torch.Tensor | dict[str, torch.Tensor]:
     """Logits ``(C, X, Y, Z)`` (float32, CPU) of a whole volume in [0, 1]; a dict for several heads.
 
-    The extractor and heads must already be in eval mode (heads are switched here).
+    The extractor and heads must already be in eval mode (heads are switched here). ``device``: where
+    the windows are computed (default: where the extractor's weights are).
     """
     from monai.inferers import sliding_window_inference
 
@@ -125,7 +135,7 @@ def predict_logits(
     names = list(head_map)
     for h in head_map.values():
         h.eval()
-    x = to_unit_tensor(image_unit, device)
+    x = to_unit_tensor(image_unit, device if device is not None else model_device(extractor))
     roi = round_roi(roi, extractor_window(extractor))
 
     cond = condition_map(extractor, x, amp=amp)

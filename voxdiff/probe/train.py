@@ -24,19 +24,20 @@ import copy
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from voxdiff.core.config import warn_renamed
+from voxdiff.core.engine import Engine, EngineConfig, TrainTask
 from voxdiff.core.errors import InputError, TrainingError
 from voxdiff.core.metrics import mean_dice
 from voxdiff.core.runtime import resolve_device
-from voxdiff.core.schedule import warmup_cosine
 
 from .heads import count_parameters, feature_stats, make_head
 from .predict import features, logits_to_labels, predict_logits, set_frozen, unit_image
@@ -71,7 +72,8 @@ class ProbeConfig:
     roi: sliding-window size for validation and for the saved segmenter.
     overlap: sliding-window overlap.
     n_classes: output classes incl. background (14 = BTCV).
-    amp: bf16 autocast for the feature extractor.
+    bf16: bf16 autocast for the feature extractor where the device computes bf16 natively
+      (fp32 elsewhere; ``amp`` is the deprecated old name, still accepted).
     device: auto, cpu or cuda.
     seed: seed of patch sampling and head initialisation.
     frozen_training: how linear/non-linear heads are trained: ``voxels`` (voxel samples of cached
@@ -99,11 +101,19 @@ class ProbeConfig:
     roi: tuple[int, int, int] = (96, 96, 64)
     overlap: float = 0.5
     n_classes: int = 14
-    amp: bool = False
+    bf16: bool = False
     device: str = "auto"
     seed: int = 0
     frozen_training: str = "voxels"
     voxels_per_step: int = 8192
+    amp: InitVar[bool | None] = None  # the old name of bf16 (keyword argument; saved configs: RENAMED)
+
+    RENAMED: ClassVar[dict[str, str]] = {"amp": "bf16"}
+
+    def __post_init__(self, amp: bool | None) -> None:
+        if amp is not None:
+            warn_renamed(type(self), "amp", "bf16")
+            self.bf16 = bool(amp)
 
 
 def _to_device(extractor, device: torch.device) -> None:
@@ -248,38 +258,13 @@ def validate(extractor, heads: dict[str, nn.Module], cases: Sequence, cfg: Probe
     scores: dict[str, list[float]] = {n: [] for n in heads}
     for case in cases:
         out = predict_logits(extractor, heads, unit_image(case, window), cfg.roi, cfg.overlap,
-                             device=device, amp=cfg.amp)
+                             device=device, amp=cfg.bf16)
         for n, lg in out.items():
             scores[n].append(mean_dice(logits_to_labels(lg), np.asarray(case.label), cfg.n_classes))
     return {n: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for n, v in scores.items()}
 
 
 # ------------------------------------------------------------------------------------ training
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, disable=None if enabled else True, leave=False)
-
-
-def _check_loss(loss: torch.Tensor, name: str, step: int) -> None:
-    if not torch.isfinite(loss):
-        raise TrainingError(f"{name}: loss became {loss.item()} at step {step}")
-
-
-def head_step(models: dict[str, nn.Module], opts: dict, scheds: dict, running: dict[str, float], step: int,
-              loss_of) -> None:
-    """One optimisation step of every head (``loss_of(head) -> loss``); ``running`` holds smoothed losses."""
-    for n, m in models.items():
-        m.train()
-        loss = loss_of(m)
-        _check_loss(loss, n, step)
-        opts[n].zero_grad(set_to_none=True)
-        loss.backward()
-        opts[n].step()
-        scheds[n].step()
-        running[n] = 0.9 * running[n] + 0.1 * loss.item() if step > 1 else loss.item()
 
 
 def keep_best(best: dict[str, tuple[float, dict]], models: dict[str, nn.Module], val: dict[str, float],
@@ -300,6 +285,79 @@ def restore_best(models: dict[str, nn.Module], best: dict[str, tuple[float, dict
     return models
 
 
+class HeadsTask(TrainTask):
+    """Frozen heads as one engine task: one optimiser over every head (AdamW is per parameter, so
+    this equals one optimiser per head), the loss is the sum of the heads' losses (their gradients
+    do not mix: the features carry none). ``losses_of(models, step)`` gives each head's loss of a
+    step, ``validate_of(models)`` the validation Dice and the heads to keep when they are the best
+    so far. The sampler's generator, smoothed losses, best states and history live in the train state."""
+
+    def __init__(self, models: dict[str, nn.Module], losses_of, validate_of, cfg: ProbeConfig, sampler,
+                 history: list | None):
+        self.models = nn.ModuleDict(models)
+        self.losses_of, self.validate_of, self.cfg, self.sampler = losses_of, validate_of, cfg, sampler
+        self.history = history if history is not None else []
+        self.running: dict[str, torch.Tensor] = {}
+        self.best = {n: (-math.inf, copy.deepcopy(m.state_dict())) for n, m in models.items()}
+
+    def module(self) -> nn.Module:
+        return self.models
+
+    def step(self, model, batch, step: int, gen):
+        for m in self.models.values():
+            m.train()
+        losses = self.losses_of(dict(self.models.items()), step)
+        for n, loss in losses.items():
+            v = loss.detach().double()  # smoothed in float64, as python floats were
+            self.running[n] = 0.9 * self.running[n] + 0.1 * v if step > 0 else v
+        total = torch.stack(list(losses.values())).sum()
+        return total, {f"loss_{n}": v.detach() for n, v in losses.items()}
+
+    def needs_sync(self, done: int) -> bool:
+        return done % self.cfg.val_every == 0 or done == self.cfg.steps
+
+    def after_step(self, engine: Engine, done: int) -> bool:
+        if self.needs_sync(done):
+            val, keep = self.validate_of(dict(self.models.items()))
+            keep_best(self.best, keep, val, last=done == self.cfg.steps)
+            self.history.append({"step": done, "loss": {n: float(v) for n, v in self.running.items()},
+                                 "val_dice": val})
+        return False
+
+    def state(self):
+        tensors = {f"running.{n}": v for n, v in self.running.items()}
+        for n, (_, sd) in self.best.items():
+            tensors.update({f"best.{n}.{k}": v for k, v in sd.items()})
+        return tensors, {"sampler_rng": _rng_doc(self.sampler.rng), "history": self.history,
+                         "best_score": {n: _finite_or_none(b[0]) for n, b in self.best.items()}}
+
+    def load_state(self, tensors, doc) -> None:
+        self.sampler.rng.bit_generator.state = doc["sampler_rng"]
+        self.running = {n: tensors[f"running.{n}"] for n in self.models if f"running.{n}" in tensors}
+        for n in self.models:
+            sd = {k[len(f"best.{n}."):]: v for k, v in tensors.items() if k.startswith(f"best.{n}.")}
+            score = doc["best_score"].get(n)
+            self.best[n] = (-math.inf if score is None else float(score), sd)
+        self.history[:] = doc.get("history") or []
+
+
+def _rng_doc(rng: np.random.Generator) -> dict:
+    return rng.bit_generator.state
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
+
+
+def heads_engine_config(cfg: ProbeConfig, names: Sequence[str], progress: bool, desc: str) -> EngineConfig:
+    """Head fitting on the engine: AdamW (weight decay on every parameter), cosine decay from ``lr``
+    to 5 % of it without warm-up, no clipping, no EMA; the extractor's own autocast (``bf16``)."""
+    return EngineConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=0, min_lr_ratio=0.05, weight_decay=cfg.weight_decay,
+                        no_decay_1d=False, device=cfg.device, seed=cfg.seed, log_every=cfg.val_every,
+                        checkpoint_every=cfg.val_every, keep_checkpoints=1, progress=progress, desc=desc,
+                        label="+".join(names), nan_hint="continue from it with resume=True")
+
+
 def fit_heads(
     extractor,
     train_cases: Sequence,
@@ -308,12 +366,18 @@ def fit_heads(
     cfg: ProbeConfig | None = None,
     progress: bool = True,
     history: list | None = None,
+    state_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    stop_after: int | None = None,
 ) -> dict[str, nn.Module]:
     """Train several heads on the frozen extractor in one pass; return ``{name: best head}`` (eval mode).
 
     Every batch goes through the extractor once (no grad, eval mode) and feeds all heads. With
     validation cases the head state with the best validation Dice is returned, else the last one.
-    ``history`` (a list) receives ``{"step", "loss": {...}, "val": {...}}`` records.
+    ``history`` (a list) receives ``{"step", "loss": {...}, "val_dice": {...}}`` records.
+    ``state_dir``: train states every ``val_every`` steps there (:mod:`voxdiff.core.engine`);
+    ``resume`` continues the latest exactly; ``stop_after`` stops after that many steps (the best
+    heads so far are returned).
     """
     cfg = cfg or ProbeConfig()
     names = list(heads)
@@ -332,26 +396,22 @@ def fit_heads(
     stats = _measure_stats(extractor, sampler, cfg, device)
     for m in models.values():
         m.set_feature_stats(stats)
-    opts = {n: torch.optim.AdamW(m.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay) for n, m in models.items()}
-    scheds = {n: torch.optim.lr_scheduler.LambdaLR(o, _cosine(cfg.steps)) for n, o in opts.items()}
-    best = {n: (-math.inf, copy.deepcopy(m.state_dict())) for n, m in models.items()}
-    bar = _progress(cfg.steps, "probe " + "+".join(names), progress)
-    running = {n: 0.0 for n in names}
-    for step in range(1, cfg.steps + 1):
+
+    def losses_of(ms: dict[str, nn.Module], step: int) -> dict[str, torch.Tensor]:
         x, y = sampler.sample(cfg.batch_size)
         x, y = x.to(device), y.to(device)
         with torch.no_grad():
-            pyr = features(extractor, x, amp=cfg.amp, **sampler.extractor_inputs(device))
-        head_step(models, opts, scheds, running, step, lambda m: dice_ce_loss(m(pyr, out_size=x.shape[2:]), y))
-        bar.update(1)
-        bar.set_postfix({n: f"{v:.3f}" for n, v in running.items()})
-        if step % cfg.val_every == 0 or step == cfg.steps:
-            val = validate(extractor, models, val_cases, cfg, device, window)
-            keep_best(best, models, val, last=step == cfg.steps)
-            if history is not None:
-                history.append({"step": step, "loss": dict(running), "val_dice": val})
-    bar.close()
-    return restore_best(models, best)
+            pyr = features(extractor, x, amp=cfg.bf16, **sampler.extractor_inputs(device))
+        return {n: dice_ce_loss(m(pyr, out_size=x.shape[2:]), y) for n, m in ms.items()}
+
+    def validate_of(ms: dict[str, nn.Module]):
+        return validate(extractor, ms, val_cases, cfg, device, window), ms
+
+    task = HeadsTask(models, losses_of, validate_of, cfg, sampler, history)
+    engine = Engine(heads_engine_config(cfg, names, progress, "probe " + "+".join(names)), task, state_dir=state_dir,
+                    config=cfg, resume=resume)
+    engine.fit(stop_after)
+    return restore_best(models, task.best)
 
 
 def _measure_stats(extractor, sampler: PatchSampler, cfg: ProbeConfig, device, batches: int = 4):
@@ -364,15 +424,10 @@ def _measure_stats(extractor, sampler: PatchSampler, cfg: ProbeConfig, device, b
         with torch.no_grad():
             for _ in range(batches):
                 x, _ = sampler.sample(cfg.batch_size)
-                pyrs.append(features(extractor, x.to(device), amp=cfg.amp, **sampler.extractor_inputs(device)))
+                pyrs.append(features(extractor, x.to(device), amp=cfg.bf16, **sampler.extractor_inputs(device)))
     finally:
         sampler.rng = rng
     return feature_stats(pyrs)
-
-
-def _cosine(steps: int):
-    """LambdaLR factor: cosine decay from 1 to 0.05 over ``steps``."""
-    return lambda i: warmup_cosine(i, steps)
 
 
 def reinit_(module: nn.Module, seed: int) -> nn.Module:
@@ -387,6 +442,114 @@ def reinit_(module: nn.Module, seed: int) -> nn.Module:
     return module
 
 
+class NetworkTask(TrainTask):
+    """Fine-tuning / from-scratch training as an engine task: backbone + non-linear head, the
+    backbone frozen (and in eval mode) for the first ``warm`` steps, validation every ``val_every``
+    steps keeping the best (backbone, head) state, early stopping after ``patience`` validations
+    without a better Dice."""
+
+    def __init__(self, ext, backbone: nn.Module, head: nn.Module, sampler: PatchSampler, cfg: ProbeConfig, mode: str,
+                 device: torch.device, val_cases: Sequence, history: list | None):
+        self.ext, self.backbone, self.head, self.sampler, self.cfg = ext, backbone, head, sampler, cfg
+        self.mode, self.device, self.val_cases = mode, device, val_cases
+        self.history = history if history is not None else []
+        self.net = nn.ModuleDict({"head": head, "backbone": backbone})
+        self.warm = 0 if mode == "scratch" else min(cfg.warmup_steps, cfg.steps)
+        self.unfrozen = False
+        self.best: tuple[float, Any] = (-math.inf, None)
+        self.best_step, self.since_best = 0, 0
+        self.running: torch.Tensor | None = None
+
+    def module(self) -> nn.Module:
+        return self.net
+
+    def param_groups(self, module: nn.Module, cfg: EngineConfig):
+        # the backbone's group is there from the start; its parameters get gradients (and AdamW
+        # state) only once unfrozen, which is what adding the group at that step would do
+        c = self.cfg
+        head_lr = c.scratch_lr if self.mode == "scratch" else c.lr
+        bb_lr = c.scratch_lr if self.mode == "scratch" else c.backbone_lr
+        return [{"params": list(self.head.parameters()), "base_lr": head_lr, "weight_decay": c.weight_decay},
+                {"params": list(self.backbone.parameters()), "base_lr": bb_lr, "weight_decay": c.weight_decay}]
+
+    def on_fit_start(self, engine: Engine) -> None:
+        self.head.train()  # the backbone stays in eval mode (frozen) until it is unfrozen
+        if self.unfrozen:
+            self._unfreeze()
+
+    def _unfreeze(self) -> None:
+        self.backbone.train()
+        for p in self.backbone.parameters():
+            p.requires_grad_(True)
+        self.unfrozen = True
+
+    def on_step_start(self, engine: Engine, step: int) -> None:
+        if not self.unfrozen and step + 1 > self.warm:
+            self._unfreeze()
+
+    def step(self, model, batch, step: int, gen):
+        x, y = self.sampler.sample(self.cfg.batch_size)
+        x, y = x.to(self.device), y.to(self.device)
+        self.head.train()
+        if self.unfrozen:
+            pyr = features(self.ext, x, amp=self.cfg.bf16, grad=True, **self.sampler.extractor_inputs(self.device))
+            if not any(f.requires_grad for f in pyr):
+                raise TrainingError("the feature extractor returns no gradients; it cannot be fine-tuned")
+        else:
+            with torch.no_grad():
+                pyr = features(self.ext, x, amp=self.cfg.bf16, **self.sampler.extractor_inputs(self.device))
+        loss = dice_ce_loss(self.head(pyr, out_size=x.shape[2:]), y)
+        v = loss.detach().double()
+        self.running = 0.9 * self.running + 0.1 * v if (step > 0 and self.running is not None) else v
+        return loss, {}
+
+    def needs_sync(self, done: int) -> bool:
+        return done % self.cfg.val_every == 0 or done == self.cfg.steps
+
+    def after_step(self, engine: Engine, done: int) -> bool:
+        if not self.needs_sync(done):
+            return False
+        cfg, mode = self.cfg, self.mode
+        self.backbone.eval()
+        val = validate(self.ext, {mode: self.head}, self.val_cases, cfg, self.device, self.ext.preprocess.hu_window)
+        score = val.get(mode, float("nan"))
+        improved = bool(val) and np.isfinite(score) and score > self.best[0]
+        if not val or improved or (done == cfg.steps and self.best[1] is None):
+            self.best = (score if np.isfinite(score) else self.best[0],
+                         (copy.deepcopy(self.backbone.state_dict()), copy.deepcopy(self.head.state_dict())))
+            self.best_step = done
+        self.since_best = 0 if improved else self.since_best + 1
+        if self.unfrozen:
+            self.backbone.train()
+        self.history.append({"step": done, "loss": {mode: float(self.running) if self.running is not None else 0.0},
+                             "val_dice": val})
+        # early stopping: no better validation Dice for `patience` validations in a row
+        return bool(cfg.patience > 0 and val and self.since_best >= cfg.patience and self.best[1] is not None)
+
+    def state(self):
+        tensors: dict[str, torch.Tensor] = {}
+        if self.running is not None:
+            tensors["running"] = self.running
+        if self.best[1] is not None:
+            bstate, hstate = self.best[1]
+            tensors.update({f"best.backbone.{k}": v for k, v in bstate.items()})
+            tensors.update({f"best.head.{k}": v for k, v in hstate.items()})
+        return tensors, {"sampler_rng": _rng_doc(self.sampler.rng), "history": self.history,
+                         "best_score": _finite_or_none(self.best[0]), "has_best": self.best[1] is not None,
+                         "best_step": self.best_step, "since_best": self.since_best, "unfrozen": self.unfrozen}
+
+    def load_state(self, tensors, doc) -> None:
+        self.sampler.rng.bit_generator.state = doc["sampler_rng"]
+        self.running = tensors.get("running")
+        if doc.get("has_best"):
+            self.best = (-math.inf if doc["best_score"] is None else float(doc["best_score"]),
+                         ({k[len("best.backbone."):]: v for k, v in tensors.items() if k.startswith("best.backbone.")},
+                          {k[len("best.head."):]: v for k, v in tensors.items() if k.startswith("best.head.")}))
+        self.best_step, self.since_best = int(doc["best_step"]), int(doc["since_best"])
+        self.unfrozen = bool(doc["unfrozen"])
+        self.history[:] = doc.get("history") or []
+
+
 def fit_network(
     extractor,
     train_cases: Sequence,
@@ -395,6 +558,9 @@ def fit_network(
     cfg: ProbeConfig | None = None,
     progress: bool = True,
     history: list | None = None,
+    state_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    stop_after: int | None = None,
 ):
     """Fine-tune (``finetune``) or train from scratch (``scratch``) backbone + non-linear head.
 
@@ -403,7 +569,10 @@ def fit_network(
     trained (a BPR inside stays frozen). With validation cases and ``cfg.patience`` > 0, training
     stops after ``patience`` validations in a row without a better validation Dice (early
     stopping). The head records ``best_val_dice``, ``best_step`` (the step of the returned state)
-    and ``steps_run`` (less than ``cfg.steps`` when stopped early).
+    and ``steps_run`` (less than ``cfg.steps`` when stopped early). Training runs on the engine
+    (:mod:`voxdiff.core.engine`): AdamW, constant learning rates (head ``lr``, backbone
+    ``backbone_lr``; ``scratch_lr`` for both from scratch), no clipping, no EMA. ``state_dir``,
+    ``resume``, ``stop_after``: as for :func:`fit_heads`.
     """
     if mode not in TUNED_MODES:
         raise ValueError(f"mode must be one of {TUNED_MODES}")
@@ -417,77 +586,30 @@ def fit_network(
     if mode == "scratch":
         reinit_(backbone, cfg.seed + 1)
     _to_device(ext, device)
-    window = ext.preprocess.hu_window
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     sampler = make_sampler(ext, train_cases, cfg, rng)
     chans = [int(lv.channels) for lv in ext.levels]
     head = make_head("nonlinear", chans, cfg.n_classes, cfg.hidden, cfg.blocks).to(device)
     head.set_feature_stats(_measure_stats(ext, sampler, cfg, device))
-    head_lr = cfg.scratch_lr if mode == "scratch" else cfg.lr
-    opt = torch.optim.AdamW(head.parameters(), lr=head_lr, weight_decay=cfg.weight_decay)
-    warm = 0 if mode == "scratch" else min(cfg.warmup_steps, cfg.steps)
-    unfrozen = False
-    best = (-math.inf, None)
-    best_step, since_best, step = 0, 0, 0
-    bar = _progress(cfg.steps, mode, progress)
-    running = 0.0
-
-    def snapshot():
-        return copy.deepcopy(backbone.state_dict()), copy.deepcopy(head.state_dict())
-
-    for step in range(1, cfg.steps + 1):
-        if not unfrozen and step > warm:
-            backbone.train()
-            params = []
-            for p in backbone.parameters():
-                p.requires_grad_(True)
-                params.append(p)
-            lr = cfg.scratch_lr if mode == "scratch" else cfg.backbone_lr
-            opt.add_param_group({"params": params, "lr": lr, "weight_decay": cfg.weight_decay})
-            unfrozen = True
-        x, y = sampler.sample(cfg.batch_size)
-        x, y = x.to(device), y.to(device)
-        head.train()
-        if unfrozen:
-            pyr = features(ext, x, amp=cfg.amp, grad=True, **sampler.extractor_inputs(device))
-            if not any(f.requires_grad for f in pyr):
-                raise TrainingError("the feature extractor returns no gradients; it cannot be fine-tuned")
-        else:
-            with torch.no_grad():
-                pyr = features(ext, x, amp=cfg.amp, **sampler.extractor_inputs(device))
-        loss = dice_ce_loss(head(pyr, out_size=x.shape[2:]), y)
-        _check_loss(loss, mode, step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        running = 0.9 * running + 0.1 * loss.item() if step > 1 else loss.item()
-        bar.update(1)
-        bar.set_postfix(loss=f"{running:.3f}")
-        if step % cfg.val_every == 0 or step == cfg.steps:
-            backbone.eval()
-            val = validate(ext, {mode: head}, val_cases, cfg, device, window)
-            score = val.get(mode, float("nan"))
-            improved = bool(val) and np.isfinite(score) and score > best[0]
-            if not val or improved or (step == cfg.steps and best[1] is None):
-                best = (score if np.isfinite(score) else best[0], snapshot())
-                best_step = step
-            since_best = 0 if improved else since_best + 1
-            if unfrozen:
-                backbone.train()
-            if history is not None:
-                history.append({"step": step, "loss": {mode: running}, "val_dice": val})
-            if cfg.patience > 0 and val and since_best >= cfg.patience and best[1] is not None:
-                break  # early stopping: no better validation Dice for `patience` validations
-    bar.close()
-    bstate, hstate = best[1]
+    task = NetworkTask(ext, backbone, head, sampler, cfg, mode, device, val_cases, history)
+    ecfg = EngineConfig(steps=cfg.steps, lr=cfg.lr, schedule="constant", weight_decay=cfg.weight_decay,
+                        no_decay_1d=False, device=cfg.device, seed=cfg.seed, log_every=cfg.val_every,
+                        checkpoint_every=cfg.val_every, keep_checkpoints=1, progress=progress, desc=mode, label=mode,
+                        nan_hint="continue from it with resume=True")
+    engine = Engine(ecfg, task, state_dir=state_dir, config=cfg, resume=resume)
+    steps_run = engine.fit(stop_after)
+    if task.best[1] is None:  # stopped on request before the first validation: the current state
+        task.best = (-math.inf, (copy.deepcopy(backbone.state_dict()), copy.deepcopy(head.state_dict())))
+    bstate, hstate = task.best[1]
     backbone.load_state_dict(bstate)
     head.load_state_dict(hstate)
     set_frozen(ext)
     head.eval()
-    head.best_val_dice = None if best[0] == -math.inf else float(best[0])  # type: ignore[attr-defined]
-    head.best_step = best_step  # type: ignore[attr-defined]
-    head.steps_run = step  # type: ignore[attr-defined]
+    best = task.best[0]
+    head.best_val_dice = None if best == -math.inf else float(best)  # type: ignore[attr-defined]
+    head.best_step = task.best_step  # type: ignore[attr-defined]
+    head.steps_run = steps_run  # type: ignore[attr-defined]
     return ext, head
 
 

@@ -20,28 +20,27 @@ sees orders of magnitude more labelled voxels per second on a CPU than patch tra
 from __future__ import annotations
 
 import copy
-import math
+import os
 from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
+from voxdiff.core.engine import Engine
 from voxdiff.core.errors import InputError
 from voxdiff.core.metrics import mean_dice
 from voxdiff.core.runtime import resolve_device
-from voxdiff.core.schedule import warmup_cosine
 
 from .heads import LinearHead, NonLinearHead
 from .predict import set_frozen, unit_image
 from .train import (
     FROZEN_MODES,
+    HeadsTask,
     ProbeConfig,
     class_voxel_index,
-    head_step,
-    keep_best,
+    heads_engine_config,
     restore_best,
 )
 
@@ -59,7 +58,7 @@ def volume_pyramid(extractor, image_unit: np.ndarray, cfg: ProbeConfig) -> list[
     d = _divisor(extractor)
     pad = [(0, (-n) % d) for n in image_unit.shape]
     vol = np.pad(image_unit, pad, constant_values=0.0) if any(p[1] for p in pad) else image_unit
-    pyr = extract_volume(extractor, vol, roi=cfg.roi, overlap=cfg.overlap, progress=False, bf16=cfg.amp)
+    pyr = extract_volume(extractor, vol, roi=cfg.roi, overlap=cfg.overlap, progress=False, bf16=cfg.bf16)
     return [p[0] for p in pyr]  # drop the batch axis
 
 
@@ -192,13 +191,16 @@ def prior_corrected(head: nn.Module, log_ratio: torch.Tensor) -> nn.Module:
 
 def fit_heads_voxels(extractor, train_cases: Sequence, val_cases: Sequence = (),
                      heads: Sequence[str] = ("linear", "nonlinear"), cfg: ProbeConfig | None = None,
-                     voxels_per_step: int = 8192, progress: bool = True, history: list | None = None
-                     ) -> dict[str, nn.Module]:
+                     voxels_per_step: int = 8192, progress: bool = True, history: list | None = None,
+                     state_dir: str | os.PathLike | None = None, resume: bool = False,
+                     stop_after: int | None = None) -> dict[str, nn.Module]:
     """Train frozen heads on voxel samples of cached whole-volume features; ``{name: best head}``.
 
     ``cfg.steps`` optimisation steps of ``voxels_per_step`` voxels; cross-entropy (voxels are
     class-balanced by the sampler, which is what the soft Dice term does for patches); validation
-    on whole volumes every ``cfg.val_every`` steps keeps the best state per head.
+    on whole volumes every ``cfg.val_every`` steps keeps the best state per head. Training runs on
+    the engine (:func:`voxdiff.probe.train.heads_engine_config`); ``state_dir``, ``resume`` and
+    ``stop_after`` as for :func:`voxdiff.probe.train.fit_heads`.
     """
     cfg = cfg or ProbeConfig()
     device = resolve_device(cfg.device)
@@ -219,23 +221,18 @@ def fit_heads_voxels(extractor, train_cases: Sequence, val_cases: Sequence = (),
     for m in models.values():
         m.set_feature_stats(stats)
     log_ratio = prior_log_ratio(labels, sampler, cfg.n_classes).to(device)
-    opts = {n: torch.optim.AdamW(m.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay) for n, m in models.items()}
-    scheds = {n: torch.optim.lr_scheduler.LambdaLR(o, lambda i: warmup_cosine(i, cfg.steps)) for n, o in opts.items()}
-    best = {n: (-math.inf, copy.deepcopy(m.state_dict())) for n, m in models.items()}
-    running = {n: 0.0 for n in models}
-    bar = tqdm(total=cfg.steps, desc="probe(voxels) " + "+".join(models), disable=None if progress else True, leave=False)
-    for step in range(1, cfg.steps + 1):
+
+    def losses_of(ms: dict[str, nn.Module], step: int) -> dict[str, torch.Tensor]:
         pyr, y = gather(pyrs, labels, strides, sampler.sample(voxels_per_step))
         pyr, y = [p.to(device) for p in pyr], y.to(device)
-        head_step(models, opts, scheds, running, step,
-                  lambda m: F.cross_entropy(m(pyr, out_size=(1, 1, 1))[:, :, 0, 0, 0], y))
-        bar.update(1)
-        bar.set_postfix({n: f"{v:.3f}" for n, v in running.items()})
-        if step % cfg.val_every == 0 or step == cfg.steps:
-            corrected = {n: prior_corrected(m, log_ratio) for n, m in models.items()}
-            val = validate_volume(extractor, corrected, val_cases, cfg)
-            keep_best(best, corrected, val, last=step == cfg.steps)
-            if history is not None:
-                history.append({"step": step, "loss": dict(running), "val_dice": val})
-    bar.close()
-    return restore_best(models, best)
+        return {n: F.cross_entropy(m(pyr, out_size=(1, 1, 1))[:, :, 0, 0, 0], y) for n, m in ms.items()}
+
+    def validate_of(ms: dict[str, nn.Module]):
+        corrected = {n: prior_corrected(m, log_ratio) for n, m in ms.items()}
+        return validate_volume(extractor, corrected, val_cases, cfg), corrected
+
+    task = HeadsTask(models, losses_of, validate_of, cfg, sampler, history)
+    ecfg = heads_engine_config(cfg, list(models), progress, "probe(voxels) " + "+".join(models))
+    engine = Engine(ecfg, task, state_dir=state_dir, config=cfg, resume=resume)
+    engine.fit(stop_after)
+    return restore_best(models, task.best)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
+from voxdiff.core.config import warn_renamed
 from voxdiff.core.errors import InputError, VoxdiffWarning
 from voxdiff.core.outputs import check_output_path
 
@@ -22,15 +23,24 @@ class SegmentConfig:
     """Options of ``voxdiff segment``.
 
     device: cpu, cuda or auto.
-    amp: bf16 autocast for the feature extractor.
+    bf16: bf16 autocast for the feature extractor where the device computes bf16 natively
+      (fp32 elsewhere; ``amp`` is the deprecated old name, still accepted).
     sw_batch_size: sliding windows per forward pass.
     overlap: sliding-window overlap (null = the model's).
     """
 
     device: str = "auto"
-    amp: bool = False
+    bf16: bool = False
     sw_batch_size: int = 2
     overlap: float | None = None
+    amp: InitVar[bool | None] = None  # the old name of bf16 (keyword argument; saved configs: RENAMED)
+
+    RENAMED: ClassVar[dict[str, str]] = {"amp": "bf16"}
+
+    def __post_init__(self, amp: bool | None) -> None:
+        if amp is not None:
+            warn_renamed(type(self), "amp", "bf16")
+            self.bf16 = bool(amp)
 
 
 def raw_case(image: np.ndarray, affine: np.ndarray, case_id: str = "input", image_path: str | None = None,
@@ -86,7 +96,7 @@ def segment_ct(
     case = raw_case(hu, affine, case_id=Path(ct_path).name, image_path=str(ct_path))
     if cfg.overlap is not None:
         seg.overlap = float(cfg.overlap)
-    labels = seg.predict(case, device=device, amp=cfg.amp, sw_batch_size=cfg.sw_batch_size, progress=progress)
+    labels = seg.predict(case, device=device, amp=cfg.bf16, sw_batch_size=cfg.sw_batch_size, progress=progress)
     if labels.shape != hu.shape:  # pragma: no cover - restore_to_original guarantees it
         raise RuntimeError(f"label map {labels.shape} does not match the input grid {hu.shape}")
     save_nifti(out, labels.astype(np.uint8), affine, dtype=np.uint8)

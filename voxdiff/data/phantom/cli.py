@@ -20,21 +20,37 @@ def register(root: CommandGroup) -> None:
         ),
     )
     p.add_argument("out", type=str, help="output folder (refused when it exists and is not empty, unless --force)")
-    p.add_argument("--n-train", "--n_train", dest="n_train", type=int, default=10, help="labelled training cases")
-    p.add_argument("--n-test", "--n_test", dest="n_test", type=int, default=5, help="labelled held-out test cases")
-    p.add_argument("--n-unlabelled", "--n_unlabelled", dest="n_unlabelled", type=int, default=20, help="unlabelled cases (pretraining)")
+    # (--n_train etc., the hyphenated spellings of before, still work: voxdiff.core.cli.underscore_options)
+    p.add_argument("--n_train", type=int, default=10, help="labelled training cases")
+    p.add_argument("--n_test", type=int, default=5, help="labelled held-out test cases")
+    p.add_argument("--n_unlabelled", type=int, default=20, help="unlabelled cases (pretraining)")
     p.add_argument("--seed", type=int, default=0, help="data set seed (case seeds are derived from it)")
     p.add_argument("--workers", type=int, default=1, help="worker processes")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--preview", action="store_true", help="also write OUT/preview.png (3 views + labels)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--train_site", type=str, default="",
+                   help='JSON dict of settings for the labelled training cases only (a shifted regime), '
+                        'e.g. \'{"phases": ["portal_venous"], "z_modes": ["abdomen"]}\'')
     add_config(p, PhantomConfig)
 
 
 def run_phantom(ns) -> None:
+    import json
+
+    from voxdiff.core.errors import InputError
+
     from .dataset import make_phantom_dataset
 
     cfg = from_namespace(PhantomConfig, ns)
+    site = None
+    if ns.train_site:
+        try:
+            site = json.loads(ns.train_site)
+        except json.JSONDecodeError as e:
+            raise InputError(None, f"--train_site is not valid JSON ({e.msg})") from None
+        if not isinstance(site, dict):
+            raise InputError(None, "--train_site must be a JSON object of phantom settings")
     out = make_phantom_dataset(
         ns.out,
         n_train=ns.n_train,
@@ -46,5 +62,6 @@ def run_phantom(ns) -> None:
         workers=ns.workers,
         preview=bool(ns.preview),
         progress=not ns.quiet,
+        train_site=site,
     )
     print(f"wrote {ns.n_train} training, {ns.n_test} test and {ns.n_unlabelled} unlabelled phantoms to {out}")

@@ -69,6 +69,7 @@ def make_phantom_dataset(
     workers: int = 1,
     preview: bool = True,
     progress: bool = True,
+    train_site: dict[str, Any] | None = None,
 ) -> Path:
     """Generate ``n_train`` + ``n_test`` labelled and ``n_unlabelled`` image-only phantoms into ``out``.
 
@@ -77,10 +78,22 @@ def make_phantom_dataset(
     subject parameters, landmarks, organ volumes), ``config.yaml`` and ``preview.png``. The folder
     appears only when everything was written; an existing non-empty ``out`` is refused unless
     ``force``.
+
+    ``train_site``: :class:`PhantomConfig` overrides for the labelled training cases only (e.g.
+    ``{"phases": ["portal_venous"], "z_modes": ["abdomen"]}``): a shifted regime where the labels
+    come from one acquisition setting while test and unlabelled cases span every setting.
     """
+    import dataclasses
+
     from tqdm import tqdm
 
     cfg = cfg or PhantomConfig()
+    train_cfg = cfg
+    if train_site:
+        unknown = sorted(set(train_site) - set(PhantomConfig.__dataclass_fields__))
+        if unknown:
+            raise InputError(None, f"train_site: unknown phantom settings {', '.join(unknown)}")
+        train_cfg = dataclasses.replace(cfg, **{k: (tuple(v) if isinstance(v, list) else v) for k, v in train_site.items()})
     for name, n in (("n_train", n_train), ("n_test", n_test), ("n_unlabelled", n_unlabelled)):
         if int(n) < 0:
             raise InputError(None, f"{name} must be >= 0, got {n}")
@@ -97,13 +110,14 @@ def make_phantom_dataset(
         try:
             if workers and workers > 1:
                 with ProcessPoolExecutor(max_workers=int(workers)) as ex:
-                    futs = [(it, ex.submit(_write_case, str(tmp), it, cfg)) for it in plan]
+                    futs = [(it, ex.submit(_write_case, str(tmp), it, train_cfg if it["set"] == "train" else cfg))
+                            for it in plan]
                     for it, fu in futs:
                         infos[it["case_id"]] = fu.result()
                         bar.update(1)
             else:
                 for it in plan:
-                    infos[it["case_id"]] = _write_case(str(tmp), it, cfg)
+                    infos[it["case_id"]] = _write_case(str(tmp), it, train_cfg if it["set"] == "train" else cfg)
                     bar.update(1)
         finally:
             bar.close()
@@ -128,12 +142,14 @@ def make_phantom_dataset(
                 "generator_version": GENERATOR_VERSION,
                 "seed": int(seed),
                 "config": to_dict(cfg),
+                "train_site": dict(train_site or {}),
                 "cases": {cid: {"set": i["set"], "seed": i["seed"]} for cid, i in infos.items()},
             },
         }
         atomic_write_json(tmp / "dataset.json", dj)
         atomic_write_json(tmp / "phantoms.json", infos)
-        write_config(tmp / "config.yaml", cfg, extra={"dataset": {"n_train": n_train, "n_test": n_test, "n_unlabelled": n_unlabelled, "seed": seed}})
+        write_config(tmp / "config.yaml", cfg, extra={"dataset": {"n_train": n_train, "n_test": n_test, "n_unlabelled": n_unlabelled, "seed": seed,
+                                            "train_site": dict(train_site or {})}})
         if preview:
             from .preview import preview_png
 

@@ -63,6 +63,11 @@ class DiffusionConfig:
         noise_seed: seed of the fixed feature noise.
         condition_source: volume (the BPR map of the whole volume, cropped per patch) | patch (the BPR
             of each patch alone).
+        min_snr_gamma: Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is their choice); 0 = off
+            (every t weighted alike for the training target).
+        condition_dropout: share of training samples whose condition channels are set to zero
+            (classifier-free style), so that the denoiser must also use the image; features always
+            get the condition.
     """
 
     condition: str = "none"
@@ -74,6 +79,8 @@ class DiffusionConfig:
     feature_timesteps: tuple[int, ...] = (10,)
     noise_seed: int = 0
     condition_source: str = "volume"
+    min_snr_gamma: float = 0.0
+    condition_dropout: float = 0.0
 
 
 CONDITION_SOURCES = ("volume", "patch")
@@ -118,6 +125,10 @@ class DiffusionTask(PretextTask):
             raise InputError(None, f"unknown condition {o.condition!r}; choose from {', '.join(CONDITIONS)}")
         if o.condition_source not in CONDITION_SOURCES:
             raise InputError(None, f"unknown condition_source {o.condition_source!r}; choose from {', '.join(CONDITION_SOURCES)}")
+        if not 0.0 <= o.condition_dropout < 1.0:
+            raise InputError(None, f"condition_dropout must lie in [0, 1), got {o.condition_dropout}")
+        if o.min_snr_gamma < 0:
+            raise InputError(None, f"min_snr_gamma must be >= 0 (0 = off), got {o.min_snr_gamma}")
         self.opts = o
         self._fields: list | None = None  # whole-volume coordinate fields of the training cases
         self.process = GaussianDiffusion(o.diffusion_steps, o.beta_schedule, o.prediction)
@@ -275,10 +286,16 @@ class DiffusionTask(PretextTask):
         cond = batch.get("cond")
         if cond is None:
             cond = self.condition_map(image)
+        if cond is not None and self.opts.condition_dropout > 0:
+            keep = torch.rand(b, generator=generator, device=image.device) >= self.opts.condition_dropout
+            cond = cond * keep.view(-1, *([1] * (cond.ndim - 1))).to(cond.dtype)
         pred, _ = backbone(self._join(x_t, cond), t)
         target = self.process.target(x0, noise, t)
         per = F.mse_loss(pred.float(), target, reduction="none").flatten(1).mean(1)
-        loss = per.mean()
+        if self.opts.min_snr_gamma > 0:
+            loss = (per * self.process.min_snr_weight(t, self.opts.min_snr_gamma)).mean()
+        else:
+            loss = per.mean()
         metrics: dict[str, Any] = {}
         # loss per t-bucket (quarters of the chain) as device sums and counts (no host
         # synchronisation); the engine averages over the log interval and drops empty buckets

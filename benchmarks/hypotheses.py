@@ -1,0 +1,329 @@
+"""Why do frozen features plateau? Hypothesis tests on the backbones of a multi-seed benchmark.
+
+Runs on a finished (or partly finished) ``voxdiff experiment compare --seeds ...`` folder and reuses
+each seed's pretrained backbones, heads and split; nothing is pretrained again. Each test prints
+one JSON line per (test, method, seed, variant) with its value (the mean test Dice in %, mean over
+cases of each case's organ mean; or a loss), and a summary over seeds at the end:
+
+* ``shift``: the experiment's fitted non-linear head (its segmenter bundle) scored on the test
+  phantoms with every HU value shifted by -30 / 0 / +30, and on its own training phantoms (the
+  train-vs-test gap).
+* ``floor``: a non-linear head fitted on the BPR map alone (the diffusion + BPR model's whole-volume
+  condition, 3 channels for ape), the floor any BPR-conditioned feature should beat.
+* ``levels``: a non-linear head fitted on one pyramid level at a time (the others set to zero), to
+  see which levels carry organ information.
+* ``window``: features extracted with windows of the training patch, of the budget's probe window
+  (the default), and of the whole volume (one window), each with its own fitted non-linear head:
+  does the window size matter (GroupNorm statistics are per window), and can extraction use one
+  window per volume (several times less compute than overlapping windows)?
+* ``passes`` (diffusion models): the feature passes changed at extraction only, each with its own
+  fitted non-linear head: features averaged over 4 fixed noise draws, and the clean image given
+  the t = 250 embedding in place of its noisy pass ("clean image told t = 250").
+* ``bottleneck`` (diffusion models): the denoising loss (MSE of the training target) per timestep
+  on 64 test patches, as trained and with the deepest level's path cut (the first upsampling from
+  the bottleneck outputs zeros): how much of the denoising at each t depends on the deepest level.
+
+    .venv/bin/python benchmarks/hypotheses.py runs/bench --tests shift,floor,levels \
+        --methods diffusion-ape,contrastive --out runs/bench/hypotheses.json
+
+Heads use the experiment's probe settings and seed (the seed folder's), one CPU thread unless
+``--threads``. Whole-volume features are computed once per (seed, method) and reused by every
+variant of that backbone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import yaml
+
+from voxdiff.core.config import from_dict
+from voxdiff.core.runtime import tune_allocator
+from voxdiff.evaluate.metrics import dice_per_class
+from voxdiff.experiments.base import Experiment, ExperimentConfig
+from voxdiff.pretrain.backbone import LevelInfo
+from voxdiff.pretrain.load import load_pretrained
+from voxdiff.probe import voxel
+from voxdiff.probe.bundle import load_segmenter
+from voxdiff.probe.predict import logits_to_labels, unit_image
+
+SHIFTS = (-30.0, 0.0, 30.0)
+
+
+def open_seed(folder: Path) -> Experiment:
+    saved = yaml.safe_load((folder / "config.yaml").read_text())
+    cfg = from_dict(ExperimentConfig, saved["config"], strict=False)
+    return Experiment(cfg, folder, log=lambda *a: None, budget=saved["budget_settings"])
+
+
+class FeatureCache:
+    """Whole-volume pyramids keyed by (backbone, image content): computed once, reused by variants.
+    Installed in place of :func:`voxdiff.probe.voxel.volume_pyramid` while a backbone is tested."""
+
+    def __init__(self) -> None:
+        self.store: dict[tuple[str, str], list[torch.Tensor]] = {}
+        self.key = ""
+        self.transform: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
+        self._real = voxel.volume_pyramid
+
+    def __call__(self, extractor, image_unit: np.ndarray, cfg) -> list[torch.Tensor]:
+        h = hashlib.sha1(np.ascontiguousarray(image_unit, dtype=np.float32).tobytes()).hexdigest()
+        k = (self.key, h)
+        if k not in self.store:
+            self.store[k] = self._real(extractor, image_unit, cfg)
+        pyr = self.store[k]
+        return self.transform(pyr) if self.transform is not None else pyr
+
+    def install(self, key: str) -> None:
+        self.key = key
+        self.transform = None
+        voxel.volume_pyramid = self  # type: ignore[assignment]
+
+    def clear(self) -> None:
+        self.store.clear()
+
+
+def score(ext, head, cases, pcfg, shift: float = 0.0) -> float:
+    """Mean over cases of each case's organ-mean Dice; ``shift`` HU added to every image."""
+    vals = []
+    for case in cases:
+        c = dataclasses.replace(case, image=np.asarray(case.image, dtype=np.float32) + shift) if shift else case
+        lg = voxel.predict_logits_volume(ext, {"h": head}, unit_image(c, ext.preprocess.hu_window), pcfg)["h"]
+        d = dice_per_class(logits_to_labels(lg), np.asarray(case.label), pcfg.n_classes)
+        v = [x for x in d.values() if x is not None and np.isfinite(x)]
+        vals.append(float(np.mean(v)) if v else float("nan"))
+    return float(np.nanmean(vals))
+
+
+def fit_nonlinear(ext, train, val, pcfg, vox: int):
+    return voxel.fit_heads_voxels(ext, train, val, ("nonlinear",), pcfg, progress=False, voxels_per_step=vox)["nonlinear"]
+
+
+def test_shift(exp: Experiment, method: str, folds, emit) -> None:
+    train, val, test = folds
+    seg = load_segmenter(exp.out / f"probe-{method}-f0" / "segmenter-nonlinear")
+    pcfg = exp.probe_cfg()
+    for s in SHIFTS:
+        emit("shift", method, f"test {s:+.0f} HU", score(seg.extractor, seg.head, test, pcfg, s))
+    emit("shift", method, "train (fitted on)", score(seg.extractor, seg.head, train, pcfg))
+
+
+def test_floor(exp: Experiment, method: str, folds, emit, cache: FeatureCache) -> None:
+    """Head on the condition map alone: the extractor's forward returns the coordinates it was given."""
+    train, val, test = folds
+    ext = load_pretrained(exp.out / f"pretrain-{method}" / "model")
+    if ext.condition_channels == 0:
+        return
+    n = ext.condition_channels
+
+    def coords_only(image_unit, voxel_index=None, coords=None):
+        if coords is None:
+            raise RuntimeError("no condition map was passed (condition 'auto' should pass one)")
+        return [coords.to(image_unit.device, torch.float32)]
+
+    ext.forward = coords_only  # type: ignore[method-assign]
+    ext.levels = [LevelInfo("bpr", n, 1)]
+    cache.install(f"{exp.out}/{method}/floor")
+    pcfg = exp.probe_cfg()
+    head = fit_nonlinear(ext, train, val, pcfg, int(exp.budget.get("probe_voxels", 8192)))
+    emit("floor", method, "BPR map only", score(ext, head, test, pcfg))
+
+
+def test_levels(exp: Experiment, method: str, folds, emit, cache: FeatureCache) -> None:
+    train, val, test = folds
+    ext = load_pretrained(exp.out / f"pretrain-{method}" / "model")
+    cache.install(f"{exp.out}/{method}")
+    pcfg = exp.probe_cfg()
+    vox = int(exp.budget.get("probe_voxels", 8192))
+    for keep in range(len(ext.levels)):
+        cache.transform = lambda pyr, k=keep: [p if i == k else torch.zeros_like(p) for i, p in enumerate(pyr)]
+        head = fit_nonlinear(ext, train, val, pcfg, vox)
+        emit("levels", method, f"level {keep} only (stride {ext.levels[keep].stride})", score(ext, head, test, pcfg))
+    cache.transform = None
+
+
+def test_window(exp: Experiment, method: str, folds, emit, cache: FeatureCache) -> None:
+    train, val, test = folds
+    ext = load_pretrained(exp.out / f"pretrain-{method}" / "model")
+    vox = int(exp.budget.get("probe_voxels", 8192))
+    base = exp.probe_cfg()
+    rois = {"training patch": tuple(ext.patch_size), "probe window (default)": tuple(base.roi),
+            "whole volume": (1024, 1024, 1024)}
+    for name, roi in rois.items():
+        pcfg = exp.probe_cfg(roi=roi)
+        cache.install(f"{exp.out}/{method}/roi{roi}")
+        head = fit_nonlinear(ext, train, val, pcfg, vox)
+        t = time.time()
+        dice = score(ext, head, test, pcfg)
+        pyr_s = time.time() - t
+        emit("window", method, f"{name} {'x'.join(map(str, roi)) if name != 'whole volume' else ''}".strip(), dice)
+        emit("window", method, f"{name}: seconds to score the test cases", pyr_s, "seconds")
+
+
+def test_passes(exp: Experiment, method: str, folds, emit, cache: FeatureCache) -> None:
+    from voxdiff.pretrain.diffusion import to_model_range
+
+    train, val, test = folds
+    vox = int(exp.budget.get("probe_voxels", 8192))
+    pcfg = exp.probe_cfg()
+
+    ext = load_pretrained(exp.out / f"pretrain-{method}" / "model")
+    if ext.method != "diffusion":
+        return
+    task = ext.task
+    real = type(ext).forward.__get__(ext)
+    opts0 = task.opts
+
+    def averaged(image_unit, voxel_index=None, coords=None, draws=4):
+        pyrs = []
+        for k in range(draws):
+            task.opts = dataclasses.replace(opts0, noise_seed=opts0.noise_seed + k)
+            pyrs.append(real(image_unit, voxel_index=voxel_index, coords=coords))
+        task.opts = opts0
+        return [torch.stack(level).mean(0) for level in zip(*pyrs)]
+
+    ext.forward = averaged  # type: ignore[method-assign]
+    cache.install(f"{exp.out}/{method}/avg4")
+    head = fit_nonlinear(ext, train, val, pcfg, vox)
+    emit("passes", method, "features averaged over 4 noise draws", score(ext, head, test, pcfg))
+
+    ext = load_pretrained(exp.out / f"pretrain-{method}" / "model")
+    task = ext.task
+    real_passes = task.feature_passes
+
+    def clean_late(image, voxel_index=None, coords=None):
+        out = real_passes(image, voxel_index=voxel_index, coords=coords)
+        x0 = to_model_range(image.float())
+        fixed = []
+        for x, t in out:
+            if int(t[0]) >= 100:  # the noisy pass: the clean image with that timestep's embedding
+                x = torch.cat([x0, x[:, 1:]], 1)
+            fixed.append((x, t))
+        return fixed
+
+    task.feature_passes = clean_late  # type: ignore[method-assign]
+    cache.install(f"{exp.out}/{method}/clean250")
+    head = fit_nonlinear(ext, train, val, pcfg, vox)
+    emit("passes", method, "clean image told the noisy pass's t", score(ext, head, test, pcfg))
+
+
+BOTTLENECK_T = (1, 10, 50, 250, 500, 900)
+
+
+@torch.no_grad()
+def test_bottleneck(exp: Experiment, method: str, folds, emit) -> None:
+    from voxdiff.pretrain.diffusion import to_model_range
+
+    _, _, test = folds
+    ext = load_pretrained(exp.out / f"pretrain-{method}" / "model")
+    if ext.method != "diffusion":
+        return
+    task, net = ext.task, ext.backbone
+    if not hasattr(net, "up"):
+        raise RuntimeError("the bottleneck test knows the unet backbone only")
+    task.prepare(test)
+    rng = np.random.default_rng(1234)
+    batch = task.sample_batch(test, 64, tuple(ext.patch_size), rng)
+    x0 = to_model_range(batch["image"].float())
+    g = torch.Generator().manual_seed(5)
+    noise = torch.randn(x0.shape, generator=g)
+    cut = net.up[len(net.up) - 1]  # bottleneck -> next level
+    for t_val in [t for t in BOTTLENECK_T if t < task.process.num_steps]:
+        t = torch.full((x0.shape[0],), t_val, dtype=torch.long)
+        x_t = task.process.add_noise(x0, noise, t)
+        inp = task._join(x_t, batch.get("cond"))
+        target = task.process.target(x0, noise, t)
+        errs = []
+        for zero in (False, True):
+            h = cut.register_forward_hook(lambda m, i, o: torch.zeros_like(o)) if zero else None
+            try:
+                pred = torch.cat([net(inp[i:i + 8], t[i:i + 8])[0] for i in range(0, len(t), 8)])
+            finally:
+                if h is not None:
+                    h.remove()
+            errs.append(float(((pred - target) ** 2).mean()))
+        emit("bottleneck", method, f"t={t_val} as trained", errs[0], "loss")
+        emit("bottleneck", method, f"t={t_val} bottleneck cut", errs[1], "loss")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("bench", help="a `voxdiff experiment compare --seeds` folder")
+    ap.add_argument("--tests", default="shift,floor,levels")
+    ap.add_argument("--methods", default="diffusion-ape,contrastive")
+    ap.add_argument("--seeds", default="", help="comma-separated seeds (default: every seed-S folder)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="", help="JSON file for the results (default: BENCH/hypotheses.json)")
+    args = ap.parse_args()
+    tune_allocator()
+    warnings.simplefilter("ignore", UserWarning)
+    torch.set_num_threads(args.threads)
+    bench = Path(args.bench)
+    folders = sorted(bench.glob("seed-*"), key=lambda p: int(p.name.split("-")[1]))
+    if args.seeds:
+        want = {int(s) for s in args.seeds.split(",")}
+        folders = [f for f in folders if int(f.name.split("-")[1]) in want]
+    tests = [t.strip() for t in args.tests.split(",") if t.strip()]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    out = Path(args.out) if args.out else bench / "hypotheses.json"
+    results: list[dict[str, Any]] = json.loads(out.read_text()) if out.is_file() else []
+    done = {(r["test"], r["method"], r["seed"], r["variant"]) for r in results}
+    cache = FeatureCache()
+    try:
+        for folder in folders:
+            seed = int(folder.name.split("-")[1])
+            exp = open_seed(folder)
+            folds = exp.folds()[0]
+            for method in methods:
+                if not (folder / f"probe-{method}-f0" / "result.json").is_file():
+                    print(json.dumps({"skip": f"{folder.name}/{method}: its probe has not finished"}), flush=True)
+                    continue
+                t0 = time.time()
+
+                def emit(test: str, m: str, variant: str, value: float, metric: str = "dice") -> None:
+                    """``metric`` dice: a fraction, stored in % ; loss: stored as it is."""
+                    v = round(100 * value, 2) if metric == "dice" else round(value, 5)
+                    r = {"test": test, "method": m, "seed": seed, "variant": variant, "metric": metric, "value": v,
+                         "seconds": round(time.time() - t0)}
+                    print(json.dumps(r), flush=True)
+                    results.append(r)
+                    out.write_text(json.dumps(results, indent=1))
+
+                for test in tests:
+                    if any(k[:3] == (test, method, seed) for k in done):
+                        continue
+                    {"shift": lambda: test_shift(exp, method, folds, emit),
+                     "floor": lambda: test_floor(exp, method, folds, emit, cache),
+                     "levels": lambda: test_levels(exp, method, folds, emit, cache),
+                     "window": lambda: test_window(exp, method, folds, emit, cache),
+                     "passes": lambda: test_passes(exp, method, folds, emit, cache),
+                     "bottleneck": lambda: test_bottleneck(exp, method, folds, emit)}[test]()
+                cache.clear()
+    finally:
+        voxel.volume_pyramid = cache._real  # type: ignore[assignment]
+    print_summary(results)
+
+
+def print_summary(results: list[dict[str, Any]]) -> None:
+    groups: dict[tuple[str, str, str, str], list[float]] = {}
+    for r in results:
+        groups.setdefault((r["test"], r["method"], r["variant"], r.get("metric", "dice")), []).append(r["value"])
+    print("\n| test | method | variant | metric | mean ± std over seeds | seeds |\n|---|---|---|---|---|---|")
+    for (t, m, v, metric), d in groups.items():
+        a = np.asarray(d)
+        fmt = ".1f" if metric == "dice" else ".4f"
+        sd = f" ± {a.std(ddof=1):{fmt}}" if a.size > 1 else ""
+        print(f"| {t} | {m} | {v} | {'Dice %' if metric == 'dice' else metric} | {a.mean():{fmt}}{sd} | {a.size} |")
+
+
+if __name__ == "__main__":
+    main()

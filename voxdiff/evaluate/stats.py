@@ -1,0 +1,74 @@
+"""Paired comparisons of two methods scored on the same test cases over several training seeds.
+
+Two methods A and B are run with the same seeds on the same cases. Their difference is reported
+two ways:
+
+* over seeds: the difference of the seeds' mean Dice, mean ± std over seeds (what a rerun moves);
+* over cases: each case's Dice (mean over its organs) averaged over the seeds, then the paired
+  differences across cases, tested with the two-sided Wilcoxon signed-rank test and the paired t-test.
+  Cases are the independent units here; a seed's runs share their cases, so seeds x cases are not
+  pooled as independent samples.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from .metrics import mean_std
+
+
+def case_means(per_case: Mapping[str, Mapping[int, float]]) -> dict[str, float]:
+    """Each case's Dice averaged over its organs (NaN organs, absent from the case, left out)."""
+    out = {}
+    for cid, organs in per_case.items():
+        v = np.asarray([x for x in organs.values() if x is not None and np.isfinite(x)], dtype=np.float64)
+        out[str(cid)] = float(v.mean()) if v.size else float("nan")
+    return out
+
+
+def seed_average(per_seed: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """``{case: value}`` averaged over seeds, for the cases every seed scored."""
+    if not per_seed:
+        return {}
+    common = set(per_seed[0])
+    for d in per_seed[1:]:
+        common &= set(d)
+    return {c: float(np.nanmean([d[c] for d in per_seed])) for c in sorted(common)}
+
+
+def paired_comparison(a_seed_means: Sequence[float], b_seed_means: Sequence[float],
+                      a_cases: Mapping[str, float], b_cases: Mapping[str, float]) -> dict[str, float | int]:
+    """A - B: ``a_seed_means`` / ``b_seed_means`` are each seed's mean Dice (same seed order);
+    ``a_cases`` / ``b_cases`` the per-case Dice averaged over seeds."""
+    from scipy import stats
+
+    if len(a_seed_means) != len(b_seed_means):
+        raise ValueError("paired comparison needs the same seeds for both methods")
+    seed_diff = mean_std([a - b for a, b in zip(a_seed_means, b_seed_means)])
+    cases = sorted(c for c in set(a_cases) & set(b_cases)
+                   if np.isfinite(a_cases[c]) and np.isfinite(b_cases[c]))
+    d = np.asarray([a_cases[c] - b_cases[c] for c in cases], dtype=np.float64)
+    res: dict[str, float | int] = {
+        "diff_mean": seed_diff["mean"], "diff_std_seeds": seed_diff["std"], "n_seeds": seed_diff["n"],
+        "n_cases": int(d.size), "case_diff_mean": float(d.mean()) if d.size else float("nan"),
+        "cases_a_better": int((d > 0).sum()), "cases_b_better": int((d < 0).sum()),
+        "wilcoxon_p": float("nan"), "ttest_p": float("nan"),
+    }
+    if d.size >= 2 and np.any(d != 0):
+        res["wilcoxon_p"] = float(stats.wilcoxon(d, alternative="two-sided").pvalue)
+        if d.std(ddof=1) > 0:
+            res["ttest_p"] = float(stats.ttest_1samp(d, 0.0).pvalue)
+    elif d.size >= 2:
+        res["wilcoxon_p"] = res["ttest_p"] = 1.0
+    return res
+
+
+def verdict(cmp: Mapping[str, float | int], alpha: float = 0.05) -> str:
+    """'A better' / 'B better' when the Wilcoxon test over cases rejects at ``alpha``, else 'no difference shown'."""
+    p = float(cmp.get("wilcoxon_p", float("nan")))
+    if math.isnan(p) or p >= alpha:
+        return "no difference shown"
+    return "A better" if float(cmp["case_diff_mean"]) > 0 else "B better"
