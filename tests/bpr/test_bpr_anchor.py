@@ -233,3 +233,41 @@ def test_anchored_field_equals_whole_volume_inference():
     hu = _ramp_hu(50, rate=0.9)
     ref = infer_volume(m, hu_to_unit(hu, PRE["hu_window"]))
     np.testing.assert_allclose(volume_field(m, hu, (3.0, 3.0, 3.0)).dense(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_anchored_ape_resumes_exactly_on_the_engine_and_checks_its_anchor(tmp_path, monkeypatch):
+    """An interrupted slice-anchored ape run resumed by the training engine ends with the same weights
+    (the embedded slice model included) and log as an uninterrupted one; a resume with other anchor
+    settings or another slice model is refused."""
+    import shutil
+
+    from bpr_helpers import z_textured_case
+
+    import voxdiff.bpr.train as bt
+
+    cases = [z_textured_case(s, shape=(24, 24, 24)) for s in range(3)]
+    small = dict(batch_size=2, spacing=(3.0, 3.0, 3.0), seed=0)
+    train_bpr(BPRTrainConfig(kind="slice", steps=4, slice_patch=16, slices_per_sample=4, channels=(4, 4, 4),
+                             checkpoint_every=1000, **small), tmp_path / "s", cases=cases, progress=False)
+    cfg = BPRTrainConfig(kind="ape", anchor="slice", slice_model=str(tmp_path / "s"), steps=6, checkpoint_every=2,
+                         ape_patch=16, ape_input_pool=1, ape_points=16, channels=(4, 4, 4), anchor_knots=4, **small)
+    train_bpr(cfg, tmp_path / "full", cases=cases, progress=False)
+    real_fit = bt.Engine.fit
+    monkeypatch.setattr(bt.Engine, "fit", lambda self, end=None: real_fit(self, 3))  # an interrupted run
+    train_bpr(cfg, tmp_path / "cut", cases=cases, progress=False)
+    monkeypatch.setattr(bt.Engine, "fit", real_fit)
+    assert bt.can_resume(tmp_path / "cut")
+    shutil.copytree(tmp_path / "s", tmp_path / "elsewhere")  # the same slice model, in another folder
+    for key, val in (("anchor_knots", 5), ("anchor_fit", "offset"), ("slice_model", str(tmp_path / "elsewhere"))):
+        other = BPRTrainConfig(**{**cfg.__dict__, key: val})
+        with pytest.raises(ModelError, match=f"cannot resume: {key}"):
+            train_bpr(other, tmp_path / "cut", cases=cases, progress=False, resume=True)
+    train_bpr(cfg, tmp_path / "cut", cases=cases, progress=False, resume=True)
+    a, b = load_bpr(tmp_path / "full", kind="ape"), load_bpr(tmp_path / "cut", kind="ape")
+    assert a.format_version == b.format_version == 2 and b.anchor == "slice"
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+    src = load_bpr(tmp_path / "s", kind="slice")
+    for k, v in src.state_dict().items():  # frozen: the slice model never moved during training
+        assert torch.equal(b.slice_model.state_dict()[k], v), k
+    assert (tmp_path / "full" / "log.csv").read_text() == (tmp_path / "cut" / "log.csv").read_text()
