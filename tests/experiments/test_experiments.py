@@ -327,7 +327,7 @@ def test_compare_over_seeds_shares_data_and_reports_paired_tests(tmp_path):
     out = tmp_path / "seeds"
     logs: list[str] = []
     res = ex.compare(cfg, out, log=logs.append)
-    assert res["experiment"] == "compare-seeds" and res["seeds"] == [0, 1]
+    assert res["experiment"] == "compare-seeds" and res["seeds"] == [0, 1] and res["complete"] is True
     # one phantom set, used by both seeds; each seed's pretraining is its own
     assert (out / "phantoms" / "data" / "dataset.json").is_file()
     assert not (out / "seed-0" / "phantoms").exists() and not (out / "seed-1" / "phantoms").exists()
@@ -364,6 +364,16 @@ def test_compare_over_seeds_shares_data_and_reports_paired_tests(tmp_path):
     logs.clear()
     ex.compare(cfg, out, log=logs.append)
     assert not [line for line in logs if line.startswith("[run ]")]
+    # a report of what has finished, while a row is still missing for one seed: that row is left out
+    import shutil
+
+    shutil.rmtree(out / "seed-1" / "scratch-f0")
+    part = ex.compare(cfg, out, log=logs.append, report_only=True)
+    assert not [line for line in logs if line.startswith("[run ]")]
+    assert ("from-scratch", "end-to-end") not in {(r["method"], r["head"]) for r in part["rows"]}
+    assert part["complete"] is False and "Partial report" in (out / "report.md").read_text()
+    same = {(r["method"], r["head"]): r["seed_means"] for r in part["rows"]}
+    assert same == {k: r["seed_means"] for k, r in rows.items() if k in same} and same
 
 
 def test_compare_over_seeds_needs_two_seeds(tmp_path):

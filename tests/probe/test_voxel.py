@@ -91,3 +91,21 @@ def test_voxel_probe_beats_untrained_head_on_phantoms():
     # a random 8-channel backbone on 48x48x32 phantoms at 4 mm: small numbers, but an untrained head is ~0
     assert d["nonlinear"] > d["untrained"] + 0.01
     assert d["linear"] > d["untrained"] + 0.01
+
+
+def test_feature_roi_covering_the_volume_extracts_it_in_one_window():
+    from voxdiff.probe.train import volume_roi
+    from voxdiff.probe.voxel import volume_pyramid
+
+    pre = PreprocessConfig(spacing=(4.0, 4.0, 4.0))
+    ext = _Ext(pre)
+    rng = np.random.default_rng(0)
+    vol = rng.random((40, 36, 28)).astype(np.float32)  # padded to 40 x 36 x 28 (divisor 4: no padding)
+    whole = volume_pyramid(ext, vol, ProbeConfig(roi=(16, 16, 16), overlap=0.25, feature_roi=(1024, 1024, 1024)))
+    direct = ext(torch.from_numpy(vol)[None, None])
+    for a, b in zip(whole, direct):
+        torch.testing.assert_close(a.float(), b[0].float(), rtol=0, atol=2e-3)  # fp16 storage
+    windows = volume_pyramid(ext, vol, ProbeConfig(roi=(16, 16, 16), overlap=0.25))
+    assert (windows[0].float() - whole[0].float()).abs().max() > 1e-2  # small windows see other statistics
+    assert volume_roi(ProbeConfig(roi=(8, 8, 8))) == (8, 8, 8)
+    assert volume_roi(ProbeConfig(roi=(8, 8, 8), feature_roi=(64, 64, 32))) == (64, 64, 32)

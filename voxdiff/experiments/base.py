@@ -425,9 +425,11 @@ class Experiment:
             scores = self._score(ext, fitted, test, pcfg, volume=self.voxel_mode)
             if self.keep_bundles:
                 from voxdiff.probe.bundle import save_segmenter
+                from voxdiff.probe.train import volume_roi
 
                 for h, m in fitted.items():
-                    save_segmenter(tmp / f"segmenter-{h}", model_dir, m, h, ext.preprocess, pcfg.roi, pcfg.overlap,
+                    roi = volume_roi(pcfg) if self.voxel_mode else pcfg.roi
+                    save_segmenter(tmp / f"segmenter-{h}", model_dir, m, h, ext.preprocess, roi, pcfg.overlap,
                                    meta={"experiment_step": name}, inference="volume" if self.voxel_mode else "window")
             return {"fold": fold, "train_cases": [c.case_id for c in train], "val_cases": [c.case_id for c in val],
                     "test_cases": [c.case_id for c in test], "timesteps": _feature_timesteps(ext),

@@ -18,6 +18,9 @@ def register(root: CommandGroup) -> None:
         p = g.command(name, _runner(fn), help=help_)
         p.add_argument("--out", type=str, required=True, help="experiment folder (an existing one is resumed)")
         p.add_argument("--force", action="store_true", help="use an existing non-empty folder that is not an experiment")
+        if name == "compare":
+            p.add_argument("--report_only", action="store_true",
+                           help="with --seeds: run nothing, report the rows finished for every seed")
         add_config(p, ExperimentConfig)
 
     p = root.command("demo", _run_demo, help="the whole pipeline on synthetic phantoms at the cpu-small budget")
@@ -32,7 +35,8 @@ def _runner(fn_name: str):
         from . import experiments
 
         cfg = from_namespace(ExperimentConfig, ns)
-        res = getattr(experiments, fn_name)(cfg, ns.out, force=ns.force)
+        extra = {"report_only": True} if getattr(ns, "report_only", False) else {}
+        res = getattr(experiments, fn_name)(cfg, ns.out, force=ns.force, **extra)
         print(f"\nreport: {ns.out}/report.md  ({res['seconds']:.0f} s)")
 
     return run

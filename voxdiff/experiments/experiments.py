@@ -24,12 +24,14 @@ def _n_folds(exp: Experiment) -> int:
 
 
 def compare(cfg: ExperimentConfig, out: str | Path, force: bool = False, log: Callable[[str], None] = print,
-            notes: list[str] | None = None) -> dict[str, Any]:
+            notes: list[str] | None = None, report_only: bool = False) -> dict[str, Any]:
     """Method x {linear, non-linear} probing, fine-tuned backbones (``cfg.finetune``) and
     from-scratch: the paper's main table. ``notes``: paragraphs for the report, under the table.
     With ``cfg.seeds``: the same over several seeds (:func:`compare_seeds`)."""
     if cfg.seeds:
-        return compare_seeds(cfg, out, force=force, log=log, notes=notes)
+        return compare_seeds(cfg, out, force=force, log=log, notes=notes, report_only=report_only)
+    if report_only:
+        raise VoxdiffError("--report_only applies to compare --seeds")
     exp = Experiment(cfg, out, force=force, log=log)
     rows = _frozen_rows(exp) + _tuned_rows(exp)
     pre = {m: exp.runner.result(f"pretrain-{m}") for m in cfg.methods}
@@ -42,13 +44,20 @@ def compare(cfg: ExperimentConfig, out: str | Path, force: bool = False, log: Ca
     return results
 
 
-def _frozen_rows(exp: Experiment) -> list[dict[str, Any]]:
-    """Every method's backbone, pretrained and probed frozen with every head (one row per head)."""
+def _frozen_rows(exp: Experiment, finished_only: bool = False) -> list[dict[str, Any]]:
+    """Every method's backbone, pretrained and probed frozen with every head (one row per head).
+    ``finished_only``: run nothing; rows of the methods whose probes have all finished."""
     cfg = exp.cfg
     rows: list[dict[str, Any]] = []
     for method in cfg.methods:
-        model = exp.pretrained(method)
-        folds = [exp.probe(f"probe-{method}-f{k}", model, k, tuple(cfg.heads)) for k in range(_n_folds(exp))]
+        names = [f"probe-{method}-f{k}" for k in range(_n_folds(exp))]
+        if finished_only:
+            if not all(exp.runner.done(n) for n in names):
+                continue
+            folds = [exp.runner.result(n) for n in names]
+        else:
+            model = exp.pretrained(method)
+            folds = [exp.probe(n, model, k, tuple(cfg.heads)) for k, n in enumerate(names)]
         for head in cfg.heads:
             rows.append({"method": method, "head": head, **_aggregate(folds, head),
                          "head_parameters": folds[0]["head_parameters"][head],
@@ -56,21 +65,27 @@ def _frozen_rows(exp: Experiment) -> list[dict[str, Any]]:
     return rows
 
 
-def _tuned_rows(exp: Experiment) -> list[dict[str, Any]]:
+def _tuned_rows(exp: Experiment, finished_only: bool = False) -> list[dict[str, Any]]:
     """Fine-tuned backbones and the from-scratch reference (to convergence when the budget says
-    ``tuned_early_stopping``)."""
+    ``tuned_early_stopping``). ``finished_only``: run nothing; the rows whose runs have finished."""
     cfg = exp.cfg
     stop = bool(exp.budget.get("tuned_early_stopping", False))
+    nf = _n_folds(exp)
     rows: list[dict[str, Any]] = []
-    for method in finetuned_methods(cfg):
-        model = exp.pretrained(method)
-        folds = [exp.tuned(f"finetune-{method}-f{k}", k, "finetune", model, early_stopping=stop)
-                 for k in range(_n_folds(exp))]
-        rows.append({"method": method, "head": "fine-tuned", **_aggregate(folds, "finetune"),
-                     "steps": folds[0].get("max_steps"), **_stopped(folds)})
+    jobs = [(m, "fine-tuned", "finetune", [f"finetune-{m}-f{k}" for k in range(nf)]) for m in finetuned_methods(cfg)]
     if cfg.scratch:
-        folds = [exp.scratch(f"scratch-f{k}", k, early_stopping=stop) for k in range(_n_folds(exp))]
-        rows.append({"method": "from-scratch", "head": "end-to-end", **_aggregate(folds, "scratch"),
+        jobs.append(("from-scratch", "end-to-end", "scratch", [f"scratch-f{k}" for k in range(nf)]))
+    for method, head, mode, names in jobs:
+        if finished_only:
+            if not all(exp.runner.done(n) for n in names):
+                continue
+            folds = [exp.runner.result(n) for n in names]
+        elif mode == "scratch":
+            folds = [exp.scratch(n, k, early_stopping=stop) for k, n in enumerate(names)]
+        else:
+            model = exp.pretrained(method)
+            folds = [exp.tuned(n, k, "finetune", model, early_stopping=stop) for k, n in enumerate(names)]
+        rows.append({"method": method, "head": head, **_aggregate(folds, mode),
                      "steps": folds[0].get("max_steps"), **_stopped(folds)})
     return rows
 
@@ -82,13 +97,15 @@ def _stopped(folds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def compare_seeds(cfg: ExperimentConfig, out: str | Path, force: bool = False, log: Callable[[str], None] = print,
-                  notes: list[str] | None = None) -> dict[str, Any]:
+                  notes: list[str] | None = None, report_only: bool = False) -> dict[str, Any]:
     """``compare`` over several training seeds on one data set, with paired tests.
 
     The data (phantoms generated once into OUT/phantoms, or ``cfg.data``) and its split are shared;
     each seed runs BPR, pretraining, probes and end-to-end rows into OUT/seed-S. The work goes
     breadth first: every seed's frozen probes before any seed's fine-tuned and from-scratch rows,
     so an interrupted run already holds the main comparison for all seeds (rerun to resume).
+    ``report_only``: run nothing; report the rows that have finished for every seed (e.g. while the
+    end-to-end rows are still running, or after an interruption).
     """
     import dataclasses
 
@@ -100,21 +117,38 @@ def compare_seeds(cfg: ExperimentConfig, out: str | Path, force: bool = False, l
     sub_cfgs = {s: dataclasses.replace(cfg, seed=s, seeds=(), data=data) for s in seeds}
     exps = {s: Experiment(c, top.out / f"seed-{s}", force=force, log=log, budget=top.budget)
             for s, c in sub_cfgs.items()}
-    for s in seeds:
-        log(f"seed {s}: pretraining and frozen probes")
-        _frozen_rows(exps[s])
-    per_seed = {}
-    for s in seeds:
-        log(f"seed {s}: fine-tuned and from-scratch rows")
-        per_seed[s] = compare(sub_cfgs[s], top.out / f"seed-{s}", log=log)
-    rows, tests = seeds_summary(cfg, [per_seed[s]["rows"] for s in seeds])
+    if report_only:
+        seed_rows = [_frozen_rows(exps[s], True) + _tuned_rows(exps[s], True) for s in seeds]
+        common = set.intersection(*[{(r["method"], r["head"]) for r in rs} for rs in seed_rows])
+        seed_rows = [[r for r in rs if (r["method"], r["head"]) in common] for rs in seed_rows]
+        if not common:
+            raise VoxdiffError(f"{top.out}: no row has finished for every seed yet")
+        seed_seconds = {}
+    else:
+        for s in seeds:
+            log(f"seed {s}: pretraining and frozen probes")
+            _frozen_rows(exps[s])
+        per_seed = {}
+        for s in seeds:
+            log(f"seed {s}: fine-tuned and from-scratch rows")
+            per_seed[s] = compare(sub_cfgs[s], top.out / f"seed-{s}", log=log)
+        seed_rows = [per_seed[s]["rows"] for s in seeds]
+        seed_seconds = {str(s): per_seed[s]["seconds"] for s in seeds}
+    rows, tests = seeds_summary(cfg, seed_rows)
     results = {"experiment": "compare-seeds", "config": cfg, "budget": top.budget, "seeds": seeds,
-               "rows": rows, "tests": tests, "seconds": round(top.elapsed(), 1),
-               "seed_seconds": {str(s): per_seed[s]["seconds"] for s in seeds}}
+               "rows": rows, "tests": tests, "seconds": round(top.elapsed(), 1), "seed_seconds": seed_seconds,
+               "complete": len(rows) == len(_row_keys(cfg))}
     atomic_write_json(top.out / "results.json", _plain(results))
     figs = report.seeds_figures(rows, top.out)
     atomic_write(top.out / "report.md", report.seeds_markdown(results, figs, notes))
     return results
+
+
+def _row_keys(cfg: ExperimentConfig) -> list[tuple[str, str]]:
+    """Every (method, head) row a complete compare has."""
+    keys = [(m, h) for m in cfg.methods for h in cfg.heads]
+    keys += [(m, "fine-tuned") for m in finetuned_methods(cfg)]
+    return keys + ([("from-scratch", "end-to-end")] if cfg.scratch else [])
 
 
 def seeds_summary(cfg: ExperimentConfig, seed_rows: list[list[dict[str, Any]]]

@@ -355,6 +355,9 @@ def seeds_markdown(results: dict[str, Any], figs: list[str], notes: list[str] | 
         f"{cfgd['phantom_seed']}); seeds {', '.join(map(str, seeds))}; {n_cases} test cases; "
         f"{results['seconds']:.0f} s in all. Each seed's own report: `seed-S/report.md`.",
         "",
+        *([] if results.get("complete", True) else [
+            "**Partial report** (`--report_only`): only the rows that have finished for every seed; "
+            "rerun the command without it to finish the others.", ""]),
         "Mean Dice (%) on the test cases (mean over the 13 organs), mean ± std over seeds, then each seed.",
         "",
         "| method | head | mean Dice (%) | seeds | Big | Medium | Small |",

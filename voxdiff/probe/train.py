@@ -71,6 +71,11 @@ class ProbeConfig:
       better validation Dice (0 = run all ``steps``); the best-validation state is returned either way.
     roi: sliding-window size for validation and for the saved segmenter.
     overlap: sliding-window overlap.
+    feature_roi: frozen voxel probing (``frozen_training=voxels``): the window of the whole-volume
+      feature extraction, for training, validation and the saved segmenter; null = ``roi``. A size
+      at least the volume's (e.g. [1024, 1024, 1024]) extracts each volume in one window: no
+      overlap to compute and, measured on the phantom benchmark, better features than 64^3 windows
+      (docs/RESULTS.md); memory grows with the volume, so keep windows for large grids.
     n_classes: output classes incl. background (14 = BTCV).
     bf16: bf16 autocast for the feature extractor where the device computes bf16 natively
       (fp32 elsewhere; ``amp`` is the deprecated old name, still accepted).
@@ -100,6 +105,7 @@ class ProbeConfig:
     patience: int = 0
     roi: tuple[int, int, int] = (96, 96, 64)
     overlap: float = 0.5
+    feature_roi: tuple[int, int, int] | None = None
     n_classes: int = 14
     bf16: bool = False
     device: str = "auto"
@@ -114,6 +120,11 @@ class ProbeConfig:
         if amp is not None:
             warn_renamed(type(self), "amp", "bf16")
             self.bf16 = bool(amp)
+
+
+def volume_roi(cfg: ProbeConfig) -> tuple[int, int, int]:
+    """The window of whole-volume feature extraction (voxel probing): ``feature_roi`` or ``roi``."""
+    return tuple(int(r) for r in (cfg.feature_roi or cfg.roi))  # type: ignore[return-value]
 
 
 def _to_device(extractor, device: torch.device) -> None:
@@ -748,7 +759,8 @@ def train_probe(
     with staged_dir(out_dir, force=force) as tmp:
         for n, (ext, h) in results.items():
             volume = n in FROZEN_MODES and cfg.frozen_training == "voxels"
-            save_segmenter(tmp / n, pretrained_dir, h, n, pre, cfg.roi, cfg.overlap, tuned_extractor=ext,
+            save_segmenter(tmp / n, pretrained_dir, h, n, pre, volume_roi(cfg) if volume else cfg.roi, cfg.overlap,
+                           tuned_extractor=ext,
                            inference="volume" if volume else "window",
                            meta={k: summary[k] for k in ("fold", "train_cases", "val_cases", "test_cases", "data")}
                            | {"best_val_dice": summary["heads"][n]["best_val_dice"]})

@@ -42,6 +42,7 @@ from .train import (
     class_voxel_index,
     heads_engine_config,
     restore_best,
+    volume_roi,
 )
 
 
@@ -58,7 +59,7 @@ def volume_pyramid(extractor, image_unit: np.ndarray, cfg: ProbeConfig) -> list[
     d = _divisor(extractor)
     pad = [(0, (-n) % d) for n in image_unit.shape]
     vol = np.pad(image_unit, pad, constant_values=0.0) if any(p[1] for p in pad) else image_unit
-    pyr = extract_volume(extractor, vol, roi=cfg.roi, overlap=cfg.overlap, progress=False, bf16=cfg.bf16)
+    pyr = extract_volume(extractor, vol, roi=volume_roi(cfg), overlap=cfg.overlap, progress=False, bf16=cfg.bf16)
     return [p[0] for p in pyr]  # drop the batch axis
 
 
