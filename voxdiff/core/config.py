@@ -14,7 +14,7 @@ import sys
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
@@ -84,6 +84,21 @@ def warn_renamed(cls: Any, old: str, new: str) -> None:
 
     warnings.warn(f"{getattr(cls, '__name__', cls)}: '{old}' is deprecated, use '{new}' (same meaning)",
                   VoxdiffDeprecationWarning, stacklevel=3)
+
+
+class Bf16Renamed:
+    """Base of the configs whose precision switch was called ``amp`` before it became ``bf16``.
+
+    The dataclass declares ``amp: InitVar[bool | None] = None`` (the old keyword); this class maps it
+    to ``bf16`` with a deprecation warning, and ``RENAMED`` lets saved configs, YAML and the hidden
+    ``--amp`` option use the old name too."""
+
+    RENAMED: ClassVar[dict[str, str]] = {"amp": "bf16"}
+
+    def __post_init__(self, amp: bool | None = None) -> None:
+        if amp is not None:
+            warn_renamed(type(self), "amp", "bf16")
+            self.bf16 = bool(amp)
 
 
 def apply_renamed(cls: Any, data: dict[str, Any], old_wins: bool = False) -> dict[str, Any]:

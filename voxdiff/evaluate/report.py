@@ -9,11 +9,11 @@ import re
 import time
 from dataclasses import InitVar, dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from voxdiff.core.config import warn_renamed
+from voxdiff.core.config import Bf16Renamed
 from voxdiff.core.errors import InputError
 from voxdiff.core.runtime import resolve_device
 from voxdiff.data.labels import BTCV_LABELS, SIZE_GROUPS
@@ -22,7 +22,7 @@ from . import metrics as M
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateConfig(Bf16Renamed):
     """Options of ``voxdiff evaluate``.
 
     head: which head of a probe run to evaluate (linear, nonlinear, finetune, scratch) when the
@@ -51,14 +51,7 @@ class EvaluateConfig:
     device: str = "auto"
     bf16: bool = False
     n_classes: int = 14
-    amp: InitVar[bool | None] = None  # the old name of bf16 (keyword argument; saved configs: RENAMED)
-
-    RENAMED: ClassVar[dict[str, str]] = {"amp": "bf16"}
-
-    def __post_init__(self, amp: bool | None) -> None:
-        if amp is not None:
-            warn_renamed(type(self), "amp", "bf16")
-            self.bf16 = bool(amp)
+    amp: InitVar[bool | None] = None  # the old name of bf16 (Bf16Renamed)
 
 
 def _named(scores: dict[int, float]) -> dict[str, float | None]:

@@ -26,14 +26,14 @@ import os
 import time
 from dataclasses import InitVar, dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from voxdiff.core.config import warn_renamed
+from voxdiff.core.config import Bf16Renamed
 from voxdiff.core.engine import Engine, EngineConfig, TrainTask
 from voxdiff.core.errors import InputError, TrainingError
 from voxdiff.core.metrics import mean_dice
@@ -48,7 +48,7 @@ ALL_MODES = FROZEN_MODES + TUNED_MODES
 
 
 @dataclass
-class ProbeConfig:
+class ProbeConfig(Bf16Renamed):
     """Probing / fine-tuning options (defaults sized for a CPU).
 
     heads: what to train: linear, nonlinear (frozen features, one shared pass), finetune, scratch.
@@ -112,14 +112,7 @@ class ProbeConfig:
     seed: int = 0
     frozen_training: str = "voxels"
     voxels_per_step: int = 8192
-    amp: InitVar[bool | None] = None  # the old name of bf16 (keyword argument; saved configs: RENAMED)
-
-    RENAMED: ClassVar[dict[str, str]] = {"amp": "bf16"}
-
-    def __post_init__(self, amp: bool | None) -> None:
-        if amp is not None:
-            warn_renamed(type(self), "amp", "bf16")
-            self.bf16 = bool(amp)
+    amp: InitVar[bool | None] = None  # the old name of bf16 (Bf16Renamed)
 
 
 def volume_roi(cfg: ProbeConfig) -> tuple[int, int, int]:

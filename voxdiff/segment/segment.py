@@ -7,11 +7,11 @@ import os
 import warnings
 from dataclasses import InitVar, dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
-from voxdiff.core.config import warn_renamed
+from voxdiff.core.config import Bf16Renamed
 from voxdiff.core.errors import InputError, VoxdiffWarning
 from voxdiff.core.outputs import check_output_path
 
@@ -19,7 +19,7 @@ from .bundle import Segmenter, load_segmenter
 
 
 @dataclass
-class SegmentConfig:
+class SegmentConfig(Bf16Renamed):
     """Options of ``voxdiff segment``.
 
     device: cpu, cuda or auto.
@@ -33,14 +33,7 @@ class SegmentConfig:
     bf16: bool = False
     sw_batch_size: int = 2
     overlap: float | None = None
-    amp: InitVar[bool | None] = None  # the old name of bf16 (keyword argument; saved configs: RENAMED)
-
-    RENAMED: ClassVar[dict[str, str]] = {"amp": "bf16"}
-
-    def __post_init__(self, amp: bool | None) -> None:
-        if amp is not None:
-            warn_renamed(type(self), "amp", "bf16")
-            self.bf16 = bool(amp)
+    amp: InitVar[bool | None] = None  # the old name of bf16 (Bf16Renamed)
 
 
 def raw_case(image: np.ndarray, affine: np.ndarray, case_id: str = "input", image_path: str | None = None,
