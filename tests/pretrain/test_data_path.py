@@ -9,9 +9,9 @@ import torch
 from pretrain_synth import synthetic_case, synthetic_cases
 
 from voxdiff.core.errors import InputError, TrainingError
+from voxdiff.core.trainstate import latest_train_state, read_train_state
 from voxdiff.data.types import Case
 from voxdiff.pretrain.data import StepBatches, step_batches, step_generator
-from voxdiff.pretrain.state import latest_train_state, read_train_state
 from voxdiff.pretrain.tasks.base import get_task_class, make_task_config
 from voxdiff.pretrain.tasks.diffusion import DiffusionTask
 from voxdiff.pretrain.train import (

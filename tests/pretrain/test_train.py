@@ -11,8 +11,8 @@ from pretrain_synth import synthetic_cases
 from voxdiff.core import trainstate as state_mod
 from voxdiff.core.checkpoint import load_checkpoint, save_checkpoint
 from voxdiff.core.errors import InputError, ModelError, TrainingError
+from voxdiff.core.trainstate import latest_train_state, read_train_state
 from voxdiff.pretrain.load import load_pretrained
-from voxdiff.pretrain.state import latest_train_state, read_train_state
 from voxdiff.pretrain.train import PretrainConfig, lr_at, pretrain
 
 

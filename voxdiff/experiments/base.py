@@ -364,7 +364,7 @@ class Experiment:
         name = f"variants/{name}-{variant_key(over)}" if over else name
 
         def run(tmp: Path) -> dict[str, Any]:
-            from voxdiff.pretrain.state import latest_train_state
+            from voxdiff.core.trainstate import latest_train_state
             from voxdiff.pretrain.train import pretrain
 
             pcfg = self.pretrain_config(method, diffusion_steps, **over)
