@@ -57,6 +57,7 @@ from voxdiff.probe.bundle import load_segmenter
 from voxdiff.probe.predict import logits_to_labels, unit_image
 
 SHIFTS = (-30.0, 0.0, 30.0)
+ONLY: list[str] = []  # --only: variant names (prefixes) of the window and passes tests to run
 
 
 def open_seed(folder: Path) -> Experiment:
@@ -159,6 +160,8 @@ def test_window(exp: Experiment, method: str, folds, emit, cache: FeatureCache) 
     rois = {"training patch": tuple(ext.patch_size), "probe window (default)": tuple(base.roi),
             "whole volume": (1024, 1024, 1024)}
     for name, roi in rois.items():
+        if ONLY and not any(name.startswith(o) for o in ONLY):
+            continue
         pcfg = exp.probe_cfg(roi=roi)
         cache.install(f"{exp.out}/{method}/roi{roi}")
         head = fit_nonlinear(ext, train, val, pcfg, vox)
@@ -193,8 +196,11 @@ def test_passes(exp: Experiment, method: str, folds, emit, cache: FeatureCache) 
 
     ext.forward = averaged  # type: ignore[method-assign]
     cache.install(f"{exp.out}/{method}/avg4")
-    head = fit_nonlinear(ext, train, val, pcfg, vox)
-    emit("passes", method, "features averaged over 4 noise draws", score(ext, head, test, pcfg))
+    if not ONLY or any("features averaged".startswith(o) for o in ONLY):
+        head = fit_nonlinear(ext, train, val, pcfg, vox)
+        emit("passes", method, "features averaged over 4 noise draws", score(ext, head, test, pcfg))
+    if ONLY and not any("clean image".startswith(o) for o in ONLY):
+        return
 
     ext = load_pretrained(exp.out / f"pretrain-{method}" / "model")
     task = ext.task
@@ -263,7 +269,9 @@ def main() -> None:
     ap.add_argument("--seeds", default="", help="comma-separated seeds (default: every seed-S folder)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="", help="JSON file for the results (default: BENCH/hypotheses.json)")
+    ap.add_argument("--only", default="", help="comma-separated variant names (prefixes) of the window / passes tests")
     args = ap.parse_args()
+    ONLY[:] = [o.strip() for o in args.only.split(",") if o.strip()]
     tune_allocator()
     warnings.simplefilter("ignore", UserWarning)
     torch.set_num_threads(args.threads)
