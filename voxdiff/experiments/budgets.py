@@ -63,8 +63,9 @@ BUDGETS: dict[str, dict[str, Any]] = {
                      # on the phantom benchmark (docs/RESULTS.md, "Multi-timestep features")
                      "feature_timesteps": (1, 250)},
         # frozen heads: features of each (3 mm) volume extracted in one window (feature_roi covers
-        # it): +1.9 / +2.4 Dice (diffusion + APE, seeds 0 / 1) and +2.4 (contrastive) over 64^3
-        # windows, and no overlap to compute (docs/RESULTS.md, "Why the frozen features plateau")
+        # it) instead of 64^3 windows: the same Dice within the spread (diffusion + APE +2.3 / +2.4 /
+        # -2.5 on three seeds, contrastive +2.2 on one) and no overlap to compute (scoring 1.7x
+        # faster); docs/RESULTS.md, "Why the frozen features plateau"
         "probe": {"steps": 300, "patch_size": (48, 48, 32), "batch_size": 2, "val_every": 300, "roi": (64, 64, 64),
                   "overlap": 0.25, "hidden": 32, "val_from_train": 1, "lr": 1e-2, "scratch_lr": 2e-3, "fg_prob": 0.5,
                   "feature_roi": (512, 512, 512)},
