@@ -13,7 +13,8 @@ Two comparisons, printed in one run (issue #14's targets):
    widths of the coarser levels are searched in multiples of 8 (MONAI's GroupNorm groups).
    After warm-up the two step alternately (AB, BA, AB, ...: pair ``i`` = one step of each), so load
    changes on a shared machine hit both alike; printed: the median step of each, the ratio of the
-   medians and the spread of the per-pair ratios.
+   medians and the spread of the per-pair ratios. A third row times our network trained by
+   ``Engine.fit`` itself (one fit of warm-up + steps, after the pairs; not alternated).
 2. **voxdiff vs conv3d.** The FLOPs of our training step (``torch.utils.flop_counter``: convolutions
    forward and backward, matmuls) over its median time give its achieved GFLOP/s; every conv layer
    of our network, timed alone (forward + backward at the shape it has in the network), plus a few
@@ -157,8 +158,9 @@ def make_batch(batch: int, patch: int, cond: int, seed: int = 0) -> dict[str, to
     return out
 
 
-def make_step(net: nn.Module, batch: dict[str, torch.Tensor], bf16: bool = False, seed: int = 0) -> Callable[[], float]:
-    """One engine training step of ``net`` on ``batch`` (see the module docstring); returns its loss."""
+def make_step(net: nn.Module, batch: dict[str, torch.Tensor], bf16: bool = False, seed: int = 0) -> Callable[[], torch.Tensor]:
+    """One engine training step of ``net`` on ``batch`` (see the module docstring); returns its loss
+    (a tensor: no host synchronisation, as in the engine)."""
     task = DiffusionTask({"condition": "none"})  # the condition comes with the batch ("cond")
     opt = make_optimizer(param_groups(net, 0.01), lr=1e-3, betas=(0.9, 0.999), device=torch.device("cpu"))
     ema = EMA(net, EMA_DECAY)
@@ -168,7 +170,7 @@ def make_step(net: nn.Module, batch: dict[str, torch.Tensor], bf16: bool = False
     state = {"step": 0}
     net.train()
 
-    def step() -> float:
+    def step() -> torch.Tensor:
         with ctx():
             loss, _ = task.loss(net, batch, gen)
         opt.zero_grad(set_to_none=True)
@@ -177,9 +179,41 @@ def make_step(net: nn.Module, batch: dict[str, torch.Tensor], bf16: bool = False
         opt.step()
         ema.update(net, state["step"])
         state["step"] += 1
-        return float(loss.detach())
+        return loss.detach()
 
     return step
+
+
+def engine_steps(net: nn.Module, batch: dict[str, torch.Tensor], steps: int, warmup: int, bf16: bool = False,
+                 threads: int = 1) -> list[float]:
+    """Seconds per step of ``net`` trained by the engine itself (:class:`voxdiff.core.engine.Engine`,
+    ``fit`` over ``warmup + steps`` steps, the pretraining settings: AdamW, clipping, EMA, warm-up /
+    cosine schedule, one log line at the end): the intervals between the starts of consecutive steps
+    after the warm-up (the last step: until ``fit`` returns)."""
+    from voxdiff.core.engine import Engine, EngineConfig, TrainTask
+
+    task = DiffusionTask({"condition": "none"})
+    stamps: list[float] = []
+
+    class Step(TrainTask):
+        def module(self) -> nn.Module:
+            return net
+
+        def step(self, model, b, step, gen):
+            return task.loss(model, b, gen)
+
+        def batches(self, start: int, end: int):
+            return (batch for _ in range(start, end))
+
+        def on_step_start(self, engine, step: int) -> None:
+            stamps.append(time.perf_counter())
+
+    n = warmup + steps
+    cfg = EngineConfig(steps=n, lr=1e-3, warmup_steps=1, weight_decay=0.01, no_decay_1d=True, grad_clip=GRAD_CLIP,
+                       ema_decay=EMA_DECAY, bf16=bf16, device="cpu", threads=threads, log_every=n, progress=False)
+    Engine(cfg, Step()).fit()
+    stamps.append(time.perf_counter())
+    return [b - a for a, b in zip(stamps[warmup:-1], stamps[warmup + 1:])]
 
 
 def alternate(steps: dict[str, Callable[[], Any]], pairs: int, warmup: int) -> dict[str, list[float]]:
@@ -275,7 +309,7 @@ def time_conv(c: dict[str, Any], repeats: int, bf16: bool) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ the run
 def measure(patch: int = 32, batch: int = 4, base: int = 8, levels: int = 4, cond: int = 3, steps: int = 10,
             warmup: int = 2, conv_repeats: int = 5, bf16: bool = False, larger: bool = True,
-            with_monai: bool = True) -> dict[str, Any]:
+            with_monai: bool = True, engine: bool = True) -> dict[str, Any]:
     """Every number the script prints, for one precision (fp32, or bf16 autocast)."""
     in_ch = 1 + cond
     torch.manual_seed(0)
@@ -307,6 +341,10 @@ def measure(patch: int = 32, batch: int = 4, base: int = 8, levels: int = 4, con
         res["monai"].update(seconds=med["monai"], times=times["monai"], voxels_per_s=batch * patch ** 3 / med["monai"])
         res["ratio"] = {"of_medians": med["monai"] / med["ours"], "pairs": pair, "min": min(pair), "max": max(pair),
                         "median_pair": statistics.median(pair)}
+    if engine:  # after the alternation: one fit, as a run trains
+        torch.manual_seed(0)
+        et = engine_steps(build_ours(in_ch, base, levels), data, steps, warmup, bf16, torch.get_num_threads())
+        res["engine"] = {"times": et, "seconds": statistics.median(et)}
     # conv3d reference
     uniq: dict[tuple, dict[str, Any]] = {}
     mult: dict[tuple, int] = {}
@@ -357,6 +395,11 @@ def report(res: dict[str, Any], verbose: bool = True) -> str:
              "|---|---|---|---|---|---|"]
     lines.append(f"| voxdiff unet (base {res['base']}, {res['levels']} levels) | {o['channels']} | {o['params']:,} | "
                  f"{o['seconds']:.3f} | {o['voxels_per_s']:,.0f} | {min(o['times']):.3f}-{max(o['times']):.3f} |")
+    if "engine" in res:
+        e = res["engine"]
+        lines.append(f"| same, trained by Engine.fit ({len(e['times'])} steps in one fit, after the pairs) | | | "
+                     f"{e['seconds']:.3f} | {res['batch'] * res['patch'] ** 3 / e['seconds']:,.0f} | "
+                     f"{min(e['times']):.3f}-{max(e['times']):.3f} |")
     if "monai" in res:
         m = res["monai"]
         lines.append(f"| MONAI DiffusionModelUNet (no attention levels; mid-block attention) | {m['channels']} | "
@@ -372,6 +415,7 @@ def report(res: dict[str, Any], verbose: bool = True) -> str:
                   f"= {o['gflops']:.1f} GFLOP/s",
               f"conv layers of the step, each timed alone: {c['network_convs_flops'] / 1e9:.2f} GFLOP in "
               f"{c['network_convs_seconds']:.3f} s = {c['network_convs_gflops']:.1f} GFLOP/s",
+              f"train step = {100 * o['gflops'] / c['network_convs_gflops']:.0f} % of the rate of its conv layers alone",
               f"best conv3d rate: {b['gflops']:.1f} GFLOP/s ({_shape(b)}, {b['source']})",
               f"train step = {res['percent_of_best_conv']:.0f} % of the best conv3d rate -> target >= 60 % "
               f"{'MET' if res['targets']['conv_60pct'] else 'NOT MET'}"]

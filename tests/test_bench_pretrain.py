@@ -49,9 +49,10 @@ def test_measure_tiny(bench, one_thread):
     assert 0.9 * o["flops"] <= conv["network_convs_flops"] <= o["flops"]
     assert res["percent_of_best_conv"] == pytest.approx(100 * o["gflops"] / conv["best_gflops"])
     assert set(res["targets"]) == {"conv_60pct", "monai_2x"}
+    assert len(res["engine"]["times"]) == 2 and res["engine"]["seconds"] > 0
     text = bench.report(res)
     for line in ("voxdiff unet (base 8, 3 levels)", "MONAI DiffusionModelUNet", "speed ratio voxdiff / MONAI",
-                 "% of the best conv3d rate", "| conv3d (forward + backward) |"):
+                 "% of the best conv3d rate", "trained by Engine.fit", "| conv3d (forward + backward) |"):
         assert line in text
 
 
