@@ -309,7 +309,7 @@ def time_conv(c: dict[str, Any], repeats: int, bf16: bool) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------ the run
 def measure(patch: int = 32, batch: int = 4, base: int = 8, levels: int = 4, cond: int = 3, steps: int = 10,
             warmup: int = 2, conv_repeats: int = 5, bf16: bool = False, larger: bool = True,
-            with_monai: bool = True, engine: bool = True) -> dict[str, Any]:
+            with_monai: bool = True, engine: bool = True, monai_channels: tuple[int, ...] | None = None) -> dict[str, Any]:
     """Every number the script prints, for one precision (fp32, or bf16 autocast)."""
     in_ch = 1 + cond
     torch.manual_seed(0)
@@ -323,11 +323,15 @@ def measure(patch: int = 32, batch: int = 4, base: int = 8, levels: int = 4, con
     step_ours = make_step(ours, data, bf16)
     runs: dict[str, Callable[[], Any]] = {"ours": step_ours}
     if with_monai:
-        ch, n_monai = pick_monai(in_ch, base, levels, n_ours)
+        if monai_channels:
+            ch, n_monai = tuple(int(c) for c in monai_channels), monai_params(in_ch, tuple(monai_channels))
+        else:
+            ch, n_monai = pick_monai(in_ch, base, levels, n_ours)
         torch.manual_seed(0)
         monai = build_monai(in_ch, ch)
         assert count_parameters(monai) == n_monai
-        res["monai"] = {"params": n_monai, "channels": ch}
+        res["monai"] = {"params": n_monai, "channels": ch, "picked": not monai_channels,
+                        "matched": ch[0] == base and n_monai >= n_ours}
         runs["monai"] = make_step(monai, data, bf16)
     # FLOPs and conv shapes of our step (they also warm it up)
     flops = count_flops(step_ours)
@@ -402,7 +406,8 @@ def report(res: dict[str, Any], verbose: bool = True) -> str:
                      f"{min(e['times']):.3f}-{max(e['times']):.3f} |")
     if "monai" in res:
         m = res["monai"]
-        lines.append(f"| MONAI DiffusionModelUNet (no attention levels; mid-block attention) | {m['channels']} | "
+        how = "" if m["picked"] else ", --monai_channels" + ("" if m["matched"] else ": NOT same first width and >= our params")
+        lines.append(f"| MONAI DiffusionModelUNet (no attention levels; mid-block attention{how}) | {m['channels']} | "
                      f"{m['params']:,} | {m['seconds']:.3f} | {m['voxels_per_s']:,.0f} | "
                      f"{min(m['times']):.3f}-{max(m['times']):.3f} |")
         r = res["ratio"]
@@ -437,6 +442,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="alternating pairs timed (one step of each network)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--conv_repeats", type=int, default=5)
+    ap.add_argument("--monai_channels", type=int, nargs="+", default=None,
+                    help="MONAI widths per level instead of the smallest match (e.g. 16 32 64 128)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--bf16", action="store_true", help="also measure everything under bf16 autocast")
     ap.add_argument("--no_monai", action="store_true", help="only the conv3d comparison")
@@ -450,7 +457,7 @@ def main() -> None:
           f"{'on' if tune_allocator() else 'off'}")
     for bf16 in (False, True) if args.bf16 else (False,):
         res = measure(args.patch, args.batch, args.base, args.levels, args.cond, args.steps, args.warmup,
-                      args.conv_repeats, bf16, with_monai=not args.no_monai)
+                      args.conv_repeats, bf16, with_monai=not args.no_monai, monai_channels=args.monai_channels)
         print(report(res, verbose=not args.brief), end="\n\n", flush=True)
 
 

@@ -35,6 +35,7 @@ def test_measure_tiny(bench, one_thread):
                         larger=False)
     o, m = res["ours"], res["monai"]
     assert o["channels"] == (8, 16, 32) and m["channels"][0] == 8 and m["params"] >= o["params"]
+    assert m["picked"] and m["matched"]
     assert len(o["times"]) == len(m["times"]) == 2 and len(res["ratio"]["pairs"]) == 2
     assert res["ratio"]["min"] <= res["ratio"]["median_pair"] <= res["ratio"]["max"]
     assert res["ratio"]["of_medians"] == pytest.approx(m["seconds"] / o["seconds"])
