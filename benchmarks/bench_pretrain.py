@@ -455,7 +455,15 @@ def main() -> None:
         torch.set_num_interop_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), allocator setting "
           f"{'on' if tune_allocator() else 'off'}")
-    for bf16 in (False, True) if args.bf16 else (False,):
+    precisions = [False]
+    if args.bf16:
+        from voxdiff.core.precision import bf16_native
+
+        if bf16_native("cpu"):
+            precisions.append(True)
+        else:
+            print("--bf16: this CPU has no native bf16 (emulated bf16 is many times slower): fp32 only")
+    for bf16 in precisions:
         res = measure(args.patch, args.batch, args.base, args.levels, args.cond, args.steps, args.warmup,
                       args.conv_repeats, bf16, with_monai=not args.no_monai, monai_channels=args.monai_channels)
         print(report(res, verbose=not args.brief), end="\n\n", flush=True)
