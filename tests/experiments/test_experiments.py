@@ -392,17 +392,14 @@ def test_bench_budget_is_cpu_small_with_the_benchmark_pools():
     # the BPR the benchmark was measured with (docs/RESULTS.md): the window-anchored ape, no slice override
     assert bench["bpr_kind"] == {"ape": {"channels": (8, 16, 32), "steps": 300}}
     assert small["bpr_kind"]["ape"]["anchor"] == "slice"
-    # ... and its 64^3 feature windows (cpu-small extracts each volume in one window since)
-    assert "feature_roi" not in bench["probe"] and small["probe"]["feature_roi"] == (512, 512, 512)
-    assert bench["probe"] == {k: v for k, v in small["probe"].items() if k != "feature_roi"}
-    for stage in ("bpr", "pretrain_method"):
+    for stage in ("probe", "bpr", "pretrain_method"):
         assert bench[stage] == small[stage]
     same = {k: v for k, v in small["pretrain"].items() if k not in ("steps", "checkpoint_every", "log_every")}
     assert {k: bench["pretrain"][k] for k in same} == same
     assert {k: v for k, v in small["phantoms"].items() if k not in ("n_train", "n_test", "n_unlabelled")} == \
         {k: v for k, v in bench["phantoms"].items() if k not in ("n_train", "n_test", "n_unlabelled")}
     # everything else is cpu-small's
-    changed = {"phantoms", "pretrain", "bpr_kind", "probe", "tuned_early_stopping"}
+    changed = {"phantoms", "pretrain", "bpr_kind", "tuned_early_stopping"}
     assert set(bench) == set(small) | {"tuned_early_stopping"}
     assert {k: bench[k] for k in small if k not in changed} == {k: small[k] for k in small if k not in changed}
 

@@ -62,13 +62,11 @@ BUDGETS: dict[str, dict[str, Any]] = {
                      # two passes (nearly clean + SNR ~1), concatenated: +10 Dice over t = 10 alone
                      # on the phantom benchmark (docs/RESULTS.md, "Multi-timestep features")
                      "feature_timesteps": (1, 250)},
-        # frozen heads: features of each (3 mm) volume extracted in one window (feature_roi covers
-        # it) instead of 64^3 windows: the same Dice within the spread (diffusion + APE +2.3 / +2.4 /
-        # -2.5 on three seeds, contrastive +2.2 on one) and no overlap to compute (scoring 1.7x
-        # faster); docs/RESULTS.md, "Why the frozen features plateau"
+        # frozen heads on 64^3 feature windows; one window per volume (feature_roi) measured mixed:
+        # diffusion + APE +2.3 / +2.4 / -2.5 on three seeds, contrastive +2.2, restorative -3.3 on one
+        # (docs/RESULTS.md, "Why the frozen features plateau"), so it stays an option
         "probe": {"steps": 300, "patch_size": (48, 48, 32), "batch_size": 2, "val_every": 300, "roi": (64, 64, 64),
-                  "overlap": 0.25, "hidden": 32, "val_from_train": 1, "lr": 1e-2, "scratch_lr": 2e-3, "fg_prob": 0.5,
-                  "feature_roi": (512, 512, 512)},
+                  "overlap": 0.25, "hidden": 32, "val_from_train": 1, "lr": 1e-2, "scratch_lr": 2e-3, "fg_prob": 0.5},
         "probe_voxels": 8192,
         # compare / demo: the from-scratch and fine-tuned rows train as many steps (the demo stays
         # short; from scratch converges near 1,200 steps: docs/RESULTS.md)
@@ -112,8 +110,6 @@ def _bench_budget() -> dict[str, Any]:
     # pinned: the benchmark of docs/RESULTS.md was measured with the window-anchored APE (cpu-small's
     # BPR before the slice anchor: ape 300 steps, no slice override); its folders refuse another preset
     b["bpr_kind"] = {"ape": {"channels": (8, 16, 32), "steps": 300}}
-    # ... and with 64^3 feature windows (cpu-small's probe before feature_roi)
-    del b["probe"]["feature_roi"]
     # compare: fine-tuned and from-scratch rows stop on the validation case, as in label-efficiency
     b["tuned_early_stopping"] = True
     return b
