@@ -348,11 +348,11 @@ def seeds_markdown(results: dict[str, Any], figs: list[str], notes: list[str] | 
     cfgd = cfg if isinstance(cfg, dict) else cfg.__dict__
     rows, tests, seeds = results["rows"], results["tests"], results["seeds"]
     n_cases = max((len(r["cases"]) for r in rows), default=0)
+    where = f"data `{cfgd['data']}`" if cfgd["data"] else f"generated phantoms (seed {cfgd['phantom_seed']})"
     lines = [
         "# voxdiff experiment: compare over seeds",
         "",
-        f"Budget `{cfgd['budget']}`; data `{cfgd['data'] or 'generated phantoms'}` (phantom seed "
-        f"{cfgd['phantom_seed']}); seeds {', '.join(map(str, seeds))}; {n_cases} test cases; "
+        f"Budget `{cfgd['budget']}`; {where}; seeds {', '.join(map(str, seeds))}; {n_cases} test cases; "
         f"{results['seconds']:.0f} s in all. Each seed's own report: `seed-S/report.md`.",
         "",
         *([] if results.get("complete", True) else [
