@@ -19,6 +19,11 @@ cases of each case's organ mean; or a loss), and a summary over seeds at the end
 * ``passes`` (diffusion models): the feature passes changed at extraction only, each with its own
   fitted non-linear head: features averaged over 4 fixed noise draws, and the clean image given
   the t = 250 embedding in place of its noisy pass ("clean image told t = 250").
+* ``mix``: a learned mix over pyramid levels x timesteps (``mix`` head, diffusion hyperfeatures)
+  against the experiment's non-linear head on the same features. Diffusion models take features at
+  MIX_T (five timesteps) once; the budget's own timesteps are channel blocks of them, so the
+  reference (budget t, non-linear head) and the mixes (budget t; all five) share one extraction.
+  The learned weight of each (level, timestep) block is printed too (metric ``weight``).
 * ``bottleneck`` (diffusion models): the denoising loss (MSE of the training target) per timestep
   on 64 test patches, as trained and with the deepest level's path cut (the first upsampling from
   the bottleneck outputs zeros): how much of the denoising at each t depends on the deepest level.
@@ -222,6 +227,45 @@ def test_passes(exp: Experiment, method: str, folds, emit, cache: FeatureCache) 
     emit("passes", method, "clean image told the noisy pass's t", score(ext, head, test, pcfg))
 
 
+MIX_T = (1, 25, 100, 250, 500)
+
+
+def test_mix(exp: Experiment, method: str, folds, emit, cache: FeatureCache) -> None:
+    from voxdiff.features.extract import with_timesteps
+
+    train, val, test = folds
+    vox = int(exp.budget.get("probe_voxels", 8192))
+    pcfg = exp.probe_cfg()
+    ext = load_pretrained(exp.out / f"pretrain-{method}" / "model")
+    variants: list[tuple[str, tuple[int, ...] | None]] = [("", None)]
+    if ext.method == "diffusion":
+        own = tuple(int(t) for t in ext.task.opts.feature_timesteps)
+        if not set(own) <= set(MIX_T):
+            raise RuntimeError(f"the budget's timesteps {own} are not all in MIX_T {MIX_T}")
+        with_timesteps(ext, MIX_T)
+        variants = [(f"t={','.join(map(str, own))}", own), (f"t={','.join(map(str, MIX_T))}", MIX_T)]
+    cache.install(f"{exp.out}/{method}/mix{MIX_T if ext.method == 'diffusion' else ''}")
+    for label, ts in variants:
+        if ts is not None:  # keep the channel blocks of timesteps ts (each level: passes in MIX_T order)
+            keep = [MIX_T.index(t) for t in ts]
+
+            def pick(pyr, keep=keep):
+                return [torch.cat([f.chunk(len(MIX_T), dim=0 if f.ndim == 4 else 1)[k] for k in keep],
+                                  dim=0 if f.ndim == 4 else 1) for f in pyr]
+
+            cache.transform = pick
+            ext.passes = len(ts)
+        heads = voxel.fit_heads_voxels(ext, train, val, ("nonlinear", "mix"), pcfg, progress=False,
+                                       voxels_per_step=vox)
+        name = f"{label}, " if label else ""
+        emit("mix", method, f"{name}non-linear head (concatenated)", score(ext, heads["nonlinear"], test, pcfg))
+        emit("mix", method, f"{name}learned mix over levels x timesteps", score(ext, heads["mix"], test, pcfg))
+        for w in heads["mix"].mix_weights():
+            tw = f"t={ts[w['pass']]}" if ts is not None else "single pass"
+            emit("mix", method, f"{name}mix weight of level {w['level']}, {tw}", w["weight"], "weight")
+    cache.transform = None
+
+
 BOTTLENECK_T = (1, 10, 50, 250, 500, 900)
 
 
@@ -316,6 +360,7 @@ def main() -> None:
                      "levels": lambda: test_levels(exp, method, folds, emit, cache),
                      "window": lambda: test_window(exp, method, folds, emit, cache),
                      "passes": lambda: test_passes(exp, method, folds, emit, cache),
+                     "mix": lambda: test_mix(exp, method, folds, emit, cache),
                      "bottleneck": lambda: test_bottleneck(exp, method, folds, emit)}[test]()
                 cache.clear()
     finally:

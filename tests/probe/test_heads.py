@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from voxdiff.pretrain.backbone import Backbone
-from voxdiff.probe.heads import LinearHead, NonLinearHead, build_head, count_parameters
+from voxdiff.probe.heads import LinearHead, MixHead, NonLinearHead, build_head, count_parameters, make_head
 
 CH = [4, 8, 16]
 
@@ -61,7 +61,7 @@ def test_parameter_counts():
 
 
 def test_build_head_round_trip_and_output_size():
-    for h in (LinearHead(CH, 3), NonLinearHead(CH, 3, hidden=8, blocks=2)):
+    for h in (LinearHead(CH, 3), NonLinearHead(CH, 3, hidden=8, blocks=2), MixHead(CH, 3, groups=2, hidden=8)):
         for p in h.parameters():
             torch.nn.init.normal_(p)
         h.set_feature_stats([(torch.randn(c), torch.rand(c) + 0.5) for c in CH])
@@ -76,3 +76,32 @@ def test_build_head_round_trip_and_output_size():
         build_head({"type": "mlp"})
     with pytest.raises(ValueError):
         LinearHead(CH, 3)(pyramid(1)[:2])
+
+
+def test_mix_head_weights_select_level_and_pass_blocks():
+    """With the mix logits set to pick one (level, pass) block, the head's output depends on that
+    block only: the passes are the level's equal channel chunks, in order."""
+    torch.manual_seed(0)
+    h = MixHead(CH, 5, groups=2, hidden=8).eval()
+    torch.nn.init.normal_(h.out.weight)
+    assert [(w["level"], w["pass"]) for w in h.mix_weights()] == [(lv, g) for lv in range(3) for g in range(2)]
+    assert all(abs(w["weight"] - 1 / 6) < 1e-4 for w in h.mix_weights())  # starts as the plain mean
+    with torch.no_grad():
+        h.mix.fill_(-1e4)
+        h.mix[3] = 0.0  # level 1, pass 1
+    a = pyramid(1)
+    b = [x.clone() for x in a]
+    b[1][:, :4] += 5.0  # level 1, pass 0: ignored
+    b[0] += 1.0  # level 0: ignored
+    c = [x.clone() for x in a]
+    c[1][:, 4:] += 5.0  # level 1, pass 1: used
+    with torch.no_grad():
+        torch.testing.assert_close(h(a), h(b))
+        assert (h(a) - h(c)).abs().max() > 1e-2
+    assert max(h.mix_weights(), key=lambda w: w["weight"]) == {"level": 1, "pass": 1, "weight": 1.0}
+
+
+def test_mix_head_refuses_levels_that_do_not_split_into_passes():
+    with pytest.raises(ValueError, match="passes"):
+        MixHead([4, 6, 16], 3, groups=4)
+    assert isinstance(make_head("mix", CH, 3, hidden=8, groups=4), MixHead)

@@ -35,7 +35,7 @@ class _Ext:
             return self.backbone.pyramid(x)
 
 
-@pytest.mark.parametrize("kind", ["linear", "nonlinear"])
+@pytest.mark.parametrize("kind", ["linear", "nonlinear", "mix"])
 def test_gathered_voxels_give_the_same_logits_as_the_full_volume(kind):
     """With nearest upsampling a head is a per-voxel function of the pyramid: training on gathered
     feature vectors is exactly training the head that inference applies to whole volumes."""
@@ -78,7 +78,7 @@ def test_voxel_probe_beats_untrained_head_on_phantoms():
     cfg = ProbeConfig(steps=500, val_every=250, roi=(32, 32, 32), overlap=0.25, lr=1e-2, bf16=False, device="cpu",
                       hidden=16, fg_prob=0.5)
     hist: list = []
-    heads = fit_heads_voxels(ext, cases[:2], cases[2:3], ["linear", "nonlinear"], cfg, voxels_per_step=2048,
+    heads = fit_heads_voxels(ext, cases[:2], cases[2:3], ["linear", "nonlinear", "mix"], cfg, voxels_per_step=2048,
                              progress=False, history=hist)
     for k, v in before.items():
         torch.testing.assert_close(ext.backbone.state_dict()[k], v, rtol=0, atol=0)
@@ -91,6 +91,7 @@ def test_voxel_probe_beats_untrained_head_on_phantoms():
     # a random 8-channel backbone on 48x48x32 phantoms at 4 mm: small numbers, but an untrained head is ~0
     assert d["nonlinear"] > d["untrained"] + 0.01
     assert d["linear"] > d["untrained"] + 0.01
+    assert d["mix"] > d["untrained"] + 0.01
 
 
 def test_feature_roi_covering_the_volume_extracts_it_in_one_window():

@@ -11,7 +11,7 @@ from .train import ProbeConfig, train_probe
 def register(root: CommandGroup) -> None:
     p = root.command(
         "probe", run_probe,
-        help="Train segmentation heads on frozen pretrained features (linear, nonlinear) or fine-tune / train from scratch",
+        help="Train segmentation heads on frozen pretrained features (linear, nonlinear, mix) or fine-tune / train from scratch",
     )
     p.add_argument("pretrained", type=str, help="voxdiff pretrain output folder (or its backbone/)")
     p.add_argument("data", type=str, help="labelled data set folder")

@@ -8,6 +8,13 @@
   added to that level's projection and refined by kernel-1 residual blocks. A final 1x1x1 conv gives
   the logits. All convolutions have kernel 1, so at inference (BatchNorm in eval mode) the head is
   a per-voxel function of the (upsampled) pyramid: it adds no spatial context of its own.
+* :class:`MixHead`: a learned mix over pyramid levels x feature passes (the "diffusion
+  hyperfeatures" aggregation of Luo et al. 2023): every (level, pass) block of channels goes through
+  its own kernel-1 bottleneck to ``hidden`` channels, the blocks are upsampled to the finest level
+  and summed with softmax weights (one learned scalar per block, readable with
+  :meth:`MixHead.mix_weights`), then kernel-1 residual blocks and a final 1x1x1 conv give the logits.
+  The passes of a level are its ``groups`` equal channel blocks, in the order of the extractor's
+  feature timesteps (:attr:`voxdiff.pretrain.load.FeatureExtractor.passes`).
 
 Both take ``list[Tensor]`` shaped ``(B, C_i, X/s_i, Y/s_i, Z/s_i)`` and return logits
 ``(B, n_classes, X, Y, Z)`` at the size of the first (finest) level, or ``out_size`` when given.
@@ -21,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-HEAD_TYPES = ("linear", "nonlinear")
+HEAD_TYPES = ("linear", "nonlinear", "mix")
 
 
 def _upsample(x: torch.Tensor, size: Sequence[int], mode: str) -> torch.Tensor:
@@ -169,6 +176,64 @@ class NonLinearHead(_Scaled, nn.Module):
         return _upsample(x, size, self.upsample)
 
 
+class MixHead(_Scaled, nn.Module):
+    """Learned softmax mix over (level, pass) blocks, each through its own kernel-1 bottleneck.
+
+    level_channels: channels of each pyramid level, finest first (each a multiple of ``groups``).
+    n_classes: output channels.
+    groups: feature passes (timesteps) concatenated in every level; 1 for single-pass methods.
+    hidden: width of the bottlenecks and of the refinement blocks.
+    blocks: kernel-1 residual blocks after the mix.
+    """
+
+    def __init__(self, level_channels: Sequence[int], n_classes: int, groups: int = 1, hidden: int = 64,
+                 blocks: int = 1, upsample: str = "trilinear"):
+        super().__init__()
+        self.level_channels = [int(c) for c in level_channels]
+        self.n_classes = int(n_classes)
+        self.groups = int(groups)
+        self.hidden = int(hidden)
+        self.blocks = int(blocks)
+        self.upsample = upsample
+        if self.groups < 1 or any(c % self.groups for c in self.level_channels):
+            raise ValueError(f"every level's channels {self.level_channels} must split into {self.groups} passes")
+        self.scales = nn.ModuleList(FeatureScale(c) for c in self.level_channels)
+        self.bottlenecks = nn.ModuleList(
+            nn.Sequential(nn.Conv3d(c // self.groups, hidden, kernel_size=1), nn.BatchNorm3d(hidden), nn.SiLU(),
+                          nn.Conv3d(hidden, hidden, kernel_size=1))
+            for c in self.level_channels for _ in range(self.groups)
+        )
+        self.mix = nn.Parameter(torch.zeros(len(self.bottlenecks)))  # softmax(0) = the plain mean
+        self.refine = nn.Sequential(*[_ResBlock1(hidden) for _ in range(self.blocks)])
+        self.out_norm = nn.BatchNorm3d(hidden)
+        self.out = nn.Conv3d(hidden, n_classes, kernel_size=1)
+        nn.init.zeros_(self.out.weight)
+
+    def config(self) -> dict:
+        return {"type": "mix", "level_channels": self.level_channels, "n_classes": self.n_classes,
+                "groups": self.groups, "hidden": self.hidden, "blocks": self.blocks, "upsample": self.upsample}
+
+    def mix_weights(self) -> list[dict]:
+        """The learned weight of every (level, pass) block, in level-major order."""
+        w = torch.softmax(self.mix.detach().float(), 0).tolist()
+        return [{"level": k // self.groups, "pass": k % self.groups, "weight": round(v, 4)} for k, v in enumerate(w)]
+
+    def forward(self, pyramid: Sequence[torch.Tensor], out_size: Sequence[int] | None = None) -> torch.Tensor:
+        if len(pyramid) != len(self.scales):
+            raise ValueError(f"head expects {len(self.scales)} pyramid levels, got {len(pyramid)}")
+        fine = tuple(pyramid[0].shape[2:])
+        w = torch.softmax(self.mix, 0)
+        x = None
+        for lv, f in enumerate(pyramid):
+            for g, block in enumerate(self.scales[lv](f).chunk(self.groups, dim=1)):
+                k = lv * self.groups + g
+                y = _upsample(self.bottlenecks[k](block), fine, self.upsample) * w[k].to(f.dtype)
+                x = y if x is None else x + y
+        x = self.out(F.silu(self.out_norm(self.refine(x))))
+        size = tuple(out_size) if out_size is not None else fine
+        return _upsample(x, size, self.upsample)
+
+
 def build_head(config: dict) -> nn.Module:
     """Rebuild a head from its ``config()`` dict (as stored in a head checkpoint)."""
     cfg = dict(config)
@@ -177,13 +242,19 @@ def build_head(config: dict) -> nn.Module:
         return LinearHead(**cfg)
     if kind == "nonlinear":
         return NonLinearHead(**cfg)
+    if kind == "mix":
+        return MixHead(**cfg)
     raise ValueError(f"unknown head type {kind!r}; known: {HEAD_TYPES}")
 
 
-def make_head(name: str, level_channels: Sequence[int], n_classes: int, hidden: int = 64, blocks: int = 1) -> nn.Module:
-    """Head by name: ``linear`` or ``nonlinear`` (fine-tune / scratch modes use the non-linear head)."""
+def make_head(name: str, level_channels: Sequence[int], n_classes: int, hidden: int = 64, blocks: int = 1,
+              groups: int = 1) -> nn.Module:
+    """Head by name: ``linear``, ``nonlinear`` or ``mix`` (``groups``: feature passes per level);
+    fine-tune / scratch modes use the non-linear head."""
     if name == "linear":
         return LinearHead(level_channels, n_classes)
+    if name == "mix":
+        return MixHead(level_channels, n_classes, groups=groups, hidden=hidden, blocks=blocks)
     if name in ("nonlinear", "finetune", "scratch"):
         return NonLinearHead(level_channels, n_classes, hidden=hidden, blocks=blocks)
-    raise ValueError(f"unknown head {name!r}; known: linear, nonlinear, finetune, scratch")
+    raise ValueError(f"unknown head {name!r}; known: linear, nonlinear, mix, finetune, scratch")

@@ -10,7 +10,7 @@ uniformly among the organs present in the training cases (class-uniform), so sma
 
 Modes (``ProbeConfig.heads``):
 
-* ``linear`` / ``nonlinear``: heads on the frozen extractor (eval mode, no gradients: norm statistics
+* ``linear`` / ``nonlinear`` / ``mix``: heads on the frozen extractor (eval mode, no gradients: norm statistics
   and weights never change). All frozen heads are trained in one pass: each batch's features are
   computed once and fed to every head.
 * ``finetune``: a copy of the extractor's backbone with the non-linear head; the backbone stays
@@ -42,7 +42,7 @@ from voxdiff.core.runtime import resolve_device
 from .heads import count_parameters, feature_stats, make_head
 from .predict import features, logits_to_labels, predict_logits, set_frozen, unit_image
 
-FROZEN_MODES = ("linear", "nonlinear")
+FROZEN_MODES = ("linear", "nonlinear", "mix")
 TUNED_MODES = ("finetune", "scratch")
 ALL_MODES = FROZEN_MODES + TUNED_MODES
 
@@ -51,7 +51,8 @@ ALL_MODES = FROZEN_MODES + TUNED_MODES
 class ProbeConfig(Bf16Renamed):
     """Probing / fine-tuning options (defaults sized for a CPU).
 
-    heads: what to train: linear, nonlinear (frozen features, one shared pass), finetune, scratch.
+    heads: what to train: linear, nonlinear, mix (frozen features, one shared pass; ``mix`` is the
+      learned level x timestep mix, :class:`voxdiff.probe.heads.MixHead`), finetune, scratch.
     patch_size: training patch (x, y, z) in voxels; multiples of the backbone's largest stride.
     batch_size: patches per step.
     steps: optimisation steps per head / network.
@@ -396,7 +397,8 @@ def fit_heads(
     torch.manual_seed(cfg.seed)
     sampler = make_sampler(extractor, train_cases, cfg, rng)
     chans = [int(lv.channels) for lv in extractor.levels]
-    models = {n: make_head(n, chans, cfg.n_classes, cfg.hidden, cfg.blocks).to(device) for n in names}
+    groups = int(getattr(extractor, "passes", 1))
+    models = {n: make_head(n, chans, cfg.n_classes, cfg.hidden, cfg.blocks, groups=groups).to(device) for n in names}
     stats = _measure_stats(extractor, sampler, cfg, device)
     for m in models.values():
         m.set_feature_stats(stats)

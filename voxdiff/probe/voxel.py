@@ -33,7 +33,7 @@ from voxdiff.core.errors import InputError
 from voxdiff.core.metrics import mean_dice
 from voxdiff.core.runtime import resolve_device
 
-from .heads import LinearHead, NonLinearHead
+from .heads import LinearHead, MixHead, NonLinearHead
 from .predict import set_frozen, unit_image
 from .train import (
     FROZEN_MODES,
@@ -156,7 +156,10 @@ def gather(pyramids: list[list[torch.Tensor]], labels: list[np.ndarray], strides
     return pyr, torch.cat(ys)
 
 
-def make_voxel_head(name: str, level_channels: Sequence[int], cfg: ProbeConfig) -> nn.Module:
+def make_voxel_head(name: str, level_channels: Sequence[int], cfg: ProbeConfig, groups: int = 1) -> nn.Module:
+    if name == "mix":
+        return MixHead(level_channels, cfg.n_classes, groups=groups, hidden=cfg.hidden, blocks=cfg.blocks,
+                       upsample="nearest")
     if name == "linear":
         return LinearHead(level_channels, cfg.n_classes, upsample="nearest")
     if name == "nonlinear":
@@ -184,7 +187,7 @@ def prior_log_ratio(labels: Sequence[np.ndarray], sampler: VoxelSampler, n_class
 def prior_corrected(head: nn.Module, log_ratio: torch.Tensor) -> nn.Module:
     """A copy of ``head`` (eval mode) whose output bias includes the prior correction."""
     h = copy.deepcopy(head).eval()
-    last = h.out if isinstance(h, NonLinearHead) else h.convs[0]
+    last = h.out if isinstance(h, (NonLinearHead, MixHead)) else h.convs[0]
     with torch.no_grad():
         last.bias.add_(log_ratio.to(last.bias))
     return h
@@ -215,7 +218,8 @@ def fit_heads_voxels(extractor, train_cases: Sequence, val_cases: Sequence = (),
     strides = [int(lv.stride) for lv in extractor.levels]
     chans = [int(p.shape[0]) for p in pyrs[0]]
     sampler = VoxelSampler(labels, cfg.fg_prob, rng)
-    models = {n: make_voxel_head(n, chans, cfg).to(device) for n in heads}
+    groups = int(getattr(extractor, "passes", 1))
+    models = {n: make_voxel_head(n, chans, cfg, groups).to(device) for n in heads}
     # fixed per-channel standardisation from a large voxel sample (keeps the linear head linear)
     stat_pyr, _ = gather(pyrs, labels, strides, sampler.sample(min(65536, 8 * voxels_per_step)))
     stats = [(f[:, :, 0, 0, 0].mean(0), f[:, :, 0, 0, 0].std(0)) for f in stat_pyr]
