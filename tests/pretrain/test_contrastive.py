@@ -112,7 +112,7 @@ def test_info_nce_prefers_matching_pairs():
     z = torch.nn.functional.normalize(torch.randn(64, 16, generator=g), dim=1)
     good, acc = ct.info_nce(z, z, 0.1)
     bad, _ = ct.info_nce(z, z.roll(1, 0), 0.1)
-    assert acc == 1.0 and good < bad
+    assert float(acc) == 1.0 and good < bad
     assert good.item() >= 0
 
 
@@ -344,6 +344,21 @@ def test_info_nce_same_view_negatives_match_a_direct_computation():
     assert loss.item() == pytest.approx(0.5 * (one_side(za, zb) + one_side(zb, za)), rel=1e-5)
     other, _ = ct.info_nce(za, zb, tau, same_view=False)
     assert loss.item() > other.item()  # more negatives, larger loss
+
+
+def test_masked_info_nce_equals_dropping_the_invalid_pairs():
+    g = torch.Generator().manual_seed(2)
+    za = torch.nn.functional.normalize(torch.randn(12, 8, generator=g), dim=1)
+    zb = torch.nn.functional.normalize(torch.randn(12, 8, generator=g), dim=1)
+    valid = torch.tensor([1, 1, 0, 1, 0, 0, 1, 1, 1, 0, 1, 1], dtype=torch.bool)
+    for same_view in (True, False):
+        masked, acc_m = ct.info_nce(za, zb, 0.1, same_view=same_view, valid=valid)
+        dropped, acc_d = ct.info_nce(za[valid], zb[valid], 0.1, same_view=same_view)
+        torch.testing.assert_close(masked, dropped)
+        torch.testing.assert_close(acc_m, acc_d)
+        assert torch.isfinite(masked)
+    everything, _ = ct.info_nce(za, zb, 0.1, valid=torch.ones(12, dtype=torch.bool))
+    torch.testing.assert_close(everything, ct.info_nce(za, zb, 0.1)[0])
 
 
 def test_models_with_the_earlier_projector_still_load():

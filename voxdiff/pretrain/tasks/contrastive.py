@@ -210,28 +210,41 @@ def gather_pyramid(pyramid: list[torch.Tensor], idx: torch.Tensor, full_size: tu
 
 
 def info_nce(za: torch.Tensor, zb: torch.Tensor, temperature: float,
-             same_view: bool = True) -> tuple[torch.Tensor, float]:
+             same_view: bool = True, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric InfoNCE: row i of ``za`` and row i of ``zb`` are positives.
 
     Negatives of ``za[i]`` are every ``zb[j]`` (j != i) and, with ``same_view`` (vox2vec), every
-    ``za[j]`` (j != i) too; likewise for ``zb[i]``. Returns the loss and the top-1 accuracy of finding
-    the positive among all candidates."""
+    ``za[j]`` (j != i) too; likewise for ``zb[i]``. ``valid`` (M,) booleans: only valid pairs take
+    part, as anchors and as negatives; the same loss as dropping the invalid rows first, computed
+    with masks so that no shape depends on the data (no host synchronisation on a GPU). Returns the
+    loss and the top-1 accuracy of finding the positive among all candidates (a 0-d tensor)."""
     n = za.shape[0]
     target = torch.arange(n, device=za.device)
+    eye = torch.eye(n, dtype=torch.bool, device=za.device)
+    # a candidate j is masked for anchor i when it is invalid (an anchor's own positive never is:
+    # invalid anchors are given zero weight instead, and their loss must stay finite)
+    drop = None if valid is None else (~valid.bool())[None, :] & ~eye
     l_ab = za @ zb.t() / temperature
+    l_ba = l_ab.t()
+    if drop is not None:
+        l_ab, l_ba = l_ab.masked_fill(drop, float("-inf")), l_ba.masked_fill(drop, float("-inf"))
     if not same_view:
-        logits_a, logits_b = l_ab, l_ab.t()
+        logits_a, logits_b = l_ab, l_ba
     else:
-        eye = torch.eye(n, dtype=torch.bool, device=za.device)
-        l_aa = (za @ za.t() / temperature).masked_fill(eye, float("-inf"))
-        l_bb = (zb @ zb.t() / temperature).masked_fill(eye, float("-inf"))
+        self_drop = eye if drop is None else eye | drop
+        l_aa = (za @ za.t() / temperature).masked_fill(self_drop, float("-inf"))
+        l_bb = (zb @ zb.t() / temperature).masked_fill(self_drop, float("-inf"))
         # candidates of a voxel of view A: [view B (positive at i), view A (itself excluded)]
         logits_a = torch.cat([l_ab, l_aa], dim=1)
-        logits_b = torch.cat([l_ab.t(), l_bb], dim=1)
-    loss = 0.5 * (F.cross_entropy(logits_a, target) + F.cross_entropy(logits_b, target))
+        logits_b = torch.cat([l_ba, l_bb], dim=1)
+    per = 0.5 * (F.cross_entropy(logits_a, target, reduction="none") + F.cross_entropy(logits_b, target, reduction="none"))
     with torch.no_grad():
-        acc = 0.5 * ((logits_a.argmax(1) == target).float().mean() + (logits_b.argmax(1) == target).float().mean()).item()
-    return loss, acc
+        hit = 0.5 * ((logits_a.argmax(1) == target).float() + (logits_b.argmax(1) == target).float())
+    if valid is None:
+        return per.mean(), hit.mean()
+    w = valid.to(per.dtype)
+    denom = w.sum().clamp_min(1.0)
+    return (per * w).sum() / denom, (hit * w).sum() / denom
 
 
 class _L2Normalize(nn.Module):
@@ -375,7 +388,7 @@ class ContrastiveTask(PretextTask):
         if self.projector is None:  # setup() was not called: size the projector from the pyramid
             self._make_projector(feats.shape[-1])
             self.projector.to(feats.device)
-        if valid is not None:
+        if valid is not None:  # kept for callers that want the valid rows only (shape depends on data)
             return self.projector(feats[valid])
         b, n = feats.shape[:2]
         return self.projector(feats.reshape(b * n, -1)).reshape(b, n, -1)
@@ -391,7 +404,9 @@ class ContrastiveTask(PretextTask):
         pos_b = batch["pos_b"].to(a.device)
         valid = batch.get("pos_valid")
         valid = torch.ones(pos_a.shape[:2], dtype=torch.bool, device=a.device) if valid is None else valid.to(a.device).bool()
-        za = self.embed([f[:bsz] for f in pyramid], pos_a, size, valid)
-        zb = self.embed([f[bsz:] for f in pyramid], pos_b, size, valid)
-        loss, acc = info_nce(za, zb, self.opts.temperature, same_view=self.opts.same_view_negatives)
-        return loss, {"info_nce": float(loss.detach()), "pos_acc": acc, "pairs": float(za.shape[0])}
+        # every pair embedded, the invalid ones masked in the loss: no data-dependent shape, no sync
+        za = self.embed([f[:bsz] for f in pyramid], pos_a, size).flatten(0, 1)
+        zb = self.embed([f[bsz:] for f in pyramid], pos_b, size).flatten(0, 1)
+        flat = valid.flatten()
+        loss, acc = info_nce(za, zb, self.opts.temperature, same_view=self.opts.same_view_negatives, valid=flat)
+        return loss, {"info_nce": loss.detach(), "pos_acc": acc, "pairs": flat.sum().float()}
