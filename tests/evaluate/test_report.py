@@ -100,3 +100,32 @@ def test_bad_inputs(workspace, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
     assert main(["probe", str(w / "pt"), str(ph), "-o", str(tmp_path / "p"), "--heads", "[mlp]"]) == 2
     assert not (tmp_path / "p").exists()
+
+
+def test_probe_with_other_timesteps_and_mix_head_gives_bundles_that_segment(workspace, tmp_path):
+    """``--t`` overrides a diffusion model's feature timesteps: the heads see one channel block per t,
+    the bundle records them, and ``voxdiff segment`` rebuilds the same extractor from it."""
+    import nibabel as nib
+
+    from voxdiff.data.preprocess import PreprocessConfig
+    from voxdiff.pretrain.train import PretrainConfig, pretrain
+    from voxdiff.probe.bundle import load_segmenter
+
+    w, ph = workspace
+    pretrain(PretrainConfig(method="diffusion", data=[str(ph)], preprocess=PreprocessConfig(spacing=(5.0, 5.0, 5.0)),
+                            steps=1, base_channels=4, num_levels=3, patch_size=(16, 16, 16), bf16=False, device="cpu",
+                            diffusion_steps=100, feature_timesteps=(10,)), tmp_path / "dm", progress=False)
+    out = tmp_path / "p"
+    assert main(["probe", str(tmp_path / "dm"), str(ph), "-o", str(out), "--fold", "0", "--heads", "[nonlinear, mix]",
+                 "--t", "[1, 50, 90]", "--steps", "2", "--val_every", "2", "--roi", "[32, 32, 32]",
+                 "--bf16", "false", "--device", "cpu", "--hidden", "8"]) == 0
+    seg = load_segmenter(out / "mix")
+    assert seg.info["timesteps"] == [1, 50, 90] and seg.extractor.passes == 3
+    assert seg.head.groups == 3 and len(seg.head.mix_weights()) == 3 * 3
+    assert load_segmenter(out / "nonlinear").head.level_channels == [3 * lv.channels for lv in seg.extractor.backbone.levels]
+    img = sorted((ph / "imagesTs").glob("*.nii.gz"))[0]
+    assert main(["segment", str(out / "mix"), str(img), "-o", str(tmp_path / "s.nii.gz"), "--device", "cpu"]) == 0
+    assert nib.load(tmp_path / "s.nii.gz").shape == nib.load(img).shape
+    # --t on a model without timesteps: one line, nothing written
+    assert main(["probe", str(w / "pt"), str(ph), "-o", str(tmp_path / "q"), "--t", "[1]", "--steps", "1"]) == 2
+    assert not (tmp_path / "q").exists()

@@ -430,7 +430,8 @@ class Experiment:
                 for h, m in fitted.items():
                     roi = volume_roi(pcfg) if self.voxel_mode else pcfg.roi
                     save_segmenter(tmp / f"segmenter-{h}", model_dir, m, h, ext.preprocess, roi, pcfg.overlap,
-                                   meta={"experiment_step": name}, inference="volume" if self.voxel_mode else "window")
+                                   meta={"experiment_step": name}, inference="volume" if self.voxel_mode else "window",
+                                   timesteps=_feature_timesteps(ext))
             return {"fold": fold, "train_cases": [c.case_id for c in train], "val_cases": [c.case_id for c in val],
                     "test_cases": [c.case_id for c in test], "timesteps": _feature_timesteps(ext),
                     "head_parameters": {h: count_parameters(m) for h, m in fitted.items()},
@@ -521,6 +522,6 @@ def scores_to_per_case(scores: dict[str, dict[str, float]]) -> dict[str, dict[in
 
 
 def _feature_timesteps(ext) -> list[int] | None:
-    """The feature timesteps a diffusion extractor uses (None for the other methods)."""
-    ts = getattr(getattr(getattr(ext, "task", None), "opts", None), "feature_timesteps", None)
-    return None if ts is None else [int(t) for t in ts]
+    from voxdiff.features.extract import feature_timesteps
+
+    return feature_timesteps(ext)

@@ -26,5 +26,6 @@ from .extract import (  # noqa: F401
     plan_windows,
     select_levels,
     window_plan,
+    feature_timesteps,
     with_timesteps,
 )

@@ -471,6 +471,12 @@ def select_levels(extractor: Any, levels: Sequence[int] | None) -> list[Any]:
     return lv if levels is None else [lv[int(i)] for i in levels]
 
 
+def feature_timesteps(extractor: Any) -> list[int] | None:
+    """The feature timesteps a diffusion extractor uses (None for the other methods)."""
+    ts = getattr(getattr(getattr(extractor, "task", None), "opts", None), "feature_timesteps", None)
+    return None if ts is None or getattr(extractor, "method", None) != "diffusion" else [int(t) for t in ts]
+
+
 def with_timesteps(extractor: Any, timesteps: Sequence[int] | None) -> Any:
     """Make a diffusion extractor take features at ``timesteps`` (several: concatenated channels).
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from voxdiff.core.checkpoint import load_checkpoint, prefixed, read_checkpoint_info, save_checkpoint
 from voxdiff.core.config import from_dict, to_dict, versions
-from voxdiff.core.errors import ModelError
+from voxdiff.core.errors import ModelError, VoxdiffError
 from voxdiff.core.outputs import atomic_write_json
 from voxdiff.core.runtime import resolve_device
 from voxdiff.data.labels import BTCV_LABELS
@@ -71,12 +71,15 @@ def save_segmenter(
     tuned_extractor=None,
     meta: dict[str, Any] | None = None,
     inference: str = "window",
+    timesteps: Sequence[int] | None = None,
 ) -> Path:
     """Write a segmenter bundle into ``out_dir`` (an empty / staged folder).
 
     ``tuned_extractor``: for fine-tuned / from-scratch models, the extractor whose backbone weights
     replace the pretrained ones in ``backbone/``. ``inference``: ``window`` (sliding-window logits,
     heads trained on patches) or ``volume`` (one whole-volume feature pass, heads trained on voxels).
+    ``timesteps``: the feature timesteps the head was trained on when they differ from the
+    backbone's own (``--t``); the bundle's extractor is set to them when loaded.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -107,6 +110,7 @@ def save_segmenter(
         "roi": [int(r) for r in roi],
         "overlap": float(overlap),
         "inference": inference,  # window: sliding-window logits; volume: whole-volume features (voxel probes)
+        "timesteps": None if timesteps is None else [int(t) for t in timesteps],  # diffusion: feature passes
         "versions": versions(),
         "meta": to_dict(meta or {}),
     }
@@ -201,6 +205,13 @@ def load_segmenter(model_dir: str | os.PathLike, device: str | torch.device = "a
         head.load_state_dict(tensors, strict=True)
     except (TypeError, ValueError, RuntimeError) as e:
         raise ModelError(p / "head", f"head weights do not match its configuration ({str(e).splitlines()[0]})") from None
+    if doc.get("timesteps"):
+        from voxdiff.features.extract import with_timesteps
+
+        try:
+            with_timesteps(extractor, doc["timesteps"])
+        except VoxdiffError as e:
+            raise ModelError(p / "segmenter.json", f"invalid feature timesteps {doc['timesteps']} ({e})") from None
     chans = [int(lv.channels) for lv in extractor.levels]
     if list(getattr(head, "level_channels", chans)) != chans:
         raise ModelError(p, f"head expects pyramid channels {head.level_channels}, backbone gives {chans}")

@@ -86,6 +86,8 @@ class ProbeConfig(Bf16Renamed):
       whole-volume features, exact for these per-voxel heads and much faster; see
       :mod:`voxdiff.probe.voxel`) or ``patches`` (vox2vec's patch training, :func:`fit_heads`).
     voxels_per_step: voxels per optimisation step with ``frozen_training=voxels``.
+    t: diffusion models: feature timesteps to use instead of the model's own (several: one pass
+      each, concatenated; as ``voxdiff features --t``); saved in the segmenter bundles.
     """
 
     heads: tuple[str, ...] = ("linear", "nonlinear")
@@ -113,6 +115,7 @@ class ProbeConfig(Bf16Renamed):
     seed: int = 0
     frozen_training: str = "voxels"
     voxels_per_step: int = 8192
+    t: tuple[int, ...] | None = None
     amp: InitVar[bool | None] = None  # the old name of bf16 (Bf16Renamed)
 
 
@@ -695,6 +698,9 @@ def train_probe(
     check_output_path(out_dir, force=force)
     device = resolve_device(cfg.device)
     extractor = load_pretrained(pretrained_dir, device=device)
+    from voxdiff.features.extract import feature_timesteps, with_timesteps
+
+    with_timesteps(extractor, cfg.t)
     ds = open_dataset(data_dir, split="train")
     labelled = [r.case_id for r in ds.labelled]
     if not labelled:
@@ -756,7 +762,7 @@ def train_probe(
             volume = n in FROZEN_MODES and cfg.frozen_training == "voxels"
             save_segmenter(tmp / n, pretrained_dir, h, n, pre, volume_roi(cfg) if volume else cfg.roi, cfg.overlap,
                            tuned_extractor=ext,
-                           inference="volume" if volume else "window",
+                           inference="volume" if volume else "window", timesteps=feature_timesteps(extractor),
                            meta={k: summary[k] for k in ("fold", "train_cases", "val_cases", "test_cases", "data")}
                            | {"best_val_dice": summary["heads"][n]["best_val_dice"]})
         from voxdiff.core.outputs import atomic_write_json
