@@ -131,7 +131,7 @@ def bench_assembly(cases: list, workers: int, batches: int) -> dict:
     n = 0
     for b in it:
         n += 1
-        assert b["image"].shape == (BATCH, 1, *PATCH) and b["cond"].shape == (BATCH, 3, *PATCH)
+        assert b["image"].shape == (BATCH, 1, *PATCH) and b["cond_profiles"].shape == (BATCH, 3, max(PATCH))
     dt = time.perf_counter() - t0
     sps = n * BATCH / dt
     return {"workers": workers, "batches": n, "ms_per_batch": round(1000 * dt / n, 1),
@@ -147,7 +147,8 @@ def bench_overhead(workers: int, steps: int, tmp: Path) -> dict:
     from voxdiff.pretrain.tasks.diffusion import DiffusionTask
     from voxdiff.pretrain.train import PretrainConfig, pretrain
 
-    fixed = {"image": torch.rand(BATCH, 1, *PATCH), "cond": torch.rand(BATCH, 3, *PATCH),
+    fixed = {"image": torch.rand(BATCH, 1, *PATCH), "cond_profiles": torch.rand(BATCH, 3, max(PATCH)),
+             "cond_axes": torch.arange(3),
              "origin": torch.zeros(BATCH, 3, dtype=torch.int64), "case_index": torch.zeros(BATCH, dtype=torch.int64)}
 
     class NoOp(DiffusionTask):

@@ -290,7 +290,7 @@ def test_bottleneck(exp: Experiment, method: str, folds, emit) -> None:
     for t_val in [t for t in BOTTLENECK_T if t < task.process.num_steps]:
         t = torch.full((x0.shape[0],), t_val, dtype=torch.long)
         x_t = task.process.add_noise(x0, noise, t)
-        inp = task._join(x_t, batch.get("cond"))
+        inp = task._join(x_t, task.batch_condition(batch))
         target = task.process.target(x0, noise, t)
         errs = []
         for zero in (False, True):

@@ -7,7 +7,8 @@ import pytest
 import torch
 from bpr_helpers import z_textured_case
 
-from voxdiff.bpr.fields import CoordinateField, FieldCache, case_fields, crop_fields, model_signature, volume_field
+from voxdiff.bpr.fields import (CoordinateField, FieldCache, case_fields, crop_fields, crop_profiles, expand_profiles,
+                                model_signature, volume_field)
 from voxdiff.bpr.inference import infer_volume
 from voxdiff.bpr.models import build_bpr
 
@@ -111,6 +112,25 @@ def test_case_fields_and_batch_crops():
     assert batch.shape == (2, 3, 8, 8, 12)  # 1 channel + sin + cos
     np.testing.assert_allclose(batch[0, 0].numpy(), fields[1].dense()[0, :8, :8, :12], rtol=1e-6)
     np.testing.assert_allclose(batch[1, 0].numpy(), fields[0].crop((-3, 2, 20), (8, 8, 12))[0], rtol=1e-6)
+
+
+def test_profiles_expand_to_the_dense_crops():
+    """A batch's field crops sent as 1D profiles expand to exactly the dense crops, inside and
+    outside the volume, for one-axis (slice) and three-axis (ape) fields, with sin/cos too."""
+    rng = np.random.default_rng(0)
+    shape = (24, 20, 28)
+    three = [CoordinateField(shape, (0, 1, 2), tuple(rng.normal(size=n).cumsum() for n in shape)) for _ in range(2)]
+    one = [CoordinateField(shape, (2,), (rng.normal(size=28).cumsum(),)) for _ in range(2)]
+    origins = [(0, 0, 0), (-3, 2, 20), (20, -5, -4)]
+    for fields in (three, one):
+        for sincos in (0, 2):
+            dense = crop_fields(fields, [1, 0, 1], origins, (8, 16, 12), sincos=sincos)
+            prof, axes = crop_profiles(fields, [1, 0, 1], origins, (8, 16, 12))
+            assert prof.shape == (3, len(fields[0].axes), 16) and prof.nbytes < dense.nbytes / 50
+            torch.testing.assert_close(expand_profiles(prof, axes, (8, 16, 12), sincos=sincos), dense, rtol=0, atol=0)
+    mixed = [three[0], CoordinateField(shape, (2, 1, 0), tuple(rng.normal(size=shape[a]) for a in (2, 1, 0)))]
+    with pytest.raises(ValueError, match="axes"):
+        crop_profiles(mixed, [0, 1], origins[:2], (8, 8, 8))
 
 
 def test_dense_head_ape_models_have_no_field():

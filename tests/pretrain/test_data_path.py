@@ -214,9 +214,9 @@ def test_conditioned_diffusion_on_memory_maps_matches_float_volumes(tmp_path):
         assert fa.shape == fb.shape and all(np.array_equal(a, b) for a, b in zip(fa.profiles, fb.profiles))
     a = tasks[0].sample_batch(maps, 3, (16, 16, 16), np.random.default_rng(1))
     b = tasks[1].sample_batch(floats, 3, (16, 16, 16), np.random.default_rng(1))
-    assert a.keys() == b.keys() and "cond" in a
+    assert a.keys() == b.keys() and "cond_profiles" in a
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert float(a["cond"].std()) > 0
+    assert float(tasks[0].batch_condition(a).std()) > 0
 
 
 @pytest.mark.parametrize("workers", [0, 1])

@@ -129,11 +129,13 @@ def test_volume_condition_crops_the_whole_volume_map_at_each_patch(tmp_path):
     fields = case_fields(task.bpr, cases)
     rng = np.random.default_rng(0)
     batch = task.sample_batch(cases, 6, (16, 16, 16), rng)
-    assert batch["cond"].shape == (6, 3, 16, 16, 16) and "coords_mm" not in batch
+    assert batch["cond_profiles"].shape == (6, 3, 16) and "coords_mm" not in batch and "cond" not in batch
+    cond = task.batch_condition(batch)  # the profiles expanded: each patch's crop of its volume's field
+    assert cond.shape == (6, 3, 16, 16, 16)
     for b in range(6):
         ci, o = int(batch["case_index"][b]), [int(v) for v in batch["origin"][b]]
         assert o[2] < 0  # the patch reaches outside the volume along z
-        np.testing.assert_array_equal(batch["cond"][b].numpy(), fields[ci].crop(o, (16, 16, 16)))
+        np.testing.assert_array_equal(cond[b].numpy(), fields[ci].crop(o, (16, 16, 16)))
         # the image voxels at the same indices
         inside = tuple(slice(max(0, v), v + 16) for v in o)
         sub = hu_to_unit(cases[ci].image[inside], task.hu_window)
@@ -146,7 +148,7 @@ def test_volume_condition_crops_the_whole_volume_map_at_each_patch(tmp_path):
     real = net.forward
     net.forward = lambda x, t: (seen.append(x[:, 1:].clone()), real(x, t))[1]
     task.loss(net, batch, torch.Generator().manual_seed(0))
-    torch.testing.assert_close(seen[0], batch["cond"])
+    torch.testing.assert_close(seen[0], cond)
 
 
 def test_patch_condition_source_is_kept_as_an_option():
@@ -155,7 +157,7 @@ def test_patch_condition_source_is_kept_as_an_option():
     task = _task("ape", condition_source="patch")
     assert not task.uses_volume_fields
     batch = task.sample_batch(synthetic_cases(1, shape=(24, 20, 20)), 2, (16, 16, 16), np.random.default_rng(0))
-    assert "cond" not in batch
+    assert "cond" not in batch and task.batch_condition(batch) is None
     with pytest.raises(InputError, match="condition_source"):
         _task("ape", condition_source="window")
 
@@ -168,7 +170,7 @@ def test_fields_of_other_cases_are_never_used():
     other = synthetic_cases(2, shape=(28, 20, 20))
     batch = task.sample_batch(other, 3, (16, 16, 16), np.random.default_rng(0))
     assert all(f.shape == (28, 20, 20) for f in task._fields)
-    assert batch["cond"].shape == (3, 3, 16, 16, 16)
+    assert task.batch_condition(batch).shape == (3, 3, 16, 16, 16)
 
 
 class _Recorder(torch.nn.Module):

@@ -117,6 +117,40 @@ def crop_fields(fields: Sequence[CoordinateField], index: Sequence[int], origins
     return sincos_encode(torch.from_numpy(maps), int(sincos))
 
 
+def crop_profiles(fields: Sequence[CoordinateField], index: Sequence[int], origins: Sequence[Sequence[int]],
+                  size: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The crops of :func:`crop_fields` as 1D profiles: ``(profiles, axes)`` with ``profiles``
+    ``(B, C, max(size))`` float32 (channel ``c`` of patch ``b`` along its axis, zero-padded past
+    ``size[axes[c]]``) and ``axes`` ``(C,)`` int64. :func:`expand_profiles` turns them into the dense
+    maps wherever they are (e.g. on the GPU): a batch carries a few kB instead of ``C`` patch-sized maps.
+    Every field must vary along the same axes (fields of one regressor do)."""
+    size = tuple(int(s) for s in size)
+    axes = fields[int(index[0])].axes if len(index) else ()
+    if any(fields[int(i)].axes != axes for i in index):
+        raise ValueError("the fields of one batch vary along different axes")
+    out = np.zeros((len(index), len(axes), max(size)), dtype=np.float32)
+    for b, (i, o) in enumerate(zip(index, origins)):
+        f = fields[int(i)]
+        for c, a in enumerate(axes):
+            out[b, c, : size[a]] = f.values(c, np.arange(int(o[a]), int(o[a]) + size[a])).astype(np.float32)
+    return torch.from_numpy(out), torch.tensor(axes, dtype=torch.int64)
+
+
+def expand_profiles(profiles: torch.Tensor, axes: Sequence[int] | torch.Tensor, size: Sequence[int],
+                    sincos: int = 0) -> torch.Tensor:
+    """Dense ``(B, C', *size)`` maps of :func:`crop_profiles` output, on the profiles' device; equal
+    to :func:`crop_fields` of the same crops (the sin/cos encoding appended when ``sincos``)."""
+    size = tuple(int(s) for s in size)
+    axes = [int(a) for a in (axes.tolist() if torch.is_tensor(axes) else axes)]
+    b = profiles.shape[0]
+    chans = []
+    for c, a in enumerate(axes):
+        shape = [b, 1, 1, 1]
+        shape[1 + a] = size[a]
+        chans.append(profiles[:, c, : size[a]].reshape(shape).expand(b, *size))
+    return sincos_encode(torch.stack(chans, 1), int(sincos))
+
+
 # ------------------------------------------------------------------------------------ computing
 
 

@@ -90,7 +90,8 @@ def sample_patches(model_path: str | os.PathLike, cfg: SampleConfig, progress: b
         batch = task.sample_batch(cases, cfg.n, size, np.random.default_rng(cfg.seed))
         reals = batch["image"].to(device)
         # the crop of each real patch's whole-volume map when the model was pretrained on those
-        cond = batch["cond"].to(device) if "cond" in batch else task.condition_map(reals)
+        given = task.batch_condition(batch) if hasattr(task, "batch_condition") else batch.get("cond")
+        cond = given.to(device) if given is not None else task.condition_map(reals)
 
     def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return backbone(task._join(x, cond), t)[0]

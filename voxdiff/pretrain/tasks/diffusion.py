@@ -232,18 +232,34 @@ class DiffusionTask(PretextTask):
 
     def sample_batch(self, cases: list, batch_size: int, patch_size: tuple[int, int, int],
                      rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        """Random patches; with volume fields also ``cond`` (B, C, X, Y, Z), each patch's crop of its
-        volume's coordinate map."""
-        from voxdiff.bpr.fields import crop_fields
+        """Random patches; with volume fields also each patch's crop of its volume's coordinate map,
+        as 1D profiles (``cond_profiles`` (B, C, L), ``cond_axes`` (C,)): every channel of a field
+        varies along one axis, so the batch carries a few kB instead of C patch-sized maps, and
+        :meth:`batch_condition` expands them on the device the step runs on."""
+        from voxdiff.bpr.fields import crop_profiles
 
         batch = random_patches(cases, batch_size, patch_size, rng, window=self.hu_window, with_coords=False)
         if self.uses_volume_fields:
             if self._fields is None or len(self._fields) != len(cases) or \
                     any(f.shape != tuple(c.image.shape) for f, c in zip(self._fields, cases)):
                 self.prepare(cases)  # other cases than the ones prepared: map these
-            batch["cond"] = crop_fields(self._fields, batch["case_index"].tolist(), batch["origin"].tolist(),
-                                        patch_size, self.opts.bpr_sincos)
+            batch["cond_profiles"], batch["cond_axes"] = crop_profiles(
+                self._fields, batch["case_index"].tolist(), batch["origin"].tolist(), patch_size)
         return batch
+
+    def batch_condition(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The dense condition ``(B, C, X, Y, Z)`` of a batch of :meth:`sample_batch` (expanded from
+        its profiles where they are), or the ``cond`` maps a caller put in the batch; None without."""
+        if "cond" in batch:
+            return batch["cond"]
+        if "cond_profiles" not in batch:
+            return None
+        from voxdiff.bpr.fields import expand_profiles
+
+        # the axes from the task's own fields where it has them (a device copy of cond_axes would be
+        # read back to the host)
+        axes = self._fields[0].axes if self._fields else batch["cond_axes"]
+        return expand_profiles(batch["cond_profiles"], axes, tuple(batch["image"].shape[2:]), self.opts.bpr_sincos)
 
     @torch.no_grad()
     def volume_condition(self, image: torch.Tensor, size: tuple[int, int, int] | None = None) -> torch.Tensor | None:
@@ -283,7 +299,7 @@ class DiffusionTask(PretextTask):
         t = self.process.sample_timesteps(b, generator, image.device)
         noise = torch.randn(x0.shape, generator=generator, device=image.device, dtype=x0.dtype)
         x_t = self.process.add_noise(x0, noise, t)
-        cond = batch.get("cond")
+        cond = self.batch_condition(batch)
         if cond is None:
             cond = self.condition_map(image)
         if cond is not None and self.opts.condition_dropout > 0:
