@@ -7,8 +7,16 @@ import pytest
 import torch
 from bpr_helpers import z_textured_case
 
-from voxdiff.bpr.fields import (CoordinateField, FieldCache, case_fields, crop_fields, crop_profiles, expand_profiles,
-                                model_signature, volume_field)
+from voxdiff.bpr.fields import (
+    CoordinateField,
+    FieldCache,
+    case_fields,
+    crop_fields,
+    crop_profiles,
+    expand_profiles,
+    model_signature,
+    volume_field,
+)
 from voxdiff.bpr.inference import infer_volume
 from voxdiff.bpr.models import build_bpr
 

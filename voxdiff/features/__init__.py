@@ -22,10 +22,10 @@ from .extract import (  # noqa: F401
     default_roi,
     estimate_memory,
     extract_volume,
+    feature_timesteps,
     features_at,
     plan_windows,
     select_levels,
     window_plan,
-    feature_timesteps,
     with_timesteps,
 )
