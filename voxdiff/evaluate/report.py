@@ -25,7 +25,7 @@ from . import metrics as M
 class EvaluateConfig(Bf16Renamed):
     """Options of ``voxdiff evaluate``.
 
-    head: which head of a probe run to evaluate (linear, nonlinear, finetune, scratch) when the
+    head: which head of a probe run to evaluate (linear, nonlinear, mix, finetune, scratch) when the
       model folder holds several.
     cases: which labelled cases: auto (the fold's held-out cases recorded in the model when the data
       set is the one it was trained on, else all labelled cases), test (imagesTs), train (imagesTr),

@@ -56,7 +56,7 @@ class ExperimentConfig:
             when it exists (phantoms), else the images of DATA's training cases.
         methods: pretraining methods (diffusion-ape, diffusion-slice, diffusion-none, restorative,
             contrastive, random).
-        heads: probing heads trained on the frozen features (linear, nonlinear).
+        heads: probing heads trained on the frozen features (linear, nonlinear, mix).
         scratch: also train the same network from scratch on the labelled cases (reference).
         finetune: methods whose pretrained backbone is also fine-tuned end to end with the non-linear
             head (compare: one "fine-tuned" row each; only those also in ``methods``).

@@ -186,7 +186,7 @@ def timestep_figures(by_t: list, by_T: list, heads: tuple[str, ...], out: Path) 
 
 
 def timesteps_markdown(results: dict[str, Any], figs: list[str]) -> str:
-    heads = [h for h in ("linear", "nonlinear") if results["by_t"] and h in results["by_t"][0]] or ["nonlinear"]
+    heads = [h for h in ("linear", "nonlinear", "mix") if results["by_t"] and h in results["by_t"][0]] or ["nonlinear"]
     parts = ["# voxdiff experiment: timesteps", "",
              f"Method `{results['method']}`; {results['seconds']:.0f} s in all. Dice (%) by size group.", ""]
     for key, rows, title in (("t", results["by_t"], "Feature timestep t (one pretrained model)"),
@@ -211,7 +211,7 @@ def label_series(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
 def _series_label(method: str, mode: str) -> str:
     if method == "from-scratch":
         return "from scratch"
-    return f"{method}, {'frozen ' + mode + ' probe' if mode in ('linear', 'nonlinear') else mode}"
+    return f"{method}, {'frozen ' + mode + ' probe' if mode in ('linear', 'nonlinear', 'mix') else mode}"
 
 
 def label_figures(rows: list, out: Path) -> list[str]:
@@ -298,7 +298,8 @@ def contrastive_note(rows: list[dict[str, Any]], ours: str = "diffusion-ape", ot
     """One line saying where the contrastive baseline is ahead of diffusion + BPR in a compare table
     (computed from the rows; None when it is ahead nowhere or a row is missing)."""
     ahead = []
-    for head, name in (("linear", "linear probe"), ("nonlinear", "non-linear probe"), ("fine-tuned", "fine-tuned")):
+    for head, name in (("linear", "linear probe"), ("nonlinear", "non-linear probe"), ("mix", "mix probe"),
+                       ("fine-tuned", "fine-tuned")):
         a, b = _mean_of(rows, other, head), _mean_of(rows, ours, head)
         if a is not None and b is not None and a > b:
             ahead.append(f"{name} {100 * a:.1f} vs {100 * b:.1f}")
