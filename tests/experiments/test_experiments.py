@@ -200,6 +200,9 @@ def test_timesteps_and_label_efficiency_tiny(tmp_path):
     md = (tmp_path / "ts" / "report.md").read_text()
     assert "Feature timestep t" in md and (tmp_path / "ts" / "dice_vs_t.png").is_file()
     assert (tmp_path / "ts" / "dice_vs_T.png").is_file()
+    # a probe at another timestep than the model's records it in its bundle (segment runs the same pass)
+    doc = json.loads((tmp_path / "ts" / "t-sweep" / "diffusion-none-t5-f0" / "segmenter-nonlinear" / "segmenter.json").read_text())
+    assert doc["timesteps"] == [5]
 
     res = ex.label_efficiency(cfg, tmp_path / "le", log=lambda s: None)
     # for each label count: from scratch, the frozen linear / non-linear probes and the fine-tuned backbone
