@@ -275,6 +275,13 @@ def test_demo_prints_the_converged_scratch_reference_only_where_it_was_measured(
     assert f"trains {steps} steps" in note and "63.3" in note and "label-efficiency" in note
     assert scratch_note("tiny", 0, 4) is None and scratch_note("cpu-small", 1, steps) is None
     assert scratch_note("cpu-small", 0, 1200) is None  # trained as long as the reference: no note
+    from voxdiff.experiments.demo import TUNED_CONVERGED, tuned_note
+
+    tn = tuned_note("cpu-small", get_budget("cpu-small")["finetune_steps"])
+    assert f"train {steps} steps" in tn and "cpu-bench" in tn
+    for m, s in TUNED_CONVERGED["rows"].values():  # the measured values, each with its spread
+        assert 0 < m < 100 and s > 0 and f"{m:.1f} ± {s:.1f}" in tn
+    assert tuned_note("cpu-bench", 1200) is None and tuned_note("cpu-small", 1200) is None
     cfg = demo_config()
     assert {"diffusion-ape", "contrastive"} <= set(cfg.finetune) == set(DEMO_FINETUNE)
     b = get_budget("cpu-small")
