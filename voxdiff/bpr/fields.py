@@ -112,9 +112,10 @@ class CoordinateField:
 def crop_fields(fields: Sequence[CoordinateField], index: Sequence[int], origins: Sequence[Sequence[int]],
                 size: Sequence[int], sincos: int = 0) -> torch.Tensor:
     """Batch ``(B, C', *size)`` of the fields ``fields[index[b]]`` cropped at ``origins[b]``,
-    with the sin/cos encoding of :func:`~voxdiff.bpr.models.sincos_encode` appended when ``sincos``."""
-    maps = np.stack([fields[int(i)].crop(o, size) for i, o in zip(index, origins)])
-    return sincos_encode(torch.from_numpy(maps), int(sincos))
+    with the sin/cos encoding of :func:`~voxdiff.bpr.models.sincos_encode` appended when ``sincos``
+    (the profiles of :func:`crop_profiles`, expanded here)."""
+    profiles, axes = crop_profiles(fields, index, origins, size)
+    return expand_profiles(profiles, axes, size, sincos).contiguous()
 
 
 def crop_profiles(fields: Sequence[CoordinateField], index: Sequence[int], origins: Sequence[Sequence[int]],

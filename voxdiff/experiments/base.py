@@ -402,7 +402,7 @@ class Experiment:
         """Fit frozen heads on one fold and score them on its test cases."""
 
         def run(tmp: Path) -> dict[str, Any]:
-            from voxdiff.features.extract import with_timesteps
+            from voxdiff.features.extract import feature_timesteps, with_timesteps
             from voxdiff.pretrain.load import load_pretrained
             from voxdiff.probe.heads import count_parameters
             from voxdiff.probe.train import fit_heads
@@ -431,9 +431,9 @@ class Experiment:
                     roi = volume_roi(pcfg) if self.voxel_mode else pcfg.roi
                     save_segmenter(tmp / f"segmenter-{h}", model_dir, m, h, ext.preprocess, roi, pcfg.overlap,
                                    meta={"experiment_step": name}, inference="volume" if self.voxel_mode else "window",
-                                   timesteps=_feature_timesteps(ext))
+                                   timesteps=feature_timesteps(ext))
             return {"fold": fold, "train_cases": [c.case_id for c in train], "val_cases": [c.case_id for c in val],
-                    "test_cases": [c.case_id for c in test], "timesteps": _feature_timesteps(ext),
+                    "test_cases": [c.case_id for c in test], "timesteps": feature_timesteps(ext),
                     "head_parameters": {h: count_parameters(m) for h, m in fitted.items()},
                     "backbone_parameters": count_parameters(ext.backbone), "scores": scores,
                     "history": hist}
@@ -521,7 +521,3 @@ def scores_to_per_case(scores: dict[str, dict[str, float]]) -> dict[str, dict[in
     return {cid: {int(k): (float("nan") if v is None else float(v)) for k, v in d.items()} for cid, d in scores.items()}
 
 
-def _feature_timesteps(ext) -> list[int] | None:
-    from voxdiff.features.extract import feature_timesteps
-
-    return feature_timesteps(ext)
