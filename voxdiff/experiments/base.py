@@ -84,6 +84,9 @@ class ExperimentConfig:
             (each probed frozen with ``heads`` and fine-tuned).
         workers: worker processes for phantom generation / preprocessing.
         progress: show progress bars.
+        jobs: compare (and the demo): processes that run independent steps side by side, each with
+            cores / jobs torch threads (0 = auto: 2 on a CPU with at least two cores, 1 with a GPU).
+            The results do not depend on it. See voxdiff.experiments.lanes.
     """
 
     budget: str = "cpu-small"
@@ -110,6 +113,7 @@ class ExperimentConfig:
     label_methods: tuple[str, ...] = ("diffusion-ape", "contrastive")
     workers: int = 2
     progress: bool = True
+    jobs: int = 1
 
 
 def variant_key(overrides: dict[str, Any]) -> str:
@@ -133,6 +137,10 @@ def method_parts(method: str) -> tuple[str, str | None]:
 
 
 REGIMES = ("iid", "shifted")
+
+# ExperimentConfig fields that change how an experiment runs, not its results: a folder may be
+# resumed with other values
+RUNTIME_FIELDS = frozenset({"workers", "progress", "jobs"})
 
 # the shifted regime's labelled site (phantom settings; test and unlabelled phantoms keep the
 # generator's full ranges): portal venous phase at a typical enhancement, one noise level and
@@ -171,7 +179,11 @@ class Experiment:
         import yaml
 
         saved = self.out / "config.yaml"
-        mine = {"config": to_dict(self.cfg), "budget_settings": to_dict(self.budget)}
+
+        def results_part(cfg: Any) -> Any:  # the settings that shape results (not how they are run)
+            return {k: v for k, v in cfg.items() if k not in RUNTIME_FIELDS} if isinstance(cfg, dict) else cfg
+
+        mine = {"config": results_part(to_dict(self.cfg)), "budget_settings": to_dict(self.budget)}
 
         def same() -> bool:
             doc = yaml.safe_load(saved.read_text()) or {}
@@ -181,7 +193,7 @@ class Experiment:
                     cfg = to_dict(from_dict(ExperimentConfig, cfg, strict=False))
                 except (TypeError, ValueError):
                     pass
-            return {"config": cfg, "budget_settings": doc.get("budget_settings")} == mine
+            return {"config": results_part(cfg), "budget_settings": doc.get("budget_settings")} == mine
 
         if self.out.exists() and any(self.out.iterdir()):
             if not saved.is_file():

@@ -46,9 +46,9 @@ def tuned_note(budget: str, steps: int | None) -> str | None:
             f"docs/RESULTS.md): {rows}. `{ref['command']}`.")
 
 
-def demo_config(budget: str = "cpu-small", seed: int = 0) -> ExperimentConfig:
+def demo_config(budget: str = "cpu-small", seed: int = 0, jobs: int = 0) -> ExperimentConfig:
     return ExperimentConfig(budget=budget, methods=DEMO_METHODS, heads=("linear", "nonlinear"), scratch=True,
-                            finetune=DEMO_FINETUNE, folds=0, seed=seed, phantom_seed=seed)
+                            finetune=DEMO_FINETUNE, folds=0, seed=seed, phantom_seed=seed, jobs=jobs)
 
 
 def scratch_note(budget: str, seed: int, steps: int | None) -> str | None:
@@ -62,14 +62,17 @@ def scratch_note(budget: str, seed: int, steps: int | None) -> str | None:
             f"`{ref['command']}`.")
 
 
-def run_demo(out: str | Path = "demo_out", budget: str = "cpu-small", seed: int = 0, force: bool = False) -> dict:
+def run_demo(out: str | Path = "demo_out", budget: str = "cpu-small", seed: int = 0, force: bool = False,
+             jobs: int = 0) -> dict:
+    """The demo; ``jobs``: processes running independent steps side by side (0 = auto, see
+    :func:`voxdiff.experiments.lanes.resolve_jobs`)."""
     from . import report
     from .experiments import compare
 
     t0 = time.perf_counter()
     out = Path(out)
     print(f"voxdiff demo: budget {budget}, output {out}/ (a re-run resumes finished steps)", flush=True)
-    cfg = demo_config(budget, seed)
+    cfg = demo_config(budget, seed, jobs)
     from .budgets import get_budget
 
     b = get_budget(budget)

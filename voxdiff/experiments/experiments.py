@@ -33,6 +33,10 @@ def compare(cfg: ExperimentConfig, out: str | Path, force: bool = False, log: Ca
     if report_only:
         raise VoxdiffError("--report_only applies to compare --seeds")
     exp = Experiment(cfg, out, force=force, log=log)
+    if cfg.jobs != 1:
+        from .lanes import run_lanes
+
+        run_lanes(exp, "compare")
     rows = _frozen_rows(exp) + _tuned_rows(exp)
     pre = {m: exp.runner.result(f"pretrain-{m}") for m in cfg.methods}
     bprs = {k: exp.runner.result(f"bpr-{k}") for k in ("ape", "slice") if exp.runner.done(f"bpr-{k}")}
@@ -47,47 +51,66 @@ def compare(cfg: ExperimentConfig, out: str | Path, force: bool = False, log: Ca
 def _frozen_rows(exp: Experiment, finished_only: bool = False) -> list[dict[str, Any]]:
     """Every method's backbone, pretrained and probed frozen with every head (one row per head).
     ``finished_only``: run nothing; rows of the methods whose probes have all finished."""
+    return [r for method in exp.cfg.methods for r in _frozen_method_rows(exp, method, finished_only)]
+
+
+def _frozen_method_rows(exp: Experiment, method: str, finished_only: bool = False) -> list[dict[str, Any]]:
     cfg = exp.cfg
-    rows: list[dict[str, Any]] = []
-    for method in cfg.methods:
-        names = [f"probe-{method}-f{k}" for k in range(_n_folds(exp))]
-        if finished_only:
-            if not all(exp.runner.done(n) for n in names):
-                continue
-            folds = [exp.runner.result(n) for n in names]
-        else:
-            model = exp.pretrained(method)
-            folds = [exp.probe(n, model, k, tuple(cfg.heads)) for k, n in enumerate(names)]
-        for head in cfg.heads:
-            rows.append({"method": method, "head": head, **_aggregate(folds, head),
-                         "head_parameters": folds[0]["head_parameters"][head],
-                         "backbone_parameters": folds[0]["backbone_parameters"]})
-    return rows
+    names = [f"probe-{method}-f{k}" for k in range(_n_folds(exp))]
+    if finished_only:
+        if not all(exp.runner.done(n) for n in names):
+            return []
+        folds = [exp.runner.result(n) for n in names]
+    else:
+        model = exp.pretrained(method)
+        folds = [exp.probe(n, model, k, tuple(cfg.heads)) for k, n in enumerate(names)]
+    return [{"method": method, "head": head, **_aggregate(folds, head),
+             "head_parameters": folds[0]["head_parameters"][head],
+             "backbone_parameters": folds[0]["backbone_parameters"]} for head in cfg.heads]
+
+
+def _tuned_jobs(exp: Experiment) -> list[tuple[str, str, str, list[str]]]:
+    """(method, row head, mode, step names per fold) of the fine-tuned rows and the from-scratch row."""
+    cfg = exp.cfg
+    nf = _n_folds(exp)
+    jobs = [(m, "fine-tuned", "finetune", [f"finetune-{m}-f{k}" for k in range(nf)]) for m in finetuned_methods(cfg)]
+    if cfg.scratch:
+        jobs.append(("from-scratch", "end-to-end", "scratch", [f"scratch-f{k}" for k in range(nf)]))
+    return jobs
 
 
 def _tuned_rows(exp: Experiment, finished_only: bool = False) -> list[dict[str, Any]]:
     """Fine-tuned backbones and the from-scratch reference (to convergence when the budget says
     ``tuned_early_stopping``). ``finished_only``: run nothing; the rows whose runs have finished."""
-    cfg = exp.cfg
+    rows = [_tuned_job_row(exp, job, finished_only) for job in _tuned_jobs(exp)]
+    return [r for r in rows if r is not None]
+
+
+def _tuned_job_row(exp: Experiment, job: tuple[str, str, str, list[str]], finished_only: bool = False
+                   ) -> dict[str, Any] | None:
+    method, head, mode, names = job
     stop = bool(exp.budget.get("tuned_early_stopping", False))
-    nf = _n_folds(exp)
-    rows: list[dict[str, Any]] = []
-    jobs = [(m, "fine-tuned", "finetune", [f"finetune-{m}-f{k}" for k in range(nf)]) for m in finetuned_methods(cfg)]
-    if cfg.scratch:
-        jobs.append(("from-scratch", "end-to-end", "scratch", [f"scratch-f{k}" for k in range(nf)]))
-    for method, head, mode, names in jobs:
-        if finished_only:
-            if not all(exp.runner.done(n) for n in names):
-                continue
-            folds = [exp.runner.result(n) for n in names]
-        elif mode == "scratch":
-            folds = [exp.scratch(n, k, early_stopping=stop) for k, n in enumerate(names)]
-        else:
-            model = exp.pretrained(method)
-            folds = [exp.tuned(n, k, "finetune", model, early_stopping=stop) for k, n in enumerate(names)]
-        rows.append({"method": method, "head": head, **_aggregate(folds, mode),
-                     "steps": folds[0].get("max_steps"), **_stopped(folds)})
-    return rows
+    if finished_only:
+        if not all(exp.runner.done(n) for n in names):
+            return None
+        folds = [exp.runner.result(n) for n in names]
+    elif mode == "scratch":
+        folds = [exp.scratch(n, k, early_stopping=stop) for k, n in enumerate(names)]
+    else:
+        model = exp.pretrained(method)
+        folds = [exp.tuned(n, k, "finetune", model, early_stopping=stop) for k, n in enumerate(names)]
+    return {"method": method, "head": head, **_aggregate(folds, mode), "steps": folds[0].get("max_steps"),
+            **_stopped(folds)}
+
+
+def compare_items(exp: Experiment) -> list[tuple[str, Callable[[], Any]]]:
+    """The independent pieces of ``compare`` (a frozen method's probes, a fine-tuned or from-scratch
+    row), each a callable that runs its steps (and the steps they need): what ``--jobs`` spreads over
+    processes (:mod:`voxdiff.experiments.lanes`)."""
+    items: list[tuple[str, Callable[[], Any]]] = [
+        (f"probes of {m}", lambda m=m: _frozen_method_rows(exp, m)) for m in exp.cfg.methods]
+    items += [(f"{job[2]} {job[0]}", lambda job=job: _tuned_job_row(exp, job)) for job in _tuned_jobs(exp)]
+    return items
 
 
 def _stopped(folds: list[dict[str, Any]]) -> dict[str, Any]:

@@ -10,28 +10,70 @@ on the step: an ordinary step (minutes of work at most) is discarded and redone 
 ``resumable`` step (BPR training, pretraining: hours on real budgets) keeps its work folder,
 ``.NAME.partial``, with the training state checkpoints in it, and the next run hands that folder
 back to the step, which continues from its last checkpoint.
+
+Several processes may work on one experiment folder at once (``voxdiff experiment compare --jobs``):
+each step is run under an exclusive lock (``.locks/NAME.lock``, ``flock``), so a step is run by one
+process only. Another process that needs it waits for it (``wait=True``) or gets :class:`StepBusy`
+and does other work first (``wait=False``); either way it then reads the finished step's result.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from voxdiff.core.outputs import atomic_write_json, kept_work_dir, staged_dir
 
 RESULT = "result.json"
+LOCKS = ".locks"  # one empty lock file per step (flock), under the experiment folder
 ELAPSED = ".elapsed"
 
 
+class StepBusy(Exception):
+    """The step is being run by another process (raised by ``StepRunner(wait=False)``)."""
+
+    def __init__(self, name: str):
+        super().__init__(f"step {name} is running in another process")
+        self.name = name
+
+
 class StepRunner:
-    def __init__(self, root: str | Path, log: Callable[[str], None] = print):
+    def __init__(self, root: str | Path, log: Callable[[str], None] = print, wait: bool = True):
+        """``wait``: when another process is running a step, wait for it (True) or raise
+        :class:`StepBusy` (False)."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.log = log
+        self.wait = wait
+        self.log_skips = True  # "[skip] NAME" lines (off where several processes share the work)
         self.ran: list[str] = []
         self.skipped: list[str] = []
+
+    @contextlib.contextmanager
+    def _locked(self, name: str) -> Iterator[None]:
+        """Hold the step's lock for the block (see the module docstring)."""
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): one process per experiment folder
+            yield
+            return
+        lock = self.root / LOCKS / f"{name}.lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock, "a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not self.wait:
+                    raise StepBusy(name) from None
+                self.log(f"[wait] {name} (running in another process)")
+                fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def path(self, name: str) -> Path:
         return self.root / name
@@ -54,8 +96,18 @@ class StepRunner:
         """
         if self.done(name):
             self.skipped.append(name)
-            self.log(f"[skip] {name} (finished earlier)")
+            if self.log_skips:
+                self.log(f"[skip] {name} (finished earlier)")
             return self.result(name)
+        with self._locked(name):
+            if self.done(name):  # finished by another process while this one waited
+                self.skipped.append(name)
+                if self.log_skips:
+                    self.log(f"[skip] {name} (finished in another process)")
+                return self.result(name)
+            return self._run(name, fn, resumable)
+
+    def _run(self, name: str, fn: Callable[[Path], dict[str, Any] | None], resumable: bool) -> dict[str, Any]:
         target = self.root / name
         work = self.work_dir(name)
         spent = work / ELAPSED  # seconds of the earlier, interrupted runs of a resumable step
@@ -65,6 +117,10 @@ class StepRunner:
             before = float(spent.read_text()) if resumable and spent.is_file() else 0.0
             try:
                 res = fn(tmp) or {}
+            except StepBusy:  # a step this one needs is running in another process: try again later
+                if resumable and work.is_dir() and not any(work.iterdir()):
+                    work.rmdir()  # nothing done yet: not an interrupted run to continue
+                raise
             except BaseException:
                 if resumable:
                     spent.write_text(f"{before + time.perf_counter() - t0:.2f}")
