@@ -471,13 +471,15 @@ class Experiment:
         return self.probe_cfg(**over)
 
     def tuned(self, name: str, fold: int, mode: str, model_dir: Path | None = None, n_train: int | None = None,
-              early_stopping: bool = False) -> dict[str, Any]:
+              early_stopping: bool = False, init_probe: str | None = None) -> dict[str, Any]:
         """Backbone + non-linear head trained end to end on one fold and scored on its test cases:
         ``finetune`` starts from the pretrained ``model_dir``; ``scratch`` from random init (the
-        same architecture). The best-validation state is scored."""
+        same architecture). The best-validation state is scored. ``init_probe``: fine-tuning starts
+        from the non-linear head of this (finished) probe step of the same backbone and fold (LP-FT)."""
 
         def run(tmp: Path) -> dict[str, Any]:
             from voxdiff.pretrain.load import load_pretrained
+            from voxdiff.probe.bundle import load_segmenter_head
             from voxdiff.probe.train import fit_network
 
             train, val, test = self.folds()[fold]
@@ -489,9 +491,11 @@ class Experiment:
             ext = load_pretrained(src)
             pcfg = self.tuned_cfg(mode, early_stopping)
             hist: list = []
-            tuned, head = fit_network(ext, train, val, mode, pcfg, progress=self.cfg.progress, history=hist)
+            init = load_segmenter_head(self.out / init_probe / "segmenter-nonlinear") if init_probe else None
+            tuned, head = fit_network(ext, train, val, mode, pcfg, progress=self.cfg.progress, history=hist,
+                                      init_head=init)
             scores = self._score(tuned, {mode: head}, test, pcfg)
-            return {"fold": fold, "mode": mode, "train_cases": [c.case_id for c in train],
+            return {"fold": fold, "mode": mode, "init": init_probe or "random", "train_cases": [c.case_id for c in train],
                     "val_cases": [c.case_id for c in val], "test_cases": [c.case_id for c in test],
                     "max_steps": pcfg.steps, "steps_run": getattr(head, "steps_run", None),
                     "best_step": getattr(head, "best_step", None), "best_val_dice": getattr(head, "best_val_dice", None),

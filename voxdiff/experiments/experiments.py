@@ -98,9 +98,15 @@ def _tuned_job_row(exp: Experiment, job: tuple[str, str, str, list[str]], finish
         folds = [exp.scratch(n, k, early_stopping=stop) for k, n in enumerate(names)]
     else:
         model = exp.pretrained(method)
-        folds = [exp.tuned(n, k, "finetune", model, early_stopping=stop) for k, n in enumerate(names)]
+        folds = []
+        for k, n in enumerate(names):
+            init = None
+            if exp.budget.get("finetune_init") == "probe" and "nonlinear" in exp.cfg.heads:
+                init = f"probe-{method}-f{k}"  # LP-FT: from the frozen row's non-linear head
+                exp.probe(init, model, k, tuple(exp.cfg.heads))
+            folds.append(exp.tuned(n, k, "finetune", model, early_stopping=stop, init_probe=init))
     return {"method": method, "head": head, **_aggregate(folds, mode), "steps": folds[0].get("max_steps"),
-            **_stopped(folds)}
+            "init": folds[0].get("init", "random"), **_stopped(folds)}
 
 
 def compare_items(exp: Experiment) -> list[tuple[str, Callable[[], Any]]]:

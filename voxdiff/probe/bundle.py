@@ -190,6 +190,18 @@ def read_segmenter_info(model_dir: str | os.PathLike) -> dict[str, Any]:
     return doc
 
 
+def load_segmenter_head(model_dir: str | os.PathLike) -> nn.Module:
+    """The head of a segmenter bundle alone (on the CPU), e.g. to start fine-tuning from a probe."""
+    p = Path(model_dir)
+    tensors, hinfo = load_checkpoint(p / "head", kind="head", max_version=HEAD_FORMAT_VERSION)
+    try:
+        head = build_head(hinfo.get("config") or {})
+        head.load_state_dict(tensors, strict=True)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ModelError(p / "head", f"head weights do not match its configuration ({str(e).splitlines()[0]})") from None
+    return head
+
+
 def load_segmenter(model_dir: str | os.PathLike, device: str | torch.device = "auto") -> Segmenter:
     """Load and check a segmenter bundle (every part present, versions understood) onto ``device``
     (auto: CUDA when available)."""
@@ -199,12 +211,7 @@ def load_segmenter(model_dir: str | os.PathLike, device: str | torch.device = "a
 
     device = resolve_device(device)
     extractor = load_pretrained(p, device=device)
-    tensors, hinfo = load_checkpoint(p / "head", kind="head", max_version=HEAD_FORMAT_VERSION)
-    try:
-        head = build_head(hinfo.get("config") or {})
-        head.load_state_dict(tensors, strict=True)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise ModelError(p / "head", f"head weights do not match its configuration ({str(e).splitlines()[0]})") from None
+    head = load_segmenter_head(p)
     if doc.get("timesteps"):
         from voxdiff.features.extract import with_timesteps
 

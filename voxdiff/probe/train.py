@@ -39,7 +39,7 @@ from voxdiff.core.errors import InputError, TrainingError
 from voxdiff.core.metrics import mean_dice
 from voxdiff.core.runtime import resolve_device
 
-from .heads import count_parameters, feature_stats, make_head
+from .heads import NonLinearHead, count_parameters, feature_stats, make_head
 from .predict import features, logits_to_labels, predict_logits, set_frozen, unit_image
 
 FROZEN_MODES = ("linear", "nonlinear", "mix")
@@ -458,12 +458,13 @@ class NetworkTask(TrainTask):
     without a better Dice."""
 
     def __init__(self, ext, backbone: nn.Module, head: nn.Module, sampler: PatchSampler, cfg: ProbeConfig, mode: str,
-                 device: torch.device, val_cases: Sequence, history: list | None):
+                 device: torch.device, val_cases: Sequence, history: list | None, warm: int | None = None):
+        """``warm``: steps with the backbone frozen (default: ``cfg.warmup_steps`` when fine-tuning)."""
         self.ext, self.backbone, self.head, self.sampler, self.cfg = ext, backbone, head, sampler, cfg
         self.mode, self.device, self.val_cases = mode, device, val_cases
         self.history = history if history is not None else []
         self.net = nn.ModuleDict({"head": head, "backbone": backbone})
-        self.warm = 0 if mode == "scratch" else min(cfg.warmup_steps, cfg.steps)
+        self.warm = 0 if mode == "scratch" else min(cfg.warmup_steps if warm is None else warm, cfg.steps)
         self.unfrozen = False
         self.best: tuple[float, Any] = (-math.inf, None)
         self.best_step, self.since_best = 0, 0
@@ -570,8 +571,14 @@ def fit_network(
     state_dir: str | os.PathLike | None = None,
     resume: bool = False,
     stop_after: int | None = None,
+    init_head: nn.Module | None = None,
 ):
     """Fine-tune (``finetune``) or train from scratch (``scratch``) backbone + non-linear head.
+
+    ``init_head``: fine-tuning only: a non-linear head already fitted on the frozen features (a
+    probe's, e.g. :func:`voxdiff.probe.bundle.load_segmenter_head`) to start from instead of a
+    random one, with no head-alone warm-up ("linear probing, then fine-tuning", LP-FT: the
+    backbone's first gradients come through a trained head, not a random one).
 
     Works on a deep copy of ``extractor``; returns ``(tuned_extractor, head)`` in eval mode with the
     best validation state (backbone and head of the same step). Only ``extractor.backbone`` is
@@ -599,9 +606,13 @@ def fit_network(
     torch.manual_seed(cfg.seed)
     sampler = make_sampler(ext, train_cases, cfg, rng)
     chans = [int(lv.channels) for lv in ext.levels]
-    head = make_head("nonlinear", chans, cfg.n_classes, cfg.hidden, cfg.blocks).to(device)
-    head.set_feature_stats(_measure_stats(ext, sampler, cfg, device))
-    task = NetworkTask(ext, backbone, head, sampler, cfg, mode, device, val_cases, history)
+    if init_head is not None:
+        head = _fitted_head(init_head, chans, cfg, mode).to(device)
+    else:
+        head = make_head("nonlinear", chans, cfg.n_classes, cfg.hidden, cfg.blocks).to(device)
+        head.set_feature_stats(_measure_stats(ext, sampler, cfg, device))
+    task = NetworkTask(ext, backbone, head, sampler, cfg, mode, device, val_cases, history,
+                       warm=0 if init_head is not None else None)
     ecfg = EngineConfig(steps=cfg.steps, lr=cfg.lr, schedule="constant", weight_decay=cfg.weight_decay,
                         no_decay_1d=False, device=cfg.device, seed=cfg.seed, log_every=cfg.val_every,
                         checkpoint_every=cfg.val_every, keep_checkpoints=1, progress=progress, desc=mode, label=mode,
@@ -620,6 +631,22 @@ def fit_network(
     head.best_step = task.best_step  # type: ignore[attr-defined]
     head.steps_run = steps_run  # type: ignore[attr-defined]
     return ext, head
+
+
+def _fitted_head(init_head: nn.Module, chans: list[int], cfg: ProbeConfig, mode: str) -> nn.Module:
+    """A trainable copy of a fitted non-linear head, checked against the backbone and the task."""
+    if mode != "finetune":
+        raise ValueError("init_head applies to fine-tuning only")
+    if not isinstance(init_head, NonLinearHead):
+        raise ValueError(f"init_head must be a non-linear head, not {type(init_head).__name__}")
+    if init_head.level_channels != chans or init_head.n_classes != cfg.n_classes:
+        raise ValueError(f"init_head takes channels {init_head.level_channels} and gives {init_head.n_classes} "
+                         f"classes; the backbone gives {chans} and the task has {cfg.n_classes}")
+    head = copy.deepcopy(init_head)
+    head.upsample = "trilinear"  # patches, as the fine-tuning head is built (voxel probes use nearest)
+    for p in head.parameters():
+        p.requires_grad_(True)
+    return head
 
 
 # ------------------------------------------------------------------------------------ end to end
