@@ -232,7 +232,8 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 def engine_config(cfg: PretrainConfig, progress: bool = True, main: bool = True) -> EngineConfig:
     """The engine settings of a pretraining run."""
     return EngineConfig(**engine_settings(cfg.optim, cfg.runtime), no_decay_1d=True, seed=cfg.seed,
-                        progress=progress and main, desc=f"pretrain {cfg.method}")
+                        progress=progress and main, desc=f"pretrain {cfg.method}",
+                        nan_hint="continue from it with --resume (e.g. with a lower --optim.lr)")
 
 
 def unused_parameter_names(joint: nn.Module, task: nn.Module, cases: list, cfg: PretrainConfig,
