@@ -155,6 +155,10 @@ def test_command_line_sections_value_form_and_hidden_flat_options(tmp_path, caps
     s = tmp_path / "optim.yaml"
     s.write_text("lr: 0.25\n")
     assert from_namespace(Job, p.parse_args(["--optim", str(s)])).optim == OptimConfig(lr=0.25, steps=10)
+    # ... while any other existing file is a value (a data "folder" may be a file)
+    ct = tmp_path / "ct.nii.gz"
+    ct.write_bytes(b"")
+    assert from_namespace(Job, p.parse_args(["--files", str(ct)])).files.paths == [str(ct)]
     p.print_help()
     shown = capsys.readouterr().out
     assert "--optim.lr" in shown and "--files.kind" in shown

@@ -119,8 +119,10 @@ def _section_takes_value(action: Any, field: str, tp: Any) -> None:
     many = typing.get_origin(tp) in (list, tuple)
     base = type(action)
 
-    def is_section(v: Any) -> bool:  # what the section option takes as before: a file or a mapping
-        return isinstance(v, str) and (os.path.isfile(v) or v.lstrip().startswith("{"))
+    def is_section(v: Any) -> bool:  # what the section option takes as before: a YAML/JSON file or a mapping
+        if not isinstance(v, str):
+            return False
+        return v.lstrip().startswith("{") or (v.lower().endswith((".yaml", ".yml", ".json")) and os.path.isfile(v))
 
     class SectionOrValue(base):  # type: ignore[valid-type,misc]
         def __call__(self, *args: Any, **kwargs: Any) -> Any:

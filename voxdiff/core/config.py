@@ -215,10 +215,10 @@ def _section_value(scls: type, value: Any) -> Any:
     return {vf: value}
 
 
-def nest_flat(cls: Any, data: dict[str, Any], flat_wins: bool = False) -> dict[str, Any]:
+def nest_flat(cls: Any, data: dict[str, Any]) -> dict[str, Any]:
     """``data`` in the nested layout of ``cls``: flat keys (:func:`flat_names`) moved into their
     sections, plain section values turned into their ``VALUE_FIELD``. When a value is given both
-    ways, the nested one wins, or the flat one with ``flat_wins``. Keys are moved, not checked."""
+    ways, the nested one wins. Keys are moved, not checked."""
     sections = section_classes(cls)
     if not sections:
         return data
@@ -236,8 +236,7 @@ def nest_flat(cls: Any, data: dict[str, Any], flat_wins: bool = False) -> dict[s
         if dataclasses.is_dataclass(cur) and not isinstance(cur, type):
             cur = to_dict(cur)
         sub = dict(cur) if isinstance(cur, dict) else {}
-        if flat_wins or fld not in sub:
-            sub[fld] = value
+        sub.setdefault(fld, value)
         out[sec] = sub
     return out
 
