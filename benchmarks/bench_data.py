@@ -143,9 +143,10 @@ def bench_assembly(cases: list, workers: int, batches: int) -> dict:
 
 def bench_overhead(workers: int, steps: int, tmp: Path) -> dict:
     """Per-step time of the engine with a no-op model and a fixed batch (nothing else to wait for)."""
+    from voxdiff.core.sections import OptimConfig, RuntimeConfig
     from voxdiff.pretrain.tasks.base import TASKS
     from voxdiff.pretrain.tasks.diffusion import DiffusionTask
-    from voxdiff.pretrain.train import PretrainConfig, pretrain
+    from voxdiff.pretrain.train import BackboneConfig, PretrainConfig, PretrainData, pretrain
 
     fixed = {"image": torch.rand(BATCH, 1, *PATCH), "cond_profiles": torch.rand(BATCH, 3, max(PATCH)),
              "cond_axes": torch.arange(3),
@@ -163,9 +164,11 @@ def bench_overhead(workers: int, steps: int, tmp: Path) -> dict:
 
     TASKS["bench_noop"] = NoOp
     try:
-        cfg = PretrainConfig(method="bench_noop", patch_size=PATCH, batch_size=BATCH, steps=steps, base_channels=1,
-                             num_levels=1, norm_groups=1, log_every=steps, checkpoint_every=10 ** 9, bf16=False,
-                             device="cpu", workers=workers, threads=1, warmup_steps=1)
+        cfg = PretrainConfig(method="bench_noop", data=PretrainData(patch_size=PATCH, batch_size=BATCH, workers=workers),
+                             optim=OptimConfig(steps=steps, warmup_steps=1),
+                             backbone=BackboneConfig(base_channels=1, num_levels=1, norm_groups=1),
+                             runtime=RuntimeConfig(log_every=steps, checkpoint_every=10 ** 9, bf16=False, device="cpu",
+                                                   threads=1))
         from voxdiff.data.types import Case, CaseMeta
 
         dummy = [Case(np.zeros((4, 4, 4), np.int16), None, CaseMeta("d", None, None, (4, 4, 4), np.eye(4), np.eye(4),
@@ -184,7 +187,8 @@ def bench_overhead(workers: int, steps: int, tmp: Path) -> dict:
 MEMORY_CHILD = r'''
 import json, os, resource, sys, time
 sys.path.insert(0, sys.argv[1])
-from voxdiff.pretrain.train import PretrainConfig, pretrain, load_cases
+from voxdiff.core.sections import OptimConfig, RuntimeConfig
+from voxdiff.pretrain.train import BackboneConfig, PretrainConfig, PretrainData, TaskOptions, pretrain, load_cases
 args = json.loads(sys.argv[2])
 method = "diffusion"
 if args["model"] == "noop":
@@ -207,10 +211,13 @@ def status():
         if k in ("VmHWM", "VmRSS", "RssAnon", "RssFile"):
             d[k] = round(int(v.split()[0]) / 2**20, 3)  # GiB
     return d
-cfg = PretrainConfig(method=method, data=[args["src"]], data_kind="folder", cache_dir=args["cache"],
-                     patch_size=(128, 128, 32), batch_size=8, steps=args["steps"], base_channels=4, num_levels=3,
-                     log_every=args["steps"], checkpoint_every=10 ** 9, bf16=False, device="cpu", threads=1,
-                     workers=args["workers"], diffusion_steps=1000)
+cfg = PretrainConfig(method=method,
+                     data=PretrainData(paths=[args["src"]], kind="folder", cache_dir=args["cache"], patch_size=(128, 128, 32),
+                                       batch_size=8, workers=args["workers"]),
+                     optim=OptimConfig(steps=args["steps"]), backbone=BackboneConfig(base_channels=4, num_levels=3),
+                     task=TaskOptions(diffusion_steps=1000),
+                     runtime=RuntimeConfig(log_every=args["steps"], checkpoint_every=10 ** 9, bf16=False, device="cpu",
+                                           threads=1))
 t0 = time.perf_counter()
 cases = load_cases(cfg)
 t_load = time.perf_counter() - t0
@@ -256,9 +263,9 @@ def main() -> int:
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} (shared machine)")
     results: dict = {}
     if "assembly" not in a.skip:
-        from voxdiff.pretrain.train import PretrainConfig, load_cases
+        from voxdiff.pretrain.train import PretrainConfig, PretrainData, load_cases
 
-        cases = load_cases(PretrainConfig(data=[str(src)], data_kind="folder", cache_dir=str(cache_dir)))
+        cases = load_cases(PretrainConfig(data=PretrainData(paths=[str(src)], kind="folder", cache_dir=str(cache_dir))))
         results["assembly"] = []
         # the same steps every time: the first setting may read the volumes from disk, the repeat of
         # the in-process run at the end finds their pages in the page cache

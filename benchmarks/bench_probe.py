@@ -86,16 +86,19 @@ def main() -> None:
                   force=True, progress=False)
     times["bpr_s"] = round(time.time() - t, 1)
 
-    from voxdiff.pretrain.train import PretrainConfig, pretrain
+    from voxdiff.core.sections import OptimConfig, RuntimeConfig
+    from voxdiff.pretrain.train import BackboneConfig, PretrainConfig, PretrainData, TaskOptions, pretrain
 
     pt = out / "pretrained"
     t = time.time()
     if not (pt / "backbone" / "model.json").is_file():
         log(f"diffusion + BPR pretraining: {a.pretrain_steps} steps, base {a.base_channels}")
-        pretrain(PretrainConfig(method="diffusion", condition="ape", bpr_path=str(bpr_dir), data=[str(unl_dir)],
-                                data_kind="folder", preprocess=pre, patch_size=(32, 32, 32), batch_size=2,
-                                steps=a.pretrain_steps, base_channels=a.base_channels, num_levels=4, bf16=True,
-                                seed=a.seed, device="cpu", lr=1e-3, warmup_steps=min(50, a.pretrain_steps // 5)),
+        pretrain(PretrainConfig(method="diffusion", seed=a.seed, preprocess=pre,
+                                data=PretrainData(paths=[str(unl_dir)], kind="folder", patch_size=(32, 32, 32), batch_size=2),
+                                optim=OptimConfig(steps=a.pretrain_steps, lr=1e-3, warmup_steps=min(50, a.pretrain_steps // 5)),
+                                backbone=BackboneConfig(base_channels=a.base_channels, num_levels=4),
+                                task=TaskOptions(condition="ape", bpr_path=str(bpr_dir)),
+                                runtime=RuntimeConfig(bf16=True, device="cpu")),
                  pt, progress=False, force=True)
     times["pretrain_s"] = round(time.time() - t, 1)
 

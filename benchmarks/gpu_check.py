@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from voxdiff.core.cli import underscore_options
+from voxdiff.core.config import flat_names, from_dict
 from voxdiff.core.errors import VoxdiffError
 from voxdiff.core.precision import bf16_autocast, use_bf16
 from voxdiff.core.runtime import resolve_device, tune_allocator
@@ -109,7 +110,7 @@ def pretrain_config(args: argparse.Namespace, sizes: dict, spacing: tuple[float,
     over = dict(get_budget("paper")["pretrain"])
     if args.quick:
         over.update(QUICK["pretrain"])
-    fields = {f.name for f in dataclasses.fields(PretrainConfig)}
+    fields = {f.name for f in dataclasses.fields(PretrainConfig)} | set(flat_names(PretrainConfig))  # budgets are flat
     over = {k: v for k, v in over.items() if k in fields}
     over.update(method="diffusion", condition="none", steps=sizes["steps"], log_every=sizes["steps"],
                 checkpoint_every=10 ** 9, keep_checkpoints=1, device=args.device, seed=0,
@@ -120,7 +121,7 @@ def pretrain_config(args: argparse.Namespace, sizes: dict, spacing: tuple[float,
         over["bf16"] = False  # the dry run checks the script, not bf16 speed
     if args.threads:
         over["threads"] = args.threads
-    return PretrainConfig(**over)
+    return from_dict(PretrainConfig, over)
 
 
 def check_pretrain(cfg: PretrainConfig, cases: list, out: Path, dev: torch.device) -> dict:
@@ -131,7 +132,7 @@ def check_pretrain(cfg: PretrainConfig, cases: list, out: Path, dev: torch.devic
     wall = time.perf_counter() - t0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     pps = float(rows[-1]["patches_per_s"])
-    return {"steps": cfg.steps, "it_per_s": round(pps / cfg.batch_size, 3), "patches_per_s": round(pps, 2),
+    return {"steps": cfg.optim.steps, "it_per_s": round(pps / cfg.data.batch_size, 3), "patches_per_s": round(pps, 2),
             "wall_s": round(wall, 1), "loss": round(float(rows[-1]["loss"]), 4), "peak_gpu_GiB": peak_gpu_gib(dev)}
 
 
@@ -142,8 +143,8 @@ def check_split(cfg: PretrainConfig, cases: list, n: int, dev: torch.device) -> 
     task.to(dev)
     backbone.to(dev)
     params = list(backbone.parameters()) + list(task.parameters())
-    opt = torch.optim.AdamW(param_groups(torch.nn.ModuleList([backbone, task]), cfg.weight_decay), lr=cfg.lr)
-    ema = EMA(backbone, cfg.ema_decay)
+    opt = torch.optim.AdamW(param_groups(torch.nn.ModuleList([backbone, task]), cfg.optim.weight_decay), lr=cfg.optim.lr)
+    ema = EMA(backbone, cfg.optim.ema_decay)
     rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator(device=dev).manual_seed(cfg.seed)
     t_batch, t_step = [], []
@@ -152,16 +153,16 @@ def check_split(cfg: PretrainConfig, cases: list, n: int, dev: torch.device) -> 
             g["lr"] = lr_at(step, cfg)
         sync(dev)
         t0 = time.perf_counter()
-        batch = task.sample_batch(cases, cfg.batch_size, tuple(cfg.patch_size), rng)
+        batch = task.sample_batch(cases, cfg.data.batch_size, tuple(cfg.data.patch_size), rng)
         batch = {k: (v.to(dev, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
         sync(dev)
         t1 = time.perf_counter()
-        with bf16_autocast(dev, cfg.bf16):
+        with bf16_autocast(dev, cfg.runtime.bf16):
             loss, _ = task.loss(backbone, batch, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
         opt.step()
         ema.update(backbone, step)
         sync(dev)
@@ -232,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
 
     env = {"torch": torch.__version__, "device": str(dev), "python": platform.python_version(),
            "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "quick": args.quick,
-           "bf16": use_bf16(dev, cfg.bf16)}
+           "bf16": use_bf16(dev, cfg.runtime.bf16)}
     if dev.type == "cuda":
         env.update(gpu=torch.cuda.get_device_name(dev), cuda=torch.version.cuda,
                    cudnn=torch.backends.cudnn.version())
@@ -249,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                  for i in range(sizes["n_cases"])]
         row("synthetic training cases", f"{len(cases)} x {'x'.join(map(str, sizes['train_shape']))} "
                                         f"({time.perf_counter() - t0:.1f} s to build)")
-        shape = f"{cfg.batch_size} x {'x'.join(map(str, cfg.patch_size))}, base {cfg.base_channels}, " \
-                f"{cfg.num_levels} levels, bf16 {env['bf16']}"
+        shape = f"{cfg.data.batch_size} x {'x'.join(map(str, cfg.data.patch_size))}, base {cfg.backbone.base_channels}, " \
+                f"{cfg.backbone.num_levels} levels, bf16 {env['bf16']}"
         model = work / "pretrained"
         if "pretrain" not in args.skip or "features" not in args.skip:
             r = check_pretrain(cfg, cases, model, dev)

@@ -84,6 +84,7 @@ def tiny_segmenter(out_dir, cases=None, preprocess=None, head: str = "linear", s
     import tempfile
     from pathlib import Path
 
+    from voxdiff.core.config import from_dict
     from voxdiff.data.preprocess import PreprocessConfig
     from voxdiff.pretrain.train import PretrainConfig, pretrain
     from voxdiff.probe.bundle import save_segmenter
@@ -97,8 +98,8 @@ def tiny_segmenter(out_dir, cases=None, preprocess=None, head: str = "linear", s
         cases = [prep(generate_phantom(seed, PhantomConfig(shape=(48, 48, 32))), pre)]
     with tempfile.TemporaryDirectory() as tmp:
         pt = Path(tmp) / "pretrained"
-        pretrain(PretrainConfig(method="random", preprocess=pre, steps=1, base_channels=4, num_levels=3,
-                                patch_size=(16, 16, 16), bf16=False, device="cpu", seed=seed),
+        pretrain(from_dict(PretrainConfig, dict(method="random", preprocess=pre, steps=1, base_channels=4, num_levels=3,
+                                patch_size=(16, 16, 16), bf16=False, device="cpu", seed=seed)),
                  pt, cases=cases, progress=False)
         from voxdiff.pretrain.load import load_pretrained
 

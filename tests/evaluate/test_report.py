@@ -13,6 +13,7 @@ from voxdiff.evaluate.report import EvaluateConfig, evaluate_models, find_models
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     torch.set_num_threads(1)
+    from voxdiff.core.config import from_dict
     from voxdiff.data.phantom import PhantomConfig, make_phantom_dataset
     from voxdiff.data.preprocess import PreprocessConfig
     from voxdiff.data.splits import write_splits
@@ -23,8 +24,8 @@ def workspace(tmp_path_factory):
                               cfg=PhantomConfig(shape=(40, 40, 24)), preview=False, progress=False)
     ids = sorted(p.name.split(".")[0] for p in (ph / "labelsTr").iterdir())
     write_splits(ph / "splits_final.json", [{"train": ids[:3], "val": ids[3:]}, {"train": ids[1:], "val": ids[:1]}])
-    pretrain(PretrainConfig(method="random", data=[str(ph)], preprocess=PreprocessConfig(spacing=(5.0, 5.0, 5.0)),
-                            steps=1, base_channels=4, num_levels=3, patch_size=(16, 16, 16), bf16=False, device="cpu"),
+    pretrain(from_dict(PretrainConfig, dict(method="random", data=[str(ph)], preprocess=PreprocessConfig(spacing=(5.0, 5.0, 5.0)),
+                            steps=1, base_channels=4, num_levels=3, patch_size=(16, 16, 16), bf16=False, device="cpu")),
              w / "pt", progress=False)
     return w, ph
 
@@ -107,14 +108,15 @@ def test_probe_with_other_timesteps_and_mix_head_gives_bundles_that_segment(work
     the bundle records them, and ``voxdiff segment`` rebuilds the same extractor from it."""
     import nibabel as nib
 
+    from voxdiff.core.config import from_dict
     from voxdiff.data.preprocess import PreprocessConfig
     from voxdiff.pretrain.train import PretrainConfig, pretrain
     from voxdiff.probe.bundle import load_segmenter
 
     w, ph = workspace
-    pretrain(PretrainConfig(method="diffusion", data=[str(ph)], preprocess=PreprocessConfig(spacing=(5.0, 5.0, 5.0)),
+    pretrain(from_dict(PretrainConfig, dict(method="diffusion", data=[str(ph)], preprocess=PreprocessConfig(spacing=(5.0, 5.0, 5.0)),
                             steps=1, base_channels=4, num_levels=3, patch_size=(16, 16, 16), bf16=False, device="cpu",
-                            diffusion_steps=100, feature_timesteps=(10,)), tmp_path / "dm", progress=False)
+                            diffusion_steps=100, feature_timesteps=(10,))), tmp_path / "dm", progress=False)
     out = tmp_path / "p"
     assert main(["probe", str(tmp_path / "dm"), str(ph), "-o", str(out), "--fold", "0", "--heads", "[nonlinear, mix]",
                  "--t", "[1, 50, 90]", "--steps", "2", "--val_every", "2", "--roi", "[32, 32, 32]",

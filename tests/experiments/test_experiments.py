@@ -236,14 +236,14 @@ def test_stage_configs_follow_budget_and_overrides(tmp_path):
     exp = Experiment(ExperimentConfig(budget="tiny", methods=("diffusion-none",), pretrain_steps=7), tmp_path / "e",
                      log=lambda *a: None, budget=budget)
     cfg = exp.pretrain_config("diffusion-none")
-    assert cfg.steps == 7 and cfg.condition == "none" and tuple(cfg.feature_timesteps) == (1, 5, 250)
+    assert cfg.optim.steps == 7 and cfg.task.condition == "none" and tuple(cfg.task.feature_timesteps) == (1, 5, 250)
     # t / T kept at a short chain; timesteps that meet there are kept once, in order
     short = exp.pretrain_config("diffusion-none", diffusion_steps=10)
-    assert short.diffusion_steps == 10 and tuple(short.feature_timesteps) == (0, 2)
-    assert exp.pretrain_config("diffusion-none", patch_size=(32, 32, 16)).patch_size == (32, 32, 16)
-    assert not cfg.data  # pretraining on the experiment's own unlabelled cases
+    assert short.task.diffusion_steps == 10 and tuple(short.task.feature_timesteps) == (0, 2)
+    assert exp.pretrain_config("diffusion-none", patch_size=(32, 32, 16)).data.patch_size == (32, 32, 16)
+    assert not cfg.data.paths  # pretraining on the experiment's own unlabelled cases
     other = exp.pretrain_config("diffusion-none", data=["elsewhere/unlabelled"])  # other pretraining data:
-    assert list(other.data) == ["elsewhere/unlabelled"] and other.cache_dir == str(tmp_path / "e" / "cache")
+    assert list(other.data.paths) == ["elsewhere/unlabelled"] and other.data.cache_dir == str(tmp_path / "e" / "cache")
     assert other.preprocess == cfg.preprocess  # ... on the experiment's grid and through its cache
     b = exp.bpr_config("ape", steps=3)
     assert b.kind == "ape" and b.steps == 3 and tuple(b.spacing) == tuple(budget["spacing"])

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from voxdiff.cli import main
+from voxdiff.core.config import from_dict
 from voxdiff.core.errors import InputError
 from voxdiff.data.types import Case, CaseMeta
 from voxdiff.features import ExtractConfig, FeatureCache, case_features, extract_case, load_features, save_features
@@ -38,7 +39,7 @@ def make_case(seed: int, shape=(36, 32, 20)) -> Case:
 def small_cfg(**kw) -> PretrainConfig:
     base = dict(method="random", patch_size=(16, 16, 16), batch_size=2, steps=1, base_channels=4, num_levels=3)
     base.update(kw)
-    return PretrainConfig(**base)
+    return from_dict(PretrainConfig, base)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from voxdiff.cli import main
+from voxdiff.core.config import from_dict
 from voxdiff.data.types import Case, CaseMeta
 from voxdiff.pretrain.train import PretrainConfig, pretrain
 
@@ -23,7 +24,7 @@ def _body(seed, shape=(36, 32, 20)):
 
 def test_features_refuse_a_mask_unless_allowed(tmp_path, capsys):
     aff = np.diag([1.0, 1.0, 2.0, 1.0])
-    cfg = PretrainConfig(method="random", patch_size=(16, 16, 16), batch_size=2, steps=1, base_channels=4, num_levels=3)
+    cfg = from_dict(PretrainConfig, dict(method="random", patch_size=(16, 16, 16), batch_size=2, steps=1, base_channels=4, num_levels=3))
     model = pretrain(cfg, tmp_path / "rnd", cases=[Case(_body(0), None, CaseMeta("c0", None, None, (36, 32, 20), aff, aff, (1.0, 1.0, 2.0)))],
                      progress=False)
     data = tmp_path / "data"

@@ -11,6 +11,7 @@ import torch
 from pretrain_synth import synthetic_case, synthetic_cases
 
 from voxdiff.cli import main
+from voxdiff.core.config import from_dict
 from voxdiff.core.errors import InputError, ModelError
 from voxdiff.pretrain.backbones import Backbone, FPN3d
 from voxdiff.pretrain.load import load_pretrained
@@ -28,10 +29,11 @@ def nifti_folder(tmp_path_factory):
 
 def test_cli_pretrain_fpn3d_trains_and_loads(tmp_path, nifti_folder):
     out = tmp_path / "run"
-    assert main(["pretrain", str(out), "--backbone", "fpn3d", "--data", str(nifti_folder), "--data_kind", "folder",
-                 "--steps", "4", "--patch_size", "[16,16,16]", "--base_channels", "4", "--num_levels", "3",
-                 "--blocks_per_level", "2", "--diffusion_steps", "50", "--warmup_steps", "1", "--log_every", "1",
-                 "--checkpoint_every", "4", "--bf16", "false", "--progress", "false",
+    assert main(["pretrain", str(out), "--backbone", "fpn3d", "--data", str(nifti_folder), "--data.kind", "folder",
+                 "--optim.steps", "4", "--data.patch_size", "[16,16,16]", "--backbone.base_channels", "4",
+                 "--backbone.num_levels", "3", "--backbone.blocks_per_level", "2", "--task.diffusion_steps", "50",
+                 "--optim.warmup_steps", "1", "--runtime.log_every", "1", "--runtime.checkpoint_every", "4",
+                 "--runtime.bf16", "false", "--progress", "false",
                  "--preprocess.crop_to_body", "false"]) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in rows)
@@ -57,8 +59,8 @@ def test_unknown_backbone_is_refused_before_any_output(tmp_path, nifti_folder, c
 
 
 def test_contrastive_projector_follows_the_fpn3d_pyramid(tmp_path):
-    cfg = PretrainConfig(method="contrastive", backbone="fpn3d", patch_size=(16, 16, 16), steps=1, batch_size=2,
-                         base_channels=4, num_levels=2, blocks_per_level=1, bf16=False, warmup_steps=1)
+    cfg = from_dict(PretrainConfig, dict(method="contrastive", backbone="fpn3d", patch_size=(16, 16, 16), steps=1, batch_size=2,
+                         base_channels=4, num_levels=2, blocks_per_level=1, bf16=False, warmup_steps=1))
     out = pretrain(cfg, tmp_path / "c", cases=synthetic_cases(2), progress=False)
     ex = load_pretrained(out)
     assert isinstance(ex.backbone, FPN3d)
@@ -66,7 +68,7 @@ def test_contrastive_projector_follows_the_fpn3d_pyramid(tmp_path):
 
 
 def test_models_saved_before_the_registry_load_as_unet(tmp_path):
-    cfg = PretrainConfig(method="random", patch_size=(16, 16, 16), base_channels=4, num_levels=2, bf16=False)
+    cfg = from_dict(PretrainConfig, dict(method="random", patch_size=(16, 16, 16), base_channels=4, num_levels=2, bf16=False))
     out = pretrain(cfg, tmp_path / "r", cases=[], progress=False)
     doc_path = out / "backbone" / "model.json"
     doc = json.loads(doc_path.read_text())
@@ -94,8 +96,8 @@ def test_patch_size_must_fit_the_backbone_divisor():
     from voxdiff.pretrain.train import build_task_and_backbone
 
     with pytest.raises(InputError, match="multiple of 4"):
-        build_task_and_backbone(PretrainConfig(backbone="fpn3d", patch_size=(16, 16, 10), base_channels=4,
-                                               num_levels=3))
+        build_task_and_backbone(from_dict(PretrainConfig, dict(backbone="fpn3d", patch_size=(16, 16, 10), base_channels=4,
+                                               num_levels=3)))
 
 
 def test_batchnorm_backbone_refuses_one_value_per_channel():
@@ -103,6 +105,6 @@ def test_batchnorm_backbone_refuses_one_value_per_channel():
 
     cfg = dict(patch_size=(8, 8, 8), base_channels=4, num_levels=4, batch_size=1)
     with pytest.raises(InputError, match="BatchNorm needs more than one value"):
-        build_task_and_backbone(PretrainConfig(backbone="fpn3d", **cfg))
-    build_task_and_backbone(PretrainConfig(backbone="unet", **cfg))  # GroupNorm: fine
-    build_task_and_backbone(PretrainConfig(backbone="fpn3d", **{**cfg, "batch_size": 2}))
+        build_task_and_backbone(from_dict(PretrainConfig, dict(backbone="fpn3d", **cfg)))
+    build_task_and_backbone(from_dict(PretrainConfig, dict(backbone="unet", **cfg)))  # GroupNorm: fine
+    build_task_and_backbone(from_dict(PretrainConfig, dict(backbone="fpn3d", **{**cfg, "batch_size": 2})))

@@ -8,6 +8,7 @@ import pytest
 from pretrain_synth import StandInBPR, synthetic_case, synthetic_cases
 
 from voxdiff.cli import main
+from voxdiff.core.config import from_dict
 from voxdiff.pretrain.sample import SampleConfig, sample_patches, write_grid
 from voxdiff.pretrain.train import PretrainConfig, pretrain
 
@@ -23,9 +24,10 @@ def nifti_folder(tmp_path_factory):
 
 def test_cli_pretrain_resume_and_sample(tmp_path, nifti_folder, capsys):
     out = tmp_path / "run"
-    args = ["pretrain", str(out), "--data", str(nifti_folder), "--data_kind", "folder", "--steps", "4",
-            "--patch_size", "[16,16,16]", "--base_channels", "4", "--num_levels", "3", "--diffusion_steps", "50",
-            "--checkpoint_every", "2", "--log_every", "2", "--bf16", "false", "--progress", "false",
+    args = ["pretrain", str(out), "--data", str(nifti_folder), "--data.kind", "folder", "--optim.steps", "4",
+            "--data.patch_size", "[16,16,16]", "--backbone.base_channels", "4", "--backbone.num_levels", "3",
+            "--task.diffusion_steps", "50", "--runtime.checkpoint_every", "2", "--runtime.log_every", "2",
+            "--runtime.bf16", "false", "--progress", "false",
             "--preprocess.crop_to_body", "false"]
     assert main(args) == 0
     assert "pretrained backbone" in capsys.readouterr().out
@@ -57,8 +59,8 @@ def test_cli_rejects_bad_input(tmp_path, capsys):
 
 def test_sampling_a_conditioned_model_uses_real_patches(tmp_path):
     cases = synthetic_cases(2)
-    cfg = PretrainConfig(patch_size=(16, 16, 16), steps=2, base_channels=4, num_levels=3, bf16=False,
-                         diffusion_steps=20, condition="slice", checkpoint_every=2)
+    cfg = from_dict(PretrainConfig, dict(patch_size=(16, 16, 16), steps=2, base_channels=4, num_levels=3, bf16=False,
+                         diffusion_steps=20, condition="slice", checkpoint_every=2))
     bpr = StandInBPR("slice")
     out = pretrain(cfg, tmp_path / "c", cases=cases, bpr=bpr, progress=False)
     # the stand-in BPR was passed in memory (no bpr/ copy), so give it again when loading
@@ -79,7 +81,7 @@ def test_sampling_a_conditioned_model_uses_real_patches(tmp_path):
 
 
 def test_sampling_refuses_non_diffusion_models(tmp_path):
-    out = pretrain(PretrainConfig(method="random", patch_size=(16, 16, 16), base_channels=4, num_levels=3),
+    out = pretrain(from_dict(PretrainConfig, dict(method="random", patch_size=(16, 16, 16), base_channels=4, num_levels=3)),
                    tmp_path / "r", cases=synthetic_cases(1), progress=False)
     from voxdiff.core.errors import ModelError
 

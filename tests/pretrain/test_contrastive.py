@@ -180,12 +180,13 @@ def test_engine_trains_saves_and_reloads(tmp_path, method, options):
     from pretrain_synth import synthetic_cases
 
     from voxdiff.core.checkpoint import load_checkpoint
+    from voxdiff.core.config import from_dict
     from voxdiff.pretrain.load import load_pretrained
     from voxdiff.pretrain.train import PretrainConfig, pretrain
 
-    cfg = PretrainConfig(method=method, patch_size=(16, 16, 16), batch_size=2, steps=3, base_channels=4,
+    cfg = from_dict(PretrainConfig, dict(method=method, patch_size=(16, 16, 16), batch_size=2, steps=3, base_channels=4,
                          num_levels=2, log_every=1, checkpoint_every=3, warmup_steps=1, bf16=False,
-                         task_options=options)
+                         task_options=options))
     out = pretrain(cfg, tmp_path / method, cases=synthetic_cases(2, shape=(24, 24, 16)), progress=False)
     logs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert logs and all(np.isfinite(r["loss"]) for r in logs if "loss" in r)

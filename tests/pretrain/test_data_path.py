@@ -8,6 +8,7 @@ import pytest
 import torch
 from pretrain_synth import synthetic_case, synthetic_cases
 
+from voxdiff.core.config import from_dict
 from voxdiff.core.errors import InputError, TrainingError
 from voxdiff.core.trainstate import latest_train_state, read_train_state
 from voxdiff.data.types import Case
@@ -32,7 +33,7 @@ def tiny(**kw) -> PretrainConfig:
                 log_every=2, checkpoint_every=2, warmup_steps=1, lr=2e-3, bf16=False, diffusion_steps=100,
                 threads=1)
     base.update(kw)
-    return PretrainConfig(**base)
+    return from_dict(PretrainConfig, base)
 
 
 @pytest.fixture(scope="module")

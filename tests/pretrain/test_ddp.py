@@ -34,15 +34,18 @@ def ddp(*a, **kw):
     log.write(json.dumps({"find_unused_parameters": kw["find_unused_parameters"]}) + "\n")
     return real_ddp(*a, **kw)
 T.nn.parallel.DistributedDataParallel = ddp
-cfg = T.PretrainConfig(method="diffusion", patch_size=(16, 16, 16), batch_size=1, steps=4, base_channels=4,
-                       num_levels=2, log_every=2, checkpoint_every=2, bf16=False, diffusion_steps=50, device="cpu")
+cfg = T.PretrainConfig(method="diffusion", data=T.PretrainData(patch_size=(16, 16, 16), batch_size=1),
+                       optim=T.OptimConfig(steps=4), backbone=T.BackboneConfig(base_channels=4, num_levels=2),
+                       task=T.TaskOptions(diffusion_steps=50),
+                       runtime=T.RuntimeConfig(log_every=2, checkpoint_every=2, bf16=False, device="cpu"))
 T.pretrain(cfg, sys.argv[1], cases=synthetic_cases(2), progress=False)
 # restorative uses every parameter: DDP runs with find_unused_parameters=False (it raises at the
 # second step if a parameter got no gradient); batches drawn by a worker process
 T._Joint.forward = real_forward
-cfg2 = T.PretrainConfig(method="restorative", patch_size=(16, 16, 16), batch_size=1, steps=3, base_channels=4,
-                        num_levels=2, log_every=3, checkpoint_every=3, bf16=False, device="cpu", workers=1,
-                        task_options={"shuffle_blocks": 10})
+cfg2 = T.PretrainConfig(method="restorative", data=T.PretrainData(patch_size=(16, 16, 16), batch_size=1, workers=1),
+                        optim=T.OptimConfig(steps=3), backbone=T.BackboneConfig(base_channels=4, num_levels=2),
+                        task=T.TaskOptions(options={"shuffle_blocks": 10}),
+                        runtime=T.RuntimeConfig(log_every=3, checkpoint_every=3, bf16=False, device="cpu"))
 T.pretrain(cfg2, sys.argv[1] + "_restorative", cases=synthetic_cases(2), progress=False)
 torch.distributed.destroy_process_group()
 '''

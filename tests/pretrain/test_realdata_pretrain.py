@@ -17,6 +17,7 @@ def test_pretrain_and_features_on_a_real_ct(tmp_path):
     ct = REAL / "ts_a_abdomen_ct.nii.gz"
     if not ct.is_file():
         pytest.skip("real CT samples not available")
+    from voxdiff.core.config import from_dict
     from voxdiff.data.io import load_image
     from voxdiff.data.preprocess import PreprocessConfig, hu_to_unit, preprocess_arrays
     from voxdiff.pretrain import PretrainConfig, load_pretrained, pretrain
@@ -25,8 +26,8 @@ def test_pretrain_and_features_on_a_real_ct(tmp_path):
     hu, aff = load_image(ct)
     img, _, aff2, _ = preprocess_arrays(hu, aff, pre)
     case = Case(img, None, CaseMeta("ts_a", str(ct), None, hu.shape, aff, aff2, (2.0, 2.0, 4.0)))
-    cfg = PretrainConfig(preprocess=pre, patch_size=(32, 32, 32), batch_size=2, steps=3, base_channels=4,
-                         num_levels=3, bf16=False, checkpoint_every=3)
+    cfg = from_dict(PretrainConfig, dict(preprocess=pre, patch_size=(32, 32, 32), batch_size=2, steps=3, base_channels=4,
+                         num_levels=3, bf16=False, checkpoint_every=3))
     out = pretrain(cfg, tmp_path / "real", cases=[case], progress=False)
     rows = (out / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 1 and np.isfinite(json.loads(rows[0])["loss"])

@@ -10,6 +10,7 @@ from pretrain_synth import synthetic_cases
 
 from voxdiff.core import trainstate as state_mod
 from voxdiff.core.checkpoint import load_checkpoint, save_checkpoint
+from voxdiff.core.config import from_dict
 from voxdiff.core.errors import InputError, ModelError, TrainingError
 from voxdiff.core.trainstate import latest_train_state, read_train_state
 from voxdiff.pretrain.load import load_pretrained
@@ -20,7 +21,7 @@ def tiny(**kw) -> PretrainConfig:
     base = dict(method="diffusion", patch_size=(16, 16, 16), batch_size=2, steps=6, base_channels=4, num_levels=3,
                 log_every=1, checkpoint_every=3, warmup_steps=2, lr=2e-3, bf16=False, diffusion_steps=100)
     base.update(kw)
-    return PretrainConfig(**base)
+    return from_dict(PretrainConfig, base)
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +244,7 @@ def test_online_probe_logs_dice(tmp_path, cases):
     rows = [r for r in _metrics(out) if "probe_dice" in r]
     assert [r["step"] for r in rows] == [2, 4]
     assert all(0 <= r["probe_dice"] <= 1 and r["probe_classes"] >= 1 for r in rows)
-    with pytest.raises(InputError, match="probe_data"):
+    with pytest.raises(InputError, match="probe.data"):
         pretrain(tiny(steps=2, probe_every=1), tmp_path / "q", cases=cases, progress=False)
 
 

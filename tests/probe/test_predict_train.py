@@ -127,13 +127,14 @@ def test_finetune_and_scratch_change_the_backbone_copy_only(phantom_cases):
 def test_finetune_real_feature_extractor_and_bundle(phantom_cases, tmp_path):
     """Gradients reach a voxdiff FeatureExtractor's backbone (whose call is no-grad) and the tuned
     weights land in the bundle's backbone/."""
+    from voxdiff.core.config import from_dict
     from voxdiff.pretrain.load import load_pretrained
     from voxdiff.pretrain.train import PretrainConfig, pretrain
     from voxdiff.probe.bundle import load_segmenter, save_segmenter
 
     cases, pre = phantom_cases
-    pretrain(PretrainConfig(method="random", preprocess=pre, steps=1, base_channels=4, num_levels=3,
-                            patch_size=(16, 16, 16), bf16=False, device="cpu"), tmp_path / "pt", cases=cases[:1],
+    pretrain(from_dict(PretrainConfig, dict(method="random", preprocess=pre, steps=1, base_channels=4, num_levels=3,
+                            patch_size=(16, 16, 16), bf16=False, device="cpu")), tmp_path / "pt", cases=cases[:1],
              progress=False)
     ext = load_pretrained(tmp_path / "pt")
     cfg = ProbeConfig(patch_size=(16, 16, 16), steps=3, warmup_steps=1, val_every=3, roi=(16, 16, 16), device="cpu",

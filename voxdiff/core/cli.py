@@ -74,13 +74,17 @@ class CommandGroup:
 
 
 def add_config(parser: ArgumentParser, cls: type, skip: set[str] | None = None) -> None:
-    """Add every field of dataclass ``cls`` as a flat ``--field`` option; the old names of renamed
-    fields (``cls.RENAMED``) become hidden options of the new one's type (also accepted as keys of
-    ``--config`` YAML files); :func:`~voxdiff.core.config.from_namespace` maps them with a warning."""
+    """Add every field of dataclass ``cls`` as a ``--field`` option (a section ``sec`` of a sectioned
+    class, see :mod:`voxdiff.core.config`, as ``--sec.field`` options); the old names of renamed
+    fields (``cls.RENAMED``) and the flat names of a sectioned class's fields (``--lr`` for
+    ``--optim.lr``) become hidden options of the new one's type (also accepted as keys of
+    ``--config`` YAML files); :func:`~voxdiff.core.config.from_namespace` maps them with a warning.
+    A section with a ``VALUE_FIELD`` also takes a plain value: ``--data A B`` sets ``--data.paths``
+    (the section option still takes a YAML file or a JSON/YAML mapping of the section, as usual)."""
     import argparse
     import typing
 
-    from .config import renamed_fields
+    from .config import flat_names, renamed_fields, section_classes
 
     renamed = renamed_fields(cls)
     parser.add_class_arguments(cls, None, as_group=True, skip=(skip or set()) | set(renamed))
@@ -88,6 +92,56 @@ def add_config(parser: ArgumentParser, cls: type, skip: set[str] | None = None) 
     for old, new in renamed.items():
         parser.add_argument(f"--{old}", type=typing.Optional[hints.get(new, Any)], default=None,
                             help=argparse.SUPPRESS)
+    sections = section_classes(cls)
+    for sec, scls in sections.items():
+        vf = getattr(scls, "VALUE_FIELD", None)
+        action = parser._option_string_actions.get(f"--{sec}")
+        if vf is not None and action is not None:
+            _section_takes_value(action, vf, typing.get_type_hints(scls).get(vf, Any))
+    for flat, path in flat_names(cls).items():
+        sec, _, fld = path.partition(".")
+        if sec in (skip or set()) or f"--{flat}" in parser._option_string_actions:
+            continue
+        shints = typing.get_type_hints(sections[sec])
+        tp = shints.get(renamed_fields(sections[sec]).get(fld, fld), Any)
+        parser.add_argument(f"--{flat}", type=typing.Optional[tp], default=None, help=argparse.SUPPRESS)
+
+
+def _section_takes_value(action: Any, field: str, tp: Any) -> None:
+    """Let the ``--sec`` option of a section (jsonargparse's: a config file or mapping of the
+    section) also take a plain value for the section's ``field``: ``--backbone fpn3d`` (and
+    ``backbone: fpn3d`` in a ``--config`` file); several values for a list field (``--data A B``)."""
+    import os
+    import typing
+
+    from jsonargparse import Namespace
+
+    many = typing.get_origin(tp) in (list, tuple)
+    base = type(action)
+
+    def is_section(v: Any) -> bool:  # what the section option takes as before: a YAML/JSON file or a mapping
+        if not isinstance(v, str):
+            return False
+        return v.lstrip().startswith("{") or (v.lower().endswith((".yaml", ".yml", ".json")) and os.path.isfile(v))
+
+    class SectionOrValue(base):  # type: ignore[valid-type,misc]
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            if len(args) >= 3 and isinstance(args[2], list) and len(args[2]) == 1 and is_section(args[2][0]):
+                args = (args[0], args[1], args[2][0], *args[3:])
+            return base.__call__(self, *args, **kwargs)
+
+        def _load_config(self, value: Any, parser: Any) -> Any:
+            if isinstance(value, (str, list)) and not is_section(value):
+                vals = value if isinstance(value, list) else [value]
+                return Namespace({field: list(vals) if many else vals[-1]})
+            return base._load_config(self, value, parser)
+
+    action.__class__ = SectionOrValue
+    action.metavar = f"{field.upper()}|CONFIG"
+    action.help = (f"the section's {field} ({'one or more values' if many else 'a value'}), or a YAML file / "
+                   f"mapping of the section")
+    if many:
+        action.nargs = "+"
 
 
 def underscore_options(argv: list[str]) -> list[str]:

@@ -382,9 +382,9 @@ class Experiment:
             pcfg = self.pretrain_config(method, diffusion_steps, **over)
             resume = latest_train_state(tmp / "model" / "train_state") is not None  # an interrupted run's
             # the experiment's unlabelled set, unless the overrides name other pretraining data
-            cases = None if pcfg.data else self.cases("unlabelled")
+            cases = None if pcfg.data.paths else self.cases("unlabelled")
             pretrain(pcfg, tmp / "model", resume=resume, progress=self.cfg.progress, force=not resume, cases=cases)
-            res = {"method": method, "steps": pcfg.steps if base != "random" else 0}
+            res = {"method": method, "steps": pcfg.optim.steps if base != "random" else 0}
             log = tmp / "model" / "metrics.jsonl"
             if log.is_file():
                 import json

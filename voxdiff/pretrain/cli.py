@@ -22,9 +22,7 @@ def register(root: CommandGroup) -> None:
     p.add_argument("--resume", action="store_true", help="continue from out/train_state/latest")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--progress", type=bool, default=True, help="show a progress bar")
-    p.add_argument("--data", type=str, nargs="+", default=[],
-                   help="data folder(s) (any layout voxdiff.data reads; labels are not used)")
-    add_config(p, PretrainConfig, skip={"data"})
+    add_config(p, PretrainConfig)  # sections: --data FOLDER ... (--data.kind, ...), --optim.lr, --backbone NAME, ...
 
     s = root.command("sample", run_sample, help="Draw patches from a diffusion backbone into a PNG grid")
     s.add_argument("model", type=str, help="pretraining output folder (or its backbone/ folder)")
@@ -37,8 +35,6 @@ def run_pretrain(ns) -> None:
     from .train import pretrain
 
     cfg = from_namespace(PretrainConfig, ns)
-    data = ns.get("data") if hasattr(ns, "get") else getattr(ns, "data", None)
-    cfg.data = [data] if isinstance(data, str) else list(data or [])
     out = pretrain(cfg, ns.out, resume=bool(ns.resume), progress=bool(ns.progress), force=bool(ns.force))
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"pretrained backbone: {out / 'backbone'}")

@@ -25,15 +25,15 @@ _CACHE: dict[Any, list] = {}
 
 
 def _labelled_cases(cfg) -> list:
-    key = (cfg.probe_data, cfg.probe_cases, str(cfg.preprocess))
+    key = (cfg.probe.data, cfg.probe.cases, str(cfg.preprocess))
     if key not in _CACHE:
         from ..core.errors import InputError
         from ..data.cache import load_preprocessed
 
-        cases = [c for c in load_preprocessed(cfg.probe_data, cfg.preprocess, cache_dir=cfg.cache_dir)
-                 if c.label is not None][: max(1, cfg.probe_cases)]
+        cases = [c for c in load_preprocessed(cfg.probe.data, cfg.preprocess, cache_dir=cfg.data.cache_dir)
+                 if c.label is not None][: max(1, cfg.probe.cases)]
         if not cases:
-            raise InputError(cfg.probe_data, "the online probe needs labelled cases")
+            raise InputError(cfg.probe.data, "the online probe needs labelled cases")
         _CACHE[key] = cases
     return _CACHE[key]
 
@@ -64,7 +64,7 @@ def _extract(cfg, backbone, task, cases, device) -> list[tuple[torch.Tensor, tor
     d = backbone.divisor
     out = []
     for case in cases:
-        size = tuple(min(2 * int(p), max(d, (int(n) // d) * d)) for p, n in zip(cfg.patch_size, case.image.shape))
+        size = tuple(min(2 * int(p), max(d, (int(n) // d) * d)) for p, n in zip(cfg.data.patch_size, case.image.shape))
         img, y = _crop(case, size, tuple(cfg.preprocess.hu_window))
         out.append((_features(backbone, task, img.to(device)).cpu(), y.flatten()))
     return out

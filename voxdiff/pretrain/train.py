@@ -3,12 +3,13 @@
 ``pretrain(cfg, out_dir)`` loads the preprocessed cases (int16 memory maps of the cache with
 ``cache_dir``, float32 arrays in memory without), builds the task (the method) and the backbone
 named by ``cfg.backbone`` (:mod:`voxdiff.pretrain.backbones`), and trains them with the engine
-(:mod:`voxdiff.core.engine`): AdamW, linear warm-up + cosine decay, gradient clipping, an EMA of the
-backbone weights and (optionally) bf16 autocast. Every ``checkpoint_every`` steps the full train
+(:mod:`voxdiff.core.engine`) as ``cfg.optim`` says: AdamW, linear warm-up + cosine decay, gradient
+clipping, an EMA of the backbone weights; and ``cfg.runtime``: (optionally) bf16 autocast, every
+``checkpoint_every`` steps the full train
 state is written atomically (:mod:`voxdiff.core.trainstate`);
 ``resume=True`` continues exactly where the last checkpoint left off (same batches, same noise).
 Batches come from ``voxdiff.pretrain.data``: the batch of step k is drawn with a generator derived from
-(seed, rank, k), in the training process or in ``workers`` processes (same batches either way).
+(seed, rank, k), in the training process or in ``cfg.data.workers`` processes (same batches either way).
 
 Under ``torchrun --nproc_per_node=N`` the same call runs DDP (gloo on CPU, nccl on GPU): every rank
 draws its own patches (its generators are seeded with its rank), gradients are averaged, only rank 0 writes.
@@ -31,14 +32,14 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
 from ..core.checkpoint import prefixed, save_checkpoint
-from ..core.config import to_dict, write_config
+from ..core.config import flatten, to_dict, write_config
 from ..core.engine import (  # noqa: F401  (EMA, MetricLog, Dist: re-exported for callers of this module)
     EMA,
     Dist,
@@ -54,6 +55,7 @@ from ..core.errors import InputError
 from ..core.outputs import check_output_path, staged_dir
 from ..core.runtime import num_threads, resolve_device
 from ..core.schedule import warmup_cosine
+from ..core.sections import OptimConfig, RuntimeConfig, engine_settings
 from ..core.trainstate import latest_train_state
 from ..data.preprocess import PreprocessConfig
 from .backbones import PyramidBackbone, backbone_name, build_backbone, count_parameters
@@ -64,45 +66,61 @@ BACKBONE_FORMAT_VERSION = 1
 
 
 @dataclass
-class PretrainConfig:
-    """Pretraining of a backbone by one method.
+class PretrainData:
+    """What the pretraining batches are drawn from, and how.
 
     Args:
-        method: diffusion | restorative | contrastive | random.
-        data: data folders (any layout voxdiff.data reads; labels are not used).
-        data_kind: data set layout (auto, btcv, nnunet, flare, amos, folder).
+        paths: data folders (any layout voxdiff.data reads; labels are not used). ``--data FOLDER
+            ...`` on the command line.
+        kind: data set layout (auto, btcv, nnunet, flare, amos, folder).
         cache_dir: preprocessing cache folder (optional).
-        preprocess: how volumes are brought to the training grid (saved with the model).
         patch_size: training patch size in voxels (multiple of 2**(num_levels-1)).
         batch_size: patches per step and per process.
-        steps: optimiser steps.
-        lr: peak learning rate (AdamW).
-        warmup_steps: linear warm-up steps; then cosine decay to min_lr_ratio * lr.
-        min_lr_ratio: final learning rate as a fraction of lr.
-        weight_decay: AdamW weight decay (conv/linear weights only).
-        grad_clip: max gradient norm (0 = off).
-        ema_decay: EMA decay of the backbone weights saved as the final model.
-        bf16: bf16 autocast where the device has native bf16 (about 2x faster there, same loss
-            curve); fp32 elsewhere (emulated bf16 is many times slower, see voxdiff.core.precision).
-        seed: seed of weights, patches and noise.
-        checkpoint_every: steps between train-state checkpoints (the last step is always saved).
-        keep_checkpoints: how many train-state checkpoints to keep.
-        log_every: steps between metric lines.
-        probe_every: steps between online probes (0 = off; needs probe_data).
-        probe_data: labelled data folder for the online probe.
-        probe_cases: number of labelled cases used by the online probe.
-        tensorboard: also write tensorboard logs (if tensorboard is installed).
-        device: auto | cpu | cuda.
-        threads: intra-op CPU threads (0 = torch's default; 1 is faster on a busy shared machine).
-        backbone: architecture: unet (GroupNorm UNet, the default) | fpn3d (vox2vec's FPN; its recipe
-            is --num_levels 6 --blocks_per_level 2 --base_channels 16). See docs/PRETRAIN.md.
         workers: processes drawing batches (0 = in the training process). The batch of step k is a
             function of (seed, rank, k) only: the same for any number of workers and after --resume.
         prefetch_factor: batches each worker keeps ready (workers > 0).
+    """
+
+    VALUE_FIELD: ClassVar[str] = "paths"  # `data: [folder]` (the flat layout) sets the paths
+
+    paths: list[str] = field(default_factory=list)
+    kind: str = "auto"
+    cache_dir: str | None = None
+    patch_size: tuple[int, int, int] = (32, 32, 32)
+    batch_size: int = 2
+    workers: int = 0
+    prefetch_factor: int = 2
+
+
+@dataclass
+class BackboneConfig:
+    """The network being pretrained.
+
+    Args:
+        name: architecture: unet (GroupNorm UNet, the default) | fpn3d (vox2vec's FPN; its recipe
+            is --backbone.num_levels 6 --backbone.blocks_per_level 2 --backbone.base_channels 16).
+            See docs/PRETRAIN.md. ``--backbone NAME`` on the command line.
         base_channels: backbone width of the finest level.
         num_levels: backbone resolutions (pyramid levels).
         blocks_per_level: residual blocks per level (encoder and decoder).
         norm_groups: maximum GroupNorm groups (unet; fpn3d uses BatchNorm unless built with norm="group").
+    """
+
+    VALUE_FIELD: ClassVar[str] = "name"  # `backbone: unet` (the flat layout) sets the name
+
+    name: str = "unet"
+    base_channels: int = 16
+    num_levels: int = 4
+    blocks_per_level: int = 1
+    norm_groups: int = 8
+
+
+@dataclass
+class TaskOptions:
+    """Options of the method (the task). The diffusion ones are fields (named as in the diffusion
+    task's config); every other method's go in ``options``.
+
+    Args:
         condition: diffusion: none | slice | ape.
         bpr_path: diffusion: body part regressor folder (condition slice/ape).
         bpr_sincos: diffusion: sin/cos frequencies appended to the BPR coordinates.
@@ -113,43 +131,9 @@ class PretrainConfig:
         noise_seed: diffusion: seed of the fixed feature noise.
         condition_source: diffusion: volume (the BPR map of each whole volume, computed once and
             cropped per patch) | patch (the BPR of each patch alone).
-        task_options: other method options as a dict (e.g. {"temperature": 0.1} for contrastive).
-        compile: ``torch.compile`` the backbone + method before training (off by default: compiling
-            takes minutes on a CPU and pays off on long GPU runs).
+        options: other method options as a dict (e.g. {"temperature": 0.1} for contrastive).
     """
 
-    method: str = "diffusion"
-    data: list[str] = field(default_factory=list)
-    data_kind: str = "auto"
-    cache_dir: str | None = None
-    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
-    patch_size: tuple[int, int, int] = (32, 32, 32)
-    batch_size: int = 2
-    steps: int = 1000
-    lr: float = 2e-4
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.05
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
-    bf16: bool = True
-    seed: int = 0
-    checkpoint_every: int = 250
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    probe_every: int = 0
-    probe_data: str | None = None
-    probe_cases: int = 2
-    tensorboard: bool = False
-    device: str = "auto"
-    threads: int = 0
-    backbone: str = "unet"
-    workers: int = 0
-    prefetch_factor: int = 2
-    base_channels: int = 16
-    num_levels: int = 4
-    blocks_per_level: int = 1
-    norm_groups: int = 8
     condition: str = "none"
     bpr_path: str | None = None
     bpr_sincos: int = 0
@@ -159,13 +143,65 @@ class PretrainConfig:
     feature_timesteps: tuple[int, ...] = (10,)
     noise_seed: int = 0
     condition_source: str = "volume"
-    task_options: dict[str, Any] = field(default_factory=dict)
-    compile: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
 
 
-# fields that may change between a checkpoint and --resume
-_RESUME_FREE = {"steps", "checkpoint_every", "keep_checkpoints", "log_every", "probe_every", "probe_data",
-                "probe_cases", "tensorboard", "device", "threads", "compile", "workers", "prefetch_factor", "data", "data_kind", "cache_dir", "bpr_path"}
+@dataclass
+class OnlineProbeConfig:
+    """The online probe: a linear head fitted on frozen EMA features of a few labelled cases,
+    its Dice logged in metrics.jsonl.
+
+    Args:
+        every: steps between online probes (0 = off; needs data).
+        data: labelled data folder for the online probe.
+        cases: number of labelled cases used by the online probe.
+    """
+
+    every: int = 0
+    data: str | None = None
+    cases: int = 2
+
+
+@dataclass
+class PretrainConfig:
+    """Pretraining of a backbone by one method, in sections (``cfg.optim.lr``; on the command
+    line ``--optim.lr``). Configs saved before the sections (flat: ``lr``, ``data_kind``,
+    ``probe_every``, ...) load too (:mod:`voxdiff.core.config`).
+
+    Args:
+        method: diffusion | restorative | contrastive | random.
+        seed: seed of weights, patches and noise.
+        preprocess: how volumes are brought to the training grid (saved with the model).
+        data: training data, patches and batches.
+        optim: optimiser, schedule and EMA.
+        backbone: the network's architecture and size.
+        task: the method's options.
+        runtime: device, precision, threads, checkpoints and logs.
+        probe: the online probe (off by default).
+    """
+
+    SECTIONS: ClassVar[tuple[str, ...]] = ("data", "optim", "backbone", "task", "runtime", "probe")
+    # flat (pre-sections) names that differ from the field's name
+    FLAT_NAMES: ClassVar[dict[str, str]] = {"data_kind": "data.kind", "probe_every": "probe.every",
+                                            "probe_data": "probe.data", "probe_cases": "probe.cases",
+                                            "task_options": "task.options"}
+
+    method: str = "diffusion"
+    seed: int = 0
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    data: PretrainData = field(default_factory=PretrainData)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    task: TaskOptions = field(default_factory=TaskOptions)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    probe: OnlineProbeConfig = field(default_factory=OnlineProbeConfig)
+
+
+# fields that may change between a checkpoint and --resume (dotted: section.field)
+_RESUME_FREE = {"optim.steps", "runtime.checkpoint_every", "runtime.keep_checkpoints", "runtime.log_every",
+                "runtime.tensorboard", "runtime.device", "runtime.threads", "runtime.compile", "probe.every",
+                "probe.data", "probe.cases", "data.workers", "data.prefetch_factor", "data.paths", "data.kind",
+                "data.cache_dir", "task.bpr_path"}
 
 
 # --------------------------------------------------------------------------------- pieces
@@ -185,7 +221,7 @@ class _Joint(nn.Module):
 
 def lr_at(step: int, cfg: PretrainConfig) -> float:
     """Linear warm-up to ``lr`` then cosine decay to ``min_lr_ratio * lr`` at ``steps``."""
-    return warmup_cosine(step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+    return warmup_cosine(step, cfg.optim.steps, cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio)
 
 
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -195,12 +231,9 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 
 def engine_config(cfg: PretrainConfig, progress: bool = True, main: bool = True) -> EngineConfig:
     """The engine settings of a pretraining run."""
-    return EngineConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio,
-                        weight_decay=cfg.weight_decay, no_decay_1d=True, grad_clip=cfg.grad_clip,
-                        ema_decay=cfg.ema_decay, bf16=cfg.bf16, device=cfg.device, threads=cfg.threads,
-                        compile=bool(cfg.compile), seed=cfg.seed, log_every=cfg.log_every,
-                        checkpoint_every=cfg.checkpoint_every, keep_checkpoints=cfg.keep_checkpoints,
-                        tensorboard=cfg.tensorboard, progress=progress and main, desc=f"pretrain {cfg.method}")
+    return EngineConfig(**engine_settings(cfg.optim, cfg.runtime), no_decay_1d=True, seed=cfg.seed,
+                        progress=progress and main, desc=f"pretrain {cfg.method}",
+                        nan_hint="continue from it with --resume (e.g. with a lower --optim.lr)")
 
 
 def unused_parameter_names(joint: nn.Module, task: nn.Module, cases: list, cfg: PretrainConfig,
@@ -218,7 +251,7 @@ def unused_parameter_names(joint: nn.Module, task: nn.Module, cases: list, cfg: 
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     try:
-        batch = task.sample_batch(cases, 1, tuple(cfg.patch_size), step_generator(cfg.seed, 0, 2**62))
+        batch = task.sample_batch(cases, 1, tuple(cfg.data.patch_size), step_generator(cfg.seed, 0, 2**62))
         batch = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         gen = torch.Generator(device=device).manual_seed(12345)
         was = joint.training
@@ -250,31 +283,36 @@ def validate_config(cfg: PretrainConfig) -> None:
     methods = available_methods()
     if cfg.method not in methods:
         raise InputError(None, f"unknown method {cfg.method!r}; choose from {', '.join(methods)}")
-    if len(cfg.patch_size) != 3 or any(int(s) < 1 for s in cfg.patch_size):
-        raise InputError(None, f"patch_size must be three positive integers, got {cfg.patch_size}")
-    div = 2 ** (cfg.num_levels - 1)
-    if any(int(s) % div for s in cfg.patch_size):
-        raise InputError(None, f"patch_size {tuple(cfg.patch_size)} must be a multiple of {div} (2**(num_levels-1))")
-    for name in ("batch_size", "base_channels", "num_levels", "blocks_per_level", "log_every", "checkpoint_every"):
-        if int(getattr(cfg, name)) < 1:
+    if len(cfg.data.patch_size) != 3 or any(int(s) < 1 for s in cfg.data.patch_size):
+        raise InputError(None, f"data.patch_size must be three positive integers, got {cfg.data.patch_size}")
+    div = 2 ** (cfg.backbone.num_levels - 1)
+    if any(int(s) % div for s in cfg.data.patch_size):
+        raise InputError(None, f"data.patch_size {tuple(cfg.data.patch_size)} must be a multiple of {div} "
+                               f"(2**(backbone.num_levels-1))")
+    for name, value in (("data.batch_size", cfg.data.batch_size), ("backbone.base_channels", cfg.backbone.base_channels),
+                        ("backbone.num_levels", cfg.backbone.num_levels),
+                        ("backbone.blocks_per_level", cfg.backbone.blocks_per_level),
+                        ("runtime.log_every", cfg.runtime.log_every),
+                        ("runtime.checkpoint_every", cfg.runtime.checkpoint_every)):
+        if int(value) < 1:
             raise InputError(None, f"{name} must be >= 1")
-    if cfg.steps < 0:
-        raise InputError(None, "steps must be >= 0")
-    if int(cfg.workers) < 0:
-        raise InputError(None, "workers must be >= 0")
-    if int(cfg.prefetch_factor) < 1:
-        raise InputError(None, "prefetch_factor must be >= 1")
-    if cfg.lr <= 0:
-        raise InputError(None, "lr must be > 0")
-    if not 0 <= cfg.ema_decay < 1:
-        raise InputError(None, "ema_decay must lie in [0, 1)")
+    if cfg.optim.steps < 0:
+        raise InputError(None, "optim.steps must be >= 0")
+    if int(cfg.data.workers) < 0:
+        raise InputError(None, "data.workers must be >= 0")
+    if int(cfg.data.prefetch_factor) < 1:
+        raise InputError(None, "data.prefetch_factor must be >= 1")
+    if cfg.optim.lr <= 0:
+        raise InputError(None, "optim.lr must be > 0")
+    if not 0 <= cfg.optim.ema_decay < 1:
+        raise InputError(None, "optim.ema_decay must lie in [0, 1)")
 
 
 def build_task_and_backbone(cfg: PretrainConfig, bpr: nn.Module | None = None
                             ) -> tuple[nn.Module, PyramidBackbone, dict]:
     cls = get_task_class(cfg.method)
     try:
-        task_cfg = make_task_config(cls, cfg.task_options, defaults=cfg, preprocess=cfg.preprocess)
+        task_cfg = make_task_config(cls, cfg.task.options, defaults=cfg.task, preprocess=cfg.preprocess)
     except ValueError as e:
         raise InputError(None, str(e)) from None
     try:
@@ -282,20 +320,20 @@ def build_task_and_backbone(cfg: PretrainConfig, bpr: nn.Module | None = None
     except (ValueError, TypeError) as e:
         raise InputError(None, f"invalid options for method {cfg.method!r}: {e}") from None
     common: dict[str, Any] = dict(in_channels=task.in_channels, out_channels=task.out_channels,
-                                  base_channels=cfg.base_channels, num_levels=cfg.num_levels,
-                                  blocks_per_level=cfg.blocks_per_level, time_embedding=bool(task.uses_timestep),
-                                  norm_groups=cfg.norm_groups, coord_channels=task.in_channels - 1)
+                                  base_channels=cfg.backbone.base_channels, num_levels=cfg.backbone.num_levels,
+                                  blocks_per_level=cfg.backbone.blocks_per_level, time_embedding=bool(task.uses_timestep),
+                                  norm_groups=cfg.backbone.norm_groups, coord_channels=task.in_channels - 1)
     try:
-        backbone = build_backbone(cfg.backbone, **common)
+        backbone = build_backbone(cfg.backbone.name, **common)
     except (ValueError, TypeError) as e:
-        raise InputError(None, f"invalid options for backbone {cfg.backbone!r}: {e}") from None
-    if any(int(s) % backbone.divisor for s in cfg.patch_size):
-        raise InputError(None, f"patch_size {tuple(cfg.patch_size)} must be a multiple of {backbone.divisor} "
-                               f"(the largest stride of the {cfg.backbone} backbone)")
-    coarsest = int(np.prod([int(s) // backbone.divisor for s in cfg.patch_size]))
-    if cfg.batch_size * coarsest < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in backbone.modules()):
-        raise InputError(None, f"the {cfg.backbone} backbone's BatchNorm needs more than one value per channel at its "
-                               f"coarsest level: use batch_size >= 2 or a larger patch_size")
+        raise InputError(None, f"invalid options for backbone {cfg.backbone.name!r}: {e}") from None
+    if any(int(s) % backbone.divisor for s in cfg.data.patch_size):
+        raise InputError(None, f"data.patch_size {tuple(cfg.data.patch_size)} must be a multiple of {backbone.divisor} "
+                               f"(the largest stride of the {cfg.backbone.name} backbone)")
+    coarsest = int(np.prod([int(s) // backbone.divisor for s in cfg.data.patch_size]))
+    if cfg.data.batch_size * coarsest < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in backbone.modules()):
+        raise InputError(None, f"the {cfg.backbone.name} backbone's BatchNorm needs more than one value per channel at its "
+                               f"coarsest level: use data.batch_size >= 2 or a larger data.patch_size")
     task.setup(backbone)
     return task, backbone, task_cfg
 
@@ -303,18 +341,18 @@ def build_task_and_backbone(cfg: PretrainConfig, bpr: nn.Module | None = None
 def load_cases(cfg: PretrainConfig, progress: bool = False) -> list:
     from ..data.cache import load_preprocessed
 
-    if not cfg.data:
+    if not cfg.data.paths:
         raise InputError(None, "no training data given (--data FOLDER)")
     cases = []
-    for p in cfg.data:
+    for p in cfg.data.paths:
         if not Path(p).exists():
             raise InputError(p, "data folder not found")
         # with a cache: int16 memory maps of the cached volumes (no float32 copy of a whole volume
         # in memory; the tasks read patches from the maps); without: float32 volumes in memory
-        cases.extend(load_preprocessed(p, cfg.preprocess, cache_dir=cfg.cache_dir, kind=cfg.data_kind,
-                                       progress=progress, mmap=cfg.cache_dir is not None))
+        cases.extend(load_preprocessed(p, cfg.preprocess, cache_dir=cfg.data.cache_dir, kind=cfg.data.kind,
+                                       progress=progress, mmap=cfg.data.cache_dir is not None))
     if not cases:
-        raise InputError(cfg.data[0], "no cases found")
+        raise InputError(cfg.data.paths[0], "no cases found")
     return cases
 
 
@@ -349,7 +387,7 @@ def backbone_document(cfg: PretrainConfig, backbone: PyramidBackbone, task_cfg: 
         "task": to_dict(task_cfg),
         "preprocess": to_dict(cfg.preprocess),
         "bpr": "../bpr" if has_bpr else None,
-        "patch_size": list(cfg.patch_size),
+        "patch_size": list(cfg.data.patch_size),
     }
 
 
@@ -369,16 +407,16 @@ def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, resume: bool = Fal
              stop_after: int | None = None, probe_set: list | None = None) -> Path:
     """Pretrain a backbone; returns ``out_dir``.
 
-    ``cases``: preprocessed cases to use instead of reading ``cfg.data`` (Python API / tests).
-    ``bpr``: a BPR module to use instead of loading ``cfg.bpr_path`` (then no ``bpr/`` copy is made).
+    ``cases``: preprocessed cases to use instead of reading ``cfg.data.paths`` (Python API / tests).
+    ``bpr``: a BPR module to use instead of loading ``cfg.task.bpr_path`` (then no ``bpr/`` copy is made).
     ``stop_after``: stop after this many steps (a checkpoint is written there) without finishing,
     e.g. to split a long run into jobs; continue with ``resume=True``.
-    ``probe_set``: labelled preprocessed cases for the online probe instead of ``cfg.probe_data``.
+    ``probe_set``: labelled preprocessed cases for the online probe instead of ``cfg.probe.data``.
     """
-    d = init_distributed(cfg.device)
+    d = init_distributed(cfg.runtime.device)
     cudnn_benchmark = torch.backends.cudnn.benchmark
     try:
-        with num_threads(cfg.threads):
+        with num_threads(cfg.runtime.threads):
             return _pretrain(cfg, Path(out_dir), resume, progress, force, cases, bpr, stop_after, d, probe_set)
     finally:
         torch.backends.cudnn.benchmark = cudnn_benchmark  # set for the run only (see _pretrain)
@@ -386,8 +424,9 @@ def pretrain(cfg: PretrainConfig, out_dir: str | os.PathLike, resume: bool = Fal
 
 
 def _check_resume_config(saved: dict[str, Any], cfg: PretrainConfig, path: Path) -> None:
-    now = to_dict(cfg)
-    diff = [k for k in now if k not in _RESUME_FREE and k in saved and saved[k] != now[k]]
+    # a train state saved before the sections holds the flat layout: compare section.field by section.field
+    now, before = flatten(PretrainConfig, to_dict(cfg)), flatten(PretrainConfig, saved)
+    diff = [k for k in now if k not in _RESUME_FREE and k in before and before[k] != now[k]]
     if diff:
         raise InputError(path, f"--resume with a different configuration ({', '.join(sorted(diff))}); "
                                "use the same options as the interrupted run")
@@ -414,21 +453,21 @@ class PretrainTask(TrainTask):
 
         cfg = self.cfg
         device = self.engine.device if self.engine is not None else torch.device("cpu")
-        it = step_batches(StepBatches(self.joint.task.sample_batch, self.cases, cfg.batch_size, tuple(cfg.patch_size),
+        it = step_batches(StepBatches(self.joint.task.sample_batch, self.cases, cfg.data.batch_size, tuple(cfg.data.patch_size),
                                       cfg.seed, self.d.rank),
-                          start, end, workers=int(cfg.workers), pin_memory=device.type == "cuda",
-                          prefetch_factor=int(cfg.prefetch_factor))
+                          start, end, workers=int(cfg.data.workers), pin_memory=device.type == "cuda",
+                          prefetch_factor=int(cfg.data.prefetch_factor))
         return _DeviceBatches(it, device, to_device)
 
     def step(self, model: nn.Module, batch: Any, step: int, gen: torch.Generator):
         return model(batch, gen)
 
     def log_extras(self, steps: int, seconds: float) -> dict[str, Any]:
-        pps = steps * self.cfg.batch_size * self.d.world / max(seconds, 1e-9)
-        return {"patches_per_s": pps, "voxels_per_s": pps * int(np.prod(self.cfg.patch_size))}
+        pps = steps * self.cfg.data.batch_size * self.d.world / max(seconds, 1e-9)
+        return {"patches_per_s": pps, "voxels_per_s": pps * int(np.prod(self.cfg.data.patch_size))}
 
     def needs_sync(self, done: int) -> bool:
-        return bool(self.cfg.probe_every) and done % self.cfg.probe_every == 0
+        return bool(self.cfg.probe.every) and done % self.cfg.probe.every == 0
 
     def after_step(self, engine: Engine, done: int) -> bool:
         if self.needs_sync(done):
@@ -462,27 +501,27 @@ class _DeviceBatches:
 def _pretrain(cfg: PretrainConfig, out: Path, resume: bool, progress: bool, force: bool, cases: list | None,
               bpr: nn.Module | None, stop_after: int | None, d: Dist, probe_set: list | None = None) -> Path:
     validate_config(cfg)
-    if cfg.probe_every and probe_set is None:
-        if not cfg.probe_data:
-            raise InputError(None, "--probe_every needs --probe_data (a labelled data folder)")
-        if not Path(cfg.probe_data).exists():
-            raise InputError(cfg.probe_data, "probe data folder not found")
+    if cfg.probe.every and probe_set is None:
+        if not cfg.probe.data:
+            raise InputError(None, "--probe.every needs --probe.data (a labelled data folder)")
+        if not Path(cfg.probe.data).exists():
+            raise InputError(cfg.probe.data, "probe data folder not found")
     state_root = out / "train_state"
     if resume and latest_train_state(state_root) is None:
         raise InputError(out, "nothing to resume: no train_state/latest checkpoint in this folder")
-    device = resolve_device(cfg.device, local_rank=d.local_rank if d.world > 1 else None)
+    device = resolve_device(cfg.runtime.device, local_rank=d.local_rank if d.world > 1 else None)
 
     # build everything before touching the output folder (bad input leaves no output)
     torch.manual_seed(cfg.seed)
     task, backbone, task_cfg = build_task_and_backbone(cfg, bpr)
-    has_bpr = getattr(task, "bpr", None) is not None and bpr is None and bool(getattr(cfg, "bpr_path", None))
+    has_bpr = getattr(task, "bpr", None) is not None and bpr is None and bool(cfg.task.bpr_path)
     trains = bool(getattr(task, "trains", True))
-    if cases is None and (trains or cfg.data):  # the random baseline needs no data
+    if cases is None and (trains or cfg.data.paths):  # the random baseline needs no data
         cases = load_cases(cfg, progress=progress and d.main)
     if trains and not cases:
         raise InputError(None, "no training cases")
     if trains:
-        task.prepare(cases, cache_dir=cfg.cache_dir, progress=progress and d.main)
+        task.prepare(cases, cache_dir=cfg.data.cache_dir, progress=progress and d.main)
 
     if d.main and not resume:
         check_output_path(out, force=force)
@@ -505,17 +544,17 @@ def _pretrain(cfg: PretrainConfig, out: Path, resume: bool, progress: bool, forc
         write_config(out, cfg, extra={"method": cfg.method, "parameters": count_parameters(backbone),
                                       "world_size": d.world})
 
-    end = cfg.steps if stop_after is None else min(cfg.steps, max(start, int(stop_after)))
+    end = cfg.optim.steps if stop_after is None else min(cfg.optim.steps, max(start, int(stop_after)))
     if trains and start < end:
         engine.fit(end)
 
-    if end < cfg.steps:  # stopped early on request: the checkpoint is the result
+    if end < cfg.optim.steps:  # stopped early on request: the checkpoint is the result
         if engine.last_saved != end:
             engine.save(end)
         return out
 
-    if trains and engine.last_saved != cfg.steps and cfg.steps > 0:
-        engine.save(cfg.steps)
+    if trains and engine.last_saved != cfg.optim.steps and cfg.optim.steps > 0:
+        engine.save(cfg.optim.steps)
 
     if d.main:
         ema_backbone = {k: v for k, v in engine.ema.state().items()}
@@ -527,10 +566,10 @@ def _pretrain(cfg: PretrainConfig, out: Path, resume: bool, progress: bool, forc
                 shutil.rmtree(bdest)
             with staged_dir(bdest, force=True) as tmp:
                 shutil.rmtree(tmp)
-                copy_bpr(cfg.bpr_path, tmp)  # type: ignore[arg-type]
+                copy_bpr(cfg.task.bpr_path, tmp)  # type: ignore[arg-type]
         with staged_dir(out / "backbone", force=True) as tmp:
             save_backbone(tmp, cfg, backbone, ema_backbone, task, task_cfg, has_bpr,
-                          meta={"steps": cfg.steps, "parameters": count_parameters(backbone),
+                          meta={"steps": cfg.optim.steps, "parameters": count_parameters(backbone),
                                 "seed": cfg.seed, "world_size": d.world})
     d.barrier()
     return out

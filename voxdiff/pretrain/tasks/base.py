@@ -18,12 +18,12 @@ Contract details (engine side, added compatibly; nothing above changed)
 -----------------------------------------------------------------------
 * ``config`` given to the constructor is a JSON-able ``dict``: ``{"preprocess": {...the model's
   PreprocessConfig as a dict, incl. "hu_window"...}, **method options}``. The method options come
-  from ``PretrainConfig.task_options`` (a dict, e.g. ``{"temperature": 0.1}`` or
+  from ``PretrainConfig.task.options`` (a dict, e.g. ``{"temperature": 0.1}`` or
   ``{"contrastive": {...}}``) plus, when the task class declares a dataclass ``Config``, every
-  ``PretrainConfig`` field with the same name as a ``Config`` field (e.g. the diffusion task's
-  ``condition``/``bpr_path``). The dict is saved in the backbone's ``model.json`` and the task is
+  field of the ``PretrainConfig.task`` section with the same name as a ``Config`` field (e.g. the
+  diffusion task's ``condition``/``bpr_path``). The dict is saved in the backbone's ``model.json`` and the task is
   rebuilt from it by ``load_pretrained``. ``self.hu_window`` gives the window.
-* Order of calls: ``task = Cls(config)`` -> ``backbone = build_backbone(cfg.backbone,
+* Order of calls: ``task = Cls(config)`` -> ``backbone = build_backbone(cfg.backbone.name,
   in_channels=task.in_channels, out_channels=task.out_channels, time_embedding=task.uses_timestep,
   ...)`` (any :class:`voxdiff.pretrain.backbones.PyramidBackbone`: ``unet`` or ``fpn3d``) ->
   ``task.setup(backbone)`` (create modules that depend on ``backbone.levels``, e.g. a projector;
@@ -105,7 +105,8 @@ def available_methods() -> list[str]:
 def make_task_config(cls: type["PretextTask"], options: dict[str, Any] | None = None, defaults: Any = None,
                      preprocess: Any = None) -> dict[str, Any]:
     """The task's config dict: ``{"preprocess": preprocess, **fields, **options}`` where ``fields``
-    are the attributes of ``defaults`` (e.g. the PretrainConfig) named like ``cls.Config`` fields."""
+    are the attributes of ``defaults`` (e.g. the PretrainConfig's ``task`` section) named like
+    ``cls.Config`` fields."""
     from voxdiff.core.config import to_dict
 
     out: dict[str, Any] = {}

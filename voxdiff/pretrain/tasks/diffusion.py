@@ -141,7 +141,7 @@ class DiffusionTask(PretextTask):
         if o.condition != "none":
             if bpr is None:
                 if not o.bpr_path:
-                    raise InputError(None, f"condition {o.condition!r} needs a body part regressor (--bpr_path)")
+                    raise InputError(None, f"condition {o.condition!r} needs a body part regressor (--task.bpr_path)")
                 if not os.path.exists(o.bpr_path):
                     raise InputError(o.bpr_path, "body part regressor not found")
                 load_bpr, _ = _bpr_api()
