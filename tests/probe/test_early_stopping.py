@@ -61,3 +61,39 @@ def test_without_patience_all_steps_run(monkeypatch):
                       hidden=8, roi=(24, 24, 16), device="cpu")
     _, head = fit_network(StandinExtractor(channels=(4, 8)), [_case(0)], [_case(1)], "scratch", cfg, progress=False)
     assert head.steps_run == 6 and head.best_step == 2
+
+
+def test_fine_tuning_starts_from_a_fitted_head(monkeypatch):
+    """LP-FT: the first validated state is the given head moved by one step at the backbone's learning
+    rate (not a random head), the caller's head is left alone, and a head of other channels is refused."""
+    from voxdiff.probe.heads import make_head
+
+    first = []
+
+    def fake_validate(extractor, heads, cases, cfg, device, window):
+        (name, head), = heads.items()
+        if not first:
+            first.append(copy.deepcopy(head.state_dict()))
+        return {name: 0.5}
+
+    monkeypatch.setattr(pt, "validate", fake_validate)
+    ext = StandinExtractor(channels=(4, 8))
+    cfg = ProbeConfig(steps=2, val_every=1, patience=0, patch_size=(16, 16, 8), batch_size=2, warmup_steps=5,
+                      hidden=8, roi=(24, 24, 16), device="cpu", lr=1.0, backbone_lr=1e-4)
+    fitted = make_head("nonlinear", [4, 8], cfg.n_classes, cfg.hidden, cfg.blocks)
+    with torch.no_grad():
+        for p in fitted.parameters():
+            p.normal_()
+    before = copy.deepcopy(fitted.state_dict())
+    _, head = fit_network(ext, [_case(0)], [_case(1)], "finetune", cfg, progress=False, init_head=fitted)
+    for k, v in fitted.state_dict().items():
+        assert torch.equal(v, before[k])  # the caller's head is not trained in place
+    params = [k for k, _ in fitted.named_parameters()]  # (BatchNorm's running statistics move by design)
+    moved = max(float((first[0][k] - before[k]).abs().max()) for k in params)
+    assert 0 < moved < 1e-2  # one step at backbone_lr (1e-4), not at the head's lr (1.0)
+    assert head.upsample == "trilinear"
+    other = make_head("nonlinear", [4, 16], cfg.n_classes, cfg.hidden, cfg.blocks)
+    with pytest.raises(ValueError, match="channels"):
+        fit_network(ext, [_case(0)], [_case(1)], "finetune", cfg, progress=False, init_head=other)
+    with pytest.raises(ValueError, match="fine-tuning only"):
+        fit_network(ext, [_case(0)], [_case(1)], "scratch", cfg, progress=False, init_head=fitted)

@@ -25,22 +25,26 @@ SCRATCH_CONVERGED = {"budget": "cpu-small", "seed": 0, "steps": 1200, "mean_dice
                                 "--label_methods '[]'"}
 
 
-# The demo's fine-tuned rows train as few steps as from scratch. Trained to convergence (early stopping on
-# the validation phantom) the same rows were measured on the matched-compute benchmark, mean ± std over
-# seeds (docs/RESULTS.md, "Matched-compute benchmark over seeds"); printed under the table.
+# The demo's fine-tuned rows train a few steps (the budget's finetune_steps), from the probe's head when
+# the budget says finetune_init "probe". Trained to convergence (early stopping on the validation
+# phantom, from a random head) the same rows were measured on the matched-compute benchmark, mean ± std
+# over seeds (docs/RESULTS.md, "Matched-compute benchmark over seeds"); printed under the table.
 TUNED_CONVERGED = {"budget": "cpu-bench", "seeds": 3, "max_steps": 1200,
                    "rows": {"fine-tuned diffusion + APE": (58.0, 8.2), "fine-tuned contrastive": (61.9, 3.8),
                             "from scratch": (52.2, 2.7)},
                    "command": "voxdiff experiment compare --budget cpu-bench --seeds '[0,1,2]' --phantom_seed 1"}
 
 
-def tuned_note(budget: str, steps: int | None) -> str | None:
-    """The line under the table that puts the short fine-tuned rows beside the benchmark's converged ones."""
+def tuned_note(budget: str, steps: int | None, init: str = "random") -> str | None:
+    """The line under the table that puts the short fine-tuned rows beside the benchmark's converged ones
+    (``init``: "probe" when the rows start from the non-linear probe's head)."""
     ref = TUNED_CONVERGED
     if budget == ref["budget"] or steps is None or steps >= ref["max_steps"]:
         return None
     rows = ", ".join(f"{k} {m:.1f} ± {s:.1f}" for k, (m, s) in ref["rows"].items())
-    return (f"The fine-tuned rows train {steps} steps too and are far from converged. Trained to convergence "
+    how = (f"start from the non-linear probe's head (LP-FT) and train {steps} steps, far from converged"
+           if init == "probe" else f"train {steps} steps and are far from converged")
+    return (f"The fine-tuned rows {how}. Trained to convergence "
             f"(early stopping on the validation phantom, up to {ref['max_steps']} steps) on the matched-compute "
             f"benchmark ({ref['budget']}: 48 unlabelled, 7 + 1 labelled and 10 test phantoms; {ref['seeds']} seeds, "
             f"docs/RESULTS.md): {rows}. `{ref['command']}`.")
@@ -77,7 +81,7 @@ def run_demo(out: str | Path = "demo_out", budget: str = "cpu-small", seed: int 
 
     b = get_budget(budget)
     note = scratch_note(budget, seed, cfg.scratch)
-    tnote = tuned_note(budget, b.get("finetune_steps"))
+    tnote = tuned_note(budget, b.get("finetune_steps"), b.get("finetune_init", "random"))
     notes = [n for n in (note, tnote) if n]
     res = compare(cfg, out, force=force, notes=notes or None)
 

@@ -465,6 +465,7 @@ class NetworkTask(TrainTask):
         self.history = history if history is not None else []
         self.net = nn.ModuleDict({"head": head, "backbone": backbone})
         self.warm = 0 if mode == "scratch" else min(cfg.warmup_steps if warm is None else warm, cfg.steps)
+        self.fitted_head = False  # a head fitted beforehand (LP-FT) trains at the backbone's learning rate
         self.unfrozen = False
         self.best: tuple[float, Any] = (-math.inf, None)
         self.best_step, self.since_best = 0, 0
@@ -477,7 +478,7 @@ class NetworkTask(TrainTask):
         # the backbone's group is there from the start; its parameters get gradients (and AdamW
         # state) only once unfrozen, which is what adding the group at that step would do
         c = self.cfg
-        head_lr = c.scratch_lr if self.mode == "scratch" else c.lr
+        head_lr = c.scratch_lr if self.mode == "scratch" else (c.backbone_lr if self.fitted_head else c.lr)
         bb_lr = c.scratch_lr if self.mode == "scratch" else c.backbone_lr
         return [{"params": list(self.head.parameters()), "base_lr": head_lr, "weight_decay": c.weight_decay},
                 {"params": list(self.backbone.parameters()), "base_lr": bb_lr, "weight_decay": c.weight_decay}]
@@ -577,8 +578,9 @@ def fit_network(
 
     ``init_head``: fine-tuning only: a non-linear head already fitted on the frozen features (a
     probe's, e.g. :func:`voxdiff.probe.bundle.load_segmenter_head`) to start from instead of a
-    random one, with no head-alone warm-up ("linear probing, then fine-tuning", LP-FT: the
-    backbone's first gradients come through a trained head, not a random one).
+    random one, with no head-alone warm-up and the head at ``backbone_lr`` too ("linear probing,
+    then fine-tuning", LP-FT: the backbone's first gradients come through a trained head, not a
+    random one, and a small learning rate keeps what the probe learned).
 
     Works on a deep copy of ``extractor``; returns ``(tuned_extractor, head)`` in eval mode with the
     best validation state (backbone and head of the same step). Only ``extractor.backbone`` is
@@ -613,6 +615,7 @@ def fit_network(
         head.set_feature_stats(_measure_stats(ext, sampler, cfg, device))
     task = NetworkTask(ext, backbone, head, sampler, cfg, mode, device, val_cases, history,
                        warm=0 if init_head is not None else None)
+    task.fitted_head = init_head is not None
     ecfg = EngineConfig(steps=cfg.steps, lr=cfg.lr, schedule="constant", weight_decay=cfg.weight_decay,
                         no_decay_1d=False, device=cfg.device, seed=cfg.seed, log_every=cfg.val_every,
                         checkpoint_every=cfg.val_every, keep_checkpoints=1, progress=progress, desc=mode, label=mode,
