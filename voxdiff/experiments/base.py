@@ -84,7 +84,7 @@ class ExperimentConfig:
             (each probed frozen with ``heads`` and fine-tuned).
         workers: worker processes for phantom generation / preprocessing.
         progress: show progress bars.
-        jobs: compare (and the demo): processes that run independent steps side by side, each with
+        jobs: compare, label-efficiency and the demo: processes that run independent steps side by side, each with
             cores / jobs torch threads (0 = auto: 2 on a CPU with at least two cores, 1 with a GPU).
             The results do not depend on it. See voxdiff.experiments.lanes.
     """

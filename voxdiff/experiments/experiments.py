@@ -285,12 +285,37 @@ def label_efficiency(cfg: ExperimentConfig, out: str | Path, force: bool = False
     for every count, so every choice is made on it, never on the test cases.
     """
     exp = Experiment(cfg, out, force=force, log=log)
+    methods = [m for m in cfg.label_methods if m != "random"]
+    if cfg.jobs != 1:
+        from .lanes import run_lanes
+
+        run_lanes(exp, "label-efficiency")
+    rows = []
+    for n_eff, method, kind, thunks in _label_jobs(exp):
+        folds = [t() for t in thunks]
+        if kind == "probe":
+            rows += [_label_row(n_eff, method, h, folds, h) for h in cfg.heads]
+        elif kind == "scratch":
+            rows.append(_label_row(n_eff, method, "scratch", folds, "scratch"))
+        else:
+            rows.append(_label_row(n_eff, method, "fine-tuned", folds, "finetune"))
+    results = {"experiment": "label-efficiency", "config": cfg, "budget": exp.budget, "methods": methods,
+               "rows": rows, "seconds": round(exp.elapsed(), 1)}
+    atomic_write_json(exp.out / "results.json", _plain(results))
+    figs = report.label_figures(rows, exp.out)
+    atomic_write(exp.out / "report.md", report.label_markdown(results, figs))
+    return results
+
+
+def _label_jobs(exp: Experiment) -> list[tuple[int, str, str, list[Callable[[], dict[str, Any]]]]]:
+    """(labelled cases, method, scratch | probe | finetune, one callable per fold running its step) of
+    ``label_efficiency``, in the order of its report."""
+    cfg = exp.cfg
     counts = tuple(cfg.label_counts) or tuple(exp.budget["label_counts"])
     methods = [m for m in cfg.label_methods if m != "random"]
-    models = {m: exp.pretrained(m) for m in methods}
     n_all = len(exp.folds()[0][0])
     nf = _n_folds(exp)
-    rows = []
+    jobs: list[tuple[int, str, str, list[Callable[[], dict[str, Any]]]]] = []
     seen: set[int] = set()
     for n in counts:
         n_eff = n_all if not n else min(int(n), n_all)
@@ -298,22 +323,24 @@ def label_efficiency(cfg: ExperimentConfig, out: str | Path, force: bool = False
             continue
         seen.add(n_eff)
         tag = "all" if n_eff == n_all else str(n_eff)
-        scratch = [exp.scratch(f"labels/scratch-n{tag}-f{k}", k, n_train=n_eff, early_stopping=True) for k in range(nf)]
-        rows.append(_label_row(n_eff, "from-scratch", "scratch", scratch, "scratch"))
+        jobs.append((n_eff, "from-scratch", "scratch", [
+            lambda k=k, n=n_eff, t=tag: exp.scratch(f"labels/scratch-n{t}-f{k}", k, n_train=n, early_stopping=True)
+            for k in range(nf)]))
         for m in methods:
-            frozen = [exp.probe(f"labels/{m}-n{tag}-f{k}", models[m], k, tuple(cfg.heads), n_train=n_eff)
-                      for k in range(nf)]
-            for h in cfg.heads:
-                rows.append(_label_row(n_eff, m, h, frozen, h))
-            tuned = [exp.tuned(f"labels/finetune-{m}-n{tag}-f{k}", k, "finetune", models[m], n_train=n_eff,
-                               early_stopping=True) for k in range(nf)]
-            rows.append(_label_row(n_eff, m, "fine-tuned", tuned, "finetune"))
-    results = {"experiment": "label-efficiency", "config": cfg, "budget": exp.budget, "methods": methods,
-               "rows": rows, "seconds": round(exp.elapsed(), 1)}
-    atomic_write_json(exp.out / "results.json", _plain(results))
-    figs = report.label_figures(rows, exp.out)
-    atomic_write(exp.out / "report.md", report.label_markdown(results, figs))
-    return results
+            jobs.append((n_eff, m, "probe", [
+                lambda k=k, m=m, n=n_eff, t=tag: exp.probe(f"labels/{m}-n{t}-f{k}", exp.pretrained(m), k,
+                                                           tuple(cfg.heads), n_train=n) for k in range(nf)]))
+            jobs.append((n_eff, m, "finetune", [
+                lambda k=k, m=m, n=n_eff, t=tag: exp.tuned(f"labels/finetune-{m}-n{t}-f{k}", k, "finetune",
+                                                           exp.pretrained(m), n_train=n, early_stopping=True)
+                for k in range(nf)]))
+    return jobs
+
+
+def label_items(exp: Experiment) -> list[tuple[str, Callable[[], Any]]]:
+    """The independent pieces of ``label_efficiency`` (one step each), for ``--jobs``."""
+    return [(f"{kind} {method} n={n} fold {k}", t) for n, method, kind, thunks in _label_jobs(exp)
+            for k, t in enumerate(thunks)]
 
 
 def _label_row(n: int, method: str, mode: str, fold_results: list[dict[str, Any]], key: str) -> dict[str, Any]:

@@ -108,8 +108,10 @@ def _lane_main(cfg_dict: dict[str, Any], out: str, budget: dict[str, Any], exper
         cfg = from_dict(ExperimentConfig, cfg_dict)
         exp = Experiment(cfg, out, log=log, budget=budget)
         exp.cfg = dataclasses.replace(exp.cfg, progress=False)  # the main lane shows the progress bars
-        exp.runner.wait, exp.runner.log_skips = False, False
-        work_through(lane_order(_items(exp, experiment), lane), log)
+        exp.runner.log_skips = False
+        items = _items(exp, experiment)  # may wait for the data (phantoms): nothing runs without it
+        exp.runner.wait = False
+        work_through(lane_order(items, lane), log)
     except KeyboardInterrupt:
         raise SystemExit(130) from None
     except Exception as e:  # the main process runs what is left and reports the error itself
@@ -124,6 +126,8 @@ def _items(exp, experiment: str) -> list[tuple[str, Callable[[], Any]]]:
 
     if experiment == "compare":
         return experiments.compare_items(exp)
+    if experiment == "label-efficiency":
+        return experiments.label_items(exp)
     raise ValueError(f"no lanes for experiment {experiment!r}")
 
 
@@ -150,9 +154,10 @@ def run_lanes(exp, experiment: str = "compare") -> int:
     ok = False
     try:
         with num_threads(threads):
+            items = _items(exp, experiment)
             exp.runner.wait = False
             try:
-                work_through(lane_order(_items(exp, experiment), 0), exp.log)
+                work_through(lane_order(items, 0), exp.log)
             finally:
                 exp.runner.wait = True
         ok = True
