@@ -85,7 +85,7 @@ class ExperimentConfig:
         workers: worker processes for phantom generation / preprocessing.
         progress: show progress bars.
         jobs: compare, label-efficiency and the demo: processes that run independent steps side by side, each with
-            cores / jobs torch threads (0 = auto: 2 on a CPU with at least two cores, 1 with a GPU).
+            cores / jobs torch threads (0 = auto: 2 on a CPU with at least 8 cores, else 1).
             The results do not depend on it. See voxdiff.experiments.lanes.
     """
 

@@ -50,7 +50,7 @@ def tuned_note(budget: str, steps: int | None, init: str = "random") -> str | No
             f"docs/RESULTS.md): {rows}. `{ref['command']}`.")
 
 
-def demo_config(budget: str = "cpu-small", seed: int = 0, jobs: int = 0) -> ExperimentConfig:
+def demo_config(budget: str = "cpu-small", seed: int = 0, jobs: int = 1) -> ExperimentConfig:
     return ExperimentConfig(budget=budget, methods=DEMO_METHODS, heads=("linear", "nonlinear"), scratch=False,
                             finetune=DEMO_FINETUNE, folds=0, seed=seed, phantom_seed=seed, jobs=jobs)
 
@@ -67,7 +67,7 @@ def scratch_note(budget: str, seed: int, scratch: bool = False) -> str | None:
 
 
 def run_demo(out: str | Path = "demo_out", budget: str = "cpu-small", seed: int = 0, force: bool = False,
-             jobs: int = 0) -> dict:
+             jobs: int = 1) -> dict:
     """The demo; ``jobs``: processes running independent steps side by side (0 = auto, see
     :func:`voxdiff.experiments.lanes.resolve_jobs`)."""
     from . import report

@@ -113,9 +113,14 @@ def compare_items(exp: Experiment) -> list[tuple[str, Callable[[], Any]]]:
     """The independent pieces of ``compare`` (a frozen method's probes, a fine-tuned or from-scratch
     row), each a callable that runs its steps (and the steps they need): what ``--jobs`` spreads over
     processes (:mod:`voxdiff.experiments.lanes`)."""
-    items: list[tuple[str, Callable[[], Any]]] = [
-        (f"probes of {m}", lambda m=m: _frozen_method_rows(exp, m)) for m in exp.cfg.methods]
-    items += [(f"{job[2]} {job[0]}", lambda job=job: _tuned_job_row(exp, job)) for job in _tuned_jobs(exp)]
+    tuned = {job[0]: job for job in _tuned_jobs(exp)}
+    items: list[tuple[str, Callable[[], Any]]] = []
+    for m in exp.cfg.methods:  # a method's fine-tuned row right after its probes: the chain of one backbone
+        items.append((f"probes of {m}", lambda m=m: _frozen_method_rows(exp, m)))
+        if m in tuned:
+            job = tuned.pop(m)
+            items.append((f"{job[2]} {job[0]}", lambda job=job: _tuned_job_row(exp, job)))
+    items += [(f"{job[2]} {job[0]}", lambda job=job: _tuned_job_row(exp, job)) for job in tuned.values()]
     return items
 
 

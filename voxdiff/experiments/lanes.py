@@ -8,9 +8,11 @@ makes sure every step runs once: a lane that reaches a step another lane is runn
 piece for later and goes on with the next one, and comes back when it has nothing else to do.
 The main process is lane 0 (with the progress bars); the others log with a ``[job K]`` prefix.
 
-Why: most of a CPU run's stages are small 3D networks that use two cores at about 1.6x one core's
-speed, and BPR training uses one thread; two one-thread lanes keep both cores busy
-(docs/RESULTS.md, "Demo time"). The steps and their seeds are those of ``jobs=1``, and no step
+What it buys depends on the machine: on the 2-core development VM, where these small networks
+run about twice as fast on two threads as on one, two one-thread lanes ran the demo no faster than
+one process (901 s both ways, docs/RESULTS.md, "Demo time"); it is meant for CPUs with more cores
+than one small network uses well, and for running long experiments (label-efficiency) in
+independent processes that can be stopped and resumed. The steps and their seeds are those of ``jobs=1``, and no step
 depends on the order in which they run; only the thread count per step changes, which can move
 results in the last bits (the order of floating-point sums).
 """
@@ -38,8 +40,10 @@ def available_cores() -> int:
 
 
 def resolve_jobs(jobs: int) -> int:
-    """``jobs`` > 0 as given; 0 (auto): 2 lanes on a machine with at least 2 cores and no GPU, else 1
-    (a GPU runs one step at a time best)."""
+    """``jobs`` > 0 as given; 0 (auto): 2 lanes on a CPU of at least 8 cores (where one small 3D
+    network does not keep every core busy; not measured here), else 1. On 2 cores two one-thread lanes
+    ran the demo no faster than one two-thread process (docs/RESULTS.md, "Demo time"); a GPU runs
+    one step at a time best."""
     if jobs > 0:
         return int(jobs)
     try:
@@ -49,7 +53,7 @@ def resolve_jobs(jobs: int) -> int:
             return 1
     except ImportError:  # pragma: no cover - torch is a dependency
         pass
-    return 2 if available_cores() >= 2 else 1
+    return 2 if available_cores() >= 8 else 1
 
 
 def lane_order(items: list, lane: int) -> list:
@@ -109,7 +113,8 @@ def _lane_main(cfg_dict: dict[str, Any], out: str, budget: dict[str, Any], exper
         exp = Experiment(cfg, out, log=log, budget=budget)
         exp.cfg = dataclasses.replace(exp.cfg, progress=False)  # the main lane shows the progress bars
         exp.runner.log_skips = False
-        items = _items(exp, experiment)  # may wait for the data (phantoms): nothing runs without it
+        exp.data_dir()  # every step needs the data: wait for it (the main lane makes the phantoms)
+        items = _items(exp, experiment)
         exp.runner.wait = False
         work_through(lane_order(items, lane), log)
     except KeyboardInterrupt:
@@ -154,6 +159,7 @@ def run_lanes(exp, experiment: str = "compare") -> int:
     ok = False
     try:
         with num_threads(threads):
+            exp.data_dir()
             items = _items(exp, experiment)
             exp.runner.wait = False
             try:

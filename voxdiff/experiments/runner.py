@@ -49,6 +49,7 @@ class StepRunner:
         self.log = log
         self.wait = wait
         self.log_skips = True  # "[skip] NAME" lines (off where several processes share the work)
+        self._announced: set[str] = set()
         self.ran: list[str] = []
         self.skipped: list[str] = []
 
@@ -111,7 +112,10 @@ class StepRunner:
         target = self.root / name
         work = self.work_dir(name)
         spent = work / ELAPSED  # seconds of the earlier, interrupted runs of a resumable step
-        self.log(f"[run ] {name}" + (f" (continuing the interrupted run kept in {work})" if resumable and work.is_dir() else ""))
+        if name not in self._announced:  # once: a step put back for later (StepBusy) starts again quietly
+            self._announced.add(name)
+            self.log(f"[run ] {name}" + (f" (continuing the interrupted run kept in {work})"
+                                         if resumable and work.is_dir() else ""))
         t0 = time.perf_counter()
         with staged_dir(target, force=True, keep=resumable) as tmp:
             before = float(spent.read_text()) if resumable and spent.is_file() else 0.0
