@@ -1,0 +1,103 @@
+"""Label-efficiency curve of a `compare --seeds` benchmark folder: Dice against labelled phantoms.
+
+The all-labels points are the benchmark's own rows (``seed-S/probe-METHOD-f0``,
+``finetune-METHOD-f0``, ``scratch-f0``); the few-label points are label-efficiency steps run in the
+same seed folders (``seed-S/labels/{scratch,METHOD,finetune-METHOD}-nN-f0``, the step names of
+``voxdiff experiment label-efficiency``). Per seed, a row's Dice is the mean over test cases of the
+organ-mean Dice; the table gives mean ± std over the seeds that have the row, and the figure
+(``label_efficiency.png`` in OUT, ``voxdiff.experiments.report.label_figures``) draws the means
+with the spread over seeds.
+
+    python benchmarks/label_curve.py runs/bench --out docs/images
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+
+def case_mean(scores: dict) -> float:
+    """Mean over cases of the organ-mean Dice (organs absent from both: NaN, left out)."""
+    vals = []
+    for organs in scores.values():
+        o = [np.nan if v is None else float(v) for v in organs.values()]
+        if not all(math.isnan(x) for x in o):
+            vals.append(float(np.nanmean(o)))
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def collect(bench: Path, methods: list[str], heads: list[str]) -> dict[tuple[int, str, str], dict[str, float]]:
+    """``{(labelled cases, method, mode): {seed folder: Dice}}``."""
+    out: dict[tuple[int, str, str], dict[str, float]] = {}
+
+    def add(n: int, method: str, mode: str, seed: str, value: float) -> None:
+        out.setdefault((n, method, mode), {})[seed] = value
+
+    for sd in sorted(bench.glob("seed-*")):
+        scratch = sd / "scratch-f0" / "result.json"
+        if not scratch.is_file():
+            continue
+        n_all = len(json.loads(scratch.read_text())["train_cases"])
+        add(n_all, "from-scratch", "scratch", sd.name, case_mean(json.loads(scratch.read_text())["scores"]["scratch"]))
+        for m in methods:
+            probe, tuned = sd / f"probe-{m}-f0" / "result.json", sd / f"finetune-{m}-f0" / "result.json"
+            if probe.is_file():
+                d = json.loads(probe.read_text())
+                for h in heads:
+                    add(n_all, m, h, sd.name, case_mean(d["scores"][h]))
+            if tuned.is_file():
+                add(n_all, m, "fine-tuned", sd.name, case_mean(json.loads(tuned.read_text())["scores"]["finetune"]))
+        for res in sorted((sd / "labels").glob("*-n*-f0/result.json")):
+            name = res.parent.name
+            mt = re.fullmatch(r"(.+)-n(\d+)-f0", name)
+            if not mt:
+                continue
+            stem, n = mt.group(1), int(mt.group(2))
+            d = json.loads(res.read_text())
+            if stem == "scratch":
+                add(n, "from-scratch", "scratch", sd.name, case_mean(d["scores"]["scratch"]))
+            elif stem.startswith("finetune-") and stem[len("finetune-"):] in methods:
+                add(n, stem[len("finetune-"):], "fine-tuned", sd.name, case_mean(d["scores"]["finetune"]))
+            elif stem in methods:
+                for h in heads:
+                    if h in d["scores"]:
+                        add(n, stem, h, sd.name, case_mean(d["scores"][h]))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("bench", type=Path, help="a `voxdiff experiment compare --seeds` folder")
+    ap.add_argument("--methods", default="diffusion-ape,contrastive")
+    ap.add_argument("--heads", default="linear,nonlinear")
+    ap.add_argument("--out", type=Path, default=None, help="folder for label_efficiency.png (default: BENCH)")
+    args = ap.parse_args()
+    methods, heads = args.methods.split(","), args.heads.split(",")
+    data = collect(args.bench, methods, heads)
+    if not data:
+        raise SystemExit(f"{args.bench}: no finished rows (seed-*/scratch-f0/result.json)")
+    rows = []
+    print("| labelled phantoms | method | mode | seeds | mean Dice (%) |\n|---|---|---|---|---|")
+    for (n, method, mode), per_seed in sorted(data.items(), key=lambda kv: (kv[0][0], kv[0][1] != "from-scratch", kv[0])):
+        v = np.array(list(per_seed.values()))
+        std = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+        seeds = ", ".join(f"{s.removeprefix('seed-')}: {100 * x:.1f}" for s, x in per_seed.items())
+        print(f"| {n} | {method} | {mode} | {seeds} | {100 * v.mean():.1f}" + (f" ± {100 * std:.1f}" if len(v) > 1 else "") + " |")
+        rows.append({"n_train": n, "method": method, "mode": mode,
+                     "summary": {"mean": {"mean": float(v.mean()), "std": std}}})
+    from voxdiff.experiments.report import label_figures
+
+    out = args.out or args.bench
+    out.mkdir(parents=True, exist_ok=True)
+    label_figures(rows, out)
+    print(f"\nfigure: {out / 'label_efficiency.png'}")
+
+
+if __name__ == "__main__":
+    main()
