@@ -147,6 +147,11 @@ def run_lanes(exp, experiment: str = "compare") -> int:
     jobs = resolve_jobs(exp.cfg.jobs)
     if jobs <= 1:
         return 1
+    try:
+        import fcntl  # noqa: F401  (the step locks)
+    except ImportError:
+        exp.log("--jobs needs flock (POSIX); running the steps in one process")
+        return 1
     exp.runner.log_skips = False  # with several lanes "[skip]" lines say nothing; the caller's pass is quiet too
     threads = max(1, available_cores() // jobs)
     exp.log(f"{jobs} jobs of {threads} thread(s) each: independent steps run side by side")
