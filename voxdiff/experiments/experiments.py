@@ -56,7 +56,7 @@ def _frozen_rows(exp: Experiment, finished_only: bool = False) -> list[dict[str,
 
 def _frozen_method_rows(exp: Experiment, method: str, finished_only: bool = False) -> list[dict[str, Any]]:
     cfg = exp.cfg
-    names = [f"probe-{method}-f{k}" for k in range(_n_folds(exp))]
+    names = [_probe_step(method, k) for k in range(_n_folds(exp))]
     if finished_only:
         if not all(exp.runner.done(n) for n in names):
             return []
@@ -67,6 +67,11 @@ def _frozen_method_rows(exp: Experiment, method: str, finished_only: bool = Fals
     return [{"method": method, "head": head, **_aggregate(folds, head),
              "head_parameters": folds[0]["head_parameters"][head],
              "backbone_parameters": folds[0]["backbone_parameters"]} for head in cfg.heads]
+
+
+def _probe_step(method: str, fold: int) -> str:
+    """The step of ``method``'s frozen probes on ``fold`` (also where LP-FT takes its head from)."""
+    return f"probe-{method}-f{fold}"
 
 
 def _tuned_jobs(exp: Experiment) -> list[tuple[str, str, str, list[str]]]:
@@ -102,7 +107,7 @@ def _tuned_job_row(exp: Experiment, job: tuple[str, str, str, list[str]], finish
         for k, n in enumerate(names):
             init = None
             if exp.budget.get("finetune_init") == "probe" and "nonlinear" in exp.cfg.heads:
-                init = f"probe-{method}-f{k}"  # LP-FT: from the frozen row's non-linear head
+                init = _probe_step(method, k)  # LP-FT: from the frozen row's non-linear head
                 exp.probe(init, model, k, tuple(exp.cfg.heads))
             folds.append(exp.tuned(n, k, "finetune", model, early_stopping=stop, init_probe=init))
     return {"method": method, "head": head, **_aggregate(folds, mode), "steps": folds[0].get("max_steps"),
@@ -113,15 +118,16 @@ def compare_items(exp: Experiment) -> list[tuple[str, Callable[[], Any]]]:
     """The independent pieces of ``compare`` (a frozen method's probes, a fine-tuned or from-scratch
     row), each a callable that runs its steps (and the steps they need): what ``--jobs`` spreads over
     processes (:mod:`voxdiff.experiments.lanes`)."""
+    def tuned_item(job: tuple[str, str, str, list[str]]) -> tuple[str, Callable[[], Any]]:
+        return f"{job[2]} {job[0]}", lambda: _tuned_job_row(exp, job)
+
     tuned = {job[0]: job for job in _tuned_jobs(exp)}
     items: list[tuple[str, Callable[[], Any]]] = []
     for m in exp.cfg.methods:  # a method's fine-tuned row right after its probes: the chain of one backbone
         items.append((f"probes of {m}", lambda m=m: _frozen_method_rows(exp, m)))
         if m in tuned:
-            job = tuned.pop(m)
-            items.append((f"{job[2]} {job[0]}", lambda job=job: _tuned_job_row(exp, job)))
-    items += [(f"{job[2]} {job[0]}", lambda job=job: _tuned_job_row(exp, job)) for job in tuned.values()]
-    return items
+            items.append(tuned_item(tuned.pop(m)))
+    return items + [tuned_item(job) for job in tuned.values()]
 
 
 def _stopped(folds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -290,7 +296,6 @@ def label_efficiency(cfg: ExperimentConfig, out: str | Path, force: bool = False
     for every count, so every choice is made on it, never on the test cases.
     """
     exp = Experiment(cfg, out, force=force, log=log)
-    methods = [m for m in cfg.label_methods if m != "random"]
     if cfg.jobs != 1:
         from .lanes import run_lanes
 
@@ -304,7 +309,7 @@ def label_efficiency(cfg: ExperimentConfig, out: str | Path, force: bool = False
             rows.append(_label_row(n_eff, method, "scratch", folds, "scratch"))
         else:
             rows.append(_label_row(n_eff, method, "fine-tuned", folds, "finetune"))
-    results = {"experiment": "label-efficiency", "config": cfg, "budget": exp.budget, "methods": methods,
+    results = {"experiment": "label-efficiency", "config": cfg, "budget": exp.budget, "methods": _label_methods(cfg),
                "rows": rows, "seconds": round(exp.elapsed(), 1)}
     atomic_write_json(exp.out / "results.json", _plain(results))
     figs = report.label_figures(rows, exp.out)
@@ -317,7 +322,7 @@ def _label_jobs(exp: Experiment) -> list[tuple[int, str, str, list[Callable[[], 
     ``label_efficiency``, in the order of its report."""
     cfg = exp.cfg
     counts = tuple(cfg.label_counts) or tuple(exp.budget["label_counts"])
-    methods = [m for m in cfg.label_methods if m != "random"]
+    methods = _label_methods(cfg)
     n_all = len(exp.folds()[0][0])
     nf = _n_folds(exp)
     jobs: list[tuple[int, str, str, list[Callable[[], dict[str, Any]]]]] = []
@@ -340,6 +345,11 @@ def _label_jobs(exp: Experiment) -> list[tuple[int, str, str, list[Callable[[], 
                                                            exp.pretrained(m), n_train=n, early_stopping=True)
                 for k in range(nf)]))
     return jobs
+
+
+def _label_methods(cfg: ExperimentConfig) -> list[str]:
+    """The pretrained methods of label-efficiency (random init is the from-scratch row)."""
+    return [m for m in cfg.label_methods if m != "random"]
 
 
 def label_items(exp: Experiment) -> list[tuple[str, Callable[[], Any]]]:
