@@ -14,11 +14,14 @@ Two comparisons, printed in one run (issue #14's targets):
    After warm-up the two step alternately (AB, BA, AB, ...: pair ``i`` = one step of each), so load
    changes on a shared machine hit both alike; printed: the median step of each, the ratio of the
    medians and the spread of the per-pair ratios. A third row times our network trained by
-   ``Engine.fit`` itself (one fit of warm-up + steps, after the pairs; not alternated).
+   ``Engine.fit`` itself (one fit of warm-up + steps, after the pairs; not alternated). Our network
+   runs as the engine runs it, its 3D convolution weights channels-last on the CPU; MONAI's is timed
+   both as MONAI builds it and channels-last, and the ratio is taken against its faster layout.
 2. **voxdiff vs conv3d.** The FLOPs of our training step (``torch.utils.flop_counter``: convolutions
    forward and backward, matmuls) over its median time give its achieved GFLOP/s; every conv layer
    of our network, timed alone (forward + backward at the shape it has in the network), plus a few
-   larger 3x3x3 convs of the same kind, give the best conv3d rate of this CPU. Printed: the step's
+   larger 3x3x3 convs of the same kind, each in both weight layouts (the faster counts), give the best
+   conv3d rate of this CPU. Printed: the step's
    rate as a percentage of that best rate (target >= 60 %), and the rate of our conv layers alone.
 
 Defaults are the ``cpu-small`` pretraining budget (patch 32, batch 4, base 8, 4 levels, 3 condition
@@ -40,7 +43,7 @@ import torch
 from torch import nn
 
 from voxdiff.core.engine import EMA, make_optimizer, param_groups
-from voxdiff.core.runtime import tune_allocator
+from voxdiff.core.runtime import channels_last_wanted, prefer_channels_last, tune_allocator
 from voxdiff.pretrain.backbones import build_backbone, count_parameters
 from voxdiff.pretrain.tasks.diffusion import DiffusionTask
 
@@ -51,9 +54,10 @@ EMA_DECAY = 0.99  # the cpu-small budget's ema_decay
 
 # ------------------------------------------------------------------------------------------ networks
 def build_ours(in_ch: int, base: int, levels: int) -> nn.Module:
-    """voxdiff's default backbone (registry ``unet``) as ``voxdiff pretrain`` builds it."""
-    return build_backbone("unet", in_channels=in_ch, out_channels=1, base_channels=base, num_levels=levels,
-                          time_embedding=True)
+    """voxdiff's default backbone (registry ``unet``) as ``voxdiff pretrain`` trains it (the engine stores
+    its 3D convolution weights channels-last on the CPU: :func:`voxdiff.core.runtime.prefer_channels_last`)."""
+    return prefer_channels_last(build_backbone("unet", in_channels=in_ch, out_channels=1, base_channels=base,
+                                               num_levels=levels, time_embedding=True), "cpu")
 
 
 def _monai_kwargs(in_ch: int, channels: tuple[int, ...]) -> dict[str, Any]:
@@ -275,9 +279,23 @@ def conv_key(c: dict[str, Any]) -> tuple:
     return (c["kind"], c["input"], c["weight"], c["stride"], c["padding"], c["input_grad"])
 
 
+def _channels_last(net: nn.Module) -> nn.Module:
+    """``net`` with its 5-d weights channels-last whatever the environment says."""
+    with torch.no_grad():
+        for t in net.parameters():
+            if t.dim() == 5:
+                t.data = t.data.contiguous(memory_format=torch.channels_last_3d)
+    return net
+
+
 def time_conv(c: dict[str, Any], repeats: int, bf16: bool) -> dict[str, Any]:
-    """Forward + backward of one conv layer alone: median seconds over ``repeats`` after one warm-up,
-    FLOPs and GFLOP/s."""
+    """Forward + backward of one conv layer alone in each weight layout (contiguous, channels-last):
+    the faster one's median seconds over ``repeats`` after one warm-up, FLOPs and GFLOP/s."""
+    runs = [_time_conv(c, repeats, bf16, cl) for cl in (False, True)]
+    return min(runs, key=lambda r: r["seconds"])
+
+
+def _time_conv(c: dict[str, Any], repeats: int, bf16: bool, channels_last: bool) -> dict[str, Any]:
     layer: nn.Module
     if c["kind"] == "Conv3d":
         cout, cin = c["weight"][0], c["weight"][1]
@@ -285,6 +303,8 @@ def time_conv(c: dict[str, Any], repeats: int, bf16: bool) -> dict[str, Any]:
     else:
         cin, cout = c["weight"][0], c["weight"][1]
         layer = nn.ConvTranspose3d(cin, cout, c["weight"][2:], stride=c["stride"], padding=c["padding"])
+    if channels_last:
+        _channels_last(layer)
     x = torch.randn(c["input"], requires_grad=c["input_grad"])
     ctx = precision(bf16)
 
@@ -303,7 +323,8 @@ def time_conv(c: dict[str, Any], repeats: int, bf16: bool) -> dict[str, Any]:
         once()
         ts.append(time.perf_counter() - t0)
     sec = statistics.median(ts)
-    return {**c, "flops": flops, "seconds": sec, "gflops": flops / sec / 1e9}
+    return {**c, "flops": flops, "seconds": sec, "gflops": flops / sec / 1e9,
+            "layout": "channels-last" if channels_last else "contiguous"}
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -333,6 +354,9 @@ def measure(patch: int = 32, batch: int = 4, base: int = 8, levels: int = 4, con
         res["monai"] = {"params": n_monai, "channels": ch, "picked": not monai_channels,
                         "matched": ch[0] == base and n_monai >= n_ours}
         runs["monai"] = make_step(monai, data, bf16)
+        if channels_last_wanted("cpu"):  # MONAI given the same layout as ours: the ratio is taken to its faster one
+            torch.manual_seed(0)
+            runs["monai-cl"] = make_step(_channels_last(build_monai(in_ch, ch)), data, bf16)
     # FLOPs and conv shapes of our step (they also warm it up)
     flops = count_flops(step_ours)
     calls = conv_calls(ours, step_ours)
@@ -341,9 +365,15 @@ def measure(patch: int = 32, batch: int = 4, base: int = 8, levels: int = 4, con
     res["ours"].update(seconds=med["ours"], times=times["ours"], flops=flops, gflops=flops / med["ours"] / 1e9,
                        voxels_per_s=batch * patch ** 3 / med["ours"])
     if with_monai:
-        pair = [m / o for o, m in zip(times["ours"], times["monai"])]
         res["monai"].update(seconds=med["monai"], times=times["monai"], voxels_per_s=batch * patch ** 3 / med["monai"])
-        res["ratio"] = {"of_medians": med["monai"] / med["ours"], "pairs": pair, "min": min(pair), "max": max(pair),
+        fast = "monai"
+        if "monai-cl" in times:
+            res["monai_cl"] = {"seconds": med["monai-cl"], "times": times["monai-cl"],
+                               "voxels_per_s": batch * patch ** 3 / med["monai-cl"]}
+            fast = min(("monai", "monai-cl"), key=lambda k: med[k])
+        res["monai"]["fastest_layout"] = "channels-last" if fast == "monai-cl" else "contiguous"
+        pair = [m / o for o, m in zip(times["ours"], times[fast])]
+        res["ratio"] = {"of_medians": med[fast] / med["ours"], "pairs": pair, "min": min(pair), "max": max(pair),
                         "median_pair": statistics.median(pair)}
     if engine:  # after the alternation: one fit, as a run trains
         torch.manual_seed(0)
@@ -410,8 +440,12 @@ def report(res: dict[str, Any], verbose: bool = True) -> str:
         lines.append(f"| MONAI DiffusionModelUNet (no attention levels; mid-block attention{how}) | {m['channels']} | "
                      f"{m['params']:,} | {m['seconds']:.3f} | {m['voxels_per_s']:,.0f} | "
                      f"{min(m['times']):.3f}-{max(m['times']):.3f} |")
+        if "monai_cl" in res:
+            mc = res["monai_cl"]
+            lines.append(f"| same MONAI network, weights channels-last (as ours) | | | {mc['seconds']:.3f} | "
+                         f"{mc['voxels_per_s']:,.0f} | {min(mc['times']):.3f}-{max(mc['times']):.3f} |")
         r = res["ratio"]
-        lines += ["", f"speed ratio voxdiff / MONAI: {r['of_medians']:.2f}x (ratio of medians); per pair: median "
+        lines += ["", f"speed ratio voxdiff / MONAI ({m['fastest_layout']}, its faster layout): {r['of_medians']:.2f}x (ratio of medians); per pair: median "
                       f"{r['median_pair']:.2f}x, min {r['min']:.2f}x, max {r['max']:.2f}x -> target >= 2x "
                       f"{'MET' if res['targets']['monai_2x'] else 'NOT MET'}"]
     c = res["conv"]
@@ -421,14 +455,16 @@ def report(res: dict[str, Any], verbose: bool = True) -> str:
               f"conv layers of the step, each timed alone: {c['network_convs_flops'] / 1e9:.2f} GFLOP in "
               f"{c['network_convs_seconds']:.3f} s = {c['network_convs_gflops']:.1f} GFLOP/s",
               f"train step = {100 * o['gflops'] / c['network_convs_gflops']:.0f} % of the rate of its conv layers alone",
-              f"best conv3d rate: {b['gflops']:.1f} GFLOP/s ({_shape(b)}, {b['source']})",
+              f"best conv3d rate: {b['gflops']:.1f} GFLOP/s ({_shape(b)}, {b['source']}, {b['layout']} weights; "
+              f"every conv is timed in both layouts, the faster counts)",
               f"train step = {res['percent_of_best_conv']:.0f} % of the best conv3d rate -> target >= 60 % "
               f"{'MET' if res['targets']['conv_60pct'] else 'NOT MET'}"]
     if verbose:
-        lines += ["", "| conv3d (forward + backward) | calls per step | GFLOP | ms | GFLOP/s |", "|---|---|---|---|---|"]
+        lines += ["", "| conv3d (forward + backward) | calls per step | GFLOP | ms | GFLOP/s | faster layout |",
+                  "|---|---|---|---|---|---|"]
         for r in sorted(c["rows"], key=lambda r: -r["gflops"]):
             lines.append(f"| {_shape(r)} | {r['count'] if r['source'] == 'network' else 'larger'} | "
-                         f"{r['flops'] / 1e9:.3f} | {r['seconds'] * 1e3:.1f} | {r['gflops']:.1f} |")
+                         f"{r['flops'] / 1e9:.3f} | {r['seconds'] * 1e3:.1f} | {r['gflops']:.1f} | {r['layout']} |")
     return "\n".join(lines)
 
 

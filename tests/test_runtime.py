@@ -92,3 +92,56 @@ def test_num_threads_restores():
     assert torch.get_num_threads() == before
     with runtime.num_threads(None) as n:
         assert n == before
+
+
+# ------------------------------------------------------------------------ channels-last weights
+
+def _unet():
+    from voxdiff.pretrain.backbones import build_backbone
+
+    torch.manual_seed(0)
+    return build_backbone("unet", in_channels=2, out_channels=1, base_channels=4, num_levels=3)
+
+
+def test_channels_last_converts_only_5d_tensors_and_keeps_values(monkeypatch):
+    monkeypatch.delenv(runtime.CHANNELS_LAST_ENV, raising=False)
+    ref, net = _unet(), _unet()
+    runtime.prefer_channels_last(net, "cpu")
+    fmt = torch.channels_last_3d
+    five = [p for p in net.parameters() if p.dim() == 5]
+    assert five and all(p.is_contiguous(memory_format=fmt) for p in five)
+    # a 3x3x3 kernel over several channels is no longer in the default layout (1x1x1 kernels are both)
+    assert not any(p.is_contiguous() for p in five if p.shape[1] > 1 and p.shape[2] > 1)
+    assert all(p.is_contiguous() for p in net.parameters() if p.dim() != 5)
+    for (k, a), b in zip(ref.state_dict().items(), net.state_dict().values()):
+        assert torch.equal(a, b), k
+    x, t = torch.rand(2, 2, 16, 16, 16), torch.tensor([3, 40])
+    with torch.no_grad():
+        for a, b in zip(ref.pyramid(x, t), net.pyramid(x, t)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # gradients flow and keep the parameters' layout (what the optimiser steps)
+    net.head(net.pyramid(x, t)[0]).square().mean().backward()
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in five)
+
+
+def test_channels_last_switch(monkeypatch):
+    monkeypatch.setenv(runtime.CHANNELS_LAST_ENV, "0")
+    net = runtime.prefer_channels_last(_unet(), "cpu")
+    assert all(p.is_contiguous() for p in net.parameters())
+    assert not runtime.channels_last_wanted("cpu")
+    monkeypatch.setenv(runtime.CHANNELS_LAST_ENV, "1")
+    assert runtime.channels_last_wanted("cuda:0")
+    monkeypatch.delenv(runtime.CHANNELS_LAST_ENV)
+    assert runtime.channels_last_wanted("cpu") and not runtime.channels_last_wanted("cuda")
+
+
+def test_loaded_backbone_is_channels_last_and_saves_contiguous(tmp_path, monkeypatch):
+    """A checkpoint written from channels-last weights reads back equal (safetensors stores contiguous)."""
+    from voxdiff.core.checkpoint import load_checkpoint, save_checkpoint
+
+    monkeypatch.delenv(runtime.CHANNELS_LAST_ENV, raising=False)
+    net = runtime.prefer_channels_last(_unet(), "cpu")
+    save_checkpoint(tmp_path / "m", net.state_dict(), "test", {})
+    tensors, _ = load_checkpoint(tmp_path / "m", kind="test")
+    for k, v in net.state_dict().items():
+        assert torch.equal(tensors[k], v), k

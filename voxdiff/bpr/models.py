@@ -30,6 +30,7 @@ from torch import nn
 
 from ..core.checkpoint import load_checkpoint, save_checkpoint
 from ..core.errors import ModelError
+from ..core.runtime import prefer_channels_last
 
 BPR_KINDS = ("slice", "ape")
 BPR_VERSION = 2  # bump when the architecture or the meaning of the outputs changes
@@ -591,7 +592,7 @@ def load_bpr(path: str | os.PathLike, kind: str | None = None) -> BodyPartRegres
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return model
+    return prefer_channels_last(model)
 
 
 # -- what pretraining calls -------------------------------------------------------------------------

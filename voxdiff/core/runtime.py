@@ -5,6 +5,9 @@
 * :func:`resolve_device` turns ``"auto"``/``"cpu"``/``"cuda"``/``"cuda:1"`` into a ``torch.device``
   (``auto``: CUDA when available).
 * :func:`num_threads` sets torch's intra-op thread count for a block and restores it afterwards.
+* :func:`prefer_channels_last` stores a module's 3D convolution weights channels-last (NDHWC) where
+  that is faster: on the CPU, oneDNN then runs 3D convolutions without reordering their operands
+  (training steps 1.45-1.7x faster here, forward passes about 1.2x; benchmarks/bench_pretrain.py).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ if TYPE_CHECKING:  # torch is imported on use: tune_allocator() should run befor
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 OPT_OUT_ENV = "VOXDIFF_NO_MALLOPT"
+CHANNELS_LAST_ENV = "VOXDIFF_CHANNELS_LAST"  # 1 / 0: force channels-last weights on / off (default: CPU only)
 
 _allocator_tuned = False
 
@@ -123,3 +127,37 @@ def num_threads(n: int | None) -> Iterator[int]:
     finally:
         if n:
             torch.set_num_threads(prev)
+
+
+def channels_last_wanted(device: torch.device | str) -> bool:
+    """Whether :func:`prefer_channels_last` converts modules on ``device``: on the CPU by default (measured
+    faster for every 3D convolution shape of the CPU presets), not on CUDA (not measured there); the
+    environment variable ``VOXDIFF_CHANNELS_LAST`` (1 / 0) overrides both."""
+    env = os.environ.get(CHANNELS_LAST_ENV, "").strip().lower()
+    if env in ("1", "true", "yes", "on"):
+        return True
+    if env in ("0", "false", "no", "off"):
+        return False
+    return str(device).split(":")[0] == "cpu"
+
+
+def prefer_channels_last(module: torch.nn.Module, device: torch.device | str | None = None) -> torch.nn.Module:
+    """Store the 5-d parameters and buffers of ``module`` (3D convolution weights) channels-last, in
+    place, when :func:`channels_last_wanted` says so for ``device`` (default: where the module lives).
+
+    Values are unchanged (only strides), so state dicts, checkpoints and results are the same up to
+    floating-point summation order; inputs may stay contiguous (a convolution with channels-last weights
+    runs channels-last and hands its layout on). Returns ``module``."""
+    import torch
+
+    if device is None:
+        first = next(iter(module.parameters()), None)
+        device = first.device if first is not None else "cpu"
+    if not channels_last_wanted(device):
+        return module
+    fmt = torch.channels_last_3d
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            if t.dim() == 5 and not t.is_contiguous(memory_format=fmt):
+                t.data = t.data.contiguous(memory_format=fmt)
+    return module

@@ -32,7 +32,7 @@ from ..core.checkpoint import load_checkpoint, unprefixed
 from ..core.config import from_dict
 from ..core.errors import InputError, ModelError
 from ..core.precision import bf16_autocast
-from ..core.runtime import resolve_device
+from ..core.runtime import prefer_channels_last, resolve_device
 from ..data.preprocess import PreprocessConfig
 from .backbones import DEFAULT_BACKBONE, LevelInfo, PyramidBackbone, build_backbone
 from .tasks.base import available_methods, get_task_class
@@ -170,7 +170,7 @@ def load_backbone(path: str | os.PathLike, bpr: nn.Module | None = None, device:
         task.load_state_dict(unprefixed(tensors, "task."), strict=True)
     except RuntimeError as e:
         raise ModelError(bdir, f"weights do not match the backbone configuration ({str(e).splitlines()[0]})") from None
-    backbone.to(device)
+    prefer_channels_last(backbone.to(device), device)
     task.to(device)
     return backbone, task, info
 
