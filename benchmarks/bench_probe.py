@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from voxdiff.core.cli import underscore_options
+from voxdiff.core.config import from_dict
 from voxdiff.core.runtime import tune_allocator
 
 
@@ -81,9 +82,10 @@ def main() -> None:
 
         log(f"BPR (ape): {a.bpr_steps} steps on the unlabelled images")
         unl = load_preprocessed(unl_dir, PreprocessConfig(spacing=(3.0, 3.0, 3.0)), kind="folder")
-        train_bpr(BPRTrainConfig(kind="ape", data=str(unl_dir), steps=a.bpr_steps, channels=(8, 16, 32, 32),
-                                 ape_patch=32, ape_points=128, batch_size=4, seed=a.seed), bpr_dir, cases=unl,
-                  force=True, progress=False)
+        bcfg = from_dict(BPRTrainConfig, {"kind": "ape", "data": str(unl_dir), "steps": a.bpr_steps,
+                                          "channels": (8, 16, 32, 32), "ape_patch": 32, "ape_points": 128,
+                                          "batch_size": 4, "seed": a.seed})  # flat: read into the sections
+        train_bpr(bcfg, bpr_dir, cases=unl, force=True, progress=False)
     times["bpr_s"] = round(time.time() - t, 1)
 
     from voxdiff.core.sections import OptimConfig, RuntimeConfig

@@ -309,7 +309,7 @@ class Experiment:
         slice_model: str | None = None
         if not self.runner.done(name):
             want = self.bpr_config(kind, **over)
-            if want.kind == "ape" and want.anchor == "slice" and not want.slice_model:
+            if want.kind == "ape" and want.task.anchor == "slice" and not want.task.slice_model:
                 # the S anchor of the ape model: the experiment's own slice model (trained first unless done)
                 slice_model = str(self.bpr("slice"))
 
@@ -318,12 +318,12 @@ class Experiment:
 
             bcfg = self.bpr_config(kind, **over)
             if slice_model is not None:
-                bcfg.slice_model = slice_model
+                bcfg.task.slice_model = slice_model
             # an interrupted run's checkpoint (one of the format before the engine: trained again)
             resume = can_resume(tmp / "model")
             train_bpr(bcfg, tmp / "model", cases=self.cases("unlabelled"), resume=resume, force=not resume,
                       progress=self.cfg.progress)
-            res: dict[str, Any] = {"kind": kind, "steps": bcfg.steps}
+            res: dict[str, Any] = {"kind": kind, "steps": bcfg.optim.steps}
             try:  # quality on the labelled test cases (landmarks from labels), when available
                 from voxdiff.bpr import load_bpr
                 from voxdiff.bpr.quality import ape_quality, slice_quality
