@@ -108,9 +108,10 @@ def main() -> None:
 
     runs = out / "probe"
     scratch_steps = a.scratch_steps or a.probe_steps
-    cfg = ProbeConfig(heads=("linear", "nonlinear"), patch_size=tuple(a.patch), batch_size=2, steps=a.probe_steps, lr=a.probe_lr,
-                      val_every=max(1, a.probe_steps // 3), roi=(64, 64, 64), overlap=0.25, bf16=False, device="cpu",
-                      seed=a.seed, val_from_train=1)
+    flat = dict(heads=("linear", "nonlinear"), patch_size=tuple(a.patch), batch_size=2, steps=a.probe_steps, lr=a.probe_lr,
+                val_every=max(1, a.probe_steps // 3), roi=(64, 64, 64), overlap=0.25, bf16=False, device="cpu",
+                seed=a.seed, val_from_train=1)
+    cfg = from_dict(ProbeConfig, flat)  # flat names, read into the sections
     t = time.time()
     if not (runs / "nonlinear" / "segmenter.json").is_file():
         log(f"probes (linear + nonlinear, one pass): {a.probe_steps} steps")
@@ -120,9 +121,9 @@ def main() -> None:
     scratch = out / "scratch"
     if not (scratch / "scratch" / "segmenter.json").is_file():
         log(f"from scratch (same backbone architecture, same cases): {scratch_steps} steps")
-        train_probe(ProbeConfig(**{**cfg.__dict__, "heads": ("scratch",), "steps": scratch_steps,
-                                   "val_every": max(1, scratch_steps // 3)}), pt, ph, scratch, fold=None, force=True,
-                    progress=False)
+        train_probe(from_dict(ProbeConfig, {**flat, "heads": ("scratch",), "steps": scratch_steps,
+                                            "val_every": max(1, scratch_steps // 3)}), pt, ph, scratch, fold=None,
+                    force=True, progress=False)
     times["scratch_s"] = round(time.time() - t, 1)
 
     from voxdiff.evaluate.report import EvaluateConfig, evaluate_models

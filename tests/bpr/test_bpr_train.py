@@ -1,18 +1,18 @@
 """Training: a tiny run on phantoms improves the quality measures; resume; bad data; CLI."""
 
+from dataclasses import replace
+
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from bpr_helpers import z_textured_case
 
-from dataclasses import replace
-
 import voxdiff.bpr.train as train_mod
 from voxdiff.bpr import BPRTrainConfig, build_bpr, load_bpr, train_bpr
-from voxdiff.core.config import from_dict
 from voxdiff.bpr.quality import ape_patch_quality, ape_quality, landmark_z, patch_disagreement, slice_quality
 from voxdiff.cli import main
+from voxdiff.core.config import from_dict
 from voxdiff.core.errors import InputError, ModelError
 
 TINY = dict(spacing=(6.0, 6.0, 6.0), channels=(8, 16, 16, 16), batch_size=4, checkpoint_every=1000, seed=0)

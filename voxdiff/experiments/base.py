@@ -440,8 +440,8 @@ class Experiment:
                 from voxdiff.probe.train import volume_roi
 
                 for h, m in fitted.items():
-                    roi = volume_roi(pcfg) if self.voxel_mode else pcfg.roi
-                    save_segmenter(tmp / f"segmenter-{h}", model_dir, m, h, ext.preprocess, roi, pcfg.overlap,
+                    roi = volume_roi(pcfg) if self.voxel_mode else pcfg.inference.roi
+                    save_segmenter(tmp / f"segmenter-{h}", model_dir, m, h, ext.preprocess, roi, pcfg.inference.overlap,
                                    meta={"experiment_step": name}, inference="volume" if self.voxel_mode else "window",
                                    timesteps=feature_timesteps(ext))
             return {"fold": fold, "train_cases": [c.case_id for c in train], "val_cases": [c.case_id for c in val],
@@ -497,7 +497,7 @@ class Experiment:
             scores = self._score(tuned, {mode: head}, test, pcfg)
             return {"fold": fold, "mode": mode, "init": init_probe or "random", "train_cases": [c.case_id for c in train],
                     "val_cases": [c.case_id for c in val], "test_cases": [c.case_id for c in test],
-                    "max_steps": pcfg.steps, "steps_run": getattr(head, "steps_run", None),
+                    "max_steps": pcfg.optim.steps, "steps_run": getattr(head, "steps_run", None),
                     "best_step": getattr(head, "best_step", None), "best_val_dice": getattr(head, "best_val_dice", None),
                     "scores": scores, "history": hist}
 
@@ -523,7 +523,7 @@ class Experiment:
             if volume:
                 logits = predict_logits_volume(ext, dict(heads), unit, pcfg)
             else:
-                logits = predict_logits(ext, dict(heads), unit, pcfg.roi, pcfg.overlap)
+                logits = predict_logits(ext, dict(heads), unit, pcfg.inference.roi, pcfg.inference.overlap)
             for h, lg in logits.items():
                 pred = logits_to_labels(lg)
                 out[h][case.case_id] = {str(k): v for k, v in dice_per_class(pred, case.label, pcfg.n_classes).items()}
