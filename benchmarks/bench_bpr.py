@@ -36,6 +36,7 @@ import torch
 from voxdiff.bpr import BPRTrainConfig, load_bpr, predict_volume, train_bpr
 from voxdiff.bpr.quality import ape_patch_quality, ape_quality, patch_disagreement, slice_quality
 from voxdiff.core.cli import underscore_options
+from voxdiff.core.config import from_dict
 from voxdiff.core.runtime import tune_allocator
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real_ct"
@@ -109,7 +110,7 @@ def get_model(kind, out, cases, cfg_kw, retrain):
     path = Path(out)
     if (path / "model.json").is_file() and not retrain:
         return load_bpr(path), json.loads((path / "metrics.json").read_text())["train_seconds"]
-    cfg = BPRTrainConfig(kind=kind, **cfg_kw)
+    cfg = from_dict(BPRTrainConfig, {"kind": kind, **cfg_kw})  # flat overrides
     t = time.time()
     train_bpr(cfg, path, cases=cases, force=True, progress=False)
     return load_bpr(path), time.time() - t
@@ -153,10 +154,8 @@ def main() -> None:
     work = Path(args.out)
     work.mkdir(parents=True, exist_ok=True)
 
-    from voxdiff.data.preprocess import PreprocessConfig
-
     cfg_kw = {"slice": {"steps": args.slice_steps}, "ape": {"steps": args.ape_steps, "batch_size": args.ape_batch}}
-    pp = PreprocessConfig(spacing=BPRTrainConfig.spacing, hu_window=BPRTrainConfig.hu_window)
+    pp = BPRTrainConfig().preprocess  # the grid BPR training works at
     t = time.time()
     train = phantom_cases(range(1000, 1000 + args.n_train), True, pp)
     test = phantom_cases(range(5000, 5000 + args.n_test), False, pp)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from voxdiff.core.cli import underscore_options
+from voxdiff.core.config import from_dict
 from voxdiff.core.runtime import tune_allocator
 
 
@@ -81,9 +82,10 @@ def main() -> None:
 
         log(f"BPR (ape): {a.bpr_steps} steps on the unlabelled images")
         unl = load_preprocessed(unl_dir, PreprocessConfig(spacing=(3.0, 3.0, 3.0)), kind="folder")
-        train_bpr(BPRTrainConfig(kind="ape", data=str(unl_dir), steps=a.bpr_steps, channels=(8, 16, 32, 32),
-                                 ape_patch=32, ape_points=128, batch_size=4, seed=a.seed), bpr_dir, cases=unl,
-                  force=True, progress=False)
+        bcfg = from_dict(BPRTrainConfig, {"kind": "ape", "data": str(unl_dir), "steps": a.bpr_steps,
+                                          "channels": (8, 16, 32, 32), "ape_patch": 32, "ape_points": 128,
+                                          "batch_size": 4, "seed": a.seed})  # flat: read into the sections
+        train_bpr(bcfg, bpr_dir, cases=unl, force=True, progress=False)
     times["bpr_s"] = round(time.time() - t, 1)
 
     from voxdiff.core.sections import OptimConfig, RuntimeConfig
@@ -106,9 +108,10 @@ def main() -> None:
 
     runs = out / "probe"
     scratch_steps = a.scratch_steps or a.probe_steps
-    cfg = ProbeConfig(heads=("linear", "nonlinear"), patch_size=tuple(a.patch), batch_size=2, steps=a.probe_steps, lr=a.probe_lr,
-                      val_every=max(1, a.probe_steps // 3), roi=(64, 64, 64), overlap=0.25, bf16=False, device="cpu",
-                      seed=a.seed, val_from_train=1)
+    flat = dict(heads=("linear", "nonlinear"), patch_size=tuple(a.patch), batch_size=2, steps=a.probe_steps, lr=a.probe_lr,
+                val_every=max(1, a.probe_steps // 3), roi=(64, 64, 64), overlap=0.25, bf16=False, device="cpu",
+                seed=a.seed, val_from_train=1)
+    cfg = from_dict(ProbeConfig, flat)  # flat names, read into the sections
     t = time.time()
     if not (runs / "nonlinear" / "segmenter.json").is_file():
         log(f"probes (linear + nonlinear, one pass): {a.probe_steps} steps")
@@ -118,9 +121,9 @@ def main() -> None:
     scratch = out / "scratch"
     if not (scratch / "scratch" / "segmenter.json").is_file():
         log(f"from scratch (same backbone architecture, same cases): {scratch_steps} steps")
-        train_probe(ProbeConfig(**{**cfg.__dict__, "heads": ("scratch",), "steps": scratch_steps,
-                                   "val_every": max(1, scratch_steps // 3)}), pt, ph, scratch, fold=None, force=True,
-                    progress=False)
+        train_probe(from_dict(ProbeConfig, {**flat, "heads": ("scratch",), "steps": scratch_steps,
+                                            "val_every": max(1, scratch_steps // 3)}), pt, ph, scratch, fold=None,
+                    force=True, progress=False)
     times["scratch_s"] = round(time.time() - t, 1)
 
     from voxdiff.evaluate.report import EvaluateConfig, evaluate_models

@@ -162,7 +162,7 @@ def test_window(exp: Experiment, method: str, folds, emit, cache: FeatureCache) 
     ext = load_pretrained(exp.out / f"pretrain-{method}" / "model")
     vox = int(exp.budget.get("probe_voxels", 8192))
     base = exp.probe_cfg()
-    rois = {"training patch": tuple(ext.patch_size), "probe window (default)": tuple(base.roi),
+    rois = {"training patch": tuple(ext.patch_size), "probe window (default)": tuple(base.inference.roi),
             "whole volume": (1024, 1024, 1024)}
     for name, roi in rois.items():
         if ONLY and not any(name.startswith(o) for o in ONLY):

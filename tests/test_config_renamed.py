@@ -15,7 +15,7 @@ from voxdiff.evaluate.report import EvaluateConfig
 from voxdiff.probe.train import ProbeConfig
 from voxdiff.segment.segment import SegmentConfig
 
-CONFIGS = [ProbeConfig, EvaluateConfig, SegmentConfig]
+CONFIGS = [EvaluateConfig, SegmentConfig]  # flat; ProbeConfig's bf16 is runtime.bf16 (below)
 
 
 @pytest.mark.parametrize("cls", CONFIGS)
@@ -60,6 +60,26 @@ def test_command_line_and_yaml_accept_amp_as_a_hidden_alias(cls, tmp_path, capsy
     assert "--bf16" in shown and "--amp" not in shown
 
 
+def test_probe_amp_is_runtime_bf16_by_every_old_spelling(tmp_path):
+    """ProbeConfig's switch moved into its runtime section: the old ``amp`` keyword, flat key, saved
+    config.yaml and hidden option still set it, with a deprecation warning; flat ``bf16`` silently."""
+    with pytest.warns(VoxdiffDeprecationWarning, match="'amp' is deprecated, use 'runtime.bf16'"):
+        assert ProbeConfig(amp=True).runtime.bf16 is True
+    with pytest.warns(VoxdiffDeprecationWarning, match="'amp' is deprecated, use 'bf16'"):
+        assert from_dict(ProbeConfig, {"amp": True}).runtime.bf16 is True
+    assert from_dict(ProbeConfig, {"bf16": True}).runtime.bf16 is True
+    old = tmp_path / "config.yaml"
+    old.write_text(yaml.safe_dump({"config": {"amp": True, "steps": 5}}))
+    with pytest.warns(VoxdiffDeprecationWarning):
+        cfg = read_config(old, ProbeConfig)
+    assert cfg.runtime.bf16 is True and cfg.optim.steps == 5 and "amp" not in to_dict(cfg)["runtime"]
+    p = ArgumentParser(exit_on_error=False)
+    add_config(p, ProbeConfig)
+    with pytest.warns(VoxdiffDeprecationWarning, match="runtime.bf16"):
+        assert from_namespace(ProbeConfig, p.parse_args(["--amp", "true"])).runtime.bf16 is True
+    assert from_namespace(ProbeConfig, p.parse_args(["--runtime.bf16", "true"])).runtime.bf16 is True
+
+
 def test_every_device_setting_defaults_to_auto():
     import dataclasses
     import inspect
@@ -73,6 +93,7 @@ def test_every_device_setting_defaults_to_auto():
     for cls in (*CONFIGS, ExtractConfig, SampleConfig):
         assert {f.name: f.default for f in dataclasses.fields(cls)}["device"] == "auto", cls
     assert PretrainConfig().runtime.device == "auto"  # the runtime section's
+    assert ProbeConfig().runtime.device == "auto"
     for fn in (load_backbone, load_pretrained, load_segmenter):
         assert inspect.signature(fn).parameters["device"].default == "auto", fn
 

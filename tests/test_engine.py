@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from voxdiff.core.config import from_dict
 from voxdiff.core.engine import EMA, Engine, EngineConfig, TrainTask, lr_factor_at
 from voxdiff.core.errors import InputError, TrainingError
 from voxdiff.core.trainstate import latest_train_state, read_train_state
@@ -178,7 +179,7 @@ def _bpr_cfg(**kw):
     base = dict(kind="slice", steps=6, slice_patch=16, slices_per_sample=4, batch_size=2, channels=(4, 4, 4),
                 checkpoint_every=2, spacing=(3.0, 3.0, 3.0))
     base.update(kw)
-    return BPRTrainConfig(**base)
+    return from_dict(BPRTrainConfig, base)  # flat names, read into the sections
 
 
 @pytest.fixture(scope="module")
@@ -263,7 +264,7 @@ def _probe_cfg(**kw):
     base = dict(steps=8, val_every=3, patch_size=(16, 16, 8), batch_size=2, warmup_steps=2, hidden=8,
                 roi=(24, 24, 16), device="cpu", lr=1e-2, backbone_lr=1e-2, n_classes=7, voxels_per_step=256)
     base.update(kw)
-    return ProbeConfig(**base)
+    return from_dict(ProbeConfig, base)  # flat names, read into the sections
 
 
 class _VoxelExt:

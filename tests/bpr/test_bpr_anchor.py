@@ -1,6 +1,7 @@
 """The ape model's slice anchor: S offset of a scan from per-slice votes of an embedded slice model."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,8 +14,14 @@ from voxdiff.bpr.inference import slice_scores_volume
 from voxdiff.bpr.models import SliceRegressor, build_bpr, interp_linear, weighted_median
 from voxdiff.bpr.sampling import Volume
 from voxdiff.bpr.train import _calibrate_slice_anchor
+from voxdiff.core.config import from_dict
 from voxdiff.core.errors import InputError, ModelError
 from voxdiff.data.preprocess import hu_to_unit
+
+
+def _cfg(**flat) -> BPRTrainConfig:
+    """A config from flat field names (``steps``, ``anchor``, ...), read into the sections."""
+    return from_dict(BPRTrainConfig, flat)
 
 PRE = {"spacing": [3.0, 3.0, 3.0], "hu_window": [-1350.0, 1000.0]}
 SLICE_ARCH = {"channels": [4, 4], "patch_size": [16, 16, 1]}
@@ -185,19 +192,19 @@ def test_save_load_versions(tmp_path):
 
 def test_train_options_are_checked(tmp_path, tiny_phantoms):
     train, _ = tiny_phantoms
-    with pytest.raises(InputError, match="--slice_model"):
-        train_bpr(BPRTrainConfig(kind="ape", anchor="slice", steps=1), tmp_path / "a", cases=train, progress=False)
+    with pytest.raises(InputError, match="--task.slice_model"):
+        train_bpr(_cfg(kind="ape", anchor="slice", steps=1), tmp_path / "a", cases=train, progress=False)
     with pytest.raises(InputError, match="--kind ape"):
-        train_bpr(BPRTrainConfig(kind="slice", anchor="slice", slice_model="x", steps=1), tmp_path / "b", cases=train,
+        train_bpr(_cfg(kind="slice", anchor="slice", slice_model="x", steps=1), tmp_path / "b", cases=train,
                   progress=False)
     # a slice model at another spacing than the ape model
     save_bpr(tmp_path / "s3", build_bpr("slice", SLICE_ARCH, PRE))
     with pytest.raises(InputError, match="spacing"):
-        train_bpr(BPRTrainConfig(kind="ape", anchor="slice", slice_model=str(tmp_path / "s3"), spacing=(6.0, 6.0, 6.0),
+        train_bpr(_cfg(kind="ape", anchor="slice", slice_model=str(tmp_path / "s3"), spacing=(6.0, 6.0, 6.0),
                                  steps=1), tmp_path / "c", cases=train, progress=False)
     with pytest.raises(ModelError):  # not a slice model
         save_bpr(tmp_path / "ape", build_bpr("ape", {"channels": (4, 4, 4), "patch_size": (16, 16, 16)}, PRE))
-        train_bpr(BPRTrainConfig(kind="ape", anchor="slice", slice_model=str(tmp_path / "ape"), steps=1),
+        train_bpr(_cfg(kind="ape", anchor="slice", slice_model=str(tmp_path / "ape"), steps=1),
                   tmp_path / "d", cases=train, progress=False)
 
 
@@ -208,11 +215,11 @@ def test_tiny_slice_anchored_ape_is_more_fov_consistent(tmp_path, tiny_phantoms)
     """Trained on the same phantoms with the same network budget, the slice-anchored ape model gives
     the same slice far more consistent S coordinates across crops than the window-anchored one."""
     train, test = tiny_phantoms
-    train_bpr(BPRTrainConfig(kind="slice", steps=300, slice_patch=24, slices_per_sample=8, lr=3e-3,
+    train_bpr(_cfg(kind="slice", steps=300, slice_patch=24, slices_per_sample=8, lr=3e-3,
                              channels=(8, 16, 16, 16), **TINY), tmp_path / "s", cases=train, progress=False)
     ape = dict(kind="ape", steps=80, ape_patch=24, ape_input_pool=1, ape_points=96, lr=3e-3, channels=(8, 16, 16), **TINY)
-    train_bpr(BPRTrainConfig(**ape), tmp_path / "w", cases=train, progress=False)
-    train_bpr(BPRTrainConfig(**ape, anchor="slice", slice_model=str(tmp_path / "s")), tmp_path / "a", cases=train,
+    train_bpr(_cfg(**ape), tmp_path / "w", cases=train, progress=False)
+    train_bpr(_cfg(**ape, anchor="slice", slice_model=str(tmp_path / "s")), tmp_path / "a", cases=train,
               progress=False)
     anchored = load_bpr(tmp_path / "a", kind="ape")
     src = load_bpr(tmp_path / "s", kind="slice")
@@ -247,9 +254,9 @@ def test_anchored_ape_resumes_exactly_on_the_engine_and_checks_its_anchor(tmp_pa
 
     cases = [z_textured_case(s, shape=(24, 24, 24)) for s in range(3)]
     small = dict(batch_size=2, spacing=(3.0, 3.0, 3.0), seed=0)
-    train_bpr(BPRTrainConfig(kind="slice", steps=4, slice_patch=16, slices_per_sample=4, channels=(4, 4, 4),
+    train_bpr(_cfg(kind="slice", steps=4, slice_patch=16, slices_per_sample=4, channels=(4, 4, 4),
                              checkpoint_every=1000, **small), tmp_path / "s", cases=cases, progress=False)
-    cfg = BPRTrainConfig(kind="ape", anchor="slice", slice_model=str(tmp_path / "s"), steps=6, checkpoint_every=2,
+    cfg = _cfg(kind="ape", anchor="slice", slice_model=str(tmp_path / "s"), steps=6, checkpoint_every=2,
                          ape_patch=16, ape_input_pool=1, ape_points=16, channels=(4, 4, 4), anchor_knots=4, **small)
     train_bpr(cfg, tmp_path / "full", cases=cases, progress=False)
     real_fit = bt.Engine.fit
@@ -259,8 +266,8 @@ def test_anchored_ape_resumes_exactly_on_the_engine_and_checks_its_anchor(tmp_pa
     assert bt.can_resume(tmp_path / "cut")
     shutil.copytree(tmp_path / "s", tmp_path / "elsewhere")  # the same slice model, in another folder
     for key, val in (("anchor_knots", 5), ("anchor_fit", "offset"), ("slice_model", str(tmp_path / "elsewhere"))):
-        other = BPRTrainConfig(**{**cfg.__dict__, key: val})
-        with pytest.raises(ModelError, match=f"cannot resume: {key}"):
+        other = replace(cfg, task=replace(cfg.task, **{key: val}))
+        with pytest.raises(ModelError, match=f"cannot resume: task.{key}"):
             train_bpr(other, tmp_path / "cut", cases=cases, progress=False, resume=True)
     train_bpr(cfg, tmp_path / "cut", cases=cases, progress=False, resume=True)
     a, b = load_bpr(tmp_path / "full", kind="ape"), load_bpr(tmp_path / "cut", kind="ape")

@@ -1,5 +1,7 @@
 """Training: a tiny run on phantoms improves the quality measures; resume; bad data; CLI."""
 
+from dataclasses import replace
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -10,24 +12,32 @@ import voxdiff.bpr.train as train_mod
 from voxdiff.bpr import BPRTrainConfig, build_bpr, load_bpr, train_bpr
 from voxdiff.bpr.quality import ape_patch_quality, ape_quality, landmark_z, patch_disagreement, slice_quality
 from voxdiff.cli import main
+from voxdiff.core.config import from_dict
 from voxdiff.core.errors import InputError, ModelError
 
 TINY = dict(spacing=(6.0, 6.0, 6.0), channels=(8, 16, 16, 16), batch_size=4, checkpoint_every=1000, seed=0)
 
 
+def _cfg(**flat) -> BPRTrainConfig:
+    """A config from flat field names (``steps``, ``slice_patch``, ...), read into the sections."""
+    return from_dict(BPRTrainConfig, flat)
+
+
 def _untrained(cfg):
     torch.manual_seed(cfg.seed)
-    patch = (cfg.slice_patch, cfg.slice_patch, cfg.slices_per_sample) if cfg.kind == "slice" else (cfg.ape_patch,) * 3
-    arch = {"channels": cfg.channels, "patch_size": patch}
+    d = cfg.data
+    patch = (d.slice_patch, d.slice_patch, d.slices_per_sample) if cfg.kind == "slice" else (d.ape_patch,) * 3
+    arch = {"channels": cfg.model.channels, "patch_size": patch}
     if cfg.kind == "ape":
-        arch["input_pool"] = cfg.ape_input_pool
-    m = build_bpr(cfg.kind, arch, preprocess={"spacing": list(cfg.spacing), "hu_window": list(cfg.hu_window)})
+        arch["input_pool"] = cfg.model.ape_input_pool
+    pp = cfg.preprocess
+    m = build_bpr(cfg.kind, arch, preprocess={"spacing": list(pp.spacing), "hu_window": list(pp.hu_window)})
     return m.eval()
 
 
 def test_tiny_slice_training_improves_spearman(tmp_path, tiny_phantoms):
     train, test = tiny_phantoms
-    cfg = BPRTrainConfig(kind="slice", steps=300, slice_patch=24, slices_per_sample=8, lr=3e-3, **TINY)
+    cfg = _cfg(kind="slice", steps=300, slice_patch=24, slices_per_sample=8, lr=3e-3, **TINY)
     before = slice_quality(_untrained(cfg), test)["spearman_mean"]
     train_bpr(cfg, tmp_path / "m", cases=train, progress=False)
     m = load_bpr(tmp_path / "m", kind="slice")
@@ -44,13 +54,13 @@ def test_tiny_slice_training_improves_spearman(tmp_path, tiny_phantoms):
 
 def test_tiny_ape_training_improves_placement_and_consistency(tmp_path, tiny_phantoms):
     train, test = tiny_phantoms
-    cfg = BPRTrainConfig(kind="ape", steps=200, ape_patch=24, ape_input_pool=1, ape_points=96, lr=3e-3, **TINY)
+    cfg = _cfg(kind="ape", steps=200, ape_patch=24, ape_input_pool=1, ape_points=96, lr=3e-3, **TINY)
     untrained = _untrained(cfg)
     before = ape_patch_quality(untrained, test, n_crops=12)
     d_before = patch_disagreement(untrained, test, n_pairs=2)["mean_mm"]
     train_bpr(cfg, tmp_path / "m", cases=train, progress=False)
     m = load_bpr(tmp_path / "m", kind="ape")
-    assert m.head_kind == "anchor" and m.arch()["input_pool"] == cfg.ape_input_pool
+    assert m.head_kind == "anchor" and m.arch()["input_pool"] == cfg.model.ape_input_pool
     # every voxel placed by one patch alone: distances follow physical ones far better than untrained
     after = ape_patch_quality(m, test, n_crops=12)
     assert after["pearson_mean"] > before["pearson_mean"] + 0.1, (before["pearson_mean"], after["pearson_mean"])
@@ -70,7 +80,7 @@ def test_tiny_ape_training_improves_placement_and_consistency(tmp_path, tiny_pha
 
 def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
     cases = [z_textured_case(s, shape=(24, 24, 20)) for s in range(3)]
-    cfg = BPRTrainConfig(kind="slice", steps=6, slice_patch=16, slices_per_sample=4, batch_size=2,
+    cfg = _cfg(kind="slice", steps=6, slice_patch=16, slices_per_sample=4, batch_size=2,
                          channels=(4, 4, 4), checkpoint_every=2, spacing=(3.0, 3.0, 3.0))
     train_bpr(cfg, tmp_path / "full", cases=cases, progress=False)
 
@@ -91,7 +101,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="not empty"):
         train_bpr(cfg, tmp_path / "cut", cases=cases, progress=False)  # neither resume nor force
     with pytest.raises(ModelError, match="cannot resume"):
-        train_bpr(BPRTrainConfig(**{**cfg.__dict__, "slice_patch": 20}), tmp_path / "cut", cases=cases,
+        train_bpr(replace(cfg, data=replace(cfg.data, slice_patch=20)), tmp_path / "cut", cases=cases,
                   resume=True, progress=False)
     train_bpr(cfg, tmp_path / "cut", cases=cases, resume=True, progress=False)
     a, b = load_bpr(tmp_path / "full"), load_bpr(tmp_path / "cut")
@@ -107,7 +117,7 @@ def test_unusable_training_data(tmp_path):
     unit.image = np.random.default_rng(0).random(unit.image.shape).astype(np.float32)
     const = z_textured_case(3, shape=(24, 24, 20))
     const.image[:] = 40.0
-    cfg = BPRTrainConfig(kind="slice", steps=1, slice_patch=16, slices_per_sample=4, batch_size=2, channels=(4, 4, 4))
+    cfg = _cfg(kind="slice", steps=1, slice_patch=16, slices_per_sample=4, batch_size=2, channels=(4, 4, 4))
     with pytest.warns(UserWarning) as rec:
         train_bpr(cfg, tmp_path / "m", cases=[ok, single, unit, const], progress=False)
     msgs = " ".join(str(w.message) for w in rec)
@@ -117,7 +127,7 @@ def test_unusable_training_data(tmp_path):
         train_bpr(cfg, tmp_path / "none", cases=[single, unit], progress=False)
     assert not (tmp_path / "none").exists()
     with pytest.raises(InputError, match="kind"):
-        train_bpr(BPRTrainConfig(kind="banana"), tmp_path / "k", cases=[ok])
+        train_bpr(_cfg(kind="banana"), tmp_path / "k", cases=[ok])
 
 
 def test_landmarks_from_labels():
@@ -141,13 +151,13 @@ def test_cli_train_and_resume(tmp_path, capsys):
         nib.save(nib.Nifti1Image(c.image.astype(np.int16), c.meta.affine), str(data / f"ct{s}.nii.gz"))
     out = tmp_path / "model"
     args = ["bpr", "train", "--kind", "slice", "--data", str(data), "--out", str(out), "--quiet",
-            "--slice_patch", "16", "--slices_per_sample", "4", "--batch_size", "2", "--channels", "[4,4,4]",
-            "--checkpoint_every", "2"]
-    assert main(args + ["--steps", "2"]) == 0
+            "--data.slice_patch", "16", "--data.slices_per_sample", "4", "--data.batch_size", "2",
+            "--model.channels", "[4,4,4]", "--runtime.checkpoint_every", "2"]
+    assert main(args + ["--optim.steps", "2"]) == 0
     assert load_bpr(out).kind == "slice"
-    assert main(args + ["--steps", "4"]) == 2  # exists, no --resume/--force
+    assert main(args + ["--optim.steps", "4"]) == 2  # exists, no --resume/--force
     assert "not empty" in capsys.readouterr().err
-    assert main(args + ["--steps", "4", "--resume"]) == 0
+    assert main(args + ["--optim.steps", "4", "--resume"]) == 0
     assert len((out / "log.csv").read_text().strip().splitlines()) == 1 + 4
     assert main(["bpr", "train", "--kind", "slice", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()
@@ -156,7 +166,7 @@ def test_cli_train_and_resume(tmp_path, capsys):
 def test_ape_crop_sizes_cover_every_cell_count():
     """Crop sizes stay in [ape_patch_min, ape_patch] and every number of encoder cells per axis that
     fits (2, 3, 4 for 32..64 voxels and 16-voxel cells) is drawn about equally often."""
-    cfg = BPRTrainConfig(kind="ape", ape_patch=64, ape_patch_min=32)
+    cfg = _cfg(kind="ape", ape_patch=64, ape_patch_min=32)
     rng = np.random.default_rng(0)
     sizes = np.array([train_mod.ape_crop_size(cfg, 16, rng) for _ in range(3000)])
     assert sizes.min() >= 32 and sizes.max() <= 64
@@ -178,4 +188,4 @@ def test_extra_ratio_sets_how_often_extra_data_is_drawn():
     assert abs(np.mean(half == 9) - 0.5) < 0.02
     assert set(np.unique(half[half != 9])) == set(range(9))
     with pytest.raises(InputError, match="extra_ratio"):
-        train_bpr(BPRTrainConfig(kind="slice", extra_ratio=1.5), "/nonexistent", cases=[])
+        train_bpr(_cfg(kind="slice", extra_ratio=1.5), "/nonexistent", cases=[])

@@ -246,8 +246,8 @@ def test_stage_configs_follow_budget_and_overrides(tmp_path):
     assert list(other.data.paths) == ["elsewhere/unlabelled"] and other.data.cache_dir == str(tmp_path / "e" / "cache")
     assert other.preprocess == cfg.preprocess  # ... on the experiment's grid and through its cache
     b = exp.bpr_config("ape", steps=3)
-    assert b.kind == "ape" and b.steps == 3 and tuple(b.spacing) == tuple(budget["spacing"])
-    assert b.ape_patch == budget["bpr"]["ape_patch"]
+    assert b.kind == "ape" and b.optim.steps == 3 and tuple(b.preprocess.spacing) == tuple(budget["spacing"])
+    assert b.data.ape_patch == budget["bpr"]["ape_patch"] and b.runtime.checkpoint_every == budget["bpr"]["checkpoint_every"]
 
 
 def _row(method, head, mean):

@@ -10,8 +10,14 @@ import torch
 from standin import StandinExtractor
 
 import voxdiff.probe.train as pt
+from voxdiff.core.config import from_dict
 from voxdiff.data.types import Case, CaseMeta
 from voxdiff.probe.train import ProbeConfig, fit_network
+
+
+def _probe(**flat) -> ProbeConfig:
+    """A ProbeConfig from flat field names (``steps``, ``roi``, ...), read into the sections."""
+    return from_dict(ProbeConfig, flat)
 
 
 def _case(seed: int, shape=(24, 24, 16)) -> Case:
@@ -38,8 +44,8 @@ def test_early_stopping_returns_the_best_validation_state(monkeypatch, mode):
 
     monkeypatch.setattr(pt, "validate", fake_validate)
     ext = StandinExtractor(channels=(4, 8))
-    cfg = ProbeConfig(steps=40, val_every=2, patience=2, patch_size=(16, 16, 8), batch_size=2, warmup_steps=0,
-                      hidden=8, roi=(24, 24, 16), device="cpu", lr=1e-2, backbone_lr=1e-2, scratch_lr=1e-2)
+    cfg = _probe(steps=40, val_every=2, patience=2, patch_size=(16, 16, 8), batch_size=2, warmup_steps=0,
+                 hidden=8, roi=(24, 24, 16), device="cpu", lr=1e-2, backbone_lr=1e-2, scratch_lr=1e-2)
     hist: list = []
     tuned, head = fit_network(ext, [_case(0)], [_case(1)], mode, cfg, progress=False, history=hist)
     assert [h["step"] for h in hist] == [2, 4, 6, 8]  # stopped early, not at 40
@@ -57,8 +63,8 @@ def test_early_stopping_returns_the_best_validation_state(monkeypatch, mode):
 
 def test_without_patience_all_steps_run(monkeypatch):
     monkeypatch.setattr(pt, "validate", lambda e, heads, *a: {n: 0.1 for n in heads})
-    cfg = ProbeConfig(steps=6, val_every=2, patience=0, patch_size=(16, 16, 8), batch_size=2, warmup_steps=0,
-                      hidden=8, roi=(24, 24, 16), device="cpu")
+    cfg = _probe(steps=6, val_every=2, patience=0, patch_size=(16, 16, 8), batch_size=2, warmup_steps=0,
+                 hidden=8, roi=(24, 24, 16), device="cpu")
     _, head = fit_network(StandinExtractor(channels=(4, 8)), [_case(0)], [_case(1)], "scratch", cfg, progress=False)
     assert head.steps_run == 6 and head.best_step == 2
 
@@ -78,9 +84,9 @@ def test_fine_tuning_starts_from_a_fitted_head(monkeypatch):
 
     monkeypatch.setattr(pt, "validate", fake_validate)
     ext = StandinExtractor(channels=(4, 8))
-    cfg = ProbeConfig(steps=2, val_every=1, patience=0, patch_size=(16, 16, 8), batch_size=2, warmup_steps=5,
-                      hidden=8, roi=(24, 24, 16), device="cpu", lr=1.0, backbone_lr=1e-4)
-    fitted = make_head("nonlinear", [4, 8], cfg.n_classes, cfg.hidden, cfg.blocks)
+    cfg = _probe(steps=2, val_every=1, patience=0, patch_size=(16, 16, 8), batch_size=2, warmup_steps=5,
+                 hidden=8, roi=(24, 24, 16), device="cpu", lr=1.0, backbone_lr=1e-4)
+    fitted = make_head("nonlinear", [4, 8], cfg.n_classes, cfg.head.hidden, cfg.head.blocks)
     with torch.no_grad():
         for p in fitted.parameters():
             p.normal_()
@@ -92,7 +98,7 @@ def test_fine_tuning_starts_from_a_fitted_head(monkeypatch):
     moved = max(float((first[0][k] - before[k]).abs().max()) for k in params)
     assert 0 < moved < 1e-2  # one step at backbone_lr (1e-4), not at the head's lr (1.0)
     assert head.upsample == "trilinear"
-    other = make_head("nonlinear", [4, 16], cfg.n_classes, cfg.hidden, cfg.blocks)
+    other = make_head("nonlinear", [4, 16], cfg.n_classes, cfg.head.hidden, cfg.head.blocks)
     with pytest.raises(ValueError, match="channels"):
         fit_network(ext, [_case(0)], [_case(1)], "finetune", cfg, progress=False, init_head=other)
     with pytest.raises(ValueError, match="fine-tuning only"):

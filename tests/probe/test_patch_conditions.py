@@ -5,11 +5,17 @@ import torch
 
 from voxdiff.bpr.fields import case_fields
 from voxdiff.bpr.models import build_bpr
+from voxdiff.core.config import from_dict
 from voxdiff.data.types import Case, CaseMeta
 from voxdiff.pretrain.backbone import Backbone
 from voxdiff.pretrain.load import FeatureExtractor
 from voxdiff.pretrain.tasks.diffusion import DiffusionTask
 from voxdiff.probe.train import ProbeConfig, fit_heads, make_sampler
+
+
+def _probe(**flat) -> ProbeConfig:
+    """A ProbeConfig from flat field names (``steps``, ``roi``, ...), read into the sections."""
+    return from_dict(ProbeConfig, flat)
 
 
 def _case(seed, shape=(28, 24, 20)):
@@ -39,7 +45,7 @@ def _extractor(source):
 def test_sampler_hands_each_patch_its_volume_field_and_voxel_indices():
     ex = _extractor("volume")
     cases = [_case(0), _case(1)]
-    s = make_sampler(ex, cases, ProbeConfig(patch_size=(16, 16, 16), fg_prob=0.5), np.random.default_rng(0))
+    s = make_sampler(ex, cases, _probe(patch_size=(16, 16, 16), fg_prob=0.5), np.random.default_rng(0))
     x, y = s.sample(6)
     inp = s.extractor_inputs()
     fields = case_fields(ex.task.bpr, cases)
@@ -49,13 +55,13 @@ def test_sampler_hands_each_patch_its_volume_field_and_voxel_indices():
         np.testing.assert_array_equal(inp["coords"][b].numpy(), fields[i].crop(o, (16, 16, 16)))
         assert [int(v) for v in inp["voxel_index"][b, :, 0, 0, 0]] == list(o)
     # an extractor pretrained on per-patch maps gets no fields (each patch is mapped alone)
-    s2 = make_sampler(_extractor("patch"), cases, ProbeConfig(patch_size=(16, 16, 16)), np.random.default_rng(0))
+    s2 = make_sampler(_extractor("patch"), cases, _probe(patch_size=(16, 16, 16)), np.random.default_rng(0))
     s2.sample(2)
     assert "coords" not in s2.extractor_inputs()
 
 
 def test_fit_heads_runs_on_a_conditioned_extractor():
     ex = _extractor("volume")
-    cfg = ProbeConfig(patch_size=(16, 16, 16), steps=3, batch_size=2, val_every=100, hidden=4, roi=(16, 16, 16))
+    cfg = _probe(patch_size=(16, 16, 16), steps=3, batch_size=2, val_every=100, hidden=4, roi=(16, 16, 16))
     heads = fit_heads(ex, [_case(0), _case(1)], heads=("linear",), cfg=cfg, progress=False)
     assert set(heads) == {"linear"}

@@ -1,15 +1,23 @@
 """Sliding-window prediction vs direct prediction; frozen probing; a short probe run learns."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 from standin import StandinExtractor
 
+from voxdiff.core.config import from_dict
 from voxdiff.core.metrics import mean_dice
 from voxdiff.data.preprocess import PreprocessConfig, preprocess
 from voxdiff.probe.heads import LinearHead, NonLinearHead
 from voxdiff.probe.predict import predict_case, predict_logits
 from voxdiff.probe.train import PatchSampler, ProbeConfig, dice_ce_loss, fit_heads, fit_network
+
+
+def _probe(**flat) -> ProbeConfig:
+    """A ProbeConfig from flat field names (``steps``, ``roi``, ...), read into the sections."""
+    return from_dict(ProbeConfig, flat)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -85,8 +93,8 @@ def test_short_probe_run_beats_untrained_head_and_keeps_backbone_frozen(phantom_
     cases, pre = phantom_cases
     ext = StandinExtractor((8, 16, 32), seed=0, preprocess=pre)
     before = {k: v.clone() for k, v in ext.backbone.state_dict().items()}
-    cfg = ProbeConfig(patch_size=(32, 32, 16), batch_size=2, steps=60, val_every=30, roi=(32, 32, 32), lr=1e-2,
-                      bf16=False, device="cpu", hidden=16, fg_prob=0.5)
+    cfg = _probe(patch_size=(32, 32, 16), batch_size=2, steps=60, val_every=30, roi=(32, 32, 32), lr=1e-2,
+                 bf16=False, device="cpu", hidden=16, fg_prob=0.5)
     history = []
     heads = fit_heads(ext, cases[:2], cases[2:], ["linear", "nonlinear"], cfg, progress=False, history=history)
     after = ext.backbone.state_dict()
@@ -113,14 +121,14 @@ def test_finetune_and_scratch_change_the_backbone_copy_only(phantom_cases):
     for p in ext.backbone.parameters():  # the stand-in freezes itself; fit_network must unfreeze the copy
         assert not p.requires_grad
     before = {k: v.clone() for k, v in ext.backbone.state_dict().items()}
-    cfg = ProbeConfig(patch_size=(16, 16, 16), steps=4, warmup_steps=2, val_every=4, roi=(16, 16, 16), bf16=False,
-                      device="cpu", hidden=8)
+    cfg = _probe(patch_size=(16, 16, 16), steps=4, warmup_steps=2, val_every=4, roi=(16, 16, 16), bf16=False,
+                 device="cpu", hidden=8)
     tuned, head = fit_network(ext, cases[:1], [], "finetune", cfg, progress=False)
     changed = any(not torch.equal(before[k], v) for k, v in tuned.backbone.state_dict().items())
     assert changed
     for k, v in ext.backbone.state_dict().items():
         assert torch.equal(before[k], v)
-    scratch, _ = fit_network(ext, cases[:1], [], "scratch", ProbeConfig(**{**cfg.__dict__, "steps": 1}), progress=False)
+    scratch, _ = fit_network(ext, cases[:1], [], "scratch", replace(cfg, optim=replace(cfg.optim, steps=1)), progress=False)
     assert not torch.equal(scratch.backbone.stem.weight, ext.backbone.stem.weight)
 
 
@@ -137,8 +145,8 @@ def test_finetune_real_feature_extractor_and_bundle(phantom_cases, tmp_path):
                             patch_size=(16, 16, 16), bf16=False, device="cpu")), tmp_path / "pt", cases=cases[:1],
              progress=False)
     ext = load_pretrained(tmp_path / "pt")
-    cfg = ProbeConfig(patch_size=(16, 16, 16), steps=3, warmup_steps=1, val_every=3, roi=(16, 16, 16), device="cpu",
-                      hidden=8, backbone_lr=1e-2)
+    cfg = _probe(patch_size=(16, 16, 16), steps=3, warmup_steps=1, val_every=3, roi=(16, 16, 16), device="cpu",
+                 hidden=8, backbone_lr=1e-2)
     tuned, head = fit_network(ext, cases[:1], [], "finetune", cfg, progress=False)
     w0, w1 = ext.backbone.stem.weight, tuned.backbone.stem.weight
     assert not torch.equal(w0, w1)

@@ -6,12 +6,18 @@ import numpy as np
 import pytest
 import torch
 
+from voxdiff.core.config import from_dict
 from voxdiff.core.metrics import mean_dice
 from voxdiff.data.preprocess import PreprocessConfig, preprocess
 from voxdiff.probe.heads import NonLinearHead
 from voxdiff.probe.predict import logits_to_labels, unit_image
 from voxdiff.probe.train import ProbeConfig
 from voxdiff.probe.voxel import VoxelSampler, fit_heads_voxels, gather, make_voxel_head, predict_logits_volume
+
+
+def _probe(**flat) -> ProbeConfig:
+    """A ProbeConfig from flat field names (``steps``, ``roi``, ...), read into the sections."""
+    return from_dict(ProbeConfig, flat)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,7 +50,7 @@ def test_gathered_voxels_give_the_same_logits_as_the_full_volume(kind):
     shape = (16, 12, 8)
     pyr = [torch.randn(c, *(s // st for s in shape)) for c, st in zip(chans, strides)]
     label = rng.integers(0, 3, size=shape).astype(np.uint8)
-    cfg = ProbeConfig(n_classes=3, hidden=8)
+    cfg = _probe(n_classes=3, hidden=8)
     head = make_voxel_head(kind, chans, cfg).eval()
     with torch.no_grad():
         for p in head.parameters():
@@ -75,8 +81,8 @@ def test_voxel_probe_beats_untrained_head_on_phantoms():
     cases = [preprocess(generate_phantom(s, PhantomConfig(shape=(48, 48, 32))), pre) for s in (21, 22, 23, 24)]
     ext = _Ext(pre)
     before = {k: v.clone() for k, v in ext.backbone.state_dict().items()}
-    cfg = ProbeConfig(steps=500, val_every=250, roi=(32, 32, 32), overlap=0.25, lr=1e-2, bf16=False, device="cpu",
-                      hidden=16, fg_prob=0.5)
+    cfg = _probe(steps=500, val_every=250, roi=(32, 32, 32), overlap=0.25, lr=1e-2, bf16=False, device="cpu",
+                 hidden=16, fg_prob=0.5)
     hist: list = []
     heads = fit_heads_voxels(ext, cases[:2], cases[2:3], ["linear", "nonlinear", "mix"], cfg, voxels_per_step=2048,
                              progress=False, history=hist)
@@ -102,11 +108,11 @@ def test_feature_roi_covering_the_volume_extracts_it_in_one_window():
     ext = _Ext(pre)
     rng = np.random.default_rng(0)
     vol = rng.random((40, 36, 28)).astype(np.float32)  # padded to 40 x 36 x 28 (divisor 4: no padding)
-    whole = volume_pyramid(ext, vol, ProbeConfig(roi=(16, 16, 16), overlap=0.25, feature_roi=(1024, 1024, 1024)))
+    whole = volume_pyramid(ext, vol, _probe(roi=(16, 16, 16), overlap=0.25, feature_roi=(1024, 1024, 1024)))
     direct = ext(torch.from_numpy(vol)[None, None])
     for a, b in zip(whole, direct):
         torch.testing.assert_close(a.float(), b[0].float(), rtol=0, atol=2e-3)  # fp16 storage
-    windows = volume_pyramid(ext, vol, ProbeConfig(roi=(16, 16, 16), overlap=0.25))
+    windows = volume_pyramid(ext, vol, _probe(roi=(16, 16, 16), overlap=0.25))
     assert (windows[0].float() - whole[0].float()).abs().max() > 1e-2  # small windows see other statistics
-    assert volume_roi(ProbeConfig(roi=(8, 8, 8))) == (8, 8, 8)
-    assert volume_roi(ProbeConfig(roi=(8, 8, 8), feature_roi=(64, 64, 32))) == (64, 64, 32)
+    assert volume_roi(_probe(roi=(8, 8, 8))) == (8, 8, 8)
+    assert volume_roi(_probe(roi=(8, 8, 8), feature_roi=(64, 64, 32))) == (64, 64, 32)

@@ -10,7 +10,7 @@ Public API::
 
     model = load_bpr(path, kind=None)               # frozen, eval mode
     coords = coords_for_patches(model, x, sincos=0, spacing=None)   # (B,1,X,Y,Z) -> (B,C',X,Y,Z)
-    train_bpr(BPRTrainConfig(kind="slice", data=DIR), out_dir)
+    train_bpr(BPRTrainConfig(kind="slice", data=BPRData(path=DIR)), out_dir)
     predict_volume(model_path, ct_path, out_path, plot=None)
     field = volume_field(model, hu, spacing)        # whole-volume map as per-axis profiles
     field.crop(origin, size)                        # (C, *size) map of any box of voxels
@@ -32,10 +32,10 @@ from .models import (
     sincos_encode,
 )
 from .predict import predict_volume
-from .train import BPRTrainConfig, train_bpr
+from .train import BPRData, BPRModel, BPROptim, BPRTaskOptions, BPRTrainConfig, train_bpr
 
 __all__ = [
     "BPR_KINDS", "BPR_VERSION", "BodyPartRegressor", "SliceRegressor", "APERegressor", "build_bpr",
     "coords_channels", "coords_for_patches", "load_bpr", "save_bpr", "sincos_encode", "predict_volume",
-    "BPRTrainConfig", "train_bpr", "CoordinateField", "FieldCache", "case_fields", "crop_fields", "volume_field",
+    "BPRTrainConfig", "BPRData", "BPROptim", "BPRModel", "BPRTaskOptions", "train_bpr", "CoordinateField", "FieldCache", "case_fields", "crop_fields", "volume_field",
 ]

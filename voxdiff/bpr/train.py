@@ -9,8 +9,9 @@
     metrics.jsonl                   # the same, one JSON line per step (the engine's metric lines)
     metrics.json                    # final loss, calibration, timing
 
-Training runs on the engine (:mod:`voxdiff.core.engine`): AdamW with weight decay on every
-parameter, 5 % linear warm-up then cosine decay, gradient norms clipped at 5, no EMA. Every step
+Training runs on the engine (:mod:`voxdiff.core.engine`) as ``cfg.optim`` says (by default AdamW
+with weight decay on every parameter, 5 % linear warm-up then cosine decay, gradient norms clipped
+at 5, no EMA) and ``cfg.runtime`` (CPU, one thread, a train state every 100 steps). Every step
 draws its randomness from ``numpy.random.default_rng([seed, step])``, so a resumed run draws the
 same batches as an uninterrupted one.
 """
@@ -20,20 +21,22 @@ from __future__ import annotations
 import shutil
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..core.config import to_dict, write_config
+from ..core.config import flatten, to_dict, write_config
 from ..core.engine import Engine, EngineConfig, TrainTask, old_train_state_error
 from ..core.errors import InputError, ModelError, TrainingError
 from ..core.outputs import atomic_write, atomic_write_json, check_output_path
 from ..core.runtime import num_threads
+from ..core.sections import OptimConfig, RuntimeConfig, engine_settings
 from ..core.trainstate import latest_train_state
+from ..data.preprocess import PreprocessConfig
 from . import losses
 from .inference import ape_volume, ct_problem, slice_scores_volume
 from .models import BPR_KINDS, BodyPartRegressor, body_threshold, build_bpr, save_bpr
@@ -41,30 +44,20 @@ from .sampling import Volume, ape_views, random_crop, sample_points, slice_views
 
 
 @dataclass
-class BPRTrainConfig:
-    """Training of a body part regressor (self-supervised, no labels needed).
+class BPRData:
+    """What the training volumes come from, and how each step samples and augments them.
 
     Args:
-        kind: "slice" (one score per axial slice) or "ape" (3 anatomical coordinates per voxel).
-        data: data folder (any layout voxdiff.data reads: nnU-Net, BTCV, a folder of CTs...).
-        extra_data: more data folders whose images are added to the training set (e.g. real CT
-            beside phantoms).
-        extra_ratio: fraction of the volumes drawn at each step that come from ``extra_data`` (null:
+        path: data folder (any layout voxdiff.data reads: nnU-Net, BTCV, a folder of CTs...).
+            ``--data DIR`` on the command line.
+        extra: more data folders whose images are added to the training set (e.g. real CT beside
+            phantoms).
+        extra_ratio: fraction of the volumes drawn at each step that come from ``extra`` (null:
             every volume equally often, whichever folder it is in). E.g. 0.5 with a few real CTs
             beside many phantoms shows the real ones as often as all the phantoms together.
         cache_dir: where preprocessed volumes are cached (default: the data layer's default).
-        spacing: voxel spacing (mm) the model works at; coarse spacing keeps CPU training fast.
-        hu_window: HU window mapped to [0, 1] (stored in the model; predict/pretraining use it).
-        crop_to_body: crop volumes to the body before training.
-        channels: feature channels per level of the network (null: slice (16, 32, 48, 64), ape (16, 32, 64)).
-        ape_input_pool: ape: the encoder sees the crop average-pooled by this factor (more context
-            for the same cost: where a patch lies needs no fine detail).
-        steps: optimisation steps (null: slice 2400, ape 1200; about 3 and 15 minutes on one CPU
-            thread at the default sizes on 3 mm phantoms).
         batch_size: volumes per step (each gives two augmented views; ape: ``ape_crops`` crops)
             (null: slice 8, ape 4).
-        lr: peak AdamW learning rate (warm-up then cosine decay).
-        weight_decay: AdamW weight decay.
         slice_patch: in-plane crop size (voxels) for the slice model.
         slices_per_sample: axial slices drawn per volume for the slice model.
         ape_patch: largest cube crop size (voxels) for the ape model (also its sliding-window size).
@@ -79,6 +72,66 @@ class BPRTrainConfig:
         intensity_aug: strength of contrast/brightness/gamma/noise augmentation (0 = off).
         texture_aug: slice model: strength of the reconstruction-kernel (in-plane blur / sharpening)
             and correlated-noise augmentation (0 = off; 1 = each applied to half of the views).
+    """
+
+    VALUE_FIELD: ClassVar[str] = "path"  # `data: folder` (the flat layout) sets the path
+
+    path: str = ""
+    extra: tuple[str, ...] = ()
+    extra_ratio: float | None = None
+    cache_dir: str | None = None
+    batch_size: int | None = None
+    slice_patch: int = 48
+    slices_per_sample: int = 8
+    ape_patch: int = 64
+    ape_patch_min: int | None = None
+    ape_points: int = 256
+    ape_crops: int = 4
+    zoom: float | None = None
+    intensity_aug: float = 0.5
+    texture_aug: float = 0.0
+
+
+@dataclass
+class BPROptim(OptimConfig):
+    """:class:`~voxdiff.core.sections.OptimConfig` with BPR training's defaults: AdamW with weight
+    decay on every parameter, linear warm-up then cosine decay to ``min_lr_ratio * lr``, gradient
+    norms clipped at ``grad_clip``, no EMA.
+
+    Args:
+        steps: optimisation steps (null: slice 2400, ape 1200; about 3 and 15 minutes on one CPU
+            thread at the default sizes on 3 mm phantoms).
+        warmup_steps: linear warm-up steps (null: 5 % of ``steps``, at least 1).
+        ema_decay: must stay null: the trained weights are the model (no EMA).
+    """
+
+    steps: int | None = None  # type: ignore[assignment]
+    lr: float = 2e-3
+    warmup_steps: int | None = None  # type: ignore[assignment]
+    weight_decay: float = 1e-4
+    grad_clip: float = 5.0
+    ema_decay: float | None = None  # type: ignore[assignment]
+
+
+@dataclass
+class BPRModel:
+    """The regressor network.
+
+    Args:
+        channels: feature channels per level of the network (null: slice (16, 32, 48, 64), ape (16, 32, 64)).
+        ape_input_pool: ape: the encoder sees the crop average-pooled by this factor (more context
+            for the same cost: where a patch lies needs no fine detail).
+    """
+
+    channels: tuple[int, ...] | None = None
+    ape_input_pool: int = 2
+
+
+@dataclass
+class BPRTaskOptions:
+    """The self-supervised losses, the calibration and the ape model's S anchor.
+
+    Args:
         heuristic_b: slice loss: target score step per mm (one score unit per 1/b mm).
         w_order: weight of the order (slice: Schuhegger heuristic) / displacement (ape) loss (null: 1).
         w_distance: weight of the distance loss (slice: linearity in z; ape: pairwise distances)
@@ -98,35 +151,8 @@ class BPRTrainConfig:
             estimates, slope against physical z clipped to ``anchor_slope_range``) or "offset" (slope
             1: exactly physical S distances, only the offset from the slices).
         anchor_slope_range: ape with anchor "slice" and anchor_fit "line": the slopes allowed.
-        checkpoint_every: steps between train-state checkpoints.
-        seed: random seed (initialisation and sampling).
-        threads: torch CPU threads during training (0 = leave torch's setting). Small networks
-            train fastest on one thread, and many times faster than on two when the CPU is shared.
     """
 
-    kind: str = "slice"
-    data: str = ""
-    extra_data: tuple[str, ...] = ()
-    extra_ratio: float | None = None
-    cache_dir: str | None = None
-    spacing: tuple[float, float, float] = (3.0, 3.0, 3.0)
-    hu_window: tuple[float, float] = (-1350.0, 1000.0)
-    crop_to_body: bool = True
-    channels: tuple[int, ...] | None = None
-    ape_input_pool: int = 2
-    steps: int | None = None
-    batch_size: int | None = None
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    slice_patch: int = 48
-    slices_per_sample: int = 8
-    ape_patch: int = 64
-    ape_patch_min: int | None = None
-    ape_points: int = 256
-    ape_crops: int = 4
-    zoom: float | None = None
-    intensity_aug: float = 0.5
-    texture_aug: float = 0.0
     heuristic_b: float = 0.01
     w_order: float | None = None
     w_distance: float | None = None
@@ -137,99 +163,163 @@ class BPRTrainConfig:
     anchor_knots: int = 8
     anchor_fit: str = "line"
     anchor_slope_range: tuple[float, float] = (0.7, 1.3)
-    checkpoint_every: int = 100
+
+
+def _bpr_preprocess() -> PreprocessConfig:
+    return PreprocessConfig(spacing=(3.0, 3.0, 3.0), hu_window=(-1350.0, 1000.0), crop_to_body=True)
+
+
+def _bpr_runtime() -> RuntimeConfig:
+    return RuntimeConfig(device="cpu", threads=1, bf16=False, log_every=1, checkpoint_every=100, keep_checkpoints=1)
+
+
+@dataclass
+class BPRTrainConfig:
+    """Training of a body part regressor (self-supervised, no labels needed), in sections
+    (``cfg.optim.lr``; on the command line ``--optim.lr``). Configs saved before the sections (flat:
+    ``steps``, ``spacing``, ``w_order``, ...) load too (:mod:`voxdiff.core.config`).
+
+    Args:
+        kind: "slice" (one score per axial slice) or "ape" (3 anatomical coordinates per voxel).
+        seed: random seed (initialisation and sampling).
+        data: training data, crops, batches and augmentation.
+        preprocess: the grid the model works at (stored in the model; predict/pretraining use it):
+            ``spacing`` (mm; coarse spacing keeps CPU training fast), ``hu_window`` (mapped to [0, 1]),
+            ``crop_to_body`` (crop volumes to the body before training).
+        optim: optimiser and schedule (:class:`BPROptim`).
+        model: the network's size.
+        task: loss weights, calibration and the ape model's S anchor.
+        runtime: where and how training runs: ``device`` (cpu only), ``threads`` (torch CPU threads
+            during training; 0 = leave torch's setting; small networks train fastest on one thread,
+            and many times faster than on two when the CPU is shared), ``checkpoint_every`` (steps
+            between train-state checkpoints), ``log_every`` (steps between log.csv lines), ...
+    """
+
+    SECTIONS: ClassVar[tuple[str, ...]] = ("data", "preprocess", "optim", "model", "task", "runtime")
+    # flat (pre-sections) names that differ from the field's name
+    FLAT_NAMES: ClassVar[dict[str, str]] = {"extra_data": "data.extra"}
+
+    kind: str = "slice"
     seed: int = 0
-    threads: int = 1
+    data: BPRData = field(default_factory=BPRData)
+    preprocess: PreprocessConfig = field(default_factory=_bpr_preprocess)
+    optim: BPROptim = field(default_factory=BPROptim)
+    model: BPRModel = field(default_factory=BPRModel)
+    task: BPRTaskOptions = field(default_factory=BPRTaskOptions)
+    runtime: RuntimeConfig = field(default_factory=_bpr_runtime)
 
 
-# Per-kind values of the config fields left null. ape: 3 levels after 2x pooling = cells of 16
-# voxels, so 32..64 voxel crops hold 2..4 cells per axis.
+# Per-kind values of the config fields left null (dotted: section.field). ape: 3 levels after 2x
+# pooling = cells of 16 voxels, so 32..64 voxel crops hold 2..4 cells per axis.
 KIND_DEFAULTS: dict[str, dict[str, Any]] = {
-    "slice": {"steps": 2400, "batch_size": 8, "zoom": 1.15, "channels": (16, 32, 48, 64),
-              "w_order": 1.0, "w_distance": 0.05, "w_consistency": 0.03},
-    "ape": {"steps": 1200, "batch_size": 4, "zoom": 1.0, "channels": (16, 32, 64),
-            "w_order": 1.0, "w_distance": 1.0, "w_consistency": 1.0},
+    "slice": {"optim.steps": 2400, "data.batch_size": 8, "data.zoom": 1.15, "model.channels": (16, 32, 48, 64),
+              "task.w_order": 1.0, "task.w_distance": 0.05, "task.w_consistency": 0.03},
+    "ape": {"optim.steps": 1200, "data.batch_size": 4, "data.zoom": 1.0, "model.channels": (16, 32, 64),
+            "task.w_order": 1.0, "task.w_distance": 1.0, "task.w_consistency": 1.0},
 }
 
 
 def resolved(cfg: BPRTrainConfig) -> BPRTrainConfig:
-    """The config with the kind's defaults filled in for null fields (what is written to config.yaml)."""
+    """The config with the kind's defaults filled in for null fields, and the warm-up (null: 5 % of
+    the steps) (what is written to config.yaml)."""
     from dataclasses import replace
 
-    fill = {k: v for k, v in KIND_DEFAULTS.get(cfg.kind, KIND_DEFAULTS["slice"]).items() if getattr(cfg, k) is None}
-    return replace(cfg, **fill)
+    fill: dict[str, dict[str, Any]] = {}
+    for path, value in KIND_DEFAULTS.get(cfg.kind, KIND_DEFAULTS["slice"]).items():
+        sec, _, name = path.partition(".")
+        if getattr(getattr(cfg, sec), name) is None:
+            fill.setdefault(sec, {})[name] = value
+    out = replace(cfg, **{sec: replace(getattr(cfg, sec), **vals) for sec, vals in fill.items()})
+    if out.optim.warmup_steps is None:
+        out = replace(out, optim=replace(out.optim, warmup_steps=max(1, int(0.05 * int(out.optim.steps)))))  # type: ignore[arg-type]
+    return out
 
 
 def loss_weights(cfg: BPRTrainConfig) -> tuple[float, float, float]:
     """(order/displacement, distance, consistency) weights with the kind's defaults filled in."""
-    r = resolved(cfg)
-    return float(r.w_order), float(r.w_distance), float(r.w_consistency)  # type: ignore[arg-type]
+    t = resolved(cfg).task
+    return float(t.w_order), float(t.w_distance), float(t.w_consistency)  # type: ignore[arg-type]
 
 
 def _validate(cfg: BPRTrainConfig) -> None:
+    d, o, t, r = cfg.data, cfg.optim, cfg.task, cfg.runtime
     if cfg.kind not in BPR_KINDS:
         raise InputError(None, f"--kind must be one of {list(BPR_KINDS)}, got {cfg.kind!r}")
-    if (cfg.steps is not None and cfg.steps < 1) or (cfg.batch_size is not None and cfg.batch_size < 1):
-        raise InputError(None, "steps and batch_size must be >= 1")
-    if cfg.slices_per_sample < 3 and cfg.kind == "slice":
-        raise InputError(None, "slices_per_sample must be >= 3")
-    if cfg.ape_crops < 2:
-        raise InputError(None, f"ape_crops must be >= 2 (two overlapping views), got {cfg.ape_crops}")
-    if min(cfg.slice_patch, cfg.ape_patch, cfg.ape_patch_min or 8) < 8:
-        raise InputError(None, "slice_patch, ape_patch and ape_patch_min must be >= 8 voxels")
-    if cfg.heuristic_b <= 0 or any(s <= 0 for s in cfg.spacing):
-        raise InputError(None, "heuristic_b and spacing must be positive")
-    if cfg.extra_ratio is not None and not 0.0 <= cfg.extra_ratio <= 1.0:
-        raise InputError(None, f"extra_ratio must lie in [0, 1], got {cfg.extra_ratio}")
-    if cfg.anchor not in ("window", "slice"):
-        raise InputError(None, f"--anchor must be 'window' or 'slice', got {cfg.anchor!r}")
-    if cfg.anchor == "slice" and cfg.kind != "ape":
-        raise InputError(None, "--anchor slice is for --kind ape (it anchors the ape S coordinate on a slice model)")
-    if cfg.anchor == "slice" and not cfg.slice_model:
-        raise InputError(None, "--anchor slice needs --slice_model DIR (a model from 'voxdiff bpr train --kind slice')")
-    if cfg.anchor_knots < 2:
-        raise InputError(None, f"anchor_knots must be >= 2, got {cfg.anchor_knots}")
-    if cfg.anchor_fit not in ("line", "offset"):
-        raise InputError(None, f"--anchor_fit must be 'line' or 'offset', got {cfg.anchor_fit!r}")
-    lo, hi = (float(v) for v in cfg.anchor_slope_range)
+    if (o.steps is not None and o.steps < 1) or (d.batch_size is not None and d.batch_size < 1):
+        raise InputError(None, "optim.steps and data.batch_size must be >= 1")
+    if o.warmup_steps is not None and o.warmup_steps < 0:
+        raise InputError(None, "optim.warmup_steps must be >= 0")
+    if o.lr <= 0 or o.grad_clip < 0:
+        raise InputError(None, "optim.lr must be > 0 and optim.grad_clip >= 0")
+    if o.ema_decay is not None:
+        raise InputError(None, "optim.ema_decay: BPR training keeps no EMA of the weights (leave it null)")
+    if str(r.device) != "cpu":
+        raise InputError(None, f"runtime.device: BPR training runs on the CPU (cpu), got {r.device!r}")
+    if r.log_every < 1 or r.checkpoint_every < 1 or r.keep_checkpoints < 1:
+        raise InputError(None, "runtime.log_every, runtime.checkpoint_every and runtime.keep_checkpoints must be >= 1")
+    if d.slices_per_sample < 3 and cfg.kind == "slice":
+        raise InputError(None, "data.slices_per_sample must be >= 3")
+    if d.ape_crops < 2:
+        raise InputError(None, f"data.ape_crops must be >= 2 (two overlapping views), got {d.ape_crops}")
+    if min(d.slice_patch, d.ape_patch, d.ape_patch_min or 8) < 8:
+        raise InputError(None, "data.slice_patch, data.ape_patch and data.ape_patch_min must be >= 8 voxels")
+    spacing = cfg.preprocess.spacing
+    if t.heuristic_b <= 0 or spacing is None or any(s <= 0 for s in spacing):
+        raise InputError(None, "task.heuristic_b and preprocess.spacing must be positive")
+    if d.extra_ratio is not None and not 0.0 <= d.extra_ratio <= 1.0:
+        raise InputError(None, f"data.extra_ratio must lie in [0, 1], got {d.extra_ratio}")
+    if t.anchor not in ("window", "slice"):
+        raise InputError(None, f"--task.anchor must be 'window' or 'slice', got {t.anchor!r}")
+    if t.anchor == "slice" and cfg.kind != "ape":
+        raise InputError(None, "--task.anchor slice is for --kind ape (it anchors the ape S coordinate on a slice model)")
+    if t.anchor == "slice" and not t.slice_model:
+        raise InputError(None, "--task.anchor slice needs --task.slice_model DIR (a model from 'voxdiff bpr train --kind slice')")
+    if t.anchor_knots < 2:
+        raise InputError(None, f"task.anchor_knots must be >= 2, got {t.anchor_knots}")
+    if t.anchor_fit not in ("line", "offset"):
+        raise InputError(None, f"--task.anchor_fit must be 'line' or 'offset', got {t.anchor_fit!r}")
+    lo, hi = (float(v) for v in t.anchor_slope_range)
     if not 0 < lo <= 1.0 <= hi:
-        raise InputError(None, f"anchor_slope_range must be positive and contain 1, got {list(cfg.anchor_slope_range)}")
+        raise InputError(None, f"task.anchor_slope_range must be positive and contain 1, got {list(t.anchor_slope_range)}")
 
 
 def load_anchor_slice_model(cfg: BPRTrainConfig):
     """The slice model that anchors an ape model's S coordinate (checked against ``cfg``'s preprocessing)."""
     from .models import load_bpr
 
-    sm = load_bpr(cfg.slice_model, kind="slice")  # type: ignore[arg-type]
+    sm = load_bpr(cfg.task.slice_model, kind="slice")  # type: ignore[arg-type]
     sp, win = tuple(float(v) for v in sm.preprocess["spacing"]), tuple(float(v) for v in sm.preprocess["hu_window"])
-    if sp != tuple(float(v) for v in cfg.spacing) or win != tuple(float(v) for v in cfg.hu_window):
-        raise InputError(cfg.slice_model, f"the slice model works at spacing {list(sp)} and HU window {list(win)}; "
-                                          f"this ape model at {list(cfg.spacing)} and {list(cfg.hu_window)}: train a "
-                                          "slice model with the same --spacing and --hu_window")
+    spacing, hu_window = list(cfg.preprocess.spacing or ()), list(cfg.preprocess.hu_window)
+    if sp != tuple(float(v) for v in spacing) or win != tuple(float(v) for v in hu_window):
+        raise InputError(cfg.task.slice_model, f"the slice model works at spacing {list(sp)} and HU window {list(win)}; "
+                                               f"this ape model at {spacing} and {hu_window}: train a slice model with "
+                                               "the same --preprocess.spacing and --preprocess.hu_window")
     return sm
 
 
-def preprocess_config(cfg: BPRTrainConfig):
-    from ..data.preprocess import PreprocessConfig
+def preprocess_config(cfg: BPRTrainConfig) -> PreprocessConfig:
+    """The preprocessing of the training volumes (``cfg.preprocess``, tuples as saved in the model)."""
+    from dataclasses import replace
 
-    return PreprocessConfig(spacing=tuple(cfg.spacing), hu_window=tuple(cfg.hu_window), crop_to_body=cfg.crop_to_body)
+    pp = cfg.preprocess
+    return replace(pp, spacing=tuple(pp.spacing) if pp.spacing is not None else None, hu_window=tuple(pp.hu_window))
 
 
 def load_training_cases(cfg: BPRTrainConfig) -> list:
-    """Preprocessed cases of ``cfg.data`` and ``cfg.extra_data`` (through the data layer's cache)."""
+    """Preprocessed cases of ``cfg.data.path`` and ``cfg.data.extra`` (through the data layer's cache)."""
     from ..data.cache import load_preprocessed
 
     pp = preprocess_config(cfg)
-    folders = [f for f in (cfg.data, *cfg.extra_data) if f]
+    folders = [f for f in (cfg.data.path, *cfg.data.extra) if f]
     if not folders:
         raise InputError(None, "no training data: pass --data DIR")
     cases = []
     for k, f in enumerate(folders):
         if not Path(f).exists():
             raise InputError(f, "data folder not found")
-        got = load_preprocessed(f, pp, cache_dir=cfg.cache_dir)
+        got = load_preprocessed(f, pp, cache_dir=cfg.data.cache_dir)
         for c in got:
-            c.meta.extra["bpr_group"] = 1 if (k > 0 or not cfg.data) else 0
+            c.meta.extra["bpr_group"] = 1 if (k > 0 or not cfg.data.path) else 0
         cases += got
     return cases
 
@@ -269,11 +359,11 @@ def draw_volumes(vols: list[Volume], n: int, rng: np.random.Generator, extra_rat
 
 
 def slice_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-    idx = draw_volumes(vols, cfg.batch_size, rng, cfg.extra_ratio)
+    d = cfg.data
+    idx = draw_volumes(vols, d.batch_size, rng, d.extra_ratio)  # type: ignore[arg-type]
     va, vb, zs = [], [], []
     for i in idx:
-        a, b, z = slice_views(vols[i], cfg.slice_patch, cfg.slices_per_sample, rng, cfg.zoom, cfg.intensity_aug,
-                              cfg.texture_aug)
+        a, b, z = slice_views(vols[i], d.slice_patch, d.slices_per_sample, rng, d.zoom, d.intensity_aug, d.texture_aug)
         va.append(a)
         vb.append(b)
         zs.append(z)
@@ -281,7 +371,8 @@ def slice_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Ge
     s = model.slice_scores_raw(x)
     sa, sb = s[: len(idx)], s[len(idx):]
     z = torch.stack(zs)
-    l_order = 0.5 * (losses.slice_heuristic_loss(sa, z, b=cfg.heuristic_b) + losses.slice_heuristic_loss(sb, z, b=cfg.heuristic_b))
+    hb = cfg.task.heuristic_b
+    l_order = 0.5 * (losses.slice_heuristic_loss(sa, z, b=hb) + losses.slice_heuristic_loss(sb, z, b=hb))
     l_dist = 0.5 * (losses.slice_distance_loss(sa, z) + losses.slice_distance_loss(sb, z))
     l_cons = losses.consistency_loss(sa, sb)
     wo, wd, wc = loss_weights(cfg)
@@ -293,8 +384,8 @@ def ape_crop_size(cfg: BPRTrainConfig, cell: int, rng: np.random.Generator) -> i
     """A crop size in [ape_patch_min, ape_patch]: first a number of encoder cells per axis (uniform
     over those that fit, so every count the sliding window meets is trained as often), then an
     offset within one cell."""
-    hi = int(cfg.ape_patch)
-    lo = min(int(cfg.ape_patch_min if cfg.ape_patch_min is not None else hi // 2), hi)
+    hi = int(cfg.data.ape_patch)
+    lo = min(int(cfg.data.ape_patch_min if cfg.data.ape_patch_min is not None else hi // 2), hi)
     counts = list(range(max(1, -(-lo // cell)), hi // cell + 1))
     if not counts:
         return int(rng.integers(lo, hi + 1))
@@ -303,11 +394,12 @@ def ape_crop_size(cfg: BPRTrainConfig, cell: int, rng: np.random.Generator) -> i
 
 
 def ape_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-    idx = draw_volumes(vols, cfg.batch_size, rng, cfg.extra_ratio)
-    extra = max(0, int(cfg.ape_crops) - 2)
+    d = cfg.data
+    idx = draw_volumes(vols, d.batch_size, rng, d.extra_ratio)  # type: ignore[arg-type]
+    extra = max(0, int(d.ape_crops) - 2)
     size = ape_crop_size(cfg, int(model.stride[0]), rng)
-    views = [ape_views(vols[i], size, cfg.ape_points, rng, cfg.zoom, cfg.intensity_aug) for i in idx]
-    others = [[random_crop(vols[i], size, cfg.ape_points, rng, cfg.zoom, cfg.intensity_aug) for _ in range(extra)]
+    views = [ape_views(vols[i], size, d.ape_points, rng, d.zoom, d.intensity_aug) for i in idx]
+    others = [[random_crop(vols[i], size, d.ape_points, rng, d.zoom, d.intensity_aug) for _ in range(extra)]
               for i in idx]
     b = len(views)
     crops = [v.view_a for v in views] + [v.view_b for v in views] + [o[0] for row in others for o in row]
@@ -336,8 +428,10 @@ def ape_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Gene
 
 # ------------------------------------------------------------------------------------ engine task
 
-_RESUME_FIXED = ("kind", "channels", "spacing", "hu_window", "slice_patch", "ape_patch", "ape_input_pool", "anchor",
-                 "slice_model", "anchor_knots", "anchor_fit", "anchor_slope_range")
+# fields that may not change between a checkpoint and --resume (dotted: section.field)
+_RESUME_FIXED = ("kind", "model.channels", "preprocess.spacing", "preprocess.hu_window", "data.slice_patch",
+                 "data.ape_patch", "model.ape_input_pool", "task.anchor", "task.slice_model", "task.anchor_knots",
+                 "task.anchor_fit", "task.anchor_slope_range")
 
 
 class BPRTask(TrainTask):
@@ -370,20 +464,23 @@ class BPRTask(TrainTask):
             self.lines = []
 
     def check_resume(self, saved_config: dict[str, Any], path: Path) -> None:
+        # the train state's config: nested, or flat when the run began before the sections
+        now, before = flatten(BPRTrainConfig, to_dict(self.cfg)), flatten(BPRTrainConfig, saved_config)
         for key in _RESUME_FIXED:
-            if key in saved_config and to_dict(getattr(self.cfg, key)) != saved_config[key]:
-                raise ModelError(path, f"cannot resume: {key} was {saved_config[key]!r} in the interrupted run, "
-                                       f"now {to_dict(getattr(self.cfg, key))!r}")
+            if key in before and key in now and now[key] != before[key]:
+                raise ModelError(path, f"cannot resume: {key} was {before[key]!r} in the interrupted run, "
+                                       f"now {now[key]!r}")
 
 
 def engine_config(cfg: BPRTrainConfig, progress: bool = True) -> EngineConfig:
-    """The engine settings of BPR training (``cfg`` resolved)."""
-    steps = int(cfg.steps)  # type: ignore[arg-type]
-    return EngineConfig(steps=steps, lr=cfg.lr, warmup_steps=max(1, int(0.05 * steps)), min_lr_ratio=0.05,
-                        weight_decay=cfg.weight_decay, no_decay_1d=False, grad_clip=5.0, ema_decay=None,
-                        bf16=False, device="cpu", threads=max(cfg.threads, 0), seed=cfg.seed, log_every=1,
-                        checkpoint_every=cfg.checkpoint_every, keep_checkpoints=1, progress=progress,
-                        desc=f"bpr {cfg.kind}", nan_hint="continue from it with --resume (e.g. with a lower --lr)")
+    """The engine settings of BPR training: ``cfg.optim`` and ``cfg.runtime`` (the kind's defaults
+    and the warm-up filled in), weight decay on every parameter, no EMA."""
+    cfg = resolved(cfg)
+    settings = engine_settings(cfg.optim, cfg.runtime)
+    settings.update(steps=int(cfg.optim.steps), warmup_steps=int(cfg.optim.warmup_steps),  # type: ignore[arg-type]
+                    ema_decay=None, threads=max(cfg.runtime.threads, 0))
+    return EngineConfig(**settings, no_decay_1d=False, seed=cfg.seed, progress=progress, desc=f"bpr {cfg.kind}",
+                        nan_hint="continue from it with --resume (e.g. with a lower --optim.lr)")
 
 
 # ------------------------------------------------------------------------------------ calibration
@@ -422,11 +519,11 @@ def calibrate(model: BodyPartRegressor, vols: list[Volume], cfg: BPRTrainConfig,
             thr_maps.append(m[:, body] if body.any() else m.reshape(3, -1))
         allv = np.concatenate(thr_maps, axis=1)
         med = np.median(allv, axis=1)
-        scale = model.raw_unit_mm / float(cfg.calib_range_mm)
+        scale = model.raw_unit_mm / float(cfg.task.calib_range_mm)
         model.calib_scale.fill_(scale)
         model.calib_offset.copy_(torch.as_tensor(0.5 - med * scale, dtype=model.calib_offset.dtype))
         info = {"method": "median", "raw_median": med.tolist(), "scale": scale,
-                "offset": model.calib_offset.tolist(), "mm_per_unit": float(cfg.calib_range_mm), "volumes": len(use),
+                "offset": model.calib_offset.tolist(), "mm_per_unit": float(cfg.task.calib_range_mm), "volumes": len(use),
                 **gain_info}
     model.calibration_info = info
     return info
@@ -461,8 +558,8 @@ def train_bpr(
 ) -> Path:
     """Train a body part regressor; returns ``out_dir`` (a model folder for :func:`load_bpr`).
 
-    ``cases`` (preprocessed :class:`~voxdiff.data.types.Case` objects at ``cfg.spacing``) replaces
-    reading ``cfg.data``; otherwise the data folders go through the data layer's cache.
+    ``cases`` (preprocessed :class:`~voxdiff.data.types.Case` objects at ``cfg.preprocess.spacing``)
+    replaces reading ``cfg.data.path``; otherwise the data folders go through the data layer's cache.
     """
     _validate(cfg)
     cfg = resolved(cfg)
@@ -476,25 +573,26 @@ def train_bpr(
         check_output_path(out, force=force)
     if cases is None:
         cases = load_training_cases(cfg)
-    vols = cases_to_volumes(cases, cfg.hu_window, where=cfg.data or None)
+    vols = cases_to_volumes(cases, cfg.preprocess.hu_window, where=cfg.data.path or None)
 
-    with num_threads(max(cfg.threads, 0)):
+    with num_threads(max(cfg.runtime.threads, 0)):
         return _train(cfg, out, vols, resuming, progress)
 
 
 def _train(cfg: BPRTrainConfig, out: Path, vols: list[Volume], resuming: bool, progress: bool) -> Path:
     torch.manual_seed(cfg.seed)
     pp = to_dict(preprocess_config(cfg))
-    patch = (cfg.slice_patch, cfg.slice_patch, cfg.slices_per_sample) if cfg.kind == "slice" else (cfg.ape_patch,) * 3
-    arch: dict[str, Any] = {"channels": cfg.channels, "unit_mm": 1.0 / cfg.heuristic_b if cfg.kind == "slice" else 100.0,
+    d, t = cfg.data, cfg.task
+    patch = (d.slice_patch, d.slice_patch, d.slices_per_sample) if cfg.kind == "slice" else (d.ape_patch,) * 3
+    arch: dict[str, Any] = {"channels": cfg.model.channels, "unit_mm": 1.0 / t.heuristic_b if cfg.kind == "slice" else 100.0,
                             "patch_size": patch}
     slice_model = None
     if cfg.kind == "ape":
-        arch.update(head="anchor", input_pool=cfg.ape_input_pool)
-        if cfg.anchor == "slice":
+        arch.update(head="anchor", input_pool=cfg.model.ape_input_pool)
+        if t.anchor == "slice":
             slice_model = load_anchor_slice_model(cfg)
-            arch.update(anchor="slice", anchor_knots=cfg.anchor_knots, anchor_fit=cfg.anchor_fit,
-                        anchor_slope_range=tuple(cfg.anchor_slope_range), slice_arch=slice_model.arch(),
+            arch.update(anchor="slice", anchor_knots=t.anchor_knots, anchor_fit=t.anchor_fit,
+                        anchor_slope_range=tuple(t.anchor_slope_range), slice_arch=slice_model.arch(),
                         slice_preprocess=dict(slice_model.preprocess))
     model = build_bpr(cfg.kind, arch, preprocess=pp)
     if slice_model is not None:
@@ -518,9 +616,9 @@ def _train(cfg: BPRTrainConfig, out: Path, vols: list[Volume], resuming: bool, p
     last = task.last
 
     calib = calibrate(model, vols, cfg)
-    save_bpr(out, model, meta={"steps": cfg.steps, "cases": [v.case_id for v in vols], "final": last})
+    save_bpr(out, model, meta={"steps": cfg.optim.steps, "cases": [v.case_id for v in vols], "final": last})
     atomic_write_json(out / "metrics.json", {"final": last, "calibration": calib, "train_seconds": train_s,
-                                             "steps": cfg.steps, "resumed_from": start, "n_volumes": len(vols)})
+                                             "steps": cfg.optim.steps, "resumed_from": start, "n_volumes": len(vols)})
     return out
 
 
@@ -631,4 +729,4 @@ def read_log(path: str | Path) -> list[dict[str, float]]:
     return [dict(zip(head, map(float, r.split(",")))) for r in rows[1:]]
 
 
-__all__ = ["BPRTrainConfig", "train_bpr", "calibrate", "load_training_cases", "cases_to_volumes", "read_log"]
+__all__ = ["BPRTrainConfig", "BPRData", "BPROptim", "BPRModel", "BPRTaskOptions", "train_bpr", "calibrate", "load_training_cases", "cases_to_volumes", "read_log"]

@@ -309,7 +309,7 @@ class Experiment:
         slice_model: str | None = None
         if not self.runner.done(name):
             want = self.bpr_config(kind, **over)
-            if want.kind == "ape" and want.anchor == "slice" and not want.slice_model:
+            if want.kind == "ape" and want.task.anchor == "slice" and not want.task.slice_model:
                 # the S anchor of the ape model: the experiment's own slice model (trained first unless done)
                 slice_model = str(self.bpr("slice"))
 
@@ -318,12 +318,12 @@ class Experiment:
 
             bcfg = self.bpr_config(kind, **over)
             if slice_model is not None:
-                bcfg.slice_model = slice_model
+                bcfg.task.slice_model = slice_model
             # an interrupted run's checkpoint (one of the format before the engine: trained again)
             resume = can_resume(tmp / "model")
             train_bpr(bcfg, tmp / "model", cases=self.cases("unlabelled"), resume=resume, force=not resume,
                       progress=self.cfg.progress)
-            res: dict[str, Any] = {"kind": kind, "steps": bcfg.steps}
+            res: dict[str, Any] = {"kind": kind, "steps": bcfg.optim.steps}
             try:  # quality on the labelled test cases (landmarks from labels), when available
                 from voxdiff.bpr import load_bpr
                 from voxdiff.bpr.quality import ape_quality, slice_quality
@@ -440,8 +440,8 @@ class Experiment:
                 from voxdiff.probe.train import volume_roi
 
                 for h, m in fitted.items():
-                    roi = volume_roi(pcfg) if self.voxel_mode else pcfg.roi
-                    save_segmenter(tmp / f"segmenter-{h}", model_dir, m, h, ext.preprocess, roi, pcfg.overlap,
+                    roi = volume_roi(pcfg) if self.voxel_mode else pcfg.inference.roi
+                    save_segmenter(tmp / f"segmenter-{h}", model_dir, m, h, ext.preprocess, roi, pcfg.inference.overlap,
                                    meta={"experiment_step": name}, inference="volume" if self.voxel_mode else "window",
                                    timesteps=feature_timesteps(ext))
             return {"fold": fold, "train_cases": [c.case_id for c in train], "val_cases": [c.case_id for c in val],
@@ -497,7 +497,7 @@ class Experiment:
             scores = self._score(tuned, {mode: head}, test, pcfg)
             return {"fold": fold, "mode": mode, "init": init_probe or "random", "train_cases": [c.case_id for c in train],
                     "val_cases": [c.case_id for c in val], "test_cases": [c.case_id for c in test],
-                    "max_steps": pcfg.steps, "steps_run": getattr(head, "steps_run", None),
+                    "max_steps": pcfg.optim.steps, "steps_run": getattr(head, "steps_run", None),
                     "best_step": getattr(head, "best_step", None), "best_val_dice": getattr(head, "best_val_dice", None),
                     "scores": scores, "history": hist}
 
@@ -523,7 +523,7 @@ class Experiment:
             if volume:
                 logits = predict_logits_volume(ext, dict(heads), unit, pcfg)
             else:
-                logits = predict_logits(ext, dict(heads), unit, pcfg.roi, pcfg.overlap)
+                logits = predict_logits(ext, dict(heads), unit, pcfg.inference.roi, pcfg.inference.overlap)
             for h, lg in logits.items():
                 pred = logits_to_labels(lg)
                 out[h][case.case_id] = {str(k): v for k, v in dice_per_class(pred, case.label, pcfg.n_classes).items()}

@@ -150,11 +150,12 @@ class Segmenter:
         from voxdiff.data.preprocess import preprocess, restore_to_original
 
         from .predict import logits_to_labels, unit_image
-        from .train import ProbeConfig
+        from .train import ProbeConfig, ProbeWindow
         from .voxel import predict_logits_volume
 
         pre = preprocess(raw_case, self.preprocess)
-        cfg = ProbeConfig(roi=self.roi, overlap=self.overlap, bf16=amp)
+        cfg = ProbeConfig(inference=ProbeWindow(roi=self.roi, overlap=self.overlap))
+        cfg.runtime.bf16 = bool(amp)
         lg = predict_logits_volume(self.extractor, {"h": self.head}, unit_image(pre, self.preprocess.hu_window), cfg)["h"]
         return restore_to_original(logits_to_labels(lg), pre.meta, is_label=True).astype(np.uint8)
 

@@ -14,7 +14,7 @@ Modes (``ProbeConfig.heads``):
   and weights never change). All frozen heads are trained in one pass: each batch's features are
   computed once and fed to every head.
 * ``finetune``: a copy of the extractor's backbone with the non-linear head; the backbone stays
-  frozen for ``warmup_steps`` and is then trained with ``backbone_lr``.
+  frozen for ``optim.warmup_steps`` and is then trained with ``optim.backbone_lr``.
 * ``scratch``: the same backbone architecture, randomly re-initialised, trained end to end.
 """
 
@@ -24,20 +24,21 @@ import copy
 import math
 import os
 import time
-from dataclasses import InitVar, dataclass
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from voxdiff.core.config import Bf16Renamed
+from voxdiff.core.config import warn_renamed
 from voxdiff.core.engine import Engine, EngineConfig, TrainTask
 from voxdiff.core.errors import InputError, TrainingError
 from voxdiff.core.metrics import mean_dice
 from voxdiff.core.runtime import resolve_device
+from voxdiff.core.sections import OptimConfig, RuntimeConfig
 
 from .heads import NonLinearHead, count_parameters, feature_stats, make_head
 from .predict import features, logits_to_labels, predict_logits, set_frozen, unit_image
@@ -48,80 +49,146 @@ ALL_MODES = FROZEN_MODES + TUNED_MODES
 
 
 @dataclass
-class ProbeConfig(Bf16Renamed):
-    """Probing / fine-tuning options (defaults sized for a CPU).
+class ProbeSampling:
+    """Which labelled cases train, and how each step samples them.
 
-    heads: what to train: linear, nonlinear, mix (frozen features, one shared pass; ``mix`` is the
-      learned level x timestep mix, :class:`voxdiff.probe.heads.MixHead`), finetune, scratch.
-    patch_size: training patch (x, y, z) in voxels; multiples of the backbone's largest stride.
-    batch_size: patches per step.
-    steps: optimisation steps per head / network.
-    lr: learning rate of the heads (Adam).
-    backbone_lr: learning rate of the backbone when fine-tuning.
-    scratch_lr: learning rate of the from-scratch network (backbone and head).
-    weight_decay: AdamW weight decay.
-    warmup_steps: fine-tuning only: steps with the backbone frozen before it is unfrozen.
-    fg_prob: fraction of patches centred on an organ voxel (organ drawn uniformly).
-    hidden: width of the non-linear head.
-    blocks: kernel-1 residual blocks per level in the non-linear head.
-    train_cases: use only the first N labelled training cases (label-efficiency studies); null = all.
-    val_from_train: training cases held out for checkpoint selection; 0 = select on the fold's
-      validation cases (nnU-Net style; then the fold's score is optimistic).
-    val_every: validate (whole volumes, sliding window) every this many steps and at the end.
-    patience: fine-tuning / from scratch: stop early after this many validations in a row without a
-      better validation Dice (0 = run all ``steps``); the best-validation state is returned either way.
-    roi: sliding-window size for validation and for the saved segmenter.
-    overlap: sliding-window overlap.
-    feature_roi: frozen voxel probing (``frozen_training=voxels``): the window of the whole-volume
-      feature extraction, for training, validation and the saved segmenter; null = ``roi``. A size
-      at least the volume's (e.g. [1024, 1024, 1024]) extracts each volume in one window: no
-      overlap to compute and, measured on the phantom benchmark, better features than 64^3 windows
-      (docs/RESULTS.md); memory grows with the volume, so keep windows for large grids.
-    n_classes: output classes incl. background (14 = BTCV).
-    bf16: bf16 autocast for the feature extractor where the device computes bf16 natively
-      (fp32 elsewhere; ``amp`` is the deprecated old name, still accepted).
-    device: auto, cpu or cuda.
-    seed: seed of patch sampling and head initialisation.
-    frozen_training: how linear/non-linear heads are trained: ``voxels`` (voxel samples of cached
-      whole-volume features, exact for these per-voxel heads and much faster; see
-      :mod:`voxdiff.probe.voxel`) or ``patches`` (vox2vec's patch training, :func:`fit_heads`).
-    voxels_per_step: voxels per optimisation step with ``frozen_training=voxels``.
-    t: diffusion models: feature timesteps to use instead of the model's own (several: one pass
-      each, concatenated; as ``voxdiff features --t``); saved in the segmenter bundles.
+    Args:
+        patch_size: training patch (x, y, z) in voxels; multiples of the backbone's largest stride.
+        batch_size: patches per step.
+        fg_prob: fraction of patches (voxels, with ``frozen_training=voxels``) centred on an organ
+            voxel (organ drawn uniformly).
+        voxels_per_step: voxels per optimisation step with ``frozen_training=voxels``.
+        train_cases: use only the first N labelled training cases (label-efficiency studies); null = all.
+        val_from_train: training cases held out for checkpoint selection; 0 = select on the fold's
+            validation cases (nnU-Net style; then the fold's score is optimistic).
     """
 
-    heads: tuple[str, ...] = ("linear", "nonlinear")
     patch_size: tuple[int, int, int] = (64, 64, 32)
     batch_size: int = 2
-    steps: int = 300
-    lr: float = 3e-3
-    backbone_lr: float = 3e-4
-    scratch_lr: float = 1e-3
-    weight_decay: float = 1e-5
-    warmup_steps: int = 100
     fg_prob: float = 0.67
-    hidden: int = 32
-    blocks: int = 1
+    voxels_per_step: int = 8192
     train_cases: int | None = None
     val_from_train: int = 1
+
+
+@dataclass
+class ProbeOptim(OptimConfig):
+    """:class:`~voxdiff.core.sections.OptimConfig` with the probe's defaults and its own fields. AdamW
+    with weight decay on every parameter, no clipping (``grad_clip`` 0), no EMA; frozen heads decay
+    from ``lr`` to ``min_lr_ratio * lr`` (cosine, no warm-up), fine-tuning and from-scratch training
+    keep constant learning rates.
+
+    Args:
+        steps: optimisation steps per head / network.
+        lr: learning rate of the heads.
+        warmup_steps: fine-tuning only: steps with the backbone frozen (the head alone) before it is
+            unfrozen (not a learning-rate warm-up).
+        backbone_lr: learning rate of the backbone when fine-tuning.
+        scratch_lr: learning rate of the from-scratch network (backbone and head).
+        val_every: validate (whole volumes, sliding window) every this many steps and at the end.
+        patience: fine-tuning / from scratch: stop early after this many validations in a row without
+            a better validation Dice (0 = run all ``steps``); the best-validation state is returned
+            either way.
+        ema_decay: must stay null (the probe keeps no EMA of the weights).
+    """
+
+    steps: int = 300
+    lr: float = 3e-3
+    warmup_steps: int = 100
+    weight_decay: float = 1e-5
+    grad_clip: float = 0.0
+    ema_decay: float | None = None  # type: ignore[assignment]
+    backbone_lr: float = 3e-4
+    scratch_lr: float = 1e-3
     val_every: int = 100
     patience: int = 0
+
+
+@dataclass
+class ProbeHead:
+    """The non-linear (and mix) head's size.
+
+    Args:
+        hidden: width of the non-linear head.
+        blocks: kernel-1 residual blocks per level in the non-linear head.
+    """
+
+    hidden: int = 32
+    blocks: int = 1
+
+
+@dataclass
+class ProbeWindow:
+    """Sliding-window inference: validation and the saved segmenters.
+
+    Args:
+        roi: sliding-window size for validation and for the saved segmenter.
+        overlap: sliding-window overlap.
+        feature_roi: frozen voxel probing (``frozen_training=voxels``): the window of the whole-volume
+            feature extraction, for training, validation and the saved segmenter; null = ``roi``. A
+            size at least the volume's (e.g. [1024, 1024, 1024]) extracts each volume in one window:
+            no overlap to compute and, measured on the phantom benchmark, better features than 64^3
+            windows (docs/RESULTS.md); memory grows with the volume, so keep windows for large grids.
+    """
+
     roi: tuple[int, int, int] = (96, 96, 64)
     overlap: float = 0.5
     feature_roi: tuple[int, int, int] | None = None
-    n_classes: int = 14
-    bf16: bool = False
-    device: str = "auto"
+
+
+def _probe_runtime() -> RuntimeConfig:
+    return RuntimeConfig(device="auto", threads=0, bf16=False, log_every=0, checkpoint_every=0, keep_checkpoints=1)
+
+
+@dataclass
+class ProbeConfig:
+    """Probing / fine-tuning options (defaults sized for a CPU), in sections (``cfg.optim.lr``; on
+    the command line ``--optim.lr``). Configs saved before the sections (flat: ``steps``, ``roi``,
+    ``hidden``, ...) load too (:mod:`voxdiff.core.config`).
+
+    Args:
+        heads: what to train: linear, nonlinear, mix (frozen features, one shared pass; ``mix`` is the
+            learned level x timestep mix, :class:`voxdiff.probe.heads.MixHead`), finetune, scratch.
+        seed: seed of patch sampling and head initialisation.
+        n_classes: output classes incl. background (14 = BTCV).
+        frozen_training: how linear/non-linear heads are trained: ``voxels`` (voxel samples of cached
+            whole-volume features, exact for these per-voxel heads and much faster; see
+            :mod:`voxdiff.probe.voxel`) or ``patches`` (vox2vec's patch training, :func:`fit_heads`).
+        t: diffusion models: feature timesteps to use instead of the model's own (several: one pass
+            each, concatenated; as ``voxdiff features --t``); saved in the segmenter bundles.
+        sampling: training cases, patches / voxels and batches.
+        optim: optimiser, learning rates, validation and early stopping (:class:`ProbeOptim`).
+        head: the non-linear head's size.
+        inference: sliding-window size and overlap (validation and saved segmenters).
+        runtime: ``device`` (auto, cpu or cuda), ``bf16`` (bf16 autocast for the feature extractor
+            where the device computes bf16 natively; fp32 elsewhere; ``amp`` is the deprecated old
+            name, still accepted), ``threads`` (0 = torch's setting), ``compile``; ``log_every`` and
+            ``checkpoint_every`` 0 = at every validation (``optim.val_every``).
+    """
+
+    SECTIONS: ClassVar[tuple[str, ...]] = ("sampling", "optim", "head", "inference", "runtime")
+
+    heads: tuple[str, ...] = ("linear", "nonlinear")
     seed: int = 0
+    n_classes: int = 14
     frozen_training: str = "voxels"
-    voxels_per_step: int = 8192
     t: tuple[int, ...] | None = None
-    amp: InitVar[bool | None] = None  # the old name of bf16 (Bf16Renamed)
+    sampling: ProbeSampling = field(default_factory=ProbeSampling)
+    optim: ProbeOptim = field(default_factory=ProbeOptim)
+    head: ProbeHead = field(default_factory=ProbeHead)
+    inference: ProbeWindow = field(default_factory=ProbeWindow)
+    runtime: RuntimeConfig = field(default_factory=_probe_runtime)
+    amp: InitVar[bool | None] = None  # the old keyword of runtime.bf16
+
+    def __post_init__(self, amp: bool | None = None) -> None:
+        if amp is not None:
+            warn_renamed(type(self), "amp", "runtime.bf16")
+            self.runtime.bf16 = bool(amp)
 
 
 def volume_roi(cfg: ProbeConfig) -> tuple[int, int, int]:
     """The window of whole-volume feature extraction (voxel probing): ``feature_roi`` or ``roi``."""
-    return tuple(int(r) for r in (cfg.feature_roi or cfg.roi))  # type: ignore[return-value]
+    return tuple(int(r) for r in (cfg.inference.feature_roi or cfg.inference.roi))  # type: ignore[return-value]
 
 
 def _to_device(extractor, device: torch.device) -> None:
@@ -235,7 +302,7 @@ def condition_fields(extractor, cases: Sequence) -> list | None:
 def make_sampler(extractor, cases: Sequence, cfg: "ProbeConfig", rng: np.random.Generator) -> PatchSampler:
     """The patch sampler of head fitting and fine-tuning for ``extractor``."""
     sincos = int(getattr(getattr(getattr(extractor, "task", None), "opts", None), "bpr_sincos", 0) or 0)
-    return PatchSampler(cases, extractor.preprocess.hu_window, cfg.patch_size, cfg.fg_prob, rng,
+    return PatchSampler(cases, extractor.preprocess.hu_window, cfg.sampling.patch_size, cfg.sampling.fg_prob, rng,
                         fields=condition_fields(extractor, cases), sincos=sincos)
 
 
@@ -265,8 +332,8 @@ def validate(extractor, heads: dict[str, nn.Module], cases: Sequence, cfg: Probe
         return {}
     scores: dict[str, list[float]] = {n: [] for n in heads}
     for case in cases:
-        out = predict_logits(extractor, heads, unit_image(case, window), cfg.roi, cfg.overlap,
-                             device=device, amp=cfg.bf16)
+        out = predict_logits(extractor, heads, unit_image(case, window), cfg.inference.roi, cfg.inference.overlap,
+                             device=device, amp=cfg.runtime.bf16)
         for n, lg in out.items():
             scores[n].append(mean_dice(logits_to_labels(lg), np.asarray(case.label), cfg.n_classes))
     return {n: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for n, v in scores.items()}
@@ -322,12 +389,12 @@ class HeadsTask(TrainTask):
         return total, {f"loss_{n}": v.detach() for n, v in losses.items()}
 
     def needs_sync(self, done: int) -> bool:
-        return done % self.cfg.val_every == 0 or done == self.cfg.steps
+        return done % self.cfg.optim.val_every == 0 or done == self.cfg.optim.steps
 
     def after_step(self, engine: Engine, done: int) -> bool:
         if self.needs_sync(done):
             val, keep = self.validate_of(dict(self.models.items()))
-            keep_best(self.best, keep, val, last=done == self.cfg.steps)
+            keep_best(self.best, keep, val, last=done == self.cfg.optim.steps)
             self.history.append({"step": done, "loss": {n: float(v) for n, v in self.running.items()},
                                  "val_dice": val})
         return False
@@ -357,12 +424,29 @@ def _finite_or_none(x: float) -> float | None:
     return float(x) if np.isfinite(x) else None
 
 
+def engine_settings(cfg: ProbeConfig) -> dict[str, Any]:
+    """The :class:`~voxdiff.core.engine.EngineConfig` settings that every probe loop shares: AdamW with
+    weight decay on every parameter, ``optim.grad_clip`` (0: off), no EMA; metric lines and train
+    states at every validation unless ``runtime`` says otherwise. (The probe's ``runtime.bf16`` is
+    the extractor's autocast, not the engine's: heads and the tuned network train in fp32.)"""
+    o, r = cfg.optim, cfg.runtime
+    if o.ema_decay is not None:
+        raise InputError(None, "optim.ema_decay: the probe keeps no EMA of the weights (leave it null)")
+
+    def every(n: int) -> int:
+        return int(n) if int(n) > 0 else int(o.val_every)
+
+    return dict(steps=o.steps, lr=o.lr, weight_decay=o.weight_decay, no_decay_1d=False, grad_clip=o.grad_clip,
+                ema_decay=None, device=r.device, threads=max(int(r.threads), 0), compile=bool(r.compile), seed=cfg.seed,
+                log_every=every(r.log_every), checkpoint_every=every(r.checkpoint_every),
+                keep_checkpoints=r.keep_checkpoints, tensorboard=r.tensorboard)
+
+
 def heads_engine_config(cfg: ProbeConfig, names: Sequence[str], progress: bool, desc: str) -> EngineConfig:
     """Head fitting on the engine: AdamW (weight decay on every parameter), cosine decay from ``lr``
-    to 5 % of it without warm-up, no clipping, no EMA; the extractor's own autocast (``bf16``)."""
-    return EngineConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=0, min_lr_ratio=0.05, weight_decay=cfg.weight_decay,
-                        no_decay_1d=False, device=cfg.device, seed=cfg.seed, log_every=cfg.val_every,
-                        checkpoint_every=cfg.val_every, keep_checkpoints=1, progress=progress, desc=desc,
+    to ``min_lr_ratio`` (5 %) of it without warm-up, no clipping by default, no EMA; the extractor's
+    own autocast (``runtime.bf16``)."""
+    return EngineConfig(**engine_settings(cfg), warmup_steps=0, min_lr_ratio=cfg.optim.min_lr_ratio, progress=progress, desc=desc,
                         label="+".join(names), nan_hint="continue from it with resume=True")
 
 
@@ -392,7 +476,7 @@ def fit_heads(
     bad = [n for n in names if n not in FROZEN_MODES]
     if bad:
         raise ValueError(f"fit_heads trains frozen heads only ({FROZEN_MODES}); use fit_network for {bad}")
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.runtime.device)
     set_frozen(extractor)
     _to_device(extractor, device)
     window = extractor.preprocess.hu_window
@@ -401,16 +485,16 @@ def fit_heads(
     sampler = make_sampler(extractor, train_cases, cfg, rng)
     chans = [int(lv.channels) for lv in extractor.levels]
     groups = int(getattr(extractor, "passes", 1))
-    models = {n: make_head(n, chans, cfg.n_classes, cfg.hidden, cfg.blocks, groups=groups).to(device) for n in names}
+    models = {n: make_head(n, chans, cfg.n_classes, cfg.head.hidden, cfg.head.blocks, groups=groups).to(device) for n in names}
     stats = _measure_stats(extractor, sampler, cfg, device)
     for m in models.values():
         m.set_feature_stats(stats)
 
     def losses_of(ms: dict[str, nn.Module], step: int) -> dict[str, torch.Tensor]:
-        x, y = sampler.sample(cfg.batch_size)
+        x, y = sampler.sample(cfg.sampling.batch_size)
         x, y = x.to(device), y.to(device)
         with torch.no_grad():
-            pyr = features(extractor, x, amp=cfg.bf16, **sampler.extractor_inputs(device))
+            pyr = features(extractor, x, amp=cfg.runtime.bf16, **sampler.extractor_inputs(device))
         return {n: dice_ce_loss(m(pyr, out_size=x.shape[2:]), y) for n, m in ms.items()}
 
     def validate_of(ms: dict[str, nn.Module]):
@@ -432,8 +516,8 @@ def _measure_stats(extractor, sampler: PatchSampler, cfg: ProbeConfig, device, b
         pyrs = []
         with torch.no_grad():
             for _ in range(batches):
-                x, _ = sampler.sample(cfg.batch_size)
-                pyrs.append(features(extractor, x.to(device), amp=cfg.bf16, **sampler.extractor_inputs(device)))
+                x, _ = sampler.sample(cfg.sampling.batch_size)
+                pyrs.append(features(extractor, x.to(device), amp=cfg.runtime.bf16, **sampler.extractor_inputs(device)))
     finally:
         sampler.rng = rng
     return feature_stats(pyrs)
@@ -459,12 +543,12 @@ class NetworkTask(TrainTask):
 
     def __init__(self, ext, backbone: nn.Module, head: nn.Module, sampler: PatchSampler, cfg: ProbeConfig, mode: str,
                  device: torch.device, val_cases: Sequence, history: list | None, warm: int | None = None):
-        """``warm``: steps with the backbone frozen (default: ``cfg.warmup_steps`` when fine-tuning)."""
+        """``warm``: steps with the backbone frozen (default: ``cfg.optim.warmup_steps`` when fine-tuning)."""
         self.ext, self.backbone, self.head, self.sampler, self.cfg = ext, backbone, head, sampler, cfg
         self.mode, self.device, self.val_cases = mode, device, val_cases
         self.history = history if history is not None else []
         self.net = nn.ModuleDict({"head": head, "backbone": backbone})
-        self.warm = 0 if mode == "scratch" else min(cfg.warmup_steps if warm is None else warm, cfg.steps)
+        self.warm = 0 if mode == "scratch" else min(cfg.optim.warmup_steps if warm is None else warm, cfg.optim.steps)
         self.fitted_head = False  # a head fitted beforehand (LP-FT) trains at the backbone's learning rate
         self.unfrozen = False
         self.best: tuple[float, Any] = (-math.inf, None)
@@ -478,10 +562,10 @@ class NetworkTask(TrainTask):
         # the backbone's group is there from the start; its parameters get gradients (and AdamW
         # state) only once unfrozen, which is what adding the group at that step would do
         c = self.cfg
-        head_lr = c.scratch_lr if self.mode == "scratch" else (c.backbone_lr if self.fitted_head else c.lr)
-        bb_lr = c.scratch_lr if self.mode == "scratch" else c.backbone_lr
-        return [{"params": list(self.head.parameters()), "base_lr": head_lr, "weight_decay": c.weight_decay},
-                {"params": list(self.backbone.parameters()), "base_lr": bb_lr, "weight_decay": c.weight_decay}]
+        head_lr = c.optim.scratch_lr if self.mode == "scratch" else (c.optim.backbone_lr if self.fitted_head else c.optim.lr)
+        bb_lr = c.optim.scratch_lr if self.mode == "scratch" else c.optim.backbone_lr
+        return [{"params": list(self.head.parameters()), "base_lr": head_lr, "weight_decay": c.optim.weight_decay},
+                {"params": list(self.backbone.parameters()), "base_lr": bb_lr, "weight_decay": c.optim.weight_decay}]
 
     def on_fit_start(self, engine: Engine) -> None:
         self.head.train()  # the backbone stays in eval mode (frozen) until it is unfrozen
@@ -499,23 +583,23 @@ class NetworkTask(TrainTask):
             self._unfreeze()
 
     def step(self, model, batch, step: int, gen):
-        x, y = self.sampler.sample(self.cfg.batch_size)
+        x, y = self.sampler.sample(self.cfg.sampling.batch_size)
         x, y = x.to(self.device), y.to(self.device)
         self.head.train()
         if self.unfrozen:
-            pyr = features(self.ext, x, amp=self.cfg.bf16, grad=True, **self.sampler.extractor_inputs(self.device))
+            pyr = features(self.ext, x, amp=self.cfg.runtime.bf16, grad=True, **self.sampler.extractor_inputs(self.device))
             if not any(f.requires_grad for f in pyr):
                 raise TrainingError("the feature extractor returns no gradients; it cannot be fine-tuned")
         else:
             with torch.no_grad():
-                pyr = features(self.ext, x, amp=self.cfg.bf16, **self.sampler.extractor_inputs(self.device))
+                pyr = features(self.ext, x, amp=self.cfg.runtime.bf16, **self.sampler.extractor_inputs(self.device))
         loss = dice_ce_loss(self.head(pyr, out_size=x.shape[2:]), y)
         v = loss.detach().double()
         self.running = 0.9 * self.running + 0.1 * v if (step > 0 and self.running is not None) else v
         return loss, {}
 
     def needs_sync(self, done: int) -> bool:
-        return done % self.cfg.val_every == 0 or done == self.cfg.steps
+        return done % self.cfg.optim.val_every == 0 or done == self.cfg.optim.steps
 
     def after_step(self, engine: Engine, done: int) -> bool:
         if not self.needs_sync(done):
@@ -525,7 +609,7 @@ class NetworkTask(TrainTask):
         val = validate(self.ext, {mode: self.head}, self.val_cases, cfg, self.device, self.ext.preprocess.hu_window)
         score = val.get(mode, float("nan"))
         improved = bool(val) and np.isfinite(score) and score > self.best[0]
-        if not val or improved or (done == cfg.steps and self.best[1] is None):
+        if not val or improved or (done == cfg.optim.steps and self.best[1] is None):
             self.best = (score if np.isfinite(score) else self.best[0],
                          (copy.deepcopy(self.backbone.state_dict()), copy.deepcopy(self.head.state_dict())))
             self.best_step = done
@@ -535,7 +619,7 @@ class NetworkTask(TrainTask):
         self.history.append({"step": done, "loss": {mode: float(self.running) if self.running is not None else 0.0},
                              "val_dice": val})
         # early stopping: no better validation Dice for `patience` validations in a row
-        return bool(cfg.patience > 0 and val and self.since_best >= cfg.patience and self.best[1] is not None)
+        return bool(cfg.optim.patience > 0 and val and self.since_best >= cfg.optim.patience and self.best[1] is not None)
 
     def state(self):
         tensors: dict[str, torch.Tensor] = {}
@@ -584,10 +668,10 @@ def fit_network(
 
     Works on a deep copy of ``extractor``; returns ``(tuned_extractor, head)`` in eval mode with the
     best validation state (backbone and head of the same step). Only ``extractor.backbone`` is
-    trained (a BPR inside stays frozen). With validation cases and ``cfg.patience`` > 0, training
+    trained (a BPR inside stays frozen). With validation cases and ``cfg.optim.patience`` > 0, training
     stops after ``patience`` validations in a row without a better validation Dice (early
     stopping). The head records ``best_val_dice``, ``best_step`` (the step of the returned state)
-    and ``steps_run`` (less than ``cfg.steps`` when stopped early). Training runs on the engine
+    and ``steps_run`` (less than ``cfg.optim.steps`` when stopped early). Training runs on the engine
     (:mod:`voxdiff.core.engine`): AdamW, constant learning rates (head ``lr``, backbone
     ``backbone_lr``; ``scratch_lr`` for both from scratch), no clipping, no EMA. ``state_dir``,
     ``resume``, ``stop_after``: as for :func:`fit_heads`.
@@ -595,7 +679,7 @@ def fit_network(
     if mode not in TUNED_MODES:
         raise ValueError(f"mode must be one of {TUNED_MODES}")
     cfg = cfg or ProbeConfig()
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.runtime.device)
     ext = copy.deepcopy(extractor)
     set_frozen(ext)
     backbone = getattr(ext, "backbone", None)
@@ -611,14 +695,12 @@ def fit_network(
     if init_head is not None:
         head = _fitted_head(init_head, chans, cfg, mode).to(device)
     else:
-        head = make_head("nonlinear", chans, cfg.n_classes, cfg.hidden, cfg.blocks).to(device)
+        head = make_head("nonlinear", chans, cfg.n_classes, cfg.head.hidden, cfg.head.blocks).to(device)
         head.set_feature_stats(_measure_stats(ext, sampler, cfg, device))
     task = NetworkTask(ext, backbone, head, sampler, cfg, mode, device, val_cases, history,
                        warm=0 if init_head is not None else None)
     task.fitted_head = init_head is not None
-    ecfg = EngineConfig(steps=cfg.steps, lr=cfg.lr, schedule="constant", weight_decay=cfg.weight_decay,
-                        no_decay_1d=False, device=cfg.device, seed=cfg.seed, log_every=cfg.val_every,
-                        checkpoint_every=cfg.val_every, keep_checkpoints=1, progress=progress, desc=mode, label=mode,
+    ecfg = EngineConfig(**engine_settings(cfg), schedule="constant", progress=progress, desc=mode, label=mode,
                         nan_hint="continue from it with resume=True")
     engine = Engine(ecfg, task, state_dir=state_dir, config=cfg, resume=resume)
     steps_run = engine.fit(stop_after)
@@ -680,16 +762,16 @@ def select_cases(ids: Sequence[str], splits: list[dict] | None, fold: int | None
             raise InputError(None, f"split case ids not in the data set: {', '.join(missing[:5])}")
     rng = np.random.default_rng(cfg.seed)
     order = [train[i] for i in rng.permutation(len(train))]
-    if cfg.val_from_train > 0:
-        if len(order) <= cfg.val_from_train:
-            raise InputError(None, f"{len(order)} training case(s) cannot spare {cfg.val_from_train} for validation")
-        val, order = order[: cfg.val_from_train], order[cfg.val_from_train:]
+    if cfg.sampling.val_from_train > 0:
+        if len(order) <= cfg.sampling.val_from_train:
+            raise InputError(None, f"{len(order)} training case(s) cannot spare {cfg.sampling.val_from_train} for validation")
+        val, order = order[: cfg.sampling.val_from_train], order[cfg.sampling.val_from_train:]
     else:
         val = [c for c in fold_val if c not in test] if "test" in (splits[fold] if fold is not None and splits else {}) else fold_val
-    if cfg.train_cases is not None:
-        if cfg.train_cases < 1:
+    if cfg.sampling.train_cases is not None:
+        if cfg.sampling.train_cases < 1:
             raise InputError(None, "train_cases must be >= 1")
-        order = order[: cfg.train_cases]
+        order = order[: cfg.sampling.train_cases]
     return sorted(order), sorted(val), sorted(test)
 
 
@@ -726,7 +808,7 @@ def train_probe(
     if bad or not cfg.heads:
         raise InputError(None, f"unknown head/mode {bad or '(none)'}; choose from {', '.join(ALL_MODES)}")
     check_output_path(out_dir, force=force)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.runtime.device)
     extractor = load_pretrained(pretrained_dir, device=device)
     from voxdiff.features.extract import feature_timesteps, with_timesteps
 
@@ -759,7 +841,7 @@ def train_probe(
         if cfg.frozen_training == "voxels":
             from .voxel import fit_heads_voxels
 
-            heads = fit_heads_voxels(extractor, train, val, frozen, cfg, voxels_per_step=cfg.voxels_per_step,
+            heads = fit_heads_voxels(extractor, train, val, frozen, cfg, voxels_per_step=cfg.sampling.voxels_per_step,
                                      progress=progress, history=hist)
         else:
             heads = fit_heads(extractor, train, val, frozen, cfg, progress=progress, history=hist)
@@ -790,7 +872,7 @@ def train_probe(
     with staged_dir(out_dir, force=force) as tmp:
         for n, (ext, h) in results.items():
             volume = n in FROZEN_MODES and cfg.frozen_training == "voxels"
-            save_segmenter(tmp / n, pretrained_dir, h, n, pre, volume_roi(cfg) if volume else cfg.roi, cfg.overlap,
+            save_segmenter(tmp / n, pretrained_dir, h, n, pre, volume_roi(cfg) if volume else cfg.inference.roi, cfg.inference.overlap,
                            tuned_extractor=ext,
                            inference="volume" if volume else "window", timesteps=feature_timesteps(extractor),
                            meta={k: summary[k] for k in ("fold", "train_cases", "val_cases", "test_cases", "data")}

@@ -59,7 +59,7 @@ def volume_pyramid(extractor, image_unit: np.ndarray, cfg: ProbeConfig) -> list[
     d = _divisor(extractor)
     pad = [(0, (-n) % d) for n in image_unit.shape]
     vol = np.pad(image_unit, pad, constant_values=0.0) if any(p[1] for p in pad) else image_unit
-    pyr = extract_volume(extractor, vol, roi=volume_roi(cfg), overlap=cfg.overlap, progress=False, bf16=cfg.bf16)
+    pyr = extract_volume(extractor, vol, roi=volume_roi(cfg), overlap=cfg.inference.overlap, progress=False, bf16=cfg.runtime.bf16)
     return [p[0] for p in pyr]  # drop the batch axis
 
 
@@ -158,12 +158,12 @@ def gather(pyramids: list[list[torch.Tensor]], labels: list[np.ndarray], strides
 
 def make_voxel_head(name: str, level_channels: Sequence[int], cfg: ProbeConfig, groups: int = 1) -> nn.Module:
     if name == "mix":
-        return MixHead(level_channels, cfg.n_classes, groups=groups, hidden=cfg.hidden, blocks=cfg.blocks,
+        return MixHead(level_channels, cfg.n_classes, groups=groups, hidden=cfg.head.hidden, blocks=cfg.head.blocks,
                        upsample="nearest")
     if name == "linear":
         return LinearHead(level_channels, cfg.n_classes, upsample="nearest")
     if name == "nonlinear":
-        return NonLinearHead(level_channels, cfg.n_classes, cfg.hidden, cfg.blocks, upsample="nearest")
+        return NonLinearHead(level_channels, cfg.n_classes, cfg.head.hidden, cfg.head.blocks, upsample="nearest")
     raise ValueError(f"voxel probing trains frozen heads only ({FROZEN_MODES}), not {name!r}")
 
 
@@ -200,14 +200,14 @@ def fit_heads_voxels(extractor, train_cases: Sequence, val_cases: Sequence = (),
                      stop_after: int | None = None) -> dict[str, nn.Module]:
     """Train frozen heads on voxel samples of cached whole-volume features; ``{name: best head}``.
 
-    ``cfg.steps`` optimisation steps of ``voxels_per_step`` voxels; cross-entropy (voxels are
+    ``cfg.optim.steps`` optimisation steps of ``voxels_per_step`` voxels; cross-entropy (voxels are
     class-balanced by the sampler, which is what the soft Dice term does for patches); validation
-    on whole volumes every ``cfg.val_every`` steps keeps the best state per head. Training runs on
+    on whole volumes every ``cfg.optim.val_every`` steps keeps the best state per head. Training runs on
     the engine (:func:`voxdiff.probe.train.heads_engine_config`); ``state_dir``, ``resume`` and
     ``stop_after`` as for :func:`voxdiff.probe.train.fit_heads`.
     """
     cfg = cfg or ProbeConfig()
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.runtime.device)
     set_frozen(extractor)
     if not train_cases:
         raise InputError(None, "no labelled training cases")
@@ -217,7 +217,7 @@ def fit_heads_voxels(extractor, train_cases: Sequence, val_cases: Sequence = (),
     labels = [np.asarray(c.label, dtype=np.uint8) for c in train_cases]
     strides = [int(lv.stride) for lv in extractor.levels]
     chans = [int(p.shape[0]) for p in pyrs[0]]
-    sampler = VoxelSampler(labels, cfg.fg_prob, rng)
+    sampler = VoxelSampler(labels, cfg.sampling.fg_prob, rng)
     groups = int(getattr(extractor, "passes", 1))
     models = {n: make_voxel_head(n, chans, cfg, groups).to(device) for n in heads}
     # fixed per-channel standardisation from a large voxel sample (keeps the linear head linear)
