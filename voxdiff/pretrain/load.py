@@ -54,7 +54,7 @@ class FeatureExtractor(nn.Module):
     def __init__(self, backbone: PyramidBackbone, task: nn.Module, preprocess: PreprocessConfig, method: str,
                  info: dict[str, Any], path: Path | None = None):
         super().__init__()
-        self.backbone = backbone
+        self.backbone = prefer_channels_last(backbone)  # CPU: channels-last 3D conv weights (faster; same values)
         self.task = task
         self.preprocess = preprocess
         self.method = method
