@@ -133,6 +133,13 @@ def test_channels_last_switch(monkeypatch):
     assert runtime.channels_last_wanted("cuda:0")
     monkeypatch.delenv(runtime.CHANNELS_LAST_ENV)
     assert runtime.channels_last_wanted("cpu") and not runtime.channels_last_wanted("cuda")
+    # under bf16 autocast channels-last is slower on the CPU: the default layout is kept, and a
+    # channels-last module goes back to it
+    assert not runtime.channels_last_wanted("cpu", bf16=True)
+    net = runtime.prefer_channels_last(_unet(), "cpu")
+    assert not all(p.is_contiguous() for p in net.parameters())
+    runtime.prefer_channels_last(net, "cpu", bf16=True)
+    assert all(p.is_contiguous() for p in net.parameters())
 
 
 def test_loaded_backbone_is_channels_last_and_saves_contiguous(tmp_path, monkeypatch):

@@ -54,7 +54,7 @@ from torch import nn
 from .checkpoint import prefixed, unprefixed
 from .errors import InputError, ModelError, TrainingError
 from .outputs import atomic_write
-from .precision import bf16_autocast
+from .precision import bf16_autocast, use_bf16
 from .runtime import num_threads, prefer_channels_last, resolve_device
 from .schedule import warmup_cosine
 from .trainstate import (
@@ -441,7 +441,7 @@ class Engine:
         self.config = config if config is not None else cfg
         self.meta = dict(meta or {})
         self.device = resolve_device(cfg.device, local_rank=self.d.local_rank if self.d.world > 1 else None)
-        self.module = prefer_channels_last(task.module().to(self.device), self.device)
+        self.module = prefer_channels_last(task.module().to(self.device), self.device, use_bf16(self.device, cfg.bf16))
         groups = task.param_groups(self.module, cfg)
         if groups is None:
             groups = param_groups(self.module, cfg.weight_decay, cfg.no_decay_1d)

@@ -31,7 +31,7 @@ from torch import nn
 from ..core.checkpoint import load_checkpoint, unprefixed
 from ..core.config import from_dict
 from ..core.errors import InputError, ModelError
-from ..core.precision import bf16_autocast
+from ..core.precision import bf16_autocast, use_bf16
 from ..core.runtime import prefer_channels_last, resolve_device
 from ..data.preprocess import PreprocessConfig
 from .backbones import DEFAULT_BACKBONE, LevelInfo, PyramidBackbone, build_backbone
@@ -54,7 +54,7 @@ class FeatureExtractor(nn.Module):
     def __init__(self, backbone: PyramidBackbone, task: nn.Module, preprocess: PreprocessConfig, method: str,
                  info: dict[str, Any], path: Path | None = None):
         super().__init__()
-        self.backbone = prefer_channels_last(backbone)  # CPU: channels-last 3D conv weights (faster; same values)
+        self.backbone = backbone
         self.task = task
         self.preprocess = preprocess
         self.method = method
@@ -107,6 +107,7 @@ class FeatureExtractor(nn.Module):
         image_unit = image_unit.to(dev)
         passes = self.task.feature_passes(image_unit, voxel_index=voxel_index,
                                           coords=None if coords is None else coords.to(dev))
+        prefer_channels_last(self.backbone, dev, use_bf16(dev, self.bf16))  # the faster weight layout (CPU fp32)
         ctx = bf16_autocast(dev, self.bf16)
         outs: list[list[torch.Tensor]] = []
         with ctx:

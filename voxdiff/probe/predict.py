@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from voxdiff.core.precision import bf16_autocast
+from voxdiff.core.precision import bf16_autocast, use_bf16
+from voxdiff.core.runtime import prefer_channels_last
 from voxdiff.pretrain.backbones import PyramidBackbone
 from voxdiff.pretrain.diffusion import index_grid
 
@@ -72,6 +73,7 @@ def features(extractor, x: torch.Tensor, amp: bool = False, voxel_index: torch.T
                 and isinstance(getattr(extractor, "backbone", None), PyramidBackbone):
             with torch.no_grad():
                 passes = task.feature_passes(x, **kw)
+            prefer_channels_last(extractor.backbone, x.device, use_bf16(x.device, amp))
             outs = [extractor.backbone.pyramid(xi, t) for xi, t in passes]
             pyr = outs[0] if len(outs) == 1 else [torch.cat([o[i] for o in outs], 1) for i in range(len(outs[0]))]
         else:
