@@ -53,11 +53,11 @@ EMA_DECAY = 0.99  # the cpu-small budget's ema_decay
 
 
 # ------------------------------------------------------------------------------------------ networks
-def build_ours(in_ch: int, base: int, levels: int) -> nn.Module:
+def build_ours(in_ch: int, base: int, levels: int, bf16: bool = False) -> nn.Module:
     """voxdiff's default backbone (registry ``unet``) as ``voxdiff pretrain`` trains it (the engine stores
-    its 3D convolution weights channels-last on the CPU: :func:`voxdiff.core.runtime.prefer_channels_last`)."""
+    its 3D convolution weights channels-last on the CPU in fp32: :func:`voxdiff.core.runtime.prefer_channels_last`)."""
     return prefer_channels_last(build_backbone("unet", in_channels=in_ch, out_channels=1, base_channels=base,
-                                               num_levels=levels, time_embedding=True), "cpu")
+                                               num_levels=levels, time_embedding=True), "cpu", bf16=bf16)
 
 
 def _monai_kwargs(in_ch: int, channels: tuple[int, ...]) -> dict[str, Any]:
@@ -334,7 +334,7 @@ def measure(patch: int = 32, batch: int = 4, base: int = 8, levels: int = 4, con
     """Every number the script prints, for one precision (fp32, or bf16 autocast)."""
     in_ch = 1 + cond
     torch.manual_seed(0)
-    ours = build_ours(in_ch, base, levels)
+    ours = build_ours(in_ch, base, levels, bf16)
     n_ours = count_parameters(ours)
     data = make_batch(batch, patch, cond)
     res: dict[str, Any] = {"patch": patch, "batch": batch, "base": base, "levels": levels, "cond": cond,
@@ -354,7 +354,7 @@ def measure(patch: int = 32, batch: int = 4, base: int = 8, levels: int = 4, con
         res["monai"] = {"params": n_monai, "channels": ch, "picked": not monai_channels,
                         "matched": ch[0] == base and n_monai >= n_ours}
         runs["monai"] = make_step(monai, data, bf16)
-        if channels_last_wanted("cpu"):  # MONAI given the same layout as ours: the ratio is taken to its faster one
+        if channels_last_wanted("cpu", bf16):  # MONAI given the same layout as ours: the ratio is taken to its faster one
             torch.manual_seed(0)
             runs["monai-cl"] = make_step(_channels_last(build_monai(in_ch, ch)), data, bf16)
     # FLOPs and conv shapes of our step (they also warm it up)
@@ -377,7 +377,7 @@ def measure(patch: int = 32, batch: int = 4, base: int = 8, levels: int = 4, con
                         "median_pair": statistics.median(pair)}
     if engine:  # after the alternation: one fit, as a run trains
         torch.manual_seed(0)
-        et = engine_steps(build_ours(in_ch, base, levels), data, steps, warmup, bf16, torch.get_num_threads())
+        et = engine_steps(build_ours(in_ch, base, levels, bf16), data, steps, warmup, bf16, torch.get_num_threads())
         res["engine"] = {"times": et, "seconds": statistics.median(et)}
     # conv3d reference
     uniq: dict[tuple, dict[str, Any]] = {}
