@@ -92,3 +92,30 @@ def test_losses_have_gradients():
     e = torch.zeros(1, 5, 3, requires_grad=True)
     losses.ape_distance_loss(e, torch.zeros(1, 5, 3)).backward()
     assert torch.isfinite(e.grad).all()
+
+
+def _distance_loss_by_differences(emb, pos, scale=100.0):
+    """The definition, written out: all unordered pairs, distances from the (B, N, N, C) differences."""
+    i, j = torch.triu_indices(emb.shape[1], emb.shape[1], offset=1).unbind(0)
+
+    def dist(x):
+        return torch.sqrt((x[:, :, None] - x[:, None]).pow(2).sum(-1) + 1e-9)[:, i, j]
+
+    return torch.nn.functional.smooth_l1_loss(dist(emb), dist(pos / scale), beta=0.1)
+
+
+def test_ape_distance_loss_equals_its_definition_far_from_the_origin():
+    """The fast form (squared-norm expansion) matches the pairwise-difference definition, value and
+    gradient, for points at world positions ~300 mm from the origin (cancellation) and 1 mm apart."""
+    g = torch.Generator().manual_seed(0)
+    pos = torch.randn(3, 64, 3, generator=g) * 40 + 300.0
+    pos[:, 1] = pos[:, 0] + 1.0  # a pair 1.7 mm apart
+    emb0 = pos / 100.0 + 0.05 * torch.randn(3, 64, 3, generator=g) + 2.5
+    grads = []
+    for fn in (losses.ape_distance_loss, _distance_loss_by_differences):
+        emb = emb0.clone().requires_grad_(True)
+        val = fn(emb, pos)
+        val.backward()
+        grads.append((float(val.detach()), emb.grad))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-4)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-3, atol=1e-6)

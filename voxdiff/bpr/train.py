@@ -403,15 +403,17 @@ def ape_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Gene
               for i in idx]
     b = len(views)
     crops = [v.view_a for v in views] + [v.view_b for v in views] + [o[0] for row in others for o in row]
-    out = model.raw(torch.cat(crops))
+    # one view per crop (unbind: its backward stacks the crops' gradients once; slicing ``out[k:k+1]``
+    # per lookup made each lookup's backward fill a zero gradient of the whole batch: 3x the backward)
+    out = model.raw(torch.cat(crops)).unbind(0)
     unit_mm = model.raw_unit_mm
     emb, pos, ca, cb = [], [], [], []
     for k, v in enumerate(views):
-        oa, ob = out[k:k + 1], out[b + k:b + k + 1]
+        oa, ob = out[k][None], out[b + k][None]
         e = [sample_points(oa, v.pts_a), sample_points(ob, v.pts_b)]
         p = [v.pos_a, v.pos_b]
         for j, (_, pts, wpos) in enumerate(others[k]):
-            e.append(sample_points(out[2 * b + k * extra + j: 2 * b + k * extra + j + 1], pts))
+            e.append(sample_points(out[2 * b + k * extra + j][None], pts))
             p.append(wpos)
         emb.append(torch.cat(e))
         pos.append(torch.cat(p))
