@@ -429,3 +429,27 @@ def test_shifted_regime_labels_one_site_and_unknown_regimes_are_refused(tmp_path
     assert train and all(c["phase"] in TRAIN_SITE["phases"] and c["z_mode"] in TRAIN_SITE["z_modes"] for c in train)
     with pytest.raises(InputError, match="unknown regime"):
         Experiment(ExperimentConfig(budget="tiny", regime="ood"), tmp_path / "r", log=lambda s: None)
+
+
+def test_demo_end_to_end_on_the_tiny_budget(tmp_path, capsys):
+    """`voxdiff demo`'s whole path at the tiny budget: the table with every method, head and fine-tuned
+    row, the report, and a segmentation of a held-out phantom on that file's own grid by the best
+    non-linear probe."""
+    import nibabel as nib
+
+    from voxdiff.experiments.demo import DEMO_FINETUNE, DEMO_METHODS, run_demo
+
+    res = run_demo(tmp_path / "demo", budget="tiny")
+    rows = {(r["method"], r["head"]) for r in res["compare"]["rows"]}
+    assert {(m, h) for m in DEMO_METHODS for h in ("linear", "nonlinear")} <= rows
+    assert {(m, "fine-tuned") for m in DEMO_FINETUNE} <= rows
+    seg = res["segment"]
+    assert seg is not None and (tmp_path / "demo" / "report.md").is_file()
+    best = max((r for r in res["compare"]["rows"] if r["head"] == "nonlinear"),
+               key=lambda r: r["summary"]["mean"]["mean"])
+    assert f"probe-{best['method']}-f0" in capsys.readouterr().out
+    test_img = sorted((tmp_path / "demo" / "phantoms" / "data" / "imagesTs").glob("*.nii.gz"))[0]
+    out, ref = nib.load(seg["output"]), nib.load(test_img)
+    assert out.shape == ref.shape and np.allclose(out.affine, ref.affine)
+    labels = np.unique(np.asarray(out.dataobj))
+    assert labels.min() >= 0 and labels.max() <= 13

@@ -71,7 +71,7 @@ def run_demo(out: str | Path = "demo_out", budget: str = "cpu-small", seed: int 
     """The demo; ``jobs``: processes running independent steps side by side (0 = auto, see
     :func:`voxdiff.experiments.lanes.resolve_jobs`)."""
     from . import report
-    from .experiments import compare
+    from .experiments import probe_step, compare
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -90,7 +90,7 @@ def run_demo(out: str | Path = "demo_out", budget: str = "cpu-small", seed: int 
     seg_info = None
     if rows:
         best = max(rows, key=lambda r: (r["summary"].get("mean") or {}).get("mean") or -1.0)
-        bundle = out / f"probe-{best['method']}-f0" / "segmenter-nonlinear"
+        bundle = out / probe_step(best["method"], 0) / "segmenter-nonlinear"
         test_imgs = sorted((out / "phantoms" / "data" / "imagesTs").glob("*.nii.gz"))
         if bundle.is_dir() and test_imgs:
             from voxdiff.segment.segment import format_volumes, segment_ct

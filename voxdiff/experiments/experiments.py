@@ -56,7 +56,7 @@ def _frozen_rows(exp: Experiment, finished_only: bool = False) -> list[dict[str,
 
 def _frozen_method_rows(exp: Experiment, method: str, finished_only: bool = False) -> list[dict[str, Any]]:
     cfg = exp.cfg
-    names = [_probe_step(method, k) for k in range(_n_folds(exp))]
+    names = [probe_step(method, k) for k in range(_n_folds(exp))]
     if finished_only:
         if not all(exp.runner.done(n) for n in names):
             return []
@@ -69,7 +69,7 @@ def _frozen_method_rows(exp: Experiment, method: str, finished_only: bool = Fals
              "backbone_parameters": folds[0]["backbone_parameters"]} for head in cfg.heads]
 
 
-def _probe_step(method: str, fold: int) -> str:
+def probe_step(method: str, fold: int) -> str:
     """The step of ``method``'s frozen probes on ``fold`` (also where LP-FT takes its head from)."""
     return f"probe-{method}-f{fold}"
 
@@ -107,7 +107,7 @@ def _tuned_job_row(exp: Experiment, job: tuple[str, str, str, list[str]], finish
         for k, n in enumerate(names):
             init = None
             if exp.budget.get("finetune_init") == "probe" and "nonlinear" in exp.cfg.heads:
-                init = _probe_step(method, k)  # LP-FT: from the frozen row's non-linear head
+                init = probe_step(method, k)  # LP-FT: from the frozen row's non-linear head
                 exp.probe(init, model, k, tuple(exp.cfg.heads))
             folds.append(exp.tuned(n, k, "finetune", model, early_stopping=stop, init_probe=init))
     return {"method": method, "head": head, **_aggregate(folds, mode), "steps": folds[0].get("max_steps"),
