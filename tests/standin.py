@@ -108,3 +108,20 @@ def tiny_segmenter(out_dir, cases=None, preprocess=None, head: str = "linear", s
         h = make_head(head, [lv.channels for lv in ext.levels], 14).eval()
         save_segmenter(out_dir, pt, h, head, pre, roi, 0.25)
     return Path(out_dir)
+
+
+def two_organ_case(seed: int, shape=(24, 24, 16)):
+    """A labelled noise volume with two box organs (labels 6 and 2, +200 / -150 HU): heads learn it fast."""
+    import numpy as np
+
+    from voxdiff.data.types import Case, CaseMeta
+
+    r = np.random.default_rng(seed)
+    img = r.normal(0, 50, shape).astype(np.float32)
+    lab = np.zeros(shape, np.uint8)
+    lab[4:12, 4:12, 4:10] = 6
+    lab[14:20, 12:20, 6:12] = 2
+    img[lab == 6] += 200
+    img[lab == 2] -= 150
+    aff = np.eye(4)
+    return Case(img, lab, CaseMeta(f"c{seed}", None, None, shape, aff, aff, (1.0, 1.0, 1.0)))

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
+from standin import two_organ_case
 from torch import nn
 
 from voxdiff.core.config import from_dict
@@ -244,20 +244,6 @@ def test_bpr_nan_stop_keeps_the_last_good_state(tmp_path, bpr_cases, monkeypatch
 # ------------------------------------------------------------------------------------ probes
 
 
-def _probe_case(seed: int, shape=(24, 24, 16)):
-    from voxdiff.data.types import Case, CaseMeta
-
-    r = np.random.default_rng(seed)
-    img = r.normal(0, 50, shape).astype(np.float32)
-    lab = np.zeros(shape, np.uint8)
-    lab[4:12, 4:12, 4:10] = 6
-    lab[14:20, 12:20, 6:12] = 2
-    img[lab == 6] += 200
-    img[lab == 2] -= 150
-    aff = np.eye(4)
-    return Case(img, lab, CaseMeta(f"c{seed}", None, None, shape, aff, aff, (1.0, 1.0, 1.0)))
-
-
 def _probe_cfg(**kw):
     from voxdiff.probe.train import ProbeConfig
 
@@ -294,7 +280,7 @@ def test_probe_runs_resume_exactly(tmp_path, kind):
     from voxdiff.probe.train import fit_heads, fit_network
     from voxdiff.probe.voxel import fit_heads_voxels
 
-    train, val = [_probe_case(0)], [_probe_case(1)]
+    train, val = [two_organ_case(0)], [two_organ_case(1)]
     cfg = _probe_cfg()
 
     def run(**kw):
@@ -338,7 +324,7 @@ def test_probe_nan_stop(tmp_path, kind, monkeypatch):
 
         monkeypatch.setattr(pv.F, "cross_entropy", bad)
         with pytest.raises(TrainingError, match=r"linear\+nonlinear: loss is nan at step 5: .*checkpoint \(step 3\)"):
-            pv.fit_heads_voxels(_VoxelExt(), [_probe_case(0)], [_probe_case(1)],
+            pv.fit_heads_voxels(_VoxelExt(), [two_organ_case(0)], [two_organ_case(1)],
                                 ("linear", "nonlinear"), _probe_cfg(), voxels_per_step=256, progress=False,
                                 state_dir=tmp_path / "ts")
     else:
@@ -351,5 +337,5 @@ def test_probe_nan_stop(tmp_path, kind, monkeypatch):
 
         monkeypatch.setattr(pt, "dice_ce_loss", bad)
         with pytest.raises(TrainingError, match=r"finetune: loss is nan at step 5: .*no checkpoint"):
-            pt.fit_network(StandinExtractor(channels=(4, 8)), [_probe_case(0)], [_probe_case(1)], "finetune",
+            pt.fit_network(StandinExtractor(channels=(4, 8)), [two_organ_case(0)], [two_organ_case(1)], "finetune",
                            _probe_cfg(), progress=False)

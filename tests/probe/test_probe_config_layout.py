@@ -7,17 +7,15 @@ from __future__ import annotations
 import json
 import warnings
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from standin import StandinExtractor
+from standin import StandinExtractor, two_organ_case
 
 from voxdiff.core.config import flat_names, flatten, from_dict, from_namespace, read_config, to_dict, write_config
 from voxdiff.core.errors import InputError, VoxdiffDeprecationWarning
 from voxdiff.core.sections import RuntimeConfig
 from voxdiff.core.trainstate import latest_train_state
-from voxdiff.data.types import Case, CaseMeta
 from voxdiff.experiments.budgets import BUDGETS
 from voxdiff.probe.train import (
     ProbeConfig,
@@ -49,18 +47,6 @@ NESTED = ProbeConfig(
     inference=ProbeWindow(roi=(24, 24, 16)),
     runtime=RuntimeConfig(device="cpu", threads=0, bf16=False, log_every=0, checkpoint_every=0, keep_checkpoints=1),
 )
-
-
-def _case(seed: int, shape=(24, 24, 16)) -> Case:
-    r = np.random.default_rng(seed)
-    img = r.normal(0, 50, shape).astype(np.float32)
-    lab = np.zeros(shape, np.uint8)
-    lab[4:12, 4:12, 4:10] = 6
-    lab[14:20, 12:20, 6:12] = 2
-    img[lab == 6] += 200
-    img[lab == 2] -= 150
-    aff = np.eye(4)
-    return Case(img, lab, CaseMeta(f"c{seed}", None, None, shape, aff, aff, (1.0, 1.0, 1.0)))
 
 
 def _flat(cfg: ProbeConfig) -> dict:
@@ -110,7 +96,7 @@ def test_engine_settings_keep_todays_values():
 
 
 def _heads(cfg, **kw):
-    return fit_heads(StandinExtractor(channels=(4, 8)), [_case(0)], [_case(1)], ("linear", "nonlinear"), cfg,
+    return fit_heads(StandinExtractor(channels=(4, 8)), [two_organ_case(0)], [two_organ_case(1)], ("linear", "nonlinear"), cfg,
                      progress=False, **kw)
 
 
@@ -121,8 +107,8 @@ def test_heads_and_a_fine_tuned_network_from_a_flat_config_are_bit_identical(tmp
     for n in a:
         assert all(torch.equal(v, b[n].state_dict()[k]) for k, v in a[n].state_dict().items()), n
     ext = StandinExtractor(channels=(4, 8))
-    ta, ha = fit_network(ext, [_case(0)], [_case(1)], "finetune", old_cfg, progress=False)
-    tb, hb = fit_network(ext, [_case(0)], [_case(1)], "finetune", NESTED, progress=False)
+    ta, ha = fit_network(ext, [two_organ_case(0)], [two_organ_case(1)], "finetune", old_cfg, progress=False)
+    tb, hb = fit_network(ext, [two_organ_case(0)], [two_organ_case(1)], "finetune", NESTED, progress=False)
     assert ha.steps_run == hb.steps_run == 6
     for ma, mb in ((ha, hb), (ta.backbone, tb.backbone)):
         assert all(torch.equal(v, mb.state_dict()[k]) for k, v in ma.state_dict().items())

@@ -71,7 +71,7 @@ def run_demo(out: str | Path = "demo_out", budget: str = "cpu-small", seed: int 
     """The demo; ``jobs``: processes running independent steps side by side (0 = auto, see
     :func:`voxdiff.experiments.lanes.resolve_jobs`)."""
     from . import report
-    from .experiments import probe_step, compare
+    from .experiments import compare, probe_step
 
     t0 = time.perf_counter()
     out = Path(out)
