@@ -9,6 +9,12 @@ organ-mean Dice; the table gives mean ± std over the seeds that have the row, a
 with the spread over seeds.
 
     python benchmarks/label_curve.py runs/bench --out docs/images
+    python benchmarks/label_curve.py runs/bench --out /tmp/lc --tests 1,2   # + paired tests at 1 and 2 labels
+
+``--tests N,...``: at each of those label counts, paired comparisons over the seeds that have both
+rows (``voxdiff.evaluate.stats.paired_comparison``): each seed's mean difference (mean ± std over
+seeds), and the Wilcoxon test over the test cases, pooled (each case's Dice averaged over the seeds)
+and per seed (cases where A is better / all).
 """
 
 from __future__ import annotations
@@ -71,12 +77,58 @@ def collect(bench: Path, methods: list[str], heads: list[str]) -> dict[tuple[int
     return out
 
 
+STEPS = {"scratch": ("scratch", "scratch"), "fine-tuned": ("finetune-{m}", "finetune"),
+         "nonlinear": ("{m}", "nonlinear"), "linear": ("{m}", "linear")}
+
+
+def case_scores(bench: Path, n: int, method: str, mode: str) -> dict[str, dict[str, float]]:
+    """``{seed folder: {case: organ-mean Dice}}`` of a few-label step (``labels/STEP-nN-f0``)."""
+    from voxdiff.evaluate.stats import case_means
+    from voxdiff.experiments.base import scores_to_per_case
+
+    step, key = STEPS[mode]
+    out = {}
+    for sd in sorted(bench.glob("seed-*")):
+        f = sd / "labels" / f"{step.format(m=method)}-n{n}-f0" / "result.json"
+        if f.is_file():
+            out[sd.name] = case_means(scores_to_per_case(json.loads(f.read_text())["scores"][key]))
+    return out
+
+
+def paired_lines(bench: Path, n: int, pairs: list[tuple[tuple[str, str], tuple[str, str]]]) -> list[str]:
+    """One line per comparison A - B at ``n`` labelled phantoms (see the module docstring)."""
+    from voxdiff.evaluate.stats import paired_comparison, seed_average
+
+    lines = []
+    for (ma, ka), (mb, kb) in pairs:
+        a, b = case_scores(bench, n, ma, ka), case_scores(bench, n, mb, kb)
+        seeds = sorted(set(a) & set(b))
+        if not seeds:
+            continue
+
+        def mean(d: dict[str, float]) -> float:
+            return float(np.nanmean(list(d.values())))
+
+        am, bm = [mean(a[s]) for s in seeds], [mean(b[s]) for s in seeds]
+        pooled = paired_comparison(am, bm, seed_average([a[s] for s in seeds]), seed_average([b[s] for s in seeds]))
+        per = []
+        for s, x, y in zip(seeds, am, bm):
+            c = paired_comparison([x], [y], a[s], b[s])
+            per.append(f"{s.removeprefix('seed-')}: {100 * c['case_diff_mean']:+.1f} "
+                       f"({c['cases_a_better']}/{c['n_cases']}, p = {c['wilcoxon_p']:.2g})")
+        spread = f" ± {100 * pooled['diff_std_seeds']:.1f}" if len(seeds) > 1 else ""
+        lines.append(f"| {n} | {ma} {ka} - {mb} {kb} | {len(seeds)} | {100 * pooled['diff_mean']:+.1f}{spread} | "
+                     f"{pooled['wilcoxon_p']:.2g} | {'; '.join(per)} |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bench", type=Path, help="a `voxdiff experiment compare --seeds` folder")
     ap.add_argument("--methods", default="diffusion-ape,contrastive")
     ap.add_argument("--heads", default="linear,nonlinear")
     ap.add_argument("--out", type=Path, default=None, help="folder for label_efficiency.png (default: BENCH)")
+    ap.add_argument("--tests", default="", help="label counts for paired tests, e.g. 1,2")
     args = ap.parse_args()
     methods, heads = args.methods.split(","), args.heads.split(",")
     data = collect(args.bench, methods, heads)
@@ -97,6 +149,17 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     label_figures(rows, out)
     print(f"\nfigure: {out / 'label_efficiency.png'}")
+    counts = [int(c) for c in args.tests.split(",") if c.strip()]
+    if counts:
+        first, other = methods[0], methods[1:]
+        pairs = [((first, "fine-tuned"), ("from-scratch", "scratch"))]
+        pairs += [((first, "fine-tuned"), (m, "fine-tuned")) for m in other]
+        pairs += [((m, "fine-tuned"), ("from-scratch", "scratch")) for m in other]
+        pairs += [((first, "nonlinear"), ("from-scratch", "scratch"))]
+        print("\n| labelled | A - B | seeds | mean difference over seeds | Wilcoxon p (cases, seed-averaged) | per seed "
+              "(cases A better, p) |\n|---|---|---|---|---|---|")
+        for n in counts:
+            print("\n".join(paired_lines(args.bench, n, pairs)))
 
 
 if __name__ == "__main__":

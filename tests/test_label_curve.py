@@ -1,0 +1,69 @@
+"""benchmarks/label_curve.py on a hand-made benchmark folder: the table, the figure and the paired
+tests read the steps' per-case scores correctly."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def lc():
+    spec = importlib.util.spec_from_file_location("label_curve", REPO / "benchmarks" / "label_curve.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _result(folder: Path, key: str, per_case: dict[str, float], n_train: int = 7) -> None:
+    """A step's result.json whose every case has two organs of Dice ``v`` and one absent organ (NaN)."""
+    folder.mkdir(parents=True)
+    scores = {c: {"1": v, "2": v, "3": None} for c, v in per_case.items()}
+    (folder / "result.json").write_text(json.dumps({"scores": {key: scores},
+                                                    "train_cases": [f"t{i}" for i in range(n_train)]}))
+
+
+def _bench(root: Path) -> Path:
+    cases = [f"c{i}" for i in range(6)]
+    for s, shift in ((0, 0.0), (1, 0.02)):
+        sd = root / f"seed-{s}"
+        _result(sd / "scratch-f0", "scratch", {c: 0.5 for c in cases})
+        _result(sd / "labels" / "scratch-n2-f0", "scratch", {c: 0.4 + shift for c in cases})
+        # fine-tuned diffusion: +0.1 on every case, +0.12 on seed 1 (its scratch is +0.02)
+        _result(sd / "labels" / "finetune-diffusion-ape-n2-f0", "finetune",
+                {c: 0.5 + 2 * shift for c in cases})
+        # contrastive: better on 4 of 6 cases only
+        _result(sd / "labels" / "finetune-contrastive-n2-f0", "finetune",
+                {c: (0.45 if i < 4 else 0.35) + shift for i, c in enumerate(cases)})
+    return root
+
+
+def test_case_scores_and_paired_tests(lc, tmp_path):
+    bench = _bench(tmp_path / "bench")
+    per = lc.case_scores(bench, 2, "diffusion-ape", "fine-tuned")
+    assert set(per) == {"seed-0", "seed-1"} and per["seed-1"]["c0"] == pytest.approx(0.54)
+    assert lc.case_scores(bench, 4, "diffusion-ape", "fine-tuned") == {}
+    lines = lc.paired_lines(bench, 2, [(("diffusion-ape", "fine-tuned"), ("from-scratch", "scratch")),
+                                       (("contrastive", "fine-tuned"), ("from-scratch", "scratch")),
+                                       (("diffusion-ape", "nonlinear"), ("from-scratch", "scratch"))])
+    assert len(lines) == 2  # no frozen rows in this folder: no line for them
+    ft, ctr = lines
+    # seed 0: +10.0, seed 1: +12.0 -> +11.0 ± 1.4; every case better on both seeds
+    assert "| 2 | diffusion-ape fine-tuned - from-scratch scratch | 2 | +11.0 ± 1.4 |" in ft
+    assert "0: +10.0 (6/6" in ft and "1: +12.0 (6/6" in ft
+    # contrastive: (4 x 0.05 - 2 x 0.05) / 6 = +1.7 on each seed, 4 of 6 cases better
+    assert "+1.7 ± 0.0" in ctr and "(4/6" in ctr
+
+
+def test_main_prints_table_figure_and_tests(lc, tmp_path, monkeypatch, capsys):
+    bench = _bench(tmp_path / "bench")
+    monkeypatch.setattr(sys, "argv", ["label_curve.py", str(bench), "--out", str(tmp_path / "fig"), "--tests", "2"])
+    lc.main()
+    out = capsys.readouterr().out
+    assert "| 7 | from-scratch | scratch | 0: 50.0, 1: 50.0 | 50.0 ± 0.0 |" in out
+    assert "| 2 | from-scratch | scratch | 0: 40.0, 1: 42.0 | 41.0 ± 1.4 |" in out
+    assert "Wilcoxon p" in out and (tmp_path / "fig" / "label_efficiency.png").is_file()
