@@ -125,3 +125,15 @@ def two_organ_case(seed: int, shape=(24, 24, 16)):
     img[lab == 2] -= 150
     aff = np.eye(4)
     return Case(img, lab, CaseMeta(f"c{seed}", None, None, shape, aff, aff, (1.0, 1.0, 1.0)))
+
+
+def load_benchmark(name: str):
+    """The script ``benchmarks/NAME.py`` imported as a module (its functions, without running main)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -1,11 +1,11 @@
 """benchmarks/bench_pretrain.py at a tiny size (patch 16, 2 timed pairs): the script's functions and its
 printed tables keep working. Nothing here checks a speed."""
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
+from standin import load_benchmark
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -13,10 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_pretrain", REPO / "benchmarks" / "bench_pretrain.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("bench_pretrain")
 
 
 def test_monai_pick_same_first_width_and_at_least_our_parameters(bench):

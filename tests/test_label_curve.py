@@ -1,22 +1,19 @@
 """benchmarks/label_curve.py on a hand-made benchmark folder: the table, the figure and the paired
 tests read the steps' per-case scores correctly."""
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
+from standin import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def lc():
-    spec = importlib.util.spec_from_file_location("label_curve", REPO / "benchmarks" / "label_curve.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("label_curve")
 
 
 def _result(folder: Path, key: str, per_case: dict[str, float], n_train: int = 7) -> None:

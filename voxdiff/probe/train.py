@@ -38,7 +38,7 @@ from voxdiff.core.engine import Engine, EngineConfig, TrainTask
 from voxdiff.core.errors import InputError, TrainingError
 from voxdiff.core.metrics import mean_dice
 from voxdiff.core.runtime import resolve_device
-from voxdiff.core.sections import OptimConfig, RuntimeConfig
+from voxdiff.core.sections import OptimConfig, RuntimeConfig, engine_settings
 
 from .heads import NonLinearHead, count_parameters, feature_stats, make_head
 from .predict import features, logits_to_labels, predict_logits, set_frozen, unit_image
@@ -424,29 +424,32 @@ def _finite_or_none(x: float) -> float | None:
     return float(x) if np.isfinite(x) else None
 
 
-def engine_settings(cfg: ProbeConfig) -> dict[str, Any]:
-    """The :class:`~voxdiff.core.engine.EngineConfig` settings that every probe loop shares: AdamW with
-    weight decay on every parameter, ``optim.grad_clip`` (0: off), no EMA; metric lines and train
-    states at every validation unless ``runtime`` says otherwise. (The probe's ``runtime.bf16`` is
-    the extractor's autocast, not the engine's: heads and the tuned network train in fp32.)"""
+def probe_engine_settings(cfg: ProbeConfig) -> dict[str, Any]:
+    """The :class:`~voxdiff.core.engine.EngineConfig` settings that every probe loop shares: the
+    sections' mapping (:func:`voxdiff.core.sections.engine_settings`) with AdamW weight decay on every
+    parameter and no EMA; metric lines and train states at every validation unless ``runtime`` says
+    otherwise. Each loop sets its own schedule (``optim.warmup_steps`` is the probe's backbone freeze,
+    not a learning-rate warm-up), and the probe's ``runtime.bf16`` is the extractor's autocast, not the
+    engine's: heads and the tuned network train in fp32."""
     o, r = cfg.optim, cfg.runtime
     if o.ema_decay is not None:
         raise InputError(None, "optim.ema_decay: the probe keeps no EMA of the weights (leave it null)")
-
-    def every(n: int) -> int:
+    s = engine_settings(o, r)
+    for k in ("warmup_steps", "min_lr_ratio", "bf16"):
+        s.pop(k)
+    def every(n: int) -> int:  # 0: at each validation
         return int(n) if int(n) > 0 else int(o.val_every)
 
-    return dict(steps=o.steps, lr=o.lr, weight_decay=o.weight_decay, no_decay_1d=False, grad_clip=o.grad_clip,
-                ema_decay=None, device=r.device, threads=max(int(r.threads), 0), compile=bool(r.compile), seed=cfg.seed,
-                log_every=every(r.log_every), checkpoint_every=every(r.checkpoint_every),
-                keep_checkpoints=r.keep_checkpoints, tensorboard=r.tensorboard)
+    s.update(no_decay_1d=False, threads=max(int(r.threads), 0), seed=cfg.seed, log_every=every(r.log_every),
+             checkpoint_every=every(r.checkpoint_every))
+    return s
 
 
 def heads_engine_config(cfg: ProbeConfig, names: Sequence[str], progress: bool, desc: str) -> EngineConfig:
     """Head fitting on the engine: AdamW (weight decay on every parameter), cosine decay from ``lr``
     to ``min_lr_ratio`` (5 %) of it without warm-up, no clipping by default, no EMA; the extractor's
     own autocast (``runtime.bf16``)."""
-    return EngineConfig(**engine_settings(cfg), warmup_steps=0, min_lr_ratio=cfg.optim.min_lr_ratio, progress=progress, desc=desc,
+    return EngineConfig(**probe_engine_settings(cfg), warmup_steps=0, min_lr_ratio=cfg.optim.min_lr_ratio, progress=progress, desc=desc,
                         label="+".join(names), nan_hint="continue from it with resume=True")
 
 
@@ -700,7 +703,7 @@ def fit_network(
     task = NetworkTask(ext, backbone, head, sampler, cfg, mode, device, val_cases, history,
                        warm=0 if init_head is not None else None)
     task.fitted_head = init_head is not None
-    ecfg = EngineConfig(**engine_settings(cfg), schedule="constant", progress=progress, desc=mode, label=mode,
+    ecfg = EngineConfig(**probe_engine_settings(cfg), schedule="constant", progress=progress, desc=mode, label=mode,
                         nan_hint="continue from it with resume=True")
     engine = Engine(ecfg, task, state_dir=state_dir, config=cfg, resume=resume)
     steps_run = engine.fit(stop_after)
