@@ -5,6 +5,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= demo_out
+# pytest workers (pytest-xdist): one per core, each with one torch thread (tests/conftest.py).
+TEST_WORKERS ?= auto
 
 .PHONY: demo test lint venv clean bench
 
@@ -23,7 +25,7 @@ demo: venv
 
 test: venv lint
 	@# pytest exits 5 when it collected nothing: treat that as a failure too.
-	$(PY) -m pytest -q -p no:cacheprovider tests; rc=$$?; \
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --maxprocesses=4 tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
 
 # Static checks, run before the tests (a finding fails `make test`): ruff (config in pyproject.toml)

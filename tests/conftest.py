@@ -10,6 +10,11 @@ import os
 import pytest
 import torch
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one pytest worker per core: one intra-op thread each, or the workers'
+    # thread pools fight over the same cores.
+    torch.set_num_threads(1)
+
 
 @pytest.fixture
 def one_thread():
