@@ -12,7 +12,15 @@ from voxdiff.data.preprocess import PreprocessConfig, preprocess
 from voxdiff.probe.heads import NonLinearHead
 from voxdiff.probe.predict import logits_to_labels, unit_image
 from voxdiff.probe.train import ProbeConfig
-from voxdiff.probe.voxel import VoxelSampler, fit_heads_voxels, gather, make_voxel_head, predict_logits_volume
+from voxdiff.probe.voxel import (
+    VoxelSampler,
+    fit_heads_voxels,
+    gather,
+    make_voxel_head,
+    predict_logits_volume,
+    voxel_logits,
+    voxel_tables,
+)
 
 
 def _probe(**flat) -> ProbeConfig:
@@ -57,10 +65,13 @@ def test_gathered_voxels_give_the_same_logits_as_the_full_volume(kind):
             p.normal_()
         full = head([p[None] for p in pyr], out_size=shape)[0]  # (C, X, Y, Z)
         flat = rng.choice(label.size, 50, replace=False)
-        g, y = gather([pyr], [label], strides, [(0, flat)])
-        vox = head(g, out_size=(1, 1, 1))[:, :, 0, 0, 0]
+        g, y = gather([voxel_tables(pyr)], [label], strides, [(0, flat)])
+        vox = voxel_logits(head, g)
     xyz = np.unravel_index(flat, shape)
     torch.testing.assert_close(vox, full[:, xyz[0], xyz[1], xyz[2]].t(), atol=1e-4, rtol=1e-4)
+    for lv, (p, st) in enumerate(zip(pyr, strides)):  # each level read at voxel // stride
+        want = p[:, xyz[0] // st, xyz[1] // st, xyz[2] // st]
+        assert torch.equal(g[lv][0, :, :, 0, 0], want)
     assert torch.equal(y, torch.from_numpy(label.ravel()[flat].astype(np.int64)))
 
 

@@ -140,20 +140,50 @@ class VoxelSampler:
         return [(i, np.concatenate(v)) for i, v in picks.items()]
 
 
-def gather(pyramids: list[list[torch.Tensor]], labels: list[np.ndarray], strides: Sequence[int],
+class VoxelTable:
+    """One pyramid level of one volume, voxel-major: ``rows`` is ``(M, C)`` (float16 from
+    :func:`volume_pyramid`), row ``m`` the feature vector of flat voxel ``m`` of the level's grid
+    ``shape``. A batch of voxels is then one ``index_select`` of contiguous rows, 15x faster than
+    advanced indexing of ``(C, X, Y, Z)``."""
+
+    __slots__ = ("rows", "shape")
+
+    def __init__(self, level: torch.Tensor):
+        self.shape = tuple(int(n) for n in level.shape[1:])
+        self.rows = level.reshape(level.shape[0], -1).t().contiguous()
+
+
+def voxel_tables(pyramid: Sequence[torch.Tensor]) -> list[VoxelTable]:
+    """:class:`VoxelTable` of every level of a ``[(C_l, X_l, Y_l, Z_l)]`` pyramid."""
+    return [VoxelTable(p) for p in pyramid]
+
+
+def gather(tables: list[list[VoxelTable]], labels: list[np.ndarray], strides: Sequence[int],
            batch: list[tuple[int, np.ndarray]]) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Feature vectors of the sampled voxels as a pyramid of ``(N, C_l, 1, 1, 1)`` and their labels."""
+    """Feature vectors of the sampled voxels and their labels.
+
+    ``tables``: per volume, its :func:`voxel_tables`. The pyramid comes back as ``(1, C_l, N, 1, 1)``
+    float32 with channels-last strides: the N voxels side by side along one spatial axis (every level
+    the same size, so the heads' nearest upsampling is the identity and BatchNorm normalises over
+    the N voxels), a layout in which the heads' kernel-1 convolutions are plain matrix products.
+    The logits of voxel ``n`` are ``head(pyramid)[0, :, n, 0, 0]``."""
     levels: list[list[torch.Tensor]] = [[] for _ in strides]
     ys = []
     for i, flat in batch:
-        xyz = np.stack(np.unravel_index(flat, labels[i].shape), 1)
+        x, y, z = np.unravel_index(flat, labels[i].shape)
         ys.append(torch.from_numpy(labels[i].ravel()[flat].astype(np.int64)))
         for lv, s in enumerate(strides):
-            f = pyramids[i][lv]
-            v = torch.from_numpy(xyz // int(s))
-            levels[lv].append(f[:, v[:, 0], v[:, 1], v[:, 2]].t().float())
-    pyr = [torch.cat(lv, 0)[:, :, None, None, None] for lv in levels]
+            t = tables[i][lv]
+            _, ny, nz = t.shape
+            rows = (x // s) * (ny * nz) + (y // s) * nz + z // s
+            levels[lv].append(t.rows.index_select(0, torch.from_numpy(rows)))
+    pyr = [torch.cat(lv, 0).float().t()[None, :, :, None, None] for lv in levels]
     return pyr, torch.cat(ys)
+
+
+def voxel_logits(head: nn.Module, pyramid: list[torch.Tensor]) -> torch.Tensor:
+    """``(N, n_classes)`` logits of a :func:`gather` batch."""
+    return head(pyramid, out_size=pyramid[0].shape[2:])[0, :, :, 0, 0].t()
 
 
 def make_voxel_head(name: str, level_channels: Sequence[int], cfg: ProbeConfig, groups: int = 1) -> nn.Module:
@@ -213,24 +243,24 @@ def fit_heads_voxels(extractor, train_cases: Sequence, val_cases: Sequence = (),
         raise InputError(None, "no labelled training cases")
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
-    pyrs = case_pyramids(extractor, train_cases, cfg, progress=progress)
+    tables = [voxel_tables(p) for p in case_pyramids(extractor, train_cases, cfg, progress=progress)]
     labels = [np.asarray(c.label, dtype=np.uint8) for c in train_cases]
     strides = [int(lv.stride) for lv in extractor.levels]
-    chans = [int(p.shape[0]) for p in pyrs[0]]
+    chans = [int(t.rows.shape[1]) for t in tables[0]]
     sampler = VoxelSampler(labels, cfg.sampling.fg_prob, rng)
     groups = int(getattr(extractor, "passes", 1))
     models = {n: make_voxel_head(n, chans, cfg, groups).to(device) for n in heads}
     # fixed per-channel standardisation from a large voxel sample (keeps the linear head linear)
-    stat_pyr, _ = gather(pyrs, labels, strides, sampler.sample(min(65536, 8 * voxels_per_step)))
-    stats = [(f[:, :, 0, 0, 0].mean(0), f[:, :, 0, 0, 0].std(0)) for f in stat_pyr]
+    stat_pyr, _ = gather(tables, labels, strides, sampler.sample(min(65536, 8 * voxels_per_step)))
+    stats = [(f[0, :, :, 0, 0].mean(1), f[0, :, :, 0, 0].std(1)) for f in stat_pyr]
     for m in models.values():
         m.set_feature_stats(stats)
     log_ratio = prior_log_ratio(labels, sampler, cfg.n_classes).to(device)
 
     def losses_of(ms: dict[str, nn.Module], step: int) -> dict[str, torch.Tensor]:
-        pyr, y = gather(pyrs, labels, strides, sampler.sample(voxels_per_step))
+        pyr, y = gather(tables, labels, strides, sampler.sample(voxels_per_step))
         pyr, y = [p.to(device) for p in pyr], y.to(device)
-        return {n: F.cross_entropy(m(pyr, out_size=(1, 1, 1))[:, :, 0, 0, 0], y) for n, m in ms.items()}
+        return {n: F.cross_entropy(voxel_logits(m, pyr), y) for n, m in ms.items()}
 
     def validate_of(ms: dict[str, nn.Module]):
         corrected = {n: prior_corrected(m, log_ratio) for n, m in ms.items()}
