@@ -95,16 +95,19 @@ def predict_logits_volume(extractor, heads: dict[str, nn.Module], image_unit: np
     return out
 
 
-def validate_volume(extractor, heads: dict[str, nn.Module], cases: Sequence, cfg: ProbeConfig) -> dict[str, float]:
-    """Mean Dice of every head over whole validation volumes (whole-volume features)."""
+def validate_volume(extractor, heads: dict[str, nn.Module], cases: Sequence, cfg: ProbeConfig,
+                    pyramids: Sequence[list[torch.Tensor]] | None = None) -> dict[str, float]:
+    """Mean Dice of every head over whole validation volumes (whole-volume features; ``pyramids``:
+    those of ``cases`` when already computed)."""
     from .predict import logits_to_labels
 
     if not cases:
         return {}
     scores: dict[str, list[float]] = {n: [] for n in heads}
     window = extractor.preprocess.hu_window
-    for case in cases:
-        for n, lg in predict_logits_volume(extractor, heads, unit_image(case, window), cfg).items():
+    for k, case in enumerate(cases):
+        pyr = pyramids[k] if pyramids is not None else None
+        for n, lg in predict_logits_volume(extractor, heads, unit_image(case, window), cfg, pyramid=pyr).items():
             scores[n].append(mean_dice(logits_to_labels(lg), np.asarray(case.label), cfg.n_classes))
     return {n: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for n, v in scores.items()}
 
@@ -262,9 +265,13 @@ def fit_heads_voxels(extractor, train_cases: Sequence, val_cases: Sequence = (),
         pyr, y = [p.to(device) for p in pyr], y.to(device)
         return {n: F.cross_entropy(voxel_logits(m, pyr), y) for n, m in ms.items()}
 
+    val_pyrs: list[list[torch.Tensor]] = []  # the validation cases' features, computed at the first validation
+
     def validate_of(ms: dict[str, nn.Module]):
+        if len(val_pyrs) < len(val_cases):
+            val_pyrs[:] = case_pyramids(extractor, val_cases, cfg)
         corrected = {n: prior_corrected(m, log_ratio) for n, m in ms.items()}
-        return validate_volume(extractor, corrected, val_cases, cfg), corrected
+        return validate_volume(extractor, corrected, val_cases, cfg, pyramids=val_pyrs), corrected
 
     task = HeadsTask(models, losses_of, validate_of, cfg, sampler, history)
     ecfg = heads_engine_config(cfg, list(models), progress, "probe(voxels) " + "+".join(models))
