@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from voxdiff.core.engine import EMA, make_optimizer, param_groups
+from voxdiff.core.layers import PointwiseConv3d
 from voxdiff.core.runtime import channels_last_wanted, prefer_channels_last, tune_allocator
 from voxdiff.pretrain.backbones import build_backbone, count_parameters
 from voxdiff.pretrain.tasks.diffusion import DiffusionTask
@@ -254,7 +255,9 @@ def conv_calls(net: nn.Module, fn: Callable[[], Any]) -> list[dict[str, Any]]:
 
     def hook(mod: nn.Module, inputs: tuple) -> None:
         x = inputs[0]
-        calls.append({"kind": type(mod).__name__, "input": tuple(x.shape), "weight": tuple(mod.weight.shape),
+        kind = "ConvTranspose3d" if isinstance(mod, nn.ConvTranspose3d) else (
+            "PointwiseConv3d" if isinstance(mod, PointwiseConv3d) else "Conv3d")
+        calls.append({"kind": kind, "input": tuple(x.shape), "weight": tuple(mod.weight.shape),
                       "stride": tuple(mod.stride), "padding": tuple(mod.padding), "input_grad": bool(x.requires_grad)})
 
     handles = [m.register_forward_pre_hook(hook) for m in net.modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))]
@@ -297,7 +300,9 @@ def time_conv(c: dict[str, Any], repeats: int, bf16: bool) -> dict[str, Any]:
 
 def _time_conv(c: dict[str, Any], repeats: int, bf16: bool, channels_last: bool) -> dict[str, Any]:
     layer: nn.Module
-    if c["kind"] == "Conv3d":
+    if c["kind"] == "PointwiseConv3d":  # a kernel-1 conv as the network runs it (one matrix product)
+        layer = PointwiseConv3d(c["weight"][1], c["weight"][0])
+    elif c["kind"] == "Conv3d":
         cout, cin = c["weight"][0], c["weight"][1]
         layer = nn.Conv3d(cin, cout, c["weight"][2:], stride=c["stride"], padding=c["padding"])
     else:

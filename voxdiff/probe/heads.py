@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from voxdiff.core.layers import PointwiseConv3d
+
 HEAD_TYPES = ("linear", "nonlinear", "mix")
 
 
@@ -37,22 +39,6 @@ def _upsample(x: torch.Tensor, size: Sequence[int], mode: str) -> torch.Tensor:
     if mode == "nearest":
         return F.interpolate(x, size=tuple(size), mode="nearest")
     return F.interpolate(x, size=tuple(size), mode="trilinear", align_corners=False)
-
-
-class PointwiseConv3d(nn.Conv3d):
-    """A kernel-1 :class:`~torch.nn.Conv3d` (same parameters and state-dict keys) computed as one
-    matrix product over the channels of a channels-last view.
-
-    PyTorch's CPU path for kernel-1 3D convolutions unfolds the input (``slow_conv3d``); as a GEMM
-    the heads' training step runs about 1.5x faster on the CPU (``benchmarks/bench_heads.py``). The
-    output is channels-last strided; the values are those of the convolution."""
-
-    def __init__(self, in_channels: int, out_channels: int, bias: bool = True):
-        super().__init__(in_channels, out_channels, kernel_size=1, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.view(self.out_channels, self.in_channels)
-        return F.linear(x.permute(0, 2, 3, 4, 1), w, self.bias).permute(0, 4, 1, 2, 3)
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:

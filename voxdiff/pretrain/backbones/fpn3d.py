@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from voxdiff.core.layers import PointwiseConv3d
+
 from .base import LevelInfo, PyramidBackboneBase, film
 
 NORMS = ("batch", "group")
@@ -102,13 +104,13 @@ class FPN3d(PyramidBackboneBase):
         self.stem = nn.Conv3d(in_channels, widths[0], 3, padding=1)
         # encoder[i] runs at level i; encoder[-1] is the bottom level
         self.encoder = nn.ModuleList([blocks(w) for w in widths])
-        self.down = nn.ModuleList([nn.Conv3d(widths[i], widths[i + 1], 1) for i in range(num_levels - 1)])
+        self.down = nn.ModuleList([PointwiseConv3d(widths[i], widths[i + 1]) for i in range(num_levels - 1)])
         # decoder level i (< num_levels - 1): up[i](level i+1) + lateral[i](encoder output i) -> decoder[i]
-        self.up = nn.ModuleList([nn.Conv3d(widths[i + 1], widths[i], 1) for i in range(num_levels - 1)])
-        self.lateral = nn.ModuleList([nn.Conv3d(widths[i], widths[i], 1) for i in range(num_levels - 1)])
+        self.up = nn.ModuleList([PointwiseConv3d(widths[i + 1], widths[i]) for i in range(num_levels - 1)])
+        self.lateral = nn.ModuleList([PointwiseConv3d(widths[i], widths[i]) for i in range(num_levels - 1)])
         self.decoder = nn.ModuleList([blocks(widths[i]) for i in range(num_levels - 1)])
         self.out_norm = _norm(norm, widths[0], norm_groups)
-        self.out_conv = nn.Conv3d(widths[0], out_channels, 1)
+        self.out_conv = PointwiseConv3d(widths[0], out_channels)
         self.levels = [LevelInfo(f"level{i}", widths[i], 2 ** i) for i in range(num_levels)]
 
     @staticmethod

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from voxdiff.core.layers import PointwiseConv3d
+
 from .base import LevelInfo, PyramidBackboneBase, film
 
 
@@ -46,7 +48,7 @@ class ResBlock(nn.Module):
         self.norm2 = nn.GroupNorm(_groups(cout, groups), cout)
         self.conv2 = nn.Conv3d(cout, cout, 3, padding=1)
         self.temb = nn.Linear(temb_dim, 2 * cout) if temb_dim else None
-        self.skip = nn.Conv3d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.skip = PointwiseConv3d(cin, cout) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
@@ -105,7 +107,7 @@ class Backbone(PyramidBackboneBase):
             self.dec.append(nn.ModuleList([ResBlock(2 * w if b == 0 else w, w, tdim, norm_groups)
                                            for b in range(blocks_per_level)]))
         self.out_norm = nn.GroupNorm(_groups(widths[0], norm_groups), widths[0])
-        self.out_conv = nn.Conv3d(widths[0], out_channels, 1)
+        self.out_conv = PointwiseConv3d(widths[0], out_channels)
         self.levels = [LevelInfo(f"level{i}", widths[i], 2 ** i) for i in range(num_levels)]
 
     # ------------------------------------------------------------------------------------------
