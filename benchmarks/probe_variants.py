@@ -1,8 +1,9 @@
 """Non-linear probe variants on the pretrained backbone of a finished experiment folder.
 
 Refits the frozen non-linear head (voxel sampling, as `voxdiff experiment compare` does) with
-changed probe settings and prints the mean test Dice of each, to tell whether the probe or the
-features limit a result:
+changed probe settings and prints the mean Dice of each on the validation case(s) (``val_dice``:
+what a choice may be made on) and on the test cases (``mean_dice``), to tell whether the probe or
+the features limit a result:
 
     .venv/bin/python benchmarks/probe_variants.py runs/cmp_long --method diffusion-ape \
         --variants '[{"steps": 300}, {"steps": 1000}, {"steps": 1000, "hidden": 64}, {"timesteps": [1]}]'
@@ -66,9 +67,12 @@ def main() -> None:
             with_timesteps(ext, tuple(ts))
         pcfg = exp.probe_cfg(**var)
         fitted = fit_heads_voxels(ext, train, val, ("nonlinear",), pcfg, progress=False, voxels_per_step=vox)
-        scores = exp._score(ext, fitted, test, pcfg, volume=True)["nonlinear"]
-        mean = float(np.mean([np.nanmean(list(organs.values())) for organs in scores.values()]))
-        print(json.dumps({"overrides": var, "bpr": bpr_over, "pretrain": pre, "timesteps": ts, "voxels": vox, "mean_dice": round(100 * mean, 1),
+        def mean_dice(cases: list) -> float:
+            scores = exp._score(ext, fitted, cases, pcfg, volume=True)["nonlinear"]
+            return float(np.mean([np.nanmean(list(organs.values())) for organs in scores.values()]))
+
+        print(json.dumps({"overrides": var, "bpr": bpr_over, "pretrain": pre, "timesteps": ts, "voxels": vox,
+                          "val_dice": round(100 * mean_dice(val), 1), "mean_dice": round(100 * mean_dice(test), 1),
                           "seconds": round(time.time() - t)}), flush=True)
 
 
