@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,7 +33,12 @@ def compare(cfg: ExperimentConfig, out: str | Path, force: bool = False, log: Ca
         return compare_seeds(cfg, out, force=force, log=log, notes=notes, report_only=report_only)
     if report_only:
         raise VoxdiffError("--report_only applies to compare --seeds")
-    exp = Experiment(cfg, out, force=force, log=log)
+    return _compare_in(Experiment(cfg, out, force=force, log=log), notes)
+
+
+def _compare_in(exp: Experiment, notes: list[str] | None = None) -> dict[str, Any]:
+    """:func:`compare` (one seed) in an opened experiment folder."""
+    cfg = exp.cfg
     if cfg.jobs != 1:
         from .lanes import run_lanes
 
@@ -165,15 +171,20 @@ def compare_seeds(cfg: ExperimentConfig, out: str | Path, force: bool = False, l
             raise VoxdiffError(f"{top.out}: no row has finished for every seed yet")
         seed_seconds = {}
     else:
+        spent = dict.fromkeys(seeds, 0.0)  # each seed's own wall time (its two phases)
         for s in seeds:
             log(f"seed {s}: pretraining and frozen probes")
+            t0 = time.perf_counter()
             _frozen_rows(exps[s])
+            spent[s] += time.perf_counter() - t0
         per_seed = {}
         for s in seeds:
             log(f"seed {s}: fine-tuned and from-scratch rows")
-            per_seed[s] = compare(sub_cfgs[s], top.out / f"seed-{s}", log=log)
+            t0 = time.perf_counter()
+            per_seed[s] = _compare_in(exps[s])
+            spent[s] += time.perf_counter() - t0
         seed_rows = [per_seed[s]["rows"] for s in seeds]
-        seed_seconds = {str(s): per_seed[s]["seconds"] for s in seeds}
+        seed_seconds = {str(s): round(spent[s], 1) for s in seeds}
     rows, tests = seeds_summary(cfg, seed_rows)
     results = {"experiment": "compare-seeds", "config": cfg, "budget": top.budget, "seeds": seeds,
                "rows": rows, "tests": tests, "seconds": round(top.elapsed(), 1), "seed_seconds": seed_seconds,
