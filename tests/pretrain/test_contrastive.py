@@ -348,18 +348,33 @@ def test_info_nce_same_view_negatives_match_a_direct_computation():
 
 
 def test_masked_info_nce_equals_dropping_the_invalid_pairs():
+    """The CUDA form (masks, data-independent shapes) and the CPU form (invalid pairs dropped, one
+    logsumexp per candidate block) give the same loss, accuracy and gradients."""
     g = torch.Generator().manual_seed(2)
-    za = torch.nn.functional.normalize(torch.randn(12, 8, generator=g), dim=1)
-    zb = torch.nn.functional.normalize(torch.randn(12, 8, generator=g), dim=1)
+    za0 = torch.nn.functional.normalize(torch.randn(12, 8, generator=g), dim=1)
+    zb0 = torch.nn.functional.normalize(torch.randn(12, 8, generator=g), dim=1)
     valid = torch.tensor([1, 1, 0, 1, 0, 0, 1, 1, 1, 0, 1, 1], dtype=torch.bool)
     for same_view in (True, False):
-        masked, acc_m = ct.info_nce(za, zb, 0.1, same_view=same_view, valid=valid)
-        dropped, acc_d = ct.info_nce(za[valid], zb[valid], 0.1, same_view=same_view)
+        grads = []
+        outs = []
+        for fn in (ct._info_nce_masked, ct.info_nce):
+            za, zb = za0.clone().requires_grad_(), zb0.clone().requires_grad_()
+            loss, acc = fn(za, zb, 0.1, same_view=same_view, valid=valid)
+            loss.backward()
+            outs.append((loss.detach(), acc))
+            grads.append((za.grad, zb.grad))
+        (masked, acc_m), (dropped, acc_d) = outs
         torch.testing.assert_close(masked, dropped)
         torch.testing.assert_close(acc_m, acc_d)
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b)
         assert torch.isfinite(masked)
-    everything, _ = ct.info_nce(za, zb, 0.1, valid=torch.ones(12, dtype=torch.bool))
-    torch.testing.assert_close(everything, ct.info_nce(za, zb, 0.1)[0])
+        assert grads[1][0][~valid].abs().max() == 0  # dropped pairs take no part
+        torch.testing.assert_close(dropped, ct.info_nce(za0[valid], zb0[valid], 0.1, same_view=same_view)[0])
+    everything, _ = ct.info_nce(za0, zb0, 0.1, valid=torch.ones(12, dtype=torch.bool))
+    torch.testing.assert_close(everything, ct._info_nce_masked(za0, zb0, 0.1)[0])
+    none_valid, acc = ct.info_nce(za0, zb0, 0.1, valid=torch.zeros(12, dtype=torch.bool))
+    assert none_valid.item() == 0.0 and acc.item() == 0.0
 
 
 def test_models_with_the_earlier_projector_still_load():
