@@ -286,7 +286,8 @@ def genesis_distort(image: np.ndarray, rng: np.random.Generator,
         windows = sample_shuffle_windows(shape, rng, n, cfg.shuffle_max_size)
         out = local_shuffle(out, windows, rng)
         rec["shuffle_windows"] = windows
-        rec["shuffle_boxes"] = [tuple((int(a), int(a + s)) for a, s in zip(st, sz)) for st, sz in zip(*windows)]
+        st, sz = (np.asarray(w, dtype=np.int64) for w in windows)  # boxes [[lo, hi] per axis], built in C
+        rec["shuffle_boxes"] = np.stack([st, st + sz], -1).tolist()
     if rng.random() < cfg.nonlinear_prob:
         pts = bezier_control_points(rng)
         flip = bool(rng.random() < cfg.flip_prob)
