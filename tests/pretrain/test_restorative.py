@@ -108,7 +108,7 @@ def test_genesis_distort_is_seeded_and_records_what_it_did():
     assert len(ra["shuffle_boxes"]) == gt.genesis_shuffle_count(img.shape)
     # outside the in-painted boxes the result is the intensity curve of the shuffled image: in
     # particular, voxels outside every box (shuffle or paint) equal curve(original)
-    touched = gt.box_mask(img.shape, ra["shuffle_boxes"] + ra["paint_boxes"])
+    touched = gt.box_mask(img.shape, list(ra["shuffle_boxes"]) + ra["paint_boxes"])
     expect = gt.nonlinear_intensity(img, ra["curve"], flip=ra["flip"])
     assert (~touched).sum() > 0
     np.testing.assert_allclose(a[~touched], expect[~touched], atol=1e-6)
