@@ -63,13 +63,17 @@ def volume_pyramid(extractor, image_unit: np.ndarray, cfg: ProbeConfig) -> list[
     return [p[0] for p in pyr]  # drop the batch axis
 
 
-def case_pyramids(extractor, cases: Sequence, cfg: ProbeConfig, progress: bool = False) -> list[list[torch.Tensor]]:
-    """Whole-volume pyramids (see :func:`volume_pyramid`) of preprocessed HU cases."""
+def case_pyramids(extractor, cases: Sequence, cfg: ProbeConfig, progress: bool = False, convert=None) -> list:
+    """Whole-volume pyramids (see :func:`volume_pyramid`) of preprocessed HU cases; ``convert``: a
+    function applied to each pyramid as soon as it is computed (one pyramid in memory at a time)."""
     from tqdm import tqdm
 
     window = extractor.preprocess.hu_window
-    return [volume_pyramid(extractor, unit_image(c, window), cfg)
-            for c in tqdm(cases, desc="features", unit="case", disable=None if progress else True, leave=False)]
+    out = []
+    for c in tqdm(cases, desc="features", unit="case", disable=None if progress else True, leave=False):
+        pyr = volume_pyramid(extractor, unit_image(c, window), cfg)
+        out.append(convert(pyr) if convert is not None else pyr)
+    return out
 
 
 @torch.no_grad()
@@ -246,7 +250,7 @@ def fit_heads_voxels(extractor, train_cases: Sequence, val_cases: Sequence = (),
         raise InputError(None, "no labelled training cases")
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
-    tables = [voxel_tables(p) for p in case_pyramids(extractor, train_cases, cfg, progress=progress)]
+    tables = case_pyramids(extractor, train_cases, cfg, progress=progress, convert=voxel_tables)
     labels = [np.asarray(c.label, dtype=np.uint8) for c in train_cases]
     strides = [int(lv.stride) for lv in extractor.levels]
     chans = [int(t.rows.shape[1]) for t in tables[0]]
