@@ -73,13 +73,14 @@ def open_seed(folder: Path) -> Experiment:
 
 class FeatureCache:
     """Whole-volume pyramids keyed by (backbone, image content): computed once, reused by variants.
-    Installed in place of :func:`voxdiff.probe.voxel.volume_pyramid` while a backbone is tested."""
+    Installed as the probe's feature source (:func:`voxdiff.probe.voxel.set_feature_source`) while a
+    backbone is tested."""
 
     def __init__(self) -> None:
         self.store: dict[tuple[str, str], list[torch.Tensor]] = {}
         self.key = ""
         self.transform: Callable[[list[torch.Tensor]], list[torch.Tensor]] | None = None
-        self._real = voxel.volume_pyramid
+        self._real = voxel.compute_volume_pyramid
 
     def __call__(self, extractor, image_unit: np.ndarray, cfg) -> list[torch.Tensor]:
         h = hashlib.sha1(np.ascontiguousarray(image_unit, dtype=np.float32).tobytes()).hexdigest()
@@ -92,7 +93,7 @@ class FeatureCache:
     def install(self, key: str) -> None:
         self.key = key
         self.transform = None
-        voxel.volume_pyramid = self  # type: ignore[assignment]
+        voxel.set_feature_source(self)
 
     def clear(self) -> None:
         self.store.clear()
@@ -354,7 +355,7 @@ def main() -> None:
                     if any(k[:3] == (test, method, seed) for k in done):
                         continue
                     # tests that reuse features install the cache themselves; the others must not see it
-                    voxel.volume_pyramid = cache._real  # type: ignore[assignment]
+                    voxel.set_feature_source(None)
                     {"shift": lambda: test_shift(exp, method, folds, emit),
                      "floor": lambda: test_floor(exp, method, folds, emit, cache),
                      "levels": lambda: test_levels(exp, method, folds, emit, cache),
@@ -364,7 +365,7 @@ def main() -> None:
                      "bottleneck": lambda: test_bottleneck(exp, method, folds, emit)}[test]()
                 cache.clear()
     finally:
-        voxel.volume_pyramid = cache._real  # type: ignore[assignment]
+        voxel.set_feature_source(None)
     print_summary(results)
 
 

@@ -127,3 +127,26 @@ def test_feature_roi_covering_the_volume_extracts_it_in_one_window():
     assert (windows[0].float() - whole[0].float()).abs().max() > 1e-2  # small windows see other statistics
     assert volume_roi(_probe(roi=(8, 8, 8))) == (8, 8, 8)
     assert volume_roi(_probe(roi=(8, 8, 8), feature_roi=(64, 64, 32))) == (64, 64, 32)
+
+
+def test_feature_source_routes_volume_pyramids_and_none_restores():
+    from voxdiff.probe import voxel
+
+    pre = PreprocessConfig(spacing=(4.0, 4.0, 4.0))
+    ext = _Ext(pre)
+    vol = np.random.default_rng(0).random((16, 16, 16)).astype(np.float32)
+    cfg = _probe(roi=(16, 16, 16), overlap=0.25)
+    calls = []
+
+    def source(extractor, image_unit, c):
+        calls.append(image_unit.shape)
+        return [torch.zeros(1, 2, 2, 2)]
+
+    voxel.set_feature_source(source)
+    try:
+        got = voxel.volume_pyramid(ext, vol, cfg)
+    finally:
+        voxel.set_feature_source(None)
+    assert calls == [(16, 16, 16)] and got[0].shape == (1, 2, 2, 2)
+    plain = voxel.volume_pyramid(ext, vol, cfg)
+    assert len(calls) == 1 and len(plain) == len(ext.levels)

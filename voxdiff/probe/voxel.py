@@ -50,7 +50,7 @@ def _divisor(extractor) -> int:
     return max(int(lv.stride) for lv in extractor.levels)
 
 
-def volume_pyramid(extractor, image_unit: np.ndarray, cfg: ProbeConfig) -> list[torch.Tensor]:
+def compute_volume_pyramid(extractor, image_unit: np.ndarray, cfg: ProbeConfig) -> list[torch.Tensor]:
     """Float16 pyramid ``[(C_l, X'/s_l, Y'/s_l, Z'/s_l)]`` of a [0,1] volume padded (at its far end,
     with 0 = below the window) to ``X'``, a multiple of the largest stride, so that every level is an
     exact subsampling of the full grid and nearest upsampling is exact."""
@@ -61,6 +61,26 @@ def volume_pyramid(extractor, image_unit: np.ndarray, cfg: ProbeConfig) -> list[
     vol = np.pad(image_unit, pad, constant_values=0.0) if any(p[1] for p in pad) else image_unit
     pyr = extract_volume(extractor, vol, roi=volume_roi(cfg), overlap=cfg.inference.overlap, progress=False, bf16=cfg.runtime.bf16)
     return [p[0] for p in pyr]  # drop the batch axis
+
+
+# Where whole-volume pyramids come from: None = computed (:func:`compute_volume_pyramid`); scripts that
+# score many variants on the same volumes set a caching function (benchmarks/hypotheses.py).
+_feature_source = None
+
+
+def set_feature_source(fn) -> None:
+    """Route :func:`volume_pyramid` through ``fn(extractor, image_unit, cfg) -> pyramid`` (e.g. a cache
+    in front of :func:`compute_volume_pyramid`); ``None`` restores plain computation."""
+    global _feature_source
+    _feature_source = fn
+
+
+def volume_pyramid(extractor, image_unit: np.ndarray, cfg: ProbeConfig) -> list[torch.Tensor]:
+    """The whole-volume pyramid of :func:`compute_volume_pyramid`, or of the function installed with
+    :func:`set_feature_source`."""
+    if _feature_source is not None:
+        return _feature_source(extractor, image_unit, cfg)
+    return compute_volume_pyramid(extractor, image_unit, cfg)
 
 
 def case_pyramids(extractor, cases: Sequence, cfg: ProbeConfig, progress: bool = False, convert=None) -> list:
