@@ -7,13 +7,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _cpu_autocast() -> bool:
-    """Whether CPU autocast is on (``is_autocast_enabled(device_type)`` is torch >= 2.4; the GPU
-    machine's preinstalled torch may be older)."""
+def _cpu_autocast_query():
+    """``() -> bool``: whether CPU autocast is on, resolved once (``is_autocast_enabled(device_type)``
+    is torch >= 2.4; the GPU machine's preinstalled torch may be older)."""
     try:
-        return bool(torch.is_autocast_enabled("cpu"))
+        torch.is_autocast_enabled("cpu")
+        return lambda: torch.is_autocast_enabled("cpu")
     except TypeError:
-        return bool(torch.is_autocast_cpu_enabled())
+        return torch.is_autocast_cpu_enabled
+
+
+_cpu_autocast = _cpu_autocast_query()
 
 
 class PointwiseConv3d(nn.Conv3d):
@@ -31,7 +35,7 @@ class PointwiseConv3d(nn.Conv3d):
         super().__init__(in_channels, out_channels, kernel_size=1, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda or x.dim() != 5 or (x.is_contiguous() and _cpu_autocast()):
+        if x.is_cuda or x.dim() != 5 or (x.is_contiguous() and bool(_cpu_autocast())):
             return super().forward(x)
         w = self.weight.reshape(self.out_channels, self.in_channels)
         return F.linear(x.permute(0, 2, 3, 4, 1), w, self.bias).permute(0, 4, 1, 2, 3)

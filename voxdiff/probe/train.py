@@ -437,6 +437,7 @@ def probe_engine_settings(cfg: ProbeConfig) -> dict[str, Any]:
     s = engine_settings(o, r)
     for k in ("warmup_steps", "min_lr_ratio", "bf16"):
         s.pop(k)
+
     def every(n: int) -> int:  # 0: at each validation
         return int(n) if int(n) > 0 else int(o.val_every)
 

@@ -292,8 +292,8 @@ def fit_heads_voxels(extractor, train_cases: Sequence, val_cases: Sequence = (),
     val_pyrs: list[list[torch.Tensor]] = []  # the validation cases' features, computed at the first validation
 
     def validate_of(ms: dict[str, nn.Module]):
-        if len(val_pyrs) < len(val_cases):
-            val_pyrs[:] = case_pyramids(extractor, val_cases, cfg)
+        if val_cases and not val_pyrs:
+            val_pyrs.extend(case_pyramids(extractor, val_cases, cfg))
         corrected = {n: prior_corrected(m, log_ratio) for n, m in ms.items()}
         return validate_volume(extractor, corrected, val_cases, cfg, pyramids=val_pyrs), corrected
 
