@@ -325,3 +325,26 @@ def test_preview_png_function(tmp_path: Path):
     assert p.read_bytes()[:4] == b"\x89PNG"
     case.label = None  # unlabelled case: image-only views
     assert preview_png(case, tmp_path / "u.png").stat().st_size > 1000
+
+
+def test_thorax_detail_draws_thin_vessels_and_changes_only_the_chest():
+    """The detailed thorax keeps the same subject, scan and labels; its lungs lose the -250 HU
+    vessel blobs (thin partial-volume tubes instead), so far fewer lung voxels sit between lung and
+    soft tissue, and its heart holds more contrast-enhanced blood."""
+    base = dict(shape=(64, 64, 48), unlabelled_z_modes=("chest",), phases=("arterial",))
+    a = generate_phantom(5, PhantomConfig(**base), unlabelled=True)
+    b = generate_phantom(5, PhantomConfig(**base, thorax_detail=True), unlabelled=True)
+    assert "thorax_detail" not in a.meta.extra and b.meta.extra["thorax_detail"] is True
+    np.testing.assert_array_equal(a.label, b.label)
+    np.testing.assert_array_equal(a.meta.affine, b.meta.affine)
+    # lung: the air-filled region inside the body (closing of < -600 HU inside the filled body outline)
+    from scipy import ndimage as ndi
+
+    body = np.stack([ndi.binary_fill_holes(a.image[:, :, k] > -500) for k in range(a.image.shape[2])], axis=2)
+    lung = ndi.binary_closing(a.image < -600, iterations=2) & ndi.binary_erosion(body, iterations=2)
+    assert lung.sum() > 2000
+    mid_a = ((a.image[lung] > -450) & (a.image[lung] < -50)).mean()
+    mid_b = ((b.image[lung] > -450) & (b.image[lung] < -50)).mean()
+    assert mid_a > 3 * mid_b, (mid_a, mid_b)
+    bright_a, bright_b = (a.image > 200).sum(), (b.image > 200).sum()  # enhanced blood (and bone)
+    assert bright_b > 1.03 * bright_a, (bright_a, bright_b)

@@ -23,7 +23,7 @@ class Volume:
     image: torch.Tensor  # (1, 1, X, Y, Z) float32
     affine: np.ndarray  # 4x4
     case_id: str = ""
-    group: int = 0  # 0: --data, 1: --extra_data (see BPRTrainConfig.extra_ratio)
+    group: int = 0  # 0: --data, 1: --data.extra (see BPRData.extra_ratio)
 
     @property
     def shape(self) -> tuple[int, int, int]:

@@ -124,13 +124,14 @@ def _jit(S: Subject, name: str, c) -> np.ndarray:
 
 
 # ================================================================================================
-def build(cv: Canvas, S: Subject, fields: dict[str, np.ndarray]) -> dict[str, float]:
-    """Paint the whole trunk into ``cv.tissue``; returns landmark z positions (subject frame)."""
+def build(cv: Canvas, S: Subject, fields: dict[str, np.ndarray], thorax_detail: bool = False) -> dict[str, float]:
+    """Paint the whole trunk into ``cv.tissue``; returns landmark z positions (subject frame).
+    ``thorax_detail``: see :class:`PhantomConfig` (needs the ``vess*`` fields)."""
     lm: dict[str, float] = {}
     _torso(cv, S)
     _diaphragm_regions(cv, S)
     _table(cv, S)
-    _thorax(cv, S, fields, lm)
+    _thorax(cv, S, fields, lm, thorax_detail)
     _muscles(cv, S)
     _bowel(cv, S, fields, lm)
     _organs(cv, S, fields, lm)
@@ -227,7 +228,7 @@ def _table(cv: Canvas, S: Subject) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-def _thorax(cv: Canvas, S: Subject, f: dict[str, np.ndarray], lm: dict[str, float]) -> None:
+def _thorax(cv: Canvas, S: Subject, f: dict[str, np.ndarray], lm: dict[str, float], detail: bool = False) -> None:
     zt = S.lev("T12")
     b = cv.box((-250, -200, zt - 80), (250, 250, 2000))
     if b is None:
@@ -259,22 +260,64 @@ def _thorax(cv: Canvas, S: Subject, f: dict[str, np.ndarray], lm: dict[str, floa
         k = sc
         # chambers (world offsets from the heart centre): RV anterior-right, RA right, LA posterior-superior,
         # LV left-inferior toward the apex with a thick wall (the septum separates it from the RV)
-        for off, rad, tid in (((14, 26, -4), (38, 20, 34), T.BLOOD_R), ((42, -6, 12), (24, 24, 28), T.BLOOD_R),
-                              ((2, -32, 24), (30, 18, 20), T.BLOOD_L)):
+        # detail: chambers about 1.25x wider, holding about half of the heart's volume as in a real
+        # heart (a third in the default thorax); the left ventricular wall 8 mm instead of 10
+        radii = (((47, 26, 43), (31, 31, 35), (38, 24, 26)) if detail else ((38, 20, 34), (24, 24, 28), (30, 18, 20)))
+        for off, rad, tid in zip(((14, 26, -4), (42, -6, 12), (2, -32, 24)), radii, (T.BLOOD_R, T.BLOOD_R, T.BLOOD_L)):
             e = _ell(X, Y, Z, c + np.array(off) * k, np.array(rad) * k, None)
             cv.paint(hb, inner & (e < 0), tid)
-        lv = _ell(X, Y, Z, c + np.array([-24, 4, -12]) * k, np.array([34, 30, 36]) * k, rot(0, 20, -35))
+        lv = _ell(X, Y, Z, c + np.array([-24, 4, -12]) * k, np.array([38, 33, 40] if detail else [34, 30, 36]) * k, rot(0, 20, -35))
         cv.paint(hb, inner & (lv < 0), T.MYOCARDIUM)
-        cv.paint(hb, inner & (lv < -10 * k), T.BLOOD_L)
+        cv.paint(hb, inner & (lv < -(8 if detail else 10) * k), T.BLOOD_L)
     lm["heart_top"] = float(c[2] + 56 * sc)
     lm["heart_bottom"] = float(S.dome_r - 5)
-    # lung vessel markings: thresholded band-pass noise, denser medially
-    bl = cv.box((-250, -200, zt - 80), (250, 250, 2000))
-    lungm = cv.tissue[bl] == T.LUNG
-    nv = f["fine"][bl]
-    med_w = np.exp(-np.abs(cv.X[bl]) / 90.0)
-    cv.paint(bl, lungm & (nv > 1.35 - 0.8 * med_w), T.LUNG_VESSEL)
+    if detail:
+        _lung_vessels(cv, S, f, zt)
+    else:  # vessel markings: thresholded band-pass noise, denser medially
+        bl = cv.box((-250, -200, zt - 80), (250, 250, 2000))
+        lungm = cv.tissue[bl] == T.LUNG
+        nv = f["fine"][bl]
+        med_w = np.exp(-np.abs(cv.X[bl]) / 90.0)
+        cv.paint(bl, lungm & (nv > 1.35 - 0.8 * med_w), T.LUNG_VESSEL)
     lm["lung_apex"] = S.lev("T1", 0.8)
+
+
+def _lung_vessels(cv: Canvas, S: Subject, f: dict[str, np.ndarray], zt: float) -> None:
+    """Pulmonary vessels: thin tubes along the curves where two of three smooth random fields both
+    vanish (three families of fairly straight curves), thick near the hila (up to ~4 mm radius) and
+    thinning to ~0.6 mm at the periphery.
+
+    The tube is drawn with partial volume: each lung voxel gets the fraction of a voxel-sized,
+    point-spread blurred tube it holds (:meth:`Canvas.blend`), so a 1 mm vessel on a 3 mm grid is
+    a faint smudge as in real CT rather than a full-intensity voxel; voxels more than half filled
+    become the vessel tissue."""
+    bl = cv.box((-250, -200, zt - 80), (250, 250, 2000))
+    if bl is None or "vess1" not in f:
+        return
+    lung = cv.tissue[bl] == T.LUNG
+    if not lung.any():
+        return
+    sp = cv.spacing
+    q = []  # squared first-order distance (mm^2) to each field's zero surface
+    for key in ("vess1", "vess2", "vess3"):
+        g = f[key][bl]
+        gx, gy, gz = np.gradient(g, *sp)
+        q.append(g * g / np.maximum(gx * gx + gy * gy + gz * gz, np.float32(1e-4)))
+    d2 = np.minimum(np.minimum(q[0] + q[1], q[0] + q[2]), q[1] + q[2])  # to the nearest curve
+    del q
+    X, Y, Z = cv.coords(bl)
+    car = S.lev("T5", 0.3)
+    yh = float(S.ys(car)) + 20.0 * S.sd
+    dh = None  # distance (mm) to the nearer hilum
+    for side in (1, -1):
+        d = np.sqrt((X - np.float32(side * 50 * S.sw)) ** 2 + (Y - np.float32(yh)) ** 2 + (Z - np.float32(car - 35)) ** 2)
+        dh = d if dh is None else np.minimum(dh, d)
+    r = np.float32(0.6) + np.float32(3.4) * np.exp(-dh / np.float32(70.0))
+    s2 = np.float32((0.35 * float(np.cbrt(sp[0] * sp[1] * sp[2]))) ** 2)  # voxel box + PSF, as a Gaussian
+    frac = (1.0 - np.exp(-r * r / (2 * s2))) * np.exp(-d2 / (2 * (s2 + 0.5 * r * r)))
+    frac = np.where(lung, frac, np.float32(0.0)).astype(np.float32)
+    cv.paint(bl, lung & (frac >= 0.5), T.PULM_VESSEL)
+    cv.blend(bl, frac, T.LUNG, T.PULM_VESSEL)
 
 
 def _muscles(cv: Canvas, S: Subject) -> None:
@@ -576,7 +619,7 @@ def _vessels(cv: Canvas, S: Subject, lm: dict[str, float]) -> None:
     lv = S.lev
     sx, sy, ry = S.spine_x, S.spine_y, S.body_ry
     abd_soft = (T.FAT_VISC, T.MUSCLE, T.BOWEL_WALL, T.BOWEL_FLUID, T.BOWEL_AIR, T.STOOL, T.PANCREAS, T.LUNG,
-                T.LUNG_VESSEL, T.DIAPHRAGM, T.BOWEL_CONTRAST)
+                T.LUNG_VESSEL, T.PULM_VESSEL, T.DIAPHRAGM, T.BOWEL_CONTRAST)
 
     def front(z, dx=0.0, dy=0.0):
         return (float(sx(z)) + dx, float(sy(z) + ry(z)) + dy, z)

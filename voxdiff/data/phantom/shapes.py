@@ -63,6 +63,7 @@ class Canvas:
         self.margin = tuple(float(np.abs(d).max()) + s for d, s in zip(disp, self.spacing))
         self.tissue = np.zeros(shape, dtype=np.uint8)
         self.region = np.zeros(shape, dtype=np.uint8)
+        self.blends: list[tuple[Box, np.ndarray, int, int]] = []
 
     # -- bounding boxes -------------------------------------------------------------------------
     def box(self, lo: Iterable[float], hi: Iterable[float]) -> Box | None:
@@ -94,6 +95,11 @@ class Canvas:
             lut[list(region)] = True
             m = m & lut[self.region[b]]
         t[m] = tid
+
+    def blend(self, b: Box, frac: np.ndarray, t0: int, t1: int) -> None:
+        """Partial volume: where the voxels of box ``b`` are still tissue ``t0`` or ``t1`` when the
+        image is made, their CT number is ``(1 - frac) * HU(t0) + frac * HU(t1)``."""
+        self.blends.append((b, frac, int(t0), int(t1)))
 
     # -- shapes -----------------------------------------------------------------------------------
     def ellipsoid(self, c: Sequence[float], r: Sequence[float], R: np.ndarray | None = None, pad: float = 0.0):

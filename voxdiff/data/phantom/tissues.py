@@ -16,7 +16,8 @@ LUNG, LUNG_VESSEL, MYOCARDIUM, BLOOD_L, BLOOD_R, LIVER, HEP_VEIN, HEP_PORTAL, BI
 KID_CORTEX, KID_MEDULLA, KID_PELVIS, ADRENAL, PANCREAS, STOM_WALL, STOM_FLUID, STOM_AIR, ESO_WALL, ESO_AIR = range(20, 30)
 AORTA, ARTERY, IVC, VEIN, PORTAL, PORTAL_UNL, BOWEL_WALL, BOWEL_FLUID, BOWEL_AIR, STOOL = range(30, 40)
 BLADDER, CARTILAGE, TABLE_SKIN, TABLE_CORE, AIRWAY, DIAPHRAGM, FEMUR_MARROW, GB_WALL, BOWEL_CONTRAST, PELVIC_ORGAN = range(40, 50)
-N_TISSUES = 50
+PULM_VESSEL = 50  # pulmonary vessels as thin blood-filled tubes (PhantomConfig.thorax_detail)
+N_TISSUES = 51
 
 TISSUE_NAMES = {
     v: k
@@ -71,7 +72,8 @@ HU_TABLE: dict[int, tuple[float, float, float, float, float]] = {
     DISC: (85, 0, 5, 12, 10),
     CSF: (18, 0, 0, 8, 5),
     LUNG: (-865, 0, 0, 30, 25),
-    LUNG_VESSEL: (-250, 60, 60, 60, 20),
+    LUNG_VESSEL: (-250, 60, 60, 60, 20),  # vessel markings as blobs (the default thorax)
+    PULM_VESSEL: (40, 150, 125, 12, 6),  # blood (pulmonary arteries: right-heart contrast); thin ones by partial volume
     MYOCARDIUM: (45, 55, 60, 9, 6),
     BLOOD_L: (42, 260, 120, 12, 6),
     BLOOD_R: (42, 150, 125, 35, 6),
@@ -111,4 +113,5 @@ HU_TABLE: dict[int, tuple[float, float, float, float, float]] = {
 }
 
 # tissues whose offset is shared (one blood pool, one bone type) -> group key
-SHARED_OFFSET = {KID_MEDULLA: KID_CORTEX, ARTERY: AORTA, BLOOD_L: AORTA, PORTAL_UNL: PORTAL, HEP_PORTAL: PORTAL, VEIN: IVC, DIAPHRAGM: MUSCLE, ESO_AIR: AIR}
+SHARED_OFFSET = {KID_MEDULLA: KID_CORTEX, ARTERY: AORTA, BLOOD_L: AORTA, PORTAL_UNL: PORTAL, HEP_PORTAL: PORTAL, VEIN: IVC, DIAPHRAGM: MUSCLE, ESO_AIR: AIR,
+                 PULM_VESSEL: BLOOD_R}
