@@ -220,3 +220,52 @@ def test_min_snr_gamma_reweights_the_loss_by_timestep():
     assert not torch.allclose(plain, weighted)
     with pytest.raises(InputError, match="min_snr_gamma"):
         _task("none", min_snr_gamma=-1)
+
+
+def test_skip_masks_scale_each_samples_encoder_skips_only_inside_the_block():
+    net = Backbone(in_channels=1, out_channels=1, base_channels=8, num_levels=3).eval()
+    x, t = torch.randn(2, 1, 16, 16, 16), torch.tensor([3, 3])
+    with torch.no_grad():
+        ref, _ = net(x, t)
+        with net.skip_masks([torch.ones(2), torch.ones(2)]):
+            same, _ = net(x, t)
+        with net.skip_masks([torch.tensor([1.0, 0.0]), torch.ones(2)]):
+            dropped, _ = net(x, t)
+        after, _ = net(x, t)
+    assert torch.equal(ref, same) and torch.equal(ref, after)
+    assert torch.equal(dropped[0], ref[0]) and not torch.allclose(dropped[1], ref[1], atol=1e-3)
+    with pytest.raises(ValueError, match="skip masks"):
+        with net.skip_masks([torch.ones(2)]):
+            pass
+    from voxdiff.pretrain import FPN3d
+
+    with pytest.raises(ValueError, match="no skip connections"):
+        with FPN3d(in_channels=1, out_channels=1, base_channels=8, num_levels=3).skip_masks([]):
+            pass
+
+
+def test_skip_dropout_drops_skips_of_some_training_samples():
+    img = torch.rand(8, 1, 16, 16, 16)
+    net = Backbone(in_channels=1, out_channels=1, base_channels=8, num_levels=3)
+    seen: list[list[torch.Tensor]] = []
+    real = net.skip_masks
+
+    def spy(keep):
+        seen.append([k.clone() for k in keep])
+        return real(keep)
+
+    net.skip_masks = spy  # type: ignore[method-assign]
+    task = _task("none", skip_dropout=0.5)
+    task.setup(net)
+    loss, _ = task.loss(net, {"image": img}, torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and len(seen) == 1 and len(seen[0]) == net.num_skips == 2
+    keep = torch.stack(seen[0])
+    assert set(keep.unique().tolist()) == {0.0, 1.0}  # some skips dropped, some kept
+    plain, _ = _task("none").loss(net, {"image": img}, torch.Generator().manual_seed(0))
+    assert not torch.isclose(loss, plain)  # the same noise and t, another network output
+    with pytest.raises(InputError, match="skip_dropout"):
+        _task("none", skip_dropout=1.0)
+    from voxdiff.pretrain import FPN3d
+
+    with pytest.raises(InputError, match="skip connections"):
+        _task("none", skip_dropout=0.3).setup(FPN3d(in_channels=1, out_channels=1, base_channels=8, num_levels=3))

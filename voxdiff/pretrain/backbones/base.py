@@ -21,9 +21,10 @@ embedding). :class:`PyramidBackboneBase` implements everything but ``pyramid`` a
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Iterator, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -97,6 +98,8 @@ class PyramidBackboneBase(nn.Module):
     time_embedding: bool
     temb_dim: int | None
     name: str = ""  # registry name, set by voxdiff.pretrain.backbones.register
+    num_skips: int = 0  # decoder levels fed by an encoder skip that skip_masks can scale (0: none)
+    _skip_keep: list[torch.Tensor] | None = None
 
     def _init_common(self, config: dict[str, Any], in_channels: int, out_channels: int, time_embedding: bool,
                      base_channels: int) -> None:
@@ -144,6 +147,25 @@ class PyramidBackboneBase(nn.Module):
 
     def _pyramid(self, x: torch.Tensor, temb: torch.Tensor | None) -> list[torch.Tensor]:
         raise NotImplementedError
+
+    @contextlib.contextmanager
+    def skip_masks(self, keep: list[torch.Tensor]) -> Iterator[None]:
+        """Within the block, the encoder skip into decoder level ``i`` (finest first) is multiplied
+        per sample by ``keep[i]`` (shape ``(B,)``, 0 drops it): skip dropout during training."""
+        if not self.num_skips:
+            raise ValueError(f"the {self.name or type(self).__name__} backbone has no skip connections to mask")
+        if len(keep) != self.num_skips:
+            raise ValueError(f"expected {self.num_skips} skip masks, got {len(keep)}")
+        self._skip_keep = list(keep)
+        try:
+            yield
+        finally:
+            self._skip_keep = None
+
+    def _skip(self, h: torch.Tensor, i: int) -> torch.Tensor:
+        """Encoder skip ``h`` into decoder level ``i``, masked inside :meth:`skip_masks`."""
+        keep = self._skip_keep
+        return h if keep is None else h * keep[i].to(h.dtype).view(-1, *([1] * (h.ndim - 1)))
 
     def head(self, finest: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

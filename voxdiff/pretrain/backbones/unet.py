@@ -109,6 +109,7 @@ class Backbone(PyramidBackboneBase):
         self.out_norm = nn.GroupNorm(_groups(widths[0], norm_groups), widths[0])
         self.out_conv = PointwiseConv3d(widths[0], out_channels)
         self.levels = [LevelInfo(f"level{i}", widths[i], 2 ** i) for i in range(num_levels)]
+        self.num_skips = num_levels - 1
 
     # ------------------------------------------------------------------------------------------
     def _pyramid(self, x: torch.Tensor, temb: torch.Tensor | None) -> list[torch.Tensor]:
@@ -122,7 +123,7 @@ class Backbone(PyramidBackboneBase):
                 h = self.down[i](h)
         out = [h]
         for i in reversed(range(self.num_levels - 1)):
-            h = torch.cat([self.up[i](h), skips[i]], dim=1)
+            h = torch.cat([self.up[i](h), self._skip(skips[i], i)], dim=1)
             for blk in self.dec[i]:
                 h = blk(h, temb)
             out.append(h)

@@ -68,6 +68,9 @@ class DiffusionConfig:
         condition_dropout: share of training samples whose condition channels are set to zero
             (classifier-free style), so that the denoiser must also use the image; features always
             get the condition.
+        skip_dropout: probability, per training sample and decoder level, that the encoder's skip
+            connection into that level is zeroed (backbones with skips: unet), so that the denoiser
+            must carry the image through its coarser levels; features always get every skip.
     """
 
     condition: str = "none"
@@ -81,6 +84,7 @@ class DiffusionConfig:
     condition_source: str = "volume"
     min_snr_gamma: float = 0.0
     condition_dropout: float = 0.0
+    skip_dropout: float = 0.0
 
 
 CONDITION_SOURCES = ("volume", "patch")
@@ -127,6 +131,8 @@ class DiffusionTask(PretextTask):
             raise InputError(None, f"unknown condition_source {o.condition_source!r}; choose from {', '.join(CONDITION_SOURCES)}")
         if not 0.0 <= o.condition_dropout < 1.0:
             raise InputError(None, f"condition_dropout must lie in [0, 1), got {o.condition_dropout}")
+        if not 0.0 <= o.skip_dropout < 1.0:
+            raise InputError(None, f"skip_dropout must lie in [0, 1), got {o.skip_dropout}")
         if o.min_snr_gamma < 0:
             raise InputError(None, f"min_snr_gamma must be >= 0 (0 = off), got {o.min_snr_gamma}")
         self.opts = o
@@ -147,6 +153,11 @@ class DiffusionTask(PretextTask):
                 load_bpr, _ = _bpr_api()
                 bpr = load_bpr(o.bpr_path, kind=o.condition)
             self.set_bpr(bpr)
+
+    def setup(self, backbone: nn.Module) -> None:
+        if self.opts.skip_dropout > 0 and not getattr(backbone, "num_skips", 0):
+            raise InputError(None, f"skip_dropout needs a backbone with skip connections (unet); "
+                                   f"{getattr(backbone, 'name', type(backbone).__name__)} has none to drop")
 
     # ------------------------------------------------------------------------------------------
     def set_bpr(self, bpr: nn.Module) -> None:
@@ -305,7 +316,13 @@ class DiffusionTask(PretextTask):
         if cond is not None and self.opts.condition_dropout > 0:
             keep = torch.rand(b, generator=generator, device=image.device) >= self.opts.condition_dropout
             cond = cond * keep.view(-1, *([1] * (cond.ndim - 1))).to(cond.dtype)
-        pred, _ = backbone(self._join(x_t, cond), t)
+        if self.opts.skip_dropout > 0:
+            keep = [(torch.rand(b, generator=generator, device=image.device) >= self.opts.skip_dropout).to(x0.dtype)
+                    for _ in range(backbone.num_skips)]
+            with backbone.skip_masks(keep):
+                pred, _ = backbone(self._join(x_t, cond), t)
+        else:
+            pred, _ = backbone(self._join(x_t, cond), t)
         target = self.process.target(x0, noise, t)
         per = F.mse_loss(pred.float(), target, reduction="none").flatten(1).mean(1)
         if self.opts.min_snr_gamma > 0:
