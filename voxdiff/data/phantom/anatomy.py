@@ -272,17 +272,16 @@ def _thorax(cv: Canvas, S: Subject, f: dict[str, np.ndarray], lm: dict[str, floa
     lm["heart_top"] = float(c[2] + 56 * sc)
     lm["heart_bottom"] = float(S.dome_r - 5)
     if detail:
-        _lung_vessels(cv, S, f, zt)
+        _lung_vessels(cv, S, f, b)
     else:  # vessel markings: thresholded band-pass noise, denser medially
-        bl = cv.box((-250, -200, zt - 80), (250, 250, 2000))
-        lungm = cv.tissue[bl] == T.LUNG
-        nv = f["fine"][bl]
-        med_w = np.exp(-np.abs(cv.X[bl]) / 90.0)
-        cv.paint(bl, lungm & (nv > 1.35 - 0.8 * med_w), T.LUNG_VESSEL)
+        lungm = cv.tissue[b] == T.LUNG
+        nv = f["fine"][b]
+        med_w = np.exp(-np.abs(cv.X[b]) / 90.0)
+        cv.paint(b, lungm & (nv > 1.35 - 0.8 * med_w), T.LUNG_VESSEL)
     lm["lung_apex"] = S.lev("T1", 0.8)
 
 
-def _lung_vessels(cv: Canvas, S: Subject, f: dict[str, np.ndarray], zt: float) -> None:
+def _lung_vessels(cv: Canvas, S: Subject, f: dict[str, np.ndarray], bl) -> None:
     """Pulmonary vessels: thin tubes along the curves where two of three smooth random fields both
     vanish (three families of fairly straight curves), thick near the hila (up to ~4 mm radius) and
     thinning to ~0.6 mm at the periphery.
@@ -290,10 +289,7 @@ def _lung_vessels(cv: Canvas, S: Subject, f: dict[str, np.ndarray], zt: float) -
     The tube is drawn with partial volume: each lung voxel gets the fraction of a voxel-sized,
     point-spread blurred tube it holds (:meth:`Canvas.blend`), so a 1 mm vessel on a 3 mm grid is
     a faint smudge as in real CT rather than a full-intensity voxel; voxels more than half filled
-    become the vessel tissue."""
-    bl = cv.box((-250, -200, zt - 80), (250, 250, 2000))
-    if bl is None or "vess1" not in f:
-        return
+    become the vessel tissue. ``bl``: the chest's box of voxels."""
     lung = cv.tissue[bl] == T.LUNG
     if not lung.any():
         return
@@ -316,7 +312,7 @@ def _lung_vessels(cv: Canvas, S: Subject, f: dict[str, np.ndarray], zt: float) -
     s2 = np.float32((0.35 * float(np.cbrt(sp[0] * sp[1] * sp[2]))) ** 2)  # voxel box + PSF, as a Gaussian
     frac = (1.0 - np.exp(-r * r / (2 * s2))) * np.exp(-d2 / (2 * (s2 + 0.5 * r * r)))
     frac = np.where(lung, frac, np.float32(0.0)).astype(np.float32)
-    cv.paint(bl, lung & (frac >= 0.5), T.PULM_VESSEL)
+    cv.paint(bl, frac >= 0.5, T.PULM_VESSEL)
     cv.blend(bl, frac, T.LUNG, T.PULM_VESSEL)
 
 

@@ -231,8 +231,8 @@ def generate_phantom(seed: int, cfg: PhantomConfig | None = None, *, unlabelled:
     for b, frac, t0, t1 in cv.blends:  # partial volume of structures thinner than a voxel
         tb, ib = tissue[b], img[b]
         m = (tb == t0) | (tb == t1)
-        w = frac[m]
-        ib[m] = (1 - w) * (base[t0] + tex[t0] * texture[b][m]) + w * (base[t1] + tex[t1] * texture[b][m])
+        w, tx = frac[m], texture[b][m]
+        ib[m] = (1 - w) * (base[t0] + tex[t0] * tx) + w * (base[t1] + tex[t1] * tx)
     if w_art > 0.3:  # arciform ("zebra") splenic enhancement in the arterial phase
         m = tissue == T.SPLEEN
         img[m] += np.float32(28 * w_art) * np.sin(4.0 * fields["bowel1"][m] + 3.0 * fields["fine"][m])
