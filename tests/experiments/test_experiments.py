@@ -176,8 +176,11 @@ def test_other_settings_are_refused(tmp_path):
 
     out = tmp_path / "e"
     Experiment(ExperimentConfig(budget="tiny", methods=("random",)), out, log=lambda s: None)
-    with pytest.raises(InputError, match="other settings"):
+    with pytest.raises(InputError, match=r"other settings \(methods\)"):
         Experiment(ExperimentConfig(budget="tiny", methods=("restorative",)), out, log=lambda s: None)
+    with pytest.raises(InputError, match=r"other settings \(heads, seed\)"):
+        Experiment(ExperimentConfig(budget="tiny", methods=("random",), heads=("linear",), seed=4), out,
+                   log=lambda s: None)
     (tmp_path / "user").mkdir()
     (tmp_path / "user" / "precious.txt").write_text("data")
     with pytest.raises(InputError, match="not empty"):
@@ -307,6 +310,29 @@ def test_folder_of_an_older_config_resumes(tmp_path):
     Experiment(ExperimentConfig(budget="tiny", methods=("random",)), out, log=lambda s: None)
     with pytest.raises(InputError, match="other settings"):
         Experiment(ExperimentConfig(budget="tiny", methods=("random",), seed=3), out, log=lambda s: None)
+
+
+def test_a_folder_can_be_resumed_with_more_rows_never_fewer(tmp_path):
+    import yaml
+
+    from voxdiff.core.errors import InputError
+    from voxdiff.experiments.base import Experiment
+
+    out = tmp_path / "e"
+    base = dict(budget="tiny", methods=("random",), finetune=(), scratch=False)
+    Experiment(ExperimentConfig(**base), out, log=lambda s: None)
+    more = {**base, "methods": ("random", "restorative"), "finetune": ("restorative",), "scratch": True,
+            "label_counts": (1,)}
+    Experiment(ExperimentConfig(**more), out, log=lambda s: None)  # adds rows: accepted
+    saved = yaml.safe_load((out / "config.yaml").read_text())["config"]
+    assert saved["methods"] == ["random", "restorative"] and saved["scratch"] is True
+    for fewer in ({**more, "scratch": False}, {**more, "methods": ("restorative",)}, {**more, "label_counts": ()}):
+        with pytest.raises(InputError, match="other settings"):
+            Experiment(ExperimentConfig(**fewer), out, log=lambda s: None)
+    with pytest.raises(InputError, match=r"other settings \(seed\)"):  # more rows but another seed
+        Experiment(ExperimentConfig(**{**more, "methods": ("random", "restorative", "contrastive"), "seed": 1}), out,
+                   log=lambda s: None)
+    assert yaml.safe_load((out / "config.yaml").read_text())["config"]["methods"] == ["random", "restorative"]
 
 
 def test_ape_bpr_is_anchored_on_the_experiments_slice_model(tmp_path):

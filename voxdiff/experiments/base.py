@@ -142,6 +142,27 @@ REGIMES = ("iid", "shifted")
 # resumed with other values
 RUNTIME_FIELDS = frozenset({"workers", "progress", "jobs"})
 
+# ExperimentConfig fields that only choose which rows an experiment reports, each row from steps of
+# its own (named by method, label count, ...): a folder may be resumed with more of them (the new
+# rows' steps run, the finished ones are kept), never with fewer. Not ``heads``: one probe step fits
+# every head, so a head added later would find the step finished without it.
+ROW_FIELDS = frozenset({"methods", "finetune", "scratch", "label_counts", "label_methods"})
+
+
+def adds_rows_only(saved: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether config ``new`` equals ``saved`` except for row fields that keep every saved row and
+    add some (``scratch``: False -> True)."""
+    if {k: v for k, v in saved.items() if k not in ROW_FIELDS} != {k: v for k, v in new.items() if k not in ROW_FIELDS}:
+        return False
+    for k in ROW_FIELDS:
+        a, b = saved.get(k), new.get(k)
+        if isinstance(a, bool) or isinstance(b, bool):
+            if a and not b:
+                return False
+        elif not set(a or ()) <= set(b or ()):
+            return False
+    return True
+
 # the shifted regime's labelled site (phantom settings; test and unlabelled phantoms keep the
 # generator's full ranges): portal venous phase at a typical enhancement, one noise level and
 # reconstruction, 5 mm slices, abdomen-only scans
@@ -173,7 +194,8 @@ class Experiment:
         self.t0 = time.perf_counter()
 
     def _claim_folder(self, force: bool) -> None:
-        """Resume an experiment folder made with the same config; refuse anything else unless forced."""
+        """Resume an experiment folder made with the same config, or one that only adds rows (more methods,
+        fine-tuned rows, label counts, ...: :data:`ROW_FIELDS`); refuse anything else unless forced."""
         import shutil
 
         import yaml
@@ -185,7 +207,8 @@ class Experiment:
 
         mine = {"config": results_part(to_dict(self.cfg)), "budget_settings": to_dict(self.budget)}
 
-        def same() -> bool:
+        def conflicts() -> list[str]:
+            """The settings that differ from the folder's (row fields only when rows would be lost)."""
             doc = yaml.safe_load(saved.read_text()) or {}
             cfg = doc.get("config")
             if isinstance(cfg, dict):  # a folder made before fields were added/renamed: compare with their defaults
@@ -193,16 +216,26 @@ class Experiment:
                     cfg = to_dict(from_dict(ExperimentConfig, cfg, strict=False))
                 except (TypeError, ValueError):
                     pass
-            return {"config": results_part(cfg), "budget_settings": doc.get("budget_settings")} == mine
+            if not isinstance(cfg, dict):
+                return ["config"]
+            cfg = results_part(cfg)
+            bad = [] if doc.get("budget_settings") == mine["budget_settings"] else ["budget settings"]
+            if not adds_rows_only(cfg, mine["config"]):
+                bad += sorted(k for k in set(cfg) | set(mine["config"]) if cfg.get(k) != mine["config"].get(k)
+                              and (k not in ROW_FIELDS or not adds_rows_only({k: cfg.get(k)}, {k: mine["config"].get(k)})))
+            return bad
 
         if self.out.exists() and any(self.out.iterdir()):
             if not saved.is_file():
                 # not one of our experiment folders: never mix with a user's files
                 check_output_path(self.out, force=force)
-            elif not same() and not force:
-                raise InputError(self.out, "experiment folder was made with other settings; "
-                                           "use another --out, or --force to start it over")
-            if force and (not saved.is_file() or not same()):
+                bad: list[str] = []
+            else:
+                bad = conflicts()
+                if bad and not force:
+                    raise InputError(self.out, f"experiment folder was made with other settings ({', '.join(bad)}); "
+                                               "use another --out, or --force to start it over")
+            if force and (not saved.is_file() or bad):
                 shutil.rmtree(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
 
