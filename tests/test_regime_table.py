@@ -46,4 +46,22 @@ def test_rows_differences_and_scratch_comparison(tmp_path: Path, monkeypatch, ca
     assert "| 52.5 | 62.5 | +10.0 ± 0.0 | 6 / 0 |" in lines["scratch"]
     assert "finetune-diffusion-ape" not in out  # only regime A has it
     # within regime B: the non-linear probe (0.305, 0.325) against scratch 0.625 on both seeds
-    assert "| diffusion-ape nonlinear | -31.0 ± 1.4 | 0 / 6 |" in second
+    assert "| diffusion-ape nonlinear | 31.5 ± 1.4 | -31.0 ± 1.4 | 0 / 6 |" in second
+
+
+@pytest.mark.filterwarnings("ignore:Precision loss:RuntimeWarning")
+def test_one_set_of_seeds_against_a_chosen_row(tmp_path: Path, monkeypatch, capsys):
+    rt = load_benchmark("regime_table")
+    b = [_folder(tmp_path / f"b{s}", 0.30 + 0.02 * s, 0.60, None) for s in (0, 1, 2)]
+    monkeypatch.setattr(sys, "argv", ["regime_table.py", "--b", ",".join(map(str, b)),
+                                      "--against", "diffusion-ape nonlinear"])
+    rt.main()
+    out = capsys.readouterr().out
+    assert "each row against diffusion-ape nonlinear" in out and " - iid" not in out  # no A/B table
+    lines = {ln.split(" | ")[0].lstrip("| "): ln for ln in out.splitlines() if ln.startswith("| ")}
+    assert "| 32.0 ± 2.0 | |" in lines["diffusion-ape nonlinear"]  # the reference: 0.30, 0.32, 0.34
+    assert "| diffusion-ape linear | 22.0 ± 2.0 | -10.0 ± 0.0 | 0 / 6 |" in lines["diffusion-ape linear"]
+    assert "| scratch | 62.5 ± 0.0 | +30.5 ± 2.0 | 6 / 0 |" in lines["scratch"]  # 0.60 .. 0.65 against 0.30 .. 0.34
+    monkeypatch.setattr(sys, "argv", ["regime_table.py", "--b", ",".join(map(str, b)), "--against", "nope"])
+    with pytest.raises(SystemExit, match="no row 'nope'"):
+        rt.main()
