@@ -361,14 +361,14 @@ def _nifti_label_dtype(path: Path) -> str | None:
 def _dicom_mask_values(folder: Path) -> str | None:
     """Why a DICOM series folder holds a mask (a few slices show only a handful of whole values
     >= 0, such as 0/1/255), or None."""
-    from .io import _read_raw_dicom
+    from .io import read_raw_dicom
 
     files = [f for f in sorted(folder.iterdir()) if f.is_file() and not f.name.startswith(".")]
     picks = [files[i] for i in sorted({0, len(files) // 2, len(files) - 1})] if files else []
     vals: set[float] = set()
     seen = 0
     for f in picks:
-        ds = _read_raw_dicom(f)
+        ds = read_raw_dicom(f)
         if ds is None or "PixelData" not in ds:
             continue
         try:
@@ -379,7 +379,7 @@ def _dicom_mask_values(folder: Path) -> str | None:
         seen += 1
         if len(vals) > 32 or min(vals) < 0:
             return None
-    if not seen and picks and all((ds := _read_raw_dicom(f, stop_before_pixels=True)) is not None
+    if not seen and picks and all((ds := read_raw_dicom(f, stop_before_pixels=True)) is not None
                                   and "Rows" not in ds for f in picks):
         return "no image pixel data (a structure set or report)"
     if seen and all(float(v).is_integer() for v in vals):

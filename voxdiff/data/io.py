@@ -174,7 +174,7 @@ def source_name(path: str | os.PathLike) -> str:
     for f in sorted(p.iterdir()):
         if not f.is_file() or f.name.startswith(".") or f.name.lower() in _NON_DICOM:
             continue
-        ds = _read_raw_dicom(f, stop_before_pixels=True)
+        ds = read_raw_dicom(f, stop_before_pixels=True)
         if ds is None:
             continue
         parts = [str(ds.get(k, "") or "").strip() for k in ("SeriesDescription", "ProtocolName")]
@@ -248,7 +248,7 @@ def _looks_like_dicom(path: Path) -> bool:
     return len(head) >= 132 and head[128:132] == b"DICM" or path.suffix.lower() in (".dcm", ".ima")
 
 
-def _read_raw_dicom(path: Path, stop_before_pixels: bool = False):
+def read_raw_dicom(path: Path, stop_before_pixels: bool = False):
     """pydicom dataset of ``path``; also old files without the 128-byte preamble ("DICM") when they
     parse to an image. None when the file is not DICOM."""
     import pydicom
@@ -291,7 +291,7 @@ def is_dicom_dir(path: str | os.PathLike) -> bool:
              if f.is_file() and f.name.lower() not in _NON_DICOM and not f.name.startswith(".")]
     if any(_looks_like_dicom(f) for f in files):
         return True
-    return any(_read_raw_dicom(f, stop_before_pixels=True) is not None for f in files[:3] if not is_nifti(f))
+    return any(read_raw_dicom(f, stop_before_pixels=True) is not None for f in files[:3] if not is_nifti(f))
 
 
 def _number_in_name(name: str) -> int | None:
@@ -450,7 +450,7 @@ def load_dicom_series(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, 
         try:
             ds = pydicom.dcmread(str(f), force=False)
         except InvalidDicomError:
-            ds = _read_raw_dicom(f)  # a DICOM file without preamble?
+            ds = read_raw_dicom(f)  # a DICOM file without preamble?
             if ds is None:
                 if f.suffix.lower() in (".dcm", ".ima"):
                     raise InputError(f, "unreadable DICOM file") from None
