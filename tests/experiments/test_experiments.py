@@ -321,18 +321,27 @@ def test_a_folder_can_be_resumed_with_more_rows_never_fewer(tmp_path):
     out = tmp_path / "e"
     base = dict(budget="tiny", methods=("random",), finetune=(), scratch=False)
     Experiment(ExperimentConfig(**base), out, log=lambda s: None)
-    more = {**base, "methods": ("random", "restorative"), "finetune": ("restorative",), "scratch": True,
-            "label_counts": (1,)}
+    more = {**base, "methods": ("random", "restorative"), "finetune": ("restorative",), "scratch": True}
     Experiment(ExperimentConfig(**more), out, log=lambda s: None)  # adds rows: accepted
     saved = yaml.safe_load((out / "config.yaml").read_text())["config"]
     assert saved["methods"] == ["random", "restorative"] and saved["scratch"] is True
-    for fewer in ({**more, "scratch": False}, {**more, "methods": ("restorative",)}, {**more, "label_counts": ()}):
+    for fewer in ({**more, "scratch": False}, {**more, "methods": ("restorative",)}):
         with pytest.raises(InputError, match="other settings"):
             Experiment(ExperimentConfig(**fewer), out, log=lambda s: None)
     with pytest.raises(InputError, match=r"other settings \(seed\)"):  # more rows but another seed
         Experiment(ExperimentConfig(**{**more, "methods": ("random", "restorative", "contrastive"), "seed": 1}), out,
                    log=lambda s: None)
     assert yaml.safe_load((out / "config.yaml").read_text())["config"]["methods"] == ["random", "restorative"]
+    # no label_counts = the budget's: naming some of them is fewer rows, naming them all is the same
+    from voxdiff.experiments.budgets import get_budget
+
+    out2 = tmp_path / "e2"
+    Experiment(ExperimentConfig(**base), out2, log=lambda s: None)
+    with pytest.raises(InputError, match=r"other settings \(label_counts\)"):
+        Experiment(ExperimentConfig(**{**base, "label_counts": (1,)}), out2, log=lambda s: None)
+    assert get_budget("tiny")["label_counts"] == (1, None)  # None: all labelled cases
+    Experiment(ExperimentConfig(**{**base, "label_counts": (1, 0)}), out2, log=lambda s: None)
+    Experiment(ExperimentConfig(**{**base, "label_counts": (2, 1, 0)}), out2, log=lambda s: None)  # one more
 
 
 def test_ape_bpr_is_anchored_on_the_experiments_slice_model(tmp_path):

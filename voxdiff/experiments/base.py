@@ -202,8 +202,15 @@ class Experiment:
 
         saved = self.out / "config.yaml"
 
-        def results_part(cfg: Any) -> Any:  # the settings that shape results (not how they are run)
-            return {k: v for k, v in cfg.items() if k not in RUNTIME_FIELDS} if isinstance(cfg, dict) else cfg
+        def results_part(cfg: Any) -> Any:
+            """The settings that shape results (not how they are run); empty ``label_counts`` spelled
+            out as the budget's, so that naming them is neither more nor fewer rows."""
+            if not isinstance(cfg, dict):
+                return cfg
+            out = {k: v for k, v in cfg.items() if k not in RUNTIME_FIELDS}
+            counts = out.get("label_counts") or self.budget.get("label_counts") or ()
+            out["label_counts"] = [int(c or 0) for c in counts]  # 0 (or None in a budget): all
+            return out
 
         mine = {"config": results_part(to_dict(self.cfg)), "budget_settings": to_dict(self.budget)}
 
