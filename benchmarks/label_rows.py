@@ -6,8 +6,10 @@ the matched-compute benchmark (``runs/bench/seed-S``), so that they reuse its BP
 backbones: this script runs, for one label count and some seeds, the steps that
 ``label-efficiency`` would run (the same step names ``labels/...-n<N>-f0``, the same settings: the
 seed folder's saved config and budget), without touching the folder's own config, results or report.
-Several processes may share the work (each step is claimed through a marker file in
-``BENCH/claims``, and the step lock of ``StepRunner`` keeps any step from running twice).
+Several processes may share the work: each step is claimed through a marker file in
+``BENCH/claims`` holding the claimant's PID (a claim whose process died is taken over, so an
+interrupted run is simply started again), finished steps are skipped, and the step lock of
+``StepRunner`` keeps any step from running twice.
 
     python benchmarks/label_rows.py runs/bench 1 --seeds 0,1,2 [--threads 1]
 
@@ -38,6 +40,37 @@ def steps(n: int, methods: list[str]) -> list[tuple[str, str, str | None]]:
     return out
 
 
+def claim(marker: Path) -> bool:
+    """Take the step whose claim file is ``marker`` (holding the claimant's PID) for this process:
+    False while another process that is still alive holds it; a claim left by a process that died
+    (an interrupted run) is taken over."""
+    while True:
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(marker.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and _alive(pid):
+                return False
+            marker.unlink(missing_ok=True)  # stale: try again
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("bench", type=Path, help="folder of a compare --seeds run (with seed-S subfolders)")
@@ -62,10 +95,10 @@ def main(argv: list[str] | None = None) -> None:
         # the saved budget settings: a preset changed since would otherwise refuse the folder
         exp = Experiment(cfg, folder, log=print, budget=saved["budget_settings"])
         for name, kind, m in steps(a.labels, a.methods.split(",")):
-            try:
-                os.close(os.open(claims / f"{folder.name}-{name.replace('/', '_')}", os.O_CREAT | os.O_EXCL))
-            except FileExistsError:
-                continue  # claimed by another process (or finished)
+            if (folder / name / "result.json").is_file():
+                continue  # finished earlier
+            if not claim(claims / f"{folder.name}-{name.replace('/', '_')}"):
+                continue  # another live process runs it
             if kind == "scratch":
                 exp.scratch(name, 0, n_train=a.labels, early_stopping=True)
             elif kind == "probe":
