@@ -1,29 +1,45 @@
-"""benchmarks/label_rows.py: the step list of one label count and the claims that share it between processes."""
-
-import os
-import subprocess
-import sys
+"""benchmarks/label_rows.py: one label count's steps are label-efficiency's, run on the open experiment."""
 
 from standin import load_benchmark
 
+from voxdiff.experiments.base import ExperimentConfig
 
-def test_steps_follow_label_efficiency_names():
+
+class _Exp:
+    """What label_items needs of an Experiment; records the steps the thunks would run."""
+
+    def __init__(self, n_train: int):
+        self.cfg = ExperimentConfig(budget="tiny", label_counts=(1, 2, 0), label_methods=("contrastive",))
+        self.n_train, self.calls = n_train, []
+
+    def folds(self):
+        return [(list(range(self.n_train)), [], [])]
+
+    def pretrained(self, m):
+        return f"pretrain-{m}"
+
+    def scratch(self, name, fold, n_train, early_stopping):
+        self.calls.append((name, "scratch", n_train))
+
+    def probe(self, name, model, fold, heads, n_train):
+        self.calls.append((name, model, n_train))
+
+    def tuned(self, name, fold, mode, model, n_train, early_stopping):
+        self.calls.append((name, model, n_train))
+
+
+def test_row_items_are_the_label_efficiency_steps_of_one_count():
     lr = load_benchmark("label_rows")
-    assert lr.steps(2, ["diffusion-ape"]) == [("labels/scratch-n2-f0", "scratch", None),
-                                             ("labels/diffusion-ape-n2-f0", "probe", "diffusion-ape"),
-                                             ("labels/finetune-diffusion-ape-n2-f0", "finetune", "diffusion-ape")]
-
-
-def test_a_claim_is_held_by_a_live_process_and_taken_over_from_a_dead_one(tmp_path):
-    lr = load_benchmark("label_rows")
-    marker = tmp_path / "seed-0-labels_scratch-n1-f0"
-    assert lr.claim(marker) and marker.read_text() == str(os.getpid())
-    assert lr.claim(marker)  # this process's own claim
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    try:
-        marker.write_text(str(live.pid))
-        assert not lr.claim(marker)  # another process, alive: leave the step to it
-    finally:
-        live.kill()
-        live.wait()
-    assert lr.claim(marker) and marker.read_text() == str(os.getpid())  # it died: taken over
+    exp = _Exp(n_train=6)
+    items = lr.row_items(exp, 2, ["diffusion-ape"])
+    assert exp.cfg.label_counts == (2,) and exp.cfg.label_methods == ("diffusion-ape",)
+    for _, run in items:
+        run()
+    assert exp.calls == [("labels/scratch-n2-f0", "scratch", 2),
+                         ("labels/diffusion-ape-n2-f0", "pretrain-diffusion-ape", 2),
+                         ("labels/finetune-diffusion-ape-n2-f0", "pretrain-diffusion-ape", 2)]
+    exp = _Exp(n_train=4)  # as many labels as training cases: label-efficiency's "all" row
+    for _, run in lr.row_items(exp, 4, ["contrastive"]):
+        run()
+    assert [c[0] for c in exp.calls] == ["labels/scratch-nall-f0", "labels/contrastive-nall-f0",
+                                         "labels/finetune-contrastive-nall-f0"]
