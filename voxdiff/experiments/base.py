@@ -149,19 +149,21 @@ RUNTIME_FIELDS = frozenset({"workers", "progress", "jobs"})
 ROW_FIELDS = frozenset({"methods", "finetune", "scratch", "label_counts", "label_methods"})
 
 
-def adds_rows_only(saved: dict[str, Any], new: dict[str, Any]) -> bool:
-    """Whether config ``new`` equals ``saved`` except for row fields that keep every saved row and
-    add some (``scratch``: False -> True)."""
-    if {k: v for k, v in saved.items() if k not in ROW_FIELDS} != {k: v for k, v in new.items() if k not in ROW_FIELDS}:
-        return False
-    for k in ROW_FIELDS:
+def setting_conflicts(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The settings of config ``new`` that a folder made with ``saved`` cannot be resumed with: every
+    field that differs, except row fields that keep every saved row (``scratch``: False -> True)."""
+    bad = []
+    for k in sorted(set(saved) | set(new)):
         a, b = saved.get(k), new.get(k)
-        if isinstance(a, bool) or isinstance(b, bool):
-            if a and not b:
-                return False
-        elif not set(a or ()) <= set(b or ()):
-            return False
-    return True
+        if k not in ROW_FIELDS:
+            lost = a != b
+        elif isinstance(a, bool) or isinstance(b, bool):
+            lost = bool(a) and not b
+        else:
+            lost = not set(a or ()) <= set(b or ())
+        if lost:
+            bad.append(k)
+    return bad
 
 # the shifted regime's labelled site (phantom settings; test and unlabelled phantoms keep the
 # generator's full ranges): portal venous phase at a typical enhancement, one noise level and
@@ -225,12 +227,8 @@ class Experiment:
                     pass
             if not isinstance(cfg, dict):
                 return ["config"]
-            cfg = results_part(cfg)
             bad = [] if doc.get("budget_settings") == mine["budget_settings"] else ["budget settings"]
-            if not adds_rows_only(cfg, mine["config"]):
-                bad += sorted(k for k in set(cfg) | set(mine["config"]) if cfg.get(k) != mine["config"].get(k)
-                              and (k not in ROW_FIELDS or not adds_rows_only({k: cfg.get(k)}, {k: mine["config"].get(k)})))
-            return bad
+            return bad + setting_conflicts(results_part(cfg), mine["config"])
 
         if self.out.exists() and any(self.out.iterdir()):
             if not saved.is_file():
