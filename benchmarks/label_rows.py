@@ -15,6 +15,14 @@ an interrupted run is simply started again.
 
     python benchmarks/label_rows.py runs/bench 1 --seeds 0,1,2 [--threads 1]
 
+A fine-tuning variant (``--finetune`` ProbeConfig overrides, e.g. ``'{"fresh_noise": true}'``) runs
+into ``--out DIR/seed-S`` instead: a folder whose saved budget carries the overrides in its
+``finetune`` settings and which links everything else of the seed folder (BPR, backbones, cache,
+the frozen and from-scratch label rows), so only the fine-tuned rows are trained again:
+
+    python benchmarks/label_rows.py runs/bench 1 --seeds 0 --methods diffusion-ape \
+        --finetune '{"fresh_noise": true}' --out runs/bench-fresh
+
 Then ``python benchmarks/label_curve.py runs/bench --out docs/images --tests 1,2,4`` tabulates and draws them.
 """
 
@@ -22,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -43,6 +52,31 @@ def row_items(exp: Experiment, labels: int, methods: list[str]) -> list[tuple[st
     return label_items(exp)
 
 
+def variant_folder(src: Path, dst: Path, finetune: dict[str, Any]) -> Path:
+    """``dst``: the seed folder ``src`` with ``finetune`` merged into its budget's fine-tuning
+    settings; every entry but the fine-tuned label rows is a link into ``src``. An existing ``dst``
+    made with other overrides is refused."""
+    saved = yaml.safe_load((src / "config.yaml").read_text())
+    saved["budget_settings"].setdefault("finetune", {}).update(finetune)
+    saved["variant"] = {"of": str(src.resolve()), "finetune": finetune}
+    if (dst / "config.yaml").is_file():
+        have = yaml.safe_load((dst / "config.yaml").read_text())
+        if have.get("variant") != saved["variant"]:
+            raise SystemExit(f"{dst}: made as another variant ({have.get('variant')}); choose another --out")
+        return dst
+    (dst / "labels").mkdir(parents=True, exist_ok=True)
+    for e in src.iterdir():
+        if e.name not in ("config.yaml", "labels") and not e.name.startswith("."):
+            (dst / e.name).symlink_to(e.resolve())
+    for e in (src / "labels").iterdir() if (src / "labels").is_dir() else ():
+        if not e.name.startswith("finetune-"):
+            (dst / "labels" / e.name).symlink_to(e.resolve())
+    tmp = dst / "config.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(saved, sort_keys=False))
+    tmp.replace(dst / "config.yaml")
+    return dst
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("bench", type=Path, help="folder of a compare --seeds run (with seed-S subfolders)")
@@ -50,7 +84,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     ap.add_argument("--methods", default="diffusion-ape,contrastive", help="pretrained methods (probe + fine-tune rows)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--finetune", default=None, help="JSON ProbeConfig overrides of the fine-tuned rows (needs --out)")
+    ap.add_argument("--out", type=Path, default=None, help="folder of the variant's seed folders")
     a = ap.parse_args(argv)
+    if (a.finetune is None) != (a.out is None):
+        ap.error("--finetune and --out go together")
 
     import torch
 
@@ -62,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
         folder = a.bench / f"seed-{s}"
         if not (folder / "config.yaml").is_file():
             raise SystemExit(f"{folder}: not a seed folder of a compare run (no config.yaml)")
+        if a.out is not None:
+            folder = variant_folder(folder, a.out / f"seed-{s}", json.loads(a.finetune))
         saved = yaml.safe_load((folder / "config.yaml").read_text())
         # the saved budget settings: a preset changed since would otherwise refuse the folder
         exp = Experiment(from_dict(ExperimentConfig, saved["config"], strict=False), folder, log=print,

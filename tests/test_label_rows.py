@@ -43,3 +43,27 @@ def test_row_items_are_the_label_efficiency_steps_of_one_count():
         run()
     assert [c[0] for c in exp.calls] == ["labels/scratch-nall-f0", "labels/contrastive-nall-f0",
                                          "labels/finetune-contrastive-nall-f0"]
+
+
+def test_a_variant_folder_links_all_but_the_fine_tuned_rows(tmp_path):
+    import pytest
+    import yaml
+
+    lr = load_benchmark("label_rows")
+    src = tmp_path / "bench" / "seed-0"
+    (src / "labels" / "scratch-n1-f0").mkdir(parents=True)
+    (src / "labels" / "finetune-contrastive-n1-f0").mkdir()
+    (src / "pretrain-contrastive").mkdir()
+    (src / "config.yaml").write_text(yaml.safe_dump({"config": {"seed": 0},
+                                                     "budget_settings": {"finetune": {"warmup_steps": 30}}}))
+    dst = lr.variant_folder(src, tmp_path / "var" / "seed-0", {"fresh_noise": True})
+    saved = yaml.safe_load((dst / "config.yaml").read_text())
+    assert saved["budget_settings"]["finetune"] == {"warmup_steps": 30, "fresh_noise": True}
+    assert (dst / "pretrain-contrastive").resolve() == (src / "pretrain-contrastive").resolve()
+    assert (dst / "labels" / "scratch-n1-f0").is_symlink()
+    assert not (dst / "labels" / "finetune-contrastive-n1-f0").exists()
+    # the source's own config is untouched; the same variant reopens, another one is refused
+    assert yaml.safe_load((src / "config.yaml").read_text())["budget_settings"]["finetune"] == {"warmup_steps": 30}
+    assert lr.variant_folder(src, dst, {"fresh_noise": True}) == dst
+    with pytest.raises(SystemExit, match="another variant"):
+        lr.variant_folder(src, dst, {"fresh_noise": False})

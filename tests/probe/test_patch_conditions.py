@@ -65,3 +65,28 @@ def test_fit_heads_runs_on_a_conditioned_extractor():
     cfg = _probe(patch_size=(16, 16, 16), steps=3, batch_size=2, val_every=100, hidden=4, roi=(16, 16, 16))
     heads = fit_heads(ex, [_case(0), _case(1)], heads=("linear",), cfg=cfg, progress=False)
     assert set(heads) == {"linear"}
+
+
+def test_fresh_noise_gives_each_training_patch_a_new_noise_draw_at_its_true_condition():
+    ex = _extractor("volume")
+    cases = [_case(0)]
+    cfg = _probe(patch_size=(16, 16, 16), fg_prob=0.0, fresh_noise=True)
+    fields = case_fields(ex.task.bpr, cases)
+    fresh = make_sampler(ex, cases, cfg, np.random.default_rng(0), end_to_end=True)
+    fixed = make_sampler(ex, cases, cfg, np.random.default_rng(0))  # head fitting: the option does not apply
+    noises = []
+    for s in (fresh, fresh, fixed):
+        x, _ = s.sample(2)
+        inp = s.extractor_inputs()
+        where, starts = s.last
+        for b, (i, o) in enumerate(zip(where, starts)):  # the condition stays that of the patch's voxels
+            np.testing.assert_array_equal(inp["coords"][b].numpy(), fields[i].crop(o, (16, 16, 16)))
+        noises.append((starts, ex.task.feature_noise(x, inp["voxel_index"])))
+    (s0, n0), (s1, n1), (s2, n2) = noises
+    assert [int(v) for v in fixed.extractor_inputs()["voxel_index"][0, :, 0, 0, 0]] == list(s2[0])
+    assert abs(float(n0.std()) - 1) < 0.1 and abs(float(n1.std()) - 1) < 0.1  # still unit normal noise
+    # the same box of the volume gets another draw at every step, and not the fixed one
+    same = ex.task.feature_noise(torch.zeros(1, 1, 16, 16, 16), torch.as_tensor(
+        np.array(s0[0])[None, :, None, None, None] + np.indices((16, 16, 16))[None]))
+    assert float(torch.corrcoef(torch.stack([n0[0].ravel(), same[0].ravel()]))[0, 1]) < 0.1
+    assert not torch.equal(n0, n1)

@@ -61,6 +61,12 @@ class ProbeSampling:
         train_cases: use only the first N labelled training cases (label-efficiency studies); null = all.
         val_from_train: training cases held out for checkpoint selection; 0 = select on the fold's
             validation cases (nnU-Net style; then the fold's score is optimistic).
+        fresh_noise: fine-tuning and from-scratch training of a diffusion backbone: every training
+            patch gets its own draw of the feature passes' noise (the positional noise of voxel
+            indices shifted by a random offset per patch) instead of the fixed noise of its voxels.
+            Fixed noise is a per-voxel code that stays the same at every step, so a network trained
+            end to end on a few volumes can learn where it is from the noise; validation, frozen heads
+            and inference keep the fixed noise. No effect on methods without noisy passes.
     """
 
     patch_size: tuple[int, int, int] = (64, 64, 32)
@@ -69,6 +75,7 @@ class ProbeSampling:
     voxels_per_step: int = 8192
     train_cases: int | None = None
     val_from_train: int = 1
+    fresh_noise: bool = False
 
 
 @dataclass
@@ -235,11 +242,13 @@ class PatchSampler:
 
     def __init__(self, cases: Sequence, window: Sequence[float], patch_size: Sequence[int], fg_prob: float,
                  rng: np.random.Generator, max_voxels_per_class: int = 20000, fields: Sequence | None = None,
-                 sincos: int = 0):
+                 sincos: int = 0, fresh_noise: bool = False):
         if not cases:
             raise InputError(None, "no labelled training cases")
         self.fields, self.sincos = fields, int(sincos)
+        self.fresh_noise = bool(fresh_noise)
         self.last: tuple[list[int], list[list[int]]] = ([], [])
+        self.noise_offsets: np.ndarray | None = None
         self.images = [unit_image(c, window) for c in cases]
         self.labels = [np.asarray(c.label, dtype=np.uint8) for c in cases]
         self.size = tuple(int(s) for s in patch_size)
@@ -271,16 +280,23 @@ class PatchSampler:
             where.append(i)
             starts.append(start)
         self.last = (where, starts)
+        # far from any volume's indices, so the hashed positional noise is a new draw for each patch
+        self.noise_offsets = self.rng.integers(1 << 20, 1 << 30, size=(batch_size, 3)) if self.fresh_noise else None
         x = torch.from_numpy(np.stack(xs)[:, None].astype(np.float32))
         y = torch.from_numpy(np.stack(ys).astype(np.int64))
         return x, y
 
     def extractor_inputs(self, device: Any = "cpu") -> dict[str, torch.Tensor]:
-        """``voxel_index`` and (with fields) ``coords`` of the last batch, for :func:`features`."""
+        """``voxel_index`` and (with fields) ``coords`` of the last batch, for :func:`features`
+        (with ``fresh_noise`` the indices carry the patch's random offset: they then only seed the
+        noise; the condition is cropped at the true position)."""
         from voxdiff.pretrain.diffusion import index_grid
 
         where, starts = self.last
-        out = {"voxel_index": torch.cat([index_grid(self.size, tuple(o), 1) for o in starts]).to(device)}
+        origins = np.asarray(starts, dtype=np.int64).reshape(-1, 3)
+        if self.noise_offsets is not None:
+            origins = origins + self.noise_offsets
+        out = {"voxel_index": torch.cat([index_grid(self.size, tuple(int(v) for v in o), 1) for o in origins]).to(device)}
         if self.fields is not None:
             from voxdiff.bpr.fields import crop_fields
 
@@ -299,11 +315,14 @@ def condition_fields(extractor, cases: Sequence) -> list | None:
     return case_fields(task.bpr, cases)
 
 
-def make_sampler(extractor, cases: Sequence, cfg: "ProbeConfig", rng: np.random.Generator) -> PatchSampler:
-    """The patch sampler of head fitting and fine-tuning for ``extractor``."""
+def make_sampler(extractor, cases: Sequence, cfg: "ProbeConfig", rng: np.random.Generator,
+                 end_to_end: bool = False) -> PatchSampler:
+    """The patch sampler of head fitting (``end_to_end`` False) and of fine-tuning / from-scratch
+    training (True: ``cfg.sampling.fresh_noise`` applies) for ``extractor``."""
     sincos = int(getattr(getattr(getattr(extractor, "task", None), "opts", None), "bpr_sincos", 0) or 0)
     return PatchSampler(cases, extractor.preprocess.hu_window, cfg.sampling.patch_size, cfg.sampling.fg_prob, rng,
-                        fields=condition_fields(extractor, cases), sincos=sincos)
+                        fields=condition_fields(extractor, cases), sincos=sincos,
+                        fresh_noise=end_to_end and cfg.sampling.fresh_noise)
 
 
 # ------------------------------------------------------------------------------------ loss / metrics
@@ -694,7 +713,7 @@ def fit_network(
     _to_device(ext, device)
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
-    sampler = make_sampler(ext, train_cases, cfg, rng)
+    sampler = make_sampler(ext, train_cases, cfg, rng, end_to_end=True)
     chans = [int(lv.channels) for lv in ext.levels]
     if init_head is not None:
         head = _fitted_head(init_head, chans, cfg, mode).to(device)
