@@ -69,7 +69,7 @@ def variant_folder(src: Path, dst: Path, finetune: dict[str, Any]) -> Path:
         if e.name not in ("config.yaml", "labels") and not e.name.startswith("."):
             (dst / e.name).symlink_to(e.resolve())
     for e in (src / "labels").iterdir() if (src / "labels").is_dir() else ():
-        if not e.name.startswith("finetune-"):
+        if not e.name.startswith(("finetune-", ".")):  # nor a step another process is writing
             (dst / "labels" / e.name).symlink_to(e.resolve())
     tmp = dst / "config.yaml.tmp"
     tmp.write_text(yaml.safe_dump(saved, sort_keys=False))

@@ -54,6 +54,7 @@ def test_a_variant_folder_links_all_but_the_fine_tuned_rows(tmp_path):
     (src / "labels" / "scratch-n1-f0").mkdir(parents=True)
     (src / "labels" / "finetune-contrastive-n1-f0").mkdir()
     (src / "pretrain-contrastive").mkdir()
+    (src / "labels" / ".scratch-n2-f0.x.partial").mkdir()
     (src / "config.yaml").write_text(yaml.safe_dump({"config": {"seed": 0},
                                                      "budget_settings": {"finetune": {"warmup_steps": 30}}}))
     dst = lr.variant_folder(src, tmp_path / "var" / "seed-0", {"fresh_noise": True})
@@ -62,6 +63,7 @@ def test_a_variant_folder_links_all_but_the_fine_tuned_rows(tmp_path):
     assert (dst / "pretrain-contrastive").resolve() == (src / "pretrain-contrastive").resolve()
     assert (dst / "labels" / "scratch-n1-f0").is_symlink()
     assert not (dst / "labels" / "finetune-contrastive-n1-f0").exists()
+    assert not (dst / "labels" / ".scratch-n2-f0.x.partial").exists()
     # the source's own config is untouched; the same variant reopens, another one is refused
     assert yaml.safe_load((src / "config.yaml").read_text())["budget_settings"]["finetune"] == {"warmup_steps": 30}
     assert lr.variant_folder(src, dst, {"fresh_noise": True}) == dst
