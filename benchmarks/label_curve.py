@@ -10,6 +10,7 @@ with the spread over seeds.
 
     python benchmarks/label_curve.py runs/bench --out docs/images
     python benchmarks/label_curve.py runs/bench --out /tmp/lc --tests 1,2   # + paired tests at 1 and 2 labels
+    python benchmarks/label_curve.py runs/bench-fresh --out /tmp/lc --tests 1 --against runs/bench
 
 ``--tests N,...``: at each of those label counts, paired comparisons over the seeds that have both
 rows (``voxdiff.evaluate.stats.paired_comparison``): each seed's mean difference (mean ± std over
@@ -95,13 +96,15 @@ def case_scores(bench: Path, n: int, method: str, mode: str) -> dict[str, dict[s
     return out
 
 
-def paired_lines(bench: Path, n: int, pairs: list[tuple[tuple[str, str], tuple[str, str]]]) -> list[str]:
-    """One line per comparison A - B at ``n`` labelled phantoms (see the module docstring)."""
+def paired_lines(bench: Path, n: int, pairs: list[tuple[tuple[str, str], tuple[str, str]]],
+                 bench_b: Path | None = None) -> list[str]:
+    """One line per comparison A - B at ``n`` labelled phantoms (see the module docstring); B's rows
+    from ``bench_b`` when given (the same seed folder names)."""
     from voxdiff.evaluate.stats import paired_comparison, seed_average
 
     lines = []
     for (ma, ka), (mb, kb) in pairs:
-        a, b = case_scores(bench, n, ma, ka), case_scores(bench, n, mb, kb)
+        a, b = case_scores(bench, n, ma, ka), case_scores(bench_b or bench, n, mb, kb)
         seeds = sorted(set(a) & set(b))
         if not seeds:
             continue
@@ -129,6 +132,9 @@ def main() -> None:
     ap.add_argument("--heads", default="linear,nonlinear")
     ap.add_argument("--out", type=Path, default=None, help="folder for label_efficiency.png (default: BENCH)")
     ap.add_argument("--tests", default="", help="label counts for paired tests, e.g. 1,2")
+    ap.add_argument("--against", type=Path, default=None,
+                    help="with --tests: each fine-tuned row of BENCH against the same row of this folder "
+                         "(e.g. a label_rows.py --finetune variant against the benchmark)")
     args = ap.parse_args()
     methods, heads = args.methods.split(","), args.heads.split(",")
     data = collect(args.bench, methods, heads)
@@ -160,6 +166,9 @@ def main() -> None:
               "(cases A better, p) |\n|---|---|---|---|---|---|")
         for n in counts:
             print("\n".join(paired_lines(args.bench, n, pairs)))
+            if args.against is not None:
+                print("\n".join(paired_lines(args.bench, n, [((m, "fine-tuned"), (m, "fine-tuned")) for m in methods],
+                                              bench_b=args.against)))
 
 
 if __name__ == "__main__":

@@ -64,3 +64,16 @@ def test_main_prints_table_figure_and_tests(lc, tmp_path, monkeypatch, capsys):
     assert "| 7 | from-scratch | scratch | 0: 50.0, 1: 50.0 | 50.0 ± 0.0 |" in out
     assert "| 2 | from-scratch | scratch | 0: 40.0, 1: 42.0 | 41.0 ± 1.4 |" in out
     assert "Wilcoxon p" in out and (tmp_path / "fig" / "label_efficiency.png").is_file()
+
+
+def test_against_compares_the_same_fine_tuned_row_of_two_folders(lc, tmp_path):
+    bench = _bench(tmp_path / "bench")
+    other = tmp_path / "variant"
+    cases = [f"c{i}" for i in range(6)]
+    for s in (0, 1):  # the variant's fine-tuned diffusion row is 0.03 below the benchmark's on every case
+        base = lc.case_scores(bench, 2, "diffusion-ape", "fine-tuned")[f"seed-{s}"]
+        _result(other / f"seed-{s}" / "labels" / "finetune-diffusion-ape-n2-f0", "finetune",
+                {c: base[c] - 0.03 for c in cases})
+    (line,) = lc.paired_lines(bench, 2, [(("diffusion-ape", "fine-tuned"), ("diffusion-ape", "fine-tuned"))],
+                              bench_b=other)
+    assert "| 2 | diffusion-ape fine-tuned - diffusion-ape fine-tuned | 2 | +3.0 ± 0.0 |" in line and "(6/6" in line
