@@ -58,12 +58,15 @@ def variant_folder(src: Path, dst: Path, finetune: dict[str, Any]) -> Path:
     made with other overrides is refused."""
     saved = yaml.safe_load((src / "config.yaml").read_text())
     saved["budget_settings"].setdefault("finetune", {}).update(finetune)
-    saved["variant"] = {"of": str(src.resolve()), "finetune": finetune}
-    if (dst / "config.yaml").is_file():
-        have = yaml.safe_load((dst / "config.yaml").read_text())
-        if have.get("variant") != saved["variant"]:
-            raise SystemExit(f"{dst}: made as another variant ({have.get('variant')}); choose another --out")
+    # the record lives beside config.yaml, which the experiment rewrites when it opens the folder
+    variant = {"of": str(src.resolve()), "finetune": finetune}
+    if (dst / "variant.json").is_file():
+        have = json.loads((dst / "variant.json").read_text())
+        if have != variant:
+            raise SystemExit(f"{dst}: made as another variant ({have}); choose another --out")
         return dst
+    if dst.exists() and any(dst.iterdir()):
+        raise SystemExit(f"{dst}: exists and is not a variant folder; choose another --out")
     (dst / "labels").mkdir(parents=True, exist_ok=True)
     for e in src.iterdir():
         if e.name not in ("config.yaml", "labels") and not e.name.startswith("."):
@@ -74,6 +77,9 @@ def variant_folder(src: Path, dst: Path, finetune: dict[str, Any]) -> Path:
     tmp = dst / "config.yaml.tmp"
     tmp.write_text(yaml.safe_dump(saved, sort_keys=False))
     tmp.replace(dst / "config.yaml")
+    tmp = dst / "variant.json.tmp"  # last: a folder without it was not finished
+    tmp.write_text(json.dumps(variant))
+    tmp.replace(dst / "variant.json")
     return dst
 
 

@@ -66,6 +66,8 @@ def test_a_variant_folder_links_all_but_the_fine_tuned_rows(tmp_path):
     assert not (dst / "labels" / ".scratch-n2-f0.x.partial").exists()
     # the source's own config is untouched; the same variant reopens, another one is refused
     assert yaml.safe_load((src / "config.yaml").read_text())["budget_settings"]["finetune"] == {"warmup_steps": 30}
+    # the experiment rewrites config.yaml when it opens the folder; the variant is recorded beside it
+    (dst / "config.yaml").write_text(yaml.safe_dump({"config": {"seed": 0}, "budget_settings": saved["budget_settings"]}))
     assert lr.variant_folder(src, dst, {"fresh_noise": True}) == dst
     with pytest.raises(SystemExit, match="another variant"):
         lr.variant_folder(src, dst, {"fresh_noise": False})
