@@ -31,7 +31,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -60,26 +62,30 @@ def variant_folder(src: Path, dst: Path, finetune: dict[str, Any]) -> Path:
     saved["budget_settings"].setdefault("finetune", {}).update(finetune)
     # the record lives beside config.yaml, which the experiment rewrites when it opens the folder
     variant = {"of": str(src.resolve()), "finetune": finetune}
-    if (dst / "variant.json").is_file():
-        have = json.loads((dst / "variant.json").read_text())
-        if have != variant:
-            raise SystemExit(f"{dst}: made as another variant ({have}); choose another --out")
-        return dst
-    if dst.exists() and any(dst.iterdir()):
-        raise SystemExit(f"{dst}: exists and is not a variant folder; choose another --out")
-    (dst / "labels").mkdir(parents=True, exist_ok=True)
-    for e in src.iterdir():
-        if e.name not in ("config.yaml", "labels") and not e.name.startswith("."):
-            (dst / e.name).symlink_to(e.resolve())
-    for e in (src / "labels").iterdir() if (src / "labels").is_dir() else ():
-        if not e.name.startswith(("finetune-", ".")):  # nor a step another process is writing
-            (dst / "labels" / e.name).symlink_to(e.resolve())
-    tmp = dst / "config.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(saved, sort_keys=False))
-    tmp.replace(dst / "config.yaml")
-    tmp = dst / "variant.json.tmp"  # last: a folder without it was not finished
-    tmp.write_text(json.dumps(variant))
-    tmp.replace(dst / "variant.json")
+    if not (dst / "variant.json").is_file():
+        if dst.exists() and any(dst.iterdir()):
+            raise SystemExit(f"{dst}: exists and is not a variant folder; choose another --out")
+        # built aside and renamed into place, so that processes started together make it once
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+        (tmp / "labels").mkdir()
+        for e in src.iterdir():
+            if e.name not in ("config.yaml", "labels") and not e.name.startswith("."):
+                (tmp / e.name).symlink_to(e.resolve())
+        for e in (src / "labels").iterdir() if (src / "labels").is_dir() else ():
+            if not e.name.startswith(("finetune-", ".")):  # nor a step another process is writing
+                (tmp / "labels" / e.name).symlink_to(e.resolve())
+        (tmp / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+        (tmp / "variant.json").write_text(json.dumps(variant))
+        try:
+            if dst.exists():
+                dst.rmdir()  # empty (checked above)
+            tmp.rename(dst)
+        except OSError:  # another process got there first
+            shutil.rmtree(tmp)
+    have = json.loads((dst / "variant.json").read_text())
+    if have != variant:
+        raise SystemExit(f"{dst}: made as another variant ({have}); choose another --out")
     return dst
 
 

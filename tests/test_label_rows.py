@@ -64,6 +64,7 @@ def test_a_variant_folder_links_all_but_the_fine_tuned_rows(tmp_path):
     assert (dst / "labels" / "scratch-n1-f0").is_symlink()
     assert not (dst / "labels" / "finetune-contrastive-n1-f0").exists()
     assert not (dst / "labels" / ".scratch-n2-f0.x.partial").exists()
+    assert [p.name for p in dst.parent.iterdir()] == ["seed-0"]  # nothing left aside
     # the source's own config is untouched; the same variant reopens, another one is refused
     assert yaml.safe_load((src / "config.yaml").read_text())["budget_settings"]["finetune"] == {"warmup_steps": 30}
     # the experiment rewrites config.yaml when it opens the folder; the variant is recorded beside it
