@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
 
     tune_allocator()
     torch.set_num_threads(a.threads)
+    items: list[tuple[str, Callable[[], Any]]] = []
     for s in (int(x) for x in a.seeds.split(",")):
         folder = a.bench / f"seed-{s}"
         if not (folder / "config.yaml").is_file():
@@ -119,7 +120,9 @@ def main(argv: list[str] | None = None) -> None:
         exp = Experiment(from_dict(ExperimentConfig, saved["config"], strict=False), folder, log=print,
                          budget=saved["budget_settings"])
         exp.runner.wait = False  # a step another process runs: do the others first
-        work_through(row_items(exp, a.labels, a.methods.split(",")), print)
+        items += [(f"seed-{s}: {k}", fn) for k, fn in row_items(exp, a.labels, a.methods.split(","))]
+    # one queue over all seeds: a process never waits on a step of one seed while another seed has work
+    work_through(items, print)
 
 
 if __name__ == "__main__":
