@@ -140,11 +140,13 @@ def main() -> None:
     data = collect(args.bench, methods, heads)
     if not data:
         raise SystemExit(f"{args.bench}: no finished rows (seed-*/scratch-f0/result.json)")
+    from voxdiff.evaluate.metrics import mean_std
+
     rows = []
     print("| labelled phantoms | method | mode | seeds | mean Dice (%) |\n|---|---|---|---|---|")
     for (n, method, mode), per_seed in sorted(data.items(), key=lambda kv: (kv[0][0], kv[0][1] != "from-scratch", kv[0])):
         v = np.array(list(per_seed.values()))
-        std = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+        std = mean_std(v)["std"]
         seeds = ", ".join(f"{s.removeprefix('seed-')}: {100 * x:.1f}" for s, x in per_seed.items())
         print(f"| {n} | {method} | {mode} | {seeds} | {100 * v.mean():.1f}" + (f" ± {100 * std:.1f}" if len(v) > 1 else "") + " |")
         rows.append({"n_train": n, "method": method, "mode": mode,

@@ -78,9 +78,7 @@ def variant_folder(src: Path, dst: Path, finetune: dict[str, Any]) -> Path:
         (tmp / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
         (tmp / "variant.json").write_text(json.dumps(variant))
         try:
-            if dst.exists():
-                dst.rmdir()  # empty (checked above)
-            tmp.rename(dst)
+            tmp.rename(dst)  # replaces an empty dst (POSIX rename)
         except OSError:  # another process got there first
             shutil.rmtree(tmp)
     have = json.loads((dst / "variant.json").read_text())

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from voxdiff.evaluate.metrics import mean_std
 from voxdiff.evaluate.stats import case_means, paired_comparison, seed_average
 
 
@@ -46,11 +47,6 @@ def regime(folders: list[Path]) -> dict[str, list[dict[str, float]]]:
 
 def seed_means(runs: list[dict[str, float]]) -> list[float]:
     return [float(np.nanmean(list(r.values()))) for r in runs]
-
-
-def seed_std(means: list[float]) -> float:
-    """Sample std over seeds (0 with one seed)."""
-    return float(np.std(means, ddof=1)) if len(means) > 1 else 0.0
 
 
 def main() -> None:
@@ -86,12 +82,12 @@ def main() -> None:
     print(f"| row | mean ± std over seeds | row - {ref} (seeds) | cases better / worse | p (Wilcoxon) |")
     print("|---|---|---|---|---|")
     r_means, r_cases = seed_means(rb[ref]), seed_average(rb[ref])
-    print(f"| {ref} | {100 * np.mean(r_means):.1f} ± {100 * seed_std(r_means):.1f} | | | |")
+    print(f"| {ref} | {100 * np.mean(r_means):.1f} ± {100 * mean_std(r_means)['std']:.1f} | | | |")
     for row in sorted(rb):
         if row != ref:
             m = seed_means(rb[row])
             c = paired_comparison(m, r_means, seed_average(rb[row]), r_cases)
-            print(f"| {row} | {100 * np.mean(m):.1f} ± {100 * seed_std(m):.1f} | {100 * c['diff_mean']:+.1f} ± {100 * c['diff_std_seeds']:.1f} | "
+            print(f"| {row} | {100 * np.mean(m):.1f} ± {100 * mean_std(m)['std']:.1f} | {100 * c['diff_mean']:+.1f} ± {100 * c['diff_std_seeds']:.1f} | "
                   f"{c['cases_a_better']} / {c['cases_b_better']} | {c['wilcoxon_p']:.3g} |")
 
 

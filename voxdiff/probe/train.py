@@ -297,7 +297,7 @@ class PatchSampler:
         origins = np.asarray(starts, dtype=np.int64).reshape(-1, 3)
         if self.noise_offsets is not None:
             origins = origins + self.noise_offsets
-        out = {"voxel_index": torch.cat([index_grid(self.size, tuple(int(v) for v in o), 1) for o in origins]).to(device)}
+        out = {"voxel_index": index_grid(self.size, torch.from_numpy(origins), len(origins)).to(device)}
         if self.fields is not None:
             from voxdiff.bpr.fields import crop_fields
 
