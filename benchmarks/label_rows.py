@@ -23,6 +23,10 @@ the frozen and from-scratch label rows), so only the fine-tuned rows are trained
     python benchmarks/label_rows.py runs/bench 1 --seeds 0 --methods diffusion-ape \
         --finetune '{"fresh_noise": true}' --out runs/bench-fresh
 
+LP-FT (the fine-tuned rows start from the frozen probe's head of the same labelled cases; the
+``cpu-bench`` preset starts from a random head): ``--budget '{"finetune_init": "probe"}' --out
+runs/bench-lpft``.
+
 Then ``python benchmarks/label_curve.py runs/bench --out docs/images --tests 1,2,4`` tabulates and draws them.
 """
 
@@ -54,14 +58,18 @@ def row_items(exp: Experiment, labels: int, methods: list[str]) -> list[tuple[st
     return label_items(exp)
 
 
-def variant_folder(src: Path, dst: Path, finetune: dict[str, Any]) -> Path:
+def variant_folder(src: Path, dst: Path, finetune: dict[str, Any], budget: dict[str, Any] | None = None) -> Path:
     """``dst``: the seed folder ``src`` with ``finetune`` merged into its budget's fine-tuning
-    settings; every entry but the fine-tuned label rows is a link into ``src``. An existing ``dst``
-    made with other overrides is refused."""
+    settings and ``budget`` into the budget itself (e.g. ``{"finetune_init": "probe"}``); every
+    entry but the fine-tuned label rows is a link into ``src``. An existing ``dst`` made with other
+    overrides is refused."""
     saved = yaml.safe_load((src / "config.yaml").read_text())
     saved["budget_settings"].setdefault("finetune", {}).update(finetune)
+    saved["budget_settings"].update(budget or {})
     # the record lives beside config.yaml, which the experiment rewrites when it opens the folder
-    variant = {"of": str(src.resolve()), "finetune": finetune}
+    variant: dict[str, Any] = {"of": str(src.resolve()), "finetune": finetune}
+    if budget:
+        variant["budget"] = budget
     if not (dst / "variant.json").is_file():
         if dst.exists() and any(dst.iterdir()):
             raise SystemExit(f"{dst}: exists and is not a variant folder; choose another --out")
@@ -95,10 +103,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--methods", default="diffusion-ape,contrastive", help="pretrained methods (probe + fine-tune rows)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--finetune", default=None, help="JSON ProbeConfig overrides of the fine-tuned rows (needs --out)")
+    ap.add_argument("--budget", default=None,
+                    help='JSON budget overrides of the fine-tuned rows, e.g. \'{"finetune_init": "probe"}\' (needs --out)')
     ap.add_argument("--out", type=Path, default=None, help="folder of the variant's seed folders")
     a = ap.parse_args(argv)
-    if (a.finetune is None) != (a.out is None):
-        ap.error("--finetune and --out go together")
+    if (a.finetune is None and a.budget is None) != (a.out is None):
+        ap.error("--out goes with --finetune and/or --budget")
+    bad = set(json.loads(a.budget or "{}")) - {"finetune_init", "finetune"}
+    if bad:  # the variant relinks everything else of the seed folder: only fine-tuning may differ
+        ap.error(f"--budget may set finetune_init (and finetune), not {sorted(bad)}")
 
     import torch
 
@@ -112,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
         if not (folder / "config.yaml").is_file():
             raise SystemExit(f"{folder}: not a seed folder of a compare run (no config.yaml)")
         if a.out is not None:
-            folder = variant_folder(folder, a.out / f"seed-{s}", json.loads(a.finetune))
+            folder = variant_folder(folder, a.out / f"seed-{s}", json.loads(a.finetune or "{}"),
+                                    json.loads(a.budget or "null"))
         saved = yaml.safe_load((folder / "config.yaml").read_text())
         # the saved budget settings: a preset changed since would otherwise refuse the folder
         exp = Experiment(from_dict(ExperimentConfig, saved["config"], strict=False), folder, log=print,

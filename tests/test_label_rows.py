@@ -8,9 +8,9 @@ from voxdiff.experiments.base import ExperimentConfig
 class _Exp:
     """What label_items needs of an Experiment; records the steps the thunks would run."""
 
-    def __init__(self, n_train: int):
+    def __init__(self, n_train: int, budget: dict | None = None):
         self.cfg = ExperimentConfig(budget="tiny", label_counts=(1, 2, 0), label_methods=("contrastive",))
-        self.n_train, self.calls = n_train, []
+        self.n_train, self.calls, self.budget = n_train, [], budget or {}
 
     def folds(self):
         return [(list(range(self.n_train)), [], [])]
@@ -24,8 +24,8 @@ class _Exp:
     def probe(self, name, model, fold, heads, n_train):
         self.calls.append((name, model, n_train))
 
-    def tuned(self, name, fold, mode, model, n_train, early_stopping):
-        self.calls.append((name, model, n_train))
+    def tuned(self, name, fold, mode, model, n_train, early_stopping, init_probe=None):
+        self.calls.append((name, model, n_train) + ((init_probe,) if init_probe else ()))
 
 
 def test_row_items_are_the_label_efficiency_steps_of_one_count():
@@ -43,6 +43,12 @@ def test_row_items_are_the_label_efficiency_steps_of_one_count():
         run()
     assert [c[0] for c in exp.calls] == ["labels/scratch-nall-f0", "labels/contrastive-nall-f0",
                                          "labels/finetune-contrastive-nall-f0"]
+    # a budget with finetune_init "probe": LP-FT from the same count's frozen probe (run first if need be)
+    exp = _Exp(n_train=6, budget={"finetune_init": "probe"})
+    for _, run in lr.row_items(exp, 1, ["contrastive"])[2:]:
+        run()
+    assert exp.calls == [("labels/contrastive-n1-f0", "pretrain-contrastive", 1),
+                         ("labels/finetune-contrastive-n1-f0-lpft", "pretrain-contrastive", 1, "labels/contrastive-n1-f0")]
 
 
 def test_a_variant_folder_links_all_but_the_fine_tuned_rows(tmp_path):
@@ -72,3 +78,21 @@ def test_a_variant_folder_links_all_but_the_fine_tuned_rows(tmp_path):
     assert lr.variant_folder(src, dst, {"fresh_noise": True}) == dst
     with pytest.raises(SystemExit, match="another variant"):
         lr.variant_folder(src, dst, {"fresh_noise": False})
+
+
+def test_a_variant_folder_may_change_the_fine_tuning_start(tmp_path):
+    import yaml
+
+    lr = load_benchmark("label_rows")
+    src = tmp_path / "bench" / "seed-0"
+    (src / "labels" / "contrastive-n1-f0").mkdir(parents=True)
+    (src / "config.yaml").write_text(yaml.safe_dump({"config": {"seed": 0}, "budget_settings": {"pretrain": {"steps": 9}}}))
+    dst = lr.variant_folder(src, tmp_path / "var" / "seed-0", {}, {"finetune_init": "probe"})
+    saved = yaml.safe_load((dst / "config.yaml").read_text())["budget_settings"]
+    assert saved["finetune_init"] == "probe" and saved["pretrain"] == {"steps": 9}
+    assert (dst / "labels" / "contrastive-n1-f0").is_symlink()  # LP-FT's start is the linked frozen probe
+    import pytest
+    with pytest.raises(SystemExit, match="another variant"):
+        lr.variant_folder(src, dst, {})
+    with pytest.raises(SystemExit):  # only fine-tuning settings may differ in a variant
+        lr.main(["bench", "1", "--budget", '{"pretrain": {}}', "--out", str(tmp_path / "x")])

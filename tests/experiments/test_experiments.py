@@ -219,8 +219,13 @@ def test_timesteps_and_label_efficiency_tiny(tmp_path):
     for r in res["rows"]:
         if r["mode"] in ("scratch", "fine-tuned"):
             assert all(2 <= b <= s <= 8 and b % 2 == 0 for b, s in zip(r["best_step"], r["steps_run"]))
-    one = json.loads((tmp_path / "le" / "labels" / "finetune-diffusion-none-n1-f0" / "result.json").read_text())
+    # tiny says finetune_init "probe": LP-FT from the frozen non-linear probe of the same labelled cases
+    one = json.loads((tmp_path / "le" / "labels" / "finetune-diffusion-none-n1-f0-lpft" / "result.json").read_text())
     assert len(one["train_cases"]) == 1 and one["val_cases"] and not set(one["val_cases"]) & set(one["test_cases"])
+    probe = json.loads((tmp_path / "le" / "labels" / "diffusion-none-n1-f0" / "result.json").read_text())
+    assert one["init"] == "labels/diffusion-none-n1-f0" and probe["train_cases"] == one["train_cases"]
+    assert [r["init"] for r in res["rows"] if r["mode"] == "fine-tuned"] == ["labels/diffusion-none-n1-f0",
+                                                                            "labels/diffusion-none-nall-f0"]
     assert one["max_steps"] == 8
     png = (tmp_path / "le" / "label_efficiency.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000

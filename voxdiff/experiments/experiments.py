@@ -352,10 +352,23 @@ def _label_jobs(exp: Experiment) -> list[tuple[int, str, str, list[Callable[[], 
                 lambda k=k, m=m, n=n_eff, t=tag: exp.probe(f"labels/{m}-n{t}-f{k}", exp.pretrained(m), k,
                                                            tuple(cfg.heads), n_train=n) for k in range(nf)]))
             jobs.append((n_eff, m, "finetune", [
-                lambda k=k, m=m, n=n_eff, t=tag: exp.tuned(f"labels/finetune-{m}-n{t}-f{k}", k, "finetune",
-                                                           exp.pretrained(m), n_train=n, early_stopping=True)
-                for k in range(nf)]))
+                lambda k=k, m=m, n=n_eff, t=tag: _label_finetune(exp, m, k, n, t) for k in range(nf)]))
     return jobs
+
+
+def _label_finetune(exp: Experiment, method: str, fold: int, n: int, tag: str) -> dict[str, Any]:
+    """One fine-tuned label-efficiency row on one fold. With the budget's ``finetune_init`` "probe"
+    (and a non-linear head among the heads) it starts from the non-linear head of the frozen probe
+    fitted on the same labelled cases (LP-FT; the probe step runs first if it has not); the step
+    name then ends in ``-lpft``, so a folder never mixes the two starts under one name."""
+    model = exp.pretrained(method)
+    probe_name = f"labels/{method}-n{tag}-f{fold}"
+    lpft = exp.budget.get("finetune_init") == "probe" and "nonlinear" in exp.cfg.heads
+    if lpft:
+        exp.probe(probe_name, model, fold, tuple(exp.cfg.heads), n_train=n)
+    name = f"labels/finetune-{method}-n{tag}-f{fold}" + ("-lpft" if lpft else "")
+    return exp.tuned(name, fold, "finetune", model, n_train=n, early_stopping=True,
+                     init_probe=probe_name if lpft else None)
 
 
 def _label_methods(cfg: ExperimentConfig) -> list[str]:
@@ -371,6 +384,8 @@ def label_items(exp: Experiment) -> list[tuple[str, Callable[[], Any]]]:
 
 def _label_row(n: int, method: str, mode: str, fold_results: list[dict[str, Any]], key: str) -> dict[str, Any]:
     row: dict[str, Any] = {"n_train": n, "method": method, "mode": mode, "summary": _aggregate(fold_results, key)["summary"]}
+    if mode == "fine-tuned":  # where fine-tuning started: a random head or a frozen probe's (LP-FT)
+        row["init"] = fold_results[0].get("init", "random")
     if "steps_run" in fold_results[0]:  # trained end to end: where early stopping ended, which step was kept
         row["steps_run"] = [r.get("steps_run") for r in fold_results]
         row["best_step"] = [r.get("best_step") for r in fold_results]
