@@ -3,7 +3,7 @@
 The all-labels points are the benchmark's own rows (``seed-S/probe-METHOD-f0``,
 ``finetune-METHOD-f0``, ``scratch-f0``); the few-label points are label-efficiency steps run in the
 same seed folders (``seed-S/labels/{scratch,METHOD,finetune-METHOD}-nN-f0``, the step names of
-``voxdiff experiment label-efficiency``). Per seed, a row's Dice is the mean over test cases of the
+``voxdiff experiment label-efficiency``; ``...-f0-lpft`` when fine-tuning started from the probe's head). Per seed, a row's Dice is the mean over test cases of the
 organ-mean Dice; the table gives mean ± std over the seeds that have the row, and the figure
 (``label_efficiency.png`` in OUT, ``voxdiff.experiments.report.label_figures``) draws the means
 with the spread over seeds.
@@ -31,11 +31,10 @@ import numpy as np
 
 def case_mean(scores: dict) -> float:
     """Mean over cases of the organ-mean Dice (organs absent from both: NaN, left out)."""
-    vals = []
-    for organs in scores.values():
-        o = [np.nan if v is None else float(v) for v in organs.values()]
-        if not all(math.isnan(x) for x in o):
-            vals.append(float(np.nanmean(o)))
+    from voxdiff.evaluate.stats import case_means
+    from voxdiff.experiments.base import scores_to_per_case
+
+    vals = [v for v in case_means(scores_to_per_case(scores)).values() if not math.isnan(v)]
     return float(np.mean(vals)) if vals else float("nan")
 
 
@@ -60,9 +59,9 @@ def collect(bench: Path, methods: list[str], heads: list[str]) -> dict[tuple[int
                     add(n_all, m, h, sd.name, case_mean(d["scores"][h]))
             if tuned.is_file():
                 add(n_all, m, "fine-tuned", sd.name, case_mean(json.loads(tuned.read_text())["scores"]["finetune"]))
-        for res in sorted((sd / "labels").glob("*-n*-f0/result.json")):
+        for res in sorted((sd / "labels").glob("*-n*-f0*/result.json")):
             name = res.parent.name
-            mt = re.fullmatch(r"(.+)-n(\d+)-f0", name)
+            mt = re.fullmatch(r"(.+)-n(\d+)-f0(?:-lpft)?", name)  # -lpft: fine-tuned from the probe's head
             if not mt:
                 continue
             stem, n = mt.group(1), int(mt.group(2))
@@ -90,9 +89,11 @@ def case_scores(bench: Path, n: int, method: str, mode: str) -> dict[str, dict[s
     step, key = STEPS[mode]
     out = {}
     for sd in sorted(bench.glob("seed-*")):
-        f = sd / "labels" / f"{step.format(m=method)}-n{n}-f0" / "result.json"
-        if f.is_file():
-            out[sd.name] = case_means(scores_to_per_case(json.loads(f.read_text())["scores"][key]))
+        for suffix in ("", "-lpft"):  # a folder holds one of the two starts of a fine-tuned row
+            f = sd / "labels" / f"{step.format(m=method)}-n{n}-f0{suffix}" / "result.json"
+            if f.is_file():
+                out[sd.name] = case_means(scores_to_per_case(json.loads(f.read_text())["scores"][key]))
+                break
     return out
 
 

@@ -72,8 +72,12 @@ def test_against_compares_the_same_fine_tuned_row_of_two_folders(lc, tmp_path):
     cases = [f"c{i}" for i in range(6)]
     for s in (0, 1):  # the variant's fine-tuned diffusion row is 0.03 below the benchmark's on every case
         base = lc.case_scores(bench, 2, "diffusion-ape", "fine-tuned")[f"seed-{s}"]
-        _result(other / f"seed-{s}" / "labels" / "finetune-diffusion-ape-n2-f0", "finetune",
+        # an LP-FT variant (its seed folders link the benchmark's rows): fine-tuned steps named ...-f0-lpft
+        _result(other / f"seed-{s}" / "scratch-f0", "scratch", {c: 0.5 for c in cases})
+        _result(other / f"seed-{s}" / "labels" / "finetune-diffusion-ape-n2-f0-lpft", "finetune",
                 {c: base[c] - 0.03 for c in cases})
+    got = lc.collect(other, ["diffusion-ape"], [])
+    assert got[(2, "diffusion-ape", "fine-tuned")]["seed-0"] == pytest.approx(0.47)
     (line,) = lc.paired_lines(bench, 2, [(("diffusion-ape", "fine-tuned"), ("diffusion-ape", "fine-tuned"))],
                               bench_b=other)
     assert "| 2 | diffusion-ape fine-tuned - diffusion-ape fine-tuned | 2 | +3.0 ± 0.0 |" in line and "(6/6" in line
