@@ -14,6 +14,7 @@ process that meets a step another one is running goes on with the next
 an interrupted run is simply started again.
 
     python benchmarks/label_rows.py runs/bench 1 --seeds 0,1,2 [--threads 1]
+    python benchmarks/label_rows.py runs/bench 1,2 --seeds 0,1,2   # both counts in one queue
 
 A fine-tuning variant (``--finetune`` ProbeConfig overrides, e.g. ``'{"fresh_noise": true}'``) runs
 into ``--out DIR/seed-S`` instead: a folder whose saved budget carries the overrides in its
@@ -98,7 +99,7 @@ def variant_folder(src: Path, dst: Path, finetune: dict[str, Any], budget: dict[
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("bench", type=Path, help="folder of a compare --seeds run (with seed-S subfolders)")
-    ap.add_argument("labels", type=int, help="labelled training phantoms per row")
+    ap.add_argument("labels", help="labelled training phantoms per row; several comma-separated (one queue)")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
     ap.add_argument("--methods", default="diffusion-ape,contrastive", help="pretrained methods (probe + fine-tune rows)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     tune_allocator()
     torch.set_num_threads(a.threads)
     items: list[tuple[str, Callable[[], Any]]] = []
+    exps = {}
     for s in (int(x) for x in a.seeds.split(",")):
         folder = a.bench / f"seed-{s}"
         if not (folder / "config.yaml").is_file():
@@ -132,8 +134,13 @@ def main(argv: list[str] | None = None) -> None:
         exp = Experiment(from_dict(ExperimentConfig, saved["config"], strict=False), folder, log=print,
                          budget=saved["budget_settings"])
         exp.runner.wait = False  # a step another process runs: do the others first
-        items += [(f"seed-{s}: {k}", fn) for k, fn in row_items(exp, a.labels, a.methods.split(","))]
-    # one queue over all seeds: a process never waits on a step of one seed while another seed has work
+        exps[s] = exp
+    # one queue over all seeds and counts, method by method, then count by count: a process never
+    # waits on a step of one seed while another step has work
+    for m in a.methods.split(","):
+        for n in (int(x) for x in a.labels.split(",")):
+            for s, exp in exps.items():
+                items += [(f"seed-{s}: {k}", fn) for k, fn in row_items(exp, n, [m])]
     work_through(items, print)
 
 
