@@ -153,3 +153,24 @@ def test_finetune_real_feature_extractor_and_bundle(phantom_cases, tmp_path):
     save_segmenter(tmp_path / "m", tmp_path / "pt", head, "finetune", pre, (16, 16, 16), 0.5, tuned_extractor=tuned)
     seg = load_segmenter(tmp_path / "m")
     torch.testing.assert_close(seg.extractor.backbone.stem.weight, w1)
+
+
+def test_finetune_takes_the_configured_feature_timesteps(phantom_cases, tmp_path):
+    """``cfg.t`` decides which diffusion passes fine-tuning trains through (one pass at t = 1 instead
+    of the model's two); the caller's extractor keeps its own."""
+    from voxdiff.core.config import from_dict
+    from voxdiff.pretrain.load import load_pretrained
+    from voxdiff.pretrain.train import PretrainConfig, pretrain
+
+    cases, pre = phantom_cases
+    pretrain(from_dict(PretrainConfig, dict(method="diffusion", preprocess=pre, steps=1, base_channels=4, num_levels=3,
+                                            patch_size=(16, 16, 16), bf16=False, device="cpu", diffusion_steps=20,
+                                            feature_timesteps=(1, 10))), tmp_path / "pt", cases=cases[:1], progress=False)
+    ext = load_pretrained(tmp_path / "pt")
+    two = [lv.channels for lv in ext.levels]
+    cfg = _probe(patch_size=(16, 16, 16), steps=2, warmup_steps=1, val_every=2, roi=(16, 16, 16), device="cpu",
+                 hidden=8, t=(1,))
+    tuned, head = fit_network(ext, cases[:1], [], "finetune", cfg, progress=False)
+    assert tuned.passes == 1 and [lv.channels for lv in tuned.levels] == [c // 2 for c in two]
+    assert head.level_channels == [c // 2 for c in two]
+    assert ext.passes == 2 and [lv.channels for lv in ext.levels] == two

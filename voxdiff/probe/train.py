@@ -690,7 +690,8 @@ def fit_network(
     then fine-tuning", LP-FT: the backbone's first gradients come through a trained head, not a
     random one, and a small learning rate keeps what the probe learned).
 
-    Works on a deep copy of ``extractor``; returns ``(tuned_extractor, head)`` in eval mode with the
+    ``cfg.t`` (diffusion models): the feature timesteps of the passes trained through, in place of
+    the model's own (the returned extractor keeps them). Works on a deep copy of ``extractor``; returns ``(tuned_extractor, head)`` in eval mode with the
     best validation state (backbone and head of the same step). Only ``extractor.backbone`` is
     trained (a BPR inside stays frozen). With validation cases and ``cfg.optim.patience`` > 0, training
     stops after ``patience`` validations in a row without a better validation Dice (early
@@ -705,6 +706,10 @@ def fit_network(
     cfg = cfg or ProbeConfig()
     device = resolve_device(cfg.runtime.device)
     ext = copy.deepcopy(extractor)
+    if cfg.t is not None:  # the feature passes the network is trained through (diffusion models)
+        from voxdiff.features.extract import with_timesteps
+
+        with_timesteps(ext, cfg.t)
     set_frozen(ext)
     backbone = getattr(ext, "backbone", None)
     if not isinstance(backbone, nn.Module):
