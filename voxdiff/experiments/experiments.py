@@ -299,7 +299,9 @@ def label_efficiency(cfg: ExperimentConfig, out: str | Path, force: bool = False
     """Dice against the number of labelled training cases (1, 2, 4, ..., all).
 
     For every count: the same network trained from scratch; for every method of ``label_methods``
-    its frozen backbone probed with ``heads`` and the backbone fine-tuned. From scratch and
+    its frozen backbone probed with ``heads`` and the backbone fine-tuned (from the non-linear probe's
+    head of the same labelled cases when the budget's ``finetune_init`` is "probe", LP-FT; else from a
+    random head). From scratch and
     fine-tuning train to convergence (the budget's ``early_stopping``: validation every
     ``val_every`` steps, stopped after ``patience`` validations without a better Dice) and the
     best-validation state is tested; the frozen heads keep their best-validation state too. The
