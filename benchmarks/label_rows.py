@@ -28,6 +28,10 @@ LP-FT (the fine-tuned rows start from the frozen probe's head of the same labell
 ``cpu-bench`` preset starts from a random head): ``--budget '{"finetune_init": "probe"}' --out
 runs/bench-lpft``.
 
+A longer early-stopping cap for the end-to-end rows, from scratch alone (the from-scratch rows are
+then trained again too): ``1 --methods '' --budget '{"early_stopping": {"steps": 2400}}' --out
+runs/bench-cap2400``.
+
 Then ``python benchmarks/label_curve.py runs/bench --out docs/images --tests 1,2,4`` tabulates and draws them.
 """
 
@@ -65,8 +69,16 @@ def variant_folder(src: Path, dst: Path, finetune: dict[str, Any], budget: dict[
     entry but the fine-tuned label rows is a link into ``src``. An existing ``dst`` made with other
     overrides is refused."""
     saved = yaml.safe_load((src / "config.yaml").read_text())
-    saved["budget_settings"].setdefault("finetune", {}).update(finetune)
-    saved["budget_settings"].update(budget or {})
+    settings = saved["budget_settings"]
+    settings.setdefault("finetune", {}).update(finetune)
+    for k, v in (budget or {}).items():  # a section (e.g. early_stopping) is merged, not replaced
+        if isinstance(v, dict) and isinstance(settings.get(k), dict):
+            settings[k].update(v)
+        else:
+            settings[k] = v
+    # the rows the variant trains again are not linked: fine-tuned ones always, from-scratch ones
+    # when the early-stopping settings (which they share with fine-tuning) change
+    retrained = ("finetune-", "scratch-") if "early_stopping" in (budget or {}) else ("finetune-",)
     # the record lives beside config.yaml, which the experiment rewrites when it opens the folder
     variant: dict[str, Any] = {"of": str(src.resolve()), "finetune": finetune}
     if budget:
@@ -82,7 +94,7 @@ def variant_folder(src: Path, dst: Path, finetune: dict[str, Any], budget: dict[
             if e.name not in ("config.yaml", "labels") and not e.name.startswith("."):
                 (tmp / e.name).symlink_to(e.resolve())
         for e in (src / "labels").iterdir() if (src / "labels").is_dir() else ():
-            if not e.name.startswith(("finetune-", ".")):  # nor a step another process is writing
+            if not e.name.startswith((*retrained, ".")):  # nor a step another process is writing
                 (tmp / "labels" / e.name).symlink_to(e.resolve())
         (tmp / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
         (tmp / "variant.json").write_text(json.dumps(variant))
@@ -101,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("bench", type=Path, help="folder of a compare --seeds run (with seed-S subfolders)")
     ap.add_argument("labels", help="labelled training phantoms per row; several comma-separated (one queue)")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
-    ap.add_argument("--methods", default="diffusion-ape,contrastive", help="pretrained methods (probe + fine-tune rows)")
+    ap.add_argument("--methods", default="diffusion-ape,contrastive",
+                    help="pretrained methods (probe + fine-tune rows); '' for the from-scratch rows alone")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--finetune", default=None, help="JSON ProbeConfig overrides of the fine-tuned rows (needs --out)")
     ap.add_argument("--budget", default=None,
@@ -110,9 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     if (a.finetune is None and a.budget is None) != (a.out is None):
         ap.error("--out goes with --finetune and/or --budget")
-    bad = set(json.loads(a.budget or "{}")) - {"finetune_init", "finetune"}
-    if bad:  # the variant relinks everything else of the seed folder: only fine-tuning may differ
-        ap.error(f"--budget may set finetune_init (and finetune), not {sorted(bad)}")
+    bad = set(json.loads(a.budget or "{}")) - {"finetune_init", "finetune", "early_stopping"}
+    if bad:  # the variant relinks everything else of the seed folder: only the end-to-end rows may differ
+        ap.error(f"--budget may set finetune_init, finetune and early_stopping, not {sorted(bad)}")
 
     import torch
 
@@ -137,10 +150,10 @@ def main(argv: list[str] | None = None) -> None:
         exps[s] = exp
     # one queue over all seeds and counts, method by method, then count by count: a process never
     # waits on a step of one seed while another step has work
-    for m in a.methods.split(","):
+    for group in ([m] for m in a.methods.split(",") if m) if a.methods else [[]]:  # [] = from scratch only
         for n in (int(x) for x in a.labels.split(",")):
             for s, exp in exps.items():
-                items += [(f"seed-{s}: {k}", fn) for k, fn in row_items(exp, n, [m])]
+                items += [(f"seed-{s}: {k}", fn) for k, fn in row_items(exp, n, group)]
     work_through(items, print)
 
 

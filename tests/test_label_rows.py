@@ -96,3 +96,22 @@ def test_a_variant_folder_may_change_the_fine_tuning_start(tmp_path):
         lr.variant_folder(src, dst, {})
     with pytest.raises(SystemExit):  # only fine-tuning settings may differ in a variant
         lr.main(["bench", "1", "--budget", '{"pretrain": {}}', "--out", str(tmp_path / "x")])
+
+
+def test_a_longer_stopping_cap_retrains_the_scratch_rows_too(tmp_path):
+    import yaml
+
+    lr = load_benchmark("label_rows")
+    src = tmp_path / "bench" / "seed-0"
+    for row in ("scratch-n1-f0", "contrastive-n1-f0", "finetune-contrastive-n1-f0"):
+        (src / "labels" / row).mkdir(parents=True)
+    (src / "config.yaml").write_text(yaml.safe_dump({"config": {"seed": 0}, "budget_settings": {
+        "early_stopping": {"steps": 1200, "val_every": 100, "patience": 3}}}))
+    dst = lr.variant_folder(src, tmp_path / "var" / "seed-0", {}, {"early_stopping": {"steps": 2400}})
+    saved = yaml.safe_load((dst / "config.yaml").read_text())["budget_settings"]
+    assert saved["early_stopping"] == {"steps": 2400, "val_every": 100, "patience": 3}  # merged, not replaced
+    assert sorted(p.name for p in (dst / "labels").iterdir()) == ["contrastive-n1-f0"]
+    exp = _Exp(n_train=6)  # --methods '': the from-scratch rows alone
+    for _, run in lr.row_items(exp, 1, []):
+        run()
+    assert exp.calls == [("labels/scratch-n1-f0", "scratch", 1)]
