@@ -691,7 +691,9 @@ def fit_network(
     random one, and a small learning rate keeps what the probe learned).
 
     ``cfg.t`` (diffusion models): the feature timesteps of the passes trained through, in place of
-    the model's own (the returned extractor keeps them). Works on a deep copy of ``extractor``; returns ``(tuned_extractor, head)`` in eval mode with the
+    the model's own (the returned extractor keeps them).
+
+    Works on a deep copy of ``extractor``; returns ``(tuned_extractor, head)`` in eval mode with the
     best validation state (backbone and head of the same step). Only ``extractor.backbone`` is
     trained (a BPR inside stays frozen). With validation cases and ``cfg.optim.patience`` > 0, training
     stops after ``patience`` validations in a row without a better validation Dice (early
