@@ -232,6 +232,7 @@ def test_timesteps_and_label_efficiency_tiny(tmp_path):
     md = (tmp_path / "le" / "report.md").read_text()
     assert "| labelled cases | from scratch | diffusion-none, frozen linear probe |" in md
     assert "diffusion-none, fine-tuned" in md and "label_efficiency.png" in md
+    assert "Fine-tuned rows start from the non-linear head of the frozen probe" in md
 
 
 def test_stage_configs_follow_budget_and_overrides(tmp_path):

@@ -275,6 +275,11 @@ def label_markdown(results: dict[str, Any], figs: list[str]) -> str:
             hit = [r for r in rows if r["n_train"] == n and r["method"] == m and r["mode"] == k]
             cells.append(pct(hit[0]["summary"].get("mean")) if hit else "")
         parts.append(f"| {n} | " + " | ".join(cells) + " |")
+    inits = {r["init"] != "random" for r in rows if r["mode"] == "fine-tuned" and "init" in r}
+    if inits:
+        parts += ["", "Fine-tuned rows start from " + (
+            "the non-linear head of the frozen probe fitted on the same labelled cases (LP-FT)." if inits == {True}
+            else "a random head." if inits == {False} else "a random head or the frozen probe's head (see results.json).")]
     tuned = [r for r in rows if r.get("steps_run")]
     if tuned:
         parts += ["", "Steps trained end to end (stopped at / best-validation step kept, per fold):", "",
