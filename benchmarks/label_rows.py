@@ -65,9 +65,10 @@ def row_items(exp: Experiment, labels: int, methods: list[str]) -> list[tuple[st
 
 def variant_folder(src: Path, dst: Path, finetune: dict[str, Any], budget: dict[str, Any] | None = None) -> Path:
     """``dst``: the seed folder ``src`` with ``finetune`` merged into its budget's fine-tuning
-    settings and ``budget`` into the budget itself (e.g. ``{"finetune_init": "probe"}``); every
-    entry but the fine-tuned label rows is a link into ``src``. An existing ``dst`` made with other
-    overrides is refused."""
+    settings and ``budget`` into the budget itself (e.g. ``{"finetune_init": "probe"}``, sections
+    merged key by key); every entry but the label rows the variant trains again (fine-tuned ones, and
+    from-scratch ones when ``budget`` changes ``early_stopping``) is a link into ``src``. An existing
+    ``dst`` made with other overrides is refused."""
     saved = yaml.safe_load((src / "config.yaml").read_text())
     settings = saved["budget_settings"]
     settings.setdefault("finetune", {}).update(finetune)
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--finetune", default=None, help="JSON ProbeConfig overrides of the fine-tuned rows (needs --out)")
     ap.add_argument("--budget", default=None,
-                    help='JSON budget overrides of the fine-tuned rows, e.g. \'{"finetune_init": "probe"}\' (needs --out)')
+                    help='JSON budget overrides of the end-to-end rows: finetune_init, finetune, early_stopping, '
+                         'e.g. \'{"finetune_init": "probe"}\' (needs --out)')
     ap.add_argument("--out", type=Path, default=None, help="folder of the variant's seed folders")
     a = ap.parse_args(argv)
     if (a.finetune is None and a.budget is None) != (a.out is None):
@@ -150,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
         exps[s] = exp
     # one queue over all seeds and counts, method by method, then count by count: a process never
     # waits on a step of one seed while another step has work
-    for group in ([m] for m in a.methods.split(",") if m) if a.methods else [[]]:  # [] = from scratch only
+    groups = [[m] for m in a.methods.split(",") if m] or [[]]  # --methods '': the from-scratch rows alone
+    for group in groups:
         for n in (int(x) for x in a.labels.split(",")):
             for s, exp in exps.items():
                 items += [(f"seed-{s}: {k}", fn) for k, fn in row_items(exp, n, group)]
