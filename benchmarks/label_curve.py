@@ -40,6 +40,8 @@ def case_mean(scores: dict) -> float:
 
 def collect(bench: Path, methods: list[str], heads: list[str]) -> dict[tuple[int, str, str], dict[str, float]]:
     """``{(labelled cases, method, mode): {seed folder: Dice}}``."""
+    from voxdiff.experiments.experiments import LPFT_SUFFIX
+
     out: dict[tuple[int, str, str], dict[str, float]] = {}
 
     def add(n: int, method: str, mode: str, seed: str, value: float) -> None:
@@ -61,7 +63,7 @@ def collect(bench: Path, methods: list[str], heads: list[str]) -> dict[tuple[int
                 add(n_all, m, "fine-tuned", sd.name, case_mean(json.loads(tuned.read_text())["scores"]["finetune"]))
         for res in sorted((sd / "labels").glob("*-n*-f0*/result.json")):
             name = res.parent.name
-            mt = re.fullmatch(r"(.+)-n(\d+)-f0(?:-lpft)?", name)  # -lpft: fine-tuned from the probe's head
+            mt = re.fullmatch(rf"(.+)-n(\d+)-f0(?:{LPFT_SUFFIX})?", name)  # LP-FT: fine-tuned from the probe's head
             if not mt:
                 continue
             stem, n = mt.group(1), int(mt.group(2))
@@ -85,11 +87,12 @@ def case_scores(bench: Path, n: int, method: str, mode: str) -> dict[str, dict[s
     """``{seed folder: {case: organ-mean Dice}}`` of a few-label step (``labels/STEP-nN-f0``)."""
     from voxdiff.evaluate.stats import case_means
     from voxdiff.experiments.base import scores_to_per_case
+    from voxdiff.experiments.experiments import LPFT_SUFFIX
 
     step, key = STEPS[mode]
     out = {}
     for sd in sorted(bench.glob("seed-*")):
-        for suffix in ("", "-lpft"):  # a folder holds one of the two starts of a fine-tuned row
+        for suffix in ("", LPFT_SUFFIX):  # a folder holds one of the two starts of a fine-tuned row
             f = sd / "labels" / f"{step.format(m=method)}-n{n}-f0{suffix}" / "result.json"
             if f.is_file():
                 out[sd.name] = case_means(scores_to_per_case(json.loads(f.read_text())["scores"][key]))

@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
         for n in (int(x) for x in a.labels.split(",")):
             for s, exp in exps.items():
                 items += [(f"seed-{s}: {k}", fn) for k, fn in row_items(exp, n, group)]
-    work_through(items, print)
+    # each method's items repeat the count's from-scratch step: queue every step once
+    work_through(list(dict(items).items()), print)
 
 
 if __name__ == "__main__":

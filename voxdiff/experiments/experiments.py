@@ -111,10 +111,7 @@ def _tuned_job_row(exp: Experiment, job: tuple[str, str, str, list[str]], finish
         model = exp.pretrained(method)
         folds = []
         for k, n in enumerate(names):
-            init = None
-            if exp.budget.get("finetune_init") == "probe" and "nonlinear" in exp.cfg.heads:
-                init = probe_step(method, k)  # LP-FT: from the frozen row's non-linear head
-                exp.probe(init, model, k, tuple(exp.cfg.heads))
+            init = lpft_start(exp, probe_step(method, k), model, k)  # LP-FT: from the frozen row's head
             folds.append(exp.tuned(n, k, "finetune", model, early_stopping=stop, init_probe=init))
     return {"method": method, "head": head, **_aggregate(folds, mode), "steps": folds[0].get("max_steps"),
             "init": folds[0].get("init", "random"), **_stopped(folds)}
@@ -358,19 +355,27 @@ def _label_jobs(exp: Experiment) -> list[tuple[int, str, str, list[Callable[[], 
     return jobs
 
 
+LPFT_SUFFIX = "-lpft"  # ends the name of a label-efficiency fine-tuning step that started from the probe's head
+
+
+def lpft_start(exp: Experiment, probe_name: str, model: Path, fold: int, n_train: int | None = None) -> str | None:
+    """Where a fine-tuned row starts: with the budget's ``finetune_init`` "probe" (and a non-linear
+    head among the heads) the probe step ``probe_name`` (run first if it has not), whose non-linear
+    head fine-tuning starts from (LP-FT); else None, a random head."""
+    if exp.budget.get("finetune_init") != "probe" or "nonlinear" not in exp.cfg.heads:
+        return None
+    exp.probe(probe_name, model, fold, tuple(exp.cfg.heads), n_train=n_train)
+    return probe_name
+
+
 def _label_finetune(exp: Experiment, method: str, fold: int, n: int, tag: str) -> dict[str, Any]:
-    """One fine-tuned label-efficiency row on one fold. With the budget's ``finetune_init`` "probe"
-    (and a non-linear head among the heads) it starts from the non-linear head of the frozen probe
-    fitted on the same labelled cases (LP-FT; the probe step runs first if it has not); the step
-    name then ends in ``-lpft``, so a folder never mixes the two starts under one name."""
+    """One fine-tuned label-efficiency row on one fold, from the frozen probe fitted on the same
+    labelled cases where the budget says so (:func:`lpft_start`); the step name then ends in
+    :data:`LPFT_SUFFIX`, so a folder never mixes the two starts under one name."""
     model = exp.pretrained(method)
-    probe_name = f"labels/{method}-n{tag}-f{fold}"
-    lpft = exp.budget.get("finetune_init") == "probe" and "nonlinear" in exp.cfg.heads
-    if lpft:
-        exp.probe(probe_name, model, fold, tuple(exp.cfg.heads), n_train=n)
-    name = f"labels/finetune-{method}-n{tag}-f{fold}" + ("-lpft" if lpft else "")
-    return exp.tuned(name, fold, "finetune", model, n_train=n, early_stopping=True,
-                     init_probe=probe_name if lpft else None)
+    init = lpft_start(exp, f"labels/{method}-n{tag}-f{fold}", model, fold, n_train=n)
+    name = f"labels/finetune-{method}-n{tag}-f{fold}" + (LPFT_SUFFIX if init else "")
+    return exp.tuned(name, fold, "finetune", model, n_train=n, early_stopping=True, init_probe=init)
 
 
 def _label_methods(cfg: ExperimentConfig) -> list[str]:
