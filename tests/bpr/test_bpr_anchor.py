@@ -120,41 +120,45 @@ def test_scan_with_another_score_rate(fit):
         assert min(d_lo, d_hi) > 0.2 * 90 * 0.9 / 2  # crop centres 45 mm from the scan centre: 9 mm
 
 
-def test_slope_prior_shrinks_short_inputs_towards_slope_one(tmp_path):
-    """``anchor_slope_prior_mm`` = l: the fitted slope a becomes (L^2 a + l^2) / (L^2 + l^2), L the
-    length of the input's body slices, so a short crop keeps nearly slope 1 and a long scan nearly a."""
-    hu = _ramp_hu(60, shift=5, rate=0.8)
+def _two_rate_hu(nz=80, knee=40, rates=(0.7, 1.25)):
+    """A ramp whose scores climb at ``rates[0]`` of the training rate below slice ``knee`` and at
+    ``rates[1]`` above it (as a scan whose score runs fast through one region and slowly elsewhere)."""
+    z = np.arange(nz, dtype=np.float64)
+    t = np.where(z < knee, rates[0] * z, rates[0] * knee + rates[1] * (z - knee))
+    unit = np.broadcast_to(0.4 + 0.003 * t, (30, 24, nz)).astype(np.float32)
+    return (-1350.0 + unit * 2350.0).astype(np.float32)
 
-    def slope_of(m, vol):
-        f = volume_field(m, vol, (3.0, 3.0, 3.0))
-        return np.polyfit(np.arange(vol.shape[2]) * 3.0, f.profiles[2] * m.mm_per_unit, 1)[0]
 
-    m = _anchored(ramp=True)
-    _calibrate_on_ramps(m)
-    plain = [slope_of(m, hu), slope_of(m, hu[:, :, :30])]
-    m.anchor_slope_prior_mm = 180.0
-    shrunk = [slope_of(m, hu), slope_of(m, hu[:, :, :30])]
-    length2 = [((np.arange(n) - (n - 1) / 2) * 3.0).var() * 12 for n in (60, 30)]
-    expect = [(L2 * 0.8 + 180.0 ** 2) / (L2 + 180.0 ** 2) for L2 in length2]
-    np.testing.assert_allclose(plain, [0.8, 0.8], atol=1e-3)
-    np.testing.assert_allclose(shrunk, expect, atol=2e-3)
-    assert shrunk[1] > shrunk[0] > 0.85  # the 90 mm crop nearer to 1 than the 180 mm scan
-    m.anchor_slope_prior_mm = 1e6  # an infinitely strong prior is the offset fit
-    off = _anchored(ramp=True, fit="offset")
-    off.load_state_dict(m.state_dict())
-    np.testing.assert_allclose(volume_field(m, hu, (3.0,) * 3).profiles[2], volume_field(off, hu, (3.0,) * 3).profiles[2],
-                               atol=1e-4)
-    # saved with the model (and only when set), and it changes the cache signature
-    m.anchor_slope_prior_mm = 180.0
-    save_bpr(tmp_path / "p", m)
-    assert load_bpr(tmp_path / "p").anchor_slope_prior_mm == 180.0
-    with_prior = model_signature(m)
-    m.anchor_slope_prior_mm = 0.0
-    assert model_signature(m) != with_prior
-    assert "anchor_slope_prior_mm" not in _anchored().arch()
-    with pytest.raises(ValueError, match="anchor_slope_prior_mm"):
-        build_bpr("ape", {"channels": (4, 4, 4), "patch_size": (16, 16, 16), "anchor": "slice",
-                          "slice_arch": SLICE_ARCH, "anchor_slope_prior_mm": -1.0}, PRE)
+def test_local_fit_follows_two_rates_and_keeps_crops_consistent():
+    """``anchor_fit="local"``: S follows each region's own rate, so a crop from either region gives its
+    slices the S the whole scan gives them, where one line per scan cannot fit both."""
+    hu = _two_rate_hu()
+    sp = (3.0, 3.0, 3.0)
+    worst = {}
+    for fit in ("line", "local"):
+        m = _anchored(ramp=True, fit=fit)
+        m.anchor_bandwidth_mm = 15.0
+        _calibrate_on_ramps(m)
+        mm = m.mm_per_unit
+        whole = volume_field(m, hu, sp).profiles[2] * mm
+        worst[fit] = 0.0
+        for z0, z1 in ((0, 35), (45, 80), (20, 60)):
+            crop = volume_field(m, hu[:, :, z0:z1], sp).profiles[2] * mm
+            inner = slice(z0 + 8, z1 - 8)  # slices at least 24 mm (1.6 bandwidths) from the crop's ends
+            worst[fit] = max(worst[fit], float(np.abs(crop[inner.start - z0:inner.stop - z0] - whole[inner]).max()))
+        if fit == "local":  # the S rate of each region, away from the knee
+            assert np.polyfit(np.arange(5, 30) * 3.0, whole[5:30], 1)[0] == pytest.approx(0.7, abs=0.03)
+            assert np.polyfit(np.arange(50, 75) * 3.0, whole[50:75], 1)[0] == pytest.approx(1.25, abs=0.03)
+            # the whole-volume map (dense inference) carries the same per-slice S as the field
+            from voxdiff.bpr.inference import infer_volume
+            dense = infer_volume(m, hu_to_unit(hu, PRE["hu_window"]))
+            np.testing.assert_allclose(dense[2, 3, 4], volume_field(m, hu, sp).profiles[2], atol=1e-4)
+            with torch.no_grad():  # a patch of the training size: its own slices, the same local fit
+                unit = torch.from_numpy(hu_to_unit(hu, PRE["hu_window"]))
+                patch = m(unit[None, None, :16, :16, 30:46])[0, 2, 0, 0].numpy()
+            assert np.all(np.diff(patch) > 0)
+    assert worst["local"] < 1.0, worst  # mm
+    assert worst["line"] > 5.0 * max(worst["local"], 0.2), worst
 
 
 def test_slope_is_clipped():
@@ -239,6 +243,10 @@ def test_train_options_are_checked(tmp_path, tiny_phantoms):
     with pytest.raises(InputError, match="spacing"):
         train_bpr(_cfg(kind="ape", anchor="slice", slice_model=str(tmp_path / "s3"), spacing=(6.0, 6.0, 6.0),
                                  steps=1), tmp_path / "c", cases=train, progress=False)
+    for bad in (dict(anchor_fit="spline"), dict(anchor_bandwidth_mm=0.0)):
+        with pytest.raises(InputError, match="anchor_"):
+            train_bpr(_cfg(kind="ape", anchor="slice", slice_model=str(tmp_path / "s3"), steps=1, **bad), tmp_path / "e",
+                      cases=train, progress=False)
     with pytest.raises(ModelError):  # not a slice model
         save_bpr(tmp_path / "ape", build_bpr("ape", {"channels": (4, 4, 4), "patch_size": (16, 16, 16)}, PRE))
         train_bpr(_cfg(kind="ape", anchor="slice", slice_model=str(tmp_path / "ape"), steps=1),

@@ -39,7 +39,7 @@ NESTED = BPRTrainConfig(
     preprocess=PreprocessConfig(spacing=(3.0, 3.0, 3.0)),
     optim=BPROptim(steps=6),
     model=BPRModel(channels=(4, 4, 4)),
-    task=BPRTaskOptions(w_order=1.0, w_distance=0.05, w_consistency=0.03),
+    task=BPRTaskOptions(w_order=1.0, w_distance=0.05, w_consistency=0.03, anchor_fit="line"),  # an old config keeps its fit
     runtime=RuntimeConfig(device="cpu", threads=1, bf16=False, log_every=1, checkpoint_every=2, keep_checkpoints=1),
 )
 
@@ -62,7 +62,7 @@ def test_flat_and_nested_layouts_give_one_config(tmp_path):
         warnings.simplefilter("error")  # saved configs load silently
         assert from_dict(BPRTrainConfig, FLAT) == NESTED
     new_only = {"warmup_steps", "min_lr_ratio", "grad_clip", "ema_decay", "body_threshold_hu", "body_margin_mm",
-                "device", "bf16", "compile", "log_every", "keep_checkpoints", "tensorboard"}
+                "device", "bf16", "compile", "log_every", "keep_checkpoints", "tensorboard", "anchor_bandwidth_mm"}
     flat = _flat(NESTED)
     assert {k: v for k, v in flat.items() if k not in new_only} == FLAT  # every old field has its place
     assert {k: flat[k] for k in ("grad_clip", "min_lr_ratio", "log_every", "keep_checkpoints")} == {

@@ -208,16 +208,22 @@ def volume_field(model: BodyPartRegressor, hu: np.ndarray | torch.Tensor, spacin
     if getattr(model, "head_kind", None) != "anchor":
         raise ModelError(None, "this ape body part regressor (v1 dense head) gives no whole-volume coordinate field; "
                                "retrain it with the current voxdiff (head: anchor)")
-    off, axis_scale = model.volume_placement(unit_m, overlap=overlap, progress=progress)  # type: ignore[operator]
+    off, axis_scale, resid = model.volume_placement(unit_m, overlap=overlap, progress=progress)  # type: ignore[operator]
     off, axis_scale = off.double().cpu(), axis_scale.double().cpu()
     # the model grid and the volume grid share their centre:
     # raw_k(i) = off_k + axis_scale_k * (i - (n-1)/2) * sp_k / unit_mm  (axis_scale: 1, or the S slope of a slice anchor)
+    # plus, along S with a local slice-anchor fit, the per-slice residual taken from the model grid
     scale = model.calib_scale.double().cpu()
     shift = model.calib_offset.double().cpu()
     profiles = []
     for k in range(3):
         d = (np.arange(shape[k]) - (shape[k] - 1) / 2.0) * sp[k] / model.unit_mm  # type: ignore[attr-defined]
-        profiles.append((float(off[k]) + float(axis_scale[k]) * d) * float(scale[k]) + float(shift[k]))
+        raw = float(off[k]) + float(axis_scale[k]) * d
+        if k == 2 and resid is not None:
+            r = resid.double().cpu().numpy()
+            dm = (np.arange(len(r)) - (len(r) - 1) / 2.0) * model.spacing[2] / model.unit_mm  # type: ignore[attr-defined]
+            raw = raw + np.interp(d, dm, r)
+        profiles.append(raw * float(scale[k]) + float(shift[k]))
     return CoordinateField(shape, (0, 1, 2), tuple(profiles))
 
 

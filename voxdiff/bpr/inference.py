@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..data.ctcheck import ct_problem  # noqa: F401  (the shared CT check; bpr.train imports it from here)
-from .models import APERegressor, BodyPartRegressor, SliceRegressor, body_threshold, tile_starts
+from .models import APERegressor, BodyPartRegressor, SliceRegressor, add_s_residual, body_threshold, tile_starts
 
 
 @torch.no_grad()
@@ -67,8 +67,10 @@ def ape_volume(
     model.eval()
     try:
         if getattr(model, "head_kind", "dense") == "anchor":
-            off, scale = model.volume_placement(vol, overlap, sw_batch_size, progress)
+            off, scale, resid = model.volume_placement(vol, overlap, sw_batch_size, progress)
             out = off.view(1, 3, 1, 1, 1) + model.displacement_grid(tuple(vol.shape), like=off) * scale.view(1, 3, 1, 1, 1)
+            if resid is not None:
+                out = add_s_residual(out, resid[None])
             if not raw:
                 out = model.calibrate(out)
         else:

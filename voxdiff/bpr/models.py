@@ -193,7 +193,13 @@ def _block3d(cin: int, cout: int) -> list[nn.Module]:
 
 APE_HEADS = ("anchor", "dense")
 APE_ANCHORS = ("window", "slice")
-ANCHOR_FITS = ("offset", "line")
+ANCHOR_FITS = ("offset", "line", "local")
+
+
+def add_s_residual(coords: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
+    """``coords`` ``(B, 3, X, Y, Z)`` with the per-slice residual ``(B, Z)`` added to the S channel."""
+    s = coords[:, 2:3] + resid.to(coords).view(resid.shape[0], 1, 1, 1, -1)
+    return torch.cat([coords[:, :2], s], 1)
 
 
 def interp_linear(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
@@ -258,7 +264,7 @@ class APERegressor(BodyPartRegressor):
 
     def __init__(self, channels: tuple[int, ...] = (16, 32, 48, 64), unit_mm: float = 100.0, head: str = "anchor",
                  input_pool: int = 1, anchor: str = "window", anchor_knots: int = 8, anchor_fit: str = "line",
-                 anchor_slope_range: tuple[float, float] = (0.7, 1.3), slice_arch: dict[str, Any] | None = None, slice_preprocess: dict[str, Any] | None = None, **kw: Any):
+                 anchor_slope_range: tuple[float, float] = (0.7, 1.3), anchor_bandwidth_mm: float = 45.0, slice_arch: dict[str, Any] | None = None, slice_preprocess: dict[str, Any] | None = None, **kw: Any):
         super().__init__(**kw)
         if head == "dense" and input_pool != 1:
             raise ValueError("input_pool is only for the anchor head")
@@ -299,7 +305,10 @@ class APERegressor(BodyPartRegressor):
         self.anchor_knots = int(anchor_knots)
         self.anchor_fit = str(anchor_fit)
         self.anchor_slope_range = tuple(float(v) for v in anchor_slope_range)
+        self.anchor_bandwidth_mm = float(anchor_bandwidth_mm)
         if anchor == "slice":
+            if not self.anchor_bandwidth_mm > 0.0:
+                raise ValueError(f"anchor_bandwidth_mm must be > 0, got {anchor_bandwidth_mm}")
             if self.anchor_fit not in ANCHOR_FITS:
                 raise ValueError(f"unknown anchor_fit {anchor_fit!r}; known: {list(ANCHOR_FITS)}")
             lo, hi = self.anchor_slope_range
@@ -342,6 +351,8 @@ class APERegressor(BodyPartRegressor):
             out.update(anchor="slice", anchor_knots=self.anchor_knots, anchor_fit=self.anchor_fit,
                        anchor_slope_range=list(self.anchor_slope_range), slice_arch=self.slice_model.arch(),
                        slice_preprocess=dict(self.slice_model.preprocess))
+            if self.anchor_fit == "local":  # only then, so that earlier models keep their config
+                out["anchor_bandwidth_mm"] = self.anchor_bandwidth_mm
         return out
 
     # -- dense (v1) ----------------------------------------------------------------------------
@@ -421,19 +432,23 @@ class APERegressor(BodyPartRegressor):
         return torch.cat(est), torch.cat(pos), torch.cat(body)
 
     def volume_placement(self, vol: torch.Tensor, overlap: float = 0.5, batch: int = 4, progress: bool = False
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(3,)`` raw coordinates of the centre of a volume ``(X, Y, Z)`` from its windows' votes
-        (S from the slice anchor when there is one, in eval mode) and ``(3,)`` the scale of each
-        axis (1, except S with the slice anchor's per-scan slope)."""
+        (S from the slice anchor when there is one, in eval mode), ``(3,)`` the scale of each
+        axis (1, except S with the slice anchor's per-scan slope) and the ``(Z,)`` per-slice S
+        residual of a ``"local"`` anchor fit (None otherwise): raw S of slice z is
+        ``off[2] + scale[2] * d(z) + resid[z]``."""
         est, pos, body = self.window_estimates(vol, overlap, batch, progress)
         w = body + 1e-3
         off = ((est * self.anchor_gain - pos) * w[:, None]).sum(0) / w.sum()
         scale = torch.ones_like(off)
+        resid = None
         if self.uses_slice_anchor:
-            s_off, slope = self.slice_anchor_volume(vol, overlap)
+            s_off, slope, resid = self.slice_anchor_volume(vol, overlap)
             off = torch.cat([off[:2], s_off.to(off).view(1)])
             scale = torch.cat([scale[:2], slope.to(off).view(1)])
-        return off, scale
+            resid = None if resid is None else resid.to(off)
+        return off, scale, resid
 
     def volume_offset(self, vol: torch.Tensor, overlap: float = 0.5, batch: int = 4, progress: bool = False) -> torch.Tensor:
         """``(3,)`` raw coordinates of the centre of a volume (:meth:`volume_placement`)."""
@@ -493,21 +508,56 @@ class APERegressor(BodyPartRegressor):
         slope = a.clamp(lo, hi).to(votes)
         return weighted_median(g - slope * d, w), slope
 
-    def slice_anchor_volume(self, vol: torch.Tensor, overlap: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw S coordinate of the centre of a volume ``(X, Y, Z)`` in [0, 1] from its slices, and
-        the slope of S against z (:meth:`slice_fit`)."""
+    def slice_placement(self, scores: torch.Tensor, body: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """:meth:`slice_fit` plus, for ``anchor_fit="local"``, the ``(Z,)`` raw S residual of every
+        slice from that line: S(z) is then a local-linear fit of the slices' ``g(s(z))`` (Gaussian
+        kernel of SD ``anchor_bandwidth_mm`` along z, weighted by body, local slope clipped to
+        ``anchor_slope_range``), which follows a scan whose scores climb at different rates in
+        different regions. A slice sees the same neighbours in every crop that holds them, so only
+        slices within about two bandwidths of a crop's end move with the crop. Slices with no body
+        slice within reach of the kernel keep the line. None for the other fits."""
+        off, slope = self.slice_fit(scores, body)
+        if self.anchor_fit != "local":
+            return off, slope, None
+        votes, w = self.slice_votes(scores, body)
+        nz = scores.shape[-1]
+        d = ((torch.arange(nz, dtype=torch.float64, device=votes.device) - (nz - 1) / 2.0)
+             * (self.spacing[2] / self.unit_mm))
+        g, w = (votes.double() + d), w.double()
+        h = self.anchor_bandwidth_mm / self.unit_mm
+        k = w[None, :] * torch.exp(-0.5 * ((d[:, None] - d[None, :]) / h) ** 2)  # (Z slices, Z neighbours)
+        sw = k.sum(1)
+        ok = sw > 1e-3
+        swc = sw.clamp_min(1e-12)
+        md, mg = (k @ d) / swc, (k @ g) / swc
+        dd = d[None, :] - md[:, None]
+        var = (k * dd ** 2).sum(1)
+        cov = (k * dd * (g[None, :] - mg[:, None])).sum(1)
+        lo, hi = self.anchor_slope_range
+        a = torch.where(var > 1e-12, cov / var.clamp_min(1e-12), torch.full_like(var, float(slope))).clamp(lo, hi)
+        line = off.double() + slope.double() * d
+        resid = torch.where(ok, mg + a * (d - md) - line, torch.zeros_like(line))
+        return off, slope, resid.to(votes)
+
+    def slice_anchor_volume(self, vol: torch.Tensor, overlap: float = 0.5
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Raw S coordinate of the centre of a volume ``(X, Y, Z)`` in [0, 1] from its slices, the
+        slope of S against z and the per-slice residual of a local fit (:meth:`slice_placement`)."""
         from .inference import slice_scores_volume
 
         scores = torch.as_tensor(slice_scores_volume(self.slice_model, vol, overlap=overlap))
         body = (vol > body_threshold(self)).to(torch.float32).mean(dim=(0, 1)).cpu()
-        return self.slice_fit(scores, body)
+        return self.slice_placement(scores, body)
 
-    def slice_anchor_patches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B,)`` raw S coordinate of the centre of each patch ``(B, 1, X, Y, Z)`` and ``(B,)`` slopes."""
+    def slice_anchor_patches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(B,)`` raw S coordinate of the centre of each patch ``(B, 1, X, Y, Z)``, ``(B,)`` slopes
+        and ``(B, Z)`` per-slice residuals of a local fit (None for the other fits)."""
         scores = self.slice_model.slice_scores(x)  # (B, Z)
         body = (x > body_threshold(self)).to(x.dtype).mean(dim=(1, 2, 3))  # (B, Z)
-        fits = [self.slice_fit(s, b) for s, b in zip(scores, body)]
-        return torch.stack([f[0] for f in fits]).to(x), torch.stack([f[1] for f in fits]).to(x)
+        fits = [self.slice_placement(s, b) for s, b in zip(scores, body)]
+        resid = None if fits[0][2] is None else torch.stack([f[2] for f in fits]).to(x)
+        return torch.stack([f[0] for f in fits]).to(x), torch.stack([f[1] for f in fits]).to(x), resid
 
     def raw(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self)
@@ -517,21 +567,24 @@ class APERegressor(BodyPartRegressor):
             full = F.interpolate(low, size=xp.shape[2:], mode="trilinear", align_corners=False)
             return full[:, :, : size[0], : size[1], : size[2]]
         size = tuple(int(n) for n in x.shape[2:])
-        scale = None
+        scale = resid = None
         if any(n > p for n, p in zip(size, self.patch_size)):
             placed = [self.volume_placement(v[0]) for v in x]
             off = torch.stack([p[0] for p in placed])
             scale = torch.stack([p[1] for p in placed])
+            if placed[0][2] is not None:
+                resid = torch.stack([p[2] for p in placed])  # type: ignore[misc]
         else:
             off = self._padded_offset(x)
             if self.uses_slice_anchor:
-                s_off, slope = self.slice_anchor_patches(x)
+                s_off, slope, resid = self.slice_anchor_patches(x)
                 off = torch.cat([off[:, :2], s_off[:, None]], 1)
                 scale = torch.cat([torch.ones_like(off[:, :2]), slope[:, None]], 1)
         grid = self.displacement_grid(size, like=off)
         if scale is not None:
             grid = grid * scale.view(-1, 3, 1, 1, 1)
-        return off.view(-1, 3, 1, 1, 1) + grid
+        out = off.view(-1, 3, 1, 1, 1) + grid
+        return out if resid is None else add_s_residual(out, resid)
 
 
 MODEL_CLASSES: dict[str, type[BodyPartRegressor]] = {"slice": SliceRegressor, "ape": APERegressor}

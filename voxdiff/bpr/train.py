@@ -39,7 +39,7 @@ from ..core.trainstate import latest_train_state
 from ..data.preprocess import PreprocessConfig
 from . import losses
 from .inference import ape_volume, ct_problem, slice_scores_volume
-from .models import BPR_KINDS, BodyPartRegressor, body_threshold, build_bpr, save_bpr
+from .models import ANCHOR_FITS, BPR_KINDS, BodyPartRegressor, body_threshold, build_bpr, save_bpr
 from .sampling import Volume, ape_views, random_crop, sample_points, slice_views
 
 
@@ -148,9 +148,13 @@ class BPRTaskOptions:
         anchor_knots: ape with anchor "slice": knots of the score -> S curve (calibrated on the
             training volumes; 2 = a straight line).
         anchor_fit: ape with anchor "slice": "line" (S of a scan is a straight line through its slices'
-            estimates, slope against physical z clipped to ``anchor_slope_range``) or "offset" (slope
-            1: exactly physical S distances, only the offset from the slices).
+            estimates, slope against physical z clipped to ``anchor_slope_range``), "offset" (slope
+            1: exactly physical S distances, only the offset from the slices) or "local" (a
+            local-linear fit of the slices' estimates, kernel SD ``anchor_bandwidth_mm``: S follows a
+            scan whose scores climb at other rates in other regions).
         anchor_slope_range: ape with anchor "slice" and anchor_fit "line": the slopes allowed.
+        anchor_bandwidth_mm: ape with anchor "slice" and anchor_fit "local": SD (mm along z) of the
+            Gaussian kernel of the local fit.
     """
 
     heuristic_b: float = 0.01
@@ -161,8 +165,9 @@ class BPRTaskOptions:
     anchor: str = "window"
     slice_model: str | None = None
     anchor_knots: int = 8
-    anchor_fit: str = "line"
+    anchor_fit: str = "local"
     anchor_slope_range: tuple[float, float] = (0.7, 1.3)
+    anchor_bandwidth_mm: float = 45.0
 
 
 def _bpr_preprocess() -> PreprocessConfig:
@@ -276,11 +281,13 @@ def _validate(cfg: BPRTrainConfig) -> None:
         raise InputError(None, "--task.anchor slice needs --task.slice_model DIR (a model from 'voxdiff bpr train --kind slice')")
     if t.anchor_knots < 2:
         raise InputError(None, f"task.anchor_knots must be >= 2, got {t.anchor_knots}")
-    if t.anchor_fit not in ("line", "offset"):
-        raise InputError(None, f"--task.anchor_fit must be 'line' or 'offset', got {t.anchor_fit!r}")
+    if t.anchor_fit not in ANCHOR_FITS:
+        raise InputError(None, f"--task.anchor_fit must be one of {', '.join(ANCHOR_FITS)}, got {t.anchor_fit!r}")
     lo, hi = (float(v) for v in t.anchor_slope_range)
     if not 0 < lo <= 1.0 <= hi:
         raise InputError(None, f"task.anchor_slope_range must be positive and contain 1, got {list(t.anchor_slope_range)}")
+    if not float(t.anchor_bandwidth_mm) > 0.0:
+        raise InputError(None, f"task.anchor_bandwidth_mm must be > 0, got {t.anchor_bandwidth_mm}")
 
 
 def load_anchor_slice_model(cfg: BPRTrainConfig):
@@ -594,7 +601,8 @@ def _train(cfg: BPRTrainConfig, out: Path, vols: list[Volume], resuming: bool, p
         if t.anchor == "slice":
             slice_model = load_anchor_slice_model(cfg)
             arch.update(anchor="slice", anchor_knots=t.anchor_knots, anchor_fit=t.anchor_fit,
-                        anchor_slope_range=tuple(t.anchor_slope_range), slice_arch=slice_model.arch(),
+                        anchor_slope_range=tuple(t.anchor_slope_range),
+                        anchor_bandwidth_mm=float(t.anchor_bandwidth_mm), slice_arch=slice_model.arch(),
                         slice_preprocess=dict(slice_model.preprocess))
     model = build_bpr(cfg.kind, arch, preprocess=pp)
     if slice_model is not None:
