@@ -37,6 +37,32 @@ def test_step_runner_skips_finished_and_discards_interrupted(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".b.")]  # no partial folder left
 
 
+def test_step_seconds_are_its_own_not_those_of_the_steps_it_ran_first(tmp_path):
+    """A step that needs another one runs it inside itself; its "seconds" leave that step's out
+    (the demo's report once gave pretraining the BPR training's time)."""
+    r = StepRunner(tmp_path, log=lambda s: None)
+
+    def inner(d):
+        time.sleep(0.3)
+        return {}
+
+    def outer(d):
+        r.run("inner", inner)
+        time.sleep(0.1)
+        return {}
+
+    def top(d):
+        r.run("outer", outer)
+        return {}
+
+    t0 = time.perf_counter()
+    r.run("top", top)
+    wall = time.perf_counter() - t0
+    sec = {n: r.result(n)["seconds"] for n in ("inner", "outer", "top")}
+    assert sec["inner"] >= 0.3 and 0.1 <= sec["outer"] < 0.25 and sec["top"] < 0.1, sec
+    assert sum(sec.values()) == pytest.approx(wall, abs=0.05)
+
+
 def test_step_runner_keeps_and_continues_interrupted_resumable_step(tmp_path):
     r = StepRunner(tmp_path, log=lambda s: None)
     seen = []

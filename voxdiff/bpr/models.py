@@ -247,9 +247,11 @@ class APERegressor(BodyPartRegressor):
     raw S coordinate by a calibrated piecewise-linear ``g`` (``s_knots`` -> ``s_values``, fitted on
     the training volumes so that ``g(s(z)) - z`` is as constant as possible within each volume), and
     the offset is the median over the body slices of ``g(s(z))`` minus the slice's known displacement
-    (``anchor_fit="offset"``), or, by default (``"line"``), S is a straight line fitted through the
-    slices' ``g(s(z))`` with its slope against physical z clipped to ``anchor_slope_range`` (0.7..1.3):
-    the S map of a scan is then linear with a per-scan slope near 1 instead of exactly physical.
+    (``anchor_fit="offset"``), or (``"line"``, this class's default) S is a straight line fitted
+    through the slices' ``g(s(z))`` with its slope against physical z clipped to
+    ``anchor_slope_range`` (0.7..1.3): the S map of a scan is then linear with a per-scan slope near
+    1 instead of exactly physical; or (``"local"``, what ``voxdiff bpr train`` builds since the
+    twelfth session) a local-linear fit of those estimates along z (:meth:`slice_placement`).
     A slice's score does not depend on the other slices, so a crop of a scan gets (nearly) the same
     S offset as the whole scan: many per-slice votes instead of one or two window votes. R and A
     still come from the windows. In training mode the network's own estimate is used for all three

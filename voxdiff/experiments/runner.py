@@ -50,6 +50,9 @@ class StepRunner:
         self.wait = wait
         self.log_skips = True  # "[skip] NAME" lines (off where several processes share the work)
         self._announced: set[str] = set()
+        # seconds spent in steps run from inside each step now running (innermost last): a step's
+        # "seconds" are its own, not those of the steps it needed and ran first
+        self._nested: list[float] = []
         self.ran: list[str] = []
         self.skipped: list[str] = []
 
@@ -117,22 +120,32 @@ class StepRunner:
             self.log(f"[run ] {name}" + (f" (continuing the interrupted run kept in {work})"
                                          if resumable and work.is_dir() else ""))
         t0 = time.perf_counter()
-        with staged_dir(target, force=True, keep=resumable) as tmp:
-            before = float(spent.read_text()) if resumable and spent.is_file() else 0.0
-            try:
-                res = fn(tmp) or {}
-            except StepBusy:  # a step this one needs is running in another process: try again later
-                if resumable and work.is_dir() and not any(work.iterdir()):
-                    work.rmdir()  # nothing done yet: not an interrupted run to continue
-                raise
-            except BaseException:
+        self._nested.append(0.0)
+
+        def own() -> float:  # this step's seconds so far, without the steps it ran inside itself
+            return time.perf_counter() - t0 - self._nested[-1]
+
+        try:
+            with staged_dir(target, force=True, keep=resumable) as tmp:
+                before = float(spent.read_text()) if resumable and spent.is_file() else 0.0
+                try:
+                    res = fn(tmp) or {}
+                except StepBusy:  # a step this one needs is running in another process: try again later
+                    if resumable and work.is_dir() and not any(work.iterdir()):
+                        work.rmdir()  # nothing done yet: not an interrupted run to continue
+                    raise
+                except BaseException:
+                    if resumable:
+                        spent.write_text(f"{before + own():.2f}")
+                        self.log(f"[kept] {name}: its work so far is in {work}; run the experiment again to continue it")
+                    raise
                 if resumable:
-                    spent.write_text(f"{before + time.perf_counter() - t0:.2f}")
-                    self.log(f"[kept] {name}: its work so far is in {work}; run the experiment again to continue it")
-                raise
-            if resumable:
-                spent.unlink(missing_ok=True)
-            res = {**res, "seconds": round(before + time.perf_counter() - t0, 2)}
-            atomic_write_json(tmp / RESULT, res)
+                    spent.unlink(missing_ok=True)
+                res = {**res, "seconds": round(before + own(), 2)}
+                atomic_write_json(tmp / RESULT, res)
+        finally:
+            self._nested.pop()
+            if self._nested:
+                self._nested[-1] += time.perf_counter() - t0
         self.ran.append(name)
         return res
