@@ -518,7 +518,8 @@ class APERegressor(BodyPartRegressor):
         ``anchor_slope_range``), which follows a scan whose scores climb at different rates in
         different regions. A slice sees the same neighbours in every crop that holds them, so only
         slices within about two bandwidths of a crop's end move with the crop. Slices with no body
-        slice within reach of the kernel keep the line. None for the other fits."""
+        slice within reach of the kernel (its body-weighted mass under 0.01 slices) go over to the
+        line smoothly. None for the other fits."""
         off, slope = self.slice_fit(scores, body)
         if self.anchor_fit != "local":
             return off, slope, None
@@ -530,7 +531,6 @@ class APERegressor(BodyPartRegressor):
         h = self.anchor_bandwidth_mm / self.unit_mm
         k = w[None, :] * torch.exp(-0.5 * ((d[:, None] - d[None, :]) / h) ** 2)  # (Z slices, Z neighbours)
         sw = k.sum(1)
-        ok = sw > 1e-3
         swc = sw.clamp_min(1e-12)
         md, mg = (k @ d) / swc, (k @ g) / swc
         dd = d[None, :] - md[:, None]
@@ -539,7 +539,8 @@ class APERegressor(BodyPartRegressor):
         lo, hi = self.anchor_slope_range
         a = torch.where(var > 1e-12, cov / var.clamp_min(1e-12), torch.full_like(var, float(slope))).clamp(lo, hi)
         line = off.double() + slope.double() * d
-        resid = torch.where(ok, mg + a * (d - md) - line, torch.zeros_like(line))
+        # far from every body slice (kernel mass -> 0) the local fit hands over smoothly to the line
+        resid = (mg + a * (d - md) - line) * (sw / (sw + 1e-2))
         return off, slope, resid.to(votes)
 
     def slice_anchor_volume(self, vol: torch.Tensor, overlap: float = 0.5
