@@ -519,7 +519,9 @@ class APERegressor(BodyPartRegressor):
         different regions. A slice sees the same neighbours in every crop that holds them, so only
         slices within about two bandwidths of a crop's end move with the crop. Slices with no body
         slice within reach of the kernel (its body-weighted mass under 0.01 slices) go over to the
-        line smoothly. None for the other fits."""
+        line smoothly. One robustness pass reweights the slices by Cleveland's bisquare of their
+        residual from the first fit (6 robust SDs, the SD at least 5 mm), so a few slices the slice model misreads do not
+        bend S. None for the other fits."""
         off, slope = self.slice_fit(scores, body)
         if self.anchor_fit != "local":
             return off, slope, None
@@ -528,19 +530,32 @@ class APERegressor(BodyPartRegressor):
         d = ((torch.arange(nz, dtype=torch.float64, device=votes.device) - (nz - 1) / 2.0)
              * (self.spacing[2] / self.unit_mm))
         g, w = (votes.double() + d), w.double()
-        h = self.anchor_bandwidth_mm / self.unit_mm
-        k = w[None, :] * torch.exp(-0.5 * ((d[:, None] - d[None, :]) / h) ** 2)  # (Z slices, Z neighbours)
-        sw = k.sum(1)
-        swc = sw.clamp_min(1e-12)
-        md, mg = (k @ d) / swc, (k @ g) / swc
-        dd = d[None, :] - md[:, None]
-        var = (k * dd ** 2).sum(1)
-        cov = (k * dd * (g[None, :] - mg[:, None])).sum(1)
+        kern = torch.exp(-0.5 * ((d[:, None] - d[None, :]) / (self.anchor_bandwidth_mm / self.unit_mm)) ** 2)
         lo, hi = self.anchor_slope_range
-        a = torch.where(var > 1e-12, cov / var.clamp_min(1e-12), torch.full_like(var, float(slope))).clamp(lo, hi)
+
+        def fit(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            k = weights[None, :] * kern  # (Z slices, Z neighbours)
+            sw = k.sum(1)
+            swc = sw.clamp_min(1e-12)
+            md, mg = (k @ d) / swc, (k @ g) / swc
+            dd = d[None, :] - md[:, None]
+            var = (k * dd ** 2).sum(1)
+            cov = (k * dd * (g[None, :] - mg[:, None])).sum(1)
+            a = torch.where(var > 1e-12, cov / var.clamp_min(1e-12), torch.full_like(var, float(slope))).clamp(lo, hi)
+            return mg + a * (d - md), sw
+
+        s_loc, sw = fit(w)
+        # one robustness pass (Cleveland's bisquare): slices far off the local fit weigh less
+        r = g - s_loc
+        body_k = w > 0
+        if int(body_k.sum()) >= 3:
+            # robust SD of the residuals, at least 5 mm: an (almost) exact fit must not turn every
+            # slice into an outlier
+            mad = (1.4826 * (r[body_k] - r[body_k].median()).abs().median()).clamp_min(5.0 / self.unit_mm)
+            s_loc, sw = fit(w * (1.0 - ((r / (6.0 * mad)).abs().clamp(max=1.0)) ** 2) ** 2)
         line = off.double() + slope.double() * d
         # far from every body slice (kernel mass -> 0) the local fit hands over smoothly to the line
-        resid = (mg + a * (d - md) - line) * (sw / (sw + 1e-2))
+        resid = (s_loc - line) * (sw / (sw + 1e-2))
         return off, slope, resid.to(votes)
 
     def slice_anchor_volume(self, vol: torch.Tensor, overlap: float = 0.5
