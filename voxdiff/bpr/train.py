@@ -152,7 +152,8 @@ class BPRTaskOptions:
             1: exactly physical S distances, only the offset from the slices) or "local" (a
             local-linear fit of the slices' estimates, kernel SD ``anchor_bandwidth_mm``: S follows a
             scan whose scores climb at other rates in other regions).
-        anchor_slope_range: ape with anchor "slice" and anchor_fit "line": the slopes allowed.
+        anchor_slope_range: ape with anchor "slice" and anchor_fit "line" or "local": the slopes allowed
+            (of the whole scan's line, or of each local fit).
         anchor_bandwidth_mm: ape with anchor "slice" and anchor_fit "local": SD (mm along z) of the
             Gaussian kernel of the local fit.
     """
