@@ -202,6 +202,24 @@ def add_s_residual(coords: torch.Tensor, resid: torch.Tensor) -> torch.Tensor:
     return torch.cat([coords[:, :2], s], 1)
 
 
+def _weighted_lines(d: torch.Tensor, g: torch.Tensor, k: torch.Tensor, fallback: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weighted least-squares lines of ``g`` against ``d`` (both ``(Z,)``), one per row of the
+    weights ``k`` ``(R, Z)``: slopes, weighted mean ``d`` and weighted mean ``g`` (each ``(R,)``); a
+    row whose weighted ``d`` has no spread gets the slope ``fallback`` ``(R,)``."""
+    sw = k.sum(1).clamp_min(1e-12)
+    md, mg = (k @ d) / sw, (k @ g) / sw
+    dd = d[None, :] - md[:, None]
+    var = (k * dd ** 2).sum(1)
+    cov = (k * dd * (g[None, :] - mg[:, None])).sum(1)
+    return torch.where(var > 1e-12, cov / var.clamp_min(1e-12), fallback.to(var)), md, mg
+
+
+def _robust_sd(r: torch.Tensor, floor: float = 1e-9) -> torch.Tensor:
+    """1.4826 x the median absolute deviation of ``r``, at least ``floor``."""
+    return (1.4826 * (r - r.median()).abs().median()).clamp_min(floor)
+
+
 def interp_linear(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
     """Piecewise-linear interpolation of ``(xp, fp)`` (``xp`` increasing) at ``x``; outside
     ``[xp[0], xp[-1]]`` the straight line through the two end knots continues."""
@@ -475,88 +493,66 @@ class APERegressor(BodyPartRegressor):
 
     def slice_fit(self, scores: torch.Tensor, body: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """S placement of an input of ``Z = len(scores)`` slices: raw S of its centre and the slope
-        of S against physical z. ``anchor_fit="offset"``: slope 1 and the weighted median of the
-        per-slice votes (:meth:`slice_votes`). ``"line"``: a straight line through the slices'
-        calibrated S estimates ``g(s(z))`` against their displacement (weighted least squares, refit
-        without the slices further than 2.5 robust SDs from it), slope clipped to
-        ``anchor_slope_range``, and the weighted median of ``g(s(z)) - slope * d(z)``. A scan whose
-        scores climb more slowly than the training scans' (another body size, another scanner) then
-        keeps the same S at the same anatomy in any crop instead of drifting along the scan."""
-        votes, w = self.slice_votes(scores, body)
-        one = torch.ones((), dtype=votes.dtype, device=votes.device)
-        k = w > 0
-        if self.anchor_fit == "offset" or int(k.sum()) < 3:
-            return weighted_median(votes, w), one
-        nz = scores.shape[-1]
-        d = (torch.arange(nz, dtype=votes.dtype, device=votes.device) - (nz - 1) / 2.0) * (self.spacing[2] / self.unit_mm)
-        g = votes + d
-        dk, gk, wk = d[k].double(), g[k].double(), w[k].double()
-
-        def wls(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            ww = wk * m
-            sw = ww.sum().clamp_min(1e-12)
-            md, mg = (ww * dk).sum() / sw, (ww * gk).sum() / sw
-            var = (ww * (dk - md) ** 2).sum()
-            a = (ww * (dk - md) * (gk - mg)).sum() / var if float(var) > 1e-12 else torch.ones((), dtype=torch.float64, device=dk.device)
-            return a, mg - a * md
-
-        a, b = wls(torch.ones_like(wk))
-        r = gk - (a * dk + b)
-        mad = 1.4826 * (r - r.median()).abs().median() + 1e-9
-        keep = (r.abs() <= 2.5 * mad).double()
-        if int(keep.sum()) >= 3:
-            a, b = wls(keep)
-        lo, hi = self.anchor_slope_range
-        slope = a.clamp(lo, hi).to(votes)
-        return weighted_median(g - slope * d, w), slope
+        of S against physical z (:meth:`slice_placement` without the per-slice residual)."""
+        off, slope, _ = self.slice_placement(scores, body)
+        return off, slope
 
     def slice_placement(self, scores: torch.Tensor, body: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """:meth:`slice_fit` plus, for ``anchor_fit="local"``, the ``(Z,)`` raw S residual of every
-        slice from that line: S(z) is then a local-linear fit of the slices' ``g(s(z))`` (Gaussian
-        kernel of SD ``anchor_bandwidth_mm`` along z, weighted by body, local slope clipped to
-        ``anchor_slope_range``), which follows a scan whose scores climb at different rates in
-        different regions. A slice sees the same neighbours in every crop that holds them, so only
-        slices within about two bandwidths of a crop's end move with the crop. Slices with no body
-        slice within reach of the kernel (its body-weighted mass under 0.01 slices) go over to the
-        line smoothly. One robustness pass reweights the slices by Cleveland's bisquare of their
-        residual from the first fit (6 robust SDs, the SD at least 5 mm), so a few slices the slice model misreads do not
-        bend S. None for the other fits."""
-        off, slope = self.slice_fit(scores, body)
-        if self.anchor_fit != "local":
-            return off, slope, None
+        """S placement of an input of ``Z = len(scores)`` slices: raw S of its centre, the slope of
+        S against physical z, and for ``anchor_fit="local"`` the ``(Z,)`` raw S residual of every
+        slice from that line (None for the other fits).
+
+        ``"offset"``: slope 1 and the weighted median of the per-slice votes (:meth:`slice_votes`).
+        ``"line"``: a straight line through the slices' calibrated S estimates ``g(s(z))`` against
+        their displacement (weighted least squares, refit without the slices further than 2.5
+        robust SDs from it), slope clipped to ``anchor_slope_range``, and the weighted median of
+        ``g(s(z)) - slope * d(z)``. A scan whose scores climb more slowly than the training scans'
+        (another body size, another scanner) then keeps the same S at the same anatomy in any crop
+        instead of drifting along the scan. ``"local"``: that line, plus the residual that makes
+        S(z) a local-linear fit of the ``g(s(z))`` (Gaussian kernel of SD ``anchor_bandwidth_mm``
+        along z, weighted by body, local slope clipped to ``anchor_slope_range``), which follows a
+        scan whose scores climb at different rates in different regions. A slice sees the same
+        neighbours in every crop that holds them, so only slices within about two bandwidths of a
+        crop's end move with the crop. Slices with no body slice within reach of the kernel (its
+        body-weighted mass under 0.01 slices) go over to the line smoothly. One robustness pass
+        reweights the slices by Cleveland's bisquare of their residual from the first local fit (6
+        robust SDs, the SD at least 5 mm), so a few slices the slice model misreads do not bend S."""
         votes, w = self.slice_votes(scores, body)
+        k = w > 0
+        if self.anchor_fit == "offset" or int(k.sum()) < 3:
+            return weighted_median(votes, w), torch.ones((), dtype=votes.dtype, device=votes.device), None
         nz = scores.shape[-1]
         d = ((torch.arange(nz, dtype=torch.float64, device=votes.device) - (nz - 1) / 2.0)
              * (self.spacing[2] / self.unit_mm))
-        g, w = (votes.double() + d), w.double()
-        kern = torch.exp(-0.5 * ((d[:, None] - d[None, :]) / (self.anchor_bandwidth_mm / self.unit_mm)) ** 2)
+        g, wd = votes.double() + d, w.double()
         lo, hi = self.anchor_slope_range
+        # the line: weighted least squares over the body slices, refitted without the outliers
+        dk, gk, wk = d[k], g[k], wd[k]
+        one = torch.ones(1, dtype=torch.float64, device=d.device)
+        a, md, mg = _weighted_lines(dk, gk, wk[None], one)
+        r = gk - (mg + a * (dk - md))
+        keep = r.abs() <= 2.5 * _robust_sd(r)
+        if int(keep.sum()) >= 3:
+            a, md, mg = _weighted_lines(dk, gk, (wk * keep)[None], one)
+        slope = a[0].clamp(lo, hi)
+        off = weighted_median((g - slope * d).to(votes), w)
+        if self.anchor_fit != "local":
+            return off, slope.to(votes), None
+        # the local fit: one weighted line per slice, its neighbours weighted by the kernel
+        kern = torch.exp(-0.5 * ((d[:, None] - d[None, :]) / (self.anchor_bandwidth_mm / self.unit_mm)) ** 2)
 
-        def fit(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            k = weights[None, :] * kern  # (Z slices, Z neighbours)
-            sw = k.sum(1)
-            swc = sw.clamp_min(1e-12)
-            md, mg = (k @ d) / swc, (k @ g) / swc
-            dd = d[None, :] - md[:, None]
-            var = (k * dd ** 2).sum(1)
-            cov = (k * dd * (g[None, :] - mg[:, None])).sum(1)
-            a = torch.where(var > 1e-12, cov / var.clamp_min(1e-12), torch.full_like(var, float(slope))).clamp(lo, hi)
-            return mg + a * (d - md), sw
+        def local(weights: torch.Tensor) -> torch.Tensor:
+            a, md, mg = _weighted_lines(d, g, weights[None, :] * kern, slope.expand(nz))
+            return mg + a.clamp(lo, hi) * (d - md)
 
-        s_loc, sw = fit(w)
-        # one robustness pass (Cleveland's bisquare): slices far off the local fit weigh less
+        s_loc = local(wd)
         r = g - s_loc
-        body_k = w > 0
-        if int(body_k.sum()) >= 3:
-            # robust SD of the residuals, at least 5 mm: an (almost) exact fit must not turn every
-            # slice into an outlier
-            mad = (1.4826 * (r[body_k] - r[body_k].median()).abs().median()).clamp_min(5.0 / self.unit_mm)
-            s_loc, sw = fit(w * (1.0 - ((r / (6.0 * mad)).abs().clamp(max=1.0)) ** 2) ** 2)
-        line = off.double() + slope.double() * d
+        s_loc = local(wd * (1.0 - (r / (6.0 * _robust_sd(r[k], 5.0 / self.unit_mm))).abs().clamp(max=1.0) ** 2) ** 2)
+        sw = (wd[None, :] * kern).sum(1)
         # far from every body slice (kernel mass -> 0) the local fit hands over smoothly to the line
-        resid = (s_loc - line) * (sw / (sw + 1e-2))
-        return off, slope, resid.to(votes)
+        resid = (s_loc - (off.double() + slope * d)) * (sw / (sw + 1e-2))
+        return off, slope.to(votes), resid.to(votes)
 
     def slice_anchor_volume(self, vol: torch.Tensor, overlap: float = 0.5
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
