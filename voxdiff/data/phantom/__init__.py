@@ -8,7 +8,7 @@ See docs/PHANTOMS.md for the anatomy, the sources of variation and the organ vol
 """
 
 from .dataset import case_plan, case_seed, make_phantom_dataset
-from .generator import PHASES, Z_MODES, PhantomConfig, generate_phantom
+from .generator import PHASES, VARIATIONS, WIDE_VARIATION, Z_MODES, PhantomConfig, generate_phantom, with_variation
 from .preview import preview_png
 
-__all__ = ["PHASES", "Z_MODES", "PhantomConfig", "case_plan", "case_seed", "generate_phantom", "make_phantom_dataset", "preview_png"]
+__all__ = ["PHASES", "VARIATIONS", "WIDE_VARIATION", "Z_MODES", "PhantomConfig", "with_variation", "case_plan", "case_seed", "generate_phantom", "make_phantom_dataset", "preview_png"]

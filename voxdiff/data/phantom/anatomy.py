@@ -62,7 +62,7 @@ class Subject:
         for name in ("liver", "spleen", "kid_r", "kid_l", "stomach", "pancreas", "gb", "heart", "adr_r", "adr_l", "bladder", "colon"):
             self.organ[name] = {
                 "d": rng.normal(0, 6 * j, 3),
-                "s": float(np.clip(rng.normal(1.0, 0.07 * j), 0.85, 1.18)),
+                "s": float(np.clip(rng.normal(1.0, 0.07 * j), 1.0 - 0.15 * j, 1.0 + 0.18 * j)),
                 "rz": float(rng.normal(0, 6 * j)),
             }
         self.stomach_fill = _u(rng, 0.75, 1.25)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from voxdiff.core.cli import CommandGroup, add_config
 from voxdiff.core.config import from_namespace
 
-from .generator import PhantomConfig
+from .generator import VARIATIONS, PhantomConfig, with_variation
 
 
 def register(root: CommandGroup) -> None:
@@ -32,6 +32,10 @@ def register(root: CommandGroup) -> None:
     p.add_argument("--train_site", type=str, default="",
                    help='JSON dict of settings for the labelled training cases only (a shifted regime), '
                         'e.g. \'{"phases": ["portal_venous"], "z_modes": ["abdomen"]}\'')
+    p.add_argument("--variation", choices=sorted(VARIATIONS), default="default",
+                   help="wide: subjects and scans that vary as clinical CT does (organ placement and size, "
+                        "CT numbers, contrast, noise, kernels, lesions, fatty liver, ascites, removed "
+                        "gallbladder; docs/PHANTOMS.md). Options given explicitly with other values win")
     add_config(p, PhantomConfig)
 
 
@@ -42,7 +46,7 @@ def run_phantom(ns) -> None:
 
     from .dataset import make_phantom_dataset
 
-    cfg = from_namespace(PhantomConfig, ns)
+    cfg = with_variation(from_namespace(PhantomConfig, ns), ns.variation)
     site = None
     if ns.train_site:
         try:

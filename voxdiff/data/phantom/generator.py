@@ -12,6 +12,7 @@ from ..types import Case, CaseMeta
 from . import tissues as T
 from .anatomy import Subject, build
 from .fields import LatticeBasis
+from .findings import paint_findings
 from .shapes import Canvas
 
 GENERATOR_VERSION = 1
@@ -51,6 +52,12 @@ class PhantomConfig:
         oral_contrast_prob: probability of positive oral contrast in the small bowel.
         table: draw the scanner table under the patient.
         fov_circle: set voxels outside the reconstruction circle to -1024 HU.
+        lesion_rate: mean number of focal lesions per subject (Poisson): cysts and hypovascular
+            metastases in the liver, cysts in the kidneys, lesions in the spleen; each keeps its
+            organ's label. 0 (default): none.
+        steatosis_prob: chance that a subject's liver is fatty (its CT number lowered by 15-70 HU).
+        ascites_prob: chance of free fluid around the liver, spleen, stomach and bowel.
+        gallbladder_absent_prob: chance of a removed gallbladder (its label then absent).
         thorax_detail: a more realistic chest: pulmonary vessels as thin blood-filled tubes drawn
             with partial volume (instead of blob-shaped markings at -250 HU) and heart chambers
             holding about half of the heart (instead of a third). Off by default: it did not make
@@ -78,7 +85,16 @@ class PhantomConfig:
     oral_contrast_prob: float = 0.15  # positive oral contrast in the small bowel
     table: bool = True
     fov_circle: bool = True  # set voxels outside the reconstruction circle to -1024
+    lesion_rate: float = 0.0  # mean focal lesions per subject (liver, kidneys, spleen)
+    steatosis_prob: float = 0.0  # chance of a fatty liver
+    ascites_prob: float = 0.0  # chance of free intraperitoneal fluid
+    gallbladder_absent_prob: float = 0.0  # chance of a cholecystectomy
     thorax_detail: bool = False  # thin partial-volume pulmonary vessels, larger heart chambers
+
+    @property
+    def findings(self) -> bool:
+        """Whether any finding (lesions, fatty liver, ascites, removed gallbladder) can be drawn."""
+        return max(self.lesion_rate, self.steatosis_prob, self.ascites_prob, self.gallbladder_absent_prob) > 0
 
     def __post_init__(self) -> None:
         from ...core.errors import InputError
@@ -101,7 +117,52 @@ class PhantomConfig:
         bad = [p for p in self.phases if p not in PHASES]
         if bad or not self.phases:
             raise InputError(None, f"phantom phases must be from {PHASES}, got {self.phases}")
+        if self.lesion_rate < 0 or not all(0 <= p <= 1 for p in (self.steatosis_prob, self.ascites_prob, self.gallbladder_absent_prob)):
+            raise InputError(None, "phantom lesion_rate must be >= 0 and steatosis_prob, ascites_prob, "
+                                   "gallbladder_absent_prob probabilities in [0, 1]")
+        if self.organ_jitter < 0 or self.deformation_mm < 0:
+            raise InputError(None, f"phantom organ_jitter and deformation_mm must be >= 0, got {self.organ_jitter}, {self.deformation_mm}")
         self.shape = tuple(int(s) for s in self.shape)  # type: ignore[assignment]
+
+
+# ``voxdiff phantom --variation wide``: subjects and scans that differ as much as clinical CT does where
+# the default phantoms vary less (docs/PHANTOMS.md, "Wide variation"). Organ position / size / orientation
+# twice the default spread (offsets sd 12 mm, sizes sd 14 %, rotations sd 12 degrees, breathing +-28 mm),
+# a stronger smooth deformation, CT numbers per subject 1.5x as spread, contrast from weak (80 kVp
+# native-like) to strong, low-dose to high-dose noise, soft to sharp kernels, smaller and larger bodies;
+# and the findings of everyday abdominal CT.
+WIDE_VARIATION: dict[str, object] = {
+    "organ_jitter": 2.0,
+    "deformation_mm": 12.0,
+    "organ_hu_sd": 1.5,
+    "enhancement": (0.4, 1.6),
+    "noise_hu": (5.0, 40.0),
+    "blur_mm": (0.4, 1.8),
+    "body_size": (0.8, 1.25),
+    "lesion_rate": 2.0,
+    "steatosis_prob": 0.25,
+    "ascites_prob": 0.1,
+    "gallbladder_absent_prob": 0.1,
+}
+VARIATIONS = {"default": {}, "wide": WIDE_VARIATION}
+
+
+def with_variation(cfg: PhantomConfig, variation: str) -> PhantomConfig:
+    """``cfg`` with the settings of a named variation (:data:`VARIATIONS`) in place of those left at
+    their defaults: a setting given another value keeps it."""
+    import dataclasses
+
+    if variation not in VARIATIONS:
+        from ...core.errors import InputError
+
+        raise InputError(None, f"unknown phantom variation {variation!r}; choose from {', '.join(sorted(VARIATIONS))}")
+    defaults = PhantomConfig()
+    changes = {k: v for k, v in VARIATIONS[variation].items() if tuple_or(getattr(cfg, k)) == tuple_or(getattr(defaults, k))}
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def tuple_or(v):
+    return tuple(v) if isinstance(v, (list, tuple)) else v
 
 
 def _pick(rng: np.random.Generator, items, weights) -> str:
@@ -199,6 +260,14 @@ def generate_phantom(seed: int, cfg: PhantomConfig | None = None, *, unlabelled:
     if not cfg.table:
         cv.tissue[(cv.tissue == T.TABLE_CORE) | (cv.tissue == T.TABLE_SKIN)] = T.AIR
     tissue = cv.tissue
+    findings: dict = {}
+    r_find = np.random.default_rng(ss.spawn(1)[0])  # the sixth stream: findings only, drawn whatever is asked for
+    steatosis = float(r_find.uniform(15.0, 70.0)) if r_find.random() < cfg.steatosis_prob else 0.0
+    if cfg.findings:
+        findings = paint_findings(tissue, (dxy, dxy, dz), r_find, lesion_rate=cfg.lesion_rate,
+                                  ascites_prob=cfg.ascites_prob, gallbladder_absent_prob=cfg.gallbladder_absent_prob)
+        if steatosis:
+            findings["steatosis_hu"] = round(-steatosis, 1)
     label = T.LABEL_OF[tissue]
 
     # ---- intensities --------------------------------------------------------------------------------
@@ -224,6 +293,18 @@ def generate_phantom(seed: int, cfg: PhantomConfig | None = None, *, unlabelled:
         base[t] = base[t + T.KID_L_OFFSET] = v
         tex[t] = tex[t + T.KID_L_OFFSET] = tx * cfg.texture
         hu_used[T.TISSUE_NAMES.get(t, str(t))] = round(float(v), 1)
+    if cfg.findings:  # the findings' CT numbers, with offsets from their own stream
+        for t, (hu0, art, pv, tx, sd) in T.FINDING_HU.items():
+            off = float(r_find.normal(0, sd * cfg.organ_hu_sd))
+            if t == T.LIVER_MET:  # a metastasis in a fatty liver stays darker than the liver around it
+                off -= 0.5 * steatosis
+            v = hu0 + w_art * art + w_pv * pv + off
+            base[t] = base[t + T.KID_L_OFFSET] = v
+            tex[t] = tex[t + T.KID_L_OFFSET] = tx * cfg.texture
+            hu_used[T.TISSUE_NAMES[t]] = round(float(v), 1)
+        if steatosis:
+            base[T.LIVER] -= np.float32(steatosis)
+            hu_used["LIVER"] = round(float(base[T.LIVER]), 1)
     fine = ndi.gaussian_filter(r_noise.standard_normal(cfg.shape).astype(np.float32), 0.8)
     fine *= np.float32(1.0 / max(float(fine.std()), 1e-6))
     texture = 0.75 * fine + 0.6 * fields["fine"] * np.float32(0.8)
@@ -291,6 +372,8 @@ def generate_phantom(seed: int, cfg: PhantomConfig | None = None, *, unlabelled:
     }
     if cfg.thorax_detail:
         extra["thorax_detail"] = True
+    if cfg.findings:
+        extra["findings"] = findings
     cid = case_id or f"phantom_{seed}"
     meta = CaseMeta(
         case_id=cid,
@@ -305,4 +388,4 @@ def generate_phantom(seed: int, cfg: PhantomConfig | None = None, *, unlabelled:
     return Case(image=img, label=label.astype(np.uint8), meta=meta)
 
 
-__all__ = ["PhantomConfig", "generate_phantom", "Z_MODES", "PHASES", "GENERATOR_VERSION", "field"]
+__all__ = ["PhantomConfig", "generate_phantom", "Z_MODES", "PHASES", "GENERATOR_VERSION", "VARIATIONS", "WIDE_VARIATION", "with_variation", "field"]

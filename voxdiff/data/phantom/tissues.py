@@ -17,7 +17,9 @@ KID_CORTEX, KID_MEDULLA, KID_PELVIS, ADRENAL, PANCREAS, STOM_WALL, STOM_FLUID, S
 AORTA, ARTERY, IVC, VEIN, PORTAL, PORTAL_UNL, BOWEL_WALL, BOWEL_FLUID, BOWEL_AIR, STOOL = range(30, 40)
 BLADDER, CARTILAGE, TABLE_SKIN, TABLE_CORE, AIRWAY, DIAPHRAGM, FEMUR_MARROW, GB_WALL, BOWEL_CONTRAST, PELVIC_ORGAN = range(40, 50)
 PULM_VESSEL = 50  # pulmonary vessels as thin blood-filled tubes (PhantomConfig.thorax_detail)
-N_TISSUES = 51
+# findings of everyday clinical CT (PhantomConfig.lesion_rate, ascites_prob): painted only when asked for
+LIVER_CYST, LIVER_MET, KID_CYST, SPLEEN_LESION, ASCITES = range(51, 56)
+N_TISSUES = 56
 
 TISSUE_NAMES = {
     v: k
@@ -43,11 +45,14 @@ for _t, _l in {
     IVC: 9,
     PORTAL: 10,
     PANCREAS: 11,
+    LIVER_CYST: 6,  # a lesion belongs to its organ's label, as in BTCV and TotalSegmentator
+    LIVER_MET: 6,
+    SPLEEN_LESION: 1,
 }.items():
     LABEL_OF[_t] = _l
 # kidneys and adrenals are sided: painted with separate ids below and mapped after painting
 KID_L_OFFSET = 100  # tissue ids 100+ = left-sided copies of KID_* / ADRENAL (same HU)
-for _t in (KID_CORTEX, KID_MEDULLA, KID_PELVIS):
+for _t in (KID_CORTEX, KID_MEDULLA, KID_PELVIS, KID_CYST):
     LABEL_OF[_t] = 2  # right kidney
     LABEL_OF[_t + KID_L_OFFSET] = 3  # left kidney
 LABEL_OF[ADRENAL] = 12
@@ -115,3 +120,13 @@ HU_TABLE: dict[int, tuple[float, float, float, float, float]] = {
 # tissues whose offset is shared (one blood pool, one bone type) -> group key
 SHARED_OFFSET = {KID_MEDULLA: KID_CORTEX, ARTERY: AORTA, BLOOD_L: AORTA, PORTAL_UNL: PORTAL, HEP_PORTAL: PORTAL, VEIN: IVC, DIAPHRAGM: MUSCLE, ESO_AIR: AIR,
                  PULM_VESSEL: BLOOD_R}
+
+# CT numbers of the findings, the same columns as HU_TABLE; kept apart so that the default phantoms
+# (no findings) draw exactly the random numbers they drew before these existed
+FINDING_HU: dict[int, tuple[float, float, float, float, float]] = {
+    LIVER_CYST: (6, 0, 0, 5, 6),  # simple cyst: water, no enhancement
+    LIVER_MET: (38, 25, 30, 14, 10),  # hypovascular metastasis: darker than enhanced liver
+    KID_CYST: (8, 0, 0, 5, 6),  # Bosniak I cyst
+    SPLEEN_LESION: (30, 20, 25, 10, 8),
+    ASCITES: (12, 0, 0, 6, 6),  # free fluid
+}
