@@ -348,3 +348,78 @@ def test_thorax_detail_draws_thin_vessels_and_changes_only_the_chest():
     assert mid_a > 3 * mid_b, (mid_a, mid_b)
     bright_a, bright_b = (a.image > 200).sum(), (b.image > 200).sum()  # enhanced blood (and bone)
     assert bright_b > 1.03 * bright_a, (bright_a, bright_b)
+
+
+def test_findings_keep_their_organ_label_and_leave_default_phantoms_alone():
+    """Lesions replace organ voxels but keep the organ's label (as BTCV and TotalSegmentator label
+    them); in the native phase a cyst is water-dark inside the liver; a removed gallbladder takes
+    its label away; a phantom asked for no findings is the default one, voxel for voxel."""
+    from voxdiff.data.phantom import tissues as T
+
+    base = dict(shape=(64, 64, 48), phases=("native",))
+    plain = generate_phantom(4, PhantomConfig(**base))
+    assert "findings" not in plain.meta.extra
+    again = generate_phantom(4, PhantomConfig(**base, steatosis_prob=0.0, lesion_rate=0.0))
+    np.testing.assert_array_equal(plain.image, again.image)
+    sick = generate_phantom(4, PhantomConfig(**base, lesion_rate=6.0, gallbladder_absent_prob=1.0))
+    f = sick.meta.extra["findings"]
+    assert f["gallbladder_absent"] is True and not (sick.label == 4).any() and (plain.label == 4).any()
+    assert len(f["lesions"]) >= 1 and all(les["voxels"] >= 0 for les in f["lesions"])
+    # the same subject and scan: the affine is unchanged and every other organ keeps its voxels
+    np.testing.assert_array_equal(sick.meta.affine, plain.meta.affine)
+    for organ in (1, 2, 3, 6):
+        assert (sick.label == organ).sum() == (plain.label == organ).sum()
+    # where a liver cyst was painted, the liver label stays and the CT number drops to about water
+    cysts = [les for les in f["lesions"] if les["kind"] == "liver_cyst" and les["voxels"] > 20]
+    if cysts:
+        liver = plain.label == 6
+        dark = liver & (sick.image < plain.image - 25)
+        assert dark.sum() >= 0.5 * sum(c["voxels"] for c in cysts)
+        assert abs(float(np.median(sick.image[dark]))) < 40
+    # lesion tissues map to their organ's label, the left kidney's copy to the left kidney
+    assert T.LABEL_OF[T.LIVER_CYST] == 6 and T.LABEL_OF[T.LIVER_MET] == 6 and T.LABEL_OF[T.SPLEEN_LESION] == 1
+    assert T.LABEL_OF[T.KID_CYST] == 2 and T.LABEL_OF[T.KID_CYST + T.KID_L_OFFSET] == 3 and T.LABEL_OF[T.ASCITES] == 0
+
+
+def test_fatty_liver_and_ascites_change_the_ct_numbers():
+    base = dict(shape=(64, 64, 48), phases=("native",))
+    plain = generate_phantom(6, PhantomConfig(**base))
+    fat = generate_phantom(6, PhantomConfig(**base, steatosis_prob=1.0))
+    shift = fat.meta.extra["findings"]["steatosis_hu"]
+    assert -70 <= shift <= -15
+    liver = plain.label == 6
+    assert float(np.median(fat.image[liver]) - np.median(plain.image[liver])) == pytest.approx(shift, abs=6)
+    wet = generate_phantom(6, PhantomConfig(**base, ascites_prob=1.0))
+    assert "ascites_mm" in wet.meta.extra["findings"]
+    np.testing.assert_array_equal(wet.label, plain.label)  # free fluid is background
+    fat_voxels = (plain.image < -60) & (plain.label == 0)
+    assert ((wet.image > -20) & fat_voxels).sum() > 50  # visceral fat turned to fluid
+
+
+def test_wide_variation_preset_and_its_cli(tmp_path: Path):
+    from voxdiff.cli import main
+    from voxdiff.data.phantom import WIDE_VARIATION, with_variation
+
+    cfg = with_variation(PhantomConfig(noise_hu=(9.0, 10.0)), "wide")
+    assert cfg.noise_hu == (9.0, 10.0)  # given explicitly: kept
+    assert cfg.organ_jitter == WIDE_VARIATION["organ_jitter"] and cfg.lesion_rate == WIDE_VARIATION["lesion_rate"]
+    assert with_variation(PhantomConfig(), "default") == PhantomConfig()
+    with pytest.raises(InputError):
+        with_variation(PhantomConfig(), "extreme")
+    with pytest.raises(InputError):
+        PhantomConfig(steatosis_prob=1.5)
+    # organ sizes spread more than in the default phantoms (same seeds, same grid)
+    sizes = {}
+    for name, c in (("default", PhantomConfig(**SMALL)), ("wide", with_variation(PhantomConfig(**SMALL), "wide"))):
+        sizes[name] = np.std([np.log((generate_phantom(s, c).label == 1).sum() + 1) for s in range(8)])
+    assert sizes["wide"] > sizes["default"], sizes
+    out = tmp_path / "wide"
+    args = ["phantom", str(out), "--n_train", "1", "--n_test", "0", "--n_unlabelled", "0", "--seed", "3", "--quiet",
+            "--shape", "[48,48,32]", "--spacing_xy", "[7.0,8.0]", "--spacing_z", "[6.0,14.0]", "--variation", "wide"]
+    assert main(args) == 0
+    import yaml
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["config"]["lesion_rate"] == WIDE_VARIATION["lesion_rate"]
+    assert main(["phantom", str(tmp_path / "bad"), "--variation", "extreme", "--quiet"]) == 2
+    assert not (tmp_path / "bad").exists()

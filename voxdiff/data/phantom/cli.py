@@ -32,8 +32,8 @@ def register(root: CommandGroup) -> None:
     p.add_argument("--train_site", type=str, default="",
                    help='JSON dict of settings for the labelled training cases only (a shifted regime), '
                         'e.g. \'{"phases": ["portal_venous"], "z_modes": ["abdomen"]}\'')
-    p.add_argument("--variation", choices=sorted(VARIATIONS), default="default",
-                   help="wide: subjects and scans that vary as clinical CT does (organ placement and size, "
+    p.add_argument("--variation", type=str, default="default",
+                   help=f"{' | '.join(sorted(VARIATIONS))}. wide: subjects and scans that vary as clinical CT does (organ placement and size, "
                         "CT numbers, contrast, noise, kernels, lesions, fatty liver, ascites, removed "
                         "gallbladder; docs/PHANTOMS.md). Options given explicitly with other values win")
     add_config(p, PhantomConfig)
