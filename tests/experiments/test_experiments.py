@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+import yaml
 
 from voxdiff.experiments import experiments as ex
 from voxdiff.experiments.base import ExperimentConfig, method_parts
@@ -496,6 +497,25 @@ def test_shifted_regime_labels_one_site_and_unknown_regimes_are_refused(tmp_path
     assert train and all(c["phase"] in TRAIN_SITE["phases"] and c["z_mode"] in TRAIN_SITE["z_modes"] for c in train)
     with pytest.raises(InputError, match="unknown regime"):
         Experiment(ExperimentConfig(budget="tiny", regime="ood"), tmp_path / "r", log=lambda s: None)
+
+
+def test_wide_variation_phantoms_and_unknown_variations_are_refused(tmp_path):
+    from voxdiff.core.errors import InputError
+    from voxdiff.data.phantom import WIDE_VARIATION
+    from voxdiff.experiments.base import Experiment
+
+    exp = Experiment(ExperimentConfig(budget="tiny", variation="wide", workers=1, progress=False), tmp_path / "w",
+                     log=lambda s: None)
+    data = exp.data_dir()
+    saved = yaml.safe_load((data / "config.yaml").read_text())["config"]
+    assert saved["lesion_rate"] == WIDE_VARIATION["lesion_rate"] and saved["organ_jitter"] == WIDE_VARIATION["organ_jitter"]
+    assert saved["shape"] == [64, 64, 48]  # the budget's own phantom settings stay
+    with pytest.raises(InputError, match="unknown phantom variation"):
+        Experiment(ExperimentConfig(budget="tiny", variation="huge"), tmp_path / "v", log=lambda s: None)
+    # a folder made with the default phantoms is not reused for wide ones
+    Experiment(ExperimentConfig(budget="tiny", workers=1, progress=False), tmp_path / "d", log=lambda s: None)
+    with pytest.raises(InputError, match="other settings"):
+        Experiment(ExperimentConfig(budget="tiny", variation="wide"), tmp_path / "d", log=lambda s: None)
 
 
 def test_demo_end_to_end_on_the_tiny_budget(tmp_path, capsys):

@@ -71,6 +71,9 @@ class ExperimentConfig:
             distribution; shifted: the labelled training phantoms from one acquisition setting (the
             budget's ``train_site``: one contrast phase, noise level, slice spacing and z-range, as
             when a user labels a few scans of one site), test and unlabelled ones across all.
+        variation: generated phantoms only: ``default`` or ``wide`` (subjects and scans that vary as
+            clinical CT does, with lesions, fatty liver, ascites; ``voxdiff phantom --variation``,
+            docs/PHANTOMS.md). Combines with either regime.
         pretrain_steps: override the budget's pretraining steps.
         probe_steps: override the budget's probing steps.
         bpr_steps: override the budget's BPR steps.
@@ -101,6 +104,7 @@ class ExperimentConfig:
     seeds: tuple[int, ...] = ()
     phantom_seed: int = 0
     regime: str = "iid"
+    variation: str = "default"
     pretrain_steps: int | None = None
     probe_steps: int | None = None
     bpr_steps: int | None = None
@@ -188,6 +192,10 @@ class Experiment:
             method_parts(m)
         if cfg.regime not in REGIMES:
             raise InputError(None, f"unknown regime {cfg.regime!r}; choose from {', '.join(REGIMES)}")
+        from voxdiff.data.phantom import VARIATIONS
+
+        if cfg.variation not in VARIATIONS:
+            raise InputError(None, f"unknown phantom variation {cfg.variation!r}; choose from {', '.join(sorted(VARIATIONS))}")
         self._claim_folder(force)
         self.runner = StepRunner(self.out, log=log)
         write_config(self.out / "config.yaml", cfg, extra={"budget_settings": self.budget})
@@ -253,12 +261,12 @@ class Experiment:
             return p
 
         def make(tmp: Path) -> dict[str, Any]:
-            from voxdiff.data.phantom import PhantomConfig, make_phantom_dataset
+            from voxdiff.data.phantom import PhantomConfig, make_phantom_dataset, with_variation
 
             ph = dict(self.budget["phantoms"])
             counts = {k: ph.pop(k) for k in ("n_train", "n_test", "n_unlabelled")}
             site = dict(self.budget.get("train_site") or TRAIN_SITE) if self.cfg.regime == "shifted" else None
-            pcfg = from_dict(PhantomConfig, ph)
+            pcfg = with_variation(from_dict(PhantomConfig, ph), self.cfg.variation)
             make_phantom_dataset(tmp / "data", seed=self.cfg.phantom_seed, cfg=pcfg, force=True,
                                  workers=self.cfg.workers, preview=True, progress=self.cfg.progress,
                                  train_site=site, **counts)
