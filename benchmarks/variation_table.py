@@ -7,7 +7,12 @@ reaches (docs/PHANTOMS.md, "Wide variation").
         --b runs/var/le-wide-s0,runs/var/le-wide-s1 --names "default,wide"
 
 A step ``labels/METHOD-nN-f0`` with N = ``all`` is every labelled case. ``--methods`` adds other rows
-of the same folders (e.g. ``finetune-contrastive``).
+of the same folders (e.g. ``finetune-contrastive``). ``--paired N`` adds, for distribution B, the paired
+comparisons of ``benchmarks/label_curve.py --tests`` at N labelled phantoms (fine-tuned and frozen
+non-linear rows of ``--label_methods`` against from scratch, fine-tuned diffusion against contrastive):
+
+    python benchmarks/variation_table.py --a ... --b runs/var/lew-s0,runs/var/lew-s1 --names default,wide \
+        --methods scratch,finetune-diffusion-ape,finetune-contrastive,diffusion-ape,contrastive --paired 1
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from label_curve import case_mean  # noqa: E402
+from label_curve import case_mean, paired_lines  # noqa: E402
 
 
 def rows(folders: list[Path], methods: list[str]) -> dict[tuple[str, str], list[float]]:
@@ -35,7 +40,8 @@ def rows(folders: list[Path], methods: list[str]) -> dict[tuple[str, str], list[
             if not m or m.group(1) not in methods:
                 continue
             scores = json.loads(res.read_text())["scores"]
-            per_case = next(iter(scores.values()))  # {case: {organ: Dice}}; one model per end-to-end step
+            key = "nonlinear" if "nonlinear" in scores else next(iter(scores))  # frozen probes: the non-linear head
+            per_case = scores[key]  # {case: {organ: Dice}}
             out.setdefault((m.group(1), m.group(2)), []).append(100 * case_mean(per_case))
     return out
 
@@ -50,6 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--b", required=True, help="the same for distribution B")
     ap.add_argument("--names", default="A,B")
     ap.add_argument("--methods", default="scratch", help="comma-separated row names (scratch, finetune-METHOD, METHOD)")
+    ap.add_argument("--paired", type=int, default=0, help="label count for paired tests on distribution B (0: none)")
+    ap.add_argument("--label_methods", default="diffusion-ape,contrastive")
     a = ap.parse_args(argv)
     names = a.names.split(",")
     methods = a.methods.split(",")
@@ -65,7 +73,22 @@ def main(argv: list[str] | None = None) -> None:
         for t in tables:
             one, full = t.get((m, "1")), t.get((m, "all"))
             share.append(f"{100 * np.mean(one) / np.mean(full):.0f} %" if one and full else "-")
-        print(f"| {m} | 1 label / all labels | {' | '.join(share)} |")
+        if any(x != "-" for x in share):
+            print(f"| {m} | 1 label / all labels | {' | '.join(share)} |")
+    if a.paired:
+        import tempfile
+
+        lm = a.label_methods.split(",")
+        pairs = [((m, k), ("from-scratch", "scratch")) for m in lm for k in ("fine-tuned", "nonlinear")]
+        pairs += [((lm[0], "fine-tuned"), (m, "fine-tuned")) for m in lm[1:]]
+        with tempfile.TemporaryDirectory() as tmp:  # label_curve reads seed-S folders
+            for i, f in enumerate(a.b.split(",")):
+                (Path(tmp) / f"seed-{i}").symlink_to(Path(f).resolve())
+            print(f"\n{names[1]}: paired over test cases (Wilcoxon), differences in Dice points\n")
+            print("| labelled | A - B | seeds | mean diff | p (pooled) | per seed: diff (cases A better / all, p) |")
+            print("|---|---|---|---|---|---|")
+            for line in paired_lines(Path(tmp), a.paired, pairs):
+                print(line)
 
 
 if __name__ == "__main__":
