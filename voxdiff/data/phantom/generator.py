@@ -157,11 +157,11 @@ def with_variation(cfg: PhantomConfig, variation: str) -> PhantomConfig:
 
         raise InputError(None, f"unknown phantom variation {variation!r}; choose from {', '.join(sorted(VARIATIONS))}")
     defaults = PhantomConfig()
-    changes = {k: v for k, v in VARIATIONS[variation].items() if tuple_or(getattr(cfg, k)) == tuple_or(getattr(defaults, k))}
+    changes = {k: v for k, v in VARIATIONS[variation].items() if _tuple_or(getattr(cfg, k)) == _tuple_or(getattr(defaults, k))}
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
-def tuple_or(v):
+def _tuple_or(v):
     return tuple(v) if isinstance(v, (list, tuple)) else v
 
 
@@ -287,21 +287,23 @@ def generate_phantom(seed: int, cfg: PhantomConfig | None = None, *, unlabelled:
     for t, (hu0, art, pv, tx, sd) in sorted(T.HU_TABLE.items()):
         offsets[t] = float(r_hu.normal(0, sd * cfg.organ_hu_sd))
     hu_used = {}
-    for t, (hu0, art, pv, tx, sd) in T.HU_TABLE.items():
-        off = offsets[T.SHARED_OFFSET.get(t, t)]
+
+    def set_hu(t: int, row: tuple[float, float, float, float, float], off: float) -> None:
+        """Tissue ``t``'s CT number and texture in this subject's phase (left-sided copy included)."""
+        hu0, art, pv, tx, _ = row
         v = hu0 + w_art * art + w_pv * pv + off
         base[t] = base[t + T.KID_L_OFFSET] = v
         tex[t] = tex[t + T.KID_L_OFFSET] = tx * cfg.texture
         hu_used[T.TISSUE_NAMES.get(t, str(t))] = round(float(v), 1)
+
+    for t, row in T.HU_TABLE.items():
+        set_hu(t, row, offsets[T.SHARED_OFFSET.get(t, t)])
     if cfg.findings:  # the findings' CT numbers, with offsets from their own stream
-        for t, (hu0, art, pv, tx, sd) in T.FINDING_HU.items():
-            off = float(r_find.normal(0, sd * cfg.organ_hu_sd))
+        for t, row in T.FINDING_HU.items():
+            off = float(r_find.normal(0, row[4] * cfg.organ_hu_sd))
             if t == T.LIVER_MET:  # a metastasis in a fatty liver stays darker than the liver around it
                 off -= 0.5 * steatosis
-            v = hu0 + w_art * art + w_pv * pv + off
-            base[t] = base[t + T.KID_L_OFFSET] = v
-            tex[t] = tex[t + T.KID_L_OFFSET] = tx * cfg.texture
-            hu_used[T.TISSUE_NAMES[t]] = round(float(v), 1)
+            set_hu(t, row, off)
         if steatosis:
             base[T.LIVER] -= np.float32(steatosis)
             hu_used["LIVER"] = round(float(base[T.LIVER]), 1)
