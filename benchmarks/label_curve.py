@@ -83,7 +83,7 @@ STEPS = {"scratch": ("scratch", "scratch"), "fine-tuned": ("finetune-{m}", "fine
          "nonlinear": ("{m}", "nonlinear"), "linear": ("{m}", "linear")}
 
 
-def case_scores(bench: Path, n: int, method: str, mode: str) -> dict[str, dict[str, float]]:
+def case_scores(bench: Path, n: int | str, method: str, mode: str) -> dict[str, dict[str, float]]:
     """``{seed folder: {case: organ-mean Dice}}`` of a few-label step (``labels/STEP-nN-f0``)."""
     from voxdiff.evaluate.stats import case_means
     from voxdiff.experiments.base import scores_to_per_case
@@ -100,7 +100,7 @@ def case_scores(bench: Path, n: int, method: str, mode: str) -> dict[str, dict[s
     return out
 
 
-def paired_lines(bench: Path, n: int, pairs: list[tuple[tuple[str, str], tuple[str, str]]],
+def paired_lines(bench: Path, n: int | str, pairs: list[tuple[tuple[str, str], tuple[str, str]]],
                  bench_b: Path | None = None) -> list[str]:
     """One line per comparison A - B at ``n`` labelled phantoms (see the module docstring); B's rows
     from ``bench_b`` when given (the same seed folder names)."""

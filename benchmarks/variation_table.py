@@ -7,12 +7,13 @@ reaches (docs/PHANTOMS.md, "Wide variation").
         --b runs/var/le-wide-s0,runs/var/le-wide-s1 --names "default,wide"
 
 A step ``labels/METHOD-nN-f0`` with N = ``all`` is every labelled case. ``--methods`` adds other rows
-of the same folders (e.g. ``finetune-contrastive``). ``--paired N`` adds, for distribution B, the paired
-comparisons of ``benchmarks/label_curve.py --tests`` at N labelled phantoms (fine-tuned and frozen
+of the same folders (e.g. ``finetune-contrastive``). ``--paired N[,N...]`` adds, for distribution B, the
+paired comparisons of ``benchmarks/label_curve.py --tests`` at each N labelled phantoms (``all``: every
+labelled phantom) (fine-tuned and frozen
 non-linear rows of ``--label_methods`` against from scratch, fine-tuned diffusion against contrastive):
 
     python benchmarks/variation_table.py --a ... --b runs/var/lew-s0,runs/var/lew-s1 --names default,wide \
-        --methods scratch,finetune-diffusion-ape,finetune-contrastive,diffusion-ape,contrastive --paired 1
+        --methods scratch,finetune-diffusion-ape,finetune-contrastive,diffusion-ape,contrastive --paired 1,2,all
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--b", required=True, help="the same for distribution B")
     ap.add_argument("--names", default="A,B")
     ap.add_argument("--methods", default="scratch", help="comma-separated row names (scratch, finetune-METHOD, METHOD)")
-    ap.add_argument("--paired", type=int, default=0, help="label count for paired tests on distribution B (0: none)")
+    ap.add_argument("--paired", default="", help="comma-separated label counts (or all) for paired tests on distribution B")
     ap.add_argument("--label_methods", default="diffusion-ape,contrastive")
     a = ap.parse_args(argv)
     names = a.names.split(",")
@@ -87,8 +88,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"\n{names[1]}: paired over test cases (Wilcoxon), differences in Dice points\n")
             print("| labelled | A - B | seeds | mean diff | p (pooled) | per seed: diff (cases A better / all, p) |")
             print("|---|---|---|---|---|---|")
-            for line in paired_lines(Path(tmp), a.paired, pairs):
-                print(line)
+            for n in a.paired.split(","):
+                for line in paired_lines(Path(tmp), n, pairs):  # a count or "all"
+                    print(line)
 
 
 if __name__ == "__main__":

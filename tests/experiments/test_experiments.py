@@ -286,6 +286,27 @@ def test_stage_configs_follow_budget_and_overrides(tmp_path):
     assert b.data.ape_patch == budget["bpr"]["ape_patch"] and b.runtime.checkpoint_every == budget["bpr"]["checkpoint_every"]
 
 
+def test_early_stopping_cap_override_and_report_marks_runs_kept_at_the_cap(tmp_path):
+    from voxdiff.experiments.base import Experiment
+    from voxdiff.experiments.report import label_markdown
+
+    def cap(**kw):
+        exp = Experiment(ExperimentConfig(budget="tiny", **kw), tmp_path / f"e{len(kw)}", log=lambda *a: None)
+        return [exp.tuned_cfg(m, early_stopping=True).optim.steps for m in ("scratch", "finetune")]
+
+    assert cap() == [8, 8]  # the budget's early-stopping cap, for both modes
+    assert cap(early_stopping_steps=20, scratch_steps=3) == [20, 20]  # one cap for both; plain steps unaffected
+    rows = [{"n_train": 1, "method": "from-scratch", "mode": "scratch", "summary": {"mean": {"mean": 0.3}},
+             "steps_run": [1200], "best_step": [1200], "max_steps": [1200]},
+            {"n_train": 1, "method": "contrastive", "mode": "fine-tuned", "summary": {"mean": {"mean": 0.4}},
+             "steps_run": [1000], "best_step": [700], "max_steps": [1200]}]
+    md = label_markdown({"rows": rows, "seconds": 1.0, "budget": {}}, [])
+    assert "| 1 | from scratch | 1200 | 1200 (cap) |" in md and "| 1000 | 700 |" in md
+    assert "--early_stopping_steps" in md
+    rows[0]["best_step"] = [900]
+    assert "(cap)" not in label_markdown({"rows": rows, "seconds": 1.0, "budget": {}}, [])
+
+
 def _row(method, head, mean):
     return {"method": method, "head": head, "summary": {"mean": {"mean": mean, "std": 0.0, "n": 1}}}
 

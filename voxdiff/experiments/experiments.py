@@ -396,6 +396,7 @@ def _label_row(n: int, method: str, mode: str, fold_results: list[dict[str, Any]
     if "steps_run" in fold_results[0]:  # trained end to end: where early stopping ended, which step was kept
         row["steps_run"] = [r.get("steps_run") for r in fold_results]
         row["best_step"] = [r.get("best_step") for r in fold_results]
+        row["max_steps"] = [r.get("max_steps") for r in fold_results]
     return row
 
 

@@ -284,9 +284,18 @@ def label_markdown(results: dict[str, Any], figs: list[str]) -> str:
     if tuned:
         parts += ["", "Steps trained end to end (stopped at / best-validation step kept, per fold):", "",
                   "| labelled cases | series | stopped at | kept |", "|---|---|---|---|"]
+        capped = False
         for r in tuned:
+            kept = []
+            for best, cap in zip(r["best_step"], r.get("max_steps") or [None] * len(r["best_step"])):
+                at_cap = best is not None and cap is not None and best >= cap
+                capped |= at_cap
+                kept.append(f"{best}{' (cap)' if at_cap else ''}")
             parts.append(f"| {r['n_train']} | {_series_label(r['method'], r['mode'])} | "
-                         f"{', '.join(str(v) for v in r['steps_run'])} | {', '.join(str(v) for v in r['best_step'])} |")
+                         f"{', '.join(str(v) for v in r['steps_run'])} | {', '.join(kept)} |")
+        if capped:
+            parts += ["", "A run whose kept step is the last it was allowed (cap) was still improving on the "
+                      "validation case and may not have converged: rerun with a higher --early_stopping_steps."]
     parts += ["", *[f"![{f}]({f})" for f in figs]]
     return "\n".join(parts) + "\n"
 
