@@ -106,6 +106,9 @@ def paired_lines(bench: Path, n: int | str, pairs: list[tuple[tuple[str, str], t
     from ``bench_b`` when given (the same seed folder names)."""
     from voxdiff.evaluate.stats import paired_comparison, seed_average
 
+    def name(m: str, k: str) -> str:
+        return "from scratch" if k == "scratch" else f"{m} {k}"
+
     lines = []
     for (ma, ka), (mb, kb) in pairs:
         a, b = case_scores(bench, n, ma, ka), case_scores(bench_b or bench, n, mb, kb)
@@ -124,7 +127,7 @@ def paired_lines(bench: Path, n: int | str, pairs: list[tuple[tuple[str, str], t
             per.append(f"{s.removeprefix('seed-')}: {100 * c['case_diff_mean']:+.1f} "
                        f"({c['cases_a_better']}/{c['n_cases']}, p = {c['wilcoxon_p']:.2g})")
         spread = f" ± {100 * pooled['diff_std_seeds']:.1f}" if len(seeds) > 1 else ""
-        lines.append(f"| {n} | {ma} {ka} - {mb} {kb} | {len(seeds)} | {100 * pooled['diff_mean']:+.1f}{spread} | "
+        lines.append(f"| {n} | {name(ma, ka)} - {name(mb, kb)} | {len(seeds)} | {100 * pooled['diff_mean']:+.1f}{spread} | "
                      f"{pooled['wilcoxon_p']:.2g} | {'; '.join(per)} |")
     return lines
 

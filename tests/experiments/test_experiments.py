@@ -296,6 +296,9 @@ def test_early_stopping_cap_override_and_report_marks_runs_kept_at_the_cap(tmp_p
 
     assert cap() == [8, 8]  # the budget's early-stopping cap, for both modes
     assert cap(early_stopping_steps=20, scratch_steps=3) == [20, 20]  # one cap for both; plain steps unaffected
+    exp = Experiment(ExperimentConfig(budget="tiny", early_stopping_min_steps=6), tmp_path / "min", log=lambda *a: None)
+    assert [exp.tuned_cfg(m, early_stopping=True).optim.min_steps for m in ("scratch", "finetune")] == [6, 6]
+    assert exp.tuned_cfg("scratch").optim.min_steps == 0  # plain (fixed-step) runs do not stop early anyway
     rows = [{"n_train": 1, "method": "from-scratch", "mode": "scratch", "summary": {"mean": {"mean": 0.3}},
              "steps_run": [1200], "best_step": [1200], "max_steps": [1200]},
             {"n_train": 1, "method": "contrastive", "mode": "fine-tuned", "summary": {"mean": {"mean": 0.4}},
@@ -305,6 +308,19 @@ def test_early_stopping_cap_override_and_report_marks_runs_kept_at_the_cap(tmp_p
     assert "--early_stopping_steps" in md
     rows[0]["best_step"] = [900]
     assert "(cap)" not in label_markdown({"rows": rows, "seconds": 1.0, "budget": {}}, [])
+    # the header gives the settings the runs used (overrides included); a run kept at its first
+    # validation is marked, with the flag that holds early stopping off
+    budget = {"early_stopping": {"steps": 1200, "val_every": 100, "patience": 3}}
+    rows[0].update(best_step=[100], steps_run=[400], max_steps=[2400])
+    md = label_markdown({"rows": rows, "seconds": 1.0, "budget": budget,
+                         "config": {"early_stopping_steps": 2400, "early_stopping_min_steps": 600}}, [])
+    assert "for up to 2400 steps" in md and "never before step 600" in md
+    assert "| 1 | from scratch | 400 | 100 (first) |" in md and "--early_stopping_min_steps" in md
+    md = label_markdown({"rows": rows, "seconds": 1.0, "budget": budget,
+                         "config": ExperimentConfig(early_stopping_min_steps=600)}, [])  # as the experiment passes it
+    assert "for up to 1200 steps" in md and "never before step 600" in md
+    md = label_markdown({"rows": rows, "seconds": 1.0, "budget": budget}, [])
+    assert "for up to 1200 steps" in md and "never before" not in md
 
 
 def _row(method, head, mean):

@@ -61,6 +61,22 @@ def test_early_stopping_returns_the_best_validation_state(monkeypatch, mode):
     assert any(not torch.equal(best_bb[k], last_bb[k]) for k in best_bb if best_bb[k].is_floating_point())
 
 
+def test_min_steps_holds_off_early_stopping(monkeypatch):
+    """A near-zero plateau (best at the first validation, then worse) runs out patience 2 at step 6
+    without ``min_steps``; with ``min_steps`` 10 training goes on to step 10, keeps the later better
+    state (step 8) and then stops on patience, not at the 40-step cap."""
+    def run(min_steps):
+        scripted = iter([0.03, 0.0, 0.01, 0.2, 0.1, 0.1, 0.1, 0.1])
+        monkeypatch.setattr(pt, "validate", lambda e, heads, *a: {n: next(scripted) for n in heads})
+        cfg = _probe(steps=40, val_every=2, patience=2, min_steps=min_steps, patch_size=(16, 16, 8), batch_size=2,
+                     warmup_steps=0, hidden=8, roi=(24, 24, 16), device="cpu")
+        _, head = fit_network(StandinExtractor(channels=(4, 8)), [_case(0)], [_case(1)], "scratch", cfg, progress=False)
+        return head.steps_run, head.best_step, head.best_val_dice
+
+    assert run(0) == (6, 2, pytest.approx(0.03))
+    assert run(10) == (12, 8, pytest.approx(0.2))
+
+
 def test_without_patience_all_steps_run(monkeypatch):
     monkeypatch.setattr(pt, "validate", lambda e, heads, *a: {n: 0.1 for n in heads})
     cfg = _probe(steps=6, val_every=2, patience=0, patch_size=(16, 16, 8), batch_size=2, warmup_steps=0,

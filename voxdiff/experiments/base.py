@@ -82,6 +82,9 @@ class ExperimentConfig:
         early_stopping_steps: label-efficiency: the most steps of the end-to-end runs (from scratch and
             fine-tuned alike) that train with early stopping on the validation case; default the
             budget's (``cpu-bench``: 1,200). Raise it where the report marks a kept step at the cap.
+        early_stopping_min_steps: label-efficiency: those runs never stop before this many steps
+            (default the budget's ``early_stopping`` ``min_steps``, else 0). Set it where a run stopped
+            in its first few hundred steps, before the network left the near-zero Dice plateau.
         timesteps: timesteps experiment: feature timesteps t (default from the budget).
         train_T: timesteps experiment: numbers of diffusion steps T used in training (default from the budget).
         timestep_method: timesteps experiment: the diffusion method whose features are swept.
@@ -114,6 +117,7 @@ class ExperimentConfig:
     scratch_steps: int | None = None
     finetune_steps: int | None = None
     early_stopping_steps: int | None = None
+    early_stopping_min_steps: int | None = None
     timesteps: tuple[int, ...] = ()
     train_T: tuple[int, ...] = ()
     timestep_method: str = "diffusion-ape"
@@ -507,14 +511,16 @@ class Experiment:
 
         Plain: the budget's ``finetune_steps`` / ``scratch_steps`` (config overrides win) with the
         budget's ``finetune`` settings. ``early_stopping``: the budget's ``early_stopping`` settings
-        (maximum steps, validation interval, patience; ``early_stopping_steps`` overrides the maximum
-        for both modes), as the label-efficiency experiment trains to convergence with the
-        best-validation checkpoint."""
+        (maximum steps, validation interval, patience, minimum steps; ``early_stopping_steps`` and
+        ``early_stopping_min_steps`` override the maximum and the minimum for both modes), as the
+        label-efficiency experiment trains to convergence with the best-validation checkpoint."""
         over: dict[str, Any] = dict(self.budget.get("finetune", {})) if mode == "finetune" else {}
         if early_stopping:
             over.update(self.budget.get("early_stopping", {}))
             if self.cfg.early_stopping_steps is not None:
                 over["steps"] = int(self.cfg.early_stopping_steps)
+            if self.cfg.early_stopping_min_steps is not None:
+                over["min_steps"] = int(self.cfg.early_stopping_min_steps)
         else:
             key, cfg_steps = ("scratch_steps", self.cfg.scratch_steps) if mode == "scratch" else (
                 "finetune_steps", self.cfg.finetune_steps)

@@ -258,12 +258,18 @@ def label_figures(rows: list, out: Path) -> list[str]:
 def label_markdown(results: dict[str, Any], figs: list[str]) -> str:
     rows = results["rows"]
     series = label_series(rows)
-    es = (results.get("budget") or {}).get("early_stopping") or {}
+    es = dict((results.get("budget") or {}).get("early_stopping") or {})
+    cfg = results.get("config") or {}  # an ExperimentConfig, or its dict read back from results.json
+    for key, field in (("steps", "early_stopping_steps"), ("min_steps", "early_stopping_min_steps")):
+        value = cfg.get(field) if isinstance(cfg, dict) else getattr(cfg, field, None)
+        if es and value is not None:  # the experiment's overrides of the budget's settings
+            es[key] = value
     parts = ["# voxdiff experiment: label efficiency", "",
              "Mean Dice (%) on the test cases against the number of labelled training cases. From scratch "
              "and fine-tuned: backbone + non-linear head trained end to end"
              + (f" for up to {es.get('steps')} steps, validated every {es.get('val_every')} steps and stopped "
-                f"after {es.get('patience')} validations without a better Dice" if es else "")
+                f"after {es.get('patience')} validations without a better Dice"
+                + (f" (never before step {es['min_steps']})" if es.get("min_steps") else "") if es else "")
              + "; the best-validation state is tested. Frozen probes: heads on the frozen pretrained "
              "backbone, best-validation state. Every choice is made on the held-out validation case, "
              f"never on the test cases. {results['seconds']:.0f} s in all.", "",
@@ -284,18 +290,25 @@ def label_markdown(results: dict[str, Any], figs: list[str]) -> str:
     if tuned:
         parts += ["", "Steps trained end to end (stopped at / best-validation step kept, per fold):", "",
                   "| labelled cases | series | stopped at | kept |", "|---|---|---|---|"]
-        capped = False
+        capped = first = False
         for r in tuned:
             kept = []
             for best, cap in zip(r["best_step"], r.get("max_steps") or [None] * len(r["best_step"])):
                 at_cap = best is not None and cap is not None and best >= cap
+                # kept the first validated state: no later validation was better
+                at_first = best is not None and not at_cap and es.get("val_every") is not None and best <= es["val_every"]
                 capped |= at_cap
-                kept.append(f"{best}{' (cap)' if at_cap else ''}")
+                first |= at_first
+                kept.append(f"{best}{' (cap)' if at_cap else ' (first)' if at_first else ''}")
             parts.append(f"| {r['n_train']} | {_series_label(r['method'], r['mode'])} | "
                          f"{', '.join(str(v) for v in r['steps_run'])} | {', '.join(kept)} |")
         if capped:
             parts += ["", "A run whose kept step is the last it was allowed (cap) was still improving on the "
                       "validation case and may not have converged: rerun with a higher --early_stopping_steps."]
+        if first:
+            parts += ["", "A run that kept its first validated state (first) never improved on the validation case "
+                      "afterwards, often because early stopping ran out its patience on the near-zero Dice of a "
+                      "network that had not started to learn: rerun with --early_stopping_min_steps."]
     parts += ["", *[f"![{f}]({f})" for f in figs]]
     return "\n".join(parts) + "\n"
 

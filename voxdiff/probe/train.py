@@ -97,6 +97,9 @@ class ProbeOptim(OptimConfig):
         patience: fine-tuning / from scratch: stop early after this many validations in a row without
             a better validation Dice (0 = run all ``steps``); the best-validation state is returned
             either way.
+        min_steps: early stopping never stops before this many steps (a network that still predicts
+            almost nothing gives validation Dice near zero, whose noise would otherwise run out the
+            patience before it starts learning).
         ema_decay: must stay null (the probe keeps no EMA of the weights).
     """
 
@@ -110,6 +113,7 @@ class ProbeOptim(OptimConfig):
     scratch_lr: float = 1e-3
     val_every: int = 100
     patience: int = 0
+    min_steps: int = 0
 
 
 @dataclass
@@ -642,8 +646,9 @@ class NetworkTask(TrainTask):
             self.backbone.train()
         self.history.append({"step": done, "loss": {mode: float(self.running) if self.running is not None else 0.0},
                              "val_dice": val})
-        # early stopping: no better validation Dice for `patience` validations in a row
-        return bool(cfg.optim.patience > 0 and val and self.since_best >= cfg.optim.patience and self.best[1] is not None)
+        # early stopping: no better validation Dice for `patience` validations in a row, not before min_steps
+        return bool(cfg.optim.patience > 0 and val and self.since_best >= cfg.optim.patience and self.best[1] is not None
+                    and done >= cfg.optim.min_steps)
 
     def state(self):
         tensors: dict[str, torch.Tensor] = {}
