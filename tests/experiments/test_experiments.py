@@ -321,6 +321,9 @@ def test_early_stopping_cap_override_and_report_marks_runs_kept_at_the_cap(tmp_p
     assert "for up to 1200 steps" in md and "never before step 600" in md
     md = label_markdown({"rows": rows, "seconds": 1.0, "budget": budget}, [])
     assert "for up to 1200 steps" in md and "never before" not in md
+    md = label_markdown({"rows": rows, "seconds": 1.0, "budget": budget,
+                         "config": {"early_stopping_steps": 2400, "early_stopping_min_steps": 2400}}, [])
+    assert "for 2400 steps each (no early stopping" in md and "stopped after" not in md
 
 
 def _row(method, head, mean):

@@ -85,6 +85,8 @@ class ExperimentConfig:
         early_stopping_min_steps: label-efficiency: those runs never stop before this many steps
             (default the budget's ``early_stopping`` ``min_steps``, else 0). Set it where a run stopped
             in its first few hundred steps, before the network left the near-zero Dice plateau.
+            Equal to ``early_stopping_steps``, every run trains the same number of steps (matched
+            compute) and keeps its best-validation state.
         timesteps: timesteps experiment: feature timesteps t (default from the budget).
         train_T: timesteps experiment: numbers of diffusion steps T used in training (default from the budget).
         timestep_method: timesteps experiment: the diffusion method whose features are swept.

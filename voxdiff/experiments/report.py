@@ -264,12 +264,19 @@ def label_markdown(results: dict[str, Any], figs: list[str]) -> str:
         value = cfg.get(field) if isinstance(cfg, dict) else getattr(cfg, field, None)
         if es and value is not None:  # the experiment's overrides of the budget's settings
             es[key] = value
+    if not es:
+        schedule = ""
+    elif es.get("min_steps") and es.get("steps") is not None and es["min_steps"] >= es["steps"]:
+        # the floor reaches the cap: every run trains the same number of steps (matched compute)
+        schedule = (f" for {es['steps']} steps each (no early stopping: --early_stopping_min_steps reaches the cap), "
+                    f"validated every {es.get('val_every')} steps")
+    else:
+        schedule = (f" for up to {es.get('steps')} steps, validated every {es.get('val_every')} steps and stopped "
+                    f"after {es.get('patience')} validations without a better Dice"
+                    + (f" (never before step {es['min_steps']})" if es.get("min_steps") else ""))
     parts = ["# voxdiff experiment: label efficiency", "",
              "Mean Dice (%) on the test cases against the number of labelled training cases. From scratch "
-             "and fine-tuned: backbone + non-linear head trained end to end"
-             + (f" for up to {es.get('steps')} steps, validated every {es.get('val_every')} steps and stopped "
-                f"after {es.get('patience')} validations without a better Dice"
-                + (f" (never before step {es['min_steps']})" if es.get("min_steps") else "") if es else "")
+             "and fine-tuned: backbone + non-linear head trained end to end" + schedule
              + "; the best-validation state is tested. Frozen probes: heads on the frozen pretrained "
              "backbone, best-validation state. Every choice is made on the held-out validation case, "
              f"never on the test cases. {results['seconds']:.0f} s in all.", "",
