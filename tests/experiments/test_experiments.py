@@ -62,6 +62,25 @@ def test_step_seconds_are_its_own_not_those_of_the_steps_it_ran_first(tmp_path):
     sec = {n: r.result(n)["seconds"] for n in ("inner", "outer", "top")}
     assert sec["inner"] >= 0.3 and 0.1 <= sec["outer"] < 0.25 and sec["top"] < 0.1, sec
     assert sum(sec.values()) == pytest.approx(wall, abs=0.05)
+    # the total behind a report counts each step once, whether it ran now or had finished earlier
+    assert r.step_seconds() == pytest.approx(sum(sec.values()))
+    again = StepRunner(tmp_path, log=lambda s: None)
+    again.run("top", top)
+    assert again.step_seconds() == pytest.approx(sum(sec.values()))  # a later invocation finds them all
+    (tmp_path / "inner" / "sub").mkdir()
+    (tmp_path / "inner" / "sub" / "result.json").write_text('{"seconds": 100}')  # a file inside a step
+    (tmp_path / ".outer.tmp").mkdir()
+    (tmp_path / ".outer.tmp" / "result.json").write_text('{"seconds": 100}')  # a staged step
+    assert again.step_seconds() == pytest.approx(sum(sec.values()))
+
+
+def test_report_time_gives_the_steps_total_when_steps_had_finished_earlier():
+    from voxdiff.experiments.report import time_phrase
+
+    assert time_phrase({"seconds": 120.4}) == "120 s in all"  # results.json of older folders
+    assert time_phrase({"seconds": 120.4, "step_seconds": 119.0}) == "120 s in all"
+    assert time_phrase({"seconds": 2.0, "step_seconds": 3838.2}) == (
+        "3838 s of steps in all (2 s in this invocation; the rest finished earlier)")
 
 
 def test_step_runner_keeps_and_continues_interrupted_resumable_step(tmp_path):
@@ -191,10 +210,11 @@ def test_compare_tiny_report_and_resume(tmp_path, monkeypatch):
     # each probe step left a segmenter bundle that voxdiff segment accepts
     assert (out / "probe-restorative-f0" / "segmenter-nonlinear" / "segmenter.json").is_file()
 
-    # a third run redoes nothing
+    # a third run redoes nothing, and its report still gives the time the steps took
     logs.clear()
-    ex.compare(cfg, out, log=logs.append)
+    res3 = ex.compare(cfg, out, log=logs.append)
     assert not [line for line in logs if line.startswith("[run ]")]
+    assert res3["step_seconds"] >= res["step_seconds"] * 0.99 and res3["step_seconds"] > res3["seconds"]
 
 
 def test_other_settings_are_refused(tmp_path):

@@ -102,6 +102,16 @@ def compare_figures(rows: list[dict[str, Any]], out: Path) -> list[str]:
     return files
 
 
+def time_phrase(results: dict[str, Any]) -> str:
+    """"N s in all", or, when steps had finished in earlier invocations (the report of a resumed or
+    extended folder), the steps' own total with this invocation's wall time beside it."""
+    wall = float(results["seconds"])
+    steps = results.get("step_seconds")
+    if steps is None or float(steps) <= wall + 1.0:
+        return f"{wall:.0f} s in all"
+    return f"{float(steps):.0f} s of steps in all ({wall:.0f} s in this invocation; the rest finished earlier)"
+
+
 def compare_markdown(results: dict[str, Any], figs: list[str], notes: list[str] | None = None) -> str:
     """The compare report; ``notes``: extra paragraphs placed under the table (each ending a line)."""
     cfg = results["config"]
@@ -112,7 +122,7 @@ def compare_markdown(results: dict[str, Any], figs: list[str], notes: list[str] 
         "",
         f"Budget `{cfgd['budget']}`; data `{cfgd['data'] or 'generated phantoms'}`; "
         f"{'train/test split of the data set' if not cfgd['folds'] else str(cfgd['folds']) + '-fold cross-validation'}; "
-        f"seed {cfgd['seed']}; {results['seconds']:.0f} s in all.",
+        f"seed {cfgd['seed']}; {time_phrase(results)}.",
         "",
         "Dice (%) on the test cases, mean over the 13 organs (NaN-aware), and by size group "
         "(Big: liver, spleen, stomach, kidneys; Medium: aorta, IVC, portal/splenic vein, pancreas, "
@@ -188,7 +198,7 @@ def timestep_figures(by_t: list, by_T: list, heads: tuple[str, ...], out: Path) 
 def timesteps_markdown(results: dict[str, Any], figs: list[str]) -> str:
     heads = [h for h in ("linear", "nonlinear", "mix") if results["by_t"] and h in results["by_t"][0]] or ["nonlinear"]
     parts = ["# voxdiff experiment: timesteps", "",
-             f"Method `{results['method']}`; {results['seconds']:.0f} s in all. Dice (%) by size group.", ""]
+             f"Method `{results['method']}`; {time_phrase(results)}. Dice (%) by size group.", ""]
     for key, rows, title in (("t", results["by_t"], "Feature timestep t (one pretrained model)"),
                              ("T", results["by_T"], "Diffusion steps T used in training (features at the same t/T)")):
         if not rows:
@@ -279,7 +289,7 @@ def label_markdown(results: dict[str, Any], figs: list[str]) -> str:
              "and fine-tuned: backbone + non-linear head trained end to end" + schedule
              + "; the best-validation state is tested. Frozen probes: heads on the frozen pretrained "
              "backbone, best-validation state. Every choice is made on the held-out validation case, "
-             f"never on the test cases. {results['seconds']:.0f} s in all.", "",
+             f"never on the test cases. {time_phrase(results)}.", "",
              "| labelled cases | " + " | ".join(_series_label(m, k) for m, k in series) + " |",
              "|---|" + "---|" * len(series)]
     for n in sorted({r["n_train"] for r in rows}):
@@ -388,7 +398,7 @@ def seeds_markdown(results: dict[str, Any], figs: list[str], notes: list[str] | 
         "# voxdiff experiment: compare over seeds",
         "",
         f"Budget `{cfgd['budget']}`; {where}; seeds {', '.join(map(str, seeds))}; {n_cases} test cases; "
-        f"{results['seconds']:.0f} s in all. Each seed's own report: `seed-S/report.md`.",
+        f"{time_phrase(results)}. Each seed's own report: `seed-S/report.md`.",
         "",
         *([] if results.get("complete", True) else [
             "**Partial report** (`--report_only`): only the rows that have finished for every seed; "

@@ -92,6 +92,27 @@ class StepRunner:
     def result(self, name: str) -> dict[str, Any]:
         return json.loads((self.root / name / RESULT).read_text())
 
+    def step_seconds(self) -> float:
+        """Seconds recorded by every finished step in the folder, each counted once (a step's seconds
+        exclude the steps it ran inside itself; files inside a step folder and unfinished or staged
+        steps are not steps): the compute behind a report, also the part of it that finished in
+        earlier invocations."""
+        steps: list[Path] = []
+        for res in sorted(self.root.rglob(RESULT), key=lambda p: len(p.parts)):
+            rel = res.parent.relative_to(self.root)
+            if not rel.parts or any(part.startswith(".") for part in rel.parts):
+                continue
+            if any(step in res.parent.parents for step in steps):
+                continue
+            steps.append(res.parent)
+        total = 0.0
+        for step in steps:
+            try:
+                total += float(json.loads((step / RESULT).read_text()).get("seconds") or 0.0)
+            except (OSError, ValueError, TypeError, AttributeError):
+                continue  # an unreadable result is the runner's business when the step is used
+        return total
+
     def run(self, name: str, fn: Callable[[Path], dict[str, Any] | None], resumable: bool = False) -> dict[str, Any]:
         """Run ``fn(step_dir)`` unless the step already finished; return its result dict.
 
