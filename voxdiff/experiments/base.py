@@ -593,10 +593,6 @@ class Experiment:
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
 
-    def step_seconds(self) -> float:
-        """Seconds of all the steps behind this invocation's results, earlier invocations included."""
-        return self.runner.step_seconds()
-
 
 def scores_to_per_case(scores: dict[str, dict[str, float]]) -> dict[str, dict[int, float]]:
     return {cid: {int(k): (float("nan") if v is None else float(v)) for k, v in d.items()} for cid, d in scores.items()}

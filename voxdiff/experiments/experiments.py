@@ -47,7 +47,7 @@ def _compare_in(exp: Experiment, notes: list[str] | None = None) -> dict[str, An
     pre = {m: exp.runner.result(f"pretrain-{m}") for m in cfg.methods}
     bprs = {k: exp.runner.result(f"bpr-{k}") for k in ("ape", "slice") if exp.runner.done(f"bpr-{k}")}
     results = {"experiment": "compare", "config": cfg, "budget": exp.budget, "rows": rows, "pretraining": pre,
-               "bpr": bprs, "seconds": round(exp.elapsed(), 1), "step_seconds": round(exp.step_seconds(), 1)}
+               "bpr": bprs, "seconds": round(exp.elapsed(), 1), "step_seconds": round(exp.runner.step_seconds(), 1)}
     atomic_write_json(exp.out / "results.json", _plain(results))
     figs = report.compare_figures(rows, exp.out)
     atomic_write(exp.out / "report.md", report.compare_markdown(results, figs, notes))
@@ -185,7 +185,7 @@ def compare_seeds(cfg: ExperimentConfig, out: str | Path, force: bool = False, l
     rows, tests = seeds_summary(cfg, seed_rows)
     results = {"experiment": "compare-seeds", "config": cfg, "budget": top.budget, "seeds": seeds,
                "rows": rows, "tests": tests, "seconds": round(top.elapsed(), 1), "seed_seconds": seed_seconds,
-               "step_seconds": round(top.step_seconds(), 1),  # the seeds' folders are inside top's
+               "step_seconds": round(top.runner.step_seconds(), 1),  # the seeds' folders are inside top's
                "complete": len(rows) == len(_row_keys(cfg))}
     atomic_write_json(top.out / "results.json", _plain(results))
     figs = report.seeds_figures(rows, top.out)
@@ -279,7 +279,7 @@ def timesteps(cfg: ExperimentConfig, out: str | Path, force: bool = False, log: 
             feature_t = exp.runner.result(f"T-sweep/{method}-T{T}-f0").get("timesteps")
         by_T.append({"T": T, "feature_t": feature_t, **{h: _aggregate(folds, h)["summary"] for h in heads}})
     results = {"experiment": "timesteps", "config": cfg, "budget": exp.budget, "method": method,
-               "by_t": by_t, "by_T": by_T, "seconds": round(exp.elapsed(), 1), "step_seconds": round(exp.step_seconds(), 1)}
+               "by_t": by_t, "by_T": by_T, "seconds": round(exp.elapsed(), 1), "step_seconds": round(exp.runner.step_seconds(), 1)}
     atomic_write_json(exp.out / "results.json", _plain(results))
     figs = report.timestep_figures(by_t, by_T, heads, exp.out)
     atomic_write(exp.out / "report.md", report.timesteps_markdown(results, figs))
@@ -321,7 +321,7 @@ def label_efficiency(cfg: ExperimentConfig, out: str | Path, force: bool = False
         else:
             rows.append(_label_row(n_eff, method, "fine-tuned", folds, "finetune"))
     results = {"experiment": "label-efficiency", "config": cfg, "budget": exp.budget, "methods": _label_methods(cfg),
-               "rows": rows, "seconds": round(exp.elapsed(), 1), "step_seconds": round(exp.step_seconds(), 1)}
+               "rows": rows, "seconds": round(exp.elapsed(), 1), "step_seconds": round(exp.runner.step_seconds(), 1)}
     atomic_write_json(exp.out / "results.json", _plain(results))
     figs = report.label_figures(rows, exp.out)
     atomic_write(exp.out / "report.md", report.label_markdown(results, figs))
