@@ -60,6 +60,7 @@ from ..core.trainstate import latest_train_state
 from ..data.preprocess import PreprocessConfig
 from .backbones import PyramidBackbone, backbone_name, build_backbone, count_parameters
 from .tasks.base import available_methods, get_task_class, make_task_config
+from .tasks.diffusion import DiffusionFields
 
 BACKBONE_KIND = "backbone"
 BACKBONE_FORMAT_VERSION = 1
@@ -116,33 +117,13 @@ class BackboneConfig:
 
 
 @dataclass
-class TaskOptions:
-    """Options of the method (the task). The diffusion ones are fields (named as in the diffusion
-    task's config); every other method's go in ``options``.
-
-    Args:
-        condition: diffusion: none | slice | ape.
-        bpr_path: diffusion: body part regressor folder (condition slice/ape).
-        bpr_sincos: diffusion: sin/cos frequencies appended to the BPR coordinates.
-        diffusion_steps: diffusion: number of diffusion steps T.
-        beta_schedule: diffusion: linear | cosine.
-        prediction: diffusion: epsilon | v | sample.
-        feature_timesteps: diffusion: timestep(s) of the frozen features.
-        noise_seed: diffusion: seed of the fixed feature noise.
-        condition_source: diffusion: volume (the BPR map of each whole volume, computed once and
-            cropped per patch) | patch (the BPR of each patch alone).
-        options: other method options as a dict (e.g. {"temperature": 0.1} for contrastive).
+class TaskOptions(DiffusionFields):
+    """Options of the method (the task): the diffusion task's main options are fields (those of
+    :class:`~voxdiff.pretrain.tasks.diffusion.DiffusionFields`, used by the diffusion method only);
+    every other option, of any method, goes in ``options`` (e.g. {"temperature": 0.1} for
+    contrastive, {"min_snr_gamma": 5} for diffusion).
     """
 
-    condition: str = "none"
-    bpr_path: str | None = None
-    bpr_sincos: int = 0
-    diffusion_steps: int = 1000
-    beta_schedule: str = "linear"
-    prediction: str = "epsilon"
-    feature_timesteps: tuple[int, ...] = (10,)
-    noise_seed: int = 0
-    condition_source: str = "volume"
     options: dict[str, Any] = field(default_factory=dict)
 
 

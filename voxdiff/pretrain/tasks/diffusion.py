@@ -49,8 +49,9 @@ CONDITIONS = ("none", "slice", "ape")
 
 
 @dataclass
-class DiffusionConfig:
-    """Options of the diffusion task.
+class DiffusionFields:
+    """The diffusion task's options that the pretraining config names as its own fields
+    (``PretrainConfig.task``); :class:`DiffusionConfig` adds the rest.
 
     Args:
         condition: none | slice | ape (BPR concatenated to x_t).
@@ -63,14 +64,6 @@ class DiffusionConfig:
         noise_seed: seed of the fixed feature noise.
         condition_source: volume (the BPR map of the whole volume, cropped per patch) | patch (the BPR
             of each patch alone).
-        min_snr_gamma: Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is their choice); 0 = off
-            (every t weighted alike for the training target).
-        condition_dropout: share of training samples whose condition channels are set to zero
-            (classifier-free style), so that the denoiser must also use the image; features always
-            get the condition.
-        skip_dropout: probability, per training sample and decoder level, that the encoder's skip
-            connection into that level is zeroed (backbones with skips: unet), so that the denoiser
-            must carry the image through its coarser levels; features always get every skip.
     """
 
     condition: str = "none"
@@ -82,6 +75,23 @@ class DiffusionConfig:
     feature_timesteps: tuple[int, ...] = (10,)
     noise_seed: int = 0
     condition_source: str = "volume"
+
+
+@dataclass
+class DiffusionConfig(DiffusionFields):
+    """Options of the diffusion task: those of :class:`DiffusionFields` and
+
+    Args:
+        min_snr_gamma: Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is their choice); 0 = off
+            (every t weighted alike for the training target).
+        condition_dropout: share of training samples whose condition channels are set to zero
+            (classifier-free style), so that the denoiser must also use the image; features always
+            get the condition.
+        skip_dropout: probability, per training sample and decoder level, that the encoder's skip
+            connection into that level is zeroed (backbones with skips: unet), so that the denoiser
+            must carry the image through its coarser levels; features always get every skip.
+    """
+
     min_snr_gamma: float = 0.0
     condition_dropout: float = 0.0
     skip_dropout: float = 0.0
