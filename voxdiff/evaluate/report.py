@@ -25,20 +25,22 @@ from . import metrics as M
 class EvaluateConfig(Bf16Renamed):
     """Options of ``voxdiff evaluate``.
 
-    head: which head of a probe run to evaluate (linear, nonlinear, mix, finetune, scratch) when the
-      model folder holds several.
-    cases: which labelled cases: auto (the fold's held-out cases recorded in the model when the data
-      set is the one it was trained on, else all labelled cases), test (imagesTs), train (imagesTr),
-      all.
-    surface: also compute HD95 and normalised surface Dice (slower).
-    tau_mm: surface Dice tolerance in mm.
-    overlap: sliding-window overlap (null = the model's).
-    sw_batch_size: windows per forward pass.
-    figures: number of cases with axial/coronal overlay figures.
-    device: auto, cpu or cuda.
-    bf16: bf16 autocast for the feature extractor where the device computes bf16 natively
-      (fp32 elsewhere; ``amp`` is the deprecated old name, still accepted).
-    n_classes: label classes incl. background.
+    Args:
+        head: which head of a probe run to evaluate (linear, nonlinear, mix, finetune, scratch) when
+            the model folder holds several.
+        cases: which labelled cases: auto (the fold's held-out cases recorded in the model when the
+            data set is the one it was trained on, else all labelled cases), test (imagesTs), train
+            (imagesTr), all.
+        surface: also compute HD95 and normalised surface Dice (slower).
+        tau_mm: surface Dice tolerance in mm.
+        overlap: sliding-window overlap (null = the model's).
+        sw_batch_size: windows per forward pass.
+        figures: number of cases with axial/coronal overlay figures.
+        device: auto, cpu or cuda.
+        bf16: bf16 autocast for the feature extractor where the device computes bf16 natively (fp32
+            elsewhere).
+        n_classes: label classes incl. background.
+        amp: deprecated: the old name of ``bf16`` (still accepted, with a warning).
     """
 
     head: str = "nonlinear"

@@ -119,9 +119,12 @@ class BackboneConfig:
 @dataclass
 class TaskOptions(DiffusionFields):
     """Options of the method (the task): the diffusion task's main options are fields (those of
-    :class:`~voxdiff.pretrain.tasks.diffusion.DiffusionFields`, used by the diffusion method only);
-    every other option, of any method, goes in ``options`` (e.g. {"temperature": 0.1} for
-    contrastive, {"min_snr_gamma": 5} for diffusion).
+    ``voxdiff.pretrain.tasks.diffusion.DiffusionFields``, read by the diffusion method only);
+    every other option, of any method, goes in ``options``.
+
+    Args:
+        options: other method options as a dict (e.g. {"temperature": 0.1} for contrastive,
+            {"min_snr_gamma": 5} for diffusion).
     """
 
     options: dict[str, Any] = field(default_factory=dict)

@@ -176,6 +176,7 @@ class ProbeConfig:
             where the device computes bf16 natively; fp32 elsewhere; ``amp`` is the deprecated old
             name, still accepted), ``threads`` (0 = torch's setting), ``compile``; ``log_every`` and
             ``checkpoint_every`` 0 = at every validation (``optim.val_every``).
+        amp: deprecated: the old name of ``runtime.bf16`` (still accepted, with a warning).
     """
 
     SECTIONS: ClassVar[tuple[str, ...]] = ("sampling", "optim", "head", "inference", "runtime")

@@ -22,11 +22,13 @@ from .bundle import Segmenter, load_segmenter
 class SegmentConfig(Bf16Renamed):
     """Options of ``voxdiff segment``.
 
-    device: cpu, cuda or auto.
-    bf16: bf16 autocast for the feature extractor where the device computes bf16 natively
-      (fp32 elsewhere; ``amp`` is the deprecated old name, still accepted).
-    sw_batch_size: sliding windows per forward pass.
-    overlap: sliding-window overlap (null = the model's).
+    Args:
+        device: cpu, cuda or auto.
+        bf16: bf16 autocast for the feature extractor where the device computes bf16 natively (fp32
+            elsewhere).
+        sw_batch_size: sliding windows per forward pass.
+        overlap: sliding-window overlap (null = the model's).
+        amp: deprecated: the old name of ``bf16`` (still accepted, with a warning).
     """
 
     device: str = "auto"

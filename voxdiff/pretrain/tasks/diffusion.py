@@ -51,7 +51,7 @@ CONDITIONS = ("none", "slice", "ape")
 @dataclass
 class DiffusionFields:
     """The diffusion task's options that the pretraining config names as its own fields
-    (``PretrainConfig.task``); :class:`DiffusionConfig` adds the rest.
+    (``PretrainConfig.task``); ``DiffusionConfig`` adds the rest.
 
     Args:
         condition: none | slice | ape (BPR concatenated to x_t).
@@ -79,7 +79,7 @@ class DiffusionFields:
 
 @dataclass
 class DiffusionConfig(DiffusionFields):
-    """Options of the diffusion task: those of :class:`DiffusionFields` and
+    """Options of the diffusion task: those of ``DiffusionFields`` and
 
     Args:
         min_snr_gamma: Min-SNR-gamma loss weighting (Hang et al. 2023; 5 is their choice); 0 = off
