@@ -198,6 +198,13 @@ def test_compare_tiny_report_and_resume(tmp_path, monkeypatch):
         m = r["summary"]["mean"]["mean"]
         assert 0.0 <= m <= 1.0 and not math.isnan(m)
         assert r["per_case"]
+        # the row's mean is its own per-case scores', aggregated as nnU-Net does: per organ over the
+        # cases (NaN where an organ is absent), then over the organs
+        organs = sorted({o for d in r["per_case"].values() for o in d}, key=int)
+        per_organ = [np.nanmean([np.nan if d.get(o) is None else d[o] for d in r["per_case"].values()])
+                     for o in organs]
+        assert m == pytest.approx(float(np.nanmean(per_organ)), abs=1e-9)
+    assert len({r["summary"]["mean"]["mean"] for r in res["rows"]}) > 1  # rows are not copies of one another
     doc = json.loads((out / "results.json").read_text())
     assert doc["experiment"] == "compare" and len(doc["rows"]) == 5
     md = (out / "report.md").read_text()
