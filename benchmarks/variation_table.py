@@ -14,6 +14,15 @@ non-linear rows of ``--label_methods`` against from scratch, fine-tuned diffusio
 
     python benchmarks/variation_table.py --a ... --b runs/var/lew-s0,runs/var/lew-s1 --names default,wide \
         --methods scratch,finetune-diffusion-ape,finetune-contrastive,diffusion-ape,contrastive --paired 1,2,all
+
+A folder written ``PATH@N`` (``@1``, ``@all``, ``@1+2``) gives only its rows at those label counts, so
+that one protocol's runs can be gathered from folders that also hold another's. ``--figure DIR``
+draws distribution B's rows against the number of labelled phantoms (``DIR/label_efficiency.png``,
+mean ± std over the folders that have each row):
+
+    python benchmarks/variation_table.py --a runs/var/le-default-s0 \
+        --b runs/var/lefix1-s0,runs/var/lefix1-s1,runs/var/lefix2-s0,runs/var/lefix2-s1,runs/var/lefix-s0@all,runs/var/lefix-s1@all \
+        --methods scratch,finetune-diffusion-ape,finetune-contrastive,diffusion-ape,contrastive --paired 1,2,all --figure docs/images
 """
 
 from __future__ import annotations
@@ -32,19 +41,60 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from label_curve import case_mean, paired_lines  # noqa: E402
 
 
-def rows(folders: list[Path], methods: list[str]) -> dict[tuple[str, str], list[float]]:
-    """``{(method, label count): [Dice per folder that has the row]}``."""
+def entry(spec: str) -> tuple[Path, set[str] | None]:
+    """``PATH`` (every label count) or ``PATH@N[+N...]`` (only those counts; ``all`` for every case)."""
+    path, _, counts = spec.partition("@")
+    return Path(path), (set(counts.split("+")) if counts else None)
+
+
+def steps(spec: str, methods: list[str]) -> list[tuple[str, str, Path]]:
+    """``(method, label count, result.json)`` of the folder's label-efficiency steps in ``methods``."""
+    folder, counts = entry(spec)
+    out = []
+    for res in sorted((folder / "labels").glob("*-n*-f0/result.json")):
+        m = re.fullmatch(r"(.+)-n(\d+|all)-f0", res.parent.name)
+        if m and m.group(1) in methods and (counts is None or m.group(2) in counts):
+            out.append((m.group(1), m.group(2), res))
+    return out
+
+
+def rows(folders: list[str], methods: list[str]) -> dict[tuple[str, str], list[float]]:
+    """``{(method, label count): [Dice per folder that has the row]}`` (folders as for :func:`entry`)."""
     out: dict[tuple[str, str], list[float]] = {}
     for f in folders:
-        for res in sorted((f / "labels").glob("*-n*-f0/result.json")):
-            m = re.fullmatch(r"(.+)-n(\d+|all)-f0", res.parent.name)
-            if not m or m.group(1) not in methods:
-                continue
+        for method, n, res in steps(f, methods):
             scores = json.loads(res.read_text())["scores"]
             key = "nonlinear" if "nonlinear" in scores else next(iter(scores))  # frozen probes: the non-linear head
             per_case = scores[key]  # {case: {organ: Dice}}
-            out.setdefault((m.group(1), m.group(2)), []).append(100 * case_mean(per_case))
+            out.setdefault((method, n), []).append(100 * case_mean(per_case))
     return out
+
+
+def figure_rows(folders: list[str], methods: list[str]) -> list[dict]:
+    """Rows for :func:`voxdiff.experiments.report.label_figures`: each (method, label count) as the
+    label-efficiency report names it, Dice as a fraction, mean ± std over the folders, at the number of
+    labelled training phantoms the runs used (``all`` is read from the runs)."""
+    vals: dict[tuple[str, str], list[float]] = {}
+    sizes: dict[tuple[str, str], int] = {}
+    for f in folders:
+        for method, n, res in steps(f, methods):
+            doc = json.loads(res.read_text())
+            scores = doc["scores"]
+            key = "nonlinear" if "nonlinear" in scores else next(iter(scores))
+            vals.setdefault((method, n), []).append(case_mean(scores[key]))
+            sizes[(method, n)] = len(doc.get("train_cases") or []) or (int(n) if n != "all" else 0)
+    out = []
+    for (method, n), v in vals.items():
+        if method == "scratch":
+            name, mode = "from-scratch", "scratch"
+        elif method.startswith("finetune-"):
+            name, mode = method.removeprefix("finetune-"), "fine-tuned"
+        else:
+            name, mode = method, "nonlinear"
+        std = float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+        out.append({"method": name, "mode": mode, "n_train": sizes[(method, n)],
+                    "summary": {"mean": {"mean": float(np.mean(v)), "std": std, "n": len(v)}}})
+    return sorted(out, key=lambda r: (r["method"] != "from-scratch", r["method"], r["mode"], r["n_train"]))
 
 
 def fmt(v: list[float]) -> str:
@@ -59,10 +109,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--methods", default="scratch", help="comma-separated row names (scratch, finetune-METHOD, METHOD)")
     ap.add_argument("--paired", default="", help="comma-separated label counts (or all) for paired tests on distribution B")
     ap.add_argument("--label_methods", default="diffusion-ape,contrastive")
+    ap.add_argument("--figure", type=Path, default=None,
+                    help="folder for label_efficiency.png: distribution B's rows against labelled phantoms")
     a = ap.parse_args(argv)
     names = a.names.split(",")
     methods = a.methods.split(",")
-    tables = [rows([Path(p) for p in s.split(",")], methods) for s in (a.a, a.b)]
+    tables = [rows(s.split(","), methods) for s in (a.a, a.b)]
     counts = sorted({n for t in tables for (_, n) in t}, key=lambda n: (n == "all", int(n) if n != "all" else 0))
     print(f"| row | labelled phantoms | {' | '.join(names)} |")
     print("|---|---|" + "---|" * len(names))
@@ -82,15 +134,25 @@ def main(argv: list[str] | None = None) -> None:
         lm = a.label_methods.split(",")
         pairs = [((m, k), ("from-scratch", "scratch")) for m in lm for k in ("fine-tuned", "nonlinear")]
         pairs += [((lm[0], "fine-tuned"), (m, "fine-tuned")) for m in lm[1:]]
-        with tempfile.TemporaryDirectory() as tmp:  # label_curve reads seed-S folders
-            for i, f in enumerate(a.b.split(",")):
-                (Path(tmp) / f"seed-{i}").symlink_to(Path(f).resolve())
-            print(f"\n{names[1]}: paired over test cases (Wilcoxon), differences in Dice points\n")
-            print("| labelled | A - B | seeds | mean diff | p (pooled) | per seed: diff (cases A better / all, p) |")
-            print("|---|---|---|---|---|---|")
-            for n in a.paired.split(","):
+        print(f"\n{names[1]}: paired over test cases (Wilcoxon), differences in Dice points\n")
+        print("| labelled | A - B | seeds | mean diff | p (pooled) | per seed: diff (cases A better / all, p) |")
+        print("|---|---|---|---|---|---|")
+        for n in a.paired.split(","):
+            with tempfile.TemporaryDirectory() as tmp:  # label_curve reads seed-S folders: those with rows at n
+                k = 0
+                for f in a.b.split(","):
+                    folder, counts = entry(f)
+                    if counts is None or n in counts:
+                        (Path(tmp) / f"seed-{k}").symlink_to(folder.resolve())
+                        k += 1
                 for line in paired_lines(Path(tmp), n, pairs):  # a count or "all"
                     print(line)
+    if a.figure is not None:
+        from voxdiff.experiments.report import label_figures
+
+        a.figure.mkdir(parents=True, exist_ok=True)
+        label_figures(figure_rows(a.b.split(","), methods), a.figure)
+        print(f"\nwrote {a.figure / 'label_efficiency.png'}")
 
 
 if __name__ == "__main__":
