@@ -138,13 +138,11 @@ def main(argv: list[str] | None = None) -> None:
         print("| labelled | A - B | seeds | mean diff | p (pooled) | per seed: diff (cases A better / all, p) |")
         print("|---|---|---|---|---|---|")
         for n in a.paired.split(","):
-            with tempfile.TemporaryDirectory() as tmp:  # label_curve reads seed-S folders: those with rows at n
-                k = 0
-                for f in a.b.split(","):
-                    folder, counts = entry(f)
-                    if counts is None or n in counts:
-                        (Path(tmp) / f"seed-{k}").symlink_to(folder.resolve())
-                        k += 1
+            # label_curve reads seed-S folders: those with rows at n, numbered 0, 1, ... in --b's order
+            with tempfile.TemporaryDirectory() as tmp:
+                having = [f for f in a.b.split(",") if any(c == n for _, c, _ in steps(f, methods))]
+                for k, f in enumerate(having):
+                    (Path(tmp) / f"seed-{k}").symlink_to(entry(f)[0].resolve())
                 for line in paired_lines(Path(tmp), n, pairs):  # a count or "all"
                     print(line)
     if a.figure is not None:
