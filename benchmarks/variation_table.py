@@ -21,7 +21,7 @@ draws distribution B's rows against the number of labelled phantoms (``DIR/label
 mean ± std over the folders that have each row):
 
     python benchmarks/variation_table.py --a runs/var/le-default-s0 \
-        --b runs/var/lefix1-s0,runs/var/lefix1-s1,runs/var/lefix2-s0,runs/var/lefix2-s1,runs/var/lefix-s0@all,runs/var/lefix-s1@all \
+        --b runs/var/lefix1-s0,runs/var/lefix2-s0,runs/var/lefix2-s1,runs/var/lefix-s0@all,runs/var/lefix-s1@all \
         --methods scratch,finetune-diffusion-ape,finetune-contrastive,diffusion-ape,contrastive --paired 1,2,all --figure docs/images
 """
 
@@ -58,15 +58,21 @@ def steps(spec: str, methods: list[str]) -> list[tuple[str, str, Path]]:
     return out
 
 
+def read_step(res: Path) -> tuple[float, int]:
+    """A step's Dice (mean over test cases of the organ-mean, as a fraction) and its number of labelled
+    training cases."""
+    doc = json.loads(res.read_text())
+    scores = doc["scores"]
+    key = "nonlinear" if "nonlinear" in scores else next(iter(scores))  # frozen probes: the non-linear head
+    return case_mean(scores[key]), len(doc.get("train_cases") or [])
+
+
 def rows(folders: list[str], methods: list[str]) -> dict[tuple[str, str], list[float]]:
-    """``{(method, label count): [Dice per folder that has the row]}`` (folders as for :func:`entry`)."""
+    """``{(method, label count): [Dice (%) per folder that has the row]}`` (folders as for :func:`entry`)."""
     out: dict[tuple[str, str], list[float]] = {}
     for f in folders:
         for method, n, res in steps(f, methods):
-            scores = json.loads(res.read_text())["scores"]
-            key = "nonlinear" if "nonlinear" in scores else next(iter(scores))  # frozen probes: the non-linear head
-            per_case = scores[key]  # {case: {organ: Dice}}
-            out.setdefault((method, n), []).append(100 * case_mean(per_case))
+            out.setdefault((method, n), []).append(100 * read_step(res)[0])
     return out
 
 
@@ -78,11 +84,9 @@ def figure_rows(folders: list[str], methods: list[str]) -> list[dict]:
     sizes: dict[tuple[str, str], int] = {}
     for f in folders:
         for method, n, res in steps(f, methods):
-            doc = json.loads(res.read_text())
-            scores = doc["scores"]
-            key = "nonlinear" if "nonlinear" in scores else next(iter(scores))
-            vals.setdefault((method, n), []).append(case_mean(scores[key]))
-            sizes[(method, n)] = len(doc.get("train_cases") or []) or (int(n) if n != "all" else 0)
+            dice, n_train = read_step(res)
+            vals.setdefault((method, n), []).append(dice)
+            sizes[(method, n)] = n_train or (int(n) if n != "all" else 0)
     out = []
     for (method, n), v in vals.items():
         if method == "scratch":
