@@ -67,28 +67,29 @@ def read_step(res: Path) -> tuple[float, int]:
     return case_mean(scores[key]), len(doc.get("train_cases") or [])
 
 
-def rows(folders: list[str], methods: list[str]) -> dict[tuple[str, str], list[float]]:
-    """``{(method, label count): [Dice (%) per folder that has the row]}`` (folders as for :func:`entry`)."""
-    out: dict[tuple[str, str], list[float]] = {}
-    for f in folders:
-        for method, n, res in steps(f, methods):
-            out.setdefault((method, n), []).append(100 * read_step(res)[0])
-    return out
-
-
-def figure_rows(folders: list[str], methods: list[str]) -> list[dict]:
-    """Rows for :func:`voxdiff.experiments.report.label_figures`: each (method, label count) as the
-    label-efficiency report names it, Dice as a fraction, mean ± std over the folders, at the number of
-    labelled training phantoms the runs used (``all`` is read from the runs)."""
-    vals: dict[tuple[str, str], list[float]] = {}
-    sizes: dict[tuple[str, str], int] = {}
+def collect(folders: list[str], methods: list[str]) -> dict[tuple[str, str], tuple[list[float], int]]:
+    """``{(method, label count): ([Dice as a fraction per folder that has the row], labelled training
+    cases)}`` (folders as for :func:`entry`; each result.json read once)."""
+    out: dict[tuple[str, str], tuple[list[float], int]] = {}
     for f in folders:
         for method, n, res in steps(f, methods):
             dice, n_train = read_step(res)
-            vals.setdefault((method, n), []).append(dice)
-            sizes[(method, n)] = n_train or (int(n) if n != "all" else 0)
+            vals, _ = out.get((method, n), ([], 0))
+            out[(method, n)] = (vals + [dice], n_train or (int(n) if n != "all" else 0))
+    return out
+
+
+def rows(collected: dict[tuple[str, str], tuple[list[float], int]]) -> dict[tuple[str, str], list[float]]:
+    """``{(method, label count): [Dice (%) per folder that has the row]}`` from :func:`collect`."""
+    return {k: [100 * v for v in vals] for k, (vals, _) in collected.items()}
+
+
+def figure_rows(collected: dict[tuple[str, str], tuple[list[float], int]]) -> list[dict]:
+    """Rows for :func:`voxdiff.experiments.report.label_figures` from :func:`collect`: each (method,
+    label count) as the label-efficiency report names it, Dice as a fraction, mean ± std over the
+    folders, at the number of labelled training phantoms the runs used (``all`` is read from the runs)."""
     out = []
-    for (method, n), v in vals.items():
+    for (method, _n), (v, n_train) in collected.items():
         if method == "scratch":
             name, mode = "from-scratch", "scratch"
         elif method.startswith("finetune-"):
@@ -96,7 +97,7 @@ def figure_rows(folders: list[str], methods: list[str]) -> list[dict]:
         else:
             name, mode = method, "nonlinear"
         std = float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
-        out.append({"method": name, "mode": mode, "n_train": sizes[(method, n)],
+        out.append({"method": name, "mode": mode, "n_train": n_train,
                     "summary": {"mean": {"mean": float(np.mean(v)), "std": std, "n": len(v)}}})
     return sorted(out, key=lambda r: (r["method"] != "from-scratch", r["method"], r["mode"], r["n_train"]))
 
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     names = a.names.split(",")
     methods = a.methods.split(",")
-    tables = [rows(s.split(","), methods) for s in (a.a, a.b)]
+    collected = [collect(s.split(","), methods) for s in (a.a, a.b)]
+    tables = [rows(c) for c in collected]
     counts = sorted({n for t in tables for (_, n) in t}, key=lambda n: (n == "all", int(n) if n != "all" else 0))
     print(f"| row | labelled phantoms | {' | '.join(names)} |")
     print("|---|---|" + "---|" * len(names))
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         from voxdiff.experiments.report import label_figures
 
         a.figure.mkdir(parents=True, exist_ok=True)
-        label_figures(figure_rows(a.b.split(","), methods), a.figure)
+        label_figures(figure_rows(collected[1]), a.figure)
         print(f"\nwrote {a.figure / 'label_efficiency.png'}")
 
 

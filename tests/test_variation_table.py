@@ -50,7 +50,7 @@ def test_at_filter_table_paired_and_figure(vt, tmp_path, capsys):
     assert "| all | diffusion-ape fine-tuned - from scratch | 2 | +4.0 ± 0.0 |" in out
     assert (tmp_path / "fig" / "label_efficiency.png").stat().st_size > 0
 
-    rows = vt.figure_rows(b.split(","), ["scratch", "finetune-diffusion-ape"])
+    rows = vt.figure_rows(vt.collect(b.split(","), ["scratch", "finetune-diffusion-ape"]))
     got = {(r["method"], r["mode"], r["n_train"]): r["summary"]["mean"]["mean"] for r in rows}
     assert got == pytest.approx({("from-scratch", "scratch", 1): 0.31, ("from-scratch", "scratch", 7): 0.60,
                                  ("diffusion-ape", "fine-tuned", 1): 0.36, ("diffusion-ape", "fine-tuned", 7): 0.64})
