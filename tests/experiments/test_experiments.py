@@ -235,6 +235,9 @@ def test_other_settings_are_refused(tmp_path):
     with pytest.raises(InputError, match=r"other settings \(heads, seed\)"):
         Experiment(ExperimentConfig(budget="tiny", methods=("random",), heads=("linear",), seed=4), out,
                    log=lambda s: None)
+    with pytest.raises(InputError, match="unknown checkpoint rule 'median'"):
+        Experiment(ExperimentConfig(budget="tiny", compare_selection=("median",)), tmp_path / "r", log=lambda s: None)
+    assert not (tmp_path / "r").exists()
     (tmp_path / "user").mkdir()
     (tmp_path / "user" / "precious.txt").write_text("data")
     with pytest.raises(InputError, match="not empty"):
@@ -246,7 +249,7 @@ def test_other_settings_are_refused(tmp_path):
 def test_timesteps_and_label_efficiency_tiny(tmp_path):
     cfg = ExperimentConfig(budget="tiny", workers=1, progress=False, heads=("linear", "nonlinear"), timesteps=(0, 5),
                            train_T=(10, 100), timestep_method="diffusion-none", label_counts=(1, 0),
-                           label_methods=("diffusion-none",))
+                           label_methods=("diffusion-none",), compare_selection=("last", "smoothed"))
     res = ex.timesteps(cfg, tmp_path / "ts", log=lambda s: None)
     assert [r["t"] for r in res["by_t"]] == [0, 5]
     assert [r["T"] for r in res["by_T"]] == [10, 100]
@@ -281,6 +284,12 @@ def test_timesteps_and_label_efficiency_tiny(tmp_path):
     assert [r["init"] for r in res["rows"] if r["mode"] == "fine-tuned"] == ["labels/diffusion-none-n1-f0",
                                                                             "labels/diffusion-none-nall-f0"]
     assert one["max_steps"] == 8
+    # the other checkpoint rules' states of the same run, scored on the same test cases
+    assert one["selection"] == "best" and set(one["by_selection"]) == {"last", "smoothed"}
+    last = one["by_selection"]["last"]
+    assert last["best_step"] == one["steps_run"] and set(last["scores"]["finetune"]) == set(one["test_cases"])
+    assert last["val_score"] == pytest.approx(one["history"][-1]["val_dice"]["finetune"])
+    assert one["by_selection"]["smoothed"]["best_step"] in [h["step"] for h in one["history"]]
     png = (tmp_path / "le" / "label_efficiency.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     md = (tmp_path / "le" / "report.md").read_text()
@@ -351,6 +360,14 @@ def test_early_stopping_cap_override_and_report_marks_runs_kept_at_the_cap(tmp_p
     md = label_markdown({"rows": rows, "seconds": 1.0, "budget": budget,
                          "config": {"early_stopping_steps": 2400, "early_stopping_min_steps": 2400}}, [])
     assert "for 2400 steps each (no early stopping" in md and "stopped after" not in md
+    assert "the best-validation state is tested" in md
+    # the last-state rule: the kept step is the cap by design, not a sign of a run still improving
+    rows[0].update(best_step=[2400], steps_run=[2400], max_steps=[2400])
+    md = label_markdown({"rows": rows, "seconds": 1.0, "budget": budget,
+                         "config": {"early_stopping_steps": 2400, "early_stopping_min_steps": 2400, "selection": "last"}}, [])
+    assert "the last state is tested" in md and "kept by the last rule" in md and "(cap)" not in md
+    assert "the best-validation state" not in md.replace("Frozen probes: heads on the frozen pretrained backbone, "
+                                                         "best-validation state", "")
 
 
 def _row(method, head, mean):

@@ -87,6 +87,12 @@ class ExperimentConfig:
             in its first few hundred steps, before the network left the near-zero Dice plateau.
             Equal to ``early_stopping_steps``, every run trains the same number of steps (matched
             compute) and keeps its best-validation state.
+        selection: the checkpoint rule of the end-to-end runs (from scratch and fine-tuned): best
+            (the best validation Dice), smoothed (the end of the best window of validations, see
+            ``voxdiff probe --optim.selection``) or last (the final state).
+        compare_selection: other checkpoint rules whose states the end-to-end runs score too, from
+            the same training run (result.json ``by_selection``, tabled by
+            ``benchmarks/selection_table.py``). Costs one more scoring of the test cases per rule.
         timesteps: timesteps experiment: feature timesteps t (default from the budget).
         train_T: timesteps experiment: numbers of diffusion steps T used in training (default from the budget).
         timestep_method: timesteps experiment: the diffusion method whose features are swept.
@@ -120,6 +126,8 @@ class ExperimentConfig:
     finetune_steps: int | None = None
     early_stopping_steps: int | None = None
     early_stopping_min_steps: int | None = None
+    selection: str = "best"
+    compare_selection: tuple[str, ...] = ()
     timesteps: tuple[int, ...] = ()
     train_T: tuple[int, ...] = ()
     timestep_method: str = "diffusion-ape"
@@ -200,6 +208,11 @@ class Experiment:
         self.budget = get_budget(cfg.budget) if budget is None else budget
         for m in (*cfg.methods, *cfg.finetune, *cfg.label_methods):
             method_parts(m)
+        from voxdiff.probe.train import SELECTIONS
+
+        for rule in (cfg.selection, *cfg.compare_selection):
+            if rule not in SELECTIONS:
+                raise InputError(None, f"unknown checkpoint rule {rule!r}; choose from {', '.join(SELECTIONS)}")
         if cfg.regime not in REGIMES:
             raise InputError(None, f"unknown regime {cfg.regime!r}; choose from {', '.join(REGIMES)}")
         from voxdiff.data.phantom import VARIATIONS
@@ -529,14 +542,16 @@ class Experiment:
             steps = cfg_steps if cfg_steps is not None else self.budget.get(key, self.budget.get("scratch_steps"))
             if steps is not None:
                 over["steps"] = int(steps)
+        over["selection"] = self.cfg.selection
         return self.probe_cfg(**over)
 
     def tuned(self, name: str, fold: int, mode: str, model_dir: Path | None = None, n_train: int | None = None,
               early_stopping: bool = False, init_probe: str | None = None) -> dict[str, Any]:
         """Backbone + non-linear head trained end to end on one fold and scored on its test cases:
         ``finetune`` starts from the pretrained ``model_dir``; ``scratch`` from random init (the
-        same architecture). The best-validation state is scored. ``init_probe``: fine-tuning starts
-        from the non-linear head of this (finished) probe step of the same backbone and fold (LP-FT)."""
+        same architecture). The state of the ``selection`` rule is scored (and, under ``by_selection``,
+        those of the ``compare_selection`` rules). ``init_probe``: fine-tuning starts from the
+        non-linear head of this (finished) probe step of the same backbone and fold (LP-FT)."""
 
         def run(tmp: Path) -> dict[str, Any]:
             from voxdiff.pretrain.load import load_pretrained
@@ -553,14 +568,20 @@ class Experiment:
             pcfg = self.tuned_cfg(mode, early_stopping)
             hist: list = []
             init = load_segmenter_head(self.out / init_probe / "segmenter-nonlinear") if init_probe else None
+            alts: dict[str, Any] | None = {r: None for r in self.cfg.compare_selection} or None
             tuned, head = fit_network(ext, train, val, mode, pcfg, progress=self.cfg.progress, history=hist,
-                                      init_head=init)
+                                      init_head=init, alternatives=alts)
             scores = self._score(tuned, {mode: head}, test, pcfg)
-            return {"fold": fold, "mode": mode, "init": init_probe or "random", "train_cases": [c.case_id for c in train],
-                    "val_cases": [c.case_id for c in val], "test_cases": [c.case_id for c in test],
-                    "max_steps": pcfg.optim.steps, "steps_run": getattr(head, "steps_run", None),
-                    "best_step": getattr(head, "best_step", None), "best_val_dice": getattr(head, "best_val_dice", None),
-                    "scores": scores, "history": hist}
+            out = {"fold": fold, "mode": mode, "init": init_probe or "random", "train_cases": [c.case_id for c in train],
+                   "val_cases": [c.case_id for c in val], "test_cases": [c.case_id for c in test],
+                   "max_steps": pcfg.optim.steps, "steps_run": getattr(head, "steps_run", None),
+                   "selection": pcfg.optim.selection, "best_step": getattr(head, "best_step", None),
+                   "best_val_dice": getattr(head, "best_val_dice", None), "scores": scores, "history": hist}
+            if alts:
+                out["by_selection"] = {r: {"best_step": h.best_step, "val_score": h.best_val_dice,
+                                           "scores": self._score(e, {mode: h}, test, pcfg)}
+                                       for r, (e, h) in alts.items()}
+            return out
 
         return self.runner.run(name, run)
 

@@ -302,7 +302,9 @@ def label_efficiency(cfg: ExperimentConfig, out: str | Path, force: bool = False
     random head). From scratch and
     fine-tuning train to convergence (the budget's ``early_stopping``: validation every
     ``val_every`` steps, stopped after ``patience`` validations without a better Dice) and the
-    best-validation state is tested; the frozen heads keep their best-validation state too. The
+    state of the ``selection`` rule (default: the best validation Dice) is tested, with the
+    ``compare_selection`` rules' states scored beside it; the frozen heads keep their best-validation
+    state. The
     validation case is held out of the labelled training cases (``val_from_train``) and is the same
     for every count, so every choice is made on it, never on the test cases.
     """

@@ -274,6 +274,11 @@ def label_markdown(results: dict[str, Any], figs: list[str]) -> str:
         value = cfg.get(field) if isinstance(cfg, dict) else getattr(cfg, field, None)
         if es and value is not None:  # the experiment's overrides of the budget's settings
             es[key] = value
+    rule = (cfg.get("selection") if isinstance(cfg, dict) else getattr(cfg, "selection", None)) or "best"
+    kept_state = {"best": "the best-validation state",
+                  "smoothed": f"the state that ends the best window of {es.get('smooth_window', 3)} validations "
+                              "(mean Dice)",
+                  "last": "the last state"}.get(rule, f"the {rule} state")
     if not es:
         schedule = ""
     elif es.get("min_steps") and es.get("steps") is not None and es["min_steps"] >= es["steps"]:
@@ -287,7 +292,7 @@ def label_markdown(results: dict[str, Any], figs: list[str]) -> str:
     parts = ["# voxdiff experiment: label efficiency", "",
              "Mean Dice (%) on the test cases against the number of labelled training cases. From scratch "
              "and fine-tuned: backbone + non-linear head trained end to end" + schedule
-             + "; the best-validation state is tested. Frozen probes: heads on the frozen pretrained "
+             + f"; {kept_state} is tested. Frozen probes: heads on the frozen pretrained "
              "backbone, best-validation state. Every choice is made on the held-out validation case, "
              f"never on the test cases. {time_phrase(results)}.", "",
              "| labelled cases | " + " | ".join(_series_label(m, k) for m, k in series) + " |",
@@ -305,15 +310,16 @@ def label_markdown(results: dict[str, Any], figs: list[str]) -> str:
             else "a random head." if inits == {False} else "a random head or the frozen probe's head (see results.json).")]
     tuned = [r for r in rows if r.get("steps_run")]
     if tuned:
-        parts += ["", "Steps trained end to end (stopped at / best-validation step kept, per fold):", "",
+        parts += ["", f"Steps trained end to end (stopped at / step kept by the {rule} rule, per fold):", "",
                   "| labelled cases | series | stopped at | kept |", "|---|---|---|---|"]
         capped = first = False
         for r in tuned:
             kept = []
             for best, cap in zip(r["best_step"], r.get("max_steps") or [None] * len(r["best_step"])):
-                at_cap = best is not None and cap is not None and best >= cap
+                at_cap = rule != "last" and best is not None and cap is not None and best >= cap
                 # kept the first validated state: no later validation was better
-                at_first = best is not None and not at_cap and es.get("val_every") is not None and best <= es["val_every"]
+                at_first = (rule != "last" and best is not None and not at_cap and es.get("val_every") is not None
+                            and best <= es["val_every"])
                 capped |= at_cap
                 first |= at_first
                 kept.append(f"{best}{' (cap)' if at_cap else ' (first)' if at_first else ''}")

@@ -45,6 +45,8 @@ from .predict import features, logits_to_labels, predict_logits, set_frozen, uni
 
 FROZEN_MODES = ("linear", "nonlinear", "mix")
 TUNED_MODES = ("finetune", "scratch")
+# checkpoint rules of fine-tuning / from-scratch training (ProbeOptim.selection)
+SELECTIONS = ("best", "smoothed", "last")
 ALL_MODES = FROZEN_MODES + TUNED_MODES
 
 
@@ -100,6 +102,13 @@ class ProbeOptim(OptimConfig):
         min_steps: early stopping never stops before this many steps (a network that still predicts
             almost nothing gives validation Dice near zero, whose noise would otherwise run out the
             patience before it starts learning).
+        selection: fine-tuning / from scratch: which state is returned. best: the state with the best
+            validation Dice; smoothed: the state at the end of the ``smooth_window`` validations in a
+            row with the best mean Dice (one validation case gives noisy Dice; a single lucky
+            validation then does not decide); last: the final state. Early stopping watches the
+            rule's own score (best: each validation, smoothed: the window's mean; last: each
+            validation).
+        smooth_window: validations averaged by the smoothed rule (fewer at the start of training).
         ema_decay: must stay null (the probe keeps no EMA of the weights).
     """
 
@@ -114,6 +123,14 @@ class ProbeOptim(OptimConfig):
     val_every: int = 100
     patience: int = 0
     min_steps: int = 0
+    selection: str = "best"
+    smooth_window: int = 3
+
+    def __post_init__(self) -> None:
+        if self.selection not in SELECTIONS:
+            raise InputError(None, f"optim.selection must be one of {', '.join(SELECTIONS)}, not {self.selection!r}")
+        if int(self.smooth_window) < 1:
+            raise InputError(None, f"optim.smooth_window must be at least 1, not {self.smooth_window}")
 
 
 @dataclass
@@ -564,6 +581,14 @@ def reinit_(module: nn.Module, seed: int) -> nn.Module:
     return module
 
 
+def smoothed_score(history: Sequence[dict], mode: str, window: int) -> float:
+    """Mean validation Dice of ``mode`` over the last ``window`` validations in ``history`` (fewer
+    at the start; NaN-free values only; NaN when there are none)."""
+    vals = [h.get("val_dice", {}).get(mode, float("nan")) for h in list(history)[-max(int(window), 1):]]
+    vals = [float(v) for v in vals if v is not None and np.isfinite(v)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
 class NetworkTask(TrainTask):
     """Fine-tuning / from-scratch training as an engine task: backbone + non-linear head, the
     backbone frozen (and in eval mode) for the first ``warm`` steps, validation every ``val_every``
@@ -571,8 +596,11 @@ class NetworkTask(TrainTask):
     without a better Dice."""
 
     def __init__(self, ext, backbone: nn.Module, head: nn.Module, sampler: PatchSampler, cfg: ProbeConfig, mode: str,
-                 device: torch.device, val_cases: Sequence, history: list | None, warm: int | None = None):
-        """``warm``: steps with the backbone frozen (default: ``cfg.optim.warmup_steps`` when fine-tuning)."""
+                 device: torch.device, val_cases: Sequence, history: list | None, warm: int | None = None,
+                 track: Sequence[str] = ()):
+        """``warm``: steps with the backbone frozen (default: ``cfg.optim.warmup_steps`` when fine-tuning).
+        ``track``: checkpoint rules whose states are kept beside ``cfg.optim.selection``'s (``best``
+        is always kept; ``smoothed`` here or in the config keeps the smoothed rule's state too)."""
         self.ext, self.backbone, self.head, self.sampler, self.cfg = ext, backbone, head, sampler, cfg
         self.mode, self.device, self.val_cases = mode, device, val_cases
         self.history = history if history is not None else []
@@ -582,6 +610,10 @@ class NetworkTask(TrainTask):
         self.unfrozen = False
         self.best: tuple[float, Any] = (-math.inf, None)
         self.best_step, self.since_best = 0, 0
+        # the smoothed rule's (mean Dice of the window, state) and its step, when tracked
+        self.smooth_on = "smoothed" in (cfg.optim.selection, *track)
+        self.smooth: tuple[float, Any] = (-math.inf, None)
+        self.smooth_step = 0
         self.running: torch.Tensor | None = None
 
     def module(self) -> nn.Module:
@@ -639,38 +671,72 @@ class NetworkTask(TrainTask):
         score = val.get(mode, float("nan"))
         improved = bool(val) and np.isfinite(score) and score > self.best[0]
         if not val or improved or (done == cfg.optim.steps and self.best[1] is None):
-            self.best = (score if np.isfinite(score) else self.best[0],
-                         (copy.deepcopy(self.backbone.state_dict()), copy.deepcopy(self.head.state_dict())))
+            self.best = (score if np.isfinite(score) else self.best[0], self._snapshot())
             self.best_step = done
+        self.history.append({"step": done, "loss": {mode: float(self.running) if self.running is not None else 0.0},
+                             "val_dice": val})
+        if self.smooth_on:
+            mean = smoothed_score(self.history, mode, cfg.optim.smooth_window)
+            smooth_improved = bool(val) and np.isfinite(mean) and mean > self.smooth[0]
+            if not val or smooth_improved or (done == cfg.optim.steps and self.smooth[1] is None):
+                self.smooth = (mean if np.isfinite(mean) else self.smooth[0], self._snapshot())
+                self.smooth_step = done
+            if cfg.optim.selection == "smoothed":
+                improved = smooth_improved
         self.since_best = 0 if improved else self.since_best + 1
         if self.unfrozen:
             self.backbone.train()
-        self.history.append({"step": done, "loss": {mode: float(self.running) if self.running is not None else 0.0},
-                             "val_dice": val})
         # early stopping: no better validation Dice for `patience` validations in a row, not before min_steps
         return bool(cfg.optim.patience > 0 and val and self.since_best >= cfg.optim.patience and self.best[1] is not None
                     and done >= cfg.optim.min_steps)
+
+    def _snapshot(self) -> tuple[dict, dict]:
+        return copy.deepcopy(self.backbone.state_dict()), copy.deepcopy(self.head.state_dict())
+
+    def selected(self, rule: str, steps_run: int) -> tuple[float | None, int, tuple[dict, dict]]:
+        """(the rule's validation score, step, (backbone state, head state)) after ``steps_run``
+        steps: the best or smoothed rule's kept state, or the current (last) one. A rule that kept
+        nothing (stopped on request before the first validation) gives the current state."""
+        if rule not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, not {rule!r}")
+        if rule == "smoothed" and not self.smooth_on:
+            raise ValueError("the smoothed rule was not tracked in this run")
+        kept, step = (self.best, self.best_step) if rule == "best" else (self.smooth, self.smooth_step)
+        if rule == "last" or kept[1] is None:
+            last = [h["val_dice"].get(self.mode) for h in self.history if h.get("step") == steps_run]
+            score = last[0] if rule == "last" and last and last[0] is not None and np.isfinite(last[0]) else None
+            return score, steps_run, self._snapshot()
+        return (None if kept[0] == -math.inf else float(kept[0])), step, kept[1]
 
     def state(self):
         tensors: dict[str, torch.Tensor] = {}
         if self.running is not None:
             tensors["running"] = self.running
-        if self.best[1] is not None:
-            bstate, hstate = self.best[1]
-            tensors.update({f"best.backbone.{k}": v for k, v in bstate.items()})
-            tensors.update({f"best.head.{k}": v for k, v in hstate.items()})
+        for prefix, kept in (("best", self.best), ("smoothed", self.smooth)):
+            if kept[1] is not None:
+                bstate, hstate = kept[1]
+                tensors.update({f"{prefix}.backbone.{k}": v for k, v in bstate.items()})
+                tensors.update({f"{prefix}.head.{k}": v for k, v in hstate.items()})
         return tensors, {"sampler_rng": _rng_doc(self.sampler.rng), "history": self.history,
                          "best_score": _finite_or_none(self.best[0]), "has_best": self.best[1] is not None,
-                         "best_step": self.best_step, "since_best": self.since_best, "unfrozen": self.unfrozen}
+                         "best_step": self.best_step, "since_best": self.since_best, "unfrozen": self.unfrozen,
+                         "smooth_score": _finite_or_none(self.smooth[0]), "has_smooth": self.smooth[1] is not None,
+                         "smooth_step": self.smooth_step}
 
     def load_state(self, tensors, doc) -> None:
         self.sampler.rng.bit_generator.state = doc["sampler_rng"]
         self.running = tensors.get("running")
+        def kept(prefix: str, score) -> tuple[float, Any]:
+            return (-math.inf if score is None else float(score),
+                    ({k[len(f"{prefix}.backbone."):]: v for k, v in tensors.items() if k.startswith(f"{prefix}.backbone.")},
+                     {k[len(f"{prefix}.head."):]: v for k, v in tensors.items() if k.startswith(f"{prefix}.head.")}))
+
         if doc.get("has_best"):
-            self.best = (-math.inf if doc["best_score"] is None else float(doc["best_score"]),
-                         ({k[len("best.backbone."):]: v for k, v in tensors.items() if k.startswith("best.backbone.")},
-                          {k[len("best.head."):]: v for k, v in tensors.items() if k.startswith("best.head.")}))
+            self.best = kept("best", doc["best_score"])
         self.best_step, self.since_best = int(doc["best_step"]), int(doc["since_best"])
+        if doc.get("has_smooth"):
+            self.smooth = kept("smoothed", doc["smooth_score"])
+        self.smooth_step = int(doc.get("smooth_step", 0))
         self.unfrozen = bool(doc["unfrozen"])
         self.history[:] = doc.get("history") or []
 
@@ -687,6 +753,7 @@ def fit_network(
     resume: bool = False,
     stop_after: int | None = None,
     init_head: nn.Module | None = None,
+    alternatives: dict[str, Any] | None = None,
 ):
     """Fine-tune (``finetune``) or train from scratch (``scratch``) backbone + non-linear head.
 
@@ -700,11 +767,18 @@ def fit_network(
     the model's own (the returned extractor keeps them).
 
     Works on a deep copy of ``extractor``; returns ``(tuned_extractor, head)`` in eval mode with the
-    best validation state (backbone and head of the same step). Only ``extractor.backbone`` is
-    trained (a BPR inside stays frozen). With validation cases and ``cfg.optim.patience`` > 0, training
-    stops after ``patience`` validations in a row without a better validation Dice (early
-    stopping). The head records ``best_val_dice``, ``best_step`` (the step of the returned state)
-    and ``steps_run`` (less than ``cfg.optim.steps`` when stopped early). Training runs on the engine
+    state chosen by ``cfg.optim.selection`` (default: the best validation Dice; backbone and head of
+    the same step). Only ``extractor.backbone`` is trained (a BPR inside stays frozen). With
+    validation cases and ``cfg.optim.patience`` > 0, training stops after ``patience`` validations
+    in a row without a better score (early stopping). The head records ``selection`` (the rule),
+    ``best_val_dice`` (the rule's validation score of the returned state: a Dice, the window's mean
+    Dice for ``smoothed``), ``best_step`` (the step of the returned state) and ``steps_run`` (less
+    than ``cfg.optim.steps`` when stopped early).
+
+    ``alternatives``: a dict whose keys name other checkpoint rules (:data:`SELECTIONS`) to compare
+    with the configured one in the same run; each value is set to that rule's ``(extractor, head)``,
+    recorded the same way. Training is the same whatever the rules (they only choose a state).
+    Training runs on the engine
     (:mod:`voxdiff.core.engine`): AdamW, constant learning rates (head ``lr``, backbone
     ``backbone_lr``; ``scratch_lr`` for both from scratch), no clipping, no EMA. ``state_dir``,
     ``resume``, ``stop_after``: as for :func:`fit_heads`.
@@ -734,25 +808,34 @@ def fit_network(
     else:
         head = make_head("nonlinear", chans, cfg.n_classes, cfg.head.hidden, cfg.head.blocks).to(device)
         head.set_feature_stats(_measure_stats(ext, sampler, cfg, device))
+    others = [r for r in (alternatives or {}) if r != cfg.optim.selection]
+    for r in others:
+        if r not in SELECTIONS:
+            raise ValueError(f"alternatives: unknown checkpoint rule {r!r}; choose from {', '.join(SELECTIONS)}")
     task = NetworkTask(ext, backbone, head, sampler, cfg, mode, device, val_cases, history,
-                       warm=0 if init_head is not None else None)
+                       warm=0 if init_head is not None else None, track=others)
     task.fitted_head = init_head is not None
     ecfg = EngineConfig(**probe_engine_settings(cfg), schedule="constant", progress=progress, desc=mode, label=mode,
                         nan_hint="continue from it with resume=True")
     engine = Engine(ecfg, task, state_dir=state_dir, config=cfg, resume=resume)
     steps_run = engine.fit(stop_after)
-    if task.best[1] is None:  # stopped on request before the first validation: the current state
-        task.best = (-math.inf, (copy.deepcopy(backbone.state_dict()), copy.deepcopy(head.state_dict())))
-    bstate, hstate = task.best[1]
-    backbone.load_state_dict(bstate)
-    head.load_state_dict(hstate)
-    set_frozen(ext)
-    head.eval()
-    best = task.best[0]
-    head.best_val_dice = None if best == -math.inf else float(best)  # type: ignore[attr-defined]
-    head.best_step = task.best_step  # type: ignore[attr-defined]
-    head.steps_run = steps_run  # type: ignore[attr-defined]
-    return ext, head
+
+    def chosen(rule: str, e, h: nn.Module):
+        score, step, (bstate, hstate) = task.selected(rule, steps_run)
+        e.backbone.load_state_dict(bstate)
+        h.load_state_dict(hstate)
+        set_frozen(e)
+        h.eval()
+        h.selection = rule  # type: ignore[attr-defined]
+        h.best_val_dice = score  # type: ignore[attr-defined]
+        h.best_step = step  # type: ignore[attr-defined]
+        h.steps_run = steps_run  # type: ignore[attr-defined]
+        return e, h
+
+    if alternatives is not None:
+        for r in list(alternatives):
+            alternatives[r] = chosen(r, copy.deepcopy(ext), copy.deepcopy(head))
+    return chosen(cfg.optim.selection, ext, head)
 
 
 def _fitted_head(init_head: nn.Module, chans: list[int], cfg: ProbeConfig, mode: str) -> nn.Module:

@@ -1,0 +1,115 @@
+"""Which checkpoint of an end-to-end run to score: the rules of ``voxdiff experiment label-efficiency
+--compare_selection`` side by side, from the same training runs.
+
+Each end-to-end step (``labels/scratch-nN-f0``, ``labels/finetune-METHOD-nN-f0``) of a folder made
+with ``--compare_selection '[smoothed, last]'`` holds the test Dice of the state its own rule kept
+(``selection``, usually best) and of each compared rule's state (``by_selection``). This prints, per
+label count, row and rule, the kept step and the test Dice (mean ± std over the folders, one per
+seed), and paired tests (Wilcoxon over the test cases, each case's Dice averaged over folders; as in
+``benchmarks/label_curve.py``): each fine-tuned row minus from scratch under each rule, and each rule
+minus best for every row. A rule is chosen on validation in advance, not from this table's test
+columns; the table says how much the choice moves a comparison.
+
+    python benchmarks/selection_table.py runs/var/sel2-s0,runs/var/sel2-s1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def read(folders: list[str]) -> dict[tuple[str, str, str], dict[str, tuple[int, dict[str, float]]]]:
+    """``{(label count, row, rule): {folder: (kept step, {case: organ-mean Dice})}}``; row is
+    ``scratch`` or ``finetune-METHOD``."""
+    from voxdiff.evaluate.stats import case_means
+    from voxdiff.experiments.base import scores_to_per_case
+
+    out: dict[tuple[str, str, str], dict[str, tuple[int, dict[str, float]]]] = {}
+    for f in folders:
+        for res in sorted((Path(f) / "labels").glob("*-n*-f0*/result.json")):
+            m = re.fullmatch(r"(scratch|finetune-.+)-n(\d+|all)-f0(-lpft)?", res.parent.name)
+            if not m:
+                continue
+            doc = json.loads(res.read_text())
+            (key, scores), = doc["scores"].items()
+            states = {doc.get("selection", "best"): (doc.get("best_step"), scores)}
+            for rule, alt in (doc.get("by_selection") or {}).items():
+                states[rule] = (alt.get("best_step"), alt["scores"][key])
+            for rule, (step, sc) in states.items():
+                out.setdefault((m.group(2), m.group(1), rule), {})[f] = (step, case_means(scores_to_per_case(sc)))
+    return out
+
+
+def _mean(cases: dict[str, float]) -> float:
+    return float(np.nanmean(list(cases.values())))
+
+
+def _fmt(v: list[float]) -> str:
+    return f"{np.mean(v):.1f} ± {np.std(v, ddof=1):.1f}" if len(v) > 1 else f"{v[0]:.1f}"
+
+
+def paired(a: dict[str, tuple[int, dict[str, float]]], b: dict[str, tuple[int, dict[str, float]]]) -> str | None:
+    """``diff ± std over folders | p | per folder`` of A - B over the folders both have (Dice in %)."""
+    from voxdiff.evaluate.stats import paired_comparison, seed_average
+
+    common = sorted(set(a) & set(b))
+    if not common:
+        return None
+    am, bm = [_mean(a[f][1]) for f in common], [_mean(b[f][1]) for f in common]
+    pooled = paired_comparison(am, bm, seed_average([a[f][1] for f in common]), seed_average([b[f][1] for f in common]))
+    per = "; ".join(f"{100 * (x - y):+.1f}" for x, y in zip(am, bm))
+    spread = f" ± {100 * pooled['diff_std_seeds']:.1f}" if len(common) > 1 else ""
+    return f"{100 * pooled['diff_mean']:+.1f}{spread} | {pooled['wilcoxon_p']:.2g} | {per}"
+
+
+def tables(folders: list[str], rules: list[str] | None = None) -> str:
+    data = read(folders)
+    counts = sorted({n for n, _, _ in data}, key=lambda n: (n == "all", int(n) if n != "all" else 0))
+    rows = sorted({r for _, r, _ in data}, key=lambda r: (r != "scratch", r))
+    rules = rules or sorted({u for _, _, u in data}, key=lambda u: (u != "best", u))
+    lines = ["| labelled | row | rule | kept step per folder | test Dice |", "|---|---|---|---|---|"]
+    for n in counts:
+        for r in rows:
+            for u in rules:
+                d = data.get((n, r, u))
+                if d:
+                    steps = ", ".join(str(d[f][0]) for f in sorted(d))
+                    lines.append(f"| {n} | {r} | {u} | {steps} | {_fmt([100 * _mean(d[f][1]) for f in sorted(d)])} |")
+    lines += ["", "| labelled | comparison | A - B (± std over folders) | p (Wilcoxon, cases) | per folder |",
+              "|---|---|---|---|---|"]
+    for n in counts:
+        for u in rules:
+            for r in rows:
+                if r == "scratch":
+                    continue
+                s = paired(data.get((n, r, u), {}), data.get((n, "scratch", u), {}))
+                if s:
+                    lines.append(f"| {n} | {r} - scratch, both {u} | {s} |")
+        for r in rows:
+            for u in rules:
+                if u == "best":
+                    continue
+                s = paired(data.get((n, r, u), {}), data.get((n, r, "best"), {}))
+                if s:
+                    lines.append(f"| {n} | {r}: {u} - best | {s} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("folders", help="comma-separated label-efficiency folders (one per seed)")
+    ap.add_argument("--rules", default="", help="comma-separated rules to show (default: every rule found)")
+    a = ap.parse_args(argv)
+    print(tables(a.folders.split(","), a.rules.split(",") if a.rules else None))
+
+
+if __name__ == "__main__":
+    main()
