@@ -10,22 +10,12 @@ import numpy as np
 import pytest
 import torch
 from standin import StandinExtractor
+from standin import two_organ_case as _case
 
 import voxdiff.probe.train as pt
 from voxdiff.core.config import from_dict
 from voxdiff.core.errors import InputError
-from voxdiff.data.types import Case, CaseMeta
 from voxdiff.probe.train import ProbeConfig, fit_network, smoothed_score
-
-
-def _case(seed: int, shape=(24, 24, 16)) -> Case:
-    r = np.random.default_rng(seed)
-    img = r.normal(0, 50, shape).astype(np.float32)
-    lab = np.zeros(shape, np.uint8)
-    lab[4:12, 4:12, 4:10] = 6
-    img[lab == 6] += 200
-    aff = np.eye(4)
-    return Case(img, lab, CaseMeta(f"c{seed}", None, None, shape, aff, aff, (1.0, 1.0, 1.0)))
 
 
 def _cfg(**flat) -> ProbeConfig:
