@@ -6,8 +6,8 @@ with ``--compare_selection '[smoothed, last]'`` holds the test Dice of the state
 (``selection``, usually best) and of each compared rule's state (``by_selection``). This prints, per
 label count, row and rule, the kept step and the test Dice (mean ± std over the folders, one per
 seed), and paired tests (Wilcoxon over the test cases, each case's Dice averaged over folders; as in
-``benchmarks/label_curve.py``): each fine-tuned row minus from scratch under each rule, and each rule
-minus best for every row. A rule is chosen on validation in advance, not from this table's test
+``benchmarks/label_curve.py``): each fine-tuned row minus from scratch and minus the other fine-tuned
+rows under each rule, and each rule minus best for every row. A rule is chosen on validation in advance, not from this table's test
 columns; the table says how much the choice moves a comparison.
 
     python benchmarks/selection_table.py runs/var/sel2-s0,runs/var/sel2-s1
@@ -93,6 +93,12 @@ def tables(folders: list[str], rules: list[str] | None = None) -> str:
                 s = paired(data.get((n, r, u), {}), data.get((n, "scratch", u), {}))
                 if s:
                     lines.append(f"| {n} | {r} - scratch, both {u} | {s} |")
+            tuned = [r for r in rows if r != "scratch"]
+            for i, r in enumerate(tuned):
+                for q in tuned[i + 1:]:
+                    s = paired(data.get((n, r, u), {}), data.get((n, q, u), {}))
+                    if s:
+                        lines.append(f"| {n} | {r} - {q}, both {u} | {s} |")
         for r in rows:
             for u in rules:
                 if u == "best":

@@ -33,6 +33,7 @@ def test_rules_side_by_side_with_paired_tests(st, tmp_path, capsys):
         f = tmp_path / f"s{s}"
         _step(f, "scratch-n2-f0", "scratch", 0.40, 0.42 + 0.02 * s, cases)
         _step(f, "finetune-contrastive-n2-f0", "finetune", 0.30, 0.46 + 0.02 * s, cases)
+        _step(f, "finetune-diffusion-ape-n2-f0", "finetune", 0.35, 0.45, cases)
         (f / "labels" / "contrastive-n2-f0").mkdir()  # a frozen probe: not an end-to-end row
         folders.append(str(f))
     st.main([",".join(folders)])
@@ -45,3 +46,5 @@ def test_rules_side_by_side_with_paired_tests(st, tmp_path, capsys):
     assert "| 2 | finetune-contrastive - scratch, both last | +4.0 ± 0.0 |" in out
     assert "| 2 | finetune-contrastive: last - best | +17.0 ± 1.4 |" in out
     assert "+16.0; +18.0" in out
+    assert "| 2 | finetune-contrastive - finetune-diffusion-ape, both best | -5.0 ± 0.0 |" in out
+    assert "| 2 | finetune-contrastive - finetune-diffusion-ape, both last | +2.0 ± 1.4 |" in out
