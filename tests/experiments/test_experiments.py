@@ -290,12 +290,18 @@ def test_timesteps_and_label_efficiency_tiny(tmp_path):
     assert last["best_step"] == one["steps_run"] and set(last["scores"]["finetune"]) == set(one["test_cases"])
     assert last["val_score"] == pytest.approx(one["history"][-1]["val_dice"]["finetune"])
     assert one["by_selection"]["smoothed"]["best_step"] in [h["step"] for h in one["history"]]
+    tuned_rows = [r for r in res["rows"] if r["mode"] in ("scratch", "fine-tuned")]
+    assert all(set(r["by_selection"]) == {"last", "smoothed"} and r["selection"] == "best" for r in tuned_rows)
+    assert all("by_selection" not in r for r in res["rows"] if r["mode"] not in ("scratch", "fine-tuned"))
+    row = next(r for r in tuned_rows if r["mode"] == "fine-tuned" and r["n_train"] == 1)
+    assert row["by_selection"]["last"]["best_step"] == [one["steps_run"]]
     png = (tmp_path / "le" / "label_efficiency.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     md = (tmp_path / "le" / "report.md").read_text()
     assert "| labelled cases | from scratch | diffusion-none, frozen linear probe |" in md
     assert "diffusion-none, fine-tuned" in md and "label_efficiency.png" in md
     assert "Fine-tuned rows start from the non-linear head of the frozen probe" in md
+    assert "other checkpoint rules" in md and "| 1 | diffusion-none, fine-tuned | last |" in md
 
 
 def test_stage_configs_follow_budget_and_overrides(tmp_path):

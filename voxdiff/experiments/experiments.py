@@ -400,6 +400,13 @@ def _label_row(n: int, method: str, mode: str, fold_results: list[dict[str, Any]
         row["steps_run"] = [r.get("steps_run") for r in fold_results]
         row["best_step"] = [r.get("best_step") for r in fold_results]
         row["max_steps"] = [r.get("max_steps") for r in fold_results]
+        row["selection"] = fold_results[0].get("selection", "best")
+    rules = [u for u in (fold_results[0].get("by_selection") or {}) if all(u in (r.get("by_selection") or {})
+                                                                             for r in fold_results)]
+    if rules:  # the other checkpoint rules' states of the same runs (--compare_selection)
+        row["by_selection"] = {
+            u: {"summary": _aggregate([r["by_selection"][u] for r in fold_results], key)["summary"],
+                "best_step": [r["by_selection"][u].get("best_step") for r in fold_results]} for u in rules}
     return row
 
 

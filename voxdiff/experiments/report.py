@@ -332,6 +332,15 @@ def label_markdown(results: dict[str, Any], figs: list[str]) -> str:
             parts += ["", "A run that kept its first validated state (first) never improved on the validation case "
                       "afterwards, often because early stopping ran out its patience on the near-zero Dice of a "
                       "network that had not started to learn: rerun with --early_stopping_min_steps."]
+    alt = [r for r in rows if r.get("by_selection")]
+    if alt:
+        parts += ["", f"The same end-to-end runs scored at the states other checkpoint rules keep (--compare_selection; "
+                  f"the columns above use the {rule} rule):", "",
+                  "| labelled cases | series | rule | kept step | mean Dice |", "|---|---|---|---|---|"]
+        for r in alt:
+            for u, d in r["by_selection"].items():
+                parts.append(f"| {r['n_train']} | {_series_label(r['method'], r['mode'])} | {u} | "
+                             f"{', '.join(str(v) for v in d['best_step'])} | {pct(d['summary'].get('mean'))} |")
     parts += ["", *[f"![{f}]({f})" for f in figs]]
     return "\n".join(parts) + "\n"
 
