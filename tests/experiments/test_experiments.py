@@ -235,6 +235,17 @@ def test_other_settings_are_refused(tmp_path):
     with pytest.raises(InputError, match=r"other settings \(heads, seed\)"):
         Experiment(ExperimentConfig(budget="tiny", methods=("random",), heads=("linear",), seed=4), out,
                    log=lambda s: None)
+    # the same data folder spelled relative or absolute is the same setting; another folder is not
+    (tmp_path / "d").mkdir()
+    Experiment(ExperimentConfig(budget="tiny", methods=("random",), data=str(tmp_path / "d")), tmp_path / "p",
+               log=lambda s: None)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)
+        Experiment(ExperimentConfig(budget="tiny", methods=("random",), data="d"), tmp_path / "p", log=lambda s: None)
+        (tmp_path / "d2").mkdir()
+        with pytest.raises(InputError, match=r"other settings \(data\)"):
+            Experiment(ExperimentConfig(budget="tiny", methods=("random",), data="d2"), tmp_path / "p",
+                       log=lambda s: None)
     with pytest.raises(InputError, match="unknown checkpoint rule 'median'"):
         Experiment(ExperimentConfig(budget="tiny", compare_selection=("median",)), tmp_path / "r", log=lambda s: None)
     assert not (tmp_path / "r").exists()

@@ -241,6 +241,10 @@ class Experiment:
             if not isinstance(cfg, dict):
                 return cfg
             out = {k: v for k, v in cfg.items() if k not in RUNTIME_FIELDS}
+            # the same folder given relative or absolute (or through a symlink) is the same data
+            if out.get("data"):
+                out["data"] = str(Path(out["data"]).resolve())
+            out["pretrain_data"] = [str(Path(p).resolve()) for p in out.get("pretrain_data") or ()]
             counts = out.get("label_counts") or self.budget.get("label_counts") or ()
             out["label_counts"] = [int(c or 0) for c in counts]  # 0 (or None in a budget): all
             return out
