@@ -100,11 +100,30 @@ def case_scores(bench: Path, n: int | str, method: str, mode: str) -> dict[str, 
     return out
 
 
+def paired_over_seeds(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]]
+                      ) -> tuple[list[str], list[float], list[float], dict] | None:
+    """A - B over the seed folders both have (``{folder: {case: Dice}}`` each): ``(folders, A's mean
+    per folder, B's, the pooled paired comparison)``, the cases averaged over folders for the
+    Wilcoxon test; None when no folder has both."""
+    from voxdiff.evaluate.stats import paired_comparison, seed_average
+
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+
+    def mean(d: dict[str, float]) -> float:
+        return float(np.nanmean(list(d.values())))
+
+    am, bm = [mean(a[s]) for s in seeds], [mean(b[s]) for s in seeds]
+    return seeds, am, bm, paired_comparison(am, bm, seed_average([a[s] for s in seeds]),
+                                            seed_average([b[s] for s in seeds]))
+
+
 def paired_lines(bench: Path, n: int | str, pairs: list[tuple[tuple[str, str], tuple[str, str]]],
                  bench_b: Path | None = None) -> list[str]:
     """One line per comparison A - B at ``n`` labelled phantoms (see the module docstring); B's rows
     from ``bench_b`` when given (the same seed folder names)."""
-    from voxdiff.evaluate.stats import paired_comparison, seed_average
+    from voxdiff.evaluate.stats import paired_comparison
 
     def name(m: str, k: str) -> str:
         return "from scratch" if k == "scratch" else f"{m} {k}"
@@ -112,15 +131,10 @@ def paired_lines(bench: Path, n: int | str, pairs: list[tuple[tuple[str, str], t
     lines = []
     for (ma, ka), (mb, kb) in pairs:
         a, b = case_scores(bench, n, ma, ka), case_scores(bench_b or bench, n, mb, kb)
-        seeds = sorted(set(a) & set(b))
-        if not seeds:
+        both = paired_over_seeds(a, b)
+        if both is None:
             continue
-
-        def mean(d: dict[str, float]) -> float:
-            return float(np.nanmean(list(d.values())))
-
-        am, bm = [mean(a[s]) for s in seeds], [mean(b[s]) for s in seeds]
-        pooled = paired_comparison(am, bm, seed_average([a[s] for s in seeds]), seed_average([b[s] for s in seeds]))
+        seeds, am, bm, pooled = both
         per = []
         for s, x, y in zip(seeds, am, bm):
             c = paired_comparison([x], [y], a[s], b[s])

@@ -23,7 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from label_curve import paired_over_seeds  # noqa: E402
 
 
 def read(folders: list[str]) -> dict[tuple[str, str, str], dict[str, tuple[int, dict[str, float]]]]:
@@ -48,23 +51,16 @@ def read(folders: list[str]) -> dict[tuple[str, str, str], dict[str, tuple[int, 
     return out
 
 
-def _mean(cases: dict[str, float]) -> float:
-    return float(np.nanmean(list(cases.values())))
-
-
 def _fmt(v: list[float]) -> str:
     return f"{np.mean(v):.1f} ± {np.std(v, ddof=1):.1f}" if len(v) > 1 else f"{v[0]:.1f}"
 
 
 def paired(a: dict[str, tuple[int, dict[str, float]]], b: dict[str, tuple[int, dict[str, float]]]) -> str | None:
     """``diff ± std over folders | p | per folder`` of A - B over the folders both have (Dice in %)."""
-    from voxdiff.evaluate.stats import paired_comparison, seed_average
-
-    common = sorted(set(a) & set(b))
-    if not common:
+    both = paired_over_seeds({f: v[1] for f, v in a.items()}, {f: v[1] for f, v in b.items()})
+    if both is None:
         return None
-    am, bm = [_mean(a[f][1]) for f in common], [_mean(b[f][1]) for f in common]
-    pooled = paired_comparison(am, bm, seed_average([a[f][1] for f in common]), seed_average([b[f][1] for f in common]))
+    common, am, bm, pooled = both
     per = "; ".join(f"{100 * (x - y):+.1f}" for x, y in zip(am, bm))
     spread = f" ± {100 * pooled['diff_std_seeds']:.1f}" if len(common) > 1 else ""
     return f"{100 * pooled['diff_mean']:+.1f}{spread} | {pooled['wilcoxon_p']:.2g} | {per}"
@@ -82,7 +78,8 @@ def tables(folders: list[str], rules: list[str] | None = None) -> str:
                 d = data.get((n, r, u))
                 if d:
                     steps = ", ".join(str(d[f][0]) for f in sorted(d))
-                    lines.append(f"| {n} | {r} | {u} | {steps} | {_fmt([100 * _mean(d[f][1]) for f in sorted(d)])} |")
+                    dice = [100 * float(np.nanmean(list(d[f][1].values()))) for f in sorted(d)]
+                    lines.append(f"| {n} | {r} | {u} | {steps} | {_fmt(dice)} |")
     lines += ["", "| labelled | comparison | A - B (± std over folders) | p (Wilcoxon, cases) | per folder |",
               "|---|---|---|---|---|"]
     for n in counts:
