@@ -582,9 +582,14 @@ class Experiment:
                    "selection": pcfg.optim.selection, "best_step": getattr(head, "best_step", None),
                    "best_val_dice": getattr(head, "best_val_dice", None), "scores": scores, "history": hist}
             if alts:
-                out["by_selection"] = {r: {"best_step": h.best_step, "val_score": h.best_val_dice,
-                                           "scores": self._score(e, {mode: h}, test, pcfg)}
-                                       for r, (e, h) in alts.items()}
+                # states kept at the same step are the same state: each step is scored once
+                by_step = {head.best_step: scores}
+                out["by_selection"] = {}
+                for r, (e, h) in alts.items():
+                    if h.best_step not in by_step:
+                        by_step[h.best_step] = self._score(e, {mode: h}, test, pcfg)
+                    out["by_selection"][r] = {"best_step": h.best_step, "val_score": h.best_val_dice,
+                                              "scores": by_step[h.best_step]}
             return out
 
         return self.runner.run(name, run)
