@@ -11,6 +11,13 @@ rows under each rule, and each rule minus best for every row. A rule is chosen o
 columns; the table says how much the choice moves a comparison.
 
     python benchmarks/selection_table.py runs/var/sel2-s0,runs/var/sel2-s1
+
+A variant of the same runs (e.g. longer pretraining) against them: ``--baseline`` names one folder
+per variant folder, in the same order (same seed, same labelled and test cases); every row and rule
+found in both, the frozen probes included, is then compared as variant - baseline:
+
+    python benchmarks/selection_table.py runs/var/pt4k-s0,runs/var/pt4k-s1 \
+        --baseline runs/var/sel2-s0,runs/var/sel2-s1
 """
 
 from __future__ import annotations
@@ -49,6 +56,41 @@ def read(folders: list[str]) -> dict[tuple[str, str, str], dict[str, tuple[int, 
             for rule, (step, sc) in states.items():
                 out.setdefault((m.group(2), m.group(1), rule), {})[f] = (step, case_means(scores_to_per_case(sc)))
     return out
+
+
+def read_frozen(folders: list[str]) -> dict[tuple[str, str, str], dict[str, tuple[int, dict[str, float]]]]:
+    """The frozen probes of the same folders, keyed as :func:`read` with row ``frozen-METHOD-HEAD``
+    and rule ``-`` (a probe keeps one state)."""
+    from voxdiff.evaluate.stats import case_means
+    from voxdiff.experiments.base import scores_to_per_case
+
+    out: dict[tuple[str, str, str], dict[str, tuple[int, dict[str, float]]]] = {}
+    for f in folders:
+        for res in sorted((Path(f) / "labels").glob("*-n*-f0/result.json")):
+            m = re.fullmatch(r"(?!scratch|finetune-)(.+)-n(\d+|all)-f0", res.parent.name)
+            if not m:
+                continue
+            for head, sc in json.loads(res.read_text())["scores"].items():
+                out.setdefault((m.group(2), f"frozen-{m.group(1)}-{head}", "-"), {})[f] = (
+                    None, case_means(scores_to_per_case(sc)))
+    return out
+
+
+def against(folders: list[str], baseline: list[str]) -> str:
+    """Variant - baseline for every (label count, row, rule) in both; ``baseline[i]`` pairs with
+    ``folders[i]``."""
+    if len(folders) != len(baseline):
+        raise SystemExit(f"--baseline names {len(baseline)} folders for {len(folders)} variant folders")
+    rename = dict(zip(baseline, folders))
+    var = {**read(folders), **read_frozen(folders)}
+    base = {**read(baseline), **read_frozen(baseline)}
+    lines = ["| labelled | row | rule | variant - baseline (± std over folders) | p (Wilcoxon, cases) | per folder |",
+             "|---|---|---|---|---|---|"]
+    for key in sorted(set(var) & set(base)):
+        s = paired(var[key], {rename[f]: v for f, v in base[key].items()})
+        if s:
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {s} |")
+    return "\n".join(lines)
 
 
 def _fmt(v: list[float]) -> str:
@@ -110,8 +152,13 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("folders", help="comma-separated label-efficiency folders (one per seed)")
     ap.add_argument("--rules", default="", help="comma-separated rules to show (default: every rule found)")
+    ap.add_argument("--baseline", default="", help="comma-separated folders, one per variant folder in the same "
+                    "order: also print variant - baseline for every row and rule")
     a = ap.parse_args(argv)
     print(tables(a.folders.split(","), a.rules.split(",") if a.rules else None))
+    if a.baseline:
+        print()
+        print(against(a.folders.split(","), a.baseline.split(",")))
 
 
 if __name__ == "__main__":

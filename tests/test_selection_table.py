@@ -48,3 +48,38 @@ def test_rules_side_by_side_with_paired_tests(st, tmp_path, capsys):
     assert "+16.0; +18.0" in out
     assert "| 2 | finetune-contrastive - finetune-diffusion-ape, both best | -5.0 ± 0.0 |" in out
     assert "| 2 | finetune-contrastive - finetune-diffusion-ape, both last | +2.0 ± 1.4 |" in out
+
+
+def _frozen(folder: Path, name: str, v: float, cases: list[str]) -> None:
+    d = folder / "labels" / name
+    d.mkdir(parents=True)
+    (d / "result.json").write_text(json.dumps({"scores": {"nonlinear": _scores(v, cases)}}))
+
+
+@pytest.mark.filterwarnings("ignore:Precision loss")
+def test_variant_against_baseline_pairs_folders_by_position(st, tmp_path, capsys):
+    """``--baseline``: the i-th baseline folder pairs with the i-th variant folder (other names), every
+    row and rule in both is compared, the frozen probes included; a row only one side has is left out."""
+    cases = [f"c{i}" for i in range(6)]
+    var, base = [], []
+    for s in (0, 1):
+        b, v = tmp_path / f"base-s{s}", tmp_path / f"long-s{s}"
+        _step(b, "scratch-n2-f0", "scratch", 0.40, 0.42, cases)
+        _step(v, "scratch-n2-f0", "scratch", 0.40, 0.42, cases)  # the same run copied
+        _step(b, "finetune-diffusion-ape-n2-f0", "finetune", 0.35, 0.45, cases)
+        _step(v, "finetune-diffusion-ape-n2-f0", "finetune", 0.38 + 0.02 * s, 0.44, cases)
+        _step(b, "finetune-contrastive-n2-f0", "finetune", 0.30, 0.46, cases)  # not in the variant
+        _frozen(b, "diffusion-ape-n2-f0", 0.20, cases)
+        _frozen(v, "diffusion-ape-n2-f0", 0.25, cases)
+        base.append(str(b))
+        var.append(str(v))
+    st.main([",".join(var), "--baseline", ",".join(base)])
+    out = capsys.readouterr().out.split("variant - baseline")[1]
+    assert "| 2 | finetune-diffusion-ape | best | +4.0 ± 1.4 |" in out
+    assert "+3.0; +5.0" in out
+    assert "| 2 | finetune-diffusion-ape | last | -1.0 ± 0.0 |" in out
+    assert "| 2 | frozen-diffusion-ape-nonlinear | - | +5.0 ± 0.0 |" in out
+    assert "| 2 | scratch | best | +0.0 ± 0.0 |" in out
+    assert "contrastive" not in out
+    with pytest.raises(SystemExit, match="names 1 folders for 2"):
+        st.main([",".join(var), "--baseline", base[0]])
