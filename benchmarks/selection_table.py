@@ -35,44 +35,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from label_curve import paired_over_seeds  # noqa: E402
 
+Table = dict[tuple[str, str, str], dict[str, tuple[int | None, dict[str, float]]]]
 
-def read(folders: list[str]) -> dict[tuple[str, str, str], dict[str, tuple[int, dict[str, float]]]]:
-    """``{(label count, row, rule): {folder: (kept step, {case: organ-mean Dice})}}``; row is
-    ``scratch`` or ``finetune-METHOD``."""
+
+def _states(name: str, doc: dict) -> list[tuple[str, str, str, int | None, dict]] | None:
+    """(label count, row, rule, kept step, scores) of one ``labels/NAME/result.json``: an end-to-end
+    step (row ``scratch`` / ``finetune-METHOD``, one entry per scored rule) or a frozen probe (row
+    ``frozen-METHOD-HEAD``, rule ``-``); None for other names."""
+    m = re.fullmatch(r"(scratch|finetune-.+)-n(\d+|all)-f0(-lpft)?", name)
+    if m:
+        (key, scores), = doc["scores"].items()
+        out = [(m.group(2), m.group(1), doc.get("selection", "best"), doc.get("best_step"), scores)]
+        out += [(m.group(2), m.group(1), rule, alt.get("best_step"), alt["scores"][key])
+                for rule, alt in (doc.get("by_selection") or {}).items()]
+        return out
+    m = re.fullmatch(r"(.+)-n(\d+|all)-f0", name)
+    if m:
+        return [(m.group(2), f"frozen-{m.group(1)}-{head}", "-", None, sc) for head, sc in doc["scores"].items()]
+    return None
+
+
+def read(folders: list[str], frozen: bool = False) -> Table:
+    """``{(label count, row, rule): {folder: (kept step, {case: organ-mean Dice})}}`` of the end-to-end
+    rows (``scratch``, ``finetune-METHOD``), and with ``frozen`` also of the frozen probes
+    (``frozen-METHOD-HEAD``, rule ``-``: a probe keeps one state)."""
     from voxdiff.evaluate.stats import case_means
     from voxdiff.experiments.base import scores_to_per_case
 
-    out: dict[tuple[str, str, str], dict[str, tuple[int, dict[str, float]]]] = {}
+    out: Table = {}
     for f in folders:
         for res in sorted((Path(f) / "labels").glob("*-n*-f0*/result.json")):
-            m = re.fullmatch(r"(scratch|finetune-.+)-n(\d+|all)-f0(-lpft)?", res.parent.name)
-            if not m:
-                continue
-            doc = json.loads(res.read_text())
-            (key, scores), = doc["scores"].items()
-            states = {doc.get("selection", "best"): (doc.get("best_step"), scores)}
-            for rule, alt in (doc.get("by_selection") or {}).items():
-                states[rule] = (alt.get("best_step"), alt["scores"][key])
-            for rule, (step, sc) in states.items():
-                out.setdefault((m.group(2), m.group(1), rule), {})[f] = (step, case_means(scores_to_per_case(sc)))
-    return out
-
-
-def read_frozen(folders: list[str]) -> dict[tuple[str, str, str], dict[str, tuple[int, dict[str, float]]]]:
-    """The frozen probes of the same folders, keyed as :func:`read` with row ``frozen-METHOD-HEAD``
-    and rule ``-`` (a probe keeps one state)."""
-    from voxdiff.evaluate.stats import case_means
-    from voxdiff.experiments.base import scores_to_per_case
-
-    out: dict[tuple[str, str, str], dict[str, tuple[int, dict[str, float]]]] = {}
-    for f in folders:
-        for res in sorted((Path(f) / "labels").glob("*-n*-f0/result.json")):
-            m = re.fullmatch(r"(?!scratch|finetune-)(.+)-n(\d+|all)-f0", res.parent.name)
-            if not m:
-                continue
-            for head, sc in json.loads(res.read_text())["scores"].items():
-                out.setdefault((m.group(2), f"frozen-{m.group(1)}-{head}", "-"), {})[f] = (
-                    None, case_means(scores_to_per_case(sc)))
+            for n, row, rule, step, sc in _states(res.parent.name, json.loads(res.read_text())) or []:
+                if frozen or not row.startswith("frozen-"):
+                    out.setdefault((n, row, rule), {})[f] = (step, case_means(scores_to_per_case(sc)))
     return out
 
 
@@ -82,8 +77,7 @@ def against(folders: list[str], baseline: list[str]) -> str:
     if len(folders) != len(baseline):
         raise SystemExit(f"--baseline names {len(baseline)} folders for {len(folders)} variant folders")
     rename = dict(zip(baseline, folders))
-    var = {**read(folders), **read_frozen(folders)}
-    base = {**read(baseline), **read_frozen(baseline)}
+    var, base = read(folders, frozen=True), read(baseline, frozen=True)
     lines = ["| labelled | row | rule | variant - baseline (± std over folders) | p (Wilcoxon, cases) | per folder |",
              "|---|---|---|---|---|---|"]
     for key in sorted(set(var) & set(base)):
@@ -97,7 +91,7 @@ def _fmt(v: list[float]) -> str:
     return f"{np.mean(v):.1f} ± {np.std(v, ddof=1):.1f}" if len(v) > 1 else f"{v[0]:.1f}"
 
 
-def paired(a: dict[str, tuple[int, dict[str, float]]], b: dict[str, tuple[int, dict[str, float]]]) -> str | None:
+def paired(a: dict[str, tuple[int | None, dict[str, float]]], b: dict[str, tuple[int | None, dict[str, float]]]) -> str | None:
     """``diff ± std over folders | p | per folder`` of A - B over the folders both have (Dice in %)."""
     both = paired_over_seeds({f: v[1] for f, v in a.items()}, {f: v[1] for f, v in b.items()})
     if both is None:
