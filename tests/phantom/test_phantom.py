@@ -350,6 +350,25 @@ def test_thorax_detail_draws_thin_vessels_and_changes_only_the_chest():
     assert bright_b > 1.03 * bright_a, (bright_a, bright_b)
 
 
+def test_angiographic_phase_is_a_bright_bolus_and_leaves_the_default_draw_alone():
+    """The CT angiography phase puts the left heart and the aorta where a chest CTA has them
+    (400-580 HU, above any arterial-phase subject), keeps the same subject and labels, and the
+    default phase set does not include it, so default phantoms are drawn as before."""
+    assert "angiographic" not in PhantomConfig().phases
+    base = dict(shape=(56, 56, 40), unlabelled_z_modes=("chest",))
+    cta = generate_phantom(3, PhantomConfig(**base, phases=("angiographic",)), unlabelled=True)
+    art = generate_phantom(3, PhantomConfig(**base, phases=("arterial",), enhancement=(1.3, 1.3)), unlabelled=True)
+    hu_c, hu_a = cta.meta.extra["tissue_hu"], art.meta.extra["tissue_hu"]
+    assert cta.meta.extra["phase"] == "angiographic" and cta.meta.extra["phase_weights_art_pv"][1] == 0.0
+    for t in ("BLOOD_L", "AORTA"):
+        assert 380 <= hu_c[t] <= 600 and hu_c[t] > hu_a[t] + 40, (t, hu_c[t], hu_a[t])
+    np.testing.assert_array_equal(cta.meta.affine, art.meta.affine)
+    assert (cta.image > 350).sum() > (art.image > 350).sum()
+    # a phase outside the list is still refused
+    with pytest.raises(InputError, match="phases"):
+        PhantomConfig(phases=("delayed",))
+
+
 def test_findings_keep_their_organ_label_and_leave_default_phantoms_alone():
     """Lesions replace organ voxels but keep the organ's label (as BTCV and TotalSegmentator label
     them); in the native phase a cyst is water-dark inside the liver; a removed gallbladder takes

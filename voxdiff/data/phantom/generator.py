@@ -18,7 +18,7 @@ from .shapes import Canvas
 GENERATOR_VERSION = 1
 
 Z_MODES = ("chest", "chest_abdomen", "abdomen", "abdomen_pelvis", "pelvis")
-PHASES = ("native", "arterial", "portal_venous")
+PHASES = ("native", "arterial", "portal_venous", "angiographic")
 
 
 @dataclass
@@ -37,8 +37,11 @@ class PhantomConfig:
         z_modes: scanned z-ranges of labelled/test cases (chest, chest_abdomen, abdomen, abdomen_pelvis, pelvis).
         z_mode_weights: sampling weights of z_modes.
         unlabelled_z_modes: scanned z-ranges of unlabelled (pretraining) cases, drawn uniformly.
-        phases: contrast phases to draw from (native, arterial, portal_venous).
-        phase_weights: sampling weights of phases.
+        phases: contrast phases to draw from (native, arterial, portal_venous, angiographic). The
+            default draws the first three; ``angiographic`` is a CT angiography bolus: the arterial
+            pattern 1.4-2.0x as strong, whatever ``enhancement`` says (left heart and aorta about
+            400-580 HU, as in a chest CTA), no portal-venous part.
+        phase_weights: sampling weights of phases (one per entry of ``phases``).
         enhancement: range of the per-subject scale of contrast enhancement.
         organ_hu_sd: scale of the per-subject random HU offset of every tissue.
         noise_hu: range of the quantum noise standard deviation (HU, before body-size scaling).
@@ -70,7 +73,7 @@ class PhantomConfig:
     z_modes: tuple[str, ...] = ("chest_abdomen", "abdomen", "abdomen_pelvis")  # labelled/test cases
     z_mode_weights: tuple[float, ...] = (0.25, 0.5, 0.25)
     unlabelled_z_modes: tuple[str, ...] = ("chest", "chest_abdomen", "abdomen", "abdomen_pelvis", "pelvis")
-    phases: tuple[str, ...] = PHASES
+    phases: tuple[str, ...] = ("native", "arterial", "portal_venous")
     phase_weights: tuple[float, ...] = (0.2, 0.3, 0.5)
     enhancement: tuple[float, float] = (0.6, 1.3)  # per-subject scale of contrast enhancement
     organ_hu_sd: float = 1.0  # scale of the per-subject random HU offsets of every tissue
@@ -275,6 +278,8 @@ def generate_phantom(seed: int, cfg: PhantomConfig | None = None, *, unlabelled:
     enh = float(r_hu.uniform(*cfg.enhancement))
     if phase == "native":
         w_art, w_pv = 0.0, 0.0
+    elif phase == "angiographic":  # its own draw only here: subjects of the other phases are unchanged
+        w_art, w_pv = float(r_hu.uniform(1.4, 2.0)), 0.0
     elif phase == "arterial":
         mix = float(r_hu.uniform(0.0, 0.35))
         w_art, w_pv = enh * (1 - mix), enh * mix
