@@ -41,7 +41,8 @@ class PhantomConfig:
             default draws the first three; ``angiographic`` is a CT angiography bolus: the arterial
             pattern 1.4-2.0x as strong, whatever ``enhancement`` says (left heart and aorta about
             400-580 HU, as in a chest CTA), no portal-venous part.
-        phase_weights: sampling weights of phases (one per entry of ``phases``).
+        phase_weights: sampling weights of phases, one per entry of ``phases``; a list of another
+            length draws the phases uniformly (so add weights when adding ``angiographic``).
         enhancement: range of the per-subject scale of contrast enhancement.
         organ_hu_sd: scale of the per-subject random HU offset of every tissue.
         noise_hu: range of the quantum noise standard deviation (HU, before body-size scaling).
