@@ -369,6 +369,37 @@ def test_angiographic_phase_is_a_bright_bolus_and_leaves_the_default_draw_alone(
         PhantomConfig(phases=("delayed",))
 
 
+def test_angiographic_superior_vena_cava_is_dense_and_other_phases_keep_it_a_vein(monkeypatch):
+    """In CT angiography the SVC carries contrast arriving nearly undiluted from the arm: far
+    brighter than the arterial bolus, in the upper chest, right of the midline, with the labels
+    unchanged. In every other phase the SVC is drawn exactly as the other veins, so the dense-SVC
+    numbers cannot change a default phantom."""
+    from voxdiff.data.phantom import generator as gen
+
+    base = dict(shape=(56, 56, 40), unlabelled_z_modes=("chest",))
+    cta = generate_phantom(3, PhantomConfig(**base, phases=("angiographic",)), unlabelled=True)
+    art = generate_phantom(3, PhantomConfig(**base, phases=("arterial",)), unlabelled=True)
+    hu = cta.meta.extra["tissue_hu"]
+    assert gen.SVC_CTA_HU[0] <= hu["SVC"] <= gen.SVC_CTA_HU[1] and hu["SVC"] > hu["AORTA"] + 100
+    assert "SVC" not in art.meta.extra["tissue_hu"]
+    monkeypatch.setattr(gen, "SVC_CTA_HU", (2500.0, 2500.0))
+    dense = generate_phantom(3, PhantomConfig(**base, phases=("angiographic",)), unlabelled=True)
+    art2 = generate_phantom(3, PhantomConfig(**base, phases=("arterial",)), unlabelled=True)
+    np.testing.assert_array_equal(art2.image, art.image)
+    np.testing.assert_array_equal(dense.label, cta.label)
+    changed = np.abs(dense.image - cta.image) > 1.0
+    assert changed.sum() > 20, changed.sum()
+    # where it changed: the vessel lies in the upper half of the scan, beside the aorta (label 8)
+    zc = np.nonzero(changed)[2].mean()
+    aorta_z = np.nonzero(cta.label == 8)[2]
+    assert zc > cta.image.shape[2] / 2 and aorta_z.min() <= zc <= aorta_z.max() + 2, (zc, aorta_z.min(), aorta_z.max())
+    # everything else is the same subject: outside a margin around the vessel nothing moved
+    from scipy import ndimage as ndi
+
+    near = ndi.binary_dilation(changed, iterations=4)
+    np.testing.assert_allclose(dense.image[~near], cta.image[~near], atol=1.0)
+
+
 def test_findings_keep_their_organ_label_and_leave_default_phantoms_alone():
     """Lesions replace organ voxels but keep the organ's label (as BTCV and TotalSegmentator label
     them); in the native phase a cyst is water-dark inside the liver; a removed gallbladder takes

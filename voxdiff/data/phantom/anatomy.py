@@ -782,8 +782,8 @@ def _vessels(cv: Canvas, S: Subject, lm: dict[str, float]) -> None:
         if tb is not None:
             cv.paint(tb, sdf < 0, T.BLOOD_R, onto=abd_soft)
     tb, sdf, _ = cv.tube([front(lv("T1"), 28 * sw, 55 * sd), front(S.dome_r + 70, 28 * sw, 58 * sd)], [10, 10])
-    if tb is not None:
-        cv.paint(tb, sdf < 0, T.VEIN, onto=abd_soft)
+    if tb is not None:  # the SVC: its own tissue id, drawn as a vein except in CT angiography
+        cv.paint(tb, sdf < 0, T.SVC, onto=abd_soft)
 
 
 # ------------------------------------------------------------------------------------------------

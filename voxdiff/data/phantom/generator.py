@@ -19,6 +19,10 @@ GENERATOR_VERSION = 1
 
 Z_MODES = ("chest", "chest_abdomen", "abdomen", "abdomen_pelvis", "pelvis")
 PHASES = ("native", "arterial", "portal_venous", "angiographic")
+# the superior vena cava in the angiographic phase: CT number range (HU) and the standard deviation of
+# its texture (contrast mixing with unopacified blood)
+SVC_CTA_HU = (600.0, 1800.0)
+SVC_CTA_MIXING = 120.0
 
 
 @dataclass
@@ -40,7 +44,8 @@ class PhantomConfig:
         phases: contrast phases to draw from (native, arterial, portal_venous, angiographic). The
             default draws the first three; ``angiographic`` is a CT angiography bolus: the arterial
             pattern 1.4-2.0x as strong, whatever ``enhancement`` says (left heart and aorta about
-            400-580 HU, as in a chest CTA), no portal-venous part.
+            400-580 HU, as in a chest CTA), no portal-venous part, and the superior vena cava
+            dense with contrast arriving from the arm (600-1800 HU).
         phase_weights: sampling weights of phases, one per entry of ``phases``; a list of another
             length draws the phases uniformly (so add weights when adding ``angiographic``).
         enhancement: range of the per-subject scale of contrast enhancement.
@@ -304,6 +309,14 @@ def generate_phantom(seed: int, cfg: PhantomConfig | None = None, *, unlabelled:
 
     for t, row in T.HU_TABLE.items():
         set_hu(t, row, offsets[T.SHARED_OFFSET.get(t, t)])
+    # the SVC is drawn as the other veins, except in CT angiography: contrast injected into an arm
+    # vein reaches the SVC nearly undiluted (about 1,000 HU in the shared chest CTA), mixing with
+    # unopacified blood. Drawn after every other number of this stream, so nothing else changes.
+    base[T.SVC], tex[T.SVC] = base[T.VEIN], tex[T.VEIN]
+    if phase == "angiographic":
+        base[T.SVC] = np.float32(r_hu.uniform(*SVC_CTA_HU))
+        tex[T.SVC] = np.float32(SVC_CTA_MIXING * cfg.texture)
+        hu_used["SVC"] = round(float(base[T.SVC]), 1)
     if cfg.findings:  # the findings' CT numbers, with offsets from their own stream
         for t, row in T.FINDING_HU.items():
             off = float(r_find.normal(0, row[4] * cfg.organ_hu_sd))

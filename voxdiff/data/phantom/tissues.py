@@ -19,7 +19,11 @@ BLADDER, CARTILAGE, TABLE_SKIN, TABLE_CORE, AIRWAY, DIAPHRAGM, FEMUR_MARROW, GB_
 PULM_VESSEL = 50  # pulmonary vessels as thin blood-filled tubes (PhantomConfig.thorax_detail)
 # findings of everyday clinical CT (PhantomConfig.lesion_rate, ascites_prob): painted only when asked for
 LIVER_CYST, LIVER_MET, KID_CYST, SPLEEN_LESION, ASCITES = range(51, 56)
-N_TISSUES = 56
+# the superior vena cava: a vein like VEIN (same CT number, same offset, no row of its own in HU_TABLE,
+# so no draw of its own) except in the angiographic phase, where it carries the undiluted contrast
+# arriving from the arm (docs/PHANTOMS.md)
+SVC = 56
+N_TISSUES = 57
 
 TISSUE_NAMES = {
     v: k
