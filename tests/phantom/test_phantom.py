@@ -400,6 +400,48 @@ def test_angiographic_superior_vena_cava_is_dense_and_other_phases_keep_it_a_vei
     np.testing.assert_allclose(dense.image[~near], cta.image[~near], atol=1.0)
 
 
+def test_upper_chest_gives_the_thorax_above_the_arch_apices_vessels_and_clavicles():
+    """``upper_chest`` changes only the thorax above the aortic arch of the same subject: the lungs
+    end in apices a little above T1 (no aerated lung above, less lung just below), the arch's
+    branches and brachiocephalic veins add enhanced vessels, the clavicles and manubrium add bone
+    in the anterior wall; labels and everything below the arch stay as they were."""
+    base = dict(shape=(56, 56, 80), unlabelled_z_modes=("chest",), phases=("arterial",), enhancement=(1.2, 1.2))
+    # seed 6: a chest scan that reaches a few mm above the lung apex
+    plain = generate_phantom(6, PhantomConfig(**base), unlabelled=True)
+    upper = generate_phantom(6, PhantomConfig(**base, upper_chest=True), unlabelled=True)
+    assert "upper_chest" not in plain.meta.extra and upper.meta.extra["upper_chest"] is True
+    np.testing.assert_array_equal(upper.label, plain.label)
+    z0, dz = upper.meta.affine[2, 3], upper.meta.affine[2, 2]
+    k = lambda z: int(round((z - z0) / dz))  # noqa: E731 - slice index of a world z
+    lm = upper.meta.extra["landmarks_z_mm"]
+    arch, apex = k(lm["aortic_arch"]), k(lm["lung_apex"])
+    assert 0 < arch < plain.image.shape[2] - 10 and apex > arch + 10, (arch, apex)
+    changed = np.nonzero(np.abs(upper.image - plain.image) > 1.0)[2]
+    assert changed.size > 500 and changed.min() >= arch - 3, (changed.size, changed.min(), arch)
+    np.testing.assert_array_equal(upper.image[:, :, : arch - 3], plain.image[:, :, : arch - 3])
+    # aerated lung (< -700 HU inside the body, away from the outside air) above the apex: none
+    from scipy import ndimage as ndi
+
+    def lung_per_slice(img):
+        body = np.stack([ndi.binary_erosion(ndi.binary_fill_holes(img[:, :, j] > -500), iterations=3)
+                         for j in range(img.shape[2])], axis=2)
+        return ((img < -700) & body).sum(axis=(0, 1))
+
+    lu, lp = lung_per_slice(upper.image), lung_per_slice(plain.image)
+    assert apex < upper.image.shape[2] - 1 and lp[apex + 1:].sum() > 100
+    # above the apex: almost no lung (the smooth displacement field moves the apex by a few mm)
+    assert lu[apex + 1:].sum() < 0.15 * lp[apex + 1:].sum(), (lu[apex + 1:], lp[apex + 1:])
+    top = slice(apex - 3, apex + 1)  # just below it: a small dome
+    assert lu[top].sum() < 0.85 * lp[top].sum(), (lu[top].sum(), lp[top].sum())
+    assert lu[arch:].sum() < 0.9 * lp[arch:].sum()
+    # enhanced vessels (150-450 HU) and bone (> 600 HU) above the arch: more of both
+    above = (slice(None), slice(None), slice(arch + 2, None))
+    for lo, hi in ((150, 450), (600, 4000)):
+        nu = ((upper.image[above] > lo) & (upper.image[above] < hi)).sum()
+        npl = ((plain.image[above] > lo) & (plain.image[above] < hi)).sum()
+        assert nu > 1.2 * npl + 10, (lo, nu, npl)
+
+
 def test_findings_keep_their_organ_label_and_leave_default_phantoms_alone():
     """Lesions replace organ voxels but keep the organ's label (as BTCV and TotalSegmentator label
     them); in the native phase a cyst is water-dark inside the liver; a removed gallbladder takes

@@ -124,9 +124,11 @@ def _jit(S: Subject, name: str, c) -> np.ndarray:
 
 
 # ================================================================================================
-def build(cv: Canvas, S: Subject, fields: dict[str, np.ndarray], thorax_detail: bool = False) -> dict[str, float]:
+def build(cv: Canvas, S: Subject, fields: dict[str, np.ndarray], thorax_detail: bool = False,
+          upper_chest: bool = False) -> dict[str, float]:
     """Paint the whole trunk into ``cv.tissue``; returns landmark z positions (subject frame).
-    ``thorax_detail``: see :class:`PhantomConfig` (needs the ``vess*`` fields)."""
+    ``thorax_detail``, ``upper_chest``: see :class:`PhantomConfig` (``thorax_detail`` needs the
+    ``vess*`` fields)."""
     lm: dict[str, float] = {}
     _torso(cv, S)
     _diaphragm_regions(cv, S)
@@ -137,6 +139,8 @@ def build(cv: Canvas, S: Subject, fields: dict[str, np.ndarray], thorax_detail: 
     _organs(cv, S, fields, lm)
     _vessels(cv, S, lm)
     _skeleton(cv, S, lm)
+    if upper_chest:  # painted last and without random draws: the rest of the subject stays as it was
+        _upper_chest(cv, S, lm)
     for i, n in enumerate(LEVELS):
         lm[f"{n}_bottom"] = float(S.levels[i])
     lm["pubic_symphysis"] = 0.0
@@ -322,14 +326,7 @@ def _muscles(cv: Canvas, S: Subject) -> None:
     b = cv.box((-90, -220, zlo), (90, 60, zhi))
     if b is None:
         return
-    X, Y, Z = cv.coords(b)
-    sy, sx = S.spine_y(Z), S.spine_x(Z)
-    ry = S.body_ry(Z)
-    u = X - sx
-    # erector spinae: from the laminae back to the posterior wall
-    cy = sy - ry - 45 * S.sd
-    es = ((np.abs(u) - 28 * S.sw) / (24 * S.sw)) ** 2 + ((Y - cy) / (30 * S.sd)) ** 2 < 1
-    cv.paint(b, es, T.MUSCLE, onto=(T.MUSCLE, T.FAT_VISC, T.LUNG), region=(1, 2, 3))
+    _erector_spinae(cv, S, b)
     # psoas: grows from T12 to L5, moves lateral-anterior into the pelvis
     zz = np.array([S.lev("T12", 0.5), S.lev("L2"), S.lev("L4"), S.lev("S", 0.9), S.lev("S", 0.3), -20.0])
     pr = np.array([4, 12, 20, 22, 18, 16]) * S.sw
@@ -346,6 +343,15 @@ def _muscles(cv: Canvas, S: Subject) -> None:
         tb, sdf, _ = cv.tube(pts, [6, 13, 9], scale=(1.0, 0.6, 1.0))
         if tb is not None:
             cv.paint(tb, sdf < 0, T.MUSCLE, region=(2,))
+
+
+def _erector_spinae(cv: Canvas, S: Subject, b) -> None:
+    """The paraspinal columns in box ``b``: from the laminae back to the posterior wall."""
+    X, Y, Z = cv.coords(b)
+    u = X - S.spine_x(Z)
+    cy = S.spine_y(Z) - S.body_ry(Z) - 45 * S.sd
+    es = ((np.abs(u) - 28 * S.sw) / (24 * S.sw)) ** 2 + ((Y - cy) / (30 * S.sd)) ** 2 < 1
+    cv.paint(b, es, T.MUSCLE, onto=(T.MUSCLE, T.FAT_VISC, T.LUNG), region=(1, 2, 3))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -946,3 +952,87 @@ def _ribs(cv: Canvas, S: Subject) -> None:
     st = shell & (np.abs(X) < 16 * sw) & (wall_d > 4) & (wall_d < 15) & (Y > 0) & (Z > zs0) & (Z < zs1)
     cv.paint(b, st, T.MARROW)
     cv.paint(b, st & ((wall_d < 6) | (wall_d > 13) | (np.abs(X) > 13 * sw)), T.CORTEX)
+
+
+# ------------------------------------------------------------------------------------------------
+def _upper_chest(cv: Canvas, S: Subject, lm: dict[str, float]) -> None:
+    """The thorax above the aortic arch (``PhantomConfig.upper_chest``): lung apices that narrow to
+    domes ending a little above T1 (soft tissue of the neck base above and between them), the
+    paraspinal muscles continued above T1, the arch's three branches (brachiocephalic trunk dividing
+    into the right subclavian and common carotid arteries, left common carotid, left subclavian),
+    the brachiocephalic veins (the left one crossing in front of the arch branches into the SVC; the
+    right one drawn as the SVC, the arm injection side of a CT angiogram), the manubrium and the
+    clavicles. Without it, the cavity above T2 is lung up to the top of the scan and the slices
+    above the arch barely change with z (docs/BPR.md, "The upper chest")."""
+    sw, sd, lv = S.sw, S.sd, S.lev
+    top = float(S.levels[-1])
+    z3, apex = lv("T3"), lv("T1", 0.8) + 12.0
+    lm["lung_apex"] = apex
+
+    def front(z, dx=0.0, dy=0.0):
+        return (float(S.spine_x(z)) + dx, float(S.ys(z)) + dy, z)
+
+    # ---- lung apices: each lung inside a dome over a posterolateral centre above T3 ----------------
+    b = cv.box((-260, -220, z3), (260, 260, top))
+    if b is not None:
+        X, Y, Z = cv.coords(b)
+        t = np.clip((Z - z3) / (apex - z3), 0.0, 1.0)
+        radius = 130.0 * np.sqrt(np.clip(1.0 - t, 0.0, 1.0)) * sw  # a dome: most of the width until near the top
+        ys = S.ys(Z)
+        inside = np.zeros(X.shape, bool)
+        for side in (1, -1):
+            inside |= (X - side * 60 * sw) ** 2 + ((Y - ys - 15 * sd) / 1.1) ** 2 < radius**2
+        lung = np.isin(cv.tissue[b], (T.LUNG, T.LUNG_VESSEL, T.PULM_VESSEL)) & ~inside & (Z > z3)
+        # scalene and prevertebral muscles beside and in front of the spine, fat elsewhere
+        mus = (Y < ys + 25 * sd) & (np.abs(X - S.spine_x(Z)) < 75 * sw)
+        cv.paint(b, lung & mus, T.MUSCLE)
+        cv.paint(b, lung & ~mus, T.FAT_VISC)
+    # paraspinal muscles above T1 (the default trunk stops them at T1)
+    b = cv.box((-90, -220, lv("T1")), (90, 60, top))
+    if b is not None:
+        _erector_spinae(cv, S, b)
+    soft = (T.FAT_VISC, T.MUSCLE, T.LUNG, T.LUNG_VESSEL, T.PULM_VESSEL)
+    # ---- the arch's branches --------------------------------------------------------------------
+    za = lv("T4", 0.2) + 22  # top of the arch (as drawn in _vessels)
+    bif = front(za + 32, 20 * sw, 44 * sd)
+    branches = [
+        ([front(za - 2, 10 * sw, 40 * sd), front(za + 14, 15 * sw, 43 * sd), bif], [7.5, 7.0, 6.5]),  # brachiocephalic trunk
+        ([bif, front(za + 48, 42 * sw, 36 * sd), front(za + 56, 75 * sw, 30 * sd), front(za + 50, 110 * sw, 30 * sd)], [5.5, 5, 4.5, 4.5]),  # right subclavian
+        ([bif, front(za + 70, 24 * sw, 46 * sd), (float(S.spine_x(top)) + 26 * sw, float(S.ys(top)) + 42 * sd, top + 10)], [4.5, 4.2, 4.0]),  # right carotid
+        ([front(za - 2, -2 * sw, 34 * sd), front(za + 30, -12 * sw, 40 * sd), (float(S.spine_x(top)) - 26 * sw, float(S.ys(top)) + 40 * sd, top + 10)], [4.8, 4.4, 4.0]),  # left carotid
+        ([front(za - 4, -12 * sw, 26 * sd), front(za + 28, -28 * sw, 24 * sd), front(za + 50, -60 * sw, 26 * sd), front(za + 46, -110 * sw, 30 * sd)], [5.5, 5, 4.5, 4.5]),  # left subclavian
+    ]
+    for pts, rad in branches:
+        tb, sdf, _ = cv.tube(pts, np.array(rad) * sw**0.5)
+        if tb is not None:
+            cv.paint(tb, sdf < 0, T.ARTERY, onto=soft + (T.FAT_SC,))
+    # ---- brachiocephalic veins into the SVC (whose top is at T1, 28 mm right, 55 mm anterior) --------
+    svc_top = front(lv("T1"), 28 * sw, 55 * sd)
+    junction = front(lv("T2", 0.3), 27 * sw, 56 * sd)
+    left = [front(lv("T1", 0.7), -95 * sw, 38 * sd), front(lv("T1", 0.2), -50 * sw, 52 * sd), front(lv("T2", 0.6), -5 * sw, 62 * sd), junction]
+    right = [front(lv("T1", 0.9), 95 * sw, 36 * sd), front(lv("T1", 0.5), 55 * sw, 48 * sd), svc_top]
+    for pts, rad, tid in ((left, [6.0, 6.5, 7.0, 8.0], T.VEIN), (right, [6.5, 7.0, 9.0], T.SVC)):
+        tb, sdf, _ = cv.tube(pts, np.array(rad) * sw**0.5, scale=(1.0, 0.8, 1.0))
+        if tb is not None:
+            cv.paint(tb, sdf < 0, tid, onto=soft + (T.FAT_SC,))
+    # ---- manubrium and clavicles in the anterior chest wall ---------------------------------------
+    b = cv.box((-220, -50, lv("T3") - 10), (220, 260, lv("C7")))
+    if b is None:
+        return
+    X, Y, Z = cv.coords(b)
+    wall_d = cv._depth[b] - cv._fat[b]  # depth below the muscle surface (negative: in the fat)
+    body = cv.region[b] >= 1
+    # manubrium: wider than the sternal body, from T3 up to the jugular notch near T2
+    zm0, zm1 = lv("T3"), lv("T2", 0.7)
+    man = body & (np.abs(X) < 26 * sw) & (wall_d > 3) & (wall_d < 16) & (Y > 0) & (Z > zm0 - 2) & (Z < zm1)
+    cv.paint(b, man, T.MARROW)
+    cv.paint(b, man & ((wall_d < 5) | (wall_d > 14) | (np.abs(X) > 23 * sw) | (Z > zm1 - 2.5)), T.CORTEX)
+    # clavicles: from the manubrium's upper corners out along the chest wall, rising laterally
+    ang = np.arctan2(np.abs(X), -Y)  # 0 posterior midline, pi anterior midline
+    reach = np.clip((np.pi - ang) / 1.45, 0.0, 1.0)  # 0 at the sternoclavicular joint, 1 at the acromion
+    zc = zm1 - 4 + 26 * reach ** 0.8
+    rod = body & (((Z - zc) / 7.5) ** 2 + ((wall_d - 2.0) / 7.5) ** 2 < 1) & (np.abs(X) > 18 * sw) & (ang > np.pi - 1.45) & (Y > -20)
+    core = rod & (((Z - zc) / 4.5) ** 2 + ((wall_d - 2.0) / 4.5) ** 2 < 1)
+    rod &= np.isin(cv.tissue[b], (T.FAT_SC, T.MUSCLE, T.FAT_VISC))
+    cv.paint(b, rod, T.CORTEX)
+    cv.paint(b, rod & core, T.MARROW)

@@ -71,6 +71,10 @@ class PhantomConfig:
             with partial volume (instead of blob-shaped markings at -250 HU) and heart chambers
             holding about half of the heart (instead of a third). Off by default: it did not make
             the body part regressor better on real chest CT (docs/BPR.md, "Phantom thorax").
+        upper_chest: the thorax above the aortic arch as in real CT: lung apices ending a little
+            above T1 (neck-base soft tissue around them), the arch's branches, the brachiocephalic
+            veins, the manubrium and the clavicles, the paraspinal muscles above T1. Off by default,
+            so that the default phantoms stay as they were (docs/BPR.md, "The upper chest").
     """
 
     shape: tuple[int, int, int] = (128, 128, 96)
@@ -99,6 +103,7 @@ class PhantomConfig:
     ascites_prob: float = 0.0  # chance of free intraperitoneal fluid
     gallbladder_absent_prob: float = 0.0  # chance of a cholecystectomy
     thorax_detail: bool = False  # thin partial-volume pulmonary vessels, larger heart chambers
+    upper_chest: bool = False  # apices, arch branches, brachiocephalic veins, manubrium, clavicles
 
     @property
     def findings(self) -> bool:
@@ -265,7 +270,7 @@ def generate_phantom(seed: int, cfg: PhantomConfig | None = None, *, unlabelled:
         )
 
     # ---- anatomy -------------------------------------------------------------------------------------
-    lm = build(cv, S, fields, thorax_detail=cfg.thorax_detail)
+    lm = build(cv, S, fields, thorax_detail=cfg.thorax_detail, upper_chest=cfg.upper_chest)
     if not cfg.table:
         cv.tissue[(cv.tissue == T.TABLE_CORE) | (cv.tissue == T.TABLE_SKIN)] = T.AIR
     tissue = cv.tissue
@@ -393,6 +398,8 @@ def generate_phantom(seed: int, cfg: PhantomConfig | None = None, *, unlabelled:
     }
     if cfg.thorax_detail:
         extra["thorax_detail"] = True
+    if cfg.upper_chest:
+        extra["upper_chest"] = True
     if cfg.findings:
         extra["findings"] = findings
     cid = case_id or f"phantom_{seed}"
