@@ -41,7 +41,13 @@ def slice_scores_volume(
             z1 = min(nz, z0 + z_chunk)
             tiles = [vol[x0:x0 + tx, y0:y0 + ty, z0:z1] for x0 in xs for y0 in ys]
             batch = torch.stack(tiles)[:, None]  # (T, 1, tx, ty, zc)
-            s = model.slice_scores_raw(batch)  # (T, zc)
+            c = int(getattr(model, "context", 0))
+            if c:  # each slice with its neighbours from the whole volume (end slices repeated at its edges)
+                zi = (torch.arange(z0, z1)[:, None] + torch.arange(-c, c + 1)[None]).clamp(0, nz - 1).flatten()
+                ctx = torch.stack([vol[x0:x0 + tx, y0:y0 + ty][:, :, zi] for x0 in xs for y0 in ys])[:, None]
+                s = model.slice_scores_raw(ctx, stacked=True)  # (T, zc)
+            else:
+                s = model.slice_scores_raw(batch)  # (T, zc)
             w = (batch > thr).float().mean(dim=(1, 2, 3)) + 0.02  # (T, zc)
             out[z0:z1] = ((s * w).sum(0) / w.sum(0)).double().numpy()
     finally:

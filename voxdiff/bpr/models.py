@@ -144,12 +144,17 @@ class SliceRegressor(BodyPartRegressor):
     kind = "slice"
     out_channels = 1
 
-    def __init__(self, channels: tuple[int, ...] = (16, 32, 48, 64), unit_mm: float = 100.0, **kw: Any):
+    def __init__(self, channels: tuple[int, ...] = (16, 32, 48, 64), unit_mm: float = 100.0, context: int = 0, **kw: Any):
         super().__init__(**kw)
         self.channels = tuple(int(c) for c in channels)
         self.unit_mm = float(unit_mm)
+        # ``context`` neighbouring slices on each side (at the model spacing) join each slice as input
+        # channels, so that the network sees which way the anatomy changes (a lung apex from a lung base)
+        self.context = int(context)
+        if self.context < 0:
+            raise ValueError(f"slice context must be >= 0, got {context}")
         layers: list[nn.Module] = []
-        cin = 1
+        cin = 2 * self.context + 1
         for c in self.channels:
             # stride-2 2x2 conv (no padding: output j covers input [2j, 2j+1]) then a 3x3 conv
             layers += [nn.Conv2d(cin, c, 2, stride=2), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
@@ -161,16 +166,37 @@ class SliceRegressor(BodyPartRegressor):
         self.stride = (s, s, 1)
 
     def arch(self) -> dict[str, Any]:
-        return {"channels": list(self.channels), "unit_mm": self.unit_mm, "patch_size": list(self.patch_size)}
+        a = {"channels": list(self.channels), "unit_mm": self.unit_mm, "patch_size": list(self.patch_size)}
+        if self.context:
+            a["context"] = self.context
+        return a
 
-    def slice_scores_raw(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1, X, Y, Z) -> (B, Z) uncalibrated scores."""
+    def slice_scores_raw(self, x: torch.Tensor, stacked: bool = False) -> torch.Tensor:
+        """(B, 1, X, Y, Z) -> (B, Z) uncalibrated scores.
+
+        With ``context`` c > 0 each slice is given with its c neighbours on each side: taken from
+        ``x`` itself (the end slices repeated beyond its edges), or, with ``stacked``, ``x`` holds
+        K groups of 2c + 1 consecutive slices along Z (each group centred on its slice) -> (B, K)."""
         _check_input(x, self)
-        b, _, _, _, z = x.shape
+        n = 2 * self.context + 1
+        b, _, nx, ny, z = x.shape
         x, _ = _pad_to_multiple(x, self.stride)
-        xs = x.permute(0, 4, 1, 2, 3).reshape(b * z, 1, x.shape[2], x.shape[3])
-        local = self.head(self.features(xs))  # (B*Z, 1, x', y')
-        return local.mean(dim=(1, 2, 3)).view(b, z)
+        if stacked:
+            if z % n:
+                raise ValueError(f"stacked input needs a multiple of {n} slices, got {z}")
+            k = z // n
+            xs = x.view(b, 1, x.shape[2], x.shape[3], k, n).permute(0, 4, 5, 1, 2, 3).reshape(b * k, n, x.shape[2], x.shape[3])
+        else:
+            k = z
+            if self.context:
+                c = self.context
+                x = torch.cat([x[..., :1].expand(*x.shape[:4], c), x, x[..., -1:].expand(*x.shape[:4], c)], dim=4)
+                x = x.unfold(4, n, 1)  # (B, 1, X', Y', Z, n)
+                xs = x.permute(0, 4, 5, 1, 2, 3).reshape(b * k, n, x.shape[2], x.shape[3])
+            else:
+                xs = x.permute(0, 4, 1, 2, 3).reshape(b * k, 1, x.shape[2], x.shape[3])
+        local = self.head(self.features(xs))  # (B*K, 1, x', y')
+        return local.mean(dim=(1, 2, 3)).view(b, k)
 
     def slice_scores(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, X, Y, Z) -> (B, Z) calibrated scores."""

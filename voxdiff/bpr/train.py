@@ -121,10 +121,14 @@ class BPRModel:
         channels: feature channels per level of the network (null: slice (16, 32, 48, 64), ape (16, 32, 64)).
         ape_input_pool: ape: the encoder sees the crop average-pooled by this factor (more context
             for the same cost: where a patch lies needs no fine detail).
+        slice_context: slice: neighbouring slices on each side (one voxel of the model spacing apart)
+            given with each slice as input channels, so that the network sees which way the anatomy
+            changes along z (0: one slice at a time, as in Yan 2018).
     """
 
     channels: tuple[int, ...] | None = None
     ape_input_pool: int = 2
+    slice_context: int = 0
 
 
 @dataclass
@@ -265,6 +269,8 @@ def _validate(cfg: BPRTrainConfig) -> None:
         raise InputError(None, "runtime.log_every, runtime.checkpoint_every and runtime.keep_checkpoints must be >= 1")
     if d.slices_per_sample < 3 and cfg.kind == "slice":
         raise InputError(None, "data.slices_per_sample must be >= 3")
+    if cfg.model.slice_context < 0:
+        raise InputError(None, f"model.slice_context must be >= 0, got {cfg.model.slice_context}")
     if d.ape_crops < 2:
         raise InputError(None, f"data.ape_crops must be >= 2 (two overlapping views), got {d.ape_crops}")
     if min(d.slice_patch, d.ape_patch, d.ape_patch_min or 8) < 8:
@@ -371,12 +377,13 @@ def slice_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Ge
     idx = draw_volumes(vols, d.batch_size, rng, d.extra_ratio)  # type: ignore[arg-type]
     va, vb, zs = [], [], []
     for i in idx:
-        a, b, z = slice_views(vols[i], d.slice_patch, d.slices_per_sample, rng, d.zoom, d.intensity_aug, d.texture_aug)
+        a, b, z = slice_views(vols[i], d.slice_patch, d.slices_per_sample, rng, d.zoom, d.intensity_aug, d.texture_aug,
+                              context=int(getattr(model, "context", 0)))
         va.append(a)
         vb.append(b)
         zs.append(z)
     x = torch.cat(va + vb)
-    s = model.slice_scores_raw(x)
+    s = model.slice_scores_raw(x, stacked=True)
     sa, sb = s[: len(idx)], s[len(idx):]
     z = torch.stack(zs)
     hb = cfg.task.heuristic_b
@@ -439,7 +446,7 @@ def ape_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Gene
 # ------------------------------------------------------------------------------------ engine task
 
 # fields that may not change between a checkpoint and --resume (dotted: section.field)
-_RESUME_FIXED = ("kind", "model.channels", "preprocess.spacing", "preprocess.hu_window", "data.slice_patch",
+_RESUME_FIXED = ("kind", "model.channels", "model.slice_context", "preprocess.spacing", "preprocess.hu_window", "data.slice_patch",
                  "data.ape_patch", "model.ape_input_pool", "task.anchor", "task.slice_model", "task.anchor_knots",
                  "task.anchor_fit", "task.anchor_slope_range")
 
@@ -596,6 +603,8 @@ def _train(cfg: BPRTrainConfig, out: Path, vols: list[Volume], resuming: bool, p
     patch = (d.slice_patch, d.slice_patch, d.slices_per_sample) if cfg.kind == "slice" else (d.ape_patch,) * 3
     arch: dict[str, Any] = {"channels": cfg.model.channels, "unit_mm": 1.0 / t.heuristic_b if cfg.kind == "slice" else 100.0,
                             "patch_size": patch}
+    if cfg.kind == "slice" and cfg.model.slice_context:
+        arch["context"] = int(cfg.model.slice_context)
     slice_model = None
     if cfg.kind == "ape":
         arch.update(head="anchor", input_pool=cfg.model.ape_input_pool)
