@@ -117,6 +117,10 @@ class Subject:
         """Anterior surface of the vertebral body."""
         return self.spine_y(z) + self.body_ry(z)
 
+    def front(self, z: float, dx: float = 0.0, dy: float = 0.0) -> tuple[float, float, float]:
+        """A point ``dx`` mm lateral of the spine's axis and ``dy`` mm in front of the vertebral body at height ``z``."""
+        return (float(self.spine_x(z)) + dx, float(self.ys(z)) + dy, z)
+
 
 def _jit(S: Subject, name: str, c) -> np.ndarray:
     o = S.organ[name]
@@ -619,13 +623,11 @@ def _ell(X, Y, Z, c, r, R):
 def _vessels(cv: Canvas, S: Subject, lm: dict[str, float]) -> None:
     sw, sd = S.sw, S.sd
     lv = S.lev
-    sx, sy, ry = S.spine_x, S.spine_y, S.body_ry
+    sy = S.spine_y
     abd_soft = (T.FAT_VISC, T.MUSCLE, T.BOWEL_WALL, T.BOWEL_FLUID, T.BOWEL_AIR, T.STOOL, T.PANCREAS, T.LUNG,
                 T.LUNG_VESSEL, T.PULM_VESSEL, T.DIAPHRAGM, T.BOWEL_CONTRAST)
 
-    def front(z, dx=0.0, dy=0.0):
-        return (float(sx(z)) + dx, float(sy(z) + ry(z)) + dy, z)
-
+    front = S.front
     # aorta: ascending -> arch -> descending (left of the spine) -> abdominal -> bifurcation at L4
     zb = lv("L4", 0.4)
     ra = S.aorta_r
@@ -968,9 +970,7 @@ def _upper_chest(cv: Canvas, S: Subject, lm: dict[str, float]) -> None:
     top = float(S.levels[-1])
     z3, apex = lv("T3"), lv("T1", 0.8) + 12.0
     lm["lung_apex"] = apex
-
-    def front(z, dx=0.0, dy=0.0):
-        return (float(S.spine_x(z)) + dx, float(S.ys(z)) + dy, z)
+    front = S.front
 
     # ---- lung apices: each lung inside a dome over a posterolateral centre above T3 ----------------
     b = cv.box((-260, -220, z3), (260, 260, top))
@@ -993,13 +993,13 @@ def _upper_chest(cv: Canvas, S: Subject, lm: dict[str, float]) -> None:
         _erector_spinae(cv, S, b)
     soft = (T.FAT_VISC, T.MUSCLE, T.LUNG, T.LUNG_VESSEL, T.PULM_VESSEL)
     # ---- the arch's branches --------------------------------------------------------------------
-    za = lv("T4", 0.2) + 22  # top of the arch (as drawn in _vessels)
+    za = lm["aortic_arch"]  # top of the arch, as _vessels drew it
     bif = front(za + 32, 20 * sw, 44 * sd)
     branches = [
         ([front(za - 2, 10 * sw, 40 * sd), front(za + 14, 15 * sw, 43 * sd), bif], [7.5, 7.0, 6.5]),  # brachiocephalic trunk
         ([bif, front(za + 48, 42 * sw, 36 * sd), front(za + 56, 75 * sw, 30 * sd), front(za + 50, 110 * sw, 30 * sd)], [5.5, 5, 4.5, 4.5]),  # right subclavian
-        ([bif, front(za + 70, 24 * sw, 46 * sd), (float(S.spine_x(top)) + 26 * sw, float(S.ys(top)) + 42 * sd, top + 10)], [4.5, 4.2, 4.0]),  # right carotid
-        ([front(za - 2, -2 * sw, 34 * sd), front(za + 30, -12 * sw, 40 * sd), (float(S.spine_x(top)) - 26 * sw, float(S.ys(top)) + 40 * sd, top + 10)], [4.8, 4.4, 4.0]),  # left carotid
+        ([bif, front(za + 70, 24 * sw, 46 * sd), (*front(top, 26 * sw, 42 * sd)[:2], top + 10)], [4.5, 4.2, 4.0]),  # right carotid
+        ([front(za - 2, -2 * sw, 34 * sd), front(za + 30, -12 * sw, 40 * sd), (*front(top, -26 * sw, 40 * sd)[:2], top + 10)], [4.8, 4.4, 4.0]),  # left carotid
         ([front(za - 4, -12 * sw, 26 * sd), front(za + 28, -28 * sw, 24 * sd), front(za + 50, -60 * sw, 26 * sd), front(za + 46, -110 * sw, 30 * sd)], [5.5, 5, 4.5, 4.5]),  # left subclavian
     ]
     for pts, rad in branches:
