@@ -17,7 +17,15 @@ import numpy as np
 import torch
 
 from ..data.ctcheck import ct_problem  # noqa: F401  (the shared CT check; bpr.train imports it from here)
-from .models import APERegressor, BodyPartRegressor, SliceRegressor, add_s_residual, body_threshold, tile_starts
+from .models import (
+    APERegressor,
+    BodyPartRegressor,
+    SliceRegressor,
+    add_s_residual,
+    body_threshold,
+    slice_neighbourhoods,
+    tile_starts,
+)
 
 
 @torch.no_grad()
@@ -43,7 +51,7 @@ def slice_scores_volume(
             batch = torch.stack(tiles)[:, None]  # (T, 1, tx, ty, zc)
             c = int(getattr(model, "context", 0))
             if c:  # each slice with its neighbours from the whole volume (end slices repeated at its edges)
-                zi = (torch.arange(z0, z1)[:, None] + torch.arange(-c, c + 1)[None]).clamp(0, nz - 1).flatten()
+                zi = slice_neighbourhoods(torch.arange(z0, z1), c, nz)
                 ctx = torch.stack([vol[x0:x0 + tx, y0:y0 + ty][:, :, zi] for x0 in xs for y0 in ys])[:, None]
                 s = model.slice_scores_raw(ctx, stacked=True)  # (T, zc)
             else:

@@ -140,6 +140,14 @@ def _pad_to_multiple(x: torch.Tensor, mult: tuple[int, ...]) -> tuple[torch.Tens
     return x, tuple(size)
 
 
+def slice_neighbourhoods(z: torch.Tensor, context: int, nz: int) -> torch.Tensor:
+    """Z positions (voxels; integer or fractional) of each slice in ``z`` with its ``context``
+    neighbours on each side, one voxel apart, clamped to ``[0, nz - 1]`` (the end slices repeated
+    beyond a volume's edges): ``(len(z) * (2 * context + 1),)``, grouped by slice, each group centred on it."""
+    offsets = torch.arange(-context, context + 1, dtype=z.dtype, device=z.device)
+    return (z[:, None] + offsets[None]).clamp(0, nz - 1).flatten()
+
+
 class SliceRegressor(BodyPartRegressor):
     kind = "slice"
     out_channels = 1
@@ -179,22 +187,14 @@ class SliceRegressor(BodyPartRegressor):
         K groups of 2c + 1 consecutive slices along Z (each group centred on its slice) -> (B, K)."""
         _check_input(x, self)
         n = 2 * self.context + 1
-        b, _, nx, ny, z = x.shape
+        if self.context and not stacked:
+            x = x[..., slice_neighbourhoods(torch.arange(x.shape[4], device=x.device), self.context, x.shape[4])]
+        b, _, _, _, z = x.shape
+        if z % n:
+            raise ValueError(f"stacked input needs a multiple of {n} slices, got {z}")
+        k = z // n
         x, _ = _pad_to_multiple(x, self.stride)
-        if stacked:
-            if z % n:
-                raise ValueError(f"stacked input needs a multiple of {n} slices, got {z}")
-            k = z // n
-            xs = x.view(b, 1, x.shape[2], x.shape[3], k, n).permute(0, 4, 5, 1, 2, 3).reshape(b * k, n, x.shape[2], x.shape[3])
-        else:
-            k = z
-            if self.context:
-                c = self.context
-                x = torch.cat([x[..., :1].expand(*x.shape[:4], c), x, x[..., -1:].expand(*x.shape[:4], c)], dim=4)
-                x = x.unfold(4, n, 1)  # (B, 1, X', Y', Z, n)
-                xs = x.permute(0, 4, 5, 1, 2, 3).reshape(b * k, n, x.shape[2], x.shape[3])
-            else:
-                xs = x.permute(0, 4, 1, 2, 3).reshape(b * k, 1, x.shape[2], x.shape[3])
+        xs = x.view(b, 1, x.shape[2], x.shape[3], k, n).permute(0, 4, 5, 1, 2, 3).reshape(b * k, n, x.shape[2], x.shape[3])
         local = self.head(self.features(xs))  # (B*K, 1, x', y')
         return local.mean(dim=(1, 2, 3)).view(b, k)
 

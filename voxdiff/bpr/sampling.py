@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .models import slice_neighbourhoods
+
 
 @dataclass
 class Volume:
@@ -135,7 +137,7 @@ def slice_views(
     z_idx = np.sort(rng.uniform(0, nz - 1, size=n_slices))
     az = torch.as_tensor(z_idx, dtype=torch.float32)
     if context:
-        az = (az[:, None] + torch.arange(-context, context + 1, dtype=torch.float32)[None]).clamp(0, nz - 1).flatten()
+        az = slice_neighbourhoods(az, context, nz)
     views = []
     for _ in range(2):
         axes = []
