@@ -196,25 +196,28 @@ def test_texture_augmentation_is_in_plane_and_keeps_the_range():
     assert torch.equal(augment_texture(v, np.random.default_rng(0), 0.0), v)
 
 
-def test_slice_context_gives_each_slice_its_neighbours_on_every_path(tmp_path):
-    """With ``context`` c the slice model reads each slice with its c neighbours on each side: a
-    neighbour's change moves the score (not with c = 0), the stacked training layout and the
-    whole-volume path (chunked along z, neighbours taken across chunk borders) give the same
-    scores as the model on the whole volume, and the setting survives a save / load."""
+@pytest.mark.parametrize("step", [1, 2])
+def test_slice_context_gives_each_slice_its_neighbours_on_every_path(tmp_path, step):
+    """With ``context`` c the slice model reads each slice with its c neighbours on each side,
+    ``step`` slices apart: changing one slice moves exactly the scores of the slices that see it
+    (only its own with c = 0), the stacked training layout and the whole-volume path (chunked along
+    z, neighbours taken across chunk borders) give the same scores as the model on the whole
+    volume, and the setting survives a save / load."""
     from voxdiff.bpr.inference import slice_scores_volume
     from voxdiff.bpr.sampling import Volume, slice_views
 
-    m, m0 = _model("slice", context=2), _model("slice")
+    m, m0 = _model("slice", context=2, context_step=step), _model("slice")
     assert m.arch()["context"] == 2 and "context" not in m0.arch()
+    assert m.arch().get("context_step", 1) == step
     vol = torch.rand(32, 32, 23)
     x = vol[None, None]
     moved = x.clone()
-    moved[..., 11] += 5.0  # one slice changed: its neighbours' scores move too, with context only
-    for model, expect in ((m, True), (m0, False)):
+    moved[..., 11] += 5.0  # one slice changed: the slices whose neighbourhood holds it move, no others
+    for model, seen_by in ((m, {11 + k * step for k in range(-2, 3)}), (m0, {11})):
         d = (model.slice_scores_raw(moved) - model.slice_scores_raw(x))[0].abs()
-        assert bool(d[12] > 1e-7) == expect and bool(d[9] > 1e-7) == expect and d[8] == 0 and d[11] > 1e-7
+        assert {int(i) for i in torch.nonzero(d > 1e-7)} == seen_by
     whole = m.slice_scores_raw(x)[0].detach()
-    zi = (torch.arange(23)[:, None] + torch.arange(-2, 3)[None]).clamp(0, 22).flatten()
+    zi = (torch.arange(23)[:, None] + step * torch.arange(-2, 3)[None]).clamp(0, 22).flatten()
     torch.testing.assert_close(m.slice_scores_raw(x[..., zi], stacked=True)[0], whole)
     # one in-plane tile of the model's patch size, z in chunks of 5: the same as the whole volume
     chunked = slice_scores_volume(m, vol, raw=True, z_chunk=5)
@@ -223,14 +226,17 @@ def test_slice_context_gives_each_slice_its_neighbours_on_every_path(tmp_path):
         m.slice_scores_raw(x[..., :12], stacked=True)
     save_bpr(tmp_path / "m", m)
     m2 = load_bpr(tmp_path / "m")
-    assert m2.context == 2
+    assert (m2.context, m2.context_step) == (2, step)
     torch.testing.assert_close(m2.slice_scores_raw(x), m.slice_scores_raw(x))
-    # training views: K groups of 2c + 1 slices one voxel apart, centred on the drawn slices
+    # training views: K groups of 2c + 1 slices ``step`` voxels apart, centred on the drawn slices
     ramp = torch.arange(23, dtype=torch.float32).expand(1, 1, 32, 32, 23).contiguous()
-    va, _, z = slice_views(Volume(ramp, np.eye(4), "ramp"), 16, 4, np.random.default_rng(0), aug=0.0, context=2)
+    va, _, z = slice_views(Volume(ramp, np.eye(4), "ramp"), 16, 4, np.random.default_rng(0), aug=0.0, context=2,
+                           context_step=step)
     assert va.shape == (1, 1, 16, 16, 20) and z.shape == (4,)
     groups = va[0, 0, 0, 0].view(4, 5)
     centre = groups[:, 2]
     torch.testing.assert_close(centre, z.float(), atol=1e-4, rtol=0)  # the ramp's value is its z index (affine eye)
-    inner = (centre > 2) & (centre < 20)
-    torch.testing.assert_close((groups[inner] - centre[inner, None]), torch.arange(-2.0, 3.0).expand(int(inner.sum()), 5), atol=1e-4, rtol=0)
+    inner = (centre > 2 * step) & (centre < 22 - 2 * step)
+    assert inner.any()
+    torch.testing.assert_close((groups[inner] - centre[inner, None]),
+                               step * torch.arange(-2.0, 3.0).expand(int(inner.sum()), 5), atol=1e-4, rtol=0)

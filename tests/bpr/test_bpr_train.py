@@ -29,7 +29,7 @@ def _untrained(cfg):
     patch = (d.slice_patch, d.slice_patch, d.slices_per_sample) if cfg.kind == "slice" else (d.ape_patch,) * 3
     arch = {"channels": cfg.model.channels, "patch_size": patch}
     if cfg.kind == "slice" and cfg.model.slice_context:
-        arch["context"] = cfg.model.slice_context
+        arch.update(context=cfg.model.slice_context, context_step=cfg.model.slice_context_step)
     if cfg.kind == "ape":
         arch["input_pool"] = cfg.model.ape_input_pool
     pp = cfg.preprocess
@@ -37,14 +37,15 @@ def _untrained(cfg):
     return m.eval()
 
 
-@pytest.mark.parametrize("context", [0, 1])
-def test_tiny_slice_training_improves_spearman(tmp_path, tiny_phantoms, context):
+@pytest.mark.parametrize("context, step", [(0, 1), (1, 2)])
+def test_tiny_slice_training_improves_spearman(tmp_path, tiny_phantoms, context, step):
     train, test = tiny_phantoms
-    cfg = _cfg(kind="slice", steps=300, slice_patch=24, slices_per_sample=8, lr=3e-3, slice_context=context, **TINY)
+    cfg = _cfg(kind="slice", steps=300, slice_patch=24, slices_per_sample=8, lr=3e-3, slice_context=context,
+               slice_context_step=step, **TINY)
     before = slice_quality(_untrained(cfg), test)["spearman_mean"]
     train_bpr(cfg, tmp_path / "m", cases=train, progress=False)
     m = load_bpr(tmp_path / "m", kind="slice")
-    assert m.context == context
+    assert (m.context, m.context_step) == (context, step if context else 1)
     q = slice_quality(m, test)
     assert q["spearman_mean"] > before + 0.1, (before, q["spearman_mean"])
     # calibration: training scores span about 0..1, and the score grows toward the head

@@ -51,7 +51,7 @@ def slice_scores_volume(
             batch = torch.stack(tiles)[:, None]  # (T, 1, tx, ty, zc)
             c = int(getattr(model, "context", 0))
             if c:  # each slice with its neighbours from the whole volume (end slices repeated at its edges)
-                zi = slice_neighbourhoods(torch.arange(z0, z1), c, nz)
+                zi = slice_neighbourhoods(torch.arange(z0, z1), c, nz, int(getattr(model, "context_step", 1)))
                 ctx = torch.stack([vol[x0:x0 + tx, y0:y0 + ty][:, :, zi] for x0 in xs for y0 in ys])[:, None]
                 s = model.slice_scores_raw(ctx, stacked=True)  # (T, zc)
             else:

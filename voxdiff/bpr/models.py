@@ -140,11 +140,11 @@ def _pad_to_multiple(x: torch.Tensor, mult: tuple[int, ...]) -> tuple[torch.Tens
     return x, tuple(size)
 
 
-def slice_neighbourhoods(z: torch.Tensor, context: int, nz: int) -> torch.Tensor:
+def slice_neighbourhoods(z: torch.Tensor, context: int, nz: int, step: int = 1) -> torch.Tensor:
     """Z positions (voxels; integer or fractional) of each slice in ``z`` with its ``context``
-    neighbours on each side, one voxel apart, clamped to ``[0, nz - 1]`` (the end slices repeated
+    neighbours on each side, ``step`` voxels apart, clamped to ``[0, nz - 1]`` (the end slices repeated
     beyond a volume's edges): ``(len(z) * (2 * context + 1),)``, grouped by slice, each group centred on it."""
-    offsets = torch.arange(-context, context + 1, dtype=z.dtype, device=z.device)
+    offsets = torch.arange(-context, context + 1, dtype=z.dtype, device=z.device) * step
     return (z[:, None] + offsets[None]).clamp(0, nz - 1).flatten()
 
 
@@ -152,15 +152,20 @@ class SliceRegressor(BodyPartRegressor):
     kind = "slice"
     out_channels = 1
 
-    def __init__(self, channels: tuple[int, ...] = (16, 32, 48, 64), unit_mm: float = 100.0, context: int = 0, **kw: Any):
+    def __init__(self, channels: tuple[int, ...] = (16, 32, 48, 64), unit_mm: float = 100.0, context: int = 0,
+                 context_step: int = 1, **kw: Any):
         super().__init__(**kw)
         self.channels = tuple(int(c) for c in channels)
         self.unit_mm = float(unit_mm)
-        # ``context`` neighbouring slices on each side (at the model spacing) join each slice as input
-        # channels, so that the network sees which way the anatomy changes (a lung apex from a lung base)
+        # ``context`` neighbouring slices on each side, ``context_step`` voxels of the model spacing
+        # apart, join each slice as input channels, so that the network sees which way the anatomy
+        # changes (a lung apex from a lung base)
         self.context = int(context)
+        self.context_step = int(context_step)
         if self.context < 0:
             raise ValueError(f"slice context must be >= 0, got {context}")
+        if self.context_step < 1:
+            raise ValueError(f"slice context step must be >= 1, got {context_step}")
         layers: list[nn.Module] = []
         cin = 2 * self.context + 1
         for c in self.channels:
@@ -177,18 +182,21 @@ class SliceRegressor(BodyPartRegressor):
         a = {"channels": list(self.channels), "unit_mm": self.unit_mm, "patch_size": list(self.patch_size)}
         if self.context:
             a["context"] = self.context
+            if self.context_step != 1:
+                a["context_step"] = self.context_step
         return a
 
     def slice_scores_raw(self, x: torch.Tensor, stacked: bool = False) -> torch.Tensor:
         """(B, 1, X, Y, Z) -> (B, Z) uncalibrated scores.
 
-        With ``context`` c > 0 each slice is given with its c neighbours on each side: taken from
-        ``x`` itself (the end slices repeated beyond its edges), or, with ``stacked``, ``x`` holds
-        K groups of 2c + 1 consecutive slices along Z (each group centred on its slice) -> (B, K)."""
+        With ``context`` c > 0 each slice is given with its c neighbours on each side (``context_step``
+        slices apart): taken from ``x`` itself (the end slices repeated beyond its edges), or, with
+        ``stacked``, ``x`` holds K groups of 2c + 1 slices along Z (each group centred on its slice) -> (B, K)."""
         _check_input(x, self)
         n = 2 * self.context + 1
         if self.context and not stacked:
-            x = x[..., slice_neighbourhoods(torch.arange(x.shape[4], device=x.device), self.context, x.shape[4])]
+            x = x[..., slice_neighbourhoods(torch.arange(x.shape[4], device=x.device), self.context, x.shape[4],
+                                            self.context_step)]
         b, _, _, _, z = x.shape
         if z % n:
             raise ValueError(f"stacked input needs a multiple of {n} slices, got {z}")

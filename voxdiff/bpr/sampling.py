@@ -124,20 +124,20 @@ def _zoom(rng: np.random.Generator, zoom: float) -> float:
 
 def slice_views(
     vol: Volume, size_xy: int, n_slices: int, rng: np.random.Generator, zoom: float = 1.25, aug: float = 1.0,
-    texture: float = 0.0, context: int = 0,
+    texture: float = 0.0, context: int = 0, context_step: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Two in-plane crops (different position/zoom/intensity) of the same K axial slices.
 
     Returns ``view_a, view_b`` of shape ``(1, 1, size_xy, size_xy, K)`` and the slices' world z (K,)
     in mm; slices are drawn at random heights (sorted). With ``context`` c > 0 the views hold K
-    groups of 2c + 1 slices one voxel apart, each centred on its slice (``(..., K * (2c + 1))``; the
+    groups of 2c + 1 slices ``context_step`` voxels apart, each centred on its slice (``(..., K * (2c + 1))``; the
     volume's end slices repeated beyond its edges), for ``SliceRegressor.slice_scores_raw(stacked=True)``.
     """
     nx, ny, nz = vol.shape
     z_idx = np.sort(rng.uniform(0, nz - 1, size=n_slices))
     az = torch.as_tensor(z_idx, dtype=torch.float32)
     if context:
-        az = slice_neighbourhoods(az, context, nz)
+        az = slice_neighbourhoods(az, context, nz, context_step)
     views = []
     for _ in range(2):
         axes = []

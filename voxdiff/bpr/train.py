@@ -124,11 +124,14 @@ class BPRModel:
         slice_context: slice: neighbouring slices on each side (one voxel of the model spacing apart)
             given with each slice as input channels, so that the network sees which way the anatomy
             changes along z (0: one slice at a time, as in Yan 2018).
+        slice_context_step: slice: voxels of the model spacing between those neighbouring slices
+            (1: adjacent slices; 2 doubles the slab the model sees for the same input channels).
     """
 
     channels: tuple[int, ...] | None = None
     ape_input_pool: int = 2
     slice_context: int = 0
+    slice_context_step: int = 1
 
 
 @dataclass
@@ -271,6 +274,8 @@ def _validate(cfg: BPRTrainConfig) -> None:
         raise InputError(None, "data.slices_per_sample must be >= 3")
     if cfg.model.slice_context < 0:
         raise InputError(None, f"model.slice_context must be >= 0, got {cfg.model.slice_context}")
+    if cfg.model.slice_context_step < 1:
+        raise InputError(None, f"model.slice_context_step must be >= 1, got {cfg.model.slice_context_step}")
     if d.ape_crops < 2:
         raise InputError(None, f"data.ape_crops must be >= 2 (two overlapping views), got {d.ape_crops}")
     if min(d.slice_patch, d.ape_patch, d.ape_patch_min or 8) < 8:
@@ -378,7 +383,7 @@ def slice_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Ge
     va, vb, zs = [], [], []
     for i in idx:
         a, b, z = slice_views(vols[i], d.slice_patch, d.slices_per_sample, rng, d.zoom, d.intensity_aug, d.texture_aug,
-                              context=int(getattr(model, "context", 0)))
+                              context=int(getattr(model, "context", 0)), context_step=int(getattr(model, "context_step", 1)))
         va.append(a)
         vb.append(b)
         zs.append(z)
@@ -446,8 +451,8 @@ def ape_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Gene
 # ------------------------------------------------------------------------------------ engine task
 
 # fields that may not change between a checkpoint and --resume (dotted: section.field)
-_RESUME_FIXED = ("kind", "model.channels", "model.slice_context", "preprocess.spacing", "preprocess.hu_window", "data.slice_patch",
-                 "data.ape_patch", "model.ape_input_pool", "task.anchor", "task.slice_model", "task.anchor_knots",
+_RESUME_FIXED = ("kind", "model.channels", "model.slice_context", "model.slice_context_step", "preprocess.spacing",
+                 "preprocess.hu_window", "data.slice_patch", "data.ape_patch", "model.ape_input_pool", "task.anchor", "task.slice_model", "task.anchor_knots",
                  "task.anchor_fit", "task.anchor_slope_range")
 
 
@@ -605,6 +610,8 @@ def _train(cfg: BPRTrainConfig, out: Path, vols: list[Volume], resuming: bool, p
                             "patch_size": patch}
     if cfg.kind == "slice" and cfg.model.slice_context:
         arch["context"] = int(cfg.model.slice_context)
+        if cfg.model.slice_context_step != 1:
+            arch["context_step"] = int(cfg.model.slice_context_step)
     slice_model = None
     if cfg.kind == "ape":
         arch.update(head="anchor", input_pool=cfg.model.ape_input_pool)
