@@ -240,3 +240,27 @@ def test_slice_context_gives_each_slice_its_neighbours_on_every_path(tmp_path, s
     assert inner.any()
     torch.testing.assert_close((groups[inner] - centre[inner, None]),
                                step * torch.arange(-2.0, 3.0).expand(int(inner.sum()), 5), atol=1e-4, rtol=0)
+
+
+def test_slice_fov_augmentation_gives_views_with_the_ends_of_a_shorter_scan():
+    """``fov_aug``: the drawn slices and their neighbours come from a random z-range of at least
+    ``fov_min_mm``, the neighbours beyond it repeating its end slices (as at the ends of a shorter
+    scan), and that range lies inside the volume, not only at its ends."""
+    from voxdiff.bpr.sampling import Volume, slice_views
+
+    ramp = Volume(torch.arange(40, dtype=torch.float32).expand(1, 1, 32, 32, 40).contiguous(), np.eye(4), "ramp")
+    offsets = 3 * torch.arange(-2.0, 3.0)
+    inside = 0
+    for seed in range(8):
+        va, _, z = slice_views(ramp, 16, 6, np.random.default_rng(seed), aug=0.0, context=2, context_step=3,
+                               fov_aug=1.0, fov_min_mm=10.0)
+        groups = va[0, 0].amax(dim=(0, 1)).view(6, 5)  # the ramp's value is its z index (affine eye, 1 mm)
+        lo, hi = float(groups.min()), float(groups.max())
+        assert hi - lo >= 10.0 - 1e-3 and lo >= -1e-4 and hi <= 39 + 1e-4
+        torch.testing.assert_close(groups, (groups[:, 2:3] + offsets).clamp(lo, hi), atol=1e-4, rtol=0)
+        repeated = (groups == lo).sum() + (groups == hi).sum()
+        inside += int(lo > 0.5 and hi < 38.5 and repeated > 2)
+    assert inside >= 4  # shorter scans at any height, their end slices repeated
+    # off: the neighbours reach the volume's own ends only
+    va, _, _ = slice_views(ramp, 16, 40, np.random.default_rng(0), aug=0.0, context=2, context_step=3)
+    assert float(va.min()) < 1e-4 and float(va.max()) > 39 - 1e-4

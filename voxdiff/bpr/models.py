@@ -140,7 +140,7 @@ def _pad_to_multiple(x: torch.Tensor, mult: tuple[int, ...]) -> tuple[torch.Tens
     return x, tuple(size)
 
 
-def slice_neighbourhoods(z: torch.Tensor, context: int, nz: int, step: int = 1) -> torch.Tensor:
+def slice_neighbourhoods(z: torch.Tensor, context: int, nz: float, step: int = 1) -> torch.Tensor:
     """Z positions (voxels; integer or fractional) of each slice in ``z`` with its ``context``
     neighbours on each side, ``step`` voxels apart, clamped to ``[0, nz - 1]`` (the end slices repeated
     beyond a volume's edges): ``(len(z) * (2 * context + 1),)``, grouped by slice, each group centred on it."""

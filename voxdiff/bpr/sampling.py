@@ -124,7 +124,7 @@ def _zoom(rng: np.random.Generator, zoom: float) -> float:
 
 def slice_views(
     vol: Volume, size_xy: int, n_slices: int, rng: np.random.Generator, zoom: float = 1.25, aug: float = 1.0,
-    texture: float = 0.0, context: int = 0, context_step: int = 1,
+    texture: float = 0.0, context: int = 0, context_step: int = 1, fov_aug: float = 0.0, fov_min_mm: float = 96.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Two in-plane crops (different position/zoom/intensity) of the same K axial slices.
 
@@ -132,12 +132,20 @@ def slice_views(
     in mm; slices are drawn at random heights (sorted). With ``context`` c > 0 the views hold K
     groups of 2c + 1 slices ``context_step`` voxels apart, each centred on its slice (``(..., K * (2c + 1))``; the
     volume's end slices repeated beyond its edges), for ``SliceRegressor.slice_scores_raw(stacked=True)``.
+    With probability ``fov_aug`` (and context) the slices and their neighbours come from a random
+    z-range of at least ``fov_min_mm`` instead, its end slices repeated beyond it: the ends of a shorter scan.
     """
     nx, ny, nz = vol.shape
-    z_idx = np.sort(rng.uniform(0, nz - 1, size=n_slices))
+    lo, hi = 0.0, float(nz - 1)
+    if context and fov_aug > 0 and rng.random() < fov_aug:
+        dz = float(np.linalg.norm(vol.affine[:3, 2]))
+        span = rng.uniform(min(hi, fov_min_mm / max(dz, 1e-6)), hi)
+        lo = float(rng.uniform(0.0, hi - span))
+        hi = lo + span
+    z_idx = np.sort(rng.uniform(lo, hi, size=n_slices))
     az = torch.as_tensor(z_idx, dtype=torch.float32)
-    if context:
-        az = slice_neighbourhoods(az, context, nz, context_step)
+    if context:  # neighbours clamped to [lo, hi]: the range's end slices repeated beyond it
+        az = slice_neighbourhoods(az - lo, context, hi - lo + 1, context_step) + lo
     views = []
     for _ in range(2):
         axes = []

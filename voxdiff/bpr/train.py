@@ -72,6 +72,10 @@ class BPRData:
         intensity_aug: strength of contrast/brightness/gamma/noise augmentation (0 = off).
         texture_aug: slice model: strength of the reconstruction-kernel (in-plane blur / sharpening)
             and correlated-noise augmentation (0 = off; 1 = each applied to half of the views).
+        slice_fov_aug: slice model with neighbouring slices: share of the views drawn as from a
+            shorter scan (a random z-range of the volume, at least 96 mm, whose end slices are
+            repeated beyond it), so that the model learns what a scan's ends look like at any
+            height and scores near them as elsewhere (0 = off: only the volumes' own ends).
     """
 
     VALUE_FIELD: ClassVar[str] = "path"  # `data: folder` (the flat layout) sets the path
@@ -90,6 +94,7 @@ class BPRData:
     zoom: float | None = None
     intensity_aug: float = 0.5
     texture_aug: float = 0.0
+    slice_fov_aug: float = 0.0
 
 
 @dataclass
@@ -274,6 +279,8 @@ def _validate(cfg: BPRTrainConfig) -> None:
         raise InputError(None, "data.slices_per_sample must be >= 3")
     if cfg.model.slice_context < 0:
         raise InputError(None, f"model.slice_context must be >= 0, got {cfg.model.slice_context}")
+    if not 0.0 <= d.slice_fov_aug <= 1.0:
+        raise InputError(None, f"data.slice_fov_aug must be in [0, 1], got {d.slice_fov_aug}")
     if cfg.model.slice_context_step < 1:
         raise InputError(None, f"model.slice_context_step must be >= 1, got {cfg.model.slice_context_step}")
     if d.ape_crops < 2:
@@ -383,7 +390,8 @@ def slice_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Ge
     va, vb, zs = [], [], []
     for i in idx:
         a, b, z = slice_views(vols[i], d.slice_patch, d.slices_per_sample, rng, d.zoom, d.intensity_aug, d.texture_aug,
-                              context=int(getattr(model, "context", 0)), context_step=int(getattr(model, "context_step", 1)))
+                              context=int(getattr(model, "context", 0)), context_step=int(getattr(model, "context_step", 1)),
+                              fov_aug=d.slice_fov_aug)
         va.append(a)
         vb.append(b)
         zs.append(z)
