@@ -194,3 +194,12 @@ def test_extra_ratio_sets_how_often_extra_data_is_drawn():
     assert set(np.unique(half[half != 9])) == set(range(9))
     with pytest.raises(InputError, match="extra_ratio"):
         train_bpr(_cfg(kind="slice", extra_ratio=1.5), "/nonexistent", cases=[])
+
+
+def test_slice_context_settings_are_checked_before_training(tmp_path):
+    for flat, match in (({"slice_context_step": 0, "slice_context": 2}, "slice_context_step"),
+                        ({"slice_fov_aug": 0.5}, "slice_fov_aug needs"),
+                        ({"slice_fov_aug": 1.5, "slice_context": 2}, r"slice_fov_aug must be in \[0, 1\]")):
+        with pytest.raises(InputError, match=match):
+            train_bpr(_cfg(kind="slice", **flat), tmp_path / "m", cases=[])
+        assert not (tmp_path / "m").exists()

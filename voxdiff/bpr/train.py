@@ -126,8 +126,8 @@ class BPRModel:
         channels: feature channels per level of the network (null: slice (16, 32, 48, 64), ape (16, 32, 64)).
         ape_input_pool: ape: the encoder sees the crop average-pooled by this factor (more context
             for the same cost: where a patch lies needs no fine detail).
-        slice_context: slice: neighbouring slices on each side (one voxel of the model spacing apart)
-            given with each slice as input channels, so that the network sees which way the anatomy
+        slice_context: slice: neighbouring slices on each side (``slice_context_step`` voxels of the
+            model spacing apart) given with each slice as input channels, so that the network sees which way the anatomy
             changes along z (0: one slice at a time, as in Yan 2018).
         slice_context_step: slice: voxels of the model spacing between those neighbouring slices
             (1: adjacent slices; 2 doubles the slab the model sees for the same input channels).
@@ -281,6 +281,8 @@ def _validate(cfg: BPRTrainConfig) -> None:
         raise InputError(None, f"model.slice_context must be >= 0, got {cfg.model.slice_context}")
     if not 0.0 <= d.slice_fov_aug <= 1.0:
         raise InputError(None, f"data.slice_fov_aug must be in [0, 1], got {d.slice_fov_aug}")
+    if d.slice_fov_aug > 0 and not (cfg.kind == "slice" and cfg.model.slice_context > 0):
+        raise InputError(None, "data.slice_fov_aug needs a slice model with neighbouring slices (--model.slice_context > 0)")
     if cfg.model.slice_context_step < 1:
         raise InputError(None, f"model.slice_context_step must be >= 1, got {cfg.model.slice_context_step}")
     if d.ape_crops < 2:
