@@ -264,3 +264,29 @@ def test_slice_fov_augmentation_gives_views_with_the_ends_of_a_shorter_scan():
     # off: the neighbours reach the volume's own ends only
     va, _, _ = slice_views(ramp, 16, 40, np.random.default_rng(0), aug=0.0, context=2, context_step=3)
     assert float(va.min()) < 1e-4 and float(va.max()) > 39 - 1e-4
+
+
+def test_slice_fov_pair_gives_the_second_view_the_same_slices_from_a_wider_scan():
+    """``fov_pair``: view a is the shorter scan; view b holds the same slices, each with its
+    neighbours from a z-range that contains view a's (so both views' centre slices agree) and reaches
+    further at least sometimes, up to the volume's ends. Off, both views share one neighbourhood."""
+    from voxdiff.bpr.sampling import Volume, slice_views
+
+    ramp = Volume(torch.arange(40, dtype=torch.float32).expand(1, 1, 32, 32, 40).contiguous(), np.eye(4), "ramp")
+    offsets = 3 * torch.arange(-2.0, 3.0)
+    wider = 0
+    for seed in range(8):
+        va, vb, _ = slice_views(ramp, 16, 6, np.random.default_rng(seed), aug=0.0, context=2, context_step=3,
+                                fov_aug=1.0, fov_min_mm=10.0, fov_pair=True)
+        ga, gb = (v[0, 0].amax(dim=(0, 1)).view(6, 5) for v in (va, vb))
+        torch.testing.assert_close(ga[:, 2], gb[:, 2], atol=1e-4, rtol=0)  # the same slices
+        lo_a, hi_a, lo_b, hi_b = float(ga.min()), float(ga.max()), float(gb.min()), float(gb.max())
+        assert lo_b <= lo_a + 1e-4 and hi_b >= hi_a - 1e-4 and lo_b >= -1e-4 and hi_b <= 39 + 1e-4
+        # each view: its slices' neighbours, clamped to that view's own range
+        torch.testing.assert_close(gb, (gb[:, 2:3] + offsets).clamp(lo_b, hi_b), atol=1e-4, rtol=0)
+        wider += int((ga - gb).abs().max() > 0.5)
+    assert wider >= 6
+    for seed in range(4):
+        va, vb, _ = slice_views(ramp, 16, 6, np.random.default_rng(seed), aug=0.0, context=2, context_step=3,
+                                fov_aug=1.0, fov_min_mm=10.0)
+        torch.testing.assert_close(va[0, 0].amax(dim=(0, 1)), vb[0, 0].amax(dim=(0, 1)), atol=1e-4, rtol=0)

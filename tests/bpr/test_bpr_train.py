@@ -199,7 +199,8 @@ def test_extra_ratio_sets_how_often_extra_data_is_drawn():
 def test_slice_context_settings_are_checked_before_training(tmp_path):
     for flat, match in (({"slice_context_step": 0, "slice_context": 2}, "slice_context_step"),
                         ({"slice_fov_aug": 0.5}, "slice_fov_aug needs"),
-                        ({"slice_fov_aug": 1.5, "slice_context": 2}, r"slice_fov_aug must be in \[0, 1\]")):
+                        ({"slice_fov_aug": 1.5, "slice_context": 2}, r"slice_fov_aug must be in \[0, 1\]"),
+                        ({"slice_fov_pair": True, "slice_context": 2}, "slice_fov_pair needs")):
         with pytest.raises(InputError, match=match):
             train_bpr(_cfg(kind="slice", **flat), tmp_path / "m", cases=[])
         assert not (tmp_path / "m").exists()

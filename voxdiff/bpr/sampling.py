@@ -125,6 +125,7 @@ def _zoom(rng: np.random.Generator, zoom: float) -> float:
 def slice_views(
     vol: Volume, size_xy: int, n_slices: int, rng: np.random.Generator, zoom: float = 1.25, aug: float = 1.0,
     texture: float = 0.0, context: int = 0, context_step: int = 1, fov_aug: float = 0.0, fov_min_mm: float = 96.0,
+    fov_pair: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Two in-plane crops (different position/zoom/intensity) of the same K axial slices.
 
@@ -134,20 +135,29 @@ def slice_views(
     volume's end slices repeated beyond its edges), for ``SliceRegressor.slice_scores_raw(stacked=True)``.
     With probability ``fov_aug`` (and context) the slices and their neighbours come from a random
     z-range of at least ``fov_min_mm`` instead, its end slices repeated beyond it: the ends of a shorter scan.
+    With ``fov_pair`` that shorter scan is view a's only: view b takes the neighbours of the same slices
+    from a wider range (from it up to the whole volume), so that the two views' agreement asks for the
+    same score whatever part of the body a scan covers.
     """
     nx, ny, nz = vol.shape
     lo, hi = 0.0, float(nz - 1)
-    if context and fov_aug > 0 and rng.random() < fov_aug:
+    shorter = bool(context and fov_aug > 0 and rng.random() < fov_aug)
+    if shorter:
         dz = float(np.linalg.norm(vol.affine[:3, 2]))
         span = rng.uniform(min(hi, fov_min_mm / max(dz, 1e-6)), hi)
         lo = float(rng.uniform(0.0, hi - span))
         hi = lo + span
+    if shorter and fov_pair:
+        lo_b, hi_b = float(rng.uniform(0.0, lo)), float(rng.uniform(hi, nz - 1))
+    else:
+        lo_b, hi_b = lo, hi
     z_idx = np.sort(rng.uniform(lo, hi, size=n_slices))
     az = torch.as_tensor(z_idx, dtype=torch.float32)
+    zs = [az, az]
     if context:  # neighbours clamped to [lo, hi]: the range's end slices repeated beyond it
-        az = slice_neighbourhoods(az - lo, context, hi - lo + 1, context_step) + lo
+        zs = [slice_neighbourhoods(az - a, context, b - a + 1, context_step) + a for a, b in ((lo, hi), (lo_b, hi_b))]
     views = []
-    for _ in range(2):
+    for az in zs:
         axes = []
         for n in (nx, ny):
             step = _zoom(rng, zoom)

@@ -76,6 +76,10 @@ class BPRData:
             shorter scan (a random z-range of the volume, at least 96 mm, whose end slices are
             repeated beyond it), so that the model learns what a scan's ends look like at any
             height and scores near them as elsewhere (0 = off: only the volumes' own ends).
+        slice_fov_pair: with ``slice_fov_aug``, only one of the two views is drawn from the shorter
+            scan; the other takes the same slices' neighbours from a wider range (up to the whole
+            volume), so that the views' agreement (``task.w_consistency``) trains scores that do not
+            move with the field of view near a scan's ends (false: both views from the shorter scan).
     """
 
     VALUE_FIELD: ClassVar[str] = "path"  # `data: folder` (the flat layout) sets the path
@@ -95,6 +99,7 @@ class BPRData:
     intensity_aug: float = 0.5
     texture_aug: float = 0.0
     slice_fov_aug: float = 0.0
+    slice_fov_pair: bool = False
 
 
 @dataclass
@@ -283,6 +288,8 @@ def _validate(cfg: BPRTrainConfig) -> None:
         raise InputError(None, f"data.slice_fov_aug must be in [0, 1], got {d.slice_fov_aug}")
     if d.slice_fov_aug > 0 and not (cfg.kind == "slice" and cfg.model.slice_context > 0):
         raise InputError(None, "data.slice_fov_aug needs a slice model with neighbouring slices (--model.slice_context > 0)")
+    if d.slice_fov_pair and not d.slice_fov_aug > 0:
+        raise InputError(None, "data.slice_fov_pair needs data.slice_fov_aug > 0 (the share of views from a shorter scan)")
     if cfg.model.slice_context_step < 1:
         raise InputError(None, f"model.slice_context_step must be >= 1, got {cfg.model.slice_context_step}")
     if d.ape_crops < 2:
@@ -393,7 +400,7 @@ def slice_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Ge
     for i in idx:
         a, b, z = slice_views(vols[i], d.slice_patch, d.slices_per_sample, rng, d.zoom, d.intensity_aug, d.texture_aug,
                               context=int(getattr(model, "context", 0)), context_step=int(getattr(model, "context_step", 1)),
-                              fov_aug=d.slice_fov_aug)
+                              fov_aug=d.slice_fov_aug, fov_pair=d.slice_fov_pair)
         va.append(a)
         vb.append(b)
         zs.append(z)
