@@ -23,7 +23,6 @@ from .models import (
     SliceRegressor,
     add_s_residual,
     body_threshold,
-    slice_neighbourhoods,
     tile_starts,
 )
 
@@ -49,9 +48,8 @@ def slice_scores_volume(
             z1 = min(nz, z0 + z_chunk)
             tiles = [vol[x0:x0 + tx, y0:y0 + ty, z0:z1] for x0 in xs for y0 in ys]
             batch = torch.stack(tiles)[:, None]  # (T, 1, tx, ty, zc)
-            c = int(getattr(model, "context", 0))
-            if c:  # each slice with its neighbours from the whole volume (end slices repeated at its edges)
-                zi = slice_neighbourhoods(torch.arange(z0, z1), c, nz, int(getattr(model, "context_step", 1)))
+            if model.context:  # each slice with its neighbours from the whole volume (end slices repeated at its edges)
+                zi = model.neighbourhoods(torch.arange(z0, z1), nz)
                 ctx = torch.stack([vol[x0:x0 + tx, y0:y0 + ty][:, :, zi] for x0 in xs for y0 in ys])[:, None]
                 s = model.slice_scores_raw(ctx, stacked=True)  # (T, zc)
             else:

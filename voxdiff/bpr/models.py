@@ -140,12 +140,12 @@ def _pad_to_multiple(x: torch.Tensor, mult: tuple[int, ...]) -> tuple[torch.Tens
     return x, tuple(size)
 
 
-def slice_neighbourhoods(z: torch.Tensor, context: int, nz: float, step: int = 1) -> torch.Tensor:
+def slice_neighbourhoods(z: torch.Tensor, context: int, first: float, last: float, step: int = 1) -> torch.Tensor:
     """Z positions (voxels; integer or fractional) of each slice in ``z`` with its ``context``
-    neighbours on each side, ``step`` voxels apart, clamped to ``[0, nz - 1]`` (the end slices repeated
-    beyond a volume's edges): ``(len(z) * (2 * context + 1),)``, grouped by slice, each group centred on it."""
+    neighbours on each side, ``step`` voxels apart, clamped to ``[first, last]`` (the end slices of
+    that range repeated beyond it): ``(len(z) * (2 * context + 1),)``, grouped by slice, each group centred on it."""
     offsets = torch.arange(-context, context + 1, dtype=z.dtype, device=z.device) * step
-    return (z[:, None] + offsets[None]).clamp(0, nz - 1).flatten()
+    return (z[:, None] + offsets[None]).clamp(first, last).flatten()
 
 
 class SliceRegressor(BodyPartRegressor):
@@ -186,6 +186,11 @@ class SliceRegressor(BodyPartRegressor):
                 a["context_step"] = self.context_step
         return a
 
+    def neighbourhoods(self, z: torch.Tensor, nz: float) -> torch.Tensor:
+        """Z positions of the slices ``z`` of a volume with ``nz`` slices, each with the neighbours this
+        model takes (see ``slice_neighbourhoods``); ``z`` itself without context."""
+        return slice_neighbourhoods(z, self.context, 0, nz - 1, self.context_step)
+
     def slice_scores_raw(self, x: torch.Tensor, stacked: bool = False) -> torch.Tensor:
         """(B, 1, X, Y, Z) -> (B, Z) uncalibrated scores.
 
@@ -195,8 +200,7 @@ class SliceRegressor(BodyPartRegressor):
         _check_input(x, self)
         n = 2 * self.context + 1
         if self.context and not stacked:
-            x = x[..., slice_neighbourhoods(torch.arange(x.shape[4], device=x.device), self.context, x.shape[4],
-                                            self.context_step)]
+            x = x[..., self.neighbourhoods(torch.arange(x.shape[4], device=x.device), x.shape[4])]
         b, _, _, _, z = x.shape
         if z % n:
             raise ValueError(f"stacked input needs a multiple of {n} slices, got {z}")

@@ -155,7 +155,7 @@ def slice_views(
     az = torch.as_tensor(z_idx, dtype=torch.float32)
     zs = [az, az]
     if context:  # neighbours clamped to [lo, hi]: the range's end slices repeated beyond it
-        zs = [slice_neighbourhoods(az - a, context, b - a + 1, context_step) + a for a, b in ((lo, hi), (lo_b, hi_b))]
+        zs = [slice_neighbourhoods(az, context, a, b, context_step) for a, b in ((lo, hi), (lo_b, hi_b))]
     views = []
     for az in zs:
         axes = []

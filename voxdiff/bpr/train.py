@@ -399,7 +399,7 @@ def slice_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Ge
     va, vb, zs = [], [], []
     for i in idx:
         a, b, z = slice_views(vols[i], d.slice_patch, d.slices_per_sample, rng, d.zoom, d.intensity_aug, d.texture_aug,
-                              context=int(getattr(model, "context", 0)), context_step=int(getattr(model, "context_step", 1)),
+                              context=model.context, context_step=model.context_step,
                               fov_aug=d.slice_fov_aug, fov_pair=d.slice_fov_pair)
         va.append(a)
         vb.append(b)
@@ -625,10 +625,8 @@ def _train(cfg: BPRTrainConfig, out: Path, vols: list[Volume], resuming: bool, p
     patch = (d.slice_patch, d.slice_patch, d.slices_per_sample) if cfg.kind == "slice" else (d.ape_patch,) * 3
     arch: dict[str, Any] = {"channels": cfg.model.channels, "unit_mm": 1.0 / t.heuristic_b if cfg.kind == "slice" else 100.0,
                             "patch_size": patch}
-    if cfg.kind == "slice" and cfg.model.slice_context:
-        arch["context"] = int(cfg.model.slice_context)
-        if cfg.model.slice_context_step != 1:
-            arch["context_step"] = int(cfg.model.slice_context_step)
+    if cfg.kind == "slice":  # (the model's saved arch leaves out the defaults)
+        arch.update(context=int(cfg.model.slice_context), context_step=int(cfg.model.slice_context_step))
     slice_model = None
     if cfg.kind == "ape":
         arch.update(head="anchor", input_pool=cfg.model.ape_input_pool)
