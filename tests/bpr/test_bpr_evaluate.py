@@ -59,6 +59,34 @@ def test_a_rigid_field_is_perfectly_consistent_and_a_shifting_one_is_not(monkeyp
     assert cc["median_abs_ds_mm"] > 0
 
 
+def test_consistency_in_mm_of_true_z_does_not_reward_a_flat_score(monkeypatch):
+    """|dS| shrinks with a model whose S moves less than z does; |dz| (|dS| over the whole scan's
+    slope of S against z) does not: a map that is the same up to a factor scores the same."""
+    import voxdiff.bpr.evaluate as E
+
+    m = _ape()
+    case = z_textured_case(0, shape=(24, 24, 60))
+    cfg = BPREvalConfig(n_crops=6)
+    reports = []
+    for gain in (1.0, 0.25):
+        def moving(model, hu, spacing, gain=gain, **kw):  # S relative to the crop's own first slice, scaled
+            n = hu.shape[2]
+            prof = gain * np.arange(n) * 3.0 / m.mm_per_unit
+            return CoordinateField(tuple(hu.shape), (0, 1, 2), (np.zeros(hu.shape[0]), np.zeros(hu.shape[1]), prof))
+
+        monkeypatch.setattr(E, "volume_field", moving)
+        reports.append(E.case_report(m, case, cfg, seed=1))
+    full, flat = reports
+    assert full["slope_mm_per_mm"] == pytest.approx(1.0, rel=1e-6) and flat["slope_mm_per_mm"] == pytest.approx(0.25, rel=1e-6)
+    for k in ("median", "p95", "max"):
+        assert flat[f"{k}_abs_ds_mm"] == pytest.approx(0.25 * full[f"{k}_abs_ds_mm"], rel=1e-6)
+        assert flat[f"{k}_abs_dz_mm"] == pytest.approx(full[f"{k}_abs_dz_mm"], rel=1e-6)
+        assert full[f"{k}_abs_dz_mm"] == pytest.approx(full[f"{k}_abs_ds_mm"], rel=1e-6)
+    assert full["p95_abs_dz_mm"] > 0
+    overall = E.summarise(reports)
+    assert overall["p95_abs_dz_mm"]["mean"] == pytest.approx(full["p95_abs_dz_mm"], rel=1e-6)
+
+
 def test_cli_writes_json_and_png_and_refuses_bad_input(tmp_path, capsys):
     model_dir = tmp_path / "bpr"
     save_bpr(model_dir, _ape())

@@ -66,4 +66,6 @@ def run_evaluate(ns) -> None:
     print(f"{s['kind']} regressor on {o['n_cases']} case(s): crop consistency |dS| median "
           f"{o['median_abs_ds_mm'].get('mean', float('nan')):.1f} mm (worst case {o['median_abs_ds_mm'].get('max', float('nan')):.1f}), "
           f"p95 {o['p95_abs_ds_mm'].get('mean', float('nan')):.1f} mm (worst {o['p95_abs_ds_mm'].get('max', float('nan')):.1f}); "
+          f"in mm of true z (|dS| / slope {o['slope_mm_per_mm'].get('mean', float('nan')):.2f}): "
+          f"median {o['median_abs_dz_mm'].get('mean', float('nan')):.1f}, p95 {o['p95_abs_dz_mm'].get('mean', float('nan')):.1f} mm; "
           f"Spearman min {o['spearman'].get('min', float('nan')):.3f}; report in {ns.out}")

@@ -7,7 +7,11 @@ were a scan of its own (:func:`voxdiff.bpr.fields.volume_field`; each crop also 
 field of view to a random ``inplane_min_frac``..1 of each axis), and for every pair of crops the S
 coordinate they give to the same physical slice is compared: ``|dS|`` in mm (median, 95th percentile,
 maximum over all pairs and shared slices). For a slice model the score is converted to mm with the
-model's ``mm_per_unit``.
+model's ``mm_per_unit``. That unit comes from the training loss, not from anatomy, so a model whose
+scores are flatter than the unit says (a slope of S against true z below 1) looks more consistent
+than it is. ``|dz|`` is therefore reported beside ``|dS|``: the same differences divided by the
+case's slope of S against z over the whole scan (least squares), i.e. in mm of true z (NaN when
+that slope is not positive). It is the measure to compare models by.
 
 Also per case: Spearman correlation of the S coordinate (slice score) with physical z over the whole
 scan and over its inferior and superior halves separately (a score that reverses above the
@@ -133,6 +137,10 @@ def case_report(model: BodyPartRegressor, case: Any, cfg: BPREvalConfig, seed: i
         "slope_mm_per_mm": float(np.polyfit(z, s, 1)[0]) if len(z) >= 2 else float("nan"),
         **{k: v for k, v in cc.items() if not k.startswith("_")},
     }
+    # |dS| in mm of true z: divided by how many mm of S the whole scan gives per mm of z
+    slope = rec["slope_mm_per_mm"]
+    for k in ("median", "p95", "max"):
+        rec[f"{k}_abs_dz_mm"] = cc[f"{k}_abs_ds_mm"] / slope if np.isfinite(slope) and slope > 0 else float("nan")
     if case.label is not None:
         rec["landmarks_s_mm"] = {name: float(np.interp(zl, zs, ss))
                                  for name, zl in landmark_z(np.asarray(case.label), case.meta.affine).items()}
@@ -155,7 +163,9 @@ def summarise(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {
         "n_cases": len(records),
         "median_abs_ds_mm": agg("median_abs_ds_mm"), "p95_abs_ds_mm": agg("p95_abs_ds_mm"),
-        "max_abs_ds_mm": agg("max_abs_ds_mm"), "spearman": agg("spearman"),
+        "max_abs_ds_mm": agg("max_abs_ds_mm"),
+        "median_abs_dz_mm": agg("median_abs_dz_mm"), "p95_abs_dz_mm": agg("p95_abs_dz_mm"),
+        "max_abs_dz_mm": agg("max_abs_dz_mm"), "slope_mm_per_mm": agg("slope_mm_per_mm"), "spearman": agg("spearman"),
         "spearman_inferior_half": agg("spearman_inferior_half"), "spearman_superior_half": agg("spearman_superior_half"),
         "landmark_spread_mm": {k: {"n": len(v), "std": float(np.std(v, ddof=1))} for k, v in marks.items() if len(v) >= 2},
     }
@@ -176,7 +186,8 @@ def write_consistency_png(path: Path, model: BodyPartRegressor, records: Sequenc
         for k, (z0, z1, s) in enumerate(r["_curves"]):
             ax.plot(z[z0:z1], s, lw=2.2 if k == 0 else 1.0, color="black" if k == 0 else None,
                     alpha=1.0 if k == 0 else 0.7, label="whole scan" if k == 0 else None)
-        ax.set_title(f"{r['case_id']}\n|dS| median {r['median_abs_ds_mm']:.1f} mm, p95 {r['p95_abs_ds_mm']:.1f} mm",
+        ax.set_title(f"{r['case_id']}\n|dS| median {r['median_abs_ds_mm']:.1f} mm, p95 {r['p95_abs_ds_mm']:.1f} mm; "
+                     f"/ slope {r['slope_mm_per_mm']:.2f}: {r['median_abs_dz_mm']:.1f}, {r['p95_abs_dz_mm']:.1f} mm",
                      fontsize=9)
         ax.set_xlabel("true z (mm, superior +)")
         ax.set_ylabel(f"S coordinate ({model.kind}, mm)")
