@@ -242,56 +242,6 @@ def test_slice_context_gives_each_slice_its_neighbours_on_every_path(tmp_path, s
                                step * torch.arange(-2.0, 3.0).expand(int(inner.sum()), 5), atol=1e-4, rtol=0)
 
 
-def test_fit_scan_ends_replaces_only_the_end_slices_by_the_line_inward():
-    """The first and last ``margin`` slices take the least-squares line through the next ``window``
-    slices inward; every other slice keeps its score, and a scan too short to fit is left alone."""
-    from voxdiff.bpr.models import fit_scan_ends
-
-    z = torch.arange(30, dtype=torch.float64)
-    bent = torch.stack([0.5 * z + 3.0, 0.01 * (z - 12.0) ** 2])  # a line, a parabola
-    broken = bent.clone()
-    broken[:, :4] = 40.0
-    broken[:, -4:] = -40.0  # the scores a model gives where it sees repeated end slices
-    out = fit_scan_ends(broken, 4, 6)
-    torch.testing.assert_close(out[:, 4:-4], bent[:, 4:-4], rtol=0, atol=0)
-    torch.testing.assert_close(out[0], bent[0])  # a line is recovered exactly at both ends
-    for ends, fit in ((slice(0, 4), slice(4, 10)), (slice(26, 30), slice(20, 26))):
-        coef = np.polyfit(z[fit].numpy(), bent[1, fit].numpy(), 1)
-        np.testing.assert_allclose(out[1, ends].numpy(), np.polyval(coef, z[ends].numpy()), rtol=1e-9, atol=1e-9)
-    assert torch.equal(fit_scan_ends(broken[:, :10], 4, 6), broken[:, :10])  # 2 slices between the margins
-    assert torch.equal(fit_scan_ends(broken, 0, 6), broken)
-
-
-def test_slice_end_fit_makes_a_crop_score_its_ends_from_its_own_interior(tmp_path):
-    """With ``end_fit_mm`` a context model scores the slices near a scan's ends from the line through
-    the slices inward that see all their neighbours: in a crop of a volume those inner slices score as
-    in the whole volume, the end slices lie on that line (and differ from what the model gives them
-    from repeated slices), and the setting is saved as a version-3 model."""
-    from voxdiff.bpr.inference import slice_scores_volume
-    from voxdiff.bpr.models import fit_scan_ends
-
-    m = _model("slice", context=2, context_step=2)
-    mf = _model("slice", context=2, context_step=2, end_fit_mm=12.0)  # 4 slices of the model's 3 mm
-    mf.load_state_dict(m.state_dict())
-    vol = torch.rand(32, 32, 40)
-    crop = vol[:, :, 6:34]
-    whole, plain, fitted = (slice_scores_volume(mm, v, raw=True) for mm, v in ((m, vol), (m, crop), (mf, crop)))
-    np.testing.assert_allclose(fitted[4:-4], whole[6 + 4:34 - 4], rtol=1e-5, atol=1e-6)  # margin 2 x 2
-    expect = fit_scan_ends(torch.from_numpy(plain.astype(np.float64)), 4, 4).numpy()
-    np.testing.assert_allclose(fitted, expect, rtol=1e-5, atol=1e-6)
-    assert np.abs(fitted[:4] - plain[:4]).max() > 1e-4
-    torch.testing.assert_close(mf.slice_scores_raw(crop[None, None])[0].double(), torch.from_numpy(fitted).double(),
-                               rtol=1e-4, atol=1e-5)
-    stacked = crop[..., torch.arange(28).repeat_interleave(5)][None, None]  # training layout: never fitted
-    torch.testing.assert_close(mf.slice_scores_raw(stacked, stacked=True), m.slice_scores_raw(stacked, stacked=True))
-    assert mf.arch()["end_fit_mm"] == 12.0 and "end_fit_mm" not in m.arch()
-    assert (mf.format_version, m.format_version) == (3, 1)
-    save_bpr(tmp_path / "mf", mf)
-    assert load_bpr(tmp_path / "mf").end_fit_mm == 12.0
-    with pytest.raises(ValueError, match="needs neighbouring slices"):
-        build_bpr("slice", {"end_fit_mm": 12.0})
-
-
 def test_slice_fov_augmentation_gives_views_with_the_ends_of_a_shorter_scan():
     """``fov_aug``: the drawn slices and their neighbours come from a random z-range of at least
     ``fov_min_mm``, the neighbours beyond it repeating its end slices (as at the ends of a shorter

@@ -200,9 +200,7 @@ def test_slice_context_settings_are_checked_before_training(tmp_path):
     for flat, match in (({"slice_context_step": 0, "slice_context": 2}, "slice_context_step"),
                         ({"slice_fov_aug": 0.5}, "slice_fov_aug needs"),
                         ({"slice_fov_aug": 1.5, "slice_context": 2}, r"slice_fov_aug must be in \[0, 1\]"),
-                        ({"slice_fov_pair": True, "slice_context": 2}, "slice_fov_pair needs"),
-                        ({"slice_end_fit_mm": 48.0}, "slice_end_fit_mm needs"),
-                        ({"slice_end_fit_mm": -1.0, "slice_context": 2}, "slice_end_fit_mm must be >= 0")):
+                        ({"slice_fov_pair": True, "slice_context": 2}, "slice_fov_pair needs")):
         with pytest.raises(InputError, match=match):
             train_bpr(_cfg(kind="slice", **flat), tmp_path / "m", cases=[])
         assert not (tmp_path / "m").exists()

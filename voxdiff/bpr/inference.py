@@ -58,7 +58,6 @@ def slice_scores_volume(
             out[z0:z1] = ((s * w).sum(0) / w.sum(0)).double().numpy()
     finally:
         model.train(was)
-    out = model.fit_ends(torch.from_numpy(out)).numpy()
     if not raw:
         out = out * float(model.calib_scale[0]) + float(model.calib_offset[0])
     return out.astype(np.float32)

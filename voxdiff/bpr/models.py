@@ -33,7 +33,7 @@ from ..core.errors import ModelError
 from ..core.runtime import prefer_channels_last
 
 BPR_KINDS = ("slice", "ape")
-BPR_VERSION = 3  # bump when the architecture or the meaning of the outputs changes
+BPR_VERSION = 2  # bump when the architecture or the meaning of the outputs changes
 # v2: the ape anchor head may take its S offset from an embedded slice model (``anchor="slice"``);
 # models without it are still written as v1, so older voxdiff versions keep reading them.
 CHECKPOINT_KIND = "bpr"
@@ -148,35 +148,12 @@ def slice_neighbourhoods(z: torch.Tensor, context: int, first: float, last: floa
     return (z[:, None] + offsets[None]).clamp(first, last).flatten()
 
 
-def fit_scan_ends(scores: torch.Tensor, margin: int, window: int, min_fit: int = 3) -> torch.Tensor:
-    """Scores ``(..., Z)`` with the first and last ``margin`` slices replaced by the least-squares line
-    through the next ``window`` slices inward (the slices that see all their neighbours), evaluated at
-    each replaced slice. Unchanged when fewer than ``min_fit`` slices lie between the two margins
-    (a scan too short to fit)."""
-    nz = scores.shape[-1]
-    first, last = margin, nz - 1 - margin  # the slices with every neighbour inside the scan
-    n = last - first + 1
-    if margin <= 0 or n < max(2, min_fit):
-        return scores
-    w = min(int(window), n)
-    if w < max(2, min_fit):
-        return scores
-    out = scores.clone()
-    zz = torch.arange(nz, dtype=scores.dtype, device=scores.device)
-    for fit, ends in ((slice(first, first + w), slice(0, first)), (slice(last + 1 - w, last + 1), slice(last + 1, nz))):
-        x, y = zz[fit], scores[..., fit]
-        xm, ym = x.mean(), y.mean(dim=-1, keepdim=True)
-        slope = ((x - xm) * (y - ym)).sum(dim=-1, keepdim=True) / ((x - xm) ** 2).sum()
-        out[..., ends] = ym + slope * (zz[ends] - xm)
-    return out
-
-
 class SliceRegressor(BodyPartRegressor):
     kind = "slice"
     out_channels = 1
 
     def __init__(self, channels: tuple[int, ...] = (16, 32, 48, 64), unit_mm: float = 100.0, context: int = 0,
-                 context_step: int = 1, end_fit_mm: float = 0.0, **kw: Any):
+                 context_step: int = 1, **kw: Any):
         super().__init__(**kw)
         self.channels = tuple(int(c) for c in channels)
         self.unit_mm = float(unit_mm)
@@ -189,14 +166,6 @@ class SliceRegressor(BodyPartRegressor):
             raise ValueError(f"slice context must be >= 0, got {context}")
         if self.context_step < 1:
             raise ValueError(f"slice context step must be >= 1, got {context_step}")
-        # with context, the slices within context * context_step of a scan's end see repeated end
-        # slices in place of anatomy, and their scores move with where the scan ends; end_fit_mm > 0
-        # replaces them by a line fitted to the next end_fit_mm of slices that see all their neighbours
-        self.end_fit_mm = float(end_fit_mm)
-        if self.end_fit_mm < 0:
-            raise ValueError(f"slice end_fit_mm must be >= 0, got {end_fit_mm}")
-        if self.end_fit_mm and not self.context:
-            raise ValueError("slice end_fit_mm needs neighbouring slices (context > 0)")
         layers: list[nn.Module] = []
         cin = 2 * self.context + 1
         for c in self.channels:
@@ -215,21 +184,7 @@ class SliceRegressor(BodyPartRegressor):
             a["context"] = self.context
             if self.context_step != 1:
                 a["context_step"] = self.context_step
-            if self.end_fit_mm:
-                a["end_fit_mm"] = self.end_fit_mm
         return a
-
-    @property
-    def format_version(self) -> int:
-        return 3 if self.end_fit_mm else 1
-
-    def fit_ends(self, scores: torch.Tensor) -> torch.Tensor:
-        """Scores ``(..., Z)`` of consecutive slices of one scan at the model spacing, with the slices
-        near its ends replaced as ``end_fit_mm`` says (unchanged when it is 0)."""
-        if not self.end_fit_mm:
-            return scores
-        window = max(1, int(round(self.end_fit_mm / self.spacing[2])))
-        return fit_scan_ends(scores, self.context * self.context_step, window)
 
     def neighbourhoods(self, z: torch.Tensor, nz: float) -> torch.Tensor:
         """Z positions of the slices ``z`` of a volume with ``nz`` slices, each with the neighbours this
@@ -253,8 +208,7 @@ class SliceRegressor(BodyPartRegressor):
         x, _ = _pad_to_multiple(x, self.stride)
         xs = x.view(b, 1, x.shape[2], x.shape[3], k, n).permute(0, 4, 5, 1, 2, 3).reshape(b * k, n, x.shape[2], x.shape[3])
         local = self.head(self.features(xs))  # (B*K, 1, x', y')
-        s = local.mean(dim=(1, 2, 3)).view(b, k)
-        return s if stacked else self.fit_ends(s)
+        return local.mean(dim=(1, 2, 3)).view(b, k)
 
     def slice_scores(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, X, Y, Z) -> (B, Z) calibrated scores."""
@@ -434,7 +388,7 @@ class APERegressor(BodyPartRegressor):
 
     @property
     def format_version(self) -> int:
-        return max(2, self.slice_model.format_version) if self.anchor == "slice" else 1
+        return 2 if self.anchor == "slice" else 1
 
     def train(self, mode: bool = True) -> "APERegressor":
         super().train(mode)

@@ -136,18 +136,12 @@ class BPRModel:
             changes along z (0: one slice at a time, as in Yan 2018).
         slice_context_step: slice: voxels of the model spacing between those neighbouring slices
             (1: adjacent slices; 2 doubles the slab the model sees for the same input channels).
-        slice_end_fit_mm: slice with neighbouring slices: the slices within ``slice_context *
-            slice_context_step`` of a scan's end (which see repeated end slices in place of anatomy)
-            are scored from the least-squares line through the next ``slice_end_fit_mm`` of slices
-            that see all their neighbours (0: scored as they are). Used whenever the model scores a
-            scan; training is unchanged.
     """
 
     channels: tuple[int, ...] | None = None
     ape_input_pool: int = 2
     slice_context: int = 0
     slice_context_step: int = 1
-    slice_end_fit_mm: float = 0.0
 
 
 @dataclass
@@ -302,10 +296,6 @@ def _validate(cfg: BPRTrainConfig) -> None:
         raise InputError(None, "data.slice_fov_pair needs data.slice_fov_aug > 0 (the share of views from a shorter scan)")
     if t.consistency_relative and cfg.kind != "slice":
         raise InputError(None, "task.consistency_relative is for slice models (--kind slice)")
-    if cfg.model.slice_end_fit_mm < 0:
-        raise InputError(None, f"model.slice_end_fit_mm must be >= 0, got {cfg.model.slice_end_fit_mm}")
-    if cfg.model.slice_end_fit_mm > 0 and not (cfg.kind == "slice" and cfg.model.slice_context > 0):
-        raise InputError(None, "model.slice_end_fit_mm needs a slice model with neighbouring slices (--model.slice_context > 0)")
     if cfg.model.slice_context_step < 1:
         raise InputError(None, f"model.slice_context_step must be >= 1, got {cfg.model.slice_context_step}")
     if d.ape_crops < 2:
@@ -645,8 +635,7 @@ def _train(cfg: BPRTrainConfig, out: Path, vols: list[Volume], resuming: bool, p
     arch: dict[str, Any] = {"channels": cfg.model.channels, "unit_mm": 1.0 / t.heuristic_b if cfg.kind == "slice" else 100.0,
                             "patch_size": patch}
     if cfg.kind == "slice":  # (the model's saved arch leaves out the defaults)
-        arch.update(context=int(cfg.model.slice_context), context_step=int(cfg.model.slice_context_step),
-                    end_fit_mm=float(cfg.model.slice_end_fit_mm))
+        arch.update(context=int(cfg.model.slice_context), context_step=int(cfg.model.slice_context_step))
     slice_model = None
     if cfg.kind == "ape":
         arch.update(head="anchor", input_pool=cfg.model.ape_input_pool)
