@@ -206,6 +206,3 @@ def test_slice_context_settings_are_checked_before_training(tmp_path):
         with pytest.raises(InputError, match=match):
             train_bpr(_cfg(kind="slice", **flat), tmp_path / "m", cases=[])
         assert not (tmp_path / "m").exists()
-    with pytest.raises(InputError, match="consistency_relative is for slice models"):
-        train_bpr(_cfg(kind="ape", consistency_relative=True), tmp_path / "m", cases=[])
-    assert not (tmp_path / "m").exists()

@@ -16,8 +16,7 @@ Slice model (one score per axial slice):
 * :func:`ape_displacement_loss` - embedding differences match physical displacement vectors (a
   stronger form that also fixes the axes: channel 0/1/2 follow R/A/S). Zero when the embedding is the
   physical position divided by the scale plus any constant.
-* :func:`consistency_loss` - the same voxel (or slice) seen in two crops gets the same output;
-  :func:`slice_consistency_relative` - the same for slice scores, measured against their slope.
+* :func:`consistency_loss` - the same voxel (or slice) seen in two crops gets the same output.
 """
 
 from __future__ import annotations
@@ -77,24 +76,6 @@ def consistency_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.ndim >= 2:
         return ((a - b) ** 2).sum(-1).mean()
     return ((a - b) ** 2).mean()
-
-
-def slice_slopes(scores: torch.Tensor, z_mm: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` least-squares slopes of score against z (score units per mm), one per sample."""
-    _check_bk(scores, z_mm)
-    zc = z_mm - z_mm.mean(1, keepdim=True)
-    sc = scores - scores.mean(1, keepdim=True)
-    return (sc * zc).sum(1) / zc.pow(2).sum(1).clamp_min(1e-6)
-
-
-def slice_consistency_relative(a: torch.Tensor, b: torch.Tensor, z_mm: torch.Tensor, step_per_mm: float,
-                               floor: float = 0.5) -> torch.Tensor:
-    """:func:`consistency_loss` of two views' scores of the same slices ``(B, K)`` divided by the
-    squared slope of the scores against z, in units of the heuristic's ``step_per_mm`` (the batch
-    mean, not below ``floor``). Scaling every score by the same factor leaves it unchanged (above the
-    floor), so that it cannot be lowered by flattening the scores, as the plain loss can."""
-    r = 0.5 * (slice_slopes(a, z_mm) + slice_slopes(b, z_mm)).mean() / float(step_per_mm)
-    return consistency_loss(a, b) / r.clamp_min(floor).pow(2)
 
 
 def _pairwise_dist(x: torch.Tensor, eps: float = 1e-9) -> torch.Tensor:

@@ -159,9 +159,6 @@ class BPRTaskOptions:
             (null: slice 0.05, ape 1).
         w_consistency: weight of the same-voxel/same-slice agreement between the two views
             (null: slice 0.03, ape 1).
-        consistency_relative: slice: the consistency loss divided by the squared slope of the
-            scores against z (in units of ``heuristic_b``; not below 0.5), so that a model cannot
-            lower it by flattening its scores (false: the plain mean squared disagreement).
         calib_range_mm: ape: mm per calibrated unit (the training median maps to 0.5).
         anchor: ape: where the S offset of a scan comes from: "window" (the votes of the network's
             training-size windows, as R and A) or "slice" (per-slice votes of an embedded slice model,
@@ -186,7 +183,6 @@ class BPRTaskOptions:
     w_order: float | None = None
     w_distance: float | None = None
     w_consistency: float | None = None
-    consistency_relative: bool = False
     calib_range_mm: float = 300.0
     anchor: str = "window"
     slice_model: str | None = None
@@ -298,8 +294,6 @@ def _validate(cfg: BPRTrainConfig) -> None:
         raise InputError(None, "data.slice_fov_aug needs a slice model with neighbouring slices (--model.slice_context > 0)")
     if d.slice_fov_pair and not d.slice_fov_aug > 0:
         raise InputError(None, "data.slice_fov_pair needs data.slice_fov_aug > 0 (the share of views from a shorter scan)")
-    if t.consistency_relative and cfg.kind != "slice":
-        raise InputError(None, "task.consistency_relative is for slice models (--kind slice)")
     if cfg.model.slice_context_fill not in ("edge", "marked"):
         raise InputError(None, f"model.slice_context_fill must be 'edge' or 'marked', got {cfg.model.slice_context_fill!r}")
     if cfg.model.slice_context_fill != "edge" and not (cfg.kind == "slice" and cfg.model.slice_context > 0):
@@ -425,10 +419,7 @@ def slice_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Ge
     hb = cfg.task.heuristic_b
     l_order = 0.5 * (losses.slice_heuristic_loss(sa, z, b=hb) + losses.slice_heuristic_loss(sb, z, b=hb))
     l_dist = 0.5 * (losses.slice_distance_loss(sa, z) + losses.slice_distance_loss(sb, z))
-    if cfg.task.consistency_relative:
-        l_cons = losses.slice_consistency_relative(sa, sb, z, hb)
-    else:
-        l_cons = losses.consistency_loss(sa, sb)
+    l_cons = losses.consistency_loss(sa, sb)
     wo, wd, wc = loss_weights(cfg)
     loss = wo * l_order + wd * l_dist + wc * l_cons
     return loss, {"order": l_order.item(), "distance": l_dist.item(), "consistency": l_cons.item()}
