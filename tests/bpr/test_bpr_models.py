@@ -242,56 +242,6 @@ def test_slice_context_gives_each_slice_its_neighbours_on_every_path(tmp_path, s
                                step * torch.arange(-2.0, 3.0).expand(int(inner.sum()), 5), atol=1e-4, rtol=0)
 
 
-def test_marked_context_fill_gives_missing_neighbours_a_constant_on_every_path(tmp_path):
-    """``context_fill`` "marked": the neighbours beyond a scan's ends take MISSING_SLICE_VALUE instead of
-    the repeated end slice, on the whole-volume path (chunked or not), the stacked layout and in
-    training views; slices whose neighbours all exist score as with "edge"; saved as version 3."""
-    from voxdiff.bpr.inference import slice_scores_volume
-    from voxdiff.bpr.models import MISSING_SLICE_VALUE
-    from voxdiff.bpr.sampling import Volume, slice_views
-
-    step = 2
-    m = _model("slice", context=2, context_step=step, context_fill="marked")
-    me = _model("slice", context=2, context_step=step)
-    me.load_state_dict(m.state_dict())
-    vol = torch.rand(32, 32, 23)
-    x = vol[None, None]
-    marked, edge = m.slice_scores_raw(x)[0].detach(), me.slice_scores_raw(x)[0].detach()
-    inner = slice(2 * step, 23 - 2 * step)
-    torch.testing.assert_close(marked[inner], edge[inner])
-    assert (marked[:2 * step] - edge[:2 * step]).abs().min() > 1e-6
-    assert (marked[-2 * step:] - edge[-2 * step:]).abs().min() > 1e-6
-    pos = torch.arange(23)[:, None] + step * torch.arange(-2, 3)[None]
-    stacked = x[..., pos.clamp(0, 22).flatten()].clone()
-    stacked[..., ((pos < 0) | (pos > 22)).flatten()] = MISSING_SLICE_VALUE
-    torch.testing.assert_close(m.slice_scores_raw(stacked, stacked=True)[0], marked)
-    np.testing.assert_allclose(slice_scores_volume(m, vol, raw=True, z_chunk=5), marked.numpy(), rtol=1e-5, atol=1e-5)
-    ramp = Volume(torch.arange(40, dtype=torch.float32).expand(1, 1, 32, 32, 40).contiguous(), np.eye(4), "ramp")
-    seen_missing = 0
-    for seed in range(6):
-        va, vb, z = slice_views(ramp, 16, 6, np.random.default_rng(seed), aug=0.0, context=2, context_step=3,
-                                fov_aug=1.0, fov_min_mm=10.0, fov_pair=True, context_fill="marked")
-        for v in (va, vb):
-            groups = v[0, 0].amax(dim=(0, 1)).view(6, 5)  # the ramp's value is its z index
-            want = groups[:, 2:3] + 3 * torch.arange(-2.0, 3.0)
-            miss = groups == MISSING_SLICE_VALUE
-            torch.testing.assert_close(groups[~miss], want[~miss], atol=1e-4, rtol=0)
-            seen_missing += int(miss.sum())
-        # view a's shorter scan misses at least the neighbours view b misses
-        assert (va[0, 0].amax(dim=(0, 1)) == MISSING_SLICE_VALUE).sum() >= (vb[0, 0].amax(dim=(0, 1)) == MISSING_SLICE_VALUE).sum()
-    assert seen_missing > 0
-    assert m.arch()["context_fill"] == "marked" and "context_fill" not in me.arch()
-    assert (m.format_version, me.format_version) == (3, 1)
-    save_bpr(tmp_path / "m", m)
-    m2 = load_bpr(tmp_path / "m")
-    assert m2.context_fill == "marked"
-    torch.testing.assert_close(m2.slice_scores_raw(x)[0], marked)
-    with pytest.raises(ValueError, match="needs neighbouring slices"):
-        build_bpr("slice", {"context_fill": "marked"})
-    with pytest.raises(ValueError, match="context_fill must be one of"):
-        build_bpr("slice", {"context": 2, "context_fill": "zero"})
-
-
 def test_slice_fov_augmentation_gives_views_with_the_ends_of_a_shorter_scan():
     """``fov_aug``: the drawn slices and their neighbours come from a random z-range of at least
     ``fov_min_mm``, the neighbours beyond it repeating its end slices (as at the ends of a shorter

@@ -200,9 +200,7 @@ def test_slice_context_settings_are_checked_before_training(tmp_path):
     for flat, match in (({"slice_context_step": 0, "slice_context": 2}, "slice_context_step"),
                         ({"slice_fov_aug": 0.5}, "slice_fov_aug needs"),
                         ({"slice_fov_aug": 1.5, "slice_context": 2}, r"slice_fov_aug must be in \[0, 1\]"),
-                        ({"slice_fov_pair": True, "slice_context": 2}, "slice_fov_pair needs"),
-                        ({"slice_context_fill": "marked"}, "slice_context_fill 'marked' needs"),
-                        ({"slice_context_fill": "zero", "slice_context": 2}, "slice_context_fill must be")):
+                        ({"slice_fov_pair": True, "slice_context": 2}, "slice_fov_pair needs")):
         with pytest.raises(InputError, match=match):
             train_bpr(_cfg(kind="slice", **flat), tmp_path / "m", cases=[])
         assert not (tmp_path / "m").exists()

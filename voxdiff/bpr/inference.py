@@ -49,10 +49,8 @@ def slice_scores_volume(
             tiles = [vol[x0:x0 + tx, y0:y0 + ty, z0:z1] for x0 in xs for y0 in ys]
             batch = torch.stack(tiles)[:, None]  # (T, 1, tx, ty, zc)
             if model.context:  # each slice with its neighbours from the whole volume (end slices repeated at its edges)
-                zc = torch.arange(z0, z1)
-                zi = model.neighbourhoods(zc, nz)
+                zi = model.neighbourhoods(torch.arange(z0, z1), nz)
                 ctx = torch.stack([vol[x0:x0 + tx, y0:y0 + ty][:, :, zi] for x0 in xs for y0 in ys])[:, None]
-                ctx = model.fill_missing(ctx, zc, 0, nz - 1)
                 s = model.slice_scores_raw(ctx, stacked=True)  # (T, zc)
             else:
                 s = model.slice_scores_raw(batch)  # (T, zc)

@@ -33,7 +33,7 @@ from ..core.errors import ModelError
 from ..core.runtime import prefer_channels_last
 
 BPR_KINDS = ("slice", "ape")
-BPR_VERSION = 3  # bump when the architecture or the meaning of the outputs changes
+BPR_VERSION = 2  # bump when the architecture or the meaning of the outputs changes
 # v2: the ape anchor head may take its S offset from an embedded slice model (``anchor="slice"``);
 # models without it are still written as v1, so older voxdiff versions keep reading them.
 CHECKPOINT_KIND = "bpr"
@@ -148,24 +148,12 @@ def slice_neighbourhoods(z: torch.Tensor, context: int, first: float, last: floa
     return (z[:, None] + offsets[None]).clamp(first, last).flatten()
 
 
-CONTEXT_FILLS = ("edge", "marked")
-MISSING_SLICE_VALUE = -1.0  # below the [0, 1] intensity window: no slice of a scan looks like it
-
-
-def outside_neighbourhoods(z: torch.Tensor, context: int, first: float, last: float, step: int = 1) -> torch.Tensor:
-    """Which positions of :func:`slice_neighbourhoods` (same layout) lie outside ``[first, last]``:
-    the neighbours a scan that ends there does not have."""
-    offsets = torch.arange(-context, context + 1, dtype=z.dtype, device=z.device) * step
-    p = z[:, None] + offsets[None]
-    return ((p < first - 1e-4) | (p > last + 1e-4)).flatten()
-
-
 class SliceRegressor(BodyPartRegressor):
     kind = "slice"
     out_channels = 1
 
     def __init__(self, channels: tuple[int, ...] = (16, 32, 48, 64), unit_mm: float = 100.0, context: int = 0,
-                 context_step: int = 1, context_fill: str = "edge", **kw: Any):
+                 context_step: int = 1, **kw: Any):
         super().__init__(**kw)
         self.channels = tuple(int(c) for c in channels)
         self.unit_mm = float(unit_mm)
@@ -178,13 +166,6 @@ class SliceRegressor(BodyPartRegressor):
             raise ValueError(f"slice context must be >= 0, got {context}")
         if self.context_step < 1:
             raise ValueError(f"slice context step must be >= 1, got {context_step}")
-        # neighbours beyond a scan's end: "edge" repeats the end slice, "marked" gives them the value
-        # MISSING_SLICE_VALUE, so that the network can tell a missing slice from anatomy that does not change
-        self.context_fill = str(context_fill)
-        if self.context_fill not in CONTEXT_FILLS:
-            raise ValueError(f"slice context_fill must be one of {list(CONTEXT_FILLS)}, got {context_fill!r}")
-        if self.context_fill != "edge" and not self.context:
-            raise ValueError("slice context_fill 'marked' needs neighbouring slices (context > 0)")
         layers: list[nn.Module] = []
         cin = 2 * self.context + 1
         for c in self.channels:
@@ -203,26 +184,7 @@ class SliceRegressor(BodyPartRegressor):
             a["context"] = self.context
             if self.context_step != 1:
                 a["context_step"] = self.context_step
-            if self.context_fill != "edge":
-                a["context_fill"] = self.context_fill
         return a
-
-    @property
-    def format_version(self) -> int:
-        return 3 if self.context_fill != "edge" else 1
-
-    def fill_missing(self, x: torch.Tensor, z: torch.Tensor, first: float, last: float) -> torch.Tensor:
-        """``x (..., len(z) * (2c + 1))``, the slices ``z`` with their neighbours as :meth:`neighbourhoods`
-        takes them from a scan spanning ``[first, last]``: with ``context_fill`` "marked", the
-        neighbours beyond the scan's ends set to ``MISSING_SLICE_VALUE`` (unchanged with "edge")."""
-        if self.context_fill == "edge" or not self.context:
-            return x
-        miss = outside_neighbourhoods(z.to(torch.float32), self.context, first, last, self.context_step).to(x.device)
-        if not bool(miss.any()):
-            return x
-        x = x.clone()
-        x[..., miss] = MISSING_SLICE_VALUE
-        return x
 
     def neighbourhoods(self, z: torch.Tensor, nz: float) -> torch.Tensor:
         """Z positions of the slices ``z`` of a volume with ``nz`` slices, each with the neighbours this
@@ -238,9 +200,7 @@ class SliceRegressor(BodyPartRegressor):
         _check_input(x, self)
         n = 2 * self.context + 1
         if self.context and not stacked:
-            nz = x.shape[4]
-            z = torch.arange(nz, device=x.device)
-            x = self.fill_missing(x[..., self.neighbourhoods(z, nz)], z, 0, nz - 1)
+            x = x[..., self.neighbourhoods(torch.arange(x.shape[4], device=x.device), x.shape[4])]
         b, _, _, _, z = x.shape
         if z % n:
             raise ValueError(f"stacked input needs a multiple of {n} slices, got {z}")
@@ -428,7 +388,7 @@ class APERegressor(BodyPartRegressor):
 
     @property
     def format_version(self) -> int:
-        return max(2, self.slice_model.format_version) if self.anchor == "slice" else 1
+        return 2 if self.anchor == "slice" else 1
 
     def train(self, mode: bool = True) -> "APERegressor":
         super().train(mode)

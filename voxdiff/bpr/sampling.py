@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .models import MISSING_SLICE_VALUE, outside_neighbourhoods, slice_neighbourhoods
+from .models import slice_neighbourhoods
 
 
 @dataclass
@@ -125,7 +125,7 @@ def _zoom(rng: np.random.Generator, zoom: float) -> float:
 def slice_views(
     vol: Volume, size_xy: int, n_slices: int, rng: np.random.Generator, zoom: float = 1.25, aug: float = 1.0,
     texture: float = 0.0, context: int = 0, context_step: int = 1, fov_aug: float = 0.0, fov_min_mm: float = 96.0,
-    fov_pair: bool = False, context_fill: str = "edge",
+    fov_pair: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Two in-plane crops (different position/zoom/intensity) of the same K axial slices.
 
@@ -137,8 +137,7 @@ def slice_views(
     z-range of at least ``fov_min_mm`` instead, its end slices repeated beyond it: the ends of a shorter scan.
     With ``fov_pair`` that shorter scan is view a's only: view b takes the neighbours of the same slices
     from a wider range (from it up to the whole volume), so that the two views' agreement asks for the
-    same score whatever part of the body a scan covers. With ``context_fill`` "marked" the neighbours
-    beyond the range take ``MISSING_SLICE_VALUE`` (after the intensity augmentation) instead of the end slices.
+    same score whatever part of the body a scan covers.
     """
     nx, ny, nz = vol.shape
     lo, hi = 0.0, float(nz - 1)
@@ -157,11 +156,8 @@ def slice_views(
     zs = [az, az]
     if context:  # neighbours clamped to [lo, hi]: the range's end slices repeated beyond it
         zs = [slice_neighbourhoods(az, context, a, b, context_step) for a, b in ((lo, hi), (lo_b, hi_b))]
-    missing = [None, None]
-    if context and context_fill == "marked":
-        missing = [outside_neighbourhoods(az, context, a, b, context_step) for a, b in ((lo, hi), (lo_b, hi_b))]
     views = []
-    for az, miss in zip(zs, missing):
+    for az in zs:
         axes = []
         for n in (nx, ny):
             step = _zoom(rng, zoom)
@@ -169,10 +165,7 @@ def slice_views(
             axes.append(_start(n, ext, rng) + step * torch.arange(size_xy, dtype=torch.float32))
         v = sample_axes(vol, axes + [az])
         v = augment_intensity(v, rng, aug)
-        v = augment_texture(v, rng, texture) if texture > 0 else v
-        if miss is not None and bool(miss.any()):
-            v[..., miss] = MISSING_SLICE_VALUE
-        views.append(v)
+        views.append(augment_texture(v, rng, texture) if texture > 0 else v)
     centre = torch.tensor([[(nx - 1) / 2, (ny - 1) / 2, float(k)] for k in z_idx])
     z_mm = world(vol.affine, centre)[:, 2]
     return views[0], views[1], z_mm

@@ -136,16 +136,12 @@ class BPRModel:
             changes along z (0: one slice at a time, as in Yan 2018).
         slice_context_step: slice: voxels of the model spacing between those neighbouring slices
             (1: adjacent slices; 2 doubles the slab the model sees for the same input channels).
-        slice_context_fill: slice with neighbouring slices: what stands in for the neighbours beyond a
-            scan's end: "edge" (the end slice repeated) or "marked" (a constant below the intensity
-            window, so that a missing slice cannot pass for anatomy that does not change).
     """
 
     channels: tuple[int, ...] | None = None
     ape_input_pool: int = 2
     slice_context: int = 0
     slice_context_step: int = 1
-    slice_context_fill: str = "edge"
 
 
 @dataclass
@@ -294,10 +290,6 @@ def _validate(cfg: BPRTrainConfig) -> None:
         raise InputError(None, "data.slice_fov_aug needs a slice model with neighbouring slices (--model.slice_context > 0)")
     if d.slice_fov_pair and not d.slice_fov_aug > 0:
         raise InputError(None, "data.slice_fov_pair needs data.slice_fov_aug > 0 (the share of views from a shorter scan)")
-    if cfg.model.slice_context_fill not in ("edge", "marked"):
-        raise InputError(None, f"model.slice_context_fill must be 'edge' or 'marked', got {cfg.model.slice_context_fill!r}")
-    if cfg.model.slice_context_fill != "edge" and not (cfg.kind == "slice" and cfg.model.slice_context > 0):
-        raise InputError(None, "model.slice_context_fill 'marked' needs a slice model with neighbouring slices (--model.slice_context > 0)")
     if cfg.model.slice_context_step < 1:
         raise InputError(None, f"model.slice_context_step must be >= 1, got {cfg.model.slice_context_step}")
     if d.ape_crops < 2:
@@ -408,7 +400,7 @@ def slice_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Ge
     for i in idx:
         a, b, z = slice_views(vols[i], d.slice_patch, d.slices_per_sample, rng, d.zoom, d.intensity_aug, d.texture_aug,
                               context=model.context, context_step=model.context_step,
-                              fov_aug=d.slice_fov_aug, fov_pair=d.slice_fov_pair, context_fill=model.context_fill)
+                              fov_aug=d.slice_fov_aug, fov_pair=d.slice_fov_pair)
         va.append(a)
         vb.append(b)
         zs.append(z)
@@ -476,7 +468,7 @@ def ape_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Gene
 # ------------------------------------------------------------------------------------ engine task
 
 # fields that may not change between a checkpoint and --resume (dotted: section.field)
-_RESUME_FIXED = ("kind", "model.channels", "model.slice_context", "model.slice_context_step", "model.slice_context_fill", "preprocess.spacing",
+_RESUME_FIXED = ("kind", "model.channels", "model.slice_context", "model.slice_context_step", "preprocess.spacing",
                  "preprocess.hu_window", "data.slice_patch", "data.ape_patch", "model.ape_input_pool", "task.anchor", "task.slice_model", "task.anchor_knots",
                  "task.anchor_fit", "task.anchor_slope_range")
 
@@ -634,8 +626,7 @@ def _train(cfg: BPRTrainConfig, out: Path, vols: list[Volume], resuming: bool, p
     arch: dict[str, Any] = {"channels": cfg.model.channels, "unit_mm": 1.0 / t.heuristic_b if cfg.kind == "slice" else 100.0,
                             "patch_size": patch}
     if cfg.kind == "slice":  # (the model's saved arch leaves out the defaults)
-        arch.update(context=int(cfg.model.slice_context), context_step=int(cfg.model.slice_context_step),
-                    context_fill=str(cfg.model.slice_context_fill))
+        arch.update(context=int(cfg.model.slice_context), context_step=int(cfg.model.slice_context_step))
     slice_model = None
     if cfg.kind == "ape":
         arch.update(head="anchor", input_pool=cfg.model.ape_input_pool)
