@@ -85,6 +85,10 @@ def test_consistency_in_mm_of_true_z_does_not_reward_a_flat_score(monkeypatch):
     assert full["p95_abs_dz_mm"] > 0
     overall = E.summarise(reports)
     assert overall["p95_abs_dz_mm"]["mean"] == pytest.approx(full["p95_abs_dz_mm"], rel=1e-6)
+    assert overall["n_cases_without_dz"] == 0
+    reversed_case = dict(full, slope_mm_per_mm=-0.5, p95_abs_dz_mm=float("nan"), median_abs_dz_mm=float("nan"),
+                         max_abs_dz_mm=float("nan"))
+    assert E.summarise([full, reversed_case])["n_cases_without_dz"] == 1  # left out of the mean, not hidden
 
 
 def test_cli_writes_json_and_png_and_refuses_bad_input(tmp_path, capsys):

@@ -67,5 +67,6 @@ def run_evaluate(ns) -> None:
           f"{o['median_abs_ds_mm'].get('mean', float('nan')):.1f} mm (worst case {o['median_abs_ds_mm'].get('max', float('nan')):.1f}), "
           f"p95 {o['p95_abs_ds_mm'].get('mean', float('nan')):.1f} mm (worst {o['p95_abs_ds_mm'].get('max', float('nan')):.1f}); "
           f"in mm of true z (|dS| / slope {o['slope_mm_per_mm'].get('mean', float('nan')):.2f}): "
-          f"median {o['median_abs_dz_mm'].get('mean', float('nan')):.1f}, p95 {o['p95_abs_dz_mm'].get('mean', float('nan')):.1f} mm; "
+          f"median {o['median_abs_dz_mm'].get('mean', float('nan')):.1f}, p95 {o['p95_abs_dz_mm'].get('mean', float('nan')):.1f} mm"
+          f"{f' ({n} case(s) without: S does not rise with z)' if (n := o['n_cases_without_dz']) else ''}; "
           f"Spearman min {o['spearman'].get('min', float('nan')):.3f}; report in {ns.out}")

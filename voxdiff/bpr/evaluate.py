@@ -165,7 +165,10 @@ def summarise(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "median_abs_ds_mm": agg("median_abs_ds_mm"), "p95_abs_ds_mm": agg("p95_abs_ds_mm"),
         "max_abs_ds_mm": agg("max_abs_ds_mm"),
         "median_abs_dz_mm": agg("median_abs_dz_mm"), "p95_abs_dz_mm": agg("p95_abs_dz_mm"),
-        "max_abs_dz_mm": agg("max_abs_dz_mm"), "slope_mm_per_mm": agg("slope_mm_per_mm"), "spearman": agg("spearman"),
+        "max_abs_dz_mm": agg("max_abs_dz_mm"), "slope_mm_per_mm": agg("slope_mm_per_mm"),
+        # cases whose S does not rise with z have no |dz|: counted here, since the means above leave them out
+        "n_cases_without_dz": sum(1 for r in records if not np.isfinite(r.get("p95_abs_dz_mm", np.nan))),
+        "spearman": agg("spearman"),
         "spearman_inferior_half": agg("spearman_inferior_half"), "spearman_superior_half": agg("spearman_superior_half"),
         "landmark_spread_mm": {k: {"n": len(v), "std": float(np.std(v, ddof=1))} for k, v in marks.items() if len(v) >= 2},
     }
