@@ -85,6 +85,9 @@ def summarise(model, cases, tag):
                "spearman_mean": round(q["spearman_mean"], 4), "spearman_min": round(q["spearman_min"], 4),
                "landmark_std_pct_of_range": {k: round(v["std_pct_range"], 2) for k, v in q["landmarks"].items()},
                "landmark_std_mm": {k: round(v["std_mm"], 1) for k, v in q["landmarks"].items()},
+               # the same in mm of true z: over the cases' median slope of S (mm) against z
+               "landmark_std_dz_mm": {k: round(v["std_dz_mm"], 1) for k, v in q["landmarks"].items()},
+               "slope_mm_per_mm_per_case": {r["case_id"]: round(r["slope_mm_per_mm"], 3) for r in q["per_case"]},
                "mm_per_unit": round(q["mm_per_unit"], 1)}
     else:
         q = ape_quality(model, cases)

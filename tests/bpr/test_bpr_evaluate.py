@@ -91,6 +91,29 @@ def test_consistency_in_mm_of_true_z_does_not_reward_a_flat_score(monkeypatch):
     assert E.summarise([full, reversed_case])["n_cases_without_dz"] == 1  # left out of the mean, not hidden
 
 
+def test_landmark_spread_in_mm_of_true_z_does_not_reward_a_flat_score():
+    """Three subjects whose liver sits at different true z: a model that places S in true mm and one
+    whose S moves 4x less than z get the same spread in mm of true z, though the flat one's spread of
+    S is 4x smaller; a case whose S falls with z gives no slope, and the spread then has no |dz| value."""
+    import voxdiff.bpr.evaluate as E
+    from voxdiff.bpr.quality import landmark_spread
+
+    liver_z = (-30.0, 0.0, 42.0)
+    sd_true = float(np.std(liver_z, ddof=1))
+    out = {}
+    for gain in (1.0, 0.25):
+        recs = [{"landmarks_s_mm": {"liver_centre": gain * z + 7.0}, "slope_mm_per_mm": gain,
+                 "p95_abs_dz_mm": 1.0} for z in liver_z]
+        out[gain] = E.summarise(recs)["landmark_spread_mm"]["liver_centre"]
+    assert out[1.0]["std"] == pytest.approx(sd_true) and out[0.25]["std"] == pytest.approx(0.25 * sd_true)
+    assert out[1.0]["std_dz"] == pytest.approx(sd_true) and out[0.25]["std_dz"] == pytest.approx(sd_true)
+    # the median slope of the cases, not one case's slope
+    mixed = landmark_spread({"liver_centre": [(0.0, 0.5), (10.0, 0.5), (20.0, 2.0)]})["liver_centre"]
+    assert mixed["slope_mm_per_mm"] == pytest.approx(0.5) and mixed["std_dz_mm"] == pytest.approx(20.0)
+    rev = landmark_spread({"liver_centre": [(0.0, -0.5), (10.0, -0.5)], "liver_dome_top": [(3.0, 1.0)]})
+    assert np.isnan(rev["liver_centre"]["std_dz_mm"]) and "liver_dome_top" not in rev  # one case: no spread
+
+
 def test_cli_writes_json_and_png_and_refuses_bad_input(tmp_path, capsys):
     model_dir = tmp_path / "bpr"
     save_bpr(model_dir, _ape())

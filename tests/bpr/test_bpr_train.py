@@ -53,6 +53,13 @@ def test_tiny_slice_training_improves_spearman(tmp_path, tiny_phantoms, context,
     assert cal["method"] == "percentiles" and cal["scale"] > 0
     assert set(q["landmarks"]) >= {"liver_centre", "liver_dome_top"}
     assert q["landmarks"]["liver_dome_top"]["mean"] > q["landmarks"]["liver_centre"]["mean"]
+    # the trained score rises with z (a tiny model: on most test cases), and the landmark spread is
+    # also given in mm of true z
+    slopes = [r["slope_mm_per_mm"] for r in q["per_case"]]
+    assert np.median(slopes) > 0, slopes
+    lc = q["landmarks"]["liver_centre"]
+    with_liver = [r["slope_mm_per_mm"] for r in q["per_case"] if "liver_centre" in r]
+    assert lc["std_dz_mm"] == pytest.approx(lc["std_mm"] / np.median(with_liver), rel=1e-6)
     for f in ("model.safetensors", "model.json", "config.yaml", "log.csv", "metrics.json", "metrics.jsonl", "train_state/latest"):
         assert (tmp_path / "m" / f).is_file()
 

@@ -16,7 +16,8 @@ that slope is not positive). It is the measure to compare models by.
 Also per case: Spearman correlation of the S coordinate (slice score) with physical z over the whole
 scan and over its inferior and superior halves separately (a score that reverses above the
 diaphragm fails the superior half), and, where a label map exists, the S coordinate (mm) at organ
-landmarks, whose spread across subjects is reported (:data:`voxdiff.bpr.quality.LANDMARKS`).
+landmarks, whose spread across subjects is reported (:data:`voxdiff.bpr.quality.LANDMARKS`) in mm
+of S and, divided by the cases' median slope, in mm of true z (``std_dz``).
 
 Outputs (folder, atomic): ``summary.json`` (config, per case, overall), ``consistency.png`` (S
 against true z, one panel per case, one line per crop), ``config.yaml``.
@@ -36,7 +37,7 @@ from ..core.errors import InputError
 from ..core.outputs import atomic_write_json, staged_dir
 from .fields import CoordinateField, volume_field
 from .models import BodyPartRegressor, load_bpr
-from .quality import landmark_z, slice_z_mm, spearman
+from .quality import landmark_spread, landmark_z, s_slope, slice_z_mm, spearman
 
 
 @dataclass
@@ -134,7 +135,7 @@ def case_report(model: BodyPartRegressor, case: Any, cfg: BPREvalConfig, seed: i
         "spearman": spearman(s, z),
         "spearman_inferior_half": spearman(ss[:half], zs[:half]) if half >= 3 else float("nan"),
         "spearman_superior_half": spearman(ss[half:], zs[half:]) if len(z) - half >= 3 else float("nan"),
-        "slope_mm_per_mm": float(np.polyfit(z, s, 1)[0]) if len(z) >= 2 else float("nan"),
+        "slope_mm_per_mm": s_slope(s, z),
         **{k: v for k, v in cc.items() if not k.startswith("_")},
     }
     # |dS| in mm of true z: divided by how many mm of S the whole scan gives per mm of z
@@ -156,10 +157,10 @@ def summarise(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
             return {}
         return {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max())}
 
-    marks: dict[str, list[float]] = {}
+    marks: dict[str, list[tuple[float, float]]] = {}
     for r in records:
         for k, v in (r.get("landmarks_s_mm") or {}).items():
-            marks.setdefault(k, []).append(v)
+            marks.setdefault(k, []).append((v, r["slope_mm_per_mm"]))
     return {
         "n_cases": len(records),
         "median_abs_ds_mm": agg("median_abs_ds_mm"), "p95_abs_ds_mm": agg("p95_abs_ds_mm"),
@@ -170,7 +171,9 @@ def summarise(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "n_cases_without_dz": sum(1 for r in records if not np.isfinite(r.get("p95_abs_dz_mm", np.nan))),
         "spearman": agg("spearman"),
         "spearman_inferior_half": agg("spearman_inferior_half"), "spearman_superior_half": agg("spearman_superior_half"),
-        "landmark_spread_mm": {k: {"n": len(v), "std": float(np.std(v, ddof=1))} for k, v in marks.items() if len(v) >= 2},
+        # std: in mm of S; std_dz: in mm of true z (std over the cases' median slope)
+        "landmark_spread_mm": {k: {"n": v["n"], "std": v["std"], "std_dz": v["std_dz_mm"],
+                                   "slope_mm_per_mm": v["slope_mm_per_mm"]} for k, v in landmark_spread(marks).items()},
     }
 
 

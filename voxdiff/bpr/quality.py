@@ -2,7 +2,9 @@
 
 * slice: Spearman correlation between slice score and physical z per volume; the spread across
   subjects of the score at organ landmarks (from label maps), as a percentage of the calibrated
-  score range (0..1 = the training set's 1st..99th percentile) and in mm;
+  score range (0..1 = the training set's 1st..99th percentile), in mm of the score (``mm_per_unit``)
+  and in mm of true z (:func:`landmark_spread`: the score's spread divided by how many mm of score
+  the scans give per mm of z, so that flat scores do not look tight);
 * ape: Pearson correlation between embedding distances and physical distances of body voxels per
   volume, and the ratio of the two in mm;
 * ape, patch by patch (:func:`ape_patch_quality`): the same Pearson when every sampled voxel is
@@ -63,6 +65,37 @@ def landmark_z(label: np.ndarray, affine: np.ndarray) -> dict[str, float]:
     return out
 
 
+def s_slope(s_mm: np.ndarray, z_mm: np.ndarray) -> float:
+    """Least-squares slope of an S profile (mm) against true z (mm) over a whole scan: 1 for a score in
+    true mm, below 1 for a flatter one, <= 0 for one that does not rise with z (NaN: fewer than 2 slices)."""
+    s_mm, z_mm = np.asarray(s_mm, dtype=np.float64), np.asarray(z_mm, dtype=np.float64)
+    if len(z_mm) < 2 or np.ptp(z_mm) == 0:
+        return float("nan")
+    return float(np.polyfit(z_mm, s_mm, 1)[0])
+
+
+def landmark_spread(marks: dict[str, list[tuple[float, float]]]) -> dict[str, dict[str, float]]:
+    """Spread across subjects of the S coordinate (mm) at each landmark, in mm of S and of true z.
+
+    ``marks[name]``: one ``(S_mm, slope)`` per case, ``slope`` being that case's :func:`s_slope`. The
+    spread in mm of true z is the standard deviation of S divided by the median slope of those cases
+    (NaN when that median is not positive): a model whose scores barely rise with z has a small spread
+    of S at every landmark and must not be credited for it. Landmarks seen in fewer than 2 cases are left out.
+    """
+    out = {}
+    for name, vals in marks.items():
+        if len(vals) < 2:
+            continue
+        s = np.array([v[0] for v in vals], dtype=np.float64)
+        k = np.array([v[1] for v in vals], dtype=np.float64)
+        sd = float(np.std(s, ddof=1))
+        k = k[np.isfinite(k)]
+        slope = float(np.median(k)) if k.size else float("nan")
+        out[name] = {"n": len(vals), "mean": float(s.mean()), "std": sd, "slope_mm_per_mm": slope,
+                     "std_dz_mm": sd / slope if np.isfinite(slope) and slope > 0 else float("nan")}
+    return out
+
+
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     from scipy.stats import spearmanr
 
@@ -73,25 +106,26 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 def slice_quality(model: BodyPartRegressor, cases: list) -> dict[str, Any]:
     per_case = []
-    marks: dict[str, list[float]] = {k: [] for k in LANDMARKS}
+    mm = model.mm_per_unit
+    marks: dict[str, list[tuple[float, float]]] = {k: [] for k in LANDMARKS}
     for c in cases:
         s = slice_scores_volume(model, _unit(c, model))
         z = slice_z_mm(c.meta.affine, c.image.shape)
+        slope = s_slope(s * mm, z)
         rec = {"case_id": c.meta.case_id, "spearman": spearman(s, z), "n_slices": int(len(s)),
-               "score_range": [float(s.min()), float(s.max())]}
+               "score_range": [float(s.min()), float(s.max())], "slope_mm_per_mm": slope}
         if c.label is not None:
             order = np.argsort(z)
             for name, zl in landmark_z(c.label, c.meta.affine).items():
                 v = float(np.interp(zl, z[order], s[order]))
-                marks[name].append(v)
+                marks[name].append((v * mm, slope))
                 rec[name] = v
         per_case.append(rec)
-    mm = model.mm_per_unit
     lm = {}
-    for name, vals in marks.items():
-        if len(vals) >= 2:
-            sd = float(np.std(vals, ddof=1))
-            lm[name] = {"n": len(vals), "mean": float(np.mean(vals)), "std": sd, "std_pct_range": 100.0 * sd, "std_mm": sd * mm}
+    for name, v in landmark_spread(marks).items():
+        # mean and std in calibrated score units (0..1 = the training set's 1st..99th percentile)
+        lm[name] = {**v, "mean": v["mean"] / mm, "std": v["std"] / mm, "std_pct_range": 100.0 * v["std"] / mm,
+                    "std_mm": v["std"]}
     sp = [r["spearman"] for r in per_case]
     return {"kind": "slice", "per_case": per_case, "spearman_mean": float(np.mean(sp)) if sp else float("nan"),
             "spearman_min": float(np.min(sp)) if sp else float("nan"), "landmarks": lm, "mm_per_unit": mm}
