@@ -35,6 +35,7 @@ import torch
 
 from ..core.errors import InputError, ModelError
 from ..core.outputs import atomic_write_json
+from ..data.preprocess import HU_WINDOW
 from .models import BodyPartRegressor, sincos_encode
 
 FIELD_FORMAT = "voxdiff-bpr-field"
@@ -192,7 +193,7 @@ def volume_field(model: BodyPartRegressor, hu: np.ndarray | torch.Tensor, spacin
     if vol.ndim != 3:
         raise ValueError(f"volume_field expects an (X, Y, Z) volume, got {tuple(vol.shape)}")
     shape = tuple(int(n) for n in vol.shape)
-    window = tuple(float(v) for v in model.preprocess.get("hu_window", (-1350.0, 1000.0)))
+    window = tuple(float(v) for v in model.preprocess.get("hu_window", HU_WINDOW))
     unit = hu_to_unit(vol, window)
     sp = tuple(float(s) for s in spacing)
     unit_m = _resample_unit(unit, sp, model.spacing)

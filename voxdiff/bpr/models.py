@@ -31,6 +31,7 @@ from torch import nn
 from ..core.checkpoint import load_checkpoint, save_checkpoint
 from ..core.errors import ModelError
 from ..core.runtime import prefer_channels_last
+from ..data.preprocess import HU_WINDOW
 
 BPR_KINDS = ("slice", "ape")
 BPR_VERSION = 2  # bump when the architecture or the meaning of the outputs changes
@@ -42,7 +43,7 @@ CHECKPOINT_KIND = "bpr"
 def _default_preprocess() -> dict[str, Any]:
     return {
         "spacing": [3.0, 3.0, 3.0],
-        "hu_window": [-1350.0, 1000.0],
+        "hu_window": list(HU_WINDOW),
         "crop_to_body": True,
         "body_threshold_hu": -500.0,
         "body_margin_mm": 10.0,
@@ -126,7 +127,7 @@ def tile_starts(n: int, t: int, overlap: float) -> list[int]:
 
 def body_threshold(model: "BodyPartRegressor") -> float:
     """-500 HU in the model's [0, 1] intensity window (body vs air)."""
-    lo, hi = (float(v) for v in model.preprocess.get("hu_window", (-1350.0, 1000.0)))
+    lo, hi = (float(v) for v in model.preprocess.get("hu_window", HU_WINDOW))
     return (-500.0 - lo) / (hi - lo)
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.preprocess import HU_WINDOW
 from .inference import infer_volume, slice_scores_volume
 from .models import BodyPartRegressor, body_threshold, coords_for_patches
 
@@ -36,7 +37,7 @@ LANDMARKS = {
 def _unit(case, model: BodyPartRegressor) -> np.ndarray:
     from ..data.preprocess import hu_to_unit
 
-    return hu_to_unit(case.image, tuple(model.preprocess.get("hu_window", (-1350.0, 1000.0))))
+    return hu_to_unit(case.image, tuple(model.preprocess.get("hu_window", HU_WINDOW)))
 
 
 def slice_z_mm(affine: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:

@@ -36,7 +36,7 @@ from ..core.outputs import atomic_write, atomic_write_json, check_output_path
 from ..core.runtime import num_threads
 from ..core.sections import OptimConfig, RuntimeConfig, engine_settings
 from ..core.trainstate import latest_train_state
-from ..data.preprocess import PreprocessConfig
+from ..data.preprocess import HU_WINDOW, PreprocessConfig
 from . import losses
 from .inference import ape_volume, ct_problem, slice_scores_volume
 from .models import ANCHOR_FITS, BPR_KINDS, BodyPartRegressor, body_threshold, build_bpr, save_bpr
@@ -189,7 +189,7 @@ class BPRTaskOptions:
 
 
 def _bpr_preprocess() -> PreprocessConfig:
-    return PreprocessConfig(spacing=(3.0, 3.0, 3.0), hu_window=(-1350.0, 1000.0), crop_to_body=True)
+    return PreprocessConfig(spacing=(3.0, 3.0, 3.0), hu_window=HU_WINDOW, crop_to_body=True)
 
 
 def _bpr_runtime() -> RuntimeConfig:

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .preprocess import hu_to_unit
+from .preprocess import HU_WINDOW, hu_to_unit
 
 
 @dataclass
@@ -81,7 +81,7 @@ def sample_patch(
     label: np.ndarray | None = None,
     affine: np.ndarray | None = None,
     fg_prob: float = 0.0,
-    pad_value: float = -1350.0,
+    pad_value: float = HU_WINDOW[0],
     locations: dict[int, np.ndarray] | None = None,
 ) -> Patch:
     """One random patch of ``size`` voxels.
@@ -118,7 +118,7 @@ def sample_batch(
     batch_size: int,
     size: Sequence[int],
     rng: np.random.Generator,
-    window: Sequence[float] = (-1350.0, 1000.0),
+    window: Sequence[float] = HU_WINDOW,
     fg_prob: float = 0.0,
     locations: Sequence[dict[int, np.ndarray] | None] | None = None,
 ) -> dict:

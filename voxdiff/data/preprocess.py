@@ -22,6 +22,9 @@ import numpy as np
 
 from .types import Case, CaseMeta
 
+# The HU range mapped to [0, 1] for every model input by default (vox2vec's window): one place for it.
+HU_WINDOW: tuple[float, float] = (-1350.0, 1000.0)
+
 
 @dataclass
 class PreprocessConfig:
@@ -36,7 +39,7 @@ class PreprocessConfig:
     """
 
     spacing: tuple[float, float, float] | None = (1.0, 1.0, 2.0)
-    hu_window: tuple[float, float] = (-1350.0, 1000.0)
+    hu_window: tuple[float, float] = HU_WINDOW
     crop_to_body: bool = True
     body_threshold_hu: float = -500.0
     body_margin_mm: float = 10.0
@@ -45,7 +48,7 @@ class PreprocessConfig:
 # --------------------------------------------------------------------------------- intensities
 
 
-def hu_to_unit(hu, window=(-1350.0, 1000.0)):
+def hu_to_unit(hu, window=HU_WINDOW):
     """Clip HU to ``window`` and scale linearly to [0, 1] (float32). numpy arrays or torch tensors."""
     lo, hi = float(window[0]), float(window[1])
     if hi <= lo:
@@ -58,7 +61,7 @@ def hu_to_unit(hu, window=(-1350.0, 1000.0)):
     return np.float32(np.clip(out, 0.0, 1.0))
 
 
-def unit_to_hu(unit, window=(-1350.0, 1000.0)):
+def unit_to_hu(unit, window=HU_WINDOW):
     """Inverse of :func:`hu_to_unit` inside the window."""
     lo, hi = float(window[0]), float(window[1])
     if hasattr(unit, "clamp"):

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from ..core.config import to_dict
 from ..core.errors import InputError
 from ..core.outputs import atomic_path, atomic_write_json
+from ..data.preprocess import HU_WINDOW
 from .extract import ExtractConfig, extract_volume, select_levels, window_plan, with_timesteps
 
 FORMAT = "voxdiff-features"
@@ -175,7 +176,7 @@ def _case_image_unit(extractor: Any, case: Any) -> np.ndarray:
     from ..data.preprocess import hu_to_unit
 
     pre = getattr(extractor, "preprocess", None)
-    window = getattr(pre, "hu_window", (-1350.0, 1000.0))
+    window = getattr(pre, "hu_window", HU_WINDOW)
     return hu_to_unit(np.asarray(case.image, dtype=np.float32), window)
 
 

@@ -64,6 +64,7 @@ import torch
 from torch import nn
 
 from voxdiff.data.patches import crop_or_pad  # noqa: F401  (also used by the tasks)
+from voxdiff.data.preprocess import HU_WINDOW
 
 TASKS: dict[str, type["PretextTask"]] = {}
 
@@ -172,7 +173,7 @@ class PretextTask(nn.Module):
     def hu_window(self) -> tuple[float, float]:
         pre = self.config.get("preprocess") if isinstance(self.config, dict) else getattr(self.config, "preprocess", None)
         w = (pre.get("hu_window") if isinstance(pre, dict) else getattr(pre, "hu_window", None)) if pre else None
-        return (-1350.0, 1000.0) if w is None else (float(w[0]), float(w[1]))
+        return HU_WINDOW if w is None else (float(w[0]), float(w[1]))
 
     def setup(self, backbone: nn.Module) -> None:
         """Called once after the backbone is built (before the optimiser and before loading weights)."""
@@ -239,7 +240,7 @@ def coords_mm_for(affine: np.ndarray, origin: tuple[int, int, int], size: tuple[
 
 
 def random_patches(cases: list, batch_size: int, patch_size: tuple[int, int, int],
-                   rng: np.random.Generator, window: tuple[float, float] = (-1350.0, 1000.0),
+                   rng: np.random.Generator, window: tuple[float, float] = HU_WINDOW,
                    with_labels: bool = False, with_coords: bool = True) -> dict[str, torch.Tensor]:
     """Independent random patches of randomly chosen cases (HU images, mapped to [0, 1] with ``window``).
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
+from ...data.preprocess import HU_WINDOW
 from ..backbones import PyramidBackbone
 from .base import PretextTask, coords_mm_for, crop_or_pad, options_from_config, random_origin, register_task
 
@@ -164,7 +165,7 @@ def _inplane(x: np.ndarray, sigma_vox: np.ndarray) -> np.ndarray:
 
 def augment_view_hu(hu: np.ndarray, rng: np.random.Generator, cfg: ContrastiveConfig,
                     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0),
-                    window: tuple[float, float] = (-1350.0, 1000.0)) -> tuple[np.ndarray, dict[str, Any]]:
+                    window: tuple[float, float] = HU_WINDOW) -> tuple[np.ndarray, dict[str, Any]]:
     """vox2vec's intensity augmentation of one HU crop, then the (random) window to [0, 1].
 
     Returns the view in [0, 1] and a record ``{"filter": None|"blur"|"sharpen", "noise_sd": HU,
