@@ -10,6 +10,10 @@ It then refits the non-linear probe as ``benchmarks/probe_variants.py`` does and
 
     python benchmarks/oracle_condition.py runs/bench/seed-0 [--landmark L1_bottom] [--threads 2]
 
+``--mode`` picks the condition: ``true_s`` (above), ``no_s`` (the S channel set to 0: the APE's R and
+A only) or ``no_ra`` (R and A set to 0: the APE's S only), to tell which channels carry the gain of
+the APE condition over none.
+
 Phantoms only (a real CT has no such truth). The oracle backbone is a resumable step kept in
 ``EXPERIMENT/variants/`` (an extra ``log_every`` override keeps it apart from the experiment's own
 backbone; logging does not change training). A volume whose field is asked for and that is not one
@@ -75,15 +79,25 @@ class Oracle:
         return slice_z_mm(best[1], shape) - best[2]
 
 
-def install(oracle: Oracle) -> None:
+MODES = {"true_s": 99, "no_s": 98, "no_ra": 97}  # mode -> the log_every that keeps its backbone apart
+
+
+def install(oracle: Oracle, mode: str = "true_s") -> None:
     original = F.volume_field
 
     def volume_field(model, hu, spacing, *a, **kw):
         f = original(model, hu, spacing, *a, **kw)
         if 2 not in f.axes:
             raise SystemExit("oracle: the field has no channel along z")
-        s = oracle.s_mm(hu) / float(model.mm_per_unit)
-        prof = tuple(s if ax == 2 else p for ax, p in zip(f.axes, f.profiles))
+        if mode == "true_s":
+            s = oracle.s_mm(hu) / float(model.mm_per_unit)
+            prof = tuple(s if ax == 2 else p for ax, p in zip(f.axes, f.profiles))
+        elif mode == "no_s":
+            oracle.s_mm(hu)  # only to check that every volume is one of the phantoms
+            prof = tuple(np.zeros_like(p) if ax == 2 else p for ax, p in zip(f.axes, f.profiles))
+        else:
+            oracle.s_mm(hu)
+            prof = tuple(p if ax == 2 else np.zeros_like(p) for ax, p in zip(f.axes, f.profiles))
         return F.CoordinateField(f.shape, f.axes, prof)
 
     def get(self, hu, affine, spacing, *a, **kw):  # no cache: the cached fields are the model's
@@ -98,6 +112,7 @@ def main() -> None:
     ap.add_argument("experiment")
     ap.add_argument("--method", default="diffusion-ape")
     ap.add_argument("--landmark", default="L1_bottom")
+    ap.add_argument("--mode", default="true_s", choices=sorted(MODES))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="also write the per-case test scores (JSON) here")
     args = ap.parse_args()
@@ -112,9 +127,9 @@ def main() -> None:
     unl = exp.cases("unlabelled")
     meta = json.loads((exp.data_dir() / "phantoms.json").read_text())
     oracle = Oracle(unl + train + val + test, meta, args.landmark)
-    install(oracle)
+    install(oracle, args.mode)
     t0 = time.time()
-    model_dir = exp.pretrained(args.method, log_every=99)
+    model_dir = exp.pretrained(args.method, log_every=MODES[args.mode])
     ext = load_pretrained(model_dir)
     pcfg = exp.probe_cfg()
     vox = int(exp.budget.get("probe_voxels", 8192))
@@ -127,7 +142,8 @@ def main() -> None:
         return float(np.mean([np.nanmean(list(organs.values())) for organs in sc.values()]))
 
     sv, st = scores(val), scores(test)
-    res = {"experiment": str(out), "method": args.method, "condition": f"oracle S (z - {args.landmark})",
+    res = {"experiment": str(out), "method": args.method, "condition": {"true_s": f"oracle S (z - {args.landmark})", "no_s": "APE R, A only",
+                                                                   "no_ra": "APE S only"}[args.mode],
            "val_dice": round(100 * mean_dice(sv), 1), "mean_dice": round(100 * mean_dice(st), 1),
            "volumes_looked_up": len(oracle.hits), "seconds": round(time.time() - t0)}
     print(json.dumps(res), flush=True)
