@@ -11,8 +11,9 @@ It then refits the non-linear probe as ``benchmarks/probe_variants.py`` does and
     python benchmarks/oracle_condition.py runs/bench/seed-0 [--landmark L1_bottom] [--threads 2]
 
 ``--mode`` picks the condition: ``true_s`` (above), ``no_s`` (the S channel set to 0: the APE's R and
-A only) or ``no_ra`` (R and A set to 0: the APE's S only), to tell which channels carry the gain of
-the APE condition over none.
+A only), ``no_ra`` (R and A set to 0: the APE's S only), to tell which channels carry the gain of
+the APE condition over none, or ``plain_ra`` (no BPR output at all: R and A are each voxel's position
+about the centre of its preprocessed, body-cropped volume, S is 0).
 
 Phantoms only (a real CT has no such truth). The oracle backbone is a resumable step kept in
 ``EXPERIMENT/variants/`` (an extra ``log_every`` override keeps it apart from the experiment's own
@@ -76,10 +77,11 @@ class Oracle:
             raise SystemExit(f"oracle: a volume of shape {shape} is not one of the experiment's phantoms "
                              f"(closest: {None if best is None else (round(best[0], 2), best[3])})")
         self.hits[best[3]] = self.hits.get(best[3], 0) + 1
+        self.last_shape = next(sh for sh, _, _, _, cid in self.table if cid == best[3])
         return slice_z_mm(best[1], shape) - best[2]
 
 
-MODES = {"true_s": 99, "no_s": 98, "no_ra": 97}  # mode -> the log_every that keeps its backbone apart
+MODES = {"true_s": 99, "no_s": 98, "no_ra": 97, "plain_ra": 96}  # mode -> the log_every that keeps its backbone apart
 
 
 def install(oracle: Oracle, mode: str = "true_s") -> None:
@@ -95,9 +97,15 @@ def install(oracle: Oracle, mode: str = "true_s") -> None:
         elif mode == "no_s":
             oracle.s_mm(hu)  # only to check that every volume is one of the phantoms
             prof = tuple(np.zeros_like(p) if ax == 2 else p for ax, p in zip(f.axes, f.profiles))
-        else:
+        elif mode == "no_ra":
             oracle.s_mm(hu)
             prof = tuple(p if ax == 2 else np.zeros_like(p) for ax, p in zip(f.axes, f.profiles))
+        else:  # plain_ra: no BPR at all, R and A the position about the phantom volume's centre, S 0
+            oracle.s_mm(hu)
+            sh = oracle.last_shape
+            prof = tuple(np.zeros_like(p) if ax == 2 else
+                         (np.arange(len(p)) - (sh[ax] - 1) / 2.0) * float(spacing[ax]) / float(model.mm_per_unit)
+                         for ax, p in zip(f.axes, f.profiles))
         return F.CoordinateField(f.shape, f.axes, prof)
 
     def get(self, hu, affine, spacing, *a, **kw):  # no cache: the cached fields are the model's
@@ -143,7 +151,8 @@ def main() -> None:
 
     sv, st = scores(val), scores(test)
     res = {"experiment": str(out), "method": args.method, "condition": {"true_s": f"oracle S (z - {args.landmark})", "no_s": "APE R, A only",
-                                                                   "no_ra": "APE S only"}[args.mode],
+                                                                   "no_ra": "APE S only",
+                                                                   "plain_ra": "volume-centred R, A"}[args.mode],
            "val_dice": round(100 * mean_dice(sv), 1), "mean_dice": round(100 * mean_dice(st), 1),
            "volumes_looked_up": len(oracle.hits), "seconds": round(time.time() - t0)}
     print(json.dumps(res), flush=True)
