@@ -146,6 +146,7 @@ def test_interrupted_pretraining_step_resumes_to_the_same_weights(tmp_path, monk
 def test_method_names():
     assert method_parts("diffusion-ape") == ("diffusion", "ape")
     assert method_parts("diffusion-none") == ("diffusion", "none")
+    assert method_parts("diffusion-position") == ("diffusion", "position")
     assert method_parts("contrastive") == ("contrastive", None)
     from voxdiff.core.errors import InputError
 
@@ -641,3 +642,13 @@ def test_demo_end_to_end_on_the_tiny_budget(tmp_path, capsys):
     assert out.shape == ref.shape and np.allclose(out.affine, ref.affine)
     labels = np.unique(np.asarray(out.dataobj))
     assert labels.min() >= 0 and labels.max() <= 13
+
+
+def test_position_method_needs_no_body_part_regressor(tmp_path):
+    from voxdiff.experiments.base import Experiment
+
+    cfg = ExperimentConfig(budget="tiny", methods=("diffusion-position",), scratch=False, workers=1, progress=False)
+    exp = Experiment(cfg, tmp_path / "e", log=lambda s: None)
+    pc = exp.pretrain_config("diffusion-position")
+    assert pc.task.condition == "position" and not pc.task.bpr_path
+    assert not any(p.name.startswith("bpr") for p in (tmp_path / "e").iterdir())  # no BPR was trained

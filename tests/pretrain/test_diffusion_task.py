@@ -269,3 +269,40 @@ def test_skip_dropout_drops_skips_of_some_training_samples():
 
     with pytest.raises(InputError, match="skip connections"):
         _task("none", skip_dropout=0.3).setup(FPN3d(in_channels=1, out_channels=1, base_channels=8, num_levels=3))
+
+
+def test_position_condition_needs_no_bpr_and_gives_each_patch_its_volumes_position():
+    """``position``: two channels, x and y in mm (over POSITION_UNIT_MM) about the volume's centre,
+    cropped at each patch's voxels like a BPR field, and the same map for whole-volume features."""
+    from voxdiff.pretrain.tasks.diffusion import POSITION_UNIT_MM, position_field
+
+    task = DiffusionTask(dict(PRE, condition="position", diffusion_steps=100))
+    assert task.bpr is None and task.in_channels == 3 and task.uses_volume_fields
+    assert DiffusionTask(dict(PRE, condition="position", bpr_sincos=1)).in_channels == 1 + 2 * 3
+    cases = synthetic_cases(2, shape=(24, 20, 12))
+    task.prepare(cases)
+    batch = task.sample_batch(cases, 4, (16, 16, 16), np.random.default_rng(0))
+    cond = task.batch_condition(batch)
+    assert cond.shape == (4, 2, 16, 16, 16)
+    for b in range(4):
+        c = cases[int(batch["case_index"][b])]
+        o = [int(v) for v in batch["origin"][b]]
+        sp = c.meta.spacing
+        x = (np.arange(o[0], o[0] + 16) - (c.image.shape[0] - 1) / 2.0) * sp[0] / POSITION_UNIT_MM
+        y = (np.arange(o[1], o[1] + 16) - (c.image.shape[1] - 1) / 2.0) * sp[1] / POSITION_UNIT_MM
+        np.testing.assert_allclose(cond[b, 0, :, 0, 0].numpy(), x, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(cond[b, 1, 0, :, 0].numpy(), y, rtol=1e-5, atol=1e-6)
+        assert float(cond[b, 0].std(dim=(1, 2)).max()) == 0.0  # channel 0 varies along x only
+    # whole-volume features: the map of the unpadded volume, continued over the padding
+    img = torch.rand(1, 1, 24, 20, 12)
+    vol = task.volume_condition(img, (32, 24, 16))
+    np.testing.assert_allclose(vol[0].numpy(), position_field((24, 20, 12), (1.0, 1.0, 2.0)).crop((0, 0, 0), (32, 24, 16)),
+                               rtol=1e-6)
+    (x_in, _), = task.feature_passes(img)
+    assert x_in.shape[1] == 3
+    loss, _ = task.loss(Backbone(3, 1, 4, 2, time_embedding=True), batch, torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
+    with pytest.raises(InputError, match="whole volumes"):
+        DiffusionTask(dict(PRE, condition="position", condition_source="patch"))
+    with pytest.raises(InputError, match="spacing"):
+        DiffusionTask({"condition": "position"}).volume_condition(img)

@@ -201,6 +201,20 @@ def test_conditioned_run_bundles_the_bpr(tmp_path, cases):
         load_pretrained(out)
 
 
+def test_position_conditioned_run_loads_without_a_bpr(tmp_path, cases):
+    cfg = tiny(condition="position", steps=2)
+    out = pretrain(cfg, tmp_path / "pos", cases=cases, progress=False)
+    assert not (out / "bpr").exists()
+    ex = load_pretrained(out / "backbone")
+    assert ex.backbone.in_channels == 3 and ex.bpr is None and ex.condition_channels == 2
+    img = torch.rand(1, 1, 16, 16, 16)
+    cond = ex.condition_map(img)
+    assert cond.shape == (1, 2, 16, 16, 16)
+    f = ex(img)
+    assert torch.equal(ex(img, coords=cond)[0], f[0])  # the map it computes is the one it is given
+    assert not torch.equal(ex(img, coords=torch.zeros_like(cond))[0], f[0])  # and it is used
+
+
 def test_incompatible_checkpoints_are_refused(tmp_path, cases):
     out = pretrain(tiny(steps=1), tmp_path / "m", cases=cases, progress=False)
     with pytest.raises(ModelError, match="not found"):

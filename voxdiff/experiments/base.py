@@ -40,7 +40,7 @@ from voxdiff.core.outputs import check_output_path
 from .budgets import get_budget
 from .runner import StepRunner
 
-METHODS = ("diffusion-ape", "diffusion-slice", "diffusion-none", "restorative", "contrastive", "random")
+METHODS = ("diffusion-ape", "diffusion-slice", "diffusion-none", "diffusion-position", "restorative", "contrastive", "random")
 HEADS = ("linear", "nonlinear")
 
 
@@ -150,8 +150,8 @@ def method_parts(method: str) -> tuple[str, str | None]:
     """'diffusion-ape' -> ('diffusion', 'ape'); 'restorative' -> ('restorative', None)."""
     if method.startswith("diffusion"):
         cond = method.split("-", 1)[1] if "-" in method else "none"
-        if cond not in ("none", "slice", "ape"):
-            raise InputError(None, f"unknown diffusion condition in method {method!r} (none, slice, ape)")
+        if cond not in ("none", "slice", "ape", "position"):
+            raise InputError(None, f"unknown diffusion condition in method {method!r} (none, slice, ape, position)")
         return "diffusion", cond
     if method not in ("restorative", "contrastive", "random"):
         raise InputError(None, f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -424,7 +424,7 @@ class Experiment:
         opts.update(method=base, seed=self.cfg.seed, preprocess=to_dict(self.preprocess))
         if base == "diffusion":
             opts["condition"] = cond
-            if cond != "none":
+            if cond in ("slice", "ape"):  # position and none need no body part regressor
                 opts["bpr_path"] = str(self.bpr(cond))
             if diffusion_steps:
                 T = int(diffusion_steps)

@@ -75,7 +75,7 @@ def sample_patches(model_path: str | os.PathLike, cfg: SampleConfig, progress: b
     if task.condition != "none":
         if cases is None:
             if not cfg.data:
-                raise InputError(None, f"this model is conditioned on a '{task.condition}' body part regressor: "
+                raise InputError(None, f"this model is conditioned on '{task.condition}' coordinates: "
                                        "give --data FOLDER to take the conditions from real patches")
             if not Path(cfg.data).exists():
                 raise InputError(cfg.data, "data folder not found")

@@ -333,9 +333,7 @@ def condition_fields(extractor, cases: Sequence) -> list | None:
     task = getattr(extractor, "task", None)
     if not getattr(task, "uses_volume_fields", False):
         return None
-    from voxdiff.bpr.fields import case_fields
-
-    return case_fields(task.bpr, cases)
+    return task.case_fields(cases)
 
 
 def make_sampler(extractor, cases: Sequence, cfg: "ProbeConfig", rng: np.random.Generator,

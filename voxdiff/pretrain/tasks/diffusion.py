@@ -7,7 +7,11 @@ loss is the MSE. ``condition``:
 
 * ``none``: no BPR, the backbone sees x_t only (the "diffusion without BPR" ablation; same code);
 * ``slice``: a slice-score BPR (1 channel, Yan et al. / Schuhegger et al.);
-* ``ape``: a 3D anatomical positional embedding BPR (3 channels, Goncharov et al.).
+* ``ape``: a 3D anatomical positional embedding BPR (3 channels, Goncharov et al.);
+* ``position``: no BPR; 2 channels holding each voxel's in-plane position (x and y, mm over
+  :data:`POSITION_UNIT_MM`) about the centre of its preprocessed volume (cropped to the body, so
+  about the body's centre). A control for what the BPR's anatomy adds: on the phantom benchmark it
+  did as well as ``ape`` (docs/RESULTS.md, "What a perfect body part regressor would give").
 
 The kind of the BPR file must match ``condition``. ``bpr_sincos`` > 0 appends a sin/cos encoding
 of the coordinates (``voxdiff.bpr.coords_for_patches``).
@@ -45,7 +49,21 @@ from ...core.errors import InputError
 from ..diffusion import GaussianDiffusion, index_grid, positional_noise, to_model_range
 from .base import PretextTask, random_patches, register_task
 
-CONDITIONS = ("none", "slice", "ape")
+CONDITIONS = ("none", "slice", "ape", "position")
+BPR_CONDITIONS = ("slice", "ape")  # the conditions that need a body part regressor
+POSITION_UNIT_MM = 300.0  # mm per unit of the ``position`` condition (the scale of the APE's channels)
+
+
+def position_field(shape: tuple[int, int, int], spacing) -> Any:
+    """The ``position`` condition of a whole volume: channel 0 varies along x, channel 1 along y,
+    each the voxel's distance (mm / :data:`POSITION_UNIT_MM`) from the volume's centre."""
+    from voxdiff.bpr.fields import CoordinateField
+
+    sp = tuple(float(v) for v in spacing)
+    if len(sp) != 3 or min(sp) <= 0:
+        raise InputError(None, f"the position condition needs a positive 3D spacing, got {spacing}")
+    prof = tuple((np.arange(n) - (n - 1) / 2.0) * sp[a] / POSITION_UNIT_MM for a, n in enumerate(shape[:2]))
+    return CoordinateField(tuple(int(n) for n in shape), (0, 1), prof)
 
 
 @dataclass
@@ -54,8 +72,9 @@ class DiffusionFields:
     (``PretrainConfig.task``); ``DiffusionConfig`` adds the rest.
 
     Args:
-        condition: none | slice | ape (BPR concatenated to x_t).
-        bpr_path: body part regressor folder (required unless condition is none).
+        condition: none | slice | ape (BPR concatenated to x_t) | position (no BPR: the voxel's
+            in-plane position about its volume's centre, a control).
+        bpr_path: body part regressor folder (required for slice and ape).
         bpr_sincos: sin/cos frequencies appended to the BPR coordinates (0 = raw coordinates).
         diffusion_steps: number of diffusion steps T.
         beta_schedule: linear | cosine.
@@ -139,6 +158,8 @@ class DiffusionTask(PretextTask):
             raise InputError(None, f"unknown condition {o.condition!r}; choose from {', '.join(CONDITIONS)}")
         if o.condition_source not in CONDITION_SOURCES:
             raise InputError(None, f"unknown condition_source {o.condition_source!r}; choose from {', '.join(CONDITION_SOURCES)}")
+        if o.condition == "position" and o.condition_source != "volume":
+            raise InputError(None, "the position condition is defined on whole volumes (condition_source volume)")
         if not 0.0 <= o.condition_dropout < 1.0:
             raise InputError(None, f"condition_dropout must lie in [0, 1), got {o.condition_dropout}")
         if not 0.0 <= o.skip_dropout < 1.0:
@@ -153,8 +174,8 @@ class DiffusionTask(PretextTask):
             raise InputError(None, f"feature_timesteps {list(o.feature_timesteps)} must lie in 0..{o.diffusion_steps - 1}")
         # the frozen BPR is kept out of state_dict (saved as bpr/ beside the backbone)
         self.__dict__["bpr"] = None
-        self._cond_channels = 0
-        if o.condition != "none":
+        self._cond_channels = 2 * (1 + 2 * max(0, int(o.bpr_sincos))) if o.condition == "position" else 0
+        if o.condition in BPR_CONDITIONS:
             if bpr is None:
                 if not o.bpr_path:
                     raise InputError(None, f"condition {o.condition!r} needs a body part regressor (--task.bpr_path)")
@@ -222,6 +243,8 @@ class DiffusionTask(PretextTask):
     @torch.no_grad()
     def condition_map(self, image: torch.Tensor) -> torch.Tensor | None:
         """The BPR map (B, C, X, Y, Z) of clean ``image`` in [0, 1]; None when unconditioned."""
+        if self.opts.condition == "position":  # the image taken as a whole volume
+            return self.volume_condition(image)
         if self.bpr is None:
             return None
         _, coords_for_patches = _bpr_api()
@@ -241,15 +264,22 @@ class DiffusionTask(PretextTask):
 
     @property
     def uses_volume_fields(self) -> bool:
-        return self.bpr is not None and self.opts.condition_source == "volume"
+        return (self.bpr is not None and self.opts.condition_source == "volume") or self.opts.condition == "position"
+
+    def case_fields(self, cases: list, cache_dir: str | os.PathLike | None = None, progress: bool = False) -> list:
+        """The whole-volume condition fields of preprocessed ``cases`` (BPR maps, cached in
+        ``cache_dir``; or the ``position`` fields, computed from each case's shape and spacing)."""
+        if self.opts.condition == "position":
+            return [position_field(tuple(c.image.shape), c.meta.spacing) for c in cases]
+        from voxdiff.bpr.fields import case_fields
+
+        return case_fields(self.bpr, cases, cache_dir=cache_dir, progress=progress)
 
     def prepare(self, cases: list, cache_dir: str | os.PathLike | None = None, progress: bool = False) -> None:
         """Map every training volume once (``condition_source == "volume"``); cached in ``cache_dir``."""
         if not self.uses_volume_fields:
             return
-        from voxdiff.bpr.fields import case_fields
-
-        self._fields = case_fields(self.bpr, cases, cache_dir=cache_dir, progress=progress)
+        self._fields = self.case_fields(cases, cache_dir=cache_dir, progress=progress)
 
     def sample_batch(self, cases: list, batch_size: int, patch_size: tuple[int, int, int],
                      rng: np.random.Generator) -> dict[str, torch.Tensor]:
@@ -288,6 +318,16 @@ class DiffusionTask(PretextTask):
         over voxels 0..size-1 (``size`` >= the volume: the map continues past its end, e.g. over the
         padding of sliding windows); None when unconditioned. With ``condition_source == "patch"``
         this is the BPR of the volume as one input (:meth:`condition_map`)."""
+        if self.opts.condition == "position":
+            from voxdiff.bpr.models import sincos_encode
+
+            sp = self._spacing()
+            if sp is None:
+                raise InputError(None, "the position condition needs the preprocessing spacing in the task config")
+            size = tuple(int(v) for v in (size or image.shape[2:]))
+            f = position_field(tuple(image.shape[2:]), sp)
+            maps = torch.from_numpy(f.crop((0, 0, 0), size))[None].expand(image.shape[0], -1, -1, -1, -1)
+            return sincos_encode(maps.contiguous(), self.opts.bpr_sincos).to(image.device)
         if self.bpr is None:
             return None
         if self.opts.condition_source == "patch":
