@@ -36,6 +36,7 @@ import numpy as np
 from voxdiff.core.config import from_dict, to_dict, write_config
 from voxdiff.core.errors import InputError
 from voxdiff.core.outputs import check_output_path
+from voxdiff.pretrain.tasks.diffusion import BPR_CONDITIONS, CONDITIONS
 
 from .budgets import get_budget
 from .runner import StepRunner
@@ -150,8 +151,8 @@ def method_parts(method: str) -> tuple[str, str | None]:
     """'diffusion-ape' -> ('diffusion', 'ape'); 'restorative' -> ('restorative', None)."""
     if method.startswith("diffusion"):
         cond = method.split("-", 1)[1] if "-" in method else "none"
-        if cond not in ("none", "slice", "ape", "position"):
-            raise InputError(None, f"unknown diffusion condition in method {method!r} (none, slice, ape, position)")
+        if cond not in CONDITIONS:
+            raise InputError(None, f"unknown diffusion condition in method {method!r} ({', '.join(CONDITIONS)})")
         return "diffusion", cond
     if method not in ("restorative", "contrastive", "random"):
         raise InputError(None, f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -424,7 +425,7 @@ class Experiment:
         opts.update(method=base, seed=self.cfg.seed, preprocess=to_dict(self.preprocess))
         if base == "diffusion":
             opts["condition"] = cond
-            if cond in ("slice", "ape"):  # position and none need no body part regressor
+            if cond in BPR_CONDITIONS:  # position and none need no body part regressor
                 opts["bpr_path"] = str(self.bpr(cond))
             if diffusion_steps:
                 T = int(diffusion_steps)

@@ -318,17 +318,8 @@ class DiffusionTask(PretextTask):
         over voxels 0..size-1 (``size`` >= the volume: the map continues past its end, e.g. over the
         padding of sliding windows); None when unconditioned. With ``condition_source == "patch"``
         this is the BPR of the volume as one input (:meth:`condition_map`)."""
-        if self.opts.condition == "position":
-            from voxdiff.bpr.models import sincos_encode
-
-            sp = self._spacing()
-            if sp is None:
-                raise InputError(None, "the position condition needs the preprocessing spacing in the task config")
-            size = tuple(int(v) for v in (size or image.shape[2:]))
-            f = position_field(tuple(image.shape[2:]), sp)
-            maps = torch.from_numpy(f.crop((0, 0, 0), size))[None].expand(image.shape[0], -1, -1, -1, -1)
-            return sincos_encode(maps.contiguous(), self.opts.bpr_sincos).to(image.device)
-        if self.bpr is None:
+        position = self.opts.condition == "position"
+        if self.bpr is None and not position:
             return None
         if self.opts.condition_source == "patch":
             out = self.condition_map(image)
@@ -339,13 +330,18 @@ class DiffusionTask(PretextTask):
         from voxdiff.bpr.fields import volume_field
         from voxdiff.bpr.models import sincos_encode
 
-        sp = self._spacing() or tuple(float(s) for s in self.bpr.spacing)
+        sp = self._spacing() or (None if position else tuple(float(s) for s in self.bpr.spacing))
+        if sp is None:
+            raise InputError(None, "the position condition needs the preprocessing spacing in the task config")
         lo, hi = self.hu_window
         size = tuple(int(s) for s in (size or image.shape[2:]))
         maps = []
         for b in range(image.shape[0]):
-            hu = image[b, 0].float().cpu() * (hi - lo) + lo
-            maps.append(torch.from_numpy(volume_field(self.bpr, hu, sp).crop((0, 0, 0), size)))
+            if position:  # the same field as prepare() gives a training case of this shape
+                field = position_field(tuple(image.shape[2:]), sp)
+            else:
+                field = volume_field(self.bpr, image[b, 0].float().cpu() * (hi - lo) + lo, sp)
+            maps.append(torch.from_numpy(field.crop((0, 0, 0), size)))
         return sincos_encode(torch.stack(maps), self.opts.bpr_sincos).to(image.device)
 
     def _join(self, x_t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
