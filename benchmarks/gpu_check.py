@@ -5,8 +5,10 @@ Meant for a lent CUDA machine without network (``benchmarks/gpu_check.sh`` sets 
 
 1. Pretraining through the engine (``voxdiff.pretrain.pretrain``) with the ``paper`` budget of
    ``voxdiff/experiments/budgets.py`` (diffusion, 8 x 128x128x32 patches, base 16, 6 levels, bf16
-   where native), on synthetic CT-like cases held in memory, for ``--steps`` steps (100): iterations
-   per second from its metrics.jsonl, wall time, peak GPU memory.
+   where native), on synthetic CT-like cases held in memory, for ``--steps`` steps (100), once per
+   ``--workers`` count (batches drawn in the training process, then in worker processes): iterations
+   per second from its metrics.jsonl, over all steps and in the steady state (log windows after the
+   first, which holds cuDNN's autotuning and the workers' start), wall time, peak GPU memory.
 2. The same model and batches in a timed loop, synchronising the device after each phase: batch
    assembly (patch sampling + copy to the device) against the device step (forward, loss,
    backward, clipping, AdamW, EMA).
@@ -106,13 +108,15 @@ def row(name: str, value: str) -> None:
     print(f"| {name:<44s} | {value:<60s} |", flush=True)
 
 
-def pretrain_config(args: argparse.Namespace, sizes: dict, spacing: tuple[float, float, float]) -> PretrainConfig:
+def pretrain_config(args: argparse.Namespace, sizes: dict, spacing: tuple[float, float, float],
+                    workers: int = 0) -> PretrainConfig:
     over = dict(get_budget("paper")["pretrain"])
     if args.quick:
         over.update(QUICK["pretrain"])
     fields = {f.name for f in dataclasses.fields(PretrainConfig)} | set(flat_names(PretrainConfig))  # budgets are flat
     over = {k: v for k, v in over.items() if k in fields}
-    over.update(method="diffusion", condition="none", steps=sizes["steps"], log_every=sizes["steps"],
+    over.update(method="diffusion", condition="none", steps=sizes["steps"], log_every=max(1, sizes["steps"] // 10),
+                workers=workers,
                 checkpoint_every=10 ** 9, keep_checkpoints=1, device=args.device, seed=0,
                 preprocess=PreprocessConfig(spacing=spacing))
     if args.bf16 is not None:
@@ -121,6 +125,8 @@ def pretrain_config(args: argparse.Namespace, sizes: dict, spacing: tuple[float,
         over["bf16"] = False  # the dry run checks the script, not bf16 speed
     if args.threads:
         over["threads"] = args.threads
+    if args.compile:
+        over["compile"] = True
     return from_dict(PretrainConfig, over)
 
 
@@ -130,9 +136,15 @@ def check_pretrain(cfg: PretrainConfig, cases: list, out: Path, dev: torch.devic
     pretrain(cfg, out, cases=cases, progress=False, force=True)
     sync(dev)
     wall = time.perf_counter() - t0
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    pps = float(rows[-1]["patches_per_s"])
-    return {"steps": cfg.optim.steps, "it_per_s": round(pps / cfg.data.batch_size, 3), "patches_per_s": round(pps, 2),
+    rows = [r for r in (json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines())
+            if "patches_per_s" in r]
+    steps = np.diff([0] + [int(r["step"]) for r in rows])
+    secs = steps * cfg.data.batch_size / np.array([float(r["patches_per_s"]) for r in rows])
+    it_all = steps.sum() / secs.sum()
+    it_steady = steps[1:].sum() / secs[1:].sum() if len(rows) > 1 else it_all
+    return {"steps": cfg.optim.steps, "workers": int(cfg.data.workers), "it_per_s": round(float(it_all), 3),
+            "it_per_s_steady": round(float(it_steady), 3),
+            "patches_per_s_steady": round(float(it_steady) * cfg.data.batch_size, 2), "first_window_s": round(float(secs[0]), 1),
             "wall_s": round(wall, 1), "loss": round(float(rows[-1]["loss"]), 4), "peak_gpu_GiB": peak_gpu_gib(dev)}
 
 
@@ -209,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bf16", type=lambda s: s.lower() in ("1", "true", "yes"), default=None,
                     help="bf16 autocast (default: the paper preset's, i.e. on where native)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the pretraining model (runtime.compile)")
+    ap.add_argument("--workers", type=int, nargs="+",
+                    help="batch worker counts of the pretraining runs (default on a GPU: 0 and min(8, cpus/2); else 0)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["pretrain", "split", "features"])
     ap.add_argument("--out", help="work folder (default: a temporary folder, removed at the end)")
     ap.add_argument("--json", help="also write the JSON report to this file")
@@ -230,10 +245,14 @@ def main(argv: list[str] | None = None) -> int:
             sizes[key] = tuple(val) if key == "ct_shape" else int(val)
     spacing = tuple(get_budget("paper")["spacing"])
     cfg = pretrain_config(args, sizes, spacing)
+    if args.workers:
+        worker_counts = list(dict.fromkeys(args.workers))
+    else:
+        worker_counts = [0, max(1, min(8, (os.cpu_count() or 2) // 2))] if dev.type == "cuda" else [0]
 
     env = {"torch": torch.__version__, "device": str(dev), "python": platform.python_version(),
            "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "quick": args.quick,
-           "bf16": use_bf16(dev, cfg.runtime.bf16)}
+           "bf16": use_bf16(dev, cfg.runtime.bf16), "compile": bool(cfg.runtime.compile)}
     if dev.type == "cuda":
         env.update(gpu=torch.cuda.get_device_name(dev), cuda=torch.version.cuda,
                    cudnn=torch.backends.cudnn.version())
@@ -252,14 +271,20 @@ def main(argv: list[str] | None = None) -> int:
                                         f"({time.perf_counter() - t0:.1f} s to build)")
         shape = f"{cfg.data.batch_size} x {'x'.join(map(str, cfg.data.patch_size))}, base {cfg.backbone.base_channels}, " \
                 f"{cfg.backbone.num_levels} levels, bf16 {env['bf16']}"
-        model = work / "pretrained"
+        model = work / "pretrained_w0"
         if "pretrain" not in args.skip or "features" not in args.skip:
-            r = check_pretrain(cfg, cases, model, dev)
-            report["pretrain"] = r
-            row(f"pretrain engine, {r['steps']} steps", f"{r['it_per_s']} it/s ({r['patches_per_s']} patches/s), "
-                                                       f"{r['wall_s']} s, loss {r['loss']}")
+            report["pretrain"] = []
+            for i, n in enumerate(worker_counts if "pretrain" not in args.skip else worker_counts[:1]):
+                out = work / f"pretrained_w{n}"
+                model = out if i == 0 else model
+                r = check_pretrain(pretrain_config(args, sizes, spacing, n), cases, out, dev)
+                report["pretrain"].append(r)
+                row(f"pretrain engine, {r['steps']} steps, workers {n}",
+                    f"{r['it_per_s_steady']} it/s steady ({r['patches_per_s_steady']} patches/s), "
+                    f"{r['it_per_s']} it/s all")
+                row("  wall, first log window, loss", f"{r['wall_s']} s, {r['first_window_s']} s, {r['loss']}")
+                row("  peak GPU memory", f"{r['peak_gpu_GiB']} GiB" if r["peak_gpu_GiB"] is not None else "n/a (cpu)")
             row("  patch batch, model", shape)
-            row("  peak GPU memory", f"{r['peak_gpu_GiB']} GiB" if r["peak_gpu_GiB"] is not None else "n/a (cpu)")
         if "split" not in args.skip:
             r = check_split(cfg, cases, sizes["split_steps"], dev)
             report["split"] = r

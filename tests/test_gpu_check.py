@@ -20,16 +20,20 @@ def test_gpu_check_dry_run(tmp_path):
                OMP_NUM_THREADS="1")
     report = tmp_path / "report.json"
     out = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--quick",
-                          "--ct_shape", "64", "64", "40", "--threads", "1", "--json", str(report)],
+                          "--ct_shape", "64", "64", "40", "--threads", "1", "--workers", "0", "1", "--json", str(report)],
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert not (tmp_path / "no_wheels" / "site").exists()  # everything importable: nothing installed
-    for line in ("pretrain engine, 3 steps", "batch assembly vs device step", "features 64x64x40 CT"):
+    for line in ("pretrain engine, 3 steps, workers 0", "pretrain engine, 3 steps, workers 1", "batch assembly vs device step", "features 64x64x40 CT"):
         assert line in out.stdout, out.stdout
     r = json.loads(report.read_text())
     assert r["env"]["device"] == "cpu" and r["env"]["quick"] is True
-    p = r["pretrain"]
-    assert p["steps"] == 3 and p["it_per_s"] > 0 and p["peak_gpu_GiB"] is None and p["loss"] == p["loss"]
+    assert [p["workers"] for p in r["pretrain"]] == [0, 1]
+    for p in r["pretrain"]:
+        assert p["steps"] == 3 and p["it_per_s"] > 0 and p["it_per_s_steady"] > 0 and p["peak_gpu_GiB"] is None
+        assert p["loss"] == p["loss"]
+    # the same batches for any number of workers: the same loss after the same steps
+    assert r["pretrain"][0]["loss"] == r["pretrain"][1]["loss"]
     s = r["split"]
     assert s["batch_ms"] > 0 and s["step_ms"] > 0 and abs(s["batch_fraction"] + s["step_fraction"] - 1) < 0.01
     f = r["features"]
