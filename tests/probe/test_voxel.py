@@ -150,3 +150,41 @@ def test_feature_source_routes_volume_pyramids_and_none_restores():
     assert calls == [(16, 16, 16)] and got[0].shape == (1, 2, 2, 2)
     plain = voxel.volume_pyramid(ext, vol, cfg)
     assert len(calls) == 1 and len(plain) == len(ext.levels)
+
+
+class _CondExt:
+    """An extractor whose features are its condition: channel 0 of ``coords`` (the x index about the
+    centre of the volume it was given), averaged to strides 1, 2 and 4."""
+
+    def __init__(self, pre):
+        from types import SimpleNamespace
+
+        self.levels = [SimpleNamespace(stride=s) for s in (1, 2, 4)]
+        self.preprocess = pre
+        self.seen: list[tuple[int, ...]] = []
+
+    def condition_map(self, x, size=None):
+        self.seen.append(tuple(x.shape[2:]))
+        size = tuple(x.shape[2:]) if size is None else size
+        i = torch.arange(size[0], dtype=torch.float32) - (x.shape[2] - 1) / 2
+        return i[:, None, None].expand(*size)[None, None].clone()
+
+    def __call__(self, x, voxel_index=None, coords=None):
+        c = coords[:, :1]
+        return [c, torch.nn.functional.avg_pool3d(c, 2), torch.nn.functional.avg_pool3d(c, 4)]
+
+
+def test_whole_volume_condition_is_the_volumes_own_not_the_padded_ones():
+    """The voxel probe's whole-volume features see the condition map of the volume itself, centred as
+    in pretraining, even when the volume is not a multiple of the largest stride; the levels still
+    cover the rounded-up grid exactly."""
+    from voxdiff.probe.voxel import compute_volume_pyramid
+
+    ext = _CondExt(PreprocessConfig(spacing=(4.0, 4.0, 4.0)))
+    vol = np.random.default_rng(0).random((30, 20, 13)).astype(np.float32)
+    pyr = compute_volume_pyramid(ext, vol, _probe(roi=(16, 16, 16), overlap=0.25))
+    assert ext.seen == [(30, 20, 13)]  # the map of the unpadded volume
+    assert [tuple(p.shape) for p in pyr] == [(1, 32, 20, 16), (1, 16, 10, 8), (1, 8, 5, 4)]
+    x0 = pyr[0][0, :30, 0, 0].float()
+    torch.testing.assert_close(x0, torch.arange(30, dtype=torch.float32) - 14.5)  # centre of 30, not of 32
+    assert pyr[0][:, 30:].abs().max() == 0 and pyr[0][:, :, :, 13:].abs().max() == 0  # beyond the volume

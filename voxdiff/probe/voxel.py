@@ -51,16 +51,27 @@ def _divisor(extractor) -> int:
 
 
 def compute_volume_pyramid(extractor, image_unit: np.ndarray, cfg: ProbeConfig) -> list[torch.Tensor]:
-    """Float16 pyramid ``[(C_l, X'/s_l, Y'/s_l, Z'/s_l)]`` of a [0,1] volume padded (at its far end,
-    with 0 = below the window) to ``X'``, a multiple of the largest stride, so that every level is an
-    exact subsampling of the full grid and nearest upsampling is exact."""
+    """Float16 pyramid ``[(C_l, X'/s_l, Y'/s_l, Z'/s_l)]`` of a [0,1] volume, ``X'`` the volume's size
+    rounded up to a multiple of the largest stride, so that every level is an exact subsampling of the
+    full grid and nearest upsampling is exact. The extraction sees the volume itself (it pads the
+    windows' grid at the far end with 0 = below the window, as before), so a whole-volume condition
+    map (BPR, in-plane position) is the volume's own, as in pretraining, not that of a padded volume
+    whose centre lies up to ``(s - 1) / 2`` voxels further; levels are then zero-filled to ``X'/s_l``
+    (those voxels lie outside the volume and are never read)."""
     from voxdiff.features.extract import extract_volume
 
     d = _divisor(extractor)
-    pad = [(0, (-n) % d) for n in image_unit.shape]
-    vol = np.pad(image_unit, pad, constant_values=0.0) if any(p[1] for p in pad) else image_unit
-    pyr = extract_volume(extractor, vol, roi=volume_roi(cfg), overlap=cfg.inference.overlap, progress=False, bf16=cfg.runtime.bf16)
-    return [p[0] for p in pyr]  # drop the batch axis
+    pyr = extract_volume(extractor, image_unit, roi=volume_roi(cfg), overlap=cfg.inference.overlap, progress=False,
+                         bf16=cfg.runtime.bf16)
+    out = []
+    for lv, f in zip(extractor.levels, pyr):
+        f = f[0]  # drop the batch axis
+        want = [-(-n // d) * d // int(lv.stride) for n in image_unit.shape]
+        pad = [w - n for w, n in zip(want, f.shape[1:])]
+        if any(pad):
+            f = torch.nn.functional.pad(f, (0, pad[2], 0, pad[1], 0, pad[0]))
+        out.append(f)
+    return out
 
 
 # Where whole-volume pyramids come from: None = computed (:func:`compute_volume_pyramid`); scripts that
