@@ -49,12 +49,10 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import yaml
 
-from voxdiff.core.config import from_dict
 from voxdiff.core.runtime import tune_allocator
 from voxdiff.evaluate.metrics import dice_per_class
-from voxdiff.experiments.base import Experiment, ExperimentConfig
+from voxdiff.experiments.base import Experiment
 from voxdiff.pretrain.backbone import LevelInfo
 from voxdiff.pretrain.load import load_pretrained
 from voxdiff.probe import voxel
@@ -66,9 +64,7 @@ ONLY: list[str] = []  # --only: variant names (prefixes) of the window and passe
 
 
 def open_seed(folder: Path) -> Experiment:
-    saved = yaml.safe_load((folder / "config.yaml").read_text())
-    cfg = from_dict(ExperimentConfig, saved["config"], strict=False)
-    return Experiment(cfg, folder, log=lambda *a: None, budget=saved["budget_settings"])
+    return Experiment.reopen(folder)
 
 
 class FeatureCache:

@@ -50,9 +50,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from voxdiff.core.config import from_dict  # noqa: E402
 from voxdiff.core.runtime import tune_allocator  # noqa: E402
-from voxdiff.experiments.base import Experiment, ExperimentConfig  # noqa: E402
+from voxdiff.experiments.base import Experiment  # noqa: E402
 from voxdiff.experiments.experiments import label_items  # noqa: E402
 
 
@@ -144,10 +143,8 @@ def main(argv: list[str] | None = None) -> None:
         if a.out is not None:
             folder = variant_folder(folder, a.out / f"seed-{s}", json.loads(a.finetune or "{}"),
                                     json.loads(a.budget or "null"))
-        saved = yaml.safe_load((folder / "config.yaml").read_text())
         # the saved budget settings: a preset changed since would otherwise refuse the folder
-        exp = Experiment(from_dict(ExperimentConfig, saved["config"], strict=False), folder, log=print,
-                         budget=saved["budget_settings"])
+        exp = Experiment.reopen(folder, log=print)
         exp.runner.wait = False  # a step another process runs: do the others first
         exps[s] = exp
     # one queue over all seeds and counts, method by method, then count by count: a process never

@@ -27,20 +27,16 @@ import argparse
 import json
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 import voxdiff.bpr.fields as F
 from voxdiff.bpr.quality import slice_z_mm
-from voxdiff.core.config import from_dict
 from voxdiff.core.runtime import tune_allocator
 from voxdiff.data.preprocess import HU_WINDOW
-from voxdiff.experiments.base import Experiment, ExperimentConfig
+from voxdiff.experiments.base import Experiment, mean_of_cases
 from voxdiff.pretrain.load import load_pretrained
-from voxdiff.probe.voxel import fit_heads_voxels
 
 
 def _profile(hu) -> np.ndarray:
@@ -127,10 +123,7 @@ def main() -> None:
     tune_allocator()
     warnings.simplefilter("ignore", UserWarning)
     torch.set_num_threads(args.threads)
-    out = Path(args.experiment)
-    saved = yaml.safe_load((out / "config.yaml").read_text())
-    cfg = from_dict(ExperimentConfig, saved["config"], strict=False)
-    exp = Experiment(cfg, out, log=lambda *a: None, budget=saved["budget_settings"])
+    exp = Experiment.reopen(args.experiment)
     train, val, test = exp.folds()[0]
     unl = exp.cases("unlabelled")
     meta = json.loads((exp.data_dir() / "phantoms.json").read_text())
@@ -139,21 +132,12 @@ def main() -> None:
     t0 = time.time()
     model_dir = exp.pretrained(args.method, log_every=MODES[args.mode])
     ext = load_pretrained(model_dir)
-    pcfg = exp.probe_cfg()
-    vox = int(exp.budget.get("probe_voxels", 8192))
-    fitted = fit_heads_voxels(ext, train, val, ("nonlinear",), pcfg, progress=False, voxels_per_step=vox)
-
-    def scores(cases: list) -> dict:
-        return exp._score(ext, fitted, cases, pcfg, volume=True)["nonlinear"]
-
-    def mean_dice(sc: dict) -> float:
-        return float(np.mean([np.nanmean(list(organs.values())) for organs in sc.values()]))
-
-    sv, st = scores(val), scores(test)
-    res = {"experiment": str(out), "method": args.method, "condition": {"true_s": f"oracle S (z - {args.landmark})", "no_s": "APE R, A only",
+    sc = exp.refit_frozen(ext)
+    sv, st = sc["val"]["nonlinear"], sc["test"]["nonlinear"]
+    res = {"experiment": str(exp.out), "method": args.method, "condition": {"true_s": f"oracle S (z - {args.landmark})", "no_s": "APE R, A only",
                                                                    "no_ra": "APE S only",
                                                                    "plain_ra": "volume-centred R, A"}[args.mode],
-           "val_dice": round(100 * mean_dice(sv), 1), "mean_dice": round(100 * mean_dice(st), 1),
+           "val_dice": round(100 * mean_of_cases(sv), 1), "mean_dice": round(100 * mean_of_cases(st), 1),
            "volumes_looked_up": len(oracle.hits), "seconds": round(time.time() - t0)}
     print(json.dumps(res), flush=True)
     if args.out:

@@ -23,18 +23,13 @@ import argparse
 import json
 import time
 import warnings
-from pathlib import Path
 
-import numpy as np
 import torch
-import yaml
 
-from voxdiff.core.config import from_dict
 from voxdiff.core.runtime import tune_allocator
-from voxdiff.experiments.base import Experiment, ExperimentConfig, method_parts
+from voxdiff.experiments.base import Experiment, mean_of_cases, method_parts
 from voxdiff.features.extract import with_timesteps
 from voxdiff.pretrain.load import load_pretrained
-from voxdiff.probe.voxel import fit_heads_voxels
 
 
 def main() -> None:
@@ -47,11 +42,7 @@ def main() -> None:
     tune_allocator()  # the CLI's allocator setting (VOXDIFF_NO_MALLOPT=1: glibc default)
     warnings.simplefilter("ignore", UserWarning)
     torch.set_num_threads(args.threads)
-    out = Path(args.experiment)
-    saved = yaml.safe_load((out / "config.yaml").read_text())
-    cfg = from_dict(ExperimentConfig, saved["config"], strict=False)  # fields renamed since (label_method) ignored
-    exp = Experiment(cfg, out, log=lambda *a: None, budget=saved["budget_settings"])
-    train, val, test = exp.folds()[0]
+    exp = Experiment.reopen(args.experiment)
     for var in json.loads(args.variants):
         var = dict(var)
         t = time.time()
@@ -65,14 +56,10 @@ def main() -> None:
         vox = int(var.pop("voxels", exp.budget.get("probe_voxels", 8192)))
         if ts:
             with_timesteps(ext, tuple(ts))
-        pcfg = exp.probe_cfg(**var)
-        fitted = fit_heads_voxels(ext, train, val, ("nonlinear",), pcfg, progress=False, voxels_per_step=vox)
-        def mean_dice(cases: list) -> float:
-            scores = exp._score(ext, fitted, cases, pcfg, volume=True)["nonlinear"]
-            return float(np.mean([np.nanmean(list(organs.values())) for organs in scores.values()]))
-
+        sc = exp.refit_frozen(ext, exp.probe_cfg(**var), voxels=vox)
         print(json.dumps({"overrides": var, "bpr": bpr_over, "pretrain": pre, "timesteps": ts, "voxels": vox,
-                          "val_dice": round(100 * mean_dice(val), 1), "mean_dice": round(100 * mean_dice(test), 1),
+                          "val_dice": round(100 * mean_of_cases(sc["val"]["nonlinear"]), 1),
+                          "mean_dice": round(100 * mean_of_cases(sc["test"]["nonlinear"]), 1),
                           "seconds": round(time.time() - t)}), flush=True)
 
 

@@ -652,3 +652,31 @@ def test_position_method_needs_no_body_part_regressor(tmp_path):
     pc = exp.pretrain_config("diffusion-position")
     assert pc.task.condition == "position" and not pc.task.bpr_path
     assert not any(p.name.startswith("bpr") for p in (tmp_path / "e").iterdir())  # no BPR was trained
+
+
+def test_reopened_folder_refits_the_compare_rows_frozen_head(tmp_path):
+    """``Experiment.reopen`` + ``refit_frozen`` (what the benchmark scripts use to try probe variants on
+    a finished folder) fit the same head as ``compare`` did: the same per-case test Dice."""
+    from voxdiff.experiments.base import Experiment, mean_of_cases
+    from voxdiff.pretrain.load import load_pretrained
+
+    cfg = ExperimentConfig(budget="tiny", methods=("diffusion-none",), heads=("nonlinear",), scratch=False,
+                           finetune=(), workers=1, progress=False)
+    out = tmp_path / "exp"
+    res = ex.compare(cfg, out, log=lambda s: None)
+    row = res["rows"][0]
+    exp = Experiment.reopen(out)
+    from voxdiff.experiments.budgets import get_budget
+
+    assert tuple(exp.cfg.methods) == ("diffusion-none",)
+    assert exp.budget["probe"]["steps"] == get_budget("tiny")["probe"]["steps"]  # the saved settings
+    sc = exp.refit_frozen(load_pretrained(exp.pretrained("diffusion-none")))  # the finished step, reused
+    _, val, test = exp.folds()[0]
+    assert set(sc["val"]["nonlinear"]) == {c.case_id for c in val}
+    assert set(sc["test"]["nonlinear"]) == set(row["per_case"]) == {c.case_id for c in test}
+    for cid, organs in row["per_case"].items():
+        for o, v in organs.items():
+            got = sc["test"]["nonlinear"][cid][str(o)]
+            assert (v is None and math.isnan(got)) or got == pytest.approx(v, abs=1e-6)
+    case_means = [np.nanmean([np.nan if v is None else v for v in d.values()]) for d in row["per_case"].values()]
+    assert mean_of_cases(sc["test"]["nonlinear"]) == pytest.approx(float(np.mean(case_means)), abs=1e-6)

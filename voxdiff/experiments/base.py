@@ -29,7 +29,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -226,6 +226,32 @@ class Experiment:
         self._cases: dict[str, list] = {}
         self.keep_bundles = True  # write a segmenter bundle per probe (voxdiff segment can use it)
         self.t0 = time.perf_counter()
+
+    @classmethod
+    def reopen(cls, folder: str | Path, log: Callable[[str], None] | None = None) -> Experiment:
+        """A finished (or partly finished) experiment folder, with the config and budget settings saved
+        in its config.yaml (so a preset changed since does not refuse it); for scripts that reuse its
+        steps (``benchmarks/``)."""
+        import yaml
+
+        folder = Path(folder)
+        saved = yaml.safe_load((folder / "config.yaml").read_text())
+        cfg = from_dict(ExperimentConfig, saved["config"], strict=False)  # fields renamed since are ignored
+        return cls(cfg, folder, log=log or (lambda *a: None), budget=saved["budget_settings"])
+
+    def refit_frozen(self, ext, pcfg=None, heads: Sequence[str] = ("nonlinear",), voxels: int | None = None,
+                     fold: int = 0) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+        """Frozen heads fitted on ``ext`` as ``compare`` fits them (voxel sampling on whole-volume
+        features of the fold's training cases, checkpoint chosen on its validation cases), scored on
+        the validation and test cases: ``{"val": scores, "test": scores}`` (see :meth:`score`)."""
+        from voxdiff.probe.voxel import fit_heads_voxels
+
+        train, val, test = self.folds()[fold]
+        pcfg = self.probe_cfg() if pcfg is None else pcfg
+        vox = int(self.budget.get("probe_voxels", 8192) if voxels is None else voxels)
+        fitted = fit_heads_voxels(ext, train, val, tuple(heads), pcfg, progress=False, voxels_per_step=vox)
+        return {"val": self.score(ext, fitted, val, pcfg, volume=True),
+                "test": self.score(ext, fitted, test, pcfg, volume=True)}
 
     def _claim_folder(self, force: bool) -> None:
         """Resume an experiment folder made with the same config, or one that only adds rows (more methods,
@@ -508,7 +534,7 @@ class Experiment:
                                           voxels_per_step=int(self.budget.get("probe_voxels", 8192)))
             else:
                 fitted = fit_heads(ext, train, val, heads, pcfg, progress=self.cfg.progress, history=hist)
-            scores = self._score(ext, fitted, test, pcfg, volume=self.voxel_mode)
+            scores = self.score(ext, fitted, test, pcfg, volume=self.voxel_mode)
             if self.keep_bundles:
                 from voxdiff.probe.bundle import save_segmenter
                 from voxdiff.probe.train import volume_roi
@@ -576,7 +602,7 @@ class Experiment:
             alts: dict[str, Any] | None = {r: None for r in self.cfg.compare_selection} or None
             tuned, head = fit_network(ext, train, val, mode, pcfg, progress=self.cfg.progress, history=hist,
                                       init_head=init, alternatives=alts)
-            scores = self._score(tuned, {mode: head}, test, pcfg)
+            scores = self.score(tuned, {mode: head}, test, pcfg)
             out = {"fold": fold, "mode": mode, "init": init_probe or "random", "train_cases": [c.case_id for c in train],
                    "val_cases": [c.case_id for c in val], "test_cases": [c.case_id for c in test],
                    "max_steps": pcfg.optim.steps, "steps_run": getattr(head, "steps_run", None),
@@ -588,7 +614,7 @@ class Experiment:
                 out["by_selection"] = {}
                 for r, (e, h) in alts.items():
                     if h.best_step not in by_step:
-                        by_step[h.best_step] = self._score(e, {mode: h}, test, pcfg)
+                        by_step[h.best_step] = self.score(e, {mode: h}, test, pcfg)
                     out["by_selection"][r] = {"best_step": h.best_step, "val_score": h.best_val_dice,
                                               "scores": by_step[h.best_step]}
             return out
@@ -604,7 +630,10 @@ class Experiment:
         """Frozen heads trained on voxel samples of whole-volume features (default) or on patches."""
         return self.budget.get("probe_mode", "voxels") == "voxels"
 
-    def _score(self, ext, heads: dict, test: list, pcfg, volume: bool = False) -> dict[str, dict[str, dict[str, float]]]:
+    def score(self, ext, heads: dict, test: list, pcfg, volume: bool = False) -> dict[str, dict[str, dict[str, float]]]:
+        """Dice per head, case and organ (``{head: {case_id: {"1": dice, ...}}}``, NaN where an organ is
+        absent) of ``heads`` on ``ext``'s features of the cases ``test``: whole-volume features
+        (``volume``, as the voxel probe trains) or sliding windows."""
         from voxdiff.evaluate.metrics import dice_per_class
         from voxdiff.probe.predict import logits_to_labels, predict_logits, unit_image
         from voxdiff.probe.voxel import predict_logits_volume
@@ -623,6 +652,12 @@ class Experiment:
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
+
+
+def mean_of_cases(scores: dict[str, dict[str, float]]) -> float:
+    """Mean over cases of each case's mean Dice over the organs it has (one head's :meth:`Experiment.score`)."""
+    return float(np.mean([np.nanmean([np.nan if v is None else float(v) for v in organs.values()])
+                          for organs in scores.values()]))
 
 
 def scores_to_per_case(scores: dict[str, dict[str, float]]) -> dict[str, dict[int, float]]:
