@@ -718,9 +718,14 @@ def sincos_encode(coords: torch.Tensor, n_freq: int) -> torch.Tensor:
     return torch.cat([coords, torch.sin(ang).reshape(b, c * n_freq, *rest), torch.cos(ang).reshape(b, c * n_freq, *rest)], 1)
 
 
+def encoded_channels(n: int, sincos: int = 0) -> int:
+    """Channels of ``n`` coordinate channels after :func:`sincos_encode` with ``sincos`` frequencies."""
+    return int(n) * (1 + 2 * max(int(sincos), 0))
+
+
 def coords_channels(model: BodyPartRegressor, sincos: int = 0) -> int:
     """Number of channels that :func:`coords_for_patches` returns."""
-    return model.out_channels * (1 + 2 * max(int(sincos), 0))
+    return encoded_channels(model.out_channels, sincos)
 
 
 @torch.no_grad()

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...bpr.models import encoded_channels
 from ...core.errors import InputError
 from ..diffusion import GaussianDiffusion, index_grid, positional_noise, to_model_range
 from .base import PretextTask, random_patches, register_task
@@ -174,7 +175,7 @@ class DiffusionTask(PretextTask):
             raise InputError(None, f"feature_timesteps {list(o.feature_timesteps)} must lie in 0..{o.diffusion_steps - 1}")
         # the frozen BPR is kept out of state_dict (saved as bpr/ beside the backbone)
         self.__dict__["bpr"] = None
-        self._cond_channels = 2 * (1 + 2 * max(0, int(o.bpr_sincos))) if o.condition == "position" else 0
+        self._cond_channels = encoded_channels(2, o.bpr_sincos) if o.condition == "position" else 0
         if o.condition in BPR_CONDITIONS:
             if bpr is None:
                 if not o.bpr_path:
@@ -199,12 +200,7 @@ class DiffusionTask(PretextTask):
         for p in bpr.parameters():
             p.requires_grad_(False)
         self.__dict__["bpr"] = bpr
-        try:
-            from voxdiff.bpr.models import coords_channels
-
-            self._cond_channels = int(coords_channels(bpr, self.opts.bpr_sincos))
-        except (ImportError, AttributeError, TypeError):
-            self._cond_channels = int(getattr(bpr, "out_channels", 1)) * (1 + 2 * self.opts.bpr_sincos)
+        self._cond_channels = encoded_channels(int(getattr(bpr, "out_channels", 1)), self.opts.bpr_sincos)
 
     @property
     def condition(self) -> str:
