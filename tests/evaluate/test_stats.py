@@ -48,3 +48,24 @@ def test_paired_comparison_needs_the_same_seeds_and_survives_ties():
     same = {"a": 0.5, "b": 0.7}
     res = paired_comparison([0.6, 0.6], [0.6, 0.6], same, same)
     assert res["wilcoxon_p"] == 1.0 and verdict(res) == "no difference shown"
+
+
+def test_a_difference_over_cases_that_the_seeds_do_not_reproduce_is_not_a_verdict():
+    """Three seeds where one seed of B was unlucky: every case looks better for A once averaged over
+    the seeds (Wilcoxon rejects), but the seeds' differences (+0.08, -0.01, -0.01) do not show it."""
+    from scipy import stats
+
+    rng = np.random.default_rng(1)
+    b = {f"c{i}": float(v) for i, v in enumerate(rng.uniform(0.3, 0.6, 10))}
+    a = {k: v + 0.02 + float(rng.normal(0, 0.002)) for k, v in b.items()}
+    res = paired_comparison([0.50, 0.51, 0.52], [0.42, 0.52, 0.53], a, b)
+    assert res["wilcoxon_p"] < 0.01 and res["cases_a_better"] == 10
+    assert res["seeds_a_better"] == 1 and res["seeds_b_better"] == 2
+    assert res["seed_ttest_p"] == pytest.approx(stats.ttest_1samp([0.08, -0.01, -0.01], 0).pvalue)
+    assert res["seed_ttest_p"] > 0.05 and verdict(res) == "not shown across seeds"
+    # the same cases with seeds that agree: a verdict
+    agree = paired_comparison([0.50, 0.51, 0.52], [0.48, 0.49, 0.505], a, b)
+    assert agree["seed_ttest_p"] < 0.05 and verdict(agree) == "A better"
+    # one seed: only the test over cases is possible, and it decides
+    one = paired_comparison([0.50], [0.42], a, b)
+    assert math.isnan(one["seed_ttest_p"]) and verdict(one) == "A better"

@@ -437,14 +437,18 @@ def seeds_markdown(results: dict[str, Any], figs: list[str], notes: list[str] | 
         "",
         "Over seeds: the difference of the seeds' mean Dice, mean ± std. Over cases: each test case's "
         "Dice (mean over its organs) averaged over seeds; the paired differences across cases, "
-        "two-sided Wilcoxon signed-rank and paired t-test. The verdict uses Wilcoxon at 0.05.",
+        "two-sided Wilcoxon signed-rank and paired t-test; the seeds' differences, a one-sample t-test. "
+        "The verdict names a winner when the Wilcoxon test over cases and the t-test over seeds both "
+        "reject at 0.05 ('not shown across seeds': only the test over cases does).",
         "",
-        "| A | B | A - B over seeds (points) | A - B over cases | cases A / B better | Wilcoxon p | t-test p | verdict |",
-        "|---|---|---|---|---|---|---|---|",
+        "| A | B | A - B over seeds (points) | seeds A / B better | seed t-test p | A - B over cases | "
+        "cases A / B better | Wilcoxon p | t-test p | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for t in tests:
         lines.append(
             f"| {' / '.join(t['a'])} | {' / '.join(t['b'])} | {100 * t['diff_mean']:+.1f} ± {100 * t['diff_std_seeds']:.1f} | "
+            f"{t.get('seeds_a_better', '')} / {t.get('seeds_b_better', '')} | {_p(t.get('seed_ttest_p', float('nan')))} | "
             f"{100 * t['case_diff_mean']:+.1f} | {t['cases_a_better']} / {t['cases_b_better']} | {_p(t['wilcoxon_p'])} | "
             f"{_p(t['ttest_p'])} | {t['verdict']} |")
     lines += ["", *[f"![{f}]({f})" for f in figs], ""]
