@@ -110,8 +110,9 @@ def case_pyramids(extractor, cases: Sequence, cfg: ProbeConfig, progress: bool =
 @torch.no_grad()
 def predict_logits_volume(extractor, heads: dict[str, nn.Module], image_unit: np.ndarray, cfg: ProbeConfig,
                           pyramid: list[torch.Tensor] | None = None, chunk: int = 32) -> dict[str, torch.Tensor]:
-    """Logits ``(C, X, Y, Z)`` of every head from one whole-volume feature pass (the features the
-    heads were trained on); heads run slab by slab along z to bound memory."""
+    """Logits ``(C, X, Y, Z)`` (on the CPU) of every head from one whole-volume feature pass (the
+    features the heads were trained on); heads run slab by slab along z, on their own device, to bound
+    memory."""
     pyr = pyramid if pyramid is not None else volume_pyramid(extractor, image_unit, cfg)
     strides = [int(lv.stride) for lv in extractor.levels]
     d = max(strides)
@@ -121,11 +122,12 @@ def predict_logits_volume(extractor, heads: dict[str, nn.Module], image_unit: np
     step = max(d, (chunk // d) * d)
     for n, h in heads.items():
         h.eval()
+        dev = next(h.parameters()).device  # the pyramid stays on the CPU; each slab goes to the head
         parts = []
         for z0 in range(0, pyr[0].shape[3], step):
-            sub = [p[None, :, :, :, z0 // s:(z0 + step) // s].float() for p, s in zip(pyr, strides)]
+            sub = [p[None, :, :, :, z0 // s:(z0 + step) // s].to(dev).float() for p, s in zip(pyr, strides)]
             size = (full[0], pyr[0].shape[2], sub[0].shape[4])
-            parts.append(h(sub, out_size=size)[0])
+            parts.append(h(sub, out_size=size)[0].cpu())
         out[n] = torch.cat(parts, 3)[:, :X, :Y, :Z].contiguous()
     return out
 
