@@ -29,6 +29,9 @@ class _Ext:
         self.preprocess = pre
         self.method = "random"
 
+    def parameters(self):  # where extract_volume runs the windows
+        return self.backbone.parameters()
+
     def __call__(self, x, voxel_index=None, coords=None):
         with torch.no_grad():
             return self.backbone.pyramid(x)
@@ -46,7 +49,8 @@ def test_voxel_heads_train_validate_and_predict_on_the_test_device(test_device):
     assert [h["step"] for h in hist] == [2, 4]  # validated on the whole validation volume twice
     unit = unit_image(cases[1], pre.hu_window)
     pyr = compute_volume_pyramid(ext, unit, cfg)
-    assert all(p.device.type == "cpu" for p in pyr)
+    assert next(ext.parameters()).device.type == test_device.type  # moved where the probe runs
+    assert all(p.device.type == "cpu" for p in pyr)  # features gathered on the CPU
     for n, h in heads.items():
         assert next(h.parameters()).device.type == test_device.type
         got = predict_logits_volume(ext, {n: h}, unit, cfg, pyramid=pyr)[n]

@@ -55,7 +55,7 @@ def slice_scores_volume(
             else:
                 s = model.slice_scores_raw(batch)  # (T, zc)
             w = (batch > thr).float().mean(dim=(1, 2, 3)) + 0.02  # (T, zc)
-            out[z0:z1] = ((s * w).sum(0) / w.sum(0)).double().numpy()
+            out[z0:z1] = ((s * w).sum(0) / w.sum(0)).double().cpu().numpy()
     finally:
         model.train(was)
     if not raw:
@@ -95,7 +95,7 @@ def ape_volume(
             )
     finally:
         model.train(was)
-    return out[0].numpy().astype(np.float32)
+    return out[0].cpu().numpy().astype(np.float32)
 
 
 def infer_volume(model: BodyPartRegressor, unit, overlap: float = 0.5, raw: bool = False, progress: bool = False) -> np.ndarray:

@@ -522,10 +522,10 @@ class Experiment:
             train, val, test = self.folds()[fold]
             if n_train:
                 train = train[:n_train]
-            ext = load_pretrained(model_dir)
+            pcfg = self.probe_cfg()
+            ext = load_pretrained(model_dir, device=pcfg.runtime.device)
             if timesteps is not None:
                 with_timesteps(ext, timesteps)
-            pcfg = self.probe_cfg()
             hist: list = []
             if self.voxel_mode:
                 from voxdiff.probe.voxel import fit_heads_voxels
@@ -595,8 +595,8 @@ class Experiment:
             src = self.pretrained("random") if mode == "scratch" else model_dir
             if src is None:
                 raise ValueError("fine-tuning needs a pretrained model folder")
-            ext = load_pretrained(src)
             pcfg = self.tuned_cfg(mode, early_stopping)
+            ext = load_pretrained(src, device=pcfg.runtime.device)
             hist: list = []
             init = load_segmenter_head(self.out / init_probe / "segmenter-nonlinear") if init_probe else None
             alts: dict[str, Any] | None = {r: None for r in self.cfg.compare_selection} or None

@@ -89,9 +89,19 @@ def condition_map(extractor, x: torch.Tensor, amp: bool = False) -> torch.Tensor
     try:
         with torch.no_grad(), bf16_autocast(x.device, amp):
             c = fn(x)
-    except (RuntimeError, MemoryError):  # too large at once: each window computes its own map
+    except (RuntimeError, MemoryError) as e:  # too large at once: each window computes its own map
+        if not _out_of_memory(e):
+            raise  # anything else (a device mismatch, a bug) must not turn into a silent fallback
         return None
     return None if c is None else c.float()
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is an allocation failure (CPU allocators raise RuntimeError, CUDA OutOfMemoryError)."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    msg = str(e).lower()
+    return "out of memory" in msg or "can't allocate memory" in msg or "not enough memory" in msg
 
 
 def model_device(extractor) -> torch.device:

@@ -221,7 +221,8 @@ def volume_roi(cfg: ProbeConfig) -> tuple[int, int, int]:
     return tuple(int(r) for r in (cfg.inference.feature_roi or cfg.inference.roi))  # type: ignore[return-value]
 
 
-def _to_device(extractor, device: torch.device) -> None:
+def move_extractor(extractor, device: torch.device) -> None:
+    """Move a feature extractor (a module, or an object holding ``backbone`` / ``bpr`` modules) to ``device``."""
     if hasattr(extractor, "to") and callable(extractor.to):
         extractor.to(device)
     else:
@@ -522,7 +523,7 @@ def fit_heads(
         raise ValueError(f"fit_heads trains frozen heads only ({FROZEN_MODES}); use fit_network for {bad}")
     device = resolve_device(cfg.runtime.device)
     set_frozen(extractor)
-    _to_device(extractor, device)
+    move_extractor(extractor, device)
     window = extractor.preprocess.hu_window
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -796,7 +797,7 @@ def fit_network(
         raise TrainingError("this feature extractor exposes no backbone module to fine-tune")
     if mode == "scratch":
         reinit_(backbone, cfg.seed + 1)
-    _to_device(ext, device)
+    move_extractor(ext, device)
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     sampler = make_sampler(ext, train_cases, cfg, rng, end_to_end=True)

@@ -41,6 +41,7 @@ from .train import (
     ProbeConfig,
     class_voxel_index,
     heads_engine_config,
+    move_extractor,
     restore_best,
     volume_roi,
 )
@@ -279,6 +280,7 @@ def fit_heads_voxels(extractor, train_cases: Sequence, val_cases: Sequence = (),
     cfg = cfg or ProbeConfig()
     device = resolve_device(cfg.runtime.device)
     set_frozen(extractor)
+    move_extractor(extractor, device)  # features are extracted where the probe runs, as fit_heads does
     if not train_cases:
         raise InputError(None, "no labelled training cases")
     rng = np.random.default_rng(cfg.seed)

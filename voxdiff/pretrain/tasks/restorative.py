@@ -54,7 +54,7 @@ class RestorativeTask(PretextTask):
         target = batch["image"]
         x = batch.get("input")
         if x is None:  # a batch drawn by someone else: distort here, seeded from the generator
-            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator).item())
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device).item())
             rng = np.random.default_rng(seed)
             x = torch.from_numpy(np.stack([self.distort(p[0].cpu().numpy(), rng) for p in target]))[:, None]
             x = x.to(target.device)
