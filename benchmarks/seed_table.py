@@ -1,7 +1,7 @@
 """One over-seeds table from several ``voxdiff experiment compare --seeds`` folders.
 
-A compare folder refuses a different seed list, so more seeds of the same benchmark go into a second
-folder (``--seeds '[3,4]'`` beside ``'[0,1,2]'``). This script gathers the seeds of all the folders,
+A compare folder takes a longer seed list (only the new seeds run), but seeds run elsewhere or
+earlier may sit in a second folder (``--seeds '[3,4]'`` beside ``'[0,1,2]'``). This script gathers the seeds of all the folders,
 checks that they share the data (same budget, phantoms or data folder, same test cases) and prints
 the compare report's two tables over all of them: each row's mean ± std over seeds, and the paired
 comparisons (``voxdiff.evaluate.stats``: over seeds, and over the test cases averaged over seeds,

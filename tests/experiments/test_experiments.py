@@ -680,3 +680,25 @@ def test_reopened_folder_refits_the_compare_rows_frozen_head(tmp_path):
             assert (v is None and math.isnan(got)) or got == pytest.approx(v, abs=1e-6)
     case_means = [np.nanmean([np.nan if v is None else v for v in d.values()]) for d in row["per_case"].values()]
     assert mean_of_cases(sc["test"]["nonlinear"]) == pytest.approx(float(np.mean(case_means)), abs=1e-6)
+
+
+def test_a_seeds_folder_takes_more_seeds_never_fewer_or_other_ones(tmp_path):
+    from voxdiff.core.errors import InputError
+    from voxdiff.experiments.base import Experiment
+
+    def make(seeds, where="s"):
+        cfg = ExperimentConfig(budget="tiny", methods=("diffusion-none",), scratch=False, seeds=seeds, workers=1,
+                               progress=False)
+        return Experiment(cfg, tmp_path / where, log=lambda s: None)
+
+    make((0, 1, 2))
+    (tmp_path / "s" / "seed-0").mkdir()  # a finished seed's folder stays
+    make((0, 1, 2, 3, 4))  # more seeds: resumed
+    assert (tmp_path / "s" / "seed-0").is_dir()
+    for other in ((0, 1), (0, 1, 5), ()):  # fewer, other or none: refused, nothing removed
+        with pytest.raises(InputError, match="seeds"):
+            make(other)
+    assert (tmp_path / "s" / "seed-0").is_dir()
+    make((), where="single")  # a single-seed folder does not become a seeds folder
+    with pytest.raises(InputError, match="seeds"):
+        make((0, 1), where="single")

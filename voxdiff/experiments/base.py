@@ -174,11 +174,15 @@ ROW_FIELDS = frozenset({"methods", "finetune", "scratch", "label_counts", "label
 
 def setting_conflicts(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """The settings of config ``new`` that a folder made with ``saved`` cannot be resumed with: every
-    field that differs, except row fields that keep every saved row (``scratch``: False -> True)."""
+    field that differs, except row fields that keep every saved row (``scratch``: False -> True) and
+    ``seeds`` that keep every saved seed (a folder of seeds 0-2 takes 0-4; a single-seed folder takes
+    no seed list, since its report would be replaced by the seeds' one)."""
     bad = []
     for k in sorted(set(saved) | set(new)):
         a, b = saved.get(k), new.get(k)
-        if k not in ROW_FIELDS:
+        if k == "seeds":
+            lost = list(a or ()) != list(b or ()) and not (a and set(a) <= set(b or ()))
+        elif k not in ROW_FIELDS:
             lost = a != b
         elif isinstance(a, bool) or isinstance(b, bool):
             lost = bool(a) and not b
