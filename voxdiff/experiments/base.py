@@ -660,8 +660,9 @@ class Experiment:
 
 def mean_of_cases(scores: dict[str, dict[str, float]]) -> float:
     """Mean over cases of each case's mean Dice over the organs it has (one head's :meth:`Experiment.score`)."""
-    return float(np.mean([np.nanmean([np.nan if v is None else float(v) for v in organs.values()])
-                          for organs in scores.values()]))
+    from voxdiff.evaluate.metrics import aggregate_cases
+
+    return float(aggregate_cases(scores_to_per_case(scores))["mean_of_cases"])
 
 
 def scores_to_per_case(scores: dict[str, dict[str, float]]) -> dict[str, dict[int, float]]:
