@@ -141,8 +141,9 @@ def paired_lines(bench: Path, n: int | str, pairs: list[tuple[tuple[str, str], t
             per.append(f"{s.removeprefix('seed-')}: {100 * c['case_diff_mean']:+.1f} "
                        f"({c['cases_a_better']}/{c['n_cases']}, p = {c['wilcoxon_p']:.2g})")
         spread = f" ± {100 * pooled['diff_std_seeds']:.1f}" if len(seeds) > 1 else ""
+        sp = pooled["seed_ttest_p"]
         lines.append(f"| {n} | {name(ma, ka)} - {name(mb, kb)} | {len(seeds)} | {100 * pooled['diff_mean']:+.1f}{spread} | "
-                     f"{pooled['wilcoxon_p']:.2g} | {'; '.join(per)} |")
+                     f"{pooled['wilcoxon_p']:.2g} | {'n/a' if sp != sp else f'{sp:.2g}'} | {'; '.join(per)} |")
     return lines
 
 
@@ -185,8 +186,8 @@ def main() -> None:
         pairs += [((first, "fine-tuned"), (m, "fine-tuned")) for m in other]
         pairs += [((m, "fine-tuned"), ("from-scratch", "scratch")) for m in other]
         pairs += [((first, "nonlinear"), ("from-scratch", "scratch"))]
-        print("\n| labelled | A - B | seeds | mean difference over seeds | Wilcoxon p (cases, seed-averaged) | per seed "
-              "(cases A better, p) |\n|---|---|---|---|---|---|")
+        print("\n| labelled | A - B | seeds | mean difference over seeds | Wilcoxon p (cases, seed-averaged) | "
+              "t-test p (seeds) | per seed (cases A better, p) |\n|---|---|---|---|---|---|---|")
         for n in counts:
             print("\n".join(paired_lines(args.bench, n, pairs)))
             if args.against is not None:

@@ -65,13 +65,14 @@ def main() -> None:
     rb = regime(fb)
     if fa:
         ra = regime(fa)
-        print(f"| row | {na} | {nb} | {nb} - {na} (seeds) | cases {nb} better / worse | p (Wilcoxon) |")
-        print("|---|---|---|---|---|---|")
+        print(f"| row | {na} | {nb} | {nb} - {na} (seeds) | cases {nb} better / worse | p (Wilcoxon) | p (seeds, t-test) |")
+        print("|---|---|---|---|---|---|---|")
         for row in sorted(set(ra) & set(rb)):
             a, b = seed_means(ra[row]), seed_means(rb[row])
             c = paired_comparison(b, a, seed_average(rb[row]), seed_average(ra[row]))
             print(f"| {row} | {100 * np.mean(a):.1f} | {100 * np.mean(b):.1f} | {100 * c['diff_mean']:+.1f} ± "
-                  f"{100 * c['diff_std_seeds']:.1f} | {c['cases_a_better']} / {c['cases_b_better']} | {c['wilcoxon_p']:.3g} |")
+                  f"{100 * c['diff_std_seeds']:.1f} | {c['cases_a_better']} / {c['cases_b_better']} | {c['wilcoxon_p']:.3g} | "
+                  f"{c['seed_ttest_p']:.3g} |")
     ref = args.against
     if ref not in rb:
         if not fa:
@@ -79,8 +80,8 @@ def main() -> None:
         return
     what = "from scratch" if ref == "scratch" else ref
     print(f"\n{nb}, {len(fb)} seeds, each row against {what}:\n")
-    print(f"| row | mean ± std over seeds | row - {ref} (seeds) | cases better / worse | p (Wilcoxon) |")
-    print("|---|---|---|---|---|")
+    print(f"| row | mean ± std over seeds | row - {ref} (seeds) | cases better / worse | p (Wilcoxon) | p (seeds, t-test) |")
+    print("|---|---|---|---|---|---|")
     r_means, r_cases = seed_means(rb[ref]), seed_average(rb[ref])
     print(f"| {ref} | {100 * np.mean(r_means):.1f} ± {100 * mean_std(r_means)['std']:.1f} | | | |")
     for row in sorted(rb):
@@ -88,7 +89,7 @@ def main() -> None:
             m = seed_means(rb[row])
             c = paired_comparison(m, r_means, seed_average(rb[row]), r_cases)
             print(f"| {row} | {100 * np.mean(m):.1f} ± {100 * mean_std(m)['std']:.1f} | {100 * c['diff_mean']:+.1f} ± {100 * c['diff_std_seeds']:.1f} | "
-                  f"{c['cases_a_better']} / {c['cases_b_better']} | {c['wilcoxon_p']:.3g} |")
+                  f"{c['cases_a_better']} / {c['cases_b_better']} | {c['wilcoxon_p']:.3g} | {c['seed_ttest_p']:.3g} |")
 
 
 if __name__ == "__main__":

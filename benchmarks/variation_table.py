@@ -141,8 +141,8 @@ def main(argv: list[str] | None = None) -> None:
         pairs = [((m, k), ("from-scratch", "scratch")) for m in lm for k in ("fine-tuned", "nonlinear")]
         pairs += [((lm[0], "fine-tuned"), (m, "fine-tuned")) for m in lm[1:]]
         print(f"\n{names[1]}: paired over test cases (Wilcoxon), differences in Dice points\n")
-        print("| labelled | A - B | seeds | mean diff | p (pooled) | per seed: diff (cases A better / all, p) |")
-        print("|---|---|---|---|---|---|")
+        print("| labelled | A - B | seeds | mean diff | p (pooled) | p (seeds, t-test) | per seed: diff (cases A better / all, p) |")
+        print("|---|---|---|---|---|---|---|")
         for n in a.paired.split(","):
             # label_curve reads seed-S folders: those with rows at n, numbered 0, 1, ... in --b's order
             with tempfile.TemporaryDirectory() as tmp:

@@ -52,6 +52,10 @@ def test_case_scores_and_paired_tests(lc, tmp_path):
     # seed 0: +10.0, seed 1: +12.0 -> +11.0 ± 1.4; every case better on both seeds
     assert "| 2 | diffusion-ape fine-tuned - from scratch | 2 | +11.0 ± 1.4 |" in ft
     assert "0: +10.0 (6/6" in ft and "1: +12.0 (6/6" in ft
+    from scipy import stats
+
+    seed_p = stats.ttest_1samp([0.10, 0.12], 0).pvalue  # the seeds' own test: two seeds cannot show much
+    assert f" | {seed_p:.2g} | " in ft and seed_p > 0.05
     # contrastive: (4 x 0.05 - 2 x 0.05) / 6 = +1.7 on each seed, 4 of 6 cases better
     assert "+1.7 ± 0.0" in ctr and "(4/6" in ctr
 
