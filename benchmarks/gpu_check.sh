@@ -3,6 +3,8 @@
 #
 #   benchmarks/gpu_check.sh                        # full check on cuda, <= 8 minutes
 #   benchmarks/gpu_check.sh --tests                # then the device tests with VOXDIFF_TEST_DEVICE=cuda
+#   benchmarks/gpu_check.sh --tests --demo         # then `voxdiff demo` in the time left (--demo=BUDGET: another
+#                                                  # budget, e.g. --demo=tiny for a dry run); step seconds printed
 #   benchmarks/gpu_check.sh --device cpu --quick   # dry run anywhere (tiny sizes)
 #
 # The repository goes on PYTHONPATH; Python packages this machine lacks are installed from the wheels
@@ -19,9 +21,15 @@ LIMIT=${GPU_CHECK_TIMEOUT:-480}
 export PYTHONPATH="$ROOT:$ROOT/$SITE${PYTHONPATH:+:$PYTHONPATH}"
 
 RUN_TESTS=0
+DEMO=""
 ARGS=()
 for a in "$@"; do
-    if [ "$a" = "--tests" ]; then RUN_TESTS=1; else ARGS+=("$a"); fi
+    case "$a" in
+        --tests) RUN_TESTS=1 ;;
+        --demo) DEMO=cpu-small ;;
+        --demo=*) DEMO=${a#--demo=} ;;
+        *) ARGS+=("$a") ;;
+    esac
 done
 case " ${ARGS[*]-} " in
     *" --device "*) ;;
@@ -95,6 +103,24 @@ if [ "$RUN_TESTS" = 1 ] && [ $rc -eq 0 ]; then
         VOXDIFF_TEST_DEVICE=$dev timeout "$left" "$PY" -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m device tests || rc=$?
     else
         echo "gpu_check.sh: no time left for the tests" >&2
+    fi
+fi
+if [ -n "$DEMO" ] && [ $rc -eq 0 ]; then
+    left=$((LIMIT - ($(date +%s) - start)))
+    out=${DEMO_OUT:-$(mktemp -d)/demo}
+    echo "voxdiff demo --budget $DEMO --out $out (${left}s left)"
+    if [ "$left" -gt 30 ]; then
+        timeout "$left" "$PY" -m voxdiff.cli demo --budget "$DEMO" --out "$out" || rc=$?
+        # each step's own seconds, also when the demo stopped early
+        "$PY" -c 'import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+for p in sorted(out.rglob("result.json")):
+    try:
+        print("  %s: %.1f s" % (p.parent.relative_to(out), float(json.loads(p.read_text()).get("seconds") or 0)))
+    except (ValueError, OSError):
+        pass' "$out"
+    else
+        echo "gpu_check.sh: no time left for the demo" >&2
     fi
 fi
 exit $rc

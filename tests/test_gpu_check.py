@@ -17,15 +17,20 @@ REPO = Path(__file__).resolve().parents[1]
 def test_gpu_check_dry_run(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VOXDIFF_TEST_DEVICE")}
     env.update(PYTHON=sys.executable, WHEEL_DIR=str(tmp_path / "no_wheels"), GPU_CHECK_TIMEOUT="240",
-               OMP_NUM_THREADS="1")
+               OMP_NUM_THREADS="1", DEMO_OUT=str(tmp_path / "demo"))
     report = tmp_path / "report.json"
     out = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--device", "cpu", "--quick",
-                          "--ct_shape", "64", "64", "40", "--threads", "1", "--workers", "0", "1", "--json", str(report)],
+                          "--ct_shape", "64", "64", "40", "--threads", "1", "--workers", "0", "1", "--json", str(report),
+                          "--demo=tiny"],
                          env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert not (tmp_path / "no_wheels" / "site").exists()  # everything importable: nothing installed
     for line in ("pretrain engine, 3 steps, workers 0", "pretrain engine, 3 steps, workers 1", "batch assembly vs device step", "features 64x64x40 CT"):
         assert line in out.stdout, out.stdout
+    # then the demo (tiny budget here) with each step's own seconds
+    assert (tmp_path / "demo" / "report.md").is_file()
+    for step in ("phantoms", "bpr-ape", "pretrain-diffusion-ape", "probe-diffusion-ape-f0", "finetune-contrastive-f0"):
+        assert f"  {step}: " in out.stdout, out.stdout[-2000:]
     r = json.loads(report.read_text())
     assert r["env"]["device"] == "cpu" and r["env"]["quick"] is True
     assert [p["workers"] for p in r["pretrain"]] == [0, 1]
