@@ -538,8 +538,12 @@ def test_compare_over_seeds_shares_data_and_reports_paired_tests(tmp_path):
     pairs = [(tuple(t["a"]), tuple(t["b"])) for t in res["tests"]]
     assert (("diffusion-none", "nonlinear"), ("random", "nonlinear")) in pairs
     assert (("diffusion-none", "nonlinear"), ("from-scratch", "end-to-end")) in pairs
+    for t in res["tests"]:  # the seeds' own test beside the one over cases, and the verdict that needs both
+        sd = np.array(rows[tuple(t["a"])]["seed_means"]) - np.array(rows[tuple(t["b"])]["seed_means"])
+        assert t["seeds_a_better"] == int((sd > 0).sum()) and t["seeds_b_better"] == int((sd < 0).sum())
+        assert t["verdict"] in ("A better", "B better", "not shown across seeds", "no difference shown")
     md = (out / "report.md").read_text()
-    assert "Paired comparisons" in md and "| diffusion-none | nonlinear |" in md
+    assert "Paired comparisons" in md and "| diffusion-none | nonlinear |" in md and "seed t-test p" in md
     assert (out / "seeds.png").stat().st_size > 0
     # resumed: nothing reruns
     logs.clear()
