@@ -127,6 +127,23 @@ def two_organ_case(seed: int, shape=(24, 24, 16)):
     return Case(img, lab, CaseMeta(f"c{seed}", None, None, shape, aff, aff, (1.0, 1.0, 1.0)))
 
 
+def body_box_case(seed: int, shape=(28, 24, 20)):
+    """A labelled 3 mm noise volume with air in its first 3 rows and one box organ (label 6, +80 HU):
+    small enough for BPR-conditioned probing and fine-tuning tests."""
+    import numpy as np
+
+    from voxdiff.data.types import Case, CaseMeta
+
+    rng = np.random.default_rng(seed)
+    img = rng.normal(40, 20, shape).astype(np.float32)
+    img[:3] = -1000
+    lab = np.zeros(shape, np.uint8)
+    lab[8:16, 8:16, 6:14] = 6
+    img[lab == 6] += 80
+    aff = np.diag([3.0, 3.0, 3.0, 1.0])
+    return Case(img, lab, CaseMeta(f"c{seed}", None, None, shape, aff, aff, (3.0, 3.0, 3.0)))
+
+
 def load_benchmark(name: str):
     """The script ``benchmarks/NAME.py`` imported as a module (its functions, without running main)."""
     import importlib.util

@@ -5,11 +5,11 @@ after the frozen probes, which had never run on a GPU."""
 import numpy as np
 import pytest
 import torch
+from standin import body_box_case as _case
 
 from voxdiff.bpr.models import build_bpr
 from voxdiff.core.config import from_dict
 from voxdiff.data.preprocess import PreprocessConfig
-from voxdiff.data.types import Case, CaseMeta
 from voxdiff.pretrain.backbone import Backbone
 from voxdiff.pretrain.load import FeatureExtractor
 from voxdiff.pretrain.tasks.diffusion import DiffusionTask
@@ -19,17 +19,6 @@ from voxdiff.probe.train import ProbeConfig, fit_network
 pytestmark = [pytest.mark.device, pytest.mark.usefixtures("one_thread")]
 
 PRE = {"spacing": [3.0, 3.0, 3.0], "hu_window": [-1350.0, 1000.0]}
-
-
-def _case(seed, shape=(28, 24, 20)):
-    rng = np.random.default_rng(seed)
-    img = rng.normal(40, 20, shape).astype(np.float32)
-    img[:3] = -1000
-    lab = np.zeros(shape, np.uint8)
-    lab[8:16, 8:16, 6:14] = 6
-    img[lab == 6] += 80
-    aff = np.diag([3.0, 3.0, 3.0, 1.0])
-    return Case(img, lab, CaseMeta(f"c{seed}", None, None, shape, aff, aff, (3.0, 3.0, 3.0)))
 
 
 def _extractor():

@@ -2,11 +2,11 @@
 
 import numpy as np
 import torch
+from standin import body_box_case as _case
 
 from voxdiff.bpr.fields import case_fields
 from voxdiff.bpr.models import build_bpr
 from voxdiff.core.config import from_dict
-from voxdiff.data.types import Case, CaseMeta
 from voxdiff.pretrain.backbone import Backbone
 from voxdiff.pretrain.load import FeatureExtractor
 from voxdiff.pretrain.tasks.diffusion import DiffusionTask
@@ -16,17 +16,6 @@ from voxdiff.probe.train import ProbeConfig, fit_heads, make_sampler
 def _probe(**flat) -> ProbeConfig:
     """A ProbeConfig from flat field names (``steps``, ``roi``, ...), read into the sections."""
     return from_dict(ProbeConfig, flat)
-
-
-def _case(seed, shape=(28, 24, 20)):
-    rng = np.random.default_rng(seed)
-    img = rng.normal(40, 20, shape).astype(np.float32)
-    img[:3] = -1000
-    lab = np.zeros(shape, np.uint8)
-    lab[8:16, 8:16, 6:14] = 6
-    img[lab == 6] += 80
-    aff = np.diag([3.0, 3.0, 3.0, 1.0])
-    return Case(img, lab, CaseMeta(f"c{seed}", None, None, shape, aff, aff, (3.0, 3.0, 3.0)))
 
 
 def _extractor(source):
