@@ -109,12 +109,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--pairs {pair}: both methods must be among {', '.join(by)}")
         cmp = paired_comparison(by[x]["seed_means"], by[y]["seed_means"], by[x]["cases"], by[y]["cases"])
         tests.append({"a": [x, a.head], "b": [y, a.head], **cmp, "verdict": verdict(cmp)})
-    results = {"config": dataclasses.asdict(cfg), "rows": rows, "tests": tests, "seeds": seeds, "seconds": 0}
-    text = seeds_markdown(results, [])
-    text = text.replace("# voxdiff experiment: compare over seeds",
-                        f"# compare over seeds, gathered from {', '.join(map(str, a.folders))}")
-    text = text.replace("; 0 s in all. Each seed's own report: `seed-S/report.md`.",
-                        ". Each seed's own report: `FOLDER/seed-S/report.md`.")
+    results = {"config": dataclasses.asdict(cfg), "rows": rows, "tests": tests, "seeds": seeds, "seconds": None}
+    text = seeds_markdown(results, [], title=f"# compare over seeds, gathered from {', '.join(map(str, a.folders))}",
+                          seed_reports="FOLDER/seed-S/report.md")
     sys.stdout.write(text)
     if a.json:
         a.json.write_text(json.dumps({"seeds": seeds, "rows": rows, "tests": tests}, indent=1, default=float))

@@ -58,7 +58,9 @@ def test_two_folders_make_one_table_over_all_seeds(st, tmp_path, capsys):
     assert t_ab["a"] == ["a", "nonlinear"] and t_ab["cases_a_better"] == 8 and t_ab["verdict"] == "A better"
     assert t_ab["diff_mean"] == pytest.approx(np.mean([0.135 - 0.01 * s for s in range(5)]))
     assert t_ba["a"] == ["b", "nonlinear"] and t_ba["verdict"] == "B better" and t_ba["wilcoxon_p"] < 0.05
-    assert "seeds 0, 1, 2, 3, 4; 8 test cases" in text and "| a | nonlinear | 45.5 ± 1.6 |" in text
+    assert "seeds 0, 1, 2, 3, 4; 8 test cases. Each seed's own report: `FOLDER/seed-S/report.md`." in text
+    assert text.startswith(f"# compare over seeds, gathered from {f1}, {f2}")
+    assert "| a | nonlinear | 45.5 ± 1.6 |" in text and " s in all" not in text
 
 
 def test_other_benchmarks_duplicate_seeds_and_missing_rows_are_refused(st, tmp_path):

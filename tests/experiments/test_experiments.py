@@ -78,6 +78,7 @@ def test_report_time_gives_the_steps_total_when_steps_had_finished_earlier():
     from voxdiff.experiments.report import time_phrase
 
     assert time_phrase({"seconds": 120.4}) == "120 s in all"  # results.json of older folders
+    assert time_phrase({"seconds": None}) == ""  # gathered tables carry no time
     assert time_phrase({"seconds": 120.4, "step_seconds": 119.0}) == "120 s in all"
     assert time_phrase({"seconds": 2.0, "step_seconds": 3838.2}) == (
         "3838 s of steps in all (2 s in this invocation; the rest finished earlier)")

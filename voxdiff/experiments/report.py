@@ -104,7 +104,10 @@ def compare_figures(rows: list[dict[str, Any]], out: Path) -> list[str]:
 
 def time_phrase(results: dict[str, Any]) -> str:
     """"N s in all", or, when steps had finished in earlier invocations (the report of a resumed or
-    extended folder), the steps' own total with this invocation's wall time beside it."""
+    extended folder), the steps' own total with this invocation's wall time beside it; "" when the
+    results carry no time (``seconds`` None: a table gathered from several folders)."""
+    if results.get("seconds") is None:
+        return ""
     wall = float(results["seconds"])
     steps = results.get("step_seconds")
     if steps is None or float(steps) <= wall + 1.0:
@@ -403,17 +406,20 @@ def _p(v: Any) -> str:
     return f"{v:.3f}" if v >= 0.001 else f"{v:.1e}"
 
 
-def seeds_markdown(results: dict[str, Any], figs: list[str], notes: list[str] | None = None) -> str:
+def seeds_markdown(results: dict[str, Any], figs: list[str], notes: list[str] | None = None,
+                   title: str = "# voxdiff experiment: compare over seeds", seed_reports: str = "seed-S/report.md") -> str:
+    """The report over seeds; ``title`` and ``seed_reports`` (where each seed's report lies) for tables
+    gathered from several folders (benchmarks/seed_table.py)."""
     cfg = results["config"]
     cfgd = cfg if isinstance(cfg, dict) else cfg.__dict__
     rows, tests, seeds = results["rows"], results["tests"], results["seeds"]
     n_cases = max((len(r["cases"]) for r in rows), default=0)
     where = f"data `{cfgd['data']}`" if cfgd["data"] else f"generated phantoms (seed {cfgd['phantom_seed']})"
     lines = [
-        "# voxdiff experiment: compare over seeds",
+        title,
         "",
-        f"Budget `{cfgd['budget']}`; {where}; seeds {', '.join(map(str, seeds))}; {n_cases} test cases; "
-        f"{time_phrase(results)}. Each seed's own report: `seed-S/report.md`.",
+        f"Budget `{cfgd['budget']}`; {where}; seeds {', '.join(map(str, seeds))}; {n_cases} test cases"
+        f"{'; ' + time_phrase(results) if time_phrase(results) else ''}. Each seed's own report: `{seed_reports}`.",
         "",
         *([] if results.get("complete", True) else [
             "**Partial report** (`--report_only`): only the rows that have finished for every seed; "

@@ -109,13 +109,20 @@ def _as_volume(image_unit: Any) -> torch.Tensor:
     return x.float()
 
 
-def _strides(extractor: Any) -> list[int]:
+def level_strides(extractor: Any) -> list[int]:
+    """The stride of each pyramid level of an extractor (anything with ``levels``)."""
     return [int(lv.stride) for lv in extractor.levels]
 
 
+def largest_stride(extractor: Any) -> int:
+    return max(level_strides(extractor))
+
+
 def _divisor(extractor: Any) -> int:
+    """What window sizes must be multiples of: the model's ``divisor`` where it has one, else its
+    largest stride (the same for every shipped backbone)."""
     d = getattr(extractor, "divisor", None)
-    return int(d) if d else max(_strides(extractor))
+    return int(d) if d else largest_stride(extractor)
 
 
 def _round_up(v: int, m: int) -> int:
@@ -368,7 +375,7 @@ def extract_volume(extractor: Any, image_unit: Any, roi: Sequence[int] | None = 
     condition = condition_mode(extractor, condition)
     x = _as_volume(image_unit)
     bsz, _, *shape = x.shape
-    strides = _strides(extractor)
+    strides = level_strides(extractor)
     n_levels = len(strides)
     sel = list(range(n_levels)) if levels is None else [int(i) for i in levels]
     for i in sel:
@@ -396,16 +403,16 @@ def extract_volume(extractor: Any, image_unit: Any, roi: Sequence[int] | None = 
         if cond is not None:
             cond = cond.float().to(dev)
 
-    level_strides = sorted({strides[i] for i in keep})
-    weights = {s: blend_weights(win, s, mode, dev) for s in level_strides}
-    wsum = {s: torch.zeros(1, 1, *(p // s for p in padded), device=dev) for s in level_strides}
+    kept_strides = sorted({strides[i] for i in keep})
+    weights = {s: blend_weights(win, s, mode, dev) for s in kept_strides}
+    wsum = {s: torch.zeros(1, 1, *(p // s for p in padded), device=dev) for s in kept_strides}
     origins = plan.origins()
 
     def box(o: tuple[int, int, int], s: int) -> tuple[slice, ...]:
         return (slice(None), slice(None)) + tuple(slice(a // s, (a + w) // s) for a, w in zip(o, win))
 
     for o in origins:
-        for s in level_strides:
+        for s in kept_strides:
             wsum[s][box(o, s)] += weights[s]
     grid = torch.stack(torch.meshgrid(*[torch.arange(w, device=dev) for w in win], indexing="ij"), 0)
     acc: dict[int, torch.Tensor] = {}

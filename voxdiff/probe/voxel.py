@@ -32,6 +32,7 @@ from voxdiff.core.engine import Engine
 from voxdiff.core.errors import InputError
 from voxdiff.core.metrics import mean_dice
 from voxdiff.core.runtime import resolve_device
+from voxdiff.features.extract import extract_volume, largest_stride, level_strides
 
 from .heads import LinearHead, MixHead, NonLinearHead
 from .predict import set_frozen, unit_image
@@ -47,10 +48,6 @@ from .train import (
 )
 
 
-def _divisor(extractor) -> int:
-    return max(int(lv.stride) for lv in extractor.levels)
-
-
 def compute_volume_pyramid(extractor, image_unit: np.ndarray, cfg: ProbeConfig) -> list[torch.Tensor]:
     """Float16 pyramid ``[(C_l, X'/s_l, Y'/s_l, Z'/s_l)]`` of a [0,1] volume, ``X'`` the volume's size
     rounded up to a multiple of the largest stride, so that every level is an exact subsampling of the
@@ -59,9 +56,8 @@ def compute_volume_pyramid(extractor, image_unit: np.ndarray, cfg: ProbeConfig) 
     map (BPR, in-plane position) is the volume's own, as in pretraining, not that of a padded volume
     whose centre lies up to ``(s - 1) / 2`` voxels further; levels are then zero-filled to ``X'/s_l``
     (those voxels lie outside the volume and are never read)."""
-    from voxdiff.features.extract import extract_volume
 
-    d = _divisor(extractor)
+    d = largest_stride(extractor)
     pyr = extract_volume(extractor, image_unit, roi=volume_roi(cfg), overlap=cfg.inference.overlap, progress=False,
                          bf16=cfg.runtime.bf16)
     out = []
@@ -115,7 +111,7 @@ def predict_logits_volume(extractor, heads: dict[str, nn.Module], image_unit: np
     features the heads were trained on); heads run slab by slab along z, on their own device, to bound
     memory."""
     pyr = pyramid if pyramid is not None else volume_pyramid(extractor, image_unit, cfg)
-    strides = [int(lv.stride) for lv in extractor.levels]
+    strides = level_strides(extractor)
     d = max(strides)
     X, Y, Z = image_unit.shape
     full = [p.shape[1] * s for p, s in zip(pyr, strides)]
@@ -287,7 +283,7 @@ def fit_heads_voxels(extractor, train_cases: Sequence, val_cases: Sequence = (),
     torch.manual_seed(cfg.seed)
     tables = case_pyramids(extractor, train_cases, cfg, progress=progress, convert=voxel_tables)
     labels = [np.asarray(c.label, dtype=np.uint8) for c in train_cases]
-    strides = [int(lv.stride) for lv in extractor.levels]
+    strides = level_strides(extractor)
     chans = [int(t.rows.shape[1]) for t in tables[0]]
     sampler = VoxelSampler(labels, cfg.sampling.fg_prob, rng)
     groups = int(getattr(extractor, "passes", 1))
