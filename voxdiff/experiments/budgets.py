@@ -49,8 +49,9 @@ BUDGETS: dict[str, dict[str, Any]] = {
     "cpu-small": {
         "phantoms": {"n_train": 7, "n_test": 3, "n_unlabelled": 12},
         "spacing": (3.0, 3.0, 3.0),
-        # threads 0: all of torch's threads (a quiet 2-core CPU trains the ape model 1.6x faster than on
-        # one thread; BPRTrainConfig's default of one thread is for machines shared with other jobs)
+        # threads 0: all of torch's threads (ape model, 100 steps: 1.18x one thread's speed on a quiet
+        # 2-core EPYC, 1.63x on a 16-core Xeon, where no smaller count was faster: docs/PRETRAIN.md,
+        # benchmarks/bench_bpr_threads.py; BPRTrainConfig's default of one thread is for shared machines)
         "bpr": {"steps": 150, "batch_size": 4, "channels": (8, 16, 24, 32), "checkpoint_every": 1000, "threads": 0},
         # per-kind overrides of "bpr"; ape: 3 levels after 2x pooling (cells of 16 voxels), S anchored
         # on the experiment's slice model (field-of-view consistent: docs/BPR.md); slice: 600 steps
