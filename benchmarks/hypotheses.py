@@ -18,7 +18,8 @@ cases of each case's organ mean; or a loss), and a summary over seeds at the end
   window per volume (several times less compute than overlapping windows)?
 * ``passes`` (diffusion models): the feature passes changed at extraction only, each with its own
   fitted non-linear head: features averaged over 4 fixed noise draws, and the clean image given
-  the t = 250 embedding in place of its noisy pass ("clean image told t = 250").
+  the t = 250 embedding in place of its noisy pass ("clean image told t = 250"; with ``--only clean``
+  the reference is refitted beside it, and both are also scored on the validation case).
 * ``mix``: a learned mix over pyramid levels x timesteps (``mix`` head, diffusion hyperfeatures)
   against the experiment's non-linear head on the same features. Diffusion models take features at
   MIX_T (five timesteps) once; the budget's own timesteps are channel blocks of them, so the
@@ -204,7 +205,14 @@ def test_passes(exp: Experiment, method: str, folds, emit, cache: FeatureCache) 
     if ONLY and not any("clean image".startswith(o) for o in ONLY):
         return
 
+    # the reference refitted beside it, and both scored on the validation case too: the case a
+    # setting may be chosen on (the test phantoms may not)
     ext = load_pretrained(exp.out / f"pretrain-{method}" / "model")
+    cache.install(f"{exp.out}/{method}/plain")
+    head = fit_nonlinear(ext, train, val, pcfg, vox)
+    emit("passes", method, "reference refitted", score(ext, head, test, pcfg))
+    emit("passes", method, "reference refitted, validation", score(ext, head, val, pcfg))
+
     task = ext.task
     real_passes = task.feature_passes
 
@@ -222,6 +230,7 @@ def test_passes(exp: Experiment, method: str, folds, emit, cache: FeatureCache) 
     cache.install(f"{exp.out}/{method}/clean250")
     head = fit_nonlinear(ext, train, val, pcfg, vox)
     emit("passes", method, "clean image told the noisy pass's t", score(ext, head, test, pcfg))
+    emit("passes", method, "clean image told the noisy pass's t, validation", score(ext, head, val, pcfg))
 
 
 MIX_T = (1, 25, 100, 250, 500)
