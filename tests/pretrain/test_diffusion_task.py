@@ -98,6 +98,19 @@ def test_several_feature_timesteps_give_several_passes():
     assert not torch.equal(passes[0][0][:, :1], passes[1][0][:, :1])
 
 
+def test_clean_feature_input_gives_every_pass_the_clean_image_with_its_timestep():
+    img = torch.rand(1, 1, 16, 16, 8)
+    noisy = _task("ape", feature_timesteps=[1, 60]).feature_passes(img)
+    clean = _task("ape", feature_timesteps=[1, 60], feature_input="clean").feature_passes(img)
+    assert [int(t[0]) for _, t in clean] == [1, 60]  # the timesteps (their embeddings) are kept
+    for (x, _), (xn, _) in zip(clean, noisy):
+        assert torch.equal(x[:, :1], img * 2 - 1)  # the image channel is x0 in the model's range
+        assert torch.equal(x[:, 1:], xn[:, 1:])  # the condition is the same
+    assert (noisy[1][0][:, :1] - (img * 2 - 1)).abs().mean() > 0.1  # the default pass at t = 60 of 100 is noised
+    with pytest.raises(InputError, match="feature_input"):
+        _task("none", feature_input="blurred")
+
+
 def test_loss_reports_t_buckets_and_uses_the_generator():
     task = _task("ape")
     net = Backbone(task.in_channels, 1, 4, 2)
