@@ -324,10 +324,13 @@ def test_stage_configs_follow_budget_and_overrides(tmp_path):
     budget = get_budget("tiny")
     budget["pretrain"]["diffusion_steps"] = 1000
     budget["pretrain"]["feature_timesteps"] = (1, 5, 250)
+    budget["pretrain"]["feature_input"] = "clean"
     exp = Experiment(ExperimentConfig(budget="tiny", methods=("diffusion-none",), pretrain_steps=7), tmp_path / "e",
                      log=lambda *a: None, budget=budget)
     cfg = exp.pretrain_config("diffusion-none")
     assert cfg.optim.steps == 7 and cfg.task.condition == "none" and tuple(cfg.task.feature_timesteps) == (1, 5, 250)
+    assert cfg.task.feature_input == "clean"
+    assert exp.pretrain_config("contrastive").task.feature_input == "noisy"  # diffusion settings stay off the others
     # t / T kept at a short chain; timesteps that meet there are kept once, in order
     short = exp.pretrain_config("diffusion-none", diffusion_steps=10)
     assert short.task.diffusion_steps == 10 and tuple(short.task.feature_timesteps) == (0, 2)
@@ -581,8 +584,10 @@ def test_bench_budget_is_cpu_small_with_the_benchmark_pools():
     for stage in ("probe", "pretrain_method"):
         assert bench[stage] == small[stage]
     assert bench["bpr"] == {k: v for k, v in small["bpr"].items() if k != "threads"}  # BPRTrainConfig's 1 thread
-    same = {k: v for k, v in small["pretrain"].items() if k not in ("steps", "checkpoint_every", "log_every")}
+    same = {k: v for k, v in small["pretrain"].items() if k not in ("steps", "checkpoint_every", "log_every", "feature_input")}
     assert {k: bench["pretrain"][k] for k in same} == same
+    # the demo's clean feature passes; the benchmark's noisy ones (the task's default), as measured
+    assert small["pretrain"]["feature_input"] == "clean" and "feature_input" not in bench["pretrain"]
     assert {k: v for k, v in small["phantoms"].items() if k not in ("n_train", "n_test", "n_unlabelled")} == \
         {k: v for k, v in bench["phantoms"].items() if k not in ("n_train", "n_test", "n_unlabelled")}
     # everything else is cpu-small's

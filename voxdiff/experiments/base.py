@@ -465,7 +465,7 @@ class Experiment:
                 scaled = (min(T - 1, max(0, round(t * T / ref_T))) for t in self.budget["pretrain"]["feature_timesteps"])
                 opts["feature_timesteps"] = tuple(dict.fromkeys(scaled))  # several t may meet at a short T
         else:
-            for k in ("diffusion_steps", "feature_timesteps"):
+            for k in ("diffusion_steps", "feature_timesteps", "feature_input"):
                 opts.pop(k, None)
         opts.update(over)
         if opts.get("data") and not opts.get("cache_dir"):
