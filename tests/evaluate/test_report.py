@@ -119,15 +119,21 @@ def test_probe_with_other_timesteps_and_mix_head_gives_bundles_that_segment(work
                             diffusion_steps=100, feature_timesteps=(10,))), tmp_path / "dm", progress=False)
     out = tmp_path / "p"
     assert main(["probe", str(tmp_path / "dm"), str(ph), "-o", str(out), "--fold", "0", "--heads", "[nonlinear, mix]",
-                 "--t", "[1, 50, 90]", "--steps", "2", "--val_every", "2", "--roi", "[32, 32, 32]",
-                 "--bf16", "false", "--device", "cpu", "--hidden", "8"]) == 0
+                 "--t", "[1, 50, 90]", "--feature_input", "clean", "--steps", "2", "--val_every", "2",
+                 "--roi", "[32, 32, 32]", "--bf16", "false", "--device", "cpu", "--hidden", "8"]) == 0
     seg = load_segmenter(out / "mix")
     assert seg.info["timesteps"] == [1, 50, 90] and seg.extractor.passes == 3
+    # --feature_input is recorded too, and the loaded extractor's passes see the clean image
+    assert seg.info["feature_input"] == "clean" and seg.extractor.task.opts.feature_input == "clean"
+    assert load_segmenter(out / "nonlinear").extractor.task.opts.feature_input == "clean"
     assert seg.head.groups == 3 and len(seg.head.mix_weights()) == 3 * 3
     assert load_segmenter(out / "nonlinear").head.level_channels == [3 * lv.channels for lv in seg.extractor.backbone.levels]
     img = sorted((ph / "imagesTs").glob("*.nii.gz"))[0]
     assert main(["segment", str(out / "mix"), str(img), "-o", str(tmp_path / "s.nii.gz"), "--device", "cpu"]) == 0
     assert nib.load(tmp_path / "s.nii.gz").shape == nib.load(img).shape
-    # --t on a model without timesteps: one line, nothing written
+    # --t or --feature_input on a model without timesteps, or a value that is not one: one line, nothing written
     assert main(["probe", str(w / "pt"), str(ph), "-o", str(tmp_path / "q"), "--t", "[1]", "--steps", "1"]) == 2
+    assert main(["probe", str(w / "pt"), str(ph), "-o", str(tmp_path / "q"), "--feature_input", "clean", "--steps", "1"]) == 2
+    assert main(["probe", str(tmp_path / "dm"), str(ph), "-o", str(tmp_path / "q"), "--feature_input", "blurred",
+                 "--steps", "1"]) == 2
     assert not (tmp_path / "q").exists()

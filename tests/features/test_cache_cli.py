@@ -122,6 +122,17 @@ def test_diffusion_timesteps_change_key_and_channels(tmp_path, diffusion_dir):
     assert meta["t"] == [10, 50]
 
 
+def test_feature_input_override_changes_key_and_features(tmp_path, diffusion_dir):
+    noisy = FeatureCache(tmp_path, load_pretrained(diffusion_dir), ExtractConfig(roi=(36, 32, 20), t=(50,)))
+    ex = load_pretrained(diffusion_dir)
+    clean = FeatureCache(tmp_path, ex, ExtractConfig(roi=(36, 32, 20), t=(50,), feature_input="clean"))
+    assert ex.task.opts.feature_input == "clean" and clean.key != noisy.key
+    fn, fc = noisy.get(make_case(2)), clean.get(make_case(2))
+    assert fn[0].shape == fc[0].shape and not torch.allclose(fn[0], fc[0])
+    with pytest.raises(InputError, match="feature_input must be one of"):
+        FeatureCache(tmp_path, load_pretrained(diffusion_dir), ExtractConfig(feature_input="blurred"))
+
+
 def test_streaming_without_cache(model_dir):
     ex = load_pretrained(model_dir)
     cases = [make_case(3, (20, 20, 12)), make_case(4, (24, 20, 16))]

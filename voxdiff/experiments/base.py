@@ -518,7 +518,7 @@ class Experiment:
         """Fit frozen heads on one fold and score them on its test cases."""
 
         def run(tmp: Path) -> dict[str, Any]:
-            from voxdiff.features.extract import feature_timesteps, with_timesteps
+            from voxdiff.features.extract import feature_input_of, feature_timesteps, with_timesteps
             from voxdiff.pretrain.load import load_pretrained
             from voxdiff.probe.heads import count_parameters
             from voxdiff.probe.train import fit_heads
@@ -547,7 +547,7 @@ class Experiment:
                     roi = volume_roi(pcfg) if self.voxel_mode else pcfg.inference.roi
                     save_segmenter(tmp / f"segmenter-{h}", model_dir, m, h, ext.preprocess, roi, pcfg.inference.overlap,
                                    meta={"experiment_step": name}, inference="volume" if self.voxel_mode else "window",
-                                   timesteps=feature_timesteps(ext))
+                                   timesteps=feature_timesteps(ext), feature_input=feature_input_of(ext))
             return {"fold": fold, "train_cases": [c.case_id for c in train], "val_cases": [c.case_id for c in val],
                     "test_cases": [c.case_id for c in test], "timesteps": feature_timesteps(ext),
                     "head_parameters": {h: count_parameters(m) for h, m in fitted.items()},

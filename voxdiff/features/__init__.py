@@ -22,10 +22,13 @@ from .extract import (  # noqa: F401
     default_roi,
     estimate_memory,
     extract_volume,
+    feature_input_of,
     feature_timesteps,
     features_at,
     plan_windows,
     select_levels,
     window_plan,
+    with_feature_input,
+    with_feature_settings,
     with_timesteps,
 )

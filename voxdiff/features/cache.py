@@ -32,7 +32,7 @@ from ..core.config import to_dict
 from ..core.errors import InputError
 from ..core.outputs import atomic_path, atomic_write_json
 from ..data.preprocess import HU_WINDOW
-from .extract import ExtractConfig, extract_volume, select_levels, window_plan, with_timesteps
+from .extract import ExtractConfig, extract_volume, select_levels, window_plan, with_feature_settings
 
 FORMAT = "voxdiff-features"
 FORMAT_VERSION = 1
@@ -223,7 +223,7 @@ class FeatureCache:
     def __init__(self, root: str | os.PathLike, extractor: Any, cfg: ExtractConfig | None = None):
         self.extractor = extractor
         self.cfg = cfg or ExtractConfig()
-        with_timesteps(extractor, self.cfg.t)
+        with_feature_settings(extractor, self.cfg)
         self.fingerprint = model_fingerprint(extractor)
         self.key = feature_key(extractor, self.cfg, self.fingerprint)
         self.root = Path(root)
@@ -269,6 +269,6 @@ def case_features(extractor: Any, cases: Iterable[Any], cfg: ExtractConfig | Non
         for case in cases:
             yield case, cache.get(case, progress=progress)
         return
-    with_timesteps(extractor, cfg.t)
+    with_feature_settings(extractor, cfg)
     for case in cases:
         yield case, extract_case(extractor, case, cfg, progress=progress)

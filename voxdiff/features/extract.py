@@ -55,6 +55,8 @@ class ExtractConfig:
     Args:
         t: diffusion feature timestep(s) overriding the model's, e.g. [10] or [10,50] (several:
             concatenated channels); null keeps the model's. Diffusion models only.
+        feature_input: diffusion models: noisy (x_t at each timestep) or clean (the clean image told
+            each timestep) overriding the model's ``task.feature_input``; null keeps the model's.
         levels: pyramid levels to keep, e.g. [0,1] (0 = finest, stride 1); null = all.
         roi: sliding-window size in voxels; null (default): the model's training patch size. Rounded
             up to a multiple of the backbone's largest stride, and enlarged along an axis where the
@@ -72,6 +74,7 @@ class ExtractConfig:
     """
 
     t: tuple[int, ...] | None = None
+    feature_input: str | None = None
     levels: tuple[int, ...] | None = None
     roi: tuple[int, int, int] | None = None
     overlap: float = 0.5
@@ -482,6 +485,40 @@ def feature_timesteps(extractor: Any) -> list[int] | None:
     """The feature timesteps a diffusion extractor uses (None for the other methods)."""
     ts = getattr(getattr(getattr(extractor, "task", None), "opts", None), "feature_timesteps", None)
     return None if ts is None or getattr(extractor, "method", None) != "diffusion" else [int(t) for t in ts]
+
+
+def feature_input_of(extractor: Any) -> str | None:
+    """What a diffusion extractor's feature passes see (noisy / clean; None for the other methods)."""
+    if getattr(extractor, "method", None) != "diffusion":
+        return None
+    return str(getattr(getattr(getattr(extractor, "task", None), "opts", None), "feature_input", "noisy"))
+
+
+def with_feature_input(extractor: Any, feature_input: str | None) -> Any:
+    """Make a diffusion extractor's feature passes see the noisy (x_t) or the clean image (each told
+    its timestep); changes it in place and returns it; ``None`` leaves it unchanged."""
+    if feature_input is None:
+        return extractor
+    from ..core.errors import InputError
+    from ..pretrain.tasks.diffusion import FEATURE_INPUTS
+
+    opts = getattr(getattr(extractor, "task", None), "opts", None)
+    if getattr(extractor, "method", None) != "diffusion" or opts is None or not hasattr(opts, "feature_input"):
+        raise InputError(getattr(extractor, "path", None), "feature_input applies to diffusion models only "
+                         f"(this one is {getattr(extractor, 'method', '?')!r})")
+    if feature_input not in FEATURE_INPUTS:
+        raise InputError(getattr(extractor, "path", None),
+                         f"feature_input must be one of {', '.join(FEATURE_INPUTS)}, got {feature_input!r}")
+    import dataclasses
+
+    extractor.task.opts = dataclasses.replace(opts, feature_input=feature_input)
+    return extractor
+
+
+def with_feature_settings(extractor: Any, cfg: Any) -> Any:
+    """Apply a config's ``t`` and ``feature_input`` overrides (``ExtractConfig``, ``ProbeConfig``)."""
+    with_timesteps(extractor, getattr(cfg, "t", None))
+    return with_feature_input(extractor, getattr(cfg, "feature_input", None))
 
 
 def with_timesteps(extractor: Any, timesteps: Sequence[int] | None) -> Any:

@@ -15,7 +15,7 @@ from ..core.outputs import atomic_write_json, check_output_path, staged_dir
 from ..core.runtime import resolve_device
 from .cache import case_meta, extract_case, feature_key, model_fingerprint, save_features
 from .extract import CONDITION_MODES as _CONDITIONS
-from .extract import ExtractConfig, window_plan, with_timesteps
+from .extract import ExtractConfig, window_plan, with_feature_settings
 
 _MODES = ("gaussian", "constant")
 
@@ -60,7 +60,7 @@ def features_command(model: str | os.PathLike, data: str | os.PathLike, out: str
     check_output_path(out, force=force)
     device = resolve_device(cfg.device)
     extractor = load_pretrained(model, device=device)
-    with_timesteps(extractor, cfg.t)
+    with_feature_settings(extractor, cfg)
     validate(cfg, extractor)
     ds = open_dataset(data, kind=data_kind, split=split)
     refs = ds.refs

@@ -72,6 +72,7 @@ def save_segmenter(
     meta: dict[str, Any] | None = None,
     inference: str = "window",
     timesteps: Sequence[int] | None = None,
+    feature_input: str | None = None,
 ) -> Path:
     """Write a segmenter bundle into ``out_dir`` (an empty / staged folder).
 
@@ -79,7 +80,8 @@ def save_segmenter(
     replace the pretrained ones in ``backbone/``. ``inference``: ``window`` (sliding-window logits,
     heads trained on patches) or ``volume`` (one whole-volume feature pass, heads trained on voxels).
     ``timesteps``: the feature timesteps the head was trained on when they differ from the
-    backbone's own (``--t``); the bundle's extractor is set to them when loaded.
+    backbone's own (``--t``); the bundle's extractor is set to them when loaded. ``feature_input``:
+    likewise, what the diffusion feature passes see (noisy / clean).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,6 +113,7 @@ def save_segmenter(
         "overlap": float(overlap),
         "inference": inference,  # window: sliding-window logits; volume: whole-volume features (voxel probes)
         "timesteps": None if timesteps is None else [int(t) for t in timesteps],  # diffusion: feature passes
+        "feature_input": feature_input,  # diffusion: what those passes see (noisy / clean); None: the backbone's
         "versions": versions(),
         "meta": to_dict(meta or {}),
     }
@@ -220,6 +223,13 @@ def load_segmenter(model_dir: str | os.PathLike, device: str | torch.device = "a
             with_timesteps(extractor, doc["timesteps"])
         except VoxdiffError as e:
             raise ModelError(p / "segmenter.json", f"invalid feature timesteps {doc['timesteps']} ({e})") from None
+    if doc.get("feature_input"):
+        from voxdiff.features.extract import with_feature_input
+
+        try:
+            with_feature_input(extractor, doc["feature_input"])
+        except VoxdiffError as e:
+            raise ModelError(p / "segmenter.json", f"invalid feature_input {doc['feature_input']!r} ({e})") from None
     chans = [int(lv.channels) for lv in extractor.levels]
     if list(getattr(head, "level_channels", chans)) != chans:
         raise ModelError(p, f"head expects pyramid channels {head.level_channels}, backbone gives {chans}")

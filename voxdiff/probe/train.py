@@ -185,6 +185,8 @@ class ProbeConfig:
             :mod:`voxdiff.probe.voxel`) or ``patches`` (vox2vec's patch training, :func:`fit_heads`).
         t: diffusion models: feature timesteps to use instead of the model's own (several: one pass
             each, concatenated; as ``voxdiff features --t``); saved in the segmenter bundles.
+        feature_input: diffusion models: noisy or clean feature passes instead of the model's own
+            ``task.feature_input`` (as ``voxdiff features --feature_input``); saved in the bundles.
         sampling: training cases, patches / voxels and batches.
         optim: optimiser, learning rates, validation and early stopping (:class:`ProbeOptim`).
         head: the non-linear head's size.
@@ -203,6 +205,7 @@ class ProbeConfig:
     n_classes: int = 14
     frozen_training: str = "voxels"
     t: tuple[int, ...] | None = None
+    feature_input: str | None = None
     sampling: ProbeSampling = field(default_factory=ProbeSampling)
     optim: ProbeOptim = field(default_factory=ProbeOptim)
     head: ProbeHead = field(default_factory=ProbeHead)
@@ -787,10 +790,10 @@ def fit_network(
     cfg = cfg or ProbeConfig()
     device = resolve_device(cfg.runtime.device)
     ext = copy.deepcopy(extractor)
-    if cfg.t is not None:  # the feature passes the network is trained through (diffusion models)
-        from voxdiff.features.extract import with_timesteps
+    if cfg.t is not None or cfg.feature_input is not None:  # the feature passes trained through (diffusion)
+        from voxdiff.features.extract import with_feature_settings
 
-        with_timesteps(ext, cfg.t)
+        with_feature_settings(ext, cfg)
     set_frozen(ext)
     backbone = getattr(ext, "backbone", None)
     if not isinstance(backbone, nn.Module):
@@ -929,9 +932,9 @@ def train_probe(
     check_output_path(out_dir, force=force)
     device = resolve_device(cfg.runtime.device)
     extractor = load_pretrained(pretrained_dir, device=device)
-    from voxdiff.features.extract import feature_timesteps, with_timesteps
+    from voxdiff.features.extract import feature_input_of, feature_timesteps, with_feature_settings
 
-    with_timesteps(extractor, cfg.t)
+    with_feature_settings(extractor, cfg)
     ds = open_dataset(data_dir, split="train")
     labelled = [r.case_id for r in ds.labelled]
     if not labelled:
@@ -994,6 +997,7 @@ def train_probe(
             save_segmenter(tmp / n, pretrained_dir, h, n, pre, volume_roi(cfg) if volume else cfg.inference.roi, cfg.inference.overlap,
                            tuned_extractor=ext,
                            inference="volume" if volume else "window", timesteps=feature_timesteps(extractor),
+                           feature_input=feature_input_of(extractor),
                            meta={k: summary[k] for k in ("fold", "train_cases", "val_cases", "test_cases", "data")}
                            | {"best_val_dice": summary["heads"][n]["best_val_dice"]})
         from voxdiff.core.outputs import atomic_write_json
