@@ -20,6 +20,9 @@ cases of each case's organ mean; or a loss), and a summary over seeds at the end
   fitted non-linear head: features averaged over 4 fixed noise draws, and the clean image at every
   pass with its timestep's embedding (the task's ``feature_input: clean``; with ``--only clean`` the
   reference is refitted beside it, and both are also scored on the validation case).
+* ``clean_t`` (diffusion models): clean feature passes (``feature_input: clean``) at other
+  timesteps (CLEAN_T: one pass at t = 1 or 250, or t = 1 with 50, 500 or 900), each with its own
+  head, scored on the validation and the test cases.
 * ``mix``: a learned mix over pyramid levels x timesteps (``mix`` head, diffusion hyperfeatures)
   against the experiment's non-linear head on the same features. Diffusion models take features at
   MIX_T (five timesteps) once; the budget's own timesteps are channel blocks of them, so the
@@ -220,6 +223,30 @@ def test_passes(exp: Experiment, method: str, folds, emit, cache: FeatureCache) 
     emit("passes", method, "clean image at every pass, validation", score(ext, head, val, pcfg))
 
 
+CLEAN_T = ((1,), (250,), (1, 50), (1, 500), (1, 900))
+
+
+def test_clean_t(exp: Experiment, method: str, folds, emit, cache: FeatureCache) -> None:
+    """Clean feature passes at other timesteps than the budget's: one pass, or t = 1 with another
+    second t; each with its own head, scored on the validation case and the test cases."""
+    from voxdiff.features.extract import with_timesteps
+
+    train, val, test = folds
+    vox = int(exp.budget.get("probe_voxels", 8192))
+    pcfg = exp.probe_cfg()
+    for ts in CLEAN_T:
+        ext = load_pretrained(exp.out / f"pretrain-{method}" / "model")
+        if ext.method != "diffusion":
+            return
+        with_timesteps(ext, ts)
+        ext.task.opts = dataclasses.replace(ext.task.opts, feature_input="clean")
+        cache.install(f"{exp.out}/{method}/clean-{'-'.join(map(str, ts))}")
+        head = fit_nonlinear(ext, train, val, pcfg, vox)
+        name = f"clean t = {', '.join(map(str, ts))}"
+        emit("clean_t", method, name, score(ext, head, test, pcfg))
+        emit("clean_t", method, name + ", validation", score(ext, head, val, pcfg))
+
+
 MIX_T = (1, 25, 100, 250, 500)
 
 
@@ -353,6 +380,7 @@ def main() -> None:
                      "levels": lambda: test_levels(exp, method, folds, emit, cache),
                      "window": lambda: test_window(exp, method, folds, emit, cache),
                      "passes": lambda: test_passes(exp, method, folds, emit, cache),
+                     "clean_t": lambda: test_clean_t(exp, method, folds, emit, cache),
                      "mix": lambda: test_mix(exp, method, folds, emit, cache),
                      "bottleneck": lambda: test_bottleneck(exp, method, folds, emit)}[test]()
                 cache.clear()
