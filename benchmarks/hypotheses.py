@@ -115,6 +115,15 @@ def fit_nonlinear(ext, train, val, pcfg, vox: int):
     return voxel.fit_heads_voxels(ext, train, val, ("nonlinear",), pcfg, progress=False, voxels_per_step=vox)["nonlinear"]
 
 
+def fit_and_emit(emit, test_name: str, method: str, variant: str, ext, folds, pcfg, vox: int) -> None:
+    """Fit a non-linear head on ``ext`` and emit its test Dice and (``variant, validation``) its
+    validation Dice: the case a setting may be chosen on."""
+    train, val, test = folds
+    head = fit_nonlinear(ext, train, val, pcfg, vox)
+    emit(test_name, method, variant, score(ext, head, test, pcfg))
+    emit(test_name, method, variant + ", validation", score(ext, head, val, pcfg))
+
+
 def test_shift(exp: Experiment, method: str, folds, emit) -> None:
     train, val, test = folds
     seg = load_segmenter(exp.out / f"probe-{method}-f0" / "segmenter-nonlinear")
@@ -210,17 +219,13 @@ def test_passes(exp: Experiment, method: str, folds, emit, cache: FeatureCache) 
     # setting may be chosen on (the test phantoms may not)
     ext = load_pretrained(exp.out / f"pretrain-{method}" / "model")
     cache.install(f"{exp.out}/{method}/plain")
-    head = fit_nonlinear(ext, train, val, pcfg, vox)
-    emit("passes", method, "reference refitted", score(ext, head, test, pcfg))
-    emit("passes", method, "reference refitted, validation", score(ext, head, val, pcfg))
+    fit_and_emit(emit, "passes", method, "reference refitted", ext, folds, pcfg, vox)
 
     # every pass on the clean image with its timestep's embedding: the task's ``feature_input: clean``
     # (until the twenty-seventh session this test replaced only passes at t >= 100, by hand)
     ext.task.opts = dataclasses.replace(ext.task.opts, feature_input="clean")
     cache.install(f"{exp.out}/{method}/clean")
-    head = fit_nonlinear(ext, train, val, pcfg, vox)
-    emit("passes", method, "clean image at every pass", score(ext, head, test, pcfg))
-    emit("passes", method, "clean image at every pass, validation", score(ext, head, val, pcfg))
+    fit_and_emit(emit, "passes", method, "clean image at every pass", ext, folds, pcfg, vox)
 
 
 CLEAN_T = ((1,), (250,), (1, 50), (1, 500), (1, 900))
@@ -231,7 +236,6 @@ def test_clean_t(exp: Experiment, method: str, folds, emit, cache: FeatureCache)
     second t; each with its own head, scored on the validation case and the test cases."""
     from voxdiff.features.extract import with_timesteps
 
-    train, val, test = folds
     vox = int(exp.budget.get("probe_voxels", 8192))
     pcfg = exp.probe_cfg()
     for ts in CLEAN_T:
@@ -241,10 +245,7 @@ def test_clean_t(exp: Experiment, method: str, folds, emit, cache: FeatureCache)
         with_timesteps(ext, ts)
         ext.task.opts = dataclasses.replace(ext.task.opts, feature_input="clean")
         cache.install(f"{exp.out}/{method}/clean-{'-'.join(map(str, ts))}")
-        head = fit_nonlinear(ext, train, val, pcfg, vox)
-        name = f"clean t = {', '.join(map(str, ts))}"
-        emit("clean_t", method, name, score(ext, head, test, pcfg))
-        emit("clean_t", method, name + ", validation", score(ext, head, val, pcfg))
+        fit_and_emit(emit, "clean_t", method, f"clean t = {', '.join(map(str, ts))}", ext, folds, pcfg, vox)
 
 
 MIX_T = (1, 25, 100, 250, 500)

@@ -129,7 +129,7 @@ def test_feature_input_override_changes_key_and_features(tmp_path, diffusion_dir
     assert ex.task.opts.feature_input == "clean" and clean.key != noisy.key
     fn, fc = noisy.get(make_case(2)), clean.get(make_case(2))
     assert fn[0].shape == fc[0].shape and not torch.allclose(fn[0], fc[0])
-    with pytest.raises(InputError, match="feature_input must be one of"):
+    with pytest.raises(InputError, match="unknown feature_input"):
         FeatureCache(tmp_path, load_pretrained(diffusion_dir), ExtractConfig(feature_input="blurred"))
 
 

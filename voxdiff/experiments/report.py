@@ -415,11 +415,12 @@ def seeds_markdown(results: dict[str, Any], figs: list[str], notes: list[str] | 
     rows, tests, seeds = results["rows"], results["tests"], results["seeds"]
     n_cases = max((len(r["cases"]) for r in rows), default=0)
     where = f"data `{cfgd['data']}`" if cfgd["data"] else f"generated phantoms (seed {cfgd['phantom_seed']})"
+    took = time_phrase(results)
     lines = [
         title,
         "",
         f"Budget `{cfgd['budget']}`; {where}; seeds {', '.join(map(str, seeds))}; {n_cases} test cases"
-        f"{'; ' + time_phrase(results) if time_phrase(results) else ''}. Each seed's own report: `{seed_reports}`.",
+        f"{'; ' + took if took else ''}. Each seed's own report: `{seed_reports}`.",
         "",
         *([] if results.get("complete", True) else [
             "**Partial report** (`--report_only`): only the rows that have finished for every seed; "

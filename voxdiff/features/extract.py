@@ -500,15 +500,13 @@ def with_feature_input(extractor: Any, feature_input: str | None) -> Any:
     if feature_input is None:
         return extractor
     from ..core.errors import InputError
-    from ..pretrain.tasks.diffusion import FEATURE_INPUTS
+    from ..pretrain.tasks.diffusion import check_feature_input
 
     opts = getattr(getattr(extractor, "task", None), "opts", None)
     if getattr(extractor, "method", None) != "diffusion" or opts is None or not hasattr(opts, "feature_input"):
         raise InputError(getattr(extractor, "path", None), "feature_input applies to diffusion models only "
                          f"(this one is {getattr(extractor, 'method', '?')!r})")
-    if feature_input not in FEATURE_INPUTS:
-        raise InputError(getattr(extractor, "path", None),
-                         f"feature_input must be one of {', '.join(FEATURE_INPUTS)}, got {feature_input!r}")
+    check_feature_input(feature_input, getattr(extractor, "path", None))
     import dataclasses
 
     extractor.task.opts = dataclasses.replace(opts, feature_input=feature_input)

@@ -790,10 +790,9 @@ def fit_network(
     cfg = cfg or ProbeConfig()
     device = resolve_device(cfg.runtime.device)
     ext = copy.deepcopy(extractor)
-    if cfg.t is not None or cfg.feature_input is not None:  # the feature passes trained through (diffusion)
-        from voxdiff.features.extract import with_feature_settings
+    from voxdiff.features.extract import with_feature_settings
 
-        with_feature_settings(ext, cfg)
+    with_feature_settings(ext, cfg)  # the feature passes the network is trained through (diffusion: --t, --feature_input)
     set_frozen(ext)
     backbone = getattr(ext, "backbone", None)
     if not isinstance(backbone, nn.Module):

@@ -86,7 +86,7 @@ class DiffusionFields:
         feature_input: noisy (default: each feature pass sees x_t, the clean image noised to its
             timestep with the fixed noise) | clean (each pass sees the clean image x0 with its
             timestep's embedding, in the manner of CleanDIFT: the timestep still selects what the
-            network computes, without noise; +5.5 ± 3.3 validation Dice over five benchmark seeds,
+            network computes, without noise; +5.1 ± 3.1 validation Dice over five benchmark seeds,
             docs/RESULTS.md, "Clean feature passes").
         condition_source: volume (the BPR map of the whole volume, cropped per patch) | patch (the BPR
             of each patch alone).
@@ -128,6 +128,12 @@ CONDITION_SOURCES = ("volume", "patch")
 FEATURE_INPUTS = ("noisy", "clean")
 
 
+def check_feature_input(value: str, where: object = None) -> None:
+    """Refuse a ``feature_input`` that is not one of :data:`FEATURE_INPUTS` (one-line InputError)."""
+    if value not in FEATURE_INPUTS:
+        raise InputError(where, f"unknown feature_input {value!r}; choose from {', '.join(FEATURE_INPUTS)}")
+
+
 def _bpr_api():
     try:
         from voxdiff.bpr import coords_for_patches, load_bpr  # type: ignore[attr-defined]
@@ -167,8 +173,7 @@ class DiffusionTask(PretextTask):
             raise InputError(None, f"unknown condition {o.condition!r}; choose from {', '.join(CONDITIONS)}")
         if o.condition_source not in CONDITION_SOURCES:
             raise InputError(None, f"unknown condition_source {o.condition_source!r}; choose from {', '.join(CONDITION_SOURCES)}")
-        if o.feature_input not in FEATURE_INPUTS:
-            raise InputError(None, f"unknown feature_input {o.feature_input!r}; choose from {', '.join(FEATURE_INPUTS)}")
+        check_feature_input(o.feature_input)
         if o.condition == "position" and o.condition_source != "volume":
             raise InputError(None, "the position condition is defined on whole volumes (condition_source volume)")
         if not 0.0 <= o.condition_dropout < 1.0:
