@@ -10,7 +10,8 @@ The main process is lane 0 (with the progress bars); the others log with a ``[jo
 
 What it buys depends on the machine: on the 2-core development VM, where these small networks
 run about twice as fast on two threads as on one, two one-thread lanes ran the demo no faster than
-one process (901 s both ways, docs/RESULTS.md, "Demo time"); it is meant for CPUs with more cores
+one process (901 s both ways in the fifth session; 436 s against 441 s in the twenty-eighth;
+docs/RESULTS.md, "The demo in two lanes"); it is meant for CPUs with more cores
 than one small network uses well, and for running long experiments (label-efficiency) in
 independent processes that can be stopped and resumed. The steps and their seeds are those of ``jobs=1``, and no step
 depends on the order in which they run; only the thread count per step changes, which can move
@@ -42,7 +43,7 @@ def available_cores() -> int:
 def resolve_jobs(jobs: int) -> int:
     """``jobs`` > 0 as given; 0 (auto): 2 lanes on a CPU of at least 8 cores (where one small 3D
     network does not keep every core busy; not measured here), else 1. On 2 cores two one-thread lanes
-    ran the demo no faster than one two-thread process (docs/RESULTS.md, "Demo time"); a GPU runs
+    ran the demo no faster than one two-thread process (docs/RESULTS.md, "The demo in two lanes"); a GPU runs
     one step at a time best."""
     if jobs > 0:
         return int(jobs)
