@@ -28,6 +28,10 @@ cases of each case's organ mean; or a loss), and a summary over seeds at the end
   MIX_T (five timesteps) once; the budget's own timesteps are channel blocks of them, so the
   reference (budget t, non-linear head) and the mixes (budget t; all five) share one extraction.
   The learned weight of each (level, timestep) block is printed too (metric ``weight``).
+* ``clean_mix`` (diffusion models): more clean feature passes, and the ``mix`` head over them.
+  Clean passes at CLEAN_MIX_T are extracted once; the variants (CLEAN_MIX_VARIANTS: the preset's
+  t = 1, 250; t = 1, 250, 900; all five) are channel blocks of them, each with its own non-linear
+  head and ``mix`` head, scored on the validation and the test cases.
 * ``bottleneck`` (diffusion models): the denoising loss (MSE of the training target) per timestep
   on 64 test patches, as trained and with the deepest level's path cut (the first upsampling from
   the bottleneck outputs zeros): how much of the denoising at each t depends on the deepest level.
@@ -251,6 +255,52 @@ def test_clean_t(exp: Experiment, method: str, folds, emit, cache: FeatureCache)
 MIX_T = (1, 25, 100, 250, 500)
 
 
+def timestep_blocks(extracted: tuple[int, ...], keep: tuple[int, ...]) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+    """A pyramid transform that keeps the channel blocks of timesteps ``keep`` from features extracted
+    at ``extracted`` (each level holds one equal block per pass, in the order of ``extracted``)."""
+    idx = [extracted.index(t) for t in keep]
+
+    def pick(pyr: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for f in pyr:
+            dim = 0 if f.ndim == 4 else 1
+            blocks = f.chunk(len(extracted), dim=dim)
+            out.append(torch.cat([blocks[k] for k in idx], dim=dim))
+        return out
+
+    return pick
+
+
+CLEAN_MIX_T = (1, 100, 250, 500, 900)
+CLEAN_MIX_VARIANTS = ((1, 250), (1, 250, 900), CLEAN_MIX_T)
+
+
+def test_clean_mix(exp: Experiment, method: str, folds, emit, cache: FeatureCache) -> None:
+    """Clean passes at several timesteps, each set with a non-linear and a ``mix`` head, on the
+    validation and the test cases; one extraction at CLEAN_MIX_T serves every variant."""
+    from voxdiff.features.extract import with_timesteps
+
+    train, val, test = folds
+    vox = int(exp.budget.get("probe_voxels", 8192))
+    pcfg = exp.probe_cfg()
+    ext = load_pretrained(exp.out / f"pretrain-{method}" / "model")
+    if ext.method != "diffusion":
+        return
+    with_timesteps(ext, CLEAN_MIX_T)
+    ext.task.opts = dataclasses.replace(ext.task.opts, feature_input="clean")
+    cache.install(f"{exp.out}/{method}/clean-mix{CLEAN_MIX_T}")
+    for ts in CLEAN_MIX_VARIANTS:
+        cache.transform = timestep_blocks(CLEAN_MIX_T, ts)
+        ext.passes = len(ts)
+        heads = voxel.fit_heads_voxels(ext, train, val, ("nonlinear", "mix"), pcfg, progress=False,
+                                       voxels_per_step=vox)
+        name = f"clean t = {', '.join(map(str, ts))}"
+        for h, what in (("nonlinear", "non-linear head"), ("mix", "mix head")):
+            emit("clean_mix", method, f"{name}, {what}", score(ext, heads[h], test, pcfg))
+            emit("clean_mix", method, f"{name}, {what}, validation", score(ext, heads[h], val, pcfg))
+    cache.transform = None
+
+
 def test_mix(exp: Experiment, method: str, folds, emit, cache: FeatureCache) -> None:
     from voxdiff.features.extract import with_timesteps
 
@@ -267,14 +317,8 @@ def test_mix(exp: Experiment, method: str, folds, emit, cache: FeatureCache) -> 
         variants = [(f"t={','.join(map(str, own))}", own), (f"t={','.join(map(str, MIX_T))}", MIX_T)]
     cache.install(f"{exp.out}/{method}/mix{MIX_T if ext.method == 'diffusion' else ''}")
     for label, ts in variants:
-        if ts is not None:  # keep the channel blocks of timesteps ts (each level: passes in MIX_T order)
-            keep = [MIX_T.index(t) for t in ts]
-
-            def pick(pyr, keep=keep):
-                return [torch.cat([f.chunk(len(MIX_T), dim=0 if f.ndim == 4 else 1)[k] for k in keep],
-                                  dim=0 if f.ndim == 4 else 1) for f in pyr]
-
-            cache.transform = pick
+        if ts is not None:
+            cache.transform = timestep_blocks(MIX_T, ts)
             ext.passes = len(ts)
         heads = voxel.fit_heads_voxels(ext, train, val, ("nonlinear", "mix"), pcfg, progress=False,
                                        voxels_per_step=vox)
@@ -383,6 +427,7 @@ def main() -> None:
                      "passes": lambda: test_passes(exp, method, folds, emit, cache),
                      "clean_t": lambda: test_clean_t(exp, method, folds, emit, cache),
                      "mix": lambda: test_mix(exp, method, folds, emit, cache),
+                     "clean_mix": lambda: test_clean_mix(exp, method, folds, emit, cache),
                      "bottleneck": lambda: test_bottleneck(exp, method, folds, emit)}[test]()
                 cache.clear()
     finally:
