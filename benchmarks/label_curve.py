@@ -11,6 +11,11 @@ with the spread over seeds.
     python benchmarks/label_curve.py runs/bench --out docs/images
     python benchmarks/label_curve.py runs/bench --out /tmp/lc --tests 1,2   # + paired tests at 1 and 2 labels
     python benchmarks/label_curve.py runs/bench-fresh --out /tmp/lc --tests 1 --against runs/bench
+    python benchmarks/label_curve.py runs/bench-clean runs/bench34-clean --tests 1 --against runs/bench runs/bench34
+
+Several folders (e.g. seeds 0-2 in one, 3-4 in another) are read as one set of seed folders; a
+seed folder's name must not repeat among them. A seed folder without the all-labels rows (a
+``compare --scratch false`` run) contributes its few-label rows only.
 
 ``--tests N,...``: at each of those label counts, paired comparisons over the seeds that have both
 rows (``voxdiff.evaluate.stats.paired_comparison``): each seed's mean difference (mean ± std over
@@ -25,6 +30,7 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -38,7 +44,30 @@ def case_mean(scores: dict) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
-def collect(bench: Path, methods: list[str], heads: list[str]) -> dict[tuple[int, str, str], dict[str, float]]:
+Benches = Path | Sequence[Path]
+
+
+def seed_folders(bench: Benches) -> list[Path]:
+    """The ``seed-*`` folders of one benchmark folder or of several, by seed; a seed folder name
+    found in two of them is refused (their rows would be mixed up)."""
+    roots = [Path(bench)] if isinstance(bench, (str, Path)) else [Path(b) for b in bench]
+    found: dict[str, Path] = {}
+    for root in roots:
+        for sd in root.glob("seed-*"):
+            if not sd.is_dir():
+                continue
+            if sd.name in found:
+                raise SystemExit(f"{sd.name} is in both {found[sd.name].parent} and {root}")
+            found[sd.name] = sd
+
+    def seed(name: str) -> tuple[int, str]:
+        tail = name.removeprefix("seed-")
+        return (int(tail), "") if tail.isdigit() else (1 << 30, tail)
+
+    return [found[k] for k in sorted(found, key=seed)]
+
+
+def collect(bench: Benches, methods: list[str], heads: list[str]) -> dict[tuple[int, str, str], dict[str, float]]:
     """``{(labelled cases, method, mode): {seed folder: Dice}}``."""
     from voxdiff.experiments.experiments import LPFT_SUFFIX
 
@@ -47,20 +76,21 @@ def collect(bench: Path, methods: list[str], heads: list[str]) -> dict[tuple[int
     def add(n: int, method: str, mode: str, seed: str, value: float) -> None:
         out.setdefault((n, method, mode), {})[seed] = value
 
-    for sd in sorted(bench.glob("seed-*")):
-        scratch = sd / "scratch-f0" / "result.json"
-        if not scratch.is_file():
-            continue
-        n_all = len(json.loads(scratch.read_text())["train_cases"])
-        add(n_all, "from-scratch", "scratch", sd.name, case_mean(json.loads(scratch.read_text())["scores"]["scratch"]))
+    for sd in seed_folders(bench):
+        # the all-labels rows: from scratch, each method's probes and fine-tuned row (where run)
+        full = [("from-scratch", "scratch", sd / "scratch-f0")]
         for m in methods:
-            probe, tuned = sd / f"probe-{m}-f0" / "result.json", sd / f"finetune-{m}-f0" / "result.json"
-            if probe.is_file():
-                d = json.loads(probe.read_text())
+            full += [(m, "probe", sd / f"probe-{m}-f0"), (m, "fine-tuned", sd / f"finetune-{m}-f0")]
+        for m, kind, folder in full:
+            if not (folder / "result.json").is_file():
+                continue
+            d = json.loads((folder / "result.json").read_text())
+            n_all = len(d["train_cases"])
+            if kind == "probe":
                 for h in heads:
                     add(n_all, m, h, sd.name, case_mean(d["scores"][h]))
-            if tuned.is_file():
-                add(n_all, m, "fine-tuned", sd.name, case_mean(json.loads(tuned.read_text())["scores"]["finetune"]))
+            else:
+                add(n_all, m, kind, sd.name, case_mean(d["scores"]["finetune" if kind == "fine-tuned" else "scratch"]))
         for res in sorted((sd / "labels").glob("*-n*-f0*/result.json")):
             name = res.parent.name
             mt = re.fullmatch(rf"(.+)-n(\d+)-f0(?:{LPFT_SUFFIX})?", name)  # LP-FT: fine-tuned from the probe's head
@@ -83,7 +113,7 @@ STEPS = {"scratch": ("scratch", "scratch"), "fine-tuned": ("finetune-{m}", "fine
          "nonlinear": ("{m}", "nonlinear"), "linear": ("{m}", "linear")}
 
 
-def case_scores(bench: Path, n: int | str, method: str, mode: str) -> dict[str, dict[str, float]]:
+def case_scores(bench: Benches, n: int | str, method: str, mode: str) -> dict[str, dict[str, float]]:
     """``{seed folder: {case: organ-mean Dice}}`` of a few-label step (``labels/STEP-nN-f0``)."""
     from voxdiff.evaluate.stats import case_means
     from voxdiff.experiments.base import scores_to_per_case
@@ -91,7 +121,7 @@ def case_scores(bench: Path, n: int | str, method: str, mode: str) -> dict[str, 
 
     step, key = STEPS[mode]
     out = {}
-    for sd in sorted(bench.glob("seed-*")):
+    for sd in seed_folders(bench):
         for suffix in ("", LPFT_SUFFIX):  # a folder holds one of the two starts of a fine-tuned row
             f = sd / "labels" / f"{step.format(m=method)}-n{n}-f0{suffix}" / "result.json"
             if f.is_file():
@@ -119,8 +149,8 @@ def paired_over_seeds(a: dict[str, dict[str, float]], b: dict[str, dict[str, flo
                                             seed_average([b[s] for s in seeds]))
 
 
-def paired_lines(bench: Path, n: int | str, pairs: list[tuple[tuple[str, str], tuple[str, str]]],
-                 bench_b: Path | None = None) -> list[str]:
+def paired_lines(bench: Benches, n: int | str, pairs: list[tuple[tuple[str, str], tuple[str, str]]],
+                 bench_b: Benches | None = None) -> list[str]:
     """One line per comparison A - B at ``n`` labelled phantoms (see the module docstring); B's rows
     from ``bench_b`` when given (the same seed folder names)."""
     from voxdiff.evaluate.stats import paired_comparison
@@ -149,19 +179,20 @@ def paired_lines(bench: Path, n: int | str, pairs: list[tuple[tuple[str, str], t
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("bench", type=Path, help="a `voxdiff experiment compare --seeds` folder")
+    ap.add_argument("bench", type=Path, nargs="+", help="`voxdiff experiment compare --seeds` folder(s)")
     ap.add_argument("--methods", default="diffusion-ape,contrastive")
     ap.add_argument("--heads", default="linear,nonlinear")
     ap.add_argument("--out", type=Path, default=None, help="folder for label_efficiency.png (default: BENCH)")
     ap.add_argument("--tests", default="", help="label counts for paired tests, e.g. 1,2")
-    ap.add_argument("--against", type=Path, default=None,
-                    help="with --tests: each fine-tuned row of BENCH against the same row of this folder "
-                         "(e.g. a label_rows.py --finetune variant against the benchmark)")
+    ap.add_argument("--against", type=Path, nargs="+", default=None,
+                    help="with --tests: each fine-tuned row of BENCH against the same row of these folders "
+                         "(e.g. a label_rows.py --finetune variant against the benchmark), and the first "
+                         "method's against the other methods' fine-tuned rows there")
     args = ap.parse_args()
     methods, heads = args.methods.split(","), args.heads.split(",")
     data = collect(args.bench, methods, heads)
     if not data:
-        raise SystemExit(f"{args.bench}: no finished rows (seed-*/scratch-f0/result.json)")
+        raise SystemExit(f"{', '.join(map(str, args.bench))}: no finished rows (seed-*/.../result.json)")
     from voxdiff.evaluate.metrics import mean_std
 
     rows = []
@@ -175,7 +206,7 @@ def main() -> None:
                      "summary": {"mean": {"mean": float(v.mean()), "std": std}}})
     from voxdiff.experiments.report import label_figures
 
-    out = args.out or args.bench
+    out = args.out or args.bench[0]
     out.mkdir(parents=True, exist_ok=True)
     label_figures(rows, out)
     print(f"\nfigure: {out / 'label_efficiency.png'}")
@@ -191,8 +222,9 @@ def main() -> None:
         for n in counts:
             print("\n".join(paired_lines(args.bench, n, pairs)))
             if args.against is not None:
-                print("\n".join(paired_lines(args.bench, n, [((m, "fine-tuned"), (m, "fine-tuned")) for m in methods],
-                                              bench_b=args.against)))
+                across = [((m, "fine-tuned"), (m, "fine-tuned")) for m in methods]
+                across += [((first, "fine-tuned"), (m, "fine-tuned")) for m in other]
+                print("\n".join(paired_lines(args.bench, n, across, bench_b=args.against)))
 
 
 if __name__ == "__main__":

@@ -85,3 +85,39 @@ def test_against_compares_the_same_fine_tuned_row_of_two_folders(lc, tmp_path):
     (line,) = lc.paired_lines(bench, 2, [(("diffusion-ape", "fine-tuned"), ("diffusion-ape", "fine-tuned"))],
                               bench_b=other)
     assert "| 2 | diffusion-ape fine-tuned - diffusion-ape fine-tuned | 2 | +3.0 ± 0.0 |" in line and "(6/6" in line
+
+
+def test_several_folders_read_as_one_set_of_seeds(lc, tmp_path, monkeypatch, capsys):
+    """Seeds split over two folders (0-1 and 2), the second without all-labels rows (a compare run with
+    --scratch false): its few-label rows count, and a seed name found in both folders is refused."""
+    bench = _bench(tmp_path / "bench")
+    more = tmp_path / "bench2"
+    cases = [f"c{i}" for i in range(6)]
+    _result(more / "seed-2" / "labels" / "scratch-n2-f0", "scratch", {c: 0.46 for c in cases})
+    _result(more / "seed-2" / "labels" / "finetune-diffusion-ape-n2-f0", "finetune", {c: 0.5 for c in cases})
+    assert [p.name for p in lc.seed_folders([bench, more])] == ["seed-0", "seed-1", "seed-2"]
+    got = lc.collect([bench, more], ["diffusion-ape"], [])
+    assert set(got[(2, "from-scratch", "scratch")]) == {"seed-0", "seed-1", "seed-2"}
+    assert set(got[(7, "from-scratch", "scratch")]) == {"seed-0", "seed-1"}
+    (line,) = lc.paired_lines([bench, more], 2, [(("diffusion-ape", "fine-tuned"), ("from-scratch", "scratch"))])
+    # seeds 0 / 1 / 2: +10.0 / +12.0 / +4.0
+    assert "| 2 | diffusion-ape fine-tuned - from scratch | 3 | +8.7 ± 4.2 |" in line and "2: +4.0 (6/6" in line
+    _result(more / "seed-1" / "labels" / "scratch-n2-f0", "scratch", {c: 0.4 for c in cases})
+    with pytest.raises(SystemExit, match="seed-1 is in both"):
+        lc.seed_folders([bench, more])
+
+
+def test_against_also_compares_the_first_method_with_the_others_there(lc, tmp_path, monkeypatch, capsys):
+    bench = _bench(tmp_path / "bench")
+    variant = tmp_path / "variant"
+    cases = [f"c{i}" for i in range(6)]
+    for s in (0, 1):  # a variant with only a fine-tuned diffusion row, 0.5 on every case
+        _result(variant / f"seed-{s}" / "labels" / "finetune-diffusion-ape-n2-f0", "finetune", {c: 0.5 for c in cases})
+    monkeypatch.setattr(sys, "argv", ["label_curve.py", str(variant), "--out", str(tmp_path / "fig"), "--tests", "2",
+                                      "--against", str(bench)])
+    lc.main()
+    out = capsys.readouterr().out
+    # the variant's diffusion row against the benchmark's: seed 0 0.50 - 0.50, seed 1 0.50 - 0.54
+    assert "| 2 | diffusion-ape fine-tuned - diffusion-ape fine-tuned | 2 | -2.0 ± 2.8 |" in out
+    # and against the benchmark's contrastive row: 0.5 - (4 x 0.45 + 2 x 0.35) / 6 = +8.3, seed 1 +6.3
+    assert "| 2 | diffusion-ape fine-tuned - contrastive fine-tuned | 2 | +7.3 ± 1.4 |" in out
