@@ -75,6 +75,28 @@ def open_seed(folder: Path) -> Experiment:
     return Experiment.reopen(folder)
 
 
+def pretrained(exp: Experiment, method: str):
+    """The experiment's pretrained extractor of ``method`` (a fresh copy on every call)."""
+    return load_pretrained(exp.out / f"pretrain-{method}" / "model")
+
+
+def clean_passes(exp: Experiment, method: str, timesteps: tuple[int, ...]):
+    """The method's extractor with clean feature passes at ``timesteps``; None when it is not a
+    diffusion model."""
+    from voxdiff.features.extract import with_feature_input, with_timesteps
+
+    ext = pretrained(exp, method)
+    if ext.method != "diffusion":
+        return None
+    with_timesteps(ext, timesteps)
+    return with_feature_input(ext, "clean")
+
+
+def probe_settings(exp: Experiment) -> tuple[int, Any]:
+    """The experiment's voxels per head-training step and its ProbeConfig."""
+    return int(exp.budget.get("probe_voxels", 8192)), exp.probe_cfg()
+
+
 class FeatureCache:
     """Whole-volume pyramids keyed by (backbone, image content): computed once, reused by variants.
     Installed as the probe's feature source (:func:`voxdiff.probe.voxel.set_feature_source`) while a
@@ -140,7 +162,7 @@ def test_shift(exp: Experiment, method: str, folds, emit) -> None:
 def test_floor(exp: Experiment, method: str, folds, emit, cache: FeatureCache) -> None:
     """Head on the condition map alone: the extractor's forward returns the coordinates it was given."""
     train, val, test = folds
-    ext = load_pretrained(exp.out / f"pretrain-{method}" / "model")
+    ext = pretrained(exp, method)
     if ext.condition_channels == 0:
         return
     n = ext.condition_channels
@@ -153,17 +175,16 @@ def test_floor(exp: Experiment, method: str, folds, emit, cache: FeatureCache) -
     ext.forward = coords_only  # type: ignore[method-assign]
     ext.levels = [LevelInfo("bpr", n, 1)]
     cache.install(f"{exp.out}/{method}/floor")
-    pcfg = exp.probe_cfg()
-    head = fit_nonlinear(ext, train, val, pcfg, int(exp.budget.get("probe_voxels", 8192)))
+    vox, pcfg = probe_settings(exp)
+    head = fit_nonlinear(ext, train, val, pcfg, vox)
     emit("floor", method, "BPR map only", score(ext, head, test, pcfg))
 
 
 def test_levels(exp: Experiment, method: str, folds, emit, cache: FeatureCache) -> None:
     train, val, test = folds
-    ext = load_pretrained(exp.out / f"pretrain-{method}" / "model")
+    ext = pretrained(exp, method)
     cache.install(f"{exp.out}/{method}")
-    pcfg = exp.probe_cfg()
-    vox = int(exp.budget.get("probe_voxels", 8192))
+    vox, pcfg = probe_settings(exp)
     for keep in range(len(ext.levels)):
         cache.transform = lambda pyr, k=keep: [p if i == k else torch.zeros_like(p) for i, p in enumerate(pyr)]
         head = fit_nonlinear(ext, train, val, pcfg, vox)
@@ -173,9 +194,8 @@ def test_levels(exp: Experiment, method: str, folds, emit, cache: FeatureCache) 
 
 def test_window(exp: Experiment, method: str, folds, emit, cache: FeatureCache) -> None:
     train, val, test = folds
-    ext = load_pretrained(exp.out / f"pretrain-{method}" / "model")
-    vox = int(exp.budget.get("probe_voxels", 8192))
-    base = exp.probe_cfg()
+    ext = pretrained(exp, method)
+    vox, base = probe_settings(exp)
     rois = {"training patch": tuple(ext.patch_size), "probe window (default)": tuple(base.inference.roi),
             "whole volume": (1024, 1024, 1024)}
     for name, roi in rois.items():
@@ -193,10 +213,9 @@ def test_window(exp: Experiment, method: str, folds, emit, cache: FeatureCache) 
 
 def test_passes(exp: Experiment, method: str, folds, emit, cache: FeatureCache) -> None:
     train, val, test = folds
-    vox = int(exp.budget.get("probe_voxels", 8192))
-    pcfg = exp.probe_cfg()
+    vox, pcfg = probe_settings(exp)
 
-    ext = load_pretrained(exp.out / f"pretrain-{method}" / "model")
+    ext = pretrained(exp, method)
     if ext.method != "diffusion":
         return
     task = ext.task
@@ -221,7 +240,7 @@ def test_passes(exp: Experiment, method: str, folds, emit, cache: FeatureCache) 
 
     # the reference refitted beside it, and both scored on the validation case too: the case a
     # setting may be chosen on (the test phantoms may not)
-    ext = load_pretrained(exp.out / f"pretrain-{method}" / "model")
+    ext = pretrained(exp, method)
     cache.install(f"{exp.out}/{method}/plain")
     fit_and_emit(emit, "passes", method, "reference refitted", ext, folds, pcfg, vox)
 
@@ -238,16 +257,11 @@ CLEAN_T = ((1,), (250,), (1, 50), (1, 500), (1, 900))
 def test_clean_t(exp: Experiment, method: str, folds, emit, cache: FeatureCache) -> None:
     """Clean feature passes at other timesteps than the budget's: one pass, or t = 1 with another
     second t; each with its own head, scored on the validation case and the test cases."""
-    from voxdiff.features.extract import with_timesteps
-
-    vox = int(exp.budget.get("probe_voxels", 8192))
-    pcfg = exp.probe_cfg()
+    vox, pcfg = probe_settings(exp)
     for ts in CLEAN_T:
-        ext = load_pretrained(exp.out / f"pretrain-{method}" / "model")
-        if ext.method != "diffusion":
+        ext = clean_passes(exp, method, ts)
+        if ext is None:
             return
-        with_timesteps(ext, ts)
-        ext.task.opts = dataclasses.replace(ext.task.opts, feature_input="clean")
         cache.install(f"{exp.out}/{method}/clean-{'-'.join(map(str, ts))}")
         fit_and_emit(emit, "clean_t", method, f"clean t = {', '.join(map(str, ts))}", ext, folds, pcfg, vox)
 
@@ -278,16 +292,11 @@ CLEAN_MIX_VARIANTS = ((1, 250), (1, 250, 900), CLEAN_MIX_T)
 def test_clean_mix(exp: Experiment, method: str, folds, emit, cache: FeatureCache) -> None:
     """Clean passes at several timesteps, each set with a non-linear and a ``mix`` head, on the
     validation and the test cases; one extraction at CLEAN_MIX_T serves every variant."""
-    from voxdiff.features.extract import with_timesteps
-
     train, val, test = folds
-    vox = int(exp.budget.get("probe_voxels", 8192))
-    pcfg = exp.probe_cfg()
-    ext = load_pretrained(exp.out / f"pretrain-{method}" / "model")
-    if ext.method != "diffusion":
+    vox, pcfg = probe_settings(exp)
+    ext = clean_passes(exp, method, CLEAN_MIX_T)
+    if ext is None:
         return
-    with_timesteps(ext, CLEAN_MIX_T)
-    ext.task.opts = dataclasses.replace(ext.task.opts, feature_input="clean")
     cache.install(f"{exp.out}/{method}/clean-mix{CLEAN_MIX_T}")
     for ts in CLEAN_MIX_VARIANTS:
         cache.transform = timestep_blocks(CLEAN_MIX_T, ts)
@@ -305,9 +314,8 @@ def test_mix(exp: Experiment, method: str, folds, emit, cache: FeatureCache) -> 
     from voxdiff.features.extract import with_timesteps
 
     train, val, test = folds
-    vox = int(exp.budget.get("probe_voxels", 8192))
-    pcfg = exp.probe_cfg()
-    ext = load_pretrained(exp.out / f"pretrain-{method}" / "model")
+    vox, pcfg = probe_settings(exp)
+    ext = pretrained(exp, method)
     variants: list[tuple[str, tuple[int, ...] | None]] = [("", None)]
     if ext.method == "diffusion":
         own = tuple(int(t) for t in ext.task.opts.feature_timesteps)
@@ -339,7 +347,7 @@ def test_bottleneck(exp: Experiment, method: str, folds, emit) -> None:
     from voxdiff.pretrain.diffusion import to_model_range
 
     _, _, test = folds
-    ext = load_pretrained(exp.out / f"pretrain-{method}" / "model")
+    ext = pretrained(exp, method)
     if ext.method != "diffusion":
         return
     task, net = ext.task, ext.backbone
