@@ -212,6 +212,8 @@ def test_window(exp: Experiment, method: str, folds, emit, cache: FeatureCache) 
 
 
 def test_passes(exp: Experiment, method: str, folds, emit, cache: FeatureCache) -> None:
+    from voxdiff.features.extract import with_feature_input
+
     train, val, test = folds
     vox, pcfg = probe_settings(exp)
 
@@ -246,7 +248,7 @@ def test_passes(exp: Experiment, method: str, folds, emit, cache: FeatureCache) 
 
     # every pass on the clean image with its timestep's embedding: the task's ``feature_input: clean``
     # (until the twenty-seventh session this test replaced only passes at t >= 100, by hand)
-    ext.task.opts = dataclasses.replace(ext.task.opts, feature_input="clean")
+    with_feature_input(ext, "clean")
     cache.install(f"{exp.out}/{method}/clean")
     fit_and_emit(emit, "passes", method, "clean image at every pass", ext, folds, pcfg, vox)
 
