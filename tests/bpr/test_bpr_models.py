@@ -290,3 +290,36 @@ def test_slice_fov_pair_gives_the_second_view_the_same_slices_from_a_wider_scan(
         va, vb, _ = slice_views(ramp, 16, 6, np.random.default_rng(seed), aug=0.0, context=2, context_step=3,
                                 fov_aug=1.0, fov_min_mm=10.0)
         torch.testing.assert_close(va[0, 0].amax(dim=(0, 1)), vb[0, 0].amax(dim=(0, 1)), atol=1e-4, rtol=0)
+
+
+def test_slice_truncation_blanks_view_a_outside_an_inplane_box_and_keeps_view_b_whole():
+    """``trunc_aug``: view a keeps a box of at least ``trunc_min`` of each in-plane axis, the window's
+    floor (0) outside it, the same voxels inside as without truncation; view b is the whole crop. Off,
+    the views and the random stream are exactly those of earlier versions."""
+    from voxdiff.bpr.sampling import Volume, slice_views, truncate_inplane
+
+    vol = Volume(torch.rand(1, 1, 40, 40, 30) * 0.8 + 0.1, np.eye(4), "v")
+    cut = 0
+    for seed in range(8):
+        ref_a, ref_b, ref_z = slice_views(vol, 24, 5, np.random.default_rng(seed), aug=0.0)
+        va, vb, z = slice_views(vol, 24, 5, np.random.default_rng(seed), aug=0.0, trunc_aug=1.0, trunc_min=0.5)
+        torch.testing.assert_close(vb, ref_b)
+        torch.testing.assert_close(z, ref_z)
+        kept = va[0, 0, :, :, 0] != 0
+        xs, ys = kept.any(1).nonzero().view(-1), kept.any(0).nonzero().view(-1)
+        # one box: every voxel inside it kept, with view a's untruncated values
+        box = (slice(int(xs.min()), int(xs.max()) + 1), slice(int(ys.min()), int(ys.max()) + 1))
+        assert bool(kept[box].all()) and int(kept.sum()) == kept[box].numel()
+        assert len(xs) >= 12 and len(ys) >= 12
+        torch.testing.assert_close(va[0, 0][box], ref_a[0, 0][box])
+        assert bool((va[0, 0][~kept] == 0).all())
+        cut += int(kept.sum()) < 24 * 24
+    assert cut >= 6
+    off_a, off_b, _ = slice_views(vol, 24, 5, np.random.default_rng(3), aug=0.0, trunc_aug=0.0)
+    on_a, _, _ = slice_views(vol, 24, 5, np.random.default_rng(3), aug=0.0)
+    torch.testing.assert_close(off_a, on_a)
+    # the truncation itself never blanks more than (1 - min_frac) of an axis
+    v = torch.ones(1, 1, 20, 20, 2)
+    for seed in range(20):
+        t = truncate_inplane(v, np.random.default_rng(seed), 0.75)[0, 0, :, :, 0]
+        assert t.any(1).sum() >= 15 and t.any(0).sum() >= 15

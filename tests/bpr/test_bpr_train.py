@@ -207,7 +207,11 @@ def test_slice_context_settings_are_checked_before_training(tmp_path):
     for flat, match in (({"slice_context_step": 0, "slice_context": 2}, "slice_context_step"),
                         ({"slice_fov_aug": 0.5}, "slice_fov_aug needs"),
                         ({"slice_fov_aug": 1.5, "slice_context": 2}, r"slice_fov_aug must be in \[0, 1\]"),
-                        ({"slice_fov_pair": True, "slice_context": 2}, "slice_fov_pair needs")):
+                        ({"slice_fov_pair": True, "slice_context": 2}, "slice_fov_pair needs"),
+                        ({"slice_trunc_aug": -0.1}, r"slice_trunc_aug must be in \[0, 1\]")):
         with pytest.raises(InputError, match=match):
             train_bpr(_cfg(kind="slice", **flat), tmp_path / "m", cases=[])
         assert not (tmp_path / "m").exists()
+    with pytest.raises(InputError, match="slice_trunc_aug is for the slice model"):
+        train_bpr(_cfg(kind="ape", slice_trunc_aug=0.5), tmp_path / "m", cases=[])
+    assert not (tmp_path / "m").exists()

@@ -125,7 +125,7 @@ def _zoom(rng: np.random.Generator, zoom: float) -> float:
 def slice_views(
     vol: Volume, size_xy: int, n_slices: int, rng: np.random.Generator, zoom: float = 1.25, aug: float = 1.0,
     texture: float = 0.0, context: int = 0, context_step: int = 1, fov_aug: float = 0.0, fov_min_mm: float = 96.0,
-    fov_pair: bool = False,
+    fov_pair: bool = False, trunc_aug: float = 0.0, trunc_min: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Two in-plane crops (different position/zoom/intensity) of the same K axial slices.
 
@@ -138,6 +138,10 @@ def slice_views(
     With ``fov_pair`` that shorter scan is view a's only: view b takes the neighbours of the same slices
     from a wider range (from it up to the whole volume), so that the two views' agreement asks for the
     same score whatever part of the body a scan covers.
+    With probability ``trunc_aug`` view a's in-plane field of view is truncated
+    (:func:`truncate_inplane`): the window's floor (0) outside a random box keeping ``trunc_min``..1
+    of each axis, as a scan reconstructed or cropped to a narrower field of view and padded back to
+    the model's tile size; view b keeps the whole crop, so the views' agreement asks for the same score.
     """
     nx, ny, nz = vol.shape
     lo, hi = 0.0, float(nz - 1)
@@ -166,9 +170,28 @@ def slice_views(
         v = sample_axes(vol, axes + [az])
         v = augment_intensity(v, rng, aug)
         views.append(augment_texture(v, rng, texture) if texture > 0 else v)
+    if trunc_aug > 0 and rng.random() < trunc_aug:  # no draw when off: earlier runs stay reproducible
+        views[0] = truncate_inplane(views[0], rng, trunc_min)
     centre = torch.tensor([[(nx - 1) / 2, (ny - 1) / 2, float(k)] for k in z_idx])
     z_mm = world(vol.affine, centre)[:, 2]
     return views[0], views[1], z_mm
+
+
+def truncate_inplane(view: torch.Tensor, rng: np.random.Generator, min_frac: float = 0.5) -> torch.Tensor:
+    """``view`` ``(1, 1, X, Y, K)`` with everything outside a random in-plane box set to 0 (the
+    intensity window's floor, which is also what inference pads a narrow slice with). Per axis the box
+    keeps a fraction in [min_frac, 1] of the extent, cut from the start, the end or both sides."""
+    out = view.clone()
+    for axis, n in ((2, view.shape[2]), (3, view.shape[3])):
+        keep = int(round(n * rng.uniform(min_frac, 1.0)))
+        cut = n - keep
+        side = int(rng.integers(3))  # 0: cut the start, 1: the end, 2: both
+        a = cut if side == 0 else (0 if side == 1 else int(rng.integers(0, cut + 1)))
+        if a > 0:
+            out.narrow(axis, 0, a).zero_()
+        if a + keep < n:
+            out.narrow(axis, a + keep, n - a - keep).zero_()
+    return out
 
 
 # ------------------------------------------------------------------------------------------ ape

@@ -80,6 +80,11 @@ class BPRData:
             scan; the other takes the same slices' neighbours from a wider range (up to the whole
             volume), so that the views' agreement (``task.w_consistency``) trains scores that do not
             move with the field of view near a scan's ends (false: both views from the shorter scan).
+        slice_trunc_aug: slice model: share of the views whose in-plane field of view is truncated
+            (outside a random box keeping half to all of each axis: the window's floor, as a narrow
+            reconstruction or crop padded back to the tile), the other view of the same slices kept
+            whole, so that the views' agreement trains scores that do not move with the in-plane field
+            of view (0 = off).
     """
 
     VALUE_FIELD: ClassVar[str] = "path"  # `data: folder` (the flat layout) sets the path
@@ -100,6 +105,7 @@ class BPRData:
     texture_aug: float = 0.0
     slice_fov_aug: float = 0.0
     slice_fov_pair: bool = False
+    slice_trunc_aug: float = 0.0
 
 
 @dataclass
@@ -288,6 +294,10 @@ def _validate(cfg: BPRTrainConfig) -> None:
         raise InputError(None, f"data.slice_fov_aug must be in [0, 1], got {d.slice_fov_aug}")
     if d.slice_fov_aug > 0 and not (cfg.kind == "slice" and cfg.model.slice_context > 0):
         raise InputError(None, "data.slice_fov_aug needs a slice model with neighbouring slices (--model.slice_context > 0)")
+    if not 0.0 <= d.slice_trunc_aug <= 1.0:
+        raise InputError(None, f"data.slice_trunc_aug must be in [0, 1], got {d.slice_trunc_aug}")
+    if d.slice_trunc_aug > 0 and cfg.kind != "slice":
+        raise InputError(None, "data.slice_trunc_aug is for the slice model (--kind slice)")
     if d.slice_fov_pair and not d.slice_fov_aug > 0:
         raise InputError(None, "data.slice_fov_pair needs data.slice_fov_aug > 0 (the share of views from a shorter scan)")
     if cfg.model.slice_context_step < 1:
@@ -400,7 +410,7 @@ def slice_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Ge
     for i in idx:
         a, b, z = slice_views(vols[i], d.slice_patch, d.slices_per_sample, rng, d.zoom, d.intensity_aug, d.texture_aug,
                               context=model.context, context_step=model.context_step,
-                              fov_aug=d.slice_fov_aug, fov_pair=d.slice_fov_pair)
+                              fov_aug=d.slice_fov_aug, fov_pair=d.slice_fov_pair, trunc_aug=d.slice_trunc_aug)
         va.append(a)
         vb.append(b)
         zs.append(z)
