@@ -59,6 +59,37 @@ def test_a_rigid_field_is_perfectly_consistent_and_a_shifting_one_is_not(monkeyp
     assert cc["median_abs_ds_mm"] > 0
 
 
+
+def test_z_only_consistency_separates_the_scans_coverage_from_the_inplane_field_of_view(monkeypatch):
+    """A map that places S by true z but shifts it with the in-plane extent of its input: with in-plane
+    crops the main measure sees the shift, the ``z_only_*`` entries (the same z-ranges, whole slices)
+    see none; without in-plane crops the two are the same numbers. Overall and CLI line carry both."""
+    import voxdiff.bpr.evaluate as E
+
+    m = _ape()
+    case = z_textured_case(0, shape=(24, 24, 60))
+    mm = m.mm_per_unit
+
+    def inplane_biased(model, hu, spacing, **kw):
+        n = hu.shape[2]
+        z0 = int(np.argwhere(case.image == hu[0, 0, 0])[0][2])  # the noise makes every voxel's value unique
+        prof = ((z0 + np.arange(n)) * 3.0 + 2.0 * (24 - hu.shape[0])) / mm  # 2 mm of S per voxel cut in x
+        return CoordinateField(tuple(hu.shape), (0, 1, 2), (np.zeros(hu.shape[0]), np.zeros(hu.shape[1]), prof))
+
+    monkeypatch.setattr(E, "volume_field", inplane_biased)
+    rec = E.case_report(m, case, BPREvalConfig(n_crops=6, inplane_min_frac=0.5), seed=1)
+    direct = crop_consistency(m, case, 6, 96.0, seed=1, inplane_min_frac=1.0)
+    assert direct["crops"] == rec["crops"]  # the same z-ranges
+    for k in ("median", "p95", "max"):
+        assert rec[f"z_only_{k}_abs_ds_mm"] == pytest.approx(direct[f"{k}_abs_ds_mm"], abs=1e-9)
+    assert rec["z_only_max_abs_ds_mm"] < 1.0 < rec["max_abs_ds_mm"]
+    same = E.case_report(m, case, BPREvalConfig(n_crops=6, inplane_min_frac=1.0), seed=1)
+    for k in E.CONSISTENCY_KEYS:
+        assert same[f"z_only_{k}"] == same[k]
+    overall = E.summarise([rec])
+    assert overall["z_only_p95_abs_dz_mm"]["mean"] == pytest.approx(rec["z_only_p95_abs_dz_mm"])
+    assert overall["p95_abs_ds_mm"]["mean"] > overall["z_only_p95_abs_ds_mm"]["mean"]
+
 def test_consistency_in_mm_of_true_z_does_not_reward_a_flat_score(monkeypatch):
     """|dS| shrinks with a model whose S moves less than z does; |dz| (|dS| over the whole scan's
     slope of S against z) does not: a map that is the same up to a factor scores the same."""
@@ -125,8 +156,10 @@ def test_cli_writes_json_and_png_and_refuses_bad_input(tmp_path, capsys):
     out = tmp_path / "ev"
     args = ["bpr", "evaluate", str(model_dir), str(data), "-o", str(out), "--n_crops", "3", "--quiet"]
     assert main(args) == 0
-    assert "crop consistency" in capsys.readouterr().out
+    line = capsys.readouterr().out
+    assert "crop consistency" in line and "z-crops alone" in line  # the default narrows the field of view in-plane
     doc = json.loads((out / "summary.json").read_text())
+    assert "z_only_p95_abs_dz_mm" in doc["overall"] and "z_only_p95_abs_ds_mm" in doc["per_case"][0]
     assert doc["overall"]["n_cases"] == 2 and len(doc["per_case"]) == 2
     rec = doc["per_case"][0]
     for k in ("median_abs_ds_mm", "p95_abs_ds_mm", "spearman", "spearman_superior_half", "crops"):

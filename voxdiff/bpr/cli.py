@@ -57,6 +57,13 @@ def run_predict(ns) -> None:
     print(json.dumps({"out": s["out"], "kind": s["kind"], "shape": s["shape"], "seconds": round(s["seconds"]["total"], 2)}))
 
 
+def _z_only(o: dict) -> str:
+    """The same z-crops without in-plane narrowing, in mm of true z."""
+    m, p = o.get("z_only_median_abs_dz_mm") or {}, o.get("z_only_p95_abs_dz_mm") or {}
+    return (f", z-crops alone (whole in-plane field of view) median {m.get('mean', float('nan')):.1f}, "
+            f"p95 {p.get('mean', float('nan')):.1f} mm (worst {p.get('max', float('nan')):.1f})")
+
+
 def run_evaluate(ns) -> None:
     from .evaluate import evaluate_bpr
 
@@ -68,5 +75,6 @@ def run_evaluate(ns) -> None:
           f"p95 {o['p95_abs_ds_mm'].get('mean', float('nan')):.1f} mm (worst {o['p95_abs_ds_mm'].get('max', float('nan')):.1f}); "
           f"in mm of true z (|dS| / slope {o['slope_mm_per_mm'].get('mean', float('nan')):.2f}): "
           f"median {o['median_abs_dz_mm'].get('mean', float('nan')):.1f}, p95 {o['p95_abs_dz_mm'].get('mean', float('nan')):.1f} mm"
-          f"{f' ({n} case(s) without: S does not rise with z)' if (n := o['n_cases_without_dz']) else ''}; "
+          f"{f' ({n} case(s) without: S does not rise with z)' if (n := o['n_cases_without_dz']) else ''}"
+          f"{_z_only(o) if cfg.inplane_min_frac < 1.0 else ''}; "
           f"Spearman min {o['spearman'].get('min', float('nan')):.3f}; report in {ns.out}")

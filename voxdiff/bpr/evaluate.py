@@ -4,7 +4,8 @@ The main measure is **field-of-view consistency**: a voxel's superior-inferior c
 depend on how much of the body the scan covers. Every case is cut into ``n_crops`` random z-ranges
 (from ``min_crop_mm`` to the whole scan; the whole scan is one of them), each crop is mapped as if it
 were a scan of its own (:func:`voxdiff.bpr.fields.volume_field`; each crop also narrows the in-plane
-field of view to a random ``inplane_min_frac``..1 of each axis), and for every pair of crops the S
+field of view to a random ``inplane_min_frac``..1 of each axis; the ``z_only_*`` entries give the same
+z-crops with the whole in-plane field of view, the scan's coverage alone), and for every pair of crops the S
 coordinate they give to the same physical slice is compared: ``|dS|`` in mm (median, 95th percentile,
 maximum over all pairs and shared slices). For a slice model the score is converted to mm with the
 model's ``mm_per_unit``. That unit comes from the training loss, not from anatomy, so a model whose
@@ -123,8 +124,13 @@ def crop_consistency(model: BodyPartRegressor, case: Any, n_crops: int = 8, min_
     }
 
 
+CONSISTENCY_KEYS = tuple(f"{k}_abs_{u}_mm" for u in ("ds", "dz") for k in ("median", "p95", "max"))
+
+
 def case_report(model: BodyPartRegressor, case: Any, cfg: BPREvalConfig, seed: int) -> dict[str, Any]:
     cc = crop_consistency(model, case, cfg.n_crops, cfg.min_crop_mm, seed, cfg.inplane_min_frac)
+    # the same z-ranges without narrowing the field of view in-plane (the draw is the same: z-ranges first)
+    zc = cc if cfg.inplane_min_frac >= 1.0 else crop_consistency(model, case, cfg.n_crops, cfg.min_crop_mm, seed, 1.0)
     s = cc["_curves"][0][2]
     z = slice_z_mm(case.meta.affine, case.image.shape)
     half = len(z) // 2
@@ -140,8 +146,11 @@ def case_report(model: BodyPartRegressor, case: Any, cfg: BPREvalConfig, seed: i
     }
     # |dS| in mm of true z: divided by how many mm of S the whole scan gives per mm of z
     slope = rec["slope_mm_per_mm"]
+    rising = np.isfinite(slope) and slope > 0
     for k in ("median", "p95", "max"):
-        rec[f"{k}_abs_dz_mm"] = cc[f"{k}_abs_ds_mm"] / slope if np.isfinite(slope) and slope > 0 else float("nan")
+        rec[f"{k}_abs_dz_mm"] = cc[f"{k}_abs_ds_mm"] / slope if rising else float("nan")
+        rec[f"z_only_{k}_abs_ds_mm"] = zc[f"{k}_abs_ds_mm"]
+        rec[f"z_only_{k}_abs_dz_mm"] = zc[f"{k}_abs_ds_mm"] / slope if rising else float("nan")
     if case.label is not None:
         rec["landmarks_s_mm"] = {name: float(np.interp(zl, zs, ss))
                                  for name, zl in landmark_z(np.asarray(case.label), case.meta.affine).items()}
@@ -167,6 +176,8 @@ def summarise(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "max_abs_ds_mm": agg("max_abs_ds_mm"),
         "median_abs_dz_mm": agg("median_abs_dz_mm"), "p95_abs_dz_mm": agg("p95_abs_dz_mm"),
         "max_abs_dz_mm": agg("max_abs_dz_mm"), "slope_mm_per_mm": agg("slope_mm_per_mm"),
+        # the same z-crops with the whole in-plane field of view (equal to the above when inplane_min_frac is 1)
+        **{f"z_only_{k}": agg(f"z_only_{k}") for k in CONSISTENCY_KEYS},
         # cases whose S does not rise with z have no |dz|: counted here, since the means above leave them out
         "n_cases_without_dz": sum(1 for r in records if not np.isfinite(r.get("p95_abs_dz_mm", np.nan))),
         "spearman": agg("spearman"),
