@@ -323,3 +323,32 @@ def test_slice_truncation_blanks_view_a_outside_an_inplane_box_and_keeps_view_b_
     for seed in range(20):
         t = truncate_inplane(v, np.random.default_rng(seed), 0.75)[0, 0, :, :, 0]
         assert t.any(1).sum() >= 15 and t.any(0).sum() >= 15
+
+
+def test_separable_crop_sampling_equals_trilinear_grid_sample_with_zero_padding():
+    """``sample_axes`` (one linear interpolation per axis inside the box the samples touch) gives the
+    values of 3D ``grid_sample`` (trilinear, zeros outside, align_corners) at zoomed axes, partly or
+    wholly outside the volume, and reproduces the voxels at integer indices."""
+    import torch.nn.functional as F
+
+    from voxdiff.bpr.sampling import Volume, sample_axes
+
+    def norm(i, n):
+        return 2.0 * i / (n - 1) - 1.0
+
+    g = torch.Generator().manual_seed(0)
+    vol = Volume(torch.rand(1, 1, 23, 17, 29, generator=g), np.eye(4))
+    for k in range(40):
+        axes = [float(torch.rand(1, generator=g)) * (n + 16) - 8 + torch.arange(m) * (0.6 + 0.8 * float(torch.rand(1, generator=g)))
+                for n, m in zip(vol.shape, (11, 9, 13))]
+        if k == 0:
+            axes[1] = axes[1] - 100.0  # wholly below the volume: zeros
+        if k == 1:
+            axes[2] = axes[2] + 100.0  # wholly beyond it
+        gx, gy, gz = torch.meshgrid(*(norm(a, n) for a, n in zip(axes, vol.shape)), indexing="ij")
+        ref = F.grid_sample(vol.image, torch.stack([gz, gy, gx], -1)[None].float(), mode="bilinear",
+                            padding_mode="zeros", align_corners=True)
+        torch.testing.assert_close(sample_axes(vol, axes), ref, atol=1e-5, rtol=0)
+    assert float(sample_axes(vol, [torch.arange(5.0), torch.arange(4.0) - 50, torch.arange(3.0)]).abs().max()) == 0.0
+    ints = [torch.arange(2, 9).float(), torch.arange(0, 17).float(), torch.arange(28, 20, -1).float()]
+    torch.testing.assert_close(sample_axes(vol, ints)[0, 0], vol.image[0, 0][2:9][:, :, list(range(28, 20, -1))])

@@ -37,13 +37,42 @@ def _norm(idx: torch.Tensor, n: int) -> torch.Tensor:
     return 2.0 * idx / max(n - 1, 1) - 1.0
 
 
+def _lerp_axis(x: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
+    """Linear interpolation of ``x`` along ``dim`` at fractional source indices ``idx``; neighbours
+    outside ``[0, n)`` count as 0."""
+    n = x.shape[dim]
+    idx = idx.to(torch.float32)
+    lo = torch.floor(idx)
+    w = idx - lo
+    i0 = lo.to(torch.long)
+    shape = [1] * x.ndim
+    shape[dim] = -1
+    out = None
+    for i, wt in ((i0, 1.0 - w), (i0 + 1, w)):
+        wt = torch.where((i >= 0) & (i < n), wt, torch.zeros_like(wt)).view(shape)
+        v = x.index_select(dim, i.clamp(0, n - 1)) * wt
+        out = v if out is None else out.add_(v)
+    return out  # type: ignore[return-value]
+
+
 def sample_axes(vol: Volume, axes: list[torch.Tensor]) -> torch.Tensor:
-    """Trilinear samples of the volume on the outer product of per-axis source indices -> (1,1,a,b,c)."""
-    nx, ny, nz = vol.shape
-    gx, gy, gz = torch.meshgrid(_norm(axes[0], nx), _norm(axes[1], ny), _norm(axes[2], nz), indexing="ij")
-    # grid_sample's last grid dim is (W, H, D) = (z, y, x) for an input (N, C, D=X, H=Y, W=Z)
-    grid = torch.stack([gz, gy, gx], -1)[None].float()
-    return F.grid_sample(vol.image, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    """Trilinear samples of the volume on the outer product of per-axis source indices -> (1,1,a,b,c).
+
+    Points outside the volume read 0 (its neighbours outside count as 0), as ``grid_sample`` with zero
+    padding and ``align_corners=True`` gives them; computed separably (one linear interpolation per
+    axis, the axis that shrinks the volume most first), which is 5x faster than ``grid_sample`` on the
+    CPU for the training crops (docs/BPR.md, "Faster training crops")."""
+    x = vol.image[0, 0]
+    idx = []
+    for a, ax in enumerate(axes):  # first the box of source voxels the samples touch (a view)
+        ax = ax.to(torch.float32)
+        lo = min(max(int(torch.floor(ax.min())), 0), x.shape[a] - 1)
+        hi = max(min(int(torch.floor(ax.max())) + 2, x.shape[a]), lo + 1)
+        x = x.narrow(a, lo, hi - lo)
+        idx.append(ax - lo)
+    for a in sorted(range(3), key=lambda k: len(idx[k]) / max(x.shape[k], 1)):
+        x = _lerp_axis(x, idx[a], a)
+    return x[None, None].contiguous()
 
 
 def sample_points(img: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
