@@ -60,7 +60,7 @@ def sample_axes(vol: Volume, axes: list[torch.Tensor]) -> torch.Tensor:
 
     Points outside the volume read 0 (its neighbours outside count as 0), as ``grid_sample`` with zero
     padding and ``align_corners=True`` gives them; computed separably (one linear interpolation per
-    axis, the axis that shrinks the volume most first), which is 5x faster than ``grid_sample`` on the
+    axis, the axis that shrinks the volume most first), about 4x faster than ``grid_sample`` on the
     CPU for the training crops (docs/BPR.md, "Faster training crops")."""
     x = vol.image[0, 0]
     idx = []
