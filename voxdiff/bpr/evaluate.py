@@ -48,7 +48,8 @@ class BPREvalConfig:
     Args:
         n_crops: random z-crops per case besides the whole scan.
         min_crop_mm: shortest crop (mm of z); crops are uniform between this and the whole scan.
-        inplane_min_frac: each crop keeps a random fraction in [this, 1] of the x and y extent (1 = z-crops only).
+        inplane_min_frac: each crop keeps a random fraction in [this, 1] of the x and y extent (1 = z-crops
+            only; below 1 the ``z_only_*`` entries also give the same z-crops with whole slices).
         seed: seed of the crop draw.
         data_kind: data set layout (auto, btcv, nnunet, flare, amos, folder).
         split: nnU-Net style split to read (all, train, test).
