@@ -32,7 +32,7 @@ from voxdiff.bpr.evaluate import BPREvalConfig, case_report, summarise
 from voxdiff.bpr.models import BodyPartRegressor, load_bpr
 from voxdiff.bpr.predict import model_preprocess_config
 from voxdiff.bpr.sampling import Volume
-from voxdiff.bpr.train import _calibrate_slice_anchor, cases_to_volumes
+from voxdiff.bpr.train import calibrate_slice_anchor, cases_to_volumes
 from voxdiff.core.runtime import tune_allocator
 from voxdiff.data.cache import load_preprocessed
 
@@ -45,7 +45,7 @@ def reanchor(ape: BodyPartRegressor, slice_model: BodyPartRegressor, train: Sequ
         raise ValueError(f"expected a slice model, got a {slice_model.kind} model")
     m = copy.deepcopy(ape)
     m.slice_model = copy.deepcopy(slice_model).to(next(m.parameters()).dtype).eval()
-    _calibrate_slice_anchor(m, list(train))
+    calibrate_slice_anchor(m, list(train))
     return m.eval()
 
 

@@ -13,7 +13,7 @@ from voxdiff.bpr.fields import FieldCache, model_signature, volume_field
 from voxdiff.bpr.inference import slice_scores_volume
 from voxdiff.bpr.models import SliceRegressor, build_bpr, interp_linear, weighted_median
 from voxdiff.bpr.sampling import Volume
-from voxdiff.bpr.train import _calibrate_slice_anchor
+from voxdiff.bpr.train import calibrate_slice_anchor
 from voxdiff.core.config import from_dict
 from voxdiff.core.errors import InputError, ModelError
 from voxdiff.data.preprocess import hu_to_unit
@@ -54,7 +54,7 @@ def _ramp_hu(nz, shift=0, shape=(30, 24), rate=1.0):
 def _calibrate_on_ramps(m):
     vols = [Volume(torch.from_numpy(hu_to_unit(_ramp_hu(40, s), PRE["hu_window"]))[None, None], np.eye(4), f"r{s}")
             for s in (0, 10, 25, 40)]
-    return _calibrate_slice_anchor(m, vols)
+    return calibrate_slice_anchor(m, vols)
 
 
 def test_interp_and_weighted_median():

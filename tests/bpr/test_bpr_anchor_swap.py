@@ -12,7 +12,7 @@ from standin import load_benchmark
 
 from voxdiff.bpr.models import build_bpr, save_bpr
 from voxdiff.bpr.sampling import Volume
-from voxdiff.bpr.train import _calibrate_slice_anchor
+from voxdiff.bpr.train import calibrate_slice_anchor
 from voxdiff.data.preprocess import hu_to_unit
 
 PRE = {"spacing": [3.0, 3.0, 3.0], "hu_window": [-1350.0, 1000.0]}
@@ -50,7 +50,7 @@ def test_reanchor_embeds_the_slice_model_refits_g_and_leaves_the_ape_model_alone
                             "slice_arch": SLICE_ARCH, "anchor_fit": "local"}, PRE).eval()
     ref.load_state_dict(before)
     ref.slice_model.load_state_dict(other.state_dict())
-    _calibrate_slice_anchor(ref, vols)
+    calibrate_slice_anchor(ref, vols)
     torch.testing.assert_close(m.s_values, ref.s_values)
     assert not torch.allclose(m.s_values, ape.s_values)
     with pytest.raises(ValueError, match="slice model"):

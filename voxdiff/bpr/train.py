@@ -560,7 +560,7 @@ def calibrate(model: BodyPartRegressor, vols: list[Volume], cfg: BPRTrainConfig,
     else:
         gain_info = _calibrate_anchor_gain(model, use) if getattr(model, "head_kind", "") == "anchor" else {}
         if getattr(model, "anchor", "window") == "slice":
-            gain_info.update(_calibrate_slice_anchor(model, use))
+            gain_info.update(calibrate_slice_anchor(model, use))
         thr_maps = []
         for v in use:
             m = ape_volume(model, v.image[0, 0], raw=True)
@@ -696,7 +696,7 @@ def _calibrate_anchor_gain(model: BodyPartRegressor, vols: list[Volume]) -> dict
 
 
 @torch.no_grad()
-def _calibrate_slice_anchor(model: BodyPartRegressor, vols: list[Volume], smooth: float = 1e-3) -> dict[str, Any]:
+def calibrate_slice_anchor(model: BodyPartRegressor, vols: list[Volume], smooth: float = 1e-3) -> dict[str, Any]:
     """Slice anchor: fit ``g`` (calibrated slice score -> raw S, piecewise linear on
     ``anchor_knots`` knots at quantiles of the training scores) and one offset per training volume
     by least squares so that ``g(s(z)) = d(z) + o_v`` on every body slice ``z`` of volume ``v``
@@ -781,4 +781,4 @@ def read_log(path: str | Path) -> list[dict[str, float]]:
     return [dict(zip(head, map(float, r.split(",")))) for r in rows[1:]]
 
 
-__all__ = ["BPRTrainConfig", "BPRData", "BPROptim", "BPRModel", "BPRTaskOptions", "train_bpr", "calibrate", "load_training_cases", "cases_to_volumes", "read_log"]
+__all__ = ["BPRTrainConfig", "BPRData", "BPROptim", "BPRModel", "BPRTaskOptions", "train_bpr", "calibrate", "calibrate_slice_anchor", "load_training_cases", "cases_to_volumes", "read_log"]
