@@ -68,11 +68,14 @@ def test_z_only_consistency_separates_the_scans_coverage_from_the_inplane_field_
 
     m = _ape()
     case = z_textured_case(0, shape=(24, 24, 60))
+    slab = z_textured_case(1, shape=(24, 24, 20))  # 60 mm: shorter than the shortest crop (96 mm)
+    known = [case, slab]
     mm = m.mm_per_unit
 
     def inplane_biased(model, hu, spacing, **kw):
         n = hu.shape[2]
-        z0 = int(np.argwhere(case.image == hu[0, 0, 0])[0][2])  # the noise makes every voxel's value unique
+        # the noise makes every voxel's value unique: find the crop's first slice in its case
+        z0 = next(int(w[0][2]) for c in known if len(w := np.argwhere(c.image == hu[0, 0, 0])))
         prof = ((z0 + np.arange(n)) * 3.0 + 2.0 * (24 - hu.shape[0])) / mm  # 2 mm of S per voxel cut in x
         return CoordinateField(tuple(hu.shape), (0, 1, 2), (np.zeros(hu.shape[0]), np.zeros(hu.shape[1]), prof))
 
@@ -89,6 +92,11 @@ def test_z_only_consistency_separates_the_scans_coverage_from_the_inplane_field_
     overall = E.summarise([rec])
     assert overall["z_only_p95_abs_dz_mm"]["mean"] == pytest.approx(rec["z_only_p95_abs_dz_mm"])
     assert overall["p95_abs_ds_mm"]["mean"] > overall["z_only_p95_abs_ds_mm"]["mean"]
+    # a slab shorter than the shortest crop has no z-crops: NaN, left out of the overall mean (not a 0)
+    short = E.case_report(m, slab, BPREvalConfig(n_crops=3, inplane_min_frac=0.5), seed=1)
+    assert not short["applicable"] and np.isnan(short["z_only_p95_abs_dz_mm"]) and short["p95_abs_ds_mm"] > 0
+    both = E.summarise([rec, short])
+    assert both["z_only_p95_abs_dz_mm"]["mean"] == pytest.approx(rec["z_only_p95_abs_dz_mm"])
 
 def test_consistency_in_mm_of_true_z_does_not_reward_a_flat_score(monkeypatch):
     """|dS| shrinks with a model whose S moves less than z does; |dz| (|dS| over the whole scan's

@@ -150,8 +150,10 @@ def case_report(model: BodyPartRegressor, case: Any, cfg: BPREvalConfig, seed: i
     rising = np.isfinite(slope) and slope > 0
     for k in ("median", "p95", "max"):
         rec[f"{k}_abs_dz_mm"] = cc[f"{k}_abs_ds_mm"] / slope if rising else float("nan")
-        rec[f"z_only_{k}_abs_ds_mm"] = zc[f"{k}_abs_ds_mm"]
-        rec[f"z_only_{k}_abs_dz_mm"] = zc[f"{k}_abs_ds_mm"] / slope if rising else float("nan")
+        # a scan no longer than the shortest crop has no z-crops: its z-only entries are NaN, not 0
+        zd = zc[f"{k}_abs_ds_mm"] if cc["applicable"] else float("nan")
+        rec[f"z_only_{k}_abs_ds_mm"] = zd
+        rec[f"z_only_{k}_abs_dz_mm"] = zd / slope if rising else float("nan")
     if case.label is not None:
         rec["landmarks_s_mm"] = {name: float(np.interp(zl, zs, ss))
                                  for name, zl in landmark_z(np.asarray(case.label), case.meta.affine).items()}
