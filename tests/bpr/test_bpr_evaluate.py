@@ -97,6 +97,9 @@ def test_z_only_consistency_separates_the_scans_coverage_from_the_inplane_field_
     assert not short["applicable"] and np.isnan(short["z_only_p95_abs_dz_mm"]) and short["p95_abs_ds_mm"] > 0
     both = E.summarise([rec, short])
     assert both["z_only_p95_abs_dz_mm"]["mean"] == pytest.approx(rec["z_only_p95_abs_dz_mm"])
+    whole_only = E.case_report(m, slab, BPREvalConfig(n_crops=3, inplane_min_frac=1.0), seed=1)
+    assert all(np.isnan(whole_only[k]) and np.isnan(whole_only[f"z_only_{k}"]) for k in E.CONSISTENCY_KEYS)
+    assert E.summarise([rec, whole_only])["n_cases_without_dz"] == 0  # its S rises: nothing to excuse
 
 def test_consistency_in_mm_of_true_z_does_not_reward_a_flat_score(monkeypatch):
     """|dS| shrinks with a model whose S moves less than z does; |dz| (|dS| over the whole scan's

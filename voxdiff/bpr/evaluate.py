@@ -154,6 +154,8 @@ def case_report(model: BodyPartRegressor, case: Any, cfg: BPREvalConfig, seed: i
         zd = zc[f"{k}_abs_ds_mm"] if cc["applicable"] else float("nan")
         rec[f"z_only_{k}_abs_ds_mm"] = zd
         rec[f"z_only_{k}_abs_dz_mm"] = zd / slope if rising else float("nan")
+    if not cc["applicable"] and cfg.inplane_min_frac >= 1.0:  # every crop was the whole scan: nothing compared
+        rec.update({k: float("nan") for k in CONSISTENCY_KEYS})
     if case.label is not None:
         rec["landmarks_s_mm"] = {name: float(np.interp(zl, zs, ss))
                                  for name, zl in landmark_z(np.asarray(case.label), case.meta.affine).items()}
@@ -182,7 +184,7 @@ def summarise(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
         # the same z-crops with the whole in-plane field of view (equal to the above when inplane_min_frac is 1)
         **{f"z_only_{k}": agg(f"z_only_{k}") for k in CONSISTENCY_KEYS},
         # cases whose S does not rise with z have no |dz|: counted here, since the means above leave them out
-        "n_cases_without_dz": sum(1 for r in records if not np.isfinite(r.get("p95_abs_dz_mm", np.nan))),
+        "n_cases_without_dz": sum(1 for r in records if not (np.isfinite(sl := r.get("slope_mm_per_mm", np.nan)) and sl > 0)),
         "spearman": agg("spearman"),
         "spearman_inferior_half": agg("spearman_inferior_half"), "spearman_superior_half": agg("spearman_superior_half"),
         # std: in mm of S; std_dz: in mm of true z (std over the cases' median slope)
