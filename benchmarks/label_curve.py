@@ -77,20 +77,16 @@ def collect(bench: Benches, methods: list[str], heads: list[str]) -> dict[tuple[
         out.setdefault((n, method, mode), {})[seed] = value
 
     for sd in seed_folders(bench):
-        # the all-labels rows: from scratch, each method's probes and fine-tuned row (where run)
-        full = [("from-scratch", "scratch", sd / "scratch-f0")]
+        # the all-labels rows (where run): (method, folder, {mode: key of its scores in result.json})
+        full = [("from-scratch", sd / "scratch-f0", {"scratch": "scratch"})]
         for m in methods:
-            full += [(m, "probe", sd / f"probe-{m}-f0"), (m, "fine-tuned", sd / f"finetune-{m}-f0")]
-        for m, kind, folder in full:
-            if not (folder / "result.json").is_file():
-                continue
-            d = json.loads((folder / "result.json").read_text())
-            n_all = len(d["train_cases"])
-            if kind == "probe":
-                for h in heads:
-                    add(n_all, m, h, sd.name, case_mean(d["scores"][h]))
-            else:
-                add(n_all, m, kind, sd.name, case_mean(d["scores"]["finetune" if kind == "fine-tuned" else "scratch"]))
+            full += [(m, sd / f"probe-{m}-f0", {h: h for h in heads}), (m, sd / f"finetune-{m}-f0", {"fine-tuned": "finetune"})]
+        for m, folder, modes in full:
+            if (folder / "result.json").is_file():
+                d = json.loads((folder / "result.json").read_text())
+                for mode, key in modes.items():
+                    if key in d["scores"]:  # a probe run with fewer heads has no row for the others
+                        add(len(d["train_cases"]), m, mode, sd.name, case_mean(d["scores"][key]))
         for res in sorted((sd / "labels").glob("*-n*-f0*/result.json")):
             name = res.parent.name
             mt = re.fullmatch(rf"(.+)-n(\d+)-f0(?:{LPFT_SUFFIX})?", name)  # LP-FT: fine-tuned from the probe's head

@@ -121,3 +121,13 @@ def test_against_also_compares_the_first_method_with_the_others_there(lc, tmp_pa
     assert "| 2 | diffusion-ape fine-tuned - diffusion-ape fine-tuned | 2 | -2.0 ± 2.8 |" in out
     # and against the benchmark's contrastive row: 0.5 - (4 x 0.45 + 2 x 0.35) / 6 = +8.3, seed 1 +6.3
     assert "| 2 | diffusion-ape fine-tuned - contrastive fine-tuned | 2 | +7.3 ± 1.4 |" in out
+
+
+def test_a_probe_run_with_fewer_heads_gives_rows_for_the_heads_it_has(lc, tmp_path):
+    """A probe result holding only the non-linear head's scores: asked for linear and non-linear heads,
+    the table gets the non-linear row and no linear one (instead of a KeyError)."""
+    bench = _bench(tmp_path / "bench")
+    _result(bench / "seed-0" / "probe-diffusion-ape-f0", "nonlinear", {f"c{i}": 0.3 for i in range(6)})
+    got = lc.collect(bench, ["diffusion-ape"], ["linear", "nonlinear"])
+    assert got[(7, "diffusion-ape", "nonlinear")] == {"seed-0": pytest.approx(0.3)}
+    assert (7, "diffusion-ape", "linear") not in got
