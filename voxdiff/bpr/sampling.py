@@ -211,7 +211,8 @@ def truncate_inplane(view: torch.Tensor, rng: np.random.Generator, min_frac: flo
     intensity window's floor, which is also what inference pads a narrow slice with). Per axis the box
     keeps a fraction in [min_frac, 1] of the extent, cut from the start, the end or both sides."""
     out = view.clone()
-    for axis, n in ((2, view.shape[2]), (3, view.shape[3])):
+    for axis in (2, 3):
+        n = view.shape[axis]
         keep = int(round(n * rng.uniform(min_frac, 1.0)))
         cut = n - keep
         side = int(rng.integers(3))  # 0: cut the start, 1: the end, 2: both

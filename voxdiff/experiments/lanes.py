@@ -10,7 +10,7 @@ The main process is lane 0 (with the progress bars); the others log with a ``[jo
 
 What it buys depends on the machine: on the 2-core development VM, where these small networks
 run about twice as fast on two threads as on one, two one-thread lanes ran the demo no faster than
-one process (901 s both ways in the fifth session; 436 s against 441 s in the twenty-eighth;
+one process (901 s both ways in the fifth session; in the twenty-eighth 433 s in two lanes against 438 s;
 docs/RESULTS.md, "The demo in two lanes"); it is meant for CPUs with more cores
 than one small network uses well, and for running long experiments (label-efficiency) in
 independent processes that can be stopped and resumed. The steps and their seeds are those of ``jobs=1``, and no step
