@@ -92,19 +92,8 @@ def inplane_box(n: int, min_frac: float, rng: np.random.Generator) -> tuple[int,
     return a, a + k
 
 
-def crop_consistency(model: BodyPartRegressor, case: Any, n_crops: int = 8, min_mm: float = 96.0,
-                     seed: int = 0, inplane_min_frac: float = 1.0) -> dict[str, Any]:
-    """|dS| (mm) between the coordinates that different crops of one scan give to the same slice."""
-    rng = np.random.default_rng(seed)
-    sp = tuple(float(s) for s in case.meta.spacing)
-    nx, ny, nz = (int(n) for n in case.image.shape)
-    ranges = crop_ranges(nz, sp[2], n_crops, min_mm, rng)
-    curves = []
-    for k, (z0, z1) in enumerate(ranges):
-        (x0, x1), (y0, y1) = ((0, nx), (0, ny)) if k == 0 else \
-            (inplane_box(nx, inplane_min_frac, rng), inplane_box(ny, inplane_min_frac, rng))
-        f = volume_field(model, case.image[x0:x1, y0:y1, z0:z1], sp)
-        curves.append((z0, z1, s_profile_mm(model, f)))
+def _pair_stats(curves: Sequence[tuple[int, int, np.ndarray]]) -> dict[str, float]:
+    """Median / p95 / max of |dS| over every pair of curves ``(z0, z1, S)`` on the slices they share."""
     diffs = []
     for i in range(len(curves)):
         for j in range(i + 1, len(curves)):
@@ -114,13 +103,40 @@ def crop_consistency(model: BodyPartRegressor, case: Any, n_crops: int = 8, min_
             if hi > lo:
                 diffs.append(np.abs(sa[lo - a0:hi - a0] - sb[lo - b0:hi - b0]))
     d = np.concatenate(diffs) if diffs else np.zeros(0)
+    return {"median_abs_ds_mm": float(np.median(d)) if d.size else float("nan"),
+            "p95_abs_ds_mm": float(np.percentile(d, 95)) if d.size else float("nan"),
+            "max_abs_ds_mm": float(d.max()) if d.size else float("nan")}
+
+
+def crop_consistency(model: BodyPartRegressor, case: Any, n_crops: int = 8, min_mm: float = 96.0,
+                     seed: int = 0, inplane_min_frac: float = 1.0) -> dict[str, Any]:
+    """|dS| (mm) between the coordinates that different crops of one scan give to the same slice.
+
+    Besides the crops narrowed in-plane, ``z_only_*`` gives the same z-ranges with whole slices (the
+    scan's coverage alone; the same numbers when ``inplane_min_frac`` is 1), NaN for a scan no longer
+    than the shortest crop (every crop is then the whole scan)."""
+    rng = np.random.default_rng(seed)
+    sp = tuple(float(s) for s in case.meta.spacing)
+    nx, ny, nz = (int(n) for n in case.image.shape)
+    ranges = crop_ranges(nz, sp[2], n_crops, min_mm, rng)
+    narrowed = inplane_min_frac < 1.0
+    curves, z_curves = [], []
+    for k, (z0, z1) in enumerate(ranges):
+        (x0, x1), (y0, y1) = ((0, nx), (0, ny)) if k == 0 else \
+            (inplane_box(nx, inplane_min_frac, rng), inplane_box(ny, inplane_min_frac, rng))
+        curves.append((z0, z1, s_profile_mm(model, volume_field(model, case.image[x0:x1, y0:y1, z0:z1], sp))))
+        if narrowed and k > 0:  # the whole scan (k = 0) is the same curve either way
+            z_curves.append((z0, z1, s_profile_mm(model, volume_field(model, case.image[:, :, z0:z1], sp))))
+        else:
+            z_curves.append(curves[-1])
+    applicable = nz * sp[2] > min_mm  # a scan no longer than the shortest crop tests in-plane crops only
+    z_only = _pair_stats(z_curves if applicable else [])  # no pairs: NaN
     return {
-        "applicable": nz * sp[2] > min_mm,  # a scan no longer than the shortest crop tests in-plane crops only
+        "applicable": applicable,
         "n_crops": len(ranges), "crops": [[int(a), int(b)] for a, b, _ in curves],
         "crop_mm": [round((b - a) * sp[2], 1) for a, b, _ in curves],
-        "median_abs_ds_mm": float(np.median(d)) if d.size else float("nan"),
-        "p95_abs_ds_mm": float(np.percentile(d, 95)) if d.size else float("nan"),
-        "max_abs_ds_mm": float(d.max()) if d.size else float("nan"),
+        **_pair_stats(curves),
+        **{f"z_only_{k}": v for k, v in z_only.items()},
         "_curves": curves,
     }
 
@@ -130,8 +146,6 @@ CONSISTENCY_KEYS = tuple(f"{k}_abs_{u}_mm" for u in ("ds", "dz") for k in ("medi
 
 def case_report(model: BodyPartRegressor, case: Any, cfg: BPREvalConfig, seed: int) -> dict[str, Any]:
     cc = crop_consistency(model, case, cfg.n_crops, cfg.min_crop_mm, seed, cfg.inplane_min_frac)
-    # the same z-ranges without narrowing the field of view in-plane (the draw is the same: z-ranges first)
-    zc = cc if cfg.inplane_min_frac >= 1.0 else crop_consistency(model, case, cfg.n_crops, cfg.min_crop_mm, seed, 1.0)
     s = cc["_curves"][0][2]
     z = slice_z_mm(case.meta.affine, case.image.shape)
     half = len(z) // 2
@@ -150,10 +164,7 @@ def case_report(model: BodyPartRegressor, case: Any, cfg: BPREvalConfig, seed: i
     rising = np.isfinite(slope) and slope > 0
     for k in ("median", "p95", "max"):
         rec[f"{k}_abs_dz_mm"] = cc[f"{k}_abs_ds_mm"] / slope if rising else float("nan")
-        # a scan no longer than the shortest crop has no z-crops: its z-only entries are NaN, not 0
-        zd = zc[f"{k}_abs_ds_mm"] if cc["applicable"] else float("nan")
-        rec[f"z_only_{k}_abs_ds_mm"] = zd
-        rec[f"z_only_{k}_abs_dz_mm"] = zd / slope if rising else float("nan")
+        rec[f"z_only_{k}_abs_dz_mm"] = cc[f"z_only_{k}_abs_ds_mm"] / slope if rising else float("nan")
     if not cc["applicable"] and cfg.inplane_min_frac >= 1.0:  # every crop was the whole scan: nothing compared
         rec.update({k: float("nan") for k in CONSISTENCY_KEYS})
     if case.label is not None:
