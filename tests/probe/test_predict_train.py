@@ -174,3 +174,18 @@ def test_finetune_takes_the_configured_feature_timesteps(phantom_cases, tmp_path
     assert tuned.passes == 1 and [lv.channels for lv in tuned.levels] == [c // 2 for c in two]
     assert head.level_channels == [c // 2 for c in two]
     assert ext.passes == 2 and [lv.channels for lv in ext.levels] == two
+
+
+def test_logits_to_labels_is_argmax_with_the_first_class_on_ties():
+    from voxdiff.probe.predict import logits_to_labels
+
+    g = torch.Generator().manual_seed(0)
+    lg = torch.randn(14, 9, 8, 7, generator=g)
+    lg[5, :3] = lg[2, :3] = 10.0  # ties: the lower class wins, as with argmax
+    lg[13, 4] = 11.0
+    out = logits_to_labels(lg)
+    assert out.dtype == np.uint8 and out.shape == (9, 8, 7)
+    np.testing.assert_array_equal(out, lg.argmax(0).numpy())
+    assert (out[:3] == 2).all() and (out[4] == 13).all()
+    with pytest.raises(ValueError, match="expected logits"):
+        logits_to_labels(lg[0])

@@ -171,7 +171,18 @@ def predict_logits(
 
 
 def logits_to_labels(logits: torch.Tensor) -> np.ndarray:
-    return logits.argmax(0).numpy().astype(np.uint8)
+    """Label map ``(X, Y, Z)`` uint8 of logits ``(C, X, Y, Z)``: the first class of highest logit, as
+    ``argmax(0)`` gives it (a NaN logit never wins here). Taken class by class, running maximum and
+    index: ``argmax`` over the leading, strided axis of a whole volume takes about 3x as long on the CPU."""
+    if logits.ndim != 4 or not 0 < logits.shape[0] <= 256:
+        raise ValueError(f"expected logits (C <= 256, X, Y, Z), got {tuple(logits.shape)}")
+    best = logits[0].clone()
+    labels = torch.zeros(logits.shape[1:], dtype=torch.uint8, device=logits.device)
+    for c in range(1, logits.shape[0]):
+        higher = logits[c] > best
+        best = torch.where(higher, logits[c], best)
+        labels.masked_fill_(higher, c)
+    return labels.cpu().numpy()
 
 
 def unit_image(case, window: Sequence[float]) -> np.ndarray:
