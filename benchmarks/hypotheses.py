@@ -15,7 +15,8 @@ cases of each case's organ mean; or a loss), and a summary over seeds at the end
 * ``window``: features extracted with windows of the training patch, of the budget's probe window
   (the default), and of the whole volume (one window), each with its own fitted non-linear head:
   does the window size matter (GroupNorm statistics are per window), and can extraction use one
-  window per volume (several times less compute than overlapping windows)?
+  window per volume (several times less compute than overlapping windows)? Each is scored on the
+  test cases and (``..., validation``) on the validation case, the one a setting may be chosen on.
 * ``passes`` (diffusion models): the feature passes changed at extraction only, each with its own
   fitted non-linear head: features averaged over 4 fixed noise draws, and the clean image at every
   pass with its timestep's embedding (the task's ``feature_input: clean``; with ``--only clean`` the
@@ -75,9 +76,18 @@ def open_seed(folder: Path) -> Experiment:
     return Experiment.reopen(folder)
 
 
+FEATURE_INPUT: list[str] = []  # --feature_input: the diffusion models' feature passes (empty: as pretrained)
+
+
 def pretrained(exp: Experiment, method: str):
-    """The experiment's pretrained extractor of ``method`` (a fresh copy on every call)."""
-    return load_pretrained(exp.out / f"pretrain-{method}" / "model")
+    """The experiment's pretrained extractor of ``method`` (a fresh copy on every call), its diffusion
+    feature passes set by ``--feature_input`` when given."""
+    ext = load_pretrained(exp.out / f"pretrain-{method}" / "model")
+    if FEATURE_INPUT and ext.method == "diffusion":
+        from voxdiff.features.extract import with_feature_input
+
+        with_feature_input(ext, FEATURE_INPUT[0])
+    return ext
 
 
 def clean_passes(exp: Experiment, method: str, timesteps: tuple[int, ...]):
@@ -207,7 +217,9 @@ def test_window(exp: Experiment, method: str, folds, emit, cache: FeatureCache) 
         t = time.time()
         dice = score(ext, head, test, pcfg)
         pyr_s = time.time() - t
-        emit("window", method, f"{name} {'x'.join(map(str, roi)) if name != 'whole volume' else ''}".strip(), dice)
+        label = f"{name} {'x'.join(map(str, roi)) if name != 'whole volume' else ''}".strip()
+        emit("window", method, label, dice)
+        emit("window", method, label + ", validation", score(ext, head, val, pcfg))
         emit("window", method, f"{name}: seconds to score the test cases", pyr_s, "seconds")
 
 
@@ -389,8 +401,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="", help="JSON file for the results (default: BENCH/hypotheses.json)")
     ap.add_argument("--only", default="", help="comma-separated variant names (prefixes) of the window / passes tests")
+    ap.add_argument("--feature_input", default="", choices=("", "noisy", "clean"),
+                    help="the diffusion models' feature passes in every test (default: as pretrained)")
     args = ap.parse_args()
     ONLY[:] = [o.strip() for o in args.only.split(",") if o.strip()]
+    FEATURE_INPUT[:] = [args.feature_input] if args.feature_input else []
     tune_allocator()
     warnings.simplefilter("ignore", UserWarning)
     torch.set_num_threads(args.threads)
