@@ -213,7 +213,9 @@ def match_state_layout(optimizer: torch.optim.Optimizer) -> None:
     for group in optimizer.param_groups:
         for p in group["params"]:
             st = optimizer.state.get(p)
-            for k, v in (st or {}).items():
+            if not st:
+                continue
+            for k, v in st.items():
                 if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
                     st[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
 
