@@ -581,8 +581,10 @@ def test_bench_budget_is_cpu_small_with_the_benchmark_pools():
     # the BPR the benchmark was measured with (docs/RESULTS.md): the window-anchored ape, no slice override
     assert bench["bpr_kind"] == {"ape": {"channels": (8, 16, 32), "steps": 300}}
     assert small["bpr_kind"]["ape"]["anchor"] == "slice"
-    for stage in ("probe", "pretrain_method"):
-        assert bench[stage] == small[stage]
+    assert bench["pretrain_method"] == small["pretrain_method"]
+    # the demo's one feature window per volume; the benchmark's 64^3 windows (roi), as measured
+    assert small["probe"]["feature_roi"] == (160, 160, 160) and "feature_roi" not in bench["probe"]
+    assert bench["probe"] == {k: v for k, v in small["probe"].items() if k != "feature_roi"}
     assert bench["bpr"] == {k: v for k, v in small["bpr"].items() if k != "threads"}  # BPRTrainConfig's 1 thread
     same = {k: v for k, v in small["pretrain"].items() if k not in ("steps", "checkpoint_every", "log_every", "feature_input")}
     assert {k: bench["pretrain"][k] for k in same} == same
@@ -591,7 +593,7 @@ def test_bench_budget_is_cpu_small_with_the_benchmark_pools():
     assert {k: v for k, v in small["phantoms"].items() if k not in ("n_train", "n_test", "n_unlabelled")} == \
         {k: v for k, v in bench["phantoms"].items() if k not in ("n_train", "n_test", "n_unlabelled")}
     # everything else is cpu-small's
-    changed = {"phantoms", "pretrain", "bpr", "bpr_kind", "tuned_early_stopping", "finetune_init"}
+    changed = {"phantoms", "pretrain", "probe", "bpr", "bpr_kind", "tuned_early_stopping", "finetune_init"}
     # fine-tuned rows from a random head, as measured (cpu-small's demo starts them from the probe's head)
     assert small["finetune_init"] == "probe" and "finetune_init" not in bench
     assert set(bench) == (set(small) - {"finetune_init"}) | {"tuned_early_stopping"}
