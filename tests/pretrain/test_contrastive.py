@@ -348,8 +348,8 @@ def test_info_nce_same_view_negatives_match_a_direct_computation():
 
 
 def test_masked_info_nce_equals_dropping_the_invalid_pairs():
-    """The CUDA form (masks, data-independent shapes; autograd) and the CPU form (invalid pairs
-    dropped; its gradient written out, :class:`_InfoNCE`) give the same loss, accuracy and gradients."""
+    """The CUDA form (masks, data-independent shapes) and the CPU form (invalid pairs dropped, one
+    logsumexp per candidate block) give the same loss, accuracy and gradients."""
     g = torch.Generator().manual_seed(2)
     za0 = torch.nn.functional.normalize(torch.randn(12, 8, generator=g), dim=1)
     zb0 = torch.nn.functional.normalize(torch.randn(12, 8, generator=g), dim=1)
@@ -375,25 +375,6 @@ def test_masked_info_nce_equals_dropping_the_invalid_pairs():
     torch.testing.assert_close(everything, ct._info_nce_masked(za0, zb0, 0.1)[0])
     none_valid, acc = ct.info_nce(za0, zb0, 0.1, valid=torch.zeros(12, dtype=torch.bool))
     assert none_valid.item() == 0.0 and acc.item() == 0.0
-
-
-def test_info_nce_takes_bf16_inputs_and_returns_their_gradients_in_bf16():
-    """Under bf16 autocast the projector hands bf16 rows: the loss is computed in float32 and the
-    gradients come back in the inputs' dtype, close to the float32 ones."""
-    g = torch.Generator().manual_seed(3)
-    z = [torch.nn.functional.normalize(torch.randn(16, 8, generator=g), dim=1) for _ in range(2)]
-    ref = [x.clone().requires_grad_() for x in z]
-    loss_ref, _ = ct.info_nce(*ref, 0.2)
-    loss_ref.backward()
-    low = [x.to(torch.bfloat16).requires_grad_() for x in z]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, _ = ct.info_nce(*low, 0.2)
-    loss.backward()
-    assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss, loss_ref.detach(), rtol=0.02, atol=0.02)
-    for a, b in zip(low, ref):
-        assert a.grad.dtype == torch.bfloat16
-        torch.testing.assert_close(a.grad.float(), b.grad, rtol=0.05, atol=0.01)
 
 
 def test_models_with_the_earlier_projector_still_load():

@@ -221,9 +221,8 @@ def info_nce(za: torch.Tensor, zb: torch.Tensor, temperature: float,
 
     On the CPU the invalid pairs are dropped first and each anchor's loss is ``logsumexp`` over its
     candidate blocks minus its positive, without building the concatenated ``(M, 2M)`` logits (2.7x
-    faster forward + backward at M = 2,048 than :func:`_info_nce_masked`, the same value), with its
-    gradient written out (:class:`_InfoNCE`, 1.5x faster again). On CUDA the masked form keeps every
-    shape independent of the data (no host synchronisation)."""
+    faster forward + backward at M = 2,048 than :func:`_info_nce_masked`, the same value). On CUDA the
+    masked form keeps every shape independent of the data (no host synchronisation)."""
     if valid is not None:
         if za.is_cuda:
             return _info_nce_masked(za, zb, temperature, same_view, valid)
@@ -232,62 +231,23 @@ def info_nce(za: torch.Tensor, zb: torch.Tensor, temperature: float,
         if za.shape[0] == 0:  # nothing valid: a zero loss that still reaches the parameters
             zero = (za.sum() + zb.sum()) * 0.0
             return zero, zero.detach()
-    return _InfoNCE.apply(za, zb, float(temperature), bool(same_view))
-
-
-class _InfoNCE(torch.autograd.Function):
-    """:func:`info_nce` on valid pairs (the CPU path) with its gradient written out: ``(loss, top-1)``.
-
-    Autograd through the logsumexp form does 9 matrix products per step (3 logit matrices, 2 products
-    back through each), since it treats ``za @ za.T`` as a product of two inputs. The gradient of a
-    symmetric logit matrix needs one product, ``(P + P.T) @ za``, so this does 7, in float32, and
-    keeps the logits of the forward pass for the softmax weights of the backward one (about 3 x 16
-    MB at 2,048 pairs): 55 against 84 ms forward + backward at 2,048 x 128 on two cores, the same loss
-    and gradients to float32 rounding (``tests/pretrain/test_contrastive.py``)."""
-
-    @staticmethod
-    def forward(ctx, za: torch.Tensor, zb: torch.Tensor, temperature: float, same_view: bool):  # type: ignore[override]
-        dtypes = (za.dtype, zb.dtype)
-        with torch.autocast(za.device.type, enabled=False):
-            za, zb = za.float(), zb.float()
-            s = 1.0 / temperature
-            l_ab = (za @ zb.t()).mul_(s)
-            pos = l_ab.diagonal()
-            lse_a, lse_b = l_ab.logsumexp(1), l_ab.logsumexp(0)  # rows: anchors of view A; columns: of view B
-            best_a, best_b = l_ab.amax(1), l_ab.amax(0)
-            kept: tuple[torch.Tensor, ...] = ()
-            if same_view:
-                l_aa = (za @ za.t()).mul_(s)
-                l_bb = (zb @ zb.t()).mul_(s)
-                l_aa.diagonal().fill_(float("-inf"))  # an anchor is not its own negative
-                l_bb.diagonal().fill_(float("-inf"))
-                lse_a = torch.logaddexp(lse_a, l_aa.logsumexp(1))
-                lse_b = torch.logaddexp(lse_b, l_bb.logsumexp(1))
-                best_a, best_b = torch.maximum(best_a, l_aa.amax(1)), torch.maximum(best_b, l_bb.amax(1))
-                kept = (l_aa, l_bb)
-            loss = (0.5 * ((lse_a - pos) + (lse_b - pos))).mean()
-            hit = (0.5 * ((pos >= best_a).float() + (pos >= best_b).float())).mean()  # top-1: the positive is the best candidate
-        ctx.save_for_backward(za, zb, l_ab, lse_a, lse_b, *kept)
-        ctx.scale, ctx.same_view, ctx.dtypes = s, same_view, dtypes
-        ctx.mark_non_differentiable(hit)
-        return loss, hit
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor, _unused: torch.Tensor):  # type: ignore[override]
-        za, zb, l_ab, lse_a, lse_b, *kept = ctx.saved_tensors
-        c = g.float() * (0.5 / za.shape[0]) * ctx.scale  # d loss / d logit (per softmax), times d logit / d dot
-        # view A's anchors see row i of l_ab, view B's column j: both softmaxes, minus the positives
-        w = (l_ab - lse_a[:, None]).exp_().add_((l_ab - lse_b[None, :]).exp_())
-        w.diagonal().sub_(2.0)
-        w.mul_(c)
-        dza, dzb = w @ zb, w.t() @ za
-        if ctx.same_view:
-            l_aa, l_bb = kept
-            p = (l_aa - lse_a[:, None]).exp_()
-            dza += (p + p.t()).mul_(c) @ za
-            p = (l_bb - lse_b[:, None]).exp_()
-            dzb += (p + p.t()).mul_(c) @ zb
-        return dza.to(ctx.dtypes[0]), dzb.to(ctx.dtypes[1]), None, None
+    l_ab = za @ zb.t() / temperature
+    pos = l_ab.diagonal()
+    lse_a, lse_b = l_ab.logsumexp(1), l_ab.logsumexp(0)  # rows: anchors of view A; columns: of view B
+    if same_view:
+        l_aa = za @ za.t() / temperature
+        l_bb = zb @ zb.t() / temperature
+        l_aa.diagonal().fill_(float("-inf"))  # an anchor is not its own negative
+        l_bb.diagonal().fill_(float("-inf"))
+        lse_a = torch.logaddexp(lse_a, l_aa.logsumexp(1))
+        lse_b = torch.logaddexp(lse_b, l_bb.logsumexp(1))
+    loss = (0.5 * ((lse_a - pos) + (lse_b - pos))).mean()
+    with torch.no_grad():  # top-1: the positive is the best candidate
+        best_a, best_b = l_ab.amax(1), l_ab.amax(0)
+        if same_view:
+            best_a, best_b = torch.maximum(best_a, l_aa.amax(1)), torch.maximum(best_b, l_bb.amax(1))
+        hit = 0.5 * ((pos >= best_a).float() + (pos >= best_b).float())
+    return loss, hit.mean()
 
 
 def _info_nce_masked(za: torch.Tensor, zb: torch.Tensor, temperature: float,
