@@ -13,7 +13,7 @@ cases of each case's organ mean; or a loss), and a summary over seeds at the end
 * ``levels``: a non-linear head fitted on one pyramid level at a time (the others set to zero), to
   see which levels carry organ information.
 * ``window``: features extracted with windows of the training patch, of the budget's probe window
-  (the default), and of the whole volume (one window), each with its own fitted non-linear head:
+  (its ``roi``), and of the whole volume (one window), each with its own fitted non-linear head:
   does the window size matter (GroupNorm statistics are per window), and can extraction use one
   window per volume (several times less compute than overlapping windows)? Each is scored on the
   test cases and (``..., validation``) on the validation case, the one a setting may be chosen on.
@@ -206,12 +206,12 @@ def test_window(exp: Experiment, method: str, folds, emit, cache: FeatureCache) 
     train, val, test = folds
     ext = pretrained(exp, method)
     vox, base = probe_settings(exp)
-    rois = {"training patch": tuple(ext.patch_size), "probe window (default)": tuple(base.inference.roi),
+    rois = {"training patch": tuple(ext.patch_size), "probe window (roi)": tuple(base.inference.roi),
             "whole volume": (1024, 1024, 1024)}
     for name, roi in rois.items():
         if ONLY and not any(name.startswith(o) for o in ONLY):
             continue
-        pcfg = exp.probe_cfg(roi=roi)
+        pcfg = exp.probe_cfg(roi=roi, feature_roi=roi)  # feature_roi (cpu-small's) would override roi
         cache.install(f"{exp.out}/{method}/roi{roi}")
         head = fit_nonlinear(ext, train, val, pcfg, vox)
         t = time.time()
