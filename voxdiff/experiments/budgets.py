@@ -73,8 +73,9 @@ BUDGETS: dict[str, dict[str, Any]] = {
         # frozen heads on whole-volume features, one 160^3 window (every phantom at 3 mm fits; larger
         # volumes are tiled): against 64^3 windows, validation Dice over the benchmark's five seeds
         # diffusion + APE +0.7 ± 9.1, no BPR +4.4 ± 3.1, contrastive -1.2 ± 7.4, restorative +4.6 ± 3.4
-        # (test +1.7 / +1.6 / +0.5 / +5.6), at about half the extraction time (docs/RESULTS.md, "One
-        # feature window per volume"); fine-tuning and its scoring keep the 64^3 windows of "roi"
+        # (test +1.7 / +1.6 / +0.5 / +5.6); on three demo-sized runs -2.0 / -2.3 / +1.3 / -4.2, each within
+        # its spread: level quality at about half the extraction time (docs/RESULTS.md, "One feature
+        # window per volume"); fine-tuning and its scoring keep the 64^3 windows of "roi"
         "probe": {"steps": 300, "patch_size": (48, 48, 32), "batch_size": 2, "val_every": 300, "roi": (64, 64, 64),
                   "feature_roi": (160, 160, 160),
                   "overlap": 0.25, "hidden": 32, "val_from_train": 1, "lr": 1e-2, "scratch_lr": 2e-3, "fg_prob": 0.5},

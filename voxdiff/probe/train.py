@@ -156,8 +156,10 @@ class ProbeWindow:
         feature_roi: frozen voxel probing (``frozen_training=voxels``): the window of the whole-volume
             feature extraction, for training, validation and the saved segmenter; null = ``roi``. A
             size at least the volume's (e.g. [1024, 1024, 1024]) extracts each volume in one window:
-            no overlap to compute and, measured on the phantom benchmark, better features than 64^3
-            windows (docs/RESULTS.md); memory grows with the volume, so keep windows for large grids.
+            no overlap to compute (about half the time of 64^3 windows with overlap 0.25) and, on the
+            phantom benchmark's validation cases, features as good or better (docs/RESULTS.md, "One
+            feature window per volume"; the ``cpu-small`` budget uses [160, 160, 160]); memory grows
+            with the window, so keep windows for large grids.
     """
 
     roi: tuple[int, int, int] = (96, 96, 64)
