@@ -151,37 +151,30 @@ class ConvFit(TrainTask):
         return ((model(x) - x.flip(2)) ** 2).mean(), {}
 
 
-def test_fused_adamw_resumes_channels_last_weights_exactly(tmp_path):
+def test_fused_adamw_resumes_channels_last_weights_exactly(tmp_path, monkeypatch):
     """The CPU optimiser is the fused AdamW, which walks each weight and its moments as flat arrays. The
     engine keeps conv weights channels-last while a train state stores the moments contiguous: a resume
     must give the moments their weights' layout again, or the update pairs the wrong elements."""
-    from voxdiff.core.engine import match_state_layout
+    import voxdiff.core.engine as eng
+
+    def resumed_run(folder):
+        Engine(_cfg(ema_decay=None), ConvFit(), state_dir=folder).fit(5)
+        engine = Engine(_cfg(ema_decay=None), ConvFit(), state_dir=folder, resume=True)
+        engine.fit()
+        return engine
 
     full = Engine(_cfg(ema_decay=None), ConvFit(), state_dir=tmp_path / "a")
     assert full.optimizer.defaults.get("fused") is True
     assert full.module[0].weight.is_contiguous(memory_format=torch.channels_last_3d)
     full.fit()
-    cut = Engine(_cfg(ema_decay=None), ConvFit(), state_dir=tmp_path / "b")
-    cut.fit(5)
-    resumed = Engine(_cfg(ema_decay=None), ConvFit(), state_dir=tmp_path / "b", resume=True)
+    resumed = resumed_run(tmp_path / "b")
     w = resumed.module[0].weight
     assert resumed.optimizer.state[w]["exp_avg"].stride() == w.stride()
-    resumed.fit()
     for a, b in zip(full.module.parameters(), resumed.module.parameters()):
         assert torch.equal(a, b)
     # without the layout match the same resume drifts (what the helper exists for)
-    import voxdiff.core.engine as eng
-
-    real = eng.match_state_layout
-    eng.match_state_layout = lambda opt: None
-    try:
-        drift = Engine(_cfg(ema_decay=None), ConvFit(), state_dir=tmp_path / "b2")
-        drift.fit(5)
-        drift = Engine(_cfg(ema_decay=None), ConvFit(), state_dir=tmp_path / "b2", resume=True)
-        drift.fit()
-    finally:
-        eng.match_state_layout = real
-    assert match_state_layout is real
+    monkeypatch.setattr(eng, "match_state_layout", lambda opt: None)
+    drift = resumed_run(tmp_path / "c")
     assert not all(torch.equal(a, b) for a, b in zip(full.module.parameters(), drift.module.parameters()))
 
 
