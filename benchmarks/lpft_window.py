@@ -1,0 +1,94 @@
+"""Does the frozen probe's feature window change what LP-FT fine-tuning starts from, and ends at?
+
+``compare`` at the ``cpu-small`` budget fine-tunes a backbone starting from the non-linear head of
+its frozen probe (LP-FT, ``finetune_init: probe``). That head is fitted on whole-volume features,
+extracted with windows of ``feature_roi`` (one 160^3 window per phantom since the thirtieth session)
+or of ``roi`` (64^3, before); fine-tuning itself trains on patches and scores with 64^3 windows. For
+each seed folder of demo-sized experiments and each window, this fits the frozen heads as the
+experiment does, fine-tunes from the non-linear head for the budget's fine-tuning steps, and prints
+one JSON line per (seed, window, stage) with the mean Dice (%) on the validation and the test cases:
+
+    python benchmarks/lpft_window.py runs/demoreg --method diffusion-ape --seeds 0,1,2 --threads 2 \\
+        --out runs/demoreg/lpft_window.json
+
+Nothing is pretrained again; the experiment folders are not written to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from voxdiff.core.runtime import tune_allocator
+from voxdiff.experiments.base import Experiment, mean_of_cases
+from voxdiff.pretrain.load import load_pretrained
+from voxdiff.probe.train import fit_network
+from voxdiff.probe.voxel import fit_heads_voxels
+
+WINDOWS = {"64^3 windows (roi)": (64, 64, 64), "one 160^3 window (feature_roi)": (160, 160, 160)}
+
+
+def run_seed(folder: Path, method: str, emit) -> None:
+    exp = Experiment.reopen(folder)
+    train, val, test = exp.folds()[0]
+    model = exp.out / f"pretrain-{method}" / "model"
+    vox = int(exp.budget.get("probe_voxels", 8192))
+    for name, roi in WINDOWS.items():
+        pcfg = exp.probe_cfg(feature_roi=roi)
+        ext = load_pretrained(model, device=pcfg.runtime.device)
+        heads = fit_heads_voxels(ext, train, val, ("nonlinear",), pcfg, progress=False, voxels_per_step=vox)
+        for split, cases in (("validation", val), ("test", test)):
+            emit(name, "frozen non-linear", split, mean_of_cases(exp.score(ext, heads, cases, pcfg, volume=True)["nonlinear"]))
+        tcfg = exp.tuned_cfg("finetune")
+        tuned, head = fit_network(ext, train, val, "finetune", tcfg, progress=False, init_head=heads["nonlinear"])
+        for split, cases in (("validation", val), ("test", test)):
+            emit(name, "fine-tuned (LP-FT)", split, mean_of_cases(exp.score(tuned, {"ft": head}, cases, tcfg)["ft"]))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", help="a folder of seed-S experiment folders (voxdiff experiment compare --out)")
+    ap.add_argument("--method", default="diffusion-ape")
+    ap.add_argument("--seeds", default="", help="comma-separated seeds (default: every seed-S folder)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="", help="JSON file for the results (default: RUNS/lpft_window.json)")
+    args = ap.parse_args()
+    tune_allocator()
+    torch.set_num_threads(args.threads)
+    runs = Path(args.runs)
+    folders = sorted(runs.glob("seed-*"), key=lambda p: int(p.name.split("-")[1]))
+    if args.seeds:
+        want = {int(s) for s in args.seeds.split(",")}
+        folders = [f for f in folders if int(f.name.split("-")[1]) in want]
+    out = Path(args.out) if args.out else runs / "lpft_window.json"
+    results: list[dict[str, Any]] = []
+    for folder in folders:
+        seed = int(folder.name.split("-")[1])
+        t0 = time.time()
+
+        def emit(window: str, stage: str, split: str, value: float) -> None:
+            r = {"seed": seed, "method": args.method, "window": window, "stage": stage, "split": split,
+                 "dice": round(100 * value, 2), "seconds": round(time.time() - t0)}
+            print(json.dumps(r), flush=True)
+            results.append(r)
+            out.write_text(json.dumps(results, indent=1))
+
+        run_seed(folder, args.method, emit)
+    groups: dict[tuple[str, str, str], list[float]] = {}
+    for r in results:
+        groups.setdefault((r["stage"], r["split"], r["window"]), []).append(r["dice"])
+    print("\n| stage | split | window | mean ± std over seeds | seeds |\n|---|---|---|---|---|")
+    for (stage, split, window), v in groups.items():
+        a = np.asarray(v)
+        sd = f" ± {a.std(ddof=1):.1f}" if a.size > 1 else ""
+        print(f"| {stage} | {split} | {window} | {a.mean():.1f}{sd} | {a.size} |")
+
+
+if __name__ == "__main__":
+    main()
