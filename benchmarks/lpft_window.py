@@ -11,6 +11,9 @@ one JSON line per (seed, window, stage) with the mean Dice (%) on the validation
     python benchmarks/lpft_window.py runs/demoreg --method diffusion-ape --seeds 0,1,2 --threads 2 \\
         --out runs/demoreg/lpft_window.json
 
+``--windows one`` runs one window only; ``--finetune '{"backbone_lr": 1e-4}'`` changes the
+fine-tuning optimiser (the LP-FT head and the backbone train at ``backbone_lr``).
+
 Nothing is pretrained again; the experiment folders are not written to.
 """
 
@@ -34,18 +37,22 @@ from voxdiff.probe.voxel import fit_heads_voxels
 WINDOWS = {"64^3 windows (roi)": (64, 64, 64), "one 160^3 window (feature_roi)": (160, 160, 160)}
 
 
-def run_seed(folder: Path, method: str, emit) -> None:
+def run_seed(folder: Path, method: str, emit, windows: dict[str, tuple[int, int, int]], finetune: dict[str, Any]) -> None:
     exp = Experiment.reopen(folder)
     train, val, test = exp.folds()[0]
     model = exp.out / f"pretrain-{method}" / "model"
     vox = int(exp.budget.get("probe_voxels", 8192))
-    for name, roi in WINDOWS.items():
+    for name, roi in windows.items():
         pcfg = exp.probe_cfg(feature_roi=roi)
         ext = load_pretrained(model, device=pcfg.runtime.device)
         heads = fit_heads_voxels(ext, train, val, ("nonlinear",), pcfg, progress=False, voxels_per_step=vox)
         for split, cases in (("validation", val), ("test", test)):
             emit(name, "frozen non-linear", split, mean_of_cases(exp.score(ext, heads, cases, pcfg, volume=True)["nonlinear"]))
         tcfg = exp.tuned_cfg("finetune")
+        if finetune:
+            from dataclasses import replace
+
+            tcfg = replace(tcfg, optim=replace(tcfg.optim, **finetune))
         tuned, head = fit_network(ext, train, val, "finetune", tcfg, progress=False, init_head=heads["nonlinear"])
         for split, cases in (("validation", val), ("test", test)):
             emit(name, "fine-tuned (LP-FT)", split, mean_of_cases(exp.score(tuned, {"ft": head}, cases, tcfg)["ft"]))
@@ -58,6 +65,9 @@ def main() -> None:
     ap.add_argument("--seeds", default="", help="comma-separated seeds (default: every seed-S folder)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="", help="JSON file for the results (default: RUNS/lpft_window.json)")
+    ap.add_argument("--windows", default="", help="comma-separated prefixes of the windows to run (default: both)")
+    ap.add_argument("--finetune", default="{}", help="JSON overrides of the fine-tuning optimiser settings, "
+                                                      "e.g. '{\"backbone_lr\": 1e-4}' (recorded in every line)")
     args = ap.parse_args()
     tune_allocator()
     torch.set_num_threads(args.threads)
@@ -68,18 +78,20 @@ def main() -> None:
         folders = [f for f in folders if int(f.name.split("-")[1]) in want]
     out = Path(args.out) if args.out else runs / "lpft_window.json"
     results: list[dict[str, Any]] = []
+    over = json.loads(args.finetune)
+    windows = {k: v for k, v in WINDOWS.items() if not args.windows or any(k.startswith(w) for w in args.windows.split(","))}
     for folder in folders:
         seed = int(folder.name.split("-")[1])
         t0 = time.time()
 
         def emit(window: str, stage: str, split: str, value: float) -> None:
-            r = {"seed": seed, "method": args.method, "window": window, "stage": stage, "split": split,
+            r = {"seed": seed, "method": args.method, "window": window, "finetune": over, "stage": stage, "split": split,
                  "dice": round(100 * value, 2), "seconds": round(time.time() - t0)}
             print(json.dumps(r), flush=True)
             results.append(r)
             out.write_text(json.dumps(results, indent=1))
 
-        run_seed(folder, args.method, emit)
+        run_seed(folder, args.method, emit, windows, over)
     groups: dict[tuple[str, str, str], list[float]] = {}
     for r in results:
         groups.setdefault((r["stage"], r["split"], r["window"]), []).append(r["dice"])
