@@ -72,6 +72,16 @@ SHIFTS = (-30.0, 0.0, 30.0)
 ONLY: list[str] = []  # --only: variant names (prefixes) of the window and passes tests to run
 
 
+def seed_folders(root: Path, seeds: str = "") -> list[Path]:
+    """The ``seed-S`` folders of ``root`` in seed order; ``seeds``: comma-separated seeds to keep
+    (empty: all)."""
+    folders = sorted(root.glob("seed-*"), key=lambda p: int(p.name.split("-")[1]))
+    if seeds:
+        want = {int(s) for s in seeds.split(",")}
+        folders = [f for f in folders if int(f.name.split("-")[1]) in want]
+    return folders
+
+
 def open_seed(folder: Path) -> Experiment:
     return Experiment.reopen(folder)
 
@@ -410,10 +420,7 @@ def main() -> None:
     warnings.simplefilter("ignore", UserWarning)
     torch.set_num_threads(args.threads)
     bench = Path(args.bench)
-    folders = sorted(bench.glob("seed-*"), key=lambda p: int(p.name.split("-")[1]))
-    if args.seeds:
-        want = {int(s) for s in args.seeds.split(",")}
-        folders = [f for f in folders if int(f.name.split("-")[1]) in want]
+    folders = seed_folders(bench, args.seeds)
     tests = [t.strip() for t in args.tests.split(",") if t.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     out = Path(args.out) if args.out else bench / "hypotheses.json"

@@ -21,12 +21,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hypotheses import seed_folders  # noqa: E402
 
 from voxdiff.core.runtime import tune_allocator
 from voxdiff.experiments.base import Experiment, mean_of_cases
@@ -72,10 +76,7 @@ def main() -> None:
     tune_allocator()
     torch.set_num_threads(args.threads)
     runs = Path(args.runs)
-    folders = sorted(runs.glob("seed-*"), key=lambda p: int(p.name.split("-")[1]))
-    if args.seeds:
-        want = {int(s) for s in args.seeds.split(",")}
-        folders = [f for f in folders if int(f.name.split("-")[1]) in want]
+    folders = seed_folders(runs, args.seeds)
     out = Path(args.out) if args.out else runs / "lpft_window.json"
     results: list[dict[str, Any]] = []
     over = json.loads(args.finetune)
