@@ -12,7 +12,8 @@ one JSON line per (seed, window, stage) with the mean Dice (%) on the validation
         --out runs/demoreg/lpft_window.json
 
 ``--windows one`` runs one window only; ``--finetune '{"backbone_lr": 1e-4}'`` changes the
-fine-tuning optimiser (the LP-FT head and the backbone train at ``backbone_lr``).
+fine-tuning optimiser (the LP-FT head and the backbone train at ``backbone_lr``); ``--score_rois
+'[[160, 160, 160]]'`` also scores each fine-tuned network with other sliding windows.
 
 Nothing is pretrained again; the experiment folders are not written to.
 """
@@ -23,6 +24,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +43,8 @@ from voxdiff.probe.voxel import fit_heads_voxels
 WINDOWS = {"64^3 windows (roi)": (64, 64, 64), "one 160^3 window (feature_roi)": (160, 160, 160)}
 
 
-def run_seed(folder: Path, method: str, emit, windows: dict[str, tuple[int, int, int]], finetune: dict[str, Any]) -> None:
+def run_seed(folder: Path, method: str, emit, windows: dict[str, tuple[int, int, int]], finetune: dict[str, Any],
+             score_rois: list[tuple[int, int, int]]) -> None:
     exp = Experiment.reopen(folder)
     train, val, test = exp.folds()[0]
     model = exp.out / f"pretrain-{method}" / "model"
@@ -54,12 +57,15 @@ def run_seed(folder: Path, method: str, emit, windows: dict[str, tuple[int, int,
             emit(name, "frozen non-linear", split, mean_of_cases(exp.score(ext, heads, cases, pcfg, volume=True)["nonlinear"]))
         tcfg = exp.tuned_cfg("finetune")
         if finetune:
-            from dataclasses import replace
-
             tcfg = replace(tcfg, optim=replace(tcfg.optim, **finetune))
         tuned, head = fit_network(ext, train, val, "finetune", tcfg, progress=False, init_head=heads["nonlinear"])
         for split, cases in (("validation", val), ("test", test)):
             emit(name, "fine-tuned (LP-FT)", split, mean_of_cases(exp.score(tuned, {"ft": head}, cases, tcfg)["ft"]))
+        for roi in score_rois:  # the same fine-tuned network scored with other sliding windows
+            scfg = replace(tcfg, inference=replace(tcfg.inference, roi=roi))
+            for split, cases in (("validation", val), ("test", test)):
+                emit(name, f"fine-tuned (LP-FT), scored with {'x'.join(map(str, roi))} windows", split,
+                     mean_of_cases(exp.score(tuned, {"ft": head}, cases, scfg)["ft"]))
 
 
 def main() -> None:
@@ -70,6 +76,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="", help="JSON file for the results (default: RUNS/lpft_window.json)")
     ap.add_argument("--windows", default="", help="comma-separated prefixes of the windows to run (default: both)")
+    ap.add_argument("--score_rois", default="[]", help="JSON list of other sliding windows to score the fine-tuned "
+                                                         "network with, e.g. '[[160, 160, 160]]'")
     ap.add_argument("--finetune", default="{}", help="JSON overrides of the fine-tuning optimiser settings, "
                                                       "e.g. '{\"backbone_lr\": 1e-4}' (recorded in every line)")
     args = ap.parse_args()
@@ -92,7 +100,7 @@ def main() -> None:
             results.append(r)
             out.write_text(json.dumps(results, indent=1))
 
-        run_seed(folder, args.method, emit, windows, over)
+        run_seed(folder, args.method, emit, windows, over, [tuple(int(v) for v in r) for r in json.loads(args.score_rois)])
     groups: dict[tuple[str, str, str], list[float]] = {}
     for r in results:
         groups.setdefault((r["stage"], r["split"], r["window"]), []).append(r["dice"])
