@@ -408,6 +408,19 @@ def test_contrastive_note_is_computed_from_the_rows():
     assert contrastive_note([_row("contrastive", "nonlinear", 0.9)]) is None  # nothing to compare with
 
 
+def test_tuned_below_note_names_only_methods_whose_fine_tuned_row_trails_their_probe():
+    from voxdiff.experiments.report import tuned_below_note
+
+    rows = [_row("diffusion-ape", "nonlinear", 0.282), _row("diffusion-ape", "fine-tuned", 0.176),
+            _row("contrastive", "nonlinear", 0.396), _row("contrastive", "fine-tuned", 0.457),
+            _row("random", "nonlinear", 0.148)]
+    note = tuned_below_note(rows)
+    assert note.count("\n") == 0 and "diffusion-ape 17.6 vs 28.2" in note and "contrastive" not in note
+    rows[1]["summary"]["mean"]["mean"] = 0.30
+    assert tuned_below_note(rows) is None  # every fine-tuned row at or above its probe: no line
+    assert tuned_below_note([_row("diffusion-ape", "fine-tuned", 0.1)]) is None  # no frozen row to compare with
+
+
 def test_demo_prints_the_converged_scratch_reference_only_where_it_was_measured():
     from voxdiff.experiments.budgets import get_budget
     from voxdiff.experiments.demo import DEMO_FINETUNE, demo_config, scratch_note

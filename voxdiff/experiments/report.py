@@ -134,6 +134,7 @@ def compare_markdown(results: dict[str, Any], figs: list[str], notes: list[str] 
         compare_table(rows),
         "",
         *([note, ""] if (note := contrastive_note(rows)) else []),
+        *([note, ""] if (note := tuned_below_note(rows)) else []),
         *[x for n in (notes or []) for x in (n, "")],
         "## Per organ",
         "",
@@ -368,6 +369,22 @@ def contrastive_note(rows: list[dict[str, Any]], ours: str = "diffusion-ape", ot
     if not ahead:
         return None
     return f"Note: the {other} baseline is ahead of {ours} here (mean Dice): " + "; ".join(ahead) + "."
+
+
+def tuned_below_note(rows: list[dict[str, Any]]) -> str | None:
+    """One line naming every method whose fine-tuned row scores below its own frozen non-linear probe
+    (computed from the rows; None when there is no such method)."""
+    below = []
+    for method in dict.fromkeys(r["method"] for r in rows if r["head"] == "fine-tuned"):
+        tuned, frozen = _mean_of(rows, method, "fine-tuned"), _mean_of(rows, method, "nonlinear")
+        if tuned is not None and frozen is not None and tuned < frozen:
+            below.append(f"{method} {100 * tuned:.1f} vs {100 * frozen:.1f}")
+    if not below:
+        return None
+    return ("Note: fine-tuning scores below the frozen non-linear probe it starts from here (mean Dice, fine-tuned vs "
+            "frozen): " + "; ".join(below) + ". The fine-tuned network trains on patches and is scored by sliding "
+            "windows while the probe sees whole-volume features, and a short run does not make up the difference "
+            "(docs/RESULTS.md, \"Fine-tuned rows below their frozen probe\").")
 
 
 def seeds_figures(rows: list[dict[str, Any]], out: Path) -> list[str]:
