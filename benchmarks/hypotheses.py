@@ -33,6 +33,10 @@ cases of each case's organ mean; or a loss), and a summary over seeds at the end
   Clean passes at CLEAN_MIX_T are extracted once; the variants (CLEAN_MIX_VARIANTS: the preset's
   t = 1, 250; t = 1, 250, 900; all five) are channel blocks of them, each with its own non-linear
   head and ``mix`` head, scored on the validation and the test cases.
+* ``encoder``: non-linear heads on the UNet's encoder outputs at each stride, on its decoder pyramid
+  (the reference, refitted) and on both concatenated per level, from one extraction: does the
+  denoiser's decoder, trained to predict the noise, carry less organ information than the encoder
+  that reads the image?
 * ``bottleneck`` (diffusion models): the denoising loss (MSE of the training target) per timestep
   on 64 test patches, as trained and with the deepest level's path cut (the first upsampling from
   the bottleneck outputs zeros): how much of the denoising at each t depends on the deepest level.
@@ -363,6 +367,92 @@ def test_mix(exp: Experiment, method: str, folds, emit, cache: FeatureCache) -> 
     cache.transform = None
 
 
+def with_encoder_levels(ext) -> list[int]:
+    """Make ``ext``'s backbone (the ``unet``) return each level's encoder output beside its decoder
+    output, ``cat([encoder, decoder])`` per level (the bottleneck, the same tensor on both sides, once),
+    and set ``ext.levels`` to match. Returns the widths of the backbone's levels."""
+    bb = ext.backbone
+    if not all(hasattr(bb, a) for a in ("stem", "enc", "down", "up", "dec", "widths")):
+        raise RuntimeError("the encoder test knows the unet backbone only")
+
+    def pyramid(x: torch.Tensor, temb: torch.Tensor | None) -> list[torch.Tensor]:
+        h = bb.stem(x)
+        skips = []
+        for i in range(bb.num_levels):
+            for blk in bb.enc[i]:
+                h = blk(h, temb)
+            skips.append(h)
+            if i + 1 < bb.num_levels:
+                h = bb.down[i](h)
+        dec = [h]
+        for i in reversed(range(bb.num_levels - 1)):
+            h = torch.cat([bb.up[i](h), bb._skip(skips[i], i)], dim=1)
+            for blk in bb.dec[i]:
+                h = blk(h, temb)
+            dec.append(h)
+        dec = dec[::-1]
+        return [torch.cat([e, d], 1) for e, d in zip(skips[:-1], dec[:-1])] + [dec[-1]]
+
+    bb._pyramid = pyramid  # type: ignore[method-assign]
+    widths = [int(w) for w in bb.widths]
+    n = int(getattr(ext, "passes", 1) or 1)
+    ext.levels = [LevelInfo(lv.name, (2 * w if i < len(widths) - 1 else w) * n, lv.stride)
+                  for i, (lv, w) in enumerate(zip(ext.levels, widths))]
+    return widths
+
+
+def encoder_blocks(widths: list[int], passes: int, keep: str) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+    """A pyramid transform over :func:`with_encoder_levels` features keeping ``encoder``, ``decoder``
+    or ``both`` blocks of every pass (the bottleneck is kept whole)."""
+
+    def pick(pyr: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for i, f in enumerate(pyr):
+            if i == len(pyr) - 1 or keep == "both":
+                out.append(f)
+                continue
+            w, dim = widths[i], 0 if f.ndim == 4 else 1
+            chunks = f.split(2 * w, dim=dim)  # one (encoder, decoder) block per pass
+            out.append(torch.cat([c.narrow(dim, 0 if keep == "encoder" else w, w) for c in chunks], dim))
+        return out
+
+    return pick
+
+
+def test_encoder(exp: Experiment, method: str, folds, emit, cache: FeatureCache) -> None:
+    """Non-linear heads on the UNet's encoder outputs, on its decoder outputs (the pyramid every probe
+    uses: the reference refitted) and on both concatenated per level, from one extraction; each scored
+    on the validation and the test cases."""
+    vox, pcfg = probe_settings(exp)
+    ext = pretrained(exp, method)
+    levels0 = list(ext.levels)
+    widths = with_encoder_levels(ext)
+    both = list(ext.levels)
+    n = int(getattr(ext, "passes", 1) or 1)
+    real = cache._real
+
+    def extract_both(e, image_unit, cfg):  # the stitching sizes its buffers from the extractor's levels
+        kept, e.levels = e.levels, both
+        try:
+            return real(e, image_unit, cfg)
+        finally:
+            e.levels = kept
+
+    cache._real = extract_both
+    cache.install(f"{exp.out}/{method}/encoder")
+    try:
+        for keep, label in (("decoder", "decoder pyramid (reference refitted)"), ("encoder", "encoder outputs"),
+                            ("both", "encoder and decoder concatenated")):
+            if ONLY and not any(label.startswith(o) for o in ONLY):
+                continue
+            cache.transform = encoder_blocks(widths, n, keep)
+            ext.levels = both if keep == "both" else levels0
+            fit_and_emit(emit, "encoder", method, label, ext, folds, pcfg, vox)
+    finally:
+        cache._real = real
+        cache.transform = None
+
+
 BOTTLENECK_T = (1, 10, 50, 250, 500, 900)
 
 
@@ -460,6 +550,7 @@ def main() -> None:
                      "clean_t": lambda: test_clean_t(exp, method, folds, emit, cache),
                      "mix": lambda: test_mix(exp, method, folds, emit, cache),
                      "clean_mix": lambda: test_clean_mix(exp, method, folds, emit, cache),
+                     "encoder": lambda: test_encoder(exp, method, folds, emit, cache),
                      "bottleneck": lambda: test_bottleneck(exp, method, folds, emit)}[test]()
                 cache.clear()
     finally:
