@@ -94,9 +94,11 @@ FEATURE_INPUT: list[str] = []  # --feature_input: the diffusion models' feature 
 
 
 def pretrained(exp: Experiment, method: str):
-    """The experiment's pretrained extractor of ``method`` (a fresh copy on every call), its diffusion
-    feature passes set by ``--feature_input`` when given."""
-    ext = load_pretrained(exp.out / f"pretrain-{method}" / "model")
+    """The experiment's pretrained extractor of ``method`` (a fresh copy on every call) with the budget's
+    feature side, its diffusion feature passes set by ``--feature_input`` when given."""
+    from voxdiff.features.extract import with_feature_side
+
+    ext = with_feature_side(load_pretrained(exp.out / f"pretrain-{method}" / "model"), exp.probe_cfg().feature_side)
     if FEATURE_INPUT and ext.method == "diffusion":
         from voxdiff.features.extract import with_feature_input
 
@@ -367,42 +369,8 @@ def test_mix(exp: Experiment, method: str, folds, emit, cache: FeatureCache) -> 
     cache.transform = None
 
 
-def with_encoder_levels(ext) -> list[int]:
-    """Make ``ext``'s backbone (the ``unet``) return each level's encoder output beside its decoder
-    output, ``cat([encoder, decoder])`` per level (the bottleneck, the same tensor on both sides, once),
-    and set ``ext.levels`` to match. Returns the widths of the backbone's levels."""
-    bb = ext.backbone
-    if not all(hasattr(bb, a) for a in ("stem", "enc", "down", "up", "dec", "widths")):
-        raise RuntimeError("the encoder test knows the unet backbone only")
-
-    def pyramid(x: torch.Tensor, temb: torch.Tensor | None) -> list[torch.Tensor]:
-        h = bb.stem(x)
-        skips = []
-        for i in range(bb.num_levels):
-            for blk in bb.enc[i]:
-                h = blk(h, temb)
-            skips.append(h)
-            if i + 1 < bb.num_levels:
-                h = bb.down[i](h)
-        dec = [h]
-        for i in reversed(range(bb.num_levels - 1)):
-            h = torch.cat([bb.up[i](h), bb._skip(skips[i], i)], dim=1)
-            for blk in bb.dec[i]:
-                h = blk(h, temb)
-            dec.append(h)
-        dec = dec[::-1]
-        return [torch.cat([e, d], 1) for e, d in zip(skips[:-1], dec[:-1])] + [dec[-1]]
-
-    bb._pyramid = pyramid  # type: ignore[method-assign]
-    widths = [int(w) for w in bb.widths]
-    n = int(getattr(ext, "passes", 1) or 1)
-    ext.levels = [LevelInfo(lv.name, (2 * w if i < len(widths) - 1 else w) * n, lv.stride)
-                  for i, (lv, w) in enumerate(zip(ext.levels, widths))]
-    return widths
-
-
 def encoder_blocks(widths: list[int], passes: int, keep: str) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
-    """A pyramid transform over :func:`with_encoder_levels` features keeping ``encoder``, ``decoder``
+    """A pyramid transform over ``feature_side="both"`` features keeping ``encoder``, ``decoder``
     or ``both`` blocks of every pass (the bottleneck is kept whole)."""
 
     def pick(pyr: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -421,18 +389,22 @@ def encoder_blocks(widths: list[int], passes: int, keep: str) -> Callable[[list[
 
 def test_encoder(exp: Experiment, method: str, folds, emit, cache: FeatureCache) -> None:
     """Non-linear heads on the UNet's encoder outputs, on its decoder outputs (the pyramid every probe
-    uses: the reference refitted) and on both concatenated per level, from one extraction; each scored
-    on the validation and the test cases."""
+    used before the thirty-first session: the reference refitted) and on both concatenated per level
+    (``feature_side``), from one extraction of both; each scored on the validation and the test cases."""
+    from voxdiff.features.extract import with_feature_side
+
     vox, pcfg = probe_settings(exp)
     ext = pretrained(exp, method)
-    levels0 = list(ext.levels)
-    widths = with_encoder_levels(ext)
-    both = list(ext.levels)
     n = int(getattr(ext, "passes", 1) or 1)
+    widths = [int(lv.channels) for lv in ext.backbone.levels]
+    levels = {}
+    for side in ("decoder", "both"):
+        with_feature_side(ext, side)
+        levels[side] = list(ext.levels)
     real = cache._real
 
     def extract_both(e, image_unit, cfg):  # the stitching sizes its buffers from the extractor's levels
-        kept, e.levels = e.levels, both
+        kept, e.levels = e.levels, levels["both"]
         try:
             return real(e, image_unit, cfg)
         finally:
@@ -446,7 +418,7 @@ def test_encoder(exp: Experiment, method: str, folds, emit, cache: FeatureCache)
             if ONLY and not any(label.startswith(o) for o in ONLY):
                 continue
             cache.transform = encoder_blocks(widths, n, keep)
-            ext.levels = both if keep == "both" else levels0
+            ext.levels = levels["both" if keep == "both" else "decoder"]
             fit_and_emit(emit, "encoder", method, label, ext, folds, pcfg, vox)
     finally:
         cache._real = real

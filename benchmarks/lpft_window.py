@@ -11,7 +11,7 @@ one JSON line per (seed, window, stage) with the mean Dice (%) on the validation
     python benchmarks/lpft_window.py runs/demoreg --method diffusion-ape --seeds 0,1,2 --threads 2 \\
         --out runs/demoreg/lpft_window.json
 
-``--windows one`` runs one window only; ``--finetune '{"backbone_lr": 1e-4}'`` changes the
+``--windows one`` runs one window only; ``--feature_side both`` probes and fine-tunes on that pyramid; ``--finetune '{"backbone_lr": 1e-4}'`` changes the
 fine-tuning optimiser (the LP-FT head and the backbone train at ``backbone_lr``); ``--score_rois
 '[[160, 160, 160]]'`` also scores each fine-tuned network with other sliding windows.
 
@@ -36,6 +36,7 @@ from hypotheses import seed_folders  # noqa: E402
 
 from voxdiff.core.runtime import tune_allocator
 from voxdiff.experiments.base import Experiment, mean_of_cases
+from voxdiff.features.extract import with_feature_side
 from voxdiff.pretrain.load import load_pretrained
 from voxdiff.probe.train import fit_network
 from voxdiff.probe.voxel import fit_heads_voxels
@@ -44,18 +45,18 @@ WINDOWS = {"64^3 windows (roi)": (64, 64, 64), "one 160^3 window (feature_roi)":
 
 
 def run_seed(folder: Path, method: str, emit, windows: dict[str, tuple[int, int, int]], finetune: dict[str, Any],
-             score_rois: list[tuple[int, int, int]]) -> None:
+             score_rois: list[tuple[int, int, int]], feature_side: str | None = None) -> None:
     exp = Experiment.reopen(folder)
     train, val, test = exp.folds()[0]
     model = exp.out / f"pretrain-{method}" / "model"
     vox = int(exp.budget.get("probe_voxels", 8192))
     for name, roi in windows.items():
-        pcfg = exp.probe_cfg(feature_roi=roi)
-        ext = load_pretrained(model, device=pcfg.runtime.device)
+        pcfg = exp.probe_cfg(feature_roi=roi, **({"feature_side": feature_side} if feature_side else {}))
+        ext = with_feature_side(load_pretrained(model, device=pcfg.runtime.device), pcfg.feature_side)
         heads = fit_heads_voxels(ext, train, val, ("nonlinear",), pcfg, progress=False, voxels_per_step=vox)
         for split, cases in (("validation", val), ("test", test)):
             emit(name, "frozen non-linear", split, mean_of_cases(exp.score(ext, heads, cases, pcfg, volume=True)["nonlinear"]))
-        tcfg = exp.tuned_cfg("finetune")
+        tcfg = replace(exp.tuned_cfg("finetune"), feature_side=pcfg.feature_side)
         if finetune:
             tcfg = replace(tcfg, optim=replace(tcfg.optim, **finetune))
         tuned, head = fit_network(ext, train, val, "finetune", tcfg, progress=False, init_head=heads["nonlinear"])
@@ -78,6 +79,8 @@ def main() -> None:
     ap.add_argument("--windows", default="", help="comma-separated prefixes of the windows to run (default: both)")
     ap.add_argument("--score_rois", default="[]", help="JSON list of other sliding windows to score the fine-tuned "
                                                          "network with, e.g. '[[160, 160, 160]]'")
+    ap.add_argument("--feature_side", default="", choices=("", "decoder", "encoder", "both"),
+                    help="the pyramid the probes and fine-tuning use (default: the experiment's saved budget's)")
     ap.add_argument("--finetune", default="{}", help="JSON overrides of the fine-tuning optimiser settings, "
                                                       "e.g. '{\"backbone_lr\": 1e-4}' (recorded in every line)")
     args = ap.parse_args()
@@ -94,13 +97,15 @@ def main() -> None:
         t0 = time.time()
 
         def emit(window: str, stage: str, split: str, value: float) -> None:
-            r = {"seed": seed, "method": args.method, "window": window, "finetune": over, "stage": stage, "split": split,
+            r = {"seed": seed, "method": args.method, "window": window, "finetune": over,
+                 "feature_side": args.feature_side or "budget", "stage": stage, "split": split,
                  "dice": round(100 * value, 2), "seconds": round(time.time() - t0)}
             print(json.dumps(r), flush=True)
             results.append(r)
             out.write_text(json.dumps(results, indent=1))
 
-        run_seed(folder, args.method, emit, windows, over, [tuple(int(v) for v in r) for r in json.loads(args.score_rois)])
+        run_seed(folder, args.method, emit, windows, over, [tuple(int(v) for v in r) for r in json.loads(args.score_rois)],
+                 args.feature_side or None)
     groups: dict[tuple[str, str, str], list[float]] = {}
     for r in results:
         groups.setdefault((r["stage"], r["split"], r["window"]), []).append(r["dice"])

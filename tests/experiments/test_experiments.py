@@ -216,8 +216,14 @@ def test_compare_tiny_report_and_resume(tmp_path, monkeypatch):
     assert tuned["mode"] == "finetune" and tuned["max_steps"] == 4 and tuned["steps_run"] == 4
     for f in ("per_organ.png", "size_groups.png", "config.yaml"):
         assert (out / f).stat().st_size > 0
-    # each probe step left a segmenter bundle that voxdiff segment accepts
-    assert (out / "probe-restorative-f0" / "segmenter-nonlinear" / "segmenter.json").is_file()
+    # each probe step left a segmenter bundle that voxdiff segment accepts, on the budget's feature side
+    bundle = out / "probe-restorative-f0" / "segmenter-nonlinear"
+    assert json.loads((bundle / "segmenter.json").read_text())["feature_side"] == "both"
+    from voxdiff.probe.bundle import load_segmenter
+
+    seg = load_segmenter(bundle, device="cpu")
+    assert seg.extractor.feature_side == "both"
+    assert seg.head.level_channels == seg.extractor.backbone.side_channels("both")
 
     # a third run redoes nothing, and its report still gives the time the steps took
     logs.clear()
@@ -597,7 +603,9 @@ def test_bench_budget_is_cpu_small_with_the_benchmark_pools():
     assert bench["pretrain_method"] == small["pretrain_method"]
     # the demo's one feature window per volume; the benchmark's 64^3 windows (roi), as measured
     assert small["probe"]["feature_roi"] == (160, 160, 160) and "feature_roi" not in bench["probe"]
-    assert bench["probe"] == {k: v for k, v in small["probe"].items() if k != "feature_roi"}
+    # the demo's encoder + decoder features; the benchmark's decoder pyramid (the default), as measured
+    assert small["probe"]["feature_side"] == "both" and "feature_side" not in bench["probe"]
+    assert bench["probe"] == {k: v for k, v in small["probe"].items() if k not in ("feature_roi", "feature_side")}
     assert bench["bpr"] == {k: v for k, v in small["bpr"].items() if k != "threads"}  # BPRTrainConfig's 1 thread
     same = {k: v for k, v in small["pretrain"].items() if k not in ("steps", "checkpoint_every", "log_every", "feature_input")}
     assert {k: bench["pretrain"][k] for k in same} == same

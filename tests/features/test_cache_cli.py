@@ -133,6 +133,27 @@ def test_feature_input_override_changes_key_and_features(tmp_path, diffusion_dir
         FeatureCache(tmp_path, load_pretrained(diffusion_dir), ExtractConfig(feature_input="blurred"))
 
 
+def test_feature_side_changes_key_channels_and_keeps_the_decoder_block(tmp_path, diffusion_dir):
+    from voxdiff.features.cache import settings_of
+
+    dec = FeatureCache(tmp_path, load_pretrained(diffusion_dir), ExtractConfig(roi=(36, 32, 20), t=(10, 50)))
+    assert "feature_side" not in settings_of(ExtractConfig())  # decoder caches keep their old keys
+    ex = load_pretrained(diffusion_dir)
+    both = FeatureCache(tmp_path, ex, ExtractConfig(roi=(36, 32, 20), t=(10, 50), feature_side="both"))
+    assert ex.feature_side == "both" and both.key != dec.key
+    fd, fb = dec.get(make_case(2)), both.get(make_case(2))
+    c = ex.backbone.levels[0].channels
+    assert [lv.channels for lv in ex.levels] == [2 * ch for ch in ex.backbone.side_channels("both")]
+    assert fb[0].shape[1] == 4 * c and fd[0].shape[1] == 2 * c and fb[-1].shape == fd[-1].shape
+    # per level: one (encoder, decoder) block per pass, in the passes' order
+    torch.testing.assert_close(fb[0][:, c:2 * c], fd[0][:, :c])
+    torch.testing.assert_close(fb[0][:, 3 * c:], fd[0][:, c:])
+    meta = json.loads(both.path("c2").with_suffix(".json").read_text())
+    assert meta["settings"]["feature_side"] == "both" and meta["levels"][0]["channels"] == 4 * c
+    with pytest.raises(InputError, match="feature_side must be one of"):
+        FeatureCache(tmp_path, load_pretrained(diffusion_dir), ExtractConfig(feature_side="middle"))
+
+
 def test_streaming_without_cache(model_dir):
     ex = load_pretrained(model_dir)
     cases = [make_case(3, (20, 20, 12)), make_case(4, (24, 20, 16))]

@@ -181,3 +181,49 @@ def test_fpn3d_timestep_and_group_norm(test_device):
     assert not any("time" in n or "temb" in n for n, _ in plain.named_parameters())
     with pytest.raises(ValueError, match="norm must be one of"):
         FPN3d(norm="layer")
+
+
+@pytest.mark.parametrize("name", ["unet", "fpn3d"])
+def test_feature_sides_read_the_encoder_and_the_decoder(name):
+    """``side`` picks the encoder's outputs, the decoder pyramid (the default) or both per level; the
+    encoder side does not depend on the decoder's weights, the decoder side does."""
+    net = build_backbone(name, in_channels=2, out_channels=1, base_channels=4, num_levels=3).eval()
+    assert net.feature_sides == ("decoder", "encoder", "both")
+    assert net.side_channels("decoder") == net.side_channels("encoder") == [4, 8, 16]
+    assert net.side_channels("both") == [8, 16, 16]  # the coarsest level is where the two sides meet
+    x, t = torch.randn(2, 2, 16, 8, 12), torch.tensor([3, 40])
+    with torch.no_grad():
+        dec, enc, both = (net.pyramid(x, t, side=s) for s in ("decoder", "encoder", "both"))
+        assert all(torch.equal(a, b) for a, b in zip(dec, net.pyramid(x, t)))
+        assert [f.shape[1] for f in both] == net.side_channels("both")
+        for i in range(2):
+            assert torch.equal(both[i], torch.cat([enc[i], dec[i]], 1)) and not torch.equal(enc[i], dec[i])
+        assert torch.equal(enc[-1], dec[-1]) and torch.equal(both[-1], dec[-1])
+        decoder = net.dec if name == "unet" else net.decoder
+        for p in decoder.parameters():
+            p.add_(0.1)
+        enc2, dec2 = net.pyramid(x, t, side="encoder"), net.pyramid(x, t)
+    assert all(torch.equal(a, b) for a, b in zip(enc, enc2))
+    assert not torch.equal(dec[0], dec2[0])
+    with pytest.raises(ValueError, match="feature side must be one of"):
+        net.pyramid(x, t, side="middle")
+
+
+def test_a_backbone_with_only_a_decoder_pyramid_offers_that_side_only():
+    from voxdiff.pretrain.backbones import PyramidBackboneBase
+
+    class DecoderOnly(PyramidBackboneBase):
+        def __init__(self):
+            super().__init__()
+            self._init_common({}, 1, 1, False, 4)
+            self.conv = torch.nn.Conv3d(1, 4, 1)
+            self.levels = [LevelInfo("level0", 4, 1)]
+
+        def _pyramid(self, x, temb):
+            return [self.conv(x)]
+
+    net = DecoderOnly()
+    assert net.feature_sides == ("decoder",)
+    assert net.pyramid(torch.randn(1, 1, 4, 4, 4))[0].shape == (1, 4, 4, 4, 4)
+    with pytest.raises(NotImplementedError, match="decoder pyramid only"):
+        net.pyramid(torch.randn(1, 1, 4, 4, 4), side="encoder")

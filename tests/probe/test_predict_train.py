@@ -1,5 +1,6 @@
 """Sliding-window prediction vs direct prediction; frozen probing; a short probe run learns."""
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -8,6 +9,7 @@ import torch
 from standin import StandinExtractor
 
 from voxdiff.core.config import from_dict
+from voxdiff.core.errors import ModelError
 from voxdiff.core.metrics import mean_dice
 from voxdiff.data.preprocess import PreprocessConfig, preprocess
 from voxdiff.probe.heads import LinearHead, NonLinearHead
@@ -153,6 +155,38 @@ def test_finetune_real_feature_extractor_and_bundle(phantom_cases, tmp_path):
     save_segmenter(tmp_path / "m", tmp_path / "pt", head, "finetune", pre, (16, 16, 16), 0.5, tuned_extractor=tuned)
     seg = load_segmenter(tmp_path / "m")
     torch.testing.assert_close(seg.extractor.backbone.stem.weight, w1)
+
+
+def test_feature_side_is_trained_through_and_kept_by_the_bundle(phantom_cases, tmp_path):
+    """``cfg.feature_side`` decides the pyramid fine-tuning trains through (and the head's input
+    channels); the bundle records it and loads an extractor with the same pyramid."""
+    from voxdiff.core.config import from_dict
+    from voxdiff.pretrain.load import load_pretrained
+    from voxdiff.pretrain.train import PretrainConfig, pretrain
+    from voxdiff.probe.bundle import load_segmenter, save_segmenter
+
+    cases, pre = phantom_cases
+    pretrain(from_dict(PretrainConfig, dict(method="random", preprocess=pre, steps=1, base_channels=4, num_levels=3,
+                            patch_size=(16, 16, 16), bf16=False, device="cpu")), tmp_path / "pt", cases=cases[:1],
+             progress=False)
+    ext = load_pretrained(tmp_path / "pt")
+    cfg = replace(_probe(patch_size=(16, 16, 16), steps=2, warmup_steps=1, val_every=2, roi=(16, 16, 16), device="cpu",
+                         hidden=8), feature_side="both")
+    tuned, head = fit_network(ext, cases[:1], [], "finetune", cfg, progress=False)
+    assert ext.feature_side == "decoder" and tuned.feature_side == "both"
+    assert head.level_channels == [8, 16, 16]
+    save_segmenter(tmp_path / "m", tmp_path / "pt", head, "finetune", pre, (16, 16, 16), 0.5, tuned_extractor=tuned,
+                   feature_side="both")
+    seg = load_segmenter(tmp_path / "m")
+    assert seg.extractor.feature_side == "both" and [lv.channels for lv in seg.extractor.levels] == [8, 16, 16]
+    x = torch.rand(1, 1, 16, 16, 16)
+    torch.testing.assert_close(seg.extractor(x)[0], tuned(x)[0])
+    # a bundle that does not say which side its head was fitted on is refused by its channels
+    doc = json.loads((tmp_path / "m" / "segmenter.json").read_text())
+    doc.pop("feature_side")
+    (tmp_path / "m" / "segmenter.json").write_text(json.dumps(doc))
+    with pytest.raises(ModelError, match="head expects pyramid channels"):
+        load_segmenter(tmp_path / "m")
 
 
 def test_finetune_takes_the_configured_feature_timesteps(phantom_cases, tmp_path):

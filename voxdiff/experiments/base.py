@@ -518,7 +518,13 @@ class Experiment:
         """Fit frozen heads on one fold and score them on its test cases."""
 
         def run(tmp: Path) -> dict[str, Any]:
-            from voxdiff.features.extract import feature_input_of, feature_timesteps, with_timesteps
+            from voxdiff.features.extract import (
+                feature_input_of,
+                feature_side_of,
+                feature_timesteps,
+                with_feature_side,
+                with_timesteps,
+            )
             from voxdiff.pretrain.load import load_pretrained
             from voxdiff.probe.heads import count_parameters
             from voxdiff.probe.train import fit_heads
@@ -528,6 +534,7 @@ class Experiment:
                 train = train[:n_train]
             pcfg = self.probe_cfg()
             ext = load_pretrained(model_dir, device=pcfg.runtime.device)
+            with_feature_side(ext, pcfg.feature_side)
             if timesteps is not None:
                 with_timesteps(ext, timesteps)
             hist: list = []
@@ -547,7 +554,8 @@ class Experiment:
                     roi = volume_roi(pcfg) if self.voxel_mode else pcfg.inference.roi
                     save_segmenter(tmp / f"segmenter-{h}", model_dir, m, h, ext.preprocess, roi, pcfg.inference.overlap,
                                    meta={"experiment_step": name}, inference="volume" if self.voxel_mode else "window",
-                                   timesteps=feature_timesteps(ext), feature_input=feature_input_of(ext))
+                                   timesteps=feature_timesteps(ext), feature_input=feature_input_of(ext),
+                                   feature_side=feature_side_of(ext))
             return {"fold": fold, "train_cases": [c.case_id for c in train], "val_cases": [c.case_id for c in val],
                     "test_cases": [c.case_id for c in test], "timesteps": feature_timesteps(ext),
                     "head_parameters": {h: count_parameters(m) for h, m in fitted.items()},

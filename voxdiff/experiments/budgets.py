@@ -34,7 +34,7 @@ BUDGETS: dict[str, dict[str, Any]] = {
                      "warmup_steps": 1, "checkpoint_every": 1000, "log_every": 2, "ema_decay": 0.5,
                      "diffusion_steps": 100, "feature_timesteps": (1,)},
         "probe": {"steps": 20, "patch_size": (16, 16, 16), "batch_size": 2, "val_every": 1000, "roi": (32, 32, 32),
-                  "overlap": 0.25, "hidden": 8, "val_from_train": 1, "lr": 1e-2},
+                  "overlap": 0.25, "hidden": 8, "val_from_train": 1, "lr": 1e-2, "feature_side": "both"},
         "probe_voxels": 1024,
         "scratch_steps": 4,
         "finetune_steps": 4,
@@ -78,6 +78,9 @@ BUDGETS: dict[str, dict[str, Any]] = {
         # window per volume"); fine-tuning and its scoring keep the 64^3 windows of "roi"
         "probe": {"steps": 300, "patch_size": (48, 48, 32), "batch_size": 2, "val_every": 300, "roi": (64, 64, 64),
                   "feature_roi": (160, 160, 160),
+                  # the UNet's encoder and decoder outputs concatenated per level (chosen on the validation
+                  # phantoms of the benchmark's five seeds: docs/RESULTS.md, "Encoder and decoder features")
+                  "feature_side": "both",
                   "overlap": 0.25, "hidden": 32, "val_from_train": 1, "lr": 1e-2, "scratch_lr": 2e-3, "fg_prob": 0.5},
         "probe_voxels": 8192,
         # compare / demo: the from-scratch and fine-tuned rows train as many steps (the demo stays
@@ -134,6 +137,8 @@ def _bench_budget() -> dict[str, Any]:
     # pinned: its frozen probes were measured on 64^3 feature windows (cpu-small's one window per
     # volume was chosen later, on its seeds' validation cases)
     b["probe"].pop("feature_roi")
+    # pinned: and on the decoder pyramid (both sides were measured later, on its seeds' folders)
+    b["probe"].pop("feature_side")
     # compare: fine-tuned and from-scratch rows stop on the validation case, as in label-efficiency,
     # from a random head (as measured; cpu-small's LP-FT start was added later)
     b["tuned_early_stopping"] = True

@@ -90,6 +90,8 @@ def settings_of(cfg: ExtractConfig) -> dict[str, Any]:
     """The extraction settings that change the features (``device`` does not)."""
     d = to_dict(cfg)
     d.pop("device", None)
+    if d.get("feature_side") == "decoder":  # the pyramid of every cache written before the option
+        d.pop("feature_side")
     return d
 
 

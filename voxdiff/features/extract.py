@@ -57,6 +57,10 @@ class ExtractConfig:
             concatenated channels); null keeps the model's. Diffusion models only.
         feature_input: diffusion models: noisy (x_t at each timestep) or clean (the clean image told
             each timestep) overriding the model's ``task.feature_input``; null keeps the model's.
+        feature_side: which outputs of the network form the pyramid: decoder (the FPN pyramid, as
+            vox2vec), encoder (the encoder's output at each level) or both (concatenated per level;
+            twice the channels except at the coarsest level). Backbones with an encoder and a
+            decoder only (unet, fpn3d).
         levels: pyramid levels to keep, e.g. [0,1] (0 = finest, stride 1); null = all.
         roi: sliding-window size in voxels; null (default): the model's training patch size. Rounded
             up to a multiple of the backbone's largest stride, and enlarged along an axis where the
@@ -75,6 +79,7 @@ class ExtractConfig:
 
     t: tuple[int, ...] | None = None
     feature_input: str | None = None
+    feature_side: str = "decoder"
     levels: tuple[int, ...] | None = None
     roi: tuple[int, int, int] | None = None
     overlap: float = 0.5
@@ -513,9 +518,38 @@ def with_feature_input(extractor: Any, feature_input: str | None) -> Any:
     return extractor
 
 
+def feature_side_of(extractor: Any) -> str:
+    """Which side of the network an extractor's pyramid is read from (decoder, encoder, both)."""
+    return str(getattr(extractor, "feature_side", "decoder"))
+
+
+def with_feature_side(extractor: Any, side: str | None) -> Any:
+    """Read an extractor's pyramid from the network's ``decoder`` (the default), ``encoder`` or
+    ``both`` (see :meth:`voxdiff.pretrain.backbones.PyramidBackboneBase.pyramid`); changes it in place
+    and returns it; ``None`` leaves it unchanged."""
+    if side is None:
+        return extractor
+    from ..core.errors import InputError
+    from ..pretrain.backbones import FEATURE_SIDES
+
+    if side not in FEATURE_SIDES:
+        raise InputError(getattr(extractor, "path", None),
+                         f"feature_side must be one of {', '.join(FEATURE_SIDES)}, not {side!r}")
+    offered = getattr(getattr(extractor, "backbone", None), "feature_sides", ("decoder",))
+    if side not in offered:
+        raise InputError(getattr(extractor, "path", None),
+                         f"feature_side {side!r}: this model's backbone gives {', '.join(offered)} only")
+    extractor.feature_side = side
+    if hasattr(extractor, "set_levels"):
+        extractor.set_levels()
+    return extractor
+
+
 def with_feature_settings(extractor: Any, cfg: Any) -> Any:
-    """Apply a config's ``t`` and ``feature_input`` overrides (``ExtractConfig``, ``ProbeConfig``)."""
+    """Apply a config's ``t``, ``feature_input`` and ``feature_side`` overrides (``ExtractConfig``,
+    ``ProbeConfig``)."""
     with_timesteps(extractor, getattr(cfg, "t", None))
+    with_feature_side(extractor, getattr(cfg, "feature_side", None))
     return with_feature_input(extractor, getattr(cfg, "feature_input", None))
 
 
@@ -541,8 +575,6 @@ def with_timesteps(extractor: Any, timesteps: Sequence[int] | None) -> Any:
     import dataclasses
 
     task.opts = dataclasses.replace(opts, feature_timesteps=ts)
-    from ..pretrain.backbone import LevelInfo
-
     extractor.passes = len(ts)
-    extractor.levels = [LevelInfo(lv.name, lv.channels * len(ts), lv.stride) for lv in extractor.backbone.levels]
+    extractor.set_levels()
     return extractor

@@ -9,6 +9,7 @@ weights, and returns a :class:`FeatureExtractor` in eval mode with gradients off
     ex = load_pretrained("runs/diffusion_ape")
     pyramid = ex(image_unit)        # (B, 1, X, Y, Z) in [0, 1] -> list of (B, C_i, X/s_i, Y/s_i, Z/s_i)
     ex.levels                       # [LevelInfo(name, channels, stride)] (channels x number of t)
+    ex.feature_side                 # which side of the network the pyramid is read from (decoder by default)
     ex.preprocess                   # PreprocessConfig the model was trained with
     ex.method                       # "diffusion" | "restorative" | "contrastive" | "random"
 
@@ -61,13 +62,28 @@ class FeatureExtractor(nn.Module):
         self.info = info
         self.path = path
         self.bf16 = False  # set True for bf16 autocast on CPU (faster, slightly different features)
-        n = len(self.task.feature_passes(torch.zeros(1, 1, *([backbone.divisor] * 3)),
-                                         coords=self._dummy_coords(backbone.divisor)))
-        self.passes = n
-        self.levels = [LevelInfo(lv.name, lv.channels * n, lv.stride) for lv in backbone.levels]
+        # decoder (the FPN pyramid), encoder or both (voxdiff.features.extract.with_feature_side)
+        self.feature_side = "decoder"
+        self.passes = len(self.task.feature_passes(torch.zeros(1, 1, *([backbone.divisor] * 3)),
+                                                   coords=self._dummy_coords(backbone.divisor)))
+        self.set_levels()
         self.eval()
         for p in self.parameters():
             p.requires_grad_(False)
+
+    def set_levels(self) -> None:
+        """``levels`` from the backbone's pyramid of ``feature_side`` and the number of passes (each
+        pass's pyramid is concatenated per level)."""
+        chans = (self.backbone.side_channels(self.feature_side) if hasattr(self.backbone, "side_channels")
+                 else [lv.channels for lv in self.backbone.levels])
+        self.levels = [LevelInfo(lv.name, int(c) * self.passes, lv.stride) for lv, c in zip(self.backbone.levels, chans)]
+
+    def backbone_pyramid(self, x: torch.Tensor, t: Any = None) -> list[torch.Tensor]:
+        """One pass of the backbone on its input ``x`` (image and condition), the pyramid of
+        ``feature_side``; with gradients when the caller allows them (fine-tuning)."""
+        if self.feature_side == "decoder":
+            return self.backbone.pyramid(x, t)
+        return self.backbone.pyramid(x, t, side=self.feature_side)
 
     def _dummy_coords(self, s: int) -> torch.Tensor | None:
         c = self.backbone.in_channels - 1
@@ -112,7 +128,7 @@ class FeatureExtractor(nn.Module):
         outs: list[list[torch.Tensor]] = []
         with ctx:
             for x, t in passes:
-                outs.append([f.float() for f in self.backbone.pyramid(x, t)])
+                outs.append([f.float() for f in self.backbone_pyramid(x, t)])
         if len(outs) == 1:
             return outs[0]
         return [torch.cat([o[i] for o in outs], 1) for i in range(len(outs[0]))]

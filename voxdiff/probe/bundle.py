@@ -73,6 +73,7 @@ def save_segmenter(
     inference: str = "window",
     timesteps: Sequence[int] | None = None,
     feature_input: str | None = None,
+    feature_side: str = "decoder",
 ) -> Path:
     """Write a segmenter bundle into ``out_dir`` (an empty / staged folder).
 
@@ -81,7 +82,8 @@ def save_segmenter(
     heads trained on patches) or ``volume`` (one whole-volume feature pass, heads trained on voxels).
     ``timesteps``: the feature timesteps the head was trained on when they differ from the
     backbone's own (``--t``); the bundle's extractor is set to them when loaded. ``feature_input``:
-    likewise, what the diffusion feature passes see (noisy / clean).
+    likewise, what the diffusion feature passes see (noisy / clean). ``feature_side``: which side of
+    the network the head's pyramid comes from (decoder, encoder, both).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -114,6 +116,7 @@ def save_segmenter(
         "inference": inference,  # window: sliding-window logits; volume: whole-volume features (voxel probes)
         "timesteps": None if timesteps is None else [int(t) for t in timesteps],  # diffusion: feature passes
         "feature_input": feature_input,  # diffusion: what those passes see (noisy / clean); None: the backbone's
+        "feature_side": feature_side,  # the network's decoder, encoder or both (absent in older bundles: decoder)
         "versions": versions(),
         "meta": to_dict(meta or {}),
     }
@@ -230,6 +233,13 @@ def load_segmenter(model_dir: str | os.PathLike, device: str | torch.device = "a
             with_feature_input(extractor, doc["feature_input"])
         except VoxdiffError as e:
             raise ModelError(p / "segmenter.json", f"invalid feature_input {doc['feature_input']!r} ({e})") from None
+    if doc.get("feature_side", "decoder") != "decoder":
+        from voxdiff.features.extract import with_feature_side
+
+        try:
+            with_feature_side(extractor, doc["feature_side"])
+        except VoxdiffError as e:
+            raise ModelError(p / "segmenter.json", f"invalid feature_side {doc['feature_side']!r} ({e})") from None
     chans = [int(lv.channels) for lv in extractor.levels]
     if list(getattr(head, "level_channels", chans)) != chans:
         raise ModelError(p, f"head expects pyramid channels {head.level_channels}, backbone gives {chans}")

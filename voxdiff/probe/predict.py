@@ -74,7 +74,8 @@ def features(extractor, x: torch.Tensor, amp: bool = False, voxel_index: torch.T
             with torch.no_grad():
                 passes = task.feature_passes(x, **kw)
             prefer_channels_last(extractor.backbone, x.device, use_bf16(x.device, amp))
-            outs = [extractor.backbone.pyramid(xi, t) for xi, t in passes]
+            run = getattr(extractor, "backbone_pyramid", extractor.backbone.pyramid)  # its feature side
+            outs = [run(xi, t) for xi, t in passes]
             pyr = outs[0] if len(outs) == 1 else [torch.cat([o[i] for o in outs], 1) for i in range(len(outs[0]))]
         else:
             pyr = extractor(x, **kw)

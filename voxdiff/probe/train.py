@@ -189,6 +189,9 @@ class ProbeConfig:
             each, concatenated; as ``voxdiff features --t``); saved in the segmenter bundles.
         feature_input: diffusion models: noisy or clean feature passes instead of the model's own
             ``task.feature_input`` (as ``voxdiff features --feature_input``); saved in the bundles.
+        feature_side: which outputs of the backbone form the pyramid the heads see and fine-tuning
+            trains through: decoder (vox2vec's FPN pyramid), encoder, or both concatenated per level
+            (as ``voxdiff features --feature_side``); saved in the bundles.
         sampling: training cases, patches / voxels and batches.
         optim: optimiser, learning rates, validation and early stopping (:class:`ProbeOptim`).
         head: the non-linear head's size.
@@ -208,6 +211,7 @@ class ProbeConfig:
     frozen_training: str = "voxels"
     t: tuple[int, ...] | None = None
     feature_input: str | None = None
+    feature_side: str = "decoder"
     sampling: ProbeSampling = field(default_factory=ProbeSampling)
     optim: ProbeOptim = field(default_factory=ProbeOptim)
     head: ProbeHead = field(default_factory=ProbeHead)
@@ -933,7 +937,7 @@ def train_probe(
     check_output_path(out_dir, force=force)
     device = resolve_device(cfg.runtime.device)
     extractor = load_pretrained(pretrained_dir, device=device)
-    from voxdiff.features.extract import feature_input_of, feature_timesteps, with_feature_settings
+    from voxdiff.features.extract import feature_input_of, feature_side_of, feature_timesteps, with_feature_settings
 
     with_feature_settings(extractor, cfg)
     ds = open_dataset(data_dir, split="train")
@@ -998,7 +1002,7 @@ def train_probe(
             save_segmenter(tmp / n, pretrained_dir, h, n, pre, volume_roi(cfg) if volume else cfg.inference.roi, cfg.inference.overlap,
                            tuned_extractor=ext,
                            inference="volume" if volume else "window", timesteps=feature_timesteps(extractor),
-                           feature_input=feature_input_of(extractor),
+                           feature_input=feature_input_of(extractor), feature_side=feature_side_of(extractor),
                            meta={k: summary[k] for k in ("fold", "train_cases", "val_cases", "test_cases", "data")}
                            | {"best_val_dice": summary["heads"][n]["best_val_dice"]})
         from voxdiff.core.outputs import atomic_write_json

@@ -22,12 +22,12 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from ...core.errors import InputError
-from .base import LevelInfo, PyramidBackbone, PyramidBackboneBase, count_parameters, timestep_embedding
+from .base import FEATURE_SIDES, LevelInfo, PyramidBackbone, PyramidBackboneBase, check_side, count_parameters, timestep_embedding
 from .fpn3d import FPN3d
 from .unet import Backbone
 
-__all__ = ["BACKBONES", "DEFAULT_BACKBONE", "Backbone", "FPN3d", "LevelInfo", "PyramidBackbone",
-           "PyramidBackboneBase", "backbone_name", "build_backbone", "count_parameters", "register",
+__all__ = ["BACKBONES", "DEFAULT_BACKBONE", "FEATURE_SIDES", "Backbone", "FPN3d", "LevelInfo", "PyramidBackbone",
+           "PyramidBackboneBase", "backbone_name", "build_backbone", "check_side", "count_parameters", "register",
            "timestep_embedding"]
 
 BACKBONES: dict[str, type] = {}

@@ -4,8 +4,12 @@ A backbone is a 3D network that maps ``x`` ``(B, in_channels, X, Y, Z)`` (the [0
 image, followed by the condition channels, e.g. the BPR map) and an optional timestep ``t`` to a
 feature pyramid, finest level first. The rest of voxdiff only relies on :class:`PyramidBackbone`:
 
-* ``pyramid(x, t=None) -> list[Tensor]``: level ``i`` is ``(B, levels[i].channels, X/s, Y/s, Z/s)``
-  with ``s = levels[i].stride`` (1, 2, 4, ...); the last entry is the coarsest level.
+* ``pyramid(x, t=None, side="decoder") -> list[Tensor]``: level ``i`` is ``(B, C_i, X/s, Y/s, Z/s)``
+  with ``s = levels[i].stride`` (1, 2, 4, ...); the last entry is the coarsest level. ``side`` says
+  which outputs of an encoder-decoder network form it (:data:`FEATURE_SIDES`): ``decoder`` (the
+  FPN pyramid of vox2vec, ``C_i = levels[i].channels``), ``encoder`` (the encoder's output at each
+  level, the same widths) or ``both`` (the two concatenated per level, the coarsest level once);
+  ``side_channels(side)`` gives the ``C_i``.
 * ``forward(x, t=None) -> (prediction, pyramid)``: ``prediction`` ``(B, out_channels, X, Y, Z)`` is
   the pretext output of the 1x1x1 head on the finest level (noise, velocity, reconstruction).
 * ``levels: list[LevelInfo]`` (name, channels, stride); ``strides`` (``[lv.stride ...]``);
@@ -40,6 +44,25 @@ class LevelInfo:
     stride: int
 
 
+FEATURE_SIDES = ("decoder", "encoder", "both")
+
+
+def check_side(side: str) -> str:
+    if side not in FEATURE_SIDES:
+        raise ValueError(f"feature side must be one of {', '.join(FEATURE_SIDES)}, not {side!r}")
+    return side
+
+
+def join_sides(encoder: list[torch.Tensor], decoder: list[torch.Tensor], side: str) -> list[torch.Tensor]:
+    """The pyramid of ``side`` from an encoder's and a decoder's outputs per level (finest first; the
+    coarsest level is where they meet, so ``both`` holds it once)."""
+    if check_side(side) == "decoder":
+        return decoder
+    if side == "encoder":
+        return encoder
+    return [torch.cat([e, d], 1) for e, d in zip(encoder[:-1], decoder[:-1])] + [decoder[-1]]
+
+
 @runtime_checkable
 class PyramidBackbone(Protocol):
     """What voxdiff needs from a backbone (see the module docstring)."""
@@ -56,7 +79,9 @@ class PyramidBackbone(Protocol):
 
     def config(self) -> dict[str, Any]: ...
 
-    def pyramid(self, x: torch.Tensor, t: Timestep = None) -> list[torch.Tensor]: ...
+    def pyramid(self, x: torch.Tensor, t: Timestep = None, side: str = "decoder") -> list[torch.Tensor]: ...
+
+    def side_channels(self, side: str = "decoder") -> list[int]: ...
 
     def forward(self, x: torch.Tensor, t: Timestep = None) -> tuple[torch.Tensor, list[torch.Tensor]]: ...
 
@@ -89,7 +114,8 @@ class PyramidBackboneBase(nn.Module):
     """Shared implementation: timestep embedding, input checks, ``forward``, ``features``.
 
     Subclasses call :meth:`_init_common` in their constructor, set ``self.levels`` and implement
-    ``_pyramid(x, temb)`` and ``head(finest)``.
+    ``head(finest)`` and either ``_sides(x, temb) -> (encoder outputs, decoder pyramid)`` (every
+    feature side) or ``_pyramid(x, temb)`` (the decoder side only).
     """
 
     in_channels: int
@@ -146,7 +172,21 @@ class PyramidBackboneBase(nn.Module):
             raise ValueError(f"spatial size {tuple(x.shape[2:])} must be a multiple of {d}")
 
     def _pyramid(self, x: torch.Tensor, temb: torch.Tensor | None) -> list[torch.Tensor]:
-        raise NotImplementedError
+        return self._sides(x, temb)[1]
+
+    def _sides(self, x: torch.Tensor, temb: torch.Tensor | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        raise NotImplementedError(f"the {self.name or type(self).__name__} backbone gives its decoder pyramid only")
+
+    @property
+    def feature_sides(self) -> tuple[str, ...]:
+        """The pyramids :meth:`pyramid` can give: every side when the subclass implements ``_sides``,
+        else the decoder's only."""
+        return FEATURE_SIDES if type(self)._sides is not PyramidBackboneBase._sides else ("decoder",)
+
+    def side_channels(self, side: str = "decoder") -> list[int]:
+        """Channels of every level of the ``side`` pyramid (see :meth:`pyramid`)."""
+        ch = [int(lv.channels) for lv in self.levels]
+        return [2 * c for c in ch[:-1]] + ch[-1:] if check_side(side) == "both" else ch
 
     @contextlib.contextmanager
     def skip_masks(self, keep: list[torch.Tensor]) -> Iterator[None]:
@@ -170,10 +210,14 @@ class PyramidBackboneBase(nn.Module):
     def head(self, finest: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def pyramid(self, x: torch.Tensor, t: Timestep = None) -> list[torch.Tensor]:
-        """Feature pyramid of ``x``, finest level first (strides ``self.strides``)."""
+    def pyramid(self, x: torch.Tensor, t: Timestep = None, side: str = "decoder") -> list[torch.Tensor]:
+        """Feature pyramid of ``x``, finest level first (strides ``self.strides``): the decoder's
+        outputs, the encoder's, or both concatenated per level (``side``, :data:`FEATURE_SIDES`)."""
         self.check_input(x)
-        return self._pyramid(x, self.embed(t, x.shape[0], x.device))
+        temb = self.embed(t, x.shape[0], x.device)
+        if check_side(side) == "decoder":
+            return self._pyramid(x, temb)
+        return join_sides(*self._sides(x, temb), side)
 
     def forward(self, x: torch.Tensor, t: Timestep = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """``(prediction (B, out_channels, X, Y, Z), pyramid)``."""

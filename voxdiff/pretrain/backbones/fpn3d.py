@@ -119,7 +119,9 @@ class FPN3d(PyramidBackboneBase):
             h = blk(h, temb)
         return h
 
-    def _pyramid(self, x: torch.Tensor, temb: torch.Tensor | None) -> list[torch.Tensor]:
+    def _sides(self, x: torch.Tensor, temb: torch.Tensor | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(the encoder's output at every level, the decoder pyramid), finest first; both end with
+        the bottom level."""
         h = self.stem(x)
         skips = []
         for i in range(self.num_levels - 1):
@@ -127,12 +129,13 @@ class FPN3d(PyramidBackboneBase):
             skips.append(h)
             h = self.down[i](F.max_pool3d(h, 2))
         h = self._run(self.encoder[-1], h, temb)
+        skips.append(h)
         out = [h]
         for i in reversed(range(self.num_levels - 1)):
             h = F.interpolate(self.up[i](h), scale_factor=2, mode="nearest") + self.lateral[i](skips[i])
             h = self._run(self.decoder[i], h, temb)
             out.append(h)
-        return out[::-1]
+        return skips, out[::-1]
 
     def head(self, finest: torch.Tensor) -> torch.Tensor:
         return self.out_conv(F.relu(self.out_norm(finest)))

@@ -112,7 +112,9 @@ class Backbone(PyramidBackboneBase):
         self.num_skips = num_levels - 1
 
     # ------------------------------------------------------------------------------------------
-    def _pyramid(self, x: torch.Tensor, temb: torch.Tensor | None) -> list[torch.Tensor]:
+    def _sides(self, x: torch.Tensor, temb: torch.Tensor | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(the encoder's output at every level, the decoder pyramid), finest first; both end with
+        the bottleneck."""
         h = self.stem(x)
         skips = []
         for i in range(self.num_levels):
@@ -127,7 +129,7 @@ class Backbone(PyramidBackboneBase):
             for blk in self.dec[i]:
                 h = blk(h, temb)
             out.append(h)
-        return out[::-1]
+        return skips, out[::-1]
 
     def head(self, finest: torch.Tensor) -> torch.Tensor:
         return self.out_conv(F.silu(self.out_norm(finest)))
