@@ -91,14 +91,17 @@ def open_seed(folder: Path) -> Experiment:
 
 
 FEATURE_INPUT: list[str] = []  # --feature_input: the diffusion models' feature passes (empty: as pretrained)
+FEATURE_SIDE: list[str] = []  # --feature_side: the pyramid every test reads (empty: the experiment's budget's)
 
 
 def pretrained(exp: Experiment, method: str):
-    """The experiment's pretrained extractor of ``method`` (a fresh copy on every call) with the budget's
-    feature side, its diffusion feature passes set by ``--feature_input`` when given."""
+    """The experiment's pretrained extractor of ``method`` (a fresh copy on every call) on the feature
+    side of ``--feature_side`` (default: the budget's), its diffusion feature passes set by
+    ``--feature_input`` when given."""
     from voxdiff.features.extract import with_feature_side
 
-    ext = with_feature_side(load_pretrained(exp.out / f"pretrain-{method}" / "model"), exp.probe_cfg().feature_side)
+    side = FEATURE_SIDE[0] if FEATURE_SIDE else exp.probe_cfg().feature_side
+    ext = with_feature_side(load_pretrained(exp.out / f"pretrain-{method}" / "model"), side)
     if FEATURE_INPUT and ext.method == "diffusion":
         from voxdiff.features.extract import with_feature_input
 
@@ -475,9 +478,13 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated variant names (prefixes) of the window / passes tests")
     ap.add_argument("--feature_input", default="", choices=("", "noisy", "clean"),
                     help="the diffusion models' feature passes in every test (default: as pretrained)")
+    ap.add_argument("--feature_side", default="", choices=("", "decoder", "encoder", "both"),
+                    help="the pyramid every test reads (default: the experiment's budget's; the encoder test "
+                         "sets its own)")
     args = ap.parse_args()
     ONLY[:] = [o.strip() for o in args.only.split(",") if o.strip()]
     FEATURE_INPUT[:] = [args.feature_input] if args.feature_input else []
+    FEATURE_SIDE[:] = [args.feature_side] if args.feature_side else []
     tune_allocator()
     warnings.simplefilter("ignore", UserWarning)
     torch.set_num_threads(args.threads)
