@@ -181,8 +181,12 @@ def test_feature_side_is_trained_through_and_kept_by_the_bundle(phantom_cases, t
     assert seg.extractor.feature_side == "both" and [lv.channels for lv in seg.extractor.levels] == [8, 16, 16]
     x = torch.rand(1, 1, 16, 16, 16)
     torch.testing.assert_close(seg.extractor(x)[0], tuned(x)[0])
-    # a bundle that does not say which side its head was fitted on is refused by its channels
+    # an unknown side is refused with the file named; a bundle that does not say which side its head
+    # was fitted on is refused by its channels
     doc = json.loads((tmp_path / "m" / "segmenter.json").read_text())
+    (tmp_path / "m" / "segmenter.json").write_text(json.dumps({**doc, "feature_side": "middle"}))
+    with pytest.raises(ModelError, match="segmenter.json.*invalid feature_side 'middle'"):
+        load_segmenter(tmp_path / "m")
     doc.pop("feature_side")
     (tmp_path / "m" / "segmenter.json").write_text(json.dumps(doc))
     with pytest.raises(ModelError, match="head expects pyramid channels"):
