@@ -397,35 +397,16 @@ def test_encoder(exp: Experiment, method: str, folds, emit, cache: FeatureCache)
     from voxdiff.features.extract import with_feature_side
 
     vox, pcfg = probe_settings(exp)
-    ext = pretrained(exp, method)
-    n = int(getattr(ext, "passes", 1) or 1)
+    ext = with_feature_side(pretrained(exp, method), "both")  # the heads take their widths from the features
     widths = [int(lv.channels) for lv in ext.backbone.levels]
-    levels = {}
-    for side in ("decoder", "both"):
-        with_feature_side(ext, side)
-        levels[side] = list(ext.levels)
-    real = cache._real
-
-    def extract_both(e, image_unit, cfg):  # the stitching sizes its buffers from the extractor's levels
-        kept, e.levels = e.levels, levels["both"]
-        try:
-            return real(e, image_unit, cfg)
-        finally:
-            e.levels = kept
-
-    cache._real = extract_both
     cache.install(f"{exp.out}/{method}/encoder")
-    try:
-        for keep, label in (("decoder", "decoder pyramid (reference refitted)"), ("encoder", "encoder outputs"),
-                            ("both", "encoder and decoder concatenated")):
-            if ONLY and not any(label.startswith(o) for o in ONLY):
-                continue
-            cache.transform = encoder_blocks(widths, n, keep)
-            ext.levels = levels["both" if keep == "both" else "decoder"]
-            fit_and_emit(emit, "encoder", method, label, ext, folds, pcfg, vox)
-    finally:
-        cache._real = real
-        cache.transform = None
+    for keep, label in (("decoder", "decoder pyramid (reference refitted)"), ("encoder", "encoder outputs"),
+                        ("both", "encoder and decoder concatenated")):
+        if ONLY and not any(label.startswith(o) for o in ONLY):
+            continue
+        cache.transform = encoder_blocks(widths, ext.passes, keep)
+        fit_and_emit(emit, "encoder", method, label, ext, folds, pcfg, vox)
+    cache.transform = None
 
 
 BOTTLENECK_T = (1, 10, 50, 250, 500, 900)

@@ -74,15 +74,12 @@ class FeatureExtractor(nn.Module):
     def set_levels(self) -> None:
         """``levels`` from the backbone's pyramid of ``feature_side`` and the number of passes (each
         pass's pyramid is concatenated per level)."""
-        chans = (self.backbone.side_channels(self.feature_side) if hasattr(self.backbone, "side_channels")
-                 else [lv.channels for lv in self.backbone.levels])
+        chans = self.backbone.side_channels(self.feature_side)
         self.levels = [LevelInfo(lv.name, int(c) * self.passes, lv.stride) for lv, c in zip(self.backbone.levels, chans)]
 
     def backbone_pyramid(self, x: torch.Tensor, t: Any = None) -> list[torch.Tensor]:
         """One pass of the backbone on its input ``x`` (image and condition), the pyramid of
         ``feature_side``; with gradients when the caller allows them (fine-tuning)."""
-        if self.feature_side == "decoder":
-            return self.backbone.pyramid(x, t)
         return self.backbone.pyramid(x, t, side=self.feature_side)
 
     def _dummy_coords(self, s: int) -> torch.Tensor | None:
