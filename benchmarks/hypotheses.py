@@ -37,6 +37,9 @@ cases of each case's organ mean; or a loss), and a summary over seeds at the end
   (the reference, refitted) and on both concatenated per level, from one extraction: does the
   denoiser's decoder, trained to predict the noise, carry less organ information than the encoder
   that reads the image?
+* ``augment``: the non-linear head trained on the labelled phantoms plus 0 / 2 / 4 / 8 randomly
+  deformed copies of each (the probe's ``sampling.deformed_copies``: rotation, scaling, shift), scored on the validation
+  and the test cases: do the heads overfit their few subjects?
 * ``bottleneck`` (diffusion models): the denoising loss (MSE of the training target) per timestep
   on 64 test patches, as trained and with the deepest level's path cut (the first upsampling from
   the bottleneck outputs zeros): how much of the denoising at each t depends on the deepest level.
@@ -409,6 +412,22 @@ def test_encoder(exp: Experiment, method: str, folds, emit, cache: FeatureCache)
     cache.transform = None
 
 
+AUG_COPIES = (0, 2, 4, 8)
+
+
+def test_augment(exp: Experiment, method: str, folds, emit, cache: FeatureCache) -> None:
+    """The non-linear head trained on the labelled phantoms and on AUG_COPIES randomly deformed copies
+    of each (the probe's ``sampling.deformed_copies``; the copies' features extracted like any
+    volume's, and copy i of a phantom is the same for every count), scored on the validation and the
+    test cases: is the head's train/test gap a matter of too few subjects?"""
+    vox, pcfg = probe_settings(exp)
+    ext = pretrained(exp, method)
+    cache.install(f"{exp.out}/{method}/augment")
+    for k in AUG_COPIES:
+        kcfg = dataclasses.replace(pcfg, sampling=dataclasses.replace(pcfg.sampling, deformed_copies=k))
+        fit_and_emit(emit, "augment", method, f"{k} deformed copies per labelled phantom", ext, folds, kcfg, vox)
+
+
 BOTTLENECK_T = (1, 10, 50, 250, 500, 900)
 
 
@@ -511,6 +530,7 @@ def main() -> None:
                      "mix": lambda: test_mix(exp, method, folds, emit, cache),
                      "clean_mix": lambda: test_clean_mix(exp, method, folds, emit, cache),
                      "encoder": lambda: test_encoder(exp, method, folds, emit, cache),
+                     "augment": lambda: test_augment(exp, method, folds, emit, cache),
                      "bottleneck": lambda: test_bottleneck(exp, method, folds, emit)}[test]()
                 cache.clear()
     finally:

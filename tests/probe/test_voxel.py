@@ -188,3 +188,49 @@ def test_whole_volume_condition_is_the_volumes_own_not_the_padded_ones():
     x0 = pyr[0][0, :30, 0, 0].float()
     torch.testing.assert_close(x0, torch.arange(30, dtype=torch.float32) - 14.5)  # centre of 30, not of 32
     assert pyr[0][:, 30:].abs().max() == 0 and pyr[0][:, :, :, 13:].abs().max() == 0  # beyond the volume
+
+
+def test_deformed_copies_are_extracted_and_sampled_like_the_training_cases(monkeypatch):
+    """``sampling.deformed_copies``: the voxel probe reads the features of each copy as of a case of
+    its own, and end-to-end training samples its patches from the cases and their copies."""
+    from standin import two_organ_case
+
+    from voxdiff.probe import train as train_mod
+    from voxdiff.probe import voxel as voxel_mod
+
+    pre = PreprocessConfig(spacing=(1.0, 1.0, 1.0))
+    cases = [two_organ_case(s) for s in (1, 2)]
+    ext = _Ext(pre)
+    seen: list[np.ndarray] = []
+
+    def source(extractor, image_unit, cfg):
+        seen.append(np.asarray(image_unit))
+        return voxel_mod.compute_volume_pyramid(extractor, image_unit, cfg)
+
+    voxel_mod.set_feature_source(source)
+    try:
+        cfg = _probe(steps=2, val_every=100, roi=(24, 24, 16), overlap=0.25, bf16=False, device="cpu", hidden=8,
+                     deformed_copies=2)
+        fit_heads_voxels(ext, cases[:1], (), ["nonlinear"], cfg, voxels_per_step=256, progress=False)
+    finally:
+        voxel_mod.set_feature_source(None)
+    assert len(seen) == 3  # the case and its two copies
+    assert not np.array_equal(seen[0], seen[1]) and not np.array_equal(seen[1], seen[2])
+
+    sampled: list[list[str]] = []
+    real = train_mod.make_sampler
+
+    class Sampled(Exception):
+        pass
+
+    def spy(extractor, cs, *a, **k):
+        sampled.append([c.case_id for c in cs])
+        real(extractor, cs, *a, **k)
+        raise Sampled  # what is sampled from is all this test needs
+
+    monkeypatch.setattr(train_mod, "make_sampler", spy)
+    tcfg = _probe(steps=1, val_every=100, patch_size=(16, 16, 16), roi=(24, 24, 16), bf16=False, device="cpu",
+                  hidden=8, deformed_copies=1)
+    with pytest.raises(Sampled):
+        train_mod.fit_network(ext, cases, (), "scratch", tcfg, progress=False)
+    assert sampled == [["c1", "c2", "c1-def0", "c2-def0"]]

@@ -70,6 +70,12 @@ class ProbeSampling:
             end to end on a few volumes could learn where it is from the noise; validation, frozen
             heads and inference keep the fixed noise. No effect on methods without noisy passes.
             Measured at one labelled phantom: no change in test Dice (docs/RESULTS.md), so off.
+        deformed_copies: add this many randomly deformed copies (rotation about the cranio-caudal
+            axis, scaling, shift; :mod:`voxdiff.data.augment`) of each labelled training case to the
+            training cases of every head and network (frozen heads read the copies' features like any
+            volume's; fine-tuning and from scratch sample patches from them). Made once per run from
+            the case ids and ``seed``, so every method trained with the same settings sees the same
+            copies; validation and test cases are never copied. 0 = off.
     """
 
     patch_size: tuple[int, int, int] = (64, 64, 32)
@@ -79,6 +85,11 @@ class ProbeSampling:
     train_cases: int | None = None
     val_from_train: int = 1
     fresh_noise: bool = False
+    deformed_copies: int = 0
+
+    def __post_init__(self) -> None:
+        if int(self.deformed_copies) < 0:
+            raise InputError(None, f"sampling.deformed_copies must be >= 0, not {self.deformed_copies}")
 
 
 @dataclass
@@ -223,6 +234,13 @@ class ProbeConfig:
         if amp is not None:
             warn_renamed(type(self), "amp", "runtime.bf16")
             self.runtime.bf16 = bool(amp)
+
+
+def training_cases(cases: Sequence, cfg: ProbeConfig) -> list:
+    """The labelled training cases with ``cfg.sampling.deformed_copies`` deformed copies of each."""
+    from voxdiff.data.augment import with_deformed_copies
+
+    return with_deformed_copies(cases, int(cfg.sampling.deformed_copies), cfg.seed)
 
 
 def volume_roi(cfg: ProbeConfig) -> tuple[int, int, int]:
@@ -536,6 +554,7 @@ def fit_heads(
     window = extractor.preprocess.hu_window
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
+    train_cases = training_cases(train_cases, cfg)
     sampler = make_sampler(extractor, train_cases, cfg, rng)
     chans = [int(lv.channels) for lv in extractor.levels]
     groups = int(getattr(extractor, "passes", 1))
@@ -808,7 +827,7 @@ def fit_network(
     move_extractor(ext, device)
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
-    sampler = make_sampler(ext, train_cases, cfg, rng, end_to_end=True)
+    sampler = make_sampler(ext, training_cases(train_cases, cfg), cfg, rng, end_to_end=True)
     chans = [int(lv.channels) for lv in ext.levels]
     if init_head is not None:
         head = _fitted_head(init_head, chans, cfg, mode).to(device)

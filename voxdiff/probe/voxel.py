@@ -44,6 +44,7 @@ from .train import (
     heads_engine_config,
     move_extractor,
     restore_best,
+    training_cases,
     volume_roi,
 )
 
@@ -281,6 +282,7 @@ def fit_heads_voxels(extractor, train_cases: Sequence, val_cases: Sequence = (),
         raise InputError(None, "no labelled training cases")
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
+    train_cases = training_cases(train_cases, cfg)
     tables = case_pyramids(extractor, train_cases, cfg, progress=progress, convert=voxel_tables)
     labels = [np.asarray(c.label, dtype=np.uint8) for c in train_cases]
     strides = level_strides(extractor)
