@@ -12,6 +12,7 @@ test phantoms:
     python benchmarks/copies_rows.py runs/bench --seeds 0,1,2 --copies 0,4 --threads 2 \\
         --out runs/bench/copies_rows.json
 
+``--labels 1`` trains on the first labelled phantom only (as ``label-efficiency`` does);
 ``--feature_side both`` fine-tunes through that pyramid (default: the saved budget's). Nothing is
 pretrained again and the experiment folders are not written to; rows already in ``--out`` are
 skipped, so an interrupted run is simply started again.
@@ -40,10 +41,13 @@ from voxdiff.pretrain.load import load_pretrained
 from voxdiff.probe.train import fit_network
 
 
-def run_row(exp: Experiment, row: str, copies: int, feature_side: str | None, emit) -> None:
+def run_row(exp: Experiment, row: str, copies: int, feature_side: str | None, emit, labels: int | None = None) -> None:
     """Train one end-to-end row (``scratch`` or a pretrained method's name: fine-tuned) with
-    ``copies`` deformed copies of each labelled phantom, and emit its validation and test Dice."""
+    ``copies`` deformed copies of each labelled phantom (the first ``labels`` of them, as
+    ``label-efficiency`` takes them; None: all), and emit its validation and test Dice."""
     train, val, test = exp.folds()[0]
+    if labels:
+        train = train[:labels]
     mode = "scratch" if row == "scratch" else "finetune"
     early = bool(exp.budget.get("tuned_early_stopping", False))
     cfg = exp.tuned_cfg(mode, early_stopping=early)
@@ -65,6 +69,7 @@ def main() -> None:
     ap.add_argument("--methods", default="", help="comma-separated pretrained methods to fine-tune beside from scratch")
     ap.add_argument("--no_scratch", action="store_true", help="fine-tuned rows only")
     ap.add_argument("--feature_side", default="", choices=("", "decoder", "encoder", "both"))
+    ap.add_argument("--labels", type=int, default=0, help="labelled phantoms that train (default 0: all)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="", help="JSON file for the results (default: BENCH/copies_rows.json)")
     args = ap.parse_args()
@@ -73,7 +78,7 @@ def main() -> None:
     bench = Path(args.bench)
     out = Path(args.out) if args.out else bench / "copies_rows.json"
     results: list[dict[str, Any]] = json.loads(out.read_text()) if out.is_file() else []
-    done = {(r["seed"], r["row"], r["copies"]) for r in results}
+    done = {(r["seed"], r["row"], r["copies"]) for r in results if r.get("labels", 0) == args.labels}
     rows = ([] if args.no_scratch else ["scratch"]) + [m for m in args.methods.split(",") if m]
     counts = [int(c) for c in args.copies.split(",")]
     for folder in seed_folders(bench, args.seeds):
@@ -86,22 +91,23 @@ def main() -> None:
                 t0 = time.time()
 
                 def emit(r: str, copies: int, split: str, value: float, best_step, steps_run) -> None:
-                    rec = {"seed": seed, "row": r, "copies": copies, "split": split, "dice": round(100 * value, 2),
+                    rec = {"seed": seed, "row": r, "copies": copies, "labels": args.labels, "split": split,
+                           "dice": round(100 * value, 2),
                            "best_step": best_step, "steps_run": steps_run,
                            "feature_side": args.feature_side or "budget", "seconds": round(time.time() - t0)}
                     print(json.dumps(rec), flush=True)
                     results.append(rec)
                     out.write_text(json.dumps(results, indent=1))
 
-                run_row(exp, row, k, args.feature_side or None, emit)
-    groups: dict[tuple[str, int, str], list[float]] = {}
+                run_row(exp, row, k, args.feature_side or None, emit, args.labels or None)
+    groups: dict[tuple[int, str, int, str], list[float]] = {}
     for r in results:
-        groups.setdefault((r["row"], r["copies"], r["split"]), []).append(r["dice"])
-    print("\n| row | copies | split | mean ± std over seeds | seeds |\n|---|---|---|---|---|")
-    for (row, k, split), v in sorted(groups.items()):
+        groups.setdefault((r.get("labels", 0), r["row"], r["copies"], r["split"]), []).append(r["dice"])
+    print("\n| labels | row | copies | split | mean ± std over seeds | seeds |\n|---|---|---|---|---|---|")
+    for (n, row, k, split), v in sorted(groups.items()):
         a = np.asarray(v)
         sd = f" ± {a.std(ddof=1):.1f}" if a.size > 1 else ""
-        print(f"| {row} | {k} | {split} | {a.mean():.1f}{sd} | {a.size} |")
+        print(f"| {n or 'all'} | {row} | {k} | {split} | {a.mean():.1f}{sd} | {a.size} |")
 
 
 if __name__ == "__main__":
