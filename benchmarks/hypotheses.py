@@ -424,8 +424,11 @@ def test_augment(exp: Experiment, method: str, folds, emit, cache: FeatureCache)
     ext = pretrained(exp, method)
     cache.install(f"{exp.out}/{method}/augment")
     for k in AUG_COPIES:
+        name = f"{k} deformed copies per labelled phantom"
+        if ONLY and not any(name.startswith(o) for o in ONLY):
+            continue
         kcfg = dataclasses.replace(pcfg, sampling=dataclasses.replace(pcfg.sampling, deformed_copies=k))
-        fit_and_emit(emit, "augment", method, f"{k} deformed copies per labelled phantom", ext, folds, kcfg, vox)
+        fit_and_emit(emit, "augment", method, name, ext, folds, kcfg, vox)
 
 
 BOTTLENECK_T = (1, 10, 50, 250, 500, 900)
@@ -475,7 +478,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="", help="comma-separated seeds (default: every seed-S folder)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="", help="JSON file for the results (default: BENCH/hypotheses.json)")
-    ap.add_argument("--only", default="", help="comma-separated variant names (prefixes) of the window / passes tests")
+    ap.add_argument("--only", default="", help="comma-separated variant names (prefixes) of the window / passes / "
+                                               "augment tests")
     ap.add_argument("--feature_input", default="", choices=("", "noisy", "clean"),
                     help="the diffusion models' feature passes in every test (default: as pretrained)")
     ap.add_argument("--feature_side", default="", choices=("", "decoder", "encoder", "both"),
