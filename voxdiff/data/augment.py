@@ -59,8 +59,10 @@ def deformed_copies(case: Case, n: int, seed: int, deformation: Deformation | No
     if n and case.label is None:
         raise InputError(case.meta.image_path, f"case {case.case_id} has no label to deform with its image")
     d = deformation or Deformation()
+    # the base grid of the volume's shape is built once for all copies (the same draws as without it)
     ra = RandAffine(prob=1.0, rotate_range=(0.0, 0.0, float(np.deg2rad(d.rotate_deg))), scale_range=tuple(d.scale),
-                    translate_range=tuple(d.shift), padding_mode="border")
+                    translate_range=tuple(d.shift), padding_mode="border", spatial_size=tuple(case.image.shape),
+                    cache_grid=True)
     ra.set_random_state(case_seed(case.case_id, seed))
     image = torch.from_numpy(np.ascontiguousarray(case.image, dtype=np.float32)[None])
     label = torch.from_numpy(np.asarray(case.label, dtype=np.float32)[None]) if n else None
