@@ -40,6 +40,8 @@ cases of each case's organ mean; or a loss), and a summary over seeds at the end
 * ``augment``: the non-linear head trained on the labelled phantoms plus 0 / 2 / 4 / 8 randomly
   deformed copies of each (the probe's ``sampling.deformed_copies``: rotation, scaling, shift), scored on the validation
   and the test cases: do the heads overfit their few subjects?
+* ``augment_mix`` (diffusion models): the ``clean_mix`` test's five clean passes with the ``mix``
+  head, trained with 4 deformed copies of each labelled phantom.
 * ``bottleneck`` (diffusion models): the denoising loss (MSE of the training target) per timestep
   on 64 test patches, as trained and with the deepest level's path cut (the first upsampling from
   the bottleneck outputs zeros): how much of the denoising at each t depends on the deepest level.
@@ -431,6 +433,22 @@ def test_augment(exp: Experiment, method: str, folds, emit, cache: FeatureCache)
         fit_and_emit(emit, "augment", method, name, ext, folds, kcfg, vox)
 
 
+def test_augment_mix(exp: Experiment, method: str, folds, emit, cache: FeatureCache) -> None:
+    """The strongest frozen recipe (clean passes at CLEAN_MIX_T, ``mix`` head) trained with 4 deformed
+    copies of each labelled phantom (diffusion models; the recipe without copies is ``clean_mix``)."""
+    vox, pcfg = probe_settings(exp)
+    ext = clean_passes(exp, method, CLEAN_MIX_T)
+    if ext is None:
+        return
+    cache.install(f"{exp.out}/{method}/clean-mix{CLEAN_MIX_T}")
+    kcfg = dataclasses.replace(pcfg, sampling=dataclasses.replace(pcfg.sampling, deformed_copies=4))
+    train, val, test = folds
+    head = voxel.fit_heads_voxels(ext, train, val, ("mix",), kcfg, progress=False, voxels_per_step=vox)["mix"]
+    name = f"clean t = {', '.join(map(str, CLEAN_MIX_T))}, mix head, 4 deformed copies per labelled phantom"
+    emit("augment_mix", method, name, score(ext, head, test, kcfg))
+    emit("augment_mix", method, name + ", validation", score(ext, head, val, kcfg))
+
+
 BOTTLENECK_T = (1, 10, 50, 250, 500, 900)
 
 
@@ -535,6 +553,7 @@ def main() -> None:
                      "clean_mix": lambda: test_clean_mix(exp, method, folds, emit, cache),
                      "encoder": lambda: test_encoder(exp, method, folds, emit, cache),
                      "augment": lambda: test_augment(exp, method, folds, emit, cache),
+                     "augment_mix": lambda: test_augment_mix(exp, method, folds, emit, cache),
                      "bottleneck": lambda: test_bottleneck(exp, method, folds, emit)}[test]()
                 cache.clear()
     finally:
