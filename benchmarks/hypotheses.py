@@ -440,7 +440,8 @@ def test_augment_mix(exp: Experiment, method: str, folds, emit, cache: FeatureCa
     ext = clean_passes(exp, method, CLEAN_MIX_T)
     if ext is None:
         return
-    cache.install(f"{exp.out}/{method}/clean-mix{CLEAN_MIX_T}")
+    # no feature cache: five passes of both sides for 7 x 5 training volumes fill most of 24 GiB once;
+    # a cache would hold them twice (the test cases' features are computed again for scoring instead)
     kcfg = dataclasses.replace(pcfg, sampling=dataclasses.replace(pcfg.sampling, deformed_copies=4))
     train, val, test = folds
     head = voxel.fit_heads_voxels(ext, train, val, ("mix",), kcfg, progress=False, voxels_per_step=vox)["mix"]
