@@ -75,7 +75,8 @@ class ProbeSampling:
             training cases of every head and network (frozen heads read the copies' features like any
             volume's; fine-tuning and from scratch sample patches from them). Made once per run from
             the case ids and ``seed``, so every method trained with the same settings sees the same
-            copies; validation and test cases are never copied. 0 = off.
+            copies; validation and test cases are never copied. The copies are held in memory (K more
+            volumes per labelled case, and their features for frozen heads). 0 = off.
     """
 
     patch_size: tuple[int, int, int] = (64, 64, 32)
