@@ -38,8 +38,8 @@ cases of each case's organ mean; or a loss), and a summary over seeds at the end
   denoiser's decoder, trained to predict the noise, carry less organ information than the encoder
   that reads the image?
 * ``augment``: the non-linear head trained on the labelled phantoms plus 0 / 2 / 4 / 8 randomly
-  deformed copies of each (the probe's ``sampling.deformed_copies``: rotation, scaling, shift), scored on the validation
-  and the test cases: do the heads overfit their few subjects?
+  deformed copies of each (the probe's ``sampling.deformed_copies``: rotation, scaling, shift),
+  scored on the validation and the test cases: do the heads overfit their few subjects?
 * ``augment_mix`` (diffusion models): the ``clean_mix`` test's five clean passes with the ``mix``
   head, trained with 4 deformed copies of each labelled phantom.
 * ``bottleneck`` (diffusion models): the denoising loss (MSE of the training target) per timestep
