@@ -433,15 +433,15 @@ def test_augment(exp: Experiment, method: str, folds, emit, cache: FeatureCache)
         fit_and_emit(emit, "augment", method, name, ext, folds, kcfg, vox)
 
 
-def test_augment_mix(exp: Experiment, method: str, folds, emit, cache: FeatureCache) -> None:
+def test_augment_mix(exp: Experiment, method: str, folds, emit) -> None:
     """The strongest frozen recipe (clean passes at CLEAN_MIX_T, ``mix`` head) trained with 4 deformed
     copies of each labelled phantom (diffusion models; the recipe without copies is ``clean_mix``)."""
     vox, pcfg = probe_settings(exp)
     ext = clean_passes(exp, method, CLEAN_MIX_T)
     if ext is None:
         return
-    # no feature cache: five passes of both sides for 7 x 5 training volumes fill most of 24 GiB once;
-    # a cache would hold them twice (the test cases' features are computed again for scoring instead)
+    # no feature cache (main() removes it before every test): five passes of both sides for 7 x 5
+    # training volumes fill most of 24 GiB once, and a cache would hold them twice
     kcfg = dataclasses.replace(pcfg, sampling=dataclasses.replace(pcfg.sampling, deformed_copies=4))
     train, val, test = folds
     head = voxel.fit_heads_voxels(ext, train, val, ("mix",), kcfg, progress=False, voxels_per_step=vox)["mix"]
@@ -554,7 +554,7 @@ def main() -> None:
                      "clean_mix": lambda: test_clean_mix(exp, method, folds, emit, cache),
                      "encoder": lambda: test_encoder(exp, method, folds, emit, cache),
                      "augment": lambda: test_augment(exp, method, folds, emit, cache),
-                     "augment_mix": lambda: test_augment_mix(exp, method, folds, emit, cache),
+                     "augment_mix": lambda: test_augment_mix(exp, method, folds, emit),
                      "bottleneck": lambda: test_bottleneck(exp, method, folds, emit)}[test]()
                 cache.clear()
     finally:
