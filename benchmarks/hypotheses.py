@@ -40,8 +40,9 @@ cases of each case's organ mean; or a loss), and a summary over seeds at the end
 * ``augment``: the non-linear head trained on the labelled phantoms plus 0 / 2 / 4 / 8 randomly
   deformed copies of each (the probe's ``sampling.deformed_copies``: rotation, scaling, shift),
   scored on the validation and the test cases: do the heads overfit their few subjects?
-* ``augment_mix`` (diffusion models): the ``clean_mix`` test's five clean passes with the ``mix``
-  head, trained with 4 deformed copies of each labelled phantom.
+* ``augment_mix``: each method's strongest frozen recipe trained with 4 deformed copies of each
+  labelled phantom: the ``clean_mix`` test's five clean passes with the ``mix`` head for diffusion
+  models, the single pass with the ``mix`` head over levels for the others.
 * ``bottleneck`` (diffusion models): the denoising loss (MSE of the training target) per timestep
   on 64 test patches, as trained and with the deepest level's path cut (the first upsampling from
   the bottleneck outputs zeros): how much of the denoising at each t depends on the deepest level.
@@ -434,18 +435,21 @@ def test_augment(exp: Experiment, method: str, folds, emit, cache: FeatureCache)
 
 
 def test_augment_mix(exp: Experiment, method: str, folds, emit) -> None:
-    """The strongest frozen recipe (clean passes at CLEAN_MIX_T, ``mix`` head) trained with 4 deformed
-    copies of each labelled phantom (diffusion models; the recipe without copies is ``clean_mix``)."""
+    """Each method's strongest frozen recipe trained with 4 deformed copies of each labelled phantom:
+    clean passes at CLEAN_MIX_T with the ``mix`` head for diffusion models (without copies:
+    ``clean_mix``), the single pass with the ``mix`` head over levels for the others (without copies:
+    ``mix``)."""
     vox, pcfg = probe_settings(exp)
     ext = clean_passes(exp, method, CLEAN_MIX_T)
+    name = f"clean t = {', '.join(map(str, CLEAN_MIX_T))}, mix head"
     if ext is None:
-        return
+        ext, name = pretrained(exp, method), "single pass, mix head over levels"
     # no feature cache (main() removes it before every test): five passes of both sides for 7 x 5
     # training volumes fill most of 24 GiB once, and a cache would hold them twice
     kcfg = dataclasses.replace(pcfg, sampling=dataclasses.replace(pcfg.sampling, deformed_copies=4))
     train, val, test = folds
     head = voxel.fit_heads_voxels(ext, train, val, ("mix",), kcfg, progress=False, voxels_per_step=vox)["mix"]
-    name = f"clean t = {', '.join(map(str, CLEAN_MIX_T))}, mix head, 4 deformed copies per labelled phantom"
+    name += ", 4 deformed copies per labelled phantom"
     emit("augment_mix", method, name, score(ext, head, test, kcfg))
     emit("augment_mix", method, name + ", validation", score(ext, head, val, kcfg))
 
