@@ -13,6 +13,8 @@ test phantoms:
         --out runs/bench/copies_rows.json
 
 ``--labels 1`` trains on the first labelled phantom only (as ``label-efficiency`` does);
+``--max_steps N`` raises (or lowers) the step cap of every row, to see whether the budget's cap
+stopped a row that was still improving (early stopping keeps the budget's interval and patience);
 ``--feature_side both`` fine-tunes through that pyramid (default: the saved budget's). Nothing is
 pretrained again and the experiment folders are not written to; rows already in ``--out`` are
 skipped, so an interrupted run is simply started again.
@@ -41,10 +43,12 @@ from voxdiff.pretrain.load import load_pretrained
 from voxdiff.probe.train import fit_network
 
 
-def run_row(exp: Experiment, row: str, copies: int, feature_side: str | None, emit, labels: int | None = None) -> None:
+def run_row(exp: Experiment, row: str, copies: int, feature_side: str | None, emit, labels: int | None = None,
+            max_steps: int | None = None) -> None:
     """Train one end-to-end row (``scratch`` or a pretrained method's name: fine-tuned) with
     ``copies`` deformed copies of each labelled phantom (the first ``labels`` of them, as
-    ``label-efficiency`` takes them; None: all), and emit its validation and test Dice."""
+    ``label-efficiency`` takes them; None: all), and emit its validation and test Dice.
+    ``max_steps`` replaces the budget's step cap (early stopping keeps its interval and patience)."""
     train, val, test = exp.folds()[0]
     if labels:
         train = train[:labels]
@@ -52,7 +56,8 @@ def run_row(exp: Experiment, row: str, copies: int, feature_side: str | None, em
     early = bool(exp.budget.get("tuned_early_stopping", False))
     cfg = exp.tuned_cfg(mode, early_stopping=early)
     cfg = replace(cfg, sampling=replace(cfg.sampling, deformed_copies=copies),
-                  **({"feature_side": feature_side} if feature_side else {}))
+                  **({"feature_side": feature_side} if feature_side else {}),
+                  **({"steps": int(max_steps)} if max_steps else {}))
     src = exp.pretrained("random") if mode == "scratch" else exp.out / f"pretrain-{row}" / "model"
     ext = with_feature_side(load_pretrained(src, device=cfg.runtime.device), cfg.feature_side)
     tuned, head = fit_network(ext, train, val, mode, cfg, progress=False)
@@ -70,6 +75,8 @@ def main() -> None:
     ap.add_argument("--no_scratch", action="store_true", help="fine-tuned rows only")
     ap.add_argument("--feature_side", default="", choices=("", "decoder", "encoder", "both"))
     ap.add_argument("--labels", type=int, default=0, help="labelled phantoms that train (default 0: all)")
+    ap.add_argument("--max_steps", type=int, default=0,
+                    help="step cap of every row (default 0: the budget's; early stopping still applies)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="", help="JSON file for the results (default: BENCH/copies_rows.json)")
     args = ap.parse_args()
@@ -78,7 +85,8 @@ def main() -> None:
     bench = Path(args.bench)
     out = Path(args.out) if args.out else bench / "copies_rows.json"
     results: list[dict[str, Any]] = json.loads(out.read_text()) if out.is_file() else []
-    done = {(r["seed"], r["row"], r["copies"]) for r in results if r.get("labels", 0) == args.labels}
+    done = {(r["seed"], r["row"], r["copies"]) for r in results
+            if r.get("labels", 0) == args.labels and r.get("max_steps", 0) == args.max_steps}
     rows = ([] if args.no_scratch else ["scratch"]) + [m for m in args.methods.split(",") if m]
     counts = [int(c) for c in args.copies.split(",")]
     for folder in seed_folders(bench, args.seeds):
@@ -91,7 +99,8 @@ def main() -> None:
                 t0 = time.time()
 
                 def emit(r: str, copies: int, split: str, value: float, best_step, steps_run) -> None:
-                    rec = {"seed": seed, "row": r, "copies": copies, "labels": args.labels, "split": split,
+                    rec = {"seed": seed, "row": r, "copies": copies, "labels": args.labels,
+                           "max_steps": args.max_steps, "split": split,
                            "dice": round(100 * value, 2),
                            "best_step": best_step, "steps_run": steps_run,
                            "feature_side": args.feature_side or "budget", "seconds": round(time.time() - t0)}
@@ -99,15 +108,16 @@ def main() -> None:
                     results.append(rec)
                     out.write_text(json.dumps(results, indent=1))
 
-                run_row(exp, row, k, args.feature_side or None, emit, args.labels or None)
-    groups: dict[tuple[int, str, int, str], list[float]] = {}
+                run_row(exp, row, k, args.feature_side or None, emit, args.labels or None, args.max_steps or None)
+    groups: dict[tuple[int, str, int, int, str], list[float]] = {}
     for r in results:
-        groups.setdefault((r.get("labels", 0), r["row"], r["copies"], r["split"]), []).append(r["dice"])
-    print("\n| labels | row | copies | split | mean ± std over seeds | seeds |\n|---|---|---|---|---|---|")
-    for (n, row, k, split), v in sorted(groups.items()):
+        key = (r.get("labels", 0), r["row"], r["copies"], r.get("max_steps", 0), r["split"])
+        groups.setdefault(key, []).append(r["dice"])
+    print("\n| labels | row | copies | step cap | split | mean ± std over seeds | seeds |\n|---|---|---|---|---|---|---|")
+    for (n, row, k, cap, split), v in sorted(groups.items()):
         a = np.asarray(v)
         sd = f" ± {a.std(ddof=1):.1f}" if a.size > 1 else ""
-        print(f"| {n or 'all'} | {row} | {k} | {split} | {a.mean():.1f}{sd} | {a.size} |")
+        print(f"| {n or 'all'} | {row} | {k} | {cap or 'budget'} | {split} | {a.mean():.1f}{sd} | {a.size} |")
 
 
 if __name__ == "__main__":
