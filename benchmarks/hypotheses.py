@@ -52,7 +52,8 @@ cases of each case's organ mean; or a loss), and a summary over seeds at the end
 
 Heads use the experiment's probe settings and seed (the seed folder's), one CPU thread unless
 ``--threads``. Whole-volume features are computed once per (seed, method) and reused by every
-variant of that backbone.
+variant of that backbone. ``--labels N`` trains every head on the first N labelled phantoms only
+(validation and test cases unchanged).
 """
 
 from __future__ import annotations
@@ -503,6 +504,9 @@ def main() -> None:
     ap.add_argument("--out", default="", help="JSON file for the results (default: BENCH/hypotheses.json)")
     ap.add_argument("--only", default="", help="comma-separated variant names (prefixes) of the window / passes / "
                                                "augment tests")
+    ap.add_argument("--labels", type=int, default=0,
+                    help="labelled phantoms that train the heads: the first N of the fold, as label-efficiency "
+                         "takes them (default 0: all); the variants' names then start with 'N labelled: '")
     ap.add_argument("--feature_input", default="", choices=("", "noisy", "clean"),
                     help="the diffusion models' feature passes in every test (default: as pretrained)")
     ap.add_argument("--feature_side", default="", choices=("", "decoder", "encoder", "both"),
@@ -528,6 +532,8 @@ def main() -> None:
             seed = int(folder.name.split("-")[1])
             exp = open_seed(folder)
             folds = exp.folds()[0]
+            if args.labels:
+                folds = (folds[0][:args.labels], folds[1], folds[2])
             for method in methods:
                 if not (folder / f"probe-{method}-f0" / "result.json").is_file():
                     print(json.dumps({"skip": f"{folder.name}/{method}: its probe has not finished"}), flush=True)
@@ -537,14 +543,18 @@ def main() -> None:
                 def emit(test: str, m: str, variant: str, value: float, metric: str = "dice") -> None:
                     """``metric`` dice: a fraction, stored in % ; loss: stored as it is."""
                     v = round(100 * value, 2) if metric == "dice" else round(value, 5)
+                    if args.labels:
+                        variant = f"{args.labels} labelled: {variant}"
                     r = {"test": test, "method": m, "seed": seed, "variant": variant, "metric": metric, "value": v,
                          "seconds": round(time.time() - t0)}
                     print(json.dumps(r), flush=True)
                     results.append(r)
                     out.write_text(json.dumps(results, indent=1))
 
+                prefix = f"{args.labels} labelled: " if args.labels else ""
                 for test in tests:
-                    if any(k[:3] == (test, method, seed) for k in done):
+                    if any(k[:3] == (test, method, seed) and k[3].startswith(prefix) and
+                           (args.labels or " labelled: " not in k[3]) for k in done):
                         continue
                     # tests that reuse features install the cache themselves; the others must not see it
                     voxel.set_feature_source(None)
