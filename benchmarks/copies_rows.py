@@ -58,7 +58,7 @@ def run_row(exp: Experiment, row: str, copies: int, feature_side: str | None, em
     cfg = replace(cfg, sampling=replace(cfg.sampling, deformed_copies=copies),
                   **({"feature_side": feature_side} if feature_side else {}))
     if max_steps:
-        cfg = replace(cfg, optim=replace(cfg.optim, steps=int(max_steps)))
+        cfg = replace(cfg, optim=replace(cfg.optim, steps=max_steps))
     src = exp.pretrained("random") if mode == "scratch" else exp.out / f"pretrain-{row}" / "model"
     ext = with_feature_side(load_pretrained(src, device=cfg.runtime.device), cfg.feature_side)
     tuned, head = fit_network(ext, train, val, mode, cfg, progress=False)

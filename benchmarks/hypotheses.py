@@ -116,12 +116,12 @@ def pretrained(exp: Experiment, method: str):
     return ext
 
 
-def clean_passes(exp: Experiment, method: str, timesteps: tuple[int, ...]):
-    """The method's extractor with clean feature passes at ``timesteps``; None when it is not a
-    diffusion model."""
+def clean_passes(exp: Experiment, method: str, timesteps: tuple[int, ...], ext=None):
+    """The method's extractor (``ext``, or a freshly loaded one) with clean feature passes at
+    ``timesteps``; None when it is not a diffusion model."""
     from voxdiff.features.extract import with_feature_input, with_timesteps
 
-    ext = pretrained(exp, method)
+    ext = ext if ext is not None else pretrained(exp, method)
     if ext.method != "diffusion":
         return None
     with_timesteps(ext, timesteps)
@@ -441,10 +441,11 @@ def test_augment_mix(exp: Experiment, method: str, folds, emit) -> None:
     ``clean_mix``), the single pass with the ``mix`` head over levels for the others (without copies:
     ``mix``)."""
     vox, pcfg = probe_settings(exp)
-    ext = clean_passes(exp, method, CLEAN_MIX_T)
-    name = f"clean t = {', '.join(map(str, CLEAN_MIX_T))}, mix head"
-    if ext is None:
-        ext, name = pretrained(exp, method), "single pass, mix head over levels"
+    ext = pretrained(exp, method)
+    if clean_passes(exp, method, CLEAN_MIX_T, ext) is not None:
+        name = f"clean t = {', '.join(map(str, CLEAN_MIX_T))}, mix head"
+    else:
+        name = "single pass, mix head over levels"
     # no feature cache (main() removes it before every test): five passes of both sides for 7 x 5
     # training volumes fill most of 24 GiB once, and a cache would hold them twice
     kcfg = dataclasses.replace(pcfg, sampling=dataclasses.replace(pcfg.sampling, deformed_copies=4))
@@ -525,7 +526,8 @@ def main() -> None:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     out = Path(args.out) if args.out else bench / "hypotheses.json"
     results: list[dict[str, Any]] = json.loads(out.read_text()) if out.is_file() else []
-    done = {(r["test"], r["method"], r["seed"], r["variant"]) for r in results}
+    # a test is done for (method, seed) once it has a result trained on as many labelled phantoms
+    done = {(r["test"], r["method"], r["seed"]) for r in results if r.get("labels", 0) == args.labels}
     cache = FeatureCache()
     try:
         for folder in folders:
@@ -546,15 +548,13 @@ def main() -> None:
                     if args.labels:
                         variant = f"{args.labels} labelled: {variant}"
                     r = {"test": test, "method": m, "seed": seed, "variant": variant, "metric": metric, "value": v,
-                         "seconds": round(time.time() - t0)}
+                         "labels": args.labels, "seconds": round(time.time() - t0)}
                     print(json.dumps(r), flush=True)
                     results.append(r)
                     out.write_text(json.dumps(results, indent=1))
 
-                prefix = f"{args.labels} labelled: " if args.labels else ""
                 for test in tests:
-                    if any(k[:3] == (test, method, seed) and k[3].startswith(prefix) and
-                           (args.labels or " labelled: " not in k[3]) for k in done):
+                    if (test, method, seed) in done:
                         continue
                     # tests that reuse features install the cache themselves; the others must not see it
                     voxel.set_feature_source(None)
