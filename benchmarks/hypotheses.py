@@ -128,9 +128,19 @@ def clean_passes(exp: Experiment, method: str, timesteps: tuple[int, ...], ext=N
     return with_feature_input(ext, "clean")
 
 
+HEAD: dict[str, int] = {}  # --head_steps / --head_hidden: overrides of the budget's head settings
+
+
 def probe_settings(exp: Experiment) -> tuple[int, Any]:
-    """The experiment's voxels per head-training step and its ProbeConfig."""
-    return int(exp.budget.get("probe_voxels", 8192)), exp.probe_cfg()
+    """The experiment's voxels per head-training step and its ProbeConfig, with the head's steps and
+    width of ``--head_steps`` / ``--head_hidden`` when given (validation every ``val_every`` steps as
+    the budget says; the best-validation state is kept)."""
+    pcfg = exp.probe_cfg()
+    if "steps" in HEAD:
+        pcfg = dataclasses.replace(pcfg, optim=dataclasses.replace(pcfg.optim, steps=HEAD["steps"]))
+    if "hidden" in HEAD:
+        pcfg = dataclasses.replace(pcfg, head=dataclasses.replace(pcfg.head, hidden=HEAD["hidden"]))
+    return int(exp.budget.get("probe_voxels", 8192)), pcfg
 
 
 class FeatureCache:
@@ -513,7 +523,14 @@ def main() -> None:
     ap.add_argument("--feature_side", default="", choices=("", "decoder", "encoder", "both"),
                     help="the pyramid every test reads (default: the experiment's budget's; the encoder test "
                          "sets its own)")
+    ap.add_argument("--head_steps", type=int, default=0,
+                    help="steps of every fitted head (default 0: the budget's); validation every the budget's "
+                         "val_every steps keeps the best state, so more steps are chosen on validation")
+    ap.add_argument("--head_hidden", type=int, default=0, help="width of the non-linear / mix heads (default 0: "
+                                                               "the budget's)")
     args = ap.parse_args()
+    HEAD.clear()
+    HEAD.update({k: v for k, v in (("steps", args.head_steps), ("hidden", args.head_hidden)) if v})
     ONLY[:] = [o.strip() for o in args.only.split(",") if o.strip()]
     FEATURE_INPUT[:] = [args.feature_input] if args.feature_input else []
     FEATURE_SIDE[:] = [args.feature_side] if args.feature_side else []
@@ -527,7 +544,9 @@ def main() -> None:
     out = Path(args.out) if args.out else bench / "hypotheses.json"
     results: list[dict[str, Any]] = json.loads(out.read_text()) if out.is_file() else []
     # a test is done for (method, seed) once it has a result trained on as many labelled phantoms
-    done = {(r["test"], r["method"], r["seed"]) for r in results if r.get("labels", 0) == args.labels}
+    # and with the same head settings
+    done = {(r["test"], r["method"], r["seed"]) for r in results
+            if r.get("labels", 0) == args.labels and r.get("head", {}) == HEAD}
     cache = FeatureCache()
     try:
         for folder in folders:
@@ -547,8 +566,10 @@ def main() -> None:
                     v = round(100 * value, 2) if metric == "dice" else round(value, 5)
                     if args.labels:
                         variant = f"{args.labels} labelled: {variant}"
+                    if HEAD:
+                        variant += "".join(f", head {k} {v}" for k, v in sorted(HEAD.items()))
                     r = {"test": test, "method": m, "seed": seed, "variant": variant, "metric": metric, "value": v,
-                         "labels": args.labels, "seconds": round(time.time() - t0)}
+                         "labels": args.labels, "head": dict(HEAD), "seconds": round(time.time() - t0)}
                     print(json.dumps(r), flush=True)
                     results.append(r)
                     out.write_text(json.dumps(results, indent=1))
