@@ -53,7 +53,9 @@ cases of each case's organ mean; or a loss), and a summary over seeds at the end
 Heads use the experiment's probe settings and seed (the seed folder's), one CPU thread unless
 ``--threads``. Whole-volume features are computed once per (seed, method) and reused by every
 variant of that backbone. ``--labels N`` trains every head on the first N labelled phantoms only
-(validation and test cases unchanged).
+(validation and test cases unchanged). ``--head_steps N`` / ``--head_hidden W`` change every fitted
+head's steps / width (validation every the budget's ``val_every`` steps keeps the best state); the
+results record them, and a rerun resumes only results with the same labels and head settings.
 """
 
 from __future__ import annotations
