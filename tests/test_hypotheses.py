@@ -32,3 +32,29 @@ def test_timestep_blocks_refuses_a_timestep_that_was_not_extracted():
     hyp = load_benchmark("hypotheses")
     with pytest.raises(ValueError):
         hyp.timestep_blocks((1, 250), (1, 500))
+
+
+def test_head_overrides_change_steps_and_width_and_nothing_else():
+    from voxdiff.probe.train import ProbeConfig
+
+    hyp = load_benchmark("hypotheses")
+
+    class Exp:  # the two things probe_settings reads from an Experiment
+        budget = {"probe_voxels": 4096}
+
+        def probe_cfg(self):
+            return ProbeConfig()
+
+    base = ProbeConfig()
+    try:
+        hyp.HEAD.clear()
+        vox, cfg = hyp.probe_settings(Exp())
+        assert vox == 4096 and cfg == base
+        hyp.HEAD.update(steps=base.optim.steps * 8, hidden=base.head.hidden * 2)
+        _, cfg = hyp.probe_settings(Exp())
+        assert cfg.optim.steps == base.optim.steps * 8 and cfg.head.hidden == base.head.hidden * 2
+        # validation interval, learning rate and every other section as the experiment's
+        assert cfg.optim.val_every == base.optim.val_every and cfg.optim.lr == base.optim.lr
+        assert cfg.sampling == base.sampling and cfg.inference == base.inference and cfg.head.blocks == base.head.blocks
+    finally:
+        hyp.HEAD.clear()
