@@ -130,19 +130,14 @@ def clean_passes(exp: Experiment, method: str, timesteps: tuple[int, ...], ext=N
     return with_feature_input(ext, "clean")
 
 
-HEAD: dict[str, int] = {}  # --head_steps / --head_hidden: overrides of the budget's head settings
+HEAD: dict[str, int] = {}  # --head_steps / --head_hidden: ProbeConfig's flat names steps / hidden, overriding the budget
 
 
 def probe_settings(exp: Experiment) -> tuple[int, Any]:
     """The experiment's voxels per head-training step and its ProbeConfig, with the head's steps and
     width of ``--head_steps`` / ``--head_hidden`` when given (validation every ``val_every`` steps as
     the budget says; the best-validation state is kept)."""
-    pcfg = exp.probe_cfg()
-    if "steps" in HEAD:
-        pcfg = dataclasses.replace(pcfg, optim=dataclasses.replace(pcfg.optim, steps=HEAD["steps"]))
-    if "hidden" in HEAD:
-        pcfg = dataclasses.replace(pcfg, head=dataclasses.replace(pcfg.head, hidden=HEAD["hidden"]))
-    return int(exp.budget.get("probe_voxels", 8192)), pcfg
+    return int(exp.budget.get("probe_voxels", 8192)), exp.probe_cfg(**HEAD)
 
 
 class FeatureCache:

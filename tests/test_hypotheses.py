@@ -35,15 +35,16 @@ def test_timestep_blocks_refuses_a_timestep_that_was_not_extracted():
 
 
 def test_head_overrides_change_steps_and_width_and_nothing_else():
+    from voxdiff.core.config import from_dict
     from voxdiff.probe.train import ProbeConfig
 
     hyp = load_benchmark("hypotheses")
 
-    class Exp:  # the two things probe_settings reads from an Experiment
+    class Exp:  # the two things probe_settings reads from an Experiment, its flat overrides as it takes them
         budget = {"probe_voxels": 4096}
 
-        def probe_cfg(self):
-            return ProbeConfig()
+        def probe_cfg(self, **over):
+            return from_dict(ProbeConfig, dict(over))
 
     base = ProbeConfig()
     try:
