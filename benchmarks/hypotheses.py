@@ -449,7 +449,8 @@ def test_augment_mix(exp: Experiment, method: str, folds, emit) -> None:
     ``mix``)."""
     vox, pcfg = probe_settings(exp)
     ext = pretrained(exp, method)
-    if clean_passes(exp, method, CLEAN_MIX_T, ext) is not None:
+    if ext.method == "diffusion":
+        clean_passes(exp, method, CLEAN_MIX_T, ext)  # sets the passes of ext in place
         name = f"clean t = {', '.join(map(str, CLEAN_MIX_T))}, mix head"
     else:
         name = "single pass, mix head over levels"
