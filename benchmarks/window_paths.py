@@ -72,50 +72,52 @@ def aligned_logits(extractor, head: torch.nn.Module, image_unit, roi: Sequence[i
     return out[0][0]
 
 
+def _full_resolution(level: torch.Tensor, stride: int) -> torch.Tensor:
+    """A level ``(C, x, y, z)`` repeated ``stride`` times along each spatial axis (nearest upsampling)."""
+    for ax in range(1, 4):
+        level = level.repeat_interleave(stride, ax)
+    return level
+
+
 @torch.no_grad()
-def window_shift(extractor, image_unit, pyramid: Sequence[torch.Tensor], offset: Sequence[int],
-               roi: Sequence[int]) -> list[float]:
-    """Per level, ``|f_w - f_v| / |f_v|`` over the inner half of one ``roi`` window placed at ``offset``:
-    ``f_w`` the window's own features, ``f_v`` the aligned whole-volume ``pyramid`` at the same voxels
-    (both repeated to full resolution). 0 for every offset when the features do not depend on where a
-    window starts. A pyramid that subsamples differs at offsets off its stride grid; one that normalises
-    over the window (GroupNorm) differs at any offset whose window holds other voxels."""
+def window_shift(extractor, image_unit, pyramid: Sequence[torch.Tensor], offsets: Sequence[Sequence[int]],
+                 roi: Sequence[int]) -> list[list[float]]:
+    """For each offset, per level, ``|f_w - f_v| / |f_v|`` over the inner half of one ``roi`` window
+    placed there: ``f_w`` the window's own features, ``f_v`` the aligned whole-volume ``pyramid`` at the
+    same voxels (both repeated to full resolution). 0 for every offset when the features do not depend
+    on where a window starts. A pyramid that subsamples differs at offsets off its stride grid; one that
+    normalises over the window (GroupNorm) differs at any offset whose window holds other voxels."""
     from voxdiff.pretrain.diffusion import index_grid
     from voxdiff.probe.predict import condition_map, features
 
     x = torch.as_tensor(np.asarray(image_unit, dtype=np.float32))[None, None]
-    box = tuple(slice(o, o + r) for o, r in zip(offset, roi))
-    if any(b.stop > n for b, n in zip(box, x.shape[2:])):
-        raise ValueError(f"a {tuple(roi)} window at {tuple(offset)} does not fit the volume {tuple(x.shape[2:])}")
-    cond = condition_map(extractor, x)
-    win = x[(slice(None), slice(None)) + box]
-    vi = index_grid(tuple(roi), torch.tensor([list(offset)]), batch=1)
-    own = features(extractor, win, voxel_index=vi, coords=None if cond is None else cond[(slice(None), slice(None)) + box])
-    inner = tuple(slice(r // 4, r - r // 4) for r in roi)
+    cond = condition_map(extractor, x)  # the volume's map, cropped for each window
+    inner = (slice(None),) + tuple(slice(r // 4, r - r // 4) for r in roi)
+    strides = [int(lv.stride) for lv in extractor.levels]
+    refs = [_full_resolution(p.float(), s) for p, s in zip(pyramid, strides)]
     out = []
-    for f, p, lv in zip(own, pyramid, extractor.levels):
-        s = int(lv.stride)
-        full = p.float()
-        for ax in range(1, 4):
-            full = full.repeat_interleave(s, ax)
-        ref = full[(slice(None),) + box][(slice(None),) + inner]
-        mine = f[0].float()
-        for ax in range(1, 4):
-            mine = mine.repeat_interleave(s, ax)
-        mine = mine[(slice(None),) + inner]
-        out.append(float((mine - ref).norm() / ref.norm().clamp_min(1e-12)))
+    for offset in offsets:
+        box = tuple(slice(o, o + r) for o, r in zip(offset, roi))
+        if any(b.stop > n for b, n in zip(box, x.shape[2:])):
+            raise ValueError(f"a {tuple(roi)} window at {tuple(offset)} does not fit the volume {tuple(x.shape[2:])}")
+        vi = index_grid(tuple(roi), torch.tensor([list(offset)]), batch=1)
+        crop = (slice(None), slice(None)) + box
+        own = features(extractor, x[crop], voxel_index=vi, coords=None if cond is None else cond[crop])
+        diffs = []
+        for f, ref, s in zip(own, refs, strides):
+            want = ref[(slice(None),) + box][inner]
+            mine = _full_resolution(f[0].float(), s)[inner]
+            diffs.append(float((mine - want).norm() / want.norm().clamp_min(1e-12)))
+        out.append(diffs)
     return out
 
 
 def mean_dice(logits: Sequence[torch.Tensor], cases: Sequence, n_classes: int) -> float:
-    """Mean over cases of each case's mean Dice over the organs present (NaN-aware), in %."""
-    from voxdiff.evaluate.metrics import dice_per_class
+    """Mean over cases of each case's mean Dice (:func:`voxdiff.core.metrics.mean_dice`), in %."""
+    from voxdiff.core.metrics import mean_dice as case_dice
     from voxdiff.probe.predict import logits_to_labels
 
-    per_case = []
-    for lg, c in zip(logits, cases):
-        d = dice_per_class(logits_to_labels(lg), np.asarray(c.label), n_classes)
-        per_case.append(np.nanmean([v for v in d.values()]))
+    per_case = [case_dice(logits_to_labels(lg), np.asarray(c.label), n_classes) for lg, c in zip(logits, cases)]
     return round(100 * float(np.nanmean(per_case)), 1)
 
 
@@ -163,9 +165,8 @@ def run_method(exp, method: str, emit, finetune: bool, offsets: list[tuple[int, 
     if offsets:
         u = unit_image(test[0], ext.preprocess.hu_window)
         pyr = volume_pyramid(ext, u, exp.probe_cfg(feature_roi=roi))
-        for o in offsets:
-            emit(method, f"window shift, window at {tuple(o)}", {"relative difference per level": [
-                round(v, 3) for v in window_shift(ext, u, pyr, o, roi)]})
+        for o, diffs in zip(offsets, window_shift(ext, u, pyr, offsets, roi)):
+            emit(method, f"window shift, window at {tuple(o)}", {"relative difference per level": [round(v, 3) for v in diffs]})
     if finetune:
         tcfg = exp.tuned_cfg("finetune")
         init = copy.deepcopy(heads["feature_roi"]) if exp.budget.get("finetune_init") == "probe" else None
