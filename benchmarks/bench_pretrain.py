@@ -24,6 +24,10 @@ Two comparisons, printed in one run (issue #14's targets):
    conv3d rate of this CPU. Printed: the step's
    rate as a percentage of that best rate (target >= 60 %), and the rate of our conv layers alone.
 
+``--passes`` also times each network conv's forward, input gradient and weight gradient apart (where
+the conv time goes: with AVX2 kernels oneDNN's weight gradient of the narrow 3D convolutions runs at
+about a third of their forward rate; docs/PRETRAIN.md).
+
 Defaults are the ``cpu-small`` pretraining budget (patch 32, batch 4, base 8, 4 levels, 3 condition
 channels = the APE map), fp32, 1 thread; ``--bf16`` adds the same measurements under bf16 autocast::
 
@@ -298,7 +302,8 @@ def time_conv(c: dict[str, Any], repeats: int, bf16: bool) -> dict[str, Any]:
     return min(runs, key=lambda r: r["seconds"])
 
 
-def _time_conv(c: dict[str, Any], repeats: int, bf16: bool, channels_last: bool) -> dict[str, Any]:
+def _conv_layer(c: dict[str, Any], channels_last: bool) -> nn.Module:
+    """The conv layer of a recorded call, in the given weight layout."""
     layer: nn.Module
     if c["kind"] == "PointwiseConv3d":  # a kernel-1 conv as the network runs it (one matrix product)
         layer = PointwiseConv3d(c["weight"][1], c["weight"][0])
@@ -308,8 +313,11 @@ def _time_conv(c: dict[str, Any], repeats: int, bf16: bool, channels_last: bool)
     else:
         cin, cout = c["weight"][0], c["weight"][1]
         layer = nn.ConvTranspose3d(cin, cout, c["weight"][2:], stride=c["stride"], padding=c["padding"])
-    if channels_last:
-        _channels_last(layer)
+    return _channels_last(layer) if channels_last else layer
+
+
+def _time_conv(c: dict[str, Any], repeats: int, bf16: bool, channels_last: bool) -> dict[str, Any]:
+    layer = _conv_layer(c, channels_last)
     x = torch.randn(c["input"], requires_grad=c["input_grad"])
     ctx = precision(bf16)
 
@@ -332,11 +340,79 @@ def _time_conv(c: dict[str, Any], repeats: int, bf16: bool, channels_last: bool)
             "layout": "channels-last" if channels_last else "contiguous"}
 
 
+def time_passes(c: dict[str, Any], repeats: int, bf16: bool, channels_last: bool) -> dict[str, Any]:
+    """One conv layer's three passes timed apart, medians over ``repeats`` after one warm-up: the
+    forward, the input gradient (its forward + ``dx`` minus the forward; 0 where the network needs no
+    ``dx``) and the weight gradient (forward + ``dW`` and the bias's, minus the forward). Each pass of a
+    convolution does the forward's multiply-adds, so each rate is the forward's FLOPs over its time."""
+    layer = _conv_layer(c, channels_last)
+    params = list(layer.parameters())
+    x = torch.randn(c["input"])
+    ctx = precision(bf16)
+    with ctx():
+        g = torch.randn_like(layer(x))
+
+    def run(dx: bool, dw: bool) -> None:
+        x.requires_grad_(dx)
+        for p in params:
+            p.requires_grad_(dw)
+        with ctx():
+            y = layer(x)
+        wrt = ([x] if dx else []) + (params if dw else [])
+        if wrt:
+            torch.autograd.grad(y, wrt, g.to(y.dtype))
+
+    def median(dx: bool, dw: bool) -> float:
+        run(dx, dw)
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run(dx, dw)
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+    with ctx():
+        flops = count_flops(lambda: layer(x))
+    fwd = median(False, False)
+    dx = max(median(True, False) - fwd, 0.0) if c["input_grad"] else 0.0
+    dw = max(median(False, True) - fwd, 0.0)
+    rate = {k: (flops / s / 1e9 if s > 0 else float("nan")) for k, s in (("forward", fwd), ("dx", dx), ("dw", dw))}
+    return {**c, "forward_flops": flops, "forward_s": fwd, "dx_s": dx, "dw_s": dw, "rates": rate,
+            "layout": "channels-last" if channels_last else "contiguous"}
+
+
+def passes_table(rows: list[dict[str, Any]], counts: dict[tuple, int]) -> str:
+    """Markdown: each conv's forward / dx / dW milliseconds and GFLOP/s, then the network's split
+    (every conv weighted by its calls per step)."""
+    lines = ["| conv3d, passes apart | calls | forward ms (GFLOP/s) | dx ms (GFLOP/s) | dW ms (GFLOP/s) | layout |",
+             "|---|---|---|---|---|---|"]
+    tot = {"forward": 0.0, "dx": 0.0, "dw": 0.0}
+    work = {"forward": 0.0, "dx": 0.0, "dw": 0.0}
+    for r in rows:
+        n = counts[conv_key(r)]
+        cells = []
+        for k in ("forward", "dx", "dw"):
+            s = r[f"{k}_s"]
+            tot[k] += n * s
+            if k != "dx" or r["input_grad"]:
+                work[k] += n * r["forward_flops"]
+            cells.append("-" if (k == "dx" and not r["input_grad"]) else f"{s * 1e3:.2f} ({r['rates'][k]:.0f})")
+        lines.append(f"| {_shape(r)} | {n} | {' | '.join(cells)} | {r['layout']} |")
+    all_s = sum(tot.values())
+    split = ", ".join(f"{k} {100 * tot[k] / all_s:.0f} % ({work[k] / tot[k] / 1e9:.0f} GFLOP/s)"
+                      for k in ("forward", "dx", "dw") if tot[k] > 0)
+    lines += ["", f"network convs, passes apart: {all_s * 1e3:.1f} ms a step; {split}"]
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------ the run
 def measure(patch: int = 32, batch: int = 4, base: int = 8, levels: int = 4, cond: int = 3, steps: int = 10,
             warmup: int = 2, conv_repeats: int = 5, bf16: bool = False, larger: bool = True,
-            with_monai: bool = True, engine: bool = True, monai_channels: tuple[int, ...] | None = None) -> dict[str, Any]:
-    """Every number the script prints, for one precision (fp32, or bf16 autocast)."""
+            with_monai: bool = True, engine: bool = True, monai_channels: tuple[int, ...] | None = None,
+            passes: bool = False) -> dict[str, Any]:
+    """Every number the script prints, for one precision (fp32, or bf16 autocast); ``passes``: also
+    each network conv's forward, input-gradient and weight-gradient times apart (:func:`time_passes`,
+    in the layout that was faster for the whole layer)."""
     in_ch = 1 + cond
     torch.manual_seed(0)
     ours = build_ours(in_ch, base, levels, bf16)
@@ -402,6 +478,10 @@ def measure(patch: int = 32, batch: int = 4, base: int = 8, levels: int = 4, con
                 r = time_conv(c, conv_repeats, bf16)
                 r.update(source="larger", count=0)
                 rows.append(r)
+    if passes:
+        res["passes"] = [time_passes(r, conv_repeats, bf16, r["layout"] == "channels-last")
+                         for r in rows if r["source"] == "network"]
+        res["pass_counts"] = mult
     best = max(rows, key=lambda r: r["gflops"])
     net_rows = [r for r in rows if r["source"] == "network"]
     conv_flops = sum(r["flops"] * r["count"] for r in net_rows)
@@ -470,6 +550,8 @@ def report(res: dict[str, Any], verbose: bool = True) -> str:
         for r in sorted(c["rows"], key=lambda r: -r["gflops"]):
             lines.append(f"| {_shape(r)} | {r['count'] if r['source'] == 'network' else 'larger'} | "
                          f"{r['flops'] / 1e9:.3f} | {r['seconds'] * 1e3:.1f} | {r['gflops']:.1f} | {r['layout']} |")
+    if "passes" in res:
+        lines += ["", passes_table(res["passes"], res["pass_counts"])]
     return "\n".join(lines)
 
 
@@ -489,6 +571,8 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="also measure everything under bf16 autocast")
     ap.add_argument("--no_monai", action="store_true", help="only the conv3d comparison")
     ap.add_argument("--brief", action="store_true", help="without the per-conv table")
+    ap.add_argument("--passes", action="store_true",
+                    help="also time each network conv's forward, input gradient and weight gradient apart")
     args = ap.parse_args()
     tune_allocator()  # the CLI's allocator setting (VOXDIFF_NO_MALLOPT=1: glibc default)
     torch.set_num_threads(args.threads)
@@ -506,7 +590,8 @@ def main() -> None:
             print("--bf16: this CPU has no native bf16 (emulated bf16 is many times slower): fp32 only")
     for bf16 in precisions:
         res = measure(args.patch, args.batch, args.base, args.levels, args.cond, args.steps, args.warmup,
-                      args.conv_repeats, bf16, with_monai=not args.no_monai, monai_channels=args.monai_channels)
+                      args.conv_repeats, bf16, with_monai=not args.no_monai, monai_channels=args.monai_channels,
+                      passes=args.passes)
         print(report(res, verbose=not args.brief), end="\n\n", flush=True)
 
 

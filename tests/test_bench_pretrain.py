@@ -1,6 +1,7 @@
 """benchmarks/bench_pretrain.py at a tiny size (patch 16, 2 timed pairs): the script's functions and its
 printed tables keep working. Nothing here checks a speed."""
 
+import re
 import sys
 from pathlib import Path
 
@@ -69,3 +70,24 @@ def test_main_prints_both_comparisons(bench, one_thread, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "1 thread(s)" in out and "speed ratio voxdiff / MONAI" in out and "best conv3d rate" in out
     assert "| conv3d (forward + backward) |" not in out  # --brief
+
+
+def test_passes_apart(bench, one_thread):
+    res = bench.measure(patch=16, batch=2, base=8, levels=3, cond=3, steps=1, warmup=0, conv_repeats=1,
+                        larger=False, with_monai=False, engine=False, passes=True)
+    net_rows = {bench.conv_key(r): r for r in conv_rows(res) if r["source"] == "network"}
+    assert len(res["passes"]) == len(net_rows)
+    for p in res["passes"]:
+        whole = net_rows[bench.conv_key(p)]
+        assert p["layout"] == whole["layout"]
+        # forward + dW (+ dx where the network needs it) are the multiply-adds of the whole layer's step
+        assert whole["flops"] == (3 if p["input_grad"] else 2) * p["forward_flops"]
+        assert p["forward_s"] > 0 and p["dw_s"] >= 0
+        if not p["input_grad"]:
+            assert p["dx_s"] == 0
+    stem = [p for p in res["passes"] if not p["input_grad"]]
+    assert len(stem) == 1 and stem[0]["weight"][1] == 4  # only the stem sees the input, which needs no dx
+    text = bench.report(res, verbose=False)
+    assert "| conv3d, passes apart |" in text and "network convs, passes apart:" in text
+    shares = [int(v) for v in re.findall(r"(\d+) % \(", text.split("network convs, passes apart:")[1])]
+    assert len(shares) == 3 and 98 <= sum(shares) <= 102
