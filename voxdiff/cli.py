@@ -62,6 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("voxdiff: interrupted", file=sys.stderr)
         return 130
+    except MemoryError as e:  # numpy/torch allocation failures: one line, not a traceback
+        if os.environ.get("VOXDIFF_DEBUG"):
+            raise
+        what = one_line(str(e), limit=300) or "an allocation failed"
+        print(f"voxdiff: error: out of memory ({what}); use smaller windows or batches, a coarser spacing, "
+              f"or a machine with more memory", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -95,6 +95,18 @@ def negative_spacing(tmp):
     return p, p, "zero or negative voxel spacing"
 
 
+def spacing_in_wrong_unit(tmp):
+    # 300 mm voxels (a header in the wrong unit): 4.8 x 4.2 x 2.4 m, which resampling would blow up
+    p = write_nifti(tmp / "metres.nii.gz", _img(), affine_for("RAS", (300.0, 300.0, 300.0)))
+    return p, p, "implausible size for a CT"
+
+
+def dicom_spacing_in_wrong_unit(tmp):
+    f = tmp / "dicom_far"
+    write_dicom_series(f, _img(), spacing=(300.0, 300.0, 300.0))
+    return f, f, "implausible size for a CT"
+
+
 def _btcv(tmp, lab, lab_aff=AFF):
     root = tmp / "btcv"
     write_nifti(root / "img" / "img0001.nii.gz", _img(), AFF)
@@ -129,7 +141,8 @@ def mixed_dicom(tmp):
 
 
 BAD = [missing, empty_folder, garbage_file, truncated_file, two_d, four_d, nan_voxels, inf_voxels,
-       zero_spacing, negative_spacing, shape_mismatch, affine_mismatch, label_outside_schema, mixed_dicom]
+       zero_spacing, negative_spacing, spacing_in_wrong_unit, dicom_spacing_in_wrong_unit, shape_mismatch,
+       affine_mismatch, label_outside_schema, mixed_dicom]
 
 
 @pytest.mark.parametrize("make", BAD, ids=[f.__name__ for f in BAD])

@@ -170,3 +170,23 @@ def test_resample_to_grid_oblique_fallback_and_edge_fill():
     shifted[0, 3] += 5.0
     e = resample_to_grid(img, aff, img.shape, shifted, order=1, fill=None)
     np.testing.assert_allclose(e[-1], img[-1], atol=1e-4)
+
+
+def test_resampling_to_an_absurd_grid_is_refused_with_the_file_named():
+    from voxdiff.core.errors import InputError
+    from voxdiff.data.preprocess import MAX_GRID_VOXELS, PreprocessConfig, preprocess, resample_to_spacing
+    from voxdiff.data.types import Case, CaseMeta
+
+    a = np.zeros((40, 40, 30), np.float32)
+    aff = np.diag([3.0, 3.0, 3.0, 1.0])
+    with pytest.raises(InputError, match=r"would make \(12000, 12000, 9000\) voxels .*coarser spacing"):
+        resample_to_spacing(a, aff, (0.01, 0.01, 0.01))
+    # the limit counts leading axes too (class scores resampled together)
+    n = int(np.ceil((MAX_GRID_VOXELS / 8) ** (1 / 3))) + 1  # n^3 voxels fit alone, 8 channels of them do not
+    with pytest.raises(InputError, match="GiB as float32"):
+        resample_to_spacing(np.zeros((8, 2, 2, 2), np.float32), np.diag([n / 2, n / 2, n / 2, 1.0]), (1.0, 1.0, 1.0))
+    meta = CaseMeta(case_id="c", image_path="/data/ct_0001.nii.gz", label_path=None, original_shape=a.shape,
+                    original_affine=aff, affine=aff, spacing=(3.0, 3.0, 3.0))
+    with pytest.raises(InputError) as e:
+        preprocess(Case(image=a, label=None, meta=meta), PreprocessConfig(spacing=(0.01, 0.01, 0.01)))
+    assert str(e.value).startswith("/data/ct_0001.nii.gz: resampling a (40, 40, 30) grid")

@@ -106,3 +106,39 @@ def test_preview_names_the_case_and_keys_the_colours(model, phantom, tmp_path, c
     plain = overlay_figure(hu, lab, tmp_path / "plain.png", title="x")
     keyed = overlay_figure(hu, lab, tmp_path / "keyed.png", title="x", legend={i: f"organ {i}" for i in range(1, 14)})
     assert Image.open(keyed).size[0] > Image.open(plain).size[0] + 30
+
+
+def test_spacing_in_the_wrong_unit_refused_nothing_written(model, phantom, tmp_path, capsys):
+    # a header whose spacing is in cm read as mm would be fine; one 100x too large (here 0.2 m voxels
+    # taken as mm) makes an 8 x 7 x 5 m "CT" that resampling would turn into terabytes
+    hu, aff = phantom
+    far = aff.copy()
+    far[:3, :3] *= 200.0 / np.linalg.norm(aff[:3, :3], axis=0)
+    ct = save_nifti(tmp_path / "metres.nii.gz", hu, far, dtype=np.int16)
+    out, png = tmp_path / "seg.nii.gz", tmp_path / "seg.png"
+    out.write_bytes(b"keep me")  # an earlier result is not touched (the error comes before --force matters)
+    rc, text, err = _run(["segment", str(model), str(ct), "-o", str(out), "--preview", str(png), "--force"], capsys)
+    assert rc == 2
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"voxdiff: error: {ct}: implausible size for a CT: 8,000 x 7,200 x 4,800 mm")
+    assert "check the voxel spacing" in lines[0]
+    assert out.read_bytes() == b"keep me" and not png.exists() and "mL" not in text
+
+
+def test_out_of_memory_is_one_line_and_writes_nothing(model, phantom, tmp_path, capsys, monkeypatch):
+    import importlib
+
+    pre = importlib.import_module("voxdiff.data.preprocess")  # the module (the package exports a function of that name)
+    hu, aff = phantom
+    ct = save_nifti(tmp_path / "ct.nii.gz", hu, aff, dtype=np.int16)
+
+    def no_memory(*a, **k):
+        raise MemoryError("Unable to allocate 179. GiB for an array with shape (4000, 4000, 3000) and data type float32")
+
+    monkeypatch.setattr(pre, "resample_to_spacing", no_memory)
+    out = tmp_path / "seg.nii.gz"
+    rc, text, err = _run(["segment", str(model), str(ct), "-o", str(out)], capsys)
+    assert rc == 1
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("voxdiff: error: out of memory (Unable to allocate 179. GiB")
+    assert not out.exists() and "mL" not in text

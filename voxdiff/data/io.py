@@ -45,7 +45,15 @@ def _require_exists(path: Path) -> None:
         raise InputError(path, "no such file or folder")
 
 
-def _check_spacing(path: Path, affine: np.ndarray, zooms=None) -> None:
+# No CT spans more than this along any axis (a whole-body scan is about 2 m long, a scanner's
+# field of view at most about 0.8 m wide): a larger extent means the header's spacing is in the
+# wrong unit or wrong, and resampling such an image to the working grid would ask for terabytes.
+MAX_EXTENT_MM = 4000.0
+
+
+def _check_spacing(path: Path, affine: np.ndarray, zooms=None, shape=None) -> None:
+    """Refuse headers whose geometry cannot be a CT: NaN/Inf, zero or negative spacing, a degenerate
+    affine and (with ``shape``) an implausible physical extent (:data:`MAX_EXTENT_MM`)."""
     if not np.all(np.isfinite(affine)):
         raise InputError(path, "affine contains NaN or Inf")
     norms = np.linalg.norm(affine[:3, :3], axis=0)
@@ -57,6 +65,13 @@ def _check_spacing(path: Path, affine: np.ndarray, zooms=None) -> None:
             raise InputError(path, f"zero or negative voxel spacing {tuple(z)} in the header")
     if abs(np.linalg.det(affine[:3, :3])) <= 1e-9:
         raise InputError(path, "degenerate affine (voxel axes are not independent)")
+    if shape is not None:
+        extent = np.asarray([int(n) for n in tuple(shape)[:3]], dtype=np.float64) * norms
+        if np.any(extent > MAX_EXTENT_MM):
+            fmt = " x ".join(f"{v:,.0f}" for v in extent)
+            sp = " x ".join(f"{v:g}" for v in np.round(norms, 4))
+            raise InputError(path, f"implausible size for a CT: {fmt} mm ({sp} mm voxels); check the voxel spacing "
+                                   f"in the header (at most {MAX_EXTENT_MM:,.0f} mm along an axis)")
 
 
 def _as_3d(path: Path, arr: np.ndarray) -> np.ndarray:
@@ -107,7 +122,7 @@ def _read_nifti(path: Path, dtype) -> tuple[np.ndarray, np.ndarray]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         affine = np.asarray(img.affine, dtype=np.float64)
-    _check_spacing(path, affine)
+    _check_spacing(path, affine, shape=shape)
     try:
         if np.issubdtype(np.dtype(dtype), np.floating):
             arr = np.asarray(img.dataobj, dtype=np.float64 if dtype == np.float64 else None)
@@ -573,7 +588,7 @@ def load_dicom_series(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, 
     lps[:3, 2] = step_vec
     lps[:3, 3] = origin
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
-    _check_spacing(folder, affine)
+    _check_spacing(folder, affine, shape=vol.shape)
     for m in warn_msgs:
         warnings.warn(f"{folder}: {m}", VoxdiffWarning, stacklevel=2)
     info = {

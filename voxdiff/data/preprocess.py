@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from voxdiff.core.errors import InputError
+
 from .types import Case, CaseMeta
 
 # The HU range mapped to [0, 1] for every model input by default (vox2vec's window): one place for it.
@@ -173,6 +175,15 @@ def resample_axes(
     return out
 
 
+# the largest grid resample_to_spacing makes (16 GiB as float32): a paper-grid whole-body CT at
+# 1 x 1 x 2 mm is about 0.2 G voxels, so only a wrong spacing (of the image or the target) gets here
+MAX_GRID_VOXELS = 2**32
+
+
+def _mm(v) -> str:
+    return " x ".join(f"{float(x):g}" for x in np.round(np.asarray(v, dtype=np.float64), 4))
+
+
 def resample_to_spacing(
     array: np.ndarray, affine: np.ndarray, spacing, order: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -191,6 +202,12 @@ def resample_to_spacing(
     if np.allclose(old, new, rtol=1e-5, atol=1e-6):
         return array, affine.copy()
     new_shape = np.maximum(1, np.round(shape * old / new)).astype(int)
+    n_new = int(np.prod(new_shape.astype(np.float64)) * int(np.prod(array.shape[:-3], dtype=np.int64)))
+    if n_new > MAX_GRID_VOXELS:
+        raise InputError(None, f"resampling a {tuple(int(n) for n in shape)} grid of {_mm(old)} mm voxels to "
+                               f"{_mm(new)} mm would make {tuple(int(n) for n in new_shape)} voxels "
+                               f"({4 * n_new / 2**30:,.0f} GiB as float32); use a coarser spacing or check the "
+                               f"image's voxel spacing")
     scale = new / old  # source voxels per target voxel
     coords = [(np.arange(new_shape[a]) + 0.5) * scale[a] - 0.5 for a in range(3)]
     out = resample_axes(array, coords, order=order, fill=None)
@@ -339,7 +356,12 @@ def preprocess(case: Case, cfg: PreprocessConfig) -> Case:
     ``meta.original_shape``/``original_affine`` stay those of the source file; ``meta.affine`` and
     ``meta.spacing`` describe the new array; ``meta.extra["preprocess"]`` records the steps.
     """
-    img, lab, aff, steps = preprocess_arrays(case.image, case.meta.affine, cfg, case.label)
+    try:
+        img, lab, aff, steps = preprocess_arrays(case.image, case.meta.affine, cfg, case.label)
+    except InputError as e:
+        if e.path is None and case.meta.image_path:  # name the file the grid came from
+            raise InputError(case.meta.image_path, e.problem) from None
+        raise
     from voxdiff.core.config import to_dict
 
     extra = dict(case.meta.extra)
