@@ -103,6 +103,21 @@ def test_bad_inputs(workspace, tmp_path, capsys):
     assert not (tmp_path / "p").exists()
 
 
+@pytest.mark.parametrize("option, value, problem", [
+    ("--overlap", "1.5", "overlap must lie in [0, 1), got 1.5"),
+    ("--tau_mm", "-1", "tau_mm (the surface Dice tolerance) must be > 0 mm"),
+    ("--n_classes", "0", "n_classes (background included) must be >= 2"),
+    ("--figures", "-1", "figures must be >= 0"),
+    ("--sw_batch_size", "0", "sw_batch_size must be >= 1"),
+])
+def test_settings_that_cannot_be_meant_are_refused_first(option, value, problem, tmp_path, capsys):
+    # checked before the model or the data is looked at (neither exists here), nothing written
+    out = tmp_path / "o"
+    assert main(["evaluate", str(tmp_path / "no_model"), str(tmp_path / "no_data"), "-o", str(out), option, value]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith(f"voxdiff: error: {problem}") and not out.exists()
+
+
 def test_probe_with_other_timesteps_and_mix_head_gives_bundles_that_segment(workspace, tmp_path):
     """``--t`` overrides a diffusion model's feature timesteps: the heads see one channel block per t,
     the bundle records them, and ``voxdiff segment`` rebuilds the same extractor from it."""

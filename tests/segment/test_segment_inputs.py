@@ -142,3 +142,14 @@ def test_out_of_memory_is_one_line_and_writes_nothing(model, phantom, tmp_path, 
     lines = [l for l in err.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("voxdiff: error: out of memory (Unable to allocate 179. GiB")
     assert not out.exists() and "mL" not in text
+
+
+@pytest.mark.parametrize("option, value, problem", [("--overlap", "1.5", "overlap must lie in [0, 1), got 1.5"),
+                                                    ("--sw_batch_size", "0", "sw_batch_size must be >= 1, got 0")])
+def test_bad_window_settings_refused_nothing_written(model, phantom, tmp_path, capsys, option, value, problem):
+    hu, aff = phantom
+    ct = save_nifti(tmp_path / "ct.nii.gz", hu, aff, dtype=np.int16)
+    out = tmp_path / "seg.nii.gz"
+    rc, _, err = _run(["segment", str(model), str(ct), "-o", str(out), option, value], capsys)
+    assert rc == 2 and [l for l in err.splitlines() if l.strip()] == [f"voxdiff: error: {problem}"]
+    assert not out.exists()

@@ -192,6 +192,20 @@ def _cases_for(model_doc: dict, data_dir: Path, cfg: EvaluateConfig):
     return ds, refs, choice
 
 
+def validate(cfg: EvaluateConfig) -> None:
+    """Refuse settings that cannot be meant, with one line, before anything is read or written."""
+    if cfg.overlap is not None and not 0 <= float(cfg.overlap) < 1:
+        raise InputError(None, f"overlap must lie in [0, 1), got {cfg.overlap}")
+    if int(cfg.sw_batch_size) < 1:
+        raise InputError(None, f"sw_batch_size must be >= 1, got {cfg.sw_batch_size}")
+    if not float(cfg.tau_mm) > 0:
+        raise InputError(None, f"tau_mm (the surface Dice tolerance) must be > 0 mm, got {cfg.tau_mm}")
+    if int(cfg.figures) < 0:
+        raise InputError(None, f"figures must be >= 0, got {cfg.figures}")
+    if int(cfg.n_classes) < 2:
+        raise InputError(None, f"n_classes (background included) must be >= 2, got {cfg.n_classes}")
+
+
 def evaluate_models(
     model: str | os.PathLike,
     data_dir: str | os.PathLike,
@@ -207,6 +221,7 @@ def evaluate_models(
     from voxdiff.probe.bundle import load_segmenter
 
     cfg = cfg or EvaluateConfig()
+    validate(cfg)
     data = Path(data_dir)
     check_output_path(out_dir, force=force)
     models = find_models(model, cfg.head)
@@ -218,6 +233,8 @@ def evaluate_models(
         folds = []
         for i, mdir in enumerate(models):
             seg = load_segmenter(mdir, device=device)
+            if cfg.overlap is not None:  # the whole-volume path (seg.predict) reads it from the segmenter
+                seg.overlap = float(cfg.overlap)
             ds, refs, choice = _cases_for(seg.info, data, cfg)
             fold = (seg.info.get("meta") or {}).get("fold")
             res = evaluate_cases(

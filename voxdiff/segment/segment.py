@@ -75,6 +75,10 @@ def segment_ct(
     from voxdiff.data.io import is_nifti, load_image, save_nifti, source_name
 
     cfg = cfg or SegmentConfig()
+    if cfg.overlap is not None and not 0 <= float(cfg.overlap) < 1:
+        raise InputError(None, f"overlap must lie in [0, 1), got {cfg.overlap}")
+    if int(cfg.sw_batch_size) < 1:
+        raise InputError(None, f"sw_batch_size must be >= 1, got {cfg.sw_batch_size}")
     out = Path(out_path)
     if not is_nifti(out):
         raise InputError(out, "output must be a NIfTI file name (.nii or .nii.gz)")
