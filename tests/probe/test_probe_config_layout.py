@@ -173,3 +173,24 @@ def test_probe_help_shows_the_sections(capsys):
                 "--inference.roi", "--runtime.bf16"):
         assert opt in shown, opt
     assert "--lr " not in shown and "--patch_size" not in shown and "--roi " not in shown
+
+
+@pytest.mark.parametrize("args, problem", [
+    (["--optim.steps", "-1"], "optim.steps must be >= 0, got -1"),
+    (["--optim.lr", "0"], "optim.lr, backbone_lr and scratch_lr must be > 0"),
+    (["--optim.val_every", "0"], "optim.val_every must be >= 1"),
+    (["--head.hidden", "0"], "head.hidden must be >= 1"),
+    (["--inference.overlap", "1"], "inference.overlap must lie in [0, 1)"),
+    (["--inference.roi", "[0, 64, 64]"], "inference.roi must be 3 sizes >= 1"),
+    (["--sampling.fg_prob", "2"], "sampling.fg_prob must lie in [0, 1]"),
+    (["--sampling.batch_size", "0"], "sampling.batch_size and voxels_per_step must be >= 1"),
+    (["--n_classes", "1"], "n_classes (background included) must be >= 2"),
+])
+def test_probe_refuses_settings_that_cannot_be_meant(args, problem, tmp_path, capsys):
+    from voxdiff.cli import main
+
+    # checked before the model or the data is read (neither exists here); nothing written
+    out = tmp_path / "probe"
+    assert main(["probe", str(tmp_path / "no_model"), str(tmp_path / "no_data"), "-o", str(out), *args]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith(f"voxdiff: error: {problem}") and not out.exists()

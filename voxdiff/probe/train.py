@@ -922,6 +922,43 @@ def select_cases(ids: Sequence[str], splits: list[dict] | None, fold: int | None
     return sorted(order), sorted(val), sorted(test)
 
 
+def _three_positive(v: Any) -> bool:
+    try:
+        return len(v) == 3 and all(int(x) >= 1 for x in v)
+    except (TypeError, ValueError):
+        return False
+
+
+def check_probe_config(cfg: ProbeConfig) -> None:
+    """Refuse numbers that cannot be meant (a negative step count, a zero learning rate or width, an
+    overlap of 1, ...) with one line naming the option, before anything is loaded or written."""
+    o, sm, h, w = cfg.optim, cfg.sampling, cfg.head, cfg.inference
+    problems = [
+        (int(cfg.n_classes) < 2, f"n_classes (background included) must be >= 2, got {cfg.n_classes}"),
+        (int(o.steps) < 0, f"optim.steps must be >= 0, got {o.steps}"),
+        (int(o.val_every) < 1, f"optim.val_every must be >= 1, got {o.val_every}"),
+        (int(o.warmup_steps) < 0 or int(o.patience) < 0 or int(o.min_steps) < 0,
+         f"optim.warmup_steps, patience and min_steps must be >= 0, got {o.warmup_steps}, {o.patience}, {o.min_steps}"),
+        (not (float(o.lr) > 0 and float(o.backbone_lr) > 0 and float(o.scratch_lr) > 0),
+         f"optim.lr, backbone_lr and scratch_lr must be > 0, got {o.lr}, {o.backbone_lr}, {o.scratch_lr}"),
+        (float(o.weight_decay) < 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}"),
+        (int(h.hidden) < 1 or int(h.blocks) < 0, f"head.hidden must be >= 1 and head.blocks >= 0, got {h.hidden}, {h.blocks}"),
+        (not _three_positive(sm.patch_size), f"sampling.patch_size must be 3 sizes >= 1, got {sm.patch_size}"),
+        (int(sm.batch_size) < 1 or int(sm.voxels_per_step) < 1,
+         f"sampling.batch_size and voxels_per_step must be >= 1, got {sm.batch_size}, {sm.voxels_per_step}"),
+        (not 0 <= float(sm.fg_prob) <= 1, f"sampling.fg_prob must lie in [0, 1], got {sm.fg_prob}"),
+        (sm.train_cases is not None and int(sm.train_cases) < 1, f"sampling.train_cases must be >= 1, got {sm.train_cases}"),
+        (int(sm.val_from_train) < 0, f"sampling.val_from_train must be >= 0, got {sm.val_from_train}"),
+        (not _three_positive(w.roi), f"inference.roi must be 3 sizes >= 1, got {w.roi}"),
+        (w.feature_roi is not None and not _three_positive(w.feature_roi),
+         f"inference.feature_roi must be 3 sizes >= 1, got {w.feature_roi}"),
+        (not 0 <= float(w.overlap) < 1, f"inference.overlap must lie in [0, 1), got {w.overlap}"),
+    ]
+    for bad, msg in problems:
+        if bad:
+            raise InputError(None, msg)
+
+
 def train_probe(
     cfg: ProbeConfig,
     pretrained_dir: str | os.PathLike,
@@ -954,6 +991,7 @@ def train_probe(
     bad = [h for h in cfg.heads if h not in ALL_MODES]
     if bad or not cfg.heads:
         raise InputError(None, f"unknown head/mode {bad or '(none)'}; choose from {', '.join(ALL_MODES)}")
+    check_probe_config(cfg)
     check_output_path(out_dir, force=force)
     device = resolve_device(cfg.runtime.device)
     extractor = load_pretrained(pretrained_dir, device=device)
