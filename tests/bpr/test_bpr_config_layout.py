@@ -151,6 +151,30 @@ def test_options_that_bpr_training_cannot_honour_are_refused(tmp_path, cases):
         train_bpr(replace(NESTED, runtime=replace(NESTED.runtime, device="cuda")), tmp_path / "a", cases=cases)
     with pytest.raises(InputError, match="optim.ema_decay"):
         train_bpr(replace(NESTED, optim=replace(NESTED.optim, ema_decay=0.99)), tmp_path / "b", cases=cases)
+    # numbers that cannot be meant: refused before anything is written (ape_points 0 used to end in a
+    # NaN loss at step 1, a zoom below 1 was silently taken as 1)
+    for bad, problem in (({"ape_points": 0}, "data.ape_points must be >= 8"),
+                         ({"zoom": 0.5}, r"data.zoom must be >= 1"),
+                         ({"intensity_aug": -1.0}, "data.intensity_aug and data.texture_aug must be >= 0")):
+        out = tmp_path / f"bad_{next(iter(bad))}"
+        with pytest.raises(InputError, match=problem):
+            train_bpr(replace(NESTED, data=replace(NESTED.data, **bad)), out, cases=cases)
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("over, problem", [
+    ({"hu_window": (500.0, -500.0)}, r"preprocess.hu_window must be two finite HU values, low < high"),
+    ({"hu_window": (0.0, float("nan"))}, r"preprocess.hu_window must be two finite"),
+    ({"spacing": (3.0, 3.0, 0.0)}, r"preprocess.spacing must be 3 positive sizes"),
+    ({"spacing": (3.0, 3.0)}, r"preprocess.spacing must be 3 positive sizes"),
+    ({"body_margin_mm": -1.0}, r"preprocess.body_margin_mm must be >= 0"),
+])
+def test_preprocess_settings_that_cannot_be_meant(over, problem):
+    from voxdiff.data.preprocess import PreprocessConfig
+
+    with pytest.raises(InputError, match=problem):
+        PreprocessConfig(**over)
+    assert PreprocessConfig(spacing=None).spacing is None  # null keeps the native spacing
 
 
 def _parse(argv: list[str]) -> BPRTrainConfig:

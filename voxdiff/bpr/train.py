@@ -304,6 +304,12 @@ def _validate(cfg: BPRTrainConfig) -> None:
         raise InputError(None, f"model.slice_context_step must be >= 1, got {cfg.model.slice_context_step}")
     if d.ape_crops < 2:
         raise InputError(None, f"data.ape_crops must be >= 2 (two overlapping views), got {d.ape_crops}")
+    if d.zoom is not None and not float(d.zoom) >= 1.0:
+        raise InputError(None, f"data.zoom must be >= 1 (crops are zoomed within [1/zoom, zoom]), got {d.zoom}")
+    if int(d.ape_points) < 8:
+        raise InputError(None, f"data.ape_points must be >= 8 (voxels per crop for the distance losses), got {d.ape_points}")
+    if not float(d.intensity_aug) >= 0 or not float(d.texture_aug) >= 0:
+        raise InputError(None, f"data.intensity_aug and data.texture_aug must be >= 0, got {d.intensity_aug}, {d.texture_aug}")
     if min(d.slice_patch, d.ape_patch, d.ape_patch_min or 8) < 8:
         raise InputError(None, "data.slice_patch, data.ape_patch and data.ape_patch_min must be >= 8 voxels")
     spacing = cfg.preprocess.spacing

@@ -46,6 +46,18 @@ class PreprocessConfig:
     body_threshold_hu: float = -500.0
     body_margin_mm: float = 10.0
 
+    def __post_init__(self) -> None:
+        # one line for settings that cannot be meant, before any volume is read
+        w = [float(v) for v in self.hu_window]
+        if len(w) != 2 or not all(np.isfinite(w)) or not w[0] < w[1]:
+            raise InputError(None, f"preprocess.hu_window must be two finite HU values, low < high, got {list(self.hu_window)}")
+        if self.spacing is not None:
+            sp = [float(v) for v in self.spacing]
+            if len(sp) != 3 or not all(np.isfinite(sp)) or min(sp) <= 0:
+                raise InputError(None, f"preprocess.spacing must be 3 positive sizes in mm (or null), got {list(self.spacing)}")
+        if not float(self.body_margin_mm) >= 0:
+            raise InputError(None, f"preprocess.body_margin_mm must be >= 0, got {self.body_margin_mm}")
+
 
 # --------------------------------------------------------------------------------- intensities
 
