@@ -45,11 +45,48 @@ def build_parser() -> tuple[ArgumentParser, CommandGroup]:
     return parser, root
 
 
+def config_files(argv: list[str]) -> list[str]:
+    """The values of every ``--config`` option in ``argv`` that name a file (not inline YAML)."""
+    out = []
+    for i, a in enumerate(argv):
+        v = a.split("=", 1)[1] if a.startswith("--config=") else argv[i + 1] if a == "--config" and i + 1 < len(argv) else None
+        if v is not None and "\n" not in v and not v.lstrip().startswith(("{", "[")):
+            out.append(v)
+    return out
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Refuse a ``--config`` file that is missing, not YAML or not a mapping with one line naming it
+    (jsonargparse would print its usage and a YAML parser's message without the file's name)."""
+    import yaml
+
+    from .core.errors import InputError
+
+    for v in config_files(argv):
+        p = os.path.expanduser(v)
+        if not os.path.isfile(p):
+            raise InputError(v, "no such config file" if not os.path.exists(p) else "a config must be a YAML file, not a folder")
+        try:
+            with open(p, encoding="utf-8") as f:
+                doc = yaml.safe_load(f)
+        except UnicodeDecodeError:
+            raise InputError(v, "not a text (YAML) file") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            what = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise InputError(v, f"not valid YAML ({what}{where})") from None
+        if doc is not None and not isinstance(doc, dict):
+            raise InputError(v, f"a config file must map option names to values, got a {type(doc).__name__}")
+
+
 def main(argv: list[str] | None = None) -> int:
     tune_allocator()  # before any large allocation; VOXDIFF_NO_MALLOPT=1 turns it off
     parser, root = build_parser()
     try:
-        ns = parser.parse_args(underscore_options(list(sys.argv[1:] if argv is None else argv)))
+        args = underscore_options(list(sys.argv[1:] if argv is None else argv))
+        check_config_files(args)
+        ns = parser.parse_args(args)
         quiet = bool(ns.get("quiet")) or bool(getattr(root.leaf(ns), "quiet", False))
         with WarningPrinter(quiet=quiet):
             root.dispatch(ns)
