@@ -90,6 +90,12 @@ def test_models_saved_before_the_registry_load_as_unet(tmp_path):
     doc_path.write_text(json.dumps(doc))
     with pytest.raises(ModelError, match="incompatible fpn3d backbone configuration"):
         load_pretrained(out)
+    # a preprocessing config PreprocessConfig refuses is a model error naming the backbone folder
+    doc["config"]["backbone_name"] = "unet"
+    doc["config"]["preprocess"]["hu_window"] = [1000, -1000]
+    doc_path.write_text(json.dumps(doc))
+    with pytest.raises(ModelError, match=r"backbone: invalid preprocessing config \(preprocess.hu_window must be"):
+        load_pretrained(out)
 
 
 def test_patch_size_must_fit_the_backbone_divisor():

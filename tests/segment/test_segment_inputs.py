@@ -153,3 +153,27 @@ def test_bad_window_settings_refused_nothing_written(model, phantom, tmp_path, c
     rc, _, err = _run(["segment", str(model), str(ct), "-o", str(out), option, value], capsys)
     assert rc == 2 and [l for l in err.splitlines() if l.strip()] == [f"voxdiff: error: {problem}"]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda d: d["preprocess"].update(hu_window=[1000, -1000]),
+     "invalid preprocessing config (preprocess.hu_window must be two finite HU values, low < high"),
+    (lambda d: d.update(labels={"1": "spleen"}), "label ids [1] do not match the head's 14 classes"),
+    (lambda d: d.update(labels={"spleen": 1}), "labels must map integer label ids to organ names"),
+])
+def test_hand_edited_segmenter_description_refused(model, phantom, tmp_path, capsys, edit, problem):
+    import json
+    import shutil
+
+    bad = tmp_path / "model"
+    shutil.copytree(model, bad)
+    doc = json.loads((bad / "segmenter.json").read_text())
+    edit(doc)
+    (bad / "segmenter.json").write_text(json.dumps(doc))
+    hu, aff = phantom
+    ct = save_nifti(tmp_path / "ct.nii.gz", hu, aff, dtype=np.int16)
+    out = tmp_path / "seg.nii.gz"
+    rc, _, err = _run(["segment", str(bad), str(ct), "-o", str(out)], capsys)
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"voxdiff: error: {bad / 'segmenter.json'}: {problem}")
+    assert not out.exists()

@@ -198,6 +198,8 @@ def load_pretrained(path: str | os.PathLike, bpr: nn.Module | None = None,
     cfg = info["config"]
     try:
         pre = from_dict(PreprocessConfig, cfg["preprocess"], strict=False)
+    except InputError as e:  # PreprocessConfig's own checks (a reversed HU window, bad spacing)
+        raise ModelError(bdir, f"invalid preprocessing config ({e.problem})") from None
     except (TypeError, ValueError) as e:
         raise ModelError(bdir, f"invalid preprocessing config ({e})") from None
     return FeatureExtractor(backbone, task, pre, cfg["method"], info, path=bdir)

@@ -29,7 +29,7 @@ from torch import nn
 
 from voxdiff.core.checkpoint import load_checkpoint, prefixed, read_checkpoint_info, save_checkpoint
 from voxdiff.core.config import from_dict, to_dict, versions
-from voxdiff.core.errors import ModelError, VoxdiffError
+from voxdiff.core.errors import InputError, ModelError, VoxdiffError
 from voxdiff.core.outputs import atomic_write_json
 from voxdiff.core.runtime import resolve_device
 from voxdiff.data.labels import BTCV_LABELS
@@ -246,7 +246,16 @@ def load_segmenter(model_dir: str | os.PathLike, device: str | torch.device = "a
     head.to(device).eval()
     try:
         pre = from_dict(PreprocessConfig, doc["preprocess"], strict=False)
+    except InputError as e:  # PreprocessConfig's own checks (a reversed HU window, bad spacing)
+        raise ModelError(p / "segmenter.json", f"invalid preprocessing config ({e.problem})") from None
     except (TypeError, ValueError) as e:
         raise ModelError(p / "segmenter.json", f"invalid preprocessing config ({e})") from None
-    labels = {int(k): str(v) for k, v in (doc.get("labels") or {str(k): v for k, v in BTCV_LABELS.items()}).items()}
+    try:
+        labels = {int(k): str(v) for k, v in (doc.get("labels") or {str(k): v for k, v in BTCV_LABELS.items()}).items()}
+    except (TypeError, ValueError, AttributeError):
+        raise ModelError(p / "segmenter.json", "labels must map integer label ids to organ names") from None
+    n_out = getattr(head, "n_classes", None)
+    if n_out is not None and sorted(set(labels) - {0}) != list(range(1, int(n_out))):
+        raise ModelError(p / "segmenter.json", f"label ids {sorted(labels)} do not match the head's {int(n_out)} classes "
+                                               f"(organs 1..{int(n_out) - 1}, background 0)")
     return Segmenter(p, extractor, head, pre, tuple(int(r) for r in doc["roi"]), float(doc["overlap"]), labels, doc)
