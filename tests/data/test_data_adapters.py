@@ -103,6 +103,35 @@ def test_nnunet_v2_by_names_and_split(tmp_path):
         assert len(open_dataset(root, split="all")) == 3
 
 
+def test_nnunet_orphan_labels_and_extra_channels_are_warned_about(tmp_path):
+    import warnings
+
+    from voxdiff.core.errors import VoxdiffWarning
+
+    root = tmp_path / "Dataset124_Abd"
+    img, lab = _pair()
+    root.mkdir()
+    doc = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 6}, "file_ending": ".nii.gz"}
+    (root / "dataset.json").write_text(json.dumps(doc))
+    write_nifti(root / "imagesTr" / "abd_001_0000.nii.gz", img, AFF)
+    write_nifti(root / "labelsTr" / "abd_001.nii.gz", lab, AFF)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a clean data set warns about nothing
+        assert open_dataset(root, split="train").case_ids == ["abd_001"]
+    # a label map whose image was renamed or lost: the case is not used, and that is said
+    write_nifti(root / "labelsTr" / "abd_002.nii.gz", lab, AFF)
+    with pytest.warns(VoxdiffWarning, match=r"labelsTr: 1 label map\(s\) with no image in imagesTr, not used: abd_002.nii.gz"):
+        assert open_dataset(root, split="train").case_ids == ["abd_001"]
+    (root / "labelsTr" / "abd_002.nii.gz").unlink()
+    # several input channels: channel 0 is read as CT, the others ignored, and that is said
+    doc["channel_names"] = {"0": "CT", "1": "PET"}
+    (root / "dataset.json").write_text(json.dumps(doc))
+    write_nifti(root / "imagesTr" / "abd_001_0001.nii.gz", img, AFF)
+    with pytest.warns(VoxdiffWarning, match=r"2 input channels \(0: CT, 1: PET\); voxdiff reads channel 0"):
+        ds = open_dataset(root, split="train")
+    assert ds.case_ids == ["abd_001"] and ds.refs[0].image_path.endswith("abd_001_0000.nii.gz")
+
+
 def test_msd_v1_dataset_json_ids_as_given(tmp_path):
     root = tmp_path / "Task09_Whatever"
     img, lab = _pair()

@@ -184,6 +184,12 @@ def _paired(images_dir: Path, labels_dir: Path | None) -> list[CaseRef]:
                 continue  # other channels of multi-modal data
         lab = label_files.get(cid)
         refs.append(CaseRef(cid, str(f), None if lab is None else str(lab)))
+    used = {r.case_id for r in refs}
+    orphans = sorted(f.name for stem, f in label_files.items() if stem not in used)
+    if orphans and labels_dir is not None:  # a renamed or missing image: say so rather than drop the case quietly
+        shown = ", ".join(orphans[:5]) + (f" (+{len(orphans) - 5} more)" if len(orphans) > 5 else "")
+        warnings.warn(f"{labels_dir}: {len(orphans)} label map(s) with no image in {images_dir.name}, not used: {shown}",
+                      VoxdiffWarning, stacklevel=3)
     return refs
 
 
@@ -274,6 +280,11 @@ def _nnunet_refs(root: Path, split: str, ending: str | None) -> list[CaseRef]:
 def open_nnunet(root: Path, split: str = "all", kind: str = "nnunet") -> Dataset:
     doc = _read_dataset_json(root)
     names = _dataset_json_labels(doc, root / "dataset.json")
+    channels = doc.get("channel_names") or doc.get("modality") or {}
+    if isinstance(channels, dict) and len(channels) > 1:
+        listed = ", ".join(f"{k}: {v}" for k, v in channels.items())
+        warnings.warn(f"{root / 'dataset.json'}: {len(channels)} input channels ({listed}); voxdiff reads channel 0 "
+                      f"(<case>_0000) as CT and ignores the others", VoxdiffWarning, stacklevel=2)
     refs = _nnunet_refs(root, split, doc.get("file_ending"))
     _check_nonempty(root, refs, f"imagesTr/imagesTs for split '{split}'")
     if kind == "amos":
