@@ -46,3 +46,36 @@ def test_staged_dir_keep_hands_back_interrupted_work(tmp_path):
         (d / "model").write_text("done")
     assert sorted(f.name for f in target.iterdir()) == ["ckpt", "model"]
     assert not kept_work_dir(target).exists()
+
+
+def test_no_output_replaces_an_input_even_with_force(tmp_path):
+    from voxdiff.core.outputs import check_output_path, note_input, protecting_inputs
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "ct.nii.gz").write_bytes(b"scan")
+    # explicit inputs: the output may not be one, nor a folder holding one
+    with pytest.raises(InputError, match=r"the output is an input of this command .*--force never replaces inputs"):
+        check_output_path(data / "ct.nii.gz", force=True, inputs=(data / "ct.nii.gz",))
+    with pytest.raises(InputError, match="the output holds an input of this command"):
+        check_output_path(tmp_path, force=True, inputs=(data / "ct.nii.gz",))
+    check_output_path(data / "seg.nii.gz", force=True, inputs=(data / "ct.nii.gz",))  # beside it is fine
+    # recorded inputs count only inside protecting_inputs (a CLI command), and are forgotten after it
+    note_input(data)
+    check_output_path(data, force=True)
+    with protecting_inputs():
+        note_input(data / "ct.nii.gz")
+        with pytest.raises(InputError, match="holds an input"):
+            check_output_path(data, force=True)
+        # an input read while the output was being made: the output is not moved into place
+        with pytest.raises(InputError, match="holds an input"):
+            with staged_dir(tmp_path / "data2", force=True) as d:
+                (d / "f").write_text("new")
+                note_input(tmp_path / "data2" / "x.nii.gz")
+        with pytest.raises(InputError, match="is an input"):
+            with atomic_path(data / "other.nii.gz") as tmp:
+                tmp.write_bytes(b"labels")
+                note_input(data / "other.nii.gz")
+    check_output_path(data, force=True)
+    assert (data / "ct.nii.gz").read_bytes() == b"scan" and not (data / "other.nii.gz").exists()
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["data"]  # no partial folders or files left

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -11,6 +12,7 @@ from jsonargparse import ArgumentParser
 from . import __version__
 from .core.cli import CommandGroup, WarningPrinter, one_line, underscore_options
 from .core.errors import VoxdiffError
+from .core.outputs import protecting_inputs
 from .core.runtime import tune_allocator
 
 # Each module defines register(group). Order = order in --help.
@@ -88,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         check_config_files(args)
         ns = parser.parse_args(args)
         quiet = bool(ns.get("quiet")) or bool(getattr(root.leaf(ns), "quiet", False))
-        with WarningPrinter(quiet=quiet):
+        # a stage command never replaces what it reads; an experiment rewrites its own step folders
+        guard = contextlib.nullcontext() if ns.get("command") in ("experiment", "demo") else protecting_inputs()
+        with WarningPrinter(quiet=quiet), guard:
             root.dispatch(ns)
     except VoxdiffError as e:
         msg = one_line(str(e), limit=1000)

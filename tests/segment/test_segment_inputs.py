@@ -177,3 +177,27 @@ def test_hand_edited_segmenter_description_refused(model, phantom, tmp_path, cap
     lines = [l for l in err.splitlines() if l.strip()]
     assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"voxdiff: error: {bad / 'segmenter.json'}: {problem}")
     assert not out.exists()
+
+
+def test_force_never_overwrites_the_input_ct(model, phantom, tmp_path, capsys):
+    hu, aff = phantom
+    ct = save_nifti(tmp_path / "ct.nii.gz", hu, aff, dtype=np.int16)
+    before = ct.read_bytes()
+    rc, text, err = _run(["segment", str(model), str(ct), "-o", str(ct), "--force"], capsys)
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert rc == 2 and len(lines) == 1 and "the output is an input of this command" in lines[0]
+    assert ct.read_bytes() == before and "mL" not in text
+    # refused before the model runs: nothing was written beside it either
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ct.nii.gz"]
+
+
+def test_force_never_replaces_a_folder_holding_the_inputs(model, phantom, tmp_path, capsys):
+    hu, aff = phantom
+    folder = tmp_path / "scans"
+    ct = save_nifti(folder / "ct.nii.gz", hu, aff, dtype=np.int16)
+    rc, _, err = _run(["features", str(model), str(ct), "-o", str(folder), "--force", "--device", "cpu"], capsys)
+    assert rc == 2 and "the output holds an input of this command" in err
+    assert sorted(p.name for p in folder.iterdir()) == ["ct.nii.gz"]
+    rc, _, err = _run(["data", "prepare", str(folder), "--cache", str(folder), "--force"], capsys)
+    assert rc == 2 and "the cache folder is, or holds, the data set" in err
+    assert sorted(p.name for p in folder.iterdir()) == ["ct.nii.gz"]

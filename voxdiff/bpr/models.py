@@ -30,6 +30,7 @@ from torch import nn
 
 from ..core.checkpoint import load_checkpoint, save_checkpoint
 from ..core.errors import ModelError
+from ..core.outputs import note_input
 from ..core.runtime import prefer_channels_last
 from ..data.preprocess import HU_WINDOW
 
@@ -674,6 +675,7 @@ def load_bpr(path: str | os.PathLike, kind: str | None = None) -> BodyPartRegres
     Refuses (``ModelError``) anything that is not a voxdiff BPR, a BPR of another ``kind`` (when
     given), a newer BPR version, or weights that do not match the architecture.
     """
+    note_input(path)
     tensors, info = load_checkpoint(path, kind=CHECKPOINT_KIND)
     cfg = info.get("config") or {}
     bkind = cfg.get("bpr_kind")

@@ -96,8 +96,7 @@ def predict_volume(
     out = Path(out_path)
     if not (out.name.endswith(".nii.gz") or out.name.endswith(".nii")):
         raise InputError(out, "output must be a .nii.gz or .nii file")
-    if not force:
-        check_output_path(out, force=False)
+    check_output_path(out, force=force, inputs=(ct_path, None if isinstance(model_path, BodyPartRegressor) else model_path))
     t0 = time.time()
     model = model_path if isinstance(model_path, BodyPartRegressor) else load_bpr(model_path)
     case, unit = prepare_ct(model, ct_path, allow_non_ct=allow_non_ct)

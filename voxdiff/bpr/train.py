@@ -625,7 +625,7 @@ def train_bpr(
     if resuming and latest_train_state(out / "train_state") is None:
         raise old_train_state_error(out, "BPR training")
     if not resuming:
-        check_output_path(out, force=force)
+        check_output_path(out, force=force, inputs=(cfg.data.path or None, *cfg.data.extra, cfg.task.slice_model or None))
     if cases is None:
         cases = load_training_cases(cfg)
     vols = cases_to_volumes(cases, cfg.preprocess.hu_window, where=cfg.data.path or None)

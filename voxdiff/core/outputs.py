@@ -3,6 +3,8 @@
 * :func:`atomic_write` writes a file through a temporary sibling and ``os.replace``.
 * :func:`staged_dir` builds an output folder under a temporary sibling name and moves it into place
   only when the block succeeds; an existing non-empty folder is refused unless ``force``.
+* No output replaces an input: the readers record what they read (:func:`note_input`), and an output
+  that is one of those paths, or a folder holding one, is refused, ``force`` or not.
 """
 
 from __future__ import annotations
@@ -17,10 +19,63 @@ from typing import Any, Iterator
 
 from .errors import InputError
 
+# Inside protecting_inputs() (a CLI command), every file or folder read as input (CTs, label maps,
+# data set roots, models): an output that would replace one of them, or a folder holding one, is
+# refused even with --force.
+_INPUTS: set[Path] = set()
+_protecting = False
 
-def check_output_path(path: str | os.PathLike, force: bool = False) -> Path:
-    """Refuse an existing non-empty output folder (or existing file) unless ``force``."""
+
+@contextlib.contextmanager
+def protecting_inputs() -> Iterator[None]:
+    """Record the inputs read inside the block (:func:`note_input`) and refuse outputs that would
+    replace them; the CLI runs each stage command inside it. Outside it nothing is recorded (a
+    long-lived process, such as an experiment or a test session, rewrites its own outputs)."""
+    global _protecting
+    prev, _protecting = _protecting, True
+    try:
+        yield
+    finally:
+        _protecting = prev
+        if not prev:
+            _INPUTS.clear()
+
+
+def note_input(path: str | os.PathLike) -> None:
+    """Record ``path`` as an input of the running command (the readers of :mod:`voxdiff.data.io`,
+    data sets and model loaders call it): inside :func:`protecting_inputs`, :func:`check_output_path`,
+    :func:`staged_dir` and :func:`atomic_path` then never replace it or a folder that holds it."""
+    if _protecting:
+        with contextlib.suppress(OSError, RuntimeError):
+            _INPUTS.add(Path(path).resolve())
+
+
+def replaced_input(path: str | os.PathLike, inputs=()) -> Path | None:
+    """The input that writing ``path`` would destroy: an input that is ``path`` or lies inside it
+    (``inputs`` besides those recorded by :func:`note_input`); None when there is none."""
+    try:
+        out = Path(path).resolve()
+    except (OSError, RuntimeError):
+        return None
+    for src in [*_INPUTS, *(Path(i).resolve() for i in inputs if i is not None)]:
+        if src == out or out in src.parents:
+            return src
+    return None
+
+
+def _refuse_replacing_input(p: Path, inputs=()) -> None:
+    src = replaced_input(p, inputs)
+    if src is not None:
+        what = "is" if src == p.resolve() else "holds"
+        raise InputError(p, f"the output {what} an input of this command ({src}); write it elsewhere "
+                            f"(--force never replaces inputs)")
+
+
+def check_output_path(path: str | os.PathLike, force: bool = False, inputs=()) -> Path:
+    """Refuse an existing non-empty output folder (or existing file) unless ``force``, and always an
+    output that is, or is a folder holding, one of ``inputs`` or of the inputs read so far."""
     p = Path(path)
+    _refuse_replacing_input(p, inputs)
     if p.exists():
         if p.is_dir():
             if any(p.iterdir()) and not force:
@@ -45,6 +100,7 @@ def atomic_path(path: str | os.PathLike, force: bool = True) -> Iterator[Path]:
     os.chmod(tmp_p, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the usual permissions
     try:
         yield tmp_p
+        _refuse_replacing_input(p)  # an input read while the output was being made
         os.replace(tmp_p, p)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -110,6 +166,7 @@ def staged_dir(path: str | os.PathLike, force: bool = False, keep: bool = False)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:
         yield tmp
+        _refuse_replacing_input(p)  # an input read while the folder was being made
     except BaseException:
         if not keep:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -31,6 +31,7 @@ from typing import Iterator
 import numpy as np
 
 from voxdiff.core.errors import InputError, VoxdiffWarning
+from voxdiff.core.outputs import note_input
 
 from . import labels as L
 from .io import is_dicom_dir, is_nifti, load_image, load_label, nifti_stem
@@ -490,6 +491,7 @@ def open_dataset(path: str | os.PathLike, kind: str = "auto", split: str = "all"
     train (imagesTr), val (imagesVa), test (imagesTs) or all.
     """
     root = Path(path)
+    note_input(root)
     if kind not in KINDS:
         raise InputError(root, f"unknown data set kind '{kind}' (expected one of {', '.join(KINDS)})")
     if split not in SPLITS:

@@ -273,6 +273,10 @@ def prepare_cache(
     from tqdm import tqdm
 
     ds = data if isinstance(data, Dataset) else open_dataset(data, kind=kind, split=split)
+    from voxdiff.core.outputs import replaced_input
+
+    if replaced_input(cache_dir, inputs=(ds.root,)) is not None:  # never mix a cache into the data set
+        raise InputError(cache_dir, f"the cache folder is, or holds, the data set {ds.root}; use a folder of its own")
     created = not Path(cache_dir).exists()
     root = init_cache_dir(cache_dir, force=force)
     write_config(root / f"prepare-{config_hash(cfg)}.yaml", cfg, extra={"data": str(ds.root), "kind": ds.kind})

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from voxdiff.core.errors import InputError, VoxdiffWarning
-from voxdiff.core.outputs import atomic_path
+from voxdiff.core.outputs import atomic_path, note_input
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 # files that are never DICOM slices even in a DICOM folder
@@ -166,6 +166,7 @@ def load_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """
     p = Path(path)
     _require_exists(p)
+    note_input(p)
     if p.is_dir():
         arr, affine, _ = load_dicom_series(p)
         return arr, affine
@@ -205,6 +206,7 @@ def load_label(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """
     p = Path(path)
     _require_exists(p)
+    note_input(p)
     if p.is_dir() or not is_nifti(p):
         raise InputError(p, "label maps must be NIfTI files (.nii or .nii.gz)")
     arr, affine = _read_nifti(p, None)

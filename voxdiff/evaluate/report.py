@@ -223,7 +223,7 @@ def evaluate_models(
     cfg = cfg or EvaluateConfig()
     validate(cfg)
     data = Path(data_dir)
-    check_output_path(out_dir, force=force)
+    check_output_path(out_dir, force=force, inputs=(model, data))
     models = find_models(model, cfg.head)
     device = resolve_device(cfg.device)
     t0 = time.time()

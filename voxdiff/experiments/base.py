@@ -299,7 +299,7 @@ class Experiment:
         if self.out.exists() and any(self.out.iterdir()):
             if not saved.is_file():
                 # not one of our experiment folders: never mix with a user's files
-                check_output_path(self.out, force=force)
+                check_output_path(self.out, force=force, inputs=(self.cfg.data or None,))
                 bad: list[str] = []
             else:
                 bad = conflicts()

@@ -57,7 +57,7 @@ def features_command(model: str | os.PathLike, data: str | os.PathLike, out: str
     from ..pretrain.load import load_pretrained
 
     cfg = cfg or ExtractConfig()
-    check_output_path(out, force=force)
+    check_output_path(out, force=force, inputs=(model, data))
     device = resolve_device(cfg.device)
     extractor = load_pretrained(model, device=device)
     with_feature_settings(extractor, cfg)

@@ -32,6 +32,7 @@ from torch import nn
 from ..core.checkpoint import load_checkpoint, unprefixed
 from ..core.config import from_dict
 from ..core.errors import InputError, ModelError
+from ..core.outputs import note_input
 from ..core.precision import bf16_autocast, use_bf16
 from ..core.runtime import prefer_channels_last, resolve_device
 from ..data.preprocess import PreprocessConfig
@@ -193,6 +194,7 @@ def load_pretrained(path: str | os.PathLike, bpr: nn.Module | None = None,
                     device: str | torch.device = "auto") -> FeatureExtractor:
     """The frozen feature extractor of a pretrained backbone folder (any method), on ``device``
     (auto: CUDA when available)."""
+    note_input(path)
     bdir = resolve_backbone_dir(path)
     backbone, task, info = load_backbone(bdir, bpr=bpr, device=device)
     cfg = info["config"]

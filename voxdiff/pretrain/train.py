@@ -508,7 +508,7 @@ def _pretrain(cfg: PretrainConfig, out: Path, resume: bool, progress: bool, forc
         task.prepare(cases, cache_dir=cfg.data.cache_dir, progress=progress and d.main)
 
     if d.main and not resume:
-        check_output_path(out, force=force)
+        check_output_path(out, force=force, inputs=(*cfg.data.paths, cfg.task.bpr_path or None))
         if force and out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)

@@ -30,7 +30,7 @@ from torch import nn
 from voxdiff.core.checkpoint import load_checkpoint, prefixed, read_checkpoint_info, save_checkpoint
 from voxdiff.core.config import from_dict, to_dict, versions
 from voxdiff.core.errors import InputError, ModelError, VoxdiffError
-from voxdiff.core.outputs import atomic_write_json
+from voxdiff.core.outputs import atomic_write_json, note_input
 from voxdiff.core.runtime import resolve_device
 from voxdiff.data.labels import BTCV_LABELS
 from voxdiff.data.preprocess import PreprocessConfig
@@ -213,6 +213,7 @@ def load_segmenter(model_dir: str | os.PathLike, device: str | torch.device = "a
     """Load and check a segmenter bundle (every part present, versions understood) onto ``device``
     (auto: CUDA when available)."""
     p = Path(model_dir)
+    note_input(p)
     doc = read_segmenter_info(p)
     from voxdiff.pretrain.load import load_pretrained
 

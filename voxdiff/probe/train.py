@@ -992,7 +992,7 @@ def train_probe(
     if bad or not cfg.heads:
         raise InputError(None, f"unknown head/mode {bad or '(none)'}; choose from {', '.join(ALL_MODES)}")
     check_probe_config(cfg)
-    check_output_path(out_dir, force=force)
+    check_output_path(out_dir, force=force, inputs=(pretrained_dir, data_dir, splits if isinstance(splits, (str, os.PathLike)) else None))
     device = resolve_device(cfg.runtime.device)
     extractor = load_pretrained(pretrained_dir, device=device)
     from voxdiff.features.extract import feature_input_of, feature_side_of, feature_timesteps, with_feature_settings

@@ -82,11 +82,12 @@ def segment_ct(
     out = Path(out_path)
     if not is_nifti(out):
         raise InputError(out, "output must be a NIfTI file name (.nii or .nii.gz)")
-    check_output_path(out, force=force)
+    inputs = (ct_path, None if isinstance(model_dir, Segmenter) else model_dir)
+    check_output_path(out, force=force, inputs=inputs)
     if preview is not None:
         if Path(preview).suffix.lower() != ".png":
             raise InputError(preview, "preview must be a .png file name")
-        check_output_path(preview, force=force)
+        check_output_path(preview, force=force, inputs=inputs)
     device = resolve_device(cfg.device)
     seg = model_dir if isinstance(model_dir, Segmenter) else load_segmenter(model_dir, device=device)
     hu, affine = load_image(ct_path)
