@@ -29,7 +29,7 @@ import numpy as np
 
 from voxdiff.core.config import to_dict, write_config
 from voxdiff.core.errors import InputError, VoxdiffError
-from voxdiff.core.outputs import atomic_path, atomic_write_json
+from voxdiff.core.outputs import atomic_path, atomic_write_json, replaced_input
 
 from .adapters import Dataset, open_dataset
 from .preprocess import PreprocessConfig, preprocess
@@ -273,8 +273,6 @@ def prepare_cache(
     from tqdm import tqdm
 
     ds = data if isinstance(data, Dataset) else open_dataset(data, kind=kind, split=split)
-    from voxdiff.core.outputs import replaced_input
-
     if replaced_input(cache_dir, inputs=(ds.root,)) is not None:  # never mix a cache into the data set
         raise InputError(cache_dir, f"the cache folder is, or holds, the data set {ds.root}; use a folder of its own")
     created = not Path(cache_dir).exists()
