@@ -187,3 +187,25 @@ def test_source_name_uses_series_description(tmp_path):
         ds.save_as(p)
     assert source_name(tmp_path / "case7" / "PATIENT_DICOM") == "case7/PATIENT_DICOM: ABDOMEN 2.0 B30f"
     assert source_name(tmp_path / "x" / "ct.nii.gz") == "ct.nii.gz"
+
+
+@pytest.mark.parametrize("modality, refused", [("MR", True), ("PT", True), ("SEG", True), ("CT", False), ("OT", False)])
+def test_dicom_series_of_another_modality_refused_unless_allowed(tmp_path, capsys, modality, refused):
+    import pydicom
+
+    folder = tmp_path / f"series_{modality}"
+    for f in write_dicom_series(folder, _ct()):  # CT-like values: only the tag says what it is
+        ds = pydicom.dcmread(f)
+        ds.Modality = modality
+        ds.save_as(f)
+    hu, _ = load_image(folder)
+    if not refused:
+        check_ct(hu, folder)
+        return
+    with pytest.raises(InputError, match=f"DICOM Modality is {modality}, not CT; if this is CT, pass --allow_non_ct"):
+        check_ct(hu, folder)
+    with pytest.warns(UserWarning, match="accepted: --allow_non_ct"):
+        check_ct(hu, folder, allow_non_ct=True)
+    cache = tmp_path / "cache"
+    assert main(["data", "prepare", str(folder), "--cache", str(cache)]) == 2
+    assert f"DICOM Modality is {modality}, not CT" in capsys.readouterr().err

@@ -4,6 +4,7 @@
 for which :func:`ct_problem` finds a problem (exit code 2, one line naming the file), unless the
 user passes ``--allow_non_ct`` (unusual but real CT). What is refused:
 
+* a DICOM series whose Modality tag names another kind of image (MR, PT, US, SEG, ...);
 * a constant volume, a single axial slice, NaN/Inf voxels;
 * all values in 0..1 (a normalised image, a probability or binary mask);
 * no negative value at all: a label map or mask (few whole values such as 0/1/255), an 8-bit
@@ -110,13 +111,42 @@ def ct_warnings(hu: np.ndarray) -> list[str]:
     return out
 
 
+# DICOM Modality values of images that are not CT (an MR, PET or ultrasound series, a
+# segmentation or dose object); "OT" (other) and a missing tag are judged by the values alone
+NON_CT_MODALITIES = frozenset({"MR", "PT", "NM", "US", "CR", "DX", "MG", "XA", "RF", "SEG", "RTDOSE", "RTSTRUCT",
+                               "RTIMAGE", "SM", "OP", "ES", "XC", "OCT"})
+
+
+def dicom_modality(path: str | os.PathLike | None) -> str | None:
+    """The Modality tag of the first readable DICOM file of a series folder (None for a file, a
+    folder without DICOM, or no tag)."""
+    from pathlib import Path
+
+    if path is None or not Path(path).is_dir():
+        return None
+    import pydicom
+
+    for f in sorted(Path(path).iterdir()):
+        if not f.is_file() or f.name.startswith("."):
+            continue
+        try:
+            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["Modality"])
+        except Exception:  # not DICOM (a README, a thumbnail): the next file
+            continue
+        m = str(ds.get("Modality", "") or "").strip().upper()
+        return m or None
+    return None
+
+
 def check_ct(hu: np.ndarray, path: str | os.PathLike | None, allow_non_ct: bool = False) -> list[str]:
-    """Refuse (:class:`InputError` naming ``path``) a volume that does not look like CT in HU.
+    """Refuse (:class:`InputError` naming ``path``) a volume that does not look like CT in HU, or a
+    DICOM series whose Modality is not CT (:data:`NON_CT_MODALITIES`).
 
     With ``allow_non_ct`` the problem becomes a warning. Returns the soft oddities of
     :func:`ct_warnings` (not emitted: callers decide).
     """
-    problem = ct_problem(hu)
+    modality = dicom_modality(path)
+    problem = f"DICOM Modality is {modality}, not CT" if modality in NON_CT_MODALITIES else ct_problem(hu)
     if problem:
         if not allow_non_ct:
             raise InputError(path, f"{problem}; if this is CT, pass {ALLOW_FLAG}")
@@ -124,4 +154,4 @@ def check_ct(hu: np.ndarray, path: str | os.PathLike | None, allow_non_ct: bool 
     return ct_warnings(hu)
 
 
-__all__ = ["ALLOW_FLAG", "ALLOW_HELP", "check_ct", "ct_problem", "ct_warnings"]
+__all__ = ["ALLOW_FLAG", "ALLOW_HELP", "NON_CT_MODALITIES", "check_ct", "ct_problem", "ct_warnings", "dicom_modality"]
