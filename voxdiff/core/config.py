@@ -107,8 +107,13 @@ def warn_renamed(cls: Any, old: str, new: str) -> None:
                   VoxdiffDeprecationWarning, stacklevel=3)
 
 
+@dataclasses.dataclass
 class Bf16Renamed:
     """Base of the configs whose precision switch was called ``amp`` before it became ``bf16``.
+
+    A dataclass itself (with no fields): jsonargparse validates the options of a dataclass whose
+    base is a plain class with a ``__post_init__`` as ``Unvalidated`` types, so ``--sw_batch_size
+    abc`` or ``--bf16 abc`` would pass the parser.
 
     The dataclass declares ``amp: InitVar[bool | None] = None`` (the old keyword); this class maps it
     to ``bf16`` with a deprecation warning, and ``RENAMED`` lets saved configs, YAML and the hidden
