@@ -98,6 +98,16 @@ def renamed_fields(cls: Any) -> dict[str, str]:
     return dict(getattr(cls, "RENAMED", None) or {})
 
 
+def check_window(overlap: float | None = None, sw_batch_size: int | None = None, prefix: str = "") -> None:
+    """The one check of sliding-window settings every command shares (:class:`InputError`, one line):
+    ``overlap`` in [0, 1) and ``sw_batch_size`` >= 1 (None: not given); ``prefix`` names their section
+    (``"inference."``)."""
+    if overlap is not None and not 0 <= float(overlap) < 1:
+        raise InputError(None, f"{prefix}overlap must lie in [0, 1), got {overlap}")
+    if sw_batch_size is not None and int(sw_batch_size) < 1:
+        raise InputError(None, f"{prefix}sw_batch_size must be >= 1, got {sw_batch_size}")
+
+
 def warn_renamed(cls: Any, old: str, new: str) -> None:
     import warnings
 

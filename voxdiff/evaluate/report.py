@@ -13,7 +13,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from voxdiff.core.config import Bf16Renamed
+from voxdiff.core.config import Bf16Renamed, check_window
 from voxdiff.core.errors import InputError
 from voxdiff.core.runtime import resolve_device
 from voxdiff.data.labels import BTCV_LABELS, SIZE_GROUPS
@@ -194,10 +194,7 @@ def _cases_for(model_doc: dict, data_dir: Path, cfg: EvaluateConfig):
 
 def validate(cfg: EvaluateConfig) -> None:
     """Refuse settings that cannot be meant, with one line, before anything is read or written."""
-    if cfg.overlap is not None and not 0 <= float(cfg.overlap) < 1:
-        raise InputError(None, f"overlap must lie in [0, 1), got {cfg.overlap}")
-    if int(cfg.sw_batch_size) < 1:
-        raise InputError(None, f"sw_batch_size must be >= 1, got {cfg.sw_batch_size}")
+    check_window(cfg.overlap, cfg.sw_batch_size)
     if not float(cfg.tau_mm) > 0:
         raise InputError(None, f"tau_mm (the surface Dice tolerance) must be > 0 mm, got {cfg.tau_mm}")
     if int(cfg.figures) < 0:

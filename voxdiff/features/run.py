@@ -9,7 +9,7 @@ from typing import Any, Callable, Sequence
 
 from tqdm import tqdm
 
-from ..core.config import to_dict, write_config
+from ..core.config import check_window, to_dict, write_config
 from ..core.errors import InputError
 from ..core.outputs import atomic_write_json, check_output_path, staged_dir
 from ..core.runtime import resolve_device
@@ -22,8 +22,7 @@ _MODES = ("gaussian", "constant")
 
 def validate(cfg: ExtractConfig, extractor: Any) -> None:
     """Refuse bad settings with a one-line message before anything is written."""
-    if not 0 <= cfg.overlap < 1:
-        raise InputError(None, f"overlap must lie in [0, 1), got {cfg.overlap}")
+    check_window(cfg.overlap, cfg.sw_batch_size)
     if cfg.mode not in _MODES:
         raise InputError(None, f"mode must be one of {', '.join(_MODES)}, got {cfg.mode!r}")
     if cfg.condition not in _CONDITIONS:
@@ -32,8 +31,6 @@ def validate(cfg: ExtractConfig, extractor: Any) -> None:
         raise InputError(None, f"dtype must be float16, float32 or bfloat16, got {cfg.dtype!r}")
     if cfg.roi is not None and (len(cfg.roi) != 3 or any(int(r) < 1 for r in cfg.roi)):
         raise InputError(None, f"roi must be 3 positive sizes, got {cfg.roi}")
-    if cfg.sw_batch_size < 1:
-        raise InputError(None, "sw_batch_size must be >= 1")
     n = len(extractor.levels)
     if cfg.levels is not None:
         bad = [i for i in cfg.levels if not -n <= int(i) < n]

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from voxdiff.core.config import warn_renamed
+from voxdiff.core.config import check_window, warn_renamed
 from voxdiff.core.engine import Engine, EngineConfig, TrainTask
 from voxdiff.core.errors import InputError, TrainingError
 from voxdiff.core.metrics import mean_dice
@@ -952,11 +952,11 @@ def check_probe_config(cfg: ProbeConfig) -> None:
         (not _three_positive(w.roi), f"inference.roi must be 3 sizes >= 1, got {w.roi}"),
         (w.feature_roi is not None and not _three_positive(w.feature_roi),
          f"inference.feature_roi must be 3 sizes >= 1, got {w.feature_roi}"),
-        (not 0 <= float(w.overlap) < 1, f"inference.overlap must lie in [0, 1), got {w.overlap}"),
     ]
     for bad, msg in problems:
         if bad:
             raise InputError(None, msg)
+    check_window(w.overlap, prefix="inference.")
 
 
 def train_probe(

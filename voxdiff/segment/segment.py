@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from voxdiff.core.config import Bf16Renamed
+from voxdiff.core.config import Bf16Renamed, check_window
 from voxdiff.core.errors import InputError, VoxdiffWarning
 from voxdiff.core.outputs import check_output_path
 
@@ -75,10 +75,7 @@ def segment_ct(
     from voxdiff.data.io import is_nifti, load_image, save_nifti, source_name
 
     cfg = cfg or SegmentConfig()
-    if cfg.overlap is not None and not 0 <= float(cfg.overlap) < 1:
-        raise InputError(None, f"overlap must lie in [0, 1), got {cfg.overlap}")
-    if int(cfg.sw_batch_size) < 1:
-        raise InputError(None, f"sw_batch_size must be >= 1, got {cfg.sw_batch_size}")
+    check_window(cfg.overlap, cfg.sw_batch_size)
     out = Path(out_path)
     if not is_nifti(out):
         raise InputError(out, "output must be a NIfTI file name (.nii or .nii.gz)")
