@@ -118,24 +118,11 @@ NON_CT_MODALITIES = frozenset({"MR", "PT", "NM", "US", "CR", "DX", "MG", "XA", "
 
 
 def dicom_modality(path: str | os.PathLike | None) -> str | None:
-    """The Modality tag of the first readable DICOM file of a series folder (None for a file, a
-    folder without DICOM, or no tag)."""
-    from pathlib import Path
+    """The Modality tag of a DICOM series folder (None for a file, a folder without DICOM, or no tag)."""
+    from .io import first_dicom_header
 
-    if path is None or not Path(path).is_dir():
-        return None
-    import pydicom
-
-    for f in sorted(Path(path).iterdir()):
-        if not f.is_file() or f.name.startswith("."):
-            continue
-        try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["Modality"])
-        except Exception:  # not DICOM (a README, a thumbnail): the next file
-            continue
-        m = str(ds.get("Modality", "") or "").strip().upper()
-        return m or None
-    return None
+    ds = first_dicom_header(path)
+    return (str(ds.get("Modality", "") or "").strip().upper() or None) if ds is not None else None
 
 
 def check_ct(hu: np.ndarray, path: str | os.PathLike | None, allow_non_ct: bool = False) -> list[str]:

@@ -180,6 +180,20 @@ def load_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     return arr, affine
 
 
+def first_dicom_header(path: str | os.PathLike | None):
+    """The header (no pixels) of the first readable DICOM file of a series folder; None for a file, a
+    missing path or a folder without DICOM files."""
+    if path is None or not Path(path).is_dir():
+        return None
+    for f in sorted(Path(path).iterdir()):
+        if not f.is_file() or f.name.startswith(".") or f.name.lower() in _NON_DICOM:
+            continue
+        ds = read_raw_dicom(f, stop_before_pixels=True)
+        if ds is not None:
+            return ds
+    return None
+
+
 def source_name(path: str | os.PathLike) -> str:
     """A readable name of a CT for titles: the file name of a NIfTI file; for a DICOM folder its
     parent and own folder name with the SeriesDescription (``case7/PATIENT_DICOM: ABDOMEN 2.0 B30f``)."""
@@ -187,16 +201,12 @@ def source_name(path: str | os.PathLike) -> str:
     if not p.is_dir():
         return p.name
     name = f"{p.parent.name}/{p.name}" if p.parent.name else p.name
-    for f in sorted(p.iterdir()):
-        if not f.is_file() or f.name.startswith(".") or f.name.lower() in _NON_DICOM:
-            continue
-        ds = read_raw_dicom(f, stop_before_pixels=True)
-        if ds is None:
-            continue
-        parts = [str(ds.get(k, "") or "").strip() for k in ("SeriesDescription", "ProtocolName")]
-        desc = next((d for d in parts if d), "")
-        return f"{name}: {desc}" if desc else name
-    return name
+    ds = first_dicom_header(p)
+    if ds is None:
+        return name
+    parts = [str(ds.get(k, "") or "").strip() for k in ("SeriesDescription", "ProtocolName")]
+    desc = next((d for d in parts if d), "")
+    return f"{name}: {desc}" if desc else name
 
 
 def load_label(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
