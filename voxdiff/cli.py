@@ -49,12 +49,13 @@ def build_parser() -> tuple[ArgumentParser, CommandGroup]:
 
 def config_files(argv: list[str]) -> list[str]:
     """The values of every ``--config`` option in ``argv`` that name a file (not inline YAML)."""
-    out = []
+    values = []
     for i, a in enumerate(argv):
-        v = a.split("=", 1)[1] if a.startswith("--config=") else argv[i + 1] if a == "--config" and i + 1 < len(argv) else None
-        if v is not None and "\n" not in v and not v.lstrip().startswith(("{", "[")):
-            out.append(v)
-    return out
+        if a.startswith("--config="):
+            values.append(a.split("=", 1)[1])
+        elif a == "--config" and i + 1 < len(argv):
+            values.append(argv[i + 1])
+    return [v for v in values if "\n" not in v and not v.lstrip().startswith(("{", "["))]
 
 
 def check_config_files(argv: list[str]) -> None:
