@@ -283,6 +283,27 @@ def test_bpr_nan_stop_keeps_the_last_good_state(tmp_path, bpr_cases, monkeypatch
     assert not (tmp_path / "m" / "model.json").exists()
 
 
+
+def test_bpr_nan_before_the_first_checkpoint_leaves_no_model_folder(tmp_path, bpr_cases, monkeypatch):
+    import voxdiff.bpr.train as bt
+
+    real = bt.slice_step
+
+    def nan_at_once(model, vols, cfg, rng):
+        loss, parts = real(model, vols, cfg, rng)
+        return loss * float("nan"), parts
+
+    monkeypatch.setattr(bt, "slice_step", nan_at_once)
+    with pytest.raises(TrainingError, match=r"loss is nan at step 1: .*no checkpoint had been written"):
+        bt.train_bpr(_bpr_cfg(checkpoint_every=4), tmp_path / "m", cases=bpr_cases, progress=False)
+    assert not (tmp_path / "m").exists()
+    keep = tmp_path / "k"
+    keep.mkdir()
+    (keep / "README").write_text("the user's")
+    with pytest.raises(TrainingError):
+        bt.train_bpr(_bpr_cfg(checkpoint_every=4), keep, cases=bpr_cases, progress=False, force=True)
+    assert sorted(p.name for p in keep.iterdir()) == ["README"]
+
 # ------------------------------------------------------------------------------------ probes
 
 

@@ -79,3 +79,36 @@ def test_no_output_replaces_an_input_even_with_force(tmp_path):
     check_output_path(data, force=True)
     assert (data / "ct.nii.gz").read_bytes() == b"scan" and not (data / "other.nii.gz").exists()
     assert sorted(f.name for f in tmp_path.iterdir()) == ["data"]  # no partial folders or files left
+
+
+def test_run_folder_takes_back_only_what_a_run_wrote_before_its_first_checkpoint(tmp_path):
+    from voxdiff.core.outputs import run_folder
+
+    new = tmp_path / "new"
+    with pytest.raises(RuntimeError):
+        with run_folder(new, lambda: False) as d:
+            (d / "config.yaml").write_text("c")
+            (d / "train_state").mkdir()
+            raise RuntimeError
+    assert not new.exists()  # created by the failed run: gone
+
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "notes.txt").write_text("mine")
+    with pytest.raises(KeyboardInterrupt):
+        with run_folder(old, lambda: False) as d:
+            (d / "metrics.jsonl").write_text("{}")
+            (d / "sub").mkdir()
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in old.iterdir()) == ["notes.txt"]  # the user's file stays
+
+    kept = tmp_path / "kept"
+    with pytest.raises(RuntimeError):
+        with run_folder(kept, lambda: True) as d:  # a checkpoint exists: the run can be resumed
+            (d / "metrics.jsonl").write_text("{}")
+            raise RuntimeError
+    assert (kept / "metrics.jsonl").is_file()
+
+    with run_folder(tmp_path / "ok", lambda: False) as d:
+        (d / "f").write_text("y")
+    assert (tmp_path / "ok" / "f").read_text() == "y"

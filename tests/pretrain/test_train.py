@@ -162,6 +162,15 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path, cases, nan_task):
     assert not (out / "backbone").exists()
 
 
+
+def test_nan_before_the_first_checkpoint_leaves_no_run_folder(tmp_path, cases, nan_task):
+    out = tmp_path / "n"
+    with pytest.raises(TrainingError, match=r"loss is nan at step 5.*no checkpoint had been written"):
+        pretrain(tiny(method="nan_after_3", steps=8, checkpoint_every=10), out, cases=cases, progress=False)
+    assert not out.exists()  # nothing to resume: the folder does not block the next attempt
+    pretrain(tiny(steps=2), out, cases=cases, progress=False)  # no --force needed
+    assert (out / "backbone" / "model.json").is_file()
+
 def test_random_method_writes_initial_weights(tmp_path, cases):
     out = pretrain(tiny(method="random", steps=100), tmp_path / "rnd", progress=False)  # no data needed
     assert not (out / "metrics.jsonl").exists()

@@ -32,7 +32,7 @@ from torch import nn
 from ..core.config import flatten, to_dict, write_config
 from ..core.engine import Engine, EngineConfig, TrainTask, old_train_state_error
 from ..core.errors import InputError, ModelError, TrainingError
-from ..core.outputs import atomic_write, atomic_write_json, check_output_path
+from ..core.outputs import atomic_write, atomic_write_json, check_output_path, run_folder
 from ..core.runtime import num_threads
 from ..core.sections import OptimConfig, RuntimeConfig, engine_settings
 from ..core.trainstate import latest_train_state
@@ -656,20 +656,21 @@ def _train(cfg: BPRTrainConfig, out: Path, vols: list[Volume], resuming: bool, p
     if slice_model is not None:
         model.slice_model.load_state_dict(slice_model.state_dict())  # type: ignore[union-attr]
         model.slice_model.calibration_info = dict(slice_model.calibration_info)  # type: ignore[union-attr]
-    out.mkdir(parents=True, exist_ok=True)
-    if not resuming:
+    if not resuming and out.is_dir():
         for name in ("log.csv", "metrics.json", "metrics.jsonl", "model.safetensors", "model.json",
                      "train_state.safetensors", "train_state.json"):  # (the last two: the format before the engine)
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / "train_state", ignore_errors=True)
-    task = BPRTask(cfg, model, vols, out)
-    engine = Engine(engine_config(cfg, progress), task, state_dir=out / "train_state",
-                    metrics_path=out / "metrics.jsonl", config=cfg, resume=resuming, meta={"bpr_kind": cfg.kind})
-    start = engine.start
-    write_config(out, cfg, extra={"cases": [v.case_id for v in vols]})
+    # a run that stops before its first checkpoint (error, NaN, Ctrl-C) leaves no folder behind
+    with run_folder(out, lambda: latest_train_state(out / "train_state") is not None):
+        task = BPRTask(cfg, model, vols, out)
+        engine = Engine(engine_config(cfg, progress), task, state_dir=out / "train_state",
+                        metrics_path=out / "metrics.jsonl", config=cfg, resume=resuming, meta={"bpr_kind": cfg.kind})
+        start = engine.start
+        write_config(out, cfg, extra={"cases": [v.case_id for v in vols]})
 
-    t0 = time.time()
-    engine.fit()
+        t0 = time.time()
+        engine.fit()
     train_s = time.time() - t0
     last = task.last
 

@@ -3,6 +3,8 @@
 * :func:`atomic_write` writes a file through a temporary sibling and ``os.replace``.
 * :func:`staged_dir` builds an output folder under a temporary sibling name and moves it into place
   only when the block succeeds; an existing non-empty folder is refused unless ``force``.
+* :func:`run_folder` is for training runs written in place (resumable from their checkpoints): a
+  run that fails before its first checkpoint takes back the files it created.
 * No output replaces an input: the readers record what they read (:func:`note_input`), and an output
   that is one of those paths, or a folder holding one, is refused, ``force`` or not.
 """
@@ -15,7 +17,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .errors import InputError
 
@@ -184,3 +186,27 @@ def kept_work_dir(path: str | os.PathLike) -> Path:
     """The work folder that ``staged_dir(path, keep=True)`` keeps after an interruption."""
     p = Path(path)
     return p.parent / f".{p.name}.partial"
+
+
+@contextlib.contextmanager
+def run_folder(path: str | os.PathLike, has_checkpoint: Callable[[], bool]) -> Iterator[Path]:
+    """Create (if needed) the folder of a training run that writes in place, and take it back on failure.
+
+    A run that raises (an error, a NaN stop, Ctrl-C) while ``has_checkpoint()`` is still false has
+    nothing worth resuming: the files and folders it added to ``path`` are removed, and ``path``
+    itself if the run created it, so that the next attempt is not refused as a non-empty folder.
+    What was in the folder before the block is left alone; once a checkpoint exists nothing is removed
+    (``--resume`` continues from it)."""
+    p = Path(path)
+    before = set(p.iterdir()) if p.is_dir() else None
+    p.mkdir(parents=True, exist_ok=True)
+    try:
+        yield p
+    except BaseException:
+        if not has_checkpoint():
+            if before is None:
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                for q in set(p.iterdir()) - before:
+                    shutil.rmtree(q, ignore_errors=True) if q.is_dir() and not q.is_symlink() else q.unlink(missing_ok=True)
+        raise

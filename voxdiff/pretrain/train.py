@@ -26,6 +26,7 @@ Output folder::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -52,7 +53,7 @@ from ..core.engine import (  # noqa: F401  (EMA, MetricLog, Dist: re-exported fo
 )
 from ..core.engine import param_groups as _param_groups
 from ..core.errors import InputError
-from ..core.outputs import check_output_path, staged_dir
+from ..core.outputs import check_output_path, run_folder, staged_dir
 from ..core.runtime import num_threads, resolve_device
 from ..core.schedule import warmup_cosine
 from ..core.sections import OptimConfig, RuntimeConfig, engine_settings
@@ -511,52 +512,55 @@ def _pretrain(cfg: PretrainConfig, out: Path, resume: bool, progress: bool, forc
         check_output_path(out, force=force, inputs=(*cfg.data.paths, cfg.task.bpr_path or None))
         if force and out.exists():
             shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
-    d.barrier()
+    # on the main rank, a run that stops before its first checkpoint (error, NaN, Ctrl-C) takes back
+    # what it wrote, so that the folder does not block the next attempt
+    with (run_folder(out, lambda: latest_train_state(state_root) is not None) if d.main
+          else contextlib.nullcontext(out)):
+        d.barrier()
 
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # the patch size is fixed: pick the fastest kernels once
-    ptask = PretrainTask(cfg, _Joint(backbone, task), cases, d, out, probe_set)
-    engine = Engine(engine_config(cfg, progress, d.main), ptask, state_dir=state_root,
-                    metrics_path=out / "metrics.jsonl", dist_info=d, config=cfg, resume=resume,
-                    meta={"method": cfg.method})
-    ptask.engine = engine
-    assert engine.ema is not None
-    start = engine.start
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # the patch size is fixed: pick the fastest kernels once
+        ptask = PretrainTask(cfg, _Joint(backbone, task), cases, d, out, probe_set)
+        engine = Engine(engine_config(cfg, progress, d.main), ptask, state_dir=state_root,
+                        metrics_path=out / "metrics.jsonl", dist_info=d, config=cfg, resume=resume,
+                        meta={"method": cfg.method})
+        ptask.engine = engine
+        assert engine.ema is not None
+        start = engine.start
 
-    if d.main:
-        write_config(out, cfg, extra={"method": cfg.method, "parameters": count_parameters(backbone),
-                                      "world_size": d.world})
+        if d.main:
+            write_config(out, cfg, extra={"method": cfg.method, "parameters": count_parameters(backbone),
+                                          "world_size": d.world})
 
-    end = cfg.optim.steps if stop_after is None else min(cfg.optim.steps, max(start, int(stop_after)))
-    if trains and start < end:
-        engine.fit(end)
+        end = cfg.optim.steps if stop_after is None else min(cfg.optim.steps, max(start, int(stop_after)))
+        if trains and start < end:
+            engine.fit(end)
 
-    if end < cfg.optim.steps:  # stopped early on request: the checkpoint is the result
-        if engine.last_saved != end:
-            engine.save(end)
+        if end < cfg.optim.steps:  # stopped early on request: the checkpoint is the result
+            if engine.last_saved != end:
+                engine.save(end)
+            return out
+
+        if trains and engine.last_saved != cfg.optim.steps and cfg.optim.steps > 0:
+            engine.save(cfg.optim.steps)
+
+        if d.main:
+            ema_backbone = {k: v for k, v in engine.ema.state().items()}
+            if not trains:  # random init: the initial weights
+                ema_backbone = {k: v.detach().float() for k, v in backbone.state_dict().items()}
+            if has_bpr:
+                bdest = out / "bpr"
+                if bdest.exists():
+                    shutil.rmtree(bdest)
+                with staged_dir(bdest, force=True) as tmp:
+                    shutil.rmtree(tmp)
+                    copy_bpr(cfg.task.bpr_path, tmp)  # type: ignore[arg-type]
+            with staged_dir(out / "backbone", force=True) as tmp:
+                save_backbone(tmp, cfg, backbone, ema_backbone, task, task_cfg, has_bpr,
+                              meta={"steps": cfg.optim.steps, "parameters": count_parameters(backbone),
+                                    "seed": cfg.seed, "world_size": d.world})
+        d.barrier()
         return out
-
-    if trains and engine.last_saved != cfg.optim.steps and cfg.optim.steps > 0:
-        engine.save(cfg.optim.steps)
-
-    if d.main:
-        ema_backbone = {k: v for k, v in engine.ema.state().items()}
-        if not trains:  # random init: the initial weights
-            ema_backbone = {k: v.detach().float() for k, v in backbone.state_dict().items()}
-        if has_bpr:
-            bdest = out / "bpr"
-            if bdest.exists():
-                shutil.rmtree(bdest)
-            with staged_dir(bdest, force=True) as tmp:
-                shutil.rmtree(tmp)
-                copy_bpr(cfg.task.bpr_path, tmp)  # type: ignore[arg-type]
-        with staged_dir(out / "backbone", force=True) as tmp:
-            save_backbone(tmp, cfg, backbone, ema_backbone, task, task_cfg, has_bpr,
-                          meta={"steps": cfg.optim.steps, "parameters": count_parameters(backbone),
-                                "seed": cfg.seed, "world_size": d.world})
-    d.barrier()
-    return out
 
 
 def _online_probe(cfg, joint, ema, device, d: Dist, out: Path, step: int, writer, probe_set=None) -> None:
