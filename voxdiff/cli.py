@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib
 import os
@@ -10,7 +11,7 @@ import sys
 from jsonargparse import ArgumentParser
 
 from . import __version__
-from .core.cli import CommandGroup, WarningPrinter, one_line, underscore_options
+from .core.cli import CommandGroup, WarningPrinter, one_line, parsers_of, underscore_options, usage_error_line
 from .core.errors import VoxdiffError
 from .core.outputs import protecting_inputs
 from .core.runtime import tune_allocator
@@ -30,7 +31,7 @@ STAGE_CLIS = [
 
 
 def build_parser() -> tuple[ArgumentParser, CommandGroup]:
-    parser = ArgumentParser(prog="voxdiff", description=__doc__, version=f"voxdiff {__version__}")
+    parser = ArgumentParser(prog="voxdiff", description=__doc__, version=__version__)
     parser.add_argument("--quiet", action="store_true", help="no warnings (also accepted after the command)")
     root = CommandGroup(parser, dest="command")
     for mod in STAGE_CLIS:
@@ -44,6 +45,8 @@ def build_parser() -> tuple[ArgumentParser, CommandGroup]:
     for p in root.command_parsers():  # commands with their own --quiet (no progress bar) keep it
         if "--quiet" not in getattr(p, "_option_string_actions", {}):
             p.add_argument("--quiet", action="store_true", help="no warnings")
+    for p in parsers_of(parser, root):  # a bad command line raises; main() prints it on one line
+        p.exit_on_error = False
     return parser, root
 
 
@@ -89,7 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = underscore_options(list(sys.argv[1:] if argv is None else argv))
         check_config_files(args)
-        ns = parser.parse_args(args)
+        try:
+            ns = parser.parse_args(args)
+        except argparse.ArgumentError as e:  # a mistyped option or value: one line, not a page of usage
+            print(f"voxdiff: error: {usage_error_line(str(e), args, root)}", file=sys.stderr)
+            return 2
         quiet = bool(ns.get("quiet")) or bool(getattr(root.leaf(ns), "quiet", False))
         # a stage command never replaces what it reads; an experiment rewrites its own step folders
         guard = contextlib.nullcontext() if ns.get("command") in ("experiment", "demo") else protecting_inputs()

@@ -316,6 +316,9 @@ def test_cli(tmp_path: Path, capsys):
     # (the hyphenated spellings of before are hidden aliases)
     assert main(["phantom", str(tmp_path / "bad"), "--n-train", "0", "--n-test", "0", "--n-unlabelled=0", "--quiet"]) == 2
     assert main(["phantom", str(tmp_path / "bad"), "--seed", "-1", "--quiet"]) == 2
+    capsys.readouterr()
+    assert main(["phantom", str(tmp_path / "bad"), "--shape", "[8,8,8]", "--quiet"]) == 2  # too small for the organs
+    assert "sizes >= 16" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
 

@@ -82,16 +82,22 @@ def add_config(parser: ArgumentParser, cls: type, skip: set[str] | None = None) 
     A section with a ``VALUE_FIELD`` also takes a plain value: ``--data A B`` sets ``--data.paths``
     (the section option still takes a YAML file or a JSON/YAML mapping of the section, as usual)."""
     import argparse
+    import dataclasses
     import typing
 
     from .config import flat_names, renamed_fields, section_classes
 
     renamed = renamed_fields(cls)
-    parser.add_class_arguments(cls, None, as_group=True, skip=(skip or set()) | set(renamed))
     hints = typing.get_type_hints(cls)
+    # init-only keywords (old names kept as ``InitVar``s): jsonargparse would take them unvalidated
+    initvars = {k: h.type for k, h in hints.items() if isinstance(h, dataclasses.InitVar)}
+    parser.add_class_arguments(cls, None, as_group=True, skip=(skip or set()) | set(renamed) | set(initvars))
     for old, new in renamed.items():
         parser.add_argument(f"--{old}", type=typing.Optional[hints.get(new, Any)], default=None,
                             help=argparse.SUPPRESS)
+    for name, tp in initvars.items():
+        if name not in (skip or set()) and f"--{name}" not in parser._option_string_actions:
+            parser.add_argument(f"--{name}", type=typing.Optional[tp], default=None, help=argparse.SUPPRESS)
     sections = section_classes(cls)
     for sec, scls in sections.items():
         vf = getattr(scls, "VALUE_FIELD", None)
@@ -158,6 +164,51 @@ def underscore_options(argv: list[str]) -> list[str]:
         name, eq, value = tok.partition("=")
         out.append("--" + name[2:].replace("-", "_") + eq + value)
     return out
+
+
+def parsers_of(parser: ArgumentParser, root: "CommandGroup") -> list[ArgumentParser]:
+    """``parser`` and every group and command parser below ``root``."""
+    out = [parser]
+
+    def walk(g: CommandGroup) -> None:
+        out.append(g.parser)
+        for r in g.runners.values():
+            if isinstance(r, CommandGroup):
+                walk(r)
+
+    walk(root)
+    return out + [p for p in root.command_parsers() if p not in out]
+
+
+def usage_error_line(message: str, argv: list[str], root: "CommandGroup | None" = None, prog: str = "voxdiff") -> str:
+    """jsonargparse's message for a bad command line (several lines after a page of usage) as one line:
+    ``--sampling.batch_size: expected int, got 'x' (see voxdiff probe --help)``."""
+    import re
+
+    command: list[str] = []  # the command words of argv that name a command or group
+    g = root
+    for a in argv:
+        if g is None or a not in g.runners:
+            break
+        command.append(a)
+        r = g.runners[a]
+        g = r if isinstance(r, CommandGroup) else None
+    m = re.match(r'Parser key "([^"]+)":(.*)', message, flags=re.S)
+    if m:
+        key, rest = m.groups()
+        kinds = [k for k in re.findall(r"Expected a <class '([^']+)'>", rest) if k != "NoneType"]
+        got = re.search(r"(?:Got|Given) value: (.*)", rest)
+        text = f"--{key}: "
+        text += f"expected {' or '.join(dict.fromkeys(kinds))}, got {got.group(1).strip()!r}" if kinds and got else rest
+    elif m := re.match(r"argument command\S*: invalid choice: (\S+) (.*)", message, flags=re.S):
+        text = f"unknown command {m.group(1)} {m.group(2)}"
+    elif m := re.match(r'expected "\S+" to be one of (\{.*\}), but it was not provided', message):
+        text = f"a command is needed, one of {m.group(1)}"
+    elif message.startswith("the following arguments are required:") and command:
+        text = re.sub(r"\b" + re.escape(".".join(command)) + r"\.", "", message)  # probe.data -> data
+    else:
+        text = message
+    return one_line(f"{text} (see {' '.join([prog, *command])} --help)", limit=500)
 
 
 def one_line(text: str, limit: int = 400) -> str:

@@ -113,8 +113,8 @@ class PhantomConfig:
     def __post_init__(self) -> None:
         from ...core.errors import InputError
 
-        if len(self.shape) != 3 or min(self.shape) < 8:
-            raise InputError(None, f"phantom shape must be 3 sizes >= 8, got {self.shape}")
+        if len(self.shape) != 3 or min(self.shape) < 16:  # (at 8^3 a phantom holds one or two organs)
+            raise InputError(None, f"phantom shape must be 3 sizes >= 16, got {list(self.shape)}")
         for name in ("spacing_xy", "spacing_z", "enhancement", "noise_hu", "blur_mm", "body_size"):
             v = tuple(getattr(self, name))
             if len(v) != 2:
