@@ -1,0 +1,185 @@
+"""Why frozen heads fail with one labelled phantom: how each row holds up when the field of view of
+its own training phantom changes, and what field-of-view crops of that phantom give a frozen head.
+
+On the seed folders of a ``voxdiff experiment compare --seeds`` run (``runs/bench56/seed-S``: its
+backbones, cache and split), for each row (a frozen non-linear head on a pretrained backbone, fitted
+as the experiment's probe step fits it; or ``scratch``, the network trained end to end with early
+stopping as the experiment's label rows train it) trained on the first labelled phantom alone:
+
+* Dice (%) on that same phantom and on copies of it that change the field of view but not the
+  anatomy: a HU shift (+30), the field of view moved along z by 4 and 8 slices (rows cut at one end,
+  air at the other), the body scaled in-plane by 0.9 and 1.1;
+* Dice on the validation phantom and the test phantoms;
+* with ``--views K`` (frozen rows only) the head is fitted on the phantom plus K random crops of it
+  (each axis keeps a random ``--z_min``..1 (z) or ``--xy_min``..1 (x, y) of its length): each crop
+  is its own feature window, so the head sees the same anatomy in other fields of view.
+
+No experiment step is run or written for these fits (they are run directly, not as the
+experiment's steps; the seed folder's pretraining steps are only looked up). Results: one JSON per run under ``--out`` (resumable: finished entries are skipped) and a
+table on stdout.
+
+    python benchmarks/one_label_views.py runs/bench56 --seeds 5,6 --rows contrastive,diffusion-ape,scratch \
+        --views 0,4 --threads 2 --out runs/bench56/one-label-views
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from voxdiff.core.runtime import tune_allocator  # noqa: E402
+
+
+def variant(case, name: str, image: np.ndarray, label: np.ndarray):
+    """A copy of preprocessed ``case`` holding ``image`` / ``label`` under the id ``<id>-<name>``."""
+    c = copy.copy(case)
+    c.image = np.ascontiguousarray(image, dtype=np.float32)
+    c.label = np.ascontiguousarray(label, dtype=np.uint8)
+    c.meta = dataclasses.replace(case.meta, case_id=f"{case.case_id}-{name}")
+    return c
+
+
+def perturbations(case) -> list:
+    """The phantom itself and copies with the same anatomy in another field of view or intensity."""
+    from scipy.ndimage import zoom
+
+    a, lab = case.image, case.label
+    air = float(a.min())
+    out = [variant(case, "same", a, lab), variant(case, "hu+30", a + 30.0, lab)]
+    for dz in (4, 8):  # the scan starts dz slices higher: the lowest rows are cut, air above the top
+        out.append(variant(case, f"z+{dz}", np.concatenate([a[:, :, dz:], np.full_like(a[:, :, :dz], air)], 2),
+                           np.concatenate([lab[:, :, dz:], np.zeros_like(lab[:, :, :dz])], 2)))
+    for f in (0.9, 1.1):  # a smaller / larger body in-plane (the grid changes size with it)
+        out.append(variant(case, f"xy*{f}", zoom(a, (f, f, 1.0), order=1, mode="nearest", grid_mode=True),
+                           zoom(lab, (f, f, 1.0), order=0, mode="nearest", grid_mode=True)))
+    return out
+
+
+def fov_views(case, k: int, rng: np.random.Generator, z_min: float = 0.5, xy_min: float = 0.8) -> list:
+    """``k`` random crops of ``case`` (image and label alike), each axis keeping a random fraction of
+    its length (``xy_min``..1 in-plane, ``z_min``..1 along z) at a random position."""
+    views = []
+    for i in range(k):
+        box = []
+        for n, lo in zip(case.image.shape, (xy_min, xy_min, z_min)):
+            m = max(1, int(round(n * rng.uniform(lo, 1.0))))
+            s = int(rng.integers(0, n - m + 1))
+            box.append(slice(s, s + m))
+        views.append(variant(case, f"fov{i}", case.image[tuple(box)], case.label[tuple(box)]))
+    return views
+
+
+def mean_dice(scores: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Per case: mean Dice (%) over the organs present (NaN / None entries are absent organs)."""
+    out = {}
+    for cid, d in scores.items():
+        v = [float(x) for x in d.values() if x is not None and x == x]
+        out[cid] = round(100.0 * float(np.mean(v)), 1) if v else float("nan")
+    return out
+
+
+def run_row(exp, row: str, views: int, z_min: float, xy_min: float, seed: int) -> dict[str, Any]:
+    """Fit ``row`` on the first labelled phantom (plus ``views`` crops for a frozen head); score it."""
+    from voxdiff.features.extract import with_feature_side
+    from voxdiff.pretrain.load import load_pretrained
+
+    train, val, test = exp.folds()[0]
+    c0 = train[0]
+    t0 = time.time()
+    if row == "scratch":
+        if views:
+            raise ValueError("--views applies to frozen rows only")
+        from voxdiff.probe.train import fit_network
+
+        pcfg = exp.tuned_cfg("scratch", True)
+        ext = load_pretrained(exp.pretrained("random"), device="cpu")
+        net, head = fit_network(ext, [c0], val, "scratch", pcfg, progress=False)
+
+        def score(cases):
+            return exp.score(net, {"scratch": head}, cases, pcfg)["scratch"]
+    else:
+        from voxdiff.probe.voxel import fit_heads_voxels
+
+        pcfg = exp.probe_cfg()
+        ext = load_pretrained(exp.pretrained(row), device="cpu")
+        with_feature_side(ext, pcfg.feature_side)
+        fit_on = [c0] + fov_views(c0, views, np.random.default_rng(1000 + seed), z_min, xy_min)
+        heads = fit_heads_voxels(ext, fit_on, val, ("nonlinear",), pcfg, progress=False,
+                                 voxels_per_step=int(exp.budget.get("probe_voxels", 8192)))
+
+        def score(cases):
+            return exp.score(ext, heads, cases, pcfg, volume=exp.voxel_mode)["nonlinear"]
+    res: dict[str, Any] = {"row": row, "views": views, "z_min": z_min, "xy_min": xy_min, "train_case": c0.case_id,
+                           "own": mean_dice(score(perturbations(c0))), "val": mean_dice(score(val)),
+                           "test": mean_dice(score(test))}
+    res["test_mean"] = round(float(np.nanmean(list(res["test"].values()))), 2)
+    res["seconds"] = round(time.time() - t0, 1)
+    return res
+
+
+def table(results: dict[str, dict[str, Any]]) -> str:
+    """Markdown: one line per run (seed, row, views), the perturbed copies of the training phantom,
+    validation and test means."""
+    keys = ["same", "hu+30", "z+4", "z+8", "xy*0.9", "xy*1.1"]
+    lines = ["| seed | row | crops | " + " | ".join(f"own, {k}" for k in keys) + " | validation | test |",
+             "|---" * (len(keys) + 5) + "|"]
+    for name in sorted(results):
+        r = results[name]
+        own = {k.split("-", 1)[1]: v for k, v in r["own"].items()}
+        lines.append(f"| {r['seed']} | {r['row']} | {r['views'] or ''} | "
+                     + " | ".join(f"{own.get(k, float('nan')):.1f}" for k in keys)
+                     + f" | {np.nanmean(list(r['val'].values())):.1f} | {r['test_mean']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("bench", type=Path, help="folder of a compare --seeds run (with seed-S subfolders)")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    ap.add_argument("--rows", default="contrastive,diffusion-ape,scratch",
+                    help="comma-separated: pretrained methods (frozen heads) and/or scratch")
+    ap.add_argument("--views", default="0", help="comma-separated numbers of field-of-view crops (frozen rows)")
+    ap.add_argument("--z_min", type=float, default=0.5, help="shortest crop along z, fraction of the phantom")
+    ap.add_argument("--xy_min", type=float, default=0.8, help="narrowest crop in-plane, fraction of the phantom")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    ap.add_argument("--out", type=Path, required=True, help="folder of the per-run JSON files")
+    a = ap.parse_args(argv)
+
+    import torch
+
+    from voxdiff.experiments.base import Experiment
+
+    tune_allocator()
+    torch.set_num_threads(a.threads)
+    a.out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for s in (int(x) for x in a.seeds.split(",")):
+        folder = a.bench / f"seed-{s}"
+        if not (folder / "config.yaml").is_file():
+            raise SystemExit(f"{folder}: not a seed folder of a compare run (no config.yaml)")
+        exp = None
+        for row in a.rows.split(","):
+            for k in ([0] if row == "scratch" else [int(v) for v in a.views.split(",")]):
+                name = f"seed-{s}-{row}" + (f"-views{k}-z{a.z_min}-xy{a.xy_min}" if k else "")
+                path = a.out / f"{name}.json"
+                if not path.is_file():
+                    exp = exp or Experiment.reopen(folder, log=print)
+                    r = dict(run_row(exp, row, k, a.z_min, a.xy_min, s), seed=s)
+                    path.write_text(json.dumps(r, indent=1))
+                    print(f"{name}: test {r['test_mean']:.1f} ({r['seconds']:.0f} s)", flush=True)
+                results[name] = json.loads(path.read_text())
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()

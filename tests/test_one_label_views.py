@@ -1,0 +1,61 @@
+"""benchmarks/one_label_views.py: the perturbed copies keep image and label aligned, the crops are
+crops, and the table reads the per-run results."""
+
+import numpy as np
+from standin import load_benchmark
+
+from voxdiff.data.types import Case, CaseMeta
+
+
+def _case(shape=(20, 18, 16)):
+    img = np.full(shape, -1000.0, np.float32)
+    lab = np.zeros(shape, np.uint8)
+    img[5:15, 4:14, 3:13] = 40.0  # an organ
+    lab[5:15, 4:14, 3:13] = 6
+    meta = CaseMeta("p0", None, None, shape, np.eye(4), np.eye(4), (3.0, 3.0, 3.0))
+    return Case(img, lab, meta)
+
+
+def test_perturbed_copies_keep_image_and_label_aligned():
+    olv = load_benchmark("one_label_views")
+    c = _case()
+    vs = {v.case_id.split("-", 1)[1]: v for v in olv.perturbations(c)}
+    assert list(vs) == ["same", "hu+30", "z+4", "z+8", "xy*0.9", "xy*1.1"]
+    assert np.array_equal(vs["same"].label, c.label) and c.case_id == "p0"  # the original is untouched
+    np.testing.assert_allclose(vs["hu+30"].image - c.image, 30.0)
+    z4 = vs["z+4"]
+    assert np.array_equal(z4.label[:, :, :12], c.label[:, :, 4:]) and not z4.label[:, :, 12:].any()
+    assert (z4.image[:, :, 12:] == -1000.0).all()
+    for k, f in (("xy*0.9", 0.9), ("xy*1.1", 1.1)):
+        v = vs[k]
+        assert v.image.shape == v.label.shape == (round(20 * f), round(18 * f), 16)
+        organ = v.label == 6  # the organ's voxels carry the organ's intensity
+        assert abs(organ.sum() / (c.label == 6).sum() - f * f) < 0.15
+        assert (v.image[organ] > -500).mean() > 0.95  # the same voxel grid for both
+
+
+def test_fov_views_are_crops_of_the_phantom():
+    olv = load_benchmark("one_label_views")
+    c = _case()
+    views = olv.fov_views(c, 6, np.random.default_rng(0), z_min=0.5, xy_min=0.8)
+    assert len(views) == 6 and len({v.case_id for v in views}) == 6
+    for v in views:
+        sx, sy, sz = v.image.shape
+        assert 16 <= sx <= 20 and 14 <= sy <= 18 and 8 <= sz <= 16
+        # the crop's content is found in the phantom at some offset
+        hits = [(i, j, k) for i in range(20 - sx + 1) for j in range(18 - sy + 1) for k in range(16 - sz + 1)
+                if np.array_equal(c.label[i:i + sx, j:j + sy, k:k + sz], v.label)
+                and np.array_equal(c.image[i:i + sx, j:j + sy, k:k + sz], v.image)]
+        assert hits
+    assert len({v.image.shape for v in views}) > 1  # not one fixed box
+
+
+def test_mean_dice_and_table():
+    olv = load_benchmark("one_label_views")
+    assert olv.mean_dice({"a": {"1": 0.5, "2": None, "3": float("nan"), "4": 1.0}}) == {"a": 75.0}
+    own = {f"p0-{k}": 50.0 for k in ("same", "hu+30", "z+4", "z+8", "xy*0.9", "xy*1.1")}
+    own["p0-z+8"] = 12.3
+    res = {"seed-0-scratch": {"seed": 0, "row": "scratch", "views": 0, "own": own, "val": {"v": 40.0},
+                              "test_mean": 33.3}}
+    t = olv.table(res)
+    assert "| 0 | scratch |  | 50.0 | 50.0 | 50.0 | 12.3 | 50.0 | 50.0 | 40.0 | 33.3 |" in t
