@@ -12,7 +12,10 @@ stopping as the experiment's label rows train it) trained on the first labelled 
 * Dice on the validation phantom and the test phantoms;
 * with ``--views K`` (frozen rows only) the head is fitted on the phantom plus K random crops of it
   (each axis keeps a random ``--z_min``..1 (z) or ``--xy_min``..1 (x, y) of its length): each crop
-  is its own feature window, so the head sees the same anatomy in other fields of view.
+  is its own feature window, so the head sees the same anatomy in other fields of view;
+* with ``--fixed_norm`` (frozen rows) every GroupNorm of the backbone normalises with fixed
+  statistics (averaged over 48 random pretraining-size patches of the fold's training images)
+  instead of each window's own, so that a voxel's features no longer depend on the window's content.
 
 No experiment step is run or written for these fits (they are run directly, not as the
 experiment's steps; the seed folder's pretraining steps are only looked up). Results: one JSON per run under ``--out`` (resumable: finished entries are skipped) and a
@@ -31,9 +34,10 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -88,7 +92,75 @@ def mean_dice(scores: dict[str, dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def run_row(exp, row: str, views: int, z_min: float, xy_min: float, seed: int) -> dict[str, Any]:
+class FixedGroupNorm(torch.nn.Module):
+    """A GroupNorm's affine map with fixed per-group mean and variance (not each input's own)."""
+
+    def __init__(self, gn: torch.nn.GroupNorm, mean: torch.Tensor, var: torch.Tensor):
+        super().__init__()
+        self.groups, self.eps, self.weight, self.bias = gn.num_groups, gn.eps, gn.weight, gn.bias
+        self.register_buffer("mean", mean.float())
+        self.register_buffer("var", var.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        shape = (1, c) + (1,) * (x.dim() - 2)
+        k = c // self.groups
+        m, v = self.mean.repeat_interleave(k).view(shape), self.var.repeat_interleave(k).view(shape)
+        return (x - m) * torch.rsqrt(v + self.eps) * self.weight.view(shape) + self.bias.view(shape)
+
+
+def fix_group_norms(module: torch.nn.Module, run: Callable[[], None]) -> int:
+    """Replace every GroupNorm in ``module`` by a :class:`FixedGroupNorm` with the statistics of its
+    inputs during ``run()`` (per group: the mean over inputs of each input's mean and mean square);
+    returns how many were replaced."""
+    sums: dict[str, list] = {}
+
+    def hook(name):
+        def f(mod, inp, out):
+            x = inp[0].detach().float()
+            xg = x.reshape(x.shape[0], mod.num_groups, -1)
+            s = sums.setdefault(name, [0.0, 0.0, 0])
+            s[0], s[1], s[2] = s[0] + xg.mean(-1).sum(0), s[1] + (xg * xg).mean(-1).sum(0), s[2] + x.shape[0]
+        return f
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in module.named_modules() if isinstance(m, torch.nn.GroupNorm)]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    n = 0
+    for parent_name, parent in list(module.named_modules()):
+        for cname, child in list(parent.named_children()):
+            full = f"{parent_name}.{cname}" if parent_name else cname
+            if isinstance(child, torch.nn.GroupNorm) and full in sums:
+                s1, s2, k = sums[full]
+                mean = s1 / k
+                setattr(parent, cname, FixedGroupNorm(child, mean, (s2 / k - mean * mean).clamp_min(0.0)))
+                n += 1
+    return n
+
+
+def fixed_norm_extractor(ext, cases: list, patch: tuple[int, int, int], n: int = 48, seed: int = 0) -> int:
+    """Fix the GroupNorm statistics of ``ext``'s backbone on ``n`` random ``patch`` crops of ``cases``."""
+    from voxdiff.probe.predict import features, unit_image
+
+    rng = np.random.default_rng(seed)
+    units = [unit_image(c, ext.preprocess.hu_window) for c in cases]
+
+    def run() -> None:
+        with torch.no_grad():
+            for i in range(n):
+                u = units[i % len(units)]
+                o = [int(rng.integers(0, max(1, s - p + 1))) for s, p in zip(u.shape, patch)]
+                x = u[o[0]:o[0] + patch[0], o[1]:o[1] + patch[1], o[2]:o[2] + patch[2]]
+                features(ext, torch.from_numpy(np.ascontiguousarray(x))[None, None].float())
+
+    return fix_group_norms(ext.backbone, run)
+
+
+def run_row(exp, row: str, views: int, z_min: float, xy_min: float, seed: int,
+            fixed_norm: bool = False) -> dict[str, Any]:
     """Fit ``row`` on the first labelled phantom (plus ``views`` crops for a frozen head); score it."""
     from voxdiff.features.extract import with_feature_side
     from voxdiff.pretrain.load import load_pretrained
@@ -97,8 +169,8 @@ def run_row(exp, row: str, views: int, z_min: float, xy_min: float, seed: int) -
     c0 = train[0]
     t0 = time.time()
     if row == "scratch":
-        if views:
-            raise ValueError("--views applies to frozen rows only")
+        if views or fixed_norm:
+            raise ValueError("--views and --fixed_norm apply to frozen rows only")
         from voxdiff.probe.train import fit_network
 
         pcfg = exp.tuned_cfg("scratch", True)
@@ -113,13 +185,16 @@ def run_row(exp, row: str, views: int, z_min: float, xy_min: float, seed: int) -
         pcfg = exp.probe_cfg()
         ext = load_pretrained(exp.pretrained(row), device="cpu")
         with_feature_side(ext, pcfg.feature_side)
+        if fixed_norm:
+            fixed_norm_extractor(ext, train, tuple(exp.budget["pretrain"]["patch_size"]), seed=seed)
         fit_on = [c0] + fov_views(c0, views, np.random.default_rng(1000 + seed), z_min, xy_min)
         heads = fit_heads_voxels(ext, fit_on, val, ("nonlinear",), pcfg, progress=False,
                                  voxels_per_step=int(exp.budget.get("probe_voxels", 8192)))
 
         def score(cases):
             return exp.score(ext, heads, cases, pcfg, volume=exp.voxel_mode)["nonlinear"]
-    res: dict[str, Any] = {"row": row, "views": views, "z_min": z_min, "xy_min": xy_min, "train_case": c0.case_id,
+    res: dict[str, Any] = {"row": row, "views": views, "z_min": z_min, "xy_min": xy_min, "fixed_norm": fixed_norm,
+                           "train_case": c0.case_id,
                            "own": mean_dice(score(perturbations(c0))), "val": mean_dice(score(val)),
                            "test": mean_dice(score(test))}
     res["test_mean"] = round(float(np.nanmean(list(res["test"].values()))), 2)
@@ -136,7 +211,8 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     for name in sorted(results):
         r = results[name]
         own = {k.split("-", 1)[1]: v for k, v in r["own"].items()}
-        lines.append(f"| {r['seed']} | {r['row']} | {r['views'] or ''} | "
+        row = r["row"] + (", fixed norm" if r.get("fixed_norm") else "")
+        lines.append(f"| {r['seed']} | {row} | {r['views'] or ''} | "
                      + " | ".join(f"{own.get(k, float('nan')):.1f}" for k in keys)
                      + f" | {np.nanmean(list(r['val'].values())):.1f} | {r['test_mean']:.1f} |")
     return "\n".join(lines)
@@ -151,11 +227,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--views", default="0", help="comma-separated numbers of field-of-view crops (frozen rows)")
     ap.add_argument("--z_min", type=float, default=0.5, help="shortest crop along z, fraction of the phantom")
     ap.add_argument("--xy_min", type=float, default=0.8, help="narrowest crop in-plane, fraction of the phantom")
+    ap.add_argument("--fixed_norm", action="store_true", help="frozen rows: fixed GroupNorm statistics")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--out", type=Path, required=True, help="folder of the per-run JSON files")
     a = ap.parse_args(argv)
-
-    import torch
 
     from voxdiff.experiments.base import Experiment
 
@@ -170,11 +245,12 @@ def main(argv: list[str] | None = None) -> None:
         exp = None
         for row in a.rows.split(","):
             for k in ([0] if row == "scratch" else [int(v) for v in a.views.split(",")]):
-                name = f"seed-{s}-{row}" + (f"-views{k}-z{a.z_min}-xy{a.xy_min}" if k else "")
+                name = f"seed-{s}-{row}" + (f"-views{k}-z{a.z_min}-xy{a.xy_min}" if k else "") \
+                    + ("-fixednorm" if a.fixed_norm and row != "scratch" else "")
                 path = a.out / f"{name}.json"
                 if not path.is_file():
                     exp = exp or Experiment.reopen(folder, log=print)
-                    r = dict(run_row(exp, row, k, a.z_min, a.xy_min, s), seed=s)
+                    r = dict(run_row(exp, row, k, a.z_min, a.xy_min, s, a.fixed_norm and row != "scratch"), seed=s)
                     path.write_text(json.dumps(r, indent=1))
                     print(f"{name}: test {r['test_mean']:.1f} ({r['seconds']:.0f} s)", flush=True)
                 results[name] = json.loads(path.read_text())
