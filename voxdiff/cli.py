@@ -61,13 +61,23 @@ def config_files(argv: list[str]) -> list[str]:
     return [v for v in values if "\n" not in v and not v.lstrip().startswith(("{", "["))]
 
 
-def check_config_files(argv: list[str]) -> None:
-    """Refuse a ``--config`` file that is missing, not YAML or not a mapping with one line naming it
-    (jsonargparse would print its usage and a YAML parser's message without the file's name)."""
+def check_config_files(argv: list[str], root: CommandGroup | None = None) -> list[str]:
+    """Refuse a ``--config`` file that is missing, not YAML, not a mapping, or (given ``root``) names
+    an option the command does not have, with one line naming it (jsonargparse would print its usage
+    and a message without the file's name, or nothing useful for a nested command).
+
+    A config that voxdiff saved beside an artifact (``config.yaml``: the settings under ``config``,
+    with ``versions``) is accepted as it is: ``argv`` is returned with such a file replaced by a
+    temporary copy of its settings (removed at exit)."""
+    import atexit
+    import tempfile
+
     import yaml
 
     from .core.errors import InputError
 
+    words, command = command_of(root, argv) if root is not None else ([], None)
+    out = list(argv)
     for v in config_files(argv):
         p = os.path.expanduser(v)
         if not os.path.isfile(p):
@@ -84,6 +94,59 @@ def check_config_files(argv: list[str]) -> None:
             raise InputError(v, f"not valid YAML ({what}{where})") from None
         if doc is not None and not isinstance(doc, dict):
             raise InputError(v, f"a config file must map option names to values, got a {type(doc).__name__}")
+        saved = isinstance(doc, dict) and isinstance(doc.get("config"), dict) and "versions" in doc
+        if saved:  # written by voxdiff beside an artifact: its settings are under "config"
+            doc = doc["config"]
+        if command is not None and doc:
+            bad = unknown_options(command, doc)
+            if bad:
+                where = " ".join(["voxdiff", *words])
+                raise InputError(v, f"not options of {where}: {', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''} "
+                                    f"(see {where} --help)")
+        if saved:
+            fd, tmp = tempfile.mkstemp(prefix="voxdiff-config-", suffix=".yaml")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                yaml.safe_dump(doc, f, sort_keys=False)
+            atexit.register(lambda t=tmp: os.path.exists(t) and os.remove(t))
+            out = [tmp if a == v else (f"--config={tmp}" if a == f"--config={v}" else a) for a in out]
+    return out
+
+
+def command_of(root: CommandGroup, argv: list[str]) -> tuple[list[str], ArgumentParser | None]:
+    """The command words at the start of ``argv`` and the parser of the command they name (None for a
+    group or nothing)."""
+    words: list[str] = []
+    g: CommandGroup | None = root
+    for a in argv:
+        if g is None or a not in g.runners:
+            break
+        words.append(a)
+        r = g.runners[a]
+        if isinstance(r, CommandGroup):
+            g = r
+        else:
+            return words, g.parsers[a]
+    return words, None
+
+
+def unknown_options(parser: ArgumentParser, doc: dict) -> list[str]:
+    """The keys of a config mapping (sections as nested mappings or dotted keys) that are not options
+    or positional arguments of ``parser``."""
+    names = {"config"}
+    for act in parser._actions:
+        names.update(o[2:] for o in act.option_strings if o.startswith("--")) if act.option_strings else names.add(act.dest)
+    bad: list[str] = []
+
+    def walk(d: dict, prefix: str) -> None:
+        for k, val in d.items():
+            key = f"{prefix}{k}"
+            if isinstance(val, dict) and any(n.startswith(key + ".") for n in names):
+                walk(val, key + ".")
+            elif key not in names:
+                bad.append(key)
+
+    walk(doc, "")
+    return bad
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     parser, root = build_parser()
     try:
         args = underscore_options(list(sys.argv[1:] if argv is None else argv))
-        check_config_files(args)
+        args = check_config_files(args, root)
         try:
             ns = parser.parse_args(args)
         except argparse.ArgumentError as e:  # a mistyped option or value: one line, not a page of usage
