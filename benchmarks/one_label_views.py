@@ -12,7 +12,8 @@ stopping as the experiment's label rows train it) trained on the first labelled 
 * Dice on the validation phantom and the test phantoms;
 * with ``--views K`` (frozen rows only) the head is fitted on the phantom plus K random crops of it
   (each axis keeps a random ``--z_min``..1 (z) or ``--xy_min``..1 (x, y) of its length): each crop
-  is its own feature window, so the head sees the same anatomy in other fields of view;
+  is its own feature window, so the head sees the same anatomy in other fields of view; ``--scale S``
+  also resizes each crop in-plane by a random factor in 1 -/+ S;
 * with ``--fixed_norm`` (frozen rows) every GroupNorm of the backbone normalises with fixed
   statistics (averaged over 48 random pretraining-size patches of the fold's training images)
   instead of each window's own, so that a voxel's features no longer depend on the window's content.
@@ -69,9 +70,13 @@ def perturbations(case) -> list:
     return out
 
 
-def fov_views(case, k: int, rng: np.random.Generator, z_min: float = 0.5, xy_min: float = 0.8) -> list:
+def fov_views(case, k: int, rng: np.random.Generator, z_min: float = 0.5, xy_min: float = 0.8,
+              scale: float = 0.0) -> list:
     """``k`` random crops of ``case`` (image and label alike), each axis keeping a random fraction of
-    its length (``xy_min``..1 in-plane, ``z_min``..1 along z) at a random position."""
+    its length (``xy_min``..1 in-plane, ``z_min``..1 along z) at a random position; with ``scale`` > 0
+    each crop is also resized in-plane by a random factor in 1 -/+ ``scale`` (a smaller / larger body)."""
+    from scipy.ndimage import zoom
+
     views = []
     for i in range(k):
         box = []
@@ -79,7 +84,12 @@ def fov_views(case, k: int, rng: np.random.Generator, z_min: float = 0.5, xy_min
             m = max(1, int(round(n * rng.uniform(lo, 1.0))))
             s = int(rng.integers(0, n - m + 1))
             box.append(slice(s, s + m))
-        views.append(variant(case, f"fov{i}", case.image[tuple(box)], case.label[tuple(box)]))
+        img, lab = case.image[tuple(box)], case.label[tuple(box)]
+        if scale > 0:
+            f = float(rng.uniform(1.0 - scale, 1.0 + scale))
+            img = zoom(img, (f, f, 1.0), order=1, mode="nearest", grid_mode=True)
+            lab = zoom(lab, (f, f, 1.0), order=0, mode="nearest", grid_mode=True)
+        views.append(variant(case, f"fov{i}", img, lab))
     return views
 
 
@@ -160,7 +170,7 @@ def fixed_norm_extractor(ext, cases: list, patch: tuple[int, int, int], n: int =
 
 
 def run_row(exp, row: str, views: int, z_min: float, xy_min: float, seed: int,
-            fixed_norm: bool = False) -> dict[str, Any]:
+            fixed_norm: bool = False, scale: float = 0.0) -> dict[str, Any]:
     """Fit ``row`` on the first labelled phantom (plus ``views`` crops for a frozen head); score it."""
     from voxdiff.features.extract import with_feature_side
     from voxdiff.pretrain.load import load_pretrained
@@ -187,13 +197,14 @@ def run_row(exp, row: str, views: int, z_min: float, xy_min: float, seed: int,
         with_feature_side(ext, pcfg.feature_side)
         if fixed_norm:
             fixed_norm_extractor(ext, train, tuple(exp.budget["pretrain"]["patch_size"]), seed=seed)
-        fit_on = [c0] + fov_views(c0, views, np.random.default_rng(1000 + seed), z_min, xy_min)
+        fit_on = [c0] + fov_views(c0, views, np.random.default_rng(1000 + seed), z_min, xy_min, scale)
         heads = fit_heads_voxels(ext, fit_on, val, ("nonlinear",), pcfg, progress=False,
                                  voxels_per_step=int(exp.budget.get("probe_voxels", 8192)))
 
         def score(cases):
             return exp.score(ext, heads, cases, pcfg, volume=exp.voxel_mode)["nonlinear"]
     res: dict[str, Any] = {"row": row, "views": views, "z_min": z_min, "xy_min": xy_min, "fixed_norm": fixed_norm,
+                           "scale": scale,
                            "train_case": c0.case_id,
                            "own": mean_dice(score(perturbations(c0))), "val": mean_dice(score(val)),
                            "test": mean_dice(score(test))}
@@ -211,7 +222,8 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     for name in sorted(results):
         r = results[name]
         own = {k.split("-", 1)[1]: v for k, v in r["own"].items()}
-        row = r["row"] + (", fixed norm" if r.get("fixed_norm") else "")
+        row = r["row"] + (", fixed norm" if r.get("fixed_norm") else "") \
+            + (f", scale ±{r['scale']}" if r.get("scale") else "")
         lines.append(f"| {r['seed']} | {row} | {r['views'] or ''} | "
                      + " | ".join(f"{own.get(k, float('nan')):.1f}" for k in keys)
                      + f" | {np.nanmean(list(r['val'].values())):.1f} | {r['test_mean']:.1f} |")
@@ -227,6 +239,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--views", default="0", help="comma-separated numbers of field-of-view crops (frozen rows)")
     ap.add_argument("--z_min", type=float, default=0.5, help="shortest crop along z, fraction of the phantom")
     ap.add_argument("--xy_min", type=float, default=0.8, help="narrowest crop in-plane, fraction of the phantom")
+    ap.add_argument("--scale", type=float, default=0.0,
+                    help="crops also resized in-plane by a random factor in 1 -/+ SCALE (default 0: no)")
     ap.add_argument("--fixed_norm", action="store_true", help="frozen rows: fixed GroupNorm statistics")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--out", type=Path, required=True, help="folder of the per-run JSON files")
@@ -246,11 +260,12 @@ def main(argv: list[str] | None = None) -> None:
         for row in a.rows.split(","):
             for k in ([0] if row == "scratch" else [int(v) for v in a.views.split(",")]):
                 name = f"seed-{s}-{row}" + (f"-views{k}-z{a.z_min}-xy{a.xy_min}" if k else "") \
+                    + (f"-scale{a.scale}" if k and a.scale else "") \
                     + ("-fixednorm" if a.fixed_norm and row != "scratch" else "")
                 path = a.out / f"{name}.json"
                 if not path.is_file():
                     exp = exp or Experiment.reopen(folder, log=print)
-                    r = dict(run_row(exp, row, k, a.z_min, a.xy_min, s, a.fixed_norm and row != "scratch"), seed=s)
+                    r = dict(run_row(exp, row, k, a.z_min, a.xy_min, s, a.fixed_norm and row != "scratch", a.scale), seed=s)
                     path.write_text(json.dumps(r, indent=1))
                     print(f"{name}: test {r['test_mean']:.1f} ({r['seconds']:.0f} s)", flush=True)
                 results[name] = json.loads(path.read_text())

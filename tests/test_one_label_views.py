@@ -48,6 +48,10 @@ def test_fov_views_are_crops_of_the_phantom():
                 and np.array_equal(c.image[i:i + sx, j:j + sy, k:k + sz], v.image)]
         assert hits
     assert len({v.image.shape for v in views}) > 1  # not one fixed box
+    scaled = olv.fov_views(c, 8, np.random.default_rng(0), z_min=1.0, xy_min=1.0, scale=0.3)
+    sizes = {v.image.shape[:2] for v in scaled}
+    assert len(sizes) > 2 and all(v.image.shape[2] == 16 and v.label.shape == v.image.shape for v in scaled)
+    assert min(s[0] for s in sizes) < 20 < max(s[0] for s in sizes)  # smaller and larger bodies
 
 
 def test_mean_dice_and_table():
