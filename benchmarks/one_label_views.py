@@ -170,7 +170,7 @@ def fixed_norm_extractor(ext, cases: list, patch: tuple[int, int, int], n: int =
 
 
 def run_row(exp, row: str, views: int, z_min: float, xy_min: float, seed: int,
-            fixed_norm: bool = False, scale: float = 0.0) -> dict[str, Any]:
+            fixed_norm: bool = False, scale: float = 0.0, head_steps: int | None = None) -> dict[str, Any]:
     """Fit ``row`` on the first labelled phantom (plus ``views`` crops for a frozen head); score it."""
     from voxdiff.features.extract import with_feature_side
     from voxdiff.pretrain.load import load_pretrained
@@ -179,8 +179,8 @@ def run_row(exp, row: str, views: int, z_min: float, xy_min: float, seed: int,
     c0 = train[0]
     t0 = time.time()
     if row == "scratch":
-        if views or fixed_norm:
-            raise ValueError("--views and --fixed_norm apply to frozen rows only")
+        if views or fixed_norm or head_steps:
+            raise ValueError("--views, --fixed_norm and --head_steps apply to frozen rows only")
         from voxdiff.probe.train import fit_network
 
         pcfg = exp.tuned_cfg("scratch", True)
@@ -192,7 +192,7 @@ def run_row(exp, row: str, views: int, z_min: float, xy_min: float, seed: int,
     else:
         from voxdiff.probe.voxel import fit_heads_voxels
 
-        pcfg = exp.probe_cfg()
+        pcfg = exp.probe_cfg(**({"steps": int(head_steps)} if head_steps else {}))
         ext = load_pretrained(exp.pretrained(row), device="cpu")
         with_feature_side(ext, pcfg.feature_side)
         if fixed_norm:
@@ -204,7 +204,7 @@ def run_row(exp, row: str, views: int, z_min: float, xy_min: float, seed: int,
         def score(cases):
             return exp.score(ext, heads, cases, pcfg, volume=exp.voxel_mode)["nonlinear"]
     res: dict[str, Any] = {"row": row, "views": views, "z_min": z_min, "xy_min": xy_min, "fixed_norm": fixed_norm,
-                           "scale": scale,
+                           "scale": scale, "head_steps": head_steps,  # None: the budget's
                            "train_case": c0.case_id,
                            "own": mean_dice(score(perturbations(c0))), "val": mean_dice(score(val)),
                            "test": mean_dice(score(test))}
@@ -223,7 +223,8 @@ def table(results: dict[str, dict[str, Any]]) -> str:
         r = results[name]
         own = {k.split("-", 1)[1]: v for k, v in r["own"].items()}
         row = r["row"] + (", fixed norm" if r.get("fixed_norm") else "") \
-            + (f", scale ±{r['scale']}" if r.get("scale") else "")
+            + (f", scale ±{r['scale']}" if r.get("scale") else "") \
+            + (f", {r['head_steps']} head steps" if r.get("head_steps") else "")
         lines.append(f"| {r['seed']} | {row} | {r['views'] or ''} | "
                      + " | ".join(f"{own.get(k, float('nan')):.1f}" for k in keys)
                      + f" | {np.nanmean(list(r['val'].values())):.1f} | {r['test_mean']:.1f} |")
@@ -241,6 +242,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--xy_min", type=float, default=0.8, help="narrowest crop in-plane, fraction of the phantom")
     ap.add_argument("--scale", type=float, default=0.0,
                     help="crops also resized in-plane by a random factor in 1 -/+ SCALE (default 0: no)")
+    ap.add_argument("--head_steps", type=int, default=None,
+                    help="frozen rows: head training steps (default: the budget's; validated every val_every)")
     ap.add_argument("--fixed_norm", action="store_true", help="frozen rows: fixed GroupNorm statistics")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--out", type=Path, required=True, help="folder of the per-run JSON files")
@@ -261,11 +264,13 @@ def main(argv: list[str] | None = None) -> None:
             for k in ([0] if row == "scratch" else [int(v) for v in a.views.split(",")]):
                 name = f"seed-{s}-{row}" + (f"-views{k}-z{a.z_min}-xy{a.xy_min}" if k else "") \
                     + (f"-scale{a.scale}" if k and a.scale else "") \
+                    + (f"-steps{a.head_steps}" if a.head_steps and row != "scratch" else "") \
                     + ("-fixednorm" if a.fixed_norm and row != "scratch" else "")
                 path = a.out / f"{name}.json"
                 if not path.is_file():
                     exp = exp or Experiment.reopen(folder, log=print)
-                    r = dict(run_row(exp, row, k, a.z_min, a.xy_min, s, a.fixed_norm and row != "scratch", a.scale), seed=s)
+                    r = dict(run_row(exp, row, k, a.z_min, a.xy_min, s, a.fixed_norm and row != "scratch", a.scale,
+                                     a.head_steps if row != "scratch" else None), seed=s)
                     path.write_text(json.dumps(r, indent=1))
                     print(f"{name}: test {r['test_mean']:.1f} ({r['seconds']:.0f} s)", flush=True)
                 results[name] = json.loads(path.read_text())
