@@ -11,7 +11,15 @@ import sys
 from jsonargparse import ArgumentParser
 
 from . import __version__
-from .core.cli import CommandGroup, WarningPrinter, one_line, parsers_of, underscore_options, usage_error_line
+from .core.cli import (
+    CommandGroup,
+    WarningPrinter,
+    command_of,
+    one_line,
+    parsers_of,
+    underscore_options,
+    usage_error_line,
+)
 from .core.errors import VoxdiffError
 from .core.outputs import protecting_inputs
 from .core.runtime import tune_allocator
@@ -112,29 +120,15 @@ def check_config_files(argv: list[str], root: CommandGroup | None = None) -> lis
     return out
 
 
-def command_of(root: CommandGroup, argv: list[str]) -> tuple[list[str], ArgumentParser | None]:
-    """The command words at the start of ``argv`` and the parser of the command they name (None for a
-    group or nothing)."""
-    words: list[str] = []
-    g: CommandGroup | None = root
-    for a in argv:
-        if g is None or a not in g.runners:
-            break
-        words.append(a)
-        r = g.runners[a]
-        if isinstance(r, CommandGroup):
-            g = r
-        else:
-            return words, g.parsers[a]
-    return words, None
-
-
 def unknown_options(parser: ArgumentParser, doc: dict) -> list[str]:
     """The keys of a config mapping (sections as nested mappings or dotted keys) that are not options
     or positional arguments of ``parser``."""
     names = {"config"}
     for act in parser._actions:
-        names.update(o[2:] for o in act.option_strings if o.startswith("--")) if act.option_strings else names.add(act.dest)
+        if act.option_strings:
+            names.update(o[2:] for o in act.option_strings if o.startswith("--"))
+        else:  # a positional argument: its name is the key
+            names.add(act.dest)
     bad: list[str] = []
 
     def walk(d: dict, prefix: str) -> None:

@@ -180,19 +180,29 @@ def parsers_of(parser: ArgumentParser, root: "CommandGroup") -> list[ArgumentPar
     return out + [p for p in root.command_parsers() if p not in out]
 
 
+def command_of(root: CommandGroup, argv: list[str]) -> tuple[list[str], ArgumentParser | None]:
+    """The command words at the start of ``argv`` (commands and groups) and the parser of the command
+    they name (None when they stop at a group, or name nothing)."""
+    words: list[str] = []
+    g: CommandGroup | None = root
+    for a in argv:
+        if g is None or a not in g.runners:
+            break
+        words.append(a)
+        r = g.runners[a]
+        if isinstance(r, CommandGroup):
+            g = r
+        else:
+            return words, g.parsers[a]
+    return words, None
+
+
 def usage_error_line(message: str, argv: list[str], root: "CommandGroup | None" = None, prog: str = "voxdiff") -> str:
     """jsonargparse's message for a bad command line (several lines after a page of usage) as one line:
     ``--sampling.batch_size: expected int, got 'x' (see voxdiff probe --help)``."""
     import re
 
-    command: list[str] = []  # the command words of argv that name a command or group
-    g = root
-    for a in argv:
-        if g is None or a not in g.runners:
-            break
-        command.append(a)
-        r = g.runners[a]
-        g = r if isinstance(r, CommandGroup) else None
+    command = command_of(root, argv)[0] if root is not None else []
     m = re.match(r'Parser key "([^"]+)":(.*)', message, flags=re.S)
     if m:
         key, rest = m.groups()
