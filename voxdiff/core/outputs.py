@@ -208,5 +208,8 @@ def run_folder(path: str | os.PathLike, has_checkpoint: Callable[[], bool]) -> I
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 for q in set(p.iterdir()) - before:
-                    shutil.rmtree(q, ignore_errors=True) if q.is_dir() and not q.is_symlink() else q.unlink(missing_ok=True)
+                    if q.is_dir() and not q.is_symlink():
+                        shutil.rmtree(q, ignore_errors=True)
+                    else:
+                        q.unlink(missing_ok=True)
         raise
