@@ -18,12 +18,18 @@ stopping as the experiment's label rows train it) trained on the first labelled 
   statistics (averaged over 48 random pretraining-size patches of the fold's training images)
   instead of each window's own, so that a voxel's features no longer depend on the window's content.
 
+``--head_steps N`` trains the frozen heads N steps instead of the budget's (validated every
+``val_every``, best state kept).
+
 No experiment step is run or written for these fits (they are run directly, not as the
-experiment's steps; the seed folder's pretraining steps are only looked up). Results: one JSON per run under ``--out`` (resumable: finished entries are skipped) and a
-table on stdout.
+experiment's steps; the seed folder's pretraining steps are only looked up). Results: one JSON per
+run under ``--out`` (resumable: finished entries are skipped) and a table on stdout
+(docs/RESULTS.md, "Why frozen heads fail with one labelled phantom").
 
     python benchmarks/one_label_views.py runs/bench56 --seeds 5,6 --rows contrastive,diffusion-ape,scratch \
         --views 0,4 --threads 2 --out runs/bench56/one-label-views
+    python benchmarks/one_label_views.py runs/bench56 --seeds 5,6 --rows contrastive,diffusion-ape \
+        --views 0,64 --head_steps 2400 --threads 2 --out runs/bench56/one-label-views
 """
 
 from __future__ import annotations
