@@ -19,7 +19,8 @@ stopping as the experiment's label rows train it) trained on the first labelled 
   instead of each window's own, so that a voxel's features no longer depend on the window's content.
 
 ``--head_steps N`` trains the frozen heads N steps instead of the budget's (validated every
-``val_every``, best state kept).
+``val_every``, best state kept); ``--probe JSON --tag T`` changes other probe settings of the frozen
+rows (e.g. ``{"feature_input": "clean", "feature_side": "both"}``).
 
 No experiment step is run or written for these fits (they are run directly, not as the
 experiment's steps; the seed folder's pretraining steps are only looked up). Results: one JSON per
@@ -176,17 +177,18 @@ def fixed_norm_extractor(ext, cases: list, patch: tuple[int, int, int], n: int =
 
 
 def run_row(exp, row: str, views: int, z_min: float, xy_min: float, seed: int,
-            fixed_norm: bool = False, scale: float = 0.0, head_steps: int | None = None) -> dict[str, Any]:
+            fixed_norm: bool = False, scale: float = 0.0, head_steps: int | None = None,
+            probe: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fit ``row`` on the first labelled phantom (plus ``views`` crops for a frozen head); score it."""
-    from voxdiff.features.extract import with_feature_side
+    from voxdiff.features.extract import with_feature_settings
     from voxdiff.pretrain.load import load_pretrained
 
     train, val, test = exp.folds()[0]
     c0 = train[0]
     t0 = time.time()
     if row == "scratch":
-        if views or fixed_norm or head_steps:
-            raise ValueError("--views, --fixed_norm and --head_steps apply to frozen rows only")
+        if views or fixed_norm or head_steps or probe:
+            raise ValueError("--views, --fixed_norm, --head_steps and --probe apply to frozen rows only")
         from voxdiff.probe.train import fit_network
 
         pcfg = exp.tuned_cfg("scratch", True)
@@ -198,9 +200,9 @@ def run_row(exp, row: str, views: int, z_min: float, xy_min: float, seed: int,
     else:
         from voxdiff.probe.voxel import fit_heads_voxels
 
-        pcfg = exp.probe_cfg(**({"steps": int(head_steps)} if head_steps else {}))
+        pcfg = exp.probe_cfg(**(probe or {}), **({"steps": int(head_steps)} if head_steps else {}))
         ext = load_pretrained(exp.pretrained(row), device="cpu")
-        with_feature_side(ext, pcfg.feature_side)
+        with_feature_settings(ext, pcfg)  # feature side, and --probe's feature_input / t
         if fixed_norm:
             fixed_norm_extractor(ext, train, tuple(exp.budget["pretrain"]["patch_size"]), seed=seed)
         fit_on = [c0] + fov_views(c0, views, np.random.default_rng(1000 + seed), z_min, xy_min, scale)
@@ -211,6 +213,7 @@ def run_row(exp, row: str, views: int, z_min: float, xy_min: float, seed: int,
             return exp.score(ext, heads, cases, pcfg, volume=exp.voxel_mode)["nonlinear"]
     res: dict[str, Any] = {"row": row, "views": views, "z_min": z_min, "xy_min": xy_min, "fixed_norm": fixed_norm,
                            "scale": scale, "head_steps": head_steps,  # None: the budget's
+                           "probe": probe or {},
                            "train_case": c0.case_id,
                            "own": mean_dice(score(perturbations(c0))), "val": mean_dice(score(val)),
                            "test": mean_dice(score(test))}
@@ -230,7 +233,8 @@ def table(results: dict[str, dict[str, Any]]) -> str:
         own = {k.split("-", 1)[1]: v for k, v in r["own"].items()}
         row = r["row"] + (", fixed norm" if r.get("fixed_norm") else "") \
             + (f", scale ±{r['scale']}" if r.get("scale") else "") \
-            + (f", {r['head_steps']} head steps" if r.get("head_steps") else "")
+            + (f", {r['head_steps']} head steps" if r.get("head_steps") else "") \
+            + "".join(f", {k} {v}" for k, v in (r.get("probe") or {}).items())
         lines.append(f"| {r['seed']} | {row} | {r['views'] or ''} | "
                      + " | ".join(f"{own.get(k, float('nan')):.1f}" for k in keys)
                      + f" | {np.nanmean(list(r['val'].values())):.1f} | {r['test_mean']:.1f} |")
@@ -250,10 +254,16 @@ def main(argv: list[str] | None = None) -> None:
                     help="crops also resized in-plane by a random factor in 1 -/+ SCALE (default 0: no)")
     ap.add_argument("--head_steps", type=int, default=None,
                     help="frozen rows: head training steps (default: the budget's; validated every val_every)")
+    ap.add_argument("--probe", default=None,
+                    help="frozen rows: JSON ProbeConfig overrides, e.g. '{\"feature_input\": \"clean\"}' (needs --tag)")
+    ap.add_argument("--tag", default="", help="appended to the names of this run's result files")
     ap.add_argument("--fixed_norm", action="store_true", help="frozen rows: fixed GroupNorm statistics")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--out", type=Path, required=True, help="folder of the per-run JSON files")
     a = ap.parse_args(argv)
+    probe = json.loads(a.probe) if a.probe else None
+    if probe and not a.tag:
+        ap.error("--probe needs --tag (the result files of other settings must not be taken for these)")
 
     from voxdiff.experiments.base import Experiment
 
@@ -271,12 +281,14 @@ def main(argv: list[str] | None = None) -> None:
                 name = f"seed-{s}-{row}" + (f"-views{k}-z{a.z_min}-xy{a.xy_min}" if k else "") \
                     + (f"-scale{a.scale}" if k and a.scale else "") \
                     + (f"-steps{a.head_steps}" if a.head_steps and row != "scratch" else "") \
+                    + (f"-{a.tag}" if a.tag and row != "scratch" else "") \
                     + ("-fixednorm" if a.fixed_norm and row != "scratch" else "")
                 path = a.out / f"{name}.json"
                 if not path.is_file():
                     exp = exp or Experiment.reopen(folder, log=print)
                     r = dict(run_row(exp, row, k, a.z_min, a.xy_min, s, a.fixed_norm and row != "scratch", a.scale,
-                                     a.head_steps if row != "scratch" else None), seed=s)
+                                     a.head_steps if row != "scratch" else None,
+                                     probe if row != "scratch" else None), seed=s)
                     path.write_text(json.dumps(r, indent=1))
                     print(f"{name}: test {r['test_mean']:.1f} ({r['seconds']:.0f} s)", flush=True)
                 results[name] = json.loads(path.read_text())

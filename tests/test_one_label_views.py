@@ -61,10 +61,11 @@ def test_mean_dice_and_table():
     own["p0-z+8"] = 12.3
     res = {"seed-0-scratch": {"seed": 0, "row": "scratch", "views": 0, "own": own, "val": {"v": 40.0},
                               "test_mean": 33.3}}
-    res["seed-0-c"] = dict(res["seed-0-scratch"], row="contrastive", views=64, scale=0.15, head_steps=2400)
+    res["seed-0-c"] = dict(res["seed-0-scratch"], row="contrastive", views=64, scale=0.15, head_steps=2400,
+                           probe={"feature_side": "both"})
     t = olv.table(res)
     assert "| 0 | scratch |  | 50.0 | 50.0 | 50.0 | 12.3 | 50.0 | 50.0 | 40.0 | 33.3 |" in t
-    assert "| 0 | contrastive, scale ±0.15, 2400 head steps | 64 | 50.0 |" in t
+    assert "| 0 | contrastive, scale ±0.15, 2400 head steps, feature_side both | 64 | 50.0 |" in t
 
 
 def test_fixed_group_norms_match_on_the_calibration_input_and_ignore_the_window_after():
