@@ -84,14 +84,12 @@ def fov_views(case, k: int, rng: np.random.Generator, z_min: float = 0.5, xy_min
     each crop is also resized in-plane by a random factor in 1 -/+ ``scale`` (a smaller / larger body)."""
     from scipy.ndimage import zoom
 
+    from voxdiff.data.augment import crop_box
+
     views = []
     for i in range(k):
-        box = []
-        for n, lo in zip(case.image.shape, (xy_min, xy_min, z_min)):
-            m = max(1, int(round(n * rng.uniform(lo, 1.0))))
-            s = int(rng.integers(0, n - m + 1))
-            box.append(slice(s, s + m))
-        img, lab = case.image[tuple(box)], case.label[tuple(box)]
+        box = crop_box(case.image.shape, rng, z_min, xy_min)  # (the library's crops: sampling.fov_crops)
+        img, lab = case.image[box], case.label[box]
         if scale > 0:
             f = float(rng.uniform(1.0 - scale, 1.0 + scale))
             img = zoom(img, (f, f, 1.0), order=1, mode="nearest", grid_mode=True)

@@ -83,3 +83,36 @@ def test_probe_config_adds_the_copies_to_the_training_cases_only():
     assert training_cases(cases, ProbeConfig()) == cases
     with pytest.raises(InputError, match="deformed_copies"):
         ProbeSampling(deformed_copies=-1)
+
+
+def test_fov_crops_are_deterministic_crops_with_their_labels():
+    from voxdiff.data.augment import fov_crops
+
+    c = _case("a")
+    crops = fov_crops(c, 6, seed=1)
+    assert [x.case_id for x in crops] == [f"a-fov{i}" for i in range(6)]
+    assert [x.image.shape for x in fov_crops(c, 3, seed=1)] == [x.image.shape for x in crops[:3]]  # crop i fixed
+    assert [x.image.shape for x in fov_crops(c, 6, seed=2)] != [x.image.shape for x in crops]
+    for x in crops:
+        sx, sy, sz = x.image.shape
+        assert 32 <= sx <= 40 and 29 <= sy <= 36 and 12 <= sz <= 24
+        i, j, k = x.meta.extra["crop_start"]
+        np.testing.assert_array_equal(x.image, c.image[i:i + sx, j:j + sy, k:k + sz])
+        np.testing.assert_array_equal(x.label, c.label[i:i + sx, j:j + sy, k:k + sz])
+    assert len({x.image.shape for x in crops}) > 1
+    with pytest.raises(InputError, match="no label"):
+        fov_crops(Case(c.image, None, c.meta), 1, 0)
+    with pytest.raises(InputError, match="fractions"):
+        fov_crops(c, 1, 0, z_min=0.0)
+
+
+def test_probe_config_adds_fov_crops_for_frozen_heads_only():
+    from voxdiff.probe.train import ProbeConfig, ProbeSampling, training_cases
+
+    cases = [_case("a"), _case("b")]
+    cfg = ProbeConfig(sampling=ProbeSampling(deformed_copies=1, fov_crops=2), seed=5)
+    out = training_cases(cases, cfg)
+    assert [c.case_id for c in out] == ["a", "b", "a-def0", "b-def0", "a-fov0", "a-fov1", "b-fov0", "b-fov1"]
+    assert [c.case_id for c in training_cases(cases, cfg, crops=False)] == ["a", "b", "a-def0", "b-def0"]
+    with pytest.raises(InputError, match="fov_crops"):
+        ProbeSampling(fov_crops=-2)

@@ -210,12 +210,13 @@ def test_deformed_copies_are_extracted_and_sampled_like_the_training_cases(monke
     voxel_mod.set_feature_source(source)
     try:
         cfg = _probe(steps=2, val_every=100, roi=(24, 24, 16), overlap=0.25, bf16=False, device="cpu", hidden=8,
-                     deformed_copies=2)
+                     deformed_copies=2, fov_crops=2)
         fit_heads_voxels(ext, cases[:1], (), ["nonlinear"], cfg, voxels_per_step=256, progress=False)
     finally:
         voxel_mod.set_feature_source(None)
-    assert len(seen) == 3  # the case and its two copies
+    assert len(seen) == 5  # the case, its two copies and its two field-of-view crops, each its own window
     assert not np.array_equal(seen[0], seen[1]) and not np.array_equal(seen[1], seen[2])
+    assert all(s.size < seen[0].size for s in seen[3:])  # the crops are smaller volumes
 
     sampled: list[list[str]] = []
     real = train_mod.make_sampler
@@ -230,7 +231,7 @@ def test_deformed_copies_are_extracted_and_sampled_like_the_training_cases(monke
 
     monkeypatch.setattr(train_mod, "make_sampler", spy)
     tcfg = _probe(steps=1, val_every=100, patch_size=(16, 16, 16), roi=(24, 24, 16), bf16=False, device="cpu",
-                  hidden=8, deformed_copies=1)
+                  hidden=8, deformed_copies=1, fov_crops=3)
     with pytest.raises(Sampled):
         train_mod.fit_network(ext, cases, (), "scratch", tcfg, progress=False)
-    assert sampled == [["c1", "c2", "c1-def0", "c2-def0"]]
+    assert sampled == [["c1", "c2", "c1-def0", "c2-def0"]]  # no crops: end-to-end patches are crops already

@@ -1,4 +1,5 @@
-"""Deformed copies of labelled cases: more subjects for heads and networks trained on few labels.
+"""Deformed copies and field-of-view crops of labelled cases: more subjects for heads and networks
+trained on few labels.
 
 With a handful of labelled volumes, the frozen heads fit their training phantoms far better than
 unseen ones (60 against 34 Dice on the phantom benchmark, docs/RESULTS.md): they learn the few
@@ -12,6 +13,11 @@ axis, a scale per axis, and a shift; the image is resampled linearly, the label 
 neighbour, and voxels pulled in from outside the volume repeat its border (air for CT). Volumes are
 expected on the preprocessing grid (isotropic in-plane); the copy keeps the original's metadata, so it
 is meant for training, never for writing out.
+
+Field-of-view crops (:func:`fov_crops`) are sub-volumes of a labelled case at random positions and
+sizes. A frozen head reads each crop's features in a window of its own, so it sees the same anatomy
+in other fields of view: fitted on one labelled phantom, frozen heads otherwise learn where organs lie
+in that scan (docs/RESULTS.md, "Why frozen heads fail with one labelled phantom").
 """
 
 from __future__ import annotations
@@ -84,4 +90,38 @@ def with_deformed_copies(cases: Sequence[Case], n: int, seed: int,
     if n > 0:
         for c in cases:
             out.extend(deformed_copies(c, n, seed, deformation))
+    return out
+
+
+def crop_box(shape: Sequence[int], rng: np.random.Generator, z_min: float = 0.5,
+             xy_min: float = 0.8) -> tuple[slice, slice, slice]:
+    """A random box in a volume of ``shape`` (x, y, z): each axis keeps a random fraction of its
+    length (``xy_min``..1 in-plane, ``z_min``..1 along z, at least one voxel) at a random position."""
+    box = []
+    for n, lo in zip(shape, (xy_min, xy_min, z_min)):
+        m = max(1, int(round(int(n) * rng.uniform(lo, 1.0))))
+        s = int(rng.integers(0, int(n) - m + 1))
+        box.append(slice(s, s + m))
+    return box[0], box[1], box[2]
+
+
+def fov_crops(case: Case, n: int, seed: int, z_min: float = 0.5, xy_min: float = 0.8) -> list[Case]:
+    """``n`` random field-of-view crops (:func:`crop_box`) of a labelled ``case``, image and label
+    alike, ids ``<id>-fov<i>``; deterministic in (case id, ``seed``), and crop ``i`` is the same
+    whatever ``n``."""
+    if n < 0:
+        raise InputError(None, f"the number of field-of-view crops must be >= 0, not {n}")
+    if not (0 < z_min <= 1 and 0 < xy_min <= 1):
+        raise InputError(None, f"crop fractions must be in (0, 1], not z {z_min}, in-plane {xy_min}")
+    if n and case.label is None:
+        raise InputError(case.meta.image_path, f"case {case.case_id} has no label to crop with its image")
+    rng = np.random.default_rng(case_seed(case.case_id, seed) + 1)  # (not the deformed copies' draws)
+    out = []
+    for i in range(n):
+        box = crop_box(case.image.shape, rng, z_min, xy_min)
+        meta = dataclasses.replace(case.meta, case_id=f"{case.case_id}-fov{i}",
+                                   extra={**case.meta.extra, "cropped_from": case.case_id,
+                                          "crop_start": [b.start for b in box]})
+        out.append(Case(image=np.ascontiguousarray(case.image[box], dtype=np.float32),
+                        label=np.ascontiguousarray(case.label[box]), meta=meta))  # type: ignore[index]
     return out
