@@ -63,8 +63,6 @@ def variant(case, name: str, image: np.ndarray, label: np.ndarray):
 
 def perturbations(case) -> list:
     """The phantom itself and copies with the same anatomy in another field of view or intensity."""
-    from scipy.ndimage import zoom
-
     a, lab = case.image, case.label
     air = float(a.min())
     out = [variant(case, "same", a, lab), variant(case, "hu+30", a + 30.0, lab)]
@@ -72,9 +70,16 @@ def perturbations(case) -> list:
         out.append(variant(case, f"z+{dz}", np.concatenate([a[:, :, dz:], np.full_like(a[:, :, :dz], air)], 2),
                            np.concatenate([lab[:, :, dz:], np.zeros_like(lab[:, :, :dz])], 2)))
     for f in (0.9, 1.1):  # a smaller / larger body in-plane (the grid changes size with it)
-        out.append(variant(case, f"xy*{f}", zoom(a, (f, f, 1.0), order=1, mode="nearest", grid_mode=True),
-                           zoom(lab, (f, f, 1.0), order=0, mode="nearest", grid_mode=True)))
+        out.append(variant(case, f"xy*{f}", *scaled_in_plane(a, lab, f)))
     return out
+
+
+def scaled_in_plane(image: np.ndarray, label: np.ndarray, f: float) -> tuple[np.ndarray, np.ndarray]:
+    """``image`` (linear) and ``label`` (nearest) resized in-plane by ``f`` on the same voxel grid."""
+    from scipy.ndimage import zoom
+
+    return (zoom(image, (f, f, 1.0), order=1, mode="nearest", grid_mode=True),
+            zoom(label, (f, f, 1.0), order=0, mode="nearest", grid_mode=True))
 
 
 def fov_views(case, k: int, rng: np.random.Generator, z_min: float = 0.5, xy_min: float = 0.8,
@@ -82,8 +87,6 @@ def fov_views(case, k: int, rng: np.random.Generator, z_min: float = 0.5, xy_min
     """``k`` random crops of ``case`` (image and label alike), each axis keeping a random fraction of
     its length (``xy_min``..1 in-plane, ``z_min``..1 along z) at a random position; with ``scale`` > 0
     each crop is also resized in-plane by a random factor in 1 -/+ ``scale`` (a smaller / larger body)."""
-    from scipy.ndimage import zoom
-
     from voxdiff.data.augment import crop_box
 
     views = []
@@ -91,20 +94,16 @@ def fov_views(case, k: int, rng: np.random.Generator, z_min: float = 0.5, xy_min
         box = crop_box(case.image.shape, rng, z_min, xy_min)  # (the library's crops: sampling.fov_crops)
         img, lab = case.image[box], case.label[box]
         if scale > 0:
-            f = float(rng.uniform(1.0 - scale, 1.0 + scale))
-            img = zoom(img, (f, f, 1.0), order=1, mode="nearest", grid_mode=True)
-            lab = zoom(lab, (f, f, 1.0), order=0, mode="nearest", grid_mode=True)
+            img, lab = scaled_in_plane(img, lab, float(rng.uniform(1.0 - scale, 1.0 + scale)))
         views.append(variant(case, f"fov{i}", img, lab))
     return views
 
 
 def mean_dice(scores: dict[str, dict[str, float]]) -> dict[str, float]:
     """Per case: mean Dice (%) over the organs present (NaN / None entries are absent organs)."""
-    out = {}
-    for cid, d in scores.items():
-        v = [float(x) for x in d.values() if x is not None and x == x]
-        out[cid] = round(100.0 * float(np.mean(v)), 1) if v else float("nan")
-    return out
+    from voxdiff.evaluate.stats import case_means
+
+    return {cid: round(100.0 * v, 1) for cid, v in case_means(scores).items()}
 
 
 class FixedGroupNorm(torch.nn.Module):
