@@ -16,7 +16,6 @@ from .core.cli import (
     WarningPrinter,
     command_of,
     one_line,
-    parsers_of,
     underscore_options,
     usage_error_line,
 )
@@ -39,7 +38,8 @@ STAGE_CLIS = [
 
 
 def build_parser() -> tuple[ArgumentParser, CommandGroup]:
-    parser = ArgumentParser(prog="voxdiff", description=__doc__, version=__version__)
+    # exit_on_error off: main() prints a bad command line as one line (CommandGroup's parsers too)
+    parser = ArgumentParser(prog="voxdiff", description=__doc__, version=__version__, exit_on_error=False)
     parser.add_argument("--quiet", action="store_true", help="no warnings (also accepted after the command)")
     root = CommandGroup(parser, dest="command")
     for mod in STAGE_CLIS:
@@ -53,8 +53,6 @@ def build_parser() -> tuple[ArgumentParser, CommandGroup]:
     for p in root.command_parsers():  # commands with their own --quiet (no progress bar) keep it
         if "--quiet" not in getattr(p, "_option_string_actions", {}):
             p.add_argument("--quiet", action="store_true", help="no warnings")
-    for p in parsers_of(parser, root):  # a bad command line raises; main() prints it on one line
-        p.exit_on_error = False
     return parser, root
 
 

@@ -36,7 +36,9 @@ class CommandGroup:
         self.parsers: dict[str, ArgumentParser] = {}
 
     def command(self, name: str, run: Callable[[Any], Any], help: str, description: str | None = None) -> ArgumentParser:
-        p = ArgumentParser(description=description or help, exit_on_error=True)
+        # exit_on_error off (here and for groups): a bad command line raises ArgumentError, which
+        # voxdiff.cli.main prints as one line (usage_error_line) instead of a page of usage
+        p = ArgumentParser(description=description or help, exit_on_error=False)
         p.add_argument("--config", action=ActionConfigFile, help="YAML file with option values (command-line wins)")
         self._sub.add_subcommand(name, p, help=help)
         self.runners[name] = run
@@ -44,7 +46,7 @@ class CommandGroup:
         return p
 
     def group(self, name: str, help: str) -> "CommandGroup":
-        p = ArgumentParser(description=help)
+        p = ArgumentParser(description=help, exit_on_error=False)
         self._sub.add_subcommand(name, p, help=help)
         g = CommandGroup(p, dest=f"{self.dest}_{name}")
         self.runners[name] = g
@@ -164,20 +166,6 @@ def underscore_options(argv: list[str]) -> list[str]:
         name, eq, value = tok.partition("=")
         out.append("--" + name[2:].replace("-", "_") + eq + value)
     return out
-
-
-def parsers_of(parser: ArgumentParser, root: "CommandGroup") -> list[ArgumentParser]:
-    """``parser`` and every group and command parser below ``root``."""
-    out = [parser]
-
-    def walk(g: CommandGroup) -> None:
-        out.append(g.parser)
-        for r in g.runners.values():
-            if isinstance(r, CommandGroup):
-                walk(r)
-
-    walk(root)
-    return out + [p for p in root.command_parsers() if p not in out]
 
 
 def command_of(root: CommandGroup, argv: list[str]) -> tuple[list[str], ArgumentParser | None]:
