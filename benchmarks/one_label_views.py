@@ -175,13 +175,16 @@ def fixed_norm_extractor(ext, cases: list, patch: tuple[int, int, int], n: int =
 
 def run_row(exp, row: str, views: int, z_min: float, xy_min: float, seed: int,
             fixed_norm: bool = False, scale: float = 0.0, head_steps: int | None = None,
-            probe: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Fit ``row`` on the first labelled phantom (plus ``views`` crops for a frozen head); score it."""
+            probe: dict[str, Any] | None = None, labels: int = 1) -> dict[str, Any]:
+    """Fit ``row`` on the first ``labels`` labelled phantoms (plus ``views`` crops of each for a frozen
+    head); score it (the perturbed copies are of the first phantom)."""
     from voxdiff.features.extract import with_feature_settings
     from voxdiff.pretrain.load import load_pretrained
 
     train, val, test = exp.folds()[0]
-    c0 = train[0]
+    if not 1 <= labels <= len(train):
+        raise ValueError(f"--labels {labels}: the fold has {len(train)} labelled phantoms")
+    fit_cases, c0 = train[:labels], train[0]
     t0 = time.time()
     if row == "scratch":
         if views or fixed_norm or head_steps or probe:
@@ -190,7 +193,7 @@ def run_row(exp, row: str, views: int, z_min: float, xy_min: float, seed: int,
 
         pcfg = exp.tuned_cfg("scratch", True)
         ext = load_pretrained(exp.pretrained("random"), device="cpu")
-        net, head = fit_network(ext, [c0], val, "scratch", pcfg, progress=False)
+        net, head = fit_network(ext, fit_cases, val, "scratch", pcfg, progress=False)
 
         def score(cases):
             return exp.score(net, {"scratch": head}, cases, pcfg)["scratch"]
@@ -202,7 +205,8 @@ def run_row(exp, row: str, views: int, z_min: float, xy_min: float, seed: int,
         with_feature_settings(ext, pcfg)  # feature side, and --probe's feature_input / t
         if fixed_norm:
             fixed_norm_extractor(ext, train, tuple(exp.budget["pretrain"]["patch_size"]), seed=seed)
-        fit_on = [c0] + fov_views(c0, views, np.random.default_rng(1000 + seed), z_min, xy_min, scale)
+        rng = np.random.default_rng(1000 + seed)  # (with one label: the same crops as before --labels)
+        fit_on = list(fit_cases) + [v for c in fit_cases for v in fov_views(c, views, rng, z_min, xy_min, scale)]
         heads = fit_heads_voxels(ext, fit_on, val, ("nonlinear",), pcfg, progress=False,
                                  voxels_per_step=int(exp.budget.get("probe_voxels", 8192)))
 
@@ -211,7 +215,8 @@ def run_row(exp, row: str, views: int, z_min: float, xy_min: float, seed: int,
     res: dict[str, Any] = {"row": row, "views": views, "z_min": z_min, "xy_min": xy_min, "fixed_norm": fixed_norm,
                            "scale": scale, "head_steps": head_steps,  # None: the budget's
                            "probe": probe or {},
-                           "train_case": c0.case_id,
+                           "labels": labels, "train_case": c0.case_id,
+                           "train_cases": [c.case_id for c in fit_cases],
                            "own": mean_dice(score(perturbations(c0))), "val": mean_dice(score(val)),
                            "test": mean_dice(score(test))}
     res["test_mean"] = round(float(np.nanmean(list(res["test"].values()))), 2)
@@ -223,8 +228,8 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     """Markdown: one line per run (seed, row, views), the perturbed copies of the training phantom,
     validation and test means."""
     keys = ["same", "hu+30", "z+4", "z+8", "xy*0.9", "xy*1.1"]
-    lines = ["| seed | row | crops | " + " | ".join(f"own, {k}" for k in keys) + " | validation | test |",
-             "|---" * (len(keys) + 5) + "|"]
+    lines = ["| seed | labels | row | crops | " + " | ".join(f"own, {k}" for k in keys) + " | validation | test |",
+             "|---" * (len(keys) + 6) + "|"]
     for name in sorted(results):
         r = results[name]
         own = {k.split("-", 1)[1]: v for k, v in r["own"].items()}
@@ -232,7 +237,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             + (f", scale ±{r['scale']}" if r.get("scale") else "") \
             + (f", {r['head_steps']} head steps" if r.get("head_steps") else "") \
             + "".join(f", {k} {v}" for k, v in (r.get("probe") or {}).items())
-        lines.append(f"| {r['seed']} | {row} | {r['views'] or ''} | "
+        lines.append(f"| {r['seed']} | {r.get('labels', 1)} | {row} | {r['views'] or ''} | "
                      + " | ".join(f"{own.get(k, float('nan')):.1f}" for k in keys)
                      + f" | {np.nanmean(list(r['val'].values())):.1f} | {r['test_mean']:.1f} |")
     return "\n".join(lines)
@@ -255,6 +260,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="frozen rows: JSON ProbeConfig overrides, e.g. '{\"feature_input\": \"clean\"}' (needs --tag)")
     ap.add_argument("--tag", default="", help="appended to the names of this run's result files")
     ap.add_argument("--fixed_norm", action="store_true", help="frozen rows: fixed GroupNorm statistics")
+    ap.add_argument("--labels", type=int, default=1,
+                    help="labelled phantoms to fit on: the fold's first N (default 1); crops are per phantom")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--out", type=Path, required=True, help="folder of the per-run JSON files")
     a = ap.parse_args(argv)
@@ -279,13 +286,14 @@ def main(argv: list[str] | None = None) -> None:
                     + (f"-scale{a.scale}" if k and a.scale else "") \
                     + (f"-steps{a.head_steps}" if a.head_steps and row != "scratch" else "") \
                     + (f"-{a.tag}" if a.tag and row != "scratch" else "") \
-                    + ("-fixednorm" if a.fixed_norm and row != "scratch" else "")
+                    + ("-fixednorm" if a.fixed_norm and row != "scratch" else "") \
+                    + (f"-labels{a.labels}" if a.labels != 1 else "")
                 path = a.out / f"{name}.json"
                 if not path.is_file():
                     exp = exp or Experiment.reopen(folder, log=print)
                     r = dict(run_row(exp, row, k, a.z_min, a.xy_min, s, a.fixed_norm and row != "scratch", a.scale,
                                      a.head_steps if row != "scratch" else None,
-                                     probe if row != "scratch" else None), seed=s)
+                                     probe if row != "scratch" else None, a.labels), seed=s)
                     path.write_text(json.dumps(r, indent=1))
                     print(f"{name}: test {r['test_mean']:.1f} ({r['seconds']:.0f} s)", flush=True)
                 results[name] = json.loads(path.read_text())
