@@ -14,6 +14,7 @@ from . import __version__
 from .core.cli import (
     CommandGroup,
     WarningPrinter,
+    comma_lists,
     command_of,
     one_line,
     underscore_options,
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     tune_allocator()  # before any large allocation; VOXDIFF_NO_MALLOPT=1 turns it off
     parser, root = build_parser()
     try:
-        args = underscore_options(list(sys.argv[1:] if argv is None else argv))
+        args = comma_lists(underscore_options(list(sys.argv[1:] if argv is None else argv)), root)
         args = check_config_files(args, root)
         try:
             ns = parser.parse_args(args)

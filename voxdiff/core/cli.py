@@ -168,6 +168,59 @@ def underscore_options(argv: list[str]) -> list[str]:
     return out
 
 
+def _is_sequence_hint(tp: Any) -> bool:
+    """``tuple[int, ...]``, ``list[str]``, or an Optional / Union holding one."""
+    import typing
+
+    if typing.get_origin(tp) in (list, tuple):
+        return True
+    return typing.get_origin(tp) is typing.Union and any(_is_sequence_hint(a) for a in typing.get_args(tp))
+
+
+def comma_lists(argv: list[str], root: CommandGroup) -> list[str]:
+    """A list option of the named command also takes its items comma-separated, or one item alone:
+    ``--seeds 7,8`` and ``--seeds 7`` become ``--seeds [7,8]`` / ``--seeds [7]`` (jsonargparse's own
+    spelling, which keeps working, like ``--seeds '[7, 8]'``, a YAML/JSON mapping or an empty
+    ``[]``). Options of a section that take several plain values (``--data A B``) are left alone, as
+    is everything after a bare ``--``."""
+    import os
+
+    parser = command_of(root, argv)[1]
+    if parser is None:
+        return list(argv)
+    actions = parser._option_string_actions  # noqa: SLF001 (argparse keeps no public index of options)
+
+    def listish(opt: str) -> bool:
+        a = actions.get(opt)
+        return a is not None and a.nargs is None and _is_sequence_hint(getattr(a, "_typehint", None))
+
+    def wrap(v: str) -> str:
+        s = v.strip()
+        if not s or s[0] in "[{(" or (s.lower().endswith((".yaml", ".yml", ".json")) and os.path.isfile(s)):
+            return v
+        return "[" + s + "]"
+
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok == "--":
+            return out + list(argv[i:])
+        name, eq, value = tok.partition("=")
+        if tok.startswith("--") and listish(name):
+            if eq:
+                out.append(f"{name}={wrap(value)}")
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                out += [tok, wrap(argv[i + 1])]
+                i += 1
+            else:
+                out.append(tok)
+        else:
+            out.append(tok)
+        i += 1
+    return out
+
+
 def command_of(root: CommandGroup, argv: list[str]) -> tuple[list[str], ArgumentParser | None]:
     """The command words at the start of ``argv`` (commands and groups) and the parser of the command
     they name (None when they stop at a group, or name nothing)."""
