@@ -230,7 +230,9 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     keys = ["same", "hu+30", "z+4", "z+8", "xy*0.9", "xy*1.1"]
     lines = ["| seed | labels | row | crops | " + " | ".join(f"own, {k}" for k in keys) + " | validation | test |",
              "|---" * (len(keys) + 6) + "|"]
-    for name in sorted(results):
+    order = sorted(results, key=lambda n: (results[n]["seed"], results[n].get("labels", 1), results[n]["row"],
+                                           results[n]["views"] or 0, n))
+    for name in order:
         r = results[name]
         own = {k.split("-", 1)[1]: v for k, v in r["own"].items()}
         row = r["row"] + (", fixed norm" if r.get("fixed_norm") else "") \

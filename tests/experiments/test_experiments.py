@@ -450,6 +450,24 @@ def test_demo_prints_the_converged_scratch_reference_only_where_it_was_measured(
     assert b["finetune_steps"] == b["scratch_steps"]  # the demo's fine-tuned rows cost what from scratch does
 
 
+def test_probe_fov_crops_reach_the_frozen_heads_config_and_change_the_folder(tmp_path):
+    from voxdiff.core.errors import InputError
+    from voxdiff.experiments.base import Experiment
+
+    quiet = lambda s: None  # noqa: E731
+    plain = Experiment(ExperimentConfig(budget="tiny", methods=("random",)), tmp_path / "a", log=quiet)
+    assert plain.probe_cfg().sampling.fov_crops == 0  # no preset has crops
+    exp = Experiment(ExperimentConfig(budget="tiny", methods=("random",), probe_fov_crops=5, probe_steps=9),
+                     tmp_path / "b", log=quiet)
+    cfg = exp.probe_cfg()
+    assert cfg.sampling.fov_crops == 5 and cfg.optim.steps == 9
+    with pytest.raises(InputError, match="other settings.*probe_fov_crops"):  # a frozen row's recipe changed
+        Experiment(ExperimentConfig(budget="tiny", methods=("random",), probe_fov_crops=5), tmp_path / "a", log=quiet)
+    with pytest.raises(InputError, match="fov_crops must be >= 0"):
+        Experiment(ExperimentConfig(budget="tiny", methods=("random",), probe_fov_crops=-1),
+                   tmp_path / "c", log=quiet).probe_cfg()
+
+
 def test_folder_of_an_older_config_resumes(tmp_path):
     """A folder whose config.yaml predates fields added since (their defaults apply) or renamed
     (label_method) is resumed; a real change of setting is still refused."""
