@@ -18,6 +18,10 @@ stopping as the experiment's label rows train it) trained on the first labelled 
   statistics (averaged over 48 random pretraining-size patches of the fold's training images)
   instead of each window's own, so that a voxel's features no longer depend on the window's content.
 
+``--labels N`` fits every row on the fold's first N labelled phantoms instead (crops: K per
+phantom; the perturbed copies stay those of the first), as in docs/RESULTS.md, "Field-of-view crops
+at 1, 2 and all labelled phantoms".
+
 ``--head_steps N`` trains the frozen heads N steps instead of the budget's (validated every
 ``val_every``, best state kept); ``--probe JSON --tag T`` changes other probe settings of the frozen
 rows (e.g. ``{"feature_input": "clean", "feature_side": "both"}``).
