@@ -120,11 +120,10 @@ def _section_takes_value(action: Any, field: str, tp: Any) -> None:
     section) also take a plain value for the section's ``field``: ``--backbone fpn3d`` (and
     ``backbone: fpn3d`` in a ``--config`` file); several values for a list field (``--data A B``)."""
     import os
-    import typing
 
     from jsonargparse import Namespace
 
-    many = typing.get_origin(tp) in (list, tuple)
+    many = _is_sequence_hint(tp)
     base = type(action)
 
     def is_section(v: Any) -> bool:  # what the section option takes as before: a YAML/JSON file or a mapping

@@ -80,10 +80,12 @@ class ProbeSampling:
         fov_crops: frozen heads: add this many random field-of-view crops of each labelled training
             case (:func:`voxdiff.data.augment.fov_crops`: 50-100 % of z, 80-100 % in-plane), each read
             in a feature window of its own, so that a head fitted on few cases does not learn where
-            organs lie in those scans. Measured with one labelled phantom (two seeds): 64 crops with
-            2,400 head steps took frozen diffusion + APE from 17 to 29-32 test Dice (docs/RESULTS.md,
-            "Why frozen heads fail with one labelled phantom"). Not used by fine-tuning and from-scratch
-            training (their patches are crops already). 0 = off.
+            organs lie in those scans. Measured on three seeds with 2,400 head steps, frozen diffusion +
+            APE gained +16.7 ± 3.4 test Dice with two labelled phantoms (64 crops each) and +11.1 ± 2.7
+            with all seven (8 each); at one phantom 64 crops gave 33 against 17-19 (docs/RESULTS.md,
+            "Field-of-view crops at 1, 2 and all labelled phantoms"). Off by default for its cost: one
+            feature window per crop. Not used by fine-tuning and from-scratch training (their patches
+            are crops already). 0 = off.
     """
 
     patch_size: tuple[int, int, int] = (64, 64, 32)
