@@ -17,7 +17,7 @@ def test_list_options_take_commas_or_one_item():
     root = _root()
     cmd = ["experiment", "compare", "--out", "o"]
     assert comma_lists(cmd + ["--seeds", "7,8", "--methods", "contrastive"], root) == \
-        cmd + ["--seeds", "[7,8]", "--methods", "[contrastive]"]
+        cmd + ["--seeds", "[7,8]", "--methods", '["contrastive"]']
     assert comma_lists(cmd + ["--seeds=7,8", "--timesteps=1"], root) == cmd + ["--seeds=[7,8]", "--timesteps=[1]"]
     # the bracketed spelling, an empty list, a mapping and non-list options are untouched
     same = cmd + ["--seeds", "[7, 8]", "--label_methods", "[]", "--budget", "a,b", "--folds", "5"]
@@ -29,6 +29,22 @@ def test_list_options_take_commas_or_one_item():
     assert comma_lists(["--seeds", "1,2"], root) == ["--seeds", "1,2"]
     # a nested option of another command
     assert comma_lists(["probe", "m", "d", "--sampling.patch_size", "32,32,16"], root)[-1] == "[32,32,16]"
+
+
+def test_string_items_reach_the_parser_whole(tmp_path):
+    """Items of string lists are JSON strings (YAML would read '#' as a comment and ': ' as a mapping);
+    an existing path is one item even with a comma in its name."""
+    root = _root()
+    parser = root.runners["experiment"].parsers["compare"]
+    weird = tmp_path / "ct, series #2: a"
+    weird.mkdir()
+    argv = comma_lists(["experiment", "compare", "--out", "o", "--pretrain_data", str(weird),
+                        "--methods", "contrastive, random"], root)
+    ns = parser.parse_args(argv[2:])
+    assert tuple(ns.pretrain_data) == (str(weird),) and tuple(ns.methods) == ("contrastive", "random")
+    # names that exist nowhere are split at the commas
+    argv = comma_lists(["experiment", "compare", "--out", "o", "--pretrain_data=x/a #1,y/b"], root)
+    assert tuple(parser.parse_args(argv[2:]).pretrain_data) == ("x/a #1", "y/b")
 
 
 def test_commas_reach_the_config(tmp_path, capsys):

@@ -176,12 +176,24 @@ def _is_sequence_hint(tp: Any) -> bool:
     return typing.get_origin(tp) is typing.Union and any(_is_sequence_hint(a) for a in typing.get_args(tp))
 
 
+def _holds_strings(tp: Any) -> bool:
+    """Whether a list/tuple hint (possibly Optional) holds strings: ``tuple[str, ...]``, ``list[str]``."""
+    import typing
+
+    if typing.get_origin(tp) is typing.Union:
+        return any(_holds_strings(a) for a in typing.get_args(tp) if a is not type(None))
+    return typing.get_origin(tp) in (list, tuple) and any(a is str for a in typing.get_args(tp))
+
+
 def comma_lists(argv: list[str], root: CommandGroup) -> list[str]:
     """A list option of the named command also takes its items comma-separated, or one item alone:
     ``--seeds 7,8`` and ``--seeds 7`` become ``--seeds [7,8]`` / ``--seeds [7]`` (jsonargparse's own
     spelling, which keeps working, like ``--seeds '[7, 8]'``, a YAML/JSON mapping or an empty
-    ``[]``). Options of a section that take several plain values (``--data A B``) are left alone, as
-    is everything after a bare ``--``."""
+    ``[]``). Items of a list of strings (methods, paths) are passed as JSON strings, so that YAML
+    does not read ``#``, ``: `` or quotes in them; a value that names an existing file or folder is one
+    item even when it holds a comma. Options of a section that take several plain values (``--data
+    A B``) are left alone, as is everything after a bare ``--``."""
+    import json
     import os
 
     parser = command_of(root, argv)[1]
@@ -193,10 +205,13 @@ def comma_lists(argv: list[str], root: CommandGroup) -> list[str]:
         a = actions.get(opt)
         return a is not None and a.nargs is None and _is_sequence_hint(getattr(a, "_typehint", None))
 
-    def wrap(v: str) -> str:
+    def wrap(opt: str, v: str) -> str:
         s = v.strip()
         if not s or s[0] in "[{(" or (s.lower().endswith((".yaml", ".yml", ".json")) and os.path.isfile(s)):
             return v
+        if _holds_strings(getattr(actions[opt], "_typehint", None)):
+            items = [v] if os.path.exists(v) else [i.strip() for i in v.split(",")]
+            return json.dumps(items, ensure_ascii=False)
         return "[" + s + "]"
 
     out: list[str] = []
@@ -208,9 +223,9 @@ def comma_lists(argv: list[str], root: CommandGroup) -> list[str]:
         name, eq, value = tok.partition("=")
         if tok.startswith("--") and listish(name):
             if eq:
-                out.append(f"{name}={wrap(value)}")
+                out.append(f"{name}={wrap(name, value)}")
             elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-                out += [tok, wrap(argv[i + 1])]
+                out += [tok, wrap(tok, argv[i + 1])]
                 i += 1
             else:
                 out.append(tok)
