@@ -22,6 +22,11 @@ stopping as the experiment's label rows train it) trained on the first labelled 
 phantom; the perturbed copies stay those of the first), as in docs/RESULTS.md, "Field-of-view crops
 at 1, 2 and all labelled phantoms".
 
+``--tta K`` (frozen rows) also scores the validation and test phantoms with test-time crops: the
+softmax of the whole volume averaged, voxel by voxel, with those of K random field-of-view crops of
+it (the same ``--z_min`` / ``--xy_min`` draws as the training crops, each its own feature window),
+reported beside the plain scores (``val_tta``, ``test_tta``).
+
 ``--head_steps N`` trains the frozen heads N steps instead of the budget's (validated every
 ``val_every``, best state kept); ``--probe JSON --tag T`` changes other probe settings of the frozen
 rows (e.g. ``{"feature_input": "clean", "feature_side": "both"}``).
@@ -103,6 +108,33 @@ def fov_views(case, k: int, rng: np.random.Generator, z_min: float = 0.5, xy_min
     return views
 
 
+def tta_scores(ext, head, cases, pcfg, k: int, seed: int, z_min: float, xy_min: float) -> dict:
+    """Dice per case and organ of ``head`` with test-time crops: the softmax of the whole-volume
+    features averaged, voxel by voxel, with those of ``k`` random crops (:func:`crop_box`, each its own
+    feature window; drawn per case from ``seed``)."""
+    import zlib
+
+    from voxdiff.data.augment import crop_box
+    from voxdiff.evaluate.metrics import dice_per_class
+    from voxdiff.probe.predict import logits_to_labels, unit_image
+    from voxdiff.probe.voxel import predict_logits_volume
+
+    out = {}
+    for case in cases:
+        rng = np.random.default_rng([seed, zlib.crc32(case.case_id.encode()), 7])
+        unit = unit_image(case, ext.preprocess.hu_window)
+        prob = torch.softmax(predict_logits_volume(ext, {"h": head}, unit, pcfg)["h"], 0)
+        count = torch.ones(unit.shape)
+        for _ in range(k):
+            box = crop_box(unit.shape, rng, z_min, xy_min)
+            lg = predict_logits_volume(ext, {"h": head}, np.ascontiguousarray(unit[box]), pcfg)["h"]
+            prob[(slice(None), *box)] += torch.softmax(lg, 0)
+            count[box] += 1
+        pred = logits_to_labels(prob / count)
+        out[case.case_id] = {str(c): v for c, v in dice_per_class(pred, case.label, pcfg.n_classes).items()}
+    return out
+
+
 def mean_dice(scores: dict[str, dict[str, float]]) -> dict[str, float]:
     """Per case: mean Dice (%) over the organs present (NaN / None entries are absent organs)."""
     from voxdiff.evaluate.stats import case_means
@@ -179,7 +211,7 @@ def fixed_norm_extractor(ext, cases: list, patch: tuple[int, int, int], n: int =
 
 def run_row(exp, row: str, views: int, z_min: float, xy_min: float, seed: int,
             fixed_norm: bool = False, scale: float = 0.0, head_steps: int | None = None,
-            probe: dict[str, Any] | None = None, labels: int = 1) -> dict[str, Any]:
+            probe: dict[str, Any] | None = None, labels: int = 1, tta: int = 0) -> dict[str, Any]:
     """Fit ``row`` on the first ``labels`` labelled phantoms (plus ``views`` crops of each for a frozen
     head); score it (the perturbed copies are of the first phantom)."""
     from voxdiff.features.extract import with_feature_settings
@@ -216,6 +248,9 @@ def run_row(exp, row: str, views: int, z_min: float, xy_min: float, seed: int,
 
         def score(cases):
             return exp.score(ext, heads, cases, pcfg, volume=exp.voxel_mode)["nonlinear"]
+
+        def score_tta(cases):
+            return tta_scores(ext, heads["nonlinear"], cases, pcfg, tta, seed, z_min, xy_min)
     res: dict[str, Any] = {"row": row, "views": views, "z_min": z_min, "xy_min": xy_min, "fixed_norm": fixed_norm,
                            "scale": scale, "head_steps": head_steps,  # None: the budget's
                            "probe": probe or {},
@@ -224,8 +259,18 @@ def run_row(exp, row: str, views: int, z_min: float, xy_min: float, seed: int,
                            "own": mean_dice(score(perturbations(c0))), "val": mean_dice(score(val)),
                            "test": mean_dice(score(test))}
     res["test_mean"] = round(float(np.nanmean(list(res["test"].values()))), 2)
+    if tta and row != "scratch":
+        res.update(tta=tta, val_tta=mean_dice(score_tta(val)), test_tta=mean_dice(score_tta(test)))
+        res["test_tta_mean"] = round(float(np.nanmean(list(res["test_tta"].values()))), 2)
     res["seconds"] = round(time.time() - t0, 1)
     return res
+
+
+def tta_cell(r: dict[str, Any], split: str) -> str:
+    """`` (K crops: X)``: a split's mean Dice with test-time crops, when the run measured it."""
+    if not r.get("tta"):
+        return ""
+    return f" ({r['tta']} crops: {np.nanmean(list(r[f'{split}_tta'].values())):.1f})"
 
 
 def table(results: dict[str, dict[str, Any]]) -> str:
@@ -245,7 +290,8 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             + "".join(f", {k} {v}" for k, v in (r.get("probe") or {}).items())
         lines.append(f"| {r['seed']} | {r.get('labels', 1)} | {row} | {r['views'] or ''} | "
                      + " | ".join(f"{own.get(k, float('nan')):.1f}" for k in keys)
-                     + f" | {np.nanmean(list(r['val'].values())):.1f} | {r['test_mean']:.1f} |")
+                     + f" | {np.nanmean(list(r['val'].values())):.1f}{tta_cell(r, 'val')}"
+                     + f" | {r['test_mean']:.1f}{tta_cell(r, 'test')} |")
     return "\n".join(lines)
 
 
@@ -268,6 +314,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fixed_norm", action="store_true", help="frozen rows: fixed GroupNorm statistics")
     ap.add_argument("--labels", type=int, default=1,
                     help="labelled phantoms to fit on: the fold's first N (default 1); crops are per phantom")
+    ap.add_argument("--tta", type=int, default=0,
+                    help="frozen rows: also score with this many test-time field-of-view crops per case")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--out", type=Path, required=True, help="folder of the per-run JSON files")
     a = ap.parse_args(argv)
@@ -293,15 +341,16 @@ def main(argv: list[str] | None = None) -> None:
                     + (f"-steps{a.head_steps}" if a.head_steps and row != "scratch" else "") \
                     + (f"-{a.tag}" if a.tag and row != "scratch" else "") \
                     + ("-fixednorm" if a.fixed_norm and row != "scratch" else "") \
-                    + (f"-labels{a.labels}" if a.labels != 1 else "")
+                    + (f"-labels{a.labels}" if a.labels != 1 else "") \
+                    + (f"-tta{a.tta}" if a.tta and row != "scratch" else "")
                 path = a.out / f"{name}.json"
                 if not path.is_file():
                     exp = exp or Experiment.reopen(folder, log=print)
                     r = dict(run_row(exp, row, k, a.z_min, a.xy_min, s, a.fixed_norm and row != "scratch", a.scale,
                                      a.head_steps if row != "scratch" else None,
-                                     probe if row != "scratch" else None, a.labels), seed=s)
+                                     probe if row != "scratch" else None, a.labels, a.tta), seed=s)
                     path.write_text(json.dumps(r, indent=1))
-                    print(f"{name}: test {r['test_mean']:.1f} ({r['seconds']:.0f} s)", flush=True)
+                    print(f"{name}: test {r['test_mean']:.1f}{tta_cell(r, 'test')} ({r['seconds']:.0f} s)", flush=True)
                 results[name] = json.loads(path.read_text())
     print(table(results))
 

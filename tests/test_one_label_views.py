@@ -91,3 +91,48 @@ def test_fixed_group_norms_match_on_the_calibration_input_and_ignore_the_window_
         # a window's features no longer depend on what else the window holds
         torch.testing.assert_close(net(x[..., :3]), net(x)[..., :3])
     assert (crop_before - before[..., :3]).abs().max() > 1e-2  # while GroupNorm's did
+
+
+def test_test_time_crops_are_pasted_where_they_were_cut():
+    """With features that depend on each voxel alone, every crop predicts what the whole volume does at
+    its voxels, so the averaged softmax gives the same labels and Dice: a crop pasted at the wrong
+    offset would not."""
+    import torch
+    from standin import StandinExtractor, two_organ_case
+
+    from voxdiff.evaluate.metrics import dice_per_class
+    from voxdiff.probe.predict import logits_to_labels, unit_image
+    from voxdiff.probe.train import ProbeConfig
+    from voxdiff.probe.voxel import predict_logits_volume
+
+    olv = load_benchmark("one_label_views")
+    class Extractor(StandinExtractor):  # the whole-volume path passes window indices
+        def __call__(self, image_unit, voxel_index=None, coords=None):
+            return self.backbone(image_unit)
+
+    ext = Extractor(channels=(4, 8), pointwise=True)
+    case = two_organ_case(3)
+    unit = unit_image(case, ext.preprocess.hu_window)
+    f0 = ext(torch.as_tensor(unit)[None, None])[0][0, 0]
+    lab = torch.as_tensor(case.label)
+    thr = 0.5 * (float(f0[lab == 6].mean()) + float(f0[lab == 0].mean()))
+    sign = 1.0 if float(f0[lab == 6].mean()) > thr else -1.0
+
+    class Threshold(torch.nn.Module):  # organ 6 where the first feature passes the threshold
+        def __init__(self):
+            super().__init__()
+            self.gain = torch.nn.Parameter(torch.tensor(20.0 * sign))
+
+        def forward(self, pyr, out_size=None):
+            f = pyr[0][:, :1]
+            logits = torch.zeros(f.shape[0], 14, *f.shape[2:])
+            logits[:, 6:7] = self.gain * (f - thr)
+            return logits
+
+    head = Threshold()
+    cfg = ProbeConfig()
+    cfg.inference.feature_roi = (64, 64, 64)
+    plain = logits_to_labels(predict_logits_volume(ext, {"h": head}, unit, cfg)["h"])
+    assert dice_per_class(plain, case.label, 14)[6] > 0.6  # the threshold finds the organ
+    tta = olv.tta_scores(ext, head, [case], cfg, 6, seed=0, z_min=0.5, xy_min=0.6)[case.case_id]
+    np.testing.assert_equal(tta, {str(c): v for c, v in dice_per_class(plain, case.label, 14).items()})
