@@ -25,7 +25,9 @@ at 1, 2 and all labelled phantoms".
 ``--tta K`` (frozen rows) also scores the validation and test phantoms with test-time crops: the
 softmax of the whole volume averaged, voxel by voxel, with those of K random field-of-view crops of
 it (the same ``--z_min`` / ``--xy_min`` draws as the training crops, each its own feature window),
-reported beside the plain scores (``val_tta``, ``test_tta``).
+reported beside the plain scores (``val_tta``, ``test_tta``). ``--extra_val`` also scores the fold's
+labelled phantoms that the fit did not use (``val_extra``, and ``val_extra_tta``): with one or two
+labels, a validation set of five or six phantoms instead of the fold's one.
 
 ``--head_steps N`` trains the frozen heads N steps instead of the budget's (validated every
 ``val_every``, best state kept); ``--probe JSON --tag T`` changes other probe settings of the frozen
@@ -211,7 +213,8 @@ def fixed_norm_extractor(ext, cases: list, patch: tuple[int, int, int], n: int =
 
 def run_row(exp, row: str, views: int, z_min: float, xy_min: float, seed: int,
             fixed_norm: bool = False, scale: float = 0.0, head_steps: int | None = None,
-            probe: dict[str, Any] | None = None, labels: int = 1, tta: int = 0) -> dict[str, Any]:
+            probe: dict[str, Any] | None = None, labels: int = 1, tta: int = 0,
+            extra_val: bool = False) -> dict[str, Any]:
     """Fit ``row`` on the first ``labels`` labelled phantoms (plus ``views`` crops of each for a frozen
     head); score it (the perturbed copies are of the first phantom)."""
     from voxdiff.features.extract import with_feature_settings
@@ -262,6 +265,11 @@ def run_row(exp, row: str, views: int, z_min: float, xy_min: float, seed: int,
     if tta and row != "scratch":
         res.update(tta=tta, val_tta=mean_dice(score_tta(val)), test_tta=mean_dice(score_tta(test)))
         res["test_tta_mean"] = round(float(np.nanmean(list(res["test_tta"].values()))), 2)
+    rest = list(train[labels:])  # the fold's labelled phantoms this fit did not use
+    if extra_val and rest:
+        res["val_extra"] = mean_dice(score(rest))
+        if tta and row != "scratch":
+            res["val_extra_tta"] = mean_dice(score_tta(rest))
     res["seconds"] = round(time.time() - t0, 1)
     return res
 
@@ -316,6 +324,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="labelled phantoms to fit on: the fold's first N (default 1); crops are per phantom")
     ap.add_argument("--tta", type=int, default=0,
                     help="frozen rows: also score with this many test-time field-of-view crops per case")
+    ap.add_argument("--extra_val", action="store_true",
+                    help="also score the fold's labelled phantoms the fit did not use (a larger validation set)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--out", type=Path, required=True, help="folder of the per-run JSON files")
     a = ap.parse_args(argv)
@@ -342,13 +352,15 @@ def main(argv: list[str] | None = None) -> None:
                     + (f"-{a.tag}" if a.tag and row != "scratch" else "") \
                     + ("-fixednorm" if a.fixed_norm and row != "scratch" else "") \
                     + (f"-labels{a.labels}" if a.labels != 1 else "") \
-                    + (f"-tta{a.tta}" if a.tta and row != "scratch" else "")
+                    + (f"-tta{a.tta}" if a.tta and row != "scratch" else "") \
+                    + ("-xval" if a.extra_val else "")
                 path = a.out / f"{name}.json"
                 if not path.is_file():
                     exp = exp or Experiment.reopen(folder, log=print)
                     r = dict(run_row(exp, row, k, a.z_min, a.xy_min, s, a.fixed_norm and row != "scratch", a.scale,
                                      a.head_steps if row != "scratch" else None,
-                                     probe if row != "scratch" else None, a.labels, a.tta), seed=s)
+                                     probe if row != "scratch" else None, a.labels, a.tta, a.extra_val),
+                             seed=s)
                     path.write_text(json.dumps(r, indent=1))
                     print(f"{name}: test {r['test_mean']:.1f}{tta_cell(r, 'test')} ({r['seconds']:.0f} s)", flush=True)
                 results[name] = json.loads(path.read_text())
