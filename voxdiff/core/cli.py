@@ -167,22 +167,27 @@ def underscore_options(argv: list[str]) -> list[str]:
     return out
 
 
-def _is_sequence_hint(tp: Any) -> bool:
-    """``tuple[int, ...]``, ``list[str]``, or an Optional / Union holding one."""
+def _sequence_items(tp: Any) -> tuple[Any, ...] | None:
+    """The item types of ``tuple[int, ...]``, ``list[str]`` or an Optional / Union holding one (those
+    of every sequence member of a Union); None when ``tp`` is no sequence hint."""
     import typing
 
     if typing.get_origin(tp) in (list, tuple):
-        return True
-    return typing.get_origin(tp) is typing.Union and any(_is_sequence_hint(a) for a in typing.get_args(tp))
+        return typing.get_args(tp)
+    if typing.get_origin(tp) is typing.Union:
+        found = [i for a in typing.get_args(tp) if (i := _sequence_items(a)) is not None]
+        return tuple(x for i in found for x in i) if found else None
+    return None
+
+
+def _is_sequence_hint(tp: Any) -> bool:
+    """``tuple[int, ...]``, ``list[str]``, or an Optional / Union holding one."""
+    return _sequence_items(tp) is not None
 
 
 def _holds_strings(tp: Any) -> bool:
-    """Whether a list/tuple hint (possibly Optional) holds strings: ``tuple[str, ...]``, ``list[str]``."""
-    import typing
-
-    if typing.get_origin(tp) is typing.Union:
-        return any(_holds_strings(a) for a in typing.get_args(tp) if a is not type(None))
-    return typing.get_origin(tp) in (list, tuple) and any(a is str for a in typing.get_args(tp))
+    """Whether a sequence hint (possibly Optional) holds strings: ``tuple[str, ...]``, ``list[str]``."""
+    return str in (_sequence_items(tp) or ())
 
 
 def comma_lists(argv: list[str], root: CommandGroup) -> list[str]:
