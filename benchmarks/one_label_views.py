@@ -110,10 +110,12 @@ def fov_views(case, k: int, rng: np.random.Generator, z_min: float = 0.5, xy_min
     return views
 
 
-def tta_scores(ext, head, cases, pcfg, k: int, seed: int, z_min: float, xy_min: float) -> dict:
-    """Dice per case and organ of ``head`` with test-time crops: the softmax of the whole-volume
-    features averaged, voxel by voxel, with those of ``k`` random crops (:func:`crop_box`, each its own
-    feature window; drawn per case from ``seed``)."""
+def tta_scores(ext, head, cases, pcfg, k: int, seed: int, z_min: float,
+               xy_min: float) -> tuple[dict, dict]:
+    """Dice per case and organ of ``head`` on whole-volume features, plain and with test-time crops:
+    the softmax of the whole volume averaged, voxel by voxel, with those of ``k`` random crops
+    (:func:`crop_box`, each its own feature window; drawn per case from ``seed``). The plain scores
+    come from the same whole-volume pass (the experiment's voxel-mode scoring path)."""
     import zlib
 
     from voxdiff.data.augment import crop_box
@@ -121,20 +123,25 @@ def tta_scores(ext, head, cases, pcfg, k: int, seed: int, z_min: float, xy_min: 
     from voxdiff.probe.predict import logits_to_labels, unit_image
     from voxdiff.probe.voxel import predict_logits_volume
 
-    out = {}
+    def dice(lg: torch.Tensor, case) -> dict:
+        pred = logits_to_labels(lg)
+        return {str(c): v for c, v in dice_per_class(pred, case.label, pcfg.n_classes).items()}
+
+    plain, out = {}, {}
     for case in cases:
         rng = np.random.default_rng([seed, zlib.crc32(case.case_id.encode()), 7])
         unit = unit_image(case, ext.preprocess.hu_window)
-        prob = torch.softmax(predict_logits_volume(ext, {"h": head}, unit, pcfg)["h"], 0)
+        whole = predict_logits_volume(ext, {"h": head}, unit, pcfg)["h"]
+        plain[case.case_id] = dice(whole, case)
+        prob = torch.softmax(whole, 0)
         count = torch.ones(unit.shape)
         for _ in range(k):
             box = crop_box(unit.shape, rng, z_min, xy_min)
             lg = predict_logits_volume(ext, {"h": head}, np.ascontiguousarray(unit[box]), pcfg)["h"]
             prob[(slice(None), *box)] += torch.softmax(lg, 0)
             count[box] += 1
-        pred = logits_to_labels(prob / count)
-        out[case.case_id] = {str(c): v for c, v in dice_per_class(pred, case.label, pcfg.n_classes).items()}
-    return out
+        out[case.case_id] = dice(prob / count, case)
+    return plain, out
 
 
 def mean_dice(scores: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -252,24 +259,28 @@ def run_row(exp, row: str, views: int, z_min: float, xy_min: float, seed: int,
         def score(cases):
             return exp.score(ext, heads, cases, pcfg, volume=exp.voxel_mode)["nonlinear"]
 
-        def score_tta(cases):
-            return tta_scores(ext, heads["nonlinear"], cases, pcfg, tta, seed, z_min, xy_min)
+        if tta and not exp.voxel_mode:
+            raise ValueError("--tta needs heads on whole-volume features (the budget's voxel probing)")
+    tta = tta if row != "scratch" else 0
+    rest = list(train[labels:]) if extra_val else []  # the fold's labelled phantoms this fit did not use
     res: dict[str, Any] = {"row": row, "views": views, "z_min": z_min, "xy_min": xy_min, "fixed_norm": fixed_norm,
                            "scale": scale, "head_steps": head_steps,  # None: the budget's
                            "probe": probe or {},
                            "labels": labels, "train_case": c0.case_id,
                            "train_cases": [c.case_id for c in fit_cases],
-                           "own": mean_dice(score(perturbations(c0))), "val": mean_dice(score(val)),
-                           "test": mean_dice(score(test))}
+                           "own": mean_dice(score(perturbations(c0)))}
+    for key, cases in (("val", val), ("test", test), ("val_extra", rest)):
+        if key == "val_extra" and not cases:
+            continue
+        if tta:  # one whole-volume pass per case gives both scores
+            plain, crops = tta_scores(ext, heads["nonlinear"], cases, pcfg, tta, seed, z_min, xy_min)
+            res[key], res[f"{key}_tta"] = mean_dice(plain), mean_dice(crops)
+        else:
+            res[key] = mean_dice(score(cases))
     res["test_mean"] = round(float(np.nanmean(list(res["test"].values()))), 2)
-    if tta and row != "scratch":
-        res.update(tta=tta, val_tta=mean_dice(score_tta(val)), test_tta=mean_dice(score_tta(test)))
+    if tta:
+        res["tta"] = tta
         res["test_tta_mean"] = round(float(np.nanmean(list(res["test_tta"].values()))), 2)
-    rest = list(train[labels:])  # the fold's labelled phantoms this fit did not use
-    if extra_val and rest:
-        res["val_extra"] = mean_dice(score(rest))
-        if tta and row != "scratch":
-            res["val_extra_tta"] = mean_dice(score_tta(rest))
     res["seconds"] = round(time.time() - t0, 1)
     return res
 

@@ -134,5 +134,7 @@ def test_test_time_crops_are_pasted_where_they_were_cut():
     cfg.inference.feature_roi = (64, 64, 64)
     plain = logits_to_labels(predict_logits_volume(ext, {"h": head}, unit, cfg)["h"])
     assert dice_per_class(plain, case.label, 14)[6] > 0.6  # the threshold finds the organ
-    tta = olv.tta_scores(ext, head, [case], cfg, 6, seed=0, z_min=0.5, xy_min=0.6)[case.case_id]
-    np.testing.assert_equal(tta, {str(c): v for c, v in dice_per_class(plain, case.label, 14).items()})
+    whole, crops = olv.tta_scores(ext, head, [case], cfg, 6, seed=0, z_min=0.5, xy_min=0.6)
+    expected = {str(c): v for c, v in dice_per_class(plain, case.label, 14).items()}
+    np.testing.assert_equal(crops[case.case_id], expected)
+    np.testing.assert_equal(whole[case.case_id], expected)  # the plain scores of the same pass
