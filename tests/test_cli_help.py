@@ -77,7 +77,7 @@ def test_command_line_mistakes_are_one_line(capsys, tmp_path):
     for argv, shown in ((["probe", "m", "d", "-o", str(tmp_path / "p"), "--nosuch", "1"], "unrecognized arguments: --nosuch 1"),
                         (["probe", "m"], "the following arguments are required: data, out (see voxdiff probe --help)"),
                         (["nosuch"], "unknown command 'nosuch'"),
-                        (["bpr", "nosuch"], "unknown command 'nosuch' (choose from 'train', 'predict', 'evaluate') "
+                        (["bpr", "nosuch"], "unknown command 'nosuch' (choose from 'train', 'predict', 'evaluate', 'ensemble') "
                                             "(see voxdiff bpr --help)"),
                         (["data"], "a command is needed, one of {prepare,check,splits} (see voxdiff data --help)"),
                         (["phantom", str(tmp_path / "ph"), "--shape", "[1,2"], "--shape: expected tuple")):

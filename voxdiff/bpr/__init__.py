@@ -17,6 +17,7 @@ Public API::
     case_fields(model, cases, cache_dir)            # one field per preprocessed case, cached
 """
 
+from .ensemble import BPREnsembleConfig, ensemble_slice_models, write_ensemble
 from .fields import CoordinateField, FieldCache, case_fields, crop_fields, volume_field
 from .models import (
     BPR_KINDS,
@@ -37,5 +38,6 @@ from .train import BPRData, BPRModel, BPROptim, BPRTaskOptions, BPRTrainConfig, 
 __all__ = [
     "BPR_KINDS", "BPR_VERSION", "BodyPartRegressor", "SliceRegressor", "APERegressor", "build_bpr",
     "coords_channels", "coords_for_patches", "load_bpr", "save_bpr", "sincos_encode", "predict_volume",
-    "BPRTrainConfig", "BPRData", "BPROptim", "BPRModel", "BPRTaskOptions", "train_bpr", "CoordinateField", "FieldCache", "case_fields", "crop_fields", "volume_field",
+    "BPRTrainConfig", "BPRData", "BPROptim", "BPRModel", "BPRTaskOptions", "train_bpr", "BPREnsembleConfig",
+    "ensemble_slice_models", "write_ensemble", "CoordinateField", "FieldCache", "case_fields", "crop_fields", "volume_field",
 ]

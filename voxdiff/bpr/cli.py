@@ -40,6 +40,12 @@ def register(root: CommandGroup) -> None:
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config(e, BPREvalConfig)
 
+    n = g.command("ensemble", run_ensemble,
+                  help="Combine slice models trained with different seeds into one (the mean of their calibrated scores)")
+    n.add_argument("models", nargs="+", help="slice model folders (same architecture and preprocessing), at least two")
+    n.add_argument("-o", "--out", type=str, required=True, help="output model folder (model.safetensors + model.json)")
+    n.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+
 
 def run_train(ns) -> None:
     from .train import train_bpr
@@ -55,6 +61,13 @@ def run_predict(ns) -> None:
     s = predict_volume(ns.model, ns.ct, ns.out, plot=ns.plot, overlap=ns.overlap, force=bool(ns.force), progress=True,
                        allow_non_ct=bool(ns.allow_non_ct))
     print(json.dumps({"out": s["out"], "kind": s["kind"], "shape": s["shape"], "seconds": round(s["seconds"]["total"], 2)}))
+
+
+def run_ensemble(ns) -> None:
+    from .ensemble import BPREnsembleConfig, write_ensemble
+
+    out = write_ensemble(BPREnsembleConfig(models=list(ns.models)), ns.out, force=bool(ns.force))
+    print(f"slice ensemble of {len(ns.models)} models written to {out}")
 
 
 def _z_only(o: dict) -> str:

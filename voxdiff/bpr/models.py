@@ -35,9 +35,10 @@ from ..core.runtime import prefer_channels_last
 from ..data.preprocess import HU_WINDOW
 
 BPR_KINDS = ("slice", "ape")
-BPR_VERSION = 2  # bump when the architecture or the meaning of the outputs changes
+BPR_VERSION = 3  # bump when the architecture or the meaning of the outputs changes
 # v2: the ape anchor head may take its S offset from an embedded slice model (``anchor="slice"``);
-# models without it are still written as v1, so older voxdiff versions keep reading them.
+# v3: a slice model may be an ensemble of several (``members``; an ape model anchored on one is v3 too).
+# Models without these are still written as v1 / v2, so older voxdiff versions keep reading them.
 CHECKPOINT_KIND = "bpr"
 
 
@@ -150,12 +151,35 @@ def slice_neighbourhoods(z: torch.Tensor, context: int, first: float, last: floa
     return (z[:, None] + offsets[None]).clamp(first, last).flatten()
 
 
+class _SliceNet(nn.Module):
+    """One slice scorer: stride-2 2x2 conv then a 3x3 conv per level (BatchNorm, ReLU), a 1x1 head."""
+
+    def __init__(self, cin: int, channels: tuple[int, ...]):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for c in channels:
+            # stride-2 2x2 conv (no padding: output j covers input [2j, 2j+1]) then a 3x3 conv
+            layers += [nn.Conv2d(cin, c, 2, stride=2), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
+                       nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+            cin = c
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Conv2d(cin, 1, 1)
+
+    def forward(self, xs: torch.Tensor) -> torch.Tensor:
+        """(N, C, X, Y) slices -> (N,) mean of the local scores."""
+        return self.head(self.features(xs)).mean(dim=(1, 2, 3))
+
+
 class SliceRegressor(BodyPartRegressor):
+    """Slice scores; ``members`` > 1 is an ensemble of independently trained slice models of the same
+    architecture (``ensemble_slice_models``): the raw score of a slice is the mean of the members'
+    calibrated scores (``member_scale``/``member_offset``), so every member counts on one scale."""
+
     kind = "slice"
     out_channels = 1
 
     def __init__(self, channels: tuple[int, ...] = (16, 32, 48, 64), unit_mm: float = 100.0, context: int = 0,
-                 context_step: int = 1, **kw: Any):
+                 context_step: int = 1, members: int = 1, **kw: Any):
         super().__init__(**kw)
         self.channels = tuple(int(c) for c in channels)
         self.unit_mm = float(unit_mm)
@@ -164,21 +188,27 @@ class SliceRegressor(BodyPartRegressor):
         # changes (a lung apex from a lung base)
         self.context = int(context)
         self.context_step = int(context_step)
+        self.n_members = int(members)
         if self.context < 0:
             raise ValueError(f"slice context must be >= 0, got {context}")
         if self.context_step < 1:
             raise ValueError(f"slice context step must be >= 1, got {context_step}")
-        layers: list[nn.Module] = []
+        if self.n_members < 1:
+            raise ValueError(f"slice ensemble members must be >= 1, got {members}")
         cin = 2 * self.context + 1
-        for c in self.channels:
-            # stride-2 2x2 conv (no padding: output j covers input [2j, 2j+1]) then a 3x3 conv
-            layers += [nn.Conv2d(cin, c, 2, stride=2), nn.BatchNorm2d(c), nn.ReLU(inplace=True),
-                       nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
-            cin = c
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Conv2d(cin, 1, 1)
+        if self.n_members == 1:  # a single model keeps the parameter names it always had
+            net = _SliceNet(cin, self.channels)
+            self.features, self.head = net.features, net.head
+        else:
+            self.members = nn.ModuleList(_SliceNet(cin, self.channels) for _ in range(self.n_members))
+            self.register_buffer("member_scale", torch.ones(self.n_members))
+            self.register_buffer("member_offset", torch.zeros(self.n_members))
         s = 2 ** len(self.channels)
         self.stride = (s, s, 1)
+
+    @property
+    def format_version(self) -> int:
+        return 3 if self.n_members > 1 else 1
 
     def arch(self) -> dict[str, Any]:
         a = {"channels": list(self.channels), "unit_mm": self.unit_mm, "patch_size": list(self.patch_size)}
@@ -186,7 +216,16 @@ class SliceRegressor(BodyPartRegressor):
             a["context"] = self.context
             if self.context_step != 1:
                 a["context_step"] = self.context_step
+        if self.n_members > 1:
+            a["members"] = self.n_members
         return a
+
+    def _slice_means(self, xs: torch.Tensor) -> torch.Tensor:
+        """(N, 2c + 1, X, Y) slices with their neighbours -> (N,) raw scores."""
+        if self.n_members == 1:
+            return self.head(self.features(xs)).mean(dim=(1, 2, 3))
+        scores = [net(xs) * self.member_scale[k] + self.member_offset[k] for k, net in enumerate(self.members)]
+        return torch.stack(scores).mean(dim=0)
 
     def neighbourhoods(self, z: torch.Tensor, nz: float) -> torch.Tensor:
         """Z positions of the slices ``z`` of a volume with ``nz`` slices, each with the neighbours this
@@ -209,8 +248,7 @@ class SliceRegressor(BodyPartRegressor):
         k = z // n
         x, _ = _pad_to_multiple(x, self.stride)
         xs = x.view(b, 1, x.shape[2], x.shape[3], k, n).permute(0, 4, 5, 1, 2, 3).reshape(b * k, n, x.shape[2], x.shape[3])
-        local = self.head(self.features(xs))  # (B*K, 1, x', y')
-        return local.mean(dim=(1, 2, 3)).view(b, k)
+        return self._slice_means(xs).view(b, k)
 
     def slice_scores(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 1, X, Y, Z) -> (B, Z) calibrated scores."""
@@ -390,7 +428,7 @@ class APERegressor(BodyPartRegressor):
 
     @property
     def format_version(self) -> int:
-        return 2 if self.anchor == "slice" else 1
+        return max(2, self.slice_model.format_version) if self.anchor == "slice" else 1
 
     def train(self, mode: bool = True) -> "APERegressor":
         super().train(mode)
@@ -691,6 +729,9 @@ def load_bpr(path: str | os.PathLike, kind: str | None = None) -> BodyPartRegres
         arch.setdefault("head", "dense")  # ape models saved before the anchor head existed
         if arch.get("anchor", "window") != "window" and ver < 2:
             raise ModelError(path, f"ape anchor {arch.get('anchor')!r} in a version-{ver} body part regressor file")
+    members = arch.get("members", 1) if bkind == "slice" else (arch.get("slice_arch") or {}).get("members", 1)
+    if members != 1 and ver < 3:
+        raise ModelError(path, f"a slice ensemble of {members!r} members in a version-{ver} body part regressor file")
     try:
         model = build_bpr(bkind, arch, cfg.get("preprocess"))
         model.load_state_dict(tensors, strict=True)

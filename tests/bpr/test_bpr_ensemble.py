@@ -1,0 +1,112 @@
+"""``voxdiff bpr ensemble``: several slice models as one, the mean of their calibrated scores."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from voxdiff.bpr import BPREnsembleConfig, ensemble_slice_models, load_bpr, save_bpr, write_ensemble
+from voxdiff.bpr.fields import model_signature, volume_field
+from voxdiff.bpr.inference import slice_scores_volume
+from voxdiff.bpr.models import build_bpr
+from voxdiff.core.errors import InputError, ModelError
+
+PRE = {"spacing": [3.0, 3.0, 3.0], "hu_window": [-1350.0, 1000.0]}
+
+
+def _slice(seed, scale, offset, **arch):
+    torch.manual_seed(seed)
+    m = build_bpr("slice", {"channels": (4, 8), "patch_size": (16, 16, 1), **arch}, PRE)
+    m.train()
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        m(torch.rand(3, 1, 24, 20, 12))
+    m.calib_scale.fill_(scale)
+    m.calib_offset.fill_(offset)
+    m.calibration_info = {"method": "percentiles", "scale": scale, "offset": offset}
+    return m.eval()
+
+
+@pytest.mark.parametrize("arch", [{}, {"context": 2, "context_step": 2}])
+def test_ensemble_scores_are_the_mean_of_the_members_calibrated_scores(tmp_path, arch):
+    members = [_slice(s, sc, off, **arch) for s, sc, off in ((0, 2.0, -0.5), (1, 0.5, 0.3), (2, 1.5, 0.0))]
+    for k, m in enumerate(members):
+        save_bpr(tmp_path / f"m{k}", m)
+    out = write_ensemble(BPREnsembleConfig(models=[str(tmp_path / f"m{k}") for k in range(3)]), tmp_path / "ens")
+    ens = load_bpr(out, kind="slice")
+    assert ens.n_members == 3 and not ens.training and all(not p.requires_grad for p in ens.parameters())
+    x = torch.rand(2, 1, 24, 20, 15)
+    want = torch.stack([m.slice_scores(x) for m in members]).mean(0)
+    torch.testing.assert_close(ens.slice_scores(x), want, atol=1e-5, rtol=1e-5)
+    # the whole-volume path too (tiles along z with the members' context)
+    unit = np.random.default_rng(0).random((30, 26, 40)).astype(np.float32)
+    want_v = np.mean([slice_scores_volume(m, unit) for m in members], axis=0)
+    np.testing.assert_allclose(slice_scores_volume(ens, unit), want_v, atol=1e-5)
+    # one unit: the harmonic mean of the members' mm per unit
+    mm = [m.mm_per_unit for m in members]
+    assert ens.mm_per_unit == pytest.approx(3 / sum(1 / v for v in mm))
+    doc = json.loads((out / "model.json").read_text())
+    assert doc["config"]["bpr_version"] == 3 and doc["config"]["arch"]["members"] == 3
+    assert [m["calibration"]["scale"] for m in doc["config"]["calibration"]["members"]] == [2.0, 0.5, 1.5]
+    assert (out / "config.yaml").is_file()
+    # the condition cache tells the ensemble from any member and from another ensemble
+    other = ensemble_slice_models([members[0], members[1]])
+    sigs = {model_signature(ens), model_signature(other), *(model_signature(m) for m in members)}
+    assert len(sigs) == 5
+
+
+def test_an_ape_model_anchored_on_an_ensemble_is_version_3_and_round_trips(tmp_path):
+    ens = ensemble_slice_models([_slice(0, 2.0, -0.5), _slice(1, 0.5, 0.3)])
+    torch.manual_seed(0)
+    ape = build_bpr("ape", {"channels": (4, 4, 4), "patch_size": (16, 16, 16), "anchor": "slice",
+                            "slice_arch": ens.arch(), "anchor_fit": "line"}, PRE)
+    ape.slice_model.load_state_dict(ens.state_dict())
+    ape.s_values.copy_(torch.linspace(-1, 1, ape.anchor_knots))
+    ape.eval()
+    save_bpr(tmp_path / "a", ape)
+    doc = json.loads((tmp_path / "a" / "model.json").read_text())
+    assert doc["config"]["bpr_version"] == 3 and doc["config"]["arch"]["slice_arch"]["members"] == 2
+    back = load_bpr(tmp_path / "a", kind="ape")
+    hu = np.linspace(-900, 200, 30 * 24 * 40, dtype=np.float32).reshape(30, 24, 40)
+    np.testing.assert_allclose(volume_field(back, hu, (3.0,) * 3).dense(), volume_field(ape, hu, (3.0,) * 3).dense(), atol=1e-5)
+    # a file that claims an older version with an ensemble inside is refused
+    doc["config"]["bpr_version"] = 2
+    (tmp_path / "a" / "model.json").write_text(json.dumps(doc))
+    with pytest.raises(ModelError, match="ensemble of 2 members in a version-2"):
+        load_bpr(tmp_path / "a")
+
+
+def test_ensembles_of_models_that_do_not_fit_together_are_refused(tmp_path):
+    save_bpr(tmp_path / "a", _slice(0, 1.0, 0.0))
+    save_bpr(tmp_path / "b", _slice(1, 1.0, 0.0, context=1))
+    save_bpr(tmp_path / "c", build_bpr("ape", {"channels": (4, 4, 4), "patch_size": (16, 16, 16)}, PRE))
+    wide = _slice(2, 1.0, 0.0)
+    wide.preprocess = dict(PRE, hu_window=[-1000.0, 1000.0])
+    save_bpr(tmp_path / "d", wide)
+    save_bpr(tmp_path / "e", ensemble_slice_models([_slice(0, 1.0, 0.0), _slice(3, 1.0, 0.0)]))
+    cases = [([tmp_path / "a"], None, "at least two"),
+             ([tmp_path / "a", tmp_path / "b"], tmp_path / "b", "context 1 differs from the first member's None"),
+             ([tmp_path / "a", tmp_path / "c"], tmp_path / "c", "'ape' body part regressor, expected 'slice'"),
+             ([tmp_path / "a", tmp_path / "d"], tmp_path / "d", "preprocessing differs from the first member's (hu_window)"),
+             ([tmp_path / "a", tmp_path / "e"], tmp_path / "e", "already an ensemble of 2")]
+    for models, where, msg in cases:
+        with pytest.raises((InputError, ModelError), match=msg.replace("(", r"\(").replace(")", r"\)")) as e:
+            write_ensemble(BPREnsembleConfig(models=[str(m) for m in models]), tmp_path / "out")
+        if where is not None:
+            assert str(where) in str(e.value)
+        assert not (tmp_path / "out").exists()
+
+
+def test_cli_writes_an_ensemble_and_refuses_bad_members_in_one_line(tmp_path, capsys):
+    from voxdiff.cli import main
+
+    for k in range(2):
+        save_bpr(tmp_path / f"m{k}", _slice(k, 1.0 + k, 0.0))
+    assert main(["bpr", "ensemble", str(tmp_path / "m0"), str(tmp_path / "m1"), "-o", str(tmp_path / "e")]) == 0
+    assert load_bpr(tmp_path / "e").n_members == 2
+    # an existing output is kept unless --force; a missing member names itself
+    assert main(["bpr", "ensemble", str(tmp_path / "m0"), str(tmp_path / "m1"), "-o", str(tmp_path / "e")]) == 2
+    assert main(["bpr", "ensemble", str(tmp_path / "m0"), str(tmp_path / "nothing"), "-o", str(tmp_path / "f")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "not empty" in err[0] and "nothing" in err[1], err
+    assert not (tmp_path / "f").exists()
