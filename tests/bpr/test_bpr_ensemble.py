@@ -110,3 +110,33 @@ def test_cli_writes_an_ensemble_and_refuses_bad_members_in_one_line(tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "not empty" in err[0] and "nothing" in err[1], err
     assert not (tmp_path / "f").exists()
+
+
+def test_benchmark_scores_every_subset_as_the_saved_ensemble_would(tmp_path, capsys):
+    import nibabel as nib
+    from bpr_helpers import z_textured_case
+    from standin import load_benchmark
+
+    from voxdiff.bpr.evaluate import BPREvalConfig, evaluate_bpr
+
+    be = load_benchmark("bpr_ensembles")
+    for k in range(3):
+        save_bpr(tmp_path / f"m{k}", _slice(k, 1.0 + k, 0.1 * k))
+    (tmp_path / "cts").mkdir()
+    for s in (5, 6):
+        c = z_textured_case(s, shape=(32, 28, 40))
+        nib.save(nib.Nifti1Image(c.image.astype(np.int16), c.meta.affine), str(tmp_path / "cts" / f"ct{s}.nii.gz"))
+    out = tmp_path / "rows.json"
+    assert be.main([str(tmp_path / f"m{k}") for k in range(3)] + ["--set", f"cts={tmp_path / 'cts'}", "--k", "2",
+                                                                 "--whole", "cts", "--target", "-1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [len(r["members"]) for r in rows] == [1, 1, 1, 2, 2, 2] and all(r["meets"] for r in rows)
+    assert "2-model: 3 of 3 meet the target" in capsys.readouterr().out
+    # the 0+2 row is what 'voxdiff bpr evaluate' gives the written ensemble of m0 and m2
+    write_ensemble(BPREnsembleConfig(models=[str(tmp_path / "m0"), str(tmp_path / "m2")]), tmp_path / "e02")
+    ev = evaluate_bpr(tmp_path / "e02", tmp_path / "cts", cfg=BPREvalConfig(n_crops=1), progress=False)["overall"]
+    got = rows[4]["sets"]["cts"]
+    assert rows[4]["members"] == [str(tmp_path / "m0"), str(tmp_path / "m2")]
+    np.testing.assert_allclose(got, [ev["spearman"]["mean"], ev["spearman_inferior_half"]["mean"],
+                                     ev["spearman_superior_half"]["mean"]], atol=1e-6)
+    assert len({tuple(r["sets"]["cts"]) for r in rows}) > 1  # the subsets differ
