@@ -140,3 +140,26 @@ def test_benchmark_scores_every_subset_as_the_saved_ensemble_would(tmp_path, cap
     np.testing.assert_allclose(got, [ev["spearman"]["mean"], ev["spearman_inferior_half"]["mean"],
                                      ev["spearman_superior_half"]["mean"]], atol=1e-6)
     assert len({tuple(r["sets"]["cts"]) for r in rows}) > 1  # the subsets differ
+
+
+def test_an_ape_model_trains_on_an_ensemble_anchor(tmp_path, tiny_phantoms):
+    from voxdiff.bpr import BPRTrainConfig, train_bpr
+    from voxdiff.core.config import from_dict
+
+    train, _ = tiny_phantoms
+    pre = dict(PRE, spacing=[6.0, 6.0, 6.0])
+    for k in range(2):
+        m = _slice(k, 1.0 + k, 0.0)
+        m.preprocess = dict(m.preprocess, **pre)
+        save_bpr(tmp_path / f"s{k}", m)
+    write_ensemble(BPREnsembleConfig(models=[str(tmp_path / "s0"), str(tmp_path / "s1")]), tmp_path / "ens")
+    cfg = from_dict(BPRTrainConfig, dict(kind="ape", steps=2, ape_patch=24, ape_input_pool=1, ape_points=32,
+                                         channels=(4, 4, 4), spacing=(6.0, 6.0, 6.0), batch_size=2, seed=0,
+                                         anchor="slice", slice_model=str(tmp_path / "ens")))
+    train_bpr(cfg, tmp_path / "ape", cases=train, progress=False)
+    ape = load_bpr(tmp_path / "ape", kind="ape")
+    ens = load_bpr(tmp_path / "ens", kind="slice")
+    assert ape.slice_model.n_members == 2 and ape.format_version == 3
+    for k, v in ens.state_dict().items():  # the whole ensemble travels inside the ape model, unchanged
+        torch.testing.assert_close(ape.slice_model.state_dict()[k], v)
+    assert np.isfinite(volume_field(ape, np.asarray(train[0].image, dtype=np.float32), (6.0,) * 3).dense()).all()
