@@ -95,6 +95,9 @@ def test_ensembles_of_models_that_do_not_fit_together_are_refused(tmp_path):
         if where is not None:
             assert str(where) in str(e.value)
         assert not (tmp_path / "out").exists()
+    ape = build_bpr("ape", {"channels": (4, 4, 4), "patch_size": (16, 16, 16)}, PRE)
+    with pytest.raises(InputError, match="<model 1>: not a slice body part regressor"):
+        ensemble_slice_models([_slice(0, 1.0, 0.0), ape])
 
 
 def test_cli_writes_an_ensemble_and_refuses_bad_members_in_one_line(tmp_path, capsys):

@@ -26,7 +26,7 @@ import torch
 from ..core.config import write_config
 from ..core.errors import InputError
 from ..core.outputs import check_output_path, staged_dir
-from .models import SliceRegressor, load_bpr, save_bpr
+from .models import BodyPartRegressor, SliceRegressor, load_bpr, save_bpr
 
 # what every member must share (besides the preprocessing)
 _SHARED_ARCH = ("channels", "patch_size", "context", "context_step")
@@ -49,17 +49,17 @@ def ensemble_slice_models(models: Sequence[str | os.PathLike | SliceRegressor], 
                           ) -> SliceRegressor:
     """Combine trained slice models into one ensemble slice model (frozen, eval mode).
 
-    ``models``: paths or loaded single slice models. Refuses (``InputError`` naming the member) fewer
+    ``models``: paths or loaded single slice models (``names``: how errors call them). Refuses (``InputError`` naming the member) fewer
     than two members, another kind, an ensemble as a member, and members whose architecture or
     preprocessing differ from the first one's.
     """
     if len(models) < 2:
         raise InputError(None, f"an ensemble needs at least two slice models, got {len(models)}")
-    names = list(names) if names is not None else [str(m) if not isinstance(m, SliceRegressor) else f"<model {k}>"
+    names = list(names) if names is not None else [str(m) if not isinstance(m, BodyPartRegressor) else f"<model {k}>"
                                                    for k, m in enumerate(models)]
     loaded: list[SliceRegressor] = []
     for m, name in zip(models, names):
-        sm = m if isinstance(m, SliceRegressor) else load_bpr(m, kind="slice")
+        sm = m if isinstance(m, BodyPartRegressor) else load_bpr(m, kind="slice")
         if not isinstance(sm, SliceRegressor):
             raise InputError(name, f"not a slice body part regressor (kind {sm.kind!r})")
         if sm.n_members > 1:
