@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         for name, per in data.items():
             row["sets"][name] = np.nanmean([ordering(sc[list(sub)].mean(0), z) for sc, z in per], axis=0).tolist()
         need = [row["sets"][s][0] for s in whole] + [v for s in halves for v in row["sets"][s]]
-        row["meets"] = bool(need) and min(need) >= a.target
+        row["meets"] = bool(need) and all(np.isfinite(v) and v >= a.target for v in need)  # NaN (too few slices) fails
         rows.append(row)
         print(f"{'+'.join(str(k) for k in sub):>8}  " + "  ".join(
             f"{n} {v[0]:.4f} ({v[1]:.3f} / {v[2]:.3f})" for n, v in row["sets"].items()) + ("  meets" if row["meets"] else ""))
