@@ -170,6 +170,9 @@ def test_cli_writes_json_and_png_and_refuses_bad_input(tmp_path, capsys):
     line = capsys.readouterr().out
     assert "crop consistency" in line and "z-crops alone" in line  # the default narrows the field of view in-plane
     doc = json.loads((out / "summary.json").read_text())
+    o = doc["overall"]
+    assert (f"(inferior / superior half min {o['spearman_inferior_half']['min']:.3f} / "
+            f"{o['spearman_superior_half']['min']:.3f})") in line
     assert "z_only_p95_abs_dz_mm" in doc["overall"] and "z_only_p95_abs_ds_mm" in doc["per_case"][0]
     assert doc["overall"]["n_cases"] == 2 and len(doc["per_case"]) == 2
     rec = doc["per_case"][0]

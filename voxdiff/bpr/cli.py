@@ -90,4 +90,6 @@ def run_evaluate(ns) -> None:
           f"median {o['median_abs_dz_mm'].get('mean', float('nan')):.1f}, p95 {o['p95_abs_dz_mm'].get('mean', float('nan')):.1f} mm"
           f"{f' ({n} case(s) without: S does not rise with z)' if (n := o['n_cases_without_dz']) else ''}"
           f"{_z_only(o) if cfg.inplane_min_frac < 1.0 else ''}; "
-          f"Spearman min {o['spearman'].get('min', float('nan')):.3f}; report in {ns.out}")
+          f"Spearman min {o['spearman'].get('min', float('nan')):.3f} (inferior / superior half min "
+          f"{o['spearman_inferior_half'].get('min', float('nan')):.3f} / {o['spearman_superior_half'].get('min', float('nan')):.3f}); "
+          f"report in {ns.out}")
