@@ -76,9 +76,10 @@ def main(argv=None) -> int:
     data = {}
     for spec in a.sets:
         name, _, rest = spec.partition("=")
-        path, split = rest, "all"
-        if ":" in rest and not Path(rest).exists():
-            path, _, split = rest.rpartition(":")
+        head, _, tail = rest.rpartition(":")  # as benchmarks/bpr_anchor_swap.py reads its --set
+        path, split = (head, tail) if head and tail in ("all", "train", "test") else (rest, "all")
+        if not name or not path:
+            ap.error(f"--set takes NAME=PATH[:SPLIT], got {spec!r}")
         data[name] = member_scores(models, path, split)
     whole = [s for s in a.whole.split(",") if s]
     halves = [s for s in a.halves.split(",") if s]
