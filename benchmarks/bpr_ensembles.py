@@ -28,21 +28,10 @@ import torch
 from voxdiff.bpr import load_bpr
 from voxdiff.bpr.inference import slice_scores_volume
 from voxdiff.bpr.predict import model_preprocess_config
-from voxdiff.bpr.quality import slice_z_mm, spearman
+from voxdiff.bpr.quality import slice_z_mm, spearman_by_halves
 from voxdiff.core.runtime import tune_allocator
 from voxdiff.data.cache import load_preprocessed
 from voxdiff.data.preprocess import hu_to_unit
-
-
-def ordering(scores: np.ndarray, z: np.ndarray) -> tuple[float, float, float]:
-    """Spearman of ``scores`` against ``z`` over the scan, its inferior half and its superior half
-    (the halves as ``voxdiff bpr evaluate`` takes them: by slice count, in z order)."""
-    o = np.argsort(z)
-    zs, ss = z[o], scores[o]
-    h = len(z) // 2
-    nan = float("nan")
-    return (spearman(scores, z), spearman(ss[:h], zs[:h]) if h >= 3 else nan,
-            spearman(ss[h:], zs[h:]) if len(z) - h >= 3 else nan)
 
 
 def member_scores(models, path: str, split: str) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -88,7 +77,7 @@ def main(argv=None) -> int:
     for sub in subsets:
         row = {"members": [a.models[k] for k in sub], "sets": {}}
         for name, per in data.items():
-            row["sets"][name] = np.nanmean([ordering(sc[list(sub)].mean(0), z) for sc, z in per], axis=0).tolist()
+            row["sets"][name] = np.nanmean([spearman_by_halves(sc[list(sub)].mean(0), z) for sc, z in per], axis=0).tolist()
         need = [row["sets"][s][0] for s in whole] + [v for s in halves for v in row["sets"][s]]
         row["meets"] = bool(need) and all(np.isfinite(v) and v >= a.target for v in need)  # NaN (too few slices) fails
         rows.append(row)

@@ -85,7 +85,7 @@ def test_ensembles_of_models_that_do_not_fit_together_are_refused(tmp_path):
     save_bpr(tmp_path / "d", wide)
     save_bpr(tmp_path / "e", ensemble_slice_models([_slice(0, 1.0, 0.0), _slice(3, 1.0, 0.0)]))
     cases = [([tmp_path / "a"], None, "at least two"),
-             ([tmp_path / "a", tmp_path / "b"], tmp_path / "b", "context 1 differs from the first member's None"),
+             ([tmp_path / "a", tmp_path / "b"], tmp_path / "b", "context 1 differs from the first member's 0"),
              ([tmp_path / "a", tmp_path / "c"], tmp_path / "c", "'ape' body part regressor, expected 'slice'"),
              ([tmp_path / "a", tmp_path / "d"], tmp_path / "d", "preprocessing differs from the first member's (hu_window)"),
              ([tmp_path / "a", tmp_path / "e"], tmp_path / "e", "already an ensemble of 2")]

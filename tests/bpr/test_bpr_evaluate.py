@@ -192,3 +192,13 @@ def test_cli_writes_json_and_png_and_refuses_bad_input(tmp_path, capsys):
     assert not (tmp_path / "ev2").exists()
     with pytest.raises(Exception, match="n_crops"):
         evaluate_bpr(_ape(), [z_textured_case(0)], cfg=BPREvalConfig(n_crops=0))
+
+
+def test_spearman_by_halves_catches_a_score_that_reverses_in_one_half():
+    from voxdiff.bpr.quality import spearman_by_halves
+
+    z = np.arange(40, dtype=np.float64)[::-1] * 3.0  # slices stored superior first: halves go by z, not index
+    s = np.where(z < 60.0, z, 120.0 - z / 4)  # rises, then falls above z = 60 mm
+    whole, inferior, superior = spearman_by_halves(s, z)
+    assert inferior == pytest.approx(1.0) and superior == pytest.approx(-1.0) and -1.0 < whole < 1.0
+    assert np.isnan(spearman_by_halves(s[:5], z[:5])[1])  # fewer than 3 slices in a half

@@ -65,13 +65,11 @@ def ensemble_slice_models(models: Sequence[str | os.PathLike | SliceRegressor], 
         if sm.n_members > 1:
             raise InputError(name, f"is already an ensemble of {sm.n_members} slice models; give its members instead")
         loaded.append(sm)
-    first, ref = loaded[0], {k: loaded[0].arch().get(k) for k in _SHARED_ARCH}
+    first = loaded[0]
     for sm, name in zip(loaded[1:], names[1:]):
-        arch = {k: sm.arch().get(k) for k in _SHARED_ARCH}
-        diff = [k for k in _SHARED_ARCH if arch[k] != ref[k]]
-        if diff:
-            k = diff[0]
-            raise InputError(name, f"slice model {k} {arch[k]!r} differs from the first member's {ref[k]!r}")
+        for k in _SHARED_ARCH:
+            if getattr(sm, k) != getattr(first, k):
+                raise InputError(name, f"slice model {k} {getattr(sm, k)!r} differs from the first member's {getattr(first, k)!r}")
         if sm.preprocess != first.preprocess:
             keys = sorted(k for k in set(sm.preprocess) | set(first.preprocess) if sm.preprocess.get(k) != first.preprocess.get(k))
             raise InputError(name, f"preprocessing differs from the first member's ({', '.join(keys)})")

@@ -38,7 +38,7 @@ from ..core.errors import InputError
 from ..core.outputs import atomic_write_json, staged_dir
 from .fields import CoordinateField, volume_field
 from .models import BodyPartRegressor, load_bpr
-from .quality import landmark_spread, landmark_z, s_slope, slice_z_mm, spearman
+from .quality import landmark_spread, landmark_z, s_slope, slice_z_mm, spearman_by_halves
 
 
 @dataclass
@@ -148,14 +148,12 @@ def case_report(model: BodyPartRegressor, case: Any, cfg: BPREvalConfig, seed: i
     cc = crop_consistency(model, case, cfg.n_crops, cfg.min_crop_mm, seed, cfg.inplane_min_frac)
     s = cc["_curves"][0][2]
     z = slice_z_mm(case.meta.affine, case.image.shape)
-    half = len(z) // 2
     order = np.argsort(z)
     zs, ss = z[order], s[order]
+    whole, inferior, superior = spearman_by_halves(s, z)
     rec: dict[str, Any] = {
         "case_id": case.meta.case_id, "shape": list(case.image.shape), "z_extent_mm": float(np.ptp(z)),
-        "spearman": spearman(s, z),
-        "spearman_inferior_half": spearman(ss[:half], zs[:half]) if half >= 3 else float("nan"),
-        "spearman_superior_half": spearman(ss[half:], zs[half:]) if len(z) - half >= 3 else float("nan"),
+        "spearman": whole, "spearman_inferior_half": inferior, "spearman_superior_half": superior,
         "slope_mm_per_mm": s_slope(s, z),
         **{k: v for k, v in cc.items() if not k.startswith("_")},
     }

@@ -105,6 +105,17 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(spearmanr(a, b).statistic)
 
 
+def spearman_by_halves(s: np.ndarray, z: np.ndarray) -> tuple[float, float, float]:
+    """Spearman of ``s`` against ``z`` over the whole scan, its inferior half and its superior half
+    (the slices split by count in z order; NaN for a half of fewer than 3 slices). A score that
+    reverses above the diaphragm fails the superior half while the whole scan can still look fine."""
+    order = np.argsort(z)
+    zs, ss = z[order], s[order]
+    half = len(z) // 2
+    return (spearman(s, z), spearman(ss[:half], zs[:half]) if half >= 3 else float("nan"),
+            spearman(ss[half:], zs[half:]) if len(z) - half >= 3 else float("nan"))
+
+
 def slice_quality(model: BodyPartRegressor, cases: list) -> dict[str, Any]:
     per_case = []
     mm = model.mm_per_unit
