@@ -166,3 +166,85 @@ def test_an_ape_model_trains_on_an_ensemble_anchor(tmp_path, tiny_phantoms):
     for k, v in ens.state_dict().items():  # the whole ensemble travels inside the ape model, unchanged
         torch.testing.assert_close(ape.slice_model.state_dict()[k], v)
     assert np.isfinite(volume_field(ape, np.asarray(train[0].image, dtype=np.float32), (6.0,) * 3).dense()).all()
+
+
+def _members_cfg(**kw):
+    from voxdiff.bpr import BPRTrainConfig
+    from voxdiff.core.config import from_dict
+
+    return from_dict(BPRTrainConfig, dict(kind="slice", steps=4, slice_patch=16, slices_per_sample=4, batch_size=2,
+                                          channels=(4, 4, 4), checkpoint_every=2, spacing=(3.0, 3.0, 3.0), seed=3, **kw))
+
+
+def test_training_with_members_writes_the_ensemble_of_one_run_per_seed_and_resumes(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from bpr_helpers import z_textured_case
+
+    import voxdiff.bpr.train as train_mod
+    from voxdiff.bpr import train_bpr
+
+    cases = [z_textured_case(s, shape=(24, 24, 20)) for s in range(3)]
+    cfg = _members_cfg(members=3)
+    out = train_bpr(cfg, tmp_path / "ens", cases=cases, progress=False)
+    ens = load_bpr(out, kind="slice")
+    assert ens.n_members == 3
+    folders = [out / "members" / f"seed-{s}" for s in (3, 4, 5)]
+    assert sorted(p.name for p in (out / "members").iterdir()) == [f.name for f in folders]
+    # each member is the model that one run with its seed gives
+    single = train_bpr(replace(cfg, members=1, seed=4), tmp_path / "s4", cases=cases, progress=False)
+    for k, v in load_bpr(single).state_dict().items():
+        torch.testing.assert_close(load_bpr(folders[1]).state_dict()[k], v)
+    x = torch.rand(2, 1, 20, 20, 9)
+    want = torch.stack([load_bpr(f).slice_scores(x) for f in folders]).mean(0)
+    torch.testing.assert_close(ens.slice_scores(x), want, atol=1e-5, rtol=1e-5)
+    doc = json.loads((out / "model.json").read_text())
+    assert [m["model"] for m in doc["config"]["calibration"]["members"]] == [f"members/{f.name}" for f in folders]
+    assert set(json.loads((out / "metrics.json").read_text())["members"]) == {f.name for f in folders}
+
+    # interrupted in the second member: the first stays, no ensemble is written, --resume finishes it
+    real_step, calls = train_mod.slice_step, {"n": 0}
+
+    def crashing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 7:  # member 2, step 3 (after its checkpoint at step 2)
+            raise KeyboardInterrupt
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(train_mod, "slice_step", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        train_bpr(cfg, tmp_path / "cut", cases=cases, progress=False)
+    cut = tmp_path / "cut"
+    assert (cut / "members" / "seed-3" / "model.json").is_file() and not (cut / "model.json").exists()
+    assert not (cut / "members" / "seed-4" / "model.json").exists() and not (cut / "members" / "seed-5").exists()
+    monkeypatch.setattr(train_mod, "slice_step", real_step)
+    with pytest.raises(InputError, match="not empty"):
+        train_bpr(cfg, cut, cases=cases, progress=False)  # neither resume nor force
+    with pytest.raises(InputError, match="seed differ"):
+        train_bpr(replace(cfg, seed=4), cut, cases=cases, resume=True, progress=False)
+    train_bpr(cfg, cut, cases=cases, resume=True, progress=False)
+    for k, v in ens.state_dict().items():  # the same ensemble as the uninterrupted run
+        torch.testing.assert_close(load_bpr(cut).state_dict()[k], v)
+
+
+def test_members_settings_are_refused_before_training(tmp_path):
+    from dataclasses import replace
+
+    from bpr_helpers import z_textured_case
+
+    from voxdiff.bpr import train_bpr
+    from voxdiff.cli import main
+
+    cases = [z_textured_case(0, shape=(24, 24, 20))]
+    with pytest.raises(InputError, match="members must be >= 1"):
+        train_bpr(_members_cfg(members=0), tmp_path / "a", cases=cases, progress=False)
+    with pytest.raises(InputError, match="slice models"):
+        train_bpr(replace(_members_cfg(members=2), kind="ape"), tmp_path / "b", cases=cases, progress=False)
+    with pytest.raises(InputError, match="no members/ folder"):
+        (tmp_path / "c").mkdir()
+        (tmp_path / "c" / "x.txt").write_text("user data")
+        train_bpr(_members_cfg(members=2), tmp_path / "c", cases=cases, resume=True, progress=False)
+    assert (tmp_path / "c" / "x.txt").read_text() == "user data"
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert main(["bpr", "train", "--kind", "ape", "--members", "2", "--data", str(tmp_path), "--out",
+                 str(tmp_path / "d")]) == 2

@@ -18,6 +18,7 @@ same batches as an uninterrupted one.
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 import warnings
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.config import flatten, to_dict, write_config
+from ..core.config import flatten, read_config, to_dict, write_config
 from ..core.engine import Engine, EngineConfig, TrainTask, old_train_state_error
 from ..core.errors import InputError, ModelError, TrainingError
 from ..core.outputs import atomic_write, atomic_write_json, check_output_path, run_folder
@@ -211,6 +212,10 @@ class BPRTrainConfig:
     Args:
         kind: "slice" (one score per axial slice) or "ape" (3 anatomical coordinates per voxel).
         seed: random seed (initialisation and sampling).
+        members: slice: train this many models with seeds ``seed``, ``seed + 1``, ... and write their
+            ensemble (the mean of their calibrated scores, as ``voxdiff bpr ensemble``) as the model;
+            each member stays a model folder of its own under ``OUT/members/seed-S``, and ``--resume``
+            continues from the first member that is not finished. 1 (default): one model.
         data: training data, crops, batches and augmentation.
         preprocess: the grid the model works at (stored in the model; predict/pretraining use it):
             ``spacing`` (mm; coarse spacing keeps CPU training fast), ``hu_window`` (mapped to [0, 1]),
@@ -230,6 +235,7 @@ class BPRTrainConfig:
 
     kind: str = "slice"
     seed: int = 0
+    members: int = 1
     data: BPRData = field(default_factory=BPRData)
     preprocess: PreprocessConfig = field(default_factory=_bpr_preprocess)
     optim: BPROptim = field(default_factory=BPROptim)
@@ -274,6 +280,10 @@ def _validate(cfg: BPRTrainConfig) -> None:
     d, o, t, r = cfg.data, cfg.optim, cfg.task, cfg.runtime
     if cfg.kind not in BPR_KINDS:
         raise InputError(None, f"--kind must be one of {list(BPR_KINDS)}, got {cfg.kind!r}")
+    if int(cfg.members) < 1:
+        raise InputError(None, f"members must be >= 1, got {cfg.members}")
+    if int(cfg.members) > 1 and cfg.kind != "slice":
+        raise InputError(None, f"members: ensembles are of slice models (--kind slice), got --kind {cfg.kind}")
     if (o.steps is not None and o.steps < 1) or (d.batch_size is not None and d.batch_size < 1):
         raise InputError(None, "optim.steps and data.batch_size must be >= 1")
     if o.warmup_steps is not None and o.warmup_steps < 0:
@@ -619,6 +629,8 @@ def train_bpr(
     _validate(cfg)
     cfg = resolved(cfg)
     out = Path(out_dir)
+    if int(cfg.members) > 1:
+        return _train_members(cfg, out, cases, resume, force, progress)
     resuming = resume and has_train_state(out)
     if resume and not resuming and out.exists() and any(out.iterdir()):
         raise InputError(out, "--resume: no train_state checkpoint in this folder")
@@ -678,6 +690,71 @@ def _train(cfg: BPRTrainConfig, out: Path, vols: list[Volume], resuming: bool, p
     save_bpr(out, model, meta={"steps": cfg.optim.steps, "cases": [v.case_id for v in vols], "final": last})
     atomic_write_json(out / "metrics.json", {"final": last, "calibration": calib, "train_seconds": train_s,
                                              "steps": cfg.optim.steps, "resumed_from": start, "n_volumes": len(vols)})
+    return out
+
+
+MEMBERS_DIR = "members"
+
+
+def member_dirs(cfg: BPRTrainConfig, out: str | Path) -> list[Path]:
+    """The member folders of an ensemble run (``cfg.members`` > 1): ``OUT/members/seed-S``."""
+    return [Path(out) / MEMBERS_DIR / f"seed-{int(cfg.seed) + k}" for k in range(int(cfg.members))]
+
+
+def _member_done(folder: Path) -> bool:
+    """A member is finished once its model and final metrics are written (the last files of a run)."""
+    return (folder / "model.safetensors").is_file() and (folder / "metrics.json").is_file()
+
+
+def _train_members(cfg: BPRTrainConfig, out: Path, cases: list | None, resume: bool, force: bool,
+                   progress: bool) -> Path:
+    """``members`` > 1: train each member as its own slice model (seed ``seed + k``) under
+    ``out/members``, then write their ensemble into ``out``. With ``resume`` finished members are
+    kept, an interrupted one continues from its train state, and the rest are trained."""
+    from dataclasses import replace
+
+    from .ensemble import ensemble_slice_models
+
+    folders = member_dirs(cfg, out)
+    started = resume and (out / MEMBERS_DIR).is_dir()
+    if resume and not started and out.exists() and any(out.iterdir()):
+        raise InputError(out, "--resume: no members/ folder of an ensemble run here")
+    if started:
+        saved = out / "config.yaml"
+        if saved.is_file():  # (each member's own train state checks the rest of its config on resume)
+            old, new = read_config(saved), to_dict(cfg)
+            diff = sorted(k for k in ("kind", "members", "seed") if old.get(k) != new.get(k))
+            if diff:
+                raise InputError(saved, f"--resume: {', '.join(diff)} differ from the interrupted run's")
+    else:
+        check_output_path(out, force=force, inputs=(cfg.data.path or None, *cfg.data.extra))
+        if out.is_dir():  # --force: what an earlier run left
+            shutil.rmtree(out / MEMBERS_DIR, ignore_errors=True)
+            for name in ("model.safetensors", "model.json", "metrics.json", "config.yaml"):
+                (out / name).unlink(missing_ok=True)
+    if cases is None:
+        cases = load_training_cases(cfg)
+    vols = cases_to_volumes(cases, cfg.preprocess.hu_window, where=cfg.data.path or None)
+
+    def anything_to_resume() -> bool:
+        return any(_member_done(f) or latest_train_state(f / "train_state") is not None for f in folders)
+
+    t0 = time.time()
+    with run_folder(out, anything_to_resume), num_threads(max(cfg.runtime.threads, 0)):
+        write_config(out, cfg)
+        for k, folder in enumerate(folders):
+            if _member_done(folder):
+                continue
+            member = replace(cfg, members=1, seed=int(cfg.seed) + k)
+            if progress:
+                print(f"member {k + 1}/{len(folders)}: seed {member.seed} -> {folder}", flush=True)
+            _train(member, folder, vols, latest_train_state(folder / "train_state") is not None, progress)
+    names = [f"{MEMBERS_DIR}/{f.name}" for f in folders]  # relative to the model folder
+    ens = ensemble_slice_models([str(f) for f in folders], names=names)
+    save_bpr(out, ens, meta={"members": names, "steps": cfg.optim.steps, "cases": [v.case_id for v in vols]})
+    atomic_write_json(out / "metrics.json", {
+        "members": {f.name: json.loads((f / "metrics.json").read_text()) for f in folders},
+        "mm_per_unit": ens.mm_per_unit, "seconds": time.time() - t0, "n_volumes": len(vols)})
     return out
 
 
