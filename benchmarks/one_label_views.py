@@ -31,7 +31,8 @@ labels, a validation set of five or six phantoms instead of the fold's one.
 
 ``--head_steps N`` trains the frozen heads N steps instead of the budget's (validated every
 ``val_every``, best state kept); ``--probe JSON --tag T`` changes other probe settings of the frozen
-rows (e.g. ``{"feature_input": "clean", "feature_side": "both"}``).
+rows (e.g. ``{"feature_input": "clean", "feature_side": "both"}``); ``--head mix`` fits the learned
+mix over levels x timesteps instead of the non-linear head (file names end in ``-mix``).
 
 No experiment step is run or written for these fits (they are run directly, not as the
 experiment's steps; the seed folder's pretraining steps are only looked up). Results: one JSON per
@@ -221,9 +222,9 @@ def fixed_norm_extractor(ext, cases: list, patch: tuple[int, int, int], n: int =
 def run_row(exp, row: str, views: int, z_min: float, xy_min: float, seed: int,
             fixed_norm: bool = False, scale: float = 0.0, head_steps: int | None = None,
             probe: dict[str, Any] | None = None, labels: int = 1, tta: int = 0,
-            extra_val: bool = False) -> dict[str, Any]:
+            extra_val: bool = False, head: str = "nonlinear") -> dict[str, Any]:
     """Fit ``row`` on the first ``labels`` labelled phantoms (plus ``views`` crops of each for a frozen
-    head); score it (the perturbed copies are of the first phantom)."""
+    ``head``: ``nonlinear`` or ``mix``); score it (the perturbed copies are of the first phantom)."""
     from voxdiff.features.extract import with_feature_settings
     from voxdiff.pretrain.load import load_pretrained
 
@@ -233,8 +234,8 @@ def run_row(exp, row: str, views: int, z_min: float, xy_min: float, seed: int,
     fit_cases, c0 = train[:labels], train[0]
     t0 = time.time()
     if row == "scratch":
-        if views or fixed_norm or head_steps or probe:
-            raise ValueError("--views, --fixed_norm, --head_steps and --probe apply to frozen rows only")
+        if views or fixed_norm or head_steps or probe or head != "nonlinear":
+            raise ValueError("--views, --fixed_norm, --head_steps, --probe and --head apply to frozen rows only")
         from voxdiff.probe.train import fit_network
 
         pcfg = exp.tuned_cfg("scratch", True)
@@ -253,17 +254,17 @@ def run_row(exp, row: str, views: int, z_min: float, xy_min: float, seed: int,
             fixed_norm_extractor(ext, train, tuple(exp.budget["pretrain"]["patch_size"]), seed=seed)
         rng = np.random.default_rng(1000 + seed)  # (with one label: the same crops as before --labels)
         fit_on = list(fit_cases) + [v for c in fit_cases for v in fov_views(c, views, rng, z_min, xy_min, scale)]
-        heads = fit_heads_voxels(ext, fit_on, val, ("nonlinear",), pcfg, progress=False,
+        heads = fit_heads_voxels(ext, fit_on, val, (head,), pcfg, progress=False,
                                  voxels_per_step=int(exp.budget.get("probe_voxels", 8192)))
 
         def score(cases):
-            return exp.score(ext, heads, cases, pcfg, volume=exp.voxel_mode)["nonlinear"]
+            return exp.score(ext, heads, cases, pcfg, volume=exp.voxel_mode)[head]
 
         if tta and not exp.voxel_mode:
             raise ValueError("--tta needs heads on whole-volume features (the budget's voxel probing)")
     tta = tta if row != "scratch" else 0
     rest = list(train[labels:]) if extra_val else []  # the fold's labelled phantoms this fit did not use
-    res: dict[str, Any] = {"row": row, "views": views, "z_min": z_min, "xy_min": xy_min, "fixed_norm": fixed_norm,
+    res: dict[str, Any] = {"row": row, "head": head, "views": views, "z_min": z_min, "xy_min": xy_min, "fixed_norm": fixed_norm,
                            "scale": scale, "head_steps": head_steps,  # None: the budget's
                            "probe": probe or {},
                            "labels": labels, "train_case": c0.case_id,
@@ -273,7 +274,7 @@ def run_row(exp, row: str, views: int, z_min: float, xy_min: float, seed: int,
         if key == "val_extra" and not cases:
             continue
         if tta:  # one whole-volume pass per case gives both scores
-            plain, crops = tta_scores(ext, heads["nonlinear"], cases, pcfg, tta, seed, z_min, xy_min)
+            plain, crops = tta_scores(ext, heads[head], cases, pcfg, tta, seed, z_min, xy_min)
             res[key], res[f"{key}_tta"] = mean_dice(plain), mean_dice(crops)
         else:
             res[key] = mean_dice(score(cases))
@@ -303,7 +304,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     for name in order:
         r = results[name]
         own = {k.split("-", 1)[1]: v for k, v in r["own"].items()}
-        row = r["row"] + (", fixed norm" if r.get("fixed_norm") else "") \
+        row = r["row"] + (f", {r['head']} head" if r.get("head", "nonlinear") != "nonlinear" else "") + (", fixed norm" if r.get("fixed_norm") else "") \
             + (f", scale ±{r['scale']}" if r.get("scale") else "") \
             + (f", {r['head_steps']} head steps" if r.get("head_steps") else "") \
             + "".join(f", {k} {v}" for k, v in (r.get("probe") or {}).items())
@@ -337,6 +338,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="frozen rows: also score with this many test-time field-of-view crops per case")
     ap.add_argument("--extra_val", action="store_true",
                     help="also score the fold's labelled phantoms the fit did not use (a larger validation set)")
+    ap.add_argument("--head", default="nonlinear", choices=("nonlinear", "mix"),
+                    help="frozen rows: the head fitted (default nonlinear; mix: a learned mix over levels x timesteps)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--out", type=Path, required=True, help="folder of the per-run JSON files")
     a = ap.parse_args(argv)
@@ -364,13 +367,15 @@ def main(argv: list[str] | None = None) -> None:
                     + ("-fixednorm" if a.fixed_norm and row != "scratch" else "") \
                     + (f"-labels{a.labels}" if a.labels != 1 else "") \
                     + (f"-tta{a.tta}" if a.tta and row != "scratch" else "") \
-                    + ("-xval" if a.extra_val else "")
+                    + ("-xval" if a.extra_val else "") \
+                    + (f"-{a.head}" if a.head != "nonlinear" and row != "scratch" else "")
                 path = a.out / f"{name}.json"
                 if not path.is_file():
                     exp = exp or Experiment.reopen(folder, log=print)
                     r = dict(run_row(exp, row, k, a.z_min, a.xy_min, s, a.fixed_norm and row != "scratch", a.scale,
                                      a.head_steps if row != "scratch" else None,
-                                     probe if row != "scratch" else None, a.labels, a.tta, a.extra_val),
+                                     probe if row != "scratch" else None, a.labels, a.tta, a.extra_val,
+                                     a.head if row != "scratch" else "nonlinear"),
                              seed=s)
                     path.write_text(json.dumps(r, indent=1))
                     print(f"{name}: test {r['test_mean']:.1f}{tta_cell(r, 'test')} ({r['seconds']:.0f} s)", flush=True)

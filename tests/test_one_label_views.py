@@ -64,7 +64,9 @@ def test_mean_dice_and_table():
     res["seed-0-c"] = dict(res["seed-0-scratch"], row="contrastive", views=64, scale=0.15, head_steps=2400,
                            probe={"feature_side": "both"})
     res["seed-0-scratch-labels2"] = dict(res["seed-0-scratch"], labels=2, test_mean=44.4)
+    res["seed-0-d-mix"] = dict(res["seed-0-scratch"], row="diffusion-ape", head="mix", views=64, test_mean=55.5)
     t = olv.table(res)
+    assert "| 0 | 1 | diffusion-ape, mix head | 64 |" in t and t.count("| 55.5 |") == 1
     assert "| 0 | 1 | scratch |  | 50.0 | 50.0 | 50.0 | 12.3 | 50.0 | 50.0 | 40.0 | 33.3 |" in t  # (older files: 1)
     assert "| 0 | 1 | contrastive, scale ±0.15, 2400 head steps, feature_side both | 64 | 50.0 |" in t
     assert "| 0 | 2 | scratch |  | 50.0 |" in t and t.count("| 44.4 |") == 1
