@@ -222,6 +222,9 @@ def test_training_with_members_writes_the_ensemble_of_one_run_per_seed_and_resum
         train_bpr(cfg, cut, cases=cases, progress=False)  # neither resume nor force
     with pytest.raises(InputError, match="seed differ"):
         train_bpr(replace(cfg, seed=4), cut, cases=cases, resume=True, progress=False)
+    with pytest.raises(InputError, match="seed-3: --resume: this finished member was trained with other settings .optim"):
+        train_bpr(replace(cfg, optim=replace(cfg.optim, lr=1e-2)), cut, cases=cases, resume=True, progress=False)
+    assert "lr: 0.01" not in (cut / "config.yaml").read_text()  # refused before anything was written
     train_bpr(cfg, cut, cases=cases, resume=True, progress=False)
     for k, v in ens.state_dict().items():  # the same ensemble as the uninterrupted run
         torch.testing.assert_close(load_bpr(cut).state_dict()[k], v)

@@ -706,6 +706,15 @@ def _member_done(folder: Path) -> bool:
     return (folder / "model.safetensors").is_file() and (folder / "metrics.json").is_file()
 
 
+def _check_finished_member(folder: Path, member: BPRTrainConfig) -> None:
+    """Refuse to put a member trained with other settings into the ensemble of a resumed run (the
+    runtime section aside: threads or checkpoint frequency do not change the model's meaning)."""
+    old, new = read_config(folder / "config.yaml"), to_dict(member)
+    keys = sorted(k for k in set(old) | set(new) if k != "runtime" and old.get(k) != new.get(k))
+    if keys:
+        raise InputError(folder, f"--resume: this finished member was trained with other settings ({', '.join(keys)})")
+
+
 def _train_members(cfg: BPRTrainConfig, out: Path, cases: list | None, resume: bool, force: bool,
                    progress: bool) -> Path:
     """``members`` > 1: train each member as its own slice model (seed ``seed + k``) under
@@ -739,13 +748,16 @@ def _train_members(cfg: BPRTrainConfig, out: Path, cases: list | None, resume: b
     def anything_to_resume() -> bool:
         return any(_member_done(f) or latest_train_state(f / "train_state") is not None for f in folders)
 
+    members = [replace(cfg, members=1, seed=int(cfg.seed) + k) for k in range(len(folders))]
+    for folder, member in zip(folders, members):
+        if _member_done(folder):
+            _check_finished_member(folder, member)
     t0 = time.time()
     with run_folder(out, anything_to_resume), num_threads(max(cfg.runtime.threads, 0)):
         write_config(out, cfg)
-        for k, folder in enumerate(folders):
+        for k, (folder, member) in enumerate(zip(folders, members)):
             if _member_done(folder):
                 continue
-            member = replace(cfg, members=1, seed=int(cfg.seed) + k)
             if progress:
                 print(f"member {k + 1}/{len(folders)}: seed {member.seed} -> {folder}", flush=True)
             _train(member, folder, vols, latest_train_state(folder / "train_state") is not None, progress)
