@@ -63,13 +63,13 @@ def test_flat_and_nested_layouts_give_one_config(tmp_path):
         assert from_dict(BPRTrainConfig, FLAT) == NESTED
     new_only = {"warmup_steps", "min_lr_ratio", "grad_clip", "ema_decay", "body_threshold_hu", "body_margin_mm",
                 "device", "bf16", "compile", "log_every", "keep_checkpoints", "tensorboard", "anchor_bandwidth_mm",
-                "slice_context", "slice_context_step", "slice_fov_aug", "slice_fov_pair", "slice_trunc_aug"}
+                "slice_context", "slice_context_step", "slice_fov_aug", "slice_fov_pair", "slice_trunc_aug", "members"}
     flat = _flat(NESTED)
     assert {k: v for k, v in flat.items() if k not in new_only} == FLAT  # every old field has its place
     assert {k: flat[k] for k in ("grad_clip", "min_lr_ratio", "log_every", "keep_checkpoints")} == {
         "grad_clip": 5.0, "min_lr_ratio": 0.05, "log_every": 1, "keep_checkpoints": 1}  # what was hard-coded
     d = to_dict(NESTED)
-    assert set(d) == {"kind", "seed", "data", "preprocess", "optim", "model", "task", "runtime"}
+    assert set(d) == {"kind", "seed", "members", "data", "preprocess", "optim", "model", "task", "runtime"}
     assert d["optim"]["steps"] == 6 and d["data"]["path"] == "" and d["runtime"]["checkpoint_every"] == 2
     assert from_dict(BPRTrainConfig, d) == NESTED
     write_config(tmp_path / "new", NESTED)
