@@ -47,10 +47,18 @@ def _lerp_axis(x: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
     i0 = lo.to(torch.long)
     shape = [1] * x.ndim
     shape[dim] = -1
+    m = int(i0.numel())
+    # unit steps (zoom 1: the ape crops) read consecutive voxels: a narrowed view instead of a gather,
+    # the same values (index_select's gather along the last axis cost the ape step 20 ms)
+    first = int(i0[0]) if m else 0
+    run = m > 0 and first >= 0 and first + m < n and bool((i0 == torch.arange(first, first + m)).all())
     out = None
-    for i, wt in ((i0, 1.0 - w), (i0 + 1, w)):
-        wt = torch.where((i >= 0) & (i < n), wt, torch.zeros_like(wt)).view(shape)
-        v = x.index_select(dim, i.clamp(0, n - 1)) * wt
+    for k, (i, wt) in enumerate(((i0, 1.0 - w), (i0 + 1, w))):
+        if run:
+            v = x.narrow(dim, first + k, m) * wt.view(shape)
+        else:
+            wt = torch.where((i >= 0) & (i < n), wt, torch.zeros_like(wt)).view(shape)
+            v = x.index_select(dim, i.clamp(0, n - 1)) * wt
         out = v if out is None else out.add_(v)
     return out  # type: ignore[return-value]
 
@@ -97,11 +105,12 @@ def augment_intensity(x: torch.Tensor, rng: np.random.Generator, strength: float
     b = strength * rng.uniform(-0.04, 0.04)
     gamma = float(np.exp(strength * rng.uniform(-0.2, 0.2)))
     sigma = strength * rng.uniform(0.0, 0.02)
-    y = x.clamp(0, 1).pow(gamma)
-    y = (y - 0.5) * c + 0.5 + b
+    # in place on one copy (the same operations in the same order as ((y - 0.5) * c + 0.5 + b): the
+    # same values, without four temporaries of the crop's size)
+    y = x.clamp(0, 1).pow_(gamma).sub_(0.5).mul_(c).add_(0.5).add_(b)
     if sigma > 0:
         g = torch.Generator().manual_seed(int(rng.integers(2**31)))
-        y = y + sigma * torch.randn(y.shape, generator=g)
+        y.add_(torch.randn(y.shape, generator=g).mul_(sigma))
     return y.clamp_(0.0, 1.0)
 
 
