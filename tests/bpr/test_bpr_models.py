@@ -338,8 +338,9 @@ def test_separable_crop_sampling_equals_trilinear_grid_sample_with_zero_padding(
 
     g = torch.Generator().manual_seed(0)
     vol = Volume(torch.rand(1, 1, 23, 17, 29, generator=g), np.eye(4))
-    for k in range(40):
-        axes = [float(torch.rand(1, generator=g)) * (n + 16) - 8 + torch.arange(m) * (0.6 + 0.8 * float(torch.rand(1, generator=g)))
+    for k in range(80):  # k odd: unit steps (zoom 1, as the ape crops), read as narrowed views when inside
+        axes = [float(torch.rand(1, generator=g)) * (n + 16) - 8
+                + torch.arange(m) * (1.0 if k % 2 else 0.6 + 0.8 * float(torch.rand(1, generator=g)))
                 for n, m in zip(vol.shape, (11, 9, 13))]
         if k == 0:
             axes[1] = axes[1] - 100.0  # wholly below the volume: zeros
