@@ -33,6 +33,9 @@ labels, a validation set of five or six phantoms instead of the fold's one.
 ``val_every``, best state kept); ``--probe JSON --tag T`` changes other probe settings of the frozen
 rows (e.g. ``{"feature_input": "clean", "feature_side": "both"}``); ``--head mix`` fits the learned
 mix over levels x timesteps instead of the non-linear head (file names end in ``-mix``).
+``--coord_jitter S,RA`` (conditioned rows with crops) shifts the BPR coordinates the frozen backbone
+is given for each training crop by a random offset (within +-S mm along S, +-RA mm along R and A),
+so that the head cannot tie an organ to the exact coordinates of the labelled subject.
 
 No experiment step is run or written for these fits (they are run directly, not as the
 experiment's steps; the seed folder's pretraining steps are only looked up). Results: one JSON per
@@ -109,6 +112,41 @@ def fov_views(case, k: int, rng: np.random.Generator, z_min: float = 0.5, xy_min
             img, lab = scaled_in_plane(img, lab, float(rng.uniform(1.0 - scale, 1.0 + scale)))
         views.append(variant(case, f"fov{i}", img, lab))
     return views
+
+
+def _volume_key(x) -> tuple:
+    """What identifies a whole unit volume handed to ``condition_map``: its shape and the sum of its
+    values (zero padding keeps the sum)."""
+    t = torch.as_tensor(x)
+    return tuple(int(n) for n in t.shape[-3:]), round(float(t.double().sum()), 2)
+
+
+def jitter_crop_conditions(ext, crops: list, mm: tuple[float, float], rng: np.random.Generator) -> dict:
+    """Shift the BPR coordinates that the frozen backbone is given for each training crop by a random
+    offset (uniform in +-``mm[0]`` along S, +-``mm[1]`` along R and A), as if the same anatomy lay
+    elsewhere in another subject; every other volume (the phantoms themselves, validation, test) keeps
+    its own map. Returns the offsets (in the map's units) by volume key."""
+    from voxdiff.probe.predict import unit_image
+
+    unit_mm = float(ext.bpr.mm_per_unit)
+    offsets = {}
+    for c in crops:
+        off = np.array([rng.uniform(-mm[1], mm[1]), rng.uniform(-mm[1], mm[1]), rng.uniform(-mm[0], mm[0])]) / unit_mm
+        offsets[_volume_key(unit_image(c, ext.preprocess.hu_window))] = torch.tensor(off, dtype=torch.float32)
+    base = ext.condition_map
+    hits = {"n": 0}
+
+    def shifted(x, size=None):
+        m = base(x, size)
+        off = offsets.get(_volume_key(x)) if m is not None else None
+        if off is None:
+            return m
+        hits["n"] += 1
+        return m + off.to(m.dtype).view(1, -1, 1, 1, 1)
+
+    ext.condition_map = shifted
+    ext.jitter_hits = hits
+    return offsets
 
 
 def tta_scores(ext, head, cases, pcfg, k: int, seed: int, z_min: float,
@@ -222,7 +260,8 @@ def fixed_norm_extractor(ext, cases: list, patch: tuple[int, int, int], n: int =
 def run_row(exp, row: str, views: int, z_min: float, xy_min: float, seed: int,
             fixed_norm: bool = False, scale: float = 0.0, head_steps: int | None = None,
             probe: dict[str, Any] | None = None, labels: int = 1, tta: int = 0,
-            extra_val: bool = False, head: str = "nonlinear") -> dict[str, Any]:
+            extra_val: bool = False, head: str = "nonlinear",
+            coord_jitter: tuple[float, float] | None = None) -> dict[str, Any]:
     """Fit ``row`` on the first ``labels`` labelled phantoms (plus ``views`` crops of each for a frozen
     ``head``: ``nonlinear`` or ``mix``); score it (the perturbed copies are of the first phantom)."""
     from voxdiff.features.extract import with_feature_settings
@@ -234,7 +273,7 @@ def run_row(exp, row: str, views: int, z_min: float, xy_min: float, seed: int,
     fit_cases, c0 = train[:labels], train[0]
     t0 = time.time()
     if row == "scratch":
-        if views or fixed_norm or head_steps or probe or head != "nonlinear":
+        if views or fixed_norm or head_steps or probe or head != "nonlinear" or coord_jitter:
             raise ValueError("--views, --fixed_norm, --head_steps, --probe and --head apply to frozen rows only")
         from voxdiff.probe.train import fit_network
 
@@ -253,7 +292,10 @@ def run_row(exp, row: str, views: int, z_min: float, xy_min: float, seed: int,
         if fixed_norm:
             fixed_norm_extractor(ext, train, tuple(exp.budget["pretrain"]["patch_size"]), seed=seed)
         rng = np.random.default_rng(1000 + seed)  # (with one label: the same crops as before --labels)
-        fit_on = list(fit_cases) + [v for c in fit_cases for v in fov_views(c, views, rng, z_min, xy_min, scale)]
+        crops = [v for c in fit_cases for v in fov_views(c, views, rng, z_min, xy_min, scale)]
+        fit_on = list(fit_cases) + crops
+        if coord_jitter:
+            jitter_crop_conditions(ext, crops, coord_jitter, np.random.default_rng(2000 + seed))
         heads = fit_heads_voxels(ext, fit_on, val, (head,), pcfg, progress=False,
                                  voxels_per_step=int(exp.budget.get("probe_voxels", 8192)))
 
@@ -264,7 +306,7 @@ def run_row(exp, row: str, views: int, z_min: float, xy_min: float, seed: int,
             raise ValueError("--tta needs heads on whole-volume features (the budget's voxel probing)")
     tta = tta if row != "scratch" else 0
     rest = list(train[labels:]) if extra_val else []  # the fold's labelled phantoms this fit did not use
-    res: dict[str, Any] = {"row": row, "head": head, "views": views, "z_min": z_min, "xy_min": xy_min, "fixed_norm": fixed_norm,
+    res: dict[str, Any] = {"row": row, "head": head, "coord_jitter": list(coord_jitter or ()), "views": views, "z_min": z_min, "xy_min": xy_min, "fixed_norm": fixed_norm,
                            "scale": scale, "head_steps": head_steps,  # None: the budget's
                            "probe": probe or {},
                            "labels": labels, "train_case": c0.case_id,
@@ -279,6 +321,8 @@ def run_row(exp, row: str, views: int, z_min: float, xy_min: float, seed: int,
         else:
             res[key] = mean_dice(score(cases))
     res["test_mean"] = round(float(np.nanmean(list(res["test"].values()))), 2)
+    if coord_jitter:  # how many whole-volume condition maps were shifted (one per training crop expected)
+        res["jitter_hits"] = int(ext.jitter_hits["n"])
     if tta:
         res["tta"] = tta
         res["test_tta_mean"] = round(float(np.nanmean(list(res["test_tta"].values()))), 2)
@@ -340,10 +384,16 @@ def main(argv: list[str] | None = None) -> None:
                     help="also score the fold's labelled phantoms the fit did not use (a larger validation set)")
     ap.add_argument("--head", default="nonlinear", choices=("nonlinear", "mix"),
                     help="frozen rows: the head fitted (default nonlinear; mix: a learned mix over levels x timesteps)")
+    ap.add_argument("--coord_jitter", default=None,
+                    help="frozen rows with crops: S_MM,RA_MM - shift each crop's BPR coordinates by a random offset "
+                         "(uniform within +-S_MM along S, +-RA_MM along R and A)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--out", type=Path, required=True, help="folder of the per-run JSON files")
     a = ap.parse_args(argv)
     probe = json.loads(a.probe) if a.probe else None
+    jitter = tuple(float(v) for v in a.coord_jitter.split(",")) if a.coord_jitter else None
+    if jitter is not None and len(jitter) != 2:
+        ap.error("--coord_jitter takes S_MM,RA_MM")
     if probe and not a.tag:
         ap.error("--probe needs --tag (the result files of other settings must not be taken for these)")
 
@@ -368,14 +418,16 @@ def main(argv: list[str] | None = None) -> None:
                     + (f"-labels{a.labels}" if a.labels != 1 else "") \
                     + (f"-tta{a.tta}" if a.tta and row != "scratch" else "") \
                     + ("-xval" if a.extra_val else "") \
-                    + (f"-{a.head}" if a.head != "nonlinear" and row != "scratch" else "")
+                    + (f"-{a.head}" if a.head != "nonlinear" and row != "scratch" else "") \
+                    + (f"-jit{a.coord_jitter.replace(',', '_')}" if a.coord_jitter and row != "scratch" else "")
                 path = a.out / f"{name}.json"
                 if not path.is_file():
                     exp = exp or Experiment.reopen(folder, log=print)
                     r = dict(run_row(exp, row, k, a.z_min, a.xy_min, s, a.fixed_norm and row != "scratch", a.scale,
                                      a.head_steps if row != "scratch" else None,
                                      probe if row != "scratch" else None, a.labels, a.tta, a.extra_val,
-                                     a.head if row != "scratch" else "nonlinear"),
+                                     a.head if row != "scratch" else "nonlinear",
+                                     jitter if row != "scratch" else None),
                              seed=s)
                     path.write_text(json.dumps(r, indent=1))
                     print(f"{name}: test {r['test_mean']:.1f}{tta_cell(r, 'test')} ({r['seconds']:.0f} s)", flush=True)

@@ -140,3 +140,39 @@ def test_test_time_crops_are_pasted_where_they_were_cut():
     expected = {str(c): v for c, v in dice_per_class(plain, case.label, 14).items()}
     np.testing.assert_equal(crops[case.case_id], expected)
     np.testing.assert_equal(whole[case.case_id], expected)  # the plain scores of the same pass
+
+
+def test_coordinate_jitter_shifts_the_training_crops_maps_only():
+    import torch
+
+    from voxdiff.probe.predict import unit_image
+
+    olv = load_benchmark("one_label_views")
+    c = _case()
+    c.image[2:18, 2:16, 1:15] += np.linspace(0, 50, 16 * 14 * 14, dtype=np.float32).reshape(16, 14, 14)  # distinct crops
+
+    class Ext:
+        class bpr:
+            mm_per_unit = 100.0
+
+        class preprocess:
+            hu_window = (-1350.0, 1000.0)
+
+        def condition_map(self, x, size=None):
+            return torch.zeros(1, 3, *x.shape[-3:])
+
+    ext = Ext()
+    crops = olv.fov_views(c, 4, np.random.default_rng(0))
+    offs = olv.jitter_crop_conditions(ext, crops, (25.0, 10.0), np.random.default_rng(1))
+    assert len(offs) == 4
+    for v in crops:
+        m = ext.condition_map(torch.as_tensor(unit_image(v, Ext.preprocess.hu_window))[None, None])
+        shift = m[0, :, 0, 0, 0]
+        assert torch.equal(m, shift.view(1, 3, 1, 1, 1).expand_as(m))  # one offset for the whole crop
+        assert abs(float(shift[2])) <= 0.25 and max(abs(float(shift[0])), abs(float(shift[1]))) <= 0.1
+        assert float(shift.abs().sum()) > 0
+    assert len({tuple(ext.condition_map(torch.as_tensor(unit_image(v, (-1350.0, 1000.0)))[None, None])[0, :, 0, 0, 0].tolist())
+                 for v in crops}) == 4  # each crop its own draw
+    whole = ext.condition_map(torch.as_tensor(unit_image(c, (-1350.0, 1000.0)))[None, None])
+    assert float(whole.abs().max()) == 0.0  # the phantom itself (and any other volume) keeps its map
+    assert ext.jitter_hits["n"] == 8
