@@ -128,6 +128,8 @@ def jitter_crop_conditions(ext, crops: list, mm: tuple[float, float], rng: np.ra
     its own map. Returns the offsets (in the map's units) by volume key."""
     from voxdiff.probe.predict import unit_image
 
+    if getattr(ext, "bpr", None) is None:
+        raise ValueError("--coord_jitter needs a row whose backbone is given BPR coordinates (e.g. diffusion-ape)")
     unit_mm = float(ext.bpr.mm_per_unit)
     offsets = {}
     for c in crops:
@@ -274,7 +276,7 @@ def run_row(exp, row: str, views: int, z_min: float, xy_min: float, seed: int,
     t0 = time.time()
     if row == "scratch":
         if views or fixed_norm or head_steps or probe or head != "nonlinear" or coord_jitter:
-            raise ValueError("--views, --fixed_norm, --head_steps, --probe and --head apply to frozen rows only")
+            raise ValueError("--views, --fixed_norm, --head_steps, --probe, --head and --coord_jitter apply to frozen rows only")
         from voxdiff.probe.train import fit_network
 
         pcfg = exp.tuned_cfg("scratch", True)
