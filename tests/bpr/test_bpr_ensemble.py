@@ -222,7 +222,7 @@ def test_training_with_members_writes_the_ensemble_of_one_run_per_seed_and_resum
         train_bpr(cfg, cut, cases=cases, progress=False)  # neither resume nor force
     with pytest.raises(InputError, match="seed differ"):
         train_bpr(replace(cfg, seed=4), cut, cases=cases, resume=True, progress=False)
-    with pytest.raises(InputError, match="seed-3: --resume: this finished member was trained with other settings .optim"):
+    with pytest.raises(InputError, match=r"seed-3: --resume: this finished member was trained with other settings \(optim\.lr\)"):
         train_bpr(replace(cfg, optim=replace(cfg.optim, lr=1e-2)), cut, cases=cases, resume=True, progress=False)
     assert "lr: 0.01" not in (cut / "config.yaml").read_text()  # refused before anything was written
     train_bpr(cfg, cut, cases=cases, resume=True, progress=False)

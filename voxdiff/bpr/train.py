@@ -709,8 +709,10 @@ def _member_done(folder: Path) -> bool:
 def _check_finished_member(folder: Path, member: BPRTrainConfig) -> None:
     """Refuse to put a member trained with other settings into the ensemble of a resumed run (the
     runtime section aside: threads or checkpoint frequency do not change the model's meaning)."""
-    old, new = read_config(folder / "config.yaml"), to_dict(member)
-    keys = sorted(k for k in set(old) | set(new) if k != "runtime" and old.get(k) != new.get(k))
+    # dotted names, as the train state's own resume check names them (``optim.lr``)
+    old = flatten(BPRTrainConfig, read_config(folder / "config.yaml"))
+    new = flatten(BPRTrainConfig, to_dict(member))
+    keys = sorted(k for k in set(old) | set(new) if not k.startswith("runtime.") and old.get(k) != new.get(k))
     if keys:
         raise InputError(folder, f"--resume: this finished member was trained with other settings ({', '.join(keys)})")
 
