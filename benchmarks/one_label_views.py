@@ -15,8 +15,11 @@ stopping as the experiment's label rows train it) trained on the first labelled 
   is its own feature window, so the head sees the same anatomy in other fields of view; ``--scale S``
   also resizes each crop in-plane by a random factor in 1 -/+ S;
 * with ``--fixed_norm`` (frozen rows) every GroupNorm of the backbone normalises with fixed
-  statistics (averaged over 48 random pretraining-size patches of the fold's training images)
-  instead of each window's own, so that a voxel's features no longer depend on the window's content.
+  statistics instead of each window's own (the probe's ``norm_stats: fixed``: averaged over 48
+  random training-size crops of the phantoms the head is fitted on, :mod:`voxdiff.features.norm`),
+  so that a voxel's features no longer depend on the window's content. Result files end in
+  ``-normfixed`` (``-fixednorm`` files came from this script's own earlier version, which took the
+  statistics from all the fold's labelled phantoms).
 
 ``--labels N`` fits every row on the fold's first N labelled phantoms instead (crops: K per
 phantom; the perturbed copies stay those of the first), as in docs/RESULTS.md, "Field-of-view crops
@@ -57,7 +60,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -192,73 +195,6 @@ def mean_dice(scores: dict[str, dict[str, float]]) -> dict[str, float]:
     return {cid: round(100.0 * v, 1) for cid, v in case_means(scores).items()}
 
 
-class FixedGroupNorm(torch.nn.Module):
-    """A GroupNorm's affine map with fixed per-group mean and variance (not each input's own)."""
-
-    def __init__(self, gn: torch.nn.GroupNorm, mean: torch.Tensor, var: torch.Tensor):
-        super().__init__()
-        self.groups, self.eps, self.weight, self.bias = gn.num_groups, gn.eps, gn.weight, gn.bias
-        self.register_buffer("mean", mean.float())
-        self.register_buffer("var", var.float())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = x.shape[1]
-        shape = (1, c) + (1,) * (x.dim() - 2)
-        k = c // self.groups
-        m, v = self.mean.repeat_interleave(k).view(shape), self.var.repeat_interleave(k).view(shape)
-        return (x - m) * torch.rsqrt(v + self.eps) * self.weight.view(shape) + self.bias.view(shape)
-
-
-def fix_group_norms(module: torch.nn.Module, run: Callable[[], None]) -> int:
-    """Replace every GroupNorm in ``module`` by a :class:`FixedGroupNorm` with the statistics of its
-    inputs during ``run()`` (per group: the mean over inputs of each input's mean and mean square);
-    returns how many were replaced."""
-    sums: dict[str, list] = {}
-
-    def hook(name):
-        def f(mod, inp, out):
-            x = inp[0].detach().float()
-            xg = x.reshape(x.shape[0], mod.num_groups, -1)
-            s = sums.setdefault(name, [0.0, 0.0, 0])
-            s[0], s[1], s[2] = s[0] + xg.mean(-1).sum(0), s[1] + (xg * xg).mean(-1).sum(0), s[2] + x.shape[0]
-        return f
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in module.named_modules() if isinstance(m, torch.nn.GroupNorm)]
-    try:
-        run()
-    finally:
-        for h in handles:
-            h.remove()
-    n = 0
-    for parent_name, parent in list(module.named_modules()):
-        for cname, child in list(parent.named_children()):
-            full = f"{parent_name}.{cname}" if parent_name else cname
-            if isinstance(child, torch.nn.GroupNorm) and full in sums:
-                s1, s2, k = sums[full]
-                mean = s1 / k
-                setattr(parent, cname, FixedGroupNorm(child, mean, (s2 / k - mean * mean).clamp_min(0.0)))
-                n += 1
-    return n
-
-
-def fixed_norm_extractor(ext, cases: list, patch: tuple[int, int, int], n: int = 48, seed: int = 0) -> int:
-    """Fix the GroupNorm statistics of ``ext``'s backbone on ``n`` random ``patch`` crops of ``cases``."""
-    from voxdiff.probe.predict import features, unit_image
-
-    rng = np.random.default_rng(seed)
-    units = [unit_image(c, ext.preprocess.hu_window) for c in cases]
-
-    def run() -> None:
-        with torch.no_grad():
-            for i in range(n):
-                u = units[i % len(units)]
-                o = [int(rng.integers(0, max(1, s - p + 1))) for s, p in zip(u.shape, patch)]
-                x = u[o[0]:o[0] + patch[0], o[1]:o[1] + patch[1], o[2]:o[2] + patch[2]]
-                features(ext, torch.from_numpy(np.ascontiguousarray(x))[None, None].float())
-
-    return fix_group_norms(ext.backbone, run)
-
-
 def run_row(exp, row: str, views: int, z_min: float, xy_min: float, seed: int,
             fixed_norm: bool = False, scale: float = 0.0, head_steps: int | None = None,
             probe: dict[str, Any] | None = None, labels: int = 1, tta: int = 0,
@@ -288,11 +224,10 @@ def run_row(exp, row: str, views: int, z_min: float, xy_min: float, seed: int,
     else:
         from voxdiff.probe.voxel import fit_heads_voxels
 
-        pcfg = exp.probe_cfg(**(probe or {}), **({"steps": int(head_steps)} if head_steps else {}))
+        pcfg = exp.probe_cfg(**(probe or {}), **({"steps": int(head_steps)} if head_steps else {}),
+                             **({"norm_stats": "fixed"} if fixed_norm else {}))
         ext = load_pretrained(exp.pretrained(row), device="cpu")
         with_feature_settings(ext, pcfg)  # feature side, and --probe's feature_input / t
-        if fixed_norm:
-            fixed_norm_extractor(ext, train, tuple(exp.budget["pretrain"]["patch_size"]), seed=seed)
         rng = np.random.default_rng(1000 + seed)  # (with one label: the same crops as before --labels)
         crops = [v for c in fit_cases for v in fov_views(c, views, rng, z_min, xy_min, scale)]
         fit_on = list(fit_cases) + crops
@@ -416,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
                     + (f"-scale{a.scale}" if k and a.scale else "") \
                     + (f"-steps{a.head_steps}" if a.head_steps and row != "scratch" else "") \
                     + (f"-{a.tag}" if a.tag and row != "scratch" else "") \
-                    + ("-fixednorm" if a.fixed_norm and row != "scratch" else "") \
+                    + ("-normfixed" if a.fixed_norm and row != "scratch" else "") \
                     + (f"-labels{a.labels}" if a.labels != 1 else "") \
                     + (f"-tta{a.tta}" if a.tta and row != "scratch" else "") \
                     + ("-xval" if a.extra_val else "") \

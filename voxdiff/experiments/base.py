@@ -534,6 +534,7 @@ class Experiment:
                 with_feature_side,
                 with_timesteps,
             )
+            from voxdiff.features.norm import fixed_norm_stats, norm_stats_of
             from voxdiff.pretrain.load import load_pretrained
             from voxdiff.probe.heads import count_parameters
             from voxdiff.probe.train import fit_heads
@@ -564,9 +565,10 @@ class Experiment:
                     save_segmenter(tmp / f"segmenter-{h}", model_dir, m, h, ext.preprocess, roi, pcfg.inference.overlap,
                                    meta={"experiment_step": name}, inference="volume" if self.voxel_mode else "window",
                                    timesteps=feature_timesteps(ext), feature_input=feature_input_of(ext),
-                                   feature_side=feature_side_of(ext))
+                                   feature_side=feature_side_of(ext), norm_stats=fixed_norm_stats(ext.backbone))
             return {"fold": fold, "train_cases": [c.case_id for c in train], "val_cases": [c.case_id for c in val],
                     "test_cases": [c.case_id for c in test], "timesteps": feature_timesteps(ext),
+                    "norm_stats": norm_stats_of(ext),
                     "head_parameters": {h: count_parameters(m) for h, m in fitted.items()},
                     "backbone_parameters": count_parameters(ext.backbone), "scores": scores,
                     "history": hist}
@@ -624,7 +626,10 @@ class Experiment:
             tuned, head = fit_network(ext, train, val, mode, pcfg, progress=self.cfg.progress, history=hist,
                                       init_head=init, alternatives=alts)
             scores = self.score(tuned, {mode: head}, test, pcfg)
-            out = {"fold": fold, "mode": mode, "init": init_probe or "random", "train_cases": [c.case_id for c in train],
+            from voxdiff.features.norm import norm_stats_of
+
+            out = {"fold": fold, "mode": mode, "init": init_probe or "random", "norm_stats": norm_stats_of(tuned),
+                   "train_cases": [c.case_id for c in train],
                    "val_cases": [c.case_id for c in val], "test_cases": [c.case_id for c in test],
                    "max_steps": pcfg.optim.steps, "steps_run": getattr(head, "steps_run", None),
                    "selection": pcfg.optim.selection, "best_step": getattr(head, "best_step", None),

@@ -33,6 +33,7 @@ from ..core.errors import InputError
 from ..core.outputs import atomic_path, atomic_write_json
 from ..data.preprocess import HU_WINDOW
 from .extract import ExtractConfig, extract_volume, select_levels, window_plan, with_feature_settings
+from .norm import fixed_norm_stats, stats_digest
 
 FORMAT = "voxdiff-features"
 FORMAT_VERSION = 1
@@ -106,6 +107,9 @@ def feature_key(extractor: Any, cfg: ExtractConfig, fingerprint: str | None = No
         "preprocess": to_dict(getattr(extractor, "preprocess", None)),
         "settings": settings_of(cfg),
     }
+    norm = stats_digest(fixed_norm_stats(extractor.backbone)) if isinstance(getattr(extractor, "backbone", None), torch.nn.Module) else None
+    if norm:  # fixed GroupNorm statistics (absent otherwise, so the keys of earlier caches stay valid)
+        doc["norm_stats"] = norm
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

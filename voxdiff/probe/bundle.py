@@ -40,6 +40,7 @@ from .heads import build_head, count_parameters
 SEGMENTER_KIND = "segmenter"
 SEGMENTER_FORMAT_VERSION = 1
 HEAD_FORMAT_VERSION = 1
+NORM_STATS_FILE = "norm_stats.safetensors"  # fixed GroupNorm statistics (bundles with norm_stats: fixed)
 
 
 def _source_dirs(pretrained_dir: str | os.PathLike) -> tuple[Path, Path | None]:
@@ -74,6 +75,7 @@ def save_segmenter(
     timesteps: Sequence[int] | None = None,
     feature_input: str | None = None,
     feature_side: str = "decoder",
+    norm_stats: dict | None = None,
 ) -> Path:
     """Write a segmenter bundle into ``out_dir`` (an empty / staged folder).
 
@@ -83,7 +85,9 @@ def save_segmenter(
     ``timesteps``: the feature timesteps the head was trained on when they differ from the
     backbone's own (``--t``); the bundle's extractor is set to them when loaded. ``feature_input``:
     likewise, what the diffusion feature passes see (noisy / clean). ``feature_side``: which side of
-    the network the head's pyramid comes from (decoder, encoder, both).
+    the network the head's pyramid comes from (decoder, encoder, both). ``norm_stats``: the fixed
+    GroupNorm statistics the head was fitted with (:func:`voxdiff.features.norm.fixed_norm_stats`),
+    written to ``norm_stats.safetensors``; None: each window's own.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -100,6 +104,12 @@ def save_segmenter(
                         meta=dict(info.get("meta") or {}, tuned=mode), format_version=int(info.get("format_version", 1)))
     if bpr is not None:
         shutil.copytree(bpr, out / "bpr", dirs_exist_ok=True)
+    if norm_stats:
+        from safetensors.torch import save_file
+
+        from voxdiff.features.norm import stats_tensors
+
+        save_file(stats_tensors(norm_stats), str(out / NORM_STATS_FILE))
     save_checkpoint(out / "head", head.state_dict(), "head", head.config(),
                     meta={"mode": mode, "parameters": count_parameters(head)}, format_version=HEAD_FORMAT_VERSION)
     doc = {
@@ -117,6 +127,7 @@ def save_segmenter(
         "timesteps": None if timesteps is None else [int(t) for t in timesteps],  # diffusion: feature passes
         "feature_input": feature_input,  # diffusion: what those passes see (noisy / clean); None: the backbone's
         "feature_side": feature_side,  # the network's decoder, encoder or both (absent in older bundles: decoder)
+        "norm_stats": "fixed" if norm_stats else "window",  # fixed: GroupNorm statistics in norm_stats.safetensors
         "versions": versions(),
         "meta": to_dict(meta or {}),
     }
@@ -209,6 +220,23 @@ def load_segmenter_head(model_dir: str | os.PathLike) -> nn.Module:
     return head
 
 
+def _load_norm_stats(p: Path, extractor) -> None:
+    """Give the bundle's backbone the fixed GroupNorm statistics of ``norm_stats.safetensors``."""
+    from voxdiff.features.norm import fix_group_norms, stats_from_tensors
+
+    f = p / NORM_STATS_FILE
+    if not f.is_file():
+        raise ModelError(p, f"incomplete segmenter: {NORM_STATS_FILE} is missing (the bundle says its "
+                            "normalisation statistics are fixed)")
+    try:
+        from safetensors.torch import load_file
+
+        stats = stats_from_tensors(load_file(str(f)))
+        fix_group_norms(extractor.backbone, stats)
+    except Exception as e:  # a damaged file (safetensors' own error), missing or unknown layers, shapes
+        raise ModelError(f, f"unusable normalisation statistics ({str(e).splitlines()[0]})") from None
+
+
 def load_segmenter(model_dir: str | os.PathLike, device: str | torch.device = "auto") -> Segmenter:
     """Load and check a segmenter bundle (every part present, versions understood) onto ``device``
     (auto: CUDA when available)."""
@@ -241,6 +269,10 @@ def load_segmenter(model_dir: str | os.PathLike, device: str | torch.device = "a
             with_feature_side(extractor, doc["feature_side"])
         except VoxdiffError as e:
             raise ModelError(p / "segmenter.json", f"invalid feature_side {doc['feature_side']!r} ({e})") from None
+    if doc.get("norm_stats", "window") == "fixed":
+        _load_norm_stats(p, extractor)
+    elif doc.get("norm_stats", "window") != "window":
+        raise ModelError(p / "segmenter.json", f"invalid norm_stats {doc['norm_stats']!r} (window or fixed)")
     chans = [int(lv.channels) for lv in extractor.levels]
     if list(getattr(head, "level_channels", chans)) != chans:
         raise ModelError(p, f"head expects pyramid channels {head.level_channels}, backbone gives {chans}")

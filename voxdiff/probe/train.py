@@ -39,6 +39,7 @@ from voxdiff.core.errors import InputError, TrainingError
 from voxdiff.core.metrics import mean_dice
 from voxdiff.core.runtime import resolve_device
 from voxdiff.core.sections import OptimConfig, RuntimeConfig, engine_settings
+from voxdiff.features.norm import NORM_STATS
 
 from .heads import NonLinearHead, count_parameters, feature_stats, make_head
 from .predict import features, logits_to_labels, predict_logits, set_frozen, unit_image
@@ -215,6 +216,13 @@ class ProbeConfig:
         feature_side: which outputs of the backbone form the pyramid the heads see and fine-tuning
             trains through: decoder (vox2vec's FPN pyramid), encoder, or both concatenated per level
             (as ``voxdiff features --feature_side``); saved in the bundles.
+        norm_stats: how the backbone's GroupNorms normalise for frozen heads and fine-tuning:
+            ``window`` (each input's own statistics, as in pretraining) or ``fixed`` (statistics
+            estimated once on ``norm_crops`` random crops of the model's training patch size from the
+            labelled training images, so that a voxel's features do not depend on the window;
+            :mod:`voxdiff.features.norm`); saved in the bundles. From-scratch training always uses
+            ``window``.
+        norm_crops: crops the fixed statistics are estimated on.
         sampling: training cases, patches / voxels and batches.
         optim: optimiser, learning rates, validation and early stopping (:class:`ProbeOptim`).
         head: the non-linear head's size.
@@ -235,6 +243,8 @@ class ProbeConfig:
     t: tuple[int, ...] | None = None
     feature_input: str | None = None
     feature_side: str = "decoder"
+    norm_stats: str = "window"
+    norm_crops: int = 48
     sampling: ProbeSampling = field(default_factory=ProbeSampling)
     optim: ProbeOptim = field(default_factory=ProbeOptim)
     head: ProbeHead = field(default_factory=ProbeHead)
@@ -246,6 +256,24 @@ class ProbeConfig:
         if amp is not None:
             warn_renamed(type(self), "amp", "runtime.bf16")
             self.runtime.bf16 = bool(amp)
+
+
+def apply_norm_stats(extractor, cfg: ProbeConfig, train_cases: Sequence, mode: str = "frozen"):
+    """Make ``extractor``'s backbone normalise as ``cfg.norm_stats`` says (in place; returns it), after
+    its feature settings are made (the statistics depend on the feature passes): fixed statistics are
+    estimated on the labelled ``train_cases`` with ``cfg.seed``, once per set of cases (where the
+    extractor runs now). ``mode`` ``scratch`` keeps each input's own statistics (a re-initialised
+    network has no others)."""
+    from voxdiff.features.norm import with_norm_stats
+
+    norm = "window" if mode == "scratch" else cfg.norm_stats
+    window = extractor.preprocess.hu_window
+    key = tuple((getattr(c, "case_id", None), tuple(np.asarray(c.image).shape)) for c in train_cases)
+    try:
+        return with_norm_stats(extractor, norm, lambda: [unit_image(c, window) for c in train_cases],
+                               n=int(cfg.norm_crops), seed=int(cfg.seed), key=key)
+    except ValueError as e:
+        raise InputError(None, str(e)) from None
 
 
 def training_cases(cases: Sequence, cfg: ProbeConfig, crops: bool = True) -> list:
@@ -567,6 +595,7 @@ def fit_heads(
     device = resolve_device(cfg.runtime.device)
     set_frozen(extractor)
     move_extractor(extractor, device)
+    apply_norm_stats(extractor, cfg, train_cases)
     window = extractor.preprocess.hu_window
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -838,9 +867,13 @@ def fit_network(
     backbone = getattr(ext, "backbone", None)
     if not isinstance(backbone, nn.Module):
         raise TrainingError("this feature extractor exposes no backbone module to fine-tune")
+    move_extractor(ext, device)
+    # fine-tuning: the pretrained network's fixed statistics when asked (those of the frozen probe
+    # fitted on the same cases, so an LP-FT head starts on the features it was fitted on)
+    apply_norm_stats(ext, cfg, train_cases, mode)
+    backbone = ext.backbone
     if mode == "scratch":
         reinit_(backbone, cfg.seed + 1)
-    move_extractor(ext, device)
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     sampler = make_sampler(ext, training_cases(train_cases, cfg, crops=False), cfg, rng, end_to_end=True)  # (patches are crops)
@@ -967,6 +1000,8 @@ def check_probe_config(cfg: ProbeConfig) -> None:
         (not _three_positive(w.roi), f"inference.roi must be 3 sizes >= 1, got {w.roi}"),
         (w.feature_roi is not None and not _three_positive(w.feature_roi),
          f"inference.feature_roi must be 3 sizes >= 1, got {w.feature_roi}"),
+        (cfg.norm_stats not in NORM_STATS, f"norm_stats must be one of {', '.join(NORM_STATS)}, got {cfg.norm_stats!r}"),
+        (int(cfg.norm_crops) < 1, f"norm_crops must be >= 1, got {cfg.norm_crops}"),
     ]
     for bad, msg in problems:
         if bad:
@@ -1011,6 +1046,7 @@ def train_probe(
     device = resolve_device(cfg.runtime.device)
     extractor = load_pretrained(pretrained_dir, device=device)
     from voxdiff.features.extract import feature_input_of, feature_side_of, feature_timesteps, with_feature_settings
+    from voxdiff.features.norm import fixed_norm_stats
 
     with_feature_settings(extractor, cfg)
     ds = open_dataset(data_dir, split="train")
@@ -1076,6 +1112,7 @@ def train_probe(
                            tuned_extractor=ext,
                            inference="volume" if volume else "window", timesteps=feature_timesteps(extractor),
                            feature_input=feature_input_of(extractor), feature_side=feature_side_of(extractor),
+                           norm_stats=fixed_norm_stats((ext if ext is not None else extractor).backbone),
                            meta={k: summary[k] for k in ("fold", "train_cases", "val_cases", "test_cases", "data")}
                            | {"best_val_dice": summary["heads"][n]["best_val_dice"]})
         from voxdiff.core.outputs import atomic_write_json

@@ -40,6 +40,7 @@ from .train import (
     FROZEN_MODES,
     HeadsTask,
     ProbeConfig,
+    apply_norm_stats,
     class_voxel_index,
     heads_engine_config,
     move_extractor,
@@ -280,6 +281,7 @@ def fit_heads_voxels(extractor, train_cases: Sequence, val_cases: Sequence = (),
     move_extractor(extractor, device)  # features are extracted where the probe runs, as fit_heads does
     if not train_cases:
         raise InputError(None, "no labelled training cases")
+    apply_norm_stats(extractor, cfg, train_cases)  # (of the labelled cases, not their copies or crops)
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     train_cases = training_cases(train_cases, cfg)

@@ -1,0 +1,254 @@
+"""Fixed normalisation statistics: features that do not depend on the window they are computed in.
+
+The shipped backbones normalise with GroupNorm, whose mean and variance are those of the tensor it
+is given: of a 32^3 training crop during pretraining, of a 160^3 window holding a whole phantom (and
+its air) when the frozen probe's features are extracted, of a 48 x 48 x 32 patch when fine-tuning.
+A voxel's features then depend on everything else in its window, so a head fitted on one kind of
+window does not transfer to another, and the whole-volume window is normalised quite unlike the
+crops the network was trained on (docs/RESULTS.md, "Fixed normalisation statistics").
+
+``norm_stats: fixed`` (:class:`voxdiff.probe.train.ProbeConfig`) replaces every GroupNorm of the
+backbone by a :class:`FixedGroupNorm` whose per-group mean and variance are estimated once, over
+``n`` random crops of the model's training patch size drawn from the given volumes (the labelled
+training cases of the probe; every feature pass of a diffusion model contributes, so the statistics
+are those averaged over its timesteps). The affine weights are the GroupNorm's own (trainable when
+fine-tuning); the statistics are buffers that are not part of the state dict, so checkpoints keep
+their keys. Segmenter bundles store them in ``norm_stats.safetensors``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+NORM_STATS = ("window", "fixed")
+
+
+class FixedGroupNorm(nn.Module):
+    """GroupNorm with fixed per-group ``mean`` and ``var`` instead of each input's own; the affine
+    ``weight`` and ``bias`` are the wrapped GroupNorm's parameters (the same tensors)."""
+
+    def __init__(self, gn: nn.GroupNorm, mean: torch.Tensor, var: torch.Tensor):
+        super().__init__()
+        if mean.shape != (gn.num_groups,) or var.shape != (gn.num_groups,):
+            raise ValueError(f"statistics of shape {tuple(mean.shape)} / {tuple(var.shape)} for a GroupNorm "
+                             f"of {gn.num_groups} groups")
+        self.num_groups, self.num_channels, self.eps, self.affine = gn.num_groups, gn.num_channels, gn.eps, gn.affine
+        self.weight, self.bias = gn.weight, gn.bias
+        dev = gn.weight.device if gn.weight is not None else mean.device
+        self.register_buffer("mean", mean.detach().float().to(dev), persistent=False)
+        self.register_buffer("var", var.detach().float().to(dev), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.num_channels // self.num_groups
+        scale = torch.rsqrt(self.var + self.eps).repeat_interleave(k)
+        shift = -self.mean.repeat_interleave(k) * scale
+        if self.weight is not None:
+            scale = scale * self.weight
+            shift = shift * self.weight + self.bias
+        shape = (1, self.num_channels) + (1,) * (x.dim() - 2)
+        return torch.addcmul(shift.to(x.dtype).view(shape), x, scale.to(x.dtype).view(shape))
+
+    def to_group_norm(self) -> nn.GroupNorm:
+        """The plain GroupNorm again (sharing the affine parameters)."""
+        gn = nn.GroupNorm(self.num_groups, self.num_channels, eps=self.eps, affine=self.affine)
+        if self.affine:
+            gn.weight, gn.bias = self.weight, self.bias
+        return gn
+
+    def extra_repr(self) -> str:
+        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, fixed statistics"
+
+
+def _named_children_of(module: nn.Module, kind: type) -> list[tuple[nn.Module, str, str]]:
+    """(parent, attribute, full name) of every submodule of type ``kind``."""
+    out = []
+    for pname, parent in module.named_modules():
+        for cname, child in parent.named_children():
+            if isinstance(child, kind):
+                out.append((parent, cname, f"{pname}.{cname}" if pname else cname))
+    return out
+
+
+def measure_group_norms(module: nn.Module, run: Callable[[], None]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-group statistics of the inputs every GroupNorm of ``module`` sees while ``run()`` runs:
+    ``{name: (mean, var)}``, the mean over inputs of each input's group mean and mean square."""
+    sums: dict[str, list] = {}
+
+    def hook(name: str):
+        def f(mod: nn.GroupNorm, inp, out) -> None:
+            x = inp[0].detach().float()
+            xg = x.reshape(x.shape[0], mod.num_groups, -1)
+            s = sums.setdefault(name, [0.0, 0.0, 0])
+            s[0] = s[0] + xg.mean(-1).sum(0).double()
+            s[1] = s[1] + (xg * xg).mean(-1).sum(0).double()
+            s[2] += x.shape[0]
+        return f
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in module.named_modules() if isinstance(m, nn.GroupNorm)]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for name, (s1, s2, k) in sums.items():
+        mean = s1 / k
+        out[name] = (mean.float().cpu(), (s2 / k - mean * mean).clamp_min(0.0).float().cpu())
+    return out
+
+
+def fix_group_norms(module: nn.Module, stats: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """Replace the GroupNorms of ``module`` that ``stats`` names by :class:`FixedGroupNorm` with
+    ``stats[name]`` (in place; a module already fixed is unfixed first). GroupNorms it does not name
+    (layers the measured passes did not use, such as a denoising output head) stay as they are.
+    Raises ``ValueError``, changing nothing, when ``stats`` names a layer the module does not have as a
+    GroupNorm or a shape differs. Returns how many were replaced."""
+    unfix_group_norms(module)
+    found = {n: (p, a) for p, a, n in _named_children_of(module, nn.GroupNorm)}
+    unknown = sorted(set(stats) - set(found))
+    if unknown:
+        raise ValueError(f"normalisation statistics for layers this network does not have: {unknown[:3]}")
+    new = {}
+    for name, (mean, var) in stats.items():
+        parent, attr = found[name]
+        new[name] = FixedGroupNorm(getattr(parent, attr), torch.as_tensor(mean), torch.as_tensor(var))
+    for name, m in new.items():
+        parent, attr = found[name]
+        setattr(parent, attr, m)
+    return len(new)
+
+
+def unfix_group_norms(module: nn.Module) -> int:
+    """Turn every :class:`FixedGroupNorm` of ``module`` back into a GroupNorm; returns how many."""
+    found = _named_children_of(module, FixedGroupNorm)
+    for parent, attr, _ in found:
+        setattr(parent, attr, getattr(parent, attr).to_group_norm())
+    return len(found)
+
+
+def fixed_norm_stats(module: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+    """``{name: (mean, var)}`` of the module's fixed GroupNorms; None when it has none."""
+    found = _named_children_of(module, FixedGroupNorm)
+    if not found:
+        return None
+    return {n: (getattr(p, a).mean.detach().cpu(), getattr(p, a).var.detach().cpu()) for p, a, n in found}
+
+
+def stats_tensors(stats: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Flat ``{name.mean, name.var}`` tensors (for safetensors)."""
+    out = {}
+    for n, (m, v) in stats.items():
+        out[f"{n}.mean"], out[f"{n}.var"] = m.float().contiguous(), v.float().contiguous()
+    return out
+
+
+def stats_from_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The inverse of :func:`stats_tensors`; ``ValueError`` when a mean or variance lacks its pair."""
+    names = {k.rsplit(".", 1)[0] for k in tensors}
+    out = {}
+    for n in names:
+        if f"{n}.mean" not in tensors or f"{n}.var" not in tensors:
+            raise ValueError(f"normalisation statistics of {n!r} are incomplete")
+        out[n] = (tensors[f"{n}.mean"], tensors[f"{n}.var"])
+    return out
+
+
+def stats_digest(stats: dict[str, tuple[torch.Tensor, torch.Tensor]] | None) -> str | None:
+    """A short SHA-256 of the statistics (feature cache keys); None without any."""
+    if not stats:
+        return None
+    h = hashlib.sha256()
+    for k, t in sorted(stats_tensors(stats).items()):
+        h.update(k.encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def norm_stats_of(extractor: Any) -> str:
+    """``fixed`` when the extractor's backbone normalises with fixed statistics, else ``window``."""
+    bb = getattr(extractor, "backbone", None)
+    return "fixed" if isinstance(bb, nn.Module) and fixed_norm_stats(bb) is not None else "window"
+
+
+def _crop(unit: torch.Tensor, origin: Sequence[int], size: Sequence[int]) -> torch.Tensor:
+    """``unit[..., origin:origin + size]`` of a (B, C, X, Y, Z) tensor, zero-padded past its far ends."""
+    sl = unit[(slice(None), slice(None)) + tuple(slice(o, o + s) for o, s in zip(origin, size))]
+    pad = [s - n for s, n in zip(size, sl.shape[2:])]
+    if any(pad):
+        sl = torch.nn.functional.pad(sl, (0, pad[2], 0, pad[1], 0, pad[0]), value=0.0)
+    return sl
+
+
+@torch.no_grad()
+def estimate_norm_stats(extractor: Any, units: Sequence[np.ndarray | torch.Tensor], n: int = 48, seed: int = 0,
+                        patch: Sequence[int] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """GroupNorm statistics of ``extractor``'s backbone over ``n`` random crops of ``patch`` (default:
+    the model's training patch size) drawn from the volumes ``units`` ((X, Y, Z) in [0, 1]) in turn,
+    each crop at a uniformly random origin, run through every feature pass as extraction runs it
+    (absolute voxel indices; the volume's condition map cropped with it for conditioned models).
+    Deterministic for a given ``seed``; the global random state is left as it was."""
+    bb = getattr(extractor, "backbone", None)
+    if not isinstance(bb, nn.Module):
+        raise ValueError("this feature extractor exposes no backbone module")
+    if not units:
+        raise ValueError("fixed normalisation statistics need at least one volume")
+    if n < 1:
+        raise ValueError(f"norm_crops must be at least 1, got {n}")
+    size = tuple(int(p) for p in (patch or getattr(extractor, "patch_size", (32, 32, 32))))
+    dev = next(bb.parameters()).device
+    rng = np.random.default_rng(seed)
+    vols = [torch.as_tensor(np.asarray(u, dtype=np.float32))[None, None] for u in units]
+    from .extract import condition_mode
+
+    # the volume's condition map, cropped, where extraction does the same (per-window maps otherwise)
+    fn = getattr(extractor, "condition_map", None) if condition_mode(extractor) == "volume" else None
+    conds: dict[int, torch.Tensor | None] = {}
+    grid = torch.stack(torch.meshgrid(*[torch.arange(s) for s in size], indexing="ij"), 0)[None]
+
+    def run() -> None:
+        for i in range(n):
+            k = i % len(vols)
+            v = vols[k]
+            o = [int(rng.integers(0, max(1, d - s + 1))) for d, s in zip(v.shape[2:], size)]
+            kwargs: dict[str, Any] = {"voxel_index": (grid + torch.tensor(o).view(1, 3, 1, 1, 1)).to(dev)}
+            if fn is not None:
+                if k not in conds:
+                    c = fn(v.to(dev))
+                    conds[k] = None if c is None else c.float().cpu()
+                if conds[k] is not None:
+                    kwargs["coords"] = _crop(conds[k], o, size).to(dev)
+            extractor(_crop(v, o, size).to(dev), **kwargs)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unfix_group_norms(bb)  # measure the GroupNorms themselves
+        return measure_group_norms(bb, run)
+
+
+def with_norm_stats(extractor: Any, mode: str, units: Callable[[], Sequence[Any]] | Sequence[Any], n: int = 48,
+                    seed: int = 0, key: Any = None) -> Any:
+    """Set how ``extractor``'s backbone normalises (in place; returns it): ``window`` (each input's own
+    GroupNorm statistics, the networks' default) or ``fixed`` (:func:`estimate_norm_stats` on
+    ``units``: the volumes, or a function returning them, called only when the statistics must be
+    estimated; a backbone without GroupNorm layers is left as it is). ``key`` names the volumes: statistics already estimated for the same ``(key, n,
+    seed)`` are kept rather than estimated again."""
+    if mode not in NORM_STATS:
+        raise ValueError(f"norm_stats must be one of {', '.join(NORM_STATS)}, not {mode!r}")
+    bb = extractor.backbone
+    if mode == "window":
+        unfix_group_norms(bb)
+        extractor.norm_source = None
+        return extractor
+    source = (key, int(n), int(seed))
+    if key is not None and getattr(extractor, "norm_source", None) == source and fixed_norm_stats(bb) is not None:
+        return extractor
+    vols = units() if callable(units) else units
+    stats = estimate_norm_stats(extractor, vols, n=n, seed=seed)
+    fix_group_norms(bb, stats)  # (none for a backbone without GroupNorm: BatchNorm in eval mode is fixed already)
+    extractor.norm_source = source
+    return extractor
