@@ -623,7 +623,9 @@ def test_bench_budget_is_cpu_small_with_the_benchmark_pools():
     assert small["probe"]["feature_roi"] == (160, 160, 160) and "feature_roi" not in bench["probe"]
     # the demo's encoder + decoder features; the benchmark's decoder pyramid (the default), as measured
     assert small["probe"]["feature_side"] == "both" and "feature_side" not in bench["probe"]
-    assert bench["probe"] == {k: v for k, v in small["probe"].items() if k not in ("feature_roi", "feature_side")}
+    # the demo's fixed normalisation statistics; the benchmark's per-window ones (the default), as measured
+    assert small["probe"]["norm_stats"] == "fixed" and "norm_stats" not in bench["probe"]
+    assert bench["probe"] == {k: v for k, v in small["probe"].items() if k not in ("feature_roi", "feature_side", "norm_stats")}
     assert bench["bpr"] == {k: v for k, v in small["bpr"].items() if k != "threads"}  # BPRTrainConfig's 1 thread
     same = {k: v for k, v in small["pretrain"].items() if k not in ("steps", "checkpoint_every", "log_every", "feature_input")}
     assert {k: bench["pretrain"][k] for k in same} == same
@@ -632,7 +634,9 @@ def test_bench_budget_is_cpu_small_with_the_benchmark_pools():
     assert {k: v for k, v in small["phantoms"].items() if k not in ("n_train", "n_test", "n_unlabelled")} == \
         {k: v for k, v in bench["phantoms"].items() if k not in ("n_train", "n_test", "n_unlabelled")}
     # everything else is cpu-small's
-    changed = {"phantoms", "pretrain", "probe", "bpr", "bpr_kind", "tuned_early_stopping", "finetune_init"}
+    changed = {"phantoms", "pretrain", "probe", "bpr", "bpr_kind", "tuned_early_stopping", "finetune_init", "finetune"}
+    # the demo fine-tunes at 1e-4 with its fixed statistics; the benchmark at the default, as measured
+    assert small["finetune"] == {**bench["finetune"], "backbone_lr": 1e-4} and "backbone_lr" not in bench["finetune"]
     # fine-tuned rows from a random head, as measured (cpu-small's demo starts them from the probe's head)
     assert small["finetune_init"] == "probe" and "finetune_init" not in bench
     assert set(bench) == (set(small) - {"finetune_init"}) | {"tuned_early_stopping"}
