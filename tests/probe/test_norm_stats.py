@@ -73,13 +73,15 @@ def test_frozen_heads_fine_tuning_and_the_bundle_share_the_fixed_statistics(setu
     for name, h, tuned_ext, src in (("frozen", heads["nonlinear"], None, ext), ("tuned", head, tuned, tuned)):
         out = save_segmenter(tmp_path / name, pt, h, "nonlinear", pre, (16, 16, 16), 0.5, tuned_extractor=tuned_ext,
                              norm_stats=fixed_norm_stats(src.backbone))
-        assert json.loads((out / "segmenter.json").read_text())["norm_stats"] == "fixed"
+        doc = json.loads((out / "segmenter.json").read_text())
+        assert doc["norm_stats"] == "fixed" and doc["format_version"] == 2  # a version-1 reader must not drop them
         seg = load_segmenter(out, device="cpu")
         assert stats_digest(fixed_norm_stats(seg.extractor.backbone)) == stats_digest(stats)
         torch.testing.assert_close(seg.extractor(x)[0], src(x)[0])
     # a plain bundle says window and loads GroupNorms
     plain = save_segmenter(tmp_path / "plain", pt, heads["nonlinear"], "nonlinear", pre, (16, 16, 16), 0.5)
-    assert json.loads((plain / "segmenter.json").read_text())["norm_stats"] == "window"
+    doc = json.loads((plain / "segmenter.json").read_text())
+    assert doc["norm_stats"] == "window" and doc["format_version"] == 1  # still readable by earlier versions
     assert norm_stats_of(load_segmenter(plain, device="cpu").extractor) == "window"
 
     # damaged bundles: refused with the file named

@@ -7,13 +7,13 @@ A voxel's features then depend on everything else in its window, so a head fitte
 window does not transfer to another, and the whole-volume window is normalised quite unlike the
 crops the network was trained on (docs/RESULTS.md, "Fixed normalisation statistics").
 
-``norm_stats: fixed`` (:class:`voxdiff.probe.train.ProbeConfig`) replaces every GroupNorm of the
-backbone by a :class:`FixedGroupNorm` whose per-group mean and variance are estimated once, over
+``norm_stats: fixed`` (:class:`voxdiff.probe.train.ProbeConfig`) replaces every GroupNorm that the
+feature passes use (not, e.g., a denoising output head's) by a :class:`FixedGroupNorm` whose per-group mean and variance are estimated once, over
 ``n`` random crops of the model's training patch size drawn from the given volumes (the labelled
 training cases of the probe; every feature pass of a diffusion model contributes, so the statistics
 are those averaged over its timesteps). The affine weights are the GroupNorm's own (trainable when
 fine-tuning); the statistics are buffers that are not part of the state dict, so checkpoints keep
-their keys. Segmenter bundles store them in ``norm_stats.safetensors``.
+their keys. Segmenter bundles store them in ``norm_stats.safetensors`` (format version 2).
 """
 
 from __future__ import annotations

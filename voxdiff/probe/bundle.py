@@ -38,7 +38,10 @@ from voxdiff.data.preprocess import PreprocessConfig
 from .heads import build_head, count_parameters
 
 SEGMENTER_KIND = "segmenter"
-SEGMENTER_FORMAT_VERSION = 1
+# 2: bundles with fixed normalisation statistics (norm_stats.safetensors), which a reader of version 1
+# would load without them; bundles without are still written as version 1. Both are read.
+SEGMENTER_FORMAT_VERSION = 2
+SEGMENTER_FORMAT_VERSIONS = (1, 2)
 HEAD_FORMAT_VERSION = 1
 NORM_STATS_FILE = "norm_stats.safetensors"  # fixed GroupNorm statistics (bundles with norm_stats: fixed)
 
@@ -115,7 +118,7 @@ def save_segmenter(
     doc = {
         "format": "voxdiff",
         "kind": SEGMENTER_KIND,
-        "format_version": SEGMENTER_FORMAT_VERSION,
+        "format_version": SEGMENTER_FORMAT_VERSION if norm_stats else 1,
         "mode": mode,
         "method": (read_checkpoint_info(bdir, kind="backbone").get("config") or {}).get("method"),
         "bpr": bpr is not None,
@@ -194,10 +197,10 @@ def read_segmenter_info(model_dir: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(doc, dict) or doc.get("format") != "voxdiff" or doc.get("kind") != SEGMENTER_KIND:
         raise ModelError(js, "not a voxdiff segmenter description")
     ver = doc.get("format_version")
-    if ver != SEGMENTER_FORMAT_VERSION:
+    if ver not in SEGMENTER_FORMAT_VERSIONS:
         made = (doc.get("versions") or {}).get("voxdiff", "unknown")
         raise ModelError(p, f"segmenter format version {ver} (made by voxdiff {made}) is not supported by this "
-                            f"voxdiff (expects version {SEGMENTER_FORMAT_VERSION})")
+                            f"voxdiff (expects version {' or '.join(map(str, SEGMENTER_FORMAT_VERSIONS))})")
     for part in ("backbone", "head") + (("bpr",) if doc.get("bpr") else ()):
         d = p / part
         if not (d / "model.json").is_file() or not (d / "model.safetensors").is_file():
