@@ -167,3 +167,7 @@ def test_estimates_are_deterministic_leave_the_random_state_and_are_kept_per_sou
         with_norm_stats(ext, "batch", vols)
     with pytest.raises(ValueError, match="at least one volume"):
         estimate_norm_stats(ext, [], n=2)
+    bare = object()  # an extractor without a backbone: window is a no-op, fixed is refused
+    assert with_norm_stats(bare, "window", vols) is bare
+    with pytest.raises(ValueError, match="backbone module"):
+        with_norm_stats(bare, "fixed", vols)

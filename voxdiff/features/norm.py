@@ -239,7 +239,11 @@ def with_norm_stats(extractor: Any, mode: str, units: Callable[[], Sequence[Any]
     seed)`` are kept rather than estimated again."""
     if mode not in NORM_STATS:
         raise ValueError(f"norm_stats must be one of {', '.join(NORM_STATS)}, not {mode!r}")
-    bb = extractor.backbone
+    bb = getattr(extractor, "backbone", None)
+    if not isinstance(bb, nn.Module):  # an extractor without a backbone module has nothing to fix
+        if mode == "window":
+            return extractor
+        raise ValueError("fixed normalisation statistics need an extractor with a backbone module")
     if mode == "window":
         unfix_group_norms(bb)
         extractor.norm_source = None
