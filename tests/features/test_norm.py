@@ -141,6 +141,28 @@ class _Ext:
             return self.backbone.pyramid(x)
 
 
+class _CondExt(_Ext):
+    """Its condition map is each voxel's own index (continued over the padding it is asked for), so a
+    crop's coordinates must equal the crop's absolute voxel indices."""
+
+    def condition_map(self, x, size=None):
+        size = tuple(size or x.shape[2:])
+        assert all(s >= d for s, d in zip(size, x.shape[2:]))
+        g = torch.stack(torch.meshgrid(*[torch.arange(s) for s in size], indexing="ij"), 0)
+        return g[None].float()
+
+    def __call__(self, x, voxel_index=None, coords=None):
+        assert coords is not None and torch.equal(coords, voxel_index.float())
+        return super().__call__(x, voxel_index, coords)
+
+
+def test_crops_get_the_volumes_condition_map_at_their_own_voxels():
+    ext = _CondExt()
+    g = torch.Generator().manual_seed(0)
+    vols = [torch.rand(20, 24, 12, generator=g).numpy(), torch.rand(10, 30, 16, generator=g).numpy()]  # shorter than a crop too
+    assert estimate_norm_stats(ext, vols, n=6, seed=1) and ext.calls == 6
+
+
 def test_estimates_are_deterministic_leave_the_random_state_and_are_kept_per_source():
     ext = _Ext()
     g = torch.Generator().manual_seed(0)

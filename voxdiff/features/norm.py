@@ -175,15 +175,6 @@ def norm_stats_of(extractor: Any) -> str:
     return "fixed" if isinstance(bb, nn.Module) and fixed_norm_stats(bb) is not None else "window"
 
 
-def _crop(unit: torch.Tensor, origin: Sequence[int], size: Sequence[int]) -> torch.Tensor:
-    """``unit[..., origin:origin + size]`` of a (B, C, X, Y, Z) tensor, zero-padded past its far ends."""
-    sl = unit[(slice(None), slice(None)) + tuple(slice(o, o + s) for o, s in zip(origin, size))]
-    pad = [s - n for s, n in zip(size, sl.shape[2:])]
-    if any(pad):
-        sl = torch.nn.functional.pad(sl, (0, pad[2], 0, pad[1], 0, pad[0]), value=0.0)
-    return sl
-
-
 @torch.no_grad()
 def estimate_norm_stats(extractor: Any, units: Sequence[np.ndarray | torch.Tensor], n: int = 48, seed: int = 0,
                         patch: Sequence[int] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -199,30 +190,34 @@ def estimate_norm_stats(extractor: Any, units: Sequence[np.ndarray | torch.Tenso
         raise ValueError("fixed normalisation statistics need at least one volume")
     if n < 1:
         raise ValueError(f"norm_crops must be at least 1, got {n}")
+    from ..data.patches import crop_or_pad
+    from ..pretrain.diffusion import index_grid
+    from .extract import condition_mode
+
     size = tuple(int(p) for p in (patch or getattr(extractor, "patch_size", (32, 32, 32))))
     dev = next(bb.parameters()).device
     rng = np.random.default_rng(seed)
-    vols = [torch.as_tensor(np.asarray(u, dtype=np.float32))[None, None] for u in units]
-    from .extract import condition_mode
-
-    # the volume's condition map, cropped, where extraction does the same (per-window maps otherwise)
+    vols = [np.asarray(u, dtype=np.float32) for u in units]
+    # the volume's condition map, cropped, where extraction does the same (per-window maps otherwise);
+    # computed over the volume padded to at least a crop, as extraction continues it over its padding
     fn = getattr(extractor, "condition_map", None) if condition_mode(extractor) == "volume" else None
-    conds: dict[int, torch.Tensor | None] = {}
-    grid = torch.stack(torch.meshgrid(*[torch.arange(s) for s in size], indexing="ij"), 0)[None]
+    conds: dict[int, np.ndarray | None] = {}
 
     def run() -> None:
         for i in range(n):
             k = i % len(vols)
             v = vols[k]
-            o = [int(rng.integers(0, max(1, d - s + 1))) for d, s in zip(v.shape[2:], size)]
-            kwargs: dict[str, Any] = {"voxel_index": (grid + torch.tensor(o).view(1, 3, 1, 1, 1)).to(dev)}
+            o = [int(rng.integers(0, max(1, d - s + 1))) for d, s in zip(v.shape, size)]
+            kwargs: dict[str, Any] = {"voxel_index": index_grid(size, tuple(o), device=dev)}
             if fn is not None:
                 if k not in conds:
-                    c = fn(v.to(dev))
-                    conds[k] = None if c is None else c.float().cpu()
+                    c = fn(torch.from_numpy(v)[None, None].to(dev), tuple(max(d, s) for d, s in zip(v.shape, size)))
+                    conds[k] = None if c is None else c[0].float().cpu().numpy()
                 if conds[k] is not None:
-                    kwargs["coords"] = _crop(conds[k], o, size).to(dev)
-            extractor(_crop(v, o, size).to(dev), **kwargs)
+                    ck = conds[k]
+                    kwargs["coords"] = torch.from_numpy(np.stack([crop_or_pad(ck[j], o, size, 0.0) for j in range(len(ck))]))[None].to(dev)
+            x = crop_or_pad(v, o, size, 0.0)  # zero (the HU window's minimum) past the far ends, as extraction pads
+            extractor(torch.from_numpy(x)[None, None].to(dev), **kwargs)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
