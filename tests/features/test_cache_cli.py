@@ -226,3 +226,66 @@ def test_cli_default_window_is_the_training_patch(tmp_path, model_dir, capsys):
     assert meta["windows"]["step"] == [8, 8, 8] and meta["windows"]["effective_overlap"] == [0.5, 0.5, 0.5]
     assert meta["device"] in ("cpu", "cuda:0")
     assert "windows of 16x16x16" in capsys.readouterr().out
+
+
+def test_cli_fixed_norm_stats_written_shared_and_refused(tmp_path, model_dir, capsys):
+    """``--norm_stats fixed``: statistics estimated on crops of evenly spaced cases, written beside the
+    features and in their key; ``--norm_from`` gives a second data set the same normalisation, so a
+    volume both sets hold gets the same features; bad statistics are refused before anything is written."""
+    from voxdiff.features.norm import load_norm_stats, save_norm_stats
+
+    data = _write_folder(tmp_path / "data", n=3)
+    common = ["--roi", "[16,16,16]", "--levels", "0", "--progress", "false"]
+    win, fixed = tmp_path / "win", tmp_path / "fixed"
+    assert main(["features", str(model_dir), str(data), "-o", str(win), *common]) == 0
+    assert main(["features", str(model_dir), str(data), "-o", str(fixed), *common,
+                 "--norm_stats", "fixed", "--norm_cases", "2", "--norm_crops", "4"]) == 0
+    assert not (win / "norm_stats.safetensors").exists()
+    iw, ix = (json.loads((d / "features.json").read_text()) for d in (win, fixed))
+    assert iw["norm_stats"] == {"mode": "window"}
+    doc = ix["norm_stats"]
+    assert doc["mode"] == "fixed" and doc["cases"] == "ct0,ct2" and doc["crops"] == 4 and doc["digest"]
+    stats, meta = load_norm_stats(fixed)
+    assert stats and meta["model_sha256"] == ix["model_sha256"] and meta["digest"] == doc["digest"]
+    assert ix["key"] != iw["key"]
+    fw, _ = load_features(win / "ct1.safetensors")
+    fx, _ = load_features(fixed / "ct1.safetensors")
+    assert fw[0].shape == fx[0].shape and (fw[0].float() - fx[0].float()).abs().max() > 1e-2
+
+    # a second data set holding ct1 again: with the first run's statistics its features are the same
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "ct1.nii.gz").write_bytes((data / "ct1.nii.gz").read_bytes())
+    nib.save(nib.Nifti1Image(body_volume(99, (40, 36, 20)).astype(np.int16), np.diag([1.0, 1.0, 2.0, 1.0])),
+             str(other / "zz.nii.gz"))
+    shared, own = tmp_path / "shared", tmp_path / "own"
+    assert main(["features", str(model_dir), str(other), "-o", str(shared), *common,
+                 "--norm_stats", "fixed", "--norm_from", str(fixed)]) == 0
+    assert main(["features", str(model_dir), str(other), "-o", str(own), *common,
+                 "--norm_stats", "fixed", "--norm_crops", "4"]) == 0
+    fs, _ = load_features(shared / "ct1.safetensors")
+    fo, _ = load_features(own / "ct1.safetensors")
+    torch.testing.assert_close(fs[0], fx[0])
+    assert (fo[0].float() - fx[0].float()).abs().max() > 1e-3  # statistics of other crops: other features
+    assert json.loads((shared / "features.json").read_text())["key"] == ix["key"]
+
+    # refused, one line, nothing written
+    foreign = tmp_path / "foreign.safetensors"
+    save_norm_stats(foreign, stats, {"model_sha256": "0" * 64})
+    renamed = tmp_path / "renamed.safetensors"
+    save_norm_stats(renamed, {f"x{k}": v for k, v in stats.items()})
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(b"not a safetensors file")
+    for extra, msg in [(["--norm_from", str(fixed)], "needs norm_stats fixed"),
+                       (["--norm_stats", "fixed", "--norm_from", str(tmp_path / "none")], "missing"),
+                       (["--norm_stats", "fixed", "--norm_from", str(damaged)], "unreadable"),
+                       (["--norm_stats", "fixed", "--norm_from", str(foreign)], "another model"),
+                       (["--norm_stats", "fixed", "--norm_from", str(renamed)], "do not fit"),
+                       (["--norm_stats", "sometimes"], "norm_stats must be"),
+                       (["--norm_stats", "fixed", "--norm_crops", "0"], "at least 1")]:
+        capsys.readouterr()
+        bad = tmp_path / "bad_out"
+        assert main(["features", str(model_dir), str(data), "-o", str(bad), *common, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("voxdiff: error:") and msg in err and len(err.strip().splitlines()) == 1, err
+        assert not bad.exists()

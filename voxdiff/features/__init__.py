@@ -32,3 +32,4 @@ from .extract import (  # noqa: F401
     with_feature_settings,
     with_timesteps,
 )
+from .norm import NormStatsConfig, estimate_norm_stats, fix_group_norms, load_norm_stats, save_norm_stats  # noqa: F401

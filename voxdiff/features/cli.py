@@ -7,12 +7,16 @@ from voxdiff.core.config import from_namespace
 
 from ..data.ctcheck import ALLOW_HELP
 from .extract import ExtractConfig
+from .norm import NormStatsConfig
 
 HELP = """Extract frozen feature pyramids of every case of a data set with a pretrained backbone
 (sliding windows of the model's training patch size unless --roi, the requested overlap honoured
 exactly, Gaussian blending, on the GPU when there is one). Prints the windows used per case. Writes OUT/<case_id>.safetensors (float16, one tensor per
 level at its own stride unless --upsample) with OUT/<case_id>.json metadata, OUT/features.json and
-OUT/config.yaml."""
+OUT/config.yaml. --norm_stats fixed normalises every window with one set of GroupNorm statistics
+(estimated on crops of up to --norm_cases cases, or --norm_from an earlier run's
+norm_stats.safetensors so that training and test features share them), written to
+OUT/norm_stats.safetensors."""
 
 
 def register(root: CommandGroup) -> None:
@@ -33,6 +37,7 @@ def register(root: CommandGroup) -> None:
     p.add_argument("--levels", type=int, nargs="+", default=None,
                    help="pyramid levels to keep, e.g. --levels 0 1 2 (0 = finest, stride 1); default: all")
     add_config(p, ExtractConfig, skip={"t", "levels"})
+    add_config(p, NormStatsConfig)
 
 
 def run_features(ns) -> None:
@@ -46,5 +51,6 @@ def run_features(ns) -> None:
     out = features_command(ns.model, ns.data, ns.out, cfg, data_kind=ns.data_kind, split=ns.split,
                            case_ids=ns.cases, cache_dir=ns.cache_dir, force=bool(ns.force),
                            progress=bool(ns.progress), allow_non_ct=bool(ns.allow_non_ct),
-                           log=lambda line: tqdm.write(f"features: {line}"))
+                           log=lambda line: tqdm.write(f"features: {line}"),
+                           norm=from_namespace(NormStatsConfig, ns))
     print(f"features: {out}")

@@ -19,6 +19,9 @@ their keys. Segmenter bundles store them in ``norm_stats.safetensors`` (format v
 from __future__ import annotations
 
 import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -26,6 +29,43 @@ import torch
 import torch.nn as nn
 
 NORM_STATS = ("window", "fixed")
+NORM_STATS_FILE = "norm_stats.safetensors"  # beside a features folder's files, or in a segmenter bundle
+
+
+@dataclass
+class NormStatsConfig:
+    """How ``voxdiff features`` normalises the backbone's GroupNorms (the ``--norm_*`` options).
+
+    Args:
+        norm_stats: window (each window's own statistics, the networks' default) or fixed (one set of
+            statistics for every window, so a voxel's features do not depend on the rest of its
+            window; see :mod:`voxdiff.features.norm`).
+        norm_crops: fixed: random crops of the model's training patch size the statistics are
+            estimated on.
+        norm_seed: fixed: the seed of those crops.
+        norm_cases: fixed: at most this many cases of the data set (evenly spaced over it) give the
+            crops; the others are only extracted.
+        norm_from: fixed: take the statistics from this file or folder instead of estimating them:
+            the ``norm_stats.safetensors`` of an earlier ``voxdiff features`` run (so that the
+            features of a training and a test set share one normalisation) or of a segmenter bundle
+            fitted with ``--norm_stats fixed``.
+    """
+
+    norm_stats: str = "window"
+    norm_crops: int = 48
+    norm_seed: int = 0
+    norm_cases: int = 8
+    norm_from: str | None = None
+
+
+def check_norm_config(cfg: NormStatsConfig) -> None:
+    """``ValueError`` with a one-line message for inconsistent settings."""
+    if cfg.norm_stats not in NORM_STATS:
+        raise ValueError(f"norm_stats must be one of {', '.join(NORM_STATS)}, not {cfg.norm_stats!r}")
+    if int(cfg.norm_crops) < 1 or int(cfg.norm_cases) < 1:
+        raise ValueError(f"norm_crops and norm_cases must be at least 1, got {cfg.norm_crops} and {cfg.norm_cases}")
+    if cfg.norm_from is not None and cfg.norm_stats != "fixed":
+        raise ValueError("norm_from gives fixed statistics: it needs norm_stats fixed")
 
 
 class FixedGroupNorm(nn.Module):
@@ -156,6 +196,44 @@ def stats_from_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torc
             raise ValueError(f"normalisation statistics of {n!r} are incomplete")
         out[n] = (tensors[f"{n}.mean"], tensors[f"{n}.var"])
     return out
+
+
+def norm_stats_file(path: str | os.PathLike) -> Path:
+    """``path`` itself, or the :data:`NORM_STATS_FILE` inside a folder."""
+    p = Path(path)
+    return p / NORM_STATS_FILE if p.is_dir() else p
+
+
+def save_norm_stats(path: str | os.PathLike, stats: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                    meta: dict[str, Any] | None = None) -> Path:
+    """Write ``stats`` (safetensors, atomically) with ``meta`` as string metadata."""
+    from safetensors.torch import save_file
+
+    from ..core.outputs import atomic_path
+
+    p = Path(path)
+    with atomic_path(p) as tmp:
+        save_file(stats_tensors(stats), str(tmp), metadata={str(k): str(v) for k, v in (meta or {}).items()})
+    return p
+
+
+def load_norm_stats(path: str | os.PathLike) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, str]]:
+    """``(stats, metadata)`` of a :func:`save_norm_stats` file (or of the one in folder ``path``);
+    ``ValueError`` naming the problem when it is missing or unreadable."""
+    from safetensors import safe_open
+
+    f = norm_stats_file(path)
+    if not f.is_file():
+        raise ValueError(f"no normalisation statistics here ({NORM_STATS_FILE} is missing)")
+    try:
+        with safe_open(str(f), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as e:  # safetensors' own errors for a damaged or foreign file
+        raise ValueError(f"unreadable normalisation statistics ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if not tensors:
+        raise ValueError("the normalisation statistics file holds no statistics")
+    return stats_from_tensors(tensors), meta
 
 
 def stats_digest(stats: dict[str, tuple[torch.Tensor, torch.Tensor]] | None) -> str | None:

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
 from tqdm import tqdm
 
 from ..core.config import check_window, to_dict, write_config
@@ -16,6 +17,7 @@ from ..core.runtime import resolve_device
 from .cache import case_meta, extract_case, feature_key, model_fingerprint, save_features
 from .extract import CONDITION_MODES as _CONDITIONS
 from .extract import ExtractConfig, window_plan, with_feature_settings
+from .norm import NORM_STATS_FILE, NormStatsConfig
 
 _MODES = ("gaussian", "constant")
 
@@ -42,18 +44,25 @@ def features_command(model: str | os.PathLike, data: str | os.PathLike, out: str
                      cfg: ExtractConfig | None = None, data_kind: str = "auto", split: str = "all",
                      case_ids: Sequence[str] | None = None, cache_dir: str | os.PathLike | None = None,
                      force: bool = False, progress: bool = True, allow_non_ct: bool = False,
-                     log: Callable[[str], Any] | None = None) -> Path:
+                     log: Callable[[str], Any] | None = None, norm: NormStatsConfig | None = None) -> Path:
     """Features of every case of ``data`` with ``model`` into folder ``out`` (atomic: all or nothing).
 
     A case whose image does not look like CT in HU (:mod:`voxdiff.data.ctcheck`) stops the run with
     an :class:`InputError` naming it (nothing is written), unless ``allow_non_ct``. ``log`` (the CLI
     passes a printer) gets one line per case: its grid, the windows (count, size, step, effective
-    overlap, :class:`~voxdiff.features.extract.WindowPlan`) and the seconds it took."""
+    overlap, :class:`~voxdiff.features.extract.WindowPlan`) and the seconds it took.
+
+    ``norm`` (:class:`~voxdiff.features.norm.NormStatsConfig`): with ``norm_stats`` fixed, the
+    backbone normalises every window with one set of GroupNorm statistics, estimated on crops of up
+    to ``norm_cases`` of the cases (evenly spaced) or read from ``norm_from``; they are written to
+    ``OUT/norm_stats.safetensors`` (with the model's SHA-256) and enter the features' key."""
     from ..data.adapters import open_dataset
     from ..data.cache import load_preprocessed
     from ..pretrain.load import load_pretrained
 
     cfg = cfg or ExtractConfig()
+    norm = norm or NormStatsConfig()
+    _check_norm(norm)
     check_output_path(out, force=force, inputs=(model, data))
     device = resolve_device(cfg.device)
     extractor = load_pretrained(model, device=device)
@@ -70,15 +79,22 @@ def features_command(model: str | os.PathLike, data: str | os.PathLike, out: str
     if not refs:
         raise InputError(data, "no cases found")
     fingerprint = model_fingerprint(extractor)
-    key = feature_key(extractor, cfg, fingerprint)
+    load = lambda ids: load_preprocessed(ds, extractor.preprocess, cache_dir=cache_dir, case_ids=ids,  # noqa: E731
+                                         check_ct=True, allow_non_ct=allow_non_ct)
+    norm_doc = _apply_norm(extractor, norm, fingerprint, [r.case_id for r in refs], load, log)
+    key = feature_key(extractor, cfg, fingerprint)  # (after the statistics: fixed ones enter the key)
     index: dict[str, Any] = {"format": "voxdiff-features", "key": key, "model": str(model), "model_sha256": fingerprint,
-                             "method": extractor.method, "settings": to_dict(cfg), "cases": []}
+                             "method": extractor.method, "settings": to_dict(cfg), "norm_stats": norm_doc, "cases": []}
     with staged_dir(out, force=force) as tmp:
+        if norm_doc["mode"] == "fixed":
+            from .norm import fixed_norm_stats, save_norm_stats
+
+            save_norm_stats(tmp / NORM_STATS_FILE, fixed_norm_stats(extractor.backbone) or {},
+                            {k: v for k, v in norm_doc.items() if k != "file"})
         bar = tqdm(refs, desc="features", unit="case", disable=not progress)
         for ref in bar:
             bar.set_postfix_str(ref.case_id)
-            case = load_preprocessed(ds, extractor.preprocess, cache_dir=cache_dir, case_ids=[ref.case_id],
-                                     check_ct=True, allow_non_ct=allow_non_ct)[0]
+            case = load([ref.case_id])[0]
             t0 = time.perf_counter()
             pyr = extract_case(extractor, case, cfg, progress=progress)  # window bar: a case can take minutes
             meta = case_meta(extractor, case, cfg, pyr, key, fingerprint)
@@ -96,5 +112,58 @@ def features_command(model: str | os.PathLike, data: str | os.PathLike, out: str
             del pyr, case
         atomic_write_json(tmp / "features.json", index)
         write_config(tmp / "config.yaml", cfg, extra={"model": str(model), "data": str(data), "data_kind": data_kind,
-                                                      "split": split, "key": key})
+                                                      "split": split, "key": key, "norm": to_dict(norm)})
     return Path(out)
+
+
+def _check_norm(norm: NormStatsConfig) -> None:
+    from .norm import check_norm_config
+
+    try:
+        check_norm_config(norm)
+    except ValueError as e:
+        raise InputError(None, str(e)) from None
+
+
+def _apply_norm(extractor: Any, norm: NormStatsConfig, fingerprint: str, case_ids: Sequence[str],
+                load: Callable[[list[str]], list[Any]], log: Callable[[str], Any] | None) -> dict[str, Any]:
+    """Set the extractor's GroupNorm statistics as ``norm`` says; returns what the index records."""
+    import numpy as np
+
+    from .cache import _case_image_unit
+    from .norm import estimate_norm_stats, fix_group_norms, load_norm_stats, norm_stats_file, stats_digest
+
+    if norm.norm_stats == "window":
+        return {"mode": "window"}
+    if not isinstance(getattr(extractor, "backbone", None), torch.nn.Module):
+        raise InputError(getattr(extractor, "path", None), "fixed normalisation statistics need a model with a backbone module")
+    if norm.norm_from is not None:
+        src = norm_stats_file(norm.norm_from)
+        try:
+            stats, meta = load_norm_stats(src)
+        except ValueError as e:
+            raise InputError(src, str(e)) from None
+        if meta.get("model_sha256") not in (None, fingerprint):
+            raise InputError(src, f"these statistics were estimated with another model (SHA-256 {meta['model_sha256'][:12]}..., "
+                                  f"this one {fingerprint[:12]}...)")
+        doc: dict[str, Any] = {"mode": "fixed", "from": str(norm.norm_from),
+                               **{k: v for k, v in meta.items() if k in ("crops", "seed", "cases")}}
+    else:
+        k = min(int(norm.norm_cases), len(case_ids))
+        ids = [case_ids[int(i)] for i in np.unique(np.linspace(0, len(case_ids) - 1, k).round().astype(int))]
+        units = [_case_image_unit(extractor, c) for c in load(ids)]
+        try:
+            stats = estimate_norm_stats(extractor, units, n=int(norm.norm_crops), seed=int(norm.norm_seed))
+        except ValueError as e:
+            raise InputError(None, str(e)) from None
+        del units
+        doc = {"mode": "fixed", "crops": int(norm.norm_crops), "seed": int(norm.norm_seed), "cases": ",".join(ids)}
+    try:
+        fix_group_norms(extractor.backbone, stats)
+    except ValueError as e:
+        raise InputError(norm.norm_from, f"these statistics do not fit the model ({e})") from None
+    doc.update(model_sha256=fingerprint, digest=stats_digest(stats), file=NORM_STATS_FILE)
+    if log is not None:
+        log(f"fixed normalisation statistics ({len(stats)} GroupNorms) "
+            + (f"from {norm.norm_from}" if norm.norm_from else f"from {doc['crops']} crops of {doc['cases']}"))
+    return doc

@@ -34,6 +34,7 @@ from voxdiff.core.outputs import atomic_write_json, note_input
 from voxdiff.core.runtime import resolve_device
 from voxdiff.data.labels import BTCV_LABELS
 from voxdiff.data.preprocess import PreprocessConfig
+from voxdiff.features.norm import NORM_STATS_FILE  # fixed GroupNorm statistics (bundles with norm_stats: fixed)
 
 from .heads import build_head, count_parameters
 
@@ -43,7 +44,6 @@ SEGMENTER_KIND = "segmenter"
 SEGMENTER_FORMAT_VERSION = 2
 SEGMENTER_FORMAT_VERSIONS = (1, 2)
 HEAD_FORMAT_VERSION = 1
-NORM_STATS_FILE = "norm_stats.safetensors"  # fixed GroupNorm statistics (bundles with norm_stats: fixed)
 
 
 def _source_dirs(pretrained_dir: str | os.PathLike) -> tuple[Path, Path | None]:
@@ -108,11 +108,9 @@ def save_segmenter(
     if bpr is not None:
         shutil.copytree(bpr, out / "bpr", dirs_exist_ok=True)
     if norm_stats:
-        from safetensors.torch import save_file
+        from voxdiff.features.norm import save_norm_stats
 
-        from voxdiff.features.norm import stats_tensors
-
-        save_file(stats_tensors(norm_stats), str(out / NORM_STATS_FILE))
+        save_norm_stats(out / NORM_STATS_FILE, norm_stats)
     save_checkpoint(out / "head", head.state_dict(), "head", head.config(),
                     meta={"mode": mode, "parameters": count_parameters(head)}, format_version=HEAD_FORMAT_VERSION)
     doc = {
@@ -225,16 +223,14 @@ def load_segmenter_head(model_dir: str | os.PathLike) -> nn.Module:
 
 def _load_norm_stats(p: Path, extractor) -> None:
     """Give the bundle's backbone the fixed GroupNorm statistics of ``norm_stats.safetensors``."""
-    from voxdiff.features.norm import fix_group_norms, stats_from_tensors
+    from voxdiff.features.norm import fix_group_norms, load_norm_stats
 
     f = p / NORM_STATS_FILE
     if not f.is_file():
         raise ModelError(p, f"incomplete segmenter: {NORM_STATS_FILE} is missing (the bundle says its "
                             "normalisation statistics are fixed)")
     try:
-        from safetensors.torch import load_file
-
-        stats = stats_from_tensors(load_file(str(f)))
+        stats, _ = load_norm_stats(f)
         fix_group_norms(extractor.backbone, stats)
     except Exception as e:  # a damaged file (safetensors' own error), missing or unknown layers, shapes
         raise ModelError(f, f"unusable normalisation statistics ({str(e).splitlines()[0]})") from None
