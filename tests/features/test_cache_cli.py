@@ -267,7 +267,8 @@ def test_cli_fixed_norm_stats_written_shared_and_refused(tmp_path, model_dir, ca
     fo, _ = load_features(own / "ct1.safetensors")
     torch.testing.assert_close(fs[0], fx[0])
     assert (fo[0].float() - fx[0].float()).abs().max() > 1e-3  # statistics of other crops: other features
-    assert json.loads((shared / "features.json").read_text())["key"] == ix["key"]
+    js = json.loads((shared / "features.json").read_text())
+    assert js["key"] == ix["key"] and js["norm_stats"]["crops"] == 4 and js["norm_stats"]["cases"] == "ct0,ct2"
 
     # refused, one line, nothing written
     foreign = tmp_path / "foreign.safetensors"

@@ -146,8 +146,8 @@ def _apply_norm(extractor: Any, norm: NormStatsConfig, fingerprint: str, case_id
         if meta.get("model_sha256") not in (None, fingerprint):
             raise InputError(src, f"these statistics were estimated with another model (SHA-256 {meta['model_sha256'][:12]}..., "
                                   f"this one {fingerprint[:12]}...)")
-        doc: dict[str, Any] = {"mode": "fixed", "from": str(norm.norm_from),
-                               **{k: v for k, v in meta.items() if k in ("crops", "seed", "cases")}}
+        doc: dict[str, Any] = {"mode": "fixed", "from": str(norm.norm_from), **{k: meta[k] for k in ("cases",) if k in meta},
+                               **{k: int(meta[k]) for k in ("crops", "seed") if str(meta.get(k, "")).isdigit()}}
     else:
         k = min(int(norm.norm_cases), len(case_ids))
         ids = [case_ids[int(i)] for i in np.unique(np.linspace(0, len(case_ids) - 1, k).round().astype(int))]
@@ -158,6 +158,8 @@ def _apply_norm(extractor: Any, norm: NormStatsConfig, fingerprint: str, case_id
             raise InputError(None, str(e)) from None
         del units
         doc = {"mode": "fixed", "crops": int(norm.norm_crops), "seed": int(norm.norm_seed), "cases": ",".join(ids)}
+    if not stats:  # (e.g. a backbone with BatchNorm, whose statistics are fixed already in eval mode)
+        raise InputError(getattr(extractor, "path", None), "this model has no GroupNorm layers whose statistics could be fixed")
     try:
         fix_group_norms(extractor.backbone, stats)
     except ValueError as e:
