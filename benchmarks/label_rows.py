@@ -24,6 +24,12 @@ the frozen and from-scratch label rows), so only the fine-tuned rows are trained
     python benchmarks/label_rows.py runs/bench 1 --seeds 0 --methods diffusion-ape \
         --finetune '{"fresh_noise": true}' --out runs/bench-fresh
 
+A variant folder may itself be the source of another (its overrides merged on top), e.g. fixed
+normalisation statistics on top of clean feature passes:
+
+    python benchmarks/label_rows.py runs/bench-clean 1 --seeds 0 --methods diffusion-ape \
+        --finetune '{"norm_stats": "fixed"}' --out runs/bench-clean-fixed
+
 LP-FT (the fine-tuned rows start from the frozen probe's head of the same labelled cases; the
 ``cpu-bench`` preset starts from a random head): ``--budget '{"finetune_init": "probe"}' --out
 runs/bench-lpft``.
@@ -90,8 +96,8 @@ def variant_folder(src: Path, dst: Path, finetune: dict[str, Any], budget: dict[
         dst.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
         (tmp / "labels").mkdir()
-        for e in src.iterdir():
-            if e.name not in ("config.yaml", "labels") and not e.name.startswith("."):
+        for e in src.iterdir():  # (a source that is itself a variant keeps its own record: not linked)
+            if e.name not in ("config.yaml", "labels", "variant.json") and not e.name.startswith("."):
                 (tmp / e.name).symlink_to(e.resolve())
         for e in (src / "labels").iterdir() if (src / "labels").is_dir() else ():
             if not e.name.startswith((*retrained, ".")):  # nor a step another process is writing

@@ -115,3 +115,27 @@ def test_a_longer_stopping_cap_retrains_the_scratch_rows_too(tmp_path):
     for _, run in lr.row_items(exp, 1, []):
         run()
     assert exp.calls == [("labels/scratch-n1-f0", "scratch", 1)]
+
+
+def test_a_variant_of_a_variant_leaves_its_source_record_alone(tmp_path):
+    """A variant made from a variant folder (e.g. fixed statistics on top of clean passes) records
+    itself in a file of its own: its source's variant.json is not linked and overwritten."""
+    import json
+
+    import yaml
+
+    lr = load_benchmark("label_rows")
+    base = tmp_path / "bench" / "seed-0"
+    (base / "labels" / "scratch-n1-f0").mkdir(parents=True)
+    (base / "config.yaml").write_text(yaml.safe_dump({"config": {"seed": 0}, "budget_settings": {"finetune": {}}}))
+    first = lr.variant_folder(base, tmp_path / "clean" / "seed-0", {"feature_input": "clean"})
+    (first / "labels" / "diffusion-ape-n1-f0").mkdir()
+    before = (first / "variant.json").read_text()
+    second = lr.variant_folder(first, tmp_path / "fixed" / "seed-0", {"norm_stats": "fixed"})
+    assert (first / "variant.json").read_text() == before
+    assert not (second / "variant.json").is_symlink()
+    assert json.loads((second / "variant.json").read_text()) == {"of": str(first.resolve()), "finetune": {"norm_stats": "fixed"}}
+    saved = yaml.safe_load((second / "config.yaml").read_text())["budget_settings"]["finetune"]
+    assert saved == {"feature_input": "clean", "norm_stats": "fixed"}
+    assert (second / "labels" / "diffusion-ape-n1-f0").is_symlink() and (second / "labels" / "scratch-n1-f0").is_symlink()
+    assert lr.variant_folder(first, second, {"norm_stats": "fixed"}) == second  # reopens
