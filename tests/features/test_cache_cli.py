@@ -267,6 +267,12 @@ def test_cli_fixed_norm_stats_written_shared_and_refused(tmp_path, model_dir, ca
     fo, _ = load_features(own / "ct1.safetensors")
     torch.testing.assert_close(fs[0], fx[0])
     assert (fo[0].float() - fx[0].float()).abs().max() > 1e-3  # statistics of other crops: other features
+    # a case the statistics were estimated on (loaded once, kept for its extraction) gets the features
+    # that a run loading it afresh with the same statistics gives
+    again = tmp_path / "again"
+    assert main(["features", str(model_dir), str(data), "-o", str(again), *common, "--cases", "ct0",
+                 "--norm_stats", "fixed", "--norm_from", str(fixed)]) == 0
+    torch.testing.assert_close(load_features(again / "ct0.safetensors")[0][0], load_features(fixed / "ct0.safetensors")[0][0])
     js = json.loads((shared / "features.json").read_text())
     assert js["key"] == ix["key"] and js["norm_stats"]["crops"] == 4 and js["norm_stats"]["cases"] == "ct0,ct2"
 

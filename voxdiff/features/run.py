@@ -81,20 +81,19 @@ def features_command(model: str | os.PathLike, data: str | os.PathLike, out: str
     fingerprint = model_fingerprint(extractor)
     load = lambda ids: load_preprocessed(ds, extractor.preprocess, cache_dir=cache_dir, case_ids=ids,  # noqa: E731
                                          check_ct=True, allow_non_ct=allow_non_ct)
-    norm_doc = _apply_norm(extractor, norm, fingerprint, [r.case_id for r in refs], load, log)
+    norm_doc, stats, loaded = _apply_norm(extractor, norm, fingerprint, [r.case_id for r in refs], load, log)
     key = feature_key(extractor, cfg, fingerprint)  # (after the statistics: fixed ones enter the key)
     index: dict[str, Any] = {"format": "voxdiff-features", "key": key, "model": str(model), "model_sha256": fingerprint,
                              "method": extractor.method, "settings": to_dict(cfg), "norm_stats": norm_doc, "cases": []}
     with staged_dir(out, force=force) as tmp:
-        if norm_doc["mode"] == "fixed":
-            from .norm import fixed_norm_stats, save_norm_stats
+        if stats:
+            from .norm import save_norm_stats
 
-            save_norm_stats(tmp / NORM_STATS_FILE, fixed_norm_stats(extractor.backbone) or {},
-                            {k: v for k, v in norm_doc.items() if k != "file"})
+            save_norm_stats(tmp / NORM_STATS_FILE, stats, {k: v for k, v in norm_doc.items() if k != "file"})
         bar = tqdm(refs, desc="features", unit="case", disable=not progress)
         for ref in bar:
             bar.set_postfix_str(ref.case_id)
-            case = load([ref.case_id])[0]
+            case = loaded.pop(ref.case_id) if ref.case_id in loaded else load([ref.case_id])[0]
             t0 = time.perf_counter()
             pyr = extract_case(extractor, case, cfg, progress=progress)  # window bar: a case can take minutes
             meta = case_meta(extractor, case, cfg, pyr, key, fingerprint)
@@ -126,15 +125,19 @@ def _check_norm(norm: NormStatsConfig) -> None:
 
 
 def _apply_norm(extractor: Any, norm: NormStatsConfig, fingerprint: str, case_ids: Sequence[str],
-                load: Callable[[list[str]], list[Any]], log: Callable[[str], Any] | None) -> dict[str, Any]:
-    """Set the extractor's GroupNorm statistics as ``norm`` says; returns what the index records."""
+                load: Callable[[list[str]], list[Any]], log: Callable[[str], Any] | None
+                ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Set the extractor's GroupNorm statistics as ``norm`` says. Returns what the index records, the
+    statistics (empty for window ones) and the cases loaded to estimate them (by id, kept so that
+    extraction does not load and preprocess them again)."""
     import numpy as np
 
     from .cache import _case_image_unit
     from .norm import estimate_norm_stats, fix_group_norms, load_norm_stats, norm_stats_file, stats_digest
 
+    loaded: dict[str, Any] = {}
     if norm.norm_stats == "window":
-        return {"mode": "window"}
+        return {"mode": "window"}, {}, loaded
     if not isinstance(getattr(extractor, "backbone", None), torch.nn.Module):
         raise InputError(getattr(extractor, "path", None), "fixed normalisation statistics need a model with a backbone module")
     if norm.norm_from is not None:
@@ -151,7 +154,8 @@ def _apply_norm(extractor: Any, norm: NormStatsConfig, fingerprint: str, case_id
     else:
         k = min(int(norm.norm_cases), len(case_ids))
         ids = [case_ids[int(i)] for i in np.unique(np.linspace(0, len(case_ids) - 1, k).round().astype(int))]
-        units = [_case_image_unit(extractor, c) for c in load(ids)]
+        loaded = {c.case_id: c for c in load(ids)}
+        units = [_case_image_unit(extractor, c) for c in loaded.values()]
         try:
             stats = estimate_norm_stats(extractor, units, n=int(norm.norm_crops), seed=int(norm.norm_seed))
         except ValueError as e:
@@ -168,4 +172,4 @@ def _apply_norm(extractor: Any, norm: NormStatsConfig, fingerprint: str, case_id
     if log is not None:
         log(f"fixed normalisation statistics ({len(stats)} GroupNorms) "
             + (f"from {norm.norm_from}" if norm.norm_from else f"from {doc['crops']} crops of {doc['cases']}"))
-    return doc
+    return doc, stats, loaded
