@@ -292,6 +292,24 @@ def test_slice_fov_pair_gives_the_second_view_the_same_slices_from_a_wider_scan(
         torch.testing.assert_close(va[0, 0].amax(dim=(0, 1)), vb[0, 0].amax(dim=(0, 1)), atol=1e-4, rtol=0)
 
 
+def test_slice_fov_pair_range_whole_gives_view_b_the_whole_volume():
+    """``fov_pair_range`` "whole": view b's neighbours reach the volume's own ends, clamped only there,
+    while view a's are clamped to its shorter range; the same slices in both."""
+    from voxdiff.bpr.sampling import Volume, slice_views
+
+    ramp = Volume(torch.arange(40, dtype=torch.float32).expand(1, 1, 32, 32, 40).contiguous(), np.eye(4), "ramp")
+    offsets = 3 * torch.arange(-2.0, 3.0)
+    shorter = 0
+    for seed in range(8):
+        va, vb, _ = slice_views(ramp, 16, 6, np.random.default_rng(seed), aug=0.0, context=2, context_step=3,
+                                fov_aug=1.0, fov_min_mm=10.0, fov_pair=True, fov_pair_range="whole")
+        ga, gb = (v[0, 0].amax(dim=(0, 1)).view(6, 5) for v in (va, vb))
+        torch.testing.assert_close(ga[:, 2], gb[:, 2], atol=1e-4, rtol=0)
+        torch.testing.assert_close(gb, (gb[:, 2:3] + offsets).clamp(0.0, 39.0), atol=1e-4, rtol=0)
+        shorter += int((ga - gb).abs().max() > 0.5)
+    assert shorter >= 6
+
+
 def test_slice_truncation_blanks_view_a_outside_an_inplane_box_and_keeps_view_b_whole():
     """``trunc_aug``: view a keeps a box of at least ``trunc_min`` of each in-plane axis, the window's
     floor (0) outside it, the same voxels inside as without truncation; view b is the whole crop. Off,

@@ -208,10 +208,47 @@ def test_slice_context_settings_are_checked_before_training(tmp_path):
                         ({"slice_fov_aug": 0.5}, "slice_fov_aug needs"),
                         ({"slice_fov_aug": 1.5, "slice_context": 2}, r"slice_fov_aug must be in \[0, 1\]"),
                         ({"slice_fov_pair": True, "slice_context": 2}, "slice_fov_pair needs"),
-                        ({"slice_trunc_aug": -0.1}, r"slice_trunc_aug must be in \[0, 1\]")):
+                        ({"slice_trunc_aug": -0.1}, r"slice_trunc_aug must be in \[0, 1\]"),
+                        ({"slice_fov_aug": 0.5, "slice_context": 2, "slice_fov_pair": True, "slice_fov_pair_range": "all"},
+                         "slice_fov_pair_range must be"),
+                        ({"slice_fov_aug": 0.5, "slice_context": 2, "slice_fov_pair_range": "whole"},
+                         "slice_fov_pair_range needs")):
         with pytest.raises(InputError, match=match):
             train_bpr(_cfg(kind="slice", **flat), tmp_path / "m", cases=[])
         assert not (tmp_path / "m").exists()
     with pytest.raises(InputError, match="slice_trunc_aug is for the slice model"):
         train_bpr(_cfg(kind="ape", slice_trunc_aug=0.5), tmp_path / "m", cases=[])
+    with pytest.raises(InputError, match="consistency_stop_grad is for the slice model"):
+        train_bpr(_cfg(kind="ape", consistency_stop_grad=True), tmp_path / "m", cases=[])
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("stop_grad", [False, True])
+def test_consistency_stop_grad_sends_no_gradient_through_the_fuller_view(monkeypatch, stop_grad):
+    """``task.consistency_stop_grad``: with only the agreement term weighted, view b's input gets no
+    gradient (its scores are a fixed target) while view a's does; without it both views get one."""
+    from voxdiff.bpr.sampling import Volume
+
+    real = train_mod.slice_views
+    seen = []
+
+    def views(*args, **kwargs):
+        a, b, z = real(*args, **kwargs)
+        a, b = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        seen.append((a, b))
+        return a, b, z
+
+    monkeypatch.setattr(train_mod, "slice_views", views)
+    cfg = train_mod.resolved(_cfg(kind="slice", slice_context=1, slice_fov_aug=1.0, slice_fov_pair=True, batch_size=2,
+                                  w_order=0.0, w_distance=0.0, w_consistency=1.0, consistency_stop_grad=stop_grad,
+                                  slice_patch=16, slices_per_sample=4, intensity_aug=0.0, channels=(4, 8)))
+    model = _untrained(cfg)  # eval: BatchNorm's batch statistics would couple the views otherwise
+    g = torch.Generator().manual_seed(0)
+    vol = Volume(torch.rand(1, 1, 24, 24, 40, generator=g), np.diag([3.0, 3.0, 3.0, 1.0]), "v")
+    loss, _ = train_mod.slice_step(model, [vol], cfg, np.random.default_rng(0))
+    assert float(loss.detach()) > 0
+    loss.backward()
+    grads_a = [float(a.grad.abs().sum()) for a, _ in seen]
+    grads_b = [float(b.grad.abs().sum()) if b.grad is not None else 0.0 for _, b in seen]
+    assert min(grads_a) > 0
+    assert (max(grads_b) == 0.0) if stop_grad else (min(grads_b) > 0)

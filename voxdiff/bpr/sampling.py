@@ -163,7 +163,7 @@ def _zoom(rng: np.random.Generator, zoom: float) -> float:
 def slice_views(
     vol: Volume, size_xy: int, n_slices: int, rng: np.random.Generator, zoom: float = 1.25, aug: float = 1.0,
     texture: float = 0.0, context: int = 0, context_step: int = 1, fov_aug: float = 0.0, fov_min_mm: float = 96.0,
-    fov_pair: bool = False, trunc_aug: float = 0.0, trunc_min: float = 0.5,
+    fov_pair: bool = False, trunc_aug: float = 0.0, trunc_min: float = 0.5, fov_pair_range: str = "wider",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Two in-plane crops (different position/zoom/intensity) of the same K axial slices.
 
@@ -175,7 +175,8 @@ def slice_views(
     z-range of at least ``fov_min_mm`` instead, its end slices repeated beyond it: the ends of a shorter scan.
     With ``fov_pair`` that shorter scan is view a's only: view b takes the neighbours of the same slices
     from a wider range (from it up to the whole volume), so that the two views' agreement asks for the
-    same score whatever part of the body a scan covers.
+    same score whatever part of the body a scan covers; ``fov_pair_range`` "whole": view b's range is the
+    whole volume.
     With probability ``trunc_aug`` view a's in-plane field of view is truncated
     (:func:`truncate_inplane`): the window's floor (0) outside a random box keeping ``trunc_min``..1
     of each axis, as a scan reconstructed or cropped to a narrower field of view and padded back to
@@ -189,7 +190,9 @@ def slice_views(
         span = rng.uniform(min(hi, fov_min_mm / max(dz, 1e-6)), hi)
         lo = float(rng.uniform(0.0, hi - span))
         hi = lo + span
-    if shorter and fov_pair:
+    if shorter and fov_pair and fov_pair_range == "whole":
+        lo_b, hi_b = 0.0, float(nz - 1)
+    elif shorter and fov_pair:
         lo_b, hi_b = float(rng.uniform(0.0, lo)), float(rng.uniform(hi, nz - 1))
     else:
         lo_b, hi_b = lo, hi

@@ -81,6 +81,9 @@ class BPRData:
             scan; the other takes the same slices' neighbours from a wider range (up to the whole
             volume), so that the views' agreement (``task.w_consistency``) trains scores that do not
             move with the field of view near a scan's ends (false: both views from the shorter scan).
+        slice_fov_pair_range: with ``slice_fov_pair``, where the other view's neighbours come from:
+            "wider" (a random range from the shorter scan's up to the whole volume) or "whole" (the
+            whole volume: the slices scored as in the longest scan there is).
         slice_trunc_aug: slice model: share of the views whose in-plane field of view is truncated
             (outside a random box keeping half to all of each axis: the window's floor, as a narrow
             reconstruction or crop padded back to the tile), the other view of the same slices kept
@@ -106,6 +109,7 @@ class BPRData:
     texture_aug: float = 0.0
     slice_fov_aug: float = 0.0
     slice_fov_pair: bool = False
+    slice_fov_pair_range: str = "wider"
     slice_trunc_aug: float = 0.0
 
 
@@ -162,6 +166,11 @@ class BPRTaskOptions:
             (null: slice 0.05, ape 1).
         w_consistency: weight of the same-voxel/same-slice agreement between the two views
             (null: slice 0.03, ape 1).
+        consistency_stop_grad: slice: the agreement pulls only view a toward view b (the fuller view:
+            the wider scan of ``data.slice_fov_pair``, the whole in-plane crop of
+            ``data.slice_trunc_aug``), whose scores are a fixed target with no gradient through them.
+            The shorter view learns to score as the fuller one does, and the agreement cannot be met
+            by flattening both (false: each view pulled toward the other).
         calib_range_mm: ape: mm per calibrated unit (the training median maps to 0.5).
         anchor: ape: where the S offset of a scan comes from: "window" (the votes of the network's
             training-size windows, as R and A) or "slice" (per-slice votes of an embedded slice model,
@@ -186,6 +195,7 @@ class BPRTaskOptions:
     w_order: float | None = None
     w_distance: float | None = None
     w_consistency: float | None = None
+    consistency_stop_grad: bool = False
     calib_range_mm: float = 300.0
     anchor: str = "window"
     slice_model: str | None = None
@@ -310,6 +320,12 @@ def _validate(cfg: BPRTrainConfig) -> None:
         raise InputError(None, "data.slice_trunc_aug is for the slice model (--kind slice)")
     if d.slice_fov_pair and not d.slice_fov_aug > 0:
         raise InputError(None, "data.slice_fov_pair needs data.slice_fov_aug > 0 (the share of views from a shorter scan)")
+    if d.slice_fov_pair_range not in ("wider", "whole"):
+        raise InputError(None, f"data.slice_fov_pair_range must be 'wider' or 'whole', got {d.slice_fov_pair_range!r}")
+    if d.slice_fov_pair_range != "wider" and not d.slice_fov_pair:
+        raise InputError(None, "data.slice_fov_pair_range needs data.slice_fov_pair true")
+    if t.consistency_stop_grad and cfg.kind != "slice":
+        raise InputError(None, "task.consistency_stop_grad is for the slice model (--kind slice), whose view b is the fuller one")
     if cfg.model.slice_context_step < 1:
         raise InputError(None, f"model.slice_context_step must be >= 1, got {cfg.model.slice_context_step}")
     if d.ape_crops < 2:
@@ -426,7 +442,8 @@ def slice_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Ge
     for i in idx:
         a, b, z = slice_views(vols[i], d.slice_patch, d.slices_per_sample, rng, d.zoom, d.intensity_aug, d.texture_aug,
                               context=model.context, context_step=model.context_step,
-                              fov_aug=d.slice_fov_aug, fov_pair=d.slice_fov_pair, trunc_aug=d.slice_trunc_aug)
+                              fov_aug=d.slice_fov_aug, fov_pair=d.slice_fov_pair, trunc_aug=d.slice_trunc_aug,
+                              fov_pair_range=d.slice_fov_pair_range)
         va.append(a)
         vb.append(b)
         zs.append(z)
@@ -437,7 +454,7 @@ def slice_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Ge
     hb = cfg.task.heuristic_b
     l_order = 0.5 * (losses.slice_heuristic_loss(sa, z, b=hb) + losses.slice_heuristic_loss(sb, z, b=hb))
     l_dist = 0.5 * (losses.slice_distance_loss(sa, z) + losses.slice_distance_loss(sb, z))
-    l_cons = losses.consistency_loss(sa, sb)
+    l_cons = losses.consistency_loss(sa, sb.detach() if cfg.task.consistency_stop_grad else sb)
     wo, wd, wc = loss_weights(cfg)
     loss = wo * l_order + wd * l_dist + wc * l_cons
     return loss, {"order": l_order.item(), "distance": l_dist.item(), "consistency": l_cons.item()}
