@@ -296,3 +296,17 @@ def test_cli_fixed_norm_stats_written_shared_and_refused(tmp_path, model_dir, ca
         err = capsys.readouterr().err
         assert err.startswith("voxdiff: error:") and msg in err and len(err.strip().splitlines()) == 1, err
         assert not bad.exists()
+
+
+def test_cli_fixed_norm_stats_refused_for_a_backbone_without_groupnorm(tmp_path, capsys):
+    """vox2vec's FPN with BatchNorm has no per-window statistics to fix: refused in one line, nothing written."""
+    fpn = pretrain(small_cfg(backbone="fpn3d"), tmp_path / "fpn", cases=[make_case(0)], progress=False)
+    data = _write_folder(tmp_path / "data", n=2)
+    common = ["--roi", "[16,16,16]", "--levels", "0", "--progress", "false"]
+    capsys.readouterr()
+    bad = tmp_path / "bad_out"
+    assert main(["features", str(fpn), str(data), "-o", str(bad), *common, "--norm_stats", "fixed", "--norm_crops", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("voxdiff: error:") and "no GroupNorm layers" in err and len(err.strip().splitlines()) == 1, err
+    assert not bad.exists()
+    assert main(["features", str(fpn), str(data), "-o", str(tmp_path / "ok"), *common]) == 0  # window statistics: fine
