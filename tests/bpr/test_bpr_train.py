@@ -252,3 +252,41 @@ def test_consistency_stop_grad_sends_no_gradient_through_the_fuller_view(monkeyp
     grads_b = [float(b.grad.abs().sum()) if b.grad is not None else 0.0 for _, b in seen]
     assert min(grads_a) > 0
     assert (max(grads_b) == 0.0) if stop_grad else (min(grads_b) > 0)
+
+
+def test_slice_teacher_distils_its_ordering_into_a_model_trained_on_no_other_loss(tmp_path, tiny_phantoms):
+    """``task.slice_teacher``: with the order, distance and agreement losses off, a model trained only
+    to match a trained teacher's scores of view b (in mm) orders the test phantoms' slices, and its
+    scores in mm follow the teacher's; a teacher with other neighbouring slices, a teacher for an ape
+    model and a negative weight are refused before anything is written."""
+    from voxdiff.bpr.inference import slice_scores_volume
+    from voxdiff.bpr.quality import _unit
+
+    train, test = tiny_phantoms
+    common = dict(kind="slice", steps=300, slice_patch=24, slices_per_sample=8, lr=3e-3, slice_context=1, **TINY)
+    train_bpr(_cfg(**common), tmp_path / "teacher", cases=train, progress=False)
+    teacher = load_bpr(tmp_path / "teacher", kind="slice")
+    cfg = _cfg(**common, slice_teacher=str(tmp_path / "teacher"), w_order=0.0, w_distance=0.0, w_consistency=0.0,
+               slice_fov_aug=0.5, slice_fov_pair=True, slice_fov_pair_range="whole")
+    cfg = replace(cfg, seed=1)
+    before = slice_quality(_untrained(cfg), test)["spearman_mean"]
+    train_bpr(cfg, tmp_path / "student", cases=train, progress=False)
+    student = load_bpr(tmp_path / "student", kind="slice")
+    q = slice_quality(student, test)
+    assert q["spearman_mean"] > before + 0.1, (before, q["spearman_mean"])
+    log = (tmp_path / "student" / "log.csv").read_text().splitlines()
+    col = log[0].split(",").index("distill")
+    first, last = (np.mean([float(r.split(",")[col]) for r in rows]) for rows in (log[1:21], log[-20:]))
+    assert last < 0.5 * first, (first, last)
+    # its scores in mm follow the teacher's over the test phantoms' slices (pooled)
+    t_mm, s_mm = (np.concatenate([slice_scores_volume(m, _unit(c, teacher)) * m.mm_per_unit for c in test])
+                  for m in (teacher, student))
+    assert np.corrcoef(t_mm, s_mm)[0, 1] > 0.8, np.corrcoef(t_mm, s_mm)[0, 1]
+
+    for flat, match in (({"slice_context": 2}, "neighbouring slices"), ({"w_distill": -1.0}, "w_distill must be")):
+        with pytest.raises(InputError, match=match):
+            train_bpr(_cfg(**{**common, "slice_teacher": str(tmp_path / "teacher"), **flat}), tmp_path / "bad", cases=train)
+        assert not (tmp_path / "bad").exists()
+    with pytest.raises(InputError, match="slice_teacher is for the slice model"):
+        train_bpr(_cfg(kind="ape", slice_teacher=str(tmp_path / "teacher")), tmp_path / "bad", cases=[])
+    assert not (tmp_path / "bad").exists()

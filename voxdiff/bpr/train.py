@@ -171,6 +171,13 @@ class BPRTaskOptions:
             ``data.slice_trunc_aug``), whose scores are a fixed target with no gradient through them.
             The shorter view learns to score as the fuller one does, and the agreement cannot be met
             by flattening both (false: each view pulled toward the other).
+        slice_teacher: slice: folder of a trained slice model (one model or an ensemble, with the same
+            neighbouring slices and preprocessing) whose scores of view b, in mm of its calibration, are
+            the target of both views' scores (distillation, weight ``w_distill``). With
+            ``data.slice_fov_pair`` (range "whole") the model learns to score the slices near a shorter
+            scan's end as the teacher scores them in the whole volume; an ensemble teacher gives one
+            model its ordering (null: no teacher).
+        w_distill: weight of the distillation loss (with ``slice_teacher``).
         calib_range_mm: ape: mm per calibrated unit (the training median maps to 0.5).
         anchor: ape: where the S offset of a scan comes from: "window" (the votes of the network's
             training-size windows, as R and A) or "slice" (per-slice votes of an embedded slice model,
@@ -196,6 +203,8 @@ class BPRTaskOptions:
     w_distance: float | None = None
     w_consistency: float | None = None
     consistency_stop_grad: bool = False
+    slice_teacher: str | None = None
+    w_distill: float = 1.0
     calib_range_mm: float = 300.0
     anchor: str = "window"
     slice_model: str | None = None
@@ -324,6 +333,10 @@ def _validate(cfg: BPRTrainConfig) -> None:
         raise InputError(None, f"data.slice_fov_pair_range must be 'wider' or 'whole', got {d.slice_fov_pair_range!r}")
     if d.slice_fov_pair_range != "wider" and not d.slice_fov_pair:
         raise InputError(None, "data.slice_fov_pair_range needs data.slice_fov_pair true")
+    if t.slice_teacher and cfg.kind != "slice":
+        raise InputError(None, "task.slice_teacher is for the slice model (--kind slice)")
+    if not float(t.w_distill) >= 0.0:
+        raise InputError(None, f"task.w_distill must be >= 0, got {t.w_distill}")
     if t.consistency_stop_grad and cfg.kind != "slice":
         raise InputError(None, "task.consistency_stop_grad is for the slice model (--kind slice), whose view b is the fuller one")
     if cfg.model.slice_context_step < 1:
@@ -360,17 +373,39 @@ def _validate(cfg: BPRTrainConfig) -> None:
         raise InputError(None, f"task.anchor_bandwidth_mm must be > 0, got {t.anchor_bandwidth_mm}")
 
 
-def load_anchor_slice_model(cfg: BPRTrainConfig):
-    """The slice model that anchors an ape model's S coordinate (checked against ``cfg``'s preprocessing)."""
+def _matching_slice_model(path: str, cfg: BPRTrainConfig, what: str):
+    """A trained slice model at ``cfg``'s spacing and HU window (refused otherwise, naming ``path``)."""
     from .models import load_bpr
 
-    sm = load_bpr(cfg.task.slice_model, kind="slice")  # type: ignore[arg-type]
+    sm = load_bpr(path, kind="slice")
     sp, win = tuple(float(v) for v in sm.preprocess["spacing"]), tuple(float(v) for v in sm.preprocess["hu_window"])
     spacing, hu_window = list(cfg.preprocess.spacing or ()), list(cfg.preprocess.hu_window)
     if sp != tuple(float(v) for v in spacing) or win != tuple(float(v) for v in hu_window):
-        raise InputError(cfg.task.slice_model, f"the slice model works at spacing {list(sp)} and HU window {list(win)}; "
-                                               f"this ape model at {spacing} and {hu_window}: train a slice model with "
-                                               "the same --preprocess.spacing and --preprocess.hu_window")
+        raise InputError(path, f"the slice model works at spacing {list(sp)} and HU window {list(win)}; "
+                               f"{what} at {spacing} and {hu_window}: train a slice model with "
+                               "the same --preprocess.spacing and --preprocess.hu_window")
+    return sm
+
+
+def load_anchor_slice_model(cfg: BPRTrainConfig):
+    """The slice model that anchors an ape model's S coordinate (checked against ``cfg``'s preprocessing)."""
+    return _matching_slice_model(cfg.task.slice_model, cfg, "this ape model")  # type: ignore[arg-type]
+
+
+def load_slice_teacher(cfg: BPRTrainConfig):
+    """The frozen teacher of ``task.slice_teacher`` (checked against ``cfg``'s preprocessing and
+    neighbouring slices: it scores the same stacked views as the model trained)."""
+    path = str(cfg.task.slice_teacher)
+    sm = _matching_slice_model(path, cfg, "this slice model")
+    mine = (int(cfg.model.slice_context), int(cfg.model.slice_context_step) if cfg.model.slice_context else 1)
+    theirs = (int(sm.context), int(sm.context_step) if sm.context else 1)
+    if mine != theirs:
+        raise InputError(path, f"the teacher takes {theirs[0]} neighbouring slices {theirs[1]} apart on each side, this "
+                               f"model {mine[0]} {mine[1]} apart: train with the teacher's --model.slice_context and "
+                               "--model.slice_context_step")
+    sm.eval()
+    for p in sm.parameters():
+        p.requires_grad_(False)
     return sm
 
 
@@ -435,7 +470,11 @@ def draw_volumes(vols: list[Volume], n: int, rng: np.random.Generator, extra_rat
     return np.where(pick_extra, extra[rng.integers(len(extra), size=n)], main[rng.integers(len(main), size=n)])
 
 
-def slice_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+def slice_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Generator,
+               teacher: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """One slice-model step: order, distance and agreement losses on two views of each volume's
+    slices; with a ``teacher`` (``task.slice_teacher``) also both views' scores against the teacher's
+    scores of view b in the model's raw unit (mm times ``task.heuristic_b``)."""
     d = cfg.data
     idx = draw_volumes(vols, d.batch_size, rng, d.extra_ratio)  # type: ignore[arg-type]
     va, vb, zs = [], [], []
@@ -457,7 +496,15 @@ def slice_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Ge
     l_cons = losses.consistency_loss(sa, sb.detach() if cfg.task.consistency_stop_grad else sb)
     wo, wd, wc = loss_weights(cfg)
     loss = wo * l_order + wd * l_dist + wc * l_cons
-    return loss, {"order": l_order.item(), "distance": l_dist.item(), "consistency": l_cons.item()}
+    parts = {"order": l_order.item(), "distance": l_dist.item(), "consistency": l_cons.item()}
+    if teacher is not None:
+        with torch.no_grad():
+            cal = teacher.slice_scores_raw(torch.cat(vb), stacked=True) * teacher.calib_scale[0] + teacher.calib_offset[0]
+            target = cal * (teacher.mm_per_unit * hb)
+        l_distill = 0.5 * (losses.consistency_loss(sa, target) + losses.consistency_loss(sb, target))
+        loss = loss + float(cfg.task.w_distill) * l_distill
+        parts["distill"] = l_distill.item()
+    return loss, parts
 
 
 def ape_crop_size(cfg: BPRTrainConfig, cell: int, rng: np.random.Generator) -> int:
@@ -513,15 +560,17 @@ def ape_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Gene
 # fields that may not change between a checkpoint and --resume (dotted: section.field)
 _RESUME_FIXED = ("kind", "model.channels", "model.slice_context", "model.slice_context_step", "preprocess.spacing",
                  "preprocess.hu_window", "data.slice_patch", "data.ape_patch", "model.ape_input_pool", "task.anchor", "task.slice_model", "task.anchor_knots",
-                 "task.anchor_fit", "task.anchor_slope_range")
+                 "task.anchor_fit", "task.anchor_slope_range", "task.slice_teacher")
 
 
 class BPRTask(TrainTask):
     """BPR training as an engine task: step k draws its volumes, crops and augmentations with
     ``default_rng([seed, k])``; ``log.csv`` gets one line per step, written at each checkpoint."""
 
-    def __init__(self, cfg: BPRTrainConfig, model: BodyPartRegressor, vols: list[Volume], out: Path):
+    def __init__(self, cfg: BPRTrainConfig, model: BodyPartRegressor, vols: list[Volume], out: Path,
+                 teacher: nn.Module | None = None):
         self.cfg, self.model, self.vols, self.out = cfg, model, vols, out
+        self.teacher = teacher
         self.lines: list[str] = []
         self.header: list[str] = []
         self.last: dict[str, float] = {}
@@ -531,7 +580,8 @@ class BPRTask(TrainTask):
 
     def step(self, model, batch, step: int, gen: torch.Generator):
         step_fn = slice_step if self.cfg.kind == "slice" else ape_step  # looked up per call (tests replace them)
-        loss, parts = step_fn(model, self.vols, self.cfg, np.random.default_rng([self.cfg.seed, step]))
+        extra = {"teacher": self.teacher} if self.teacher is not None else {}
+        loss, parts = step_fn(model, self.vols, self.cfg, np.random.default_rng([self.cfg.seed, step]), **extra)
         self.parts = list(parts)
         return loss, parts
 
@@ -681,6 +731,7 @@ def _train(cfg: BPRTrainConfig, out: Path, vols: list[Volume], resuming: bool, p
                         anchor_slope_range=tuple(t.anchor_slope_range),
                         anchor_bandwidth_mm=float(t.anchor_bandwidth_mm), slice_arch=slice_model.arch(),
                         slice_preprocess=dict(slice_model.preprocess))
+    teacher = load_slice_teacher(cfg) if cfg.kind == "slice" and cfg.task.slice_teacher else None
     model = build_bpr(cfg.kind, arch, preprocess=pp)
     if slice_model is not None:
         model.slice_model.load_state_dict(slice_model.state_dict())  # type: ignore[union-attr]
@@ -692,7 +743,7 @@ def _train(cfg: BPRTrainConfig, out: Path, vols: list[Volume], resuming: bool, p
         shutil.rmtree(out / "train_state", ignore_errors=True)
     # a run that stops before its first checkpoint (error, NaN, Ctrl-C) leaves no folder behind
     with run_folder(out, lambda: latest_train_state(out / "train_state") is not None):
-        task = BPRTask(cfg, model, vols, out)
+        task = BPRTask(cfg, model, vols, out, teacher)
         engine = Engine(engine_config(cfg, progress), task, state_dir=out / "train_state",
                         metrics_path=out / "metrics.jsonl", config=cfg, resume=resuming, meta={"bpr_kind": cfg.kind})
         start = engine.start
