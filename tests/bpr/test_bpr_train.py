@@ -6,6 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import yaml
 from bpr_helpers import z_textured_case
 
 import voxdiff.bpr.train as train_mod
@@ -272,6 +273,10 @@ def test_slice_teacher_distils_its_ordering_into_a_model_trained_on_no_other_los
     before = slice_quality(_untrained(cfg), test)["spearman_mean"]
     train_bpr(cfg, tmp_path / "student", cases=train, progress=False)
     student = load_bpr(tmp_path / "student", kind="slice")
+    from voxdiff.bpr.fields import model_signature
+
+    saved = yaml.safe_load((tmp_path / "student" / "config.yaml").read_text())
+    assert saved["slice_teacher_signature"] == model_signature(teacher)  # which teacher, not only its path
     q = slice_quality(student, test)
     assert q["spearman_mean"] > before + 0.1, (before, q["spearman_mean"])
     log = (tmp_path / "student" / "log.csv").read_text().splitlines()

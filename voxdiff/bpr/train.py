@@ -39,6 +39,7 @@ from ..core.sections import OptimConfig, RuntimeConfig, engine_settings
 from ..core.trainstate import latest_train_state
 from ..data.preprocess import HU_WINDOW, PreprocessConfig
 from . import losses
+from .fields import model_signature
 from .inference import ape_volume, ct_problem, slice_scores_volume
 from .models import ANCHOR_FITS, BPR_KINDS, BodyPartRegressor, body_threshold, build_bpr, save_bpr
 from .sampling import Volume, ape_views, random_crop, sample_points, slice_views
@@ -169,8 +170,9 @@ class BPRTaskOptions:
         consistency_stop_grad: slice: the agreement pulls only view a toward view b (the fuller view:
             the wider scan of ``data.slice_fov_pair``, the whole in-plane crop of
             ``data.slice_trunc_aug``), whose scores are a fixed target with no gradient through them.
-            The shorter view learns to score as the fuller one does, and the agreement cannot be met
-            by flattening both (false: each view pulled toward the other).
+            The shorter view learns to score as the fuller one does (false: each view pulled toward
+            the other). Measured, the shared network still flattens its scores as the weight grows
+            (docs/BPR.md, "Training the ends of shorter scans ..."): ``slice_teacher`` gives a fixed target.
         slice_teacher: slice: folder of a trained slice model (one model or an ensemble, with the same
             neighbouring slices and preprocessing) whose scores of view b, in mm of its calibration, are
             the target of both views' scores (distillation, weight ``w_distill``). With
@@ -732,6 +734,8 @@ def _train(cfg: BPRTrainConfig, out: Path, vols: list[Volume], resuming: bool, p
                         anchor_bandwidth_mm=float(t.anchor_bandwidth_mm), slice_arch=slice_model.arch(),
                         slice_preprocess=dict(slice_model.preprocess))
     teacher = load_slice_teacher(cfg) if cfg.kind == "slice" and cfg.task.slice_teacher else None
+    # which teacher it was (its weights' signature), beside the path the config holds
+    teacher_info = {"slice_teacher_signature": model_signature(teacher)} if teacher is not None else {}
     model = build_bpr(cfg.kind, arch, preprocess=pp)
     if slice_model is not None:
         model.slice_model.load_state_dict(slice_model.state_dict())  # type: ignore[union-attr]
@@ -747,7 +751,7 @@ def _train(cfg: BPRTrainConfig, out: Path, vols: list[Volume], resuming: bool, p
         engine = Engine(engine_config(cfg, progress), task, state_dir=out / "train_state",
                         metrics_path=out / "metrics.jsonl", config=cfg, resume=resuming, meta={"bpr_kind": cfg.kind})
         start = engine.start
-        write_config(out, cfg, extra={"cases": [v.case_id for v in vols]})
+        write_config(out, cfg, extra={"cases": [v.case_id for v in vols], **teacher_info})
 
         t0 = time.time()
         engine.fit()
@@ -755,7 +759,7 @@ def _train(cfg: BPRTrainConfig, out: Path, vols: list[Volume], resuming: bool, p
     last = task.last
 
     calib = calibrate(model, vols, cfg)
-    save_bpr(out, model, meta={"steps": cfg.optim.steps, "cases": [v.case_id for v in vols], "final": last})
+    save_bpr(out, model, meta={"steps": cfg.optim.steps, "cases": [v.case_id for v in vols], "final": last, **teacher_info})
     atomic_write_json(out / "metrics.json", {"final": last, "calibration": calib, "train_seconds": train_s,
                                              "steps": cfg.optim.steps, "resumed_from": start, "n_volumes": len(vols)})
     return out
