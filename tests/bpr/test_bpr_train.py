@@ -295,3 +295,30 @@ def test_slice_teacher_distils_its_ordering_into_a_model_trained_on_no_other_los
     with pytest.raises(InputError, match="slice_teacher is for the slice model"):
         train_bpr(_cfg(kind="ape", slice_teacher=str(tmp_path / "teacher")), tmp_path / "bad", cases=[])
     assert not (tmp_path / "bad").exists()
+
+
+def test_resume_refuses_a_slice_teacher_whose_weights_changed(tmp_path, tiny_phantoms):
+    """The teacher's weight signature is checked on --resume: another model at the same path is refused
+    and the interrupted run is left as it was; the same teacher resumes."""
+    import shutil
+
+    train, _ = tiny_phantoms
+    common = dict(kind="slice", steps=4, slice_patch=16, slices_per_sample=4, slice_context=1, **{**TINY, "checkpoint_every": 2})
+    for name, seed in (("teacher", 0), ("other", 1)):
+        train_bpr(_cfg(**{**common, "seed": seed}), tmp_path / name, cases=train, progress=False)
+    student = tmp_path / "student"
+    cfg = _cfg(**common, slice_teacher=str(tmp_path / "teacher"), slice_fov_aug=0.5, slice_fov_pair=True,
+               slice_fov_pair_range="whole")
+    train_bpr(cfg, student, cases=train, progress=False)
+    shutil.copytree(tmp_path / "teacher", tmp_path / "teacher.bak")
+    for f in ("model.safetensors", "model.json"):
+        shutil.copy(tmp_path / "other" / f, tmp_path / "teacher" / f)
+    before = (student / "model.safetensors").read_bytes()
+    longer = replace(cfg, optim=replace(cfg.optim, steps=6))
+    with pytest.raises(ModelError, match="cannot resume: this teacher"):
+        train_bpr(longer, student, cases=train, resume=True, progress=False)
+    assert (student / "model.safetensors").read_bytes() == before
+    for f in ("model.safetensors", "model.json"):
+        shutil.copy(tmp_path / "teacher.bak" / f, tmp_path / "teacher" / f)
+    train_bpr(longer, student, cases=train, resume=True, progress=False)
+    assert len((student / "log.csv").read_text().splitlines()) == 1 + 6

@@ -250,9 +250,9 @@ class SliceRegressor(BodyPartRegressor):
         xs = x.view(b, 1, x.shape[2], x.shape[3], k, n).permute(0, 4, 5, 1, 2, 3).reshape(b * k, n, x.shape[2], x.shape[3])
         return self._slice_means(xs).view(b, k)
 
-    def slice_scores(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1, X, Y, Z) -> (B, Z) calibrated scores."""
-        return self.slice_scores_raw(x) * self.calib_scale[0] + self.calib_offset[0]
+    def slice_scores(self, x: torch.Tensor, stacked: bool = False) -> torch.Tensor:
+        """(B, 1, X, Y, Z) -> (B, Z) calibrated scores (``stacked``: as :meth:`slice_scores_raw`)."""
+        return self.slice_scores_raw(x, stacked=stacked) * self.calib_scale[0] + self.calib_offset[0]
 
     def raw(self, x: torch.Tensor) -> torch.Tensor:
         s = self.slice_scores_raw(x)

@@ -501,8 +501,7 @@ def slice_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Ge
     parts = {"order": l_order.item(), "distance": l_dist.item(), "consistency": l_cons.item()}
     if teacher is not None:
         with torch.no_grad():
-            cal = teacher.slice_scores_raw(torch.cat(vb), stacked=True) * teacher.calib_scale[0] + teacher.calib_offset[0]
-            target = cal * (teacher.mm_per_unit * hb)
+            target = teacher.slice_scores(x[len(idx):], stacked=True) * (teacher.mm_per_unit * hb)  # view b
         l_distill = 0.5 * (losses.consistency_loss(sa, target) + losses.consistency_loss(sb, target))
         loss = loss + float(cfg.task.w_distill) * l_distill
         parts["distill"] = l_distill.item()
@@ -736,6 +735,14 @@ def _train(cfg: BPRTrainConfig, out: Path, vols: list[Volume], resuming: bool, p
     teacher = load_slice_teacher(cfg) if cfg.kind == "slice" and cfg.task.slice_teacher else None
     # which teacher it was (its weights' signature), beside the path the config holds
     teacher_info = {"slice_teacher_signature": model_signature(teacher)} if teacher is not None else {}
+    if resuming and teacher_info and (out / "config.yaml").is_file():  # (the path alone is checked with the config)
+        import yaml
+
+        saved = yaml.safe_load((out / "config.yaml").read_text())  # (beside the config, which read_config returns)
+        before = saved.get("slice_teacher_signature") if isinstance(saved, dict) else None
+        if before not in (None, teacher_info["slice_teacher_signature"]):
+            raise ModelError(cfg.task.slice_teacher, "cannot resume: this teacher's weights are not those the "
+                                                     "interrupted run was trained toward")
     model = build_bpr(cfg.kind, arch, preprocess=pp)
     if slice_model is not None:
         model.slice_model.load_state_dict(slice_model.state_dict())  # type: ignore[union-attr]
