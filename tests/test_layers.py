@@ -1,4 +1,4 @@
-"""PointwiseConv3d: a kernel-1 Conv3d computed as a matrix product, same values, gradients and keys."""
+"""PointwiseConv3d: a kernel-1 Conv3d computed as a matrix product, same values, gradients and keys; freeze."""
 
 import pytest
 import torch
@@ -43,3 +43,15 @@ def test_channels_last_weights_and_bf16_autocast_still_work():
     with torch.autocast("cpu", dtype=torch.bfloat16):  # contiguous input under autocast: the conv path
         y = ours(x)
     torch.testing.assert_close(y.float(), plain(x), atol=5e-2, rtol=5e-2)
+
+
+def test_freeze_stops_gradients_and_keeps_batchnorm_statistics():
+    from voxdiff.core.layers import freeze
+
+    net = nn.Sequential(nn.Conv3d(1, 2, 3), nn.BatchNorm3d(2))
+    net.train()
+    before = net[1].running_mean.clone()
+    assert freeze(net) is net
+    assert not net.training and not any(p.requires_grad for p in net.parameters())
+    net(torch.randn(2, 1, 5, 5, 5) + 3.0)
+    assert torch.equal(net[1].running_mean, before)

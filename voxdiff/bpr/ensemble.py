@@ -25,6 +25,7 @@ import torch
 
 from ..core.config import write_config
 from ..core.errors import InputError
+from ..core.layers import freeze
 from ..core.outputs import check_output_path, staged_dir
 from .models import BodyPartRegressor, SliceRegressor, load_bpr, save_bpr
 
@@ -87,10 +88,7 @@ def ensemble_slice_models(models: Sequence[str | os.PathLike | SliceRegressor], 
         "method": "ensemble", "mm_per_unit": unit, "scale": 1.0, "offset": 0.0,
         "members": [{"model": name, "calibration": dict(sm.calibration_info)} for name, sm in zip(names, loaded)],
     }
-    ens.eval()
-    for p in ens.parameters():
-        p.requires_grad_(False)
-    return ens
+    return freeze(ens)
 
 
 def write_ensemble(cfg: BPREnsembleConfig, out: str | os.PathLike, force: bool = False) -> Path:

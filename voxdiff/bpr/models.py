@@ -30,6 +30,7 @@ from torch import nn
 
 from ..core.checkpoint import load_checkpoint, save_checkpoint
 from ..core.errors import ModelError
+from ..core.layers import freeze
 from ..core.outputs import note_input
 from ..core.runtime import prefer_channels_last
 from ..data.preprocess import HU_WINDOW
@@ -419,9 +420,7 @@ class APERegressor(BodyPartRegressor):
                 if k in sa:
                     sa[k] = tuple(sa[k])
             self.slice_model = SliceRegressor(preprocess=dict(slice_preprocess or self.preprocess), **sa)
-            for p in self.slice_model.parameters():
-                p.requires_grad_(False)
-            self.slice_model.eval()
+            freeze(self.slice_model)
             # g: calibrated slice score -> raw S coordinate, set by calibration (voxdiff.bpr.train)
             self.register_buffer("s_knots", torch.linspace(0.0, 1.0, self.anchor_knots))
             self.register_buffer("s_values", torch.zeros(self.anchor_knots))
@@ -738,10 +737,7 @@ def load_bpr(path: str | os.PathLike, kind: str | None = None) -> BodyPartRegres
     except (RuntimeError, TypeError, ValueError) as e:
         raise ModelError(path, f"weights do not match the {bkind} architecture ({str(e).splitlines()[0]})") from None
     model.calibration_info = dict(cfg.get("calibration") or {})
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return prefer_channels_last(model)
+    return prefer_channels_last(freeze(model))
 
 
 # -- what pretraining calls -------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from torch import nn
 from ..core.config import flatten, read_config, to_dict, write_config
 from ..core.engine import Engine, EngineConfig, TrainTask, old_train_state_error
 from ..core.errors import InputError, ModelError, TrainingError
+from ..core.layers import freeze
 from ..core.outputs import atomic_write, atomic_write_json, check_output_path, run_folder
 from ..core.runtime import num_threads
 from ..core.sections import OptimConfig, RuntimeConfig, engine_settings
@@ -405,10 +406,7 @@ def load_slice_teacher(cfg: BPRTrainConfig):
         raise InputError(path, f"the teacher takes {theirs[0]} neighbouring slices {theirs[1]} apart on each side, this "
                                f"model {mine[0]} {mine[1]} apart: train with the teacher's --model.slice_context and "
                                "--model.slice_context_step")
-    sm.eval()
-    for p in sm.parameters():
-        p.requires_grad_(False)
-    return sm
+    return freeze(sm)
 
 
 def preprocess_config(cfg: BPRTrainConfig) -> PreprocessConfig:

@@ -20,6 +20,15 @@ def _cpu_autocast_query():
 _cpu_autocast = _cpu_autocast_query()
 
 
+def freeze(module: nn.Module) -> nn.Module:
+    """Eval mode and no gradients for every parameter of ``module`` (a frozen teacher, BPR, feature
+    extractor: its normalisation statistics never move); returns ``module``."""
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
 class PointwiseConv3d(nn.Conv3d):
     """A kernel-1 :class:`~torch.nn.Conv3d` (same parameters, state-dict keys and values) computed on
     the CPU as one matrix product over the channels of a channels-last view.

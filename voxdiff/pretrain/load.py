@@ -32,6 +32,7 @@ from torch import nn
 from ..core.checkpoint import load_checkpoint, unprefixed
 from ..core.config import from_dict
 from ..core.errors import InputError, ModelError
+from ..core.layers import freeze
 from ..core.outputs import note_input
 from ..core.precision import bf16_autocast, use_bf16
 from ..core.runtime import prefer_channels_last, resolve_device
@@ -68,9 +69,7 @@ class FeatureExtractor(nn.Module):
         self.passes = len(self.task.feature_passes(torch.zeros(1, 1, *([backbone.divisor] * 3)),
                                                    coords=self._dummy_coords(backbone.divisor)))
         self.set_levels()
-        self.eval()
-        for p in self.parameters():
-            p.requires_grad_(False)
+        freeze(self)
 
     def set_levels(self) -> None:
         """``levels`` from the backbone's pyramid of ``feature_side`` and the number of passes (each

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from voxdiff.core.layers import freeze
 from voxdiff.core.precision import bf16_autocast, use_bf16
 from voxdiff.core.runtime import prefer_channels_last
 from voxdiff.pretrain.backbones import PyramidBackbone
@@ -37,9 +38,7 @@ def set_frozen(extractor) -> None:
     """Eval mode and no gradients for everything the extractor holds (norm statistics never move)."""
     for obj in (extractor, getattr(extractor, "backbone", None), getattr(extractor, "bpr", None)):
         if isinstance(obj, nn.Module):
-            obj.eval()
-            for p in obj.parameters():
-                p.requires_grad_(False)
+            freeze(obj)
 
 
 def _accepts(fn, name: str) -> bool:

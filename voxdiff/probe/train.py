@@ -134,6 +134,12 @@ class ProbeOptim(OptimConfig):
             validation).
         smooth_window: validations averaged by the smoothed rule (fewer at the start of training).
         ema_decay: must stay null (the probe keeps no EMA of the weights).
+        anchor_decay: fine-tuning: decoupled weight decay of the backbone toward its pretrained
+            weights instead of toward zero (L2-SP, Li et al. 2018, in AdamW's decoupled form): after
+            each step every backbone parameter w moves by ``backbone_lr * anchor_decay * (w0 - w)``.
+            Adam's steps are about the learning rate in size, so a weight that the gradient keeps
+            pushing one way settles about ``1 / anchor_decay`` from where pretraining left it. 0 =
+            off; from-scratch training refuses it (there is no pretrained start to keep).
     """
 
     steps: int = 300
@@ -149,6 +155,7 @@ class ProbeOptim(OptimConfig):
     min_steps: int = 0
     selection: str = "best"
     smooth_window: int = 3
+    anchor_decay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.selection not in SELECTIONS:
@@ -687,6 +694,11 @@ class NetworkTask(TrainTask):
         self.smooth: tuple[float, Any] = (-math.inf, None)
         self.smooth_step = 0
         self.running: torch.Tensor | None = None
+        # L2-SP (optim.anchor_decay): the backbone's weights as fine-tuning found them (a resumed run
+        # rebuilds them from the same pretrained network before the engine restores its state)
+        self.anchor: list[torch.Tensor] | None = None
+        if mode == "finetune" and float(cfg.optim.anchor_decay) > 0:
+            self.anchor = [p.detach().clone() for p in backbone.parameters()]
 
     def module(self) -> nn.Module:
         return self.net
@@ -698,7 +710,18 @@ class NetworkTask(TrainTask):
         head_lr = c.optim.scratch_lr if self.mode == "scratch" else (c.optim.backbone_lr if self.fitted_head else c.optim.lr)
         bb_lr = c.optim.scratch_lr if self.mode == "scratch" else c.optim.backbone_lr
         return [{"params": list(self.head.parameters()), "base_lr": head_lr, "weight_decay": c.optim.weight_decay},
-                {"params": list(self.backbone.parameters()), "base_lr": bb_lr, "weight_decay": c.optim.weight_decay}]
+                {"params": list(self.backbone.parameters()), "base_lr": bb_lr, "weight_decay": c.optim.weight_decay,
+                 "name": "backbone"}]
+
+    @torch.no_grad()
+    def _pull_to_anchor(self, engine: Engine) -> None:
+        """L2-SP's decoupled step: every backbone weight ``lr * anchor_decay`` of the way back to its
+        pretrained value (after the optimiser's step; the backbone group's current learning rate)."""
+        assert self.anchor is not None
+        lr = next(float(g["lr"]) for g in engine.optimizer.param_groups if g.get("name") == "backbone")
+        rate = lr * float(self.cfg.optim.anchor_decay)
+        for p, p0 in zip(self.backbone.parameters(), self.anchor):
+            p.lerp_(p0, rate)
 
     def on_fit_start(self, engine: Engine) -> None:
         self.head.train()  # the backbone stays in eval mode (frozen) until it is unfrozen
@@ -735,6 +758,8 @@ class NetworkTask(TrainTask):
         return done % self.cfg.optim.val_every == 0 or done == self.cfg.optim.steps
 
     def after_step(self, engine: Engine, done: int) -> bool:
+        if self.anchor is not None and self.unfrozen:
+            self._pull_to_anchor(engine)
         if not self.needs_sync(done):
             return False
         cfg, mode = self.cfg, self.mode
@@ -858,6 +883,9 @@ def fit_network(
     if mode not in TUNED_MODES:
         raise ValueError(f"mode must be one of {TUNED_MODES}")
     cfg = cfg or ProbeConfig()
+    if mode == "scratch" and float(cfg.optim.anchor_decay) > 0:
+        raise InputError(None, "optim.anchor_decay pulls a pretrained backbone toward its start; "
+                               "training from scratch has none (set it to 0)")
     device = resolve_device(cfg.runtime.device)
     ext = copy.deepcopy(extractor)
     from voxdiff.features.extract import with_feature_settings
@@ -990,6 +1018,9 @@ def check_probe_config(cfg: ProbeConfig) -> None:
         (not (float(o.lr) > 0 and float(o.backbone_lr) > 0 and float(o.scratch_lr) > 0),
          f"optim.lr, backbone_lr and scratch_lr must be > 0, got {o.lr}, {o.backbone_lr}, {o.scratch_lr}"),
         (float(o.weight_decay) < 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}"),
+        (not 0 <= float(o.anchor_decay) * float(o.backbone_lr) < 1,
+         f"optim.anchor_decay must be >= 0 with anchor_decay * backbone_lr < 1, got {o.anchor_decay} "
+         f"(backbone_lr {o.backbone_lr})"),
         (int(h.hidden) < 1 or int(h.blocks) < 0, f"head.hidden must be >= 1 and head.blocks >= 0, got {h.hidden}, {h.blocks}"),
         (not _three_positive(sm.patch_size), f"sampling.patch_size must be 3 sizes >= 1, got {sm.patch_size}"),
         (int(sm.batch_size) < 1 or int(sm.voxels_per_step) < 1,

@@ -48,6 +48,7 @@ from torch import nn
 
 from ...bpr.models import encoded_channels
 from ...core.errors import InputError
+from ...core.layers import freeze
 from ..diffusion import GaussianDiffusion, index_grid, positional_noise, to_model_range
 from .base import PretextTask, random_patches, register_task
 
@@ -211,9 +212,7 @@ class DiffusionTask(PretextTask):
         kind = getattr(bpr, "kind", None)
         if kind is not None and kind != self.opts.condition:
             raise InputError(self.opts.bpr_path, f"this is a '{kind}' body part regressor, but condition is '{self.opts.condition}'")
-        bpr.eval()
-        for p in bpr.parameters():
-            p.requires_grad_(False)
+        freeze(bpr)
         self.__dict__["bpr"] = bpr
         self._cond_channels = encoded_channels(int(getattr(bpr, "out_channels", 1)), self.opts.bpr_sincos)
 
