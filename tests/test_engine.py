@@ -268,8 +268,8 @@ def test_bpr_nan_stop_keeps_the_last_good_state(tmp_path, bpr_cases, monkeypatch
 
     real = bt.slice_step
 
-    def nan_from_step_3(model, vols, cfg, rng):
-        loss, parts = real(model, vols, cfg, rng)
+    def nan_from_step_3(model, vols, cfg, rng, teacher=None):
+        loss, parts = real(model, vols, cfg, rng, teacher=teacher)
         nan_from_step_3.n += 1
         return (loss * float("nan") if nan_from_step_3.n > 3 else loss), parts
 
@@ -289,8 +289,8 @@ def test_bpr_nan_before_the_first_checkpoint_leaves_no_model_folder(tmp_path, bp
 
     real = bt.slice_step
 
-    def nan_at_once(model, vols, cfg, rng):
-        loss, parts = real(model, vols, cfg, rng)
+    def nan_at_once(model, vols, cfg, rng, teacher=None):
+        loss, parts = real(model, vols, cfg, rng, teacher=teacher)
         return loss * float("nan"), parts
 
     monkeypatch.setattr(bt, "slice_step", nan_at_once)

@@ -519,7 +519,11 @@ def ape_crop_size(cfg: BPRTrainConfig, cell: int, rng: np.random.Generator) -> i
     return int(k * cell + rng.integers(0, min(cell, hi - k * cell + 1)))
 
 
-def ape_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+def ape_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Generator,
+             teacher: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """One ape training step (``teacher``: the slice model's signature; the ape model has none)."""
+    if teacher is not None:
+        raise ValueError("the ape model trains without a slice teacher (task.slice_teacher is for --kind slice)")
     d = cfg.data
     idx = draw_volumes(vols, d.batch_size, rng, d.extra_ratio)  # type: ignore[arg-type]
     extra = max(0, int(d.ape_crops) - 2)
@@ -579,8 +583,7 @@ class BPRTask(TrainTask):
 
     def step(self, model, batch, step: int, gen: torch.Generator):
         step_fn = slice_step if self.cfg.kind == "slice" else ape_step  # looked up per call (tests replace them)
-        extra = {"teacher": self.teacher} if self.teacher is not None else {}
-        loss, parts = step_fn(model, self.vols, self.cfg, np.random.default_rng([self.cfg.seed, step]), **extra)
+        loss, parts = step_fn(model, self.vols, self.cfg, np.random.default_rng([self.cfg.seed, step]), teacher=self.teacher)
         self.parts = list(parts)
         return loss, parts
 
