@@ -163,3 +163,17 @@ def test_command_line_sections_value_form_and_hidden_flat_options(tmp_path, caps
     shown = capsys.readouterr().out
     assert "--optim.lr" in shown and "--files.kind" in shown
     assert "--lr " not in shown and "--amp" not in shown and "--files_kind" not in shown
+
+
+def test_read_config_doc_returns_what_was_written_beside_the_config(tmp_path):
+    from voxdiff.core.config import read_config_doc, write_config
+    from voxdiff.core.errors import InputError
+
+    write_config(tmp_path, {"a": 1}, extra={"slice_teacher_signature": "abc"})
+    doc = read_config_doc(tmp_path / "config.yaml")
+    assert doc["config"] == {"a": 1} and doc["slice_teacher_signature"] == "abc"
+    (tmp_path / "bad.yaml").write_text("a: [1,\n")
+    with pytest.raises(InputError, match="bad.yaml.*not valid YAML"):
+        read_config_doc(tmp_path / "bad.yaml")
+    with pytest.raises(InputError, match="config file not found"):
+        read_config_doc(tmp_path / "missing.yaml")

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..core.config import flatten, read_config, to_dict, write_config
+from ..core.config import flatten, read_config, read_config_doc, to_dict, write_config
 from ..core.engine import Engine, EngineConfig, TrainTask, old_train_state_error
 from ..core.errors import InputError, ModelError, TrainingError
 from ..core.layers import freeze
@@ -737,9 +737,7 @@ def _train(cfg: BPRTrainConfig, out: Path, vols: list[Volume], resuming: bool, p
     # which teacher it was (its weights' signature), beside the path the config holds
     teacher_info = {"slice_teacher_signature": model_signature(teacher)} if teacher is not None else {}
     if resuming and teacher_info and (out / "config.yaml").is_file():  # (the path alone is checked with the config)
-        import yaml
-
-        saved = yaml.safe_load((out / "config.yaml").read_text())  # (beside the config, which read_config returns)
+        saved = read_config_doc(out / "config.yaml")  # (written beside the config)
         before = saved.get("slice_teacher_signature") if isinstance(saved, dict) else None
         if before not in (None, teacher_info["slice_teacher_signature"]):
             raise ModelError(cfg.task.slice_teacher, "cannot resume: this teacher's weights are not those the "

@@ -349,13 +349,19 @@ def write_config(path: str | os.PathLike, cfg: Any, extra: dict[str, Any] | None
     return atomic_write(p, yaml.safe_dump(doc, sort_keys=False))
 
 
-def read_config(path: str | os.PathLike, cls: type[T] | None = None) -> Any:
+def read_config_doc(path: str | os.PathLike) -> Any:
+    """The whole YAML document of a saved config file: the config and what :func:`write_config` wrote
+    beside it (``extra``, versions); a missing or unreadable file is refused in one line."""
     p = Path(path)
     if not p.is_file():
         raise InputError(p, "config file not found")
     try:
-        doc = yaml.safe_load(p.read_text())
+        return yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise InputError(p, f"not valid YAML ({e.__class__.__name__})") from None
+
+
+def read_config(path: str | os.PathLike, cls: type[T] | None = None) -> Any:
+    doc = read_config_doc(path)
     cfg = doc.get("config", doc) if isinstance(doc, dict) else doc
     return from_dict(cls, cfg) if cls is not None else cfg
