@@ -48,6 +48,8 @@ FROZEN_MODES = ("linear", "nonlinear", "mix")
 TUNED_MODES = ("finetune", "scratch")
 # checkpoint rules of fine-tuning / from-scratch training (ProbeOptim.selection)
 SELECTIONS = ("best", "smoothed", "last")
+# which pretrained weights fine-tuning starts from (ProbeConfig.transfer)
+TRANSFERS = ("all", "encoder")
 ALL_MODES = FROZEN_MODES + TUNED_MODES
 
 
@@ -230,6 +232,13 @@ class ProbeConfig:
             :mod:`voxdiff.features.norm`); saved in the bundles. From-scratch training always uses
             ``window``.
         norm_crops: crops the fixed statistics are estimated on.
+        transfer: fine-tuning: which pretrained weights the network starts from: ``all`` (the whole
+            backbone) or ``encoder`` (the stem, encoder and time embedding; the decoder path is
+            re-initialised at random, seeded like from-scratch training, and trains at ``scratch_lr``
+            while the kept weights train at ``backbone_lr``). ``encoder`` needs the decoder pyramid
+            (``feature_side decoder`` or ``both``), each window's own statistics (``norm_stats window``:
+            a new decoder has no pretrained statistics) and a random head (a fitted probe head read
+            the pretrained decoder). From-scratch training and frozen heads ignore it.
         sampling: training cases, patches / voxels and batches.
         optim: optimiser, learning rates, validation and early stopping (:class:`ProbeOptim`).
         head: the non-linear head's size.
@@ -252,6 +261,7 @@ class ProbeConfig:
     feature_side: str = "decoder"
     norm_stats: str = "window"
     norm_crops: int = 48
+    transfer: str = "all"
     sampling: ProbeSampling = field(default_factory=ProbeSampling)
     optim: ProbeOptim = field(default_factory=ProbeOptim)
     head: ProbeHead = field(default_factory=ProbeHead)
@@ -676,10 +686,12 @@ class NetworkTask(TrainTask):
 
     def __init__(self, ext, backbone: nn.Module, head: nn.Module, sampler: PatchSampler, cfg: ProbeConfig, mode: str,
                  device: torch.device, val_cases: Sequence, history: list | None, warm: int | None = None,
-                 track: Sequence[str] = ()):
+                 track: Sequence[str] = (), fresh: Sequence[nn.Module] = ()):
         """``warm``: steps with the backbone frozen (default: ``cfg.optim.warmup_steps`` when fine-tuning).
         ``track``: checkpoint rules whose states are kept beside ``cfg.optim.selection``'s (``best``
-        is always kept; ``smoothed`` here or in the config keeps the smoothed rule's state too)."""
+        is always kept; ``smoothed`` here or in the config keeps the smoothed rule's state too).
+        ``fresh``: fine-tuning: modules of the backbone re-initialised at random (``cfg.transfer``);
+        they train at ``scratch_lr`` in a group of their own, and L2-SP leaves them alone."""
         self.ext, self.backbone, self.head, self.sampler, self.cfg = ext, backbone, head, sampler, cfg
         self.mode, self.device, self.val_cases = mode, device, val_cases
         self.history = history if history is not None else []
@@ -694,11 +706,14 @@ class NetworkTask(TrainTask):
         self.smooth: tuple[float, Any] = (-math.inf, None)
         self.smooth_step = 0
         self.running: torch.Tensor | None = None
-        # L2-SP (optim.anchor_decay): the backbone's weights as fine-tuning found them (a resumed run
+        fresh_ids = {id(p) for m in fresh for p in m.parameters()}
+        self.fresh_params = [p for p in backbone.parameters() if id(p) in fresh_ids]
+        self.kept_params = [p for p in backbone.parameters() if id(p) not in fresh_ids]
+        # L2-SP (optim.anchor_decay): the pretrained weights as fine-tuning found them (a resumed run
         # rebuilds them from the same pretrained network before the engine restores its state)
         self.anchor: list[torch.Tensor] | None = None
         if mode == "finetune" and float(cfg.optim.anchor_decay) > 0:
-            self.anchor = [p.detach().clone() for p in backbone.parameters()]
+            self.anchor = [p.detach().clone() for p in self.kept_params]
 
     def module(self) -> nn.Module:
         return self.net
@@ -709,9 +724,13 @@ class NetworkTask(TrainTask):
         c = self.cfg
         head_lr = c.optim.scratch_lr if self.mode == "scratch" else (c.optim.backbone_lr if self.fitted_head else c.optim.lr)
         bb_lr = c.optim.scratch_lr if self.mode == "scratch" else c.optim.backbone_lr
-        return [{"params": list(self.head.parameters()), "base_lr": head_lr, "weight_decay": c.optim.weight_decay},
-                {"params": list(self.backbone.parameters()), "base_lr": bb_lr, "weight_decay": c.optim.weight_decay,
-                 "name": "backbone"}]
+        groups = [{"params": list(self.head.parameters()), "base_lr": head_lr, "weight_decay": c.optim.weight_decay},
+                  {"params": self.kept_params, "base_lr": bb_lr, "weight_decay": c.optim.weight_decay,
+                   "name": "backbone"}]
+        if self.fresh_params:
+            groups.append({"params": self.fresh_params, "base_lr": c.optim.scratch_lr,
+                           "weight_decay": c.optim.weight_decay, "name": "fresh"})
+        return groups
 
     @torch.no_grad()
     def _pull_to_anchor(self, engine: Engine) -> None:
@@ -720,7 +739,7 @@ class NetworkTask(TrainTask):
         assert self.anchor is not None
         lr = next(float(g["lr"]) for g in engine.optimizer.param_groups if g.get("name") == "backbone")
         rate = lr * float(self.cfg.optim.anchor_decay)
-        for p, p0 in zip(self.backbone.parameters(), self.anchor):
+        for p, p0 in zip(self.kept_params, self.anchor):
             p.lerp_(p0, rate)
 
     def on_fit_start(self, engine: Engine) -> None:
@@ -886,6 +905,10 @@ def fit_network(
     if mode == "scratch" and float(cfg.optim.anchor_decay) > 0:
         raise InputError(None, "optim.anchor_decay pulls a pretrained backbone toward its start; "
                                "training from scratch has none (set it to 0)")
+    reinit_decoder = mode == "finetune" and cfg.transfer == "encoder"
+    if reinit_decoder and init_head is not None:
+        raise InputError(None, "transfer encoder re-initialises the decoder that a fitted head (LP-FT) was fitted on; "
+                               "start from a random head or use transfer all")
     device = resolve_device(cfg.runtime.device)
     ext = copy.deepcopy(extractor)
     from voxdiff.features.extract import with_feature_settings
@@ -900,8 +923,18 @@ def fit_network(
     # fitted on the same cases, so an LP-FT head starts on the features it was fitted on)
     apply_norm_stats(ext, cfg, train_cases, mode)
     backbone = ext.backbone
+    fresh: list[nn.Module] = []
     if mode == "scratch":
         reinit_(backbone, cfg.seed + 1)
+    elif reinit_decoder:
+        if not callable(getattr(backbone, "decoder_modules", None)):
+            raise InputError(None, f"transfer encoder: the {type(backbone).__name__} backbone does not name its decoder")
+        try:
+            fresh = list(backbone.decoder_modules())
+        except NotImplementedError as e:
+            raise InputError(None, f"transfer encoder: {e}") from None
+        for i, m in enumerate(fresh):
+            reinit_(m, cfg.seed + 1 + i)
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     sampler = make_sampler(ext, training_cases(train_cases, cfg, crops=False), cfg, rng, end_to_end=True)  # (patches are crops)
@@ -916,7 +949,7 @@ def fit_network(
         if r not in SELECTIONS:
             raise ValueError(f"alternatives: unknown checkpoint rule {r!r}; choose from {', '.join(SELECTIONS)}")
     task = NetworkTask(ext, backbone, head, sampler, cfg, mode, device, val_cases, history,
-                       warm=0 if init_head is not None else None, track=others)
+                       warm=0 if init_head is not None else None, track=others, fresh=fresh)
     task.fitted_head = init_head is not None
     ecfg = EngineConfig(**probe_engine_settings(cfg), schedule="constant", progress=progress, desc=mode, label=mode,
                         nan_hint="continue from it with resume=True")
@@ -1033,6 +1066,12 @@ def check_probe_config(cfg: ProbeConfig) -> None:
          f"inference.feature_roi must be 3 sizes >= 1, got {w.feature_roi}"),
         (cfg.norm_stats not in NORM_STATS, f"norm_stats must be one of {', '.join(NORM_STATS)}, got {cfg.norm_stats!r}"),
         (int(cfg.norm_crops) < 1, f"norm_crops must be >= 1, got {cfg.norm_crops}"),
+        (cfg.transfer not in TRANSFERS, f"transfer must be one of {', '.join(TRANSFERS)}, got {cfg.transfer!r}"),
+        (cfg.transfer == "encoder" and cfg.feature_side == "encoder",
+         "transfer encoder re-initialises the decoder, which feature_side encoder never reads; "
+         "use feature_side decoder or both"),
+        (cfg.transfer == "encoder" and cfg.norm_stats != "window",
+         "transfer encoder re-initialises the decoder, which has no pretrained statistics; use norm_stats window"),
     ]
     for bad, msg in problems:
         if bad:

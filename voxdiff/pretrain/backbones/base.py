@@ -210,6 +210,12 @@ class PyramidBackboneBase(nn.Module):
     def head(self, finest: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def decoder_modules(self) -> list[nn.Module]:
+        """The modules of the decoder path alone (from the coarsest level up to the finest decoder
+        level; not the stem, the encoder, the time embedding or the pretext head): what fine-tuning
+        re-initialises when it transfers the encoder only (``voxdiff probe --transfer encoder``)."""
+        raise NotImplementedError(f"the {self.name or type(self).__name__} backbone does not name its decoder modules")
+
     def pyramid(self, x: torch.Tensor, t: Timestep = None, side: str = "decoder") -> list[torch.Tensor]:
         """Feature pyramid of ``x``, finest level first (strides ``self.strides``): the decoder's
         outputs, the encoder's, or both concatenated per level (``side``, :data:`FEATURE_SIDES`)."""

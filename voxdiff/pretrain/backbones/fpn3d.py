@@ -139,3 +139,6 @@ class FPN3d(PyramidBackboneBase):
 
     def head(self, finest: torch.Tensor) -> torch.Tensor:
         return self.out_conv(F.relu(self.out_norm(finest)))
+
+    def decoder_modules(self) -> list[nn.Module]:
+        return [self.up, self.lateral, self.decoder]

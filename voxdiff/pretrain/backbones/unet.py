@@ -133,3 +133,6 @@ class Backbone(PyramidBackboneBase):
 
     def head(self, finest: torch.Tensor) -> torch.Tensor:
         return self.out_conv(F.silu(self.out_norm(finest)))
+
+    def decoder_modules(self) -> list[nn.Module]:
+        return [self.up, self.dec]
