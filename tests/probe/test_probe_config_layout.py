@@ -61,11 +61,11 @@ def test_flat_and_nested_layouts_give_one_config(tmp_path):
     new_only = {"min_lr_ratio", "grad_clip", "ema_decay", "threads", "compile", "log_every", "checkpoint_every",
                 "keep_checkpoints", "tensorboard", "fresh_noise", "min_steps", "selection", "smooth_window",
                 "feature_input", "feature_side", "deformed_copies", "fov_crops", "norm_stats", "norm_crops",
-                "anchor_decay", "transfer"}
+                "anchor_decay", "transfer", "tune"}
     assert {k: v for k, v in _flat(NESTED).items() if k not in new_only} == FLAT  # every old field has its place
     d = to_dict(NESTED)
     assert set(d) == {"heads", "seed", "n_classes", "frozen_training", "t", "feature_input", "feature_side",
-                      "norm_stats", "norm_crops", "transfer", "sampling", "optim", "head", "inference", "runtime"}
+                      "norm_stats", "norm_crops", "transfer", "tune", "sampling", "optim", "head", "inference", "runtime"}
     assert from_dict(ProbeConfig, d) == NESTED
     write_config(tmp_path / "new", NESTED)
     assert read_config(tmp_path / "new" / "config.yaml", ProbeConfig) == NESTED

@@ -118,3 +118,32 @@ def test_refused_where_it_cannot_be_meant():
     b, _ = fit_network(ext, [_case(0)], [], "scratch", _cfg(steps=1, transfer="all"), progress=False)
     for (k, v), w in zip(a.backbone.named_parameters(), b.backbone.parameters()):
         assert torch.equal(v, w), k
+
+
+@pytest.mark.parametrize("transfer", ["all", "encoder"])
+def test_tune_decoder_trains_the_decoder_alone(transfer):
+    ext = _extractor()
+    start = {k: v.clone() for k, v in ext.backbone.named_parameters()}
+    dec = _decoder_names(ext.backbone)
+    cfg = _cfg(steps=3, backbone_lr=1e-2, scratch_lr=1e-2, transfer=transfer, tune="decoder", anchor_decay=10.0)
+    tuned, _ = fit_network(ext, [_case(0)], [], "finetune", cfg, progress=False)
+    t = dict(tuned.backbone.named_parameters())
+    for k, w0 in start.items():
+        if k not in dec:
+            assert torch.equal(t[k], w0), k  # frozen exactly, even under L2-SP
+    assert max(float((t[k] - start[k]).abs().max()) for k in dec) > 1e-3
+    if transfer == "all":  # the pretrained decoder, trained: a few steps of 1e-2 from where it was
+        assert max(float((t[k] - start[k]).abs().max()) for k in dec) < 0.1
+
+
+def test_tune_decoder_is_refused_where_it_cannot_be_meant():
+    with pytest.raises(InputError, match="tune must be one of"):
+        check_probe_config(_cfg(transfer="all", tune="encoder"))
+    with pytest.raises(InputError, match="feature_side encoder never reads"):
+        check_probe_config(_cfg(transfer="all", tune="decoder", feature_side="encoder"))
+    ext = _extractor()
+    with pytest.raises(InputError, match="from scratch"):
+        fit_network(ext, [_case(0)], [], "scratch", _cfg(steps=1, transfer="all", tune="decoder"), progress=False)
+    with pytest.raises(InputError, match="tune decoder: .*does not name its decoder"):
+        fit_network(StandinExtractor(channels=(4, 8)), [_case(0)], [], "finetune",
+                    _cfg(steps=1, transfer="all", tune="decoder"), progress=False)

@@ -50,6 +50,8 @@ TUNED_MODES = ("finetune", "scratch")
 SELECTIONS = ("best", "smoothed", "last")
 # which pretrained weights fine-tuning starts from (ProbeConfig.transfer)
 TRANSFERS = ("all", "encoder")
+# which backbone weights fine-tuning trains (ProbeConfig.tune)
+TUNED_PARTS = ("all", "decoder")
 ALL_MODES = FROZEN_MODES + TUNED_MODES
 
 
@@ -239,6 +241,11 @@ class ProbeConfig:
             (``feature_side decoder`` or ``both``), each window's own statistics (``norm_stats window``:
             a new decoder has no pretrained statistics) and a random head (a fitted probe head read
             the pretrained decoder). From-scratch training and frozen heads ignore it.
+        tune: fine-tuning: which backbone weights train: ``all``, or ``decoder`` (the decoder path
+            alone; the stem, encoder and time embedding stay frozen at their pretrained values, a
+            smaller network to fit to a few labelled cases). With ``transfer encoder`` this trains a
+            new decoder on the frozen pretrained encoder. Needs the decoder pyramid; from-scratch
+            training refuses it.
         sampling: training cases, patches / voxels and batches.
         optim: optimiser, learning rates, validation and early stopping (:class:`ProbeOptim`).
         head: the non-linear head's size.
@@ -262,6 +269,7 @@ class ProbeConfig:
     norm_stats: str = "window"
     norm_crops: int = 48
     transfer: str = "all"
+    tune: str = "all"
     sampling: ProbeSampling = field(default_factory=ProbeSampling)
     optim: ProbeOptim = field(default_factory=ProbeOptim)
     head: ProbeHead = field(default_factory=ProbeHead)
@@ -686,12 +694,15 @@ class NetworkTask(TrainTask):
 
     def __init__(self, ext, backbone: nn.Module, head: nn.Module, sampler: PatchSampler, cfg: ProbeConfig, mode: str,
                  device: torch.device, val_cases: Sequence, history: list | None, warm: int | None = None,
-                 track: Sequence[str] = (), fresh: Sequence[nn.Module] = ()):
+                 track: Sequence[str] = (), fresh: Sequence[nn.Module] = (),
+                 trained: Sequence[nn.Module] | None = None):
         """``warm``: steps with the backbone frozen (default: ``cfg.optim.warmup_steps`` when fine-tuning).
         ``track``: checkpoint rules whose states are kept beside ``cfg.optim.selection``'s (``best``
         is always kept; ``smoothed`` here or in the config keeps the smoothed rule's state too).
         ``fresh``: fine-tuning: modules of the backbone re-initialised at random (``cfg.transfer``);
-        they train at ``scratch_lr`` in a group of their own, and L2-SP leaves them alone."""
+        they train at ``scratch_lr`` in a group of their own, and L2-SP leaves them alone.
+        ``trained``: the backbone modules that train (``cfg.tune``); None: the whole backbone. The
+        rest stays frozen at its weights."""
         self.ext, self.backbone, self.head, self.sampler, self.cfg = ext, backbone, head, sampler, cfg
         self.mode, self.device, self.val_cases = mode, device, val_cases
         self.history = history if history is not None else []
@@ -707,12 +718,14 @@ class NetworkTask(TrainTask):
         self.smooth_step = 0
         self.running: torch.Tensor | None = None
         fresh_ids = {id(p) for m in fresh for p in m.parameters()}
-        self.fresh_params = [p for p in backbone.parameters() if id(p) in fresh_ids]
-        self.kept_params = [p for p in backbone.parameters() if id(p) not in fresh_ids]
+        trained_ids = None if trained is None else {id(p) for m in trained for p in m.parameters()}
+        self.train_params = [p for p in backbone.parameters() if trained_ids is None or id(p) in trained_ids]
+        self.fresh_params = [p for p in self.train_params if id(p) in fresh_ids]
+        self.kept_params = [p for p in self.train_params if id(p) not in fresh_ids]
         # L2-SP (optim.anchor_decay): the pretrained weights as fine-tuning found them (a resumed run
         # rebuilds them from the same pretrained network before the engine restores its state)
         self.anchor: list[torch.Tensor] | None = None
-        if mode == "finetune" and float(cfg.optim.anchor_decay) > 0:
+        if mode == "finetune" and float(cfg.optim.anchor_decay) > 0 and self.kept_params:
             self.anchor = [p.detach().clone() for p in self.kept_params]
 
     def module(self) -> nn.Module:
@@ -724,9 +737,10 @@ class NetworkTask(TrainTask):
         c = self.cfg
         head_lr = c.optim.scratch_lr if self.mode == "scratch" else (c.optim.backbone_lr if self.fitted_head else c.optim.lr)
         bb_lr = c.optim.scratch_lr if self.mode == "scratch" else c.optim.backbone_lr
-        groups = [{"params": list(self.head.parameters()), "base_lr": head_lr, "weight_decay": c.optim.weight_decay},
-                  {"params": self.kept_params, "base_lr": bb_lr, "weight_decay": c.optim.weight_decay,
-                   "name": "backbone"}]
+        groups = [{"params": list(self.head.parameters()), "base_lr": head_lr, "weight_decay": c.optim.weight_decay}]
+        if self.kept_params:
+            groups.append({"params": self.kept_params, "base_lr": bb_lr, "weight_decay": c.optim.weight_decay,
+                           "name": "backbone"})
         if self.fresh_params:
             groups.append({"params": self.fresh_params, "base_lr": c.optim.scratch_lr,
                            "weight_decay": c.optim.weight_decay, "name": "fresh"})
@@ -749,7 +763,7 @@ class NetworkTask(TrainTask):
 
     def _unfreeze(self) -> None:
         self.backbone.train()
-        for p in self.backbone.parameters():
+        for p in self.train_params:
             p.requires_grad_(True)
         self.unfrozen = True
 
@@ -905,6 +919,9 @@ def fit_network(
     if mode == "scratch" and float(cfg.optim.anchor_decay) > 0:
         raise InputError(None, "optim.anchor_decay pulls a pretrained backbone toward its start; "
                                "training from scratch has none (set it to 0)")
+    if mode == "scratch" and cfg.tune != "all":
+        raise InputError(None, f"tune {cfg.tune} keeps pretrained weights frozen; training from scratch has none "
+                               "(use tune all)")
     reinit_decoder = mode == "finetune" and cfg.transfer == "encoder"
     if reinit_decoder and init_head is not None:
         raise InputError(None, "transfer encoder re-initialises the decoder that a fitted head (LP-FT) was fitted on; "
@@ -924,17 +941,23 @@ def fit_network(
     apply_norm_stats(ext, cfg, train_cases, mode)
     backbone = ext.backbone
     fresh: list[nn.Module] = []
+    trained: list[nn.Module] | None = None
     if mode == "scratch":
         reinit_(backbone, cfg.seed + 1)
-    elif reinit_decoder:
+    elif reinit_decoder or cfg.tune == "decoder":
+        what = "transfer encoder" if reinit_decoder else "tune decoder"
         if not callable(getattr(backbone, "decoder_modules", None)):
-            raise InputError(None, f"transfer encoder: the {type(backbone).__name__} backbone does not name its decoder")
+            raise InputError(None, f"{what}: the {type(backbone).__name__} backbone does not name its decoder")
         try:
-            fresh = list(backbone.decoder_modules())
+            decoder = list(backbone.decoder_modules())
         except NotImplementedError as e:
-            raise InputError(None, f"transfer encoder: {e}") from None
-        for i, m in enumerate(fresh):
-            reinit_(m, cfg.seed + 1 + i)
+            raise InputError(None, f"{what}: {e}") from None
+        if reinit_decoder:
+            fresh = decoder
+            for i, m in enumerate(fresh):
+                reinit_(m, cfg.seed + 1 + i)
+        if cfg.tune == "decoder":
+            trained = decoder
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     sampler = make_sampler(ext, training_cases(train_cases, cfg, crops=False), cfg, rng, end_to_end=True)  # (patches are crops)
@@ -949,7 +972,7 @@ def fit_network(
         if r not in SELECTIONS:
             raise ValueError(f"alternatives: unknown checkpoint rule {r!r}; choose from {', '.join(SELECTIONS)}")
     task = NetworkTask(ext, backbone, head, sampler, cfg, mode, device, val_cases, history,
-                       warm=0 if init_head is not None else None, track=others, fresh=fresh)
+                       warm=0 if init_head is not None else None, track=others, fresh=fresh, trained=trained)
     task.fitted_head = init_head is not None
     ecfg = EngineConfig(**probe_engine_settings(cfg), schedule="constant", progress=progress, desc=mode, label=mode,
                         nan_hint="continue from it with resume=True")
@@ -1072,6 +1095,9 @@ def check_probe_config(cfg: ProbeConfig) -> None:
          "use feature_side decoder or both"),
         (cfg.transfer == "encoder" and cfg.norm_stats != "window",
          "transfer encoder re-initialises the decoder, which has no pretrained statistics; use norm_stats window"),
+        (cfg.tune not in TUNED_PARTS, f"tune must be one of {', '.join(TUNED_PARTS)}, got {cfg.tune!r}"),
+        (cfg.tune == "decoder" and cfg.feature_side == "encoder",
+         "tune decoder trains the decoder, which feature_side encoder never reads; use feature_side decoder or both"),
     ]
     for bad, msg in problems:
         if bad:
