@@ -18,6 +18,10 @@ feature pyramid, finest level first. The rest of voxdiff only relies on :class:`
 * ``config() -> dict``: the constructor arguments, saved in ``model.json`` beside the weights
   together with the registry name, so that ``build_backbone(name, **config)`` rebuilds the network.
 
+* optional: ``decoder_modules() -> list[nn.Module]``, the modules of the decoder path alone, for
+  fine-tuning that re-initialises (``voxdiff probe --transfer encoder``) or trains (``--tune
+  decoder``) the decoder only; a backbone without it refuses those options in one line.
+
 ``t`` is a scalar, a ``(B,)`` tensor of (possibly fractional) timesteps, or ``None`` (methods
 without a timestep; a backbone built with ``time_embedding=True`` then uses a learned "null"
 embedding). :class:`PyramidBackboneBase` implements everything but ``pyramid`` and ``head``.
