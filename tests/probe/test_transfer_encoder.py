@@ -111,6 +111,8 @@ def test_refused_where_it_cannot_be_meant():
     head = make_head("nonlinear", [int(lv.channels) for lv in ext.levels], 14, 8, 1)
     with pytest.raises(InputError, match="fitted head"):
         fit_network(ext, [_case(0)], [], "finetune", _cfg(steps=1), progress=False, init_head=head)
+    with pytest.raises(InputError, match="norm_stats window"):  # the function itself, not only the CLI's check
+        fit_network(ext, [_case(0)], [], "finetune", _cfg(steps=1, norm_stats="fixed"), progress=False)
     with pytest.raises(InputError, match="does not name its decoder"):
         fit_network(StandinExtractor(channels=(4, 8)), [_case(0)], [], "finetune", _cfg(steps=1), progress=False)
     # from scratch re-initialises everything anyway: the setting changes nothing there

@@ -923,6 +923,9 @@ def fit_network(
         raise InputError(None, f"tune {cfg.tune} keeps pretrained weights frozen; training from scratch has none "
                                "(use tune all)")
     reinit_decoder = mode == "finetune" and cfg.transfer == "encoder"
+    if reinit_decoder and cfg.norm_stats != "window":
+        raise InputError(None, "transfer encoder re-initialises the decoder, which has no pretrained statistics; "
+                               "use norm_stats window")
     if reinit_decoder and init_head is not None:
         raise InputError(None, "transfer encoder re-initialises the decoder that a fitted head (LP-FT) was fitted on; "
                                "start from a random head or use transfer all")
