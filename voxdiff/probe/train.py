@@ -52,6 +52,8 @@ SELECTIONS = ("best", "smoothed", "last")
 TRANSFERS = ("all", "encoder")
 # which backbone weights fine-tuning trains (ProbeConfig.tune)
 TUNED_PARTS = ("all", "decoder")
+# refused by check_probe_config and by fit_network itself (a direct call skips the config check)
+NEW_DECODER_STATS = "transfer encoder re-initialises the decoder, which has no pretrained statistics; use norm_stats window"
 ALL_MODES = FROZEN_MODES + TUNED_MODES
 
 
@@ -924,8 +926,7 @@ def fit_network(
                                "(use tune all)")
     reinit_decoder = mode == "finetune" and cfg.transfer == "encoder"
     if reinit_decoder and cfg.norm_stats != "window":
-        raise InputError(None, "transfer encoder re-initialises the decoder, which has no pretrained statistics; "
-                               "use norm_stats window")
+        raise InputError(None, NEW_DECODER_STATS)
     if reinit_decoder and init_head is not None:
         raise InputError(None, "transfer encoder re-initialises the decoder that a fitted head (LP-FT) was fitted on; "
                                "start from a random head or use transfer all")
@@ -1097,7 +1098,7 @@ def check_probe_config(cfg: ProbeConfig) -> None:
          "transfer encoder re-initialises the decoder, which feature_side encoder never reads; "
          "use feature_side decoder or both"),
         (cfg.transfer == "encoder" and cfg.norm_stats != "window",
-         "transfer encoder re-initialises the decoder, which has no pretrained statistics; use norm_stats window"),
+         NEW_DECODER_STATS),
         (cfg.tune not in TUNED_PARTS, f"tune must be one of {', '.join(TUNED_PARTS)}, got {cfg.tune!r}"),
         (cfg.tune == "decoder" and cfg.feature_side == "encoder",
          "tune decoder trains the decoder, which feature_side encoder never reads; use feature_side decoder or both"),
