@@ -38,6 +38,14 @@ A longer early-stopping cap for the end-to-end rows, from scratch alone (the fro
 then trained again too): ``1 --methods '' --budget '{"early_stopping": {"steps": 2400}}' --out
 runs/bench-cap2400``.
 
+Larger training patches and scoring windows for both end-to-end rows (the budget's ``end_to_end``
+section; from-scratch rows are trained again too)::
+
+    python benchmarks/label_rows.py runs/bench56 1 --seeds 5,6,7 --methods diffusion-ape \
+        --finetune '{"feature_input": "clean"}' \
+        --budget '{"end_to_end": {"patch_size": [80, 80, 48], "batch_size": 1, "roi": [96, 96, 96]}}' \
+        --out runs/bench56-p80
+
 Then ``python benchmarks/label_curve.py runs/bench --out docs/images --tests 1,2,4`` tabulates and draws them.
 """
 
@@ -83,8 +91,9 @@ def variant_folder(src: Path, dst: Path, finetune: dict[str, Any], budget: dict[
         else:
             settings[k] = v
     # the rows the variant trains again are not linked: fine-tuned ones always, from-scratch ones
-    # when the early-stopping settings (which they share with fine-tuning) change
-    retrained = ("finetune-", "scratch-") if "early_stopping" in (budget or {}) else ("finetune-",)
+    # when the settings they share with fine-tuning (early stopping, the end-to-end section) change
+    shared = {"early_stopping", "end_to_end"} & set(budget or {})
+    retrained = ("finetune-", "scratch-") if shared else ("finetune-",)
     # the record lives beside config.yaml, which the experiment rewrites when it opens the folder
     variant: dict[str, Any] = {"of": str(src.resolve()), "finetune": finetune}
     if budget:
@@ -124,15 +133,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--finetune", default=None, help="JSON ProbeConfig overrides of the fine-tuned rows (needs --out)")
     ap.add_argument("--budget", default=None,
-                    help='JSON budget overrides of the end-to-end rows: finetune_init, finetune, early_stopping, '
+                    help='JSON budget overrides of the end-to-end rows: finetune_init, finetune, early_stopping, end_to_end, '
                          'e.g. \'{"finetune_init": "probe"}\' (needs --out)')
     ap.add_argument("--out", type=Path, default=None, help="folder of the variant's seed folders")
     a = ap.parse_args(argv)
     if (a.finetune is None and a.budget is None) != (a.out is None):
         ap.error("--out goes with --finetune and/or --budget")
-    bad = set(json.loads(a.budget or "{}")) - {"finetune_init", "finetune", "early_stopping"}
+    bad = set(json.loads(a.budget or "{}")) - {"finetune_init", "finetune", "early_stopping", "end_to_end"}
     if bad:  # the variant relinks everything else of the seed folder: only the end-to-end rows may differ
-        ap.error(f"--budget may set finetune_init, finetune and early_stopping, not {sorted(bad)}")
+        ap.error(f"--budget may set finetune_init, finetune, early_stopping and end_to_end, not {sorted(bad)}")
 
     import torch
 

@@ -139,3 +139,18 @@ def test_a_variant_of_a_variant_leaves_its_source_record_alone(tmp_path):
     assert saved == {"feature_input": "clean", "norm_stats": "fixed"}
     assert (second / "labels" / "diffusion-ape-n1-f0").is_symlink() and (second / "labels" / "scratch-n1-f0").is_symlink()
     assert lr.variant_folder(first, second, {"norm_stats": "fixed"}) == second  # reopens
+
+
+def test_a_variant_with_end_to_end_settings_trains_the_from_scratch_rows_again(tmp_path):
+    import yaml
+
+    lr = load_benchmark("label_rows")
+    src = tmp_path / "bench" / "seed-0"
+    (src / "labels" / "scratch-n1-f0").mkdir(parents=True)
+    (src / "labels" / "contrastive-n1-f0").mkdir()
+    (src / "config.yaml").write_text(yaml.safe_dump({"config": {"seed": 0}, "budget_settings": {}}))
+    e2e = {"end_to_end": {"patch_size": [80, 80, 48], "batch_size": 1}}
+    dst = lr.variant_folder(src, tmp_path / "var" / "seed-0", {}, e2e)
+    assert yaml.safe_load((dst / "config.yaml").read_text())["budget_settings"]["end_to_end"] == e2e["end_to_end"]
+    assert not (dst / "labels" / "scratch-n1-f0").exists()  # trained again with the new patches
+    assert (dst / "labels" / "contrastive-n1-f0").is_symlink()  # frozen heads do not use the section

@@ -350,6 +350,30 @@ def test_stage_configs_follow_budget_and_overrides(tmp_path):
     assert b.data.ape_patch == budget["bpr"]["ape_patch"] and b.runtime.checkpoint_every == budget["bpr"]["checkpoint_every"]
 
 
+def test_end_to_end_settings_reach_fine_tuning_and_from_scratch_but_not_frozen_heads(tmp_path):
+    from voxdiff.experiments.base import Experiment
+
+    def exp(name, **kw):
+        return Experiment(ExperimentConfig(budget="tiny", **kw), tmp_path / name, log=lambda *a: None)
+
+    plain = exp("plain")
+    base_patch, base_roi = plain.probe_cfg().sampling.patch_size, plain.probe_cfg().inference.roi
+    for m in ("scratch", "finetune"):
+        assert plain.tuned_cfg(m).sampling.patch_size == base_patch and plain.tuned_cfg(m).inference.roi == base_roi
+    e = exp("e2e", end_to_end={"patch_size": [32, 32, 16], "batch_size": 1, "roi": [48, 48, 48]})
+    for m in ("scratch", "finetune"):
+        for stop in (False, True):
+            c = e.tuned_cfg(m, early_stopping=stop)
+            assert tuple(c.sampling.patch_size) == (32, 32, 16) and c.sampling.batch_size == 1
+            assert tuple(c.inference.roi) == (48, 48, 48)
+    assert e.probe_cfg().sampling.patch_size == base_patch and e.probe_cfg().inference.roi == base_roi
+    # the budget's section, under the config's; the budget's fine-tuning settings win for fine-tuning
+    e.budget["end_to_end"] = {"patch_size": [16, 16, 16], "hidden": 4}
+    e.budget["finetune"] = {**e.budget.get("finetune", {}), "hidden": 6}
+    assert tuple(e.tuned_cfg("scratch").sampling.patch_size) == (32, 32, 16)
+    assert e.tuned_cfg("scratch").head.hidden == 4 and e.tuned_cfg("finetune").head.hidden == 6
+
+
 def test_early_stopping_cap_override_and_report_marks_runs_kept_at_the_cap(tmp_path):
     from voxdiff.experiments.base import Experiment
     from voxdiff.experiments.report import label_markdown

@@ -100,6 +100,11 @@ class ExperimentConfig:
         compare_selection: other checkpoint rules whose states the end-to-end runs score too, from
             the same training run (result.json ``by_selection``, tabled by
             ``benchmarks/selection_table.py``). Costs one more scoring of the test cases per rule.
+        end_to_end: probe settings of the end-to-end rows (fine-tuned and from scratch alike), over
+            the budget's ``end_to_end`` section: e.g. ``{"patch_size": [80, 80, 48], "batch_size": 1,
+            "roi": [96, 96, 96]}`` trains them on larger patches and validates and scores them with
+            larger sliding windows (docs/RESULTS.md, "Larger patches for the end-to-end rows"). The
+            frozen heads do not use it.
         timesteps: timesteps experiment: feature timesteps t (default from the budget).
         train_T: timesteps experiment: numbers of diffusion steps T used in training (default from the budget).
         timestep_method: timesteps experiment: the diffusion method whose features are swept.
@@ -136,6 +141,7 @@ class ExperimentConfig:
     early_stopping_min_steps: int | None = None
     selection: str = "best"
     compare_selection: tuple[str, ...] = ()
+    end_to_end: dict[str, Any] = dataclasses.field(default_factory=dict)
     timesteps: tuple[int, ...] = ()
     train_T: tuple[int, ...] = ()
     timestep_method: str = "diffusion-ape"
@@ -579,11 +585,16 @@ class Experiment:
         """The :class:`ProbeConfig` of fine-tuning (``finetune``) or from-scratch training (``scratch``).
 
         Plain: the budget's ``finetune_steps`` / ``scratch_steps`` (config overrides win) with the
-        budget's ``finetune`` settings. ``early_stopping``: the budget's ``early_stopping`` settings
+        budget's ``end_to_end`` settings (both modes; the config's ``end_to_end`` over them) and, for
+        fine-tuning, its ``finetune`` settings. ``early_stopping``: the budget's ``early_stopping`` settings
         (maximum steps, validation interval, patience, minimum steps; ``early_stopping_steps`` and
         ``early_stopping_min_steps`` override the maximum and the minimum for both modes), as the
         label-efficiency experiment trains to convergence with the best-validation checkpoint."""
-        over: dict[str, Any] = dict(self.budget.get("finetune", {})) if mode == "finetune" else {}
+        over: dict[str, Any] = dict(self.budget.get("end_to_end", {}))
+        if self.cfg.end_to_end:
+            over.update(self.cfg.end_to_end)
+        if mode == "finetune":
+            over.update(self.budget.get("finetune", {}))
         if early_stopping:
             over.update(self.budget.get("early_stopping", {}))
             if self.cfg.early_stopping_steps is not None:
