@@ -351,6 +351,7 @@ def test_stage_configs_follow_budget_and_overrides(tmp_path):
 
 
 def test_end_to_end_settings_reach_fine_tuning_and_from_scratch_but_not_frozen_heads(tmp_path):
+    from voxdiff.core.errors import InputError
     from voxdiff.experiments.base import Experiment
 
     def exp(name, **kw):
@@ -372,6 +373,10 @@ def test_end_to_end_settings_reach_fine_tuning_and_from_scratch_but_not_frozen_h
     e.budget["finetune"] = {**e.budget.get("finetune", {}), "hidden": 6}
     assert tuple(e.tuned_cfg("scratch").sampling.patch_size) == (32, 32, 16)
     assert e.tuned_cfg("scratch").head.hidden == 4 and e.tuned_cfg("finetune").head.hidden == 6
+    # a misspelt setting is refused when the experiment opens, before any step, and claims no folder
+    with pytest.raises(InputError, match="end_to_end: .*patch_sise"):
+        exp("typo", end_to_end={"patch_sise": [32, 32, 16]})
+    assert not (tmp_path / "typo").exists()
 
 
 def test_early_stopping_cap_override_and_report_marks_runs_kept_at_the_cap(tmp_path):

@@ -233,6 +233,12 @@ class Experiment:
                 raise InputError(None, f"unknown checkpoint rule {rule!r}; choose from {', '.join(SELECTIONS)}")
         if cfg.regime not in REGIMES:
             raise InputError(None, f"unknown regime {cfg.regime!r}; choose from {', '.join(REGIMES)}")
+        if cfg.end_to_end:  # refused now, not after pretraining, when the first end-to-end row starts
+            try:
+                for mode in ("scratch", "finetune"):
+                    self.tuned_cfg(mode)
+            except (TypeError, ValueError) as e:
+                raise InputError(None, f"end_to_end: {e}") from None
         from voxdiff.data.phantom import VARIATIONS
 
         if cfg.variation not in VARIATIONS:
