@@ -34,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from voxdiff.core.runtime import tune_allocator  # noqa: E402
-from voxdiff.experiments.base import Experiment, mean_of_cases  # noqa: E402
+from voxdiff.experiments.base import Experiment, mean_of_cases, scores_to_per_case  # noqa: E402
 
 
 def with_settings(exp: Experiment, end_to_end: dict[str, Any], finetune: dict[str, Any]) -> Experiment:
@@ -47,8 +47,9 @@ def with_settings(exp: Experiment, end_to_end: dict[str, Any], finetune: dict[st
 
 def case_means(scores: dict[str, dict[str, float]]) -> dict[str, float]:
     """Each case's mean Dice (%) over the organs it has (one head's :meth:`Experiment.score`)."""
-    return {cid: round(100 * float(np.nanmean([np.nan if v is None else v for v in d.values()])), 2)
-            for cid, d in scores.items()}
+    from voxdiff.evaluate.metrics import mean_over_organs
+
+    return {cid: round(100 * mean_over_organs(d), 2) for cid, d in scores_to_per_case(scores).items()}
 
 
 def run_row(exp: Experiment, mode: str, labels: int, rois: list[tuple[int, int, int]], method: str) -> dict[str, Any]:
@@ -70,8 +71,8 @@ def run_row(exp: Experiment, mode: str, labels: int, rois: list[tuple[int, int, 
     for roi in rois:
         c = dataclasses.replace(pcfg, inference=dataclasses.replace(pcfg.inference, roi=roi))
         sc = exp.score(net, {"h": head}, val + test, c)["h"]
-        row[f"val@{roi[0]}"] = round(100 * mean_of_cases({k.case_id: sc[k.case_id] for k in val}), 2)
-        row[f"test@{roi[0]}"] = round(100 * mean_of_cases({k.case_id: sc[k.case_id] for k in test}), 2)
+        for split, cases in (("val", val), ("test", test)):
+            row[f"{split}@{roi[0]}"] = round(100 * mean_of_cases({k.case_id: sc[k.case_id] for k in cases}), 2)
         row[f"cases@{roi[0]}"] = case_means(sc)
     row["seconds"] = round(time.time() - t0)
     return row

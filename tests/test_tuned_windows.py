@@ -36,3 +36,9 @@ def test_bad_modes_are_refused(capsys):
     with pytest.raises(SystemExit):
         tw.main(["runs", "--modes", "probe", "--out", "x.jsonl"])
     assert "--modes" in capsys.readouterr().err
+
+
+def test_case_means_skip_absent_organs():
+    tw = load_benchmark("tuned_windows")
+    out = tw.case_means({"a": {"1": 0.5, "2": None, "3": float("nan"), "4": 1.0}, "b": {"1": None}})
+    assert out["a"] == 75.0 and out["b"] != out["b"]  # NaN: no organ present
