@@ -278,6 +278,23 @@ def test_overlapping_windows_blend_patch_features():
     assert not torch.allclose(got[0][:, :, 8:16, :, 8:16], first[:, :, 8:16, :, 8:16], atol=1e-4)
 
 
+def test_one_window_over_the_volume_is_one_pass_without_blending():
+    """A window at least the volume's size (the frozen probes' whole-volume window): the features are
+    those of one pass over the volume padded to the divisor at its far ends, unblended (bit for bit,
+    with gaussian weights too), for every volume of a batch."""
+    ex = _extractor("diffusion")  # divisor 4
+    vols = torch.rand(2, 1, 18, 12, 15, generator=torch.Generator().manual_seed(5))
+    plan = window_plan(ex, (18, 12, 15), (32, 16, 16), 0.25)
+    assert plan.origins() == [(0, 0, 0)] and plan.window == (20, 12, 16)
+    got = extract_volume(ex, vols, roi=(32, 16, 16), overlap=0.25, out_dtype=torch.float32, progress=False)
+    for b in range(2):
+        ref = ex(F.pad(vols[b:b + 1], (0, 1, 0, 0, 0, 2)), voxel_index=index_grid((20, 12, 16), (0, 0, 0)))
+        for f, r, lv in zip(got, ref, ex.levels):
+            s = lv.stride
+            want = r[:, :, : -(-18 // s), : -(-12 // s), : -(-15 // s)]
+            assert f[b:b + 1].shape == want.shape and torch.equal(f[b:b + 1], want)
+
+
 def test_gaussian_interior_close_to_single_pass_for_a_large_window():
     """A volume a bit larger than the window: in the interior the blended features follow a single
     pass over the whole volume (GroupNorm statistics and the windows' borders make them differ

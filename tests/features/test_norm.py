@@ -132,11 +132,13 @@ class _Ext:
     def __init__(self):
         self.backbone = _net()
         self.patch_size = (16, 16, 16)
-        self.calls = 0
+        self.calls = 0  # crops seen
+        self.passes = 0  # forward calls (batches of crops)
 
     def __call__(self, x, voxel_index=None, coords=None):
-        self.calls += 1
-        assert voxel_index is not None and voxel_index.shape == (1, 3, *x.shape[2:])
+        self.calls += x.shape[0]
+        self.passes += 1
+        assert voxel_index is not None and voxel_index.shape == (x.shape[0], 3, *x.shape[2:])
         with torch.no_grad():
             return self.backbone.pyramid(x)
 
@@ -161,6 +163,28 @@ def test_crops_get_the_volumes_condition_map_at_their_own_voxels():
     g = torch.Generator().manual_seed(0)
     vols = [torch.rand(20, 24, 12, generator=g).numpy(), torch.rand(10, 30, 16, generator=g).numpy()]  # shorter than a crop too
     assert estimate_norm_stats(ext, vols, n=6, seed=1) and ext.calls == 6
+    assert estimate_norm_stats(ext, vols, n=6, seed=1, batch=1) and ext.calls == 12
+
+
+def test_crops_in_batches_give_the_statistics_of_crops_one_by_one():
+    """Statistics are per crop: how many crops share a forward pass changes only the speed (the crops
+    are the same ones, in the same order), and by default a pass takes as many as fit in 2^20 voxels."""
+    ext = _CondExt()
+    g = torch.Generator().manual_seed(4)
+    vols = [torch.rand(20, 24, 12, generator=g).numpy(), torch.rand(30, 18, 20, generator=g).numpy()]
+    one = estimate_norm_stats(ext, vols, n=7, seed=5, batch=1)
+    assert ext.passes == 7
+    for batch, passes in ((3, 3), (None, 1)):  # 7 crops of 16^3 fit in one default pass
+        ext.passes = 0
+        got = estimate_norm_stats(ext, vols, n=7, seed=5, batch=batch)
+        assert ext.passes == passes and set(got) == set(one)
+        for k in one:
+            torch.testing.assert_close(got[k][0], one[k][0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got[k][1], one[k][1], atol=1e-5, rtol=1e-5)
+    other = estimate_norm_stats(ext, vols, n=7, seed=6, batch=3)  # other crops: other statistics
+    assert max(float((other[k][0] - one[k][0]).abs().max()) for k in one) > 1e-3
+    with pytest.raises(ValueError, match="batch must be at least 1"):
+        estimate_norm_stats(ext, vols, n=2, batch=-1)
 
 
 def test_estimates_are_deterministic_leave_the_random_state_and_are_kept_per_source():

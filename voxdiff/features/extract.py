@@ -419,7 +419,10 @@ def extract_volume(extractor: Any, image_unit: Any, roi: Sequence[int] | None = 
     def box(o: tuple[int, int, int], s: int) -> tuple[slice, ...]:
         return (slice(None), slice(None)) + tuple(slice(a // s, (a + w) // s) for a, w in zip(o, win))
 
-    for o in origins:
+    # one window (a whole-volume window, as the frozen probes use): its features are the volume's, with
+    # no blending to do (weights divided out again would only cost time and rounding)
+    single = len(origins) == 1
+    for o in origins if not single else ():
         for s in kept_strides:
             wsum[s][box(o, s)] += weights[s]
     grid = torch.stack(torch.meshgrid(*[torch.arange(w, device=dev) for w in win], indexing="ij"), 0)
@@ -445,7 +448,10 @@ def extract_volume(extractor: Any, image_unit: Any, roi: Sequence[int] | None = 
                 if i not in acc:
                     acc[i] = torch.zeros(bsz, f.shape[1], *(p // s for p in padded), device=dev)
                 for j, o in enumerate(batch):
-                    acc[i][b:b + 1][box(o, s)].addcmul_(f[j:j + 1].to(dev, torch.float32), weights[s])
+                    if single:
+                        acc[i][b:b + 1][box(o, s)] = f[j:j + 1]
+                    else:
+                        acc[i][b:b + 1][box(o, s)].addcmul_(f[j:j + 1].to(dev, torch.float32), weights[s])
             del pyr
             if bar is not None:
                 bar.update(1)
@@ -456,7 +462,7 @@ def extract_volume(extractor: Any, image_unit: Any, roi: Sequence[int] | None = 
     final: dict[int, torch.Tensor] = {}
     for i in keep:  # normalise, crop, convert and gather one level at a time (frees float32 as it goes)
         s = strides[i]
-        f = acc.pop(i).div_(wsum[s])
+        f = acc.pop(i) if single else acc.pop(i).div_(wsum[s])
         want = [int(math.ceil(n / s)) for n in shape]
         final[i] = f[:, :, : want[0], : want[1], : want[2]].to(out_dtype).cpu().contiguous()
         del f

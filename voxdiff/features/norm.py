@@ -255,12 +255,15 @@ def norm_stats_of(extractor: Any) -> str:
 
 @torch.no_grad()
 def estimate_norm_stats(extractor: Any, units: Sequence[np.ndarray | torch.Tensor], n: int = 48, seed: int = 0,
-                        patch: Sequence[int] | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                        patch: Sequence[int] | None = None, batch: int | None = None
+                        ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """GroupNorm statistics of ``extractor``'s backbone over ``n`` random crops of ``patch`` (default:
     the model's training patch size) drawn from the volumes ``units`` ((X, Y, Z) in [0, 1]) in turn,
     each crop at a uniformly random origin, run through every feature pass as extraction runs it
     (absolute voxel indices; the volume's condition map cropped with it for conditioned models).
-    Deterministic for a given ``seed``; the global random state is left as it was."""
+    Deterministic for a given ``seed``; the global random state is left as it was. ``batch``: crops per
+    forward pass (default: as many as fit in about 2^20 voxels); the statistics are per crop, so it
+    changes only the speed (and float rounding)."""
     bb = getattr(extractor, "backbone", None)
     if not isinstance(bb, nn.Module):
         raise ValueError("this feature extractor exposes no backbone module")
@@ -281,21 +284,38 @@ def estimate_norm_stats(extractor: Any, units: Sequence[np.ndarray | torch.Tenso
     fn = getattr(extractor, "condition_map", None) if condition_mode(extractor) == "volume" else None
     conds: dict[int, np.ndarray | None] = {}
 
-    def run() -> None:
-        for i in range(n):
-            k = i % len(vols)
+    def cond_of(k: int) -> np.ndarray | None:
+        if k not in conds:
             v = vols[k]
-            o = [int(rng.integers(0, max(1, d - s + 1))) for d, s in zip(v.shape, size)]
-            kwargs: dict[str, Any] = {"voxel_index": index_grid(size, tuple(o), device=dev)}
+            c = fn(torch.from_numpy(v)[None, None].to(dev), tuple(max(d, s) for d, s in zip(v.shape, size)))
+            conds[k] = None if c is None else c[0].float().cpu().numpy()
+        return conds[k]
+
+    # every crop's volume and origin, drawn in turn (the same crops whatever the batch)
+    crops = []
+    for i in range(n):
+        k = i % len(vols)
+        crops.append((k, tuple(int(rng.integers(0, max(1, d - s + 1))) for d, s in zip(vols[k].shape, size))))
+    # crops go through the network in batches of at most about 2^20 voxels: per-sample GroupNorm
+    # statistics do not depend on the batch, and batch-1 3D convolutions are slow on CPUs
+    per = int(batch) if batch else max(1, min(n, (1 << 20) // int(np.prod(size))))
+    if per < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+
+    def run() -> None:
+        for b0 in range(0, n, per):
+            part = crops[b0:b0 + per]
+            origins = torch.tensor([o for _, o in part], dtype=torch.long)
+            kwargs: dict[str, Any] = {"voxel_index": index_grid(size, origins, batch=len(part), device=dev)}
             if fn is not None:
-                if k not in conds:
-                    c = fn(torch.from_numpy(v)[None, None].to(dev), tuple(max(d, s) for d, s in zip(v.shape, size)))
-                    conds[k] = None if c is None else c[0].float().cpu().numpy()
-                if conds[k] is not None:
-                    ck = conds[k]
-                    kwargs["coords"] = torch.from_numpy(np.stack([crop_or_pad(ck[j], o, size, 0.0) for j in range(len(ck))]))[None].to(dev)
-            x = crop_or_pad(v, o, size, 0.0)  # zero (the HU window's minimum) past the far ends, as extraction pads
-            extractor(torch.from_numpy(x)[None, None].to(dev), **kwargs)
+                cs = [cond_of(k) for k, _ in part]
+                if all(c is not None for c in cs):
+                    kwargs["coords"] = torch.from_numpy(np.stack([
+                        np.stack([crop_or_pad(c[j], o, size, 0.0) for j in range(len(c))])
+                        for c, (_, o) in zip(cs, part)])).to(dev)  # type: ignore[arg-type]
+            # zero (the HU window's minimum) past the far ends, as extraction pads
+            x = np.stack([crop_or_pad(vols[k], o, size, 0.0) for k, o in part])[:, None]
+            extractor(torch.from_numpy(x).to(dev), **kwargs)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
