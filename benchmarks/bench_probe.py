@@ -165,9 +165,10 @@ def main() -> None:
     real_ct(out / "probe" / "nonlinear", out)
 
 
-def real_ct(model: Path, out: Path) -> None:
+def real_ct(model: Path, out: Path) -> dict | None:
     """Segment the real CT samples (../shared/data/real_ct) with the phantom-trained model and score
-    against their pseudo-labels (agreement with another model, not a benchmark)."""
+    against their pseudo-labels (agreement with another model, not a benchmark); the rows per CT
+    (also written to ``out/real_ct.json``), None when the samples are absent."""
     from voxdiff.data.io import load_label
     from voxdiff.data.labels import ORGAN_NAMES
     from voxdiff.evaluate.metrics import dice_per_class, mean_over_organs
@@ -176,7 +177,7 @@ def real_ct(model: Path, out: Path) -> None:
     root = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "real_ct"
     if not root.is_dir():
         log(f"real CT samples not found at {root}: skipped")
-        return
+        return None
     seg = load_segmenter(model)
     rows = {}
     for ct, lab in (("ts_a_abdomen_ct.nii.gz", "ts_a_abdomen_btcv13_pseudo.nii.gz"),
@@ -200,6 +201,7 @@ def real_ct(model: Path, out: Path) -> None:
     for ct, row in rows.items():
         if "dice" in row:
             print(ct, json.dumps(row["dice"]))
+    return rows
 
 
 if __name__ == "__main__":
