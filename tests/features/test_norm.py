@@ -184,7 +184,7 @@ def test_crops_in_batches_give_the_statistics_of_crops_one_by_one():
     other = estimate_norm_stats(ext, vols, n=7, seed=6, batch=3)  # other crops: other statistics
     assert max(float((other[k][0] - one[k][0]).abs().max()) for k in one) > 1e-3
     with pytest.raises(ValueError, match="batch must be at least 1"):
-        estimate_norm_stats(ext, vols, n=2, batch=-1)
+        estimate_norm_stats(ext, vols, n=2, batch=0)
 
 
 def test_estimates_are_deterministic_leave_the_random_state_and_are_kept_per_source():

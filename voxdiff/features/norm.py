@@ -298,9 +298,9 @@ def estimate_norm_stats(extractor: Any, units: Sequence[np.ndarray | torch.Tenso
         crops.append((k, tuple(int(rng.integers(0, max(1, d - s + 1))) for d, s in zip(vols[k].shape, size))))
     # crops go through the network in batches of at most about 2^20 voxels: per-sample GroupNorm
     # statistics do not depend on the batch, and batch-1 3D convolutions are slow on CPUs
-    per = int(batch) if batch else max(1, min(n, (1 << 20) // int(np.prod(size))))
-    if per < 1:
+    if batch is not None and int(batch) < 1:
         raise ValueError(f"batch must be at least 1, got {batch}")
+    per = int(batch) if batch is not None else max(1, min(n, (1 << 20) // int(np.prod(size))))
 
     def run() -> None:
         for b0 in range(0, n, per):
