@@ -78,9 +78,11 @@ class StandinExtractor:
         return self.backbone(image_unit)
 
 
-def tiny_segmenter(out_dir, cases=None, preprocess=None, head: str = "linear", seed: int = 0, roi=(32, 32, 32)):
+def tiny_segmenter(out_dir, cases=None, preprocess=None, head: str = "linear", seed: int = 0, roi=(32, 32, 32),
+                   meta=None):
     """A small random-backbone segmenter bundle (``method="random"``, base 4, 3 levels, untrained
-    head) for tests of ``voxdiff segment`` / ``evaluate``. Returns the bundle path."""
+    head) for tests of ``voxdiff segment`` / ``evaluate``; ``meta``: the bundle's ``meta`` record.
+    Returns the bundle path."""
     import tempfile
     from pathlib import Path
 
@@ -106,7 +108,7 @@ def tiny_segmenter(out_dir, cases=None, preprocess=None, head: str = "linear", s
         ext = load_pretrained(pt)
         torch.manual_seed(seed)
         h = make_head(head, [lv.channels for lv in ext.levels], 14).eval()
-        save_segmenter(out_dir, pt, h, head, pre, roi, 0.25)
+        save_segmenter(out_dir, pt, h, head, pre, roi, 0.25, meta=meta)
     return Path(out_dir)
 
 

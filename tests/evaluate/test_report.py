@@ -47,6 +47,8 @@ def test_probe_cv_and_evaluate(workspace, capsys):
     assert doc["heads"]["linear"]["parameters"] < doc["heads"]["nonlinear"]["parameters"]
     for part in ("backbone/model.safetensors", "head/model.json", "segmenter.json"):
         assert (cv / "fold_1" / "linear" / part).is_file()
+    # fitted on a phantom data set: the bundle records it (voxdiff segment warns on real CT)
+    assert json.loads((cv / "fold_1" / "linear" / "segmenter.json").read_text())["meta"]["training_data"] == "phantoms"
 
     assert [p.parent.name for p in find_models(cv, "linear")] == ["fold_0", "fold_1"]
     out = w / "ev"

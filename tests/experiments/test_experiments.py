@@ -218,7 +218,9 @@ def test_compare_tiny_report_and_resume(tmp_path, monkeypatch):
         assert (out / f).stat().st_size > 0
     # each probe step left a segmenter bundle that voxdiff segment accepts, on the budget's feature side
     bundle = out / "probe-restorative-f0" / "segmenter-nonlinear"
-    assert json.loads((bundle / "segmenter.json").read_text())["feature_side"] == "both"
+    bdoc = json.loads((bundle / "segmenter.json").read_text())
+    assert bdoc["feature_side"] == "both"
+    assert bdoc["meta"]["training_data"] == "phantoms"  # generated phantoms: voxdiff segment says so on real CT
     from voxdiff.probe.bundle import load_segmenter
 
     seg = load_segmenter(bundle, device="cpu")
@@ -237,7 +239,7 @@ def test_other_settings_are_refused(tmp_path):
     from voxdiff.experiments.base import Experiment
 
     out = tmp_path / "e"
-    Experiment(ExperimentConfig(budget="tiny", methods=("random",)), out, log=lambda s: None)
+    exp = Experiment(ExperimentConfig(budget="tiny", methods=("random",)), out, log=lambda s: None)
     with pytest.raises(InputError, match=r"other settings \(methods\)"):
         Experiment(ExperimentConfig(budget="tiny", methods=("restorative",)), out, log=lambda s: None)
     with pytest.raises(InputError, match=r"other settings \(heads, seed\)"):
@@ -245,8 +247,13 @@ def test_other_settings_are_refused(tmp_path):
                    log=lambda s: None)
     # the same data folder spelled relative or absolute is the same setting; another folder is not
     (tmp_path / "d").mkdir()
-    Experiment(ExperimentConfig(budget="tiny", methods=("random",), data=str(tmp_path / "d")), tmp_path / "p",
-               log=lambda s: None)
+    user = Experiment(ExperimentConfig(budget="tiny", methods=("random",), data=str(tmp_path / "d")), tmp_path / "p",
+                      log=lambda s: None)
+    # bundles record phantom training data for generated or given phantom sets only
+    assert user.data_origin() == {} and exp.data_origin() == {"training_data": "phantoms"}
+    (tmp_path / "d" / "dataset.json").write_text(json.dumps({"name": "voxdiff_phantoms"}))
+    assert user.data_origin() == {"training_data": "phantoms"}
+    (tmp_path / "d" / "dataset.json").unlink()
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp_path)
         Experiment(ExperimentConfig(budget="tiny", methods=("random",), data="d"), tmp_path / "p", log=lambda s: None)

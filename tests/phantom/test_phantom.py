@@ -518,3 +518,32 @@ def test_wide_variation_preset_and_its_cli(tmp_path: Path):
     assert saved["config"]["lesion_rate"] == WIDE_VARIATION["lesion_rate"]
     assert main(["phantom", str(tmp_path / "bad"), "--variation", "extreme", "--quiet"]) == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_phantom_images_and_data_sets_say_what_they_are(tmp_path):
+    """Every phantom image carries a header description and the data set its name, so a segmenter
+    fitted on phantoms can tell them from real CT; anything else is not taken for a phantom."""
+    import nibabel as nib
+
+    from voxdiff.data.io import save_nifti
+    from voxdiff.data.phantom import PHANTOM_DESCRIPTION, is_phantom_dataset, is_phantom_image
+
+    root = make_phantom_dataset(tmp_path / "ph", n_train=1, n_test=1, n_unlabelled=1, seed=3,
+                                cfg=PhantomConfig(shape=(32, 32, 24)), preview=False, progress=False)
+    images = sorted(root.glob("images*/*.nii.gz")) + sorted((root / "unlabelled").glob("*.nii.gz"))
+    assert len(images) == 3 and all(is_phantom_image(p) for p in images)
+    assert not any(is_phantom_image(p) for p in root.glob("labels*/*.nii.gz"))  # labels carry no description
+    assert is_phantom_dataset(root)
+    arr = np.asarray(nib.load(str(images[0])).dataobj)
+    plain = save_nifti(tmp_path / "plain.nii.gz", arr, np.eye(4), dtype=np.int16)  # the same voxels, no description
+    other = save_nifti(tmp_path / "other.nii.gz", arr, np.eye(4), dtype=np.int16, description="scanner X")
+    assert nib.load(str(other)).header["descrip"].item() == b"scanner X"
+    junk = tmp_path / "junk.nii.gz"
+    junk.write_bytes(b"not a nifti")
+    assert not any(is_phantom_image(p) for p in (plain, other, junk, tmp_path / "missing.nii.gz", tmp_path))
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "dataset.json").write_text('{"name": "BTCV"}')
+    assert not is_phantom_dataset(tmp_path / "ds") and not is_phantom_dataset(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="79 characters"):
+        save_nifti(tmp_path / "long.nii.gz", arr, np.eye(4), description="x" * 80)
+    assert PHANTOM_DESCRIPTION and not (tmp_path / "long.nii.gz").exists()

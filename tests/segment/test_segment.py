@@ -187,3 +187,33 @@ def test_bad_model_folder_refused(model, ras_ct, tmp_path, capsys, how, words):
 def test_missing_input_refused(model, tmp_path, capsys):
     assert main(["segment", str(model), str(tmp_path / "nope.nii.gz"), "-o", str(tmp_path / "o.nii.gz")]) == 2
     assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_a_segmenter_fitted_on_phantoms_says_so_on_other_ct_but_not_on_a_phantom(model, ras_ct, tmp_path, capsys):
+    """A bundle whose record says it was fitted on phantoms warns on a CT that is not a phantom image
+    (one line from the CLI; the output is still written), and stays quiet on a phantom; a bundle
+    without that record never warns."""
+    import warnings
+
+    from voxdiff.core.errors import VoxdiffWarning
+    from voxdiff.data.phantom import PHANTOM_DESCRIPTION, PhantomConfig, generate_phantom
+
+    ph_model = tiny_segmenter(tmp_path / "ph_model", head="nonlinear", meta={"training_data": "phantoms"})
+    c = generate_phantom(5, PhantomConfig(shape=(40, 36, 24)))
+    phantom = save_nifti(tmp_path / "phantom.nii.gz", c.image, c.meta.affine, dtype=np.int16,
+                         description=PHANTOM_DESCRIPTION)
+    with pytest.warns(VoxdiffWarning, match="fitted on synthetic phantoms only"):
+        segment_ct(ph_model, ras_ct, tmp_path / "a.nii.gz", progress=False)
+    assert (tmp_path / "a.nii.gz").is_file()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", VoxdiffWarning)
+        segment_ct(ph_model, phantom, tmp_path / "b.nii.gz", progress=False)
+        segment_ct(model, ras_ct, tmp_path / "c.nii.gz", progress=False)
+    # the same labels whatever the warning: it only informs
+    np.testing.assert_array_equal(np.asarray(nib.load(str(tmp_path / "a.nii.gz")).dataobj),
+                                  np.asarray(nib.load(str(tmp_path / "c.nii.gz")).dataobj))
+    capsys.readouterr()
+    assert main(["segment", str(ph_model), str(ras_ct), "-o", str(tmp_path / "d.nii.gz"), "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    warned = [ln for ln in err.splitlines() if "synthetic phantoms only" in ln]
+    assert len(warned) == 1 and warned[0].startswith("voxdiff: warning: ") and (tmp_path / "d.nii.gz").is_file()

@@ -233,12 +233,13 @@ def load_label(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 
 
 def save_nifti(
-    path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, dtype=None
+    path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, dtype=None, description: str | None = None
 ) -> Path:
     """Write ``array`` with ``affine`` as NIfTI atomically (temp file + rename, suffix kept).
 
     ``dtype`` (e.g. ``np.int16`` for HU, ``np.uint8`` for labels) casts with rounding for integer
-    types; qform and sform are both set (scanner-aligned, code 1), units mm.
+    types; qform and sform are both set (scanner-aligned, code 1), units mm. ``description``: the
+    header's ``descrip`` text (ASCII, at most 79 characters).
     """
     import nibabel as nib
 
@@ -258,6 +259,10 @@ def save_nifti(
     img.header.set_xyzt_units("mm", "sec")
     img.set_qform(np.asarray(affine, dtype=np.float64), code=1)
     img.set_sform(np.asarray(affine, dtype=np.float64), code=1)
+    if description is not None:
+        if len(description) > 79 or not description.isascii():
+            raise ValueError(f"a NIfTI description is ASCII of at most 79 characters, not {description!r}")
+        img.header["descrip"] = description.encode()
     with atomic_path(p) as tmp:
         nib.save(img, str(tmp))
     return p

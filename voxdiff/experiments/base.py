@@ -330,6 +330,13 @@ class Experiment:
         self.out.mkdir(parents=True, exist_ok=True)
 
     # ------------------------------------------------------------------------------- data
+    def data_origin(self) -> dict[str, str]:
+        """``{"training_data": "phantoms"}`` when the experiment runs on generated phantoms (recorded
+        in its segmenter bundles, so that ``voxdiff segment`` can say so on real CT), else empty."""
+        from voxdiff.data.phantom import is_phantom_dataset
+
+        return {"training_data": "phantoms"} if not self.cfg.data or is_phantom_dataset(self.cfg.data) else {}
+
     def data_dir(self) -> Path:
         if self.cfg.data:
             p = Path(self.cfg.data)
@@ -575,7 +582,7 @@ class Experiment:
                 for h, m in fitted.items():
                     roi = volume_roi(pcfg) if self.voxel_mode else pcfg.inference.roi
                     save_segmenter(tmp / f"segmenter-{h}", model_dir, m, h, ext.preprocess, roi, pcfg.inference.overlap,
-                                   meta={"experiment_step": name}, inference="volume" if self.voxel_mode else "window",
+                                   meta={"experiment_step": name, **self.data_origin()}, inference="volume" if self.voxel_mode else "window",
                                    timesteps=feature_timesteps(ext), feature_input=feature_input_of(ext),
                                    feature_side=feature_side_of(ext), norm_stats=fixed_norm_stats(ext.backbone))
             return {"fold": fold, "train_cases": [c.case_id for c in train], "val_cases": [c.case_id for c in val],

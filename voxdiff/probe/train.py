@@ -1205,6 +1205,9 @@ def train_probe(
         "history": history,
         "seconds": round(time.time() - t0, 1),
     }
+    from voxdiff.data.phantom import is_phantom_dataset
+
+    origin = {"training_data": "phantoms"} if is_phantom_dataset(data_dir) else {}  # (voxdiff segment says so on real CT)
     with staged_dir(out_dir, force=force) as tmp:
         for n, (ext, h) in results.items():
             volume = n in FROZEN_MODES and cfg.frozen_training == "voxels"
@@ -1214,7 +1217,7 @@ def train_probe(
                            feature_input=feature_input_of(extractor), feature_side=feature_side_of(extractor),
                            norm_stats=fixed_norm_stats((ext if ext is not None else extractor).backbone),
                            meta={k: summary[k] for k in ("fold", "train_cases", "val_cases", "test_cases", "data")}
-                           | {"best_val_dice": summary["heads"][n]["best_val_dice"]})
+                           | {"best_val_dice": summary["heads"][n]["best_val_dice"]} | origin)
         from voxdiff.core.outputs import atomic_write_json
 
         atomic_write_json(tmp / "probe.json", summary)

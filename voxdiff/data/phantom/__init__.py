@@ -7,8 +7,16 @@
 See docs/PHANTOMS.md for the anatomy, the sources of variation and the organ volume ranges.
 """
 
-from .dataset import case_plan, case_seed, make_phantom_dataset
+from .dataset import (
+    PHANTOM_DATASET_NAME,
+    PHANTOM_DESCRIPTION,
+    case_plan,
+    case_seed,
+    is_phantom_dataset,
+    is_phantom_image,
+    make_phantom_dataset,
+)
 from .generator import PHASES, VARIATIONS, WIDE_VARIATION, Z_MODES, PhantomConfig, generate_phantom, with_variation
 from .preview import preview_png
 
-__all__ = ["PHASES", "VARIATIONS", "WIDE_VARIATION", "Z_MODES", "PhantomConfig", "with_variation", "case_plan", "case_seed", "generate_phantom", "make_phantom_dataset", "preview_png"]
+__all__ = ["PHANTOM_DATASET_NAME", "PHANTOM_DESCRIPTION", "is_phantom_dataset", "is_phantom_image", "PHASES", "VARIATIONS", "WIDE_VARIATION", "Z_MODES", "PhantomConfig", "with_variation", "case_plan", "case_seed", "generate_phantom", "make_phantom_dataset", "preview_png"]

@@ -37,6 +37,40 @@ def case_plan(n_train: int, n_test: int, n_unlabelled: int, seed: int) -> list[d
     return plan
 
 
+# the header description of every phantom image, and the name in a phantom data set's dataset.json:
+# how a segmenter fitted on phantoms tells a phantom from a real CT (voxdiff.segment)
+PHANTOM_DESCRIPTION = "voxdiff synthetic phantom"
+PHANTOM_DATASET_NAME = "voxdiff_phantoms"
+
+
+def is_phantom_image(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a phantom image written by :func:`make_phantom_dataset` (a NIfTI file whose
+    header description says so); False for anything else, DICOM folders and unreadable files included."""
+    import nibabel as nib
+
+    p = Path(path)
+    if not p.is_file():
+        return False
+    try:
+        raw = np.asarray(nib.load(str(p)).header["descrip"]).item()
+        text = raw.split(b"\0", 1)[0].decode("ascii", "replace") if isinstance(raw, bytes) else str(raw)
+    except Exception:  # not a NIfTI file nibabel reads: not a phantom
+        return False
+    return text.strip() == PHANTOM_DESCRIPTION
+
+
+def is_phantom_dataset(path: str | os.PathLike) -> bool:
+    """Whether the data set folder ``path`` was written by :func:`make_phantom_dataset` (its
+    ``dataset.json`` names it)."""
+    import json
+
+    f = Path(path) / "dataset.json"
+    try:
+        return json.loads(f.read_text()).get("name") == PHANTOM_DATASET_NAME
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _write_case(out: str, item: dict[str, Any], cfg: PhantomConfig) -> dict[str, Any]:
     from ..io import save_nifti
 
@@ -50,7 +84,7 @@ def _write_case(out: str, item: dict[str, Any], cfg: PhantomConfig) -> dict[str,
         img_p, lab_p = root / "imagesTs" / f"{cid}_0000.nii.gz", root / "labelsTs" / f"{cid}.nii.gz"
     else:
         img_p, lab_p = root / "unlabelled" / f"{cid}.nii.gz", None
-    save_nifti(img_p, case.image, case.meta.affine, dtype=np.int16)
+    save_nifti(img_p, case.image, case.meta.affine, dtype=np.int16, description=PHANTOM_DESCRIPTION)
     if lab_p is not None:
         save_nifti(lab_p, case.label, case.meta.affine, dtype=np.uint8)
     info = {"set": item["set"], "seed": item["seed"], "image": str(img_p.relative_to(root)),
@@ -122,7 +156,7 @@ def make_phantom_dataset(
         finally:
             bar.close()
         dj = {
-            "name": "voxdiff_phantoms",
+            "name": PHANTOM_DATASET_NAME,
             "description": (
                 "Synthetic abdominal CT phantoms from the voxdiff procedural generator: trunk anatomy in mm "
                 "(skin, fat, muscle, spine, ribs, pelvis, lungs, heart, bowel, 13 BTCV organs), random body "
