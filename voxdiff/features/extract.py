@@ -412,16 +412,16 @@ def extract_volume(extractor: Any, image_unit: Any, roi: Sequence[int] | None = 
             cond = cond.float().to(dev)
 
     kept_strides = sorted({strides[i] for i in keep})
-    weights = {s: blend_weights(win, s, mode, dev) for s in kept_strides}
-    wsum = {s: torch.zeros(1, 1, *(p // s for p in padded), device=dev) for s in kept_strides}
     origins = plan.origins()
+    # one window (a whole-volume window, as the frozen probes use): its features are the volume's, with
+    # no blending to do (weights divided out again would only cost time and rounding)
+    single = len(origins) == 1
+    weights = {} if single else {s: blend_weights(win, s, mode, dev) for s in kept_strides}
+    wsum = {s: torch.zeros(1, 1, *(p // s for p in padded), device=dev) for s in weights}
 
     def box(o: tuple[int, int, int], s: int) -> tuple[slice, ...]:
         return (slice(None), slice(None)) + tuple(slice(a // s, (a + w) // s) for a, w in zip(o, win))
 
-    # one window (a whole-volume window, as the frozen probes use): its features are the volume's, with
-    # no blending to do (weights divided out again would only cost time and rounding)
-    single = len(origins) == 1
     for o in origins if not single else ():
         for s in kept_strides:
             wsum[s][box(o, s)] += weights[s]
