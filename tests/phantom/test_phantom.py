@@ -544,6 +544,11 @@ def test_phantom_images_and_data_sets_say_what_they_are(tmp_path):
     (tmp_path / "ds").mkdir()
     (tmp_path / "ds" / "dataset.json").write_text('{"name": "BTCV"}')
     assert not is_phantom_dataset(tmp_path / "ds") and not is_phantom_dataset(tmp_path / "nowhere")
+    from voxdiff.data.phantom import fitted_on_phantoms, training_data_record
+
+    assert training_data_record(root) == training_data_record(None) == {"training_data": "phantoms"}
+    assert training_data_record(tmp_path / "ds") == {}
+    assert fitted_on_phantoms(training_data_record(root)) and not fitted_on_phantoms({}) and not fitted_on_phantoms(None)
     with pytest.raises(ValueError, match="79 characters"):
         save_nifti(tmp_path / "long.nii.gz", arr, np.eye(4), description="x" * 80)
     assert PHANTOM_DESCRIPTION and not (tmp_path / "long.nii.gz").exists()

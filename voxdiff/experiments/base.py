@@ -333,9 +333,9 @@ class Experiment:
     def data_origin(self) -> dict[str, str]:
         """``{"training_data": "phantoms"}`` when the experiment runs on generated phantoms (recorded
         in its segmenter bundles, so that ``voxdiff segment`` can say so on real CT), else empty."""
-        from voxdiff.data.phantom import is_phantom_dataset
+        from voxdiff.data.phantom import training_data_record
 
-        return {"training_data": "phantoms"} if not self.cfg.data or is_phantom_dataset(self.cfg.data) else {}
+        return training_data_record(self.cfg.data or None)
 
     def data_dir(self) -> Path:
         if self.cfg.data:

@@ -1205,9 +1205,9 @@ def train_probe(
         "history": history,
         "seconds": round(time.time() - t0, 1),
     }
-    from voxdiff.data.phantom import is_phantom_dataset
+    from voxdiff.data.phantom import training_data_record
 
-    origin = {"training_data": "phantoms"} if is_phantom_dataset(data_dir) else {}  # (voxdiff segment says so on real CT)
+    origin = training_data_record(data_dir)  # (voxdiff segment says so on real CT)
     with staged_dir(out_dir, force=force) as tmp:
         for n, (ext, h) in results.items():
             volume = n in FROZEN_MODES and cfg.frozen_training == "voxels"

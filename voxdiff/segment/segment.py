@@ -73,7 +73,7 @@ def segment_ct(
     from voxdiff.core.runtime import resolve_device
     from voxdiff.data.ctcheck import check_ct
     from voxdiff.data.io import is_nifti, load_image, save_nifti, source_name
-    from voxdiff.data.phantom import is_phantom_image
+    from voxdiff.data.phantom import fitted_on_phantoms, is_phantom_image
 
     cfg = cfg or SegmentConfig()
     check_window(cfg.overlap, cfg.sw_batch_size)
@@ -91,7 +91,7 @@ def segment_ct(
     hu, affine = load_image(ct_path)
     for w in check_ct(hu, ct_path, allow_non_ct=allow_non_ct):
         warnings.warn(f"{ct_path}: {w}", VoxdiffWarning, stacklevel=2)
-    if phantom_only(seg) and not is_phantom_image(ct_path):
+    if fitted_on_phantoms(seg.info.get("meta")) and not is_phantom_image(ct_path):
         warnings.warn(f"{seg.path}: this segmenter was fitted on synthetic phantoms only; on real CT its labels "
                       "agree poorly with reference segmentations (README, 'On real CT'): fit it on real "
                       "labelled CT for real use", VoxdiffWarning, stacklevel=2)
@@ -111,12 +111,6 @@ def segment_ct(
                        legend={i: n for i, n in seg.labels.items() if i > 0})
     return {"input": str(ct_path), "output": str(out), "shape": list(hu.shape), "volumes_ml": vols,
             "model": str(seg.path), "preview": None if preview is None else str(preview)}
-
-
-def phantom_only(seg: Segmenter) -> bool:
-    """Whether the segmenter's heads (or network) were fitted on generated phantoms only (its
-    bundle's ``meta.training_data``, written by ``voxdiff probe`` and the experiments)."""
-    return (seg.info.get("meta") or {}).get("training_data") == "phantoms"
 
 
 def format_volumes(vols: dict[str, float]) -> str:

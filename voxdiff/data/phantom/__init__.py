@@ -12,11 +12,13 @@ from .dataset import (
     PHANTOM_DESCRIPTION,
     case_plan,
     case_seed,
+    fitted_on_phantoms,
     is_phantom_dataset,
     is_phantom_image,
     make_phantom_dataset,
+    training_data_record,
 )
 from .generator import PHASES, VARIATIONS, WIDE_VARIATION, Z_MODES, PhantomConfig, generate_phantom, with_variation
 from .preview import preview_png
 
-__all__ = ["PHANTOM_DATASET_NAME", "PHANTOM_DESCRIPTION", "is_phantom_dataset", "is_phantom_image", "PHASES", "VARIATIONS", "WIDE_VARIATION", "Z_MODES", "PhantomConfig", "with_variation", "case_plan", "case_seed", "generate_phantom", "make_phantom_dataset", "preview_png"]
+__all__ = ["PHANTOM_DATASET_NAME", "PHANTOM_DESCRIPTION", "is_phantom_dataset", "is_phantom_image", "fitted_on_phantoms", "training_data_record", "PHASES", "VARIATIONS", "WIDE_VARIATION", "Z_MODES", "PhantomConfig", "with_variation", "case_plan", "case_seed", "generate_phantom", "make_phantom_dataset", "preview_png"]

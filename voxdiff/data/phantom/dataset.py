@@ -71,6 +71,18 @@ def is_phantom_dataset(path: str | os.PathLike) -> bool:
         return False
 
 
+def training_data_record(data_dir: str | os.PathLike | None = None) -> dict[str, str]:
+    """What a segmenter bundle records of its training data (``meta``): ``{"training_data":
+    "phantoms"}`` for a phantom data set folder, or for ``None`` (phantoms generated for the run);
+    empty for any other data."""
+    return {"training_data": "phantoms"} if data_dir is None or is_phantom_dataset(data_dir) else {}
+
+
+def fitted_on_phantoms(meta: dict[str, Any] | None) -> bool:
+    """Whether a bundle's ``meta`` says it was fitted on phantoms only (:func:`training_data_record`)."""
+    return (meta or {}).get("training_data") == "phantoms"
+
+
 def _write_case(out: str, item: dict[str, Any], cfg: PhantomConfig) -> dict[str, Any]:
     from ..io import save_nifti
 
