@@ -64,7 +64,7 @@ def test_flat_and_nested_layouts_give_one_config(tmp_path):
     new_only = {"warmup_steps", "min_lr_ratio", "grad_clip", "ema_decay", "body_threshold_hu", "body_margin_mm",
                 "device", "bf16", "compile", "log_every", "keep_checkpoints", "tensorboard", "anchor_bandwidth_mm",
                 "slice_context", "slice_context_step", "slice_fov_aug", "slice_fov_pair", "slice_trunc_aug", "members",
-                "slice_fov_pair_range", "consistency_stop_grad", "slice_teacher", "w_distill"}
+                "slice_fov_pair_range", "consistency_stop_grad", "slice_teacher", "w_distill", "slice_context_fill"}
     flat = _flat(NESTED)
     assert {k: v for k, v in flat.items() if k not in new_only} == FLAT  # every old field has its place
     assert {k: flat[k] for k in ("grad_clip", "min_lr_ratio", "log_every", "keep_checkpoints")} == {

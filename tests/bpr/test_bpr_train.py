@@ -234,10 +234,10 @@ def test_consistency_stop_grad_sends_no_gradient_through_the_fuller_view(monkeyp
     seen = []
 
     def views(*args, **kwargs):
-        a, b, z = real(*args, **kwargs)
+        a, b, z, *outside = real(*args, **kwargs)
         a, b = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
         seen.append((a, b))
-        return a, b, z
+        return (a, b, z, *outside)
 
     monkeypatch.setattr(train_mod, "slice_views", views)
     cfg = train_mod.resolved(_cfg(kind="slice", slice_context=1, slice_fov_aug=1.0, slice_fov_pair=True, batch_size=2,

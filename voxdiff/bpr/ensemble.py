@@ -30,7 +30,7 @@ from ..core.outputs import check_output_path, staged_dir
 from .models import BodyPartRegressor, SliceRegressor, load_bpr, save_bpr
 
 # what every member must share (besides the preprocessing)
-_SHARED_ARCH = ("channels", "patch_size", "context", "context_step")
+_SHARED_ARCH = ("channels", "patch_size", "context", "context_step", "context_fill")
 
 
 @dataclass
@@ -77,7 +77,7 @@ def ensemble_slice_models(models: Sequence[str | os.PathLike | SliceRegressor], 
     inv = [1.0 / sm.mm_per_unit for sm in loaded]
     unit = len(inv) / sum(inv)
     ens = SliceRegressor(channels=first.channels, unit_mm=unit, context=first.context, context_step=first.context_step,
-                         members=len(loaded), preprocess=dict(first.preprocess), patch_size=first.patch_size)
+                         context_fill=first.context_fill, members=len(loaded), preprocess=dict(first.preprocess), patch_size=first.patch_size)
     with torch.no_grad():
         for k, sm in enumerate(loaded):
             ens.members[k].features.load_state_dict(sm.features.state_dict())

@@ -48,10 +48,11 @@ def slice_scores_volume(
             z1 = min(nz, z0 + z_chunk)
             tiles = [vol[x0:x0 + tx, y0:y0 + ty, z0:z1] for x0 in xs for y0 in ys]
             batch = torch.stack(tiles)[:, None]  # (T, 1, tx, ty, zc)
-            if model.context:  # each slice with its neighbours from the whole volume (end slices repeated at its edges)
+            if model.context:  # each slice with its neighbours from the whole volume (end slices repeated or masked at its edges)
                 zi = model.neighbourhoods(torch.arange(z0, z1), nz)
                 ctx = torch.stack([vol[x0:x0 + tx, y0:y0 + ty][:, :, zi] for x0 in xs for y0 in ys])[:, None]
-                s = model.slice_scores_raw(ctx, stacked=True)  # (T, zc)
+                out_z = model.neighbourhood_outside(torch.arange(z0, z1), nz)
+                s = model.slice_scores_raw(ctx, stacked=True, outside=out_z)  # (T, zc)
             else:
                 s = model.slice_scores_raw(batch)  # (T, zc)
             w = (batch > thr).float().mean(dim=(1, 2, 3)) + 0.02  # (T, zc)

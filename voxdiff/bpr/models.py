@@ -152,6 +152,20 @@ def slice_neighbourhoods(z: torch.Tensor, context: int, first: float, last: floa
     return (z[:, None] + offsets[None]).clamp(first, last).flatten()
 
 
+def slice_neighbourhood_outside(z: torch.Tensor, context: int, first: float, last: float, step: int = 1) -> torch.Tensor:
+    """Which of the positions :func:`slice_neighbourhoods` gives lie beyond ``[first, last]`` (where
+    it repeats an end slice): a bool ``(len(z) * (2 * context + 1),)`` in the same order."""
+    offsets = torch.arange(-context, context + 1, dtype=torch.float64, device=z.device) * step
+    p = z.double()[:, None] + offsets[None]
+    return ((p < first - 1e-6) | (p > last + 1e-6)).flatten()
+
+
+# the input value of a neighbouring slice beyond the scan for a model with context_fill "mask": below
+# the intensity window's floor (0), so that no real slice looks like it
+CONTEXT_MASK_VALUE = -1.0
+CONTEXT_FILLS = ("repeat", "mask")
+
+
 class _SliceNet(nn.Module):
     """One slice scorer: stride-2 2x2 conv then a 3x3 conv per level (BatchNorm, ReLU), a 1x1 head."""
 
@@ -180,7 +194,7 @@ class SliceRegressor(BodyPartRegressor):
     out_channels = 1
 
     def __init__(self, channels: tuple[int, ...] = (16, 32, 48, 64), unit_mm: float = 100.0, context: int = 0,
-                 context_step: int = 1, members: int = 1, **kw: Any):
+                 context_step: int = 1, members: int = 1, context_fill: str = "repeat", **kw: Any):
         super().__init__(**kw)
         self.channels = tuple(int(c) for c in channels)
         self.unit_mm = float(unit_mm)
@@ -189,11 +203,16 @@ class SliceRegressor(BodyPartRegressor):
         # changes (a lung apex from a lung base)
         self.context = int(context)
         self.context_step = int(context_step)
+        # what stands for a neighbour beyond the scan's end: the end slice repeated ("repeat") or
+        # CONTEXT_MASK_VALUE everywhere ("mask": the network is told the anatomy there is unseen)
+        self.context_fill = str(context_fill)
         self.n_members = int(members)
         if self.context < 0:
             raise ValueError(f"slice context must be >= 0, got {context}")
         if self.context_step < 1:
             raise ValueError(f"slice context step must be >= 1, got {context_step}")
+        if self.context_fill not in CONTEXT_FILLS:
+            raise ValueError(f"unknown slice context_fill {context_fill!r}; known: {list(CONTEXT_FILLS)}")
         if self.n_members < 1:
             raise ValueError(f"slice ensemble members must be >= 1, got {members}")
         cin = 2 * self.context + 1
@@ -217,6 +236,8 @@ class SliceRegressor(BodyPartRegressor):
             a["context"] = self.context
             if self.context_step != 1:
                 a["context_step"] = self.context_step
+            if self.context_fill != "repeat":
+                a["context_fill"] = self.context_fill
         if self.n_members > 1:
             a["members"] = self.n_members
         return a
@@ -233,27 +254,46 @@ class SliceRegressor(BodyPartRegressor):
         model takes (see ``slice_neighbourhoods``); ``z`` itself without context."""
         return slice_neighbourhoods(z, self.context, 0, nz - 1, self.context_step)
 
-    def slice_scores_raw(self, x: torch.Tensor, stacked: bool = False) -> torch.Tensor:
+    def neighbourhood_outside(self, z: torch.Tensor, nz: float) -> torch.Tensor:
+        """Which positions of :meth:`neighbourhoods` lie beyond the volume (bool, same order)."""
+        return slice_neighbourhood_outside(z, self.context, 0, nz - 1, self.context_step)
+
+    def slice_scores_raw(self, x: torch.Tensor, stacked: bool = False, outside: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 1, X, Y, Z) -> (B, Z) uncalibrated scores.
 
         With ``context`` c > 0 each slice is given with its c neighbours on each side (``context_step``
-        slices apart): taken from ``x`` itself (the end slices repeated beyond its edges), or, with
-        ``stacked``, ``x`` holds K groups of 2c + 1 slices along Z (each group centred on its slice) -> (B, K)."""
+        slices apart): taken from ``x`` itself (beyond its edges the end slices repeated, or masked with
+        ``context_fill`` "mask"), or, with ``stacked``, ``x`` holds K groups of 2c + 1 slices along Z
+        (each group centred on its slice, end slices repeated where a group runs past the scan) ->
+        (B, K). ``outside`` (bool, ``(Z,)`` or ``(B, Z)``; needed by a "mask" model with ``stacked``)
+        marks the stacked slices that stand for positions beyond the scan."""
         _check_input(x, self)
         n = 2 * self.context + 1
         if self.context and not stacked:
-            x = x[..., self.neighbourhoods(torch.arange(x.shape[4], device=x.device), x.shape[4])]
+            zz = torch.arange(x.shape[4], device=x.device)
+            if self.context_fill == "mask":
+                outside = self.neighbourhood_outside(zz, x.shape[4])
+            x = x[..., self.neighbourhoods(zz, x.shape[4])]
         b, _, _, _, z = x.shape
         if z % n:
             raise ValueError(f"stacked input needs a multiple of {n} slices, got {z}")
+        if self.context and self.context_fill == "mask":
+            if outside is None:
+                raise ValueError("a slice model with context_fill 'mask' needs `outside` with stacked input")
+            outside = outside.to(device=x.device, dtype=torch.bool)
+            if outside.shape[-1] != z or outside.ndim not in (1, 2):
+                raise ValueError(f"outside has shape {tuple(outside.shape)}, expected ({z},) or ({b}, {z})")
+            x = torch.where(outside.view(-1 if outside.ndim == 2 else 1, 1, 1, 1, z),
+                            torch.full((), CONTEXT_MASK_VALUE, dtype=x.dtype, device=x.device), x)
         k = z // n
         x, _ = _pad_to_multiple(x, self.stride)
         xs = x.view(b, 1, x.shape[2], x.shape[3], k, n).permute(0, 4, 5, 1, 2, 3).reshape(b * k, n, x.shape[2], x.shape[3])
         return self._slice_means(xs).view(b, k)
 
-    def slice_scores(self, x: torch.Tensor, stacked: bool = False) -> torch.Tensor:
-        """(B, 1, X, Y, Z) -> (B, Z) calibrated scores (``stacked``: as :meth:`slice_scores_raw`)."""
-        return self.slice_scores_raw(x, stacked=stacked) * self.calib_scale[0] + self.calib_offset[0]
+    def slice_scores(self, x: torch.Tensor, stacked: bool = False, outside: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 1, X, Y, Z) -> (B, Z) calibrated scores (``stacked``, ``outside``: as :meth:`slice_scores_raw`)."""
+        raw = self.slice_scores_raw(x, stacked=stacked) if outside is None else self.slice_scores_raw(x, stacked=stacked, outside=outside)
+        return raw * self.calib_scale[0] + self.calib_offset[0]
 
     def raw(self, x: torch.Tensor) -> torch.Tensor:
         s = self.slice_scores_raw(x)

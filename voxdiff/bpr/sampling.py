@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .models import slice_neighbourhoods
+from .models import slice_neighbourhood_outside, slice_neighbourhoods
 
 
 @dataclass
@@ -164,7 +164,8 @@ def slice_views(
     vol: Volume, size_xy: int, n_slices: int, rng: np.random.Generator, zoom: float = 1.25, aug: float = 1.0,
     texture: float = 0.0, context: int = 0, context_step: int = 1, fov_aug: float = 0.0, fov_min_mm: float = 96.0,
     fov_pair: bool = False, trunc_aug: float = 0.0, trunc_min: float = 0.5, fov_pair_range: str = "wider",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return_outside: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Two in-plane crops (different position/zoom/intensity) of the same K axial slices.
 
     Returns ``view_a, view_b`` of shape ``(1, 1, size_xy, size_xy, K)`` and the slices' world z (K,)
@@ -181,6 +182,9 @@ def slice_views(
     (:func:`truncate_inplane`): the window's floor (0) outside a random box keeping ``trunc_min``..1
     of each axis, as a scan reconstructed or cropped to a narrower field of view and padded back to
     the model's tile size; view b keeps the whole crop, so the views' agreement asks for the same score.
+    With ``return_outside`` two more tensors follow: for each view, which of its stacked slices stand
+    for positions beyond its range (bool ``(K * (2c + 1),)``; the repeated end slices that a slice model
+    with ``context_fill`` "mask" masks).
     """
     nx, ny, nz = vol.shape
     lo, hi = 0.0, float(nz - 1)
@@ -199,8 +203,10 @@ def slice_views(
     z_idx = np.sort(rng.uniform(lo, hi, size=n_slices))
     az = torch.as_tensor(z_idx, dtype=torch.float32)
     zs = [az, az]
+    outside = [torch.zeros(len(az), dtype=torch.bool)] * 2
     if context:  # neighbours clamped to [lo, hi]: the range's end slices repeated beyond it
         zs = [slice_neighbourhoods(az, context, a, b, context_step) for a, b in ((lo, hi), (lo_b, hi_b))]
+        outside = [slice_neighbourhood_outside(az, context, a, b, context_step) for a, b in ((lo, hi), (lo_b, hi_b))]
     views = []
     for az in zs:
         axes = []
@@ -215,6 +221,8 @@ def slice_views(
         views[0] = truncate_inplane(views[0], rng, trunc_min)
     centre = torch.tensor([[(nx - 1) / 2, (ny - 1) / 2, float(k)] for k in z_idx])
     z_mm = world(vol.affine, centre)[:, 2]
+    if return_outside:
+        return views[0], views[1], z_mm, outside[0], outside[1]
     return views[0], views[1], z_mm
 
 

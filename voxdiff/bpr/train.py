@@ -42,7 +42,7 @@ from ..data.preprocess import HU_WINDOW, PreprocessConfig
 from . import losses
 from .fields import model_signature
 from .inference import ape_volume, ct_problem, slice_scores_volume
-from .models import ANCHOR_FITS, BPR_KINDS, BodyPartRegressor, body_threshold, build_bpr, save_bpr
+from .models import ANCHOR_FITS, BPR_KINDS, CONTEXT_FILLS, BodyPartRegressor, body_threshold, build_bpr, save_bpr
 from .sampling import Volume, ape_views, random_crop, sample_points, slice_views
 
 
@@ -149,12 +149,16 @@ class BPRModel:
             changes along z (0: one slice at a time, as in Yan 2018).
         slice_context_step: slice: voxels of the model spacing between those neighbouring slices
             (1: adjacent slices; 2 doubles the slab the model sees for the same input channels).
+        slice_context_fill: slice with context: what stands for a neighbouring slice beyond the scan's
+            end: "repeat" (the end slice repeated) or "mask" (a constant below the intensity window, so
+            that the network knows that anatomy is unseen rather than seeing a false copy).
     """
 
     channels: tuple[int, ...] | None = None
     ape_input_pool: int = 2
     slice_context: int = 0
     slice_context_step: int = 1
+    slice_context_fill: str = "repeat"
 
 
 @dataclass
@@ -344,6 +348,10 @@ def _validate(cfg: BPRTrainConfig) -> None:
         raise InputError(None, "task.consistency_stop_grad is for the slice model (--kind slice), whose view b is the fuller one")
     if cfg.model.slice_context_step < 1:
         raise InputError(None, f"model.slice_context_step must be >= 1, got {cfg.model.slice_context_step}")
+    if cfg.model.slice_context_fill not in CONTEXT_FILLS:
+        raise InputError(None, f"model.slice_context_fill must be one of {list(CONTEXT_FILLS)}, got {cfg.model.slice_context_fill!r}")
+    if cfg.model.slice_context_fill != "repeat" and not (cfg.kind == "slice" and cfg.model.slice_context > 0):
+        raise InputError(None, "model.slice_context_fill needs a slice model with neighbouring slices (--model.slice_context > 0)")
     if d.ape_crops < 2:
         raise InputError(None, f"data.ape_crops must be >= 2 (two overlapping views), got {d.ape_crops}")
     if d.zoom is not None and not float(d.zoom) >= 1.0:
@@ -477,17 +485,20 @@ def slice_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Ge
     scores of view b in the model's raw unit (mm times ``task.heuristic_b``)."""
     d = cfg.data
     idx = draw_volumes(vols, d.batch_size, rng, d.extra_ratio)  # type: ignore[arg-type]
-    va, vb, zs = [], [], []
+    va, vb, zs, oa, ob = [], [], [], [], []
     for i in idx:
-        a, b, z = slice_views(vols[i], d.slice_patch, d.slices_per_sample, rng, d.zoom, d.intensity_aug, d.texture_aug,
-                              context=model.context, context_step=model.context_step,
-                              fov_aug=d.slice_fov_aug, fov_pair=d.slice_fov_pair, trunc_aug=d.slice_trunc_aug,
-                              fov_pair_range=d.slice_fov_pair_range)
+        a, b, z, out_a, out_b = slice_views(
+            vols[i], d.slice_patch, d.slices_per_sample, rng, d.zoom, d.intensity_aug, d.texture_aug,
+            context=model.context, context_step=model.context_step, fov_aug=d.slice_fov_aug, fov_pair=d.slice_fov_pair,
+            trunc_aug=d.slice_trunc_aug, fov_pair_range=d.slice_fov_pair_range, return_outside=True)
         va.append(a)
         vb.append(b)
         zs.append(z)
+        oa.append(out_a)
+        ob.append(out_b)
     x = torch.cat(va + vb)
-    s = model.slice_scores_raw(x, stacked=True)
+    outside = torch.stack(oa + ob)  # (2B, K * (2c + 1)): the stacked slices beyond each view's scan
+    s = model.slice_scores_raw(x, stacked=True, outside=outside)
     sa, sb = s[: len(idx)], s[len(idx):]
     z = torch.stack(zs)
     hb = cfg.task.heuristic_b
@@ -499,7 +510,7 @@ def slice_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Ge
     parts = {"order": l_order.item(), "distance": l_dist.item(), "consistency": l_cons.item()}
     if teacher is not None:
         with torch.no_grad():
-            target = teacher.slice_scores(x[len(idx):], stacked=True) * (teacher.mm_per_unit * hb)  # view b
+            target = teacher.slice_scores(x[len(idx):], stacked=True, outside=outside[len(idx):]) * (teacher.mm_per_unit * hb)  # view b
         l_distill = 0.5 * (losses.consistency_loss(sa, target) + losses.consistency_loss(sb, target))
         loss = loss + float(cfg.task.w_distill) * l_distill
         parts["distill"] = l_distill.item()
@@ -561,7 +572,7 @@ def ape_step(model, vols: list[Volume], cfg: BPRTrainConfig, rng: np.random.Gene
 # ------------------------------------------------------------------------------------ engine task
 
 # fields that may not change between a checkpoint and --resume (dotted: section.field)
-_RESUME_FIXED = ("kind", "model.channels", "model.slice_context", "model.slice_context_step", "preprocess.spacing",
+_RESUME_FIXED = ("kind", "model.channels", "model.slice_context", "model.slice_context_step", "model.slice_context_fill", "preprocess.spacing",
                  "preprocess.hu_window", "data.slice_patch", "data.ape_patch", "model.ape_input_pool", "task.anchor", "task.slice_model", "task.anchor_knots",
                  "task.anchor_fit", "task.anchor_slope_range", "task.slice_teacher")
 
@@ -723,7 +734,8 @@ def _train(cfg: BPRTrainConfig, out: Path, vols: list[Volume], resuming: bool, p
     arch: dict[str, Any] = {"channels": cfg.model.channels, "unit_mm": 1.0 / t.heuristic_b if cfg.kind == "slice" else 100.0,
                             "patch_size": patch}
     if cfg.kind == "slice":  # (the model's saved arch leaves out the defaults)
-        arch.update(context=int(cfg.model.slice_context), context_step=int(cfg.model.slice_context_step))
+        arch.update(context=int(cfg.model.slice_context), context_step=int(cfg.model.slice_context_step),
+                    context_fill=str(cfg.model.slice_context_fill))
     slice_model = None
     if cfg.kind == "ape":
         arch.update(head="anchor", input_pool=cfg.model.ape_input_pool)
