@@ -27,7 +27,7 @@ def _slice(seed, scale, offset, **arch):
     return m.eval()
 
 
-@pytest.mark.parametrize("arch", [{}, {"context": 2, "context_step": 2}])
+@pytest.mark.parametrize("arch", [{}, {"context": 2, "context_step": 2}, {"context": 2, "context_step": 2, "context_fill": "mask"}])
 def test_ensemble_scores_are_the_mean_of_the_members_calibrated_scores(tmp_path, arch):
     members = [_slice(s, sc, off, **arch) for s, sc, off in ((0, 2.0, -0.5), (1, 0.5, 0.3), (2, 1.5, 0.0))]
     for k, m in enumerate(members):
@@ -84,11 +84,13 @@ def test_ensembles_of_models_that_do_not_fit_together_are_refused(tmp_path):
     wide.preprocess = dict(PRE, hu_window=[-1000.0, 1000.0])
     save_bpr(tmp_path / "d", wide)
     save_bpr(tmp_path / "e", ensemble_slice_models([_slice(0, 1.0, 0.0), _slice(3, 1.0, 0.0)]))
+    save_bpr(tmp_path / "f", _slice(4, 1.0, 0.0, context=1, context_fill="mask"))
     cases = [([tmp_path / "a"], None, "at least two"),
              ([tmp_path / "a", tmp_path / "b"], tmp_path / "b", "context 1 differs from the first member's 0"),
              ([tmp_path / "a", tmp_path / "c"], tmp_path / "c", "'ape' body part regressor, expected 'slice'"),
              ([tmp_path / "a", tmp_path / "d"], tmp_path / "d", "preprocessing differs from the first member's (hu_window)"),
-             ([tmp_path / "a", tmp_path / "e"], tmp_path / "e", "already an ensemble of 2")]
+             ([tmp_path / "a", tmp_path / "e"], tmp_path / "e", "already an ensemble of 2"),
+             ([tmp_path / "b", tmp_path / "f"], tmp_path / "f", "context_fill 'mask' differs from the first member's 'repeat'")]
     for models, where, msg in cases:
         with pytest.raises((InputError, ModelError), match=msg.replace("(", r"\(").replace(")", r"\)")) as e:
             write_ensemble(BPREnsembleConfig(models=[str(m) for m in models]), tmp_path / "out")

@@ -242,6 +242,72 @@ def test_slice_context_gives_each_slice_its_neighbours_on_every_path(tmp_path, s
                                step * torch.arange(-2.0, 3.0).expand(int(inner.sum()), 5), atol=1e-4, rtol=0)
 
 
+def test_masked_context_gives_the_slices_beyond_the_scan_one_constant_on_every_path(tmp_path):
+    """``context_fill`` "mask": a neighbour beyond the volume's end enters as ``CONTEXT_MASK_VALUE``,
+    not as the end slice repeated. So changing the end slice moves only the scores of the slices that
+    truly see it (with "repeat" also those that see its copies beyond the end); the stacked layout with
+    ``outside``, the chunked whole-volume path and a save / load give the same scores; stacked input
+    without ``outside`` is refused; the "repeat" model's saved arch is as before."""
+    from voxdiff.bpr.inference import slice_scores_volume
+    from voxdiff.bpr.models import CONTEXT_MASK_VALUE, slice_neighbourhood_outside, slice_neighbourhoods
+
+    z = torch.arange(10.0)
+    pos = slice_neighbourhoods(z, 2, 0, 9, 2)
+    out = slice_neighbourhood_outside(z, 2, 0, 9, 2)
+    raw = (z[:, None] + 2 * torch.arange(-2.0, 3.0)[None]).flatten()
+    assert torch.equal(out, (raw < 0) | (raw > 9)) and int(out.sum()) == 12
+    assert torch.equal(pos[~out], raw[~out])  # inside: the positions themselves, not clamped
+    m, rep = _model("slice", context=2, context_step=2, context_fill="mask"), _model("slice", context=2, context_step=2)
+    assert m.arch()["context_fill"] == "mask" and "context_fill" not in rep.arch()
+    x = torch.rand(1, 1, 32, 32, 15)
+    moved = x.clone()
+    moved[..., 14] += 5.0  # the last slice: seen by slices 10, 12 and 14 at true offsets
+    for model, seen_by in ((m, {10, 12, 14}), (rep, {10, 11, 12, 13, 14})):
+        d = (model.slice_scores_raw(moved) - model.slice_scores_raw(x))[0].abs()
+        assert {int(i) for i in torch.nonzero(d > 1e-7)} == seen_by, model.context_fill
+    whole = m.slice_scores_raw(x)[0].detach()
+    zz = torch.arange(15)
+    zi, oi = m.neighbourhoods(zz, 15), m.neighbourhood_outside(zz, 15)
+    torch.testing.assert_close(m.slice_scores_raw(x[..., zi], stacked=True, outside=oi)[0], whole)
+    filled = torch.where(oi.view(1, 1, 1, 1, -1), torch.tensor(CONTEXT_MASK_VALUE), x[..., zi])
+    torch.testing.assert_close(m.slice_scores_raw(filled, stacked=True, outside=oi)[0], whole)  # the fill, once
+    assert not torch.allclose(m.slice_scores_raw(x[..., zi], stacked=True, outside=torch.zeros_like(oi))[0], whole)
+    with pytest.raises(ValueError, match="needs `outside`"):
+        m.slice_scores_raw(x[..., zi], stacked=True)
+    with pytest.raises(ValueError, match="outside has shape"):
+        m.slice_scores_raw(x[..., zi], stacked=True, outside=oi[:5])
+    np.testing.assert_allclose(slice_scores_volume(m, x[0, 0], raw=True, z_chunk=4), whole.numpy(), rtol=1e-5, atol=1e-5)
+    save_bpr(tmp_path / "m", m)
+    m2 = load_bpr(tmp_path / "m")
+    assert m2.context_fill == "mask"
+    torch.testing.assert_close(m2.slice_scores_raw(x), m.slice_scores_raw(x))
+    with pytest.raises(ValueError, match="unknown slice context_fill 'zeros'"):
+        build_bpr("slice", {"context": 1, "context_fill": "zeros"})
+
+
+def test_slice_views_mark_the_stacked_slices_beyond_each_views_range():
+    """``return_outside``: per view, exactly the stacked positions that were clamped to its range's
+    ends (view a's shorter scan, view b's whole volume); without it the views are as before."""
+    from voxdiff.bpr.sampling import Volume, slice_views
+
+    ramp = Volume(torch.arange(40, dtype=torch.float32).expand(1, 1, 32, 32, 40).contiguous(), np.eye(4), "ramp")
+    offsets = 3 * torch.arange(-2.0, 3.0)
+    marked_a = marked_b = 0
+    for seed in range(8):
+        kw = dict(aug=0.0, context=2, context_step=3, fov_aug=1.0, fov_min_mm=10.0, fov_pair=True, fov_pair_range="whole")
+        va, vb, z, oa, ob = slice_views(ramp, 16, 6, np.random.default_rng(seed), return_outside=True, **kw)
+        ra, rb, rz = slice_views(ramp, 16, 6, np.random.default_rng(seed), **kw)
+        torch.testing.assert_close((va, vb, z), (ra, rb, rz))
+        for v, o in ((va, oa), (vb, ob)):
+            g = v[0, 0].amax(dim=(0, 1))
+            want = (g.view(6, 5)[:, 2:3] + offsets).flatten()  # where each neighbour would be without clamping
+            assert torch.equal(o, (g - want).abs() > 1e-3)
+        marked_a += int(oa.sum())
+        marked_b += int(ob.sum())
+        assert not (ob & ~oa).any()  # the whole volume runs past its ends only where the shorter scan does
+    assert marked_a > marked_b
+
+
 def test_slice_fov_augmentation_gives_views_with_the_ends_of_a_shorter_scan():
     """``fov_aug``: the drawn slices and their neighbours come from a random z-range of at least
     ``fov_min_mm``, the neighbours beyond it repeating its end slices (as at the ends of a shorter

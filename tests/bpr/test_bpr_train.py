@@ -30,7 +30,8 @@ def _untrained(cfg):
     patch = (d.slice_patch, d.slice_patch, d.slices_per_sample) if cfg.kind == "slice" else (d.ape_patch,) * 3
     arch = {"channels": cfg.model.channels, "patch_size": patch}
     if cfg.kind == "slice" and cfg.model.slice_context:
-        arch.update(context=cfg.model.slice_context, context_step=cfg.model.slice_context_step)
+        arch.update(context=cfg.model.slice_context, context_step=cfg.model.slice_context_step,
+                    context_fill=cfg.model.slice_context_fill)
     if cfg.kind == "ape":
         arch["input_pool"] = cfg.model.ape_input_pool
     pp = cfg.preprocess
@@ -38,15 +39,15 @@ def _untrained(cfg):
     return m.eval()
 
 
-@pytest.mark.parametrize("context, step", [(0, 1), (1, 2)])
-def test_tiny_slice_training_improves_spearman(tmp_path, tiny_phantoms, context, step):
+@pytest.mark.parametrize("context, step, fill", [(0, 1, "repeat"), (1, 2, "repeat"), (2, 2, "mask")])
+def test_tiny_slice_training_improves_spearman(tmp_path, tiny_phantoms, context, step, fill):
     train, test = tiny_phantoms
     cfg = _cfg(kind="slice", steps=300, slice_patch=24, slices_per_sample=8, lr=3e-3, slice_context=context,
-               slice_context_step=step, **TINY)
+               slice_context_step=step, slice_context_fill=fill, **TINY)
     before = slice_quality(_untrained(cfg), test)["spearman_mean"]
     train_bpr(cfg, tmp_path / "m", cases=train, progress=False)
     m = load_bpr(tmp_path / "m", kind="slice")
-    assert (m.context, m.context_step) == (context, step if context else 1)
+    assert (m.context, m.context_step, m.context_fill) == (context, step if context else 1, fill)
     q = slice_quality(m, test)
     assert q["spearman_mean"] > before + 0.1, (before, q["spearman_mean"])
     # calibration: training scores span about 0..1, and the score grows toward the head
@@ -213,7 +214,9 @@ def test_slice_context_settings_are_checked_before_training(tmp_path):
                         ({"slice_fov_aug": 0.5, "slice_context": 2, "slice_fov_pair": True, "slice_fov_pair_range": "all"},
                          "slice_fov_pair_range must be"),
                         ({"slice_fov_aug": 0.5, "slice_context": 2, "slice_fov_pair_range": "whole"},
-                         "slice_fov_pair_range needs")):
+                         "slice_fov_pair_range needs"),
+                        ({"slice_context": 2, "slice_context_fill": "zeros"}, "slice_context_fill must be one of"),
+                        ({"slice_context_fill": "mask"}, "slice_context_fill needs a slice model with neighbouring")):
         with pytest.raises(InputError, match=match):
             train_bpr(_cfg(kind="slice", **flat), tmp_path / "m", cases=[])
         assert not (tmp_path / "m").exists()
@@ -287,6 +290,14 @@ def test_slice_teacher_distils_its_ordering_into_a_model_trained_on_no_other_los
     t_mm, s_mm = (np.concatenate([slice_scores_volume(m, _unit(c, teacher)) * m.mm_per_unit for c in test])
                   for m in (teacher, student))
     assert np.corrcoef(t_mm, s_mm)[0, 1] > 0.8, np.corrcoef(t_mm, s_mm)[0, 1]
+    # a student told which neighbours lie beyond the scan ("mask") learns from a teacher that sees them
+    # repeated: each scores the same stacked views its own way
+    train_bpr(replace(cfg, model=replace(cfg.model, slice_context_fill="mask")), tmp_path / "masked", cases=train,
+              progress=False)
+    masked = load_bpr(tmp_path / "masked", kind="slice")
+    assert masked.context_fill == "mask" and slice_quality(masked, test)["spearman_mean"] > before + 0.1
+    m_mm = np.concatenate([slice_scores_volume(masked, _unit(c, teacher)) * masked.mm_per_unit for c in test])
+    assert np.corrcoef(t_mm, m_mm)[0, 1] > 0.8, np.corrcoef(t_mm, m_mm)[0, 1]
 
     for flat, match in (({"slice_context": 2}, "neighbouring slices"), ({"w_distill": -1.0}, "w_distill must be")):
         with pytest.raises(InputError, match=match):
