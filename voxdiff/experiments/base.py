@@ -649,7 +649,8 @@ class Experiment:
             alts: dict[str, Any] | None = {r: None for r in self.cfg.compare_selection} or None
             tuned, head = fit_network(ext, train, val, mode, pcfg, progress=self.cfg.progress, history=hist,
                                       init_head=init, alternatives=alts)
-            scores = self.score(tuned, {mode: head}, test, pcfg)
+            whole = bool(pcfg.sampling.whole_volume)  # scored in the window it trained in
+            scores = self.score(tuned, {mode: head}, test, pcfg, volume=whole)
             from voxdiff.features.norm import norm_stats_of
 
             out = {"fold": fold, "mode": mode, "init": init_probe or "random", "norm_stats": norm_stats_of(tuned),
@@ -664,7 +665,7 @@ class Experiment:
                 out["by_selection"] = {}
                 for r, (e, h) in alts.items():
                     if h.best_step not in by_step:
-                        by_step[h.best_step] = self.score(e, {mode: h}, test, pcfg)
+                        by_step[h.best_step] = self.score(e, {mode: h}, test, pcfg, volume=whole)
                     out["by_selection"][r] = {"best_step": h.best_step, "val_score": h.best_val_dice,
                                               "scores": by_step[h.best_step]}
             return out

@@ -93,6 +93,15 @@ class ProbeSampling:
             "Field-of-view crops at 1, 2 and all labelled phantoms"). Off by default for its cost: one
             feature window per crop. Not used by fine-tuning and from-scratch training (their patches
             are crops already). 0 = off.
+        whole_volume: fine-tuning and from-scratch training: every step trains on ``batch_size``
+            whole labelled volumes (drawn uniformly; each at voxel 0, padded at its end to a multiple of
+            the backbone's divisor, as the whole-volume feature path pads it) instead of patches, and
+            validation uses whole-volume features (the window of ``inference.feature_roi``), as the
+            frozen voxel probe does. ``patch_size`` and ``fg_prob`` are then unused. A diffusion
+            backbone's features depend on the window they are computed in: the demo's frozen probe
+            head, fitted on whole volumes, scores about 1 Dice on 48 x 48 x 32 patches, and fine-tuning
+            from it on patches loses half the probe's Dice (docs/RESULTS.md, "Fine-tuning on whole
+            volumes"). Each step costs about as many voxels as the volumes hold.
     """
 
     patch_size: tuple[int, int, int] = (64, 64, 32)
@@ -104,6 +113,7 @@ class ProbeSampling:
     fresh_noise: bool = False
     deformed_copies: int = 0
     fov_crops: int = 0
+    whole_volume: bool = False
 
     def __post_init__(self) -> None:
         for name in ("deformed_copies", "fov_crops"):
@@ -364,11 +374,14 @@ class PatchSampler:
 
     def __init__(self, cases: Sequence, window: Sequence[float], patch_size: Sequence[int], fg_prob: float,
                  rng: np.random.Generator, max_voxels_per_class: int = 20000, fields: Sequence | None = None,
-                 sincos: int = 0, fresh_noise: bool = False):
+                 sincos: int = 0, fresh_noise: bool = False, whole_volume: bool = False, divisor: int = 1):
+        """``whole_volume``: each item is a whole volume at voxel 0, the batch padded at its end to
+        the largest of its volumes rounded up to a multiple of ``divisor`` (``patch_size`` unused)."""
         if not cases:
             raise InputError(None, "no labelled training cases")
         self.fields, self.sincos = fields, int(sincos)
         self.fresh_noise = bool(fresh_noise)
+        self.whole_volume, self.divisor = bool(whole_volume), max(1, int(divisor))
         self.last: tuple[list[int], list[list[int]]] = ([], [])
         self.noise_offsets: np.ndarray | None = None
         self.images = [unit_image(c, window) for c in cases]
@@ -384,9 +397,20 @@ class PatchSampler:
 
         return crop_or_pad(arr, start, self.size, fill)
 
+    def _sample_volumes(self, batch_size: int) -> tuple[list[int], list[list[int]]]:
+        """Whole volumes: their indices and starts (voxel 0); sets the batch's padded size."""
+        where = [int(self.rng.integers(len(self.images))) for _ in range(batch_size)]
+        d = self.divisor
+        self.size = tuple(int(-(-max(self.images[i].shape[a] for i in where) // d) * d) for a in range(3))
+        return where, [[0, 0, 0] for _ in where]
+
     def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys, where, starts = [], [], [], []
-        for _ in range(batch_size):
+        if self.whole_volume:
+            where, starts = self._sample_volumes(batch_size)
+            xs = [self._crop(self.images[i], st, 0.0) for i, st in zip(where, starts)]
+            ys = [self._crop(self.labels[i], st, 0) for i, st in zip(where, starts)]
+        for _ in range(0 if self.whole_volume else batch_size):
             if self.classes and self.rng.random() < self.fg_prob:
                 c = self.classes[int(self.rng.integers(len(self.classes)))]
                 i, idx = self.where[c][int(self.rng.integers(len(self.where[c])))]
@@ -440,9 +464,15 @@ def make_sampler(extractor, cases: Sequence, cfg: "ProbeConfig", rng: np.random.
     """The patch sampler of head fitting (``end_to_end`` False) and of fine-tuning / from-scratch
     training (True: ``cfg.sampling.fresh_noise`` applies) for ``extractor``."""
     sincos = int(getattr(getattr(getattr(extractor, "task", None), "opts", None), "bpr_sincos", 0) or 0)
+    whole = bool(end_to_end and cfg.sampling.whole_volume)
+    divisor = 1
+    if whole:
+        from .predict import extractor_window
+
+        divisor = int(extractor_window(extractor))
     return PatchSampler(cases, extractor.preprocess.hu_window, cfg.sampling.patch_size, cfg.sampling.fg_prob, rng,
                         fields=condition_fields(extractor, cases), sincos=sincos,
-                        fresh_noise=end_to_end and cfg.sampling.fresh_noise)
+                        fresh_noise=end_to_end and cfg.sampling.fresh_noise, whole_volume=whole, divisor=divisor)
 
 
 # ------------------------------------------------------------------------------------ loss / metrics
@@ -799,7 +829,12 @@ class NetworkTask(TrainTask):
             return False
         cfg, mode = self.cfg, self.mode
         self.backbone.eval()
-        val = validate(self.ext, {mode: self.head}, self.val_cases, cfg, self.device, self.ext.preprocess.hu_window)
+        if cfg.sampling.whole_volume:  # the window it trains in: whole-volume features, as the voxel probe
+            from .voxel import validate_volume
+
+            val = validate_volume(self.ext, {mode: self.head}, self.val_cases, cfg)
+        else:
+            val = validate(self.ext, {mode: self.head}, self.val_cases, cfg, self.device, self.ext.preprocess.hu_window)
         score = val.get(mode, float("nan"))
         improved = bool(val) and np.isfinite(score) and score > self.best[0]
         if not val or improved or (done == cfg.optim.steps and self.best[1] is None):
@@ -1210,7 +1245,9 @@ def train_probe(
     origin = training_data_record(data_dir)  # (voxdiff segment says so on real CT)
     with staged_dir(out_dir, force=force) as tmp:
         for n, (ext, h) in results.items():
-            volume = n in FROZEN_MODES and cfg.frozen_training == "voxels"
+            # the window its head was trained in: whole-volume features for voxel probes and for
+            # networks trained on whole volumes, sliding windows of the training patches otherwise
+            volume = (cfg.frozen_training == "voxels") if n in FROZEN_MODES else bool(cfg.sampling.whole_volume)
             save_segmenter(tmp / n, pretrained_dir, h, n, pre, volume_roi(cfg) if volume else cfg.inference.roi, cfg.inference.overlap,
                            tuned_extractor=ext,
                            inference="volume" if volume else "window", timesteps=feature_timesteps(extractor),
