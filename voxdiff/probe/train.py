@@ -788,8 +788,18 @@ class NetworkTask(TrainTask):
         for p, p0 in zip(self.kept_params, self.anchor):
             p.lerp_(p0, rate)
 
+    def _head_train(self) -> None:
+        """The head in training mode; a head fitted beforehand (LP-FT) and trained on whole volumes
+        keeps its BatchNorm statistics (those it was fitted with, as it is scored): one volume's
+        batch statistics, mostly air, are far from the class-balanced voxels it was fitted on."""
+        self.head.train()
+        if self.fitted_head and self.cfg.sampling.whole_volume:
+            for m in self.head.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+
     def on_fit_start(self, engine: Engine) -> None:
-        self.head.train()  # the backbone stays in eval mode (frozen) until it is unfrozen
+        self._head_train()  # the backbone stays in eval mode (frozen) until it is unfrozen
         if self.unfrozen:
             self._unfreeze()
 
@@ -806,7 +816,7 @@ class NetworkTask(TrainTask):
     def step(self, model, batch, step: int, gen):
         x, y = self.sampler.sample(self.cfg.sampling.batch_size)
         x, y = x.to(self.device), y.to(self.device)
-        self.head.train()
+        self._head_train()
         if self.unfrozen:
             pyr = features(self.ext, x, amp=self.cfg.runtime.bf16, grad=True, **self.sampler.extractor_inputs(self.device))
             if not any(f.requires_grad for f in pyr):
