@@ -386,6 +386,25 @@ def test_end_to_end_settings_reach_fine_tuning_and_from_scratch_but_not_frozen_h
     assert not (tmp_path / "typo").exists()
 
 
+def test_lpft_settings_reach_only_fine_tuning_from_the_probes_head(tmp_path):
+    """The budget's ``lpft`` section (cpu-small: whole volumes, backbone 1e-5) applies to fine-tuning
+    that starts from the frozen probe's head, not to fine-tuning from a random head (label-efficiency)
+    nor to from scratch; cpu-bench keeps its patches."""
+    from voxdiff.experiments.base import Experiment
+    from voxdiff.experiments.budgets import get_budget
+
+    small = get_budget("cpu-small")
+    assert small["lpft"]["whole_volume"] and small["lpft"]["backbone_lr"] == 1e-5
+    assert "lpft" not in get_budget("cpu-bench") and get_budget("cpu-bench")["finetune_steps"] == 150
+    e = Experiment(ExperimentConfig(budget="tiny"), tmp_path / "e", log=lambda *a: None)
+    e.budget["lpft"] = {"whole_volume": True, "batch_size": 1, "backbone_lr": 1e-5}
+    c = e.tuned_cfg("finetune", from_probe=True)
+    assert c.sampling.whole_volume and c.sampling.batch_size == 1 and c.optim.backbone_lr == 1e-5
+    for other in (e.tuned_cfg("finetune"), e.tuned_cfg("finetune", early_stopping=True), e.tuned_cfg("scratch"),
+                  e.tuned_cfg("scratch", from_probe=True)):
+        assert not other.sampling.whole_volume and other.optim.backbone_lr != 1e-5
+
+
 def test_early_stopping_cap_override_and_report_marks_runs_kept_at_the_cap(tmp_path):
     from voxdiff.experiments.base import Experiment
     from voxdiff.experiments.report import label_markdown
@@ -483,7 +502,11 @@ def test_demo_prints_the_converged_scratch_reference_only_where_it_was_measured(
     cfg = demo_config()
     assert {"diffusion-ape", "contrastive"} <= set(cfg.finetune) == set(DEMO_FINETUNE)
     b = get_budget("cpu-small")
-    assert b["finetune_steps"] == b["scratch_steps"]  # the demo's fine-tuned rows cost what from scratch does
+    # the demo's fine-tuned rows: a few LP-FT steps on whole volumes (30 of about 1.1 M voxels: about
+    # 1.5x the voxels of 150 steps of 2 x 48 x 48 x 32 patches, what from scratch trains on)
+    assert b["finetune_init"] == "probe" and b["lpft"]["whole_volume"] and b["finetune_steps"] < b["scratch_steps"]
+    assert "on whole volumes" in tuned_note("cpu-small", 30, "probe", True)
+    assert "on whole volumes" not in tuned_note("cpu-small", 30, "probe")
 
 
 def test_probe_fov_crops_reach_the_frozen_heads_config_and_change_the_folder(tmp_path):
@@ -670,12 +693,15 @@ def test_bench_budget_is_cpu_small_with_the_benchmark_pools():
     assert {k: v for k, v in small["phantoms"].items() if k not in ("n_train", "n_test", "n_unlabelled")} == \
         {k: v for k, v in bench["phantoms"].items() if k not in ("n_train", "n_test", "n_unlabelled")}
     # everything else is cpu-small's
-    changed = {"phantoms", "pretrain", "probe", "bpr", "bpr_kind", "tuned_early_stopping", "finetune_init", "finetune"}
+    changed = {"phantoms", "pretrain", "probe", "bpr", "bpr_kind", "tuned_early_stopping", "finetune_init", "finetune",
+               "lpft", "finetune_steps"}
     # the demo fine-tunes at 1e-4 with its fixed statistics; the benchmark at the default, as measured
     assert small["finetune"] == {**bench["finetune"], "backbone_lr": 1e-4} and "backbone_lr" not in bench["finetune"]
     # fine-tuned rows from a random head, as measured (cpu-small's demo starts them from the probe's head)
     assert small["finetune_init"] == "probe" and "finetune_init" not in bench
-    assert set(bench) == (set(small) - {"finetune_init"}) | {"tuned_early_stopping"}
+    # and on patches for 150 steps, as measured (cpu-small's LP-FT trains 30 steps on whole volumes)
+    assert "lpft" in small and "lpft" not in bench and bench["finetune_steps"] == 150 > small["finetune_steps"]
+    assert set(bench) == (set(small) - {"finetune_init", "lpft"}) | {"tuned_early_stopping"}
     assert {k: bench[k] for k in small if k not in changed} == {k: small[k] for k in small if k not in changed}
 
 

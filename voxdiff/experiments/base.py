@@ -594,7 +594,7 @@ class Experiment:
 
         return self.runner.run(name, run)
 
-    def tuned_cfg(self, mode: str, early_stopping: bool = False):
+    def tuned_cfg(self, mode: str, early_stopping: bool = False, from_probe: bool = False):
         """The :class:`ProbeConfig` of fine-tuning (``finetune``) or from-scratch training (``scratch``).
 
         Plain: the budget's ``finetune_steps`` / ``scratch_steps`` (config overrides win) with the
@@ -602,12 +602,16 @@ class Experiment:
         fine-tuning, its ``finetune`` settings. ``early_stopping``: the budget's ``early_stopping`` settings
         (maximum steps, validation interval, patience, minimum steps; ``early_stopping_steps`` and
         ``early_stopping_min_steps`` override the maximum and the minimum for both modes), as the
-        label-efficiency experiment trains to convergence with the best-validation checkpoint."""
+        label-efficiency experiment trains to convergence with the best-validation checkpoint.
+        ``from_probe``: fine-tuning starts from the frozen probe's head (LP-FT); the budget's ``lpft``
+        settings then apply over its ``finetune`` ones."""
         over: dict[str, Any] = dict(self.budget.get("end_to_end", {}))
         if self.cfg.end_to_end:
             over.update(self.cfg.end_to_end)
         if mode == "finetune":
             over.update(self.budget.get("finetune", {}))
+            if from_probe:
+                over.update(self.budget.get("lpft", {}))
         if early_stopping:
             over.update(self.budget.get("early_stopping", {}))
             if self.cfg.early_stopping_steps is not None:
@@ -642,7 +646,7 @@ class Experiment:
             src = self.pretrained("random") if mode == "scratch" else model_dir
             if src is None:
                 raise ValueError("fine-tuning needs a pretrained model folder")
-            pcfg = self.tuned_cfg(mode, early_stopping)
+            pcfg = self.tuned_cfg(mode, early_stopping, from_probe=bool(init_probe))
             ext = load_pretrained(src, device=pcfg.runtime.device)
             hist: list = []
             init = load_segmenter_head(self.out / init_probe / "segmenter-nonlinear") if init_probe else None

@@ -26,7 +26,8 @@ SCRATCH_CONVERGED = {"budget": "cpu-small", "seed": 0, "steps": 1200, "mean_dice
 
 
 # The demo's fine-tuned rows train a few steps (the budget's finetune_steps), from the probe's head when
-# the budget says finetune_init "probe". Trained to convergence (early stopping on the validation
+# the budget says finetune_init "probe" (on whole volumes: its lpft section). Trained to convergence on
+# patches (early stopping on the validation
 # phantom, from a random head) the same rows were measured on the matched-compute benchmark, mean ± std
 # over seeds (docs/RESULTS.md, "Matched-compute benchmark over seeds"); printed under the table.
 TUNED_CONVERGED = {"budget": "cpu-bench", "seeds": 3, "max_steps": 1200,
@@ -35,16 +36,18 @@ TUNED_CONVERGED = {"budget": "cpu-bench", "seeds": 3, "max_steps": 1200,
                    "command": "voxdiff experiment compare --budget cpu-bench --seeds '[0,1,2]' --phantom_seed 1"}
 
 
-def tuned_note(budget: str, steps: int | None, init: str = "random") -> str | None:
+def tuned_note(budget: str, steps: int | None, init: str = "random", whole_volume: bool = False) -> str | None:
     """The line under the table that puts the short fine-tuned rows beside the benchmark's converged ones
-    (``init``: "probe" when the rows start from the non-linear probe's head)."""
+    (``init``: "probe" when the rows start from the non-linear probe's head; ``whole_volume``: when
+    their steps train on whole volumes)."""
     ref = TUNED_CONVERGED
     if budget == ref["budget"] or steps is None or steps >= ref["max_steps"]:
         return None
     rows = ", ".join(f"{k} {m:.1f} ± {s:.1f}" for k, (m, s) in ref["rows"].items())
-    how = (f"start from the non-linear probe's head (LP-FT) and train {steps} steps, far from converged"
-           if init == "probe" else f"train {steps} steps and are far from converged")
-    return (f"The fine-tuned rows {how}. Trained to convergence "
+    what = f"{steps} steps on whole volumes" if whole_volume else f"{steps} steps"
+    how = (f"start from the non-linear probe's head (LP-FT) and train {what}, far from converged"
+           if init == "probe" else f"train {what} and are far from converged")
+    return (f"The fine-tuned rows {how}. Trained to convergence on patches "
             f"(early stopping on the validation phantom, up to {ref['max_steps']} steps) on the matched-compute "
             f"benchmark ({ref['budget']}: 48 unlabelled, 7 + 1 labelled and 10 test phantoms; {ref['seeds']} seeds, "
             f"docs/RESULTS.md): {rows}. `{ref['command']}`.")
@@ -81,7 +84,9 @@ def run_demo(out: str | Path = "demo_out", budget: str = "cpu-small", seed: int 
 
     b = get_budget(budget)
     note = scratch_note(budget, seed, cfg.scratch)
-    tnote = tuned_note(budget, b.get("finetune_steps"), b.get("finetune_init", "random"))
+    init = b.get("finetune_init", "random")
+    whole = init == "probe" and bool(b.get("lpft", {}).get("whole_volume", False))
+    tnote = tuned_note(budget, b.get("finetune_steps"), init, whole)
     notes = [n for n in (note, tnote) if n]
     res = compare(cfg, out, force=force, notes=notes or None)
 
