@@ -387,9 +387,10 @@ def test_end_to_end_settings_reach_fine_tuning_and_from_scratch_but_not_frozen_h
 
 
 def test_lpft_settings_reach_only_fine_tuning_from_the_probes_head(tmp_path):
-    """The budget's ``lpft`` section (cpu-small: whole volumes, backbone 1e-5) applies to fine-tuning
-    that starts from the frozen probe's head, not to fine-tuning from a random head (label-efficiency)
-    nor to from scratch; cpu-bench keeps its patches."""
+    """The budget's ``lpft`` section (cpu-small: whole volumes, backbone 1e-5) applies to the
+    fixed-step fine-tuning that starts from the frozen probe's head (compare, the demo), not to
+    fine-tuning from a random head, to rows trained to convergence (label-efficiency) nor to from
+    scratch; cpu-bench keeps its patches."""
     from voxdiff.experiments.base import Experiment
     from voxdiff.experiments.budgets import get_budget
 
@@ -401,7 +402,7 @@ def test_lpft_settings_reach_only_fine_tuning_from_the_probes_head(tmp_path):
     c = e.tuned_cfg("finetune", from_probe=True)
     assert c.sampling.whole_volume and c.sampling.batch_size == 1 and c.optim.backbone_lr == 1e-5
     for other in (e.tuned_cfg("finetune"), e.tuned_cfg("finetune", early_stopping=True), e.tuned_cfg("scratch"),
-                  e.tuned_cfg("scratch", from_probe=True)):
+                  e.tuned_cfg("scratch", from_probe=True), e.tuned_cfg("finetune", early_stopping=True, from_probe=True)):
         assert not other.sampling.whole_volume and other.optim.backbone_lr != 1e-5
 
 

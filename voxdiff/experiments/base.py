@@ -603,14 +603,15 @@ class Experiment:
         (maximum steps, validation interval, patience, minimum steps; ``early_stopping_steps`` and
         ``early_stopping_min_steps`` override the maximum and the minimum for both modes), as the
         label-efficiency experiment trains to convergence with the best-validation checkpoint.
-        ``from_probe``: fine-tuning starts from the frozen probe's head (LP-FT); the budget's ``lpft``
-        settings then apply over its ``finetune`` ones."""
+        ``from_probe``: fine-tuning starts from the frozen probe's head (LP-FT); for the fixed-step
+        rows of ``compare`` and the demo the budget's ``lpft`` settings then apply over its ``finetune``
+        ones (label-efficiency's rows, trained to convergence, keep the settings they were measured with)."""
         over: dict[str, Any] = dict(self.budget.get("end_to_end", {}))
         if self.cfg.end_to_end:
             over.update(self.cfg.end_to_end)
         if mode == "finetune":
             over.update(self.budget.get("finetune", {}))
-            if from_probe:
+            if from_probe and not early_stopping:
                 over.update(self.budget.get("lpft", {}))
         if early_stopping:
             over.update(self.budget.get("early_stopping", {}))

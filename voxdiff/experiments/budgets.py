@@ -100,7 +100,7 @@ BUDGETS: dict[str, dict[str, Any]] = {
         # (LP-FT); on the demo's phantoms at 150 steps, diffusion + APE 24.2 and contrastive 40.5 mean
         # Dice against 7.4 and 14.4 from a random head (docs/RESULTS.md, "Demo time")
         "finetune_init": "probe",
-        # LP-FT (fine-tuning from the probe's head) on whole volumes, as the head was fitted, its
+        # compare / demo: LP-FT (fixed steps from the probe's head) on whole volumes, as the head was fitted, its
         # BatchNorm statistics kept, the backbone at 1e-5, 30 steps validated every 10: on the validation
         # phantoms of demo seeds 0-2 diffusion + APE 43.5 / 27.9 / 64.0 and contrastive 57.5 / 56.8 / 67.3
         # against 21.7 / 7.5 / 32.1 and 59.2 / 36.4 / 46.4 with 150 steps on 48 x 48 x 32 patches at 1e-4
