@@ -227,3 +227,35 @@ def test_logits_to_labels_is_argmax_with_the_first_class_on_ties():
     assert (out[:3] == 2).all() and (out[4] == 13).all()
     with pytest.raises(ValueError, match="expected logits"):
         logits_to_labels(lg[0])
+
+
+def test_whole_volume_fine_tuning_of_a_real_extractor_lands_in_a_volume_bundle(phantom_cases, tmp_path):
+    """``sampling.whole_volume``: a voxdiff FeatureExtractor fine-tuned on whole volumes validates on
+    whole-volume features, and its bundle (``inference: volume``, as ``voxdiff probe`` writes it)
+    predicts a case as the tuned network's whole-volume logits do."""
+    from voxdiff.core.config import from_dict
+    from voxdiff.pretrain.load import load_pretrained
+    from voxdiff.pretrain.train import PretrainConfig, pretrain
+    from voxdiff.probe.bundle import load_segmenter, save_segmenter
+    from voxdiff.probe.predict import logits_to_labels, unit_image
+    from voxdiff.probe.voxel import predict_logits_volume
+
+    cases, pre = phantom_cases
+    pretrain(from_dict(PretrainConfig, dict(method="random", preprocess=pre, steps=1, base_channels=4, num_levels=3,
+                            patch_size=(16, 16, 16), bf16=False, device="cpu")), tmp_path / "pt", cases=cases[:1],
+             progress=False)
+    ext = load_pretrained(tmp_path / "pt")
+    cfg = _probe(steps=2, warmup_steps=0, val_every=2, roi=(16, 16, 16), feature_roi=(64, 64, 64), device="cpu",
+                 hidden=8, backbone_lr=1e-2, whole_volume=True, batch_size=1)
+    hist: list = []
+    tuned, head = fit_network(ext, cases[:1], cases[1:2], "finetune", cfg, progress=False, history=hist)
+    assert not torch.equal(ext.backbone.stem.weight, tuned.backbone.stem.weight)
+    assert [h["step"] for h in hist] == [2] and np.isfinite(hist[0]["val_dice"]["finetune"])
+    save_segmenter(tmp_path / "m", tmp_path / "pt", head, "finetune", pre, (64, 64, 64), 0.5, tuned_extractor=tuned,
+                   inference="volume")
+    seg = load_segmenter(tmp_path / "m")
+    case = cases[1]
+    want = logits_to_labels(predict_logits_volume(tuned, {"h": head}, unit_image(case, pre.hu_window), cfg)["h"])
+    got = logits_to_labels(predict_logits_volume(seg.extractor, {"h": seg.head}, unit_image(case, pre.hu_window), cfg)["h"])
+    np.testing.assert_array_equal(got, want)
+    assert seg.info["inference"] == "volume"
