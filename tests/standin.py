@@ -156,3 +156,19 @@ def load_benchmark(name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def cube_case(seed: int, shape=(24, 24, 16), z=(4, 10)):
+    """A small labelled case: Gaussian noise (SD 50 HU) with a bright cube of label 6 at x, y 4..12 and
+    ``z`` (+200 HU), on an identity affine at 1 mm."""
+    import numpy as np
+
+    from voxdiff.data.types import Case, CaseMeta
+
+    r = np.random.default_rng(seed)
+    img = r.normal(0, 50, shape).astype(np.float32)
+    lab = np.zeros(shape, np.uint8)
+    lab[4:12, 4:12, z[0]:z[1]] = 6
+    img[lab == 6] += 200
+    aff = np.eye(4)
+    return Case(img, lab, CaseMeta(f"c{seed}", None, None, shape, aff, aff, (1.0, 1.0, 1.0)))

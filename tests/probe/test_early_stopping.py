@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
-from standin import StandinExtractor
+from standin import StandinExtractor, cube_case
 
 import voxdiff.probe.train as pt
 from voxdiff.core.config import from_dict
-from voxdiff.data.types import Case, CaseMeta
+from voxdiff.data.types import Case
 from voxdiff.probe.train import ProbeConfig, fit_network
 
 
@@ -21,13 +20,7 @@ def _probe(**flat) -> ProbeConfig:
 
 
 def _case(seed: int, shape=(24, 24, 16)) -> Case:
-    r = np.random.default_rng(seed)
-    img = r.normal(0, 50, shape).astype(np.float32)
-    lab = np.zeros(shape, np.uint8)
-    lab[4:12, 4:12, 4:10] = 6
-    img[lab == 6] += 200
-    aff = np.eye(4)
-    return Case(img, lab, CaseMeta(f"c{seed}", None, None, shape, aff, aff, (1.0, 1.0, 1.0)))
+    return cube_case(seed, shape)
 
 
 @pytest.mark.parametrize("mode", ["finetune", "scratch"])

@@ -9,12 +9,12 @@ import copy
 import numpy as np
 import pytest
 import torch
-from standin import StandinExtractor
+from standin import StandinExtractor, cube_case
 
 import voxdiff.probe.train as pt
 import voxdiff.probe.voxel as pv
 from voxdiff.core.config import from_dict
-from voxdiff.data.types import Case, CaseMeta
+from voxdiff.data.types import Case
 from voxdiff.pretrain.diffusion import index_grid
 from voxdiff.probe.predict import unit_image
 from voxdiff.probe.train import PatchSampler, ProbeConfig, fit_network
@@ -25,13 +25,7 @@ def _probe(**flat) -> ProbeConfig:
 
 
 def _case(seed: int, shape=(20, 18, 13)) -> Case:
-    r = np.random.default_rng(seed)
-    img = r.normal(0, 50, shape).astype(np.float32)
-    lab = np.zeros(shape, np.uint8)
-    lab[4:12, 4:12, 3:9] = 6
-    img[lab == 6] += 200
-    aff = np.eye(4)
-    return Case(img, lab, CaseMeta(f"c{seed}", None, None, shape, aff, aff, (1.0, 1.0, 1.0)))
+    return cube_case(seed, shape, z=(3, 9))
 
 
 def test_whole_volume_batches_are_the_volumes_at_voxel_0_padded_to_the_divisor():
