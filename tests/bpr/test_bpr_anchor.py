@@ -30,7 +30,7 @@ SLICE_ARCH = {"channels": [4, 4], "patch_size": [16, 16, 1]}
 class RampSlice(SliceRegressor):
     """A stand-in slice model whose raw score is the slice's mean intensity."""
 
-    def slice_scores_raw(self, x, stacked=False):  # (no neighbouring slices: stacked changes nothing)
+    def slice_scores_raw(self, x, stacked=False, outside=None):  # (no neighbouring slices: stacked changes nothing)
         return x.mean(dim=(1, 2, 3))
 
 

@@ -148,16 +148,21 @@ def slice_neighbourhoods(z: torch.Tensor, context: int, first: float, last: floa
     """Z positions (voxels; integer or fractional) of each slice in ``z`` with its ``context``
     neighbours on each side, ``step`` voxels apart, clamped to ``[first, last]`` (the end slices of
     that range repeated beyond it): ``(len(z) * (2 * context + 1),)``, grouped by slice, each group centred on it."""
+    return _neighbour_positions(z, context, step).clamp(first, last)
+
+
+def _neighbour_positions(z: torch.Tensor, context: int, step: int) -> torch.Tensor:
+    """Each slice of ``z`` with its ``context`` neighbours on each side, ``step`` apart, unclamped
+    (flat, grouped by slice, in ``z``'s dtype)."""
     offsets = torch.arange(-context, context + 1, dtype=z.dtype, device=z.device) * step
-    return (z[:, None] + offsets[None]).clamp(first, last).flatten()
+    return (z[:, None] + offsets[None]).flatten()
 
 
 def slice_neighbourhood_outside(z: torch.Tensor, context: int, first: float, last: float, step: int = 1) -> torch.Tensor:
     """Which of the positions :func:`slice_neighbourhoods` gives lie beyond ``[first, last]`` (where
     it repeats an end slice): a bool ``(len(z) * (2 * context + 1),)`` in the same order."""
-    offsets = torch.arange(-context, context + 1, dtype=torch.float64, device=z.device) * step
-    p = z.double()[:, None] + offsets[None]
-    return ((p < first - 1e-6) | (p > last + 1e-6)).flatten()
+    p = _neighbour_positions(z.double(), context, step)
+    return (p < first - 1e-6) | (p > last + 1e-6)
 
 
 # the input value of a neighbouring slice beyond the scan for a model with context_fill "mask": below
@@ -292,8 +297,7 @@ class SliceRegressor(BodyPartRegressor):
 
     def slice_scores(self, x: torch.Tensor, stacked: bool = False, outside: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 1, X, Y, Z) -> (B, Z) calibrated scores (``stacked``, ``outside``: as :meth:`slice_scores_raw`)."""
-        raw = self.slice_scores_raw(x, stacked=stacked) if outside is None else self.slice_scores_raw(x, stacked=stacked, outside=outside)
-        return raw * self.calib_scale[0] + self.calib_offset[0]
+        return self.slice_scores_raw(x, stacked=stacked, outside=outside) * self.calib_scale[0] + self.calib_offset[0]
 
     def raw(self, x: torch.Tensor) -> torch.Tensor:
         s = self.slice_scores_raw(x)

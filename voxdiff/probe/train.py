@@ -397,20 +397,17 @@ class PatchSampler:
 
         return crop_or_pad(arr, start, self.size, fill)
 
-    def _sample_volumes(self, batch_size: int) -> tuple[list[int], list[list[int]]]:
+    def _draw_volumes(self, batch_size: int) -> tuple[list[int], list[list[int]]]:
         """Whole volumes: their indices and starts (voxel 0); sets the batch's padded size."""
         where = [int(self.rng.integers(len(self.images))) for _ in range(batch_size)]
         d = self.divisor
         self.size = tuple(int(-(-max(self.images[i].shape[a] for i in where) // d) * d) for a in range(3))
         return where, [[0, 0, 0] for _ in where]
 
-    def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        xs, ys, where, starts = [], [], [], []
-        if self.whole_volume:
-            where, starts = self._sample_volumes(batch_size)
-            xs = [self._crop(self.images[i], st, 0.0) for i, st in zip(where, starts)]
-            ys = [self._crop(self.labels[i], st, 0) for i, st in zip(where, starts)]
-        for _ in range(0 if self.whole_volume else batch_size):
+    def _draw_patches(self, batch_size: int) -> tuple[list[int], list[list[int]]]:
+        """Patches: their volumes' indices and starts (organ-centred with probability ``fg_prob``)."""
+        where, starts = [], []
+        for _ in range(batch_size):
             if self.classes and self.rng.random() < self.fg_prob:
                 c = self.classes[int(self.rng.integers(len(self.classes)))]
                 i, idx = self.where[c][int(self.rng.integers(len(self.where[c])))]
@@ -421,10 +418,14 @@ class PatchSampler:
                 i = int(self.rng.integers(len(self.images)))
                 start = [int(self.rng.integers(min(0, sh - n), max(0, sh - n) + 1))
                          for sh, n in zip(self.images[i].shape, self.size)]
-            xs.append(self._crop(self.images[i], start, 0.0))
-            ys.append(self._crop(self.labels[i], start, 0))
             where.append(i)
             starts.append(start)
+        return where, starts
+
+    def sample(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        where, starts = (self._draw_volumes if self.whole_volume else self._draw_patches)(batch_size)
+        xs = [self._crop(self.images[i], st, 0.0) for i, st in zip(where, starts)]
+        ys = [self._crop(self.labels[i], st, 0) for i, st in zip(where, starts)]
         self.last = (where, starts)
         # far from any volume's indices, so the hashed positional noise is a new draw for each patch
         self.noise_offsets = self.rng.integers(1 << 20, 1 << 30, size=(batch_size, 3)) if self.fresh_noise else None
