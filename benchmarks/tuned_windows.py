@@ -37,11 +37,13 @@ from voxdiff.core.runtime import tune_allocator  # noqa: E402
 from voxdiff.experiments.base import Experiment, mean_of_cases, scores_to_per_case  # noqa: E402
 
 
-def with_settings(exp: Experiment, end_to_end: dict[str, Any], finetune: dict[str, Any]) -> Experiment:
+def with_settings(exp: Experiment, end_to_end: dict[str, Any], finetune: dict[str, Any],
+                  early_stopping: dict[str, Any] | None = None) -> Experiment:
     """``exp`` (in memory only) with ``end_to_end`` as its config's end-to-end settings and ``finetune``
-    merged into its budget's fine-tuning settings."""
+    (``early_stopping``) merged into its budget's fine-tuning (early-stopping) settings."""
     exp.cfg = dataclasses.replace(exp.cfg, end_to_end=dict(end_to_end))
     exp.budget["finetune"] = {**exp.budget.get("finetune", {}), **finetune}
+    exp.budget["early_stopping"] = {**exp.budget.get("early_stopping", {}), **(early_stopping or {})}
     return exp
 
 
@@ -52,7 +54,7 @@ def case_means(scores: dict[str, dict[str, float]]) -> dict[str, float]:
     return {cid: round(100 * mean_over_organs(d), 2) for cid, d in scores_to_per_case(scores).items()}
 
 
-def run_row(exp: Experiment, mode: str, labels: int, rois: list[tuple[int, int, int]], method: str) -> dict[str, Any]:
+def run_row(exp: Experiment, mode: str, labels: int, rois: list[tuple[int, int, int] | str], method: str) -> dict[str, Any]:
     from voxdiff.pretrain.load import load_pretrained
     from voxdiff.probe.train import fit_network
 
@@ -64,16 +66,20 @@ def run_row(exp: Experiment, mode: str, labels: int, rois: list[tuple[int, int, 
     ext = load_pretrained(src, device=pcfg.runtime.device)
     net, head = fit_network(ext, train, val, mode, pcfg, progress=False)
     row: dict[str, Any] = {"mode": mode, "method": "from-scratch" if mode == "scratch" else method, "labels": labels,
-                           "patch": list(pcfg.sampling.patch_size), "batch": pcfg.sampling.batch_size,
+                           "patch": "volume" if pcfg.sampling.whole_volume else list(pcfg.sampling.patch_size),
+                           "batch": pcfg.sampling.batch_size,
                            "val_roi": list(pcfg.inference.roi), "best_step": head.best_step, "steps_run": head.steps_run,
                            "best_val_dice": None if head.best_val_dice is None else round(100 * head.best_val_dice, 2),
                            "train_s": round(time.time() - t0)}
     for roi in rois:
-        c = dataclasses.replace(pcfg, inference=dataclasses.replace(pcfg.inference, roi=roi))
-        sc = exp.score(net, {"h": head}, val + test, c)["h"]
+        if roi == "volume":  # whole-volume features, as whole-volume rows train and validate
+            sc, key = exp.score(net, {"h": head}, val + test, pcfg, volume=True)["h"], "volume"
+        else:
+            c = dataclasses.replace(pcfg, inference=dataclasses.replace(pcfg.inference, roi=roi))
+            sc, key = exp.score(net, {"h": head}, val + test, c)["h"], str(roi[0])
         for split, cases in (("val", val), ("test", test)):
-            row[f"{split}@{roi[0]}"] = round(100 * mean_of_cases({k.case_id: sc[k.case_id] for k in cases}), 2)
-        row[f"cases@{roi[0]}"] = case_means(sc)
+            row[f"{split}@{key}"] = round(100 * mean_of_cases({k.case_id: sc[k.case_id] for k in cases}), 2)
+        row[f"cases@{key}"] = case_means(sc)
     row["seconds"] = round(time.time() - t0)
     return row
 
@@ -81,16 +87,20 @@ def run_row(exp: Experiment, mode: str, labels: int, rois: list[tuple[int, int, 
 def summary(rows: list[dict[str, Any]]) -> str:
     """A markdown table: per row kind and window, the validation and test Dice over seeds."""
     lines = ["| row | window | validation, per seed | mean | test, per seed | mean ± std |", "|---|---|---|---|---|---|"]
-    kinds = dict.fromkeys((r["method"], tuple(r["patch"]), r["batch"]) for r in rows)
+    def patch_of(r: dict[str, Any]) -> str:
+        return r["patch"] if r["patch"] == "volume" else "x".join(map(str, r["patch"]))
+
+    kinds = dict.fromkeys((r["method"], patch_of(r), r["batch"]) for r in rows)
     for method, patch, batch in kinds:
-        rs = sorted((r for r in rows if (r["method"], tuple(r["patch"]), r["batch"]) == (method, patch, batch)),
+        rs = sorted((r for r in rows if (r["method"], patch_of(r), r["batch"]) == (method, patch, batch)),
                     key=lambda r: r["seed"])
         rois = [k.split("@")[1] for k in rs[0] if k.startswith("test@")]
         for roi in rois:
             v = np.array([r[f"val@{roi}"] for r in rs])
             t = np.array([r[f"test@{roi}"] for r in rs])
             sd = f" ± {t.std(ddof=1):.1f}" if t.size > 1 else ""
-            lines.append(f"| {method}, {batch} x {'x'.join(map(str, patch))} | {roi}^3 | "
+            win = roi if roi == "volume" else f"{roi}^3"
+            lines.append(f"| {method}, {batch} x {patch} | {win} | "
                          f"{' / '.join(f'{x:.1f}' for x in v)} | {v.mean():.1f} | "
                          f"{' / '.join(f'{x:.1f}' for x in t)} | {t.mean():.1f}{sd} |")
     return "\n".join(lines)
@@ -105,7 +115,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--method", default="diffusion-ape", help="the pretrained backbone fine-tuned")
     ap.add_argument("--end_to_end", default="{}", help="JSON probe settings of both rows (ExperimentConfig.end_to_end)")
     ap.add_argument("--finetune", default="{}", help="JSON overrides of the budget's fine-tuning settings")
-    ap.add_argument("--rois", default="[[64, 64, 64], [96, 96, 96]]", help="JSON list of scoring windows")
+    ap.add_argument("--early_stopping", default="{}",
+                    help="JSON overrides of the budget's early-stopping settings (steps, val_every, patience)")
+    ap.add_argument("--rois", default="[[64, 64, 64], [96, 96, 96]]",
+                    help='JSON list of scoring windows; "volume": whole-volume features')
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, required=True, help="JSON-lines file the rows are appended to")
     a = ap.parse_args(argv)
@@ -116,16 +129,16 @@ def main(argv: list[str] | None = None) -> None:
 
     tune_allocator()
     torch.set_num_threads(a.threads)
-    rois = [tuple(int(v) for v in r) for r in json.loads(a.rois)]
-    e2e, ft = json.loads(a.end_to_end), json.loads(a.finetune)
+    rois = [r if r == "volume" else tuple(int(v) for v in r) for r in json.loads(a.rois)]
+    e2e, ft, es = json.loads(a.end_to_end), json.loads(a.finetune), json.loads(a.early_stopping)
     rows = []
     for s in (int(x) for x in a.seeds.split(",")):
         folder = a.bench / f"seed-{s}"
         if not (folder / "config.yaml").is_file():
             raise SystemExit(f"{folder}: not a seed folder of a compare run (no config.yaml)")
-        exp = with_settings(Experiment.reopen(folder), e2e, ft)
+        exp = with_settings(Experiment.reopen(folder), e2e, ft, es)
         for mode in modes:
-            row = {"seed": s, "end_to_end": e2e, "finetune": ft if mode == "finetune" else {},
+            row = {"seed": s, "end_to_end": e2e, "finetune": ft if mode == "finetune" else {}, "early_stopping": es,
                    **run_row(exp, mode, a.labels, rois, a.method)}
             with a.out.open("a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -75,10 +75,15 @@ def test_whole_volume_training_sees_whole_volumes_and_validates_on_whole_volume_
     monkeypatch.setattr(pt, "validate", lambda *a, **k: pytest.fail("sliding-window validation used"))
     monkeypatch.setattr(pv, "validate_volume", lambda e, heads, cases, cfg, **k: calls.append(len(cases)) or {n: 0.5 for n in heads})
     cfg = _probe(steps=4, val_every=2, patience=0, patch_size=(8, 8, 8), batch_size=1, warmup_steps=0, hidden=8,
-                 roi=(16, 16, 16), device="cpu", whole_volume=True)
+                 roi=(24, 24, 24), device="cpu", whole_volume=True)
     _, head = fit_network(StandinExtractor(channels=(4, 8)), [_case(0)], [_case(1)], mode, cfg, progress=False)
     assert calls == [1, 1] and head.steps_run == 4
     assert set(shapes[-4:]) == {(20, 18, 14)}  # (20, 18, 13) padded to the standin's divisor 2
+    shapes.clear()
+    cfg = _probe(steps=2, val_every=2, patience=0, patch_size=(8, 8, 8), batch_size=1, warmup_steps=0, hidden=8,
+                 roi=(16, 16, 16), device="cpu", whole_volume=True)
+    fit_network(StandinExtractor(channels=(4, 8)), [_case(0)], [_case(1)], mode, cfg, progress=False)
+    assert set(shapes) == {(16, 16, 14)}  # cut to the 16^3 window where longer
 
 
 def test_lpft_on_whole_volumes_keeps_the_fitted_heads_batchnorm_statistics(monkeypatch):
@@ -101,3 +106,38 @@ def test_lpft_on_whole_volumes_keeps_the_fitted_heads_batchnorm_statistics(monke
                               progress=False, init_head=copy.deepcopy(fitted))
         same = all(torch.equal(head.state_dict()[k], v) for k, v in stats.items())
         assert same == kept, whole
+
+
+def test_whole_volume_batches_cut_axes_longer_than_the_window_at_random_starts():
+    """A volume longer than ``max_window`` on an axis is cut to a window of that length there (at
+    starts that vary and keep the window inside the volume); shorter axes stay whole from voxel 0.
+    The voxel indices and the crop follow the start."""
+    case = _case(2, (30, 12, 11))
+    window = (-1000.0, 1000.0)
+    s = PatchSampler([case], window, (8, 8, 8), 0.5, np.random.default_rng(1), whole_volume=True, divisor=4,
+                     max_window=(16, 16, 16))
+    unit = unit_image(case, window)
+    starts = set()
+    for _ in range(16):
+        x, y = s.sample(1)
+        (x0, y0, z0), = s.last[1]
+        assert (y0, z0) == (0, 0) and 0 <= x0 <= 30 - 16
+        starts.add(x0)
+        assert x.shape[2:] == (16, 12, 12)  # 16 cut, 12 whole, 11 whole and padded to the divisor
+        np.testing.assert_allclose(x[0, 0, :, :, :11].numpy(), unit[x0:x0 + 16])
+        assert torch.equal(y[0, :, :, :11], torch.from_numpy(case.label[x0:x0 + 16].astype(np.int64)))
+        grid = s.extractor_inputs()["voxel_index"]
+        torch.testing.assert_close(grid, index_grid((16, 12, 12), torch.tensor([[x0, 0, 0]]), 1))
+    assert len(starts) > 3
+
+
+def test_the_training_sampler_cuts_whole_volumes_at_the_feature_window():
+    """``make_sampler`` gives fine-tuning on whole volumes the feature window as its cut, and head
+    fitting none."""
+    cfg = _probe(whole_volume=True, roi=(16, 16, 16), feature_roi=(24, 24, 24))
+    ext = StandinExtractor(channels=(4, 8))
+    rng = np.random.default_rng(0)
+    assert pt.make_sampler(ext, [_case(0)], cfg, rng, end_to_end=True).max_window == (24, 24, 24)
+    assert pt.make_sampler(ext, [_case(0)], cfg, rng).max_window is None
+    cfg = _probe(whole_volume=True, roi=(16, 16, 16))
+    assert pt.make_sampler(ext, [_case(0)], cfg, rng, end_to_end=True).max_window == (16, 16, 16)

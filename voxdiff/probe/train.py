@@ -101,7 +101,11 @@ class ProbeSampling:
             backbone's features depend on the window they are computed in: the demo's frozen probe
             head, fitted on whole volumes, scores about 1 Dice on 48 x 48 x 32 patches, and fine-tuning
             from it on patches loses half the probe's Dice (docs/RESULTS.md, "Fine-tuning on whole
-            volumes"). Each step costs about as many voxels as the volumes hold.
+            volumes"). Each step costs about as many voxels as the volumes hold, up to a limit: an axis
+            longer than the feature window (``inference.feature_roi``, else ``roi``) is cut to a window of
+            that length at a random start, as the whole-volume feature path tiles such a volume, so
+            that a long scan cannot exhaust memory (about 4-7 GiB per 1.6 M voxels of a step in fp32 on
+            the CPU; a 160^3 window holds 4.1 M).
     """
 
     patch_size: tuple[int, int, int] = (64, 64, 32)
@@ -374,14 +378,19 @@ class PatchSampler:
 
     def __init__(self, cases: Sequence, window: Sequence[float], patch_size: Sequence[int], fg_prob: float,
                  rng: np.random.Generator, max_voxels_per_class: int = 20000, fields: Sequence | None = None,
-                 sincos: int = 0, fresh_noise: bool = False, whole_volume: bool = False, divisor: int = 1):
+                 sincos: int = 0, fresh_noise: bool = False, whole_volume: bool = False, divisor: int = 1,
+                 max_window: Sequence[int] | None = None):
         """``whole_volume``: each item is a whole volume at voxel 0, the batch padded at its end to
-        the largest of its volumes rounded up to a multiple of ``divisor`` (``patch_size`` unused)."""
+        the largest of its volumes rounded up to a multiple of ``divisor`` (``patch_size`` unused).
+        ``max_window``: with ``whole_volume``, an axis longer than this is cut to a window of this
+        length at a random start (the whole-volume feature path tiles such a volume with windows of
+        that size), so that a step never holds more than one window's activations per item."""
         if not cases:
             raise InputError(None, "no labelled training cases")
         self.fields, self.sincos = fields, int(sincos)
         self.fresh_noise = bool(fresh_noise)
         self.whole_volume, self.divisor = bool(whole_volume), max(1, int(divisor))
+        self.max_window = None if max_window is None else tuple(int(n) for n in max_window)
         self.last: tuple[list[int], list[list[int]]] = ([], [])
         self.noise_offsets: np.ndarray | None = None
         self.images = [unit_image(c, window) for c in cases]
@@ -398,11 +407,16 @@ class PatchSampler:
         return crop_or_pad(arr, start, self.size, fill)
 
     def _draw_volumes(self, batch_size: int) -> tuple[list[int], list[list[int]]]:
-        """Whole volumes: their indices and starts (voxel 0); sets the batch's padded size."""
+        """Whole volumes: their indices and starts (voxel 0, or a random start on an axis longer than
+        ``max_window``); sets the batch's padded size."""
         where = [int(self.rng.integers(len(self.images))) for _ in range(batch_size)]
+        cap = self.max_window or (None, None, None)
+        extent = [[n if w is None else min(n, w) for n, w in zip(self.images[i].shape, cap)] for i in where]
+        starts = [[0 if n == e else int(self.rng.integers(0, n - e + 1)) for n, e in zip(self.images[i].shape, ext)]
+                  for i, ext in zip(where, extent)]
         d = self.divisor
-        self.size = tuple(int(-(-max(self.images[i].shape[a] for i in where) // d) * d) for a in range(3))
-        return where, [[0, 0, 0] for _ in where]
+        self.size = tuple(int(-(-max(e[a] for e in extent) // d) * d) for a in range(3))
+        return where, starts
 
     def _draw_patches(self, batch_size: int) -> tuple[list[int], list[list[int]]]:
         """Patches: their volumes' indices and starts (organ-centred with probability ``fg_prob``)."""
@@ -473,7 +487,8 @@ def make_sampler(extractor, cases: Sequence, cfg: "ProbeConfig", rng: np.random.
         divisor = int(extractor_window(extractor))
     return PatchSampler(cases, extractor.preprocess.hu_window, cfg.sampling.patch_size, cfg.sampling.fg_prob, rng,
                         fields=condition_fields(extractor, cases), sincos=sincos,
-                        fresh_noise=end_to_end and cfg.sampling.fresh_noise, whole_volume=whole, divisor=divisor)
+                        fresh_noise=end_to_end and cfg.sampling.fresh_noise, whole_volume=whole, divisor=divisor,
+                        max_window=volume_roi(cfg) if whole else None)
 
 
 # ------------------------------------------------------------------------------------ loss / metrics
