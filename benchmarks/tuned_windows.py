@@ -14,6 +14,10 @@ cases with every window of ``--rois``. One JSON line per (seed, row) is appended
         --finetune '{"feature_input": "clean"}' --rois '[[64, 64, 64], [96, 96, 96]]' \\
         --threads 2 --out runs/bench56/tuned_windows_p80.jsonl
 
+Whole volumes (``--end_to_end '{"whole_volume": true, "batch_size": 1}'``) are scored on whole-volume
+features with ``--rois '["volume"]'``; ``--early_stopping '{"steps": 300, "val_every": 30}'`` changes the
+budget's early-stopping settings (a whole-volume step holds about 10x a patch step's voxels).
+
 ``--end_to_end '{}'`` gives the budget's own rows (those of ``benchmarks/label_rows.py``), scored with
 the other windows too. Nothing in the experiment folders is written; the fine-tuned row starts from
 ``pretrain-METHOD`` (``--method``, default diffusion-ape) and a random head.

@@ -19,6 +19,19 @@ def test_settings_reach_both_end_to_end_rows_and_fine_tuning_overrides_only_fine
     assert exp.probe_cfg().sampling.patch_size == frozen.sampling.patch_size  # frozen heads keep theirs
 
 
+def test_early_stopping_overrides_reach_both_rows_trained_to_convergence(tmp_path):
+    from voxdiff.experiments.base import Experiment, ExperimentConfig
+
+    tw = load_benchmark("tuned_windows")
+    exp = Experiment(ExperimentConfig(budget="tiny"), tmp_path / "e", log=lambda *a: None)
+    before = exp.tuned_cfg("scratch", early_stopping=True)
+    tw.with_settings(exp, {"whole_volume": True, "batch_size": 1}, {}, {"steps": 7, "val_every": 3})
+    for mode in ("scratch", "finetune"):
+        c = exp.tuned_cfg(mode, early_stopping=True)
+        assert (c.optim.steps, c.optim.val_every) == (7, 3) and c.optim.patience == before.optim.patience
+        assert c.sampling.whole_volume and c.sampling.batch_size == 1
+
+
 def test_summary_rows_per_kind_and_window():
     tw = load_benchmark("tuned_windows")
     rows = [{"seed": s, "method": "from-scratch", "patch": [80, 80, 48], "batch": 1,
@@ -29,6 +42,8 @@ def test_summary_rows_per_kind_and_window():
     assert lines[2] == "| from-scratch, 1 x 80x80x48 | 64^3 | 30.0 / 31.0 | 30.5 | 40.0 / 41.0 | 40.5 ± 0.7 |"
     assert lines[3].startswith("| from-scratch, 1 x 80x80x48 | 96^3 |") and lines[3].endswith("| 59.5 ± 0.7 |")
     assert lines[4] == "| diffusion-ape, 2 x 48x48x32 | 64^3 | 1.0 | 1.0 | 2.0 | 2.0 |"
+    rows = [{"seed": 0, "method": "from-scratch", "patch": "volume", "batch": 1, "val@volume": 3.0, "test@volume": 4.0}]
+    assert tw.summary(rows).splitlines()[2] == "| from-scratch, 1 x volume | volume | 3.0 | 3.0 | 4.0 | 4.0 |"
 
 
 def test_bad_modes_are_refused(capsys):
