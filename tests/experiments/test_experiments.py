@@ -528,6 +528,33 @@ def test_probe_fov_crops_reach_the_frozen_heads_config_and_change_the_folder(tmp
                    tmp_path / "c", log=quiet).probe_cfg()
 
 
+def test_frozen_probe_applies_the_probe_settings_feature_passes(tmp_path, monkeypatch):
+    """The experiment's probe step gives the extractor the probe settings' ``t``, ``feature_input``
+    and ``feature_side`` (as ``voxdiff probe`` and fine-tuning do), not only the feature side."""
+    import voxdiff.features.extract as fx
+    import voxdiff.pretrain.load as pl
+    from voxdiff.experiments.base import Experiment
+
+    exp = Experiment(ExperimentConfig(budget="tiny", methods=("random",)), tmp_path / "e", log=lambda s: None)
+    exp.budget["probe"].update(feature_input="clean", t=(3, 7))
+    monkeypatch.setattr(exp, "folds", lambda: [([], [], [])])
+    ext = object()
+    monkeypatch.setattr(pl, "load_pretrained", lambda *a, **k: ext)
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def settings(e, cfg):
+        seen.append((e, cfg.feature_input, tuple(cfg.t), cfg.feature_side))
+        raise Stop
+
+    monkeypatch.setattr(fx, "with_feature_settings", settings)
+    with pytest.raises(Stop):
+        exp.probe("probe-x", tmp_path / "m", 0, ("nonlinear",))
+    assert seen == [(ext, "clean", (3, 7), exp.probe_cfg().feature_side)]
+
+
 def test_folder_of_an_older_config_resumes(tmp_path):
     """A folder whose config.yaml predates fields added since (their defaults apply) or renamed
     (label_method) is resumed; a real change of setting is still refused."""

@@ -550,7 +550,7 @@ class Experiment:
                 feature_input_of,
                 feature_side_of,
                 feature_timesteps,
-                with_feature_side,
+                with_feature_settings,
                 with_timesteps,
             )
             from voxdiff.features.norm import fixed_norm_stats, norm_stats_of
@@ -563,7 +563,7 @@ class Experiment:
                 train = train[:n_train]
             pcfg = self.probe_cfg()
             ext = load_pretrained(model_dir, device=pcfg.runtime.device)
-            with_feature_side(ext, pcfg.feature_side)
+            with_feature_settings(ext, pcfg)  # the probe settings' t, feature_input and feature_side, as `voxdiff probe`
             if timesteps is not None:
                 with_timesteps(ext, timesteps)
             hist: list = []
