@@ -104,8 +104,8 @@ class ProbeSampling:
             volumes"). Each step costs about as many voxels as the volumes hold, up to a limit: an axis
             longer than the feature window (``inference.feature_roi``, else ``roi``) is cut to a window of
             that length at a random start, as the whole-volume feature path tiles such a volume, so
-            that a long scan cannot exhaust memory (about 4-7 GiB per 1.6 M voxels of a step in fp32 on
-            the CPU; a 160^3 window holds 4.1 M).
+            that a long scan cannot exhaust memory (a demo phantom's 1.6 M voxels: 7-9 GiB peak for an
+            LP-FT step of its diffusion backbone in fp32 on the CPU; a 160^3 window holds 4.1 M).
     """
 
     patch_size: tuple[int, int, int] = (64, 64, 32)
