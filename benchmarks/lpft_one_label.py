@@ -18,6 +18,9 @@ Dice (%) of both, the LP-FT validation trajectory and the seconds each took::
 
     python benchmarks/lpft_one_label.py runs/bench56 --seeds 5,6,7 --method diffusion-ape
     python benchmarks/lpft_one_label.py runs/bench56 --seeds 5,6,7 --method contrastive --models runs/bench56-cenc
+
+``--tune head`` runs step 2 with the backbone frozen (the head alone refined on whole volumes; step
+``onelabel-lpft-head-METHOD``).
 """
 
 from __future__ import annotations
@@ -42,26 +45,30 @@ from voxdiff.experiments.budgets import BUDGETS  # noqa: E402
 PROBE = {"feature_side": "both", "norm_stats": "fixed", "feature_roi": (160, 160, 160), "steps": 2400, "fov_crops": 64}
 
 
-def with_recipe(exp: Experiment, method: str) -> Experiment:
-    """``exp`` (in memory only) with the frozen probe's one-label recipe and ``cpu-small``'s LP-FT."""
+def with_recipe(exp: Experiment, method: str, tune: str = "all") -> Experiment:
+    """``exp`` (in memory only) with the frozen probe's one-label recipe and ``cpu-small``'s LP-FT
+    (``tune head``: the same steps with the backbone frozen, the head alone refined)."""
     probe = dict(PROBE)
     if method.startswith("diffusion"):
         probe["feature_input"] = "clean"
     exp.budget["probe"].update(probe)
     exp.budget["lpft"] = copy.deepcopy(BUDGETS["cpu-small"]["lpft"])
+    if tune != "all":
+        exp.budget["lpft"]["tune"] = tune
     exp.budget["finetune_steps"] = BUDGETS["cpu-small"]["finetune_steps"]
     exp.cfg = dataclasses.replace(exp.cfg, progress=False)
     return exp
 
 
-def run_seed(exp: Experiment, model: Path, method: str) -> dict[str, Any]:
+def run_seed(exp: Experiment, model: Path, method: str, tune: str = "all") -> dict[str, Any]:
     t0 = time.time()
-    pname, fname = f"onelabel-probe-{method}", f"onelabel-lpft-{method}"
+    pname = f"onelabel-probe-{method}"
+    fname = f"onelabel-lpft-{method}" if tune == "all" else f"onelabel-lpft-{tune}-{method}"
     pr = exp.probe(pname, model, 0, ("nonlinear",), n_train=1)
     t1 = time.time()
     ft = exp.tuned(fname, 0, "finetune", model, n_train=1, init_probe=pname)
     pval = max(h["val_dice"]["nonlinear"] for h in pr["history"] if "val_dice" in h)
-    return {"method": method, "probe_val": round(100 * pval, 2),
+    return {"method": method, "tune": tune, "probe_val": round(100 * pval, 2),
             "probe_test": round(100 * mean_of_cases(pr["scores"]["nonlinear"]), 2),
             "lpft_val": round(100 * ft["best_val_dice"], 2), "lpft_best_step": ft["best_step"],
             "lpft_test": round(100 * mean_of_cases(ft["scores"]["finetune"]), 2),
@@ -76,6 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--method", default="diffusion-ape", help="the pretrained backbone (default diffusion-ape)")
     ap.add_argument("--models", type=Path, default=None,
                     help="folder of a run on the same data holding seed-S/pretrain-METHOD (default: BENCH)")
+    ap.add_argument("--tune", default="all", choices=("all", "head"),
+                    help="LP-FT trains backbone and head (all, the demo's), or the head alone on the frozen "
+                         "backbone (head: step onelabel-lpft-head-METHOD)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="JSON-lines file the rows are appended to")
     a = ap.parse_args(argv)
@@ -90,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"{folder}: not a seed folder of a compare run (no config.yaml)")
         if not model.is_dir():
             raise SystemExit(f"{model}: no pretrained model there")
-        row = {"seed": s, **run_seed(with_recipe(Experiment.reopen(folder), a.method), model, a.method)}
+        row = {"seed": s, **run_seed(with_recipe(Experiment.reopen(folder), a.method, a.tune), model, a.method, a.tune)}
         if a.out is not None:
             with a.out.open("a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -20,6 +20,9 @@ def test_recipe_reaches_the_frozen_probe_and_lpft_only_fine_tuning_from_the_head
     ft = exp.tuned_cfg("finetune", from_probe=True)
     assert ft.sampling.whole_volume and ft.sampling.batch_size == 1
     assert (ft.optim.steps, ft.optim.backbone_lr, ft.optim.val_every) == (30, 1e-5, 10)
+    assert ft.tune == "all"
+    lp.with_recipe(exp, method, tune="head")
+    assert exp.tuned_cfg("finetune", from_probe=True).tune == "head"
     plain = exp.tuned_cfg("finetune")  # not from the probe's head: no LP-FT settings
     assert not plain.sampling.whole_volume and plain.optim.backbone_lr == before.optim.backbone_lr
 

@@ -51,9 +51,11 @@ SELECTIONS = ("best", "smoothed", "last")
 # which pretrained weights fine-tuning starts from (ProbeConfig.transfer)
 TRANSFERS = ("all", "encoder")
 # which backbone weights fine-tuning trains (ProbeConfig.tune)
-TUNED_PARTS = ("all", "decoder")
+TUNED_PARTS = ("all", "decoder", "head")
 # refused by check_probe_config and by fit_network itself (a direct call skips the config check)
 NEW_DECODER_STATS = "transfer encoder re-initialises the decoder, which has no pretrained statistics; use norm_stats window"
+TUNE_HEAD_NEW_DECODER = ("tune head keeps the backbone frozen, so transfer encoder's new decoder would stay random; "
+                         "use transfer all")
 ALL_MODES = FROZEN_MODES + TUNED_MODES
 
 
@@ -261,7 +263,11 @@ class ProbeConfig:
             alone; the stem, encoder and time embedding stay frozen at their pretrained values, a
             smaller network to fit to a few labelled cases). With ``transfer encoder`` this trains a
             new decoder on the frozen pretrained encoder. Needs the decoder pyramid; from-scratch
-            training refuses it.
+            training refuses it. ``head``: the head alone on the backbone's frozen features, read
+            through the fine-tuning path (patches, or whole volumes with ``sampling.whole_volume``):
+            a probe trained on the segmentation loss of whole volumes; from a fitted probe head
+            (LP-FT's start) it refines that head where the voxel probe trained it on class-balanced
+            voxels (docs/RESULTS.md, "The frozen head refined on whole volumes").
         sampling: training cases, patches / voxels and batches.
         optim: optimiser, learning rates, validation and early stopping (:class:`ProbeOptim`).
         head: the non-linear head's size.
@@ -826,7 +832,7 @@ class NetworkTask(TrainTask):
         self.unfrozen = True
 
     def on_step_start(self, engine: Engine, step: int) -> None:
-        if not self.unfrozen and step + 1 > self.warm:
+        if not self.unfrozen and step + 1 > self.warm and self.train_params:  # (tune head: never)
             self._unfreeze()
 
     def step(self, model, batch, step: int, gen):
@@ -986,6 +992,8 @@ def fit_network(
         raise InputError(None, f"tune {cfg.tune} keeps pretrained weights frozen; training from scratch has none "
                                "(use tune all)")
     reinit_decoder = mode == "finetune" and cfg.transfer == "encoder"
+    if reinit_decoder and cfg.tune == "head":
+        raise InputError(None, TUNE_HEAD_NEW_DECODER)
     if reinit_decoder and cfg.norm_stats != "window":
         raise InputError(None, NEW_DECODER_STATS)
     if reinit_decoder and init_head is not None:
@@ -1023,6 +1031,8 @@ def fit_network(
                 reinit_(m, cfg.seed + 1 + i)
         if cfg.tune == "decoder":
             trained = decoder
+    elif cfg.tune == "head":
+        trained = []  # the backbone stays frozen (eval mode, features without gradients)
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
     sampler = make_sampler(ext, training_cases(train_cases, cfg, crops=False), cfg, rng, end_to_end=True)  # (patches are crops)
@@ -1161,6 +1171,7 @@ def check_probe_config(cfg: ProbeConfig) -> None:
         (cfg.transfer == "encoder" and cfg.norm_stats != "window",
          NEW_DECODER_STATS),
         (cfg.tune not in TUNED_PARTS, f"tune must be one of {', '.join(TUNED_PARTS)}, got {cfg.tune!r}"),
+        (cfg.tune == "head" and cfg.transfer == "encoder", TUNE_HEAD_NEW_DECODER),
         (cfg.tune == "decoder" and cfg.feature_side == "encoder",
          "tune decoder trains the decoder, which feature_side encoder never reads; use feature_side decoder or both"),
     ]
