@@ -1,0 +1,31 @@
+"""benchmarks/lpft_demo_seeds.py: LP-FT rows of a demo folder with the backbone trained or frozen."""
+
+import pytest
+from standin import load_benchmark
+
+
+def test_tune_reaches_only_the_lpft_rows(tmp_path):
+    from voxdiff.experiments.base import Experiment, ExperimentConfig
+
+    lp = load_benchmark("lpft_demo_seeds")
+    exp = Experiment(ExperimentConfig(budget="cpu-small"), tmp_path / "e", log=lambda *a: None)
+    assert exp.tuned_cfg("finetune", from_probe=True).tune == "all"  # the demo's own rows
+    lp.with_tune(exp, "head")
+    ft = exp.tuned_cfg("finetune", from_probe=True)
+    assert ft.tune == "head" and ft.sampling.whole_volume and ft.optim.backbone_lr == 1e-5
+    assert exp.tuned_cfg("finetune").tune == "all"  # fine-tuning from a random head is left alone
+
+
+def test_refused_without_lpft_rows_or_folders(tmp_path):
+    from voxdiff.experiments.base import Experiment, ExperimentConfig
+
+    lp = load_benchmark("lpft_demo_seeds")
+    exp = Experiment(ExperimentConfig(budget="tiny"), tmp_path / "e", log=lambda *a: None)
+    exp.budget.pop("lpft", None)
+    with pytest.raises(SystemExit, match="fine-tunes no LP-FT rows"):
+        lp.with_tune(exp, "head")
+    with pytest.raises(SystemExit, match="not an experiment folder"):
+        lp.main([str(tmp_path / "nothing")])
+    exp2 = Experiment(ExperimentConfig(budget="cpu-small"), tmp_path / "f", log=lambda *a: None)
+    with pytest.raises(SystemExit, match="no finished frozen probe"):
+        lp.run_method(lp.with_tune(exp2, "head"), "contrastive", "head")
