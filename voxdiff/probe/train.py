@@ -162,6 +162,14 @@ class ProbeOptim(OptimConfig):
             Adam's steps are about the learning rate in size, so a weight that the gradient keeps
             pushing one way settles about ``1 / anchor_decay`` from where pretraining left it. 0 =
             off; from-scratch training refuses it (there is no pretrained start to keep).
+        refine_steps: frozen heads fitted on voxels (``frozen_training voxels``): after the voxel steps,
+            this many steps that refine every head on the whole training volumes' cached features
+            (one volume a step, the segmentation loss of fine-tuning, the heads' BatchNorm statistics
+            kept; :func:`voxdiff.probe.voxel.refine_heads_volume`); 0 = off. The heads before
+            refinement are the first candidate of the validation, so a refinement that does not
+            help on the validation cases is not kept.
+        refine_lr: the refinement's learning rate (constant).
+        refine_val_every: validate the refined heads every this many steps and at the end.
     """
 
     steps: int = 300
@@ -178,6 +186,9 @@ class ProbeOptim(OptimConfig):
     selection: str = "best"
     smooth_window: int = 3
     anchor_decay: float = 0.0
+    refine_steps: int = 0
+    refine_lr: float = 1e-4
+    refine_val_every: int = 10
 
     def __post_init__(self) -> None:
         if self.selection not in SELECTIONS:
@@ -1172,6 +1183,11 @@ def check_probe_config(cfg: ProbeConfig) -> None:
          NEW_DECODER_STATS),
         (cfg.tune not in TUNED_PARTS, f"tune must be one of {', '.join(TUNED_PARTS)}, got {cfg.tune!r}"),
         (cfg.tune == "head" and cfg.transfer == "encoder", TUNE_HEAD_NEW_DECODER),
+        (int(o.refine_steps) < 0 or int(o.refine_val_every) < 1 or not float(o.refine_lr) > 0,
+         f"optim.refine_steps must be >= 0, refine_val_every >= 1 and refine_lr > 0, got {o.refine_steps}, "
+         f"{o.refine_val_every}, {o.refine_lr}"),
+        (int(o.refine_steps) > 0 and cfg.frozen_training != "voxels",
+         "optim.refine_steps refines heads fitted on voxels; use frozen_training voxels"),
         (cfg.tune == "decoder" and cfg.feature_side == "encoder",
          "tune decoder trains the decoder, which feature_side encoder never reads; use feature_side decoder or both"),
     ]

@@ -20,7 +20,9 @@ sees orders of magnitude more labelled voxels per second on a CPU than patch tra
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
+from types import SimpleNamespace
 from typing import Sequence
 
 import numpy as np
@@ -28,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from voxdiff.core.engine import Engine
+from voxdiff.core.engine import Engine, EngineConfig
 from voxdiff.core.errors import InputError
 from voxdiff.core.metrics import mean_dice
 from voxdiff.core.runtime import resolve_device
@@ -42,8 +44,10 @@ from .train import (
     ProbeConfig,
     apply_norm_stats,
     class_voxel_index,
+    dice_ce_loss,
     heads_engine_config,
     move_extractor,
+    probe_engine_settings,
     restore_best,
     training_cases,
     volume_roi,
@@ -284,6 +288,7 @@ def fit_heads_voxels(extractor, train_cases: Sequence, val_cases: Sequence = (),
     apply_norm_stats(extractor, cfg, train_cases)  # (of the labelled cases, not their copies or crops)
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
+    labelled = list(train_cases)
     train_cases = training_cases(train_cases, cfg)
     tables = case_pyramids(extractor, train_cases, cfg, progress=progress, convert=voxel_tables)
     labels = [np.asarray(c.label, dtype=np.uint8) for c in train_cases]
@@ -315,5 +320,89 @@ def fit_heads_voxels(extractor, train_cases: Sequence, val_cases: Sequence = (),
     task = HeadsTask(models, losses_of, validate_of, cfg, sampler, history)
     ecfg = heads_engine_config(cfg, list(models), progress, "probe(voxels) " + "+".join(models))
     engine = Engine(ecfg, task, state_dir=state_dir, config=cfg, resume=resume)
-    engine.fit(stop_after)
+    done = engine.fit(stop_after)
+    best = restore_best(models, task.best)
+    if int(cfg.optim.refine_steps) <= 0 or (stop_after is not None and done < int(cfg.optim.steps)):
+        return best
+    whole = len(training_cases(labelled, cfg, crops=False))  # the cases' whole volumes (and copies) come first
+    pyramids = [[table_level(t) for t in tables[i]] for i in range(whole)]
+    refine_state = None if state_dir is None else os.path.join(os.fspath(state_dir), "refine")
+    return refine_heads_volume(extractor, best, train_cases[:whole], val_cases, cfg, pyramids=pyramids,
+                               val_pyramids=val_pyrs or None, progress=progress, history=history,
+                               state_dir=refine_state, resume=resume)
+
+
+def table_level(table: VoxelTable) -> torch.Tensor:
+    """The ``(C, X, Y, Z)`` level a :class:`VoxelTable` was made from, as a view of its rows
+    (channels-last strides, the table's dtype)."""
+    x, y, z = table.shape
+    return table.rows.t().reshape(table.rows.shape[1], x, y, z)
+
+
+def refine_heads_volume(extractor, heads: dict[str, nn.Module], train_cases: Sequence, val_cases: Sequence,
+                        cfg: ProbeConfig, pyramids: Sequence[list[torch.Tensor]] | None = None,
+                        val_pyramids: Sequence[list[torch.Tensor]] | None = None, progress: bool = False,
+                        history: list | None = None, state_dir: str | os.PathLike | None = None,
+                        resume: bool = False) -> dict[str, nn.Module]:
+    """Refine fitted frozen heads on whole training volumes; ``{name: refined head}`` (eval mode).
+
+    The voxel probe fits its heads on class-balanced voxels and shifts their output bias to the
+    volumes' class frequencies (:func:`prior_log_ratio`). This trains copies of ``heads`` further on
+    the whole-volume features of ``train_cases`` (``pyramids``: theirs when already computed, as
+    :func:`volume_pyramid` gives them), one volume a step (drawn at random), with fine-tuning's
+    segmentation loss (:func:`voxdiff.probe.train.dice_ce_loss`) over the whole volume: what LP-FT's
+    whole-volume steps do to the head, with the backbone frozen and its features computed once.
+    ``cfg.optim.refine_steps`` steps at the constant ``refine_lr``; the heads' BatchNorm statistics
+    stay those they were fitted with (one volume's statistics, mostly air, are not the voxels'). Every
+    ``refine_val_every`` steps the heads are scored on whole validation volumes, and each head's best
+    state is kept, the heads as given being the first candidate (no validation cases: the last state).
+    On the engine, with ``state_dir`` / ``resume`` as elsewhere."""
+    steps = int(cfg.optim.refine_steps)
+    if steps <= 0:
+        return heads
+    if not train_cases:
+        raise InputError(None, "no labelled training cases to refine the heads on")
+    device = resolve_device(cfg.runtime.device)
+    set_frozen(extractor)
+    move_extractor(extractor, device)
+    if pyramids is None:
+        pyramids = case_pyramids(extractor, train_cases, cfg, progress=progress)
+    labels = [torch.from_numpy(np.asarray(c.label, dtype=np.int64)) for c in train_cases]
+    models = {n: copy.deepcopy(h).to(device) for n, h in heads.items()}
+    val_pyrs: list[list[torch.Tensor]] = list(val_pyramids or [])
+    if val_cases and not val_pyrs:
+        val_pyrs.extend(case_pyramids(extractor, val_cases, cfg))
+    rcfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, steps=steps, lr=float(cfg.optim.refine_lr),
+                                                              val_every=int(cfg.optim.refine_val_every)))
+    picker = SimpleNamespace(rng=np.random.default_rng(int(cfg.seed) + 1))  # which volume each step trains on
+
+    def losses_of(ms: dict[str, nn.Module], step: int) -> dict[str, torch.Tensor]:
+        i = int(picker.rng.integers(len(pyramids)))
+        pyr = [p[None].to(device).float() for p in pyramids[i]]
+        y = labels[i][None].to(device)
+        out = {}
+        for n, m in ms.items():
+            for b in m.modules():  # (after HeadsTask put the head in training mode) the fitted statistics
+                if isinstance(b, nn.modules.batchnorm._BatchNorm):
+                    b.eval()
+            logits = m(pyr, out_size=pyr[0].shape[2:])
+            out[n] = dice_ce_loss(logits[:, :, :y.shape[1], :y.shape[2], :y.shape[3]], y)
+        return out
+
+    def validate_of(ms: dict[str, nn.Module]):
+        return validate_volume(extractor, ms, val_cases, cfg, pyramids=val_pyrs), ms
+
+    steps_log: list = []  # the refinement's validations (step 0: the heads as given)
+    task = HeadsTask(models, losses_of, validate_of, rcfg, picker, steps_log)
+    if val_cases:  # the heads as given: the first candidate
+        first = validate_volume(extractor, models, val_cases, cfg, pyramids=val_pyrs)
+        task.best = {n: (first.get(n, float("nan")) if np.isfinite(first.get(n, float("nan"))) else -np.inf,
+                         copy.deepcopy(m.state_dict())) for n, m in models.items()}
+        steps_log.append({"step": 0, "val_dice": first})
+    ecfg = EngineConfig(**probe_engine_settings(rcfg), schedule="constant", progress=progress,
+                        desc="refine(volumes) " + "+".join(models), label="refine " + "+".join(models),
+                        nan_hint="continue from it with resume=True")
+    Engine(ecfg, task, state_dir=state_dir, config=rcfg, resume=resume).fit()
+    if history is not None:
+        history.extend({"refine": True, **h} for h in steps_log)
     return restore_best(models, task.best)
