@@ -1,0 +1,100 @@
+"""Frozen heads refined on whole training volumes (``optim.refine_steps``), from finished probe steps.
+
+For each seed folder (``BENCH/seed-S``) this loads the segmenter bundle a finished frozen probe step
+saved (``--step``; ``{method}`` in it is replaced by ``--method``), refines its head on the fold's
+labelled training phantoms exactly as ``fit_heads_voxels`` does after its voxel steps
+(:func:`voxdiff.probe.voxel.refine_heads_volume`: the bundle's extractor and feature window, the
+head as saved being the first candidate of the validation), and scores the refined head on the
+fold's validation and test phantoms with whole-volume features. Nothing is written into the folders.
+One JSON line per seed: validation and test Dice (%) before and after, the step chosen, seconds::
+
+    python benchmarks/refine_heads.py runs/bench56 --seeds 5,6,7 --method diffusion-ape \\
+        --step s50-probe-{method}-n1 --n_train 1 --refine '{"refine_steps": 30, "refine_lr": 1e-4}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from voxdiff.core.runtime import tune_allocator  # noqa: E402
+from voxdiff.experiments.base import Experiment, mean_of_cases  # noqa: E402
+
+HEAD = "nonlinear"
+
+
+def refine_cfg(exp: Experiment, doc: dict, refine: dict):
+    """The experiment's probe settings with the bundle's feature window and the refinement's settings."""
+    from voxdiff.core.config import from_dict
+    from voxdiff.probe.train import ProbeConfig, check_probe_config
+
+    opts = {**exp.budget["probe"], "seed": exp.cfg.seed, "feature_roi": list(doc["roi"]), "overlap": doc["overlap"],
+            **refine}
+    cfg = from_dict(ProbeConfig, opts)
+    check_probe_config(cfg)
+    return cfg
+
+
+def run_seed(exp: Experiment, step: str, n_train: int | None, refine: dict) -> dict[str, Any]:
+    from voxdiff.probe.bundle import load_segmenter
+    from voxdiff.probe.voxel import refine_heads_volume
+
+    bundle = exp.out / step / f"segmenter-{HEAD}"
+    if not (exp.runner.done(step) and bundle.is_dir()):
+        raise SystemExit(f"{exp.out}: no finished probe step {step} with a {HEAD} segmenter bundle")
+    seg = load_segmenter(bundle, device="cpu")
+    cfg = refine_cfg(exp, seg.info, refine)
+    train, val, test = exp.folds()[0]
+    if n_train:
+        train = train[:n_train]
+    t0 = time.time()
+    hist: list = []
+    refined = refine_heads_volume(seg.extractor, {HEAD: seg.head}, train, val, cfg, history=hist)[HEAD]
+    secs = time.time() - t0
+    m = lambda h, cases: 100 * mean_of_cases(exp.score(seg.extractor, {HEAD: h}, cases, cfg, volume=True)[HEAD])  # noqa: E731
+    vals = [(h["step"], round(100 * h["val_dice"][HEAD], 2)) for h in hist if HEAD in h.get("val_dice", {})]
+    best = max(vals, key=lambda sv: sv[1]) if vals else (None, None)
+    return {"step": step, "n_train": n_train, **refine, "val_before": vals[0][1] if vals else None,
+            "test_before": round(m(seg.head, test), 2), "val_after": round(m(refined, val), 2) if val else None,
+            "test_after": round(m(refined, test), 2), "chosen_step": best[0], "trajectory": vals,
+            "refine_s": round(secs)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("bench", type=Path, help="folder of a compare --seeds run (with seed-S subfolders)")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    ap.add_argument("--method", default="diffusion-ape")
+    ap.add_argument("--step", default="probe-{method}-f0", help="the finished probe step ({method} replaced)")
+    ap.add_argument("--n_train", type=int, default=None, help="the probe's labelled phantoms (default: the fold's)")
+    ap.add_argument("--refine", default='{"refine_steps": 30}', help="JSON: refine_steps, refine_lr, refine_val_every")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=None, help="JSON-lines file the rows are appended to")
+    a = ap.parse_args(argv)
+    refine = json.loads(a.refine)
+    if not isinstance(refine, dict) or set(refine) - {"refine_steps", "refine_lr", "refine_val_every"}:
+        raise SystemExit(f"--refine: a JSON object of refine_steps, refine_lr, refine_val_every, not {a.refine}")
+    import torch
+
+    tune_allocator()
+    torch.set_num_threads(a.threads)
+    for s in (int(x) for x in a.seeds.split(",")):
+        folder = a.bench / f"seed-{s}"
+        if not (folder / "config.yaml").is_file():
+            raise SystemExit(f"{folder}: not a seed folder of a compare run (no config.yaml)")
+        row = {"seed": s, "method": a.method, **run_seed(Experiment.reopen(folder), a.step.format(method=a.method),
+                                                         a.n_train, refine)}
+        if a.out is not None:
+            with a.out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
