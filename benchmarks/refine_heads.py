@@ -58,8 +58,9 @@ def run_seed(exp: Experiment, step: str, n_train: int | None, refine: dict) -> d
     refined = refine_heads_volume(seg.extractor, {HEAD: seg.head}, train, val, cfg, history=hist)[HEAD]
     secs = time.time() - t0
     m = lambda h, cases: 100 * mean_of_cases(exp.score(seg.extractor, {HEAD: h}, cases, cfg, volume=True)[HEAD])  # noqa: E731
-    vals = [(h["step"], round(100 * h["val_dice"][HEAD], 2)) for h in hist if HEAD in h.get("val_dice", {})]
-    best = max(vals, key=lambda sv: sv[1]) if vals else (None, None)
+    raw = [(h["step"], 100 * h["val_dice"][HEAD]) for h in hist if HEAD in h.get("val_dice", {})]
+    best = max(raw, key=lambda sv: sv[1]) if raw else (None, None)  # the first of equal scores, as kept
+    vals = [(k, round(v, 2)) for k, v in raw]
     return {"step": step, "n_train": n_train, **refine, "val_before": vals[0][1] if vals else None,
             "test_before": round(m(seg.head, test), 2), "val_after": round(m(refined, val), 2) if val else None,
             "test_after": round(m(refined, test), 2), "chosen_step": best[0], "trajectory": vals,
