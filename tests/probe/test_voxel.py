@@ -235,3 +235,25 @@ def test_deformed_copies_are_extracted_and_sampled_like_the_training_cases(monke
     with pytest.raises(Sampled):
         train_mod.fit_network(ext, cases, (), "scratch", tcfg, progress=False)
     assert sampled == [["c1", "c2", "c1-def0", "c2-def0"]]  # no crops: end-to-end patches are crops already
+
+
+def test_voxel_heads_train_alike_whatever_their_upsampling_and_differ_on_whole_volumes():
+    from voxdiff.data.phantom import PhantomConfig, generate_phantom
+
+    pre = PreprocessConfig(spacing=(4.0, 4.0, 4.0))
+    case = preprocess(generate_phantom(41, PhantomConfig(shape=(48, 48, 32))), pre)
+    ext = _Ext(pre)
+    got = {}
+    for up in ("nearest", "trilinear"):
+        cfg = _probe(steps=20, val_every=20, roi=(32, 32, 32), overlap=0.25, lr=1e-2, bf16=False, device="cpu",
+                     hidden=8, upsample=up)
+        got[up] = fit_heads_voxels(ext, [case], (), ["linear", "nonlinear"], cfg, voxels_per_step=512, progress=False)
+    unit = unit_image(case, pre.hu_window)
+    for n in ("linear", "nonlinear"):
+        a, b = got["nearest"][n], got["trilinear"][n]
+        assert (a.upsample, b.upsample) == ("nearest", "trilinear")
+        for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.equal(v, w), k  # the same training
+        la = predict_logits_volume(ext, {n: a}, unit, cfg)[n]
+        lb = predict_logits_volume(ext, {n: b}, unit, cfg)[n]
+        assert float((la - lb).abs().max()) > 1e-3  # but not the same whole-volume logits

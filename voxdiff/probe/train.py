@@ -199,15 +199,22 @@ class ProbeOptim(OptimConfig):
 
 @dataclass
 class ProbeHead:
-    """The non-linear (and mix) head's size.
+    """The non-linear (and mix) head's size, and how voxel-probe heads upsample.
 
     Args:
         hidden: width of the non-linear head.
         blocks: kernel-1 residual blocks per level in the non-linear head.
+        upsample: heads fitted on gathered voxels (``frozen_training voxels``): how they bring the
+            coarse levels to full resolution on whole volumes (validation, scores, saved segmenters).
+            ``nearest`` (vox2vec's): each voxel reads its own cell of every level, so inference applies
+            exactly the per-voxel function that training fitted; ``trilinear``: the coarse maps are
+            interpolated between cells. Training is the same either way (gathered voxels need no
+            upsampling); see docs/PROBING.md for what each scores.
     """
 
     hidden: int = 32
     blocks: int = 1
+    upsample: str = "nearest"
 
 
 @dataclass
@@ -1164,6 +1171,7 @@ def check_probe_config(cfg: ProbeConfig) -> None:
          f"optim.anchor_decay must be >= 0 with anchor_decay * backbone_lr < 1, got {o.anchor_decay} "
          f"(backbone_lr {o.backbone_lr})"),
         (int(h.hidden) < 1 or int(h.blocks) < 0, f"head.hidden must be >= 1 and head.blocks >= 0, got {h.hidden}, {h.blocks}"),
+        (h.upsample not in ("nearest", "trilinear"), f"head.upsample must be nearest or trilinear, got {h.upsample!r}"),
         (not _three_positive(sm.patch_size), f"sampling.patch_size must be 3 sizes >= 1, got {sm.patch_size}"),
         (int(sm.batch_size) < 1 or int(sm.voxels_per_step) < 1,
          f"sampling.batch_size and voxels_per_step must be >= 1, got {sm.batch_size}, {sm.voxels_per_step}"),

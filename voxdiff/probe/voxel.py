@@ -7,9 +7,11 @@ them therefore does not need patches: the pyramid of every training volume is co
 sliding window (:func:`voxdiff.features.extract_volume`, float16, each level at its own stride),
 and each optimisation step draws a batch of voxels (half of them on organ voxels, organ drawn
 uniformly so that small organs are seen) and feeds their gathered feature vectors to the heads as
-``(N, C_l, 1, 1, 1)`` pyramids. The heads are the same modules used at inference (built with
-``upsample="nearest"``, which makes the two computations identical), so a head trained here plugs
-into :func:`voxdiff.probe.predict.predict_logits` and the segmenter bundle unchanged.
+``(N, C_l, 1, 1, 1)`` pyramids. The heads are the same modules used at inference, so a head trained
+here plugs into :func:`voxdiff.probe.predict.predict_logits` and the segmenter bundle unchanged. Built
+with ``upsample="nearest"`` (``head.upsample``, the default) the two computations are identical; with
+``trilinear`` the whole-volume inference interpolates the coarse maps the head computes (training is
+the same: gathered voxels are not upsampled).
 
 Features of the training volumes come from the same sliding-window pass that inference uses, which
 also removes the train/test mismatch of patch-wise features near window borders. This is the
@@ -230,13 +232,16 @@ def voxel_logits(head: nn.Module, pyramid: list[torch.Tensor]) -> torch.Tensor:
 
 
 def make_voxel_head(name: str, level_channels: Sequence[int], cfg: ProbeConfig, groups: int = 1) -> nn.Module:
+    """A frozen head for voxel probing; its upsampling on whole volumes is ``cfg.head.upsample`` (gathered
+    voxels, all levels at one size, are not upsampled: training does not depend on it)."""
+    up = cfg.head.upsample
     if name == "mix":
         return MixHead(level_channels, cfg.n_classes, groups=groups, hidden=cfg.head.hidden, blocks=cfg.head.blocks,
-                       upsample="nearest")
+                       upsample=up)
     if name == "linear":
-        return LinearHead(level_channels, cfg.n_classes, upsample="nearest")
+        return LinearHead(level_channels, cfg.n_classes, upsample=up)
     if name == "nonlinear":
-        return NonLinearHead(level_channels, cfg.n_classes, cfg.head.hidden, cfg.head.blocks, upsample="nearest")
+        return NonLinearHead(level_channels, cfg.n_classes, cfg.head.hidden, cfg.head.blocks, upsample=up)
     raise ValueError(f"voxel probing trains frozen heads only ({FROZEN_MODES}), not {name!r}")
 
 
