@@ -10,11 +10,16 @@ One JSON line per seed: validation and test Dice (%) before and after, the step 
 
     python benchmarks/refine_heads.py runs/bench56 --seeds 5,6,7 --method diffusion-ape \\
         --step s50-probe-{method}-n1 --n_train 1 --refine '{"refine_steps": 30, "refine_lr": 1e-4}'
+
+``--upsample trilinear`` scores the saved head with its coarse levels upsampled trilinearly (voxel-probe
+heads are saved with ``nearest``), beside the head as saved; with ``--refine '{"refine_steps": 0}'``
+nothing is refined. ``BENCH`` may also be a single experiment folder (``--seeds -``), e.g. a demo's.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -41,7 +46,8 @@ def refine_cfg(exp: Experiment, doc: dict, refine: dict):
     return cfg
 
 
-def run_seed(exp: Experiment, step: str, n_train: int | None, refine: dict) -> dict[str, Any]:
+def run_seed(exp: Experiment, step: str, n_train: int | None, refine: dict, upsample: str | None = None
+             ) -> dict[str, Any]:
     from voxdiff.probe.bundle import load_segmenter
     from voxdiff.probe.voxel import refine_heads_volume
 
@@ -50,6 +56,10 @@ def run_seed(exp: Experiment, step: str, n_train: int | None, refine: dict) -> d
         raise SystemExit(f"{exp.out}: no finished probe step {step} with a {HEAD} segmenter bundle")
     seg = load_segmenter(bundle, device="cpu")
     cfg = refine_cfg(exp, seg.info, refine)
+    given = seg.head
+    if upsample is not None:  # the saved head, its coarse levels upsampled another way (before refining)
+        seg.head = copy.deepcopy(given)
+        seg.head.upsample = upsample
     train, val, test = exp.folds()[0]
     if n_train:
         train = train[:n_train]
@@ -61,7 +71,9 @@ def run_seed(exp: Experiment, step: str, n_train: int | None, refine: dict) -> d
     raw = [(h["step"], 100 * h["val_dice"][HEAD]) for h in hist if HEAD in h.get("val_dice", {})]
     best = max(raw, key=lambda sv: sv[1]) if raw else (None, None)  # the first of equal scores, as kept
     vals = [(k, round(v, 2)) for k, v in raw]
-    return {"step": step, "n_train": n_train, **refine, "val_before": vals[0][1] if vals else None,
+    extra = {} if upsample is None else {"upsample": upsample, "val_as_saved": round(m(given, val), 2) if val else None,
+                                         "test_as_saved": round(m(given, test), 2)}
+    return {"step": step, "n_train": n_train, **refine, **extra, "val_before": vals[0][1] if vals else None,
             "test_before": round(m(seg.head, test), 2), "val_after": round(m(refined, val), 2) if val else None,
             "test_after": round(m(refined, test), 2), "chosen_step": best[0], "trajectory": vals,
             "refine_s": round(secs)}
@@ -75,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--step", default="probe-{method}-f0", help="the finished probe step ({method} replaced)")
     ap.add_argument("--n_train", type=int, default=None, help="the probe's labelled phantoms (default: the fold's)")
     ap.add_argument("--refine", default='{"refine_steps": 30}', help="JSON: refine_steps, refine_lr, refine_val_every")
+    ap.add_argument("--upsample", default=None, choices=("nearest", "trilinear"),
+                    help="score (and refine) the saved head with this upsampling; the head as saved is scored too")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="JSON-lines file the rows are appended to")
     a = ap.parse_args(argv)
@@ -85,12 +99,12 @@ def main(argv: list[str] | None = None) -> None:
 
     tune_allocator()
     torch.set_num_threads(a.threads)
-    for s in (int(x) for x in a.seeds.split(",")):
-        folder = a.bench / f"seed-{s}"
+    for s in ([None] if a.seeds == "-" else [int(x) for x in a.seeds.split(",")]):
+        folder = a.bench if s is None else a.bench / f"seed-{s}"
         if not (folder / "config.yaml").is_file():
             raise SystemExit(f"{folder}: not a seed folder of a compare run (no config.yaml)")
-        row = {"seed": s, "method": a.method, **run_seed(Experiment.reopen(folder), a.step.format(method=a.method),
-                                                         a.n_train, refine)}
+        row = {"folder": str(folder), "method": a.method, **run_seed(Experiment.reopen(folder), a.step.format(method=a.method),
+                                                         a.n_train, refine, a.upsample)}
         if a.out is not None:
             with a.out.open("a") as f:
                 f.write(json.dumps(row) + "\n")

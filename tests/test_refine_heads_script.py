@@ -20,6 +20,8 @@ def test_bad_input_is_refused(tmp_path):
         rh.main([str(tmp_path), "--refine", '{"lr": 1}'])
     with pytest.raises(SystemExit, match="not a seed folder"):
         rh.main([str(tmp_path), "--seeds", "3"])
+    with pytest.raises(SystemExit, match=f"{tmp_path}: not a seed folder"):  # one folder, no seed subfolders
+        rh.main([str(tmp_path), "--seeds", "-"])
     from voxdiff.experiments.base import Experiment, ExperimentConfig
 
     exp = Experiment(ExperimentConfig(budget="tiny"), tmp_path / "e", log=lambda *a: None)
