@@ -16,6 +16,7 @@ its validation trajectory and seconds::
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import sys
@@ -27,11 +28,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from voxdiff.core.runtime import tune_allocator  # noqa: E402
 from voxdiff.experiments.base import Experiment, mean_of_cases  # noqa: E402
+from voxdiff.experiments.budgets import BUDGETS  # noqa: E402
 from voxdiff.experiments.experiments import lpft_start, probe_step  # noqa: E402
 
 
 def with_tune(exp: Experiment, tune: str) -> Experiment:
-    """``exp`` (in memory only) whose LP-FT rows train ``tune`` (all: backbone and head; head: the head)."""
+    """``exp`` (in memory only) whose LP-FT rows train ``tune`` (all: backbone and head; head: the head).
+    A folder made before its budget had an ``lpft`` section gets the budget's current LP-FT settings."""
+    if "lpft" not in exp.budget:
+        now = BUDGETS.get(exp.cfg.budget, {})
+        if "lpft" in now:
+            print(f"{exp.out}: made before LP-FT on whole volumes; using {exp.cfg.budget}'s current settings",
+                  file=sys.stderr)
+            for k in ("lpft", "finetune_init", "finetune_steps"):
+                exp.budget[k] = copy.deepcopy(now[k])
     if "lpft" not in exp.budget or exp.budget.get("finetune_init") != "probe":
         raise SystemExit(f"{exp.out}: its budget fine-tunes no LP-FT rows (no lpft section, or finetune_init "
                          "is not 'probe')")

@@ -22,6 +22,7 @@ def test_refused_without_lpft_rows_or_folders(tmp_path):
     lp = load_benchmark("lpft_demo_seeds")
     exp = Experiment(ExperimentConfig(budget="tiny"), tmp_path / "e", log=lambda *a: None)
     exp.budget.pop("lpft", None)
+    exp.budget["finetune_init"] = "random"  # (tiny has no lpft section of its own to fall back on)
     with pytest.raises(SystemExit, match="fine-tunes no LP-FT rows"):
         lp.with_tune(exp, "head")
     with pytest.raises(SystemExit, match="not an experiment folder"):
@@ -29,3 +30,17 @@ def test_refused_without_lpft_rows_or_folders(tmp_path):
     exp2 = Experiment(ExperimentConfig(budget="cpu-small"), tmp_path / "f", log=lambda *a: None)
     with pytest.raises(SystemExit, match="no finished frozen probe"):
         lp.run_method(lp.with_tune(exp2, "head"), "contrastive", "head")
+
+
+def test_a_folder_from_before_lpft_gets_the_budgets_current_settings(tmp_path):
+    from voxdiff.experiments.base import Experiment, ExperimentConfig
+    from voxdiff.experiments.budgets import BUDGETS
+
+    lp = load_benchmark("lpft_demo_seeds")
+    exp = Experiment(ExperimentConfig(budget="cpu-small"), tmp_path / "e", log=lambda *a: None)
+    for k in ("lpft", "finetune_init"):
+        exp.budget.pop(k)
+    exp.budget["finetune_steps"] = 150  # as the demo ran before its fine-tuned rows moved to whole volumes
+    lp.with_tune(exp, "head")
+    ft = exp.tuned_cfg("finetune", from_probe=True)
+    assert ft.tune == "head" and ft.sampling.whole_volume and ft.optim.steps == BUDGETS["cpu-small"]["finetune_steps"]
