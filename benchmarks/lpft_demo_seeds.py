@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from voxdiff.core.outputs import emit_row  # noqa: E402
 from voxdiff.core.runtime import tune_allocator  # noqa: E402
 from voxdiff.experiments.base import Experiment, mean_of_cases  # noqa: E402
 from voxdiff.experiments.budgets import BUDGETS  # noqa: E402
@@ -87,10 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         exp = with_tune(Experiment.reopen(f), a.tune)
         for m in a.methods.split(","):
             row = {"folder": str(f), "seed": exp.cfg.seed, **run_method(exp, m, a.tune)}
-            if a.out is not None:
-                with a.out.open("a") as fh:
-                    fh.write(json.dumps(row) + "\n")
-            print(json.dumps(row), flush=True)
+            emit_row(row, a.out)
 
 
 if __name__ == "__main__":

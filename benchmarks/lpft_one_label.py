@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from voxdiff.core.outputs import emit_row  # noqa: E402
 from voxdiff.core.runtime import tune_allocator  # noqa: E402
 from voxdiff.experiments.base import Experiment, mean_of_cases  # noqa: E402
 from voxdiff.experiments.budgets import BUDGETS  # noqa: E402
@@ -101,10 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         if not model.is_dir():
             raise SystemExit(f"{model}: no pretrained model there")
         row = {"seed": s, **run_seed(with_recipe(Experiment.reopen(folder), a.method, a.tune), model, a.method, a.tune)}
-        if a.out is not None:
-            with a.out.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-        print(json.dumps(row), flush=True)
+        emit_row(row, a.out)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from voxdiff.core.outputs import emit_row  # noqa: E402
 from voxdiff.core.runtime import tune_allocator  # noqa: E402
 from voxdiff.experiments.base import Experiment, mean_of_cases  # noqa: E402
 
@@ -105,10 +106,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"{folder}: not a seed folder of a compare run (no config.yaml)")
         row = {"folder": str(folder), "method": a.method, **run_seed(Experiment.reopen(folder), a.step.format(method=a.method),
                                                          a.n_train, refine, a.upsample)}
-        if a.out is not None:
-            with a.out.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-        print(json.dumps(row), flush=True)
+        emit_row(row, a.out)
 
 
 if __name__ == "__main__":

@@ -112,3 +112,17 @@ def test_run_folder_takes_back_only_what_a_run_wrote_before_its_first_checkpoint
     with run_folder(tmp_path / "ok", lambda: False) as d:
         (d / "f").write_text("y")
     assert (tmp_path / "ok" / "f").read_text() == "y"
+
+
+def test_emit_row_prints_and_appends_one_json_line(tmp_path, capsys):
+    import json
+
+    from voxdiff.core.outputs import emit_row
+
+    out = tmp_path / "rows.jsonl"
+    emit_row({"seed": 5, "dice": 0.5}, out)
+    emit_row({"seed": 6, "path": tmp_path}, out)
+    emit_row({"seed": 7})  # printed only
+    lines = out.read_text().splitlines()
+    assert [json.loads(x)["seed"] for x in lines] == [5, 6] and json.loads(lines[1])["path"] == str(tmp_path)
+    assert [json.loads(x)["seed"] for x in capsys.readouterr().out.splitlines()] == [5, 6, 7]

@@ -129,6 +129,16 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
+def emit_row(row: dict, out: str | os.PathLike | None = None) -> None:
+    """Print ``row`` as one JSON line and, with ``out``, append the line to that JSON-lines file (the
+    benchmarks' result rows: an interrupted run keeps the rows it finished)."""
+    line = json.dumps(row, default=_json_default)
+    if out is not None:
+        with open(out, "a") as f:
+            f.write(line + "\n")
+    print(line, flush=True)
+
+
 def _json_default(o: Any) -> Any:
     import numpy as np
 
