@@ -281,11 +281,12 @@ class ProbeConfig:
             alone; the stem, encoder and time embedding stay frozen at their pretrained values, a
             smaller network to fit to a few labelled cases). With ``transfer encoder`` this trains a
             new decoder on the frozen pretrained encoder. Needs the decoder pyramid; from-scratch
-            training refuses it. ``head``: the head alone on the backbone's frozen features, read
-            through the fine-tuning path (patches, or whole volumes with ``sampling.whole_volume``):
-            a probe trained on the segmentation loss of whole volumes; from a fitted probe head
-            (LP-FT's start) it refines that head where the voxel probe trained it on class-balanced
-            voxels (docs/RESULTS.md, "The frozen head refined on whole volumes").
+            training refuses it. ``head``: the head alone trains on the backbone's frozen features,
+            read through the fine-tuning path (patches, or whole volumes with
+            ``sampling.whole_volume``); from a fitted probe head (LP-FT's start) it shows what
+            fine-tuning's steps do to the head alone. A fine-tuning head upsamples its coarse levels
+            trilinearly, also when it starts from a voxel probe's head, which used nearest
+            neighbour (docs/RESULTS.md, "Where LP-FT's gain comes from").
         sampling: training cases, patches / voxels and batches.
         optim: optimiser, learning rates, validation and early stopping (:class:`ProbeOptim`).
         head: the non-linear head's size.

@@ -355,8 +355,9 @@ def refine_heads_volume(extractor, heads: dict[str, nn.Module], train_cases: Seq
     volumes' class frequencies (:func:`prior_log_ratio`). This trains copies of ``heads`` further on
     the whole-volume features of ``train_cases`` (``pyramids``: theirs when already computed, as
     :func:`volume_pyramid` gives them), one volume a step (drawn at random), with fine-tuning's
-    segmentation loss (:func:`voxdiff.probe.train.dice_ce_loss`) over the whole volume: what LP-FT's
-    whole-volume steps do to the head, with the backbone frozen and its features computed once.
+    segmentation loss (:func:`voxdiff.probe.train.dice_ce_loss`) over the whole volume: LP-FT's
+    whole-volume steps with the backbone frozen, its features computed once and each head keeping its
+    own upsampling.
     ``cfg.optim.refine_steps`` steps at the constant ``refine_lr``; the heads' BatchNorm statistics
     stay those they were fitted with (one volume's statistics, mostly air, are not the voxels'). Every
     ``refine_val_every`` steps the heads are scored on whole validation volumes, and each head's best
