@@ -362,6 +362,8 @@ def refine_heads_volume(extractor, heads: dict[str, nn.Module], train_cases: Seq
     stay those they were fitted with (one volume's statistics, mostly air, are not the voxels'). Every
     ``refine_val_every`` steps the heads are scored on whole validation volumes, and each head's best
     state is kept, the heads as given being the first candidate (no validation cases: the last state).
+    ``extractor`` is used as given: its feature settings and normalisation statistics must be those the
+    heads were fitted with (a segmenter bundle's extractor, or the one :func:`fit_heads_voxels` prepared).
     On the engine, with ``state_dir`` / ``resume`` as elsewhere."""
     steps = int(cfg.optim.refine_steps)
     if steps <= 0:
