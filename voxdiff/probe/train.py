@@ -570,6 +570,16 @@ def restore_best(models: dict[str, nn.Module], best: dict[str, tuple[float, dict
     return models
 
 
+def train_keeping_norm_stats(head: nn.Module, keep: bool = True) -> None:
+    """``head`` in training mode; with ``keep``, its BatchNorm layers stay in eval mode (they normalise
+    with the statistics the head was fitted with and do not update them)."""
+    head.train()
+    if keep:
+        for m in head.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
 class HeadsTask(TrainTask):
     """Frozen heads as one engine task: one optimiser over every head (AdamW is per parameter, so
     this equals one optimiser per head), the loss is the sum of the heads' losses (their gradients
@@ -578,8 +588,10 @@ class HeadsTask(TrainTask):
     so far. The sampler's generator, smoothed losses, best states and history live in the train state."""
 
     def __init__(self, models: dict[str, nn.Module], losses_of, validate_of, cfg: ProbeConfig, sampler,
-                 history: list | None):
+                 history: list | None, keep_norm_stats: bool = False):
+        """``keep_norm_stats``: the heads' BatchNorm statistics stay as fitted (whole-volume refinement)."""
         self.models = nn.ModuleDict(models)
+        self.keep_norm_stats = bool(keep_norm_stats)
         self.losses_of, self.validate_of, self.cfg, self.sampler = losses_of, validate_of, cfg, sampler
         self.history = history if history is not None else []
         self.running: dict[str, torch.Tensor] = {}
@@ -590,7 +602,7 @@ class HeadsTask(TrainTask):
 
     def step(self, model, batch, step: int, gen):
         for m in self.models.values():
-            m.train()
+            train_keeping_norm_stats(m, self.keep_norm_stats)
         losses = self.losses_of(dict(self.models.items()), step)
         for n, loss in losses.items():
             v = loss.detach().double()  # smoothed in float64, as python floats were
@@ -833,11 +845,7 @@ class NetworkTask(TrainTask):
         """The head in training mode; a head fitted beforehand (LP-FT) and trained on whole volumes
         keeps its BatchNorm statistics (those it was fitted with, as it is scored): one volume's
         batch statistics, mostly air, are far from the class-balanced voxels it was fitted on."""
-        self.head.train()
-        if self.fitted_head and self.cfg.sampling.whole_volume:
-            for m in self.head.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
+        train_keeping_norm_stats(self.head, keep=self.fitted_head and self.cfg.sampling.whole_volume)
 
     def on_fit_start(self, engine: Engine) -> None:
         self._head_train()  # the backbone stays in eval mode (frozen) until it is unfrozen

@@ -48,6 +48,7 @@ from .train import (
     class_voxel_index,
     dice_ce_loss,
     heads_engine_config,
+    keep_best,
     move_extractor,
     probe_engine_settings,
     restore_best,
@@ -390,9 +391,6 @@ def refine_heads_volume(extractor, heads: dict[str, nn.Module], train_cases: Seq
         y = labels[i][None].to(device)
         out = {}
         for n, m in ms.items():
-            for b in m.modules():  # (after HeadsTask put the head in training mode) the fitted statistics
-                if isinstance(b, nn.modules.batchnorm._BatchNorm):
-                    b.eval()
             logits = m(pyr, out_size=pyr[0].shape[2:])
             out[n] = dice_ce_loss(logits[:, :, :y.shape[1], :y.shape[2], :y.shape[3]], y)
         return out
@@ -401,11 +399,10 @@ def refine_heads_volume(extractor, heads: dict[str, nn.Module], train_cases: Seq
         return validate_volume(extractor, ms, val_cases, cfg, pyramids=val_pyrs), ms
 
     steps_log: list = []  # the refinement's validations (step 0: the heads as given)
-    task = HeadsTask(models, losses_of, validate_of, rcfg, picker, steps_log)
+    task = HeadsTask(models, losses_of, validate_of, rcfg, picker, steps_log, keep_norm_stats=True)
     if val_cases:  # the heads as given: the first candidate
         first = validate_volume(extractor, models, val_cases, cfg, pyramids=val_pyrs)
-        task.best = {n: (first.get(n, float("nan")) if np.isfinite(first.get(n, float("nan"))) else -np.inf,
-                         copy.deepcopy(m.state_dict())) for n, m in models.items()}
+        keep_best(task.best, models, first, last=False)
         steps_log.append({"step": 0, "val_dice": first})
     ecfg = EngineConfig(**probe_engine_settings(rcfg), schedule="constant", progress=progress,
                         desc="refine(volumes) " + "+".join(models), label="refine " + "+".join(models),
