@@ -68,15 +68,20 @@ def run_seed(exp: Experiment, step: str, n_train: int | None, refine: dict, upsa
     hist: list = []
     refined = refine_heads_volume(seg.extractor, {HEAD: seg.head}, train, val, cfg, history=hist)[HEAD]
     secs = time.time() - t0
-    m = lambda h, cases: 100 * mean_of_cases(exp.score(seg.extractor, {HEAD: h}, cases, cfg, volume=True)[HEAD])  # noqa: E731
+    heads = {"after": refined, "before": seg.head}  # every head scored on one feature pass per case
+    if upsample is not None:
+        heads["as_saved"] = given
+    val_s = {k: round(100 * mean_of_cases(v), 2)
+             for k, v in exp.score(seg.extractor, heads, val, cfg, volume=True).items()} if val else {}
+    test_s = {k: round(100 * mean_of_cases(v), 2) for k, v in exp.score(seg.extractor, heads, test, cfg, volume=True).items()}
     raw = [(h["step"], 100 * h["val_dice"][HEAD]) for h in hist if HEAD in h.get("val_dice", {})]
     best = max(raw, key=lambda sv: sv[1]) if raw else (None, None)  # the first of equal scores, as kept
     vals = [(k, round(v, 2)) for k, v in raw]
-    extra = {} if upsample is None else {"upsample": upsample, "val_as_saved": round(m(given, val), 2) if val else None,
-                                         "test_as_saved": round(m(given, test), 2)}
+    extra = {} if upsample is None else {"upsample": upsample, "val_as_saved": val_s.get("as_saved"),
+                                         "test_as_saved": test_s["as_saved"]}
     return {"step": step, "n_train": n_train, **refine, **extra, "val_before": vals[0][1] if vals else None,
-            "test_before": round(m(seg.head, test), 2), "val_after": round(m(refined, val), 2) if val else None,
-            "test_after": round(m(refined, test), 2), "chosen_step": best[0], "trajectory": vals,
+            "test_before": test_s["before"], "val_after": val_s.get("after"),
+            "test_after": test_s["after"], "chosen_step": best[0], "trajectory": vals,
             "refine_s": round(secs)}
 
 
