@@ -508,12 +508,8 @@ def test_demo_prints_the_converged_scratch_reference_only_where_it_was_measured(
     assert b["finetune_init"] == "probe" and b["lpft"]["whole_volume"] and b["finetune_steps"] < b["scratch_steps"]
     assert "on whole volumes" in tuned_note("cpu-small", 30, "probe", True)
     assert "on whole volumes" not in tuned_note("cpu-small", 30, "probe")
-    from voxdiff.experiments.demo import LPFT_UPSAMPLING
-
-    lp = tuned_note("cpu-small", 30, "probe", True)  # LP-FT rows: the upsampling they differ by, measured
-    assert "trilinearly" in lp and "--upsample trilinear" in lp and "trilinearly" not in tn
-    for a, b in LPFT_UPSAMPLING["rows"].values():
-        assert f"{a:+.1f}" in lp and f"{b:+.1f}" in lp
+    # the frozen non-linear head now scores trilinearly, as its LP-FT copy does: no upsampling note
+    assert "trilinearly" not in tuned_note("cpu-small", 30, "probe", True)
 
 
 def test_probe_fov_crops_reach_the_frozen_heads_config_and_change_the_folder(tmp_path):

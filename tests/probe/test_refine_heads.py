@@ -91,5 +91,5 @@ def test_refinement_is_refused_where_it_cannot_be_meant():
     with pytest.raises(InputError, match="refines heads fitted on voxels"):
         check_probe_config(_cfg(refine_steps=5, frozen_training="patches"))
     check_probe_config(_cfg(refine_steps=5))
-    with pytest.raises(InputError, match="head.upsample must be nearest or trilinear"):
+    with pytest.raises(InputError, match="head.upsample must be auto, nearest or trilinear"):
         check_probe_config(_cfg(upsample="cubic"))

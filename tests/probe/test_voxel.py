@@ -58,7 +58,7 @@ def test_gathered_voxels_give_the_same_logits_as_the_full_volume(kind):
     shape = (16, 12, 8)
     pyr = [torch.randn(c, *(s // st for s in shape)) for c, st in zip(chans, strides)]
     label = rng.integers(0, 3, size=shape).astype(np.uint8)
-    cfg = _probe(n_classes=3, hidden=8)
+    cfg = _probe(n_classes=3, hidden=8, upsample="nearest")
     head = make_voxel_head(kind, chans, cfg).eval()
     with torch.no_grad():
         for p in head.parameters():
@@ -244,16 +244,31 @@ def test_voxel_heads_train_alike_whatever_their_upsampling_and_differ_on_whole_v
     case = preprocess(generate_phantom(41, PhantomConfig(shape=(48, 48, 32))), pre)
     ext = _Ext(pre)
     got = {}
-    for up in ("nearest", "trilinear"):
+    for up in ("nearest", "trilinear", "auto"):
         cfg = _probe(steps=20, val_every=20, roi=(32, 32, 32), overlap=0.25, lr=1e-2, bf16=False, device="cpu",
                      hidden=8, upsample=up)
         got[up] = fit_heads_voxels(ext, [case], (), ["linear", "nonlinear"], cfg, voxels_per_step=512, progress=False)
     unit = unit_image(case, pre.hu_window)
+    auto = {"linear": "nearest", "nonlinear": "trilinear"}  # what held-out phantoms favoured per head
     for n in ("linear", "nonlinear"):
-        a, b = got["nearest"][n], got["trilinear"][n]
-        assert (a.upsample, b.upsample) == ("nearest", "trilinear")
-        for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
-            assert torch.equal(v, w), k  # the same training
+        a, b, c = got["nearest"][n], got["trilinear"][n], got["auto"][n]
+        assert (a.upsample, b.upsample, c.upsample) == ("nearest", "trilinear", auto[n])
+        for (k, v), w, x in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+            assert torch.equal(v, w) and torch.equal(v, x), k  # the same training
         la = predict_logits_volume(ext, {n: a}, unit, cfg)[n]
         lb = predict_logits_volume(ext, {n: b}, unit, cfg)[n]
         assert float((la - lb).abs().max()) > 1e-3  # but not the same whole-volume logits
+        lc = predict_logits_volume(ext, {n: c}, unit, cfg)[n]
+        assert torch.equal(lc, la if auto[n] == "nearest" else lb)
+
+
+def test_auto_upsampling_is_the_default_and_resolved_per_head():
+    from voxdiff.probe.voxel import make_voxel_head
+
+    cfg = _probe()
+    assert cfg.head.upsample == "auto"
+    built = {n: make_voxel_head(n, [4, 8, 16], cfg, groups=2 if n == "mix" else 1).upsample
+             for n in ("linear", "nonlinear", "mix")}
+    assert built == {"linear": "nearest", "nonlinear": "trilinear", "mix": "nearest"}
+    forced = _probe(upsample="trilinear")
+    assert {make_voxel_head(n, [4, 8, 16], forced).upsample for n in ("linear", "nonlinear")} == {"trilinear"}

@@ -36,15 +36,6 @@ TUNED_CONVERGED = {"budget": "cpu-bench", "seeds": 3, "max_steps": 1200,
                    "command": "voxdiff experiment compare --budget cpu-bench --seeds '[0,1,2]' --phantom_seed 1"}
 
 
-# An LP-FT row's head is the frozen non-linear probe's, and fine-tuning upsamples its coarse levels
-# trilinearly, where the voxel probe's heads keep nearest neighbour: measured with no training step on
-# demo seeds 0-2 (test Dice gained by the frozen non-linear heads scored trilinearly, and by the demo's
-# fine-tuned rows over the same heads as scored; docs/RESULTS.md, "Where LP-FT's gain comes from")
-LPFT_UPSAMPLING = {"seeds": "0-2", "rows": {"diffusion + APE": (3.8, 2.4), "contrastive": (3.7, 7.3)},
-                   "command": "python benchmarks/refine_heads.py DEMO --seeds - --method METHOD "
-                              "--refine '{\"refine_steps\": 0}' --upsample trilinear"}
-
-
 def tuned_note(budget: str, steps: int | None, init: str = "random", whole_volume: bool = False) -> str | None:
     """The line under the table that puts the short fine-tuned rows beside the benchmark's converged ones
     (``init``: "probe" when the rows start from the non-linear probe's head; ``whole_volume``: when
@@ -56,16 +47,7 @@ def tuned_note(budget: str, steps: int | None, init: str = "random", whole_volum
     what = f"{steps} steps on whole volumes" if whole_volume else f"{steps} steps"
     how = (f"start from the non-linear probe's head (LP-FT) and train {what}, far from converged"
            if init == "probe" else f"train {what} and are far from converged")
-    up = ""
-    if init == "probe":
-        u = LPFT_UPSAMPLING
-        gains = " and ".join(f"{a:+.1f} ({k})" for k, (a, _) in u["rows"].items())
-        tuned = " and ".join(f"{b:+.1f}" for _, b in u["rows"].values())
-        up = (f" Fine-tuning upsamples the head's coarse levels trilinearly, the frozen rows' heads with nearest "
-              f"neighbour: scored trilinearly with no training step, the frozen non-linear heads gain {gains} test "
-              f"Dice on demo seeds {u['seeds']}, the fine-tuned rows {tuned} over the heads as the frozen rows score them "
-              f"(`{u['command']}`).")
-    return (f"The fine-tuned rows {how}.{up} Trained to convergence on patches "
+    return (f"The fine-tuned rows {how}. Trained to convergence on patches "
             f"(early stopping on the validation phantom, up to {ref['max_steps']} steps) on the matched-compute "
             f"benchmark ({ref['budget']}: 48 unlabelled, 7 + 1 labelled and 10 test phantoms; {ref['seeds']} seeds, "
             f"docs/RESULTS.md): {rows}. `{ref['command']}`.")

@@ -197,6 +197,17 @@ class ProbeOptim(OptimConfig):
             raise InputError(None, f"optim.smooth_window must be at least 1, not {self.smooth_window}")
 
 
+UPSAMPLE_CHOICES = ("auto", "nearest", "trilinear")
+# ``head.upsample: auto``: how each voxel-probe head brings its coarse levels to full resolution (chosen on
+# 8 held-out phantoms over 19 finished probes, docs/PROBING.md; no mix head has been measured)
+AUTO_UPSAMPLE = {"linear": "nearest", "nonlinear": "trilinear", "mix": "nearest"}
+
+
+def head_upsample(name: str, setting: str) -> str:
+    """The upsampling a voxel-probe head ``name`` uses under the ``head.upsample`` setting."""
+    return AUTO_UPSAMPLE[name] if setting == "auto" else setting
+
+
 @dataclass
 class ProbeHead:
     """The non-linear (and mix) head's size, and how voxel-probe heads upsample.
@@ -208,13 +219,15 @@ class ProbeHead:
             coarse levels to full resolution on whole volumes (validation, scores, saved segmenters).
             ``nearest`` (vox2vec's): each voxel reads its own cell of every level, so inference applies
             exactly the per-voxel function that training fitted; ``trilinear``: the coarse maps are
-            interpolated between cells. Training is the same either way (gathered voxels need no
-            upsampling); see docs/PROBING.md for what each scores.
+            interpolated between cells; ``auto`` (the default): trilinear for the non-linear head,
+            nearest for the linear and mix heads, as measured on held-out phantoms (docs/PROBING.md,
+            "Upsampling of voxel-probe heads"). Training is the same either way (gathered voxels need
+            no upsampling).
     """
 
     hidden: int = 32
     blocks: int = 1
-    upsample: str = "nearest"
+    upsample: str = "auto"
 
 
 @dataclass
@@ -1109,7 +1122,7 @@ def _fitted_head(init_head: nn.Module, chans: list[int], cfg: ProbeConfig, mode:
         raise ValueError(f"init_head takes channels {init_head.level_channels} and gives {init_head.n_classes} "
                          f"classes; the backbone gives {chans} and the task has {cfg.n_classes}")
     head = copy.deepcopy(init_head)
-    head.upsample = "trilinear"  # patches, as the fine-tuning head is built (voxel probes use nearest)
+    head.upsample = "trilinear"  # patches, as the fine-tuning head is built (as a voxel probe's non-linear head scores)
     for p in head.parameters():
         p.requires_grad_(True)
     return head
@@ -1180,7 +1193,8 @@ def check_probe_config(cfg: ProbeConfig) -> None:
          f"optim.anchor_decay must be >= 0 with anchor_decay * backbone_lr < 1, got {o.anchor_decay} "
          f"(backbone_lr {o.backbone_lr})"),
         (int(h.hidden) < 1 or int(h.blocks) < 0, f"head.hidden must be >= 1 and head.blocks >= 0, got {h.hidden}, {h.blocks}"),
-        (h.upsample not in ("nearest", "trilinear"), f"head.upsample must be nearest or trilinear, got {h.upsample!r}"),
+        (h.upsample not in UPSAMPLE_CHOICES,
+         f"head.upsample must be {', '.join(UPSAMPLE_CHOICES[:-1])} or {UPSAMPLE_CHOICES[-1]}, got {h.upsample!r}"),
         (not _three_positive(sm.patch_size), f"sampling.patch_size must be 3 sizes >= 1, got {sm.patch_size}"),
         (int(sm.batch_size) < 1 or int(sm.voxels_per_step) < 1,
          f"sampling.batch_size and voxels_per_step must be >= 1, got {sm.batch_size}, {sm.voxels_per_step}"),

@@ -9,9 +9,10 @@ and each optimisation step draws a batch of voxels (half of them on organ voxels
 uniformly so that small organs are seen) and feeds their gathered feature vectors to the heads as
 ``(N, C_l, 1, 1, 1)`` pyramids. The heads are the same modules used at inference, so a head trained
 here plugs into :func:`voxdiff.probe.predict.predict_logits` and the segmenter bundle unchanged. Built
-with ``upsample="nearest"`` (``head.upsample``, the default) the two computations are identical; with
-``trilinear`` the whole-volume inference interpolates the coarse maps the head computes (training is
-the same: gathered voxels are not upsampled).
+with ``upsample="nearest"`` the two computations are identical; with ``trilinear`` the whole-volume
+inference interpolates the coarse maps the head computes (training is the same: gathered voxels are
+not upsampled). ``head.upsample: auto`` (the default) builds the non-linear head trilinear and the linear
+and mix heads nearest, which held-out phantoms favoured (docs/PROBING.md).
 
 Features of the training volumes come from the same sliding-window pass that inference uses, which
 also removes the train/test mismatch of patch-wise features near window borders. This is the
@@ -41,12 +42,14 @@ from voxdiff.features.extract import extract_volume, largest_stride, level_strid
 from .heads import LinearHead, MixHead, NonLinearHead
 from .predict import set_frozen, unit_image
 from .train import (
+    AUTO_UPSAMPLE,
     FROZEN_MODES,
     HeadsTask,
     ProbeConfig,
     apply_norm_stats,
     class_voxel_index,
     dice_ce_loss,
+    head_upsample,
     heads_engine_config,
     keep_best,
     move_extractor,
@@ -233,9 +236,10 @@ def voxel_logits(head: nn.Module, pyramid: list[torch.Tensor]) -> torch.Tensor:
 
 
 def make_voxel_head(name: str, level_channels: Sequence[int], cfg: ProbeConfig, groups: int = 1) -> nn.Module:
-    """A frozen head for voxel probing; its upsampling on whole volumes is ``cfg.head.upsample`` (gathered
-    voxels, all levels at one size, are not upsampled: training does not depend on it)."""
-    up = cfg.head.upsample
+    """A frozen head for voxel probing; its upsampling on whole volumes follows ``cfg.head.upsample``
+    (:func:`~voxdiff.probe.train.head_upsample`; gathered voxels, all levels at one size, are not
+    upsampled: training does not depend on it)."""
+    up = head_upsample(name, cfg.head.upsample) if name in AUTO_UPSAMPLE else cfg.head.upsample
     if name == "mix":
         return MixHead(level_channels, cfg.n_classes, groups=groups, hidden=cfg.head.hidden, blocks=cfg.head.blocks,
                        upsample=up)
