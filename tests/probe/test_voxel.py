@@ -269,6 +269,6 @@ def test_auto_upsampling_is_the_default_and_resolved_per_head():
     assert cfg.head.upsample == "auto"
     built = {n: make_voxel_head(n, [4, 8, 16], cfg, groups=2 if n == "mix" else 1).upsample
              for n in ("linear", "nonlinear", "mix")}
-    assert built == {"linear": "nearest", "nonlinear": "trilinear", "mix": "nearest"}
+    assert built == {"linear": "nearest", "nonlinear": "trilinear", "mix": "trilinear"}
     forced = _probe(upsample="trilinear")
     assert {make_voxel_head(n, [4, 8, 16], forced).upsample for n in ("linear", "nonlinear")} == {"trilinear"}

@@ -199,8 +199,8 @@ class ProbeOptim(OptimConfig):
 
 UPSAMPLE_CHOICES = ("auto", "nearest", "trilinear")
 # ``head.upsample: auto``: how each voxel-probe head brings its coarse levels to full resolution (chosen on
-# 8 held-out phantoms over 19 finished probes, docs/PROBING.md; no mix head has been measured)
-AUTO_UPSAMPLE = {"linear": "nearest", "nonlinear": "trilinear", "mix": "nearest"}
+# 8 held-out phantoms over 19 finished non-linear, 10 mix and 6 linear probes; docs/PROBING.md)
+AUTO_UPSAMPLE = {"linear": "nearest", "nonlinear": "trilinear", "mix": "trilinear"}
 
 
 def head_upsample(name: str, setting: str) -> str:
@@ -219,8 +219,8 @@ class ProbeHead:
             coarse levels to full resolution on whole volumes (validation, scores, saved segmenters).
             ``nearest`` (vox2vec's): each voxel reads its own cell of every level, so inference applies
             exactly the per-voxel function that training fitted; ``trilinear``: the coarse maps are
-            interpolated between cells; ``auto`` (the default): trilinear for the non-linear head,
-            nearest for the linear and mix heads, as measured on held-out phantoms (docs/PROBING.md,
+            interpolated between cells; ``auto`` (the default): trilinear for the non-linear and mix
+            heads, nearest for the linear head, as measured on held-out phantoms (docs/PROBING.md,
             "Upsampling of voxel-probe heads"). Training is the same either way (gathered voxels need
             no upsampling).
     """

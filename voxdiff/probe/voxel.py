@@ -11,8 +11,8 @@ uniformly so that small organs are seen) and feeds their gathered feature vector
 here plugs into :func:`voxdiff.probe.predict.predict_logits` and the segmenter bundle unchanged. Built
 with ``upsample="nearest"`` the two computations are identical; with ``trilinear`` the whole-volume
 inference interpolates the coarse maps the head computes (training is the same: gathered voxels are
-not upsampled). ``head.upsample: auto`` (the default) builds the non-linear head trilinear and the linear
-and mix heads nearest, which held-out phantoms favoured (docs/PROBING.md).
+not upsampled). ``head.upsample: auto`` (the default) builds the non-linear and mix heads trilinear and the linear
+head nearest, which held-out phantoms favoured (docs/PROBING.md).
 
 Features of the training volumes come from the same sliding-window pass that inference uses, which
 also removes the train/test mismatch of patch-wise features near window borders. This is the
