@@ -382,9 +382,10 @@ def tuned_below_note(rows: list[dict[str, Any]]) -> str | None:
     if not below:
         return None
     return ("Note: fine-tuning scores below the frozen non-linear probe it starts from here (mean Dice, fine-tuned vs "
-            "frozen): " + "; ".join(below) + ". The fine-tuned network trains on patches and is scored by sliding "
-            "windows while the probe sees whole-volume features, and a short run does not make up the difference "
-            "(docs/RESULTS.md, \"Fine-tuned rows below their frozen probe\").")
+            "frozen): " + "; ".join(below) + ". The fine-tuned network is scored by sliding windows (the "
+            "probe settings' `roi`) while the probe reads whole-volume features, its first steps move the backbone away from the "
+            "features the head was fitted on, and a short run does not make up the difference (docs/RESULTS.md, "
+            "\"Fine-tuned rows below their frozen probe\" and \"Longer frozen heads in the demo\").")
 
 
 def seeds_figures(rows: list[dict[str, Any]], out: Path) -> list[str]:
