@@ -382,10 +382,10 @@ def tuned_below_note(rows: list[dict[str, Any]]) -> str | None:
     if not below:
         return None
     return ("Note: fine-tuning scores below the frozen non-linear probe it starts from here (mean Dice, fine-tuned vs "
-            "frozen): " + "; ".join(below) + ". The fine-tuned network is scored by sliding windows (the "
-            "probe settings' `roi`) while the probe reads whole-volume features, its first steps move the backbone away from the "
-            "features the head was fitted on, and a short run does not make up the difference (docs/RESULTS.md, "
-            "\"Fine-tuned rows below their frozen probe\" and \"Longer frozen heads in the demo\").")
+            "frozen): " + "; ".join(below) + ". Its first steps move the backbone away from the features the head "
+            "was fitted on, and a short run does not make up the loss; where the fine-tuned network is scored on "
+            "other windows than the probe's features, that differs too (docs/RESULTS.md, \"Longer frozen heads in "
+            "the demo\" and \"Fine-tuned rows below their frozen probe\").")
 
 
 def seeds_figures(rows: list[dict[str, Any]], out: Path) -> list[str]:
