@@ -62,23 +62,20 @@ def train_probe(exp: Experiment, method: str, steps: int) -> str:
     model = exp.out / f"pretrain-{method}" / "model"
     if not model.is_dir():
         raise SystemExit(f"{exp.out}: no pretrained {method} backbone ({model})")
-    exp.budget["probe"] = {**exp.budget["probe"], "steps": int(steps)}
+    exp.cfg.probe_steps = int(steps)  # as `--probe_steps` of an experiment command (Experiment.probe_cfg)
     name = f"heldout-probe-{method}-{steps}"
     exp.probe(name, model, 0, ("linear", "nonlinear"))
     return name
 
 
 def score(exp: Experiment, step: str, head: str, cases: list, modes: tuple[str, ...]) -> dict[str, Any]:
-    from voxdiff.core.config import from_dict
     from voxdiff.probe.bundle import load_segmenter
-    from voxdiff.probe.train import ProbeConfig
 
     bundle = exp.out / step / f"segmenter-{head}"
     if not bundle.is_dir():
         raise SystemExit(f"{exp.out}: no {head} segmenter bundle in step {step}")
     seg = load_segmenter(bundle, device="cpu")
-    cfg = from_dict(ProbeConfig, {**exp.budget["probe"], "seed": exp.cfg.seed, "feature_roi": list(seg.info["roi"]),
-                                  "overlap": seg.info["overlap"]})
+    cfg = exp.probe_cfg(feature_roi=list(seg.info["roi"]), overlap=seg.info["overlap"])
     heads = {}
     for m in modes:
         heads[m] = copy.deepcopy(seg.head)

@@ -37,12 +37,9 @@ HEAD = "nonlinear"
 
 def refine_cfg(exp: Experiment, doc: dict, refine: dict):
     """The experiment's probe settings with the bundle's feature window and the refinement's settings."""
-    from voxdiff.core.config import from_dict
-    from voxdiff.probe.train import ProbeConfig, check_probe_config
+    from voxdiff.probe.train import check_probe_config
 
-    opts = {**exp.budget["probe"], "seed": exp.cfg.seed, "feature_roi": list(doc["roi"]), "overlap": doc["overlap"],
-            **refine}
-    cfg = from_dict(ProbeConfig, opts)
+    cfg = exp.probe_cfg(feature_roi=list(doc["roi"]), overlap=doc["overlap"], **refine)
     check_probe_config(cfg)
     return cfg
 

@@ -272,3 +272,5 @@ def test_auto_upsampling_is_the_default_and_resolved_per_head():
     assert built == {"linear": "nearest", "nonlinear": "trilinear", "mix": "trilinear"}
     forced = _probe(upsample="trilinear")
     assert {make_voxel_head(n, [4, 8, 16], forced).upsample for n in ("linear", "nonlinear")} == {"trilinear"}
+    with pytest.raises(ValueError, match="frozen heads only"):
+        make_voxel_head("finetune", [4, 8, 16], cfg)

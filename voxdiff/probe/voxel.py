@@ -239,15 +239,15 @@ def make_voxel_head(name: str, level_channels: Sequence[int], cfg: ProbeConfig, 
     """A frozen head for voxel probing; its upsampling on whole volumes follows ``cfg.head.upsample``
     (:func:`~voxdiff.probe.train.head_upsample`; gathered voxels, all levels at one size, are not
     upsampled: training does not depend on it)."""
-    up = head_upsample(name, cfg.head.upsample) if name in AUTO_UPSAMPLE else cfg.head.upsample
+    if name not in AUTO_UPSAMPLE:
+        raise ValueError(f"voxel probing trains frozen heads only ({FROZEN_MODES}), not {name!r}")
+    up = head_upsample(name, cfg.head.upsample)
     if name == "mix":
         return MixHead(level_channels, cfg.n_classes, groups=groups, hidden=cfg.head.hidden, blocks=cfg.head.blocks,
                        upsample=up)
     if name == "linear":
         return LinearHead(level_channels, cfg.n_classes, upsample=up)
-    if name == "nonlinear":
-        return NonLinearHead(level_channels, cfg.n_classes, cfg.head.hidden, cfg.head.blocks, upsample=up)
-    raise ValueError(f"voxel probing trains frozen heads only ({FROZEN_MODES}), not {name!r}")
+    return NonLinearHead(level_channels, cfg.n_classes, cfg.head.hidden, cfg.head.blocks, upsample=up)
 
 
 def prior_log_ratio(labels: Sequence[np.ndarray], sampler: VoxelSampler, n_classes: int) -> torch.Tensor:
