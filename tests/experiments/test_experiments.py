@@ -396,14 +396,17 @@ def test_lpft_settings_reach_only_fine_tuning_from_the_probes_head(tmp_path):
 
     small = get_budget("cpu-small")
     assert small["lpft"]["whole_volume"] and small["lpft"]["backbone_lr"] == 1e-5
+    assert small["lpft"]["validate_start"]  # the frozen probe is LP-FT's first candidate
     assert "lpft" not in get_budget("cpu-bench") and get_budget("cpu-bench")["finetune_steps"] == 150
     e = Experiment(ExperimentConfig(budget="tiny"), tmp_path / "e", log=lambda *a: None)
     e.budget["lpft"] = {"whole_volume": True, "batch_size": 1, "backbone_lr": 1e-5}
+    e.budget["lpft"]["validate_start"] = True
     c = e.tuned_cfg("finetune", from_probe=True)
     assert c.sampling.whole_volume and c.sampling.batch_size == 1 and c.optim.backbone_lr == 1e-5
+    assert c.optim.validate_start
     for other in (e.tuned_cfg("finetune"), e.tuned_cfg("finetune", early_stopping=True), e.tuned_cfg("scratch"),
                   e.tuned_cfg("scratch", from_probe=True), e.tuned_cfg("finetune", early_stopping=True, from_probe=True)):
-        assert not other.sampling.whole_volume and other.optim.backbone_lr != 1e-5
+        assert not other.sampling.whole_volume and other.optim.backbone_lr != 1e-5 and not other.optim.validate_start
 
 
 def test_early_stopping_cap_override_and_report_marks_runs_kept_at_the_cap(tmp_path):
@@ -481,6 +484,20 @@ def test_tuned_below_note_names_only_methods_whose_fine_tuned_row_trails_their_p
     rows[1]["summary"]["mean"]["mean"] = 0.30
     assert tuned_below_note(rows) is None  # every fine-tuned row at or above its probe: no line
     assert tuned_below_note([_row("diffusion-ape", "fine-tuned", 0.1)]) is None  # no frozen row to compare with
+
+
+def test_tuned_start_note_names_rows_that_kept_their_start():
+    from voxdiff.experiments.report import tuned_start_note
+
+    rows = [_row("diffusion-ape", "nonlinear", 0.49), {**_row("diffusion-ape", "fine-tuned", 0.49), "best_step": [0]},
+            _row("contrastive", "nonlinear", 0.52), {**_row("contrastive", "fine-tuned", 0.55), "best_step": [10]}]
+    note = tuned_start_note(rows)
+    assert note.count("\n") == 0 and "start for diffusion-ape:" in note and "contrastive" not in note
+    rows[3]["best_step"] = [[0], [20], [0]]  # per seed of per-fold lists
+    assert "contrastive (in 2 of 3 runs)" in tuned_start_note(rows)
+    rows[1]["best_step"], rows[3]["best_step"] = [30], [[10], [20], [30]]
+    assert tuned_start_note(rows) is None  # every row moved on from its start
+    assert tuned_start_note([_row("diffusion-ape", "nonlinear", 0.5)]) is None  # no fine-tuned row
 
 
 def test_demo_prints_the_converged_scratch_reference_only_where_it_was_measured():

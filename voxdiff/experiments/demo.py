@@ -107,7 +107,8 @@ def run_demo(out: str | Path = "demo_out", budget: str = "cpu-small", seed: int 
 
     print("\nDice (%) on held-out phantoms (test cases), mean over 13 organs and by size group:\n")
     print(report.compare_table(res["rows"]))
-    for line in (report.contrastive_note(res["rows"]), report.tuned_below_note(res["rows"]), note, tnote):
+    for line in (report.contrastive_note(res["rows"]), report.tuned_below_note(res["rows"]),
+                 report.tuned_start_note(res["rows"]), note, tnote):
         if line:
             print("\n" + line)
     print(f"\nreport: {out / 'report.md'}   figures: {out}/*.png   total {time.perf_counter() - t0:.0f} s")

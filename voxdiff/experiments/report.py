@@ -135,6 +135,7 @@ def compare_markdown(results: dict[str, Any], figs: list[str], notes: list[str] 
         "",
         *([note, ""] if (note := contrastive_note(rows)) else []),
         *([note, ""] if (note := tuned_below_note(rows)) else []),
+        *([note, ""] if (note := tuned_start_note(rows)) else []),
         *[x for n in (notes or []) for x in (n, "")],
         "## Per organ",
         "",
@@ -386,6 +387,31 @@ def tuned_below_note(rows: list[dict[str, Any]]) -> str | None:
             "was fitted on, and a short run does not make up the loss; where the fine-tuned network is scored on "
             "other windows than the probe's features, that differs too (docs/RESULTS.md, \"Longer frozen heads in "
             "the demo\" and \"Fine-tuned rows below their frozen probe\").")
+
+
+def _flat_steps(v: Any) -> list[int]:
+    """The best steps of a row (per fold, or per seed of per-fold lists), flattened; None left out."""
+    if v is None:
+        return []
+    if isinstance(v, (list, tuple)):
+        return [s for x in v for s in _flat_steps(x)]
+    return [int(v)]
+
+
+def tuned_start_note(rows: list[dict[str, Any]]) -> str | None:
+    """One line naming every fine-tuned row that kept its start state (best step 0, ``optim.validate_start``):
+    there the row is the frozen non-linear probe it started from (None when no row did)."""
+    kept = []
+    for r in rows:
+        steps = _flat_steps(r.get("best_step")) if r["head"] == "fine-tuned" else []
+        n0 = sum(s == 0 for s in steps)
+        if n0:
+            kept.append(r["method"] if n0 == len(steps) else f"{r['method']} (in {n0} of {len(steps)} runs)")
+    if not kept:
+        return None
+    return ("Note: fine-tuning kept its start for " + ", ".join(kept) + ": none of its steps scored above the "
+            "frozen non-linear probe it starts from on the validation phantom, so that row is the frozen probe "
+            "(docs/RESULTS.md, \"The demo's LP-FT: the start as a candidate\").")
 
 
 def seeds_figures(rows: list[dict[str, Any]], out: Path) -> list[str]:

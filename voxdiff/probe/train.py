@@ -170,6 +170,10 @@ class ProbeOptim(OptimConfig):
             help on the validation cases is not kept.
         refine_lr: the refinement's learning rate (constant).
         refine_val_every: validate the refined heads every this many steps and at the end.
+        validate_start: fine-tuning / from scratch: validate the network as it starts (the pretrained
+            backbone with its head: LP-FT's frozen probe, or a new head) before the first step; that
+            state is the selection rule's first candidate (step 0), so a run whose steps never beat
+            it on validation returns its start. Off: the first candidate is the first validation.
     """
 
     steps: int = 300
@@ -189,6 +193,7 @@ class ProbeOptim(OptimConfig):
     refine_steps: int = 0
     refine_lr: float = 1e-4
     refine_val_every: int = 10
+    validate_start: bool = False
 
     def __post_init__(self) -> None:
         if self.selection not in SELECTIONS:
@@ -861,6 +866,9 @@ class NetworkTask(TrainTask):
         train_keeping_norm_stats(self.head, keep=self.fitted_head and self.cfg.sampling.whole_volume)
 
     def on_fit_start(self, engine: Engine) -> None:
+        if self.cfg.optim.validate_start and engine.start == 0:
+            self.backbone.eval()
+            self._validate(0)  # the start as the first candidate (a resumed run kept it in its state)
         self._head_train()  # the backbone stays in eval mode (frozen) until it is unfrozen
         if self.unfrozen:
             self._unfreeze()
@@ -899,8 +907,16 @@ class NetworkTask(TrainTask):
             self._pull_to_anchor(engine)
         if not self.needs_sync(done):
             return False
-        cfg, mode = self.cfg, self.mode
         self.backbone.eval()
+        stop = self._validate(done)
+        if self.unfrozen:
+            self.backbone.train()
+        return stop
+
+    def _validate(self, done: int) -> bool:
+        """Validate the current state after ``done`` steps (0: the start), keep it when the rule
+        says so and record it; whether early stopping asks to stop."""
+        cfg, mode = self.cfg, self.mode
         if cfg.sampling.whole_volume:  # the window it trains in: whole-volume features, as the voxel probe
             from .voxel import validate_volume
 
@@ -912,8 +928,10 @@ class NetworkTask(TrainTask):
         if not val or improved or (done == cfg.optim.steps and self.best[1] is None):
             self.best = (score if np.isfinite(score) else self.best[0], self._snapshot())
             self.best_step = done
-        self.history.append({"step": done, "loss": {mode: float(self.running) if self.running is not None else 0.0},
-                             "val_dice": val})
+        rec: dict[str, Any] = {"step": done, "val_dice": val}
+        if done > 0:
+            rec["loss"] = {mode: float(self.running) if self.running is not None else 0.0}
+        self.history.append(rec)
         if self.smooth_on:
             mean = smoothed_score(self.history, mode, cfg.optim.smooth_window)
             smooth_improved = bool(val) and np.isfinite(mean) and mean > self.smooth[0]
@@ -923,8 +941,6 @@ class NetworkTask(TrainTask):
             if cfg.optim.selection == "smoothed":
                 improved = smooth_improved
         self.since_best = 0 if improved else self.since_best + 1
-        if self.unfrozen:
-            self.backbone.train()
         # early stopping: no better validation Dice for `patience` validations in a row, not before min_steps
         return bool(cfg.optim.patience > 0 and val and self.since_best >= cfg.optim.patience and self.best[1] is not None
                     and done >= cfg.optim.min_steps)
