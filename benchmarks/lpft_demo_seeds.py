@@ -11,6 +11,16 @@ its validation trajectory and seconds::
 
     python benchmarks/lpft_demo_seeds.py runs/demo runs/demo_s1 runs/demo_s2 --tune head \\
         --methods diffusion-ape,contrastive --out runs/lpft_demo_seeds.jsonl
+
+Options for deciding LP-FT's settings (each non-default one is named in the step, so runs do not mix):
+``--probe 'NAME-{method}'`` starts from another finished probe step (e.g. one of
+``benchmarks/heldout_heads.py --probe_steps``), ``--backbone_lr`` and ``--validate_start on|off``
+override the folder's LP-FT settings, and ``--heldout N`` also scores the selected state on N labelled
+phantoms no run has seen (``benchmarks/heldout_heads.py``'s, seed ``--heldout_seed``), with the start's
+score there (the probe's head scored the same way) beside it::
+
+    python benchmarks/lpft_demo_seeds.py DEMO_S0 ... DEMO_S4 --tune all --probe 's52-probe-{method}-600' \\
+        --backbone_lr 1e-6 --validate_start off --heldout 8
 """
 
 from __future__ import annotations
@@ -50,22 +60,57 @@ def with_tune(exp: Experiment, tune: str) -> Experiment:
     return exp
 
 
-def run_method(exp: Experiment, method: str, tune: str) -> dict[str, Any]:
-    pname = probe_step(method, 0)
+def step_name(method: str, tune: str, probe: str | None = None, backbone_lr: float | None = None,
+              validate_start: str = "folder", heldout: int = 0, heldout_seed: int = 4242) -> str:
+    """The fine-tuning step's name: ``lpft-TUNE-METHOD-f0`` plus a part for each non-default option."""
+    tag = "".join([f"-from-{probe.format(method=method)}" if probe else "",
+                   f"-lr{backbone_lr:g}" if backbone_lr is not None else "",
+                   f"-start{validate_start}" if validate_start != "folder" else "",
+                   f"-heldout{heldout_seed}x{heldout}" if heldout else ""])
+    return f"lpft-{tune}-{method}{tag}-f0"
+
+
+def run_method(exp: Experiment, method: str, tune: str, probe: str | None = None, heldout: list | None = None,
+               name: str | None = None) -> dict[str, Any]:
+    """One LP-FT row (``exp`` already carries the settings) from ``probe`` (a step name with ``{method}``;
+    default the folder's own probe step); ``heldout``: cases the selected state and the start are also
+    scored on."""
+    pname = probe.format(method=method) if probe else probe_step(method, 0)
     if not exp.runner.done(pname):
         raise SystemExit(f"{exp.out}: no finished frozen probe {pname} (run the demo there first)")
+    name = name or step_name(method, tune, probe)
+    if heldout and exp.runner.done(name) and "also_scores" not in exp.runner.result(name):
+        raise SystemExit(f"{exp.out}: step {name} finished without held-out scores (the network is not kept); "
+                         "remove that step folder to run it again")
     model = exp.pretrained(method)
+    init = pname if probe else lpft_start(exp, pname, model, 0)
     t0 = time.time()
-    ft = exp.tuned(f"lpft-{tune}-{method}-f0", 0, "finetune", model, init_probe=lpft_start(exp, pname, model, 0))
+    ft = exp.tuned(name, 0, "finetune", model, init_probe=init, also_score={"heldout": heldout} if heldout else None)
     pr = exp.runner.result(pname)
     pval = [h["val_dice"]["nonlinear"] for h in pr.get("history", []) if "nonlinear" in h.get("val_dice", {})]
-    return {"method": method, "tune": tune,
-            "probe_val": round(100 * max(pval), 2) if pval else None,
-            "probe_test": round(100 * mean_of_cases(pr["scores"]["nonlinear"]), 2),
-            "lpft_val": round(100 * ft["best_val_dice"], 2), "best_step": ft["best_step"],
-            "lpft_test": round(100 * mean_of_cases(ft["scores"]["finetune"]), 2),
-            "trajectory": [(h["step"], round(100 * h["val_dice"]["finetune"], 1)) for h in ft["history"]],
-            "seconds": round(time.time() - t0)}
+    row = {"method": method, "tune": tune, "probe": pname,
+           "probe_val": round(100 * max(pval), 2) if pval else None,
+           "probe_test": round(100 * mean_of_cases(pr["scores"]["nonlinear"]), 2),
+           "lpft_val": round(100 * ft["best_val_dice"], 2), "best_step": ft["best_step"],
+           "lpft_test": round(100 * mean_of_cases(ft["scores"]["finetune"]), 2),
+           "trajectory": [(h["step"], round(100 * h["val_dice"]["finetune"], 1)) for h in ft["history"]],
+           "seconds": round(time.time() - t0)}
+    if heldout:
+        hb = load_heldout()
+        row["lpft_heldout"] = round(100 * mean_of_cases(ft["also_scores"]["heldout"]["finetune"]), 2)
+        row["start_heldout"] = hb.score(exp, pname, "nonlinear", heldout, ("trilinear",))["trilinear"]  # as LP-FT starts it
+    return row
+
+
+def load_heldout():
+    """benchmarks/heldout_heads.py as a module (its held-out phantoms and scoring)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("heldout_heads", Path(__file__).with_name("heldout_heads.py"))
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -73,9 +118,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("folders", nargs="+", type=Path, help="finished demo (or cpu-small compare) folders")
     ap.add_argument("--tune", default="head", choices=("all", "head"))
     ap.add_argument("--methods", default="diffusion-ape,contrastive")
+    ap.add_argument("--probe", default=None, help="start from this finished probe step ('{method}' in the name)")
+    ap.add_argument("--backbone_lr", type=float, default=None, help="LP-FT's learning rate (backbone and head)")
+    ap.add_argument("--validate_start", default="folder", choices=("folder", "on", "off"),
+                    help="the start as the first validation candidate (default: the folder's setting)")
+    ap.add_argument("--heldout", type=int, default=0, help="also score on this many held-out phantoms")
+    ap.add_argument("--heldout_seed", type=int, default=4242)
+    ap.add_argument("--phantoms", type=Path, default=None,
+                    help="where the held-out phantoms are kept (default FOLDER/../heldout-SEED-N)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=None, help="JSON-lines file the rows are appended to")
     a = ap.parse_args(argv)
+    if a.probe is not None and "{method}" not in a.probe:
+        raise SystemExit(f"--probe must name the method as '{{method}}', not {a.probe!r}")
+    if a.backbone_lr is not None and not a.backbone_lr > 0:
+        raise SystemExit(f"--backbone_lr must be > 0, not {a.backbone_lr}")
+    if a.heldout < 0:
+        raise SystemExit(f"--heldout must be >= 0, not {a.heldout}")
     for f in a.folders:
         if not (f / "config.yaml").is_file():
             raise SystemExit(f"{f}: not an experiment folder (no config.yaml)")
@@ -85,8 +144,19 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(a.threads)
     for f in a.folders:
         exp = with_tune(Experiment.reopen(f), a.tune)
+        if a.backbone_lr is not None:
+            exp.budget["lpft"]["backbone_lr"] = a.backbone_lr
+        if a.validate_start != "folder":
+            exp.budget["lpft"]["validate_start"] = a.validate_start == "on"
+        cases = None
+        if a.heldout:
+            where = a.phantoms or f.resolve().parent / f"heldout-{a.heldout_seed}-{a.heldout}"
+            cases = load_heldout().heldout_cases(exp, where, a.heldout_seed, a.heldout)
         for m in a.methods.split(","):
-            row = {"folder": str(f), "seed": exp.cfg.seed, **run_method(exp, m, a.tune)}
+            name = step_name(m, a.tune, a.probe, a.backbone_lr, a.validate_start, a.heldout, a.heldout_seed)
+            row = {"folder": str(f), "seed": exp.cfg.seed, "lpft": {k: exp.budget["lpft"].get(k) for k in
+                                                                    ("backbone_lr", "validate_start")},
+                   **run_method(exp, m, a.tune, a.probe, cases, name)}
             emit_row(row, a.out)
 
 

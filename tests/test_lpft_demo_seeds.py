@@ -44,3 +44,21 @@ def test_a_folder_from_before_lpft_gets_the_budgets_current_settings(tmp_path):
     lp.with_tune(exp, "head")
     ft = exp.tuned_cfg("finetune", from_probe=True)
     assert ft.tune == "head" and ft.sampling.whole_volume and ft.optim.steps == BUDGETS["cpu-small"]["finetune_steps"]
+
+
+def test_step_names_carry_every_non_default_option():
+    lp = load_benchmark("lpft_demo_seeds")
+    assert lp.step_name("contrastive", "all") == "lpft-all-contrastive-f0"
+    assert lp.step_name("contrastive", "all", "s52-probe-{method}-600", 1e-6, "off", 8, 4242) == (
+        "lpft-all-contrastive-from-s52-probe-contrastive-600-lr1e-06-startoff-heldout4242x8-f0")
+
+
+def test_bad_options_are_refused(tmp_path):
+    lp = load_benchmark("lpft_demo_seeds")
+    (tmp_path / "config.yaml").write_text("{}")
+    with pytest.raises(SystemExit, match="--probe must name the method"):
+        lp.main([str(tmp_path), "--probe", "probe-f0"])
+    with pytest.raises(SystemExit, match="--backbone_lr must be > 0"):
+        lp.main([str(tmp_path), "--backbone_lr", "0"])
+    with pytest.raises(SystemExit, match="--heldout must be >= 0"):
+        lp.main([str(tmp_path), "--heldout", "-1"])

@@ -233,6 +233,17 @@ def test_compare_tiny_report_and_resume(tmp_path, monkeypatch):
     assert not [line for line in logs if line.startswith("[run ]")]
     assert res3["step_seconds"] >= res["step_seconds"] * 0.99 and res3["step_seconds"] > res3["seconds"]
 
+    # more case sets scored with the selected state (held-out phantoms in the benchmarks): the test cases
+    # given again score exactly as the test cases do
+    from voxdiff.experiments.base import Experiment
+
+    exp = Experiment.reopen(out)
+    exp.cfg.progress = False
+    test = exp.folds()[0][2]
+    ft = exp.tuned("also-restorative", 0, "finetune", exp.pretrained("restorative"), init_probe="probe-restorative-f0",
+                   also_score={"again": test, "first": test[:1]})
+    assert ft["also_scores"]["again"] == ft["scores"] and set(ft["also_scores"]["first"]["finetune"]) == {test[0].case_id}
+
 
 def test_other_settings_are_refused(tmp_path):
     from voxdiff.core.errors import InputError

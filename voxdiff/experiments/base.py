@@ -629,12 +629,16 @@ class Experiment:
         return self.probe_cfg(**over)
 
     def tuned(self, name: str, fold: int, mode: str, model_dir: Path | None = None, n_train: int | None = None,
-              early_stopping: bool = False, init_probe: str | None = None) -> dict[str, Any]:
+              early_stopping: bool = False, init_probe: str | None = None,
+              also_score: dict[str, list] | None = None) -> dict[str, Any]:
         """Backbone + non-linear head trained end to end on one fold and scored on its test cases:
         ``finetune`` starts from the pretrained ``model_dir``; ``scratch`` from random init (the
         same architecture). The state of the ``selection`` rule is scored (and, under ``by_selection``,
         those of the ``compare_selection`` rules). ``init_probe``: fine-tuning starts from the
-        non-linear head of this (finished) probe step of the same backbone and fold (LP-FT)."""
+        non-linear head of this (finished) probe step of the same backbone and fold (LP-FT).
+        ``also_score``: more labelled case sets (name -> cases, e.g. held-out phantoms) the selected
+        state is scored on as the test cases are (under ``also_scores``; the trained network is not
+        kept, so this is the only time they can be scored)."""
 
         def run(tmp: Path) -> dict[str, Any]:
             from voxdiff.pretrain.load import load_pretrained
@@ -664,6 +668,9 @@ class Experiment:
                    "max_steps": pcfg.optim.steps, "steps_run": getattr(head, "steps_run", None),
                    "selection": pcfg.optim.selection, "best_step": getattr(head, "best_step", None),
                    "best_val_dice": getattr(head, "best_val_dice", None), "scores": scores, "history": hist}
+            if also_score:
+                out["also_scores"] = {k: self.score(tuned, {mode: head}, cases, pcfg, volume=whole)
+                                      for k, cases in also_score.items()}
             if alts:
                 # states kept at the same step are the same state: each step is scored once
                 by_step = {head.best_step: scores}
