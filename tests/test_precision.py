@@ -6,6 +6,7 @@ from voxdiff.core import precision
 
 
 def test_bf16_dropped_where_not_native(monkeypatch, caplog):
+    monkeypatch.delenv("VOXDIFF_NO_BF16", raising=False)  # (the suite may run with bf16 turned off)
     monkeypatch.setattr(precision, "_cpu_bf16_native", lambda: False)
     monkeypatch.setattr(precision, "_warned", set())
     with caplog.at_level(logging.WARNING, logger="voxdiff"):
@@ -17,6 +18,7 @@ def test_bf16_dropped_where_not_native(monkeypatch, caplog):
 
 
 def test_bf16_kept_where_native(monkeypatch):
+    monkeypatch.delenv("VOXDIFF_NO_BF16", raising=False)
     monkeypatch.setattr(precision, "_cpu_bf16_native", lambda: True)
     assert precision.use_bf16("cpu", True) is True
     assert precision.use_bf16("cpu", False) is False

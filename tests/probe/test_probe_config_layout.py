@@ -61,7 +61,8 @@ def test_flat_and_nested_layouts_give_one_config(tmp_path):
     new_only = {"min_lr_ratio", "grad_clip", "ema_decay", "threads", "compile", "log_every", "checkpoint_every",
                 "keep_checkpoints", "tensorboard", "fresh_noise", "min_steps", "selection", "smooth_window",
                 "feature_input", "feature_side", "deformed_copies", "fov_crops", "whole_volume", "norm_stats", "norm_crops",
-                "anchor_decay", "transfer", "tune", "refine_steps", "refine_lr", "refine_val_every", "upsample"}
+                "anchor_decay", "transfer", "tune", "refine_steps", "refine_lr", "refine_val_every", "upsample",
+                "validate_start"}
     assert {k: v for k, v in _flat(NESTED).items() if k not in new_only} == FLAT  # every old field has its place
     d = to_dict(NESTED)
     assert set(d) == {"heads", "seed", "n_classes", "frozen_training", "t", "feature_input", "feature_side",
