@@ -410,8 +410,8 @@ def tuned_start_note(rows: list[dict[str, Any]]) -> str | None:
     if not kept:
         return None
     return ("Note: fine-tuning kept its start for " + ", ".join(kept) + ": none of its steps scored above the "
-            "frozen non-linear probe it starts from on the validation phantom, so that row is the frozen probe "
-            "(docs/RESULTS.md, \"The demo's LP-FT: the start as a candidate\").")
+            "network it started from on the validation cases, so that row is its start (from the probe's head, "
+            "LP-FT: the frozen non-linear probe; docs/RESULTS.md, \"The demo's LP-FT: the start as a candidate\").")
 
 
 def seeds_figures(rows: list[dict[str, Any]], out: Path) -> list[str]:
