@@ -1,6 +1,7 @@
 """How much of the demo's fine-tuned rows is the backbone's? LP-FT as the demo runs it, with the backbone
-trained (``--tune all``: the demo's rows) or frozen (``--tune head``: the same whole-volume steps from the
-same probe head, the head alone trained), on demo folders of several seeds.
+trained (``--tune all``: the demo's rows), its decoder alone trained (``--tune decoder``: the encoder frozen)
+or frozen (``--tune head``: the same whole-volume steps from the same probe head, the head alone trained), on
+demo folders of several seeds.
 
 Each folder is a finished ``voxdiff demo --out DIR --seed S`` run (or a ``compare`` run at the
 ``cpu-small`` budget): its pretrained backbones and frozen probes are reused, and one fine-tuning step
@@ -116,7 +117,7 @@ def load_heldout():
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("folders", nargs="+", type=Path, help="finished demo (or cpu-small compare) folders")
-    ap.add_argument("--tune", default="head", choices=("all", "head"))
+    ap.add_argument("--tune", default="head", choices=("all", "decoder", "head"))
     ap.add_argument("--methods", default="diffusion-ape,contrastive")
     ap.add_argument("--probe", default=None, help="start from this finished probe step ('{method}' in the name)")
     ap.add_argument("--backbone_lr", type=float, default=None, help="LP-FT's learning rate (backbone and head)")
