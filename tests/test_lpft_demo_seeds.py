@@ -14,6 +14,8 @@ def test_tune_reaches_only_the_lpft_rows(tmp_path):
     ft = exp.tuned_cfg("finetune", from_probe=True)
     assert ft.tune == "head" and ft.sampling.whole_volume and ft.optim.backbone_lr == 1e-5
     assert exp.tuned_cfg("finetune").tune == "all"  # fine-tuning from a random head is left alone
+    lp.with_tune(exp, "decoder")
+    assert exp.tuned_cfg("finetune", from_probe=True).tune == "decoder"
 
 
 def test_refused_without_lpft_rows_or_folders(tmp_path):
