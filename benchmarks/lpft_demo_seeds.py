@@ -36,6 +36,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.heldout_heads import heldout_cases  # noqa: E402
+from benchmarks.heldout_heads import score as score_heads  # noqa: E402
 from voxdiff.core.outputs import emit_row  # noqa: E402
 from voxdiff.core.runtime import tune_allocator  # noqa: E402
 from voxdiff.experiments.base import Experiment, mean_of_cases  # noqa: E402
@@ -97,21 +99,9 @@ def run_method(exp: Experiment, method: str, tune: str, probe: str | None = None
            "trajectory": [(h["step"], round(100 * h["val_dice"]["finetune"], 1)) for h in ft["history"]],
            "seconds": round(time.time() - t0)}
     if heldout:
-        hb = load_heldout()
         row["lpft_heldout"] = round(100 * mean_of_cases(ft["also_scores"]["heldout"]["finetune"]), 2)
-        row["start_heldout"] = hb.score(exp, pname, "nonlinear", heldout, ("trilinear",))["trilinear"]  # as LP-FT starts it
+        row["start_heldout"] = score_heads(exp, pname, "nonlinear", heldout, ("trilinear",))["trilinear"]  # as LP-FT starts it
     return row
-
-
-def load_heldout():
-    """benchmarks/heldout_heads.py as a module (its held-out phantoms and scoring)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("heldout_heads", Path(__file__).with_name("heldout_heads.py"))
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -152,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         cases = None
         if a.heldout:
             where = a.phantoms or f.resolve().parent / f"heldout-{a.heldout_seed}-{a.heldout}"
-            cases = load_heldout().heldout_cases(exp, where, a.heldout_seed, a.heldout)
+            cases = heldout_cases(exp, where, a.heldout_seed, a.heldout)
         for m in a.methods.split(","):
             name = step_name(m, a.tune, a.probe, a.backbone_lr, a.validate_start, a.heldout, a.heldout_seed)
             row = {"folder": str(f), "seed": exp.cfg.seed, "lpft": {k: exp.budget["lpft"].get(k) for k in
