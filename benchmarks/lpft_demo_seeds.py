@@ -104,6 +104,18 @@ def run_method(exp: Experiment, method: str, tune: str, probe: str | None = None
     return row
 
 
+def start_on(folders: list[Path], threads: int) -> None:
+    """Refuse anything in ``folders`` that is not an experiment folder, then set the allocator and torch's
+    thread count for the runs."""
+    for f in folders:
+        if not (f / "config.yaml").is_file():
+            raise SystemExit(f"{f}: not an experiment folder (no config.yaml)")
+    import torch
+
+    tune_allocator()
+    torch.set_num_threads(threads)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("folders", nargs="+", type=Path, help="finished demo (or cpu-small compare) folders")
@@ -126,13 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--backbone_lr must be > 0, not {a.backbone_lr}")
     if a.heldout < 0:
         raise SystemExit(f"--heldout must be >= 0, not {a.heldout}")
-    for f in a.folders:
-        if not (f / "config.yaml").is_file():
-            raise SystemExit(f"{f}: not an experiment folder (no config.yaml)")
-    import torch
-
-    tune_allocator()
-    torch.set_num_threads(a.threads)
+    start_on(a.folders, a.threads)
     for f in a.folders:
         exp = with_tune(Experiment.reopen(f), a.tune)
         if a.backbone_lr is not None:

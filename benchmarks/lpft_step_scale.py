@@ -32,8 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.lpft_demo_seeds import start_on  # noqa: E402
 from voxdiff.core.outputs import emit_row  # noqa: E402
-from voxdiff.core.runtime import tune_allocator  # noqa: E402
 
 
 def head_inv_std(head: torch.nn.Module, n_levels: int) -> list[torch.Tensor | None]:
@@ -150,11 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--lrs must be comma-separated numbers, not {a.lrs!r}") from None
     if not lrs or any(not lr >= 0 for lr in lrs):
         raise SystemExit(f"--lrs must be >= 0, not {a.lrs!r}")
-    for f in a.folders:
-        if not (f / "config.yaml").is_file():
-            raise SystemExit(f"{f}: not an experiment folder (no config.yaml)")
-    tune_allocator()
-    torch.set_num_threads(a.threads)
+    start_on(a.folders, a.threads)
     for f in a.folders:
         for m in [m.strip() for m in a.methods.split(",") if m.strip()]:
             emit_row(run_method(f, m, lrs, a.draw_seed), a.out)
