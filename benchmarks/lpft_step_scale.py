@@ -1,5 +1,6 @@
-"""How far one fine-tuning step moves what the head sees: the first AdamW step of LP-FT's backbone, and a
-random step of the same size, measured on the frozen probe's standardised features.
+"""How far one fine-tuning step moves what the head sees: the first optimiser step of LP-FT's backbone
+(Adam's; LP-FT's AdamW adds only its tiny weight decay), and a random step of the same size, measured on the
+frozen probe's standardised features.
 
 The non-linear and linear heads standardise every feature channel with fixed statistics measured on the
 training features (``FeatureScale``: ``(f - mean) / std``). A weight step moves the raw features by some
