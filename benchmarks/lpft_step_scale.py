@@ -57,7 +57,9 @@ def step_response(ext: Any, head: torch.nn.Module, x: torch.Tensor, y: torch.Ten
     For every ``lr``: an ``adam`` step (Adam's first update on the loss of ``x``, no weight decay) and a
     ``random`` step (each weight +-lr). The backbone is restored afterwards, its ``requires_grad`` flags
     too. Returns ``{"loss", "feature_std" (median per level), "steps": [{kind, lr, raw_rms,
-    standardised_rms, logit_rms, loss}]}``."""
+    standardised_rms, logit_rms, loss, loss_rises}]}``: an ``adam`` step whose loss rises overshoots, so
+    ``lr`` is too large for these features (docs/RESULTS.md, "Why diffusion + APE's LP-FT needs ten times
+    smaller steps")."""
     from voxdiff.probe.predict import features
     from voxdiff.probe.train import dice_ce_loss
 
@@ -107,7 +109,8 @@ def step_response(ext: Any, head: torch.nn.Module, x: torch.Tensor, y: torch.Ten
                 std = [_rms((a - b) * (1.0 if i is None else i.to(a)[None, :, None, None, None]))
                        for a, b, i in zip(pyr1, pyr0, inv)]
                 out["steps"].append({"kind": kind, "lr": float(lr), "raw_rms": raw, "standardised_rms": std,
-                                     "logit_rms": _rms(logits1 - logits0), "loss": loss1})
+                                     "logit_rms": _rms(logits1 - logits0), "loss": loss1,
+                                     "loss_rises": bool(loss1 > out["loss"])})
     finally:
         bb.load_state_dict(state0)
         for p, f in zip(params, flags):

@@ -69,9 +69,18 @@ def test_the_adam_step_descends_where_a_random_step_of_the_same_size_barely_move
     x, y = _inputs()
     res = ss.step_response(ext, _head(ext, x), x, y, [1e-4])
     adam, rand = res["steps"]
-    assert adam["loss"] < res["loss"]
+    assert adam["loss"] < res["loss"] and not adam["loss_rises"]
     assert abs(rand["loss"] - res["loss"]) < 0.2 * (res["loss"] - adam["loss"])
     assert adam["logit_rms"] > 3 * rand["logit_rms"]
+
+
+def test_a_step_far_too_large_is_flagged_as_raising_the_loss():
+    ss = load_benchmark("lpft_step_scale")
+    ext = StandinExtractor(channels=(4, 8))
+    x, y = _inputs()
+    res = ss.step_response(ext, _head(ext, x, std_factor=0.01), x, y, [1e-4, 0.3])
+    small, big = (next(s for s in res["steps"] if s["kind"] == "adam" and s["lr"] == lr) for lr in (1e-4, 0.3))
+    assert not small["loss_rises"] and big["loss_rises"] and big["loss"] > res["loss"]
 
 
 def test_bad_options_are_refused(tmp_path):
