@@ -15,8 +15,9 @@ its validation trajectory and seconds::
 
 Options for deciding LP-FT's settings (each non-default one is named in the step, so runs do not mix):
 ``--probe 'NAME-{method}'`` starts from another finished probe step (e.g. one of
-``benchmarks/heldout_heads.py --probe_steps``), ``--backbone_lr`` and ``--validate_start on|off``
-override the folder's LP-FT settings, and ``--heldout N`` also scores the selected state on N labelled
+``benchmarks/heldout_heads.py --probe_steps``), ``--backbone_lr``, ``--validate_start on|off`` and
+``--patience N`` (stop after N validations in a row without a better one) override the folder's LP-FT
+settings, and ``--heldout N`` also scores the selected state on N labelled
 phantoms no run has seen (``benchmarks/heldout_heads.py``'s, seed ``--heldout_seed``), with the start's
 score there (the probe's head scored the same way) beside it::
 
@@ -64,11 +65,13 @@ def with_tune(exp: Experiment, tune: str) -> Experiment:
 
 
 def step_name(method: str, tune: str, probe: str | None = None, backbone_lr: float | None = None,
-              validate_start: str = "folder", heldout: int = 0, heldout_seed: int = 4242) -> str:
+              validate_start: str = "folder", heldout: int = 0, heldout_seed: int = 4242,
+              patience: int | None = None) -> str:
     """The fine-tuning step's name: ``lpft-TUNE-METHOD-f0`` plus a part for each non-default option."""
     tag = "".join([f"-from-{probe.format(method=method)}" if probe else "",
                    f"-lr{backbone_lr:g}" if backbone_lr is not None else "",
                    f"-start{validate_start}" if validate_start != "folder" else "",
+                   f"-patience{patience}" if patience is not None else "",
                    f"-heldout{heldout_seed}x{heldout}" if heldout else ""])
     return f"lpft-{tune}-{method}{tag}-f0"
 
@@ -125,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--backbone_lr", type=float, default=None, help="LP-FT's learning rate (backbone and head)")
     ap.add_argument("--validate_start", default="folder", choices=("folder", "on", "off"),
                     help="the start as the first validation candidate (default: the folder's setting)")
+    ap.add_argument("--patience", type=int, default=None,
+                    help="stop after this many validations in a row without a better one (default: the folder's)")
     ap.add_argument("--heldout", type=int, default=0, help="also score on this many held-out phantoms")
     ap.add_argument("--heldout_seed", type=int, default=4242)
     ap.add_argument("--phantoms", type=Path, default=None,
@@ -136,6 +141,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--probe must name the method as '{{method}}', not {a.probe!r}")
     if a.backbone_lr is not None and not a.backbone_lr > 0:
         raise SystemExit(f"--backbone_lr must be > 0, not {a.backbone_lr}")
+    if a.patience is not None and a.patience < 0:
+        raise SystemExit(f"--patience must be >= 0, not {a.patience}")
     if a.heldout < 0:
         raise SystemExit(f"--heldout must be >= 0, not {a.heldout}")
     start_on(a.folders, a.threads)
@@ -145,14 +152,17 @@ def main(argv: list[str] | None = None) -> None:
             exp.budget["lpft"]["backbone_lr"] = a.backbone_lr
         if a.validate_start != "folder":
             exp.budget["lpft"]["validate_start"] = a.validate_start == "on"
+        if a.patience is not None:
+            exp.budget["lpft"]["patience"] = a.patience
         cases = None
         if a.heldout:
             where = a.phantoms or f.resolve().parent / f"heldout-{a.heldout_seed}-{a.heldout}"
             cases = heldout_cases(exp, where, a.heldout_seed, a.heldout)
         for m in a.methods.split(","):
-            name = step_name(m, a.tune, a.probe, a.backbone_lr, a.validate_start, a.heldout, a.heldout_seed)
+            name = step_name(m, a.tune, a.probe, a.backbone_lr, a.validate_start, a.heldout, a.heldout_seed,
+                             a.patience)
             row = {"folder": str(f), "seed": exp.cfg.seed, "lpft": {k: exp.budget["lpft"].get(k) for k in
-                                                                    ("backbone_lr", "validate_start")},
+                                                                    ("backbone_lr", "validate_start", "patience")},
                    **run_method(exp, m, a.tune, a.probe, cases, name)}
             emit_row(row, a.out)
 

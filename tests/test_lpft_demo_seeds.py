@@ -53,6 +53,7 @@ def test_step_names_carry_every_non_default_option():
     assert lp.step_name("contrastive", "all") == "lpft-all-contrastive-f0"
     assert lp.step_name("contrastive", "all", "s52-probe-{method}-600", 1e-6, "off", 8, 4242) == (
         "lpft-all-contrastive-from-s52-probe-contrastive-600-lr1e-06-startoff-heldout4242x8-f0")
+    assert lp.step_name("diffusion-ape", "all", heldout=8, patience=1) == "lpft-all-diffusion-ape-patience1-heldout4242x8-f0"
 
 
 def test_bad_options_are_refused(tmp_path):
@@ -64,3 +65,5 @@ def test_bad_options_are_refused(tmp_path):
         lp.main([str(tmp_path), "--backbone_lr", "0"])
     with pytest.raises(SystemExit, match="--heldout must be >= 0"):
         lp.main([str(tmp_path), "--heldout", "-1"])
+    with pytest.raises(SystemExit, match="--patience must be >= 0"):
+        lp.main([str(tmp_path), "--patience", "-1"])
