@@ -408,13 +408,17 @@ def test_lpft_settings_reach_only_fine_tuning_from_the_probes_head(tmp_path):
     small = get_budget("cpu-small")
     assert small["lpft"]["whole_volume"] and small["lpft"]["backbone_lr"] == 1e-5
     assert small["lpft"]["validate_start"]  # the frozen probe is LP-FT's first candidate
+    assert small["lpft"]["patience"] == 1  # and LP-FT stops at its first validation without progress
     assert "lpft" not in get_budget("cpu-bench") and get_budget("cpu-bench")["finetune_steps"] == 150
     e = Experiment(ExperimentConfig(budget="tiny"), tmp_path / "e", log=lambda *a: None)
     e.budget["lpft"] = {"whole_volume": True, "batch_size": 1, "backbone_lr": 1e-5}
     e.budget["lpft"]["validate_start"] = True
+    e.budget["lpft"]["patience"] = 1
     c = e.tuned_cfg("finetune", from_probe=True)
     assert c.sampling.whole_volume and c.sampling.batch_size == 1 and c.optim.backbone_lr == 1e-5
-    assert c.optim.validate_start
+    assert c.optim.validate_start and c.optim.patience == 1
+    for plain in (e.tuned_cfg("finetune"), e.tuned_cfg("scratch"), e.tuned_cfg("scratch", from_probe=True)):
+        assert plain.optim.patience == 0  # fixed-step rows that are not LP-FT never stop early
     for other in (e.tuned_cfg("finetune"), e.tuned_cfg("finetune", early_stopping=True), e.tuned_cfg("scratch"),
                   e.tuned_cfg("scratch", from_probe=True), e.tuned_cfg("finetune", early_stopping=True, from_probe=True)):
         assert not other.sampling.whole_volume and other.optim.backbone_lr != 1e-5 and not other.optim.validate_start

@@ -66,6 +66,18 @@ def test_early_stopping_counts_the_start(monkeypatch):
     assert head.steps_run == 4 and head.best_step == 0 and [h["step"] for h in hist] == [0, 2, 4]
 
 
+def test_patience_one_stops_at_the_first_validation_without_progress(monkeypatch):
+    """The demo's LP-FT (patience 1): a first validation below the start ends the run there, with the start
+    returned unchanged; a run that keeps improving goes on until its first fall and keeps the best state."""
+    start, head0, tuned, head, hist = _run(monkeypatch, [0.9, 0.5, 0.95, 0.97], True, patience=1)
+    assert head.steps_run == 2 and head.best_step == 0 and [h["step"] for h in hist] == [0, 2]
+    assert _same(tuned.backbone, start) and _same(head, head0.state_dict())
+    _, _, _, head, hist = _run(monkeypatch, [0.3, 0.5, 0.6, 0.4], True, patience=1)
+    assert head.steps_run == 6 and head.best_step == 4 and [h["step"] for h in hist] == [0, 2, 4, 6]
+    _, _, _, head, hist = _run(monkeypatch, [0.3, 0.5, 0.4, 0.6], True, patience=1)
+    assert head.steps_run == 4 and head.best_step == 2  # the later 0.6 is never reached
+
+
 def test_a_resumed_run_keeps_the_start_as_its_candidate(monkeypatch, tmp_path):
     vals = [0.9, 0.5, 0.6, 0.4]
     _, head0, full_net, full, _ = _run(monkeypatch, vals, True)

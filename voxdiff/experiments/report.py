@@ -409,8 +409,8 @@ def tuned_start_note(rows: list[dict[str, Any]]) -> str | None:
             kept.append(r["method"] if n0 == len(steps) else f"{r['method']} (in {n0} of {len(steps)} runs)")
     if not kept:
         return None
-    return ("Note: fine-tuning kept its start for " + ", ".join(kept) + ": none of its steps scored above the "
-            "network it started from on the validation cases, so that row is its start (from the probe's head, "
+    return ("Note: fine-tuning kept its start for " + ", ".join(kept) + ": none of the steps it ran scored above "
+            "the network it started from on the validation cases, so that row is its start (from the probe's head, "
             "LP-FT: the frozen non-linear probe; docs/RESULTS.md, \"The demo's LP-FT: the start as a candidate\").")
 
 
