@@ -515,6 +515,19 @@ def test_tuned_start_note_names_rows_that_kept_their_start():
     assert tuned_start_note([_row("diffusion-ape", "nonlinear", 0.5)]) is None  # no fine-tuned row
 
 
+def test_compare_table_says_where_early_stopping_ended_a_row():
+    from voxdiff.experiments.report import compare_table
+
+    full = {**_row("contrastive", "fine-tuned", 0.55), "steps": 30, "steps_run": [30], "best_step": [20]}
+    cut = {**_row("diffusion-ape", "fine-tuned", 0.49), "steps": 30, "steps_run": [10], "best_step": [0]}
+    seeds = {**_row("diffusion-none", "fine-tuned", 0.4), "steps": 30, "steps_run": [[10], [30], [20]]}
+    table = compare_table([full, cut, seeds, _row("random", "nonlinear", 0.2)])
+    assert "| contrastive | fine-tuned (30 steps) |" in table
+    assert "| diffusion-ape | fine-tuned (10 of 30 steps) |" in table
+    assert "| diffusion-none | fine-tuned (10-30 of 30 steps) |" in table
+    assert "| random | nonlinear |" in table
+
+
 def test_demo_prints_the_converged_scratch_reference_only_where_it_was_measured():
     from voxdiff.experiments.budgets import get_budget
     from voxdiff.experiments.demo import DEMO_FINETUNE, demo_config, scratch_note
@@ -539,6 +552,9 @@ def test_demo_prints_the_converged_scratch_reference_only_where_it_was_measured(
     # 1.5x the voxels of 150 steps of 2 x 48 x 48 x 32 patches, what from scratch trains on)
     assert b["finetune_init"] == "probe" and b["lpft"]["whole_volume"] and b["finetune_steps"] < b["scratch_steps"]
     assert "on whole volumes" in tuned_note("cpu-small", 30, "probe", True)
+    assert "up to 30 steps on whole volumes (stopped after the first validation without progress)" in tuned_note(
+        "cpu-small", 30, "probe", True, patience=1)
+    assert "up to 30" not in tuned_note("cpu-small", 30, "probe", True)
     assert "on whole volumes" not in tuned_note("cpu-small", 30, "probe")
     # the frozen non-linear head now scores trilinearly, as its LP-FT copy does: no upsampling note
     assert "trilinearly" not in tuned_note("cpu-small", 30, "probe", True)

@@ -36,15 +36,19 @@ TUNED_CONVERGED = {"budget": "cpu-bench", "seeds": 3, "max_steps": 1200,
                    "command": "voxdiff experiment compare --budget cpu-bench --seeds '[0,1,2]' --phantom_seed 1"}
 
 
-def tuned_note(budget: str, steps: int | None, init: str = "random", whole_volume: bool = False) -> str | None:
+def tuned_note(budget: str, steps: int | None, init: str = "random", whole_volume: bool = False,
+               patience: int = 0) -> str | None:
     """The line under the table that puts the short fine-tuned rows beside the benchmark's converged ones
     (``init``: "probe" when the rows start from the non-linear probe's head; ``whole_volume``: when
-    their steps train on whole volumes)."""
+    their steps train on whole volumes; ``patience``: validations without progress that stop them early)."""
     ref = TUNED_CONVERGED
     if budget == ref["budget"] or steps is None or steps >= ref["max_steps"]:
         return None
     rows = ", ".join(f"{k} {m:.1f} ± {s:.1f}" for k, (m, s) in ref["rows"].items())
     what = f"{steps} steps on whole volumes" if whole_volume else f"{steps} steps"
+    if patience > 0:
+        after = "the first validation" if patience == 1 else f"{patience} validations in a row"
+        what = f"up to {what} (stopped after {after} without progress)"
     how = (f"start from the non-linear probe's head (LP-FT) and train {what}, far from converged"
            if init == "probe" else f"train {what} and are far from converged")
     return (f"The fine-tuned rows {how}. Trained to convergence on patches "
@@ -86,7 +90,8 @@ def run_demo(out: str | Path = "demo_out", budget: str = "cpu-small", seed: int 
     note = scratch_note(budget, seed, cfg.scratch)
     init = b.get("finetune_init", "random")
     whole = init == "probe" and bool(b.get("lpft", {}).get("whole_volume", False))
-    tnote = tuned_note(budget, b.get("finetune_steps"), init, whole)
+    patience = int(b.get("lpft", {}).get("patience", 0)) if init == "probe" else 0
+    tnote = tuned_note(budget, b.get("finetune_steps"), init, whole, patience)
     notes = [n for n in (note, tnote) if n]
     res = compare(cfg, out, force=force, notes=notes or None)
 

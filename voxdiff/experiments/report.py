@@ -25,11 +25,23 @@ def _g(summary: dict, group: str) -> dict | None:
     return (summary.get("groups") or {}).get(group)
 
 
+def _steps_label(r: dict[str, Any]) -> str:
+    """`` (30 steps)`` after a trained row's head; `` (10 of 30 steps)`` (or ``10-30 of 30``) where early
+    stopping ended some of its runs before the last step."""
+    if not r.get("steps"):
+        return ""
+    ran = _flat_steps(r.get("steps_run"))
+    if not ran or all(n >= r["steps"] for n in ran):
+        return f" ({r['steps']} steps)"
+    lo, hi = min(ran), max(ran)
+    return f" ({lo if lo == hi else f'{lo}-{hi}'} of {r['steps']} steps)"
+
+
 def compare_table(rows: list[dict[str, Any]]) -> str:
     lines = ["| method | head | mean Dice (%) | Big | Medium | Small |", "|---|---|---|---|---|---|"]
     for r in rows:
         s = r["summary"]
-        head = r["head"] + (f" ({r['steps']} steps)" if r.get("steps") else "")
+        head = r["head"] + _steps_label(r)
         lines.append(f"| {r['method']} | {head} | {pct(s.get('mean'))} | "
                      + " | ".join(pct(_g(s, g)) for g in GROUPS) + " |")
     return "\n".join(lines)
@@ -390,7 +402,7 @@ def tuned_below_note(rows: list[dict[str, Any]]) -> str | None:
 
 
 def _flat_steps(v: Any) -> list[int]:
-    """The best steps of a row (per fold, or per seed of per-fold lists), flattened; None left out."""
+    """A row's steps (best or run; per fold, or per seed of per-fold lists), flattened; None left out."""
     if v is None:
         return []
     if isinstance(v, (list, tuple)):
