@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import pytest
+import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser
 
 from voxdiff.core.cli import add_config
@@ -177,3 +178,18 @@ def test_read_config_doc_returns_what_was_written_beside_the_config(tmp_path):
         read_config_doc(tmp_path / "bad.yaml")
     with pytest.raises(InputError, match="config file not found"):
         read_config_doc(tmp_path / "missing.yaml")
+
+
+def test_versions_are_read_once_and_each_artifact_gets_its_own_copy(tmp_path):
+    """``versions()`` looks the packages up once per process; a caller that edits its dict does not
+    change what the next artifact records."""
+    import torch
+
+    from voxdiff.core import config as c
+
+    first = c.versions()
+    assert first["torch"] == torch.__version__ and first["python"]
+    first["torch"] = "edited"
+    assert c.versions()["torch"] == torch.__version__
+    p = c.write_config(tmp_path, RuntimeConfig())
+    assert yaml.safe_load(p.read_text())["versions"]["torch"] == torch.__version__

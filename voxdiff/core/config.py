@@ -324,7 +324,14 @@ def from_namespace(cls: type[T], ns: Any) -> T:
 
 
 def versions() -> dict[str, str]:
-    """Versions of the packages that shape results, saved with every artifact."""
+    """Versions of the packages that shape results, saved with every artifact (a fresh dict)."""
+    return dict(_versions())
+
+
+@functools.lru_cache(maxsize=1)
+def _versions() -> tuple[tuple[str, str], ...]:
+    # looked up once per process: reading the installed packages' metadata costs about 30 ms, and an
+    # experiment writes dozens of configs and checkpoints
     import importlib.metadata as md
 
     out = {"python": sys.version.split()[0], "platform": platform.platform()}
@@ -333,7 +340,7 @@ def versions() -> dict[str, str]:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             pass
-    return out
+    return tuple(out.items())
 
 
 def write_config(path: str | os.PathLike, cfg: Any, extra: dict[str, Any] | None = None) -> Path:
