@@ -96,3 +96,20 @@ def test_version_names_the_program_once(capsys):
     with pytest.raises(SystemExit):
         main(["--version"])
     assert capsys.readouterr().out.strip() == f"voxdiff {__version__}"
+
+
+def test_a_command_line_builds_only_the_options_of_its_command_and_parses_as_the_full_parser():
+    """``build_parser(argv)`` (what ``voxdiff`` does) adds the dataclass options of the command the
+    line names and leaves the others' for later; that command parses as with every option built.
+    A line that names no command (``--help``, a group, a typo) builds them all."""
+    line = ["--quiet", "bpr", "train", "--out", "m", "--optim.steps", "7", "--kind", "ape"]
+    parser, root = build_parser(line)
+    options = {name: set(p._option_string_actions) for name, p in root.runners["bpr"].parsers.items()}
+    assert "--optim.steps" in options["train"] and "--out" in options["train"]
+    assert "--n_crops" not in options["evaluate"] and "--out" in options["evaluate"]  # its own, not its config's
+    full, _ = build_parser()
+    lazy_ns, full_ns = parser.parse_args(line), full.parse_args(line)
+    assert lazy_ns.bpr.train.optim.steps == 7 and lazy_ns.as_dict() == full_ns.as_dict()
+    for words in (["bpr"], ["bpr", "trian"], ["--help"]):
+        _, r = build_parser(words)
+        assert "--n_crops" in r.runners["bpr"].parsers["evaluate"]._option_string_actions, words

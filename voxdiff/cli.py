@@ -16,6 +16,7 @@ from .core.cli import (
     WarningPrinter,
     comma_lists,
     command_of,
+    complete_options,
     one_line,
     underscore_options,
     usage_error_line,
@@ -38,7 +39,10 @@ STAGE_CLIS = [
 ]
 
 
-def build_parser() -> tuple[ArgumentParser, CommandGroup]:
+def build_parser(argv: list[str] | None = None) -> tuple[ArgumentParser, CommandGroup]:
+    """The ``voxdiff`` parser and its command tree. Every command's options are built, or, given the
+    command line ``argv``, only those of the command it names (all when it names none: ``voxdiff
+    --help``, a group, a mistyped command)."""
     # exit_on_error off: main() prints a bad command line as one line (CommandGroup's parsers too)
     parser = ArgumentParser(prog="voxdiff", description=__doc__, version=__version__, exit_on_error=False)
     parser.add_argument("--quiet", action="store_true", help="no warnings (also accepted after the command)")
@@ -51,6 +55,14 @@ def build_parser() -> tuple[ArgumentParser, CommandGroup]:
                 continue  # stage not present in this build
             raise
         m.register(root)
+    named = None
+    if argv is not None:
+        words = list(argv)
+        while words and words[0] == "--quiet":  # the one option before the command
+            words.pop(0)
+        named = command_of(root, words)[1]
+    for p in [named] if named is not None else root.command_parsers():
+        complete_options(p)
     for p in root.command_parsers():  # commands with their own --quiet (no progress bar) keep it
         if "--quiet" not in getattr(p, "_option_string_actions", {}):
             p.add_argument("--quiet", action="store_true", help="no warnings")
@@ -144,9 +156,10 @@ def unknown_options(parser: ArgumentParser, doc: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     tune_allocator()  # before any large allocation; VOXDIFF_NO_MALLOPT=1 turns it off
-    parser, root = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, root = build_parser(argv)
     try:
-        args = comma_lists(underscore_options(list(sys.argv[1:] if argv is None else argv)), root)
+        args = comma_lists(underscore_options(argv), root)
         args = check_config_files(args, root)
         try:
             ns = parser.parse_args(args)
