@@ -5,7 +5,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= demo_out
-# pytest workers (pytest-xdist): one per core, each with one torch thread (tests/conftest.py).
+# pytest workers (pytest-xdist): one per core, each with one torch thread (tests/conftest.py). Tests
+# marked xdist_group("name") run in one worker (loadgroup): they share a session fixture's model.
 TEST_WORKERS ?= auto
 
 .PHONY: demo test lint venv clean bench
@@ -25,7 +26,7 @@ demo: venv
 
 test: venv lint
 	@# pytest exits 5 when it collected nothing: treat that as a failure too.
-	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --maxprocesses=4 tests; rc=$$?; \
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --maxprocesses=4 --dist loadgroup tests; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$rc
 
 # Static checks, run before the tests (a finding fails `make test`): ruff (config in pyproject.toml)

@@ -16,6 +16,30 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Keep ``--dist loadgroup``'s groups (``make test``): pytest-xdist marks a test of
+    ``xdist_group("g")`` by appending ``@g`` to its node id through ``item._nodeid``, which pytest 9
+    no longer reads (the id lives in ``item._id``), so every group was spread over the workers. Where
+    that happened, the suffix is added here; where xdist's own works, nothing changes."""
+    if not getattr(config.option, "loadgroup", False):
+        return
+    try:
+        from _pytest.nodeid import NodeId
+    except ImportError:  # an older pytest, where xdist's own suffix works
+        return
+    for item in items:
+        names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default"))
+                        for m in item.iter_markers("xdist_group")})
+        suffix = "@" + "_".join(names)
+        old = getattr(item, "_id", None)
+        if names and not item.nodeid.endswith(suffix) and isinstance(old, NodeId) and old.names:
+            # the suffix after the last name and its parameters, as one name: the same string whichever
+            # way pytest rebuilds it (a report rebuilds it from the parts)
+            last = old.names[-1] + (f"[{old.params}]" if old.params is not None else "") + suffix
+            item._id = NodeId(path=old.path, names=(*old.names[:-1], last))
+
+
 @pytest.fixture
 def one_thread():
     """Tiny nets: one intra-op thread is as fast as two, and far faster on a busy shared CPU."""
@@ -41,3 +65,20 @@ def test_device() -> torch.device:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     return dev
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory):
+    """``(folder, result, printed)``: ``voxdiff demo`` run once per test process at the tiny budget
+    (``run_demo``), with what it printed. Read only: a test that resumes or changes it works on a copy.
+    Tests that use it carry ``xdist_group("tiny_demo")`` (one process runs them)."""
+    import contextlib
+    import io
+
+    from voxdiff.experiments.demo import run_demo
+
+    out = tmp_path_factory.mktemp("tiny_demo") / "demo"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        res = run_demo(out, budget="tiny")
+    return out, res, printed.getvalue()

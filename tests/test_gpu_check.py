@@ -13,9 +13,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("tiny_demo")
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash and timeout")
-def test_gpu_check_dry_run(tmp_path):
+def test_gpu_check_dry_run(tmp_path, tiny_demo):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VOXDIFF_TEST_DEVICE")}
+    # the demo step resumes a copy of a finished tiny demo (tests/conftest.py; a fresh one is
+    # test_demo_end_to_end_on_the_tiny_budget): the script's demo command, resume and step report
+    shutil.copytree(tiny_demo[0], tmp_path / "demo")
     env.update(PYTHON=sys.executable, WHEEL_DIR=str(tmp_path / "no_wheels"), GPU_CHECK_TIMEOUT="240",
                OMP_NUM_THREADS="1", DEMO_OUT=str(tmp_path / "demo"))
     report = tmp_path / "report.json"
@@ -27,7 +31,10 @@ def test_gpu_check_dry_run(tmp_path):
     assert not (tmp_path / "no_wheels" / "site").exists()  # everything importable: nothing installed
     for line in ("pretrain engine, 3 steps, workers 0", "pretrain engine, 3 steps, workers 1", "batch assembly vs device step", "features 64x64x40 CT"):
         assert line in out.stdout, out.stdout
-    # then the demo (tiny budget here) with each step's own seconds
+    # then the demo (tiny budget here): it resumed the folder (every step finished) and printed the
+    # report, then each step's own seconds
+    assert "[skip] probe-diffusion-ape-f0 (finished earlier)" in out.stdout, out.stdout[-2000:]
+    assert "[run ]" not in out.stdout and "Dice (%) on held-out phantoms" in out.stdout
     assert (tmp_path / "demo" / "report.md").is_file()
     for step in ("phantoms", "bpr-ape", "pretrain-diffusion-ape", "probe-diffusion-ape-f0", "finetune-contrastive-f0"):
         assert f"  {step}: " in out.stdout, out.stdout[-2000:]

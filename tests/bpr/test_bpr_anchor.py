@@ -256,18 +256,20 @@ def test_train_options_are_checked(tmp_path, tiny_phantoms):
 TINY = dict(spacing=(6.0, 6.0, 6.0), batch_size=4, checkpoint_every=1000, seed=0)
 
 
-def test_tiny_slice_anchored_ape_is_more_fov_consistent(tmp_path, tiny_phantoms):
+@pytest.mark.xdist_group("tiny_slice")
+def test_tiny_slice_anchored_ape_is_more_fov_consistent(tmp_path, tiny_phantoms, tiny_slice_model):
     """Trained on the same phantoms with the same network budget, the slice-anchored ape model gives
     the same slice far more consistent S coordinates across crops than the window-anchored one."""
     train, test = tiny_phantoms
-    train_bpr(_cfg(kind="slice", steps=300, slice_patch=24, slices_per_sample=8, lr=3e-3,
-                             channels=(8, 16, 16, 16), **TINY), tmp_path / "s", cases=train, progress=False)
+    slice_cfg, slice_dir = tiny_slice_model()  # 300 steps of the tiny recipe, no neighbouring slices
+    assert slice_cfg == _cfg(kind="slice", steps=300, slice_patch=24, slices_per_sample=8, lr=3e-3,
+                             channels=(8, 16, 16, 16), **TINY)
     ape = dict(kind="ape", steps=80, ape_patch=24, ape_input_pool=1, ape_points=96, lr=3e-3, channels=(8, 16, 16), **TINY)
     train_bpr(_cfg(**ape), tmp_path / "w", cases=train, progress=False)
-    train_bpr(_cfg(**ape, anchor="slice", slice_model=str(tmp_path / "s")), tmp_path / "a", cases=train,
+    train_bpr(_cfg(**ape, anchor="slice", slice_model=str(slice_dir)), tmp_path / "a", cases=train,
               progress=False)
     anchored = load_bpr(tmp_path / "a", kind="ape")
-    src = load_bpr(tmp_path / "s", kind="slice")
+    src = load_bpr(slice_dir, kind="slice")
     for k, v in src.state_dict().items():  # the slice model travels inside the ape model, unchanged
         torch.testing.assert_close(anchored.slice_model.state_dict()[k], v)
     ecfg = BPREvalConfig(min_crop_mm=60.0, n_crops=6)

@@ -39,14 +39,14 @@ def _untrained(cfg):
     return m.eval()
 
 
+@pytest.mark.xdist_group("tiny_slice")
 @pytest.mark.parametrize("context, step, fill", [(0, 1, "repeat"), (1, 2, "repeat"), (2, 2, "mask")])
-def test_tiny_slice_training_improves_spearman(tmp_path, tiny_phantoms, context, step, fill):
-    train, test = tiny_phantoms
-    cfg = _cfg(kind="slice", steps=300, slice_patch=24, slices_per_sample=8, lr=3e-3, slice_context=context,
-               slice_context_step=step, slice_context_fill=fill, **TINY)
+def test_tiny_slice_training_improves_spearman(tiny_phantoms, tiny_slice_model, context, step, fill):
+    _, test = tiny_phantoms
+    cfg, folder = tiny_slice_model(context, step, fill)  # 300 steps of the tiny recipe (tests/bpr/conftest.py)
+    assert (cfg.kind, cfg.optim.steps, cfg.model.slice_context, cfg.seed) == ("slice", 300, context, 0)
     before = slice_quality(_untrained(cfg), test)["spearman_mean"]
-    train_bpr(cfg, tmp_path / "m", cases=train, progress=False)
-    m = load_bpr(tmp_path / "m", kind="slice")
+    m = load_bpr(folder, kind="slice")
     assert (m.context, m.context_step, m.context_fill) == (context, step if context else 1, fill)
     q = slice_quality(m, test)
     assert q["spearman_mean"] > before + 0.1, (before, q["spearman_mean"])
@@ -63,7 +63,7 @@ def test_tiny_slice_training_improves_spearman(tmp_path, tiny_phantoms, context,
     with_liver = [r["slope_mm_per_mm"] for r in q["per_case"] if "liver_centre" in r]
     assert lc["std_dz_mm"] == pytest.approx(lc["std_mm"] / np.median(with_liver), rel=1e-6)
     for f in ("model.safetensors", "model.json", "config.yaml", "log.csv", "metrics.json", "metrics.jsonl", "train_state/latest"):
-        assert (tmp_path / "m" / f).is_file()
+        assert (folder / f).is_file()
 
 
 def test_tiny_ape_training_improves_placement_and_consistency(tmp_path, tiny_phantoms):
@@ -258,7 +258,9 @@ def test_consistency_stop_grad_sends_no_gradient_through_the_fuller_view(monkeyp
     assert (max(grads_b) == 0.0) if stop_grad else (min(grads_b) > 0)
 
 
-def test_slice_teacher_distils_its_ordering_into_a_model_trained_on_no_other_loss(tmp_path, tiny_phantoms):
+@pytest.mark.xdist_group("tiny_slice")
+def test_slice_teacher_distils_its_ordering_into_a_model_trained_on_no_other_loss(tmp_path, tiny_phantoms,
+                                                                                   tiny_slice_model):
     """``task.slice_teacher``: with the order, distance and agreement losses off, a model trained only
     to match a trained teacher's scores of view b (in mm) orders the test phantoms' slices, and its
     scores in mm follow the teacher's; a teacher with other neighbouring slices, a teacher for an ape
@@ -267,10 +269,13 @@ def test_slice_teacher_distils_its_ordering_into_a_model_trained_on_no_other_los
     from voxdiff.bpr.quality import _unit
 
     train, test = tiny_phantoms
-    common = dict(kind="slice", steps=300, slice_patch=24, slices_per_sample=8, lr=3e-3, slice_context=1, **TINY)
-    train_bpr(_cfg(**common), tmp_path / "teacher", cases=train, progress=False)
-    teacher = load_bpr(tmp_path / "teacher", kind="slice")
-    cfg = _cfg(**common, slice_teacher=str(tmp_path / "teacher"), w_order=0.0, w_distance=0.0, w_consistency=0.0,
+    # the teacher: the tiny recipe with one neighbouring slice on each side, two voxels apart
+    common = dict(kind="slice", steps=300, slice_patch=24, slices_per_sample=8, lr=3e-3, slice_context=1,
+                  slice_context_step=2, **TINY)
+    _, teacher_dir = tiny_slice_model(1, 2, "repeat")
+    assert _cfg(**common) == tiny_slice_model(1, 2, "repeat")[0]
+    teacher = load_bpr(teacher_dir, kind="slice")
+    cfg = _cfg(**common, slice_teacher=str(teacher_dir), w_order=0.0, w_distance=0.0, w_consistency=0.0,
                slice_fov_aug=0.5, slice_fov_pair=True, slice_fov_pair_range="whole")
     cfg = replace(cfg, seed=1)
     before = slice_quality(_untrained(cfg), test)["spearman_mean"]
@@ -301,10 +306,10 @@ def test_slice_teacher_distils_its_ordering_into_a_model_trained_on_no_other_los
 
     for flat, match in (({"slice_context": 2}, "neighbouring slices"), ({"w_distill": -1.0}, "w_distill must be")):
         with pytest.raises(InputError, match=match):
-            train_bpr(_cfg(**{**common, "slice_teacher": str(tmp_path / "teacher"), **flat}), tmp_path / "bad", cases=train)
+            train_bpr(_cfg(**{**common, "slice_teacher": str(teacher_dir), **flat}), tmp_path / "bad", cases=train)
         assert not (tmp_path / "bad").exists()
     with pytest.raises(InputError, match="slice_teacher is for the slice model"):
-        train_bpr(_cfg(kind="ape", slice_teacher=str(tmp_path / "teacher")), tmp_path / "bad", cases=[])
+        train_bpr(_cfg(kind="ape", slice_teacher=str(teacher_dir)), tmp_path / "bad", cases=[])
     assert not (tmp_path / "bad").exists()
 
 

@@ -819,24 +819,26 @@ def test_wide_variation_phantoms_and_unknown_variations_are_refused(tmp_path):
         Experiment(ExperimentConfig(budget="tiny", variation="wide"), tmp_path / "d", log=lambda s: None)
 
 
-def test_demo_end_to_end_on_the_tiny_budget(tmp_path, capsys):
-    """`voxdiff demo`'s whole path at the tiny budget: the table with every method, head and fine-tuned
-    row, the report, and a segmentation of a held-out phantom on that file's own grid by the best
-    non-linear probe."""
+@pytest.mark.xdist_group("tiny_demo")
+def test_demo_end_to_end_on_the_tiny_budget(tiny_demo):
+    """`voxdiff demo`'s whole path at the tiny budget (run by the ``tiny_demo`` fixture): the table with
+    every method, head and fine-tuned row, the report, and a segmentation of a held-out phantom on that
+    file's own grid by the best non-linear probe."""
     import nibabel as nib
 
-    from voxdiff.experiments.demo import DEMO_FINETUNE, DEMO_METHODS, run_demo
+    from voxdiff.experiments.demo import DEMO_FINETUNE, DEMO_METHODS
 
-    res = run_demo(tmp_path / "demo", budget="tiny")
+    folder, res, printed = tiny_demo
     rows = {(r["method"], r["head"]) for r in res["compare"]["rows"]}
     assert {(m, h) for m in DEMO_METHODS for h in ("linear", "nonlinear")} <= rows
     assert {(m, "fine-tuned") for m in DEMO_FINETUNE} <= rows
     seg = res["segment"]
-    assert seg is not None and (tmp_path / "demo" / "report.md").is_file()
+    assert seg is not None and (folder / "report.md").is_file()
+    assert "[run ] probe-diffusion-ape-f0" in printed  # a fresh folder: every step ran here
     best = max((r for r in res["compare"]["rows"] if r["head"] == "nonlinear"),
                key=lambda r: r["summary"]["mean"]["mean"])
-    assert f"probe-{best['method']}-f0" in capsys.readouterr().out
-    test_img = sorted((tmp_path / "demo" / "phantoms" / "data" / "imagesTs").glob("*.nii.gz"))[0]
+    assert f"probe-{best['method']}-f0" in printed
+    test_img = sorted((folder / "phantoms" / "data" / "imagesTs").glob("*.nii.gz"))[0]
     out, ref = nib.load(seg["output"]), nib.load(test_img)
     assert out.shape == ref.shape and np.allclose(out.affine, ref.affine)
     labels = np.unique(np.asarray(out.dataobj))

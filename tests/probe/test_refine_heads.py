@@ -34,8 +34,8 @@ def _cfg(**flat):
     return _probe(**{**base, **flat})
 
 
-def _volume_loss(ext, head, case, cfg) -> float:
-    pyr = [p[None].float() for p in volume_pyramid(ext, unit_image(case, PRE.hu_window), cfg)]
+def _volume_loss(pyr, head, case) -> float:
+    """Dice + CE of ``head`` on the whole volume of ``case``, whose features are ``pyr``."""
     y = torch.from_numpy(np.asarray(case.label, dtype=np.int64))[None]
     with torch.no_grad():
         lg = head.eval()(pyr, out_size=pyr[0].shape[2:])[:, :, :y.shape[1], :y.shape[2], :y.shape[3]]
@@ -53,8 +53,9 @@ def test_refinement_lowers_the_whole_volume_loss_and_keeps_the_batchnorm_statist
     hist: list = []
     refined = fit_heads_voxels(ext, cases[:1], (), ["linear", "nonlinear"], _cfg(refine_steps=20, refine_lr=1e-2),
                                voxels_per_step=1024, progress=False, history=hist)
+    pyr = [p[None].float() for p in volume_pyramid(ext, unit_image(cases[0], PRE.hu_window), _cfg())]
     for n in ("linear", "nonlinear"):
-        before, after = _volume_loss(ext, plain[n], cases[0], _cfg()), _volume_loss(ext, refined[n], cases[0], _cfg())
+        before, after = _volume_loss(pyr, plain[n], cases[0]), _volume_loss(pyr, refined[n], cases[0])
         assert after < before - 0.02, (n, before, after)
     for (m0, v0), (m1, v1) in zip(_bn_stats(plain["nonlinear"]), _bn_stats(refined["nonlinear"])):
         assert torch.equal(m0, m1) and torch.equal(v0, v1)

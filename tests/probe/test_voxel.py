@@ -250,15 +250,15 @@ def test_voxel_heads_train_alike_whatever_their_upsampling_and_differ_on_whole_v
         got[up] = fit_heads_voxels(ext, [case], (), ["linear", "nonlinear"], cfg, voxels_per_step=512, progress=False)
     unit = unit_image(case, pre.hu_window)
     auto = {"linear": "nearest", "nonlinear": "trilinear"}  # what held-out phantoms favoured per head
+    # every head's whole-volume logits from one extraction of the volume's features
+    logits = predict_logits_volume(ext, {f"{n}-{up}": got[up][n] for n in auto for up in got}, unit, cfg)
     for n in ("linear", "nonlinear"):
         a, b, c = got["nearest"][n], got["trilinear"][n], got["auto"][n]
         assert (a.upsample, b.upsample, c.upsample) == ("nearest", "trilinear", auto[n])
         for (k, v), w, x in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
             assert torch.equal(v, w) and torch.equal(v, x), k  # the same training
-        la = predict_logits_volume(ext, {n: a}, unit, cfg)[n]
-        lb = predict_logits_volume(ext, {n: b}, unit, cfg)[n]
+        la, lb, lc = (logits[f"{n}-{up}"] for up in ("nearest", "trilinear", "auto"))
         assert float((la - lb).abs().max()) > 1e-3  # but not the same whole-volume logits
-        lc = predict_logits_volume(ext, {n: c}, unit, cfg)[n]
         assert torch.equal(lc, la if auto[n] == "nearest" else lb)
 
 
