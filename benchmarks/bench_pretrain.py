@@ -574,6 +574,10 @@ def main() -> None:
     ap.add_argument("--passes", action="store_true",
                     help="also time each network conv's forward, input gradient and weight gradient apart")
     args = ap.parse_args()
+    if not args.no_monai and args.monai_channels is None and args.base % WIDTH_STEP:
+        ap.error(f"--base {args.base}: MONAI's DiffusionModelUNet takes widths in multiples of {WIDTH_STEP} (its "
+                 f"GroupNorm), so no MONAI network has this full-resolution width; pass --no_monai for the conv3d "
+                 f"comparison alone")
     tune_allocator()  # the CLI's allocator setting (VOXDIFF_NO_MALLOPT=1: glibc default)
     torch.set_num_threads(args.threads)
     with contextlib.suppress(RuntimeError):  # only possible before the first parallel region

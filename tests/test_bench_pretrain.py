@@ -91,3 +91,14 @@ def test_passes_apart(bench, one_thread):
     assert "| conv3d, passes apart |" in text and "network convs, passes apart:" in text
     shares = [int(v) for v in re.findall(r"(\d+) % \(", text.split("network convs, passes apart:")[1])]
     assert len(shares) == 3 and 98 <= sum(shares) <= 102
+
+
+def test_a_width_monai_cannot_have_is_one_line_before_anything_runs(bench, monkeypatch, capsys):
+    """``--base 12``: no MONAI network has that full-resolution width (multiples of 8), so the script
+    says so in one line and exits 2 instead of a traceback after the allocator and threads are set."""
+    monkeypatch.setattr(sys, "argv", ["bench_pretrain.py", "--base", "12"])
+    with pytest.raises(SystemExit) as e:
+        bench.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--base 12: MONAI's DiffusionModelUNet takes widths in multiples of 8" in err
+    assert "Traceback" not in err and "--no_monai" in err
