@@ -25,6 +25,8 @@ def test_list_options_take_commas_or_one_item():
     # a list option at the end with no value is left for the parser to refuse; nothing after "--"
     assert comma_lists(cmd + ["--seeds"], root) == cmd + ["--seeds"]
     assert comma_lists(cmd + ["--", "--seeds", "1,2"], root) == cmd + ["--", "--seeds", "1,2"]
+    # the top level's --quiet before the command: the command is still found
+    assert comma_lists(["--quiet", *cmd, "--seeds", "7,8"], root) == ["--quiet", *cmd, "--seeds", "[7,8]"]
     # no command named: nothing to look up
     assert comma_lists(["--seeds", "1,2"], root) == ["--seeds", "1,2"]
     # a nested option of another command

@@ -55,12 +55,7 @@ def build_parser(argv: list[str] | None = None) -> tuple[ArgumentParser, Command
                 continue  # stage not present in this build
             raise
         m.register(root)
-    named = None
-    if argv is not None:
-        words = list(argv)
-        while words and words[0] == "--quiet":  # the one option before the command
-            words.pop(0)
-        named = command_of(root, words)[1]
+    named = command_of(root, list(argv))[1] if argv is not None else None
     for p in [named] if named is not None else root.command_parsers():
         complete_options(p)
     for p in root.command_parsers():  # commands with their own --quiet (no progress bar) keep it

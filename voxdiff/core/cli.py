@@ -265,11 +265,14 @@ def comma_lists(argv: list[str], root: CommandGroup) -> list[str]:
 
 
 def command_of(root: CommandGroup, argv: list[str]) -> tuple[list[str], ArgumentParser | None]:
-    """The command words at the start of ``argv`` (commands and groups) and the parser of the command
-    they name (None when they stop at a group, or name nothing)."""
+    """The command words at the start of ``argv`` (commands and groups; flags of the top level before
+    them, such as ``voxdiff --quiet``, are passed over) and the parser of the command they name (None
+    when they stop at a group, or name nothing)."""
     words: list[str] = []
     g: CommandGroup | None = root
     for a in argv:
+        if not words and a.startswith("-"):  # the top level's own flags take no value
+            continue
         if g is None or a not in g.runners:
             break
         words.append(a)
