@@ -8,12 +8,56 @@
 import os
 
 import pytest
-import torch
+
+from voxdiff.core.runtime import tune_allocator
+
+# The allocator setting the CLI applies for a user (``voxdiff.cli.main``), applied before torch loads:
+# the tests that call the library's functions directly then run as a user's command does, without a
+# fresh mmap and page faults for each large buffer. VOXDIFF_NO_MALLOPT=1 turns it off here too.
+tune_allocator()
+
+import torch  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs one pytest worker per core: one intra-op thread each, or the workers'
     # thread pools fight over the same cores.
     torch.set_num_threads(1)
+
+
+def _memoise_phantoms(maxsize: int = 32) -> None:
+    """Phantoms are a fifth of the suite's CPU, and many tests draw the same seeds: each test process
+    keeps its last ``maxsize`` phantoms and hands out deep copies (a test may write into its case).
+    The key is everything the generator reads (seed, the whole config, ``unlabelled``); ``case_id``
+    only names the copy. The generator itself stays reachable as ``generate_phantom.__wrapped__``,
+    for the tests of its determinism."""
+    import copy
+    import functools
+    from collections import OrderedDict
+
+    import voxdiff.data.phantom as package
+    from voxdiff.data.phantom import dataset, generator
+
+    original = generator.generate_phantom
+    kept: OrderedDict = OrderedDict()
+
+    @functools.wraps(original)
+    def generate_phantom(seed, cfg=None, *, unlabelled=False, case_id=None):
+        key = (int(seed), repr(cfg or generator.PhantomConfig()), bool(unlabelled))
+        if key in kept:
+            kept.move_to_end(key)
+        else:
+            kept[key] = original(seed, cfg, unlabelled=unlabelled)
+            if len(kept) > maxsize:
+                kept.popitem(last=False)
+        case = copy.deepcopy(kept[key])
+        case.meta.case_id = case_id or case.meta.case_id
+        return case
+
+    for module in (generator, dataset, package):
+        module.generate_phantom = generate_phantom
+
+
+_memoise_phantoms()
 
 
 @pytest.hookimpl(trylast=True)

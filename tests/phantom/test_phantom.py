@@ -49,7 +49,8 @@ def _centroid_world(case, organ: int) -> np.ndarray:
 
 def test_deterministic_and_seed_dependent():
     cfg = PhantomConfig(**SMALL)
-    a, b, c = generate_phantom(3, cfg), generate_phantom(3, cfg), generate_phantom(4, cfg)
+    generate = getattr(generate_phantom, "__wrapped__", generate_phantom)  # the generator, not the suite's memo
+    a, b, c = generate(3, cfg), generate(3, cfg), generate(4, cfg)
     assert a.image.dtype == np.float32 and a.label.dtype == np.uint8
     assert a.image.shape == a.label.shape == cfg.shape
     np.testing.assert_array_equal(a.image, b.image)
@@ -379,6 +380,8 @@ def test_angiographic_superior_vena_cava_is_dense_and_other_phases_keep_it_a_vei
     numbers cannot change a default phantom."""
     from voxdiff.data.phantom import generator as gen
 
+    # the generator itself, not the suite's memo: a module constant is changed below
+    generate_phantom = getattr(gen.generate_phantom, "__wrapped__", gen.generate_phantom)
     base = dict(shape=(56, 56, 40), unlabelled_z_modes=("chest",))
     cta = generate_phantom(3, PhantomConfig(**base, phases=("angiographic",)), unlabelled=True)
     art = generate_phantom(3, PhantomConfig(**base, phases=("arterial",)), unlabelled=True)
@@ -552,3 +555,24 @@ def test_phantom_images_and_data_sets_say_what_they_are(tmp_path):
     with pytest.raises(ValueError, match="79 characters"):
         save_nifti(tmp_path / "long.nii.gz", arr, np.eye(4), description="x" * 80)
     assert PHANTOM_DESCRIPTION and not (tmp_path / "long.nii.gz").exists()
+
+
+def test_the_suites_phantom_memo_hands_out_equal_independent_copies():
+    """tests/conftest.py keeps the phantoms each test process has drawn: what it hands out must equal a
+    fresh draw, carry the name asked for, and be a copy that a test may write into."""
+    generate = getattr(generate_phantom, "__wrapped__", None)
+    if generate is None:
+        pytest.skip("the phantom memo of tests/conftest.py is not installed")
+    cfg = PhantomConfig(**SMALL)
+    fresh = generate(8, cfg, unlabelled=True, case_id="named")
+    first = generate_phantom(8, cfg, unlabelled=True)
+    first.image[:] = 0.0
+    first.meta.extra["body"]["adiposity"] = -1.0
+    kept = generate_phantom(8, cfg, unlabelled=True, case_id="named")
+    np.testing.assert_array_equal(kept.image, fresh.image)
+    np.testing.assert_array_equal(kept.label, fresh.label)
+    np.testing.assert_array_equal(kept.meta.affine, fresh.meta.affine)
+    assert kept.meta.extra == fresh.meta.extra and kept.meta.case_id == "named"
+    labelled = generate_phantom(8, cfg)  # `unlabelled` is part of the key: its own draw
+    assert labelled.meta.case_id == "phantom_8"
+    assert labelled.meta.extra == generate(8, cfg).meta.extra != fresh.meta.extra
