@@ -264,7 +264,7 @@ def test_tiny_slice_anchored_ape_is_more_fov_consistent(tmp_path, tiny_phantoms,
     slice_cfg, slice_dir = tiny_slice_model()  # 300 steps of the tiny recipe, no neighbouring slices
     assert slice_cfg == _cfg(kind="slice", steps=300, slice_patch=24, slices_per_sample=8, lr=3e-3,
                              channels=(8, 16, 16, 16), **TINY)
-    ape = dict(kind="ape", steps=80, ape_patch=24, ape_input_pool=1, ape_points=96, lr=3e-3, channels=(8, 16, 16), **TINY)
+    ape = dict(kind="ape", steps=40, ape_patch=24, ape_input_pool=1, ape_points=96, lr=3e-3, channels=(8, 16, 16), **TINY)
     train_bpr(_cfg(**ape), tmp_path / "w", cases=train, progress=False)
     train_bpr(_cfg(**ape, anchor="slice", slice_model=str(slice_dir)), tmp_path / "a", cases=train,
               progress=False)
@@ -275,8 +275,10 @@ def test_tiny_slice_anchored_ape_is_more_fov_consistent(tmp_path, tiny_phantoms,
     ecfg = BPREvalConfig(min_crop_mm=60.0, n_crops=6)
     w = evaluate_bpr(tmp_path / "w", test, None, ecfg, progress=False)["overall"]
     a = evaluate_bpr(anchored, test, None, ecfg, progress=False)["overall"]
-    # measured: window 21.4 / 102 mm, anchored 15.0-15.2 / 48 mm (median / p95; the median moves with
-    # the CPU's kernels: 0.70-0.71x on AVX-512 Intel and AMD), the anchored offset fit 20.8 / 70 mm
+    # measured at 80 steps: window 21.4 / 102 mm, anchored 15.0-15.2 / 48 mm (median / p95; the median moves
+    # with the CPU's kernels: 0.70-0.71x on AVX-512 Intel and AMD), the anchored offset fit 20.8 / 70 mm;
+    # at 40 steps on an AVX2 EPYC (session 57): window 25.7 / 110 mm, anchored 10.8 / 31 mm (80 steps there:
+    # window 21.4 / 104, anchored the same 10.8 / 31)
     assert a["median_abs_ds_mm"]["mean"] < 0.85 * w["median_abs_ds_mm"]["mean"], (w, a)
     assert a["p95_abs_ds_mm"]["mean"] < 0.6 * w["p95_abs_ds_mm"]["mean"], (w, a)
 

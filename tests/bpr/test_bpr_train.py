@@ -275,8 +275,10 @@ def test_slice_teacher_distils_its_ordering_into_a_model_trained_on_no_other_los
     _, teacher_dir = tiny_slice_model(1, 2, "repeat")
     assert _cfg(**common) == tiny_slice_model(1, 2, "repeat")[0]
     teacher = load_bpr(teacher_dir, kind="slice")
-    cfg = _cfg(**common, slice_teacher=str(teacher_dir), w_order=0.0, w_distance=0.0, w_consistency=0.0,
-               slice_fov_aug=0.5, slice_fov_pair=True, slice_fov_pair_range="whole")
+    # the students: 150 steps (measured at 120 steps: Spearman -0.37 -> -0.03 and 0.35, distillation loss
+    # 0.29-0.33 of its start, correlation with the teacher 0.99 and 0.89; at 300: 0.16 / 0.19, 0.18-0.29, 0.99 / 0.87)
+    cfg = _cfg(**{**common, "steps": 150}, slice_teacher=str(teacher_dir), w_order=0.0, w_distance=0.0,
+               w_consistency=0.0, slice_fov_aug=0.5, slice_fov_pair=True, slice_fov_pair_range="whole")
     cfg = replace(cfg, seed=1)
     before = slice_quality(_untrained(cfg), test)["spearman_mean"]
     train_bpr(cfg, tmp_path / "student", cases=train, progress=False)
