@@ -25,29 +25,44 @@ from .core.errors import VoxdiffError
 from .core.outputs import protecting_inputs
 from .core.runtime import tune_allocator
 
-# Each module defines register(group). Order = order in --help.
-STAGE_CLIS = [
-    "voxdiff.data.cli",
-    "voxdiff.data.phantom.cli",
-    "voxdiff.bpr.cli",
-    "voxdiff.pretrain.cli",
-    "voxdiff.features.cli",
-    "voxdiff.probe.cli",
-    "voxdiff.evaluate.cli",
-    "voxdiff.segment.cli",
-    "voxdiff.experiments.cli",
-]
+# Each module defines register(group), which adds the top-level commands listed beside it (a test
+# checks the lists). Order = order in --help.
+STAGE_COMMANDS: dict[str, tuple[str, ...]] = {
+    "voxdiff.data.cli": ("data",),
+    "voxdiff.data.phantom.cli": ("phantom",),
+    "voxdiff.bpr.cli": ("bpr",),
+    "voxdiff.pretrain.cli": ("pretrain", "sample"),
+    "voxdiff.features.cli": ("features",),
+    "voxdiff.probe.cli": ("probe",),
+    "voxdiff.evaluate.cli": ("evaluate",),
+    "voxdiff.segment.cli": ("segment",),
+    "voxdiff.experiments.cli": ("experiment", "demo"),
+}
+STAGE_CLIS = list(STAGE_COMMANDS)
+
+
+def stage_modules(argv: list[str] | None = None) -> list[str]:
+    """The stage CLI modules to import for the command line ``argv``: the one that registers the
+    command it names, or all of them (no ``argv``, no command, an unknown word: ``voxdiff --help``
+    lists every command and a typo is answered with the commands there are). Importing a stage's
+    module loads what its commands need, torch for most: ``voxdiff phantom`` and ``voxdiff data``
+    start without it."""
+    word = next((a for a in argv if not a.startswith("-")), None) if argv is not None else None
+    if argv is not None and word is not None and any(a.startswith("-") and a != "--quiet" for a in argv[:argv.index(word)]):
+        word = None  # --help / --version before the command: the top level answers
+    named = [mod for mod, words in STAGE_COMMANDS.items() if word in words]
+    return named or STAGE_CLIS
 
 
 def build_parser(argv: list[str] | None = None) -> tuple[ArgumentParser, CommandGroup]:
     """The ``voxdiff`` parser and its command tree. Every command's options are built, or, given the
-    command line ``argv``, only those of the command it names (all when it names none: ``voxdiff
-    --help``, a group, a mistyped command)."""
+    command line ``argv``, only the stage module and the options of the command it names (every
+    module and all options when it names none: ``voxdiff --help``, a group, a mistyped command)."""
     # exit_on_error off: main() prints a bad command line as one line (CommandGroup's parsers too)
     parser = ArgumentParser(prog="voxdiff", description=__doc__, version=__version__, exit_on_error=False)
     parser.add_argument("--quiet", action="store_true", help="no warnings (also accepted after the command)")
     root = CommandGroup(parser, dest="command")
-    for mod in STAGE_CLIS:
+    for mod in stage_modules(argv):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:
