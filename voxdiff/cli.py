@@ -56,8 +56,9 @@ def stage_modules(argv: list[str] | None = None) -> list[str]:
 
 def build_parser(argv: list[str] | None = None) -> tuple[ArgumentParser, CommandGroup]:
     """The ``voxdiff`` parser and its command tree. Every command's options are built, or, given the
-    command line ``argv``, only the stage module and the options of the command it names (every
-    module and all options when it names none: ``voxdiff --help``, a group, a mistyped command)."""
+    command line ``argv``, only the stage module of the command or group it names and the options of
+    the command (all of that stage's options for a group; every module and every option when the
+    line names no command or an unknown one: ``voxdiff --help``, a typo)."""
     # exit_on_error off: main() prints a bad command line as one line (CommandGroup's parsers too)
     parser = ArgumentParser(prog="voxdiff", description=__doc__, version=__version__, exit_on_error=False)
     parser.add_argument("--quiet", action="store_true", help="no warnings (also accepted after the command)")
