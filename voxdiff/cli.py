@@ -71,8 +71,10 @@ def build_parser(argv: list[str] | None = None) -> tuple[ArgumentParser, Command
                 continue  # stage not present in this build
             raise
         m.register(root)
+    # a line that names no command (--help, a group, a typo) is answered from the command tree alone:
+    # no command's options are built, and no config class is imported
     named = command_of(root, list(argv))[1] if argv is not None else None
-    for p in [named] if named is not None else root.command_parsers():
+    for p in [named] if named is not None else [] if argv is not None else root.command_parsers():
         complete_options(p)
     for p in root.command_parsers():  # commands with their own --quiet (no progress bar) keep it
         if "--quiet" not in getattr(p, "_option_string_actions", {}):

@@ -17,27 +17,14 @@ Public API::
     case_fields(model, cases, cache_dir)            # one field per preprocessed case, cached
 """
 
-from .ensemble import BPREnsembleConfig, ensemble_slice_models, write_ensemble
-from .fields import CoordinateField, FieldCache, case_fields, crop_fields, volume_field
-from .models import (
-    BPR_KINDS,
-    BPR_VERSION,
-    APERegressor,
-    BodyPartRegressor,
-    SliceRegressor,
-    build_bpr,
-    coords_channels,
-    coords_for_patches,
-    load_bpr,
-    save_bpr,
-    sincos_encode,
-)
-from .predict import predict_volume
-from .train import BPRData, BPRModel, BPROptim, BPRTaskOptions, BPRTrainConfig, train_bpr
+from voxdiff.core.lazy import lazy_exports
 
-__all__ = [
-    "BPR_KINDS", "BPR_VERSION", "BodyPartRegressor", "SliceRegressor", "APERegressor", "build_bpr",
-    "coords_channels", "coords_for_patches", "load_bpr", "save_bpr", "sincos_encode", "predict_volume",
-    "BPRTrainConfig", "BPRData", "BPROptim", "BPRModel", "BPRTaskOptions", "train_bpr", "BPREnsembleConfig",
-    "ensemble_slice_models", "write_ensemble", "CoordinateField", "FieldCache", "case_fields", "crop_fields", "volume_field",
-]
+# imported on first use (voxdiff.core.lazy): `import voxdiff.bpr.cli` loads neither torch nor the models
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    ".ensemble": ("BPREnsembleConfig", "ensemble_slice_models", "write_ensemble"),
+    ".fields": ("CoordinateField", "FieldCache", "case_fields", "crop_fields", "volume_field"),
+    ".models": ("BPR_KINDS", "BPR_VERSION", "APERegressor", "BodyPartRegressor", "SliceRegressor", "build_bpr",
+                "coords_channels", "coords_for_patches", "load_bpr", "save_bpr", "sincos_encode"),
+    ".predict": ("predict_volume",),
+    ".train": ("BPRData", "BPRModel", "BPROptim", "BPRTaskOptions", "BPRTrainConfig", "train_bpr"),
+})

@@ -8,8 +8,6 @@ from voxdiff.core.cli import CommandGroup, add_config
 from voxdiff.core.config import from_namespace
 
 from ..data.ctcheck import ALLOW_HELP
-from .evaluate import BPREvalConfig
-from .train import BPRTrainConfig
 
 
 def register(root: CommandGroup) -> None:
@@ -20,7 +18,7 @@ def register(root: CommandGroup) -> None:
     t.add_argument("--resume", action="store_true", help="continue an interrupted run from --out/train_state")
     t.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_config(t, BPRTrainConfig)
+    add_config(t, "voxdiff.bpr.train:BPRTrainConfig")  # by name: imported when the options are built
 
     p = g.command("predict", run_predict, help="Write the coordinate map of a CT on its own grid (NIfTI)")
     p.add_argument("model", type=str, help="body part regressor folder (from 'voxdiff bpr train')")
@@ -38,7 +36,7 @@ def register(root: CommandGroup) -> None:
     e.add_argument("-o", "--out", type=str, required=True, help="report folder (summary.json, consistency.png)")
     e.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_config(e, BPREvalConfig)
+    add_config(e, "voxdiff.bpr.evaluate:BPREvalConfig")
 
     n = g.command("ensemble", run_ensemble,
                   help="Combine slice models trained with different seeds into one (the mean of their calibrated scores)")
@@ -48,7 +46,7 @@ def register(root: CommandGroup) -> None:
 
 
 def run_train(ns) -> None:
-    from .train import train_bpr
+    from .train import BPRTrainConfig, train_bpr
 
     cfg = from_namespace(BPRTrainConfig, ns)
     out = train_bpr(cfg, ns.out, resume=bool(ns.resume), force=bool(ns.force), progress=not ns.quiet)
@@ -78,7 +76,7 @@ def _z_only(o: dict) -> str:
 
 
 def run_evaluate(ns) -> None:
-    from .evaluate import evaluate_bpr
+    from .evaluate import BPREvalConfig, evaluate_bpr
 
     cfg = from_namespace(BPREvalConfig, ns)
     s = evaluate_bpr(ns.model, ns.data, ns.out, cfg, force=bool(ns.force), progress=not ns.quiet)

@@ -78,8 +78,9 @@ class CommandGroup:
         return runner(sub)
 
 
-def add_config(parser: ArgumentParser, cls: type, skip: set[str] | None = None) -> None:
-    """Add every field of dataclass ``cls`` as a ``--field`` option (a section ``sec`` of a sectioned
+def add_config(parser: ArgumentParser, cls: type | str, skip: set[str] | None = None) -> None:
+    """Add every field of dataclass ``cls`` (the class, or ``"module:Name"``: imported when the options
+    are built, so that registering a command loads nothing heavy) as a ``--field`` option (a section ``sec`` of a sectioned
     class, see :mod:`voxdiff.core.config`, as ``--sec.field`` options); the old names of renamed
     fields (``cls.RENAMED``) and the flat names of a sectioned class's fields (``--lr`` for
     ``--optim.lr``) become hidden options of the new one's type (also accepted as keys of
@@ -106,13 +107,24 @@ def complete_options(parser: ArgumentParser) -> ArgumentParser:
     return parser
 
 
-def _add_config(parser: ArgumentParser, cls: type, skip: set[str] | None = None) -> None:
+def config_class(cls: type | str) -> type:
+    """``cls`` itself, or the class that ``"module:Name"`` names (imported now)."""
+    if not isinstance(cls, str):
+        return cls
+    import importlib
+
+    module, _, name = cls.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _add_config(parser: ArgumentParser, cls: type | str, skip: set[str] | None = None) -> None:
     import argparse
     import dataclasses
     import typing
 
     from .config import flat_names, renamed_fields, section_classes
 
+    cls = config_class(cls)
     renamed = renamed_fields(cls)
     hints = typing.get_type_hints(cls)
     # init-only keywords (old names kept as ``InitVar``s): jsonargparse would take them unvalidated

@@ -5,8 +5,6 @@ from __future__ import annotations
 from voxdiff.core.cli import CommandGroup, add_config
 from voxdiff.core.config import from_namespace
 
-from .report import EvaluateConfig, evaluate_models
-
 
 def register(root: CommandGroup) -> None:
     p = root.command(
@@ -17,10 +15,12 @@ def register(root: CommandGroup) -> None:
     p.add_argument("data", type=str, help="labelled data set folder (BTCV, nnU-Net, FLARE, AMOS, phantoms)")
     p.add_argument("-o", "--out", type=str, required=True, help="output folder (summary.json, summary.md, figures/)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    add_config(p, EvaluateConfig)
+    add_config(p, "voxdiff.evaluate.report:EvaluateConfig")  # by name: imported when the options are built
 
 
 def run_evaluate(ns) -> None:
+    from .report import EvaluateConfig, evaluate_models
+
     cfg = from_namespace(EvaluateConfig, ns)
     s = evaluate_models(ns.model, ns.data, ns.out, cfg, force=ns.force)
     cv = s.get("cross_validation")

@@ -5,8 +5,6 @@ from __future__ import annotations
 from voxdiff.core.cli import CommandGroup, add_config
 from voxdiff.core.config import from_namespace
 
-from .base import ExperimentConfig
-
 
 def register(root: CommandGroup) -> None:
     g = root.group("experiment", help="The paper's experiments (resumable; results JSON, markdown report, PNG figures)")
@@ -21,7 +19,7 @@ def register(root: CommandGroup) -> None:
         if name == "compare":
             p.add_argument("--report_only", action="store_true",
                            help="with --seeds: run nothing, report the rows finished for every seed")
-        add_config(p, ExperimentConfig)
+        add_config(p, "voxdiff.experiments.base:ExperimentConfig")  # by name: imported when the options are built
 
     p = root.command("demo", _run_demo, help="the whole pipeline on synthetic phantoms at the cpu-small budget")
     p.add_argument("--out", type=str, default="demo_out", help="output folder")
@@ -35,6 +33,7 @@ def register(root: CommandGroup) -> None:
 def _runner(fn_name: str):
     def run(ns) -> None:
         from . import experiments
+        from .base import ExperimentConfig
 
         cfg = from_namespace(ExperimentConfig, ns)
         extra = {"report_only": True} if getattr(ns, "report_only", False) else {}

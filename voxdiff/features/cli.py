@@ -6,8 +6,6 @@ from voxdiff.core.cli import CommandGroup, add_config
 from voxdiff.core.config import from_namespace
 
 from ..data.ctcheck import ALLOW_HELP
-from .extract import ExtractConfig
-from .norm import NormStatsConfig
 
 HELP = """Extract frozen feature pyramids of every case of a data set with a pretrained backbone
 (sliding windows of the model's training patch size unless --roi, the requested overlap honoured
@@ -36,11 +34,14 @@ def register(root: CommandGroup) -> None:
                         "default: the model's. Diffusion models only")
     p.add_argument("--levels", type=int, nargs="+", default=None,
                    help="pyramid levels to keep, e.g. --levels 0 1 2 (0 = finest, stride 1); default: all")
-    add_config(p, ExtractConfig, skip={"t", "levels"})
-    add_config(p, NormStatsConfig)
+    # the config classes by name: imported when the options are built
+    add_config(p, "voxdiff.features.extract:ExtractConfig", skip={"t", "levels"})
+    add_config(p, "voxdiff.features.norm:NormStatsConfig")
 
 
 def run_features(ns) -> None:
+    from .extract import ExtractConfig
+    from .norm import NormStatsConfig
     from .run import features_command
 
     cfg = from_namespace(ExtractConfig, ns)

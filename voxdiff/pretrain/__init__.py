@@ -8,6 +8,11 @@ Public API::
     from voxdiff.pretrain import PretrainData, BackboneConfig, TaskOptions, OnlineProbeConfig
 """
 
-from .backbones import BACKBONES, Backbone, FPN3d, LevelInfo, PyramidBackbone, build_backbone  # noqa: F401
-from .load import FeatureExtractor, load_backbone, load_pretrained  # noqa: F401
-from .train import BackboneConfig, OnlineProbeConfig, PretrainConfig, PretrainData, TaskOptions, pretrain  # noqa: F401
+from voxdiff.core.lazy import lazy_exports
+
+# imported on first use (voxdiff.core.lazy)
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    ".backbones": ("BACKBONES", "Backbone", "FPN3d", "LevelInfo", "PyramidBackbone", "build_backbone"),
+    ".load": ("FeatureExtractor", "load_backbone", "load_pretrained"),
+    ".train": ("BackboneConfig", "OnlineProbeConfig", "PretrainConfig", "PretrainData", "TaskOptions", "pretrain"),
+})

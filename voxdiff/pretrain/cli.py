@@ -7,9 +7,6 @@ import os
 from voxdiff.core.cli import CommandGroup, add_config
 from voxdiff.core.config import from_namespace
 
-from .sample import SampleConfig
-from .train import PretrainConfig
-
 PRETRAIN_HELP = """Pretrain a backbone by a self-supervised method (diffusion with/without BPR, restorative,
 contrastive, random). Multi-process: torchrun --nproc_per_node=N -m voxdiff.cli pretrain ...
 (or `torchrun --nproc_per_node=N $(which voxdiff) pretrain ...`)."""
@@ -22,17 +19,17 @@ def register(root: CommandGroup) -> None:
     p.add_argument("--resume", action="store_true", help="continue from out/train_state/latest")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--progress", type=bool, default=True, help="show a progress bar")
-    add_config(p, PretrainConfig)  # sections: --data FOLDER ... (--data.kind, ...), --optim.lr, --backbone NAME, ...
+    add_config(p, "voxdiff.pretrain.train:PretrainConfig")  # by name, imported when the options are built; sections: --data FOLDER ... (--data.kind, ...), --optim.lr, --backbone NAME, ...
 
     s = root.command("sample", run_sample, help="Draw patches from a diffusion backbone into a PNG grid")
     s.add_argument("model", type=str, help="pretraining output folder (or its backbone/ folder)")
     s.add_argument("-o", "--out", type=str, required=True, help="output PNG file")
     s.add_argument("--force", action="store_true", help="overwrite an existing PNG")
-    add_config(s, SampleConfig)
+    add_config(s, "voxdiff.pretrain.sample:SampleConfig")
 
 
 def run_pretrain(ns) -> None:
-    from .train import pretrain
+    from .train import PretrainConfig, pretrain
 
     cfg = from_namespace(PretrainConfig, ns)
     out = pretrain(cfg, ns.out, resume=bool(ns.resume), progress=bool(ns.progress), force=bool(ns.force))
@@ -41,7 +38,7 @@ def run_pretrain(ns) -> None:
 
 
 def run_sample(ns) -> None:
-    from .sample import sample_to_png
+    from .sample import SampleConfig, sample_to_png
 
     cfg = from_namespace(SampleConfig, ns)
     out = sample_to_png(ns.model, ns.out, cfg, force=bool(ns.force))

@@ -5,8 +5,6 @@ from __future__ import annotations
 from voxdiff.core.cli import CommandGroup, add_config
 from voxdiff.core.config import from_namespace
 
-from .train import ProbeConfig, train_probe
-
 
 def register(root: CommandGroup) -> None:
     p = root.command(
@@ -20,10 +18,12 @@ def register(root: CommandGroup) -> None:
     p.add_argument("--splits", type=str, default=None, help="nnU-Net splits_final.json (default: DATA/splits_final.json or 5-fold)")
     p.add_argument("--cache_dir", type=str, default=None, help="preprocessing cache folder")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
-    add_config(p, ProbeConfig)
+    add_config(p, "voxdiff.probe.train:ProbeConfig")  # by name: imported when the options are built
 
 
 def run_probe(ns) -> None:
+    from .train import ProbeConfig, train_probe
+
     cfg = from_namespace(ProbeConfig, ns)
     fold = None if ns.fold is not None and ns.fold < 0 else ns.fold
     out = train_probe(cfg, ns.pretrained, ns.data, ns.out, fold=fold, splits=ns.splits, cache_dir=ns.cache_dir,

@@ -6,8 +6,6 @@ from voxdiff.core.cli import CommandGroup, add_config
 from voxdiff.core.config import from_namespace
 from voxdiff.data.ctcheck import ALLOW_HELP
 
-from .segment import SegmentConfig, format_volumes, segment_ct
-
 
 def register(root: CommandGroup) -> None:
     p = root.command("segment", run_segment, help="Segment the 13 BTCV organs of a CT (NIfTI file or DICOM folder)")
@@ -17,10 +15,12 @@ def register(root: CommandGroup) -> None:
     p.add_argument("--preview", type=str, default=None, help="also write a PNG preview (axial + coronal)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.add_argument("--allow_non_ct", action="store_true", help=ALLOW_HELP)
-    add_config(p, SegmentConfig)
+    add_config(p, "voxdiff.segment.segment:SegmentConfig")  # by name: imported when the options are built
 
 
 def run_segment(ns) -> None:
+    from .segment import SegmentConfig, format_volumes, segment_ct
+
     cfg = from_namespace(SegmentConfig, ns)
     res = segment_ct(ns.model, ns.ct, ns.out, cfg, preview=ns.preview, force=ns.force, allow_non_ct=bool(ns.allow_non_ct))
     print(f"wrote {res['output']} ({' x '.join(str(s) for s in res['shape'])})")
