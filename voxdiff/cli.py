@@ -55,10 +55,11 @@ def stage_modules(argv: list[str] | None = None) -> list[str]:
 
 
 def build_parser(argv: list[str] | None = None) -> tuple[ArgumentParser, CommandGroup]:
-    """The ``voxdiff`` parser and its command tree. Every command's options are built, or, given the
-    command line ``argv``, only the stage module of the command or group it names and the options of
-    the command (all of that stage's options for a group; every module and every option when the
-    line names no command or an unknown one: ``voxdiff --help``, a typo)."""
+    """The ``voxdiff`` parser and its command tree. Without ``argv`` every stage and every command's
+    options are built. Given the command line ``argv``: the stage module of the command or group it
+    names (every stage module when it names none or an unknown word: ``voxdiff --help``, a typo), and
+    the options of the command it names only (none for a group, ``--help`` or a typo: those are
+    answered from the command tree)."""
     # exit_on_error off: main() prints a bad command line as one line (CommandGroup's parsers too)
     parser = ArgumentParser(prog="voxdiff", description=__doc__, version=__version__, exit_on_error=False)
     parser.add_argument("--quiet", action="store_true", help="no warnings (also accepted after the command)")
