@@ -25,46 +25,31 @@ from .core.errors import VoxdiffError
 from .core.outputs import protecting_inputs
 from .core.runtime import tune_allocator
 
-# Each module defines register(group), which adds the top-level commands listed beside it (a test
-# checks the lists). Order = order in --help.
-STAGE_COMMANDS: dict[str, tuple[str, ...]] = {
-    "voxdiff.data.cli": ("data",),
-    "voxdiff.data.phantom.cli": ("phantom",),
-    "voxdiff.bpr.cli": ("bpr",),
-    "voxdiff.pretrain.cli": ("pretrain", "sample"),
-    "voxdiff.features.cli": ("features",),
-    "voxdiff.probe.cli": ("probe",),
-    "voxdiff.evaluate.cli": ("evaluate",),
-    "voxdiff.segment.cli": ("segment",),
-    "voxdiff.experiments.cli": ("experiment", "demo"),
-}
-STAGE_CLIS = list(STAGE_COMMANDS)
-
-
-def stage_modules(argv: list[str] | None = None) -> list[str]:
-    """The stage CLI modules to import for the command line ``argv``: the one that registers the
-    command it names, or all of them (no ``argv``, no command, an unknown word: ``voxdiff --help``
-    lists every command and a typo is answered with the commands there are). Importing a stage's
-    module loads what its commands need, torch for most: ``voxdiff phantom`` and ``voxdiff data``
-    start without it."""
-    word = next((a for a in argv if not a.startswith("-")), None) if argv is not None else None
-    if argv is not None and word is not None and any(a.startswith("-") and a != "--quiet" for a in argv[:argv.index(word)]):
-        word = None  # --help / --version before the command: the top level answers
-    named = [mod for mod, words in STAGE_COMMANDS.items() if word in words]
-    return named or STAGE_CLIS
+# Each module defines register(group). Order = order in --help. Registering imports nothing heavy:
+# the stage packages load their modules on first use (voxdiff.core.lazy) and the command modules
+# name their config classes as strings, so every stage is registered for every command line.
+STAGE_CLIS = [
+    "voxdiff.data.cli",
+    "voxdiff.data.phantom.cli",
+    "voxdiff.bpr.cli",
+    "voxdiff.pretrain.cli",
+    "voxdiff.features.cli",
+    "voxdiff.probe.cli",
+    "voxdiff.evaluate.cli",
+    "voxdiff.segment.cli",
+    "voxdiff.experiments.cli",
+]
 
 
 def build_parser(argv: list[str] | None = None) -> tuple[ArgumentParser, CommandGroup]:
-    """The ``voxdiff`` parser and its command tree. Without ``argv`` every stage and every command's
-    options are built. Given the command line ``argv``: the stage module of the command or group it
-    names (every stage module when it names none or an unknown word: ``voxdiff --help``, a typo), and
-    the options of the command it names only (none for a group, ``--help`` or a typo: those are
-    answered from the command tree)."""
+    """The ``voxdiff`` parser and its command tree. Without ``argv`` every command's options are
+    built; given the command line ``argv``, only the options of the command it names (none for a
+    group, ``--help`` or a typo: those are answered from the command tree)."""
     # exit_on_error off: main() prints a bad command line as one line (CommandGroup's parsers too)
     parser = ArgumentParser(prog="voxdiff", description=__doc__, version=__version__, exit_on_error=False)
     parser.add_argument("--quiet", action="store_true", help="no warnings (also accepted after the command)")
     root = CommandGroup(parser, dest="command")
-    for mod in stage_modules(argv):
+    for mod in STAGE_CLIS:
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:

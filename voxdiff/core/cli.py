@@ -90,7 +90,7 @@ def add_config(parser: ArgumentParser, cls: type | str, skip: set[str] | None = 
 
     On a parser made by :meth:`CommandGroup.command` the options are added later, in the order of the
     calls, by :func:`complete_options` (``voxdiff.cli.build_parser`` completes the command a command
-    line names, or every command)."""
+    line names, or every command when it is given no line)."""
     deferred = getattr(parser, "_voxdiff_deferred", None)
     if deferred is not None:
         deferred.append((cls, skip))
