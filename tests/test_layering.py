@@ -1,8 +1,10 @@
-"""Data flows one way through the stages: a lower layer never imports a higher one."""
+"""Data flows one way through the stages: a lower layer never imports a higher one, by an import
+statement or by name (a lazy_exports table, a config class given to add_config as a string)."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,11 @@ def _imported_layers(path: Path) -> set[str]:
             for a in node.names:
                 if a.name.startswith("voxdiff."):
                     found.add(a.name.split(".")[1])
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            # imports by name: a stage package's lazy_exports table, a config class given to add_config
+            m = re.fullmatch(r"voxdiff\.(\w+)(\.\w+)*(:\w+)?", node.value)
+            if m:
+                found.add(m.group(1))
     return found & set(LAYERS)
 
 
