@@ -115,3 +115,25 @@ def test_compare_in_two_jobs_gives_the_results_of_one(tmp_path):
     logs.clear()
     ex.compare(ExperimentConfig(**base, jobs=1), tmp_path / "two", log=logs.append)
     assert not [line for line in logs if line.startswith("[run ]")]
+
+
+def test_lanes_leave_whole_volume_fine_tuning_to_the_pass_after_them(tmp_path):
+    """With the budget's LP-FT on whole volumes (the demo's rows) the lanes' pieces of ``compare`` leave the
+    fine-tuned rows out (two at once doubled the demo's memory); the caller's pass runs them after the lanes.
+    Fine-tuning on patches and the from-scratch row stay pieces of the lanes."""
+    from voxdiff.experiments.base import Experiment
+    from voxdiff.experiments.lanes import _items
+
+    cfg = ExperimentConfig(budget="tiny", methods=("random", "restorative", "contrastive"), heads=("linear", "nonlinear"),
+                           scratch=True, finetune=("restorative", "contrastive"))
+    e = Experiment(cfg, tmp_path / "e", log=lambda *a: None)
+    every = ["probes of random", "probes of restorative", "finetune restorative", "probes of contrastive",
+             "finetune contrastive", "scratch from-scratch"]
+    assert not ex.finetunes_whole_volumes(e)
+    assert [k for k, _ in _items(e, "compare")] == [k for k, _ in ex.compare_items(e)] == every
+    e.budget["lpft"] = {"whole_volume": True, "batch_size": 1}
+    assert ex.finetunes_whole_volumes(e)
+    assert [k for k, _ in ex.compare_items(e)] == every  # one process runs everything
+    assert [k for k, _ in _items(e, "compare")] == [k for k in every if not k.startswith("finetune")]
+    e.budget["finetune_init"] = "random"  # LP-FT settings apply to fine-tuning from the probe's head only
+    assert not ex.finetunes_whole_volumes(e) and [k for k, _ in _items(e, "compare")] == every

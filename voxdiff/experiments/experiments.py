@@ -117,14 +117,26 @@ def _tuned_job_row(exp: Experiment, job: tuple[str, str, str, list[str]], finish
             "init": folds[0].get("init", "random"), **_stopped(folds)}
 
 
-def compare_items(exp: Experiment) -> list[tuple[str, Callable[[], Any]]]:
+def finetunes_whole_volumes(exp: Experiment) -> bool:
+    """Whether the fine-tuned rows of ``compare`` train on whole volumes (the budget's LP-FT settings,
+    ``lpft.whole_volume``, as the demo's): each such step holds the activations of a whole volume, the
+    largest memory of the experiment."""
+    stop = bool(exp.budget.get("tuned_early_stopping", False))
+    from_probe = exp.budget.get("finetune_init") == "probe" and "nonlinear" in exp.cfg.heads
+    return bool(exp.tuned_cfg("finetune", early_stopping=stop, from_probe=from_probe).sampling.whole_volume)
+
+
+def compare_items(exp: Experiment, whole_volume: bool = True) -> list[tuple[str, Callable[[], Any]]]:
     """The independent pieces of ``compare`` (a frozen method's probes, a fine-tuned or from-scratch
     row), each a callable that runs its steps (and the steps they need): what ``--jobs`` spreads over
-    processes (:mod:`voxdiff.experiments.lanes`)."""
+    processes (:mod:`voxdiff.experiments.lanes`). ``whole_volume`` False leaves out the fine-tuned rows
+    when they train on whole volumes (:func:`finetunes_whole_volumes`)."""
     def tuned_item(job: tuple[str, str, str, list[str]]) -> tuple[str, Callable[[], Any]]:
         return f"{job[2]} {job[0]}", lambda: _tuned_job_row(exp, job)
 
     tuned = {job[0]: job for job in _tuned_jobs(exp)}
+    if not whole_volume and finetunes_whole_volumes(exp):
+        tuned = {m: job for m, job in tuned.items() if job[2] != "finetune"}
     items: list[tuple[str, Callable[[], Any]]] = []
     for m in exp.cfg.methods:  # a method's fine-tuned row right after its probes: the chain of one backbone
         items.append((f"probes of {m}", lambda m=m: _frozen_method_rows(exp, m)))

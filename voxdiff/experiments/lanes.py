@@ -131,7 +131,10 @@ def _items(exp, experiment: str) -> list[tuple[str, Callable[[], Any]]]:
     from . import experiments
 
     if experiment == "compare":
-        return experiments.compare_items(exp)
+        # whole-volume fine-tuning (the demo's LP-FT rows) holds a whole volume's activations: two at once in
+        # two lanes took the demo to 18 GiB of resident memory against 10 in one process (fifty-eighth
+        # session). The lanes leave those rows to the caller's pass after them, one at a time on every core.
+        return experiments.compare_items(exp, whole_volume=False)
     if experiment == "label-efficiency":
         return experiments.label_items(exp)
     raise ValueError(f"no lanes for experiment {experiment!r}")
@@ -140,7 +143,9 @@ def _items(exp, experiment: str) -> list[tuple[str, Callable[[], Any]]]:
 def run_lanes(exp, experiment: str = "compare") -> int:
     """Run the pieces of ``experiment`` on ``exp`` (an open :class:`Experiment`) in
     ``exp.cfg.jobs`` lanes; returns the number of lanes. Steps that a failed lane left undone are
-    left for the caller, whose own (sequential) pass then runs them and reports any error."""
+    left for the caller, whose own (sequential) pass then runs them and reports any error; so are the
+    fine-tuned rows of ``compare`` that train on whole volumes (:func:`_items`), which that pass runs one
+    at a time with every core's thread."""
     import multiprocessing as mp
 
     from voxdiff.core.runtime import num_threads
