@@ -486,6 +486,7 @@ def test_contrastive_note_is_computed_from_the_rows():
     rows[1]["summary"]["mean"]["mean"] = 0.2
     assert contrastive_note(rows) is None  # behind everywhere: no line
     assert contrastive_note([_row("contrastive", "nonlinear", 0.9)]) is None  # nothing to compare with
+    assert contrastive_note([_row("diffusion-ape", "nonlinear", 0.50001), _row("contrastive", "nonlinear", 0.50004)]) is None
 
 
 def test_tuned_below_note_names_only_methods_whose_fine_tuned_row_trails_their_probe():
@@ -499,6 +500,9 @@ def test_tuned_below_note_names_only_methods_whose_fine_tuned_row_trails_their_p
     rows[1]["summary"]["mean"]["mean"] = 0.30
     assert tuned_below_note(rows) is None  # every fine-tuned row at or above its probe: no line
     assert tuned_below_note([_row("diffusion-ape", "fine-tuned", 0.1)]) is None  # no frozen row to compare with
+    # a fine-tuned row that kept its start, rescored with other threads (two lanes' demo): 49.7 against 49.7
+    # is no drop
+    assert tuned_below_note([_row("diffusion-ape", "nonlinear", 0.496948349), _row("diffusion-ape", "fine-tuned", 0.496942963)]) is None
 
 
 def test_tuned_start_note_names_rows_that_kept_their_start():

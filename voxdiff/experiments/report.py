@@ -370,14 +370,21 @@ def _mean_of(rows: list[dict[str, Any]], method: str, head: str) -> float | None
     return None
 
 
+def _shown(x: float) -> float:
+    """A mean Dice as the tables show it (percent, one decimal): the notes under a table compare what it shows,
+    so a difference in the last bits (the same network scored in another process, or with other threads) is
+    no difference."""
+    return round(100 * x, 1)
+
+
 def contrastive_note(rows: list[dict[str, Any]], ours: str = "diffusion-ape", other: str = "contrastive") -> str | None:
     """One line saying where the contrastive baseline is ahead of diffusion + BPR in a compare table
-    (computed from the rows; None when it is ahead nowhere or a row is missing)."""
+    (computed from the rows at the table's precision; None when it is ahead nowhere or a row is missing)."""
     ahead = []
     for head, name in (("linear", "linear probe"), ("nonlinear", "non-linear probe"), ("mix", "mix probe"),
                        ("fine-tuned", "fine-tuned")):
         a, b = _mean_of(rows, other, head), _mean_of(rows, ours, head)
-        if a is not None and b is not None and a > b:
+        if a is not None and b is not None and _shown(a) > _shown(b):
             ahead.append(f"{name} {100 * a:.1f} vs {100 * b:.1f}")
     if not ahead:
         return None
@@ -386,11 +393,11 @@ def contrastive_note(rows: list[dict[str, Any]], ours: str = "diffusion-ape", ot
 
 def tuned_below_note(rows: list[dict[str, Any]]) -> str | None:
     """One line naming every method whose fine-tuned row scores below its own frozen non-linear probe
-    (computed from the rows; None when there is no such method)."""
+    (computed from the rows at the table's precision; None when there is no such method)."""
     below = []
     for method in dict.fromkeys(r["method"] for r in rows if r["head"] == "fine-tuned"):
         tuned, frozen = _mean_of(rows, method, "fine-tuned"), _mean_of(rows, method, "nonlinear")
-        if tuned is not None and frozen is not None and tuned < frozen:
+        if tuned is not None and frozen is not None and _shown(tuned) < _shown(frozen):
             below.append(f"{method} {100 * tuned:.1f} vs {100 * frozen:.1f}")
     if not below:
         return None
