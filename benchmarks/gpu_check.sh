@@ -108,9 +108,10 @@ fi
 if [ -n "$DEMO" ] && [ $rc -eq 0 ]; then
     left=$((LIMIT - ($(date +%s) - start)))
     out=${DEMO_OUT:-$(mktemp -d)/demo}
-    echo "voxdiff demo --budget $DEMO --out $out (${left}s left)"
+    echo "voxdiff demo --budget $DEMO --jobs 1 --out $out (${left}s left)"
     if [ "$left" -gt 30 ]; then
-        timeout "$left" "$PY" -m voxdiff.cli demo --budget "$DEMO" --out "$out" || rc=$?
+        # one process (what auto gives with a GPU; on a CPU dry run too, so the step seconds below are comparable)
+        timeout "$left" "$PY" -m voxdiff.cli demo --budget "$DEMO" --jobs 1 --out "$out" || rc=$?
         # each step's own seconds, also when the demo stopped early
         "$PY" -c 'import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])

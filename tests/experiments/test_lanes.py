@@ -95,6 +95,14 @@ def test_lane_orders_start_at_different_ends():
     assert lane_order(items, 1) == items[::-1]
     assert sorted(lane_order(items, 2)) == items and lane_order(items, 2)[0] != 0
     assert resolve_jobs(3) == 3 and resolve_jobs(0) in (1, 2)
+    import torch
+
+    if not torch.cuda.is_available():  # auto: two lanes on any CPU of 2 or more cores (the demo's default)
+        assert resolve_jobs(0) == (2 if available_cores() >= 2 else 1)
+    from voxdiff.cli import build_parser
+
+    parser, _ = build_parser(["demo"])
+    assert parser.parse_args(["demo"]).demo.jobs == 0  # `make demo` runs the auto rule
 
 
 @pytest.mark.skipif(available_cores() != 2, reason="the jobs get cores // 2 threads: equal to one job's only on 2 cores")

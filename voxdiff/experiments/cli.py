@@ -26,8 +26,9 @@ def register(root: CommandGroup) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing demo folder instead of resuming it")
     p.add_argument("--budget", type=str, default="cpu-small", help="budget preset (tiny, cpu-small, paper)")
     p.add_argument("--seed", type=int, default=0, help="seed of the phantoms, the split and every training")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="processes running independent steps side by side, each with cores / jobs threads (0 = auto)")
+    p.add_argument("--jobs", type=int, default=0,
+                   help="processes running independent steps side by side, each with cores / jobs threads "
+                        "(0 = auto: 2 on a CPU of 2 or more cores, 1 with a GPU)")
 
 
 def _runner(fn_name: str):

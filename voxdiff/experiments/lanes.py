@@ -8,14 +8,18 @@ makes sure every step runs once: a lane that reaches a step another lane is runn
 piece for later and goes on with the next one, and comes back when it has nothing else to do.
 The main process is lane 0 (with the progress bars); the others log with a ``[job K]`` prefix.
 
-What it buys depends on the machine: on the 2-core development VM, where these small networks
-run about twice as fast on two threads as on one, two one-thread lanes ran the demo no faster than
-one process (901 s both ways in the fifth session; in the twenty-eighth 433 s in two lanes against 438 s;
-docs/RESULTS.md, "The demo in two lanes"); it is meant for CPUs with more cores
-than one small network uses well, and for running long experiments (label-efficiency) in
-independent processes that can be stopped and resumed. The steps and their seeds are those of ``jobs=1``, and no step
-depends on the order in which they run; only the thread count per step changes, which can move
-results in the last bits (the order of floating-point sums).
+What it buys depends on the machine. On 2-core VMs with AVX-512 two one-thread lanes ran the demo no
+faster than one process (901 s both ways in the fifth session; 433 s against 438 s in the twenty-eighth,
+AVX2 kernels forced; docs/RESULTS.md, "The demo in two lanes"). On the slowest type seen, a 2-core
+AVX2-only EPYC, where a step gains only 1.3-1.6x from its second thread, they ran it in 932 s against
+1,098 s (fifty-eighth session, "The demo in two lanes on the slowest CPU type"). So ``voxdiff demo``
+runs two lanes by default (``--jobs 0``, auto). Lanes are also the way to run long experiments
+(label-efficiency) in independent processes that can be stopped and resumed.
+
+The steps and their seeds are those of ``jobs=1``, and no step depends on the order in which they run.
+Only the thread count per step changes. That changes the order of floating-point sums: the last bits of
+one step, which a training carries on (up to about 2 Dice points in a row of the demo's table, on three
+test phantoms).
 """
 
 from __future__ import annotations
@@ -41,10 +45,9 @@ def available_cores() -> int:
 
 
 def resolve_jobs(jobs: int) -> int:
-    """``jobs`` > 0 as given; 0 (auto): 2 lanes on a CPU of at least 8 cores (where one small 3D
-    network does not keep every core busy; not measured here), else 1. On 2 cores two one-thread lanes
-    ran the demo no faster than one two-thread process (docs/RESULTS.md, "The demo in two lanes"); a GPU runs
-    one step at a time best."""
+    """``jobs`` > 0 as given; 0 (auto): 2 lanes on a CPU of at least 2 cores, else 1, and 1 where CUDA
+    is available (a GPU runs one step at a time best). Two lanes were never slower than one process on
+    the 2-core VMs measured here and 15 % faster on the slowest (module docstring)."""
     if jobs > 0:
         return int(jobs)
     try:
@@ -54,7 +57,7 @@ def resolve_jobs(jobs: int) -> int:
             return 1
     except ImportError:  # pragma: no cover - torch is a dependency
         pass
-    return 2 if available_cores() >= 8 else 1
+    return 2 if available_cores() >= 2 else 1
 
 
 def lane_order(items: list, lane: int) -> list:
