@@ -12,7 +12,7 @@ What it buys depends on the machine. On 2-core VMs with AVX-512 two one-thread l
 faster than one process (901 s both ways in the fifth session; 433 s against 438 s in the twenty-eighth,
 AVX2 kernels forced; docs/RESULTS.md, "The demo in two lanes"). On the slowest type seen, a 2-core
 AVX2-only EPYC, where a step gains only 1.3-1.6x from its second thread, they ran it in 932 s against
-1,098 s (fifty-eighth session, "The demo in two lanes on the slowest CPU type"). So ``voxdiff demo``
+1,098 s of wall time (fifty-eighth session, "The demo in two lanes on the slowest CPU type"). So ``voxdiff demo``
 runs two lanes by default (``--jobs 0``, auto). Lanes are also the way to run long experiments
 (label-efficiency) in independent processes that can be stopped and resumed.
 
