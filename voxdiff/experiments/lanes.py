@@ -18,7 +18,7 @@ runs two lanes by default (``--jobs 0``, auto). Lanes are also the way to run lo
 
 The steps and their seeds are those of ``jobs=1``, and no step depends on the order in which they run.
 Only the thread count per step changes. That changes the order of floating-point sums: the last bits of
-one step, which a training carries on (up to about 2 Dice points in a row of the demo's table, on three
+one step, which a training carries on (up to 2.6 Dice points in a row of the demo's table, on three
 test phantoms).
 """
 
