@@ -45,7 +45,7 @@ def _fault_loops() -> tuple[dict, dict]:
     env["OMP_NUM_THREADS"] = "1"
     out = subprocess.run([sys.executable, "-c", FAULT_LOOP], env=env, capture_output=True, text=True,
                          check=True, timeout=120)
-    off, on = json.loads(out.stdout.strip().splitlines()[-1])
+    off, on = json.loads(out.stdout.strip().splitlines()[-1])  # [defaults, after tune_allocator()]
     return off, on
 
 

@@ -59,8 +59,12 @@ def build_parser(argv: list[str] | None = None) -> tuple[ArgumentParser, Command
         m.register(root)
     # a line that names no command (--help, a group, a typo) is answered from the command tree alone:
     # no command's options are built, and no config class is imported
-    named = command_of(root, list(argv))[1] if argv is not None else None
-    for p in [named] if named is not None else [] if argv is not None else root.command_parsers():
+    if argv is None:
+        to_complete = root.command_parsers()
+    else:
+        named = command_of(root, list(argv))[1]
+        to_complete = [named] if named is not None else []
+    for p in to_complete:
         complete_options(p)
     for p in root.command_parsers():  # commands with their own --quiet (no progress bar) keep it
         if "--quiet" not in getattr(p, "_option_string_actions", {}):

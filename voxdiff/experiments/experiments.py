@@ -122,8 +122,7 @@ def finetunes_whole_volumes(exp: Experiment) -> bool:
     ``lpft.whole_volume``, as the demo's): each such step holds the activations of a whole volume, the
     largest memory of the experiment."""
     stop = bool(exp.budget.get("tuned_early_stopping", False))
-    from_probe = exp.budget.get("finetune_init") == "probe" and "nonlinear" in exp.cfg.heads
-    return bool(exp.tuned_cfg("finetune", early_stopping=stop, from_probe=from_probe).sampling.whole_volume)
+    return bool(exp.tuned_cfg("finetune", early_stopping=stop, from_probe=starts_from_probe(exp)).sampling.whole_volume)
 
 
 def compare_items(exp: Experiment, whole_volume: bool = True) -> list[tuple[str, Callable[[], Any]]]:
@@ -377,10 +376,16 @@ def lpft_start(exp: Experiment, probe_name: str, model: Path, fold: int, n_train
     """Where a fine-tuned row starts: with the budget's ``finetune_init`` "probe" (and a non-linear
     head among the heads) the probe step ``probe_name`` (run first if it has not), whose non-linear
     head fine-tuning starts from (LP-FT); else None, a random head."""
-    if exp.budget.get("finetune_init") != "probe" or "nonlinear" not in exp.cfg.heads:
+    if not starts_from_probe(exp):
         return None
     exp.probe(probe_name, model, fold, tuple(exp.cfg.heads), n_train=n_train)
     return probe_name
+
+
+def starts_from_probe(exp: Experiment) -> bool:
+    """Whether fine-tuning starts from the frozen probe's non-linear head (LP-FT): the budget's
+    ``finetune_init`` "probe", with a non-linear head among the heads."""
+    return exp.budget.get("finetune_init") == "probe" and "nonlinear" in exp.cfg.heads
 
 
 def _label_finetune(exp: Experiment, method: str, fold: int, n: int, tag: str) -> dict[str, Any]:
