@@ -251,6 +251,31 @@ def test_dataset_layout_and_json(tmp_path: Path):
         assert f.read_bytes() == (out2 / f.relative_to(out)).read_bytes(), f.name
 
 
+@pytest.mark.parametrize("train_site", [None, {"phases": ["native"]}])
+def test_the_preview_is_drawn_from_the_case_in_hand(tmp_path: Path, monkeypatch, train_site):
+    """Every case is generated once: the dataset's preview is drawn from the first labelled case as it
+    was written, and equals a preview of a fresh generation (a training case drawn under a
+    ``train_site`` is previewed as the dataset's config draws it, generated once more)."""
+    from voxdiff.data.phantom import dataset
+
+    calls = []
+    generate = dataset.generate_phantom
+
+    def counted(seed, cfg=None, **kw):
+        calls.append(seed)
+        return generate(seed, cfg, **kw)
+
+    monkeypatch.setattr(dataset, "generate_phantom", counted)
+    cfg = PhantomConfig(**SMALL)
+    out = tmp_path / "ph"
+    make_phantom_dataset(out, n_train=1, n_test=0, n_unlabelled=1, seed=5, cfg=cfg, progress=False, preview=True,
+                         train_site=train_site)
+    first = case_plan(1, 0, 1, seed=5)[0]
+    assert len(calls) == (2 if train_site is None else 3) and calls[0] == first["seed"]
+    ref = preview_png(generate(first["seed"], cfg, case_id=first["case_id"]), tmp_path / "ref.png")
+    assert (out / "preview.png").read_bytes() == ref.read_bytes()
+
+
 def test_sets_use_disjoint_seeds_and_are_stable():
     plan = case_plan(30, 10, 50, seed=0)
     by_set = {}

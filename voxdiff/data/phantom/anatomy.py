@@ -611,9 +611,11 @@ def _organs(cv: Canvas, S: Subject, f: dict[str, np.ndarray], lm: dict[str, floa
 
 
 def _ell(X, Y, Z, c, r, R):
-    R = np.eye(3) if R is None else R
     dx, dy, dz = X - np.float32(c[0]), Y - np.float32(c[1]), Z - np.float32(c[2])
-    q = [np.float32(R[0, i]) * dx + np.float32(R[1, i]) * dy + np.float32(R[2, i]) * dz for i in range(3)]
+    if R is None:  # no rotation: 1 * d + 0 * e + 0 * f is d itself, so skip the products
+        q = [dx, dy, dz]
+    else:
+        q = [np.float32(R[0, i]) * dx + np.float32(R[1, i]) * dy + np.float32(R[2, i]) * dz for i in range(3)]
     k0 = np.sqrt((q[0] / r[0]) ** 2 + (q[1] / r[1]) ** 2 + (q[2] / r[2]) ** 2)
     k1 = np.sqrt((q[0] / r[0] ** 2) ** 2 + (q[1] / r[1] ** 2) ** 2 + (q[2] / r[2] ** 2) ** 2)
     return (k0 * (k0 - 1.0) / np.maximum(k1, 1e-6)).astype(np.float32)
@@ -845,8 +847,13 @@ def _skeleton(cv: Canvas, S: Subject, lm: dict[str, float]) -> None:
     # ---- sacral alae + iliac wings ----------------------------------------------------------
     zcrest = S.lev("L5", 0.6)
     zac = S.lev("S", 0.0) + 30 * S.hs  # acetabular roof
+    # Only voxels of one side can be painted per side: the wing lies within 6.5 mm of a curve whose
+    # x stays between its control points' (40..130 sw), the ala within 14..46 sw; one more mm of slack.
+    # (A box over both sides, as before, computed twice as many voxels to paint the same ones.)
+    x_in, x_out = min(14 * sw, 40 * sw - 6.5) - 1.0, 130 * sw + 7.5
     for side in (1, -1):
-        b = cv.box((-150 * sw, -150, zac - 50), (150 * sw, 120, zcrest + 10))
+        x_lo, x_hi = (x_in, x_out) if side == 1 else (-x_out, -x_in)
+        b = cv.box((max(x_lo, -150 * sw), -150, zac - 50), (min(x_hi, 150 * sw), 120, zcrest + 10))
         if b is None:
             continue
         X, Y, Z = cv.coords(b)

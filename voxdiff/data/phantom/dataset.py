@@ -83,7 +83,9 @@ def fitted_on_phantoms(meta: dict[str, Any] | None) -> bool:
     return (meta or {}).get("training_data") == "phantoms"
 
 
-def _write_case(out: str, item: dict[str, Any], cfg: PhantomConfig) -> dict[str, Any]:
+def _write_case(out: str, item: dict[str, Any], cfg: PhantomConfig, preview: bool = False) -> dict[str, Any]:
+    """Generate and write one planned case; with ``preview`` also its ``preview.png`` (the dataset's,
+    drawn from the case in hand rather than generated again)."""
     from ..io import save_nifti
 
     root = Path(out)
@@ -101,6 +103,10 @@ def _write_case(out: str, item: dict[str, Any], cfg: PhantomConfig) -> dict[str,
         save_nifti(lab_p, case.label, case.meta.affine, dtype=np.uint8)
     info = {"set": item["set"], "seed": item["seed"], "image": str(img_p.relative_to(root)),
             "label": None if lab_p is None else str(lab_p.relative_to(root)), **case.meta.extra}
+    if preview:
+        from .preview import preview_png
+
+        preview_png(case, root / "preview.png")
     return info
 
 
@@ -152,18 +158,26 @@ def make_phantom_dataset(
         for d in ("imagesTr", "labelsTr") + (("imagesTs", "labelsTs") if n_test else ()) + (("unlabelled",) if n_unlabelled else ()):
             (tmp / d).mkdir(parents=True, exist_ok=True)
         infos: dict[str, Any] = {}
+        # the preview shows the first labelled case (the first case when there is none), as generated
+        # with the dataset's config: with a train_site a training case is drawn with cfg for it
+        first = next((it for it in plan if it["set"] != "unlabelled"), plan[0])
+        first_as_is = first["set"] != "train" or train_cfg is cfg
+
+        def args(it: dict[str, Any]) -> tuple:
+            shown = bool(preview) and it is first and first_as_is
+            return str(tmp), it, train_cfg if it["set"] == "train" else cfg, shown
+
         bar = tqdm(total=len(plan), desc="phantoms", unit="case", disable=not progress)
         try:
             if workers and workers > 1:
                 with ProcessPoolExecutor(max_workers=int(workers)) as ex:
-                    futs = [(it, ex.submit(_write_case, str(tmp), it, train_cfg if it["set"] == "train" else cfg))
-                            for it in plan]
+                    futs = [(it, ex.submit(_write_case, *args(it))) for it in plan]
                     for it, fu in futs:
                         infos[it["case_id"]] = fu.result()
                         bar.update(1)
             else:
                 for it in plan:
-                    infos[it["case_id"]] = _write_case(str(tmp), it, train_cfg if it["set"] == "train" else cfg)
+                    infos[it["case_id"]] = _write_case(*args(it))
                     bar.update(1)
         finally:
             bar.close()
@@ -196,10 +210,9 @@ def make_phantom_dataset(
         atomic_write_json(tmp / "phantoms.json", infos)
         write_config(tmp / "config.yaml", cfg, extra={"dataset": {"n_train": n_train, "n_test": n_test, "n_unlabelled": n_unlabelled, "seed": seed,
                                             "train_site": dict(train_site or {})}})
-        if preview:
+        if preview and not first_as_is:
             from .preview import preview_png
 
-            first = next((it for it in plan if it["set"] != "unlabelled"), plan[0])
             case = generate_phantom(first["seed"], cfg, unlabelled=first["set"] == "unlabelled", case_id=first["case_id"])
             preview_png(case, tmp / "preview.png")
     return Path(out)
