@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from voxdiff.evaluate.stats import case_means, paired_comparison, seed_average, verdict
+from voxdiff.evaluate.stats import case_means, mean_ci, paired_comparison, seed_average, verdict
 
 
 def test_case_means_ignore_absent_organs():
@@ -69,3 +69,29 @@ def test_a_difference_over_cases_that_the_seeds_do_not_reproduce_is_not_a_verdic
     # one seed: only the test over cases is possible, and it decides
     one = paired_comparison([0.50], [0.42], a, b)
     assert math.isnan(one["seed_ttest_p"]) and verdict(one) == "A better"
+
+
+def test_confidence_intervals_agree_with_the_t_tests():
+    """The 95 % interval is Student's: scipy's ``t.interval`` of the same values; it excludes zero
+    exactly when the two-sided t-test rejects at 0.05, and narrows as seeds are added."""
+    from scipy import stats
+
+    v = [0.012, -0.012, 0.007, 0.0, 0.015, 0.018, -0.036]  # seven seeds' differences
+    lo, hi = mean_ci(v)
+    ref = stats.t.interval(0.95, len(v) - 1, loc=np.mean(v), scale=stats.sem(v))
+    assert (lo, hi) == pytest.approx(ref)
+    assert lo < np.mean(v) < hi
+    assert mean_ci(v, level=0.90)[0] > lo  # a lower level gives a narrower interval
+    assert all(math.isnan(x) for x in mean_ci([0.1])) and mean_ci([0.2, 0.2]) == (0.2, 0.2)
+    assert mean_ci([0.1, float("nan"), 0.3]) == pytest.approx(mean_ci([0.1, 0.3]))
+    rng = np.random.default_rng(3)
+    for shift in (0.0, 0.01, 0.03):
+        a = [0.5 + shift + float(x) for x in rng.normal(0, 0.02, 5)]
+        b = [0.5] * 5
+        cases_b = {f"c{i}": 0.5 for i in range(8)}
+        cases_a = {k: v + shift + float(rng.normal(0, 0.02)) for k, v in cases_b.items()}
+        res = paired_comparison(a, b, cases_a, cases_b)
+        for ci, p in ((res["seed_ci95"], res["seed_ttest_p"]), (res["case_ci95"], res["ttest_p"])):
+            assert (ci[0] > 0 or ci[1] < 0) == (p < 0.05), (shift, ci, p)
+        assert res["seed_ci95"][0] < res["diff_mean"] < res["seed_ci95"][1]
+    assert math.isnan(paired_comparison([0.5], [0.4], cases_a, cases_b)["seed_ci95"][0])

@@ -724,8 +724,12 @@ def test_compare_over_seeds_shares_data_and_reports_paired_tests(tmp_path):
         sd = np.array(rows[tuple(t["a"])]["seed_means"]) - np.array(rows[tuple(t["b"])]["seed_means"])
         assert t["seeds_a_better"] == int((sd > 0).sum()) and t["seeds_b_better"] == int((sd < 0).sum())
         assert t["verdict"] in ("A better", "B better", "not shown across seeds", "no difference shown")
+        lo, hi = t["seed_ci95"]  # the seeds' interval around their mean difference, in the table in points
+        assert lo <= t["diff_mean"] <= hi
     md = (out / "report.md").read_text()
     assert "Paired comparisons" in md and "| diffusion-none | nonlinear |" in md and "seed t-test p" in md
+    first = res["tests"][0]
+    assert f"| {100 * first['seed_ci95'][0]:+.1f} to {100 * first['seed_ci95'][1]:+.1f} |" in md
     assert (out / "seeds.png").stat().st_size > 0
     # resumed: nothing reruns
     logs.clear()

@@ -9,6 +9,11 @@ two ways:
   Cases are the independent units here; a seed's runs share their cases, so seeds x cases are not
   pooled as independent samples.
 
+Each difference also gets a 95 % confidence interval (Student's t over the seeds' differences, and
+over the cases' differences): where a test says "no difference shown", the interval says how large a
+difference the runs still allow either way (a non-inferiority reading: A is no worse than B by more
+than the interval's lower end).
+
 The test over cases does not see how much a method moves between pretraining seeds: averaged over
 three seeds, one method's unlucky draw can look like a difference on every case (the phantom
 benchmark's "diffusion + APE - none" gave p = 0.020 over cases on three seeds and +1.3 ± 5.0,
@@ -45,10 +50,27 @@ def seed_average(per_seed: Sequence[Mapping[str, float]]) -> dict[str, float]:
     return {c: float(np.nanmean([d[c] for d in per_seed])) for c in sorted(common)}
 
 
+def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """Two-sided Student's t confidence interval of the mean of ``values`` (NaN ignored) at ``level``:
+    ``(nan, nan)`` with fewer than two values; ``(mean, mean)`` when they are all equal."""
+    from scipy import stats
+
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
+    if v.size < 2:
+        return float("nan"), float("nan")
+    m = float(v.mean())
+    se = float(v.std(ddof=1)) / math.sqrt(v.size)
+    if se <= 0.0:
+        return m, m
+    half = float(stats.t.ppf(0.5 + level / 2.0, v.size - 1)) * se
+    return m - half, m + half
+
+
 def paired_comparison(a_seed_means: Sequence[float], b_seed_means: Sequence[float],
                       a_cases: Mapping[str, float], b_cases: Mapping[str, float]) -> dict[str, float | int]:
     """A - B: ``a_seed_means`` / ``b_seed_means`` are each seed's mean Dice (same seed order);
-    ``a_cases`` / ``b_cases`` the per-case Dice averaged over seeds."""
+    ``a_cases`` / ``b_cases`` the per-case Dice averaged over seeds. ``seed_ci95`` and ``case_ci95``:
+    95 % confidence intervals ``[low, high]`` of the mean difference over seeds and over cases."""
     from scipy import stats
 
     if len(a_seed_means) != len(b_seed_means):
@@ -71,6 +93,7 @@ def paired_comparison(a_seed_means: Sequence[float], b_seed_means: Sequence[floa
         "n_cases": int(d.size), "case_diff_mean": float(d.mean()) if d.size else float("nan"),
         "cases_a_better": int((d > 0).sum()), "cases_b_better": int((d < 0).sum()),
         "wilcoxon_p": float("nan"), "ttest_p": float("nan"),
+        "seed_ci95": list(mean_ci(sd)), "case_ci95": list(mean_ci(d)),
     }
     if d.size >= 2 and np.any(d != 0):
         res["wilcoxon_p"] = float(stats.wilcoxon(d, alternative="two-sided").pvalue)

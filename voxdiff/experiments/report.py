@@ -469,6 +469,14 @@ def _p(v: Any) -> str:
     return f"{v:.3f}" if v >= 0.001 else f"{v:.1e}"
 
 
+def _ci(ci: Any, over_cases: bool = False) -> str:
+    """A 95 % interval ``[low, high]`` (fractions of Dice) in points; "n/a" when there is none. Older
+    results, written before the intervals were, have none."""
+    if not ci or any(v is None or (isinstance(v, float) and math.isnan(v)) for v in ci):
+        return "n/a"
+    return f"{100 * ci[0]:+.1f} to {100 * ci[1]:+.1f}" + (" (cases)" if over_cases else "")
+
+
 def seeds_markdown(results: dict[str, Any], figs: list[str], notes: list[str] | None = None,
                    title: str = "# voxdiff experiment: compare over seeds", seed_reports: str = "seed-S/report.md") -> str:
     """The report over seeds; ``title`` and ``seed_reports`` (where each seed's report lies) for tables
@@ -509,15 +517,19 @@ def seeds_markdown(results: dict[str, Any], figs: list[str], notes: list[str] | 
         "Dice (mean over its organs) averaged over seeds; the paired differences across cases, "
         "two-sided Wilcoxon signed-rank and paired t-test; the seeds' differences, a one-sample t-test. "
         "The verdict names a winner when the Wilcoxon test over cases and the t-test over seeds both "
-        "reject at 0.05 ('not shown across seeds': only the test over cases does).",
+        "reject at 0.05 ('not shown across seeds': only the test over cases does). The 95 % CI is "
+        "Student's t interval of the mean difference over seeds (over cases with one seed): the "
+        "differences the runs still allow, either way.",
         "",
-        "| A | B | A - B over seeds (points) | seeds A / B better | seed t-test p | A - B over cases | "
+        "| A | B | A - B over seeds (points) | 95 % CI | seeds A / B better | seed t-test p | A - B over cases | "
         "cases A / B better | Wilcoxon p | t-test p | verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for t in tests:
+        ci = t.get("seed_ci95") if int(t.get("n_seeds", 1)) >= 2 else t.get("case_ci95")
         lines.append(
             f"| {' / '.join(t['a'])} | {' / '.join(t['b'])} | {100 * t['diff_mean']:+.1f} ± {100 * t['diff_std_seeds']:.1f} | "
+            f"{_ci(ci, int(t.get('n_seeds', 1)) < 2)} | "
             f"{t.get('seeds_a_better', '')} / {t.get('seeds_b_better', '')} | {_p(t.get('seed_ttest_p', float('nan')))} | "
             f"{100 * t['case_diff_mean']:+.1f} | {t['cases_a_better']} / {t['cases_b_better']} | {_p(t['wilcoxon_p'])} | "
             f"{_p(t['ttest_p'])} | {t['verdict']} |")
