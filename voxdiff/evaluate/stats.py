@@ -24,7 +24,7 @@ p = 0.19, on five). So the seeds' differences get their own two-sided one-sample
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -50,7 +50,7 @@ def seed_average(per_seed: Sequence[Mapping[str, float]]) -> dict[str, float]:
     return {c: float(np.nanmean([d[c] for d in per_seed])) for c in sorted(common)}
 
 
-def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+def mean_ci(values: Sequence[float] | np.ndarray, level: float = 0.95) -> tuple[float, float]:
     """Two-sided Student's t confidence interval of the mean of ``values`` (NaN ignored) at ``level``:
     ``(nan, nan)`` with fewer than two values; ``(mean, mean)`` when they are all equal."""
     from scipy import stats
@@ -67,7 +67,7 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]
 
 
 def paired_comparison(a_seed_means: Sequence[float], b_seed_means: Sequence[float],
-                      a_cases: Mapping[str, float], b_cases: Mapping[str, float]) -> dict[str, float | int]:
+                      a_cases: Mapping[str, float], b_cases: Mapping[str, float]) -> dict[str, Any]:
     """A - B: ``a_seed_means`` / ``b_seed_means`` are each seed's mean Dice (same seed order);
     ``a_cases`` / ``b_cases`` the per-case Dice averaged over seeds. ``seed_ci95`` and ``case_ci95``:
     95 % confidence intervals ``[low, high]`` of the mean difference over seeds and over cases."""
@@ -87,7 +87,7 @@ def paired_comparison(a_seed_means: Sequence[float], b_seed_means: Sequence[floa
             seed_p = float(stats.ttest_1samp(sd, 0.0).pvalue)
         else:  # every seed the same difference (to rounding): consistent when it is not zero
             seed_p = 0.0 if abs(sd.mean()) > 1e-9 else 1.0
-    res: dict[str, float | int] = {
+    res: dict[str, Any] = {
         "diff_mean": seed_diff["mean"], "diff_std_seeds": seed_diff["std"], "n_seeds": seed_diff["n"],
         "seeds_a_better": int((sd > 0).sum()), "seeds_b_better": int((sd < 0).sum()), "seed_ttest_p": seed_p,
         "n_cases": int(d.size), "case_diff_mean": float(d.mean()) if d.size else float("nan"),

@@ -158,8 +158,9 @@ def make_phantom_dataset(
         for d in ("imagesTr", "labelsTr") + (("imagesTs", "labelsTs") if n_test else ()) + (("unlabelled",) if n_unlabelled else ()):
             (tmp / d).mkdir(parents=True, exist_ok=True)
         infos: dict[str, Any] = {}
-        # the preview shows the first labelled case (the first case when there is none), as generated
-        # with the dataset's config: with a train_site a training case is drawn with cfg for it
+        # the preview shows the first labelled case (the first case when there is none) as the dataset's
+        # config draws it: drawn from the written case, unless a train_site drew that case with other
+        # settings (then it is generated once more, after the loop)
         first = next((it for it in plan if it["set"] != "unlabelled"), plan[0])
         first_as_is = first["set"] != "train" or train_cfg is cfg
 
