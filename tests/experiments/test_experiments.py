@@ -489,6 +489,29 @@ def test_contrastive_note_is_computed_from_the_rows():
     assert contrastive_note([_row("diffusion-ape", "nonlinear", 0.50001), _row("contrastive", "nonlinear", 0.50004)]) is None
 
 
+def test_contrastive_note_gives_the_interval_over_the_test_cases():
+    """With per-case scores the note says how much the split can tell: the t interval of the non-linear
+    probes' difference over the cases (organs averaged per case, absent organs left out)."""
+    from voxdiff.evaluate.stats import mean_ci
+    from voxdiff.experiments.report import contrastive_note
+
+    ours = {"c1": {"1": 0.50, "2": 0.30}, "c2": {"1": 0.40, "2": None}, "c3": {"1": 0.60, "2": 0.20}}
+    other = {"c1": {"1": 0.55, "2": 0.35}, "c2": {"1": 0.60, "2": None}, "c3": {"1": 0.45, "2": 0.45}}
+    rows = [dict(_row("diffusion-ape", "nonlinear", 0.40), per_case=ours),
+            dict(_row("contrastive", "nonlinear", 0.48), per_case=other)]
+    d = [0.05, 0.20, 0.05]  # contrastive - ours per case
+    lo, hi = mean_ci(d)
+    note = contrastive_note(rows)
+    assert note.count("\n") == 0 and "non-linear probe 48.0 vs 40.0" in note
+    assert (f"Over the 3 test cases the non-linear probes differ by +10.0 points, 95 % interval "
+            f"{100 * lo:+.1f} to {100 * hi:+.1f} (not shown on these cases)") in note
+    # every case ahead by the same margin: the interval collapses onto it and excludes zero
+    rows[1]["per_case"] = {c: {k: (None if v is None else v + 0.1) for k, v in o.items()} for c, o in ours.items()}
+    assert "differ by +10.0 points, 95 % interval +10.0 to +10.0 (shown on these cases)" in contrastive_note(rows)
+    rows[0]["per_case"] = {"c1": ours["c1"]}  # one common case: no interval
+    assert "interval" not in contrastive_note(rows)
+
+
 def test_tuned_below_note_names_only_methods_whose_fine_tuned_row_trails_their_probe():
     from voxdiff.experiments.report import tuned_below_note
 

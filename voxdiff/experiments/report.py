@@ -377,9 +377,30 @@ def _shown(x: float) -> float:
     return round(100 * x, 1)
 
 
+def _case_interval(rows: list[dict[str, Any]], a: str, b: str, head: str) -> tuple[float, float, float, int] | None:
+    """A - B over the test cases both rows scored (each case's Dice averaged over its organs): the mean
+    difference, its 95 % t interval and the number of cases; None without two such cases."""
+    from voxdiff.evaluate.stats import case_means, mean_ci
+
+    from .base import scores_to_per_case
+
+    ra = next((r for r in rows if r["method"] == a and r["head"] == head and r.get("per_case")), None)
+    rb = next((r for r in rows if r["method"] == b and r["head"] == head and r.get("per_case")), None)
+    if ra is None or rb is None:
+        return None
+    ca, cb = case_means(scores_to_per_case(ra["per_case"])), case_means(scores_to_per_case(rb["per_case"]))
+    d = [ca[c] - cb[c] for c in sorted(set(ca) & set(cb)) if math.isfinite(ca[c]) and math.isfinite(cb[c])]
+    if len(d) < 2:
+        return None
+    lo, hi = mean_ci(d)
+    return sum(d) / len(d), lo, hi, len(d)
+
+
 def contrastive_note(rows: list[dict[str, Any]], ours: str = "diffusion-ape", other: str = "contrastive") -> str | None:
     """One line saying where the contrastive baseline is ahead of diffusion + BPR in a compare table
-    (computed from the rows at the table's precision; None when it is ahead nowhere or a row is missing)."""
+    (computed from the rows at the table's precision; None when it is ahead nowhere or a row is missing).
+    Where the non-linear probes' rows hold per-case scores, the line also gives the 95 % interval of
+    their difference over the test cases: how much one split can tell."""
     ahead = []
     for head, name in (("linear", "linear probe"), ("nonlinear", "non-linear probe"), ("mix", "mix probe"),
                        ("fine-tuned", "fine-tuned")):
@@ -388,7 +409,14 @@ def contrastive_note(rows: list[dict[str, Any]], ours: str = "diffusion-ape", ot
             ahead.append(f"{name} {100 * a:.1f} vs {100 * b:.1f}")
     if not ahead:
         return None
-    return f"Note: the {other} baseline is ahead of {ours} here (mean Dice): " + "; ".join(ahead) + "."
+    line = f"Note: the {other} baseline is ahead of {ours} here (mean Dice): " + "; ".join(ahead) + "."
+    ci = _case_interval(rows, other, ours, "nonlinear")
+    if ci is not None:
+        d, lo, hi, n = ci
+        verdict = "not shown on these cases" if lo <= 0 <= hi else "shown on these cases"
+        line += (f" Over the {n} test cases the non-linear probes differ by {100 * d:+.1f} points, 95 % interval "
+                 f"{100 * lo:+.1f} to {100 * hi:+.1f} ({verdict}).")
+    return line
 
 
 def tuned_below_note(rows: list[dict[str, Any]]) -> str | None:
