@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 
 import numpy as np
 
-from voxdiff.evaluate.stats import mean_ci
+from voxdiff.evaluate.stats import mean_ci, t_interval
 
 # "Two more seeds of the benchmark": test Dice (%), seeds 0-6, each method at its best frozen recipe
 FROZEN = {
@@ -34,14 +33,6 @@ SUMMARIES = {
     "2 labels: fine-tuned diffusion + APE - from scratch": (5.9, 4.1, 3, 10.0),
     "2 labels: fine-tuned diffusion + APE - fine-tuned contrastive": (2.4, 1.8, 3, 0.0),
 }
-
-
-def interval_from_summary(mean: float, std: float, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Student's t interval from a mean, a sample std and the number of seeds."""
-    from scipy import stats
-
-    half = float(stats.t.ppf(0.5 + level / 2.0, n - 1)) * std / math.sqrt(n)
-    return mean - half, mean + half
 
 
 def verdict(lo: float, hi: float, target: float) -> str:
@@ -68,9 +59,9 @@ def rows() -> list[dict]:
                             np.asarray(FINETUNED_ALL) - np.asarray(SCRATCH_ALL), 0.0))
     out.append(_from_values("frozen / from scratch, all labels >= 80 %", ours / np.asarray(SCRATCH_ALL) * 100.0, 80.0))
     for name, (m, s, n, target) in SUMMARIES.items():
-        lo, hi = interval_from_summary(m, s, n)
+        lo, hi = t_interval(m, s, n)
         out.append({"target": f"{name} >= {target:+.1f}", "n": n, "mean": m, "std": s, "ci95": [lo, hi],
-                    "one_sided_low": interval_from_summary(m, s, n, 0.90)[0], "verdict": verdict(lo, hi, target)})
+                    "one_sided_low": t_interval(m, s, n, 0.90)[0], "verdict": verdict(lo, hi, target)})
     return out
 
 

@@ -50,20 +50,21 @@ def seed_average(per_seed: Sequence[Mapping[str, float]]) -> dict[str, float]:
     return {c: float(np.nanmean([d[c] for d in per_seed])) for c in sorted(common)}
 
 
-def mean_ci(values: Sequence[float] | np.ndarray, level: float = 0.95) -> tuple[float, float]:
-    """Two-sided Student's t confidence interval of the mean of ``values`` (NaN ignored) at ``level``:
-    ``(nan, nan)`` with fewer than two values; ``(mean, mean)`` when they are all equal."""
+def t_interval(mean: float, std: float, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Two-sided Student's t confidence interval at ``level`` of a mean of ``n`` values with sample std
+    ``std``: ``(nan, nan)`` for ``n`` < 2, ``(mean, mean)`` when ``std`` is 0."""
     from scipy import stats
 
-    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
-    if v.size < 2:
+    if n < 2 or not math.isfinite(std):
         return float("nan"), float("nan")
-    m = float(v.mean())
-    se = float(v.std(ddof=1)) / math.sqrt(v.size)
-    if se <= 0.0:
-        return m, m
-    half = float(stats.t.ppf(0.5 + level / 2.0, v.size - 1)) * se
-    return m - half, m + half
+    half = float(stats.t.ppf(0.5 + level / 2.0, n - 1)) * std / math.sqrt(n) if std > 0 else 0.0
+    return mean - half, mean + half
+
+
+def mean_ci(values: Sequence[float] | np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """:func:`t_interval` of ``values`` (NaN ignored, as :func:`~voxdiff.evaluate.metrics.mean_std`)."""
+    ms = mean_std(list(values))
+    return t_interval(ms["mean"], ms["std"], ms["n"], level)
 
 
 def paired_comparison(a_seed_means: Sequence[float], b_seed_means: Sequence[float],

@@ -378,9 +378,9 @@ def _shown(x: float) -> float:
 
 
 def _case_interval(rows: list[dict[str, Any]], a: str, b: str, head: str) -> tuple[float, float, float, int] | None:
-    """A - B over the test cases both rows scored (each case's Dice averaged over its organs): the mean
-    difference, its 95 % t interval and the number of cases; None without two such cases."""
-    from voxdiff.evaluate.stats import case_means, mean_ci
+    """A - B over the test cases both rows scored (:func:`~voxdiff.evaluate.stats.paired_comparison` of
+    one seed): the mean difference, its 95 % t interval and the number of cases; None without two cases."""
+    from voxdiff.evaluate.stats import case_means, paired_comparison
 
     from .base import scores_to_per_case
 
@@ -388,12 +388,11 @@ def _case_interval(rows: list[dict[str, Any]], a: str, b: str, head: str) -> tup
     rb = next((r for r in rows if r["method"] == b and r["head"] == head and r.get("per_case")), None)
     if ra is None or rb is None:
         return None
-    ca, cb = case_means(scores_to_per_case(ra["per_case"])), case_means(scores_to_per_case(rb["per_case"]))
-    d = [ca[c] - cb[c] for c in sorted(set(ca) & set(cb)) if math.isfinite(ca[c]) and math.isfinite(cb[c])]
-    if len(d) < 2:
+    cmp = paired_comparison([0.0], [0.0], case_means(scores_to_per_case(ra["per_case"])),
+                            case_means(scores_to_per_case(rb["per_case"])))
+    if cmp["n_cases"] < 2:
         return None
-    lo, hi = mean_ci(d)
-    return sum(d) / len(d), lo, hi, len(d)
+    return cmp["case_diff_mean"], *cmp["case_ci95"], cmp["n_cases"]
 
 
 def contrastive_note(rows: list[dict[str, Any]], ours: str = "diffusion-ape", other: str = "contrastive") -> str | None:
@@ -497,9 +496,11 @@ def _p(v: Any) -> str:
     return f"{v:.3f}" if v >= 0.001 else f"{v:.1e}"
 
 
-def _ci(ci: Any, over_cases: bool = False) -> str:
-    """A 95 % interval ``[low, high]`` (fractions of Dice) in points; "n/a" when there is none. Older
-    results, written before the intervals were, have none."""
+def _ci(test: dict[str, Any]) -> str:
+    """A paired test's 95 % interval in points: over seeds, or over cases (said so) with one seed; "n/a"
+    when there is none (results written before the intervals were have none)."""
+    over_cases = int(test.get("n_seeds", 1)) < 2
+    ci = test.get("case_ci95" if over_cases else "seed_ci95")
     if not ci or any(v is None or (isinstance(v, float) and math.isnan(v)) for v in ci):
         return "n/a"
     return f"{100 * ci[0]:+.1f} to {100 * ci[1]:+.1f}" + (" (cases)" if over_cases else "")
@@ -554,10 +555,9 @@ def seeds_markdown(results: dict[str, Any], figs: list[str], notes: list[str] | 
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for t in tests:
-        ci = t.get("seed_ci95") if int(t.get("n_seeds", 1)) >= 2 else t.get("case_ci95")
         lines.append(
             f"| {' / '.join(t['a'])} | {' / '.join(t['b'])} | {100 * t['diff_mean']:+.1f} ± {100 * t['diff_std_seeds']:.1f} | "
-            f"{_ci(ci, int(t.get('n_seeds', 1)) < 2)} | "
+            f"{_ci(t)} | "
             f"{t.get('seeds_a_better', '')} / {t.get('seeds_b_better', '')} | {_p(t.get('seed_ttest_p', float('nan')))} | "
             f"{100 * t['case_diff_mean']:+.1f} | {t['cases_a_better']} / {t['cases_b_better']} | {_p(t['wilcoxon_p'])} | "
             f"{_p(t['ttest_p'])} | {t['verdict']} |")
