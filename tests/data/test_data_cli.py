@@ -199,7 +199,7 @@ def test_check_good_dataset_report(tmp_path, capsys):
     rep = tmp_path / "report.json"
     rc, out, err = run(["data", "check", str(root), "--json", str(rep)], capsys)
     assert rc == 0, err
-    assert "0001" in out and "0002" in out and "all ok" in out
+    assert "0001" in out and "0002" in out and "2 cases (btcv)" in out and "all ok" in out
     doc = json.loads(rep.read_text())
     assert doc["ok"] and doc["n_cases"] == 2 and doc["kind"] == "btcv"
     assert doc["cases"][0]["labels"] == [1, 6, 13]
@@ -218,10 +218,18 @@ def test_check_reports_every_bad_case(tmp_path, capsys):
     rep = tmp_path / "r.json"
     rc, out, err = run(["data", "check", str(root), "--json", str(rep)], capsys)
     assert rc == 2
-    assert_one_line_error(err, "1 of 3", "label0003.nii.gz", "99")
+    assert_one_line_error(err, "1 of 3 cases has problems", "label0003.nii.gz", "99")
+    assert "3 cases (btcv)" in out and "1 with problems" in out
     doc = json.loads(rep.read_text())
     assert [c["ok"] for c in doc["cases"]] == [True, True, False]
     assert "PROBLEM" in out
+
+
+def test_check_of_one_file_speaks_of_one_case(tmp_path, capsys):
+    data, _, _ = garbage_file(tmp_path)
+    rc, out, err = run(["data", "check", str(data)], capsys)
+    assert rc == 2
+    assert "1 case (" in out and "1 of 1 case has problems" in err, (out, err)
 
 
 def test_prepare_partial_failure_exit_zero_and_lists(tmp_path, capsys):

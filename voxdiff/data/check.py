@@ -76,7 +76,8 @@ class CheckReport:
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
         lines = ["  ".join(r[i].ljust(widths[i]) for i in range(len(widths))) + "  " + r[-1] for r in rows]
-        summary = f"{len(self.cases)} cases ({self.kind}) in {self.root}: " + (
+        n = len(self.cases)
+        summary = f"{n} case{'' if n == 1 else 's'} ({self.kind}) in {self.root}: " + (
             "all ok" if self.ok else f"{self.n_problems} with problems"
         )
         skipped = [f"skipped (not a CT): {p} ({w})" for p, w in self.skipped]

@@ -88,7 +88,10 @@ def run_check(ns) -> None:
         atomic_write_json(ns.json, rep.to_dict())
     if not rep.ok:
         first = next(c for c in rep.cases if not c.ok)
-        raise InputError(None, f"{rep.n_problems} of {len(rep.cases)} cases have problems, first: {first.problems[0]}")
+        n = len(rep.cases)
+        verb = "has" if rep.n_problems == 1 else "have"
+        raise InputError(None, f"{rep.n_problems} of {n} case{'' if n == 1 else 's'} {verb} problems, "
+                               f"first: {first.problems[0]}")
 
 
 def run_splits(ns) -> None:
