@@ -20,7 +20,8 @@ def test_intervals_from_a_summary_are_students_and_the_verdicts_follow_them(tmp_
     assert ti.verdict(-1.7, 1.8, 0.0).startswith("not settled")
     assert ti.main(["--json", str(tmp_path / "r.json")]) == 0
     rows = json.loads((tmp_path / "r.json").read_text())
-    assert len(rows) == 3 + 2 + len(ti.SUMMARIES)
+    assert len(rows) == 3 + 2 + 2 + len(ti.SUMMARIES)
+    assert all(len(v) == len(ti.TWO_LABELS_SEEDS) for v in ti.TWO_LABELS.values())
     for r in rows:
         assert r["ci95"][0] < r["mean"] < r["ci95"][1] and r["ci95"][0] < r["one_sided_low"] < r["mean"]
     out = capsys.readouterr().out
